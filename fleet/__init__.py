@@ -1,0 +1,1 @@
+"""Fleet simulator, chaos, verification and the local stack runner."""

@@ -1,0 +1,1 @@
+"""pipeline workers and the orders API."""

@@ -1,0 +1,124 @@
+"""MessagePack encode/decode for the v1 messages.
+
+One msgspec Decoder per message type, built once. Every failure to decode is
+translated into :class:`schemas.DecodeError` with a reason code; nothing else
+escapes, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from .errors import DecodeError, Reason, SchemaError
+from .messages import MAX_ORDER_BYTES, Order, Receipt, Status
+
+_T = TypeVar("_T", Order, Receipt, Status)
+Payload = bytes | bytearray | memoryview
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_order_decoder: Final = msgspec.msgpack.Decoder(Order)
+_receipt_decoder: Final = msgspec.msgpack.Decoder(Receipt)
+_status_decoder: Final = msgspec.msgpack.Decoder(Status)
+
+# msgspec ends validation messages with " - at `$.items[0].qty`".
+_PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`$")
+
+
+def encode(message: Order | Receipt | Status) -> bytes:
+    """Encode a message to MessagePack.
+
+    Raises:
+        SchemaError: reason ``too_large`` if an order encodes past 16 KiB.
+    """
+    data = _encoder.encode(message)
+    if isinstance(message, Order) and len(data) > MAX_ORDER_BYTES:
+        raise SchemaError(
+            Reason.TOO_LARGE, f"order encodes to {len(data)} bytes, cap is {MAX_ORDER_BYTES}"
+        )
+    return data
+
+
+def decode_order(payload: Payload, *, topic_device_id: str | None = None) -> Order:
+    """Decode and validate an order.
+
+    Args:
+        payload: the raw MQTT payload.
+        topic_device_id: the ``{device_id}`` of the topic it arrived on; when
+            given, the payload's ``device_id`` must equal it.
+
+    Raises:
+        DecodeError: with reason ``too_large``, ``malformed``,
+            ``unsupported_version``, ``invalid_schema``, ``total_mismatch`` or
+            ``device_mismatch``.
+    """
+    if len(payload) > MAX_ORDER_BYTES:
+        raise DecodeError(
+            Reason.TOO_LARGE, f"payload is {len(payload)} bytes, cap is {MAX_ORDER_BYTES}"
+        )
+    order = _decode(_order_decoder, payload)
+    if topic_device_id is not None and order.device_id != topic_device_id:
+        raise DecodeError(
+            Reason.DEVICE_MISMATCH,
+            f"payload device_id {order.device_id!r} does not match topic {topic_device_id!r}",
+            field="$.device_id",
+        )
+    return order
+
+
+def build_order(data: Mapping[str, Any]) -> Order:
+    """Validate plain Python data (say, parsed JSON) into an :class:`Order`.
+
+    Same rules and reason codes as :func:`decode_order`, and the same size cap.
+
+    Raises:
+        DecodeError: the data breaks a contract rule.
+    """
+    try:
+        order = msgspec.convert(data, Order)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from exc
+    try:
+        encode(order)
+    except SchemaError as exc:
+        raise DecodeError(exc.reason, exc.detail) from exc
+    return order
+
+
+def decode_receipt(payload: Payload) -> Receipt:
+    """Decode a receipt. Raises :class:`DecodeError`."""
+    return _decode(_receipt_decoder, payload)
+
+
+def decode_status(payload: Payload) -> Status:
+    """Decode a status message. Raises :class:`DecodeError`."""
+    return _decode(_status_decoder, payload)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: Payload) -> _T:
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise DecodeError(Reason.MALFORMED, str(exc)) from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        # Defensive: msgspec documents only DecodeError, but a crafted payload
+        # must never escape as anything but our typed error.
+        raise DecodeError(Reason.MALFORMED, repr(exc)) from exc
+
+
+def _validation_error(message: str) -> DecodeError:
+    match = _PATH_RE.search(message)
+    path = match.group("path") if match else "$"
+    detail = message[: match.start()] if match else message
+    if path == "$" and detail.startswith("Expected `object`"):
+        return DecodeError(Reason.MALFORMED, detail, field=path)
+    if path == "$.v":
+        return DecodeError(Reason.UNSUPPORTED_VERSION, detail, field=path)
+    if detail.startswith("total "):
+        return DecodeError(Reason.TOTAL_MISMATCH, detail, field="$.total")
+    return DecodeError(Reason.INVALID_SCHEMA, detail, field=path)

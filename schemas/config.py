@@ -1,0 +1,95 @@
+"""Settings for every service: flags > ``ORDERS_*`` environment > TOML file.
+
+Each service declares one frozen :class:`ServiceConfig` subclass. Its fields
+become ``--kebab-case`` flags and ``ORDERS_UPPER_CASE`` variables; the TOML
+file (``--config`` or ``ORDERS_CONFIG``) uses the field names as keys. Only
+entrypoints call :func:`load_config`; components get the frozen object passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from .errors import SchemaError
+
+ENV_PREFIX = "ORDERS_"
+
+C = TypeVar("C", bound="ServiceConfig")
+
+
+class ConfigError(SchemaError):
+    """Settings are missing, unknown or of the wrong type."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid_config", detail)
+
+
+class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every service's settings."""
+
+    log_level: str = "info"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfig]) -> None:
+    """Add ``--config`` and one flag per field of ``cls`` to ``parser``.
+
+    Flags default to None so that an absent flag never hides the environment
+    or the file.
+    """
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    for field in msgspec.structs.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = None if field.default is msgspec.NODEFAULT else field.default
+        help_text = f"(env {ENV_PREFIX}{field.name.upper()}; default {default!r})"
+        if field.type is bool:
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, help=help_text)
+
+
+def load_config(
+    cls: type[C],
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+) -> C:
+    """Build ``cls`` from the TOML file, then the environment, then the flags.
+
+    Raises:
+        ConfigError: the merged settings do not fit ``cls``, or the file is bad.
+    """
+    env = os.environ if env is None else env
+    flags = vars(args) if args is not None else {}
+    names = [field.name for field in msgspec.structs.fields(cls)]
+
+    path = flags.get("config") or env.get(f"{ENV_PREFIX}CONFIG")
+    merged: dict[str, Any] = _read_toml(Path(path)) if path else {}
+    merged.update(
+        {name: env[key] for name in names if (key := f"{ENV_PREFIX}{name.upper()}") in env}
+    )
+    merged.update({name: flags[name] for name in names if flags.get(name) is not None})
+    try:
+        # strict=False lets "5" from a flag or variable become the int 5.
+        return msgspec.convert(merged, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc

@@ -1,0 +1,41 @@
+"""Export the v1 messages as JSON Schema files in ``schemas/json/``.
+
+Run ``python -m schemas.json_schema`` after changing a message type; a test
+fails while the committed files differ from what the types generate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from .messages import Order, Receipt, Status
+
+JSON_DIR: Final = Path(__file__).parent / "json"
+MESSAGES: Final = {"order": Order, "receipt": Receipt, "status": Status}
+
+
+def render(name: str) -> str:
+    """The JSON Schema document for one message, as committed."""
+    schema = msgspec.json.schema(MESSAGES[name])
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"{name}.v1.json",
+        "description": "Encoded as MessagePack on the wire; unknown keys are ignored.",
+        **schema,
+    }
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def main() -> None:
+    """Write every schema file."""
+    JSON_DIR.mkdir(exist_ok=True)
+    for name in MESSAGES:
+        (JSON_DIR / f"{name}.v1.json").write_text(render(name))
+
+
+if __name__ == "__main__":
+    main()

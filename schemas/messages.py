@@ -1,0 +1,99 @@
+"""The v1 messages: Order, Receipt and Status as frozen msgspec Structs.
+
+The constraints of the contract table live in the type annotations, so the
+decoder, the validator and the exported JSON Schema all come from one source.
+Rules that span fields (the total) are checked in ``__post_init__``, which
+msgspec also runs while decoding.
+
+Schema evolution: add fields only, each with a default; never change a type.
+Unknown keys are ignored when decoding (msgspec's default), so old readers
+accept new writers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+MAX_ORDER_BYTES: Final = 16 * 1024
+MAX_ITEMS: Final = 100
+MAX_ATTRS: Final = 32
+
+OrderId = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=8,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Unique per device; the agent uses UUIDv7 or ULID.",
+    ),
+]
+DeviceId = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"),
+]
+Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Qty = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+MinorUnits = Annotated[int, msgspec.Meta(ge=0, description="Amount in minor units.")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217.")]
+EpochMs = Annotated[int, msgspec.Meta(ge=0, description="ms since the Unix epoch.")]
+Seq = Annotated[int, msgspec.Meta(ge=0, description="Per-device counter in submit order.")]
+ReasonCode = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class Item(msgspec.Struct, frozen=True):
+    """One order line."""
+
+    sku: Sku
+    qty: Qty
+    unit_price: MinorUnits
+
+
+class Order(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An order, as a device publishes it to ``v1/devices/{device_id}/orders``."""
+
+    v: Literal[1]
+    order_id: OrderId
+    device_id: DeviceId
+    seq: Seq
+    created_at: EpochMs
+    currency: Currency
+    items: Annotated[tuple[Item, ...], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
+    total: MinorUnits
+    attrs: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_ATTRS)] = {}
+
+    def __post_init__(self) -> None:
+        expected = sum(item.qty * item.unit_price for item in self.items)
+        if self.total != expected:
+            # msgspec turns a ValueError raised here into a ValidationError.
+            raise ValueError(f"total {self.total} != sum of qty * unit_price {expected}")
+
+
+ReceiptResult = Literal["accepted", "duplicate", "rejected"]
+OrderStatus = Literal["confirmed", "rejected", "fulfilled", "failed"]
+
+
+class Receipt(msgspec.Struct, frozen=True):
+    """The bridge's answer to every message on a device's orders topic.
+
+    ``order_id`` is None when the payload was too broken to carry one.
+    ``duplicate`` means "already accepted earlier" and settles an order like
+    ``accepted`` does.
+    """
+
+    v: Literal[1]
+    order_id: OrderId | None
+    result: ReceiptResult
+    reason: ReasonCode | None
+    at: EpochMs
+
+
+class Status(msgspec.Struct, frozen=True):
+    """A pipeline state change, published to ``v1/devices/{device_id}/status``."""
+
+    v: Literal[1]
+    order_id: OrderId
+    status: OrderStatus
+    reason: ReasonCode | None
+    at: EpochMs

@@ -1,0 +1,74 @@
+"""Every name that crosses a process boundary: MQTT topics and Redis keys (v1).
+
+Devices, the bridge, the pipeline and operators' scripts all depend on these,
+so they live in one place and change only by adding a ``v2``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Final
+
+from .errors import Reason, SchemaError
+
+TOPIC_PREFIX: Final = "v1/devices/"
+ORDERS_TOPIC_FILTER: Final = "v1/devices/+/orders"
+DEFAULT_SHARE_GROUP: Final = "bridge"
+
+DLQ_STREAM: Final = "orders:dlq"
+DEFAULT_SHARDS: Final = 16
+DEDUP_TTL_S: Final = 7 * 24 * 3600
+
+
+def orders_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/orders``: device → cloud."""
+    return f"{TOPIC_PREFIX}{device_id}/orders"
+
+
+def receipts_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/receipts``: bridge → device."""
+    return f"{TOPIC_PREFIX}{device_id}/receipts"
+
+
+def status_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/status``: pipeline → device."""
+    return f"{TOPIC_PREFIX}{device_id}/status"
+
+
+def device_topics_filter(device_id: str) -> str:
+    """Everything the cloud sends one device: ``v1/devices/{device_id}/+``."""
+    return f"{TOPIC_PREFIX}{device_id}/+"
+
+
+def shared_orders_subscription(group: str = DEFAULT_SHARE_GROUP) -> str:
+    """The MQTT 5 shared subscription that bridge replicas split."""
+    return f"$share/{group}/{ORDERS_TOPIC_FILTER}"
+
+
+def device_id_from_orders_topic(topic: str) -> str:
+    """Return ``{device_id}`` of ``v1/devices/{device_id}/orders``.
+
+    Raises:
+        SchemaError: reason ``bad_topic`` for any other topic.
+    """
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "v1" or parts[1] != "devices" or parts[3] != "orders":
+        raise SchemaError(Reason.BAD_TOPIC, f"not an orders topic: {topic!r}")
+    if not parts[2]:
+        raise SchemaError(Reason.BAD_TOPIC, "empty device_id in topic")
+    return parts[2]
+
+
+def shard_of(device_id: str, shards: int) -> int:
+    """``crc32(device_id) % shards``: the shard that holds a device's orders."""
+    return zlib.crc32(device_id.encode()) % shards
+
+
+def stream_key(shard: int) -> str:
+    """``orders:{N}``; the braces are a Redis Cluster hash tag."""
+    return f"orders:{{{shard}}}"
+
+
+def seen_key(shard: int, device_id: str, order_id: str) -> str:
+    """``orders:{N}:seen:{device_id}:{order_id}``: the dedup marker."""
+    return f"orders:{{{shard}}}:seen:{device_id}:{order_id}"

@@ -1,0 +1,62 @@
+"""Connection URLs: ``mqtt://user:pass@host:1883`` and ``mqtts://`` for TLS.
+
+Redis URLs (``redis://``, ``rediss://``) are parsed by redis-py itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import unquote, urlsplit
+
+from .errors import SchemaError
+
+_DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
+
+
+@dataclass(frozen=True)
+class MqttUrl:
+    """A parsed MQTT URL. The password never appears in ``repr``/``str``."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> MqttUrl:
+        """Parse ``mqtt[s]://[user[:pass]@]host[:port]``.
+
+        Raises:
+            SchemaError: reason ``invalid_url`` for anything else.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS:
+            raise SchemaError("invalid_url", f"scheme must be mqtt or mqtts: {redact(url)}")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError as exc:
+            raise SchemaError("invalid_url", f"bad port in {redact(url)}") from exc
+        if not parts.hostname:
+            raise SchemaError("invalid_url", f"no host in {redact(url)}")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=parts.scheme == "mqtts",
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

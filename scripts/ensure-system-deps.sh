@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what `make` needs from the system: python3-venv, mosquitto, redis-server.
+# Uses apt-get on Debian/Ubuntu (as root, or through sudo); elsewhere it says what to install.
+set -euo pipefail
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+missing=()
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv")
+have mosquitto || missing+=("mosquitto")
+have mosquitto_passwd || missing+=("mosquitto-clients")
+have redis-server || missing+=("redis-server")
+have redis-cli || missing+=("redis-tools")
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "Missing: ${missing[*]}. Install them with your package manager" >&2
+  echo "(macOS: brew install mosquitto redis; Fedora: dnf install mosquitto redis), then rerun make." >&2
+  exit 1
+fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "Installing with apt-get: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian's packages start system-wide servers on 1883/6379; we start our own on free ports.
