@@ -165,6 +165,8 @@ class MosquittoProcess(ServerProcess):
     Args:
         persistence: keep the session/message store on disk across restarts.
         extra_conf: more mosquitto.conf lines (limits, auth, TLS listeners).
+        config: a whole mosquitto.conf instead of the dev settings (it must
+            open a listener on ``port``); ``persistence``/``extra_conf`` are ignored.
     """
 
     name = "mosquitto"
@@ -176,10 +178,12 @@ class MosquittoProcess(ServerProcess):
         *,
         persistence: bool = False,
         extra_conf: str = "",
+        config: str | None = None,
     ) -> None:
         super().__init__(workdir, port)
         self.persistence = persistence
         self.extra_conf = extra_conf
+        self.config = config
         self.conf_path = workdir / "mosquitto.conf"
 
     @property
@@ -189,8 +193,12 @@ class MosquittoProcess(ServerProcess):
     def command(self) -> list[str]:
         # Mosquitto started as root drops to user `mosquitto` and then cannot
         # write into our directory; `user` set to whoever we are prevents that.
+        user = f"user {getpass.getuser()}"
+        if self.config is not None:
+            self.conf_path.write_text(f"{user}\n{self.config}\n")
+            return [find_binary("mosquitto"), "-c", str(self.conf_path)]
         lines = [
-            f"user {getpass.getuser()}",
+            user,
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             # Defaults are 20 in flight and 1000 queued per client: far too few
