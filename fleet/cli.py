@@ -1,25 +1,93 @@
-"""`fleet-sim`: the device-fleet load test. Not implemented yet (issue 6): parses flags only."""
+"""`fleet-sim`: the device-fleet load test (not built yet, issue 6) and device provisioning."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .pki import CertFiles
+from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the contract's flags, then refuse to run: the service is not built yet."""
-    parser = argparse.ArgumentParser(
-        prog="fleet-sim", description="the device-fleet load test (not implemented yet)"
-    )
-    parser.add_argument("--devices")
-    parser.add_argument("--rate")
-    parser.add_argument("--duration")
-    parser.add_argument("--mqtt-url")
-    parser.add_argument("--redis-url")
-    parser.parse_args(argv)
-    print("fleet-sim: not implemented yet (see issue 6); nothing was started", file=sys.stderr)
+    """Dispatch `fleet-sim provision …`; the load test itself is not implemented yet."""
+    parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
+    for flag in ("--devices", "--rate", "--duration", "--mqtt-url", "--redis-url"):
+        parser.add_argument(flag, help="load test (not implemented yet, issue 6)")
+    commands = parser.add_subparsers(dest="command")
+    _add_provision(commands.add_parser("provision", help="enrol or revoke devices"))
+    args = parser.parse_args(argv)
+    if args.command == "provision":
+        try:
+            return int(args.run(args))
+        except ProvisionError as exc:
+            print(f"fleet-sim provision: {exc}", file=sys.stderr)
+            return 2
+    print("fleet-sim: the load test is not implemented yet (issue 6)", file=sys.stderr)
     return 2
+
+
+def _add_provision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path, required=True, help="registry directory")
+    actions = parser.add_subparsers(dest="action", required=True)
+
+    devices = actions.add_parser("devices", help="enrol devices (new passwords, agent.toml)")
+    devices.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
+    devices.add_argument("--count", type=int, default=0, help="also enrol PREFIX0001…")
+    devices.add_argument("--prefix", default="device-")
+    devices.add_argument("--broker", required=True, help="broker URL, e.g. mqtts://host:8883")
+    ca = devices.add_mutually_exclusive_group()
+    ca.add_argument("--ca-file", type=Path, help="CA certificate the agents trust")
+    ca.add_argument("--dev-ca", action="store_true", help="use (or create) the registry's dev CA")
+    devices.add_argument("--client-certs", action="store_true", help="issue client certificates")
+    devices.add_argument("--install-dir", type=Path, default=DEFAULT_INSTALL_DIR)
+    devices.set_defaults(run=_enrol)
+
+    service = actions.add_parser("service", help="create a service account (bridge, pipeline)")
+    service.add_argument("name")
+    service.set_defaults(run=_service)
+
+    revoke = actions.add_parser("revoke", help="remove devices' credentials")
+    revoke.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    revoke.set_defaults(run=_revoke)
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    ids = [*args.device_ids, *(f"{args.prefix}{i:04d}" for i in range(1, args.count + 1))]
+    if not ids:
+        raise ProvisionError("name device ids or give --count")
+    ca: CertFiles | None = None
+    if args.dev_ca:
+        ca = registry.dev_ca()
+    elif args.ca_file:
+        ca = CertFiles(args.ca_file, args.ca_file.with_suffix(".key"))
+    enrolled = registry.enrol(
+        ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
+        install_dir=args.install_dir,
+    )  # fmt: skip
+    print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
+    print(f"password file: {registry.passwd_path} (send the broker SIGHUP to reload it)")
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    password = Registry(args.registry).add_service(args.name)
+    print(f"{args.name} password (shown once): {password}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    revoked = registry.revoke(args.device_ids)
+    unknown = sorted(set(args.device_ids) - set(revoked))
+    print(f"revoked {len(revoked)} devices; send the broker SIGHUP to apply")
+    if unknown:
+        print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -190,6 +190,11 @@ class MosquittoProcess(ServerProcess):
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files."""
+        if self._process is not None and self.running:
+            self._process.send_signal(signal.SIGHUP)
+
     def command(self) -> list[str]:
         # Mosquitto started as root drops to user `mosquitto` and then cannot
         # write into our directory; `user` set to whoever we are prevents that.

@@ -25,6 +25,7 @@ class Probe:
         username: str | None = None,
         password: str | None = None,
         ca_file: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         self.port = port
         self.connack: ReasonCode | None = None
@@ -38,7 +39,11 @@ class Probe:
         if username is not None:
             self.client.username_pw_set(username, password)
         if ca_file is not None:
-            self.client.tls_set(ca_certs=str(ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            cert, key = (str(path) for path in client_cert) if client_cert else (None, None)
+            self.client.tls_set(
+                ca_certs=str(ca_file), certfile=cert, keyfile=key,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )  # fmt: skip
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
