@@ -1,0 +1,139 @@
+"""A TCP proxy in front of the broker, for network faults on a stack we did not start.
+
+``fleet-sim`` puts it between the simulated devices and the broker, then drops
+a fraction of the connections or refuses new ones for a while. It relays bytes
+untouched (TLS passes through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+CHUNK_BYTES = 64 * 1024
+
+
+@dataclass
+class ProxyStats:
+    """What the proxy did, for the report."""
+
+    accepted: int = 0
+    refused: int = 0
+    dropped: int = 0
+    open: int = 0
+
+
+@dataclass(eq=False)
+class _Link:
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for writer in (self.client, self.upstream):
+            writer.transport.abort()
+
+
+class TcpProxy:
+    """Relays ``127.0.0.1:listen_port`` to ``upstream_host:upstream_port``.
+
+    Use as ``async with TcpProxy(...) as proxy:``; ``proxy.port`` is where to connect.
+    """
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, listen_port: int = 0, seed: int = 0
+    ) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.stats = ProxyStats()
+        self._listen_port = listen_port
+        self._links: set[_Link] = set()
+        self._refusing = False
+        self._random = random.Random(seed)
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The port clients connect to."""
+        if self._server is None:
+            raise RuntimeError("proxy not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self._listen_port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.drop(1.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def drop(self, fraction: float) -> int:
+        """Abort ``fraction`` of the open connections (chosen at random); return how many."""
+        links = [link for link in self._links if self._random.random() < fraction]
+        for link in links:
+            link.close()
+        self.stats.dropped += len(links)
+        log.info("proxy dropped connections", dropped=len(links), fraction=fraction)
+        return len(links)
+
+    @contextlib.asynccontextmanager
+    async def refusing(self) -> AsyncIterator[None]:
+        """While inside, new connections are closed at once (an outage); open ones live on."""
+        self._refusing = True
+        try:
+            yield
+        finally:
+            self._refusing = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            self.stats.refused += 1
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            self.stats.refused += 1
+            writer.transport.abort()
+            return
+        link = _Link(writer, up_writer)
+        self._links.add(link)
+        self.stats.accepted += 1
+        self.stats.open = len(self._links)
+        link.tasks = [
+            asyncio.create_task(_pipe(reader, up_writer), name="proxy-up"),
+            asyncio.create_task(_pipe(up_reader, writer), name="proxy-down"),
+        ]
+        try:
+            await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            link.close()
+            for task in link.tasks:
+                task.cancel()
+            await asyncio.gather(*link.tasks, return_exceptions=True)
+            self._links.discard(link)
+            self.stats.open = len(self._links)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(CHUNK_BYTES):
+            writer.write(chunk)
+            await writer.drain()
