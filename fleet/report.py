@@ -1,0 +1,161 @@
+"""What a fleet run measured, and how it is shown: a terminal summary and an HTML report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from rich.table import Table
+
+from .svg import line_chart
+from .verify import Verdict
+
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Counters at one moment of the run (cumulative, except the gauges)."""
+
+    t_s: float
+    connected: int
+    submitted: int
+    accepted: int
+    processed: int
+    outbox_depth: int
+
+
+@dataclass
+class RunRecord:
+    """Everything a run recorded; the simulator fills it, the report reads it."""
+
+    devices: int
+    rate: float
+    duration_s: float
+    samples: list[Sample] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    receipt_latency_ms: list[float] = field(default_factory=list)
+    e2e_latency_ms: list[float] = field(default_factory=list)
+    refused: int = 0
+    verdict: Verdict | None = None
+
+
+def percentiles(values: Sequence[float]) -> dict[float, float]:
+    """p50/p90/p99/p99.9 of ``values`` (empty input: empty result)."""
+    if len(values) < 2:
+        return dict.fromkeys(PERCENTILES, values[0]) if values else {}
+    cuts = statistics.quantiles(values, n=1000, method="inclusive")
+    return {p: cuts[min(int(p * 10) - 1, len(cuts) - 1)] for p in PERCENTILES}
+
+
+def rates(samples: Sequence[Sample], attr: str) -> list[float]:
+    """Per-second rate of a cumulative counter between consecutive samples."""
+    out = [0.0]
+    for prev, cur in itertools.pairwise(samples):
+        span = max(cur.t_s - prev.t_s, 1e-9)
+        out.append((getattr(cur, attr) - getattr(prev, attr)) / span)
+    return out
+
+
+def summary_table(record: RunRecord) -> Table:
+    """The end-of-run summary for the terminal."""
+    last = record.samples[-1] if record.samples else Sample(0, 0, 0, 0, 0, 0)
+    table = Table(title="fleet-sim summary", show_header=False)
+    table.add_row("devices", f"{record.devices:,}")
+    table.add_row("orders queued (202)", f"{last.submitted:,}")
+    table.add_row("orders refused by agents", f"{record.refused:,}")
+    table.add_row("receipts (accepted/duplicate)", f"{last.accepted:,}")
+    table.add_row("terminal statuses", f"{last.processed:,}")
+    span = max(last.t_s, 1e-9)
+    table.add_row("mean submit rate", f"{last.submitted / span:,.0f}/s")
+    for name, values in (
+        ("receipt latency", record.receipt_latency_ms),
+        ("end-to-end latency", record.e2e_latency_ms),
+    ):
+        cuts = percentiles(values)
+        if cuts:
+            table.add_row(name, " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()))
+    for t_s, label in record.events:
+        table.add_row(f"chaos @{t_s:,.0f}s", label)
+    if record.verdict is not None:
+        v = record.verdict
+        table.add_row("verification", "PASS" if v.ok else "FAIL")
+        table.add_row(
+            "lost / duplicated / stuck", f"{len(v.lost)} / {len(v.duplicated)} / {len(v.stuck)}"
+        )
+    return table
+
+
+def write_html(record: RunRecord, path: Path) -> Path:
+    """Write the HTML report (inline SVG plots, no external assets) and return its path."""
+    xs = [s.t_s for s in record.samples]
+    throughput = line_chart(
+        xs,
+        {
+            "queued/s": rates(record.samples, "submitted"),
+            "receipted/s": rates(record.samples, "accepted"),
+            "processed/s": rates(record.samples, "processed"),
+        },
+        x_label="seconds",
+        y_label="orders/s",
+        markers=record.events,
+    )
+    depth = line_chart(
+        xs,
+        {"outbox depth": [float(s.outbox_depth) for s in record.samples],
+         "connected devices": [float(s.connected) for s in record.samples]},
+        x_label="seconds",
+        y_label="count",
+        markers=record.events,
+    )  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td>"
+        + "".join(f"<td>{v:,.1f}</td>" for v in percentiles(values).values())
+        + "</tr>"
+        for name, values in (
+            ("submit → receipt", record.receipt_latency_ms),
+            ("submit → terminal status", record.e2e_latency_ms),
+        )
+        if values
+    )
+    verdict = _verdict_html(record.verdict)
+    header = "".join(f"<th>p{p:g} ms</th>" for p in PERCENTILES)
+    html = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fleet-sim report</title>
+<style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
+<body><h1>fleet-sim report</h1>
+<p>{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}: {record.devices:,} devices,
+target {record.rate:,.0f} orders/s for {record.duration_s:,.0f} s.</p>
+{verdict}
+<h2>Throughput (dashed lines: chaos events)</h2>{throughput}
+<h2>Outbox depth and connections</h2>{depth}
+<h2>Latency</h2><table><tr><th></th>{header}</tr>{rows}</table>
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html)
+    return path
+
+
+def _verdict_html(verdict: Verdict | None) -> str:
+    if verdict is None:
+        return "<p>Verification was not run.</p>"
+    status = "PASS" if verdict.ok else "FAIL"
+    lines = [
+        f"<h2>Verification: {status}</h2>",
+        f"<p>{verdict.checked:,} accepted orders checked: {len(verdict.lost)} lost, "
+        f"{len(verdict.duplicated)} duplicated, {len(verdict.stuck)} stuck; "
+        f"{verdict.extra} stream entries from outside the run.</p>",
+    ]
+    for name, refs in (("lost", verdict.lost), ("duplicated", list(verdict.duplicated)),
+                       ("stuck", verdict.stuck)):  # fmt: skip
+        if refs:
+            shown = ", ".join(f"{d}/{o}" for d, o in refs[:100])
+            lines.append(f"<p>{name}: {escape(shown)}</p>")
+    return "".join(lines)
