@@ -1,0 +1,66 @@
+"""The stock reservation step: all items of an order at once, atomically, once per order_id."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ._lua import Scripts, queue_script, run_pipeline
+from .names import STOCK_KEY, order_key, reservation_key
+from .records import OrderContext, text
+from .steps import Step, StepDeps, register
+
+OUT_OF_STOCK = "out_of_stock"
+
+
+async def reserve(
+    client: aioredis.Redis, scripts: Scripts, batch: Sequence[OrderContext]
+) -> list[str]:
+    """Run the reservation script for each order, in batch order, in one round trip.
+
+    Returns one result per order: ``reserved`` (now), ``held`` (earlier),
+    ``released``, ``terminal`` or ``short:<sku>``.
+    """
+
+    def fill(pipe: Any) -> None:
+        for ctx in batch:
+            oid = ctx.order.order_id
+            args: list[Any] = []
+            for item in ctx.order.items:
+                args += [item.sku, item.qty]
+            queue_script(
+                pipe, scripts, "reserve", [STOCK_KEY, reservation_key(oid), order_key(oid)], args
+            )
+
+    return [text(r) for r in await run_pipeline(client, scripts, fill)]
+
+
+class ReserveStep:
+    """``validated → reserved``, or ``rejected`` with ``out_of_stock`` when any item is short."""
+
+    name = "reserve"
+
+    def __init__(self, client: aioredis.Redis, scripts: Scripts) -> None:
+        self._redis = client
+        self._scripts = scripts
+
+    async def run(self, batch: Sequence[OrderContext]) -> None:
+        """Reserve every order's items; redelivered orders find their reservation held."""
+        for ctx, result in zip(
+            batch, await reserve(self._redis, self._scripts, batch), strict=True
+        ):
+            if result in {"reserved", "held"}:
+                ctx.advance("reserved")
+            elif result.startswith("short:"):
+                ctx.reject(OUT_OF_STOCK)
+            else:
+                # 'released'/'terminal': another consumer ended the order meanwhile;
+                # leave the entry pending, its redelivery finds the final state.
+                ctx.stale = True
+
+
+@register("reserve")
+def _reserve(deps: StepDeps) -> Step:
+    return ReserveStep(deps.redis, deps.scripts)
