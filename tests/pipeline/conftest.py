@@ -1,4 +1,4 @@
-"""Fixtures for the pipeline tests: an async Redis client, a catalog, in-process workers, a status listener."""
+"""Pipeline test fixtures: async Redis, a catalog, in-process workers, a status listener."""
 
 from __future__ import annotations
 

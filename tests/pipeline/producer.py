@@ -1,4 +1,4 @@
-"""Test helper: stream entries exactly as the bridge writes them (contract v1), and orders to put in them."""
+"""Test helper: stream entries exactly as the bridge writes them (contract v1), and orders."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def make_order(
 async def produce(client: aioredis.Redis, order: Order, shards: int) -> str:
     """XADD ``order`` to its shard stream with the bridge's fields; return the entry id."""
     return await produce_raw(
-        client, order.device_id, order.order_id, order.seq, encode(order), shards
+        client, order.device_id, order.order_id, order.seq, encode(order), shards=shards
     )
 
 
 async def produce_raw(
-    client: aioredis.Redis, device_id: str, order_id: str, seq: int, payload: bytes, shards: int
+    client: aioredis.Redis, device_id: str, order_id: str, seq: int, payload: bytes, *, shards: int
 ) -> str:
     """XADD any payload as the bridge would (for undecodable-entry tests)."""
     entry_id = await client.xadd(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
@@ -38,15 +39,15 @@ async def wait_status(client: aioredis.Redis, order_id: str, status: str) -> dic
     return record
 
 
+@pytest.mark.usefixtures("catalog")
 async def test_happy_path_fulfils_records_history_and_publishes_status(
     aredis: aioredis.Redis,
-    catalog: dict[str, int],
     config: PipelineConfig,
     start_worker: WorkerFactory,
     status_listener: StatusListener,
     device_id: str,
 ) -> None:
-    """An order walks received→validated→reserved→confirmed→fulfilled; the device hears confirmed and fulfilled over the broker."""
+    """An order walks the whole chain; the device hears `confirmed`, `fulfilled` via the broker."""
     status_listener.subscribe(device_id)
     order = make_order(device_id, 0, [("COLA-33", 3, 150), ("WATER-50", 2, 100)])
     await produce(aredis, order, config.shards)
@@ -72,9 +73,9 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     assert pending["pending"] == 0
 
 
+@pytest.mark.usefixtures("catalog")
 async def test_rejections_keep_stock_and_tell_the_device(
     aredis: aioredis.Redis,
-    catalog: dict[str, int],
     config: PipelineConfig,
     start_worker: WorkerFactory,
     status_listener: StatusListener,
@@ -104,9 +105,9 @@ async def test_rejections_keep_stock_and_tell_the_device(
     await eventually(heard, what="rejected statuses")
 
 
+@pytest.mark.usefixtures("catalog")
 async def test_declined_payment_fails_and_releases_stock(
     aredis: aioredis.Redis,
-    catalog: dict[str, int],
     config: PipelineConfig,
     start_worker: WorkerFactory,
     device_id: str,
@@ -121,9 +122,9 @@ async def test_declined_payment_fails_and_releases_stock(
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"]
 
 
+@pytest.mark.usefixtures("catalog")
 async def test_a_devices_orders_are_served_in_seq_order_within_a_batch(
     aredis: aioredis.Redis,
-    catalog: dict[str, int],
     config: PipelineConfig,
     start_worker: WorkerFactory,
     device_id: str,
@@ -139,9 +140,9 @@ async def test_a_devices_orders_are_served_in_seq_order_within_a_batch(
     assert await stock(aredis, "RARE-1") == 0
 
 
+@pytest.mark.usefixtures("catalog")
 async def test_redelivered_entries_change_nothing(
     aredis: aioredis.Redis,
-    catalog: dict[str, int],
     config: PipelineConfig,
     start_worker: WorkerFactory,
     device_id: str,
@@ -169,7 +170,7 @@ async def test_undecodable_entry_goes_to_dlq_at_once(
     aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
 ) -> None:
     """An entry whose payload is not an order is dead-lettered with the codec's reason and acked."""
-    await produce_raw(aredis, device_id, "BROKEN0001", 0, b"\xc1not msgpack", config.shards)
+    await produce_raw(aredis, device_id, "BROKEN0001", 0, b"\xc1not msgpack", shards=config.shards)
     await start_worker()
 
     async def dead() -> bool:
