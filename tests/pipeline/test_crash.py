@@ -118,7 +118,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     processes: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    """Two workers SIGKILLed mid-batch 3 times and restarted: each order ends once; stock adds up."""
+    """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
     env = env_for(
         config,
         batch_size=8,
