@@ -27,6 +27,7 @@ from .records import load_order, text
 
 ORDER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 DEVICE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MEMBER_RE: Final = re.compile(r"^\d{20}:[A-Za-z0-9_-]{8,64}$")  # records.index_member
 ENTRY_ID_RE: Final = re.compile(r"^\d{1,20}-\d{1,20}$")
 DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
@@ -115,9 +116,12 @@ async def list_device_orders(request: web.Request) -> web.Response:
     start = "-"
     if cursor := request.query.get("cursor"):
         try:
-            start = "(" + decode_cursor(cursor)
+            position = decode_cursor(cursor)
         except ValueError:
             return _bad_cursor()
+        if not MEMBER_RE.match(position):
+            return _bad_cursor()
+        start = "(" + position
     client = request.app[REDIS]
     members: Any = await client.zrange(
         device_index_key(device_id), start, "+", bylex=True, offset=0, num=limit + 1
@@ -136,12 +140,16 @@ async def list_device_orders(request: web.Request) -> web.Response:
         summary["reason"] = summary["reason"] or None
         summary["updated_at"] = int(summary["updated_at"] or 0)
         items.append(summary)
-    next_cursor = encode_cursor(page[-1]) if len(members) > limit else None
-    return web.json_response({"items": items, "next_cursor": next_cursor})
+    # The cursor after the last item, even on the last page: a client can come
+    # back with it later and get exactly the orders that arrived since.
+    next_cursor = encode_cursor(page[-1]) if page else cursor
+    return web.json_response(
+        {"items": items, "next_cursor": next_cursor, "has_more": len(members) > limit}
+    )
 
 
 async def list_dlq(request: web.Request) -> web.Response:
-    """``GET /v1/dlq``: dead-lettered entries, oldest first."""
+    """``GET /v1/dlq``: dead-lettered entries, oldest first (same cursor rules as above)."""
     limit = _limit(request)
     if isinstance(limit, web.Response):
         return limit
@@ -149,10 +157,11 @@ async def list_dlq(request: web.Request) -> web.Response:
     try:
         if cursor is not None and not ENTRY_ID_RE.match(decode_cursor(cursor)):
             return _bad_cursor()
-        items, next_cursor = await list_dead_letters(request.app[REDIS], cursor, limit)
+        items, has_more = await list_dead_letters(request.app[REDIS], cursor, limit)
     except ValueError:
         return _bad_cursor()
-    return web.json_response({"items": items, "next_cursor": next_cursor})
+    next_cursor = encode_cursor(items[-1]["id"]) if items else cursor
+    return web.json_response({"items": items, "next_cursor": next_cursor, "has_more": has_more})
 
 
 async def replay_dlq(request: web.Request) -> web.Response:

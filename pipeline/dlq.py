@@ -76,7 +76,8 @@ def encode_cursor(value: str) -> str:
 def decode_cursor(cursor: str) -> str:
     """The position inside a cursor; ValueError if it is not one of ours."""
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise ValueError("bad cursor") from exc
 
@@ -93,13 +94,13 @@ def describe(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
 
 async def list_dead_letters(
     client: aioredis.Redis, cursor: str | None, limit: int
-) -> tuple[list[dict[str, Any]], str | None]:
-    """A page of DLQ entries, oldest first, and the cursor of the next page (or None)."""
+) -> tuple[list[dict[str, Any]], bool]:
+    """A page of DLQ entries after ``cursor``, oldest first, and whether more follow."""
     start = "-" if cursor is None else f"({decode_cursor(cursor)}"
     rows: Any = await client.xrange(DLQ_STREAM, min=start, max="+", count=limit + 1)
-    page = [describe(text(entry_id), fields) for entry_id, fields in rows[:limit]]
-    more = len(rows) > limit
-    return page, encode_cursor(page[-1]["id"]) if more and page else None
+    return [describe(text(entry_id), fields) for entry_id, fields in rows[:limit]], len(
+        rows
+    ) > limit
 
 
 async def replay(client: aioredis.Redis, scripts: Scripts, entry_id: str, shards: int) -> str:
