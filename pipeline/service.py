@@ -35,6 +35,8 @@ from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)
 RESTART_DELAY_S = 1.0
+SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
+ORPHAN_CHECK_S = 1.0
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -57,9 +59,11 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
             work = asyncio.create_task(worker.run(stop), name="worker")
+            watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
             stopping = asyncio.create_task(stop.wait(), name="wait-stop")
             await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
+            watchdog.cancel()
             try:
                 # The worker notices `stop` after its batch in hand (or the read's block).
                 async with asyncio.timeout(config.shutdown_grace_s):
@@ -71,6 +75,19 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
                     await work
     finally:
         await client.aclose()
+
+
+async def _watch_supervisor(stop: asyncio.Event) -> None:
+    """Drain and exit when the supervisor that started us is gone (we were re-parented)."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor:
+        return
+    while not stop.is_set():
+        if os.getppid() != int(supervisor):
+            log.warning("supervisor_gone", supervisor_pid=supervisor)
+            stop.set()
+            return
+        await asyncio.sleep(ORPHAN_CHECK_S)
 
 
 def worker_env(
@@ -85,6 +102,7 @@ def worker_env(
             str(value).lower() if isinstance(value, bool) else str(value)
         )
     env[MULTIPROC_ENV] = multiproc_dir
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     return env
 
 
