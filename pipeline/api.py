@@ -76,10 +76,15 @@ def create_app(
 
 def _limit(request: web.Request) -> int | web.Response:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         detail = f"limit must be an integer in 1..{MAX_LIMIT}"
         return problem(400, "invalid-parameter", "Invalid parameter", detail, parameter="limit")
     return int(raw)
+
+
+def _is_entry_id(value: str) -> bool:
+    """A Redis stream id: two unsigned 64-bit integers joined by ``-``."""
+    return bool(ENTRY_ID_RE.match(value)) and all(int(p) < 2**64 for p in value.split("-"))
 
 
 def _bad_cursor() -> web.Response:
@@ -155,7 +160,7 @@ async def list_dlq(request: web.Request) -> web.Response:
         return limit
     cursor = request.query.get("cursor")
     try:
-        if cursor is not None and not ENTRY_ID_RE.match(decode_cursor(cursor)):
+        if cursor is not None and not _is_entry_id(decode_cursor(cursor)):
             return _bad_cursor()
         items, has_more = await list_dead_letters(request.app[REDIS], cursor, limit)
     except ValueError:
@@ -167,7 +172,7 @@ async def list_dlq(request: web.Request) -> web.Response:
 async def replay_dlq(request: web.Request) -> web.Response:
     """``POST /v1/dlq/{entry_id}/replay``: re-drive a dead-lettered order, once."""
     entry_id = request.match_info["entry_id"]
-    if not ENTRY_ID_RE.match(entry_id):
+    if not _is_entry_id(entry_id):
         return problem(
             400, "invalid-parameter", "Invalid parameter", "bad entry_id", parameter="entry_id"
         )

@@ -34,5 +34,8 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
         if exc.status < 400:
             raise
         code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status, "http-error")
-        return problem(exc.status, code, exc.reason, detail=f"{request.method} {request.path}")
+        response = problem(exc.status, code, exc.reason, detail=f"{request.method} {request.path}")
+        if "Allow" in exc.headers:  # RFC 9110 requires it on a 405
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     return response
