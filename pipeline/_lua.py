@@ -1,101 +1,150 @@
 """The pipeline's Lua scripts: every state change of an order is one of these, atomic in Redis.
 
-They are loaded once per connection pool with SCRIPT LOAD and run with EVALSHA
-inside pipelines; :func:`run_pipeline` reloads them when Redis lost its script
-cache (a restart) and runs the pipeline again, which is safe because every
-script is idempotent.
+Each takes a whole batch in one EVALSHA (one round trip, one reply), which is
+what makes the per-order cost small. They are loaded with SCRIPT LOAD and
+loaded again when Redis lost its script cache (a restart); running a script
+again is safe because every one is idempotent.
+
+Pipeline keys are not hash-tagged per slot (the stock hash is shared by all
+orders), so these scripts need a single Redis node, not a cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
-# KEYS: order, history, device index, events.
-# ARGV: order_id, device_id, seq, received_at, total, currency, stream, entry_id,
-#       now_ms, index member, events maxlen, items json.
-# Returns {1, HGETALL} or {0, other device_id} when the order_id belongs to another device.
+# Every script below works on a whole batch in one call: orders are handled in
+# the order given (the worker sorts by device and seq), each order atomically.
+
+# KEYS: events, then per order: record, history, device index.
+# ARGV: now_ms, events maxlen, then per order 10 values: order_id, device_id,
+#       seq, received_at, total, currency, index member, items json, stream, entry id.
+# Returns per order {1, status, reason, {done steps}} or {0, other device_id}
+# when the order_id already belongs to another device.
 ADMIT: Final = """
-local dev = redis.call('HGET', KEYS[1], 'device_id')
-if dev then
-  if dev ~= ARGV[2] then return {0, dev} end
-  return {1, redis.call('HGETALL', KEYS[1])}
+local now, maxlen, out = ARGV[1], ARGV[2], {}
+for i = 0, (#KEYS - 1) / 3 - 1 do
+  local rec, hist, index = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local a = 2 + 10 * i
+  local dev = redis.call('HGET', rec, 'device_id')
+  if dev and dev ~= ARGV[a + 2] then
+    out[#out + 1] = {0, dev}
+  else
+    if not dev then
+      redis.call('HSET', rec, 'order_id', ARGV[a + 1], 'device_id', ARGV[a + 2],
+        'seq', ARGV[a + 3], 'received_at', ARGV[a + 4], 'total', ARGV[a + 5],
+        'currency', ARGV[a + 6], 'items', ARGV[a + 8], 'stream', ARGV[a + 9],
+        'entry_id', ARGV[a + 10], 'status', 'received',
+        'reason', '', 'created', now, 'updated_at', now)
+      redis.call('ZADD', index, 0, ARGV[a + 7])
+      redis.call('RPUSH', hist, cjson.encode({status='received', step='', reason='',
+        at=tonumber(now)}))
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', ARGV[a + 1],
+        'device_id', ARGV[a + 2], 'status', 'received', 'step', '', 'reason', '', 'at', now)
+    end
+    local fields = redis.call('HGETALL', rec)
+    local status, reason, done = '', '', {}
+    for j = 1, #fields, 2 do
+      local name = fields[j]
+      if name == 'status' then status = fields[j + 1]
+      elseif name == 'reason' then reason = fields[j + 1]
+      elseif string.sub(name, 1, 5) == 'done:' then done[#done + 1] = string.sub(name, 6) end
+    end
+    out[#out + 1] = {1, status, reason, done}
+  end
 end
-redis.call('HSET', KEYS[1], 'order_id', ARGV[1], 'device_id', ARGV[2], 'seq', ARGV[3],
-  'received_at', ARGV[4], 'total', ARGV[5], 'currency', ARGV[6], 'stream', ARGV[7],
-  'entry_id', ARGV[8], 'status', 'received', 'reason', '', 'created', ARGV[9],
-  'updated_at', ARGV[9], 'items', ARGV[12])
-redis.call('ZADD', KEYS[3], 0, ARGV[10])
-redis.call('RPUSH', KEYS[2], cjson.encode({status='received', step='', reason='',
-  at=tonumber(ARGV[9])}))
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'order_id', ARGV[1],
-  'device_id', ARGV[2], 'status', 'received', 'step', '', 'reason', '', 'at', ARGV[9])
-return {1, redis.call('HGETALL', KEYS[1])}
+return out
 """
 
-# KEYS: order, history, events, stock, reservation.
-# ARGV: step, expected status, new status ('' = none), reason, now_ms, events maxlen.
-# Compare-and-set on the status plus a done marker per step: applied at most once.
-# Entering rejected/failed gives a held reservation back in the same atomic step.
-# Returns {1, status} applied, {0, status} step already done, {-1, status} status moved.
+# KEYS: events, stock, then per order: record, history, reservation.
+# ARGV: step, now_ms, events maxlen, then per order: expected status,
+#       new status ('' = none), reason.
+# Compare-and-set on the status plus a done marker per step: applied at most
+# once. Entering rejected/failed gives a held reservation back in the same
+# atomic step. Returns per order {1, status} applied, {0, status} step already
+# done, {-1, status} the status moved under us.
 TRANSITION: Final = """
-local status = redis.call('HGET', KEYS[1], 'status') or ''
-if redis.call('HEXISTS', KEYS[1], 'done:' .. ARGV[1]) == 1 then return {0, status} end
-if status ~= ARGV[2] then return {-1, status} end
-redis.call('HSET', KEYS[1], 'done:' .. ARGV[1], ARGV[5])
-local new = ARGV[3]
-if new == '' then return {1, status} end
-redis.call('HSET', KEYS[1], 'status', new, 'reason', ARGV[4], 'updated_at', ARGV[5])
-if (new == 'rejected' or new == 'failed')
-    and redis.call('HGET', KEYS[5], '_state') == 'held' then
-  local held = redis.call('HGETALL', KEYS[5])
-  for i = 1, #held, 2 do
-    if string.sub(held[i], 1, 2) == 's:' then
-      redis.call('HINCRBY', KEYS[4], string.sub(held[i], 3), held[i + 1])
+local step, now, maxlen, out = ARGV[1], ARGV[2], ARGV[3], {}
+local marker = 'done:' .. step
+for i = 0, (#KEYS - 2) / 3 - 1 do
+  local rec, hist, res = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local expected, new, reason = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  local status = redis.call('HGET', rec, 'status') or ''
+  if redis.call('HEXISTS', rec, marker) == 1 then
+    out[#out + 1] = {0, status}
+  elseif status ~= expected then
+    out[#out + 1] = {-1, status}
+  elseif new == '' then
+    redis.call('HSET', rec, marker, now)
+    out[#out + 1] = {1, status}
+  else
+    redis.call('HSET', rec, marker, now, 'status', new, 'reason', reason, 'updated_at', now)
+    if (new == 'rejected' or new == 'failed') and redis.call('HGET', res, '_state') == 'held' then
+      local held = redis.call('HGETALL', res)
+      for j = 1, #held, 2 do
+        if string.sub(held[j], 1, 2) == 's:' then
+          redis.call('HINCRBY', KEYS[2], string.sub(held[j], 3), held[j + 1])
+        end
+      end
+      redis.call('HSET', res, '_state', 'released')
+    end
+    local ids = redis.call('HMGET', rec, 'order_id', 'device_id')
+    redis.call('RPUSH', hist, cjson.encode({status=new, step=step, reason=reason,
+      at=tonumber(now)}))
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', ids[1],
+      'device_id', ids[2], 'status', new, 'step', step, 'reason', reason, 'at', now)
+    out[#out + 1] = {1, new}
+  end
+end
+return out
+"""
+
+# KEYS: stock, then per order: reservation, record.
+# ARGV: per order: number of lines n, then n (sku, qty) pairs.
+# Idempotent per order: a held or released reservation is never made again, and
+# a terminal order never reserves. All lines or none.
+# Returns per order 'reserved', 'held', 'released', 'terminal' or 'short:<sku>'.
+RESERVE: Final = """
+local out, a = {}, 1
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local res, rec = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  local lines = tonumber(ARGV[a])
+  local first, last = a + 1, a + 2 * lines
+  a = last + 1
+  local state = redis.call('HGET', res, '_state')
+  local status = redis.call('HGET', rec, 'status')
+  if state then
+    out[#out + 1] = state
+  elseif status == 'rejected' or status == 'failed' or status == 'fulfilled' then
+    out[#out + 1] = 'terminal'
+  else
+    local need, skus, short = {}, {}, nil
+    for j = first, last, 2 do
+      local sku = ARGV[j]
+      if not need[sku] then need[sku] = 0; skus[#skus + 1] = sku end
+      need[sku] = need[sku] + tonumber(ARGV[j + 1])
+    end
+    for _, sku in ipairs(skus) do
+      if not short and tonumber(redis.call('HGET', KEYS[1], sku) or '0') < need[sku] then
+        short = sku
+      end
+    end
+    if short then
+      out[#out + 1] = 'short:' .. short
+    else
+      for _, sku in ipairs(skus) do
+        redis.call('HINCRBY', KEYS[1], sku, -need[sku])
+        redis.call('HSET', res, 's:' .. sku, need[sku])
+      end
+      redis.call('HSET', res, '_state', 'held')
+      out[#out + 1] = 'reserved'
     end
   end
-  redis.call('HSET', KEYS[5], '_state', 'released')
 end
-local order_id = redis.call('HGET', KEYS[1], 'order_id')
-local device_id = redis.call('HGET', KEYS[1], 'device_id')
-redis.call('RPUSH', KEYS[2], cjson.encode({status=new, step=ARGV[1], reason=ARGV[4],
-  at=tonumber(ARGV[5])}))
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'order_id', order_id,
-  'device_id', device_id, 'status', new, 'step', ARGV[1], 'reason', ARGV[4], 'at', ARGV[5])
-return {1, new}
-"""
-
-# KEYS: stock, reservation, order. ARGV: sku, qty, sku, qty, ...
-# Idempotent per order: a held or released reservation is never made again, and
-# a terminal order never reserves. All items or none.
-# Returns 'reserved', 'held', 'released', 'terminal' or 'short:<sku>'.
-RESERVE: Final = """
-local state = redis.call('HGET', KEYS[2], '_state')
-if state then return state end
-local status = redis.call('HGET', KEYS[3], 'status')
-if status == 'rejected' or status == 'failed' or status == 'fulfilled' then
-  return 'terminal'
-end
-local need, skus = {}, {}
-for i = 1, #ARGV, 2 do
-  local sku = ARGV[i]
-  if not need[sku] then need[sku] = 0; skus[#skus + 1] = sku end
-  need[sku] = need[sku] + tonumber(ARGV[i + 1])
-end
-for _, sku in ipairs(skus) do
-  if tonumber(redis.call('HGET', KEYS[1], sku) or '0') < need[sku] then
-    return 'short:' .. sku
-  end
-end
-for _, sku in ipairs(skus) do
-  redis.call('HINCRBY', KEYS[1], sku, -need[sku])
-  redis.call('HSET', KEYS[2], 's:' .. sku, need[sku])
-end
-redis.call('HSET', KEYS[2], '_state', 'held')
-return 'reserved'
+return out
 """
 
 # KEYS: dlq, replayed marker, target stream. ARGV: dlq entry id, then field/value pairs.
@@ -133,40 +182,3 @@ class Scripts:
         except NoScriptError:
             await self.load(client)
             return await client.evalsha(self.sha[name], len(keys), *keys, *args)
-
-
-async def run_pipeline(
-    client: aioredis.Redis,
-    scripts: Scripts,
-    fill: Callable[[Any], None],
-) -> list[Any]:
-    """Build a non-transactional pipeline with ``fill(pipe)`` and execute it.
-
-    ``fill`` gets the pipeline and queues commands (EVALSHAs via
-    :func:`queue_script`). On NOSCRIPT the scripts are loaded and the whole
-    pipeline runs again.
-    """
-    if not scripts.sha:
-        await scripts.load(client)
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        fill(pipe)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            if attempt:
-                raise
-            await scripts.load(client)
-        except ResponseError as exc:
-            if "NOSCRIPT" not in str(exc) or attempt:
-                raise
-            await scripts.load(client)
-    raise AssertionError("unreachable")
-
-
-def queue_script(pipe: Any, scripts: Scripts, name: str, keys: list[str], args: list[Any]) -> None:
-    """Queue one EVALSHA on a pipeline."""
-    pipe.evalsha(scripts.sha[name], len(keys), *keys, *args)
-
-
-Runner = Callable[[Callable[[Any], None]], Awaitable[list[Any]]]

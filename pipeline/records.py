@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from schemas import Order
 
-from ._lua import Scripts, queue_script, run_pipeline
+from ._lua import Scripts
 from .names import (
     EVENTS_MAXLEN,
     EVENTS_STREAM,
@@ -122,38 +122,30 @@ def _items_json(order: Order) -> str:
 async def admit(
     client: aioredis.Redis, scripts: Scripts, batch: Sequence[tuple[StreamEntry, Order]]
 ) -> list[OrderContext | Conflict]:
-    """Create each order's record if new (one round trip) and load its state."""
-    at = now_ms()
-
-    def fill(pipe: Any) -> None:
-        for entry, order in batch:
-            queue_script(
-                pipe,
-                scripts,
-                "admit",
-                [order_key(order.order_id), history_key(order.order_id),
-                 device_index_key(order.device_id), EVENTS_STREAM],
-                [order.order_id, order.device_id, order.seq,
-                 text(entry.fields.get("received_at", b"0")), order.total, order.currency,
-                 entry.stream, entry.entry_id, at, index_member(order.seq, order.order_id),
-                 EVENTS_MAXLEN, _items_json(order)],
-            )  # fmt: skip
-
-    replies = await run_pipeline(client, scripts, fill)
+    """Create each order's record if new and load its state: one script call for the batch."""
+    keys: list[str] = [EVENTS_STREAM]
+    args: list[Any] = [now_ms(), EVENTS_MAXLEN]
+    for entry, order in batch:
+        oid = order.order_id
+        keys += [order_key(oid), history_key(oid), device_index_key(order.device_id)]
+        args += [
+            oid, order.device_id, order.seq, entry.fields.get("received_at", b"0"), order.total,
+            order.currency, index_member(order.seq, oid), _items_json(order), entry.stream,
+            entry.entry_id,
+        ]  # fmt: skip
+    replies = await scripts.evalsha(client, "admit", keys, args)
     out: list[OrderContext | Conflict] = []
-    for (entry, order), (ok, data) in zip(batch, replies, strict=True):
-        if not ok:
-            out.append(Conflict(entry, order, text(data)))
+    for (entry, order), reply in zip(batch, replies, strict=True):
+        if not reply[0]:
+            out.append(Conflict(entry, order, text(reply[1])))
             continue
-        record = {text(data[i]): text(data[i + 1]) for i in range(0, len(data), 2)}
-        done = {name[5:] for name in record if name.startswith("done:")}
         out.append(
             OrderContext(
                 entry,
                 order,
-                status=record.get("status", "received"),
-                reason=record.get("reason", ""),
-                done=done,
+                status=text(reply[1]),
+                reason=text(reply[2]),
+                done={text(step) for step in reply[3]},
             )
         )
     return out
@@ -162,7 +154,7 @@ async def admit(
 async def commit(
     client: aioredis.Redis, scripts: Scripts, step: str, batch: Sequence[OrderContext]
 ) -> list[OrderContext]:
-    """Store the step's proposed transitions, one atomic script per order, in one round trip.
+    """Store the step's proposed transitions, each atomically, in one script call.
 
     Returns the contexts whose status really changed now (to publish); contexts
     whose record moved under them are marked ``stale``.
@@ -170,23 +162,17 @@ async def commit(
     todo = [ctx for ctx in batch if ctx.proposed is not None]
     if not todo:
         return []
-    at = now_ms()
-
-    def fill(pipe: Any) -> None:
-        for ctx in todo:
-            oid = ctx.order.order_id
-            assert ctx.proposed is not None
-            queue_script(
-                pipe,
-                scripts,
-                "transition",
-                [order_key(oid), history_key(oid), EVENTS_STREAM, STOCK_KEY, reservation_key(oid)],
-                [step, ctx.status, ctx.proposed.status or "", ctx.proposed.reason, at,
-                 EVENTS_MAXLEN],
-            )  # fmt: skip
-
+    keys: list[str] = [EVENTS_STREAM, STOCK_KEY]
+    args: list[Any] = [step, now_ms(), EVENTS_MAXLEN]
+    for ctx in todo:
+        oid = ctx.order.order_id
+        proposed = ctx.proposed
+        assert proposed is not None
+        keys += [order_key(oid), history_key(oid), reservation_key(oid)]
+        args += [ctx.status, proposed.status or "", proposed.reason]
     changed: list[OrderContext] = []
-    for ctx, (code, status) in zip(todo, await run_pipeline(client, scripts, fill), strict=True):
+    replies = await scripts.evalsha(client, "transition", keys, args)
+    for ctx, (code, status) in zip(todo, replies, strict=True):
         proposed, ctx.proposed = ctx.proposed, None
         if code == -1:
             ctx.stale = True

@@ -7,7 +7,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ._lua import Scripts, queue_script, run_pipeline
+from ._lua import Scripts
 from .names import STOCK_KEY, order_key, reservation_key
 from .records import OrderContext, text
 from .steps import Step, StepDeps, register
@@ -18,23 +18,20 @@ OUT_OF_STOCK = "out_of_stock"
 async def reserve(
     client: aioredis.Redis, scripts: Scripts, batch: Sequence[OrderContext]
 ) -> list[str]:
-    """Run the reservation script for each order, in batch order, in one round trip.
+    """Reserve each order's lines, in batch order, in one script call.
 
     Returns one result per order: ``reserved`` (now), ``held`` (earlier),
     ``released``, ``terminal`` or ``short:<sku>``.
     """
-
-    def fill(pipe: Any) -> None:
-        for ctx in batch:
-            oid = ctx.order.order_id
-            args: list[Any] = []
-            for item in ctx.order.items:
-                args += [item.sku, item.qty]
-            queue_script(
-                pipe, scripts, "reserve", [STOCK_KEY, reservation_key(oid), order_key(oid)], args
-            )
-
-    return [text(r) for r in await run_pipeline(client, scripts, fill)]
+    keys: list[str] = [STOCK_KEY]
+    args: list[Any] = []
+    for ctx in batch:
+        oid = ctx.order.order_id
+        keys += [reservation_key(oid), order_key(oid)]
+        args.append(len(ctx.order.items))
+        for item in ctx.order.items:
+            args += [item.sku, item.qty]
+    return [text(r) for r in await scripts.evalsha(client, "reserve", keys, args)]
 
 
 class ReserveStep:

@@ -22,7 +22,7 @@ import asyncio
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -266,9 +266,12 @@ class Worker:
         if not ctxs:
             return
         by_stream: dict[str, list[str]] = defaultdict(list)
+        outcomes: Counter[str] = Counter()
         for ctx in ctxs:
             by_stream[ctx.entry.stream].append(ctx.entry.entry_id)
-            self.metrics.processed.labels(outcome=ctx.status).inc()
+            outcomes[ctx.status] += 1
+        for outcome, count in outcomes.items():
+            self.metrics.processed.labels(outcome=outcome).inc(count)
         # Shielded: once the effects are stored, the ack must not be lost to a cancel.
         await asyncio.shield(self._xack(by_stream))
 
