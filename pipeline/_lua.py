@@ -18,32 +18,34 @@ from redis.exceptions import NoScriptError
 
 # Every script below works on a whole batch in one call: orders are handled in
 # the order given (the worker sorts by device and seq), each order atomically.
+# The per-order part travels as ONE JSON argument (all strings, so that Lua
+# never turns a number into "1.7e+12"): redis-py packs each argument in Python,
+# and thousands of small arguments cost far more than one big one. The per-order
+# keys are therefore not declared in KEYS; they come from pipeline.names.
 
-# KEYS: events, then per order: record, history, device index.
-# ARGV: now_ms, events maxlen, then per order 10 values: order_id, device_id,
-#       seq, received_at, total, currency, index member, items json, stream, entry id.
+# KEYS: events. ARGV: now_ms, events maxlen, JSON list of
+#   [record, history, device index, order_id, device_id, seq, received_at,
+#    total, currency, index member, items json, stream, entry id].
 # Returns per order {1, status, reason, {done steps}} or {0, other device_id}
 # when the order_id already belongs to another device.
 ADMIT: Final = """
 local now, maxlen, out = ARGV[1], ARGV[2], {}
-for i = 0, (#KEYS - 1) / 3 - 1 do
-  local rec, hist, index = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
-  local a = 2 + 10 * i
+for _, o in ipairs(cjson.decode(ARGV[3])) do
+  local rec = o[1]
   local dev = redis.call('HGET', rec, 'device_id')
-  if dev and dev ~= ARGV[a + 2] then
+  if dev and dev ~= o[5] then
     out[#out + 1] = {0, dev}
   else
     if not dev then
-      redis.call('HSET', rec, 'order_id', ARGV[a + 1], 'device_id', ARGV[a + 2],
-        'seq', ARGV[a + 3], 'received_at', ARGV[a + 4], 'total', ARGV[a + 5],
-        'currency', ARGV[a + 6], 'items', ARGV[a + 8], 'stream', ARGV[a + 9],
-        'entry_id', ARGV[a + 10], 'status', 'received',
-        'reason', '', 'created', now, 'updated_at', now)
-      redis.call('ZADD', index, 0, ARGV[a + 7])
-      redis.call('RPUSH', hist, cjson.encode({status='received', step='', reason='',
+      redis.call('HSET', rec, 'order_id', o[4], 'device_id', o[5], 'seq', o[6],
+        'received_at', o[7], 'total', o[8], 'currency', o[9], 'items', o[11],
+        'stream', o[12], 'entry_id', o[13], 'status', 'received', 'reason', '',
+        'created', now, 'updated_at', now)
+      redis.call('ZADD', o[3], 0, o[10])
+      redis.call('RPUSH', o[2], cjson.encode({status='received', step='', reason='',
         at=tonumber(now)}))
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', ARGV[a + 1],
-        'device_id', ARGV[a + 2], 'status', 'received', 'step', '', 'reason', '', 'at', now)
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', o[4],
+        'device_id', o[5], 'status', 'received', 'step', '', 'reason', '', 'at', now)
     end
     local fields = redis.call('HGETALL', rec)
     local status, reason, done = '', '', {}
@@ -59,9 +61,8 @@ end
 return out
 """
 
-# KEYS: events, stock, then per order: record, history, reservation.
-# ARGV: step, now_ms, events maxlen, then per order: expected status,
-#       new status ('' = none), reason.
+# KEYS: events, stock. ARGV: step, now_ms, events maxlen, JSON list of
+#   [record, history, reservation, expected status, new status ('' = none), reason].
 # Compare-and-set on the status plus a done marker per step: applied at most
 # once. Entering rejected/failed gives a held reservation back in the same
 # atomic step. Returns per order {1, status} applied, {0, status} step already
@@ -69,9 +70,8 @@ return out
 TRANSITION: Final = """
 local step, now, maxlen, out = ARGV[1], ARGV[2], ARGV[3], {}
 local marker = 'done:' .. step
-for i = 0, (#KEYS - 2) / 3 - 1 do
-  local rec, hist, res = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
-  local expected, new, reason = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+for _, o in ipairs(cjson.decode(ARGV[4])) do
+  local rec, hist, res, expected, new, reason = o[1], o[2], o[3], o[4], o[5], o[6]
   local status = redis.call('HGET', rec, 'status') or ''
   if redis.call('HEXISTS', rec, marker) == 1 then
     out[#out + 1] = {0, status}
@@ -102,18 +102,14 @@ end
 return out
 """
 
-# KEYS: stock, then per order: reservation, record.
-# ARGV: per order: number of lines n, then n (sku, qty) pairs.
+# KEYS: stock. ARGV: JSON list of [reservation, record, {sku, qty, sku, qty, ...}].
 # Idempotent per order: a held or released reservation is never made again, and
 # a terminal order never reserves. All lines or none.
 # Returns per order 'reserved', 'held', 'released', 'terminal' or 'short:<sku>'.
 RESERVE: Final = """
-local out, a = {}, 1
-for i = 0, (#KEYS - 1) / 2 - 1 do
-  local res, rec = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
-  local lines = tonumber(ARGV[a])
-  local first, last = a + 1, a + 2 * lines
-  a = last + 1
+local out = {}
+for _, o in ipairs(cjson.decode(ARGV[1])) do
+  local res, rec, lines = o[1], o[2], o[3]
   local state = redis.call('HGET', res, '_state')
   local status = redis.call('HGET', rec, 'status')
   if state then
@@ -122,10 +118,10 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
     out[#out + 1] = 'terminal'
   else
     local need, skus, short = {}, {}, nil
-    for j = first, last, 2 do
-      local sku = ARGV[j]
+    for j = 1, #lines, 2 do
+      local sku = lines[j]
       if not need[sku] then need[sku] = 0; skus[#skus + 1] = sku end
-      need[sku] = need[sku] + tonumber(ARGV[j + 1])
+      need[sku] = need[sku] + tonumber(lines[j + 1])
     end
     for _, sku in ipairs(skus) do
       if not short and tonumber(redis.call('HGET', KEYS[1], sku) or '0') < need[sku] then

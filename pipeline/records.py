@@ -113,6 +113,9 @@ def index_member(seq: int, order_id: str) -> str:
     return f"{seq:020d}:{order_id}"
 
 
+_json = msgspec.json.encode
+
+
 def _items_json(order: Order) -> str:
     return json.dumps(
         [{"sku": i.sku, "qty": i.qty, "unit_price": i.unit_price} for i in order.items]
@@ -123,17 +126,27 @@ async def admit(
     client: aioredis.Redis, scripts: Scripts, batch: Sequence[tuple[StreamEntry, Order]]
 ) -> list[OrderContext | Conflict]:
     """Create each order's record if new and load its state: one script call for the batch."""
-    keys: list[str] = [EVENTS_STREAM]
-    args: list[Any] = [now_ms(), EVENTS_MAXLEN]
-    for entry, order in batch:
-        oid = order.order_id
-        keys += [order_key(oid), history_key(oid), device_index_key(order.device_id)]
-        args += [
-            oid, order.device_id, order.seq, entry.fields.get("received_at", b"0"), order.total,
-            order.currency, index_member(order.seq, oid), _items_json(order), entry.stream,
+    rows = [
+        (
+            order_key(order.order_id),
+            history_key(order.order_id),
+            device_index_key(order.device_id),
+            order.order_id,
+            order.device_id,
+            str(order.seq),
+            text(entry.fields.get("received_at", b"0")),
+            str(order.total),
+            order.currency,
+            index_member(order.seq, order.order_id),
+            _items_json(order),
+            entry.stream,
             entry.entry_id,
-        ]  # fmt: skip
-    replies = await scripts.evalsha(client, "admit", keys, args)
+        )
+        for entry, order in batch
+    ]
+    replies = await scripts.evalsha(
+        client, "admit", [EVENTS_STREAM], [now_ms(), EVENTS_MAXLEN, _json(rows)]
+    )
     out: list[OrderContext | Conflict] = []
     for (entry, order), reply in zip(batch, replies, strict=True):
         if not reply[0]:
@@ -162,16 +175,19 @@ async def commit(
     todo = [ctx for ctx in batch if ctx.proposed is not None]
     if not todo:
         return []
-    keys: list[str] = [EVENTS_STREAM, STOCK_KEY]
-    args: list[Any] = [step, now_ms(), EVENTS_MAXLEN]
+    rows = []
     for ctx in todo:
-        oid = ctx.order.order_id
-        proposed = ctx.proposed
+        oid, proposed = ctx.order.order_id, ctx.proposed
         assert proposed is not None
-        keys += [order_key(oid), history_key(oid), reservation_key(oid)]
-        args += [ctx.status, proposed.status or "", proposed.reason]
+        rows.append((order_key(oid), history_key(oid), reservation_key(oid), ctx.status,
+                     proposed.status or "", proposed.reason))  # fmt: skip
     changed: list[OrderContext] = []
-    replies = await scripts.evalsha(client, "transition", keys, args)
+    replies = await scripts.evalsha(
+        client,
+        "transition",
+        [EVENTS_STREAM, STOCK_KEY],
+        [step, now_ms(), EVENTS_MAXLEN, _json(rows)],
+    )
     for ctx, (code, status) in zip(todo, replies, strict=True):
         proposed, ctx.proposed = ctx.proposed, None
         if code == -1:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from ._lua import Scripts
@@ -23,15 +23,16 @@ async def reserve(
     Returns one result per order: ``reserved`` (now), ``held`` (earlier),
     ``released``, ``terminal`` or ``short:<sku>``.
     """
-    keys: list[str] = [STOCK_KEY]
-    args: list[Any] = []
-    for ctx in batch:
-        oid = ctx.order.order_id
-        keys += [reservation_key(oid), order_key(oid)]
-        args.append(len(ctx.order.items))
-        for item in ctx.order.items:
-            args += [item.sku, item.qty]
-    return [text(r) for r in await scripts.evalsha(client, "reserve", keys, args)]
+    rows = [
+        (
+            reservation_key(ctx.order.order_id),
+            order_key(ctx.order.order_id),
+            [v for item in ctx.order.items for v in (item.sku, str(item.qty))],
+        )
+        for ctx in batch
+    ]
+    replies = await scripts.evalsha(client, "reserve", [STOCK_KEY], [msgspec.json.encode(rows)])
+    return [text(r) for r in replies]
 
 
 class ReserveStep:
