@@ -7,7 +7,6 @@ event loop with ``call_soon_threadsafe`` and touch no other state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Sequence
 from types import TracebackType
@@ -33,7 +32,7 @@ class StatusPublisher(Protocol):
 
 
 class MqttStatusPublisher:
-    """A paho-mqtt 2.x client (MQTT 5) that waits for each PUBACK, with a timeout.
+    """A paho-mqtt 2.x client (MQTT 5) that waits for a batch's PUBACKs, with a timeout.
 
     Messages not acked in time stay queued in paho and go out after a
     reconnect; the caller logs them and carries on, so a broker outage does not
@@ -51,9 +50,12 @@ class MqttStatusPublisher:
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_publish = self._on_publish
         self._client.on_connect = self._on_connect
-        self._lock = threading.Lock()
-        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._lock = threading.Lock()  # guards the four fields below (paho thread vs loop)
+        self._outstanding: set[int] = set()
         self._early: set[int] = set()
+        self._sealed = False
+        self._batch_done: asyncio.Event | None = None
+        self._batch_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._entered = False
@@ -86,43 +88,54 @@ class MqttStatusPublisher:
         await asyncio.to_thread(self._client.loop_stop)
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
-        """Publish all, then wait (up to the timeout) for their PUBACKs."""
+        """Publish all, then wait (up to the timeout) until the broker acked every one."""
         if not messages:
             return 0
         assert self._loop is not None, "use `async with`"
-        futures: list[asyncio.Future[None]] = []
-        for device_id, status in messages:
-            info = self._client.publish(status_topic(device_id), encode(status), qos=1)
-            future = self._loop.create_future()
+        async with self._batch_lock:  # one batch in flight at a time
+            done = asyncio.Event()
             with self._lock:
-                if info.mid in self._early:
-                    self._early.discard(info.mid)
-                    future.set_result(None)
-                else:
-                    self._waiting[info.mid] = future
-            futures.append(future)
-        done, pending = await asyncio.wait(futures, timeout=self._ack_timeout_s)
-        if pending:
-            # Their futures stay registered: paho resends after a reconnect and
-            # the late PUBACK still finds its future, so no mid is mistaken later.
-            log.warning("status_puback_timeout", unacked=len(pending), total=len(futures))
-        return len(done)
+                self._outstanding = set()
+                self._early = set()
+                self._sealed = False
+                self._batch_done = done
+            for device_id, status in messages:
+                info = self._client.publish(status_topic(device_id), encode(status), qos=1)
+                with self._lock:
+                    if info.mid in self._early:
+                        self._early.discard(info.mid)
+                    else:
+                        self._outstanding.add(info.mid)
+            with self._lock:
+                self._sealed = True
+                if not self._outstanding:
+                    done.set()
+            try:
+                async with asyncio.timeout(self._ack_timeout_s):
+                    await done.wait()
+            except TimeoutError:
+                with self._lock:
+                    unacked = len(self._outstanding)
+                # paho keeps them queued and resends after a reconnect.
+                log.warning("status_puback_timeout", unacked=unacked, total=len(messages))
+                return len(messages) - unacked
+            finally:
+                with self._lock:
+                    self._batch_done = None
+            return len(messages)
 
     def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
         if not reason.is_failure and self._loop is not None:
             self._loop.call_soon_threadsafe(self._connected.set)
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _r: Any, _p: Any = None) -> None:
-        # paho's network thread: only hand the result over to the event loop.
+        # paho's network thread: bookkeeping under the lock, and one wake-up of the
+        # event loop per batch (not per PUBACK), which is what keeps this cheap.
         with self._lock:
-            future = self._waiting.pop(mid, None)
-            if future is None:
-                self._early.add(mid)
-                return
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(_resolve, future)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    with contextlib.suppress(asyncio.InvalidStateError):
-        future.set_result(None)
+            if mid in self._outstanding:
+                self._outstanding.discard(mid)
+                batch_done = self._batch_done
+                if self._sealed and not self._outstanding and batch_done and self._loop:
+                    self._loop.call_soon_threadsafe(batch_done.set)
+            elif self._batch_done is not None and not self._sealed:
+                self._early.add(mid)  # acked before publish() saw its mid
