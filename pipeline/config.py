@@ -28,6 +28,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     claim_idle_ms: int = 30_000
     claim_every_ms: int = 1_000
     max_deliveries: int = 5
+    dead_consumer_idle_ms: int = 3_600_000  # forget consumers idle this long holding nothing
     gateway_latency_ms: float = 0.0
     gateway_failure_rate: float = 0.0  # transient failures, retried
     gateway_decline_rate: float = 0.0  # permanent refusals: the order ends `failed`

@@ -19,7 +19,9 @@ since every state change is guarded in Lua, nothing is applied twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import socket
 import time
 from collections import Counter, defaultdict
@@ -28,7 +30,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from schemas import DecodeError, Reason, Status, decode_order
 from schemas.names import stream_key
@@ -53,6 +55,8 @@ from .status import StatusPublisher
 from .steps import Step
 
 log = structlog.get_logger(__name__)
+MAX_BACKOFF_S = 10.0
+CLEANUP_EVERY_S = 60.0
 
 
 def default_consumer_name() -> str:
@@ -94,13 +98,36 @@ class Worker:
         await self.scripts.load(self.redis)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set; the batch in hand is always finished and acked."""
+        """Work until ``stop`` is set; the batch in hand is always finished and acked.
+
+        Redis errors do not end the worker: it backs off (capped, jittered) and
+        carries on; whatever it held stays pending and is reclaimed.
+        """
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._run(stop)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay_s = random.uniform(0, min(MAX_BACKOFF_S, 0.1 * 2**failures))
+                log.warning("redis_error", error=repr(exc), retry_in_s=round(delay_s, 3))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_s):
+                        await stop.wait()
+            else:
+                break
+        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.setup()
         log.info("worker_started", consumer=self.consumer, shards=len(self.streams),
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
-        next_claim = 0.0
+        next_claim = next_cleanup = 0.0
         while not stop.is_set():
+            if time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + CLEANUP_EVERY_S
+                await self.forget_dead_consumers()
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + claim_every_s
                 claimed = await self.reclaim()
@@ -110,7 +137,25 @@ class Worker:
             entries = await self.read()
             if entries:
                 await self.process(entries)
-        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
+
+    async def forget_dead_consumers(self) -> None:
+        """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
+
+        Every worker process is a new consumer (host-pid), so restarts would
+        otherwise pile up names in the group forever.
+        """
+        idle_ms = self.config.dead_consumer_idle_ms
+        for stream in self.streams:
+            rows: Any = await self.redis.xinfo_consumers(stream, PIPELINE_GROUP)
+            for row in rows:
+                name = text(row["name"])
+                if (
+                    name != self.consumer
+                    and int(row["pending"]) == 0
+                    and int(row["idle"]) > idle_ms
+                ):
+                    await self.redis.xgroup_delconsumer(stream, PIPELINE_GROUP, name)
+                    log.info("forgot_dead_consumer", stream=stream, consumer=name)
 
     async def read(self) -> list[StreamEntry]:
         """XREADGROUP new entries from every shard (blocks up to ``block_ms``)."""
