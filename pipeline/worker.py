@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import socket
@@ -39,7 +40,7 @@ from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
-from .names import PIPELINE_GROUP, TERMINAL_STATUSES, order_key
+from .names import PIPELINE_GROUP, history_key, order_key
 from .records import (
     PUBLISHED_STATUSES,
     Conflict,
@@ -263,12 +264,9 @@ class Worker:
             else:
                 ctxs.append(item)
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
-        # A redelivered order that already ended may have lost its status message.
-        statuses = [
-            self._status(c)
-            for c in ctxs
-            if c.entry.deliveries > 1 and c.status in TERMINAL_STATUSES
-        ]
+        # A redelivered entry's earlier statuses may have died with the consumer
+        # that committed them (before their PUBACK): publish them again.
+        statuses = await self._replay_statuses([c for c in ctxs if c.entry.deliveries > 1])
         for step in self.chain:
             live = [c for c in ctxs if c.live and step.name not in c.done]
             if not live:
@@ -325,6 +323,28 @@ class Worker:
             for stream, ids in by_stream.items():
                 pipe.xack(stream, PIPELINE_GROUP, *ids)
             return await pipe.execute()
+
+    async def _replay_statuses(self, ctxs: list[OrderContext]) -> list[tuple[str, Status]]:
+        if not ctxs:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ctx in ctxs:
+                pipe.lrange(history_key(ctx.order.order_id), 0, -1)
+            histories = await pipe.execute()
+        out = []
+        for ctx, history in zip(ctxs, histories, strict=True):
+            for raw in history:
+                change = json.loads(raw)
+                if change["status"] in PUBLISHED_STATUSES:
+                    out.append(self._message(ctx, change["status"], change["reason"], change["at"]))
+        return out
+
+    @staticmethod
+    def _message(ctx: OrderContext, status: str, reason: str, at: int) -> tuple[str, Status]:
+        return ctx.order.device_id, Status(
+            v=1, order_id=ctx.order.order_id, status=status,  # type: ignore[arg-type]
+            reason=reason or None, at=at,
+        )  # fmt: skip
 
     @staticmethod
     def _status(ctx: OrderContext) -> tuple[str, Status]:

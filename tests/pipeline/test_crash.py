@@ -27,7 +27,7 @@ from pipeline.records import load_order
 from schemas import Order
 from schemas.names import DLQ_STREAM, stream_key
 
-from .conftest import INITIAL_STOCK, eventually
+from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all
 from .producer import make_order, produce
 
@@ -116,6 +116,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     aredis: aioredis.Redis,
     config: PipelineConfig,
     processes: list[subprocess.Popen[bytes]],
+    status_listener: StatusListener,
     tmp_path: Path,
 ) -> None:
     """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
@@ -133,6 +134,8 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         log_level="warning",
     )
     orders = random_orders(240, devices=12)
+    for device in {o.device_id for o in orders}:
+        status_listener.subscribe(device)
     for order in orders:
         await produce(aredis, order, config.shards)
     log = tmp_path / "workers.log"
@@ -172,6 +175,20 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     assert await aredis.xlen(DLQ_STREAM) == 0
     outcomes = Counter(await statuses(aredis, orders))
     # The seeded mix really exercised every ending.
+    final = dict(zip((o.order_id for o in orders), await statuses(aredis, orders), strict=True))
+
+    async def every_status_heard() -> bool:
+        # At least once, in spite of the kills: the final status, and `confirmed`
+        # before `fulfilled` (a reclaimed entry re-publishes its stored history).
+        for order_id, status in final.items():
+            heard = status_listener.statuses(order_id)
+            if status not in heard:
+                return False
+            if status == "fulfilled" and "confirmed" not in heard[: heard.index("fulfilled")]:
+                return False
+        return True
+
+    await eventually(every_status_heard, what="every status on the devices' topics")
     assert outcomes["fulfilled"] > 0, outcomes
     assert outcomes["rejected"] > 0, outcomes
     assert outcomes["failed"] > 0, outcomes
