@@ -122,42 +122,43 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
     env = env_for(
         config,
-        batch_size=8,
+        batch_size=4,
         claim_idle_ms=500,
         claim_every_ms=200,
         max_deliveries=50,  # kills must not push orders into the DLQ
-        gateway_latency_ms=30,
+        gateway_latency_ms=60,
         gateway_failure_rate=0.1,
         gateway_decline_rate=0.1,
         gateway_seed=SEED,
         payment_backoff_ms=5,
         log_level="warning",
     )
-    orders = random_orders(240, devices=12)
+    orders = random_orders(480, devices=12)
     for device in {o.device_id for o in orders}:
         status_listener.subscribe(device)
     for order in orders:
         await produce(aredis, order, config.shards)
     log = tmp_path / "workers.log"
     processes += [spawn(["worker"], env, log) for _ in range(2)]
-    rng = random.Random(SEED)
+    victims: list[subprocess.Popen[bytes]] = []
+
+    async def holds_entries() -> bool:
+        # Kill only a worker that holds unacked entries: that is "mid-batch".
+        victims[:] = [
+            p for p in processes
+            if p.poll() is None and await pending_of(aredis, consumer_of(p), config.shards)
+        ]  # fmt: skip
+        return bool(victims)
+
     kills = 0
     while kills < 3:
-        victim = processes[rng.randrange(len(processes))]
-        if victim.poll() is not None:
-            continue
-
-        async def holds_entries(victim: subprocess.Popen[bytes] = victim) -> bool:
-            return await pending_of(aredis, consumer_of(victim), config.shards) > 0
-
-        # Kill only while it holds unacked entries: that is "mid-batch".
         await eventually(holds_entries, what="a worker holding entries", timeout_s=30)
+        victim = victims[0]
         sigkill(victim)
         kills += 1
         assert await pending_of(aredis, consumer_of(victim), config.shards) > 0
         processes.remove(victim)
         processes.append(spawn(["worker"], env, log))
-        await asyncio.sleep(0.2)
 
     async def all_terminal() -> bool:
         return all(s in TERMINAL_STATUSES for s in await statuses(aredis, orders))
