@@ -27,6 +27,7 @@ class WorkerMetrics:
     """The counters and histograms one worker updates."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.registry = registry  # None: prometheus-client's default registry
         kwargs = {"registry": registry} if registry is not None else {}
         self.processed = Counter(
             "pipeline_orders_processed_total",

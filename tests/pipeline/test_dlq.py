@@ -54,7 +54,7 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     PoisonStep.poisoned = {poison.order_id}
     for order in [poison, *others]:
         await produce(aredis, order, config.shards)
-    await start_worker(steps="validate,reserve,poison,pay,fulfil")
+    worker = await start_worker(steps="validate,reserve,poison,pay,fulfil")
 
     async def dead() -> bool:
         return await aredis.xlen(DLQ_STREAM) == 1
@@ -69,6 +69,15 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
         record = await wait_status(aredis, order.order_id, "fulfilled")
         # Its shard-mates were done before the poison entry gave up: nothing waited for it.
         assert record["updated_at"] <= entry_ms(dlq_id)
+    registry = worker.metrics.registry
+    assert registry is not None
+    assert (
+        registry.get_sample_value("pipeline_dead_lettered_total", {"reason": "max_deliveries"}) == 1
+    )
+    assert (registry.get_sample_value("pipeline_reclaimed_total") or 0) >= config.max_deliveries
+    assert registry.get_sample_value("pipeline_step_errors_total", {"step": "poison"}) == float(
+        config.max_deliveries
+    )
     stuck = await load_order(aredis, poison.order_id)
     assert stuck is not None
     assert stuck["status"] == "reserved"

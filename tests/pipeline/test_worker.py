@@ -9,7 +9,8 @@ import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
 from pipeline.names import EVENTS_STREAM, PIPELINE_GROUP, STOCK_KEY
-from pipeline.records import load_order
+from pipeline.records import StreamEntry, load_order, text
+from schemas import Status
 from schemas.names import DLQ_STREAM, shard_of, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
@@ -154,8 +155,6 @@ async def test_redelivered_entries_change_nothing(
     await wait_status(aredis, order.order_id, "fulfilled")
     stream = stream_key(shard_of(device_id, config.shards))
     rows = await aredis.xrange(stream)
-    from pipeline.records import StreamEntry, text  # noqa: PLC0415
-
     entry = StreamEntry(stream, text(rows[0][0]), {text(k): v for k, v in rows[0][1].items()}, 2)
     events_before = await aredis.xlen(EVENTS_STREAM)
     await worker.process([entry, entry])
@@ -183,3 +182,35 @@ async def test_undecodable_entry_goes_to_dlq_at_once(
     assert fields[b"stream"] == stream_key(shard_of(device_id, config.shards)).encode()
     pending = await aredis.xpending(stream_key(shard_of(device_id, config.shards)), PIPELINE_GROUP)
     assert pending["pending"] == 0
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_reclaimed_entry_publishes_its_stored_statuses_again(
+    aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
+) -> None:
+    """Died after storing, before publishing? The redelivery re-sends the stored statuses."""
+    order = make_order(device_id, 0)
+    await produce(aredis, order, config.shards)
+    worker = await start_worker()
+    await wait_status(aredis, order.order_id, "fulfilled")
+    stream = stream_key(shard_of(device_id, config.shards))
+
+    async def acked() -> bool:  # the worker's own batch is published and done
+        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+
+    await eventually(acked, what="the batch acked")
+    sent: list[tuple[str, Status]] = []
+
+    class Recorder:
+        async def publish(self, messages: list[tuple[str, Status]]) -> int:
+            sent.extend(messages)
+            return len(messages)
+
+    worker.publisher = Recorder()
+    ((entry_id, fields),) = await aredis.xrange(stream)
+    redelivered = StreamEntry(stream, text(entry_id), {text(k): v for k, v in fields.items()}, 2)
+    await worker.process([redelivered])
+    assert [(d, s.order_id, s.status) for d, s in sent] == [
+        (device_id, order.order_id, "confirmed"),
+        (device_id, order.order_id, "fulfilled"),
+    ]
