@@ -131,16 +131,18 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
 
 async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
     """The API plus ``config.workers`` supervised worker processes, until ``stop``."""
-    multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
     client = aioredis.Redis.from_url(config.redis_url)
-    app = create_app(
-        client, shards=config.shards, multiproc_dir=multiproc_dir if config.workers else None
-    )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
+    runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, config.http_host, config.http_port)
-        await site.start()
+        # Fail fast on a bad step list rather than restart crashing workers forever.
+        build_chain(config.steps, StepDeps(client, Scripts(), config))
+        app = create_app(
+            client, shards=config.shards, multiproc_dir=multiproc_dir if config.workers else None
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, config.http_host, config.http_port).start()
         log.info(
             "api_listening", host=config.http_host, port=config.http_port, workers=config.workers
         )
@@ -150,6 +152,7 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
                 group.create_task(_supervise_one(index, env, stop), name=f"supervise-{index}")
             group.create_task(stop.wait(), name="wait-stop")
     finally:
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         await client.aclose()
         shutil.rmtree(multiproc_dir, ignore_errors=True)

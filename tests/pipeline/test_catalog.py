@@ -80,3 +80,14 @@ async def test_step_chain_is_built_from_names_and_import_paths(aredis: aioredis.
         build_chain("validate,nope", deps)
     with pytest.raises(UnknownStepError):
         build_chain("validate,validate", deps)
+
+
+def test_cli_refuses_an_unknown_step_before_starting_anything(redis_url: str) -> None:
+    """`order-pipeline --steps validate,nope` exits 1 at once, naming the problem."""
+    argv = ["--steps", "validate,nope", "--redis-url", redis_url, "--workers", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, timeout=30, check=False
+    )
+    assert done.returncode == 1
+    assert b"unknown_step" in done.stderr
+    assert b"worker_process_started" not in done.stderr
