@@ -88,7 +88,7 @@ async def start_worker(
 
     async def start(**overrides: Any) -> Worker:
         index = next(counter)
-        cfg = PipelineConfig(**{**_fields(config), "consumer": f"test-{index}", **overrides})
+        cfg = msgspec.structs.replace(config, consumer=f"test-{index}", **overrides)
         publisher = await stack.enter_async_context(
             MqttStatusPublisher(cfg.mqtt_url, f"pipeline-test-{id(cfg)}-{index}")
         )
@@ -107,10 +107,6 @@ async def start_worker(
             stop.set()
         for _stop, task in tasks:
             await asyncio.wait_for(task, 10)
-
-
-def _fields(config: PipelineConfig) -> dict[str, Any]:
-    return msgspec.structs.asdict(config)
 
 
 class StatusListener:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
@@ -42,7 +43,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
     """Redis SIGKILLed under a running worker: it backs off, reconnects, processes new orders."""
     server = redis_factory()
     client = aioredis.Redis.from_url(server.url)
-    cfg = PipelineConfig(**{**_asdict(config), "redis_url": server.url, "consumer": "outage"})
+    cfg = msgspec.structs.replace(config, redis_url=server.url, consumer="outage")
     catalog = Catalog(items={"COLA-33": CatalogItem(price=150, stock=10)})
     scripts = Scripts()
     publisher = NullPublisher()
@@ -94,9 +95,3 @@ async def _status_is(client: aioredis.Redis, order_id: str, status: str) -> bool
     except (ConnectionError, OSError):
         return False
     return record is not None and record["status"] == status
-
-
-def _asdict(config: PipelineConfig) -> dict[str, object]:
-    import msgspec  # noqa: PLC0415
-
-    return msgspec.structs.asdict(config)
