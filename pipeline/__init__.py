@@ -1,1 +1,46 @@
-"""pipeline workers and the orders API."""
+"""Pipeline workers and the orders API: consumer-group workers that drive orders through steps.
+
+Public API: the worker and its settings, the step interface and registry, the
+payment and status seams, the orders API factory, and the errors.
+"""
+
+from .api import create_app
+from .config import PipelineConfig
+from .errors import (
+    CatalogError,
+    PaymentDeclined,
+    PipelineError,
+    ReplayError,
+    StepError,
+    TransientError,
+    UnknownStepError,
+)
+from .names import PIPELINE_GROUP
+from .payment import PaymentGateway, SimulatedGateway
+from .records import OrderContext
+from .status import MqttStatusPublisher, StatusPublisher
+from .steps import Step, StepDeps, build_chain, register
+from .worker import Worker
+
+__all__ = [
+    "PIPELINE_GROUP",
+    "CatalogError",
+    "MqttStatusPublisher",
+    "OrderContext",
+    "PaymentDeclined",
+    "PaymentGateway",
+    "PipelineConfig",
+    "PipelineError",
+    "ReplayError",
+    "SimulatedGateway",
+    "StatusPublisher",
+    "Step",
+    "StepDeps",
+    "StepError",
+    "TransientError",
+    "UnknownStepError",
+    "Worker",
+    "build_chain",
+    "create_app",
+    "register",
+]

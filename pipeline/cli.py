@@ -1,24 +1,94 @@
-"""`order-pipeline`: workers and orders API. Not implemented yet (issue 5): parses flags only."""
+"""``order-pipeline``: the workers and the orders API, one worker, or a catalog load.
+
+Usage::
+
+    order-pipeline [run] --mqtt-url … --redis-url … --http-port 8082 --workers 2
+    order-pipeline worker --mqtt-url … --redis-url …      # one worker, no API
+    order-pipeline catalog load FILE --redis-url …         # JSON or TOML
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from schemas.config import ConfigError, add_config_arguments, load_config
+from schemas.logs import configure_logging
+
+from .catalog import read_catalog, store_catalog
+from .config import PipelineConfig
+from .errors import PipelineError
+from .service import install_stop_signals, run_service, run_worker
+
+log = structlog.get_logger(__name__)
+_COMMANDS = {"run", "worker", "catalog", "-h", "--help"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser: subcommands ``run`` (default), ``worker`` and ``catalog load``."""
+    parser = argparse.ArgumentParser(
+        prog="order-pipeline", description="pipeline workers and the orders API"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="orders API on --http-port plus --workers worker processes")
+    add_config_arguments(run, PipelineConfig)
+    worker = sub.add_parser("worker", help="one worker process, no API")
+    add_config_arguments(worker, PipelineConfig)
+    catalog = sub.add_parser("catalog", help="catalog administration")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
+    load = catalog_sub.add_parser("load", help="load a JSON or TOML catalog into Redis")
+    load.add_argument("file", type=Path)
+    add_config_arguments(load, PipelineConfig)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the contract's flags, then refuse to run: the service is not built yet."""
-    parser = argparse.ArgumentParser(
-        prog="order-pipeline",
-        description="pipeline workers and the orders API (not implemented yet)",
-    )
-    parser.add_argument("--mqtt-url")
-    parser.add_argument("--redis-url")
-    parser.add_argument("--http-port")
-    parser.parse_args(argv)
-    print("order-pipeline: not implemented yet (see issue 5); nothing was started", file=sys.stderr)
-    return 2
+    """Entry point of ``order-pipeline``."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in _COMMANDS:
+        args_list.insert(0, "run")
+    args = build_parser().parse_args(args_list)
+    try:
+        config = load_config(PipelineConfig, args)
+    except ConfigError as exc:
+        print(f"order-pipeline: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, service="order-pipeline")
+    try:
+        if args.command == "catalog":
+            return asyncio.run(_load_catalog(config, args.file))
+        return asyncio.run(_serve(config, worker_only=args.command == "worker"))
+    except (PipelineError, RedisError, OSError) as exc:
+        log.exception("fatal", error=repr(exc))
+        return 1
+
+
+async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    if worker_only:
+        await run_worker(config, stop)
+    else:
+        await run_service(config, stop)
+    return 0
+
+
+async def _load_catalog(config: PipelineConfig, path: Path) -> int:
+    catalog = read_catalog(path)
+    client = aioredis.Redis.from_url(config.redis_url)
+    try:
+        await store_catalog(client, catalog)
+    finally:
+        await client.aclose()
+    log.info("catalog_loaded", file=str(path), skus=len(catalog.items))
+    return 0
 
 
 if __name__ == "__main__":

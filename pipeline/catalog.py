@@ -1,0 +1,110 @@
+"""The catalog: loaded from a JSON or TOML file into Redis, and the step that validates against it.
+
+File format (JSON has the same shape)::
+
+    currency = "EUR"            # optional: orders in another currency are rejected
+    [items.COLA-33]
+    price = 150                 # unit price in minor units
+    stock = 1000                # units on hand; loading sets it, it is not added
+
+Loading replaces the prices and sets the stock of the listed SKUs; SKUs not in
+the file keep their entries.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import redis.asyncio as aioredis
+
+from .errors import CatalogError
+from .names import CATALOG_KEY, CATALOG_META_KEY, STOCK_KEY
+from .records import OrderContext, now_ms, text
+from .steps import Step, StepDeps, register
+
+UNKNOWN_SKU = "unknown_sku"
+PRICE_MISMATCH = "price_mismatch"
+CURRENCY_MISMATCH = "currency_mismatch"
+
+
+class CatalogItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One SKU: unit price in minor units and units on hand."""
+
+    price: Annotated[int, msgspec.Meta(ge=0)]
+    stock: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A catalog file."""
+
+    items: dict[str, CatalogItem]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] | None = None
+
+
+def read_catalog(path: Path) -> Catalog:
+    """Parse a ``.json`` or ``.toml`` catalog file.
+
+    Raises:
+        CatalogError: unreadable file, unknown format or invalid content.
+    """
+    try:
+        raw = path.read_bytes()
+        data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+        return msgspec.convert(data, Catalog)
+    except (OSError, UnicodeDecodeError, ValueError, msgspec.ValidationError) as exc:
+        # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors.
+        raise CatalogError("invalid_catalog", f"{path}: {exc}") from exc
+
+
+async def store_catalog(client: aioredis.Redis, catalog: Catalog) -> None:
+    """Write prices and stock levels to Redis in one transaction."""
+    async with client.pipeline(transaction=True) as pipe:
+        if catalog.items:
+            pipe.hset(CATALOG_KEY, mapping={sku: i.price for sku, i in catalog.items.items()})
+            pipe.hset(STOCK_KEY, mapping={sku: i.stock for sku, i in catalog.items.items()})
+        pipe.hset(
+            CATALOG_META_KEY, mapping={"currency": catalog.currency or "", "loaded_at": now_ms()}
+        )
+        await pipe.execute()
+
+
+class ValidateStep:
+    """``received → validated``, or ``rejected``: unknown SKU, price or currency mismatch."""
+
+    name = "validate"
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def run(self, batch: Sequence[OrderContext]) -> None:
+        """Check every item against the catalog: one round trip for the batch."""
+        skus = sorted({item.sku for ctx in batch for item in ctx.order.items})
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(CATALOG_KEY, skus)
+            pipe.hget(CATALOG_META_KEY, "currency")
+            prices_raw, currency_raw = await pipe.execute()
+        prices = {sku: int(p) for sku, p in zip(skus, prices_raw, strict=True) if p is not None}
+        currency = text(currency_raw) if currency_raw else ""
+        for ctx in batch:
+            if ctx.status != "received":
+                continue
+            ctx.advance("validated")
+            if currency and ctx.order.currency != currency:
+                ctx.reject(CURRENCY_MISMATCH)
+            for item in ctx.order.items:
+                if item.sku not in prices:
+                    ctx.reject(UNKNOWN_SKU)
+                    break
+                if prices[item.sku] != item.unit_price:
+                    ctx.reject(PRICE_MISMATCH)
+                    break
+
+
+@register("validate")
+def _validate(deps: StepDeps) -> Step:
+    return ValidateStep(deps.redis)

@@ -1,0 +1,39 @@
+"""Settings of ``order-pipeline``, layered by schemas.config (flags > env > TOML)."""
+
+from __future__ import annotations
+
+from schemas.config import ServiceConfig
+from schemas.names import DEFAULT_SHARDS
+
+DEFAULT_STEPS = "validate,reserve,pay,fulfil"
+
+
+class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
+    """Everything a worker process and the orders API need.
+
+    ``steps`` is a comma-separated list of registered step names, or
+    ``module:attribute`` paths of step factories, run in that order.
+    """
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    http_port: int = 8082
+    http_host: str = "127.0.0.1"
+    shards: int = DEFAULT_SHARDS
+    workers: int = 1
+    consumer: str = ""  # consumer name; default derived from host name and pid
+    steps: str = DEFAULT_STEPS
+    batch_size: int = 100
+    block_ms: int = 500
+    claim_idle_ms: int = 30_000
+    claim_every_ms: int = 1_000
+    max_deliveries: int = 5
+    dead_consumer_idle_ms: int = 3_600_000  # forget consumers idle this long holding nothing
+    gateway_latency_ms: float = 0.0
+    gateway_failure_rate: float = 0.0  # transient failures, retried
+    gateway_decline_rate: float = 0.0  # permanent refusals: the order ends `failed`
+    gateway_seed: int = 0
+    payment_attempts: int = 3
+    payment_backoff_ms: float = 50.0
+    status_ack_timeout_s: float = 5.0
+    shutdown_grace_s: float = 10.0

@@ -1,0 +1,131 @@
+"""The dead-letter queue ``orders:dlq``: writing entries, paging them, replaying them once.
+
+A pipeline DLQ entry carries the contract's fields (``reason``, ``topic``,
+``payload``, ``received_at``) plus what an operator needs to re-drive it:
+``source`` = ``pipeline``, the source ``stream`` and ``entry_id``, the
+``order_id``, ``device_id``, ``seq``, the ``deliveries`` count and the last
+``error``. Entries the bridge wrote (undecodable messages) have no source
+stream and cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+
+from schemas.names import DLQ_STREAM, orders_topic, shard_of, stream_key
+
+from ._lua import Scripts
+from .errors import ReplayError
+from .names import PIPELINE_GROUP, replayed_key
+from .records import StreamEntry, text
+
+SOURCE: Final = "pipeline"
+MAX_DELIVERIES_REASON: Final = "max_deliveries"
+_REPLAY_FIELDS: Final = ("order_id", "device_id", "seq", "received_at", "payload")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A stream entry the pipeline gives up on, and why."""
+
+    entry: StreamEntry
+    reason: str
+    error: str
+
+
+async def dead_letter(client: aioredis.Redis, letters: Sequence[DeadLetter]) -> None:
+    """Append each to ``orders:dlq`` and XACK its source entry, atomically (MULTI/EXEC)."""
+    if not letters:
+        return
+    async with client.pipeline(transaction=True) as pipe:
+        for letter in letters:
+            fields = letter.entry.fields
+            device_id = text(fields.get("device_id", b""))
+            pipe.xadd(
+                DLQ_STREAM,
+                {
+                    "reason": letter.reason,
+                    "topic": orders_topic(device_id) if device_id else "",
+                    "payload": fields.get("payload", b""),
+                    "received_at": fields.get("received_at", b"0"),
+                    "source": SOURCE,
+                    "stream": letter.entry.stream,
+                    "entry_id": letter.entry.entry_id,
+                    "order_id": fields.get("order_id", b""),
+                    "device_id": device_id,
+                    "seq": fields.get("seq", b"0"),
+                    "deliveries": letter.entry.deliveries,
+                    "error": letter.error[:1000],
+                },
+            )
+            pipe.xack(letter.entry.stream, PIPELINE_GROUP, letter.entry.entry_id)
+        await pipe.execute()
+
+
+def encode_cursor(value: str) -> str:
+    """An opaque cursor for a position (a stream id or an index member)."""
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The position inside a cursor; ValueError if it is not one of ours."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise ValueError("bad cursor") from exc
+
+
+def describe(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """A DLQ entry as the API shows it (the payload as hex)."""
+    out: dict[str, Any] = {"id": entry_id}
+    for key, value in fields.items():
+        name = text(key)
+        out[name] = value.hex() if name == "payload" else value.decode(errors="replace")
+    out["replayable"] = out.get("source") == SOURCE
+    return out
+
+
+async def list_dead_letters(
+    client: aioredis.Redis, cursor: str | None, limit: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """A page of DLQ entries after ``cursor``, oldest first, and whether more follow."""
+    start = "-" if cursor is None else f"({decode_cursor(cursor)}"
+    rows: Any = await client.xrange(DLQ_STREAM, min=start, max="+", count=limit + 1)
+    return [describe(text(entry_id), fields) for entry_id, fields in rows[:limit]], len(
+        rows
+    ) > limit
+
+
+async def replay(client: aioredis.Redis, scripts: Scripts, entry_id: str, shards: int) -> str:
+    """Put a dead-lettered order back into its shard stream, once; return the new entry id.
+
+    The shard is recomputed from the device id with the deployment's shard
+    count, so a replay lands where the device's orders live now.
+
+    Raises:
+        ReplayError: ``not_found``, ``not_replayable`` or ``already_replayed``.
+    """
+    rows: Any = await client.xrange(DLQ_STREAM, min=entry_id, max=entry_id, count=1)
+    if not rows:
+        raise ReplayError("not_found", f"no DLQ entry {entry_id}")
+    fields = {text(k): v for k, v in rows[0][1].items()}
+    if text(fields.get("source", b"")) != SOURCE or not fields.get("device_id"):
+        raise ReplayError("not_replayable", f"DLQ entry {entry_id} holds no accepted order")
+    target = stream_key(shard_of(text(fields["device_id"]), shards))
+    args: list[Any] = [entry_id]
+    for name in _REPLAY_FIELDS:
+        args += [name, fields.get(name, b"")]
+    args += ["replay_of", entry_id]
+    done, new_id = await scripts.evalsha(
+        client, "replay", [DLQ_STREAM, replayed_key(entry_id), target], args
+    )
+    if not done:
+        raise ReplayError("already_replayed", f"{entry_id} was replayed", replayed_as=text(new_id))
+    return text(new_id)

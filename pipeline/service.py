@@ -1,0 +1,158 @@
+"""Running the pipeline: one worker process, and the supervisor (API + K worker processes).
+
+``order-pipeline`` (the supervisor) serves the orders API on ``--http-port``
+and starts ``--workers`` worker processes (``order-pipeline worker``), handing
+them its merged settings as ``ORDERS_*`` variables. A worker that dies is
+started again after a pause; on SIGTERM the supervisor passes SIGTERM on,
+waits for the workers to finish their batches, then stops the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from schemas.config import ENV_PREFIX
+
+from ._lua import Scripts
+from .api import create_app
+from .config import PipelineConfig
+from .metrics import MULTIPROC_ENV, WorkerMetrics
+from .status import MqttStatusPublisher
+from .steps import StepDeps, build_chain
+from .worker import Worker, default_consumer_name
+
+log = structlog.get_logger(__name__)
+RESTART_DELAY_S = 1.0
+SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
+ORPHAN_CHECK_S = 1.0
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
+    """One worker until ``stop``; after the grace period a batch still running is cancelled."""
+    consumer = config.consumer or default_consumer_name()
+    config = msgspec.structs.replace(config, consumer=consumer)
+    client = aioredis.Redis.from_url(config.redis_url)
+    scripts = Scripts()
+    try:
+        async with MqttStatusPublisher(
+            config.mqtt_url, f"pipeline-{consumer}", ack_timeout_s=config.status_ack_timeout_s
+        ) as publisher:
+            chain = build_chain(config.steps, StepDeps(client, scripts, config))
+            worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
+            work = asyncio.create_task(worker.run(stop), name="worker")
+            watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
+            stopping = asyncio.create_task(stop.wait(), name="wait-stop")
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            watchdog.cancel()
+            try:
+                # The worker notices `stop` after its batch in hand (or the read's block).
+                async with asyncio.timeout(config.shutdown_grace_s):
+                    await asyncio.shield(work)
+            except TimeoutError:
+                log.warning("shutdown_grace_exceeded", grace_s=config.shutdown_grace_s)
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+    finally:
+        await client.aclose()
+
+
+async def _watch_supervisor(stop: asyncio.Event) -> None:
+    """Drain and exit when the supervisor that started us is gone (we were re-parented)."""
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    if not supervisor:
+        return
+    while not stop.is_set():
+        if os.getppid() != int(supervisor):
+            log.warning("supervisor_gone", supervisor_pid=supervisor)
+            stop.set()
+            return
+        await asyncio.sleep(ORPHAN_CHECK_S)
+
+
+def worker_env(
+    config: PipelineConfig, base: Mapping[str, str], multiproc_dir: str
+) -> dict[str, str]:
+    """The environment of a worker process: every setting as ``ORDERS_*``."""
+    env = {k: v for k, v in base.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in msgspec.structs.asdict(config).items():
+        if name in {"consumer", "workers"}:
+            continue
+        env[f"{ENV_PREFIX}{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    env[MULTIPROC_ENV] = multiproc_dir
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
+    return env
+
+
+async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline.cli", "worker", env=env
+        )
+        log.info("worker_process_started", index=index, pid=process.pid)
+        wait = asyncio.create_task(process.wait(), name=f"wait-worker-{index}")
+        stopping = asyncio.create_task(stop.wait(), name=f"stop-worker-{index}")
+        await asyncio.wait({wait, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            stopping.cancel()
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            await wait
+            log.info("worker_process_stopped", index=index, pid=process.pid, rc=process.returncode)
+            return
+        stopping.cancel()
+        log.error("worker_process_died", index=index, pid=process.pid, rc=process.returncode)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RESTART_DELAY_S):
+                await stop.wait()
+
+
+async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
+    """The API plus ``config.workers`` supervised worker processes, until ``stop``."""
+    client = aioredis.Redis.from_url(config.redis_url)
+    multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
+    runner: web.AppRunner | None = None
+    try:
+        # Fail fast on a bad step list rather than restart crashing workers forever.
+        build_chain(config.steps, StepDeps(client, Scripts(), config))
+        app = create_app(
+            client, shards=config.shards, multiproc_dir=multiproc_dir if config.workers else None
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, config.http_host, config.http_port).start()
+        log.info(
+            "api_listening", host=config.http_host, port=config.http_port, workers=config.workers
+        )
+        env = worker_env(config, os.environ, multiproc_dir)
+        async with asyncio.TaskGroup() as group:
+            for index in range(config.workers):
+                group.create_task(_supervise_one(index, env, stop), name=f"supervise-{index}")
+            group.create_task(stop.wait(), name="wait-stop")
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await client.aclose()
+        shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -1,0 +1,355 @@
+"""The worker: reads the shard streams as a consumer group and drives batches through the steps.
+
+One worker per process (run as many processes as you like). Each loop turn
+either reclaims entries that idled in a dead consumer's pending list
+(``XAUTOCLAIM``) or reads new ones (``XREADGROUP``), then:
+
+1. decodes them (undecodable → DLQ at once) and admits each order (record, index);
+2. sorts the batch by device and ``seq`` and runs each step on the orders that
+   still need it, storing the decisions after every step (one atomic script
+   per order);
+3. publishes the new statuses, waits for their PUBACKs, and only then XACKs.
+
+An order a step raised on stays pending; it comes back through the reclaim
+path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
+with its last error. A SIGKILLed worker's entries come back the same way, and
+since every state change is guarded in Lua, nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+from schemas import DecodeError, Reason, Status, decode_order
+from schemas.names import stream_key
+
+from ._lua import Scripts
+from .config import PipelineConfig
+from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
+from .metrics import WorkerMetrics
+from .names import PIPELINE_GROUP, history_key, order_key
+from .records import (
+    PUBLISHED_STATUSES,
+    Conflict,
+    OrderContext,
+    StreamEntry,
+    admit,
+    commit,
+    now_ms,
+    record_error,
+    text,
+)
+from .status import StatusPublisher
+from .steps import Step
+
+log = structlog.get_logger(__name__)
+MAX_BACKOFF_S = 10.0
+CLEANUP_EVERY_S = 60.0
+
+
+def default_consumer_name() -> str:
+    """``{hostname}-{pid}``: unique per process, so a restart is a new consumer."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    """One consumer of the ``pipeline`` group over all shard streams."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        publisher: StatusPublisher,
+        chain: Sequence[Step],
+        config: PipelineConfig,
+        metrics: WorkerMetrics,
+        *,
+        scripts: Scripts | None = None,
+    ) -> None:
+        self.redis = client
+        self.publisher = publisher
+        self.chain = list(chain)
+        self.config = config
+        self.metrics = metrics
+        self.scripts = scripts or Scripts()
+        self.consumer = config.consumer or default_consumer_name()
+        self.streams = [stream_key(shard) for shard in range(config.shards)]
+        self.batches = 0  # finished batches, for tests and logs
+
+    async def setup(self) -> None:
+        """Create the group on every shard stream (from id 0, MKSTREAM) and load the scripts."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, PIPELINE_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        await self.scripts.load(self.redis)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; the batch in hand is always finished and acked.
+
+        Redis errors do not end the worker: it backs off (capped, jittered) and
+        carries on; whatever it held stays pending and is reclaimed.
+        """
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._run(stop)
+            except (RedisError, OSError) as exc:
+                failures += 1
+                delay_s = random.uniform(0, min(MAX_BACKOFF_S, 0.1 * 2**failures))
+                log.warning("redis_error", error=repr(exc), retry_in_s=round(delay_s, 3))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_s):
+                        await stop.wait()
+            else:
+                break
+        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        await self.setup()
+        log.info("worker_started", consumer=self.consumer, shards=len(self.streams),
+                 steps=[step.name for step in self.chain])  # fmt: skip
+        claim_every_s = self.config.claim_every_ms / 1000
+        next_claim = next_cleanup = 0.0
+        while not stop.is_set():
+            if time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + CLEANUP_EVERY_S
+                await self.forget_dead_consumers()
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + claim_every_s
+                claimed = await self.reclaim()
+                if claimed:
+                    await self.process(claimed)
+                    continue
+            entries = await self.read()
+            if entries:
+                await self.process(entries)
+
+    async def forget_dead_consumers(self) -> None:
+        """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
+
+        Every worker process is a new consumer (host-pid), so restarts would
+        otherwise pile up names in the group forever.
+        """
+        idle_ms = self.config.dead_consumer_idle_ms
+        for stream in self.streams:
+            rows: Any = await self.redis.xinfo_consumers(stream, PIPELINE_GROUP)
+            for row in rows:
+                name = text(row["name"])
+                if (
+                    name != self.consumer
+                    and int(row["pending"]) == 0
+                    and int(row["idle"]) > idle_ms
+                ):
+                    await self.redis.xgroup_delconsumer(stream, PIPELINE_GROUP, name)
+                    log.info("forgot_dead_consumer", stream=stream, consumer=name)
+
+    async def read(self) -> list[StreamEntry]:
+        """XREADGROUP new entries from every shard (blocks up to ``block_ms``)."""
+        reply: Any = await self.redis.xreadgroup(
+            PIPELINE_GROUP,
+            self.consumer,
+            dict.fromkeys(self.streams, ">"),
+            count=self.config.batch_size,
+            block=self.config.block_ms,
+        )
+        return [
+            StreamEntry(text(stream), text(entry_id), {text(k): v for k, v in fields.items()})
+            for stream, rows in reply or []
+            for entry_id, fields in rows
+        ]
+
+    async def reclaim(self) -> list[StreamEntry]:
+        """XAUTOCLAIM entries idle past ``claim_idle_ms``; dead-letter the over-delivered."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xautoclaim(
+                    stream, PIPELINE_GROUP, self.consumer, self.config.claim_idle_ms,
+                    start_id="0-0", count=self.config.batch_size,
+                )  # fmt: skip
+            replies = await pipe.execute()
+        claimed: dict[str, list[tuple[str, dict[str, bytes]]]] = {}
+        for stream, reply in zip(self.streams, replies, strict=True):
+            rows = [(text(i), {text(k): v for k, v in f.items()}) for i, f in reply[1] if f]
+            if rows:
+                claimed[stream] = rows
+            if len(reply) > 2 and reply[2]:
+                log.warning("reclaimed_entries_deleted", stream=stream, ids=len(reply[2]))
+        if not claimed:
+            return []
+        deliveries = await self._deliveries(claimed)
+        entries = [
+            StreamEntry(stream, entry_id, fields, deliveries.get(entry_id, 2))
+            for stream, rows in claimed.items()
+            for entry_id, fields in rows
+        ]
+        self.metrics.reclaimed.inc(len(entries))
+        over = [e for e in entries if e.deliveries > self.config.max_deliveries]
+        if over:
+            await self._dead_letter_over_delivered(over)
+        log.info("reclaimed", entries=len(entries), dead_lettered=len(over))
+        return [e for e in entries if e.deliveries <= self.config.max_deliveries]
+
+    async def _deliveries(
+        self, claimed: dict[str, list[tuple[str, dict[str, bytes]]]]
+    ) -> dict[str, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, rows in claimed.items():
+                pipe.xpending_range(
+                    stream, PIPELINE_GROUP, min=rows[0][0], max=rows[-1][0],
+                    count=len(rows) * 10 + 100, consumername=self.consumer,
+                )  # fmt: skip
+            replies = await pipe.execute()
+        return {
+            text(row["message_id"]): int(row["times_delivered"])
+            for reply in replies
+            for row in reply
+        }
+
+    async def _dead_letter_over_delivered(self, entries: list[StreamEntry]) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hget(order_key(text(entry.fields.get("order_id", b""))), "last_error")
+            errors = await pipe.execute()
+        await dead_letter(
+            self.redis,
+            [
+                DeadLetter(entry, MAX_DELIVERIES_REASON, text(error) if error else "unknown")
+                for entry, error in zip(entries, errors, strict=True)
+            ],
+        )
+        for entry in entries:
+            log.error(
+                "dead_lettered",
+                stream=entry.stream,
+                entry_id=entry.entry_id,
+                order_id=text(entry.fields.get("order_id", b"")),
+                deliveries=entry.deliveries,
+            )
+        self.metrics.dead_lettered.labels(reason=MAX_DELIVERIES_REASON).inc(len(entries))
+        self.metrics.processed.labels(outcome="dead_lettered").inc(len(entries))
+
+    async def process(self, entries: Sequence[StreamEntry]) -> None:
+        """Drive one batch through the chain, publish, then ack what is settled."""
+        letters: list[DeadLetter] = []
+        decoded = []
+        for entry in entries:
+            try:
+                order = decode_order(
+                    entry.payload, topic_device_id=text(entry.fields.get("device_id", b""))
+                )
+            except DecodeError as exc:
+                letters.append(DeadLetter(entry, exc.reason, exc.detail))
+            else:
+                decoded.append((entry, order))
+        ctxs: list[OrderContext] = []
+        for item in await admit(self.redis, self.scripts, decoded) if decoded else []:
+            if isinstance(item, Conflict):
+                letters.append(DeadLetter(item.entry, Reason.CONFLICT,
+                                          f"order_id belongs to device {item.owner}"))  # fmt: skip
+            else:
+                ctxs.append(item)
+        ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
+        # A redelivered entry's earlier statuses may have died with the consumer
+        # that committed them (before their PUBACK): publish them again.
+        statuses = await self._replay_statuses([c for c in ctxs if c.entry.deliveries > 1])
+        for step in self.chain:
+            live = [c for c in ctxs if c.live and step.name not in c.done]
+            if not live:
+                continue
+            started = time.perf_counter()
+            await self._run_step(step, live)
+            changed = await commit(self.redis, self.scripts, step.name, live)
+            self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
+            statuses += [self._status(c) for c in changed if c.status in PUBLISHED_STATUSES]
+        await record_error(self.redis, ctxs)
+        await self.publisher.publish(statuses)
+        await dead_letter(self.redis, letters)
+        await self._ack([c for c in ctxs if c.error is None and not c.stale])
+        for letter in letters:
+            log.error("dead_lettered", reason=letter.reason, error=letter.error,
+                      stream=letter.entry.stream, entry_id=letter.entry.entry_id)  # fmt: skip
+            self.metrics.dead_lettered.labels(reason=letter.reason).inc()
+        self.batches += 1
+
+    async def _run_step(self, step: Step, live: list[OrderContext]) -> None:
+        try:
+            await step.run(live)
+        except Exception:
+            for ctx in live:
+                ctx.proposed = None
+        else:
+            return
+        for ctx in live:
+            try:
+                await step.run([ctx])
+            except Exception as exc:
+                ctx.proposed = None
+                ctx.error = f"{step.name}: {exc!r}"[:1000]
+                self.metrics.step_errors.labels(step=step.name).inc()
+                log.warning("step_failed", step=step.name, order_id=ctx.order.order_id,
+                            device_id=ctx.order.device_id, deliveries=ctx.entry.deliveries,
+                            error=repr(exc))  # fmt: skip
+
+    async def _ack(self, ctxs: list[OrderContext]) -> None:
+        if not ctxs:
+            return
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        outcomes: Counter[str] = Counter()
+        for ctx in ctxs:
+            by_stream[ctx.entry.stream].append(ctx.entry.entry_id)
+            outcomes[ctx.status] += 1
+        for outcome, count in outcomes.items():
+            self.metrics.processed.labels(outcome=outcome).inc(count)
+        # Shielded: once the effects are stored, the ack must not be lost to a cancel.
+        await asyncio.shield(self._xack(by_stream))
+
+    async def _xack(self, by_stream: dict[str, list[str]]) -> Any:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, PIPELINE_GROUP, *ids)
+            return await pipe.execute()
+
+    async def _replay_statuses(self, ctxs: list[OrderContext]) -> list[tuple[str, Status]]:
+        if not ctxs:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ctx in ctxs:
+                pipe.lrange(history_key(ctx.order.order_id), 0, -1)
+            histories = await pipe.execute()
+        out = []
+        for ctx, history in zip(ctxs, histories, strict=True):
+            for raw in history:
+                change = json.loads(raw)
+                if change["status"] in PUBLISHED_STATUSES:
+                    out.append(self._message(ctx, change["status"], change["reason"], change["at"]))
+        return out
+
+    @staticmethod
+    def _message(ctx: OrderContext, status: str, reason: str, at: int) -> tuple[str, Status]:
+        return ctx.order.device_id, Status(
+            v=1, order_id=ctx.order.order_id, status=status,  # type: ignore[arg-type]
+            reason=reason or None, at=at,
+        )  # fmt: skip
+
+    @staticmethod
+    def _status(ctx: OrderContext) -> tuple[str, Status]:
+        reason = ctx.reason or None
+        return ctx.order.device_id, Status(
+            v=1, order_id=ctx.order.order_id, status=ctx.status,  # type: ignore[arg-type]
+            reason=reason, at=now_ms(),
+        )  # fmt: skip

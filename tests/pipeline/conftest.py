@@ -1,0 +1,151 @@
+"""Pipeline test fixtures: async Redis, a catalog, in-process workers, a status listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import msgspec
+import paho.mqtt.client as mqtt
+import pytest
+import redis.asyncio as aioredis
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry
+
+from fleet.servers import MosquittoProcess
+from pipeline._lua import Scripts
+from pipeline.catalog import Catalog, CatalogItem, store_catalog
+from pipeline.config import PipelineConfig
+from pipeline.metrics import WorkerMetrics
+from pipeline.status import MqttStatusPublisher
+from pipeline.steps import StepDeps, build_chain
+from pipeline.worker import Worker
+from schemas import Status, decode_status
+from schemas.names import status_topic
+
+TEST_SHARDS = 4
+INITIAL_STOCK = {"COLA-33": 1000, "WATER-50": 1000, "RARE-1": 2}
+PRICES = {"COLA-33": 150, "WATER-50": 100, "RARE-1": 999}
+
+
+async def eventually(
+    predicate: Callable[[], Awaitable[bool]], *, timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def config(redis_url: str, mqtt_url: str) -> PipelineConfig:
+    """Settings for fast tests: few shards, short blocks, quick reclaim."""
+    return PipelineConfig(
+        redis_url=redis_url,
+        mqtt_url=mqtt_url,
+        shards=TEST_SHARDS,
+        block_ms=50,
+        claim_idle_ms=300,
+        claim_every_ms=100,
+        max_deliveries=3,
+        payment_backoff_ms=1,
+    )
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An async client on the (flushed) shared Redis."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def catalog(aredis: aioredis.Redis) -> dict[str, int]:
+    """The test catalog loaded into Redis; returns the initial stock."""
+    items = {sku: CatalogItem(price=PRICES[sku], stock=n) for sku, n in INITIAL_STOCK.items()}
+    await store_catalog(aredis, Catalog(items=items, currency="EUR"))
+    return dict(INITIAL_STOCK)
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(
+    aredis: aioredis.Redis, config: PipelineConfig
+) -> AsyncIterator[WorkerFactory]:
+    """Start in-process workers (real Redis, real broker); all stop after the test."""
+    stack = contextlib.AsyncExitStack()
+    tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    counter = iter(range(1000))
+
+    async def start(**overrides: Any) -> Worker:
+        index = next(counter)
+        cfg = msgspec.structs.replace(config, consumer=f"test-{index}", **overrides)
+        publisher = await stack.enter_async_context(
+            MqttStatusPublisher(cfg.mqtt_url, f"pipeline-test-{id(cfg)}-{index}")
+        )
+        scripts = Scripts()
+        chain = build_chain(cfg.steps, StepDeps(aredis, scripts, cfg))
+        worker = Worker(
+            aredis, publisher, chain, cfg, WorkerMetrics(CollectorRegistry()), scripts=scripts
+        )
+        stop = asyncio.Event()
+        tasks.append((stop, asyncio.create_task(worker.run(stop), name=f"worker-{index}")))
+        return worker
+
+    async with stack:
+        yield start
+        for stop, _task in tasks:
+            stop.set()
+        for _stop, task in tasks:
+            await asyncio.wait_for(task, 10)
+
+
+class StatusListener:
+    """A real MQTT subscriber on devices' status topics, collecting decoded Status messages."""
+
+    def __init__(self, broker: MosquittoProcess) -> None:
+        self.received: list[tuple[str, Status]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.connect("127.0.0.1", broker.port)
+        self._client.loop_start()
+
+    def subscribe(self, device_id: str) -> None:
+        """Subscribe to one device's status topic and wait for the SUBACK."""
+        self._subscribed.clear()
+        self._client.subscribe(status_topic(device_id), qos=1)
+        assert self._subscribed.wait(5), "no SUBACK"
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.received.append((msg.topic, decode_status(msg.payload)))
+
+    def statuses(self, order_id: str) -> list[str]:
+        """Statuses received so far for one order, in arrival order."""
+        with self._lock:
+            return [s.status for _t, s in self.received if s.order_id == order_id]
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@pytest.fixture
+def status_listener(mosquitto: MosquittoProcess) -> Iterator[StatusListener]:
+    """A subscriber to status topics on the shared broker."""
+    listener = StatusListener(mosquitto)
+    yield listener
+    listener.close()

@@ -1,0 +1,131 @@
+"""The orders API over real Redis: records, paging under inserts, DLQ, problems, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import redis.asyncio as aioredis
+
+from pipeline._lua import Scripts
+from pipeline.api import openapi_document
+from pipeline.dlq import DeadLetter, dead_letter
+from pipeline.records import StreamEntry, admit
+from schemas import Order, encode
+from schemas.names import shard_of, stream_key
+
+from .api_client import api_client
+from .conftest import TEST_SHARDS
+from .producer import make_order
+
+
+async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
+    """Record orders as a worker does when it first sees them (record + device index)."""
+    batch = [
+        (StreamEntry(stream_key(shard_of(o.device_id, TEST_SHARDS)), f"1-{o.seq}",
+                     {"received_at": b"1", "payload": encode(o)}), o)
+        for o in orders
+    ]  # fmt: skip
+    await admit(client, Scripts(), batch)
+
+
+async def test_paging_while_orders_arrive_returns_each_once(
+    aredis: aioredis.Redis, device_id: str
+) -> None:
+    """Pages of 7 while new orders land between requests: every order exactly once, none missed."""
+    first = [make_order(device_id, seq) for seq in range(30)]
+    later = [make_order(device_id, seq) for seq in range(30, 60)]
+    await admit_orders(aredis, first)
+    seen: list[str] = []
+    async with api_client(aredis, TEST_SHARDS) as http:
+        cursor = None
+        for page_no in range(40):
+            if page_no < len(later) // 5:
+                # Five new orders arrive before each of the first pages.
+                await admit_orders(aredis, later[page_no * 5 : page_no * 5 + 5])
+            params = {"limit": "7", **({"cursor": cursor} if cursor else {})}
+            response = await http.get(f"/v1/devices/{device_id}/orders", params=params)
+            assert response.status == 200
+            body = await response.json()
+            seen += [item["order_id"] for item in body["items"]]
+            cursor = body["next_cursor"]
+            if not body["has_more"] and page_no >= len(later) // 5:
+                break
+        # Coming back later with the last cursor yields nothing new, and nothing twice.
+        tail = await (await http.get(f"/v1/devices/{device_id}/orders",
+                                     params={"cursor": cursor})).json()  # fmt: skip
+        assert tail["items"] == []
+        assert tail["next_cursor"] == cursor
+    assert len(seen) == len(set(seen))
+    assert seen == [o.order_id for o in first + later]
+
+
+async def test_order_record_and_problems(aredis: aioredis.Redis, device_id: str) -> None:
+    """A known order has its record and history; bad input and unknown ids get problem+json."""
+    order = make_order(device_id, 4, [("COLA-33", 2, 150)])
+    await admit_orders(aredis, [order])
+    async with api_client(aredis, TEST_SHARDS) as http:
+        body = await (await http.get(f"/v1/orders/{order.order_id}")).json()
+        assert body["device_id"] == device_id
+        assert body["status"] == "received"
+        assert body["items"] == [{"sku": "COLA-33", "qty": 2, "unit_price": 150}]
+        assert [h["status"] for h in body["history"]] == ["received"]
+        for path, status, code in [
+            ("/v1/orders/UNKNOWN-ORDER-1", 404, "order-not-found"),
+            ("/v1/orders/bad!", 400, "invalid-parameter"),
+            (f"/v1/devices/{device_id}/orders?limit=0", 400, "invalid-parameter"),
+            (f"/v1/devices/{device_id}/orders?cursor=***", 400, "invalid-cursor"),
+            ("/v1/dlq?cursor=bm90LWFuLWlk", 400, "invalid-cursor"),
+            ("/v1/nothing-here", 404, "not-found"),
+        ]:
+            response = await http.get(path)
+            assert response.status == status, path
+            assert response.content_type == "application/problem+json"
+            problem = json.loads(await response.text())
+            assert problem["type"] == f"urn:iot-orders:problem:{code}"
+            assert problem["status"] == status
+        missing = await http.post("/v1/dlq/1-1/replay")
+        assert missing.status == 404
+        assert (await missing.json())["code"] == "dlq-entry-not-found"
+
+
+async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.Redis) -> None:
+    """DLQ paging walks every entry once; an entry without an accepted order is refused (422)."""
+    letters = [
+        DeadLetter(StreamEntry("orders:{0}", f"5-{i}", {"device_id": b"d1", "order_id": b"o",
+                                                        "payload": b"\x01"}), "max_deliveries", "x")
+        for i in range(5)
+    ]  # fmt: skip
+    await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
+    await dead_letter(aredis, letters)
+    bridge_fields = {"reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1}
+    bridge_id = (await aredis.xadd("orders:dlq", bridge_fields)).decode()
+    async with api_client(aredis, TEST_SHARDS) as http:
+        ids: list[str] = []
+        cursor = None
+        while True:
+            params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+            body = await (await http.get("/v1/dlq", params=params)).json()
+            ids += [item["id"] for item in body["items"]]
+            cursor = body["next_cursor"]
+            if not body["has_more"]:
+                break
+        assert len(ids) == 6
+        assert len(set(ids)) == 6
+        refused = await http.post(f"/v1/dlq/{bridge_id}/replay")
+        assert refused.status == 422
+        assert (await refused.json())["code"] == "not-replayable"
+
+
+async def test_health_metrics_and_openapi(aredis: aioredis.Redis) -> None:
+    """/healthz answers, /metrics carries the per-shard gauges, /openapi.json is the document."""
+    await asyncio.gather(*(aredis.xgroup_create(stream_key(s), "pipeline", id="0", mkstream=True)
+                           for s in range(TEST_SHARDS)))  # fmt: skip
+    await aredis.xadd(stream_key(1), {"x": 1})
+    async with api_client(aredis, TEST_SHARDS) as http:
+        assert (await (await http.get("/healthz")).json()) == {"status": "ok"}
+        text = await (await http.get("/metrics")).text()
+        assert 'pipeline_lag{shard="1"} 1.0' in text
+        assert 'pipeline_pending{shard="0"} 0.0' in text
+        assert "pipeline_dlq_size 0.0" in text
+        assert await (await http.get("/openapi.json")).json() == openapi_document()

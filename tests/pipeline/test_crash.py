@@ -1,0 +1,221 @@
+"""Worker processes SIGKILLed mid-batch and restarted, or SIGTERMed: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from pipeline.config import PipelineConfig
+from pipeline.names import (
+    EVENTS_STREAM,
+    PIPELINE_GROUP,
+    STOCK_KEY,
+    TERMINAL_STATUSES,
+    order_key,
+    reservation_key,
+)
+from pipeline.records import load_order
+from schemas import Order
+from schemas.names import DLQ_STREAM, stream_key
+
+from .conftest import INITIAL_STOCK, StatusListener, eventually
+from .processes import env_for, sigkill, spawn, stop_all
+from .producer import make_order, produce
+
+SEED = 20261122
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes of this test; any left running are killed afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    stop_all(started)
+
+
+def consumer_of(process: subprocess.Popen[bytes]) -> str:
+    """The consumer name a worker process uses by default."""
+    return f"{socket.gethostname()}-{process.pid}"
+
+
+async def pending_of(client: aioredis.Redis, consumer: str, shards: int) -> int:
+    """Entries delivered to ``consumer`` and not acked, over all shards."""
+    total = 0
+    for shard in range(shards):
+        try:
+            rows = await client.xinfo_consumers(stream_key(shard), PIPELINE_GROUP)
+        except ResponseError:  # the worker has not created the group yet
+            continue
+        for row in rows:
+            if row["name"].decode() == consumer:
+                total += int(row["pending"])
+    return total
+
+
+async def statuses(client: aioredis.Redis, orders: list[Order]) -> list[str]:
+    """The stored status of each order."""
+    async with client.pipeline(transaction=False) as pipe:
+        for order in orders:
+            pipe.hget(order_key(order.order_id), "status")
+        return [(s or b"").decode() for s in await pipe.execute()]
+
+
+async def assert_books_balance(client: aioredis.Redis, orders: list[Order]) -> None:
+    """One terminal state per order; final stock = initial − Σ qty of confirmed/fulfilled orders."""
+    sold: Counter[str] = Counter()
+    for order in orders:
+        record = await load_order(client, order.order_id)
+        assert record is not None
+        terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL_STATUSES]
+        assert terminal == [record["status"]], (order.order_id, record["history"])
+        held = await client.hget(reservation_key(order.order_id), "_state")
+        if record["status"] in {"confirmed", "fulfilled"}:
+            assert held == b"held"
+            for item in order.items:
+                sold[item.sku] += item.qty
+        else:
+            assert held in {None, b"released"}
+    for sku, initial in INITIAL_STOCK.items():
+        left = int(await client.hget(STOCK_KEY, sku) or 0)
+        assert left >= 0
+        assert left == initial - sold[sku], sku
+    events = Counter(
+        fields[b"order_id"]
+        for _id, fields in await client.xrange(EVENTS_STREAM)
+        if fields[b"status"].decode() in TERMINAL_STATUSES
+    )
+    assert all(events[o.order_id.encode()] == 1 for o in orders)
+
+
+def random_orders(count: int, devices: int) -> list[Order]:
+    """Seeded orders over a few devices, some for the scarce SKU."""
+    rng = random.Random(SEED)
+    seqs: Counter[int] = Counter()
+    orders = []
+    for _ in range(count):
+        device = rng.randrange(devices)
+        sku, price = rng.choice([("COLA-33", 150), ("WATER-50", 100), ("RARE-1", 999)])
+        orders.append(
+            make_order(f"crash-{device}", seqs[device], [(sku, rng.randint(1, 3), price)])
+        )
+        seqs[device] += 1
+    return orders
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    processes: list[subprocess.Popen[bytes]],
+    status_listener: StatusListener,
+    tmp_path: Path,
+) -> None:
+    """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
+    env = env_for(
+        config,
+        batch_size=4,
+        claim_idle_ms=500,
+        claim_every_ms=200,
+        max_deliveries=50,  # kills must not push orders into the DLQ
+        gateway_latency_ms=60,
+        gateway_failure_rate=0.1,
+        gateway_decline_rate=0.1,
+        gateway_seed=SEED,
+        payment_backoff_ms=5,
+        log_level="warning",
+    )
+    orders = random_orders(480, devices=12)
+    for device in {o.device_id for o in orders}:
+        status_listener.subscribe(device)
+    for order in orders:
+        await produce(aredis, order, config.shards)
+    log = tmp_path / "workers.log"
+    processes += [spawn(["worker"], env, log) for _ in range(2)]
+    victims: list[subprocess.Popen[bytes]] = []
+
+    async def holds_entries() -> bool:
+        # Kill only a worker that holds unacked entries: that is "mid-batch".
+        victims[:] = [
+            p for p in processes
+            if p.poll() is None and await pending_of(aredis, consumer_of(p), config.shards)
+        ]  # fmt: skip
+        return bool(victims)
+
+    kills = 0
+    while kills < 3:
+        await eventually(holds_entries, what="a worker holding entries", timeout_s=30)
+        victim = victims[0]
+        sigkill(victim)
+        kills += 1
+        assert await pending_of(aredis, consumer_of(victim), config.shards) > 0
+        processes.remove(victim)
+        processes.append(spawn(["worker"], env, log))
+
+    async def all_terminal() -> bool:
+        return all(s in TERMINAL_STATUSES for s in await statuses(aredis, orders))
+
+    await eventually(all_terminal, what="every order terminal", timeout_s=120)
+
+    async def all_acked() -> bool:
+        pending = [
+            await aredis.xpending(stream_key(s), PIPELINE_GROUP) for s in range(config.shards)
+        ]
+        return all(p["pending"] == 0 for p in pending)
+
+    await eventually(all_acked, what="every entry acked", timeout_s=30)
+    await assert_books_balance(aredis, orders)
+    assert await aredis.xlen(DLQ_STREAM) == 0
+    outcomes = Counter(await statuses(aredis, orders))
+    # The seeded mix really exercised every ending.
+    final = dict(zip((o.order_id for o in orders), await statuses(aredis, orders), strict=True))
+
+    async def every_status_heard() -> bool:
+        # At least once, in spite of the kills: the final status, and `confirmed`
+        # before `fulfilled` (a reclaimed entry re-publishes its stored history).
+        for order_id, status in final.items():
+            heard = status_listener.statuses(order_id)
+            if status not in heard:
+                return False
+            if status == "fulfilled" and "confirmed" not in heard[: heard.index("fulfilled")]:
+                return False
+        return True
+
+    await eventually(every_status_heard, what="every status on the devices' topics")
+    assert outcomes["fulfilled"] > 0, outcomes
+    assert outcomes["rejected"] > 0, outcomes
+    assert outcomes["failed"] > 0, outcomes
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_sigterm_finishes_the_batch_in_hand_and_acks_it(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    processes: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while payments are in flight: the worker finishes, acks, and exits 0."""
+    env = env_for(config, batch_size=50, gateway_latency_ms=400, log_level="info")
+    orders = [make_order("term-dev", seq, [("COLA-33", 1, 150)]) for seq in range(6)]
+    for order in orders:
+        await produce(aredis, order, config.shards)
+    worker = spawn(["worker"], env, tmp_path / "worker.log")
+    processes.append(worker)
+
+    async def in_hand() -> bool:
+        return await pending_of(aredis, consumer_of(worker), config.shards) == len(orders)
+
+    await eventually(in_hand, what="the batch in hand")
+    worker.terminate()
+    assert await asyncio.to_thread(worker.wait, 20) == 0
+    assert await statuses(aredis, orders) == ["fulfilled"] * len(orders)
+    assert await pending_of(aredis, consumer_of(worker), config.shards) == 0
+    assert b"worker_stopped" in (tmp_path / "worker.log").read_bytes()

@@ -1,0 +1,121 @@
+"""Stock reservation against real Redis: all-or-nothing, idempotent per order, released once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleet.servers import RedisProcess
+from pipeline._lua import Scripts
+from pipeline.names import STOCK_KEY, reservation_key
+from pipeline.records import OrderContext, StreamEntry, Transition, admit, commit
+from pipeline.stock import reserve
+from schemas import encode
+
+from .producer import make_order
+
+SKUS = ("A", "B", "C")
+
+
+async def new_context(
+    client: aioredis.Redis, scripts: Scripts, items: list[tuple[str, int]]
+) -> OrderContext:
+    """An admitted order with these (sku, qty) lines, in state ``validated``."""
+    order = make_order(
+        "stock-dev", 0, [(sku, qty, 1) for sku, qty in items], order_id=uuid.uuid4().hex
+    )
+    entry = StreamEntry("orders:{0}", "1-1", {"received_at": b"1", "payload": encode(order)})
+    (ctx,) = await admit(client, scripts, [(entry, order)])
+    assert isinstance(ctx, OrderContext)
+    ctx.proposed = Transition("validated")
+    await commit(client, scripts, "validate", [ctx])
+    return ctx
+
+
+async def test_reserve_is_all_or_nothing_and_idempotent(aredis: aioredis.Redis) -> None:
+    """A short line reserves nothing; a repeated reservation takes stock once."""
+    scripts = Scripts()
+    await aredis.hset(STOCK_KEY, mapping={"A": 5, "B": 1})
+    short = await new_context(aredis, scripts, [("A", 2), ("B", 2)])
+    assert await reserve(aredis, scripts, [short]) == ["short:B"]
+    assert await aredis.hmget(STOCK_KEY, ["A", "B"]) == [b"5", b"1"]
+    ok = await new_context(aredis, scripts, [("A", 2), ("A", 1), ("B", 1)])
+    assert await reserve(aredis, scripts, [ok, ok]) == ["reserved", "held"]
+    assert await reserve(aredis, scripts, [ok]) == ["held"]
+    assert await aredis.hmget(STOCK_KEY, ["A", "B"]) == [b"2", b"0"]
+
+
+async def test_failing_releases_once_and_never_reserves_again(aredis: aioredis.Redis) -> None:
+    """Entering `failed` gives the stock back atomically, once; a late reserve is refused."""
+    scripts = Scripts()
+    await aredis.hset(STOCK_KEY, "A", 10)
+    ctx = await new_context(aredis, scripts, [("A", 4)])
+    await reserve(aredis, scripts, [ctx])
+    ctx.proposed = Transition("reserved")
+    await commit(aredis, scripts, "reserve", [ctx])
+    for _ in range(2):  # the second commit is a redelivery: already done, no second release
+        ctx.proposed = Transition("failed", "payment_declined")
+        await commit(aredis, scripts, "pay", [ctx])
+    assert await aredis.hget(STOCK_KEY, "A") == b"10"
+    assert await aredis.hget(reservation_key(ctx.order.order_id), "_state") == b"released"
+    assert await reserve(aredis, scripts, [ctx]) == ["released"]
+    assert await aredis.hget(STOCK_KEY, "A") == b"10"
+
+
+ops = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.sampled_from(SKUS), st.integers(1, 4)), min_size=1, max_size=3),
+        st.integers(1, 3),  # how often the reservation is delivered
+        st.sampled_from(["keep", "fail", "reject"]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@pytest.mark.usefixtures("redis_url")
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=ops, initial=st.integers(0, 8))
+def test_stock_never_negative_and_balances(
+    redis_server: RedisProcess, ops: list[tuple[list[tuple[str, int]], int, str]], initial: int
+) -> None:
+    """Any mix of orders, redeliveries and failures: stock ≥ 0 and = initial − Σ held quantities."""
+    url = redis_server.url
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(url)
+        scripts = Scripts()
+        try:
+            await client.delete(STOCK_KEY)
+            await client.hset(STOCK_KEY, mapping=dict.fromkeys(SKUS, initial))
+            held: dict[str, int] = dict.fromkeys(SKUS, 0)
+            for items, deliveries, ending in ops:
+                ctx = await new_context(client, scripts, items)
+                results = [
+                    r for _ in range(deliveries) for r in await reserve(client, scripts, [ctx])
+                ]
+                assert results.count("reserved") <= 1
+                if "reserved" in results:
+                    ctx.proposed = Transition("reserved")
+                    await commit(client, scripts, "reserve", [ctx])
+                    if ending == "keep":
+                        for sku, qty in items:
+                            held[sku] += qty
+                    else:
+                        ctx.proposed = Transition("failed" if ending == "fail" else "rejected", "x")
+                        await commit(client, scripts, "pay", [ctx])
+                for sku in SKUS:
+                    left = int(await client.hget(STOCK_KEY, sku) or 0)
+                    assert left >= 0
+                    assert left == initial - held[sku]
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())

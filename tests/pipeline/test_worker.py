@@ -1,0 +1,216 @@
+"""The worker against real Redis and Mosquitto: the step chain, outcomes, statuses, ordering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.config import PipelineConfig
+from pipeline.names import EVENTS_STREAM, PIPELINE_GROUP, STOCK_KEY
+from pipeline.records import StreamEntry, load_order, text
+from schemas import Status
+from schemas.names import DLQ_STREAM, shard_of, stream_key
+
+from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
+from .producer import make_order, produce, produce_raw
+
+
+async def status_of(client: aioredis.Redis, order_id: str) -> str | None:
+    """The stored status of an order, or None."""
+    record = await load_order(client, order_id)
+    return None if record is None else str(record["status"])
+
+
+async def stock(client: aioredis.Redis, sku: str) -> int:
+    """Units on hand."""
+    return int(await client.hget(STOCK_KEY, sku) or 0)
+
+
+async def wait_status(client: aioredis.Redis, order_id: str, status: str) -> dict[str, Any]:
+    """Wait until the order reaches ``status``; return its record."""
+
+    async def reached() -> bool:
+        return await status_of(client, order_id) == status
+
+    await eventually(reached, what=f"{order_id} -> {status}")
+    record = await load_order(client, order_id)
+    assert record is not None
+    return record
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_happy_path_fulfils_records_history_and_publishes_status(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    status_listener: StatusListener,
+    device_id: str,
+) -> None:
+    """An order walks the whole chain; the device hears `confirmed`, `fulfilled` via the broker."""
+    status_listener.subscribe(device_id)
+    order = make_order(device_id, 0, [("COLA-33", 3, 150), ("WATER-50", 2, 100)])
+    await produce(aredis, order, config.shards)
+    await start_worker()
+    record = await wait_status(aredis, order.order_id, "fulfilled")
+    assert [h["status"] for h in record["history"]] == [
+        "received", "validated", "reserved", "confirmed", "fulfilled",
+    ]  # fmt: skip
+    assert record["steps_done"] == ["fulfil", "pay", "reserve", "validate"]
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 3
+    assert await stock(aredis, "WATER-50") == INITIAL_STOCK["WATER-50"] - 2
+    events = await aredis.xrange(EVENTS_STREAM)
+    assert [e[1][b"status"] for e in events] == [
+        b"received", b"validated", b"reserved", b"confirmed", b"fulfilled",
+    ]  # fmt: skip
+
+    async def heard() -> bool:
+        return status_listener.statuses(order.order_id) == ["confirmed", "fulfilled"]
+
+    await eventually(heard, what="status messages on the device's status topic")
+    stream = stream_key(shard_of(device_id, config.shards))
+    pending = await aredis.xpending(stream, PIPELINE_GROUP)
+    assert pending["pending"] == 0
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_rejections_keep_stock_and_tell_the_device(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    status_listener: StatusListener,
+    device_id: str,
+) -> None:
+    """Unknown SKU, wrong price, wrong currency and short stock end `rejected` with their reason."""
+    status_listener.subscribe(device_id)
+    cases = {
+        "unknown_sku": make_order(device_id, 0, [("NOPE", 1, 1)]),
+        "price_mismatch": make_order(device_id, 1, [("COLA-33", 1, 149)]),
+        "currency_mismatch": make_order(device_id, 2, [("COLA-33", 1, 150)], currency="USD"),
+        "out_of_stock": make_order(device_id, 3, [("COLA-33", 1, 150), ("RARE-1", 3, 999)]),
+    }
+    for order in cases.values():
+        await produce(aredis, order, config.shards)
+    await start_worker()
+    for reason, order in cases.items():
+        record = await wait_status(aredis, order.order_id, "rejected")
+        assert record["reason"] == reason
+    # All or nothing: the COLA line of the short order was not reserved either.
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"]
+    assert await stock(aredis, "RARE-1") == INITIAL_STOCK["RARE-1"]
+
+    async def heard() -> bool:
+        return all(status_listener.statuses(o.order_id) == ["rejected"] for o in cases.values())
+
+    await eventually(heard, what="rejected statuses")
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_declined_payment_fails_and_releases_stock(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    device_id: str,
+) -> None:
+    """A permanent decline ends the order `failed` and gives its reservation back."""
+    order = make_order(device_id, 0, [("COLA-33", 5, 150)])
+    await produce(aredis, order, config.shards)
+    await start_worker(gateway_decline_rate=1.0)
+    record = await wait_status(aredis, order.order_id, "failed")
+    assert record["reason"] == "payment_declined"
+    assert [h["status"] for h in record["history"]][-2:] == ["reserved", "failed"]
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"]
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_devices_orders_are_served_in_seq_order_within_a_batch(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    device_id: str,
+) -> None:
+    """Entries appended out of seq order still reserve the scarce SKU in seq order."""
+    orders = {seq: make_order(device_id, seq, [("RARE-1", 1, 999)]) for seq in (3, 1, 2)}
+    for order in orders.values():
+        await produce(aredis, order, config.shards)
+    await start_worker()
+    assert (await wait_status(aredis, orders[1].order_id, "fulfilled"))["seq"] == 1
+    assert (await wait_status(aredis, orders[2].order_id, "fulfilled"))["seq"] == 2
+    assert (await wait_status(aredis, orders[3].order_id, "rejected"))["reason"] == "out_of_stock"
+    assert await stock(aredis, "RARE-1") == 0
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_redelivered_entries_change_nothing(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    device_id: str,
+) -> None:
+    """The same entries processed again (a redelivery) reserve nothing and add no transition."""
+    order = make_order(device_id, 0, [("COLA-33", 4, 150)])
+    await produce(aredis, order, config.shards)
+    worker = await start_worker()
+    await wait_status(aredis, order.order_id, "fulfilled")
+    stream = stream_key(shard_of(device_id, config.shards))
+    rows = await aredis.xrange(stream)
+    entry = StreamEntry(stream, text(rows[0][0]), {text(k): v for k, v in rows[0][1].items()}, 2)
+    events_before = await aredis.xlen(EVENTS_STREAM)
+    await worker.process([entry, entry])
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 4
+    assert await aredis.xlen(EVENTS_STREAM) == events_before
+    record = await load_order(aredis, order.order_id)
+    assert record is not None
+    assert [h["status"] for h in record["history"]].count("fulfilled") == 1
+
+
+async def test_undecodable_entry_goes_to_dlq_at_once(
+    aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
+) -> None:
+    """An entry whose payload is not an order is dead-lettered with the codec's reason and acked."""
+    await produce_raw(aredis, device_id, "BROKEN0001", 0, b"\xc1not msgpack", shards=config.shards)
+    await start_worker()
+
+    async def dead() -> bool:
+        return await aredis.xlen(DLQ_STREAM) == 1
+
+    await eventually(dead, what="DLQ entry")
+    ((_id, fields),) = await aredis.xrange(DLQ_STREAM)
+    assert fields[b"reason"] == b"malformed"
+    assert fields[b"payload"] == b"\xc1not msgpack"
+    assert fields[b"stream"] == stream_key(shard_of(device_id, config.shards)).encode()
+    pending = await aredis.xpending(stream_key(shard_of(device_id, config.shards)), PIPELINE_GROUP)
+    assert pending["pending"] == 0
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_reclaimed_entry_publishes_its_stored_statuses_again(
+    aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
+) -> None:
+    """Died after storing, before publishing? The redelivery re-sends the stored statuses."""
+    order = make_order(device_id, 0)
+    await produce(aredis, order, config.shards)
+    worker = await start_worker()
+    await wait_status(aredis, order.order_id, "fulfilled")
+    stream = stream_key(shard_of(device_id, config.shards))
+
+    async def acked() -> bool:  # the worker's own batch is published and done
+        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+
+    await eventually(acked, what="the batch acked")
+    sent: list[tuple[str, Status]] = []
+
+    class Recorder:
+        async def publish(self, messages: list[tuple[str, Status]]) -> int:
+            sent.extend(messages)
+            return len(messages)
+
+    worker.publisher = Recorder()
+    ((entry_id, fields),) = await aredis.xrange(stream)
+    redelivered = StreamEntry(stream, text(entry_id), {text(k): v for k, v in fields.items()}, 2)
+    await worker.process([redelivered])
+    assert [(d, s.order_id, s.status) for d, s in sent] == [
+        (device_id, order.order_id, "confirmed"),
+        (device_id, order.order_id, "fulfilled"),
+    ]
