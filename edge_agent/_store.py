@@ -394,7 +394,8 @@ class Store:
                 (settled_before_ms,),
             ).rowcount
             if deleted:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                # executescript steps the pragma to the end; execute() frees one page.
+                conn.executescript("PRAGMA incremental_vacuum")
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             self._rollback()

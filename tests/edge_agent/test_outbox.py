@@ -1,0 +1,179 @@
+"""The SQLite outbox: group commit, caps, idempotency, pruning, migrations, locking."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import schemas
+from edge_agent import Outbox, OutboxFull, StorageError
+from edge_agent._migrations import SCHEMA_VERSION
+from edge_agent._store import Sent, Settle, Store, now_ms
+
+
+def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:
+    """A valid wire order; ``pad`` adds bytes through attrs."""
+    return schemas.Order(
+        v=1,
+        order_id=order_id,
+        device_id="dev-outbox",
+        seq=0,
+        created_at=now_ms(),
+        currency="EUR",
+        items=(schemas.Item(sku="water", qty=1, unit_price=100),),
+        total=100,
+        attrs={"pad": "x" * pad} if pad else {},
+    )
+
+
+async def test_concurrent_submits_share_transactions(tmp_path: Path) -> None:
+    """Many concurrent submits are committed in far fewer transactions than orders."""
+    async with Outbox(str(tmp_path / "o.db")) as outbox:
+        calls: list[int] = []
+        write = outbox.store.write
+
+        def counting(orders: list[schemas.Order], updates: list[Any]) -> Any:
+            calls.append(len(orders))
+            return write(orders, updates)
+
+        outbox.store.write = counting  # type: ignore[method-assign]
+        results = await asyncio.gather(*(outbox.submit(make_order(f"order-{i:04d}")) for i in range(300)))
+        assert len({r.seq for r in results}) == 300
+        assert sum(calls) == 300
+        assert len(calls) < 300 / 4, calls
+
+
+async def test_full_outbox_refuses_and_keeps_existing(tmp_path: Path) -> None:
+    """At the row cap a new order gets OutboxFull; stored orders are untouched; a repeat still answers."""
+    async with Outbox(str(tmp_path / "o.db"), max_rows=3) as outbox:
+        for i in range(3):
+            await outbox.submit(make_order(f"order-{i:04d}"))
+        before = [await outbox.get(f"order-{i:04d}") for i in range(3)]
+        with pytest.raises(OutboxFull):
+            await outbox.submit(make_order("order-9999"))
+        assert await outbox.get("order-9999") is None
+        assert [await outbox.get(f"order-{i:04d}") for i in range(3)] == before
+        repeat = await outbox.submit(make_order("order-0001"))
+        assert repeat.duplicate and repeat.seq == before[1].seq  # type: ignore[union-attr]
+        outbox.settle("order-0000", "accepted", None)
+        await outbox.flush()
+        assert (await outbox.submit(make_order("order-9999"))).state == "queued"
+
+
+async def test_byte_cap(tmp_path: Path) -> None:
+    """The byte cap refuses an order that would push unreceipted bytes past it."""
+    async with Outbox(str(tmp_path / "o.db"), max_bytes=3000) as outbox:
+        await outbox.submit(make_order("order-big1", pad=2000))
+        with pytest.raises(OutboxFull):
+            await outbox.submit(make_order("order-big2", pad=2000))
+
+
+async def test_same_order_id_is_one_order(tmp_path: Path) -> None:
+    """Submitting an order_id twice, even concurrently, stores one order and answers the first seq."""
+    async with Outbox(str(tmp_path / "o.db")) as outbox:
+        a, b = await asyncio.gather(
+            outbox.submit(make_order("order-same")), outbox.submit(make_order("order-same"))
+        )
+        assert a.seq == b.seq and [a.duplicate, b.duplicate].count(True) == 1
+        stats = await outbox.stats()
+        assert stats is not None and stats.total_rows == 1
+
+
+async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> None:
+    """Due orders come oldest first; sent ones wait for their retry time; settled ones never return."""
+    async with Outbox(str(tmp_path / "o.db")) as outbox:
+        for i in range(5):
+            await outbox.submit(make_order(f"order-{i:04d}"))
+        due = await outbox.due(now_ms(), 10, set())
+        assert [d.order_id for d in due] == [f"order-{i:04d}" for i in range(5)]
+        outbox.update(Sent("order-0000", now_ms() + 60_000))
+        outbox.update(Settle("order-0001", "accepted", None))
+        await outbox.flush()
+        due = await outbox.due(now_ms(), 10, {"order-0002"})
+        assert [d.order_id for d in due] == ["order-0003", "order-0004"]
+        await outbox.make_all_due()
+        assert "order-0000" in {d.order_id for d in await outbox.due(now_ms(), 10, set())}
+        rec = await outbox.get("order-0000")
+        assert rec is not None and rec.state == "sent" and rec.attempts == 1
+
+
+async def test_prune_gives_disk_space_back(tmp_path: Path) -> None:
+    """Pruning receipted orders past retention shrinks the database and its WAL again."""
+    path = tmp_path / "o.db"
+    async with Outbox(str(path), max_rows=10_000) as outbox:
+        ids = [f"order-{i:05d}" for i in range(3000)]
+        await asyncio.gather(*(outbox.submit(make_order(i, pad=1000)) for i in ids))
+        for order_id in ids:
+            outbox.settle(order_id, "accepted", None)
+        await outbox.flush()
+        await outbox.prune(now_ms() - 3_600_000)  # nothing is old enough yet
+        full_size = path.stat().st_size
+        assert full_size > 3_000_000
+        deleted = await outbox.prune(now_ms() + 1)
+        assert deleted == 3000
+        assert path.stat().st_size < full_size / 10
+        wal = Path(f"{path}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_schema_version_and_upgrade_keeps_queue(tmp_path: Path) -> None:
+    """A new database is at the current user_version; reopening keeps the queue."""
+    path = str(tmp_path / "o.db")
+    store = Store(path, max_rows=10, max_bytes=10**6)
+    assert store.open() is None
+    store.write([make_order("order-keep")], [])
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    store = Store(path, max_rows=10, max_bytes=10**6)
+    with pytest.raises(StorageError) as info:
+        store.open()
+    assert info.value.reason == "schema_too_new"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.close()
+    assert store.open() is None
+    assert store.pending_rows == 1 and store.get("order-keep") is not None
+    store.close()
+
+
+def test_second_opener_is_locked_out(tmp_path: Path) -> None:
+    """The exclusive lock keeps a second agent off the same queue, with reason ``locked``."""
+    path = str(tmp_path / "o.db")
+    first = Store(path, max_rows=10, max_bytes=10**6)
+    first.open()
+    second = Store(path, max_rows=10, max_bytes=10**6)
+    with pytest.raises(StorageError) as info:
+        second.open()
+    assert info.value.reason == "locked"
+    first.close()
+
+
+def test_payload_carries_assigned_seq(tmp_path: Path) -> None:
+    """The stored payload is the wire order with the seq the outbox assigned."""
+    store = Store(str(tmp_path / "o.db"), max_rows=10, max_bytes=10**6)
+    store.open()
+    (result,) = store.write([make_order("order-seq1")], [])
+    (due,) = store.due(now_ms(), 1, frozenset())
+    order = schemas.decode_order(due.payload)
+    assert order.seq == result.seq
+    assert msgspec.structs.replace(order, seq=0, created_at=0) == msgspec.structs.replace(
+        make_order("order-seq1"), created_at=0
+    )
+    store.close()
+
+
+async def test_inline_memory_outbox(tmp_path: Path) -> None:
+    """An in-memory outbox runs on the event loop without a writer thread."""
+    async with Outbox(":memory:", inline=True) as outbox:
+        result = await outbox.submit(make_order("order-mem1"))
+        assert result.state == "queued"
+        assert outbox._executor is None
