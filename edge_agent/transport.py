@@ -207,11 +207,12 @@ class PahoTransport:
             self._misc = None
         client, self._client = self._client, None
         self._connected = False
+        # Unwatch before the socket closes: the selector needs a live fd.
+        self._unwatch()
         if client is not None:
             client.on_disconnect = None
             with contextlib.suppress(OSError):
                 client._sock_close()  # paho: no public close without a loop
-        self._unwatch()
 
     # --- event loop plumbing -------------------------------------------------
 
@@ -235,8 +236,11 @@ class PahoTransport:
 
     def _unwatch(self) -> None:
         if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
+            # paho may already have closed the socket (EBADF); the fd is gone either way.
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(self._fd)
         self._fd = None
 
     def _on_socket_close(self, client: paho.Client, _userdata: Any, _sock: Any) -> None:
@@ -256,7 +260,8 @@ class PahoTransport:
 
     def _unwatch_write(self) -> None:
         if self._fd is not None and self._loop is not None:
-            self._loop.remove_writer(self._fd)
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(self._fd)
 
     def _read(self, client: paho.Client) -> None:
         client.loop_read()
