@@ -46,6 +46,13 @@ MAX_PENDING_UPDATES = 10_000
 log = structlog.get_logger(__name__)
 
 
+def _retrieve(task: asyncio.Future[object]) -> None:
+    # The writer may be cancelled while a shielded commit finishes; its outcome
+    # then reaches nobody, and asyncio must not report it as lost.
+    if not task.cancelled():
+        task.exception()
+
+
 class Outbox:
     """A SQLite outbox with group commit. Use ``async with``; not re-entrant.
 
@@ -223,9 +230,11 @@ class Outbox:
             self._idle.clear()
             try:
                 # Shielded: a cancelled caller must not lose track of a commit in flight.
-                results = await asyncio.shield(
+                write = asyncio.ensure_future(
                     self._run(self.store.write, [order for order, _ in batch], updates)
                 )
+                write.add_done_callback(_retrieve)
+                results = await asyncio.shield(write)
             except StorageError as exc:
                 self._set_error(exc)
                 for _, future in batch:
