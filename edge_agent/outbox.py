@@ -19,7 +19,7 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import structlog
 
@@ -46,7 +46,7 @@ MAX_PENDING_UPDATES = 10_000
 log = structlog.get_logger(__name__)
 
 
-def _retrieve(task: asyncio.Future[object]) -> None:
+def _retrieve(task: asyncio.Future[Any]) -> None:
     # The writer may be cancelled while a shielded commit finishes; its outcome
     # then reaches nobody, and asyncio must not report it as lost.
     if not task.cancelled():
@@ -230,7 +230,7 @@ class Outbox:
             self._idle.clear()
             try:
                 # Shielded: a cancelled caller must not lose track of a commit in flight.
-                write = asyncio.ensure_future(
+                write = asyncio.ensure_future(  # noqa: RUF006 - awaited below via shield
                     self._run(self.store.write, [order for order, _ in batch], updates)
                 )
                 write.add_done_callback(_retrieve)

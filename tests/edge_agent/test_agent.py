@@ -41,7 +41,8 @@ async def test_seq_increases_in_submit_order(
     async with EdgeAgent(config) as agent:
         second = [await agent.submit(order_body(f"order-b{i:04d}")) for i in range(3)]
     seqs = [r.seq for r in first + second]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 6
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 6
 
 
 async def test_invalid_order_names_the_field(make_config: Callable[..., AgentConfig]) -> None:

@@ -48,9 +48,12 @@ def fill(disk: Path) -> Path:
                     os.write(fd, b"\0" * chunk)
     finally:
         os.close(fd)
-    with pytest.raises(OSError) as info, (disk / "probe").open("wb") as probe:
-        probe.write(b"\0" * 4096)
-        probe.flush()
+    fd = os.open(disk / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError, match="No space left") as info:
+            os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
     assert info.value.errno == errno.ENOSPC
     (disk / "probe").unlink(missing_ok=True)
     return ballast
@@ -76,28 +79,30 @@ async def _post_until_refused(session: aiohttp.ClientSession, prefix: str) -> di
 async def test_disk_full_is_507_and_health_shows_it(
     small_disk: Path, make_config: Callable[..., AgentConfig]
 ) -> None:
-    """On a full disk a new order gets 507 disk_full, health reports it, stored orders stay readable."""
+    """On a full disk new orders get 507 disk_full and health says so; stored ones stay readable."""
     config = make_config(db=str(small_disk / "outbox.db"), mqtt_url="mqtt://127.0.0.1:9")
-    async with EdgeAgent(config) as agent:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as http:
-            for i in range(5):
-                async with http.post("/v1/orders", json=order_body(f"keep-{i:04d}")) as resp:
-                    assert resp.status == 202
-            ballast = fill(small_disk)
-            problem = await _post_until_refused(http, "fill")
-            assert problem["reason"] == "disk_full"
-            async with http.get("/healthz") as resp:
-                assert resp.status == 503
-                health = await resp.json()
-            assert str(health["storage_error"]).startswith("disk_full")
-            for i in range(5):
-                async with http.get(f"/v1/orders/keep-{i:04d}") as resp:
-                    assert resp.status == 200
-            ballast.unlink()  # the operator frees space: the agent recovers by itself
-            async with http.post("/v1/orders", json=order_body("after-0001")) as resp:
+    async with (
+        EdgeAgent(config) as agent,
+        aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as http,
+    ):
+        for i in range(5):
+            async with http.post("/v1/orders", json=order_body(f"keep-{i:04d}")) as resp:
                 assert resp.status == 202
-            async with http.get("/healthz") as resp:
+        ballast = fill(small_disk)
+        problem = await _post_until_refused(http, "fill")
+        assert problem["reason"] == "disk_full"
+        async with http.get("/healthz") as resp:
+            assert resp.status == 503
+            health = await resp.json()
+        assert str(health["storage_error"]).startswith("disk_full")
+        for i in range(5):
+            async with http.get(f"/v1/orders/keep-{i:04d}") as resp:
                 assert resp.status == 200
+        ballast.unlink()  # the operator frees space: the agent recovers by itself
+        async with http.post("/v1/orders", json=order_body("after-0001")) as resp:
+            assert resp.status == 202
+        async with http.get("/healthz") as resp:
+            assert resp.status == 200
 
 
 async def test_restart_on_full_disk_starts_and_reports(
@@ -122,7 +127,8 @@ async def test_restart_on_full_disk_starts_and_reports(
             assert str(health["storage_error"]).startswith("disk_full")
             async with http.get("/v1/orders/old-0000") as resp:
                 assert resp.status == 200
-        assert process.process is not None and process.process.poll() is None
+        assert process.process is not None
+        assert process.process.poll() is None
         assert await asyncio.to_thread(process.sigterm) == 0
         assert "outbox_storage_error" in process.log_tail(200)
     finally:
@@ -132,22 +138,24 @@ async def test_restart_on_full_disk_starts_and_reports(
 async def test_new_database_on_full_disk_waits_for_space(
     small_disk: Path, make_config: Callable[..., AgentConfig]
 ) -> None:
-    """With no room to create the database the agent still runs, says so, and opens it once space is back."""
+    """With no room for its database the agent runs, says so, and opens it once space is back."""
     ballast = fill(small_disk)
     config = make_config(db=str(small_disk / "outbox.db"), mqtt_url="mqtt://127.0.0.1:9")
-    async with EdgeAgent(config) as agent:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as http:
-            async with http.post("/v1/orders", json=order_body("early-0001")) as resp:
-                assert resp.status in (503, 507)
-                assert (await resp.json())["reason"] in ("disk_full", "io_error", "unavailable")
-            async with http.get("/healthz") as resp:
-                assert resp.status == 503
-                assert (await resp.json())["storage_error"] is not None
-            ballast.unlink()
-            for _ in range(100):
-                async with http.post("/v1/orders", json=order_body("later-0001")) as resp:
-                    if resp.status == 202:
-                        break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the agent never opened its database after space came back")
+    async with (
+        EdgeAgent(config) as agent,
+        aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as http,
+    ):
+        async with http.post("/v1/orders", json=order_body("early-0001")) as resp:
+            assert resp.status in (503, 507)
+            assert (await resp.json())["reason"] in ("disk_full", "io_error", "unavailable")
+        async with http.get("/healthz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["storage_error"] is not None
+        ballast.unlink()
+        for _ in range(100):
+            async with http.post("/v1/orders", json=order_body("later-0001")) as resp:
+                if resp.status == 202:
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the agent never opened its database after space came back")

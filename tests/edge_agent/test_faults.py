@@ -64,9 +64,11 @@ async def test_sigkill_loses_no_acknowledged_order(
             assert not missing, f"{len(missing)} acknowledged orders never arrived"
 
             async def all_settled() -> bool:
-                async with aiohttp.ClientSession(restarted.url) as session:
-                    async with session.get("/healthz") as resp:
-                        health = await resp.json()
+                async with (
+                    aiohttp.ClientSession(restarted.url) as session,
+                    session.get("/healthz") as resp,
+                ):
+                    health = await resp.json()
                 return bool(health["outbox_depth"] == 0)
 
             await wait_until(all_settled, 30, "outbox drained after restart")
@@ -118,7 +120,8 @@ async def test_broker_restart_without_persistence_loses_nothing(
             flow = asyncio.create_task(submit_all())
             await wait_until(lambda: _true(len(double.ids()) >= 50), 20, "first orders")
             await asyncio.to_thread(broker.kill)
-            assert not broker.running and not port_is_open(broker.port)
+            assert not broker.running
+            assert not port_is_open(broker.port)
             await asyncio.sleep(0.5)  # intake keeps working while the broker is down
             assert not agent.publisher.connected
             await asyncio.to_thread(broker.start)
@@ -130,7 +133,7 @@ async def test_broker_restart_without_persistence_loses_nothing(
                 return (await agent.health()).outbox_depth == 0
 
             await wait_until(settled, 30, "every order settled by receipt")
-            assert agent.metrics.connects._value.get() >= 2  # noqa: SLF001 - prometheus internals
+            assert agent.metrics.connects._value.get() >= 2  # prometheus has no public getter
             assert sorted(double.seqs[i] for i in ids) == [double.seqs[i] for i in ids]
 
 
@@ -141,7 +144,7 @@ async def _true(value: bool) -> bool:
 async def test_no_receipt_means_resend(
     make_config: Callable[..., AgentConfig], mqtt_url: str
 ) -> None:
-    """A PUBACK alone settles nothing: without a receipt the order is sent again after the timeout."""
+    """A PUBACK alone settles nothing: without a receipt the order is resent after the timeout."""
     config = make_config(receipt_timeout_s=0.3, http_enabled=False)
     # Swallow the first two sightings, then accept: only receipts settle.
     with BridgeDouble(mqtt_url, lambda _oid, n: None if n < 3 else ("accepted", None)) as double:
@@ -155,7 +158,8 @@ async def test_no_receipt_means_resend(
             await wait_until(settled, 20, "settled after resends")
             assert double.seen["resend-0001"] >= 3
             rec = await agent.get("resend-0001")
-            assert rec is not None and rec.attempts >= 3
+            assert rec is not None
+            assert rec.attempts >= 3
 
 
 async def test_rejected_receipt_stops_retrying(
@@ -175,7 +179,8 @@ async def test_rejected_receipt_stops_retrying(
             await asyncio.sleep(1.0)  # three receipt timeouts: a retry would show now
             assert double.seen["reject-0001"] == 1
             rec = await agent.get("reject-0001")
-            assert rec is not None and rec.reason == "conflict"
+            assert rec is not None
+            assert rec.reason == "conflict"
 
 
 async def test_rate_limited_receipt_retries_later(
@@ -232,7 +237,8 @@ async def test_puback_reason_135_is_a_rejection(
 
         await wait_until(rejected, 20, "broker rejection")
         rec = await agent.get("denied-0001")
-        assert rec is not None and rec.reason == "puback_135"
+        assert rec is not None
+        assert rec.reason == "puback_135"
         health = await agent.health()
         assert health.last_broker_rejection is not None
         assert "135" in health.last_broker_rejection

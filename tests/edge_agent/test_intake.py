@@ -75,7 +75,9 @@ async def test_bad_input_is_a_problem_naming_the_field(
     assert problem["status"] == status
     assert problem["reason"] == reason
     assert problem["field"] == field
-    assert problem["type"].endswith(reason) and problem["title"] and problem["detail"]
+    assert problem["type"].endswith(reason)
+    assert problem["title"]
+    assert problem["detail"]
 
 
 async def test_too_large_is_refused_at_intake(http: aiohttp.ClientSession) -> None:
