@@ -31,7 +31,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX orders_pending ON orders (seq) WHERE settled_ms IS NULL;
     CREATE INDEX orders_settled ON orders (settled_ms) WHERE settled_ms IS NOT NULL;
-    CREATE INDEX orders_state ON orders (state, seq);
     """,
 )
 

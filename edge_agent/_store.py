@@ -25,8 +25,6 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-import schemas
-
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from .errors import OutboxFull, StorageError
 
@@ -93,6 +91,14 @@ class Due(NamedTuple):
 
     seq: int
     order_id: str
+    payload: bytes
+
+
+class NewOrder(NamedTuple):
+    """An order to store: its id, the ``seq`` reserved for it, and the encoded wire payload."""
+
+    order_id: str
+    seq: int
     payload: bytes
 
 
@@ -230,13 +236,22 @@ class Store:
         self.pending_rows, self.pending_bytes = rows, size
         self._next_seq = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
 
-    def write(
-        self, orders: list[schemas.Order], updates: list[Update]
-    ) -> list[Submitted | OutboxFull]:
+    def reserve_seq(self) -> int:
+        """The next per-device ``seq``, taken in submit order (on the event loop).
+
+        An order that is refused or never committed leaves a gap; ``seq``
+        only has to increase. ``meta.next_seq`` moves with each commit, so a
+        restarted agent never reuses a committed ``seq``.
+        """
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def write(self, orders: list[NewOrder], updates: list[Update]) -> list[Submitted | OutboxFull]:
         """Insert ``orders`` and apply ``updates`` in one transaction (one fsync).
 
-        Each order gets the next ``seq``; its ``order_id`` is the idempotency
-        key, so a known id answers with the stored order instead.
+        An ``order_id`` already stored is the idempotency key: it answers with
+        the stored order instead.
 
         Raises:
             StorageError: the transaction failed and was rolled back; nothing
@@ -244,29 +259,21 @@ class Store:
         """
         conn = self.conn
         stamp = now_ms()
-        results: list[Submitted | OutboxFull] = []
-        seq, rows, size = self._next_seq, self.pending_rows, self.pending_bytes
+        rows, size = self.pending_rows, self.pending_bytes
+        batch_bytes = sum(len(order.payload) for order in orders)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for order in orders:
-                payload = schemas.encode(msgspec.structs.replace(order, seq=seq))
-                if rows + 1 > self.max_rows or size + len(payload) > self.max_bytes:
-                    results.append(self._existing(order.order_id) or self._full(rows, size))
-                    continue
-                cur = conn.execute(
-                    _INSERT, (seq, order.order_id, payload, len(payload), stamp, stamp)
-                )
-                if cur.rowcount == 1:
-                    results.append(Submitted(order.order_id, seq, "queued"))
-                    seq, rows, size = seq + 1, rows + 1, size + len(payload)
-                else:
-                    existing = self._existing(order.order_id)
-                    assert existing is not None  # the conflict says it exists
-                    results.append(existing)
+            if rows + len(orders) <= self.max_rows and size + batch_bytes <= self.max_bytes:
+                results, rows, size = self._insert_many(orders, stamp, rows, size)
+            else:
+                results, rows, size = self._insert_each(orders, stamp, rows, size)
             for update in updates:
                 rows, size = self._apply(update, stamp, rows, size)
-            if seq != self._next_seq:
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq,))
+            if orders:
+                conn.execute(
+                    "UPDATE meta SET value = max(value, ?) WHERE key = 'next_seq'",
+                    (max(order.seq for order in orders) + 1,),
+                )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -274,8 +281,53 @@ class Store:
         except BaseException:
             self._rollback()
             raise
-        self._next_seq, self.pending_rows, self.pending_bytes = seq, rows, size
+        self.pending_rows, self.pending_bytes = rows, size
         return results
+
+    def _insert_many(
+        self, orders: list[NewOrder], stamp: int, rows: int, size: int
+    ) -> tuple[list[Submitted | OutboxFull], int, int]:
+        # Fast path: the whole batch fits under the cap, so one executemany.
+        cur = self.conn.executemany(
+            _INSERT, [(o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp) for o in orders]
+        )
+        if cur.rowcount == len(orders):
+            added = sum(len(o.payload) for o in orders)
+            done = [Submitted(o.order_id, o.seq, "queued") for o in orders]
+            return list[Submitted | OutboxFull](done), rows + len(orders), size + added
+        # Some ids were known: a row holding our own seq is ours, any other is the first answer.
+        results: list[Submitted | OutboxFull] = []
+        for order in orders:
+            existing = self._existing(order.order_id)
+            assert existing is not None  # inserted now or before
+            if existing.seq == order.seq:
+                results.append(Submitted(order.order_id, order.seq, "queued"))
+                rows, size = rows + 1, size + len(order.payload)
+            else:
+                results.append(existing)
+        return results, rows, size
+
+    def _insert_each(
+        self, orders: list[NewOrder], stamp: int, rows: int, size: int
+    ) -> tuple[list[Submitted | OutboxFull], int, int]:
+        # Near the cap: decide order by order, so that one order too many is refused alone.
+        conn = self.conn
+        results: list[Submitted | OutboxFull] = []
+        for o in orders:
+            if rows + 1 > self.max_rows or size + len(o.payload) > self.max_bytes:
+                results.append(self._existing(o.order_id) or self._full(rows, size))
+                continue
+            cur = conn.execute(
+                _INSERT, (o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp)
+            )
+            if cur.rowcount == 1:
+                results.append(Submitted(o.order_id, o.seq, "queued"))
+                rows, size = rows + 1, size + len(o.payload)
+            else:
+                existing = self._existing(o.order_id)
+                assert existing is not None  # the conflict says it exists
+                results.append(existing)
+        return results, rows, size
 
     def _rollback(self) -> None:
         conn = self.conn

@@ -22,7 +22,7 @@ import structlog
 
 import schemas
 
-from ._store import OrderRecord, Submitted, now_ms
+from ._store import NewOrder, OrderRecord, Submitted, now_ms
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, InvalidOrder, StorageError
 from .intake import start_http
@@ -35,8 +35,6 @@ log = structlog.get_logger(__name__)
 
 # Keys the agent sets itself; a client sending them is told so.
 AGENT_KEYS: Final = ("v", "device_id", "seq", "created_at")
-# Placeholder seq for validation: the largest, so the size check is the worst case.
-_MAX_SEQ: Final = 2**63 - 1
 
 
 def new_order_id() -> str:
@@ -157,8 +155,9 @@ class EdgeAgent:
         if self._closing:
             raise AgentClosed("the agent is shutting down")
         try:
-            order = self.validate(data)
-            result = await self.outbox.submit(order)
+            order = self.validate(data, seq=self.outbox.reserve_seq())
+            payload = schemas.encode(order)
+            result = await self.outbox.submit(NewOrder(order.order_id, order.seq, payload))
         except AgentError as exc:
             self.metrics.refused.labels(exc.reason).inc()
             raise
@@ -168,7 +167,7 @@ class EdgeAgent:
             self.metrics.submitted.inc()
         return result
 
-    def validate(self, data: Mapping[str, Any]) -> schemas.Order:
+    def validate(self, data: Mapping[str, Any], *, seq: int = 0) -> schemas.Order:
         """Build the wire Order the agent will send, or raise :class:`InvalidOrder`."""
         if not isinstance(data, Mapping):
             raise InvalidOrder("an order must be a JSON object", reason="malformed", field="$")
@@ -179,7 +178,7 @@ class EdgeAgent:
             **data,
             "v": 1,
             "device_id": self.config.device_id,
-            "seq": _MAX_SEQ,
+            "seq": seq,
             "created_at": now_ms(),
         }
         if full.get("order_id") is None:

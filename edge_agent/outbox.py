@@ -23,11 +23,10 @@ from typing import Any, Self, TypeVar
 
 import structlog
 
-import schemas
-
 from ._store import (
     Defer,
     Due,
+    NewOrder,
     OrderRecord,
     Sent,
     Settle,
@@ -39,7 +38,7 @@ from ._store import (
 )
 from .errors import AgentClosed, AgentError, OutboxFull, StorageError
 
-__all__ = ["Due", "OrderRecord", "Outbox", "Stats", "Submitted"]
+__all__ = ["Due", "NewOrder", "OrderRecord", "Outbox", "Stats", "Submitted"]
 
 _T = TypeVar("_T")
 MAX_PENDING_UPDATES = 10_000
@@ -82,7 +81,7 @@ class Outbox:
         self._inline = inline
         self._own_executor = executor is None and not inline
         self._executor = executor
-        self._orders: list[tuple[schemas.Order, asyncio.Future[Submitted]]] = []
+        self._orders: list[tuple[NewOrder, asyncio.Future[Submitted]]] = []
         self._updates: list[Update] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -165,10 +164,12 @@ class Outbox:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
-    async def submit(self, order: schemas.Order) -> Submitted:
-        """Store ``order`` durably; return once its transaction is committed.
+    def reserve_seq(self) -> int:
+        """Take the next ``seq`` for an order about to be submitted."""
+        return self.store.reserve_seq()
 
-        The stored order gets the next ``seq`` in place of the one given.
+    async def submit(self, order: NewOrder) -> Submitted:
+        """Store an encoded order durably; return once its transaction is committed.
 
         Raises:
             OutboxFull: at the cap; StorageError: disk full, read-only, not open;

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     import structlog
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     from edge_agent.outbox import Outbox
-    from tests.edge_agent.test_outbox import make_order
+    from tests.edge_agent.test_outbox import submit
 
     async def main(path: str, workers: int) -> None:
         async with Outbox(path) as outbox:
@@ -34,7 +34,7 @@ CHILD = textwrap.dedent(
                 while True:
                     order_id = f"crash-{w:02d}-{i:06d}"
                     i += 1
-                    result = await outbox.submit(make_order(order_id))
+                    result = await submit(outbox, order_id)
                     sys.stdout.write(f"{order_id} {result.seq}\\n")
                     sys.stdout.flush()
                     if i % 5 == 0:

@@ -11,9 +11,9 @@ import msgspec
 import pytest
 
 import schemas
-from edge_agent import Outbox, OutboxFull, StorageError
+from edge_agent import Outbox, OutboxFull, StorageError, Submitted
 from edge_agent._migrations import SCHEMA_VERSION
-from edge_agent._store import Sent, Settle, Store, now_ms
+from edge_agent._store import NewOrder, Sent, Settle, Store, now_ms
 
 
 def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:
@@ -36,20 +36,30 @@ def file_size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+def new_order(owner: Outbox | Store, order_id: str, *, pad: int = 0) -> NewOrder:
+    """Reserve the next seq and encode the order, as the agent does before submitting."""
+    seq = owner.reserve_seq()
+    payload = schemas.encode(msgspec.structs.replace(make_order(order_id, pad=pad), seq=seq))
+    return NewOrder(order_id, seq, payload)
+
+
+async def submit(outbox: Outbox, order_id: str, *, pad: int = 0) -> Submitted:
+    """Submit one order the way the agent does."""
+    return await outbox.submit(new_order(outbox, order_id, pad=pad))
+
+
 async def test_concurrent_submits_share_transactions(tmp_path: Path) -> None:
     """Many concurrent submits are committed in far fewer transactions than orders."""
     async with Outbox(str(tmp_path / "o.db")) as outbox:
         calls: list[int] = []
         write = outbox.store.write
 
-        def counting(orders: list[schemas.Order], updates: list[Any]) -> Any:
+        def counting(orders: list[NewOrder], updates: list[Any]) -> Any:
             calls.append(len(orders))
             return write(orders, updates)
 
         outbox.store.write = counting  # type: ignore[method-assign]
-        results = await asyncio.gather(
-            *(outbox.submit(make_order(f"order-{i:04d}")) for i in range(300))
-        )
+        results = await asyncio.gather(*(submit(outbox, f"order-{i:04d}") for i in range(300)))
         assert len({r.seq for r in results}) == 300
         assert sum(calls) == 300
         assert len(calls) < 300 / 4, calls
@@ -59,34 +69,32 @@ async def test_full_outbox_refuses_and_keeps_existing(tmp_path: Path) -> None:
     """At the row cap a new order gets OutboxFull; stored ones stay; repeats still answer."""
     async with Outbox(str(tmp_path / "o.db"), max_rows=3) as outbox:
         for i in range(3):
-            await outbox.submit(make_order(f"order-{i:04d}"))
+            await submit(outbox, f"order-{i:04d}")
         before = [await outbox.get(f"order-{i:04d}") for i in range(3)]
         with pytest.raises(OutboxFull):
-            await outbox.submit(make_order("order-9999"))
+            await submit(outbox, "order-9999")
         assert await outbox.get("order-9999") is None
         assert [await outbox.get(f"order-{i:04d}") for i in range(3)] == before
-        repeat = await outbox.submit(make_order("order-0001"))
+        repeat = await submit(outbox, "order-0001")
         assert repeat.duplicate
         assert repeat.seq == before[1].seq  # type: ignore[union-attr]
         outbox.settle("order-0000", "accepted", None)
         await outbox.flush()
-        assert (await outbox.submit(make_order("order-9999"))).state == "queued"
+        assert (await submit(outbox, "order-9999")).state == "queued"
 
 
 async def test_byte_cap(tmp_path: Path) -> None:
     """The byte cap refuses an order that would push unreceipted bytes past it."""
     async with Outbox(str(tmp_path / "o.db"), max_bytes=3000) as outbox:
-        await outbox.submit(make_order("order-big1", pad=2000))
+        await submit(outbox, "order-big1", pad=2000)
         with pytest.raises(OutboxFull):
-            await outbox.submit(make_order("order-big2", pad=2000))
+            await submit(outbox, "order-big2", pad=2000)
 
 
 async def test_same_order_id_is_one_order(tmp_path: Path) -> None:
     """The same order_id twice, even concurrently, stores one order and answers the first seq."""
     async with Outbox(str(tmp_path / "o.db")) as outbox:
-        a, b = await asyncio.gather(
-            outbox.submit(make_order("order-same")), outbox.submit(make_order("order-same"))
-        )
+        a, b = await asyncio.gather(submit(outbox, "order-same"), submit(outbox, "order-same"))
         assert a.seq == b.seq
         assert [a.duplicate, b.duplicate].count(True) == 1
         stats = await outbox.stats()
@@ -98,7 +106,7 @@ async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> N
     """Due orders come oldest first; sent ones wait for their retry; settled ones never return."""
     async with Outbox(str(tmp_path / "o.db")) as outbox:
         for i in range(5):
-            await outbox.submit(make_order(f"order-{i:04d}"))
+            await submit(outbox, f"order-{i:04d}")
         due = await outbox.due(now_ms(), 10, set())
         assert [d.order_id for d in due] == [f"order-{i:04d}" for i in range(5)]
         outbox.update(Sent("order-0000", now_ms() + 60_000))
@@ -119,7 +127,7 @@ async def test_prune_gives_disk_space_back(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     async with Outbox(str(path), max_rows=10_000) as outbox:
         ids = [f"order-{i:05d}" for i in range(3000)]
-        await asyncio.gather(*(outbox.submit(make_order(i, pad=1000)) for i in ids))
+        await asyncio.gather(*(submit(outbox, i, pad=1000) for i in ids))
         for order_id in ids:
             outbox.settle(order_id, "accepted", None)
         await outbox.flush()
@@ -137,7 +145,7 @@ def test_schema_version_and_upgrade_keeps_queue(tmp_path: Path) -> None:
     path = str(tmp_path / "o.db")
     store = Store(path, max_rows=10, max_bytes=10**6)
     assert store.open() is None
-    store.write([make_order("order-keep")], [])
+    store.write([new_order(store, "order-keep")], [])
     store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -173,7 +181,7 @@ def test_payload_carries_assigned_seq(tmp_path: Path) -> None:
     """The stored payload is the wire order with the seq the outbox assigned."""
     store = Store(str(tmp_path / "o.db"), max_rows=10, max_bytes=10**6)
     store.open()
-    (result,) = store.write([make_order("order-seq1")], [])
+    (result,) = store.write([new_order(store, "order-seq1")], [])
     (due,) = store.due(now_ms(), 1, frozenset())
     order = schemas.decode_order(due.payload)
     assert order.seq == result.seq
@@ -186,6 +194,6 @@ def test_payload_carries_assigned_seq(tmp_path: Path) -> None:
 async def test_inline_memory_outbox(tmp_path: Path) -> None:
     """An in-memory outbox runs on the event loop without a writer thread."""
     async with Outbox(":memory:", inline=True) as outbox:
-        result = await outbox.submit(make_order("order-mem1"))
+        result = await submit(outbox, "order-mem1")
         assert result.state == "queued"
         assert outbox._executor is None
