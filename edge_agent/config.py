@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from schemas.config import ServiceConfig
+from schemas.messages import DeviceId
 
 
 class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
@@ -12,7 +13,7 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     port (tests); ``http_enabled = false`` runs the Python API only (simulator).
     """
 
-    device_id: str
+    device_id: DeviceId
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     db: str = "/var/lib/edge-agent/outbox.db"
     http_host: str = "127.0.0.1"
