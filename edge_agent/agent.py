@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import secrets
 import time
 from collections.abc import Mapping
@@ -107,14 +108,17 @@ class EdgeAgent:
         if self._tg is not None:
             raise RuntimeError("EdgeAgent is not re-entrant")
         self._closing = False
-        structlog.contextvars.bind_contextvars(device_id=self.config.device_id)
+        # Our tasks log with this device's id; the caller's context stays untouched,
+        # so many agents can share one process (the fleet simulator).
+        context = contextvars.copy_context()
+        context.run(structlog.contextvars.bind_contextvars, device_id=self.config.device_id)
         await self.outbox.__aenter__()
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         name = self.config.device_id
         self._tasks = [
-            self._tg.create_task(self.publisher.run(), name=f"publisher:{name}"),
-            self._tg.create_task(self._maintain(), name=f"maintenance:{name}"),
+            self._tg.create_task(self.publisher.run(), name=f"publisher:{name}", context=context),
+            self._tg.create_task(self._maintain(), name=f"maintenance:{name}", context=context),
         ]
         if self.config.http_enabled:
             self._runner, self.http_port = await start_http(self)
