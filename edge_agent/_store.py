@@ -437,6 +437,30 @@ class Store:
         total = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
         return Stats(self.pending_rows, self.pending_bytes, oldest[0] if oldest else None, total)
 
+    def expire(self, created_before_ms: int) -> list[str]:
+        """Stop resending orders that were sent but never receipted for too long.
+
+        The bridge forgets an order's dedup marker after its TTL (7 days); a
+        resend after that would be appended twice. Such orders become
+        ``rejected`` with reason ``unreceipted_expired``, for an operator to
+        look at. Orders never sent (``attempts = 0``) are safe to send and stay.
+        """
+        stamp = now_ms()
+        try:
+            rows = self.conn.execute(
+                "UPDATE orders SET state = 'rejected', reason = 'unreceipted_expired', "
+                "settled_ms = ?, updated_ms = ? "
+                "WHERE settled_ms IS NULL AND attempts > 0 AND created_ms < ? "
+                "RETURNING order_id, size",
+                (stamp, stamp, created_before_ms),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "expire") from exc
+        self.pending_rows -= len(rows)
+        self.pending_bytes -= sum(size for _, size in rows)
+        return [order_id for order_id, _ in rows]
+
     def prune(self, settled_before_ms: int) -> int:
         """Delete orders settled before the cutoff, then give the space back."""
         conn = self.conn

@@ -57,6 +57,7 @@ class Health(msgspec.Struct, frozen=True):
     storage_error: str | None
     broker_error: str | None
     last_broker_rejection: str | None
+    expired_unreceipted: int
 
 
 class EdgeAgent:
@@ -96,6 +97,7 @@ class EdgeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: Any = None
         self._closing = False
+        self.expired_unreceipted = 0
         self.metrics.bind(
             pending=lambda: self.outbox.store.pending_rows,
             pending_bytes=lambda: self.outbox.store.pending_bytes,
@@ -224,6 +226,7 @@ class EdgeAgent:
             storage_error=None if error is None else f"{error.reason}: {error.detail}",
             broker_error=self.publisher.last_error,
             last_broker_rejection=self.publisher.last_rejection,
+            expired_unreceipted=self.expired_unreceipted,
         )
 
     async def _maintain(self) -> None:
@@ -238,4 +241,17 @@ class EdgeAgent:
                 continue
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + cfg.prune_interval_s
+                await self._expire()
                 await self.outbox.prune(now_ms() - int(cfg.retention_s * 1000))
+
+    async def _expire(self) -> None:
+        expired = await self.outbox.expire(now_ms() - int(self.config.resend_max_age_s * 1000))
+        if expired:
+            self.expired_unreceipted += len(expired)
+            self.metrics.expired.inc(len(expired))
+            log.error(
+                "orders_unreceipted_expired",
+                count=len(expired),
+                order_ids=expired[:20],
+                max_age_s=self.config.resend_max_age_s,
+            )

@@ -32,6 +32,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     drain_rate_per_min: float = 6000.0
     receipt_timeout_s: float = 30.0
     rate_limited_retry_s: float = 10.0
+    # Below the bridge's 7-day dedup marker TTL: older sent-but-unreceipted orders
+    # are not resent (that could duplicate them) but rejected and alarmed on.
+    resend_max_age_s: float = 6 * 24 * 3600.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     poll_interval_s: float = 1.0

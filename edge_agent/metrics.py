@@ -42,6 +42,11 @@ class AgentMetrics:
         self.invalid_messages = Counter(
             "edge_invalid_messages", "Undecodable receipts or statuses", registry=r
         )
+        self.expired = Counter(
+            "edge_orders_unreceipted_expired",
+            "Orders given up after resend_max_age_s without a receipt",
+            registry=r,
+        )
         self.connects = Counter("edge_mqtt_connects", "Successful MQTT connects", registry=r)
         self.connected = Gauge("edge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.pending = Gauge("edge_outbox_pending_orders", "Unreceipted orders", registry=r)

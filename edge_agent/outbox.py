@@ -302,6 +302,13 @@ class Outbox:
             log.info("outbox_pruned", path=self.path, deleted=deleted)
         return deleted or 0
 
+    async def expire(self, created_before_ms: int) -> list[str]:
+        """Give up on orders sent but unreceipted since before the cutoff (see Store.expire)."""
+        if not self.store.is_open:
+            return []
+        await self.flush()  # attempts counted by pending updates must be in first
+        return await self._guard(self.store.expire, created_before_ms) or []
+
     async def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
         try:
             return await self._run(fn, *args)

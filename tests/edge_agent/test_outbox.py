@@ -197,3 +197,17 @@ async def test_inline_memory_outbox(tmp_path: Path) -> None:
         result = await submit(outbox, "order-mem1")
         assert result.state == "queued"
         assert outbox._executor is None
+
+
+async def test_sent_orders_past_max_age_expire(tmp_path: Path) -> None:
+    """Sent-but-unreceipted orders past the resend age are rejected; never-sent ones stay."""
+    async with Outbox(str(tmp_path / "o.db")) as outbox:
+        await submit(outbox, "order-sent")
+        await submit(outbox, "order-new1")
+        outbox.mark_sent("order-sent", now_ms())
+        assert await outbox.expire(now_ms() + 1) == ["order-sent"]
+        rec = await outbox.get("order-sent")
+        assert rec is not None
+        assert (rec.state, rec.reason) == ("rejected", "unreceipted_expired")
+        assert outbox.store.pending_rows == 1
+        assert [d.order_id for d in await outbox.due(now_ms(), 10, set())] == ["order-new1"]
