@@ -234,14 +234,19 @@ class Store:
             "SELECT count(*), coalesce(sum(size), 0) FROM orders WHERE settled_ms IS NULL"
         ).fetchone()
         self.pending_rows, self.pending_bytes = rows, size
-        self._next_seq = conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
+        # meta.next_seq only moves when prune deletes rows; otherwise the table knows.
+        self._next_seq = conn.execute(
+            "SELECT max((SELECT value FROM meta WHERE key = 'next_seq'), "
+            "(SELECT coalesce(max(seq), -1) + 1 FROM orders))"
+        ).fetchone()[0]
 
     def reserve_seq(self) -> int:
         """The next per-device ``seq``, taken in submit order (on the event loop).
 
         An order that is refused or never committed leaves a gap; ``seq``
-        only has to increase. ``meta.next_seq`` moves with each commit, so a
-        restarted agent never reuses a committed ``seq``.
+        only has to increase. A restarted agent never reuses a committed
+        ``seq``: it continues after the largest stored one, or after
+        ``meta.next_seq``, which prune sets before deleting rows.
         """
         seq = self._next_seq
         self._next_seq += 1
@@ -269,11 +274,6 @@ class Store:
                 results, rows, size = self._insert_each(orders, stamp, rows, size)
             for update in updates:
                 rows, size = self._apply(update, stamp, rows, size)
-            if orders:
-                conn.execute(
-                    "UPDATE meta SET value = max(value, ?) WHERE key = 'next_seq'",
-                    (max(order.seq for order in orders) + 1,),
-                )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -465,10 +465,17 @@ class Store:
         """Delete orders settled before the cutoff, then give the space back."""
         conn = self.conn
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE meta SET value = "
+                "max(value, (SELECT coalesce(max(seq), -1) + 1 FROM orders)) "
+                "WHERE key = 'next_seq'"
+            )
             deleted = conn.execute(
                 "DELETE FROM orders WHERE settled_ms IS NOT NULL AND settled_ms < ?",
                 (settled_before_ms,),
             ).rowcount
+            conn.execute("COMMIT")
             if deleted:
                 # executescript steps the pragma to the end; execute() frees one page.
                 conn.executescript("PRAGMA incremental_vacuum")

@@ -161,8 +161,7 @@ class EdgeAgent:
         if self._closing:
             raise AgentClosed("the agent is shutting down")
         try:
-            order = self.validate(data, seq=self.outbox.reserve_seq())
-            payload = schemas.encode(order)
+            order, payload = self.encode(data, seq=self.outbox.reserve_seq())
             result = await self.outbox.submit(NewOrder(order.order_id, order.seq, payload))
         except AgentError as exc:
             self.metrics.refused.labels(exc.reason).inc()
@@ -175,7 +174,15 @@ class EdgeAgent:
 
     def validate(self, data: Mapping[str, Any], *, seq: int = 0) -> schemas.Order:
         """Build the wire Order the agent will send, or raise :class:`InvalidOrder`."""
-        if not isinstance(data, Mapping):
+        return self.encode(data, seq=seq)[0]
+
+    def encode(self, data: Mapping[str, Any], *, seq: int) -> tuple[schemas.Order, bytes]:
+        """Validate ``data`` into the wire Order with ``seq`` and its MessagePack payload.
+
+        Raises:
+            InvalidOrder: with the contract's reason code and the field at fault.
+        """
+        if not isinstance(data, dict | Mapping):
             raise InvalidOrder("an order must be a JSON object", reason="malformed", field="$")
         for key in AGENT_KEYS:
             if key in data:
@@ -190,9 +197,17 @@ class EdgeAgent:
         if full.get("order_id") is None:
             full["order_id"] = new_order_id()
         try:
-            return schemas.build_order(full)
+            # Fast path: one convert, one encode. On any failure the codec's
+            # build_order produces the contract's reason code and field.
+            order = msgspec.convert(full, schemas.Order)
+            return order, schemas.encode(order)
+        except (msgspec.ValidationError, schemas.SchemaError):
+            pass
+        try:
+            order = schemas.build_order(full)
         except schemas.DecodeError as exc:
             raise InvalidOrder(exc.detail, reason=exc.reason, field=exc.field) from exc
+        return order, schemas.encode(order)  # pragma: no cover - build_order raised above
 
     async def get(self, order_id: str) -> OrderRecord | None:
         """An order's local state, or None."""

@@ -211,3 +211,16 @@ async def test_sent_orders_past_max_age_expire(tmp_path: Path) -> None:
         assert (rec.state, rec.reason) == ("rejected", "unreceipted_expired")
         assert outbox.store.pending_rows == 1
         assert [d.order_id for d in await outbox.due(now_ms(), 10, set())] == ["order-new1"]
+
+
+async def test_seq_survives_pruning_everything(tmp_path: Path) -> None:
+    """After every order is pruned and the outbox reopened, seq still continues upwards."""
+    path = str(tmp_path / "o.db")
+    async with Outbox(path) as outbox:
+        last = [await submit(outbox, f"order-{i:04d}") for i in range(3)][-1]
+        for i in range(3):
+            outbox.settle(f"order-{i:04d}", "accepted", None)
+        await outbox.flush()
+        assert await outbox.prune(now_ms() + 1) == 3
+    async with Outbox(path) as outbox:
+        assert (await submit(outbox, "order-next")).seq > last.seq
