@@ -230,12 +230,7 @@ class Outbox:
             updates, self._updates = self._updates, []
             self._idle.clear()
             try:
-                # Shielded: a cancelled caller must not lose track of a commit in flight.
-                write = asyncio.ensure_future(  # noqa: RUF006 - awaited below via shield
-                    self._run(self.store.write, [order for order, _ in batch], updates)
-                )
-                write.add_done_callback(_retrieve)
-                results = await asyncio.shield(write)
+                results = await self._write(batch, updates)
             except StorageError as exc:
                 self._set_error(exc)
                 for _, future in batch:
@@ -257,6 +252,18 @@ class Outbox:
                     future.set_result(result)
             if self.on_commit is not None and batch:
                 self.on_commit()
+
+    async def _write(
+        self, batch: list[tuple[NewOrder, asyncio.Future[Submitted]]], updates: list[Update]
+    ) -> list[Submitted | OutboxFull]:
+        orders = [order for order, _ in batch]
+        if self._inline or self._executor is None:
+            return self.store.write(orders, updates)
+        loop = asyncio.get_running_loop()
+        write = loop.run_in_executor(self._executor, self.store.write, orders, updates)
+        write.add_done_callback(_retrieve)
+        # Shielded: a cancelled writer must not lose track of a commit in flight.
+        return await asyncio.shield(write)
 
     def _keep_updates(self, updates: list[Update]) -> None:
         # State updates can be derived again (a resend brings a receipt again),
