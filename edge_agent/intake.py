@@ -53,6 +53,12 @@ def _error_response(exc: AgentError) -> web.Response:
     return problem(500, exc.reason, exc.detail)
 
 
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=msgspec.json.encode(body), content_type="application/json"
+    )
+
+
 def _record(rec: OrderRecord) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.structs.asdict(rec)
     return out
@@ -62,15 +68,15 @@ async def post_order(request: web.Request) -> web.Response:
     """``POST /v1/orders``: 202 once committed."""
     agent = request.app[_AGENT]
     try:
-        data = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as exc:
         return problem(400, "malformed", f"body is not JSON: {exc}", field="$")
     try:
         result = await agent.submit(data)
     except AgentError as exc:
         return _error_response(exc)
     # The first answer, also for a repeated order_id.
-    return web.json_response({"order_id": result.order_id, "status": "queued"}, status=202)
+    return _json({"order_id": result.order_id, "status": "queued"}, status=202)
 
 
 async def get_order(request: web.Request) -> web.Response:
@@ -83,7 +89,7 @@ async def get_order(request: web.Request) -> web.Response:
         return _error_response(exc)
     if rec is None:
         return problem(404, "not_found", f"no order {order_id!r}", field="order_id")
-    return web.json_response(_record(rec))
+    return _json(_record(rec))
 
 
 async def list_orders(request: web.Request) -> web.Response:
@@ -101,7 +107,7 @@ async def list_orders(request: web.Request) -> web.Response:
         rows, next_cursor = await agent.list_orders(query.get("state") or None, cursor, limit)
     except AgentError as exc:
         return _error_response(exc)
-    return web.json_response(
+    return _json(
         {
             "orders": [_record(r) for r in rows],
             "next_cursor": None if next_cursor is None else str(next_cursor),
