@@ -67,9 +67,9 @@ class Publisher:
             key_file=config.key_file,
         )
         self._transport: Transport = transport_factory(settings, self)
-        self._bucket = TokenBucket(
-            config.drain_rate_per_min / 60.0, burst=min(config.max_inflight, 100)
-        )
+        # At most one second's worth at once, so a backlog never leaves in a burst.
+        rate_per_s = config.drain_rate_per_min / 60.0
+        self._bucket = TokenBucket(rate_per_s, burst=min(config.max_inflight, rate_per_s))
         self._inflight: dict[str, float] = {}  # order_id -> receipt deadline (monotonic)
         self._mids: dict[int, str] = {}
         self._wake = asyncio.Event()
