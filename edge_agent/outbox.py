@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from types import TracebackType
@@ -35,6 +36,7 @@ from ._store import (
     Store,
     Submitted,
     Update,
+    storage_error,
 )
 from .errors import AgentClosed, AgentError, OutboxFull, StorageError
 
@@ -159,10 +161,14 @@ class Outbox:
         self.error = exc
 
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
-        if self._inline or self._executor is None:
-            return fn(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        try:
+            if self._inline or self._executor is None:
+                return fn(*args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        except sqlite3.Error as exc:
+            # Reads are not translated in the store; nothing raw leaves the outbox.
+            raise storage_error(exc, getattr(fn, "__name__", "outbox")) from exc
 
     def reserve_seq(self) -> int:
         """Take the next ``seq`` for an order about to be submitted."""

@@ -26,7 +26,7 @@ from schemas.urls import MqttUrl
 from ._pacing import TokenBucket, full_jitter
 from ._store import now_ms
 from .config import AgentConfig
-from .errors import BrokerError
+from .errors import BrokerError, StorageError
 from .metrics import AgentMetrics
 from .outbox import Outbox
 from .transport import Transport, TransportFactory, TransportSettings, default_transport
@@ -115,7 +115,16 @@ class Publisher:
                 protocol=self._transport.protocol,
                 session_present=session_present,
             )
-            await self._pump()
+            try:
+                await self._pump()
+            except StorageError as exc:
+                # The outbox cannot be read: health shows it; retry on a fresh connection.
+                log.error("publisher_storage_error", reason=exc.reason, detail=exc.detail)  # noqa: TRY400
+                await self._transport.disconnect()
+            except Exception:
+                # Isolation boundary: a bug here must not stop the agent taking orders.
+                log.exception("publisher_failed")
+                await self._transport.disconnect()
             delay = full_jitter(0, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng)
             await asyncio.sleep(delay)
 

@@ -159,3 +159,40 @@ async def test_new_database_on_full_disk_waits_for_space(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the agent never opened its database after space came back")
+
+
+async def test_read_only_file_system_is_reported(
+    small_disk: Path, make_config: Callable[..., AgentConfig]
+) -> None:
+    """An agent started on a read-only file system runs, reports it, and recovers once writable."""
+    config = make_config(db=str(small_disk / "outbox.db"), mqtt_url="mqtt://127.0.0.1:9")
+    async with EdgeAgent(config) as agent:
+        await agent.submit(order_body("rw-000001"))
+    await asyncio.to_thread(_remount, small_disk, "ro")
+    try:
+        async with (
+            EdgeAgent(config) as agent,
+            aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as http,
+        ):
+            async with http.post("/v1/orders", json=order_body("ro-000001")) as resp:
+                assert resp.status == 503
+                assert (await resp.json())["reason"] in ("read_only", "io_error", "unavailable")
+            async with http.get("/healthz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["storage_error"] is not None
+            await asyncio.to_thread(_remount, small_disk, "rw")
+            for _ in range(100):
+                async with http.post("/v1/orders", json=order_body("rw-000002")) as resp:
+                    if resp.status == 202:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the agent did not recover after the remount")
+            async with http.get("/v1/orders/rw-000001") as resp:
+                assert resp.status == 200
+    finally:
+        await asyncio.to_thread(_remount, small_disk, "rw")
+
+
+def _remount(mount: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mount)], check=True)
