@@ -54,6 +54,12 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+def _fail(batch: list[tuple[NewOrder, asyncio.Future[Submitted]]], exc: AgentError) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
 class Outbox:
     """A SQLite outbox with group commit. Use ``async with``; not re-entrant.
 
@@ -239,10 +245,14 @@ class Outbox:
                 results = await self._write(batch, updates)
             except StorageError as exc:
                 self._set_error(exc)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail(batch, exc)
                 self._keep_updates(updates)
+                return
+            except Exception as exc:
+                # Isolation boundary: whatever broke, every waiting submitter gets an
+                # answer (the transaction was rolled back) and the writer lives on.
+                log.exception("outbox_write_failed", path=self.path, orders=len(batch))
+                _fail(batch, StorageError(f"write failed: {exc!r}", reason="internal_error"))
                 return
             finally:
                 self._idle.set()

@@ -224,3 +224,20 @@ async def test_seq_survives_pruning_everything(tmp_path: Path) -> None:
         assert await outbox.prune(now_ms() + 1) == 3
     async with Outbox(path) as outbox:
         assert (await submit(outbox, "order-next")).seq > last.seq
+
+
+async def test_unexpected_write_failure_answers_every_submitter(tmp_path: Path) -> None:
+    """A bug in a write fails that batch's submitters with a typed error; the writer lives on."""
+    async with Outbox(str(tmp_path / "o.db")) as outbox:
+        write = outbox.store.write
+
+        def broken(orders: list[NewOrder], updates: list[Any]) -> Any:
+            outbox.store.write = write  # type: ignore[method-assign]
+            raise RuntimeError("boom")
+
+        outbox.store.write = broken  # type: ignore[method-assign]
+        with pytest.raises(StorageError) as info:
+            await submit(outbox, "order-bug1")
+        assert info.value.reason == "internal_error"
+        assert (await submit(outbox, "order-bug2")).state == "queued"
+        assert await outbox.get("order-bug1") is None
