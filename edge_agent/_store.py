@@ -21,11 +21,21 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from typing import Final, NamedTuple
-
-import msgspec
+from typing import Final
 
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
+from ._records import (
+    Defer,
+    Due,
+    NewOrder,
+    OrderRecord,
+    Sent,
+    Settle,
+    Stats,
+    StatusUpdate,
+    Submitted,
+    Update,
+)
 from .errors import OutboxFull, StorageError
 
 # Primary result codes (the low byte of the extended code).
@@ -63,78 +73,6 @@ def storage_error(exc: sqlite3.Error, action: str) -> StorageError:
     return err
 
 
-class OrderRecord(msgspec.Struct, frozen=True):
-    """An order's local state, as ``GET /v1/orders/{id}`` shows it."""
-
-    order_id: str
-    seq: int
-    state: str
-    status: str | None
-    reason: str | None
-    attempts: int
-    created_ms: int
-    updated_ms: int
-    settled_ms: int | None
-
-
-class Submitted(msgspec.Struct, frozen=True):
-    """The answer to a submission: committed, or the first answer for a duplicate id."""
-
-    order_id: str
-    seq: int
-    state: str
-    duplicate: bool = False
-
-
-class Due(NamedTuple):
-    """An unreceipted order that is due for (re)sending."""
-
-    seq: int
-    order_id: str
-    payload: bytes
-
-
-class NewOrder(NamedTuple):
-    """An order to store: its id, the ``seq`` reserved for it, and the encoded wire payload."""
-
-    order_id: str
-    seq: int
-    payload: bytes
-
-
-class Sent(NamedTuple):
-    """The order was handed to the broker; expect a receipt before ``retry_at_ms``."""
-
-    order_id: str
-    retry_at_ms: int
-
-
-class Settle(NamedTuple):
-    """A receipt (or a broker rejection) settled the order: no more sending."""
-
-    order_id: str
-    state: str  # accepted | rejected
-    reason: str | None
-
-
-class Defer(NamedTuple):
-    """Send again later, e.g. after a ``rate_limited`` receipt."""
-
-    order_id: str
-    retry_at_ms: int
-    reason: str | None
-
-
-class StatusUpdate(NamedTuple):
-    """A pipeline status for the order; it also proves the cloud has it."""
-
-    order_id: str
-    status: str
-    reason: str | None
-
-
-Update = Sent | Settle | Defer | StatusUpdate
-
 _INSERT: Final = (
     "INSERT INTO orders (seq, order_id, payload, size, state, created_ms, updated_ms) "
     "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
@@ -142,15 +80,6 @@ _INSERT: Final = (
 _COLUMNS: Final = (
     "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms"
 )
-
-
-class Stats(NamedTuple):
-    """Outbox figures for health and metrics."""
-
-    pending_rows: int
-    pending_bytes: int
-    oldest_pending_ms: int | None
-    total_rows: int
 
 
 class Store:

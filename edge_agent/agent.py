@@ -23,7 +23,8 @@ import structlog
 
 import schemas
 
-from ._store import NewOrder, OrderRecord, Submitted, now_ms
+from ._records import NewOrder, OrderRecord, Submitted
+from ._store import now_ms
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, InvalidOrder, StorageError
 from .intake import start_http

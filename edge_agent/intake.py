@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from aiohttp import web
 
-from ._store import OrderRecord
+from ._records import OrderRecord
 from .errors import AgentClosed, AgentError, InvalidOrder, OutboxFull, StorageError
 
 if TYPE_CHECKING:

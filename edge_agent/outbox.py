@@ -24,7 +24,7 @@ from typing import Any, Self, TypeVar
 
 import structlog
 
-from ._store import (
+from ._records import (
     Defer,
     Due,
     NewOrder,
@@ -33,11 +33,10 @@ from ._store import (
     Settle,
     Stats,
     StatusUpdate,
-    Store,
     Submitted,
     Update,
-    storage_error,
 )
+from ._store import Store, storage_error
 from .errors import AgentClosed, AgentError, OutboxFull, StorageError
 
 __all__ = ["Due", "NewOrder", "OrderRecord", "Outbox", "Stats", "Submitted"]

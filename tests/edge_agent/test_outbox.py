@@ -13,7 +13,8 @@ import pytest
 import schemas
 from edge_agent import Outbox, OutboxFull, StorageError, Submitted
 from edge_agent._migrations import SCHEMA_VERSION
-from edge_agent._store import NewOrder, Sent, Settle, Store, now_ms
+from edge_agent._records import NewOrder, Sent, Settle
+from edge_agent._store import Store, now_ms
 
 
 def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:
