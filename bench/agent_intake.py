@@ -30,7 +30,9 @@ from typing import Any
 import aiohttp
 import structlog
 
+import schemas
 from edge_agent import AgentConfig, EdgeAgent
+from edge_agent.outbox import NewOrder
 from fleet.servers import free_port
 
 ROW = b"x" * 300
@@ -141,6 +143,18 @@ def spawn_agent(tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("edge-agent did not start")
 
 
+async def outbox_rate(tmp: Path, name: str, n: int, workers: int) -> float:
+    """The outbox alone with pre-encoded orders: the API minus validation and encoding."""
+    async with EdgeAgent(config(tmp, name, http=False)) as agent:
+        payload = schemas.encode(agent.validate(order_body(0, name), seq=0))
+        outbox = agent.outbox
+
+        async def submit(i: int) -> None:
+            await outbox.submit(NewOrder(f"{name}-{i:08d}", outbox.reserve_seq(), payload))
+
+        return await concurrent(n, workers, submit)
+
+
 async def http_rate(tmp: Path, name: str, n: int, workers: int) -> float:
     proc, port = spawn_agent(tmp, name)
     try:
@@ -218,6 +232,9 @@ async def main() -> None:
         results["aiosqlite 100/txn"] = await aiosqlite_rate(tmp / "a100.db", n(10000), 100)
         results["API x1"] = await api_rate(tmp, "api1", n(3000), 1)
         results["API x64"] = await api_rate(tmp, "api64", n(40000), 64)
+        results["outbox only x64 (pre-encoded orders)"] = await outbox_rate(
+            tmp, "ob64", n(40000), 64
+        )
         results["API x64, inline (no writer thread)"] = await api_rate(
             tmp, "inl64", n(40000), 64, inline=True
         )
