@@ -9,6 +9,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import schemas
 from edge_agent import Outbox, OutboxFull, StorageError, Submitted
@@ -30,6 +32,10 @@ def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:
         total=100,
         attrs={"pad": "x" * pad} if pad else {},
     )
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
 
 
 def file_size(path: Path) -> int:
@@ -242,3 +248,31 @@ async def test_unexpected_write_failure_answers_every_submitter(tmp_path: Path) 
         assert info.value.reason == "internal_error"
         assert (await submit(outbox, "order-bug2")).state == "queued"
         assert await outbox.get("order-bug1") is None
+
+
+async def test_no_shared_memory_file(tmp_path: Path) -> None:
+    """Exclusive locking keeps the WAL index on the heap: no -shm file, so no SIGBUS when full."""
+    path = tmp_path / "o.db"
+    async with Outbox(str(path)) as outbox:
+        await submit(outbox, "order-shm1")
+        assert file_size(Path(f"{path}-wal")) > 0
+        assert not _exists(Path(f"{path}-shm"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ids=st.lists(st.sampled_from([f"order-dup{i}" for i in range(6)]), min_size=1, max_size=40))
+async def test_any_interleaving_of_duplicates_is_one_order_each(ids: list[str]) -> None:
+    """However ids repeat across concurrent submits, each is stored once and all answers agree."""
+    async with Outbox(":memory:", inline=True) as outbox:
+        results = await asyncio.gather(*(submit(outbox, order_id) for order_id in ids))
+        stats = await outbox.stats()
+        assert stats is not None
+        assert stats.total_rows == len(set(ids))
+        by_id: dict[str, set[int]] = {}
+        for result in results:
+            by_id.setdefault(result.order_id, set()).add(result.seq)
+        for order_id, seqs in by_id.items():
+            record = await outbox.get(order_id)
+            assert record is not None
+            assert seqs == {record.seq}
+        assert sum(not r.duplicate for r in results) == len(set(ids))
