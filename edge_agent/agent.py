@@ -140,8 +140,8 @@ class EdgeAgent:
         for task in self._tasks:
             task.cancel()
         if self._tg is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tg.__aexit__(None, None, None)
+            # Children we cancelled end quietly; a cancellation of our own caller propagates.
+            await self._tg.__aexit__(None, None, None)
             self._tg = None
         # The outbox commits what is pending (the transaction in progress) before closing.
         await self.outbox.__aexit__(exc_type, exc, tb)

@@ -14,7 +14,6 @@ which suits ``:memory:`` databases.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import sqlite3
 from collections.abc import Callable
@@ -119,8 +118,8 @@ class Outbox:
         await self.flush()
         if self._writer is not None:
             self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            # wait() does not re-raise the child's CancelledError, but lets ours through.
+            await asyncio.wait([self._writer])
         for _, future in self._orders:
             if not future.done():
                 future.set_exception(AgentClosed("outbox closed before commit"))

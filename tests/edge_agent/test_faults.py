@@ -51,7 +51,8 @@ async def test_sigkill_loses_no_acknowledged_order(
     acked: set[str] = set()
     try:
         load = asyncio.create_task(_post_until_dead(agent.url, acked, "kill"))
-        await asyncio.sleep(kill_after_s)
+        await wait_until(lambda: _true(bool(acked)), 20, "first 202")
+        await asyncio.sleep(kill_after_s)  # counted from the first 202: orders are flowing
         await asyncio.to_thread(agent.sigkill)
         await asyncio.wait_for(load, 10)
         assert acked, "no order was acknowledged before the kill"
@@ -61,7 +62,10 @@ async def test_sigkill_loses_no_acknowledged_order(
         restarted.start()
         try:
             missing = await asyncio.to_thread(bridge.wait_for, acked, 60)
-            assert not missing, f"{len(missing)} acknowledged orders never arrived"
+            assert not missing, (
+                f"{len(missing)} of {len(acked)} acknowledged orders never arrived:\n"
+                f"{restarted.log_tail()}"
+            )
 
             async def all_settled() -> bool:
                 async with (
