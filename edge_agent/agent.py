@@ -116,6 +116,14 @@ class EdgeAgent:
         context = contextvars.copy_context()
         context.run(structlog.contextvars.bind_contextvars, device_id=self.config.device_id)
         await self.outbox.__aenter__()
+        if self.config.http_enabled:
+            # Intake first: if its port is taken, nothing else (no MQTT session) has started.
+            try:
+                self._runner, self.http_port = await start_http(self)
+            except OSError as exc:
+                await self.outbox.__aexit__(type(exc), exc, exc.__traceback__)
+                where = f"{self.config.http_host}:{self.config.http_port}"
+                raise AgentError(f"cannot listen on {where}: {exc}", reason="http_bind") from exc
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         name = self.config.device_id
@@ -123,8 +131,6 @@ class EdgeAgent:
             self._tg.create_task(self.publisher.run(), name=f"publisher:{name}", context=context),
             self._tg.create_task(self._maintain(), name=f"maintenance:{name}", context=context),
         ]
-        if self.config.http_enabled:
-            self._runner, self.http_port = await start_http(self)
         return self
 
     async def __aexit__(

@@ -22,6 +22,7 @@ from schemas.logs import configure_logging
 
 from .agent import EdgeAgent
 from .config import AgentConfig
+from .errors import AgentError
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-agent: {exc.detail}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="edge-agent")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except AgentError as exc:
+        log.error("agent_failed_to_start", reason=exc.reason, detail=exc.detail)  # noqa: TRY400
+        return 1
     return 0
 
 

@@ -76,6 +76,7 @@ async def test_sigkill_loses_no_acknowledged_order(
                 return bool(health["outbox_depth"] == 0)
 
             await wait_until(all_settled, 30, "outbox drained after restart")
+            assert '"session_present": true' in restarted.log_tail(200)  # persistent session
             assert restarted.sigterm() == 0
         finally:
             restarted.stop()
@@ -276,3 +277,22 @@ async def test_submit_cli(tmp_path: Path, device_id: str, mqtt_url: str) -> None
         with contextlib.suppress(Exception):
             agent.sigterm()
         agent.stop()
+
+
+async def test_port_in_use_is_a_clear_error(tmp_path: Path, device_id: str, mqtt_url: str) -> None:
+    """An intake port already taken ends the command with exit 1 and a reason, not a traceback."""
+    first = AgentProcess(tmp_path, device_id=device_id, mqtt_url=mqtt_url, db=tmp_path / "a.db")
+    first.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge_agent.cli", "--device-id", device_id,
+            "--mqtt-url", mqtt_url, "--db", str(tmp_path / "b.db"),
+            "--http-port", str(first.port),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await proc.communicate()
+        assert proc.returncode == 1
+        assert '"reason": "http_bind"' in err.decode()
+        assert "Traceback" not in err.decode()
+    finally:
+        first.stop()
