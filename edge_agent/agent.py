@@ -140,19 +140,21 @@ class EdgeAgent:
         tb: TracebackType | None,
     ) -> None:
         self._closing = True
-        if self._runner is not None:
-            await self._runner.cleanup()  # stop intake first: no new orders
-            self._runner = None
-        for task in self._tasks:
-            task.cancel()
-        if self._tg is not None:
-            # Children we cancelled end quietly; a cancellation of our own caller propagates.
-            await self._tg.__aexit__(None, None, None)
-            self._tg = None
-        # The outbox commits what is pending (the transaction in progress) before closing.
-        await self.outbox.__aexit__(exc_type, exc, tb)
-        await self.publisher.close()
-        log.info("agent_stopped")
+        try:
+            if self._runner is not None:
+                await self._runner.cleanup()  # stop intake first: no new orders
+                self._runner = None
+            for task in self._tasks:
+                task.cancel()
+            if self._tg is not None:
+                tg, self._tg = self._tg, None
+                # Children we cancelled end quietly; a cancellation of our caller propagates.
+                await tg.__aexit__(None, None, None)
+        finally:
+            # The outbox commits what is pending (the transaction in progress), then closes.
+            await self.outbox.__aexit__(exc_type, exc, tb)
+            await self.publisher.close()
+            log.info("agent_stopped")
 
     async def submit(self, data: Mapping[str, Any]) -> Submitted:
         """Validate an order and commit it to the outbox; return once it is durable.
