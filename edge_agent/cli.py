@@ -1,24 +1,103 @@
-"""`edge-agent`: the device agent. Not implemented yet (issue 3); this stub only parses flags."""
+"""``edge-agent``: run the device agent, or ``edge-agent submit`` an order from a shell.
+
+Exit codes of ``submit``: 0 queued, 2 bad input, 3 refused (full, disk,
+shutting down), 4 agent unreachable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+
+import structlog
+
+from schemas.config import ConfigError, add_config_arguments, load_config
+from schemas.logs import configure_logging
+
+from .agent import EdgeAgent
+from .config import AgentConfig
+from .errors import AgentError
+
+log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the contract's flags, then refuse to run: the service is not built yet."""
+    """Entry point of the ``edge-agent`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["submit"]:
+        return submit_main(args[1:])
     parser = argparse.ArgumentParser(
-        prog="edge-agent", description="the device agent (not implemented yet)"
+        prog="edge-agent",
+        description="The device agent: durable outbox, MQTT publisher, localhost intake. "
+        "`edge-agent submit --help` sends an order to a running agent.",
     )
-    parser.add_argument("--device-id")
-    parser.add_argument("--mqtt-url")
-    parser.add_argument("--db")
-    parser.add_argument("--http-port")
-    parser.parse_args(argv)
-    print("edge-agent: not implemented yet (see issue 3); nothing was started", file=sys.stderr)
-    return 2
+    add_config_arguments(parser, AgentConfig)
+    try:
+        config = load_config(AgentConfig, parser.parse_args(args))
+    except ConfigError as exc:
+        print(f"edge-agent: {exc.detail}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, service="edge-agent")
+    try:
+        asyncio.run(serve(config))
+    except AgentError as exc:
+        log.error("agent_failed_to_start", reason=exc.reason, detail=exc.detail)  # noqa: TRY400
+        return 1
+    return 0
+
+
+async def serve(config: AgentConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with EdgeAgent(config) as agent:
+        log.info(
+            "agent_started",
+            db=config.db,
+            http_port=agent.http_port,
+            mqtt_url=str(agent.publisher.url),
+        )
+        await stop.wait()
+        log.info("agent_stopping")
+
+
+def submit_main(argv: Sequence[str]) -> int:
+    """``edge-agent submit ORDER_JSON``: POST one order to the local agent."""
+    parser = argparse.ArgumentParser(
+        prog="edge-agent submit",
+        description="Send one order (JSON, or - for stdin) to a running agent's intake.",
+    )
+    parser.add_argument("order", help='JSON object, e.g. \'{"currency":"EUR",...}\', or -')
+    parser.add_argument("--http-port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    args = parser.parse_args(argv)
+    body = sys.stdin.read() if args.order == "-" else args.order
+    request = urllib.request.Request(
+        f"http://{args.host}:{args.http_port}/v1/orders",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(detail, file=sys.stderr)
+        return 2 if exc.code in (400, 422) else 3
+    except (urllib.error.URLError, OSError) as exc:
+        print(json.dumps({"error": "agent_unreachable", "detail": str(exc)}), file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Outbox schema, versioned with ``PRAGMA user_version``.
+
+Migration N (1-based) takes a database at version N-1 to version N. Append
+new migrations at the end; never edit one that has shipped, because devices
+in the field upgrade their queue in place.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the outbox table, a counter for `seq`, and partial indexes that keep
+    # the publisher's "oldest unreceipted first" scan proportional to the backlog.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('next_seq', 0), ('last_open_ms', 0);
+    CREATE TABLE orders (
+        seq INTEGER PRIMARY KEY,
+        order_id TEXT NOT NULL UNIQUE,
+        payload BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT,
+        reason TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_retry_ms INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        settled_ms INTEGER
+    );
+    CREATE INDEX orders_pending ON orders (seq) WHERE settled_ms IS NULL;
+    CREATE INDEX orders_settled ON orders (settled_ms) WHERE settled_ms IS NOT NULL;
+    """,
+)
+
+SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,419 @@
+"""The outbox's SQLite layer: synchronous, owned by exactly one thread at a time.
+
+:class:`Store` holds the one ``sqlite3`` connection. :class:`edge_agent.outbox.Outbox`
+calls it from a single writer thread (or inline, for an in-memory database),
+handing it whole batches so that many orders share one transaction and one
+fsync (group commit).
+
+Durability settings, and why:
+
+* ``journal_mode=WAL`` + ``synchronous=FULL``: a commit is on disk when
+  ``COMMIT`` returns, so a 202 survives power loss.
+* ``locking_mode=EXCLUSIVE`` before the first access: SQLite then keeps the
+  WAL index on the heap instead of a ``-shm`` mmap. A process that opens a
+  WAL database on a full disk would otherwise die of SIGBUS touching the map;
+  it also stops a second agent from opening the same queue.
+* ``auto_vacuum=INCREMENTAL``: pruned pages go back to the file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from typing import Final
+
+from ._migrations import MIGRATIONS, SCHEMA_VERSION
+from ._records import (
+    Defer,
+    Due,
+    NewOrder,
+    OrderRecord,
+    Sent,
+    Settle,
+    Stats,
+    StatusUpdate,
+    Submitted,
+    Update,
+)
+from .errors import OutboxFull, StorageError
+
+# Primary result codes (the low byte of the extended code).
+_SQLITE_CODES: Final = {
+    5: "locked",  # SQLITE_BUSY: another process holds the exclusive lock
+    6: "locked",
+    8: "read_only",
+    10: "io_error",
+    11: "corrupt",
+    13: "disk_full",
+    14: "unavailable",  # SQLITE_CANTOPEN
+    26: "corrupt",  # SQLITE_NOTADB
+}
+
+
+def _check_version(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema v{version} is newer than this agent (v{SCHEMA_VERSION})",
+            reason="schema_too_new",
+        )
+
+
+def now_ms() -> int:
+    """Wall-clock ms since the epoch, as stored in the outbox."""
+    return time.time_ns() // 1_000_000
+
+
+def storage_error(exc: sqlite3.Error, action: str) -> StorageError:
+    """Translate a sqlite3 error into a :class:`StorageError` with a reason code."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    reason = _SQLITE_CODES.get(code & 0xFF, "io_error") if isinstance(code, int) else "io_error"
+    err = StorageError(f"{action}: {exc}", reason=reason)
+    err.__cause__ = exc
+    return err
+
+
+_INSERT: Final = (
+    "INSERT INTO orders (seq, order_id, payload, size, state, created_ms, updated_ms) "
+    "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
+)
+_COLUMNS: Final = (
+    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms"
+)
+
+
+class Store:
+    """One SQLite outbox database. Not thread-safe: one caller at a time."""
+
+    def __init__(self, path: str, *, max_rows: int, max_bytes: int) -> None:
+        self.path = path
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.pending_rows = 0
+        self.pending_bytes = 0
+        self._next_seq = 0
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """True once the database is open and migrated."""
+        return self._conn is not None
+
+    def open(self) -> StorageError | None:
+        """Open, migrate and probe the database.
+
+        Returns the error of a write probe (say, a full disk) while keeping the
+        database open for reading and sending.
+
+        Raises:
+            StorageError: the database cannot be opened or migrated at all.
+        """
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, f"open {self.path}") from exc
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if self.path == ":memory:":
+                # Thousands of simulated devices each hold one: small pages take a
+                # third of the memory of the default 4 KiB ones.
+                conn.execute("PRAGMA page_size=1024")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            _check_version(version)
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {MIGRATIONS[number - 1]}; "
+                    f"PRAGMA user_version={number}; COMMIT;"
+                )
+            self._conn = conn
+            self._load_counters()
+        except sqlite3.Error as exc:
+            conn.close()
+            self._conn = None
+            raise storage_error(exc, f"open {self.path}") from exc
+        except StorageError:
+            conn.close()
+            raise
+        try:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'last_open_ms'", (now_ms(),))
+        except sqlite3.Error as exc:
+            return storage_error(exc, "write probe")
+        return None
+
+    def close(self) -> None:
+        """Checkpoint (best effort) and close."""
+        if self._conn is None:
+            return
+        # A full disk may refuse the checkpoint; the WAL is replayed at the next open.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._conn.close()
+        self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"{self.path} is not open", reason="unavailable")
+        return self._conn
+
+    def _load_counters(self) -> None:
+        conn = self.conn
+        rows, size = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM orders WHERE settled_ms IS NULL"
+        ).fetchone()
+        self.pending_rows, self.pending_bytes = rows, size
+        # meta.next_seq only moves when prune deletes rows; otherwise the table knows.
+        self._next_seq = conn.execute(
+            "SELECT max((SELECT value FROM meta WHERE key = 'next_seq'), "
+            "(SELECT coalesce(max(seq), -1) + 1 FROM orders))"
+        ).fetchone()[0]
+
+    def reserve_seq(self) -> int:
+        """The next per-device ``seq``, taken in submit order (on the event loop).
+
+        An order that is refused or never committed leaves a gap; ``seq``
+        only has to increase. A restarted agent never reuses a committed
+        ``seq``: it continues after the largest stored one, or after
+        ``meta.next_seq``, which prune sets before deleting rows.
+        """
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def write(self, orders: list[NewOrder], updates: list[Update]) -> list[Submitted | OutboxFull]:
+        """Insert ``orders`` and apply ``updates`` in one transaction (one fsync).
+
+        An ``order_id`` already stored is the idempotency key: it answers with
+        the stored order instead.
+
+        Raises:
+            StorageError: the transaction failed and was rolled back; nothing
+                of this batch is stored.
+        """
+        conn = self.conn
+        stamp = now_ms()
+        rows, size = self.pending_rows, self.pending_bytes
+        batch_bytes = sum(len(order.payload) for order in orders)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if rows + len(orders) <= self.max_rows and size + batch_bytes <= self.max_bytes:
+                results, rows, size = self._insert_many(orders, stamp, rows, size)
+            else:
+                results, rows, size = self._insert_each(orders, stamp, rows, size)
+            for update in updates:
+                rows, size = self._apply(update, stamp, rows, size)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "write batch") from exc
+        except BaseException:
+            self._rollback()
+            raise
+        self.pending_rows, self.pending_bytes = rows, size
+        return results
+
+    def _insert_many(
+        self, orders: list[NewOrder], stamp: int, rows: int, size: int
+    ) -> tuple[list[Submitted | OutboxFull], int, int]:
+        # Fast path: the whole batch fits under the cap, so one executemany.
+        cur = self.conn.executemany(
+            _INSERT, [(o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp) for o in orders]
+        )
+        if cur.rowcount == len(orders):
+            added = sum(len(o.payload) for o in orders)
+            done = [Submitted(o.order_id, o.seq, "queued") for o in orders]
+            return list[Submitted | OutboxFull](done), rows + len(orders), size + added
+        # Some ids were known: a row holding our own seq is ours, any other is the first answer.
+        results: list[Submitted | OutboxFull] = []
+        for order in orders:
+            existing = self._existing(order.order_id)
+            assert existing is not None  # inserted now or before
+            if existing.seq == order.seq:
+                results.append(Submitted(order.order_id, order.seq, "queued"))
+                rows, size = rows + 1, size + len(order.payload)
+            else:
+                results.append(existing)
+        return results, rows, size
+
+    def _insert_each(
+        self, orders: list[NewOrder], stamp: int, rows: int, size: int
+    ) -> tuple[list[Submitted | OutboxFull], int, int]:
+        # Near the cap: decide order by order, so that one order too many is refused alone.
+        conn = self.conn
+        results: list[Submitted | OutboxFull] = []
+        for o in orders:
+            if rows + 1 > self.max_rows or size + len(o.payload) > self.max_bytes:
+                results.append(self._existing(o.order_id) or self._full(rows, size))
+                continue
+            cur = conn.execute(
+                _INSERT, (o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp)
+            )
+            if cur.rowcount == 1:
+                results.append(Submitted(o.order_id, o.seq, "queued"))
+                rows, size = rows + 1, size + len(o.payload)
+            else:
+                existing = self._existing(o.order_id)
+                assert existing is not None  # the conflict says it exists
+                results.append(existing)
+        return results, rows, size
+
+    def _rollback(self) -> None:
+        conn = self.conn
+        if conn.in_transaction:
+            # SQLite may have rolled back already (SQLITE_FULL can).
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _full(self, rows: int, size: int) -> OutboxFull:
+        return OutboxFull(
+            f"outbox holds {rows} unreceipted orders / {size} bytes "
+            f"(cap {self.max_rows} / {self.max_bytes})"
+        )
+
+    def _existing(self, order_id: str) -> Submitted | None:
+        row = self.conn.execute(
+            "SELECT seq, state FROM orders WHERE order_id = ?", (order_id,)
+        ).fetchone()
+        return None if row is None else Submitted(order_id, row[0], row[1], duplicate=True)
+
+    def _apply(self, update: Update, stamp: int, rows: int, size: int) -> tuple[int, int]:
+        conn = self.conn
+        match update:
+            case Sent(order_id, retry_at):
+                conn.execute(
+                    "UPDATE orders SET state = 'sent', attempts = attempts + 1, "
+                    "next_retry_ms = ?, updated_ms = ? "
+                    "WHERE order_id = ? AND settled_ms IS NULL",
+                    (retry_at, stamp, order_id),
+                )
+            case Defer(order_id, retry_at, reason):
+                conn.execute(
+                    "UPDATE orders SET next_retry_ms = ?, reason = ?, updated_ms = ? "
+                    "WHERE order_id = ? AND settled_ms IS NULL",
+                    (retry_at, reason, stamp, order_id),
+                )
+            case Settle(order_id, state, reason):
+                return self._settle(order_id, state, reason, stamp, rows=rows, size=size)
+            case StatusUpdate(order_id, status, reason):
+                conn.execute(
+                    "UPDATE orders SET status = ?, reason = coalesce(?, reason), updated_ms = ? "
+                    "WHERE order_id = ?",
+                    (status, reason, stamp, order_id),
+                )
+                # A status means the cloud has the order, even if its receipt got lost.
+                return self._settle(order_id, "accepted", None, stamp, rows=rows, size=size)
+        return rows, size
+
+    def _settle(
+        self, order_id: str, state: str, reason: str | None, stamp: int, *, rows: int, size: int
+    ) -> tuple[int, int]:
+        row = self.conn.execute(
+            "UPDATE orders SET state = ?, reason = ?, settled_ms = ?, updated_ms = ? "
+            "WHERE order_id = ? AND settled_ms IS NULL RETURNING size",
+            (state, reason, stamp, stamp, order_id),
+        ).fetchone()
+        return (rows, size) if row is None else (rows - 1, size - row[0])
+
+    def due(self, now: int, limit: int, skip: frozenset[str] | set[str]) -> list[Due]:
+        """Up to ``limit`` unreceipted orders due by ``now``, oldest first, not in ``skip``."""
+        out: list[Due] = []
+        cur = self.conn.execute(
+            "SELECT seq, order_id, payload FROM orders "
+            "WHERE settled_ms IS NULL AND next_retry_ms <= ? ORDER BY seq",
+            (now,),
+        )
+        for seq, order_id, payload in cur:
+            if order_id not in skip:
+                out.append(Due(seq, order_id, payload))
+                if len(out) >= limit:
+                    break
+        cur.close()
+        return out
+
+    def make_all_due(self) -> None:
+        """Make every unreceipted order due now (after a reconnect). Not fsynced."""
+        self.conn.execute(
+            "UPDATE orders SET next_retry_ms = 0 WHERE settled_ms IS NULL AND next_retry_ms > 0"
+        )
+
+    def get(self, order_id: str) -> OrderRecord | None:
+        """One order's local state."""
+        row = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
+        ).fetchone()
+        return None if row is None else OrderRecord(*row)
+
+    def page(self, state: str | None, before_seq: int | None, limit: int) -> list[OrderRecord]:
+        """Orders newest first, optionally of one state or pipeline status."""
+        where = ["seq < ?"]
+        args: list[int | str] = [before_seq if before_seq is not None else 2**63 - 1]
+        if state is not None:
+            where.append("(state = ? OR status = ?)")
+            args += [state, state]
+        rows = self.conn.execute(
+            f"SELECT {_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [OrderRecord(*row) for row in rows]
+
+    def stats(self) -> Stats:
+        """Backlog depth and age."""
+        conn = self.conn
+        oldest = conn.execute(
+            "SELECT created_ms FROM orders WHERE settled_ms IS NULL ORDER BY seq LIMIT 1"
+        ).fetchone()
+        total = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
+        return Stats(self.pending_rows, self.pending_bytes, oldest[0] if oldest else None, total)
+
+    def expire(self, created_before_ms: int) -> list[str]:
+        """Stop resending orders that were sent but never receipted for too long.
+
+        The bridge forgets an order's dedup marker after its TTL (7 days); a
+        resend after that would be appended twice. Such orders become
+        ``rejected`` with reason ``unreceipted_expired``, for an operator to
+        look at. Orders never sent (``attempts = 0``) are safe to send and stay.
+        """
+        stamp = now_ms()
+        try:
+            rows = self.conn.execute(
+                "UPDATE orders SET state = 'rejected', reason = 'unreceipted_expired', "
+                "settled_ms = ?, updated_ms = ? "
+                "WHERE settled_ms IS NULL AND attempts > 0 AND created_ms < ? "
+                "RETURNING order_id, size",
+                (stamp, stamp, created_before_ms),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "expire") from exc
+        self.pending_rows -= len(rows)
+        self.pending_bytes -= sum(size for _, size in rows)
+        return [order_id for order_id, _ in rows]
+
+    def prune(self, settled_before_ms: int) -> int:
+        """Delete orders settled before the cutoff, then give the space back."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE meta SET value = "
+                "max(value, (SELECT coalesce(max(seq), -1) + 1 FROM orders)) "
+                "WHERE key = 'next_seq'"
+            )
+            deleted = conn.execute(
+                "DELETE FROM orders WHERE settled_ms IS NOT NULL AND settled_ms < ?",
+                (settled_before_ms,),
+            ).rowcount
+            conn.execute("COMMIT")
+            if deleted:
+                # executescript steps the pragma to the end; execute() frees one page.
+                conn.executescript("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "prune") from exc
+        return deleted

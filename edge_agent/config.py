@@ -1,0 +1,52 @@
+"""The agent's settings: one frozen Struct, filled by flags > ``ORDERS_*`` env > TOML."""
+
+from __future__ import annotations
+
+from schemas.config import ServiceConfig
+from schemas.messages import DeviceId
+
+
+class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
+    """Settings of one edge agent; see ``edge_agent/agent.toml.example``.
+
+    Durations are in seconds, sizes in bytes. ``http_port = 0`` picks a free
+    port (tests); ``http_enabled = false`` runs the Python API only (simulator).
+    """
+
+    device_id: DeviceId
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    db: str = "/var/lib/edge-agent/outbox.db"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    http_enabled: bool = True
+    # MQTT session
+    client_id: str = ""  # default: edge-{device_id}
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    connect_timeout_s: float = 10.0
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Delivery
+    max_inflight: int = 100
+    drain_rate_per_min: float = 6000.0
+    receipt_timeout_s: float = 30.0
+    rate_limited_retry_s: float = 10.0
+    # Below the bridge's 7-day dedup marker TTL: older sent-but-unreceipted orders
+    # are not resent (that could duplicate them) but rejected and alarmed on.
+    resend_max_age_s: float = 6 * 24 * 3600.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    poll_interval_s: float = 1.0
+    # Outbox
+    max_rows: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    retention_s: float = 24 * 3600.0
+    prune_interval_s: float = 300.0
+    storage_retry_s: float = 5.0
+    batch_max: int = 1024
+
+    @property
+    def mqtt_client_id(self) -> str:
+        """The stable MQTT client id that keeps the persistent session."""
+        return self.client_id or f"edge-{self.device_id}"

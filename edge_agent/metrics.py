@@ -1,0 +1,81 @@
+"""Prometheus metrics of one agent, in a registry of its own.
+
+A private :class:`CollectorRegistry` per agent (not the process-global one)
+lets the fleet simulator run thousands of agents in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class AgentMetrics:
+    """The counters and gauges one agent exports on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.submitted = Counter(
+            "edge_orders_submitted", "Orders committed to the outbox", registry=r
+        )
+        self.duplicates = Counter(
+            "edge_orders_duplicate_submits", "Submits of an order_id already stored", registry=r
+        )
+        self.refused = Counter(
+            "edge_orders_refused", "Submits refused, by reason", ["reason"], registry=r
+        )
+        self.published = Counter("edge_orders_published", "PUBLISH packets sent", registry=r)
+        self.receipts = Counter(
+            "edge_receipts", "Receipts received, by result", ["result"], registry=r
+        )
+        self.receipt_timeouts = Counter(
+            "edge_receipt_timeouts", "Orders re-queued after no receipt came in time", registry=r
+        )
+        self.statuses = Counter(
+            "edge_statuses", "Pipeline status messages, by status", ["status"], registry=r
+        )
+        self.broker_rejections = Counter(
+            "edge_broker_rejections", "PUBACKs with a reason code >= 128", ["code"], registry=r
+        )
+        self.invalid_messages = Counter(
+            "edge_invalid_messages", "Undecodable receipts or statuses", registry=r
+        )
+        self.expired = Counter(
+            "edge_orders_unreceipted_expired",
+            "Orders given up after resend_max_age_s without a receipt",
+            registry=r,
+        )
+        self.connects = Counter("edge_mqtt_connects", "Successful MQTT connects", registry=r)
+        self.connected = Gauge("edge_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.pending = Gauge("edge_outbox_pending_orders", "Unreceipted orders", registry=r)
+        self.pending_bytes = Gauge(
+            "edge_outbox_pending_bytes", "Bytes of unreceipted orders", registry=r
+        )
+        self.storage_error = Gauge(
+            "edge_outbox_storage_error", "1 while the outbox cannot write", registry=r
+        )
+        self.inflight = Gauge(
+            "edge_orders_inflight", "Orders sent and awaiting receipt", registry=r
+        )
+
+    def bind(
+        self,
+        *,
+        pending: Callable[[], float],
+        pending_bytes: Callable[[], float],
+        storage_error: Callable[[], float],
+        inflight: Callable[[], float],
+        connected: Callable[[], float],
+    ) -> None:
+        """Compute the gauges at scrape time from the live objects."""
+        self.pending.set_function(pending)
+        self.pending_bytes.set_function(pending_bytes)
+        self.storage_error.set_function(storage_error)
+        self.inflight.set_function(inflight)
+        self.connected.set_function(connected)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

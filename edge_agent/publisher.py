@@ -1,0 +1,240 @@
+"""The publisher: sends unreceipted orders oldest first and settles them by receipt.
+
+An order leaves the "to send" set only when the bridge's receipt arrives on
+``v1/devices/{id}/receipts``, never on PUBACK: a broker restarted without
+persistence forgets what it PUBACKed. Orders without a receipt after
+``receipt_timeout_s``, and all of them after a reconnect, are sent again;
+the bridge's dedup makes the repeats harmless.
+
+Flow control: at most ``max_inflight`` orders await receipts, and a token
+bucket caps the drain rate, so a device back from a week offline neither
+floods the cloud nor takes days to catch up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import structlog
+
+from schemas import DecodeError, Reason, decode_receipt, decode_status, names
+from schemas.logs import truncate
+from schemas.urls import MqttUrl
+
+from ._pacing import TokenBucket, full_jitter
+from ._store import now_ms
+from .config import AgentConfig
+from .errors import BrokerError, StorageError
+from .metrics import AgentMetrics
+from .outbox import Outbox
+from .transport import Transport, TransportFactory, TransportSettings, default_transport
+
+log = structlog.get_logger(__name__)
+
+
+class Publisher:
+    """Owns the MQTT connection of one agent; run :meth:`run` as a task."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        outbox: Outbox,
+        metrics: AgentMetrics,
+        *,
+        transport_factory: TransportFactory = default_transport,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._outbox = outbox
+        self._metrics = metrics
+        self._rng = rng or random.Random()
+        self.url = MqttUrl.parse(config.mqtt_url)
+        self._orders_topic = names.orders_topic(config.device_id)
+        self._receipts_topic = names.receipts_topic(config.device_id)
+        self._status_topic = names.status_topic(config.device_id)
+        settings = TransportSettings(
+            url=self.url,
+            client_id=config.mqtt_client_id,
+            subscriptions=(self._receipts_topic, self._status_topic),
+            keepalive_s=config.keepalive_s,
+            session_expiry_s=config.session_expiry_s,
+            connect_timeout_s=config.connect_timeout_s,
+            max_inflight=config.max_inflight,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
+        )
+        self._transport: Transport = transport_factory(settings, self)
+        # At most one second's worth at once, so a backlog never leaves in a burst.
+        rate_per_s = config.drain_rate_per_min / 60.0
+        self._bucket = TokenBucket(rate_per_s, burst=min(config.max_inflight, rate_per_s))
+        self._inflight: dict[str, float] = {}  # order_id -> receipt deadline (monotonic)
+        self._mids: dict[int, str] = {}
+        self._wake = asyncio.Event()
+        self.last_error: str | None = None
+        self.last_rejection: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._transport.connected
+
+    @property
+    def protocol(self) -> str:
+        return self._transport.protocol
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def wake(self) -> None:
+        """Something changed (new order, receipt): look for work now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, pump, reconnect with capped full-jitter backoff; forever."""
+        cfg = self._config
+        attempt = 0
+        while True:
+            try:
+                session_present = await self._transport.connect()
+            except BrokerError as exc:
+                self.last_error = exc.detail
+                delay = full_jitter(attempt, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng)
+                attempt += 1
+                log.warning("mqtt_connect_failed", error=exc.detail, retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            attempt = 1
+            self.last_error = None
+            self._metrics.connects.inc()
+            log.info(
+                "mqtt_connected",
+                url=str(self.url),
+                protocol=self._transport.protocol,
+                session_present=session_present,
+            )
+            try:
+                await self._pump()
+            except StorageError as exc:
+                # The outbox cannot be read: health shows it; retry on a fresh connection.
+                log.error("publisher_storage_error", reason=exc.reason, detail=exc.detail)  # noqa: TRY400
+                await self._transport.disconnect()
+            except Exception:
+                # Isolation boundary: a bug here must not stop the agent taking orders.
+                log.exception("publisher_failed")
+                await self._transport.disconnect()
+            delay = full_jitter(0, cfg.reconnect_min_s, cfg.reconnect_max_s, self._rng)
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Disconnect cleanly; unreceipted orders stay in the outbox."""
+        await self._transport.disconnect()
+
+    async def _pump(self) -> None:
+        cfg = self._config
+        self._inflight.clear()
+        self._mids.clear()
+        # Every unreceipted order goes out again on a new connection.
+        await self._outbox.flush()
+        await self._outbox.make_all_due()
+        while self._transport.connected:
+            self._wake.clear()
+            now = time.monotonic()
+            for order_id, deadline in list(self._inflight.items()):
+                if deadline <= now:
+                    del self._inflight[order_id]
+                    self._metrics.receipt_timeouts.inc()
+            timeout = cfg.poll_interval_s
+            free = cfg.max_inflight - len(self._inflight)
+            if free > 0:
+                tokens = self._bucket.take_up_to(free)
+                sent = await self._send_due(tokens) if tokens else 0
+                self._bucket.give_back(tokens - sent)
+                if sent and sent == tokens:
+                    continue  # there may be more due right away
+                if not tokens:
+                    timeout = min(timeout, self._bucket.seconds_until(1))
+            if self._inflight:
+                timeout = min(timeout, max(0.0, min(self._inflight.values()) - now))
+            try:
+                async with asyncio.timeout(max(timeout, 0.001)):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+        log.warning("mqtt_connection_lost", inflight=len(self._inflight))
+
+    async def _send_due(self, limit: int) -> int:
+        due = await self._outbox.due(now_ms(), limit, set(self._inflight))
+        timeout_s = self._config.receipt_timeout_s
+        sent = 0
+        for order in due:
+            if not self._transport.connected:
+                break
+            try:
+                mid = self._transport.publish(self._orders_topic, order.payload)
+            except BrokerError as exc:
+                log.warning("publish_failed", order_id=order.order_id, error=exc.detail)
+                break
+            self._inflight[order.order_id] = time.monotonic() + timeout_s
+            self._mids[mid] = order.order_id
+            self._outbox.mark_sent(order.order_id, now_ms() + int(timeout_s * 1000))
+            sent += 1
+        self._metrics.published.inc(sent)
+        return sent
+
+    # --- TransportHandlers: called on the event loop by the transport ---------
+
+    def on_puback(self, mid: int, reason_code: int, reason: str) -> None:
+        order_id = self._mids.pop(mid, None)
+        if order_id is None or reason_code < 128:
+            return
+        # MQTT 5 says "not delivered" (e.g. 135 Not authorized): the broker
+        # dropped it, so retrying the same publish would only fail again.
+        self._metrics.broker_rejections.labels(str(reason_code)).inc()
+        self._inflight.pop(order_id, None)
+        self.last_rejection = f"{order_id}: PUBACK {reason_code} {reason}"
+        log.error(
+            "order_rejected_by_broker", order_id=order_id, reason_code=reason_code, reason=reason
+        )
+        self._outbox.settle(order_id, "rejected", f"puback_{reason_code}")
+        self._wake.set()
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self._receipts_topic:
+                self._on_receipt(payload)
+            elif topic == self._status_topic:
+                status = decode_status(payload)
+                self._metrics.statuses.labels(status.status).inc()
+                self._outbox.set_status(status.order_id, status.status, status.reason)
+            else:
+                log.warning("unexpected_topic", topic=topic)
+        except DecodeError as exc:
+            self._metrics.invalid_messages.inc()
+            log.warning(
+                "invalid_message", topic=topic, reason=exc.reason, payload=truncate(payload)
+            )
+
+    def _on_receipt(self, payload: bytes) -> None:
+        receipt = decode_receipt(payload)
+        self._metrics.receipts.labels(receipt.result).inc()
+        order_id = receipt.order_id
+        if order_id is None:
+            log.warning("receipt_without_order_id", reason=receipt.reason)
+            return
+        self._inflight.pop(order_id, None)
+        if receipt.result in ("accepted", "duplicate"):
+            self._outbox.settle(order_id, "accepted", None)
+        elif receipt.reason == Reason.RATE_LIMITED:
+            retry_at = now_ms() + int(self._config.rate_limited_retry_s * 1000)
+            self._outbox.defer(order_id, retry_at, receipt.reason)
+        else:
+            log.error("order_rejected", order_id=order_id, reason=receipt.reason)
+            self._outbox.settle(order_id, "rejected", receipt.reason)
+        self._wake.set()
+
+    def on_connection_lost(self, reason: str) -> None:
+        self.last_error = f"connection lost: {reason}"
+        self._wake.set()

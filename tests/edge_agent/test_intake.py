@@ -1,0 +1,142 @@
+"""HTTP intake: 202 after commit, idempotency, problem bodies, paging, health, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from edge_agent import AgentConfig, EdgeAgent
+
+from .conftest import order_body
+
+
+@pytest.fixture
+async def agent(make_config: Callable[..., AgentConfig]) -> AsyncIterator[EdgeAgent]:
+    """An agent with HTTP intake on a free port (no bridge: orders stay queued)."""
+    async with EdgeAgent(make_config(max_rows=5)) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(agent: EdgeAgent) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session pointed at the agent."""
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as session:
+        yield session
+
+
+async def test_post_is_202_and_idempotent(http: aiohttp.ClientSession, agent: EdgeAgent) -> None:
+    """POST answers 202 with the id; the same order_id again gives the same answer and one order."""
+    async with http.post("/v1/orders", json=order_body("order-http1")) as resp:
+        assert resp.status == 202
+        first = await resp.json()
+    async with http.post("/v1/orders", json=order_body("order-http1", qty=9)) as resp:
+        assert resp.status == 202
+        assert await resp.json() == first == {"order_id": "order-http1", "status": "queued"}
+    rows, _ = await agent.list_orders()
+    assert [r.order_id for r in rows] == ["order-http1"]
+
+
+async def test_generated_order_id(http: aiohttp.ClientSession) -> None:
+    """Without an order_id the agent generates one and GET finds it."""
+    async with http.post("/v1/orders", json=order_body()) as resp:
+        assert resp.status == 202
+        order_id = (await resp.json())["order_id"]
+    async with http.get(f"/v1/orders/{order_id}") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["state"] in ("queued", "sent")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "field"),
+    [
+        (b"{not json", 400, "malformed", "$"),
+        (b"[1, 2]", 400, "malformed", "$"),
+        (b'{"currency": "eur", "items": [{"sku": "a", "qty": 1, "unit_price": 1}], "total": 1}',
+         422, "invalid_schema", "$.currency"),
+        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 1, "unit_price": 1}], "total": 5}',
+         422, "total_mismatch", "$.total"),
+        (b'{"currency": "EUR", "items": [], "total": 0}', 422, "invalid_schema", "$.items"),
+        (b'{"device_id": "x", "currency": "EUR", "items": [{"sku": "a", "qty": 1, '
+         b'"unit_price": 1}], "total": 1}', 422, "invalid_schema", "$.device_id"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_a_problem_naming_the_field(
+    http: aiohttp.ClientSession, body: bytes, status: int, reason: str, field: str
+) -> None:
+    """Bad input gets 400/422 with an RFC 9457 problem body naming reason and field."""
+    async with http.post(
+        "/v1/orders", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/problem+json"
+        problem = await resp.json()
+    assert problem["status"] == status
+    assert problem["reason"] == reason
+    assert problem["field"] == field
+    assert problem["type"].endswith(reason)
+    assert problem["title"]
+    assert problem["detail"]
+
+
+async def test_too_large_is_refused_at_intake(http: aiohttp.ClientSession) -> None:
+    """An order that would encode past 16 KiB is refused with 422 too_large, never queued."""
+    body = order_body("order-huge")
+    body["attrs"] = {"note": "x" * 17_000}
+    async with http.post("/v1/orders", json=body) as resp:
+        assert resp.status == 422
+        assert (await resp.json())["reason"] == "too_large"
+    async with http.get("/v1/orders/order-huge") as resp:
+        assert resp.status == 404
+
+
+async def test_full_outbox_is_507(http: aiohttp.ClientSession, agent: EdgeAgent) -> None:
+    """At the cap POST answers 507 and the stored orders stay as they were."""
+    for i in range(5):
+        async with http.post("/v1/orders", json=order_body(f"order-full{i}")) as resp:
+            assert resp.status == 202
+    before, _ = await agent.list_orders(limit=10)
+    async with http.post("/v1/orders", json=order_body("order-full9")) as resp:
+        assert resp.status == 507
+        assert (await resp.json())["reason"] == "outbox_full"
+    after, _ = await agent.list_orders(limit=10)
+    assert [(r.order_id, r.seq) for r in after] == [(r.order_id, r.seq) for r in before]
+
+
+async def test_list_is_newest_first_with_cursor(http: aiohttp.ClientSession) -> None:
+    """GET /v1/orders pages newest first and next_cursor walks to the end."""
+    ids = [f"order-page{i}" for i in range(5)]
+    for order_id in ids:
+        async with http.post("/v1/orders", json=order_body(order_id)) as resp:
+            assert resp.status == 202
+    seen: list[str] = []
+    cursor = ""
+    for _ in range(5):
+        async with http.get("/v1/orders", params={"limit": "2", "cursor": cursor}) as resp:
+            page = await resp.json()
+        seen += [o["order_id"] for o in page["orders"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = page["next_cursor"]
+    assert seen == ids[::-1]
+    async with http.get("/v1/orders", params={"state": "accepted"}) as resp:
+        assert (await resp.json())["orders"] == []
+    async with http.get("/v1/orders", params={"limit": "0"}) as resp:
+        assert resp.status == 400
+
+
+async def test_health_and_metrics(http: aiohttp.ClientSession) -> None:
+    """/healthz reports depth and age; /metrics counts submits in this agent's registry."""
+    async with http.post("/v1/orders", json=order_body("order-metric")) as resp:
+        assert resp.status == 202
+    async with http.get("/healthz") as resp:
+        assert resp.status == 200
+        health = await resp.json()
+    assert health["outbox_depth"] == 1
+    assert health["oldest_unreceipted_age_s"] is not None
+    assert health["storage_error"] is None
+    async with http.get("/metrics") as resp:
+        text = await resp.text()
+    assert "edge_orders_submitted_total 1.0" in text
+    assert "edge_outbox_pending_orders 1.0" in text
