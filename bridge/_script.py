@@ -1,0 +1,76 @@
+"""The Lua script that deduplicates and appends one batch of orders to one shard.
+
+One call per shard per batch. Running it twice with the same orders is
+harmless (the second run answers ``duplicate``), so it is the only write that
+may be retried blindly.
+
+KEYS: ``orders:{N}``, then one ``orders:{N}:seen:{device}:{order}`` per order.
+ARGV: ttl_s, trim ("1" or "0"), then per order: digest, order_id, device_id,
+seq, received_at, payload.
+Returns one integer per order: 1 appended, 0 duplicate, -1 conflict.
+
+The marker is written after the XADD, not before: Redis does not roll back a
+script that fails half way, and a marker without its entry would turn the
+order into a false ``duplicate`` (lost), while an entry without its marker can
+at worst be appended again on a retry.
+
+Trimming (``trim`` = "1"): ``XTRIM MINID ~ floor``, where floor is the smallest
+of every consumer group's oldest pending id and last-delivered id. Entries at
+or above the floor are never removed (approximate trimming removes only whole
+nodes below it), so nothing a group has not read and acknowledged is lost. A
+stream with no consumer group is never trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+ORDER_ARGS: Final = 6
+
+APPEND_SCRIPT: Final = r"""
+local stream = KEYS[1]
+local ttl = ARGV[1]
+local out = {}
+for i = 2, #KEYS do
+  local a = 2 + (i - 2) * 6
+  local digest = ARGV[a + 1]
+  local current = redis.call('GET', KEYS[i])
+  if not current then
+    redis.call('XADD', stream, '*',
+      'order_id', ARGV[a + 2], 'device_id', ARGV[a + 3], 'seq', ARGV[a + 4],
+      'received_at', ARGV[a + 5], 'payload', ARGV[a + 6])
+    redis.call('SET', KEYS[i], digest, 'EX', ttl)
+    out[#out + 1] = 1
+  elseif current == digest then
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = -1
+  end
+end
+
+local function older(x, y)
+  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
+  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
+  xm, xs, ym, ys = tonumber(xm), tonumber(xs), tonumber(ym), tonumber(ys)
+  return xm < ym or (xm == ym and xs < ys)
+end
+
+if ARGV[2] == '1' and redis.call('EXISTS', stream) == 1 then
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  local floor = nil
+  for _, g in ipairs(groups) do
+    local info = {}
+    for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+    local candidate = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then
+      local pending = redis.call('XPENDING', stream, info['name'])
+      if pending[2] and older(pending[2], candidate) then candidate = pending[2] end
+    end
+    if floor == nil or older(candidate, floor) then floor = candidate end
+  end
+  if floor ~= nil and floor ~= '0-0' then
+    redis.call('XTRIM', stream, 'MINID', '~', floor)
+  end
+end
+return out
+"""

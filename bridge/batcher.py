@@ -1,0 +1,185 @@
+"""Gather messages into batches and write each batch to Redis in one round trip.
+
+Every submitted message waits on a future until Redis holds it (the order, or
+its dead letter); only then may its MQTT PUBACK go out. A failed round trip is
+retried with capped, jittered backoff for as long as it takes: the waiting
+messages are not acknowledged meanwhile, so the broker keeps them and stops
+sending more once our Receive Maximum is reached. ``max_pending`` bounds what
+is held here in any case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import structlog
+
+from schemas import Reason
+from schemas.messages import ReceiptResult
+from schemas.names import orders_topic
+
+from .errors import StoreError
+from .ingest import Classified, DeadLetter, ValidOrder
+from .metrics import BridgeMetrics
+from .store import AppendResult, OrderSink
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the device is told about one message."""
+
+    result: ReceiptResult
+    reason: str | None = None
+
+
+ACCEPTED = Outcome("accepted")
+DUPLICATE = Outcome("duplicate")
+
+_Entry = tuple[Classified, "asyncio.Future[Outcome]"]
+
+
+class Batcher:
+    """Collects messages, writes batches of up to ``max_batch`` or every ``max_delay_s``.
+
+    Run :meth:`run` as a task; :meth:`submit` from message handlers.
+    """
+
+    def __init__(
+        self,
+        sink: OrderSink,
+        metrics: BridgeMetrics,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_pending: int,
+        backoff_max_s: float,
+        trim_every_batches: int,
+    ) -> None:
+        self._sink = sink
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._max_delay_s = max_delay_s
+        self._backoff_max_s = backoff_max_s
+        self._trim_every = trim_every_batches
+        self._slots = asyncio.Semaphore(max_pending)
+        self._buffer: list[_Entry] = []
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._shard_batches: defaultdict[int, int] = defaultdict(int)
+        self.redis_ok = True
+
+    async def submit(self, item: Classified) -> Outcome:
+        """Queue one message and wait until Redis holds it."""
+        async with self._slots:
+            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            self._buffer.append((item, future))
+            self._idle.clear()
+            self._wake.set()
+            if len(self._buffer) >= self._max_batch:
+                self._full.set()
+            return await future
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            if len(self._buffer) < self._max_batch and self._max_delay_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._max_delay_s):
+                        await self._full.wait()
+            batch = self._buffer[: self._max_batch]
+            del self._buffer[: self._max_batch]
+            if len(self._buffer) < self._max_batch:
+                self._full.clear()
+            if not self._buffer:
+                self._wake.clear()
+            if batch:
+                await self._write(batch)
+            if not self._buffer:
+                self._idle.set()
+
+    async def _write(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        self._metrics.batch_size.observe(len(batch))
+        orders = [(item, fut) for item, fut in batch if isinstance(item, ValidOrder)]
+        dead = [(item, fut) for item, fut in batch if isinstance(item, DeadLetter)]
+        attempt = 0
+        while orders or dead:
+            trim = self._shards_to_trim(orders) if attempt == 0 else set()
+            call_started = time.perf_counter()
+            try:
+                results = await self._sink.write(
+                    [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
+                )
+            except StoreError as exc:
+                self._metrics.redis_errors.inc()
+                self._metrics.redis_up.set(0)
+                if self.redis_ok or attempt % 20 == 0:
+                    log.warning("redis write failed, retrying", error=str(exc), attempt=attempt)
+                self.redis_ok = False
+                await asyncio.sleep(self._backoff_s(attempt))
+                attempt += 1
+                continue
+            self._metrics.redis_rtt.observe(time.perf_counter() - call_started)
+            self._metrics.redis_up.set(1)
+            if not self.redis_ok:
+                log.info("redis writes work again", attempts=attempt)
+            self.redis_ok = True
+            conflicts: list[tuple[DeadLetter, asyncio.Future[Outcome]]] = []
+            for (order, future), result in zip(orders, results, strict=True):
+                if result is AppendResult.APPENDED:
+                    self._metrics.accepted.inc()
+                    _resolve(future, ACCEPTED)
+                elif result is AppendResult.DUPLICATE:
+                    self._metrics.duplicates.inc()
+                    _resolve(future, DUPLICATE)
+                else:
+                    letter = DeadLetter(
+                        Reason.CONFLICT,
+                        orders_topic(order.device_id),
+                        order.payload,
+                        order.received_at_ms,
+                        order.device_id,
+                        order.order_id,
+                    )
+                    conflicts.append((letter, future))
+            for letter, future in dead:
+                self._metrics.rejected.labels(letter.reason).inc()
+                _resolve(future, Outcome("rejected", letter.reason))
+            # A conflict's marker already exists, so a retry of the script would
+            # answer "conflict" again: only its dead letter is still to write.
+            orders, dead = [], conflicts
+        self._metrics.batch_latency.observe(time.perf_counter() - started)
+
+    def _shards_to_trim(self, orders: list[tuple[ValidOrder, asyncio.Future[Outcome]]]) -> set[int]:
+        if self._trim_every <= 0:
+            return set()
+        due: set[int] = set()
+        for shard in {order.shard for order, _ in orders}:
+            self._shard_batches[shard] += 1
+            if self._shard_batches[shard] % self._trim_every == 0:
+                due.add(shard)
+        return due
+
+    def _backoff_s(self, attempt: int) -> float:
+        cap = min(self._backoff_max_s, 0.05 * 2**attempt)
+        return random.uniform(cap / 2, cap)  # jitter, not crypto
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    # The waiting handler may have been cancelled at shutdown; then nobody acks.
+    if not future.done():
+        future.set_result(outcome)

@@ -1,0 +1,161 @@
+"""The MQTT side: a shared QoS 1 subscription whose PUBACKs wait for our handler.
+
+The client library sits behind :class:`Intake`. We use gmqtt (asyncio-native):
+with ``optimistic_acknowledgement=False`` it runs an ``async def`` on_message as
+a task and sends the PUBACK from the task's done-callback only when the
+coroutine returned 0. A handler that raises or is cancelled is never acked,
+and the broker redelivers the message on the next session. See
+``bench/mqtt_clients.py`` for why gmqtt over paho-mqtt.
+
+gmqtt silently falls back to MQTT 3.1.1, and then to acking on receipt, when a
+broker refuses MQTT 5; :class:`GmqttIntake` refuses to run in that case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import structlog
+from gmqtt import Client
+from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv50
+
+from schemas.names import shared_orders_subscription
+from schemas.urls import MqttUrl
+
+from .errors import IntakeError
+
+log = structlog.get_logger(__name__)
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+"""Called per message; returning means "stored, ack it", raising means "don't"."""
+
+CONNECT_TIMEOUT_S = 10.0
+RECONNECT_DELAY_S = 1
+
+
+class Intake(Protocol):
+    """A source of order messages that acks each one only after its handler returned."""
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and subscribed."""
+        ...
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 (receipts); best effort while disconnected."""
+        ...
+
+    def cancel_pending(self) -> None:
+        """Cancel handlers still running; their messages stay unacked."""
+        ...
+
+
+class GmqttIntake:
+    """:class:`Intake` on gmqtt; an async context manager that connects and subscribes."""
+
+    def __init__(
+        self,
+        url: MqttUrl,
+        handler: MessageHandler,
+        *,
+        client_id: str,
+        share_group: str,
+        session_expiry_s: int,
+        receive_maximum: int,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._handler = handler
+        self._subscription = shared_orders_subscription(share_group)
+        self._backoff_max_s = backoff_max_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subscribed = asyncio.Event()
+        self._client = Client(
+            client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=session_expiry_s,
+            receive_maximum=receive_maximum,
+        )
+        self._client.set_config(
+            {"reconnect_retries": UNLIMITED_RECONNECTS, "reconnect_delay": RECONNECT_DELAY_S}
+        )
+        if url.username:
+            self._client.set_auth_credentials(url.username, url.password)
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected) and self._subscribed.is_set()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self._client.publish(topic, payload, qos=1)
+
+    def cancel_pending(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def __aenter__(self) -> Self:
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await self._client.connect(
+                        self._url.host, self._url.port, ssl=self._url.tls, version=MQTTv50
+                    )
+                break
+            except (OSError, TimeoutError) as exc:
+                delay = random.uniform(0, min(self._backoff_max_s, 0.2 * 2**attempt))
+                log.warning("mqtt connect failed, retrying", error=repr(exc), delay_s=delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        # gmqtt has no public accessor for the negotiated version.
+        if self._client._connection_state.protocol_version != MQTTv50:
+            await self._client.disconnect()
+            raise IntakeError("broker refused MQTT 5: PUBACK-after-write needs it")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._client.disconnect()
+
+    def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
+        log.info("mqtt connected", session_present=bool(flags), rc=rc)
+        # Subscribing again on a present session is harmless and covers an expired one.
+        client.subscribe(self._subscription, qos=1)
+
+    def _on_subscribe(self, client: Client, mid: int, qos: Any, properties: Any) -> None:
+        log.info("mqtt subscribed", subscription=self._subscription, granted=list(qos))
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: Client, packet: Any, exc: Any = None) -> None:
+        self._subscribed.clear()
+        log.warning("mqtt disconnected", error=repr(exc) if exc else None)
+
+    async def wait_subscribed(self) -> None:
+        """Return once the subscription is in place."""
+        await self._subscribed.wait()
+
+    async def _on_message(
+        self, client: Client, topic: str, payload: bytes, qos: int, properties: Any
+    ) -> int:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._handler(topic, bytes(payload))
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+        return 0  # PUBACK, reason "success"

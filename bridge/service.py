@@ -1,0 +1,201 @@
+"""The bridge: wire intake, validation, batcher, receipts and the ops endpoints together.
+
+Per message: rate limit → validate → batch → Redis (order or dead letter) →
+receipt → return, which lets the intake send the PUBACK. Nothing is acked
+before Redis holds it; on SIGTERM the bridge stops taking messages, writes
+what it holds, acks that, and leaves the rest to the broker's session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from schemas import Reason, SchemaError
+from schemas.logs import truncate
+from schemas.names import device_id_from_orders_topic, receipts_topic
+from schemas.urls import MqttUrl
+
+from .batcher import Batcher, Outcome
+from .config import BridgeConfig
+from .http import HttpServer
+from .ingest import DeadLetter, classify, order_id_hint
+from .metrics import BridgeMetrics
+from .mqtt import GmqttIntake, Intake, MessageHandler
+from .ratelimit import TokenBuckets
+from .receipts import receipt_bytes
+from .store import OrderSink, RedisSink
+
+log = structlog.get_logger(__name__)
+
+REDIS_PROBE_INTERVAL_S = 1.0
+
+IntakeFactory = Callable[[MessageHandler], GmqttIntake]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Bridge:
+    """One bridge replica. Build with :meth:`from_config`, then ``await run()``."""
+
+    def __init__(self, config: BridgeConfig, sink: OrderSink, metrics: BridgeMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._sink = sink
+        self._limits = TokenBuckets(config.rate_per_s, config.rate_burst)
+        self.batcher = Batcher(
+            sink,
+            metrics,
+            max_batch=config.batch_max,
+            max_delay_s=config.batch_delay_ms / 1000,
+            max_pending=config.receive_maximum,
+            backoff_max_s=config.backoff_max_s,
+            trim_every_batches=config.trim_every_batches,
+        )
+        self._intake: Intake | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._never = asyncio.Event()  # messages arriving while stopping wait on this
+        self.started = False
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (SIGTERM)."""
+        self._stop.set()
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Process one message; returns once it may be acked."""
+        self.metrics.received.inc()
+        self.metrics.in_flight.inc()
+        try:
+            if self._stopping:
+                await self._never.wait()
+            await self._process(topic, payload)
+        except Exception:
+            # Isolation boundary: the message stays unacked and the broker
+            # redelivers it with the next session; the bridge keeps running.
+            log.exception("message not processed", topic=topic, payload=truncate(payload))
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _process(self, topic: str, payload: bytes) -> None:
+        received_at = _now_ms()
+        device_id: str | None
+        try:
+            device_id = device_id_from_orders_topic(topic)
+        except SchemaError:
+            device_id = None
+        if device_id is not None and not self._limits.allow(device_id):
+            self.metrics.rejected.labels(Reason.RATE_LIMITED).inc()
+            self._receipt(
+                device_id, order_id_hint(payload), Outcome("rejected", Reason.RATE_LIMITED)
+            )
+            return
+        item = classify(topic, payload, shards=self.config.shards, received_at_ms=received_at)
+        outcome = await self.batcher.submit(item)
+        if isinstance(item, DeadLetter):
+            log.debug("dead-lettered", topic=topic, reason=item.reason, payload=truncate(payload))
+            order_id = item.order_id
+        else:
+            order_id = item.order_id
+        if device_id is not None:
+            self._receipt(device_id, order_id, outcome)
+
+    def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
+        assert self._intake is not None  # handle() runs only inside run()
+        body = receipt_bytes(order_id, outcome.result, outcome.reason, _now_ms())
+        try:
+            self._intake.publish(receipts_topic(device_id), body)
+        except Exception as exc:  # receipts are advisory; agents resend
+            log.warning("receipt not published", device_id=device_id, error=repr(exc))
+
+    def health(self) -> dict[str, bool]:
+        """Checks for ``/healthz``."""
+        return {
+            "redis": self.batcher.redis_ok,
+            "mqtt": self._intake is not None and self._intake.connected,
+        }
+
+    def readiness(self) -> dict[str, bool]:
+        """Checks for ``/readyz``."""
+        return {**self.health(), "accepting": not self._stopping}
+
+    async def run(self, intake_factory: IntakeFactory | None = None) -> None:
+        """Run until :meth:`request_stop`, then drain and return."""
+        factory = intake_factory or self._gmqtt_intake
+        cfg = self.config
+        async with (
+            HttpServer(
+                cfg.http_host, cfg.http_port, self.metrics, health=self.health, ready=self.readiness
+            ),
+            factory(self.handle) as intake,
+        ):
+            self._intake = intake
+            self.started = True
+            self.metrics.mqtt_up.set(1)
+            async with asyncio.TaskGroup() as tasks:
+                writer = tasks.create_task(self.batcher.run(), name="batch-writer")
+                probe = tasks.create_task(self._probe_redis(), name="redis-probe")
+                log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards)
+                await self._stop.wait()
+                await self._drain()
+                writer.cancel()
+                probe.cancel()
+        intake.cancel_pending()
+        self.metrics.mqtt_up.set(0)
+        log.info("bridge stopped")
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        log.info("draining")
+        try:
+            async with asyncio.timeout(self.config.drain_grace_s):
+                await self.batcher.drain()
+        except TimeoutError:
+            log.warning("drain grace expired; unwritten messages stay unacked for redelivery")
+        # Let the handlers whose writes finished return, so their PUBACKs go out.
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def _probe_redis(self) -> None:
+        """Keep ``redis_ok`` honest while no batches flow, and time round trips."""
+        while True:
+            await asyncio.sleep(REDIS_PROBE_INTERVAL_S)
+            try:
+                rtt = await self._sink.ping()
+            except Exception as exc:  # StoreError or worse: report, don't die
+                self.batcher.redis_ok = False
+                self.metrics.redis_up.set(0)
+                log.debug("redis probe failed", error=repr(exc))
+            else:
+                self.batcher.redis_ok = True
+                self.metrics.redis_up.set(1)
+                self.metrics.redis_rtt.observe(rtt)
+
+    def _gmqtt_intake(self, handler: MessageHandler) -> GmqttIntake:
+        cfg = self.config
+        return GmqttIntake(
+            MqttUrl.parse(cfg.mqtt_url),
+            handler,
+            client_id=cfg.client_id,
+            share_group=cfg.share_group,
+            session_expiry_s=cfg.session_expiry_s,
+            receive_maximum=cfg.receive_maximum,
+            backoff_max_s=cfg.backoff_max_s,
+        )
+
+
+def build_sink(config: BridgeConfig) -> RedisSink:
+    """The Redis sink the configuration asks for."""
+    return RedisSink(
+        config.redis_url,
+        cluster=config.redis_cluster,
+        dedup_ttl_s=config.dedup_ttl_s,
+        dlq_maxlen=config.dlq_maxlen,
+        timeout_s=config.redis_timeout_s,
+    )
