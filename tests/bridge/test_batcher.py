@@ -1,0 +1,143 @@
+"""The batcher against a fake OrderSink: batching, retries, and nothing resolved before a write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from bridge.batcher import ACCEPTED, DUPLICATE, Batcher, Outcome
+from bridge.errors import StoreError
+from bridge.ingest import DeadLetter, ValidOrder
+from bridge.metrics import BridgeMetrics
+from bridge.store import AppendResult
+
+
+def order(seq: int, device: str = "d") -> ValidOrder:
+    """A ValidOrder without real validation (the fake sink doesn't care)."""
+    return ValidOrder(0, device, f"order-{seq:04d}", seq, 1, b"p", f"h{seq}")
+
+
+class FakeSink:
+    """Records batches; fails the first ``failures`` writes; answers by a rule."""
+
+    def __init__(self, failures: int = 0, conflict_seqs: frozenset[int] = frozenset()) -> None:
+        self.failures = failures
+        self.conflicts = conflict_seqs
+        self.calls: list[tuple[list[ValidOrder], list[DeadLetter]]] = []
+        self.stored: set[str] = set()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write(
+        self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
+    ) -> list[AppendResult]:
+        await self.gate.wait()
+        self.calls.append((list(orders), list(dead)))
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError("redis down")
+        results = []
+        for item in orders:
+            if item.seq in self.conflicts:
+                results.append(AppendResult.CONFLICT)
+            elif item.order_id in self.stored:
+                results.append(AppendResult.DUPLICATE)
+            else:
+                self.stored.add(item.order_id)
+                results.append(AppendResult.APPENDED)
+        return results
+
+    async def ping(self) -> float:
+        return 0.0
+
+
+def make(sink: FakeSink, **kwargs: float) -> Batcher:
+    """A batcher with test-friendly timings."""
+    params = {"max_batch": 10, "max_delay_s": 0.001, "max_pending": 100, "backoff_max_s": 0.01}
+    params.update(kwargs)
+    return Batcher(
+        sink,
+        BridgeMetrics(),
+        max_batch=int(params["max_batch"]),
+        max_delay_s=params["max_delay_s"],
+        max_pending=int(params["max_pending"]),
+        backoff_max_s=params["backoff_max_s"],
+        trim_every_batches=0,
+    )
+
+
+async def test_batches_respect_max_and_answer_each_message() -> None:
+    """25 messages go in batches of at most 10; copies are answered duplicate."""
+    sink = FakeSink()
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        outcomes = await asyncio.gather(*(batcher.submit(order(i % 20)) for i in range(25)))
+        writer.cancel()
+    assert all(len(orders) <= 10 for orders, _ in sink.calls)
+    assert outcomes.count(ACCEPTED) == 20
+    assert outcomes.count(DUPLICATE) == 5
+
+
+async def test_nothing_resolves_while_redis_fails() -> None:
+    """While writes fail, submitters keep waiting; after recovery all resolve, none lost."""
+    sink = FakeSink(failures=5)
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        pending = [tg.create_task(batcher.submit(order(i))) for i in range(3)]
+        while len(sink.calls) < 3:
+            await asyncio.sleep(0.001)
+        assert not any(task.done() for task in pending)
+        outcomes = [await task for task in pending]
+        writer.cancel()
+    assert outcomes == [ACCEPTED] * 3
+    assert sink.failures == 0
+
+
+async def test_conflict_goes_to_dlq_before_resolving() -> None:
+    """A conflict is answered rejected/conflict only after its dead letter was written."""
+    sink = FakeSink(conflict_seqs=frozenset({1}))
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        outcome = await batcher.submit(order(1))
+        writer.cancel()
+    assert outcome == Outcome("rejected", "conflict")
+    assert [letter.reason for _, dead in sink.calls for letter in dead] == ["conflict"]
+
+
+async def test_in_flight_is_bounded() -> None:
+    """With max_pending=5 and Redis stuck, the sixth submitter waits before queueing."""
+    sink = FakeSink()
+    sink.gate.clear()
+    batcher = make(sink, max_pending=5)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        tasks = [tg.create_task(batcher.submit(order(i))) for i in range(8)]
+        await asyncio.sleep(0.05)
+        # The writer holds the first five; without the bound the rest would queue up behind.
+        assert batcher._slots.locked()
+        assert batcher._buffer == []
+        sink.gate.set()
+        outcomes = [await task for task in tasks]
+        writer.cancel()
+    assert outcomes == [ACCEPTED] * 8
+
+
+async def test_drain_waits_for_the_write() -> None:
+    """drain() returns only once every submitted message is written."""
+    sink = FakeSink()
+    sink.gate.clear()
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        task = tg.create_task(batcher.submit(order(1)))
+        await asyncio.sleep(0.01)
+        drain = tg.create_task(batcher.drain())
+        await asyncio.sleep(0.01)
+        assert not drain.done()
+        sink.gate.set()
+        await drain
+        assert await task == ACCEPTED
+        writer.cancel()
