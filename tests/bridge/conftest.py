@@ -21,8 +21,8 @@ import paho.mqtt.client as paho
 import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
@@ -101,7 +101,9 @@ class ReceiptCollector:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"rc-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"rc-{uuid.uuid4().hex[:8]}",
+            protocol=paho.MQTTv5,
         )
         self._client.on_message = self._on_message
         self._client.on_subscribe = lambda *_: self._subscribed.set()
@@ -178,7 +180,7 @@ class BridgeProcess:
         if self.process.poll() is not None:
             raise AssertionError(f"bridge exited {self.process.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(  # noqa: S310 - loopback test URL
+            with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.http_port}{path}", timeout=2
             ) as response:
                 return int(response.status)
@@ -189,7 +191,7 @@ class BridgeProcess:
 
     def metrics(self) -> str:
         """The ``/metrics`` page."""
-        with urllib.request.urlopen(  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(
             f"http://127.0.0.1:{self.http_port}/metrics", timeout=2
         ) as response:
             return str(response.read().decode())
@@ -271,8 +273,11 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
         ports = [server.port for server in servers]
         subprocess.run(
             [
-                find_binary("redis-cli"), "--cluster", "create",
-                *[f"127.0.0.1:{port}" for port in ports], "--cluster-yes",
+                find_binary("redis-cli"),
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{port}" for port in ports],
+                "--cluster-yes",
             ],  # fmt: skip
             check=True,
             capture_output=True,
