@@ -271,14 +271,9 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
         servers.append(server)
     try:
         ports = [server.port for server in servers]
+        create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
-            [
-                find_binary("redis-cli"),
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{port}" for port in ports],
-                "--cluster-yes",
-            ],  # fmt: skip
+            [*create, *[f"127.0.0.1:{port}" for port in ports]],
             check=True,
             capture_output=True,
             timeout=60,

@@ -173,7 +173,7 @@ def test_sigkill_between_receive_and_append_redelivers(
     redis_factory: Callable[..., RedisProcess],
     bridge_factory: BridgeFactory,
 ) -> None:
-    """Killed while holding received, unwritten orders: no PUBACK went out, the broker redelivers."""
+    """Killed holding received, unwritten orders: nothing was acked, the broker redelivers."""
     broker = mosquitto_factory()
     store = redis_factory()
     group = shared_group()
@@ -246,7 +246,8 @@ def test_redis_outage_no_loss_no_dup_and_recovery(
         while time.monotonic() < outage_end:
             max_in_flight = max(max_in_flight, metric(bridge, "bridge_in_flight"))
             time.sleep(0.2)
-        assert bridge.process is not None and bridge.process.poll() is None
+        assert bridge.process is not None
+        assert bridge.process.poll() is None, "bridge died during the outage"
         assert 0 < max_in_flight <= receive_maximum
         store.start()
         feeder.join(60)
