@@ -33,6 +33,9 @@ class BridgeMetrics:
             "bridge_redis_rtt_seconds", "one Redis round trip", buckets=_SECONDS, registry=r
         )
         self.redis_errors = Counter("bridge_redis_errors", "failed Redis round trips", registry=r)
+        self.receipts_failed = Counter(
+            "bridge_receipts_failed", "receipts that could not be published", registry=r
+        )
         self.in_flight = Gauge(
             "bridge_in_flight", "messages received and not yet acknowledged", registry=r
         )

@@ -35,6 +35,8 @@ MessageHandler = Callable[[str, bytes], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_DELAY_S = 1
+PUBLISH_WAIT_S = 10.0
+PUBLISH_RETRY_S = 0.002
 
 
 class Intake(Protocol):
@@ -45,8 +47,12 @@ class Intake(Protocol):
         """True while connected and subscribed."""
         ...
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 (receipts); best effort while disconnected."""
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 (receipts), waiting while the outgoing window is full.
+
+        Raises:
+            IntakeError: no room in the window for ``PUBLISH_WAIT_S``.
+        """
         ...
 
     def cancel_pending(self) -> None:
@@ -95,8 +101,19 @@ class GmqttIntake:
     def connected(self) -> bool:
         return bool(self._client.is_connected) and self._subscribed.is_set()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        self._client.publish(topic, payload, qos=1)
+    async def publish(self, topic: str, payload: bytes) -> None:
+        # gmqtt raises OverflowError when every packet id allowed by the broker's
+        # Receive Maximum is in flight; wait for PUBACKs to free some.
+        deadline = asyncio.get_running_loop().time() + PUBLISH_WAIT_S
+        while True:
+            try:
+                self._client.publish(topic, payload, qos=1)
+            except OverflowError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise IntakeError("outgoing QoS 1 window stayed full") from exc
+                await asyncio.sleep(PUBLISH_RETRY_S)
+            else:
+                return
 
     def cancel_pending(self) -> None:
         for task in list(self._tasks):

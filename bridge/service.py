@@ -92,7 +92,7 @@ class Bridge:
             device_id = None
         if device_id is not None and not self._limits.allow(device_id):
             self.metrics.rejected.labels(Reason.RATE_LIMITED).inc()
-            self._receipt(
+            await self._receipt(
                 device_id, order_id_hint(payload), Outcome("rejected", Reason.RATE_LIMITED)
             )
             return
@@ -104,14 +104,15 @@ class Bridge:
         else:
             order_id = item.order_id
         if device_id is not None:
-            self._receipt(device_id, order_id, outcome)
+            await self._receipt(device_id, order_id, outcome)
 
-    def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
+    async def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
         assert self._intake is not None  # handle() runs only inside run()
         body = receipt_bytes(order_id, outcome.result, outcome.reason, _now_ms())
         try:
-            self._intake.publish(receipts_topic(device_id), body)
+            await self._intake.publish(receipts_topic(device_id), body)
         except Exception as exc:  # receipts are advisory; agents resend
+            self.metrics.receipts_failed.inc()
             log.warning("receipt not published", device_id=device_id, error=repr(exc))
 
     def health(self) -> dict[str, bool]:

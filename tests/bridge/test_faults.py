@@ -129,7 +129,12 @@ def run_sigkill_restart(
             def rejections() -> list[Any]:
                 return [r for _, r in collector.snapshot() if r.result == "rejected"]
 
-            wait_for(lambda: len(rejections()) >= len(bad), 30, "a receipt for every bad message")
+            wait_for(
+                lambda: len(rejections()) >= len(bad),
+                30,
+                f"a receipt for every bad message: {len(bad)} sent, "
+                f"{client.xlen(DLQ_STREAM)} dead letters",
+            )
             assert_exactly_once(client, expected)
             dlq = {
                 (fields[b"topic"].decode(), fields[b"payload"], fields[b"reason"].decode())
