@@ -18,6 +18,7 @@ from tests.bridge.conftest import (
 
 
 def test_rate_limited_orders_get_a_receipt_and_no_entry(
+    *,
     mqtt_url: str,
     redis_url: str,
     bridge_factory: Callable[..., BridgeProcess],
