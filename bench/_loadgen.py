@@ -56,7 +56,9 @@ def bench_order(proc: int, index: int, devices: int) -> tuple[str, bytes]:
     return orders_topic(device), encode(order)
 
 
-def _publish(host: str, port: int, proc: int, count: int, devices: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _publish(
+    host: str, port: int, proc: int, count: int, devices: int, rate: float, out: mp.Queue  # type: ignore[type-arg]
+) -> None:
     packets = []
     for index in range(count):
         topic, payload = bench_order(proc, index, devices)
@@ -74,8 +76,13 @@ def _publish(host: str, port: int, proc: int, count: int, devices: int, out: mp.
     sent = acked = 0
     window = 2000
     pending = b""
+    started = time.monotonic()
     while acked < count:
         while sent < count and sent - acked < window:
+            if rate > 0:  # paced: chunk k leaves at k * CHUNK / rate
+                delay = started + sent / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
             chunk_times.append(time.time())
             sock.sendall(b"".join(packets[sent : sent + CHUNK]))
             sent = min(count, sent + CHUNK)
@@ -88,12 +95,17 @@ def _publish(host: str, port: int, proc: int, count: int, devices: int, out: mp.
     out.put((proc, chunk_times))
 
 
-def publish_load(url_host: str, port: int, total: int, processes: int, devices: int) -> dict[int, list[float]]:
-    """Publish ``total`` orders from ``processes`` processes; returns send times per chunk."""
+def publish_load(
+    host: str, port: int, total: int, processes: int, devices: int, rate: float = 0.0
+) -> dict[int, list[float]]:
+    """Publish ``total`` orders from ``processes`` processes (``rate`` msg/s in all, 0 = flat out).
+
+    Returns when every publish was acked by the broker: the send time of each chunk.
+    """
     queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     per = total // processes
     procs = [
-        mp.Process(target=_publish, args=(url_host, port, p, per, devices, queue))
+        mp.Process(target=_publish, args=(host, port, p, per, devices, rate / processes, queue))
         for p in range(processes)
     ]
     for proc in procs:

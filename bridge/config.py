@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -28,6 +28,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     shards: Positive = DEFAULT_SHARDS
     client_id: str = msgspec.field(default_factory=default_client_id)
     share_group: str = DEFAULT_SHARE_GROUP
+    # mqtt5: our asyncio protocol on the Rust codec; gmqtt: the library (see bridge.intake).
+    mqtt_client: Literal["mqtt5", "gmqtt"] = "mqtt5"
     http_host: str = "0.0.0.0"  # a service's metrics port is meant to be scraped
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9102
     # Mosquitto keeps a dead replica's share this long; agents resend after it.

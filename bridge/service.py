@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import structlog
 
@@ -23,8 +22,10 @@ from .batcher import Batcher, Outcome
 from .config import BridgeConfig
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
+from .intake import Intake, IntakeFactory, MessageHandler
+from .intake_gmqtt import GmqttIntake
+from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
-from .mqtt import GmqttIntake, Intake, MessageHandler
 from .ratelimit import TokenBuckets
 from .receipts import receipt_bytes
 from .store import OrderSink, RedisSink
@@ -32,8 +33,6 @@ from .store import OrderSink, RedisSink
 log = structlog.get_logger(__name__)
 
 REDIS_PROBE_INTERVAL_S = 1.0
-
-IntakeFactory = Callable[[MessageHandler], GmqttIntake]
 
 
 def _now_ms() -> int:
@@ -128,7 +127,7 @@ class Bridge:
 
     async def run(self, intake_factory: IntakeFactory | None = None) -> None:
         """Run until :meth:`request_stop`, then drain and return."""
-        factory = intake_factory or self._gmqtt_intake
+        factory = intake_factory or self._default_intake
         cfg = self.config
         async with (
             HttpServer(
@@ -178,9 +177,10 @@ class Bridge:
                 self.metrics.redis_up.set(1)
                 self.metrics.redis_rtt.observe(rtt)
 
-    def _gmqtt_intake(self, handler: MessageHandler) -> GmqttIntake:
+    def _default_intake(self, handler: MessageHandler) -> GmqttIntake | Mqtt5Intake:
         cfg = self.config
-        return GmqttIntake(
+        kind = Mqtt5Intake if cfg.mqtt_client == "mqtt5" else GmqttIntake
+        return kind(
             MqttUrl.parse(cfg.mqtt_url),
             handler,
             client_id=cfg.client_id,

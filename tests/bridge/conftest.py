@@ -250,6 +250,14 @@ def stream_entries(client: redis.Redis, shards: int = 4) -> list[dict[bytes, byt
     return entries
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port <= 55535 and not port_is_open(port + 10000):
+            return port
+
+
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback; yields the ports."""
@@ -257,7 +265,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
         pytest.skip("redis-cli not installed")
     servers = []
     for index in range(3):
-        port = free_port()
+        port = _cluster_port()
         server = RedisProcess(
             tmp_path / f"cluster-{index}",
             port,

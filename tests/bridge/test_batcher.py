@@ -117,7 +117,7 @@ async def test_in_flight_is_bounded() -> None:
         tasks = [tg.create_task(batcher.submit(order(i))) for i in range(8)]
         await asyncio.sleep(0.05)
         # The writer holds the first five; without the bound the rest would queue up behind.
-        assert batcher._slots.locked()
+        assert batcher._pending == 5
         assert batcher._buffer == []
         sink.gate.set()
         outcomes = [await task for task in tasks]

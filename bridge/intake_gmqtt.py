@@ -1,11 +1,12 @@
-"""The MQTT side: a shared QoS 1 subscription whose PUBACKs wait for our handler.
+"""An :class:`bridge.intake.Intake` on gmqtt (``--mqtt-client gmqtt``).
 
-The client library sits behind :class:`Intake`. We use gmqtt (asyncio-native):
+gmqtt is asyncio-native:
 with ``optimistic_acknowledgement=False`` it runs an ``async def`` on_message as
 a task and sends the PUBACK from the task's done-callback only when the
 coroutine returned 0. A handler that raises or is cancelled is never acked,
-and the broker redelivers the message on the next session. See
-``bench/mqtt_clients.py`` for why gmqtt over paho-mqtt.
+and the broker redelivers the message on the next session. Each message is a
+task and each PUBACK or receipt its own socket write, which caps it near
+20k msg/s here (``bench/mqtt_clients.py``).
 
 gmqtt silently falls back to MQTT 3.1.1, and then to acking on receipt, when a
 broker refuses MQTT 5; :class:`GmqttIntake` refuses to run in that case.
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import structlog
 from gmqtt import Client
@@ -27,11 +27,9 @@ from schemas.names import shared_orders_subscription
 from schemas.urls import MqttUrl
 
 from .errors import IntakeError
+from .intake import MessageHandler
 
 log = structlog.get_logger(__name__)
-
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
-"""Called per message; returning means "stored, ack it", raising means "don't"."""
 
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_DELAY_S = 1
@@ -39,29 +37,8 @@ PUBLISH_WAIT_S = 10.0
 PUBLISH_RETRY_S = 0.002
 
 
-class Intake(Protocol):
-    """A source of order messages that acks each one only after its handler returned."""
-
-    @property
-    def connected(self) -> bool:
-        """True while connected and subscribed."""
-        ...
-
-    async def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 (receipts), waiting while the outgoing window is full.
-
-        Raises:
-            IntakeError: no room in the window for ``PUBLISH_WAIT_S``.
-        """
-        ...
-
-    def cancel_pending(self) -> None:
-        """Cancel handlers still running; their messages stay unacked."""
-        ...
-
-
 class GmqttIntake:
-    """:class:`Intake` on gmqtt; an async context manager that connects and subscribes."""
+    """:class:`~bridge.intake.Intake` on gmqtt; an async context manager that connects."""
 
     def __init__(
         self,
