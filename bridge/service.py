@@ -148,7 +148,7 @@ class Bridge:
                 probe.cancel()
         intake.cancel_pending()
         self.metrics.mqtt_up.set(0)
-        log.info("bridge stopped")
+        log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
 
     async def _drain(self) -> None:
         self._stopping = True

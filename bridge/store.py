@@ -17,8 +17,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from enum import IntEnum
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -30,6 +31,8 @@ from schemas.names import DLQ_STREAM, seen_key, stream_key
 from ._script import APPEND_SCRIPT
 from .errors import StoreError
 from .ingest import DeadLetter, ValidOrder
+
+_encoder: Final = msgspec.msgpack.Encoder()
 
 
 class AppendResult(IntEnum):
@@ -112,13 +115,17 @@ class RedisSink:
         pipe = self._client.pipeline(transaction=False)
         shard_order = list(by_shard)
         for shard in shard_order:
-            keys: list[str] = [stream_key(shard)]
-            args: list[str | bytes | int] = [self._ttl, "1" if shard in trim_shards else "0"]
-            for index in by_shard[shard]:
-                o = orders[index]
-                keys.append(seen_key(shard, o.device_id, o.order_id))
-                args += [o.digest, o.order_id, o.device_id, o.seq, o.received_at_ms, o.payload]
-            pipe.eval(APPEND_SCRIPT, len(keys), *keys, *args)
+            group = [orders[index] for index in by_shard[shard]]
+            keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
+            meta = _encoder.encode(
+                [
+                    (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms))
+                    for o in group
+                ]
+            )
+            trim = "1" if shard in trim_shards else "0"
+            payloads = [o.payload for o in group]
+            pipe.eval(APPEND_SCRIPT, len(keys), *keys, self._ttl, trim, meta, *payloads)
         for letter in dead:
             pipe.xadd(
                 DLQ_STREAM,
