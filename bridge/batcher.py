@@ -1,11 +1,12 @@
 """Gather messages into batches and write each batch to Redis in one round trip.
 
-Every submitted message waits on a future until Redis holds it (the order, or
-its dead letter); only then may its MQTT PUBACK go out. A failed round trip is
-retried with capped, jittered backoff for as long as it takes: the waiting
-messages are not acknowledged meanwhile, so the broker keeps them and stops
-sending more once our Receive Maximum is reached. ``max_pending`` bounds what
-is held here in any case.
+Every added message carries a ``done`` callback, called with its outcome only
+once Redis holds it (the order, or its dead letter); only then may its MQTT
+PUBACK go out. A failed round trip is retried with capped, jittered backoff
+for as long as it takes: the messages are not acknowledged meanwhile, so the
+broker keeps them and stops sending more once our Receive Maximum is reached.
+That Receive Maximum is what bounds the messages held here (the broker
+enforces it; ``bench`` and the outage test watch ``bridge_in_flight``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -42,13 +44,14 @@ class Outcome:
 ACCEPTED = Outcome("accepted")
 DUPLICATE = Outcome("duplicate")
 
-_Entry = tuple[Classified, "asyncio.Future[Outcome]"]
+Done = Callable[[Outcome], None]
+_Entry = tuple[Classified, Done]
 
 
 class Batcher:
     """Collects messages, writes batches of up to ``max_batch`` or every ``max_delay_s``.
 
-    Run :meth:`run` as a task; :meth:`submit` from message handlers.
+    Run :meth:`run` as a task; :meth:`add` messages from the intake.
     """
 
     def __init__(
@@ -58,7 +61,6 @@ class Batcher:
         *,
         max_batch: int,
         max_delay_s: float,
-        max_pending: int,
         backoff_max_s: float,
         trim_every_batches: int,
     ) -> None:
@@ -68,12 +70,6 @@ class Batcher:
         self._max_delay_s = max_delay_s
         self._backoff_max_s = backoff_max_s
         self._trim_every = trim_every_batches
-        # A counter and a FIFO of waiters, woken one at a time: asyncio's
-        # Semaphore scans its waiters on every release (3.11), and an Event
-        # would wake them all; both topped the profile once the bound was hit.
-        self._max_pending = max_pending
-        self._pending = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._buffer: list[_Entry] = []
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -81,31 +77,18 @@ class Batcher:
         self._idle.set()
         self._shard_batches: defaultdict[int, int] = defaultdict(int)
         self.redis_ok = True
+        self.pending = 0  # added and not yet written
         self.peak_pending = 0
 
-    async def submit(self, item: Classified) -> Outcome:
-        """Queue one message and wait until Redis holds it."""
-        while self._pending >= self._max_pending:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-        self._pending += 1
-        self.peak_pending = max(self.peak_pending, self._pending)
-        try:
-            future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            self._buffer.append((item, future))
-            self._idle.clear()
-            self._wake.set()
-            if len(self._buffer) >= self._max_batch:
-                self._full.set()
-            return await future
-        finally:
-            self._pending -= 1
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+    def add(self, item: Classified, done: Done) -> None:
+        """Queue one message; ``done(outcome)`` runs once Redis holds it."""
+        self._buffer.append((item, done))
+        self.pending += 1
+        self.peak_pending = max(self.peak_pending, self.pending)
+        self._idle.clear()
+        self._wake.set()
+        if len(self._buffer) >= self._max_batch:
+            self._full.set()
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""
@@ -133,8 +116,8 @@ class Batcher:
     async def _write(self, batch: list[_Entry]) -> None:
         started = time.perf_counter()
         self._metrics.batch_size.observe(len(batch))
-        orders = [(item, fut) for item, fut in batch if isinstance(item, ValidOrder)]
-        dead = [(item, fut) for item, fut in batch if isinstance(item, DeadLetter)]
+        orders = [(item, done) for item, done in batch if isinstance(item, ValidOrder)]
+        dead = [(item, done) for item, done in batch if isinstance(item, DeadLetter)]
         attempt = 0
         while orders or dead:
             trim = self._shards_to_trim(orders) if attempt == 0 else set()
@@ -157,14 +140,15 @@ class Batcher:
             if not self.redis_ok:
                 log.info("redis writes work again", attempts=attempt)
             self.redis_ok = True
-            conflicts: list[tuple[DeadLetter, asyncio.Future[Outcome]]] = []
-            for (order, future), result in zip(orders, results, strict=True):
+            conflicts: list[tuple[DeadLetter, Done]] = []
+            accepted = duplicates = 0
+            for (order, done), result in zip(orders, results, strict=True):
                 if result is AppendResult.APPENDED:
-                    self._metrics.accepted.inc()
-                    _resolve(future, ACCEPTED)
+                    accepted += 1
+                    self._settle(done, ACCEPTED)
                 elif result is AppendResult.DUPLICATE:
-                    self._metrics.duplicates.inc()
-                    _resolve(future, DUPLICATE)
+                    duplicates += 1
+                    self._settle(done, DUPLICATE)
                 else:
                     letter = DeadLetter(
                         Reason.CONFLICT,
@@ -174,16 +158,26 @@ class Batcher:
                         order.device_id,
                         order.order_id,
                     )
-                    conflicts.append((letter, future))
-            for letter, future in dead:
+                    conflicts.append((letter, done))
+            self._metrics.accepted.inc(accepted)
+            self._metrics.duplicates.inc(duplicates)
+            for letter, done in dead:
                 self._metrics.rejected.labels(letter.reason).inc()
-                _resolve(future, Outcome("rejected", letter.reason))
+                self._settle(done, Outcome("rejected", letter.reason))
             # A conflict's marker already exists, so a retry of the script would
             # answer "conflict" again: only its dead letter is still to write.
             orders, dead = [], conflicts
         self._metrics.batch_latency.observe(time.perf_counter() - started)
 
-    def _shards_to_trim(self, orders: list[tuple[ValidOrder, asyncio.Future[Outcome]]]) -> set[int]:
+    def _settle(self, done: Done, outcome: Outcome) -> None:
+        self.pending -= 1
+        try:
+            done(outcome)
+        except Exception:
+            # One message's receipt or ack failing must not stop the batch.
+            log.exception("settling a message failed", outcome=outcome)
+
+    def _shards_to_trim(self, orders: list[tuple[ValidOrder, Done]]) -> set[int]:
         if self._trim_every <= 0:
             return set()
         due: set[int] = set()
@@ -196,9 +190,3 @@ class Batcher:
     def _backoff_s(self, attempt: int) -> float:
         cap = min(self._backoff_max_s, 0.05 * 2**attempt)
         return random.uniform(cap / 2, cap)  # jitter, not crypto
-
-
-def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
-    # The waiting handler may have been cancelled at shutdown; then nobody acks.
-    if not future.done():
-        future.set_result(outcome)

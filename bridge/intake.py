@@ -1,45 +1,47 @@
 """The seam between the bridge and its MQTT client library.
 
-An :class:`Intake` delivers each QoS 1 message of the shared subscription to a
-:data:`MessageHandler` and sends the PUBACK only when that handler returned;
-a handler that raises or is cancelled leaves the message unacked, and the
-broker redelivers it with the session. Two implementations:
+An :class:`Intake` hands each QoS 1 message of the shared subscription to a
+:data:`MessageSink` together with an ``ack`` callable, and sends the PUBACK
+only when the bridge calls ``ack``, which it does once Redis holds the order
+or its dead letter. A message whose ``ack`` is never called stays unacked, and
+the broker redelivers it with the session. No task or thread hop per message:
+the sink is a plain call, and the bridge's batcher calls ``ack`` when a batch
+is written. Two implementations:
 
-- :mod:`bridge.intake_mqtt5` (default): our own asyncio protocol on the
-  Rust ``mqtt5`` codec; coalesces PUBACKs and receipts into one write per
-  loop turn. About 10× gmqtt's receive path (``bench/mqtt_clients.py``).
-- :mod:`bridge.intake_gmqtt`: gmqtt with ``optimistic_acknowledgement=False``.
+- :mod:`bridge.intake_mqtt5` (default): our own asyncio protocol on the Rust
+  ``mqtt5`` codec; PUBACKs and receipts of a batch leave in one socket write.
+- :mod:`bridge.intake_gmqtt`: gmqtt with ``optimistic_acknowledgement=False``
+  (a task per message; slower, see ``bench/mqtt_clients.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Protocol
 
-MessageHandler = Callable[[str, bytes], Coroutine[Any, Any, None]]
-"""Called per message; returning means "stored, ack it", raising means "don't"."""
+Ack = Callable[[], None]
+"""Send the PUBACK of one message (a no-op if its connection is gone)."""
+
+MessageSink = Callable[[str, bytes, Ack], None]
+"""Takes one message (topic, payload, ack); must not block; calls ack later or never."""
 
 
 class Intake(Protocol):
-    """A source of order messages that acks each one only after its handler returned."""
+    """A source of order messages, acked only when the bridge says so."""
 
     @property
     def connected(self) -> bool:
         """True while connected and subscribed."""
         ...
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 (receipts), waiting while the outgoing window is full.
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 (receipts); queued while the outgoing window is full.
 
         Raises:
-            IntakeError: not connected, or no room in the window in time.
+            IntakeError: not connected (the receipt is not sent; agents resend).
         """
         ...
 
-    def cancel_pending(self) -> None:
-        """Cancel handlers still running; their messages stay unacked."""
-        ...
 
-
-IntakeFactory = Callable[[MessageHandler], AbstractAsyncContextManager[Intake]]
+IntakeFactory = Callable[[MessageSink], AbstractAsyncContextManager[Intake]]

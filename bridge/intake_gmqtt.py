@@ -27,7 +27,7 @@ from schemas.names import shared_orders_subscription
 from schemas.urls import MqttUrl
 
 from .errors import IntakeError
-from .intake import MessageHandler
+from .intake import MessageSink
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,7 @@ class GmqttIntake:
     def __init__(
         self,
         url: MqttUrl,
-        handler: MessageHandler,
+        sink: MessageSink,
         *,
         client_id: str,
         share_group: str,
@@ -52,10 +52,10 @@ class GmqttIntake:
         backoff_max_s: float = 5.0,
     ) -> None:
         self._url = url
-        self._handler = handler
+        self._sink = sink
         self._subscription = shared_orders_subscription(share_group)
         self._backoff_max_s = backoff_max_s
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._acks: set[asyncio.Future[None]] = set()
         self._subscribed = asyncio.Event()
         self._client = Client(
             client_id,
@@ -78,23 +78,23 @@ class GmqttIntake:
     def connected(self) -> bool:
         return bool(self._client.is_connected) and self._subscribed.is_set()
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        # gmqtt raises OverflowError when every packet id allowed by the broker's
-        # Receive Maximum is in flight; wait for PUBACKs to free some.
-        deadline = asyncio.get_running_loop().time() + PUBLISH_WAIT_S
-        while True:
-            try:
-                self._client.publish(topic, payload, qos=1)
-            except OverflowError as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise IntakeError("outgoing QoS 1 window stayed full") from exc
-                await asyncio.sleep(PUBLISH_RETRY_S)
-            else:
-                return
+    def publish(self, topic: str, payload: bytes) -> None:
+        if not self.connected:
+            raise IntakeError("not connected")
+        self._publish_or_retry(topic, payload, attempt=0)
 
-    def cancel_pending(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    def _publish_or_retry(self, topic: str, payload: bytes, attempt: int) -> None:
+        # gmqtt raises OverflowError when every packet id allowed by the broker's
+        # Receive Maximum is in flight; try again shortly, for a bounded time.
+        try:
+            self._client.publish(topic, payload, qos=1)
+        except OverflowError:
+            if attempt * PUBLISH_RETRY_S < PUBLISH_WAIT_S:
+                asyncio.get_running_loop().call_later(
+                    PUBLISH_RETRY_S, self._publish_or_retry, topic, payload, attempt + 1
+                )
+            else:
+                log.warning("receipt dropped: outgoing window stayed full", topic=topic)
 
     async def __aenter__(self) -> Self:
         attempt = 0
@@ -123,6 +123,8 @@ class GmqttIntake:
         tb: TracebackType | None,
     ) -> None:
         await self._client.disconnect()
+        for ack in list(self._acks):
+            ack.cancel()  # those messages stay unacked; the broker redelivers
 
     def _on_connect(self, client: Client, flags: int, rc: int, properties: Any) -> None:
         log.info("mqtt connected", session_present=bool(flags), rc=rc)
@@ -144,12 +146,20 @@ class GmqttIntake:
     async def _on_message(
         self, client: Client, topic: str, payload: bytes, qos: int, properties: Any
     ) -> int:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def ack() -> None:
+            if not acked.done():
+                acked.set_result(None)
+
+        self._acks.add(acked)
         try:
-            await self._handler(topic, bytes(payload))
+            try:
+                self._sink(topic, bytes(payload), ack)
+            except Exception:
+                log.exception("message not taken", topic=topic)  # stays unacked
+                raise
+            await acked
         finally:
-            if task is not None:
-                self._tasks.discard(task)
-        return 0  # PUBACK, reason "success"
+            self._acks.discard(acked)
+        return 0  # gmqtt sends the PUBACK now, reason "success"

@@ -13,6 +13,8 @@ jittered backoff. A message is acked only when its handler task returned, and
 only on the connection it came in on: after a reconnect the broker resends
 what was not acked, and dedup answers ``duplicate``. Receipts are QoS 1 but
 not resent after a reconnect; the agents' resend on timeout covers that.
+Receipts waiting for a free packet id queue in a bounded deque; past its
+bound the oldest is dropped and counted (``receipts_dropped``).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from schemas.names import shared_orders_subscription
 from schemas.urls import MqttUrl
 
 from .errors import IntakeError
-from .intake import MessageHandler
+from .intake import MessageSink
 
 log = structlog.get_logger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
-PUBLISH_WAIT_S = 10.0
 SUBSCRIBE_PACKET_ID = 1
+MAX_QUEUED_RECEIPTS = 100_000
 
 
 async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
@@ -49,6 +51,10 @@ async def _first(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _no_ack() -> None:
+    """QoS 0 messages have nothing to acknowledge."""
 
 
 class _Wire(asyncio.Protocol):
@@ -115,7 +121,7 @@ class Mqtt5Intake:
     def __init__(
         self,
         url: MqttUrl,
-        handler: MessageHandler,
+        sink: MessageSink,
         *,
         client_id: str,
         share_group: str,
@@ -125,7 +131,7 @@ class Mqtt5Intake:
         backoff_max_s: float = 5.0,
     ) -> None:
         self._url = url
-        self._handler = handler
+        self._sink = sink
         self._client_id = client_id
         self._subscription = shared_orders_subscription(share_group)
         self._session_expiry_s = session_expiry_s
@@ -135,9 +141,9 @@ class Mqtt5Intake:
         self._wire: _Wire | None = None
         self._connack: asyncio.Future[Any] | None = None
         self._subscribed = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._free_ids: deque[int] = deque()
-        self._id_freed = asyncio.Event()
+        self._waiting: deque[tuple[str, bytes]] = deque()
+        self.receipts_dropped = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -145,29 +151,22 @@ class Mqtt5Intake:
     def connected(self) -> bool:
         return self._wire is not None and self._subscribed.is_set()
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        deadline = asyncio.get_running_loop().time() + PUBLISH_WAIT_S
-        while True:
-            wire = self._wire
-            if wire is None or not self._subscribed.is_set():
-                raise IntakeError("not connected")
-            if self._free_ids:
-                packet_id = self._free_ids.popleft()
-                packet = mqtt5.PublishPacket(
-                    topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=packet_id
-                )
-                wire.send(packet.write())
-                return
-            self._id_freed.clear()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._id_freed.wait()
-            except TimeoutError as exc:
-                raise IntakeError("outgoing QoS 1 window stayed full") from exc
+    def publish(self, topic: str, payload: bytes) -> None:
+        if self._wire is None or not self._subscribed.is_set():
+            raise IntakeError("not connected")
+        if self._free_ids and not self._waiting:
+            self._send_publish(self._wire, self._free_ids.popleft(), topic, payload)
+            return
+        if len(self._waiting) >= MAX_QUEUED_RECEIPTS:
+            self._waiting.popleft()
+            self.receipts_dropped += 1
+        self._waiting.append((topic, payload))
 
-    def cancel_pending(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    def _send_publish(self, wire: _Wire, packet_id: int, topic: str, payload: bytes) -> None:
+        packet = mqtt5.PublishPacket(
+            topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=packet_id
+        )
+        wire.send(packet.write())
 
     async def __aenter__(self) -> Self:
         attempt = 0
@@ -268,8 +267,11 @@ class Mqtt5Intake:
         if isinstance(packet, mqtt5.PublishPacket):
             self._on_publish(wire, packet)
         elif isinstance(packet, mqtt5.PubAckPacket):
-            self._free_ids.append(packet.packet_id)
-            self._id_freed.set()
+            if self._waiting:
+                topic, payload = self._waiting.popleft()
+                self._send_publish(wire, packet.packet_id, topic, payload)
+            else:
+                self._free_ids.append(packet.packet_id)
         elif isinstance(packet, mqtt5.ConnAckPacket):
             if self._connack is not None and not self._connack.done():
                 self._connack.set_result(packet)
@@ -285,28 +287,29 @@ class Mqtt5Intake:
             log.warning("broker disconnected us", reason=packet.reason_code.name)
 
     def _on_publish(self, wire: _Wire, packet: mqtt5.PublishPacket) -> None:
-        task = asyncio.get_running_loop().create_task(self._handler(packet.topic, packet.payload))
-        self._tasks.add(task)
         packet_id = packet.packet_id
         if packet.qos == mqtt5.QoS.AT_MOST_ONCE or packet_id is None:
-            task.add_done_callback(self._tasks.discard)
-            return
+            ack = _no_ack
+        else:
 
-        def settle(done: asyncio.Task[None]) -> None:
-            self._tasks.discard(done)
-            # Ack only a handler that returned, and only on the connection the
-            # message came in on (packet ids belong to a connection's session
-            # state; after a reconnect the broker resends what was unacked).
-            if done.cancelled() or done.exception() is not None or wire is not self._wire:
-                return
-            wire.send(mqtt5.PubAckPacket(packet_id).write())
+            def ack() -> None:
+                # Only on the connection the message came in on: packet ids
+                # belong to it, and after a reconnect the broker resends.
+                if wire is self._wire:
+                    wire.send(mqtt5.PubAckPacket(packet_id).write())
 
-        task.add_done_callback(settle)
+        try:
+            self._sink(packet.topic, packet.payload, ack)
+        except Exception:
+            # Isolation boundary: a bug in one message's handling must not
+            # kill the connection; the message stays unacked.
+            log.exception("message not taken", topic=packet.topic)
 
     def _on_lost(self, wire: _Wire, exc: Exception | None) -> None:
         if wire is self._wire:
             self._wire = None
             self._subscribed.clear()
+            self._waiting.clear()  # receipts are advisory; agents resend
             if self._connack is not None and not self._connack.done():
                 self._connack.set_exception(IntakeError("connection closed before CONNACK"))
             if not self._closing:

@@ -1,9 +1,9 @@
 """The bridge: wire intake, validation, batcher, receipts and the ops endpoints together.
 
 Per message: rate limit → validate → batch → Redis (order or dead letter) →
-receipt → return, which lets the intake send the PUBACK. Nothing is acked
-before Redis holds it; on SIGTERM the bridge stops taking messages, writes
-what it holds, acks that, and leaves the rest to the broker's session.
+receipt → ack (the intake's PUBACK). Nothing is acked before Redis holds it;
+on SIGTERM the bridge stops taking messages (leaves them unacked), writes what
+it holds, acks that, and leaves the rest to the broker's session.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from schemas.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
+from .errors import IntakeError
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
-from .intake import Intake, IntakeFactory, MessageHandler
+from .intake import Ack, Intake, IntakeFactory, MessageSink
 from .intake_gmqtt import GmqttIntake
 from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
@@ -52,37 +53,24 @@ class Bridge:
             metrics,
             max_batch=config.batch_max,
             max_delay_s=config.batch_delay_ms / 1000,
-            max_pending=config.receive_maximum,
             backoff_max_s=config.backoff_max_s,
             trim_every_batches=config.trim_every_batches,
         )
         self._intake: Intake | None = None
         self._stop = asyncio.Event()
         self._stopping = False
-        self._never = asyncio.Event()  # messages arriving while stopping wait on this
         self.started = False
+        metrics.in_flight.set_function(lambda: self.batcher.pending)
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM)."""
         self._stop.set()
 
-    async def handle(self, topic: str, payload: bytes) -> None:
-        """Process one message; returns once it may be acked."""
+    def take(self, topic: str, payload: bytes, ack: Ack) -> None:
+        """Take one message from the intake; ``ack`` is called once it may be acked."""
         self.metrics.received.inc()
-        self.metrics.in_flight.inc()
-        try:
-            if self._stopping:
-                await self._never.wait()
-            await self._process(topic, payload)
-        except Exception:
-            # Isolation boundary: the message stays unacked and the broker
-            # redelivers it with the next session; the bridge keeps running.
-            log.exception("message not processed", topic=topic, payload=truncate(payload))
-            raise
-        finally:
-            self.metrics.in_flight.dec()
-
-    async def _process(self, topic: str, payload: bytes) -> None:
+        if self._stopping:
+            return  # not acked: the broker redelivers it with the session
         received_at = _now_ms()
         device_id: str | None
         try:
@@ -91,28 +79,29 @@ class Bridge:
             device_id = None
         if device_id is not None and not self._limits.allow(device_id):
             self.metrics.rejected.labels(Reason.RATE_LIMITED).inc()
-            await self._receipt(
-                device_id, order_id_hint(payload), Outcome("rejected", Reason.RATE_LIMITED)
-            )
+            limited = Outcome("rejected", Reason.RATE_LIMITED)
+            self._receipt(device_id, order_id_hint(payload), limited)
+            ack()
             return
         item = classify(topic, payload, shards=self.config.shards, received_at_ms=received_at)
-        outcome = await self.batcher.submit(item)
         if isinstance(item, DeadLetter):
-            log.debug("dead-lettered", topic=topic, reason=item.reason, payload=truncate(payload))
-            order_id = item.order_id
-        else:
-            order_id = item.order_id
-        if device_id is not None:
-            await self._receipt(device_id, order_id, outcome)
+            log.debug("dead letter", topic=topic, reason=item.reason, payload=truncate(payload))
 
-    async def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
-        assert self._intake is not None  # handle() runs only inside run()
+        def done(outcome: Outcome) -> None:
+            if device_id is not None:
+                self._receipt(device_id, item.order_id, outcome)
+            ack()
+
+        self.batcher.add(item, done)
+
+    def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
+        assert self._intake is not None  # take() runs only inside run()
         body = receipt_bytes(order_id, outcome.result, outcome.reason, _now_ms())
         try:
-            await self._intake.publish(receipts_topic(device_id), body)
-        except Exception as exc:  # receipts are advisory; agents resend
+            self._intake.publish(receipts_topic(device_id), body)
+        except IntakeError as exc:  # receipts are advisory; agents resend
             self.metrics.receipts_failed.inc()
-            log.warning("receipt not published", device_id=device_id, error=repr(exc))
+            log.debug("receipt not published", device_id=device_id, error=str(exc))
 
     def health(self) -> dict[str, bool]:
         """Checks for ``/healthz``."""
@@ -133,7 +122,7 @@ class Bridge:
             HttpServer(
                 cfg.http_host, cfg.http_port, self.metrics, health=self.health, ready=self.readiness
             ),
-            factory(self.handle) as intake,
+            factory(self.take) as intake,
         ):
             self._intake = intake
             self.started = True
@@ -146,7 +135,6 @@ class Bridge:
                 await self._drain()
                 writer.cancel()
                 probe.cancel()
-        intake.cancel_pending()
         self.metrics.mqtt_up.set(0)
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
 
@@ -158,9 +146,7 @@ class Bridge:
                 await self.batcher.drain()
         except TimeoutError:
             log.warning("drain grace expired; unwritten messages stay unacked for redelivery")
-        # Let the handlers whose writes finished return, so their PUBACKs go out.
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the intake flushes the last PUBACKs on the next turn
 
     async def _probe_redis(self) -> None:
         """Keep ``redis_ok`` honest while no batches flow, and time round trips."""
@@ -177,12 +163,12 @@ class Bridge:
                 self.metrics.redis_up.set(1)
                 self.metrics.redis_rtt.observe(rtt)
 
-    def _default_intake(self, handler: MessageHandler) -> GmqttIntake | Mqtt5Intake:
+    def _default_intake(self, sink: MessageSink) -> GmqttIntake | Mqtt5Intake:
         cfg = self.config
         kind = Mqtt5Intake if cfg.mqtt_client == "mqtt5" else GmqttIntake
         return kind(
             MqttUrl.parse(cfg.mqtt_url),
-            handler,
+            sink,
             client_id=cfg.client_id,
             share_group=cfg.share_group,
             session_expiry_s=cfg.session_expiry_s,
