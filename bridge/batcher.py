@@ -5,8 +5,8 @@ once Redis holds it (the order, or its dead letter); only then may its MQTT
 PUBACK go out. A failed round trip is retried with capped, jittered backoff
 for as long as it takes: the messages are not acknowledged meanwhile, so the
 broker keeps them and stops sending more once our Receive Maximum is reached.
-That Receive Maximum is what bounds the messages held here (the broker
-enforces it; ``bench`` and the outage test watch ``bridge_in_flight``).
+The bridge bounds the messages held here (``pending``) by pausing the
+intake's reads above a limit; ``on_written`` tells it when to resume.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Batcher:
         max_delay_s: float,
         backoff_max_s: float,
         trim_every_batches: int,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         self._sink = sink
         self._metrics = metrics
@@ -70,6 +71,7 @@ class Batcher:
         self._max_delay_s = max_delay_s
         self._backoff_max_s = backoff_max_s
         self._trim_every = trim_every_batches
+        self._on_written = on_written
         self._buffer: list[_Entry] = []
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -110,6 +112,8 @@ class Batcher:
                 self._wake.clear()
             if batch:
                 await self._write(batch)
+                if self._on_written is not None:
+                    self._on_written()
             if not self._buffer:
                 self._idle.set()
 

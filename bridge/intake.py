@@ -10,6 +10,9 @@ is written. Two implementations:
 
 - :mod:`bridge.intake_mqtt5` (default): our own asyncio protocol on the Rust
   ``mqtt5`` codec; PUBACKs and receipts of a batch leave in one socket write.
+  Mosquitto 2.0 does not hold a reconnecting session's backlog to our Receive
+  Maximum (we saw 29,500 unacked messages in flight), so the bridge also
+  bounds its in-flight work itself by pausing the socket's reads.
 - :mod:`bridge.intake_gmqtt`: gmqtt with ``optimistic_acknowledgement=False``
   (a task per message; slower, see ``bench/mqtt_clients.py``).
 """
@@ -41,6 +44,14 @@ class Intake(Protocol):
         Raises:
             IntakeError: not connected (the receipt is not sent; agents resend).
         """
+        ...
+
+    def pause_reading(self) -> None:
+        """Stop reading from the broker (TCP backpressure) until :meth:`resume_reading`."""
+        ...
+
+    def resume_reading(self) -> None:
+        """Read from the broker again."""
         ...
 
 

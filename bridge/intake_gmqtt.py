@@ -96,6 +96,14 @@ class GmqttIntake:
             else:
                 log.warning("receipt dropped: outgoing window stayed full", topic=topic)
 
+    def pause_reading(self) -> None:
+        # gmqtt has no flow control; a task per message awaits its ack, and
+        # Mosquitto's max_inflight_messages is the only bound on them.
+        return
+
+    def resume_reading(self) -> None:
+        return
+
     async def __aenter__(self) -> Self:
         attempt = 0
         while True:

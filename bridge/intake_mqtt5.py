@@ -76,9 +76,13 @@ class _Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_heard = asyncio.get_running_loop().time()
         self._buffer += data
+        self.process()
+
+    def process(self) -> None:
+        """Handle the whole packets in the buffer, stopping early while paused."""
         offset = 0
         with memoryview(self._buffer) as view:
-            while offset < len(view):
+            while offset < len(view) and not self._owner.paused:
                 try:
                     packet, size = mqtt5.read(view[offset:])
                 except IndexError:  # an incomplete packet: wait for more bytes
@@ -144,6 +148,7 @@ class Mqtt5Intake:
         self._free_ids: deque[int] = deque()
         self._waiting: deque[tuple[str, bytes]] = deque()
         self.receipts_dropped = 0
+        self.paused = False
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -167,6 +172,18 @@ class Mqtt5Intake:
             topic, payload, qos=mqtt5.QoS.AT_LEAST_ONCE, packet_id=packet_id
         )
         wire.send(packet.write())
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        if self._wire is not None and self._wire.transport is not None:
+            self._wire.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        wire = self._wire
+        if wire is not None and wire.transport is not None:
+            wire.transport.resume_reading()
+            wire.process()  # packets that arrived before the pause took effect
 
     async def __aenter__(self) -> Self:
         attempt = 0
@@ -229,6 +246,8 @@ class Mqtt5Intake:
                 )
                 self._wire = wire
                 session_present = await self._handshake(wire)
+                if self.paused:
+                    self.pause_reading()
         except (OSError, TimeoutError, IntakeError) as exc:
             log.warning("mqtt connect failed", error=repr(exc))
             if self._wire is not None:

@@ -55,10 +55,13 @@ class Bridge:
             max_delay_s=config.batch_delay_ms / 1000,
             backoff_max_s=config.backoff_max_s,
             trim_every_batches=config.trim_every_batches,
+            on_written=self._maybe_resume,
         )
+        self._max_in_flight = config.receive_maximum
         self._intake: Intake | None = None
         self._stop = asyncio.Event()
         self._stopping = False
+        self._paused = False
         self.started = False
         metrics.in_flight.set_function(lambda: self.batcher.pending)
 
@@ -93,6 +96,16 @@ class Bridge:
             ack()
 
         self.batcher.add(item, done)
+        if self.batcher.pending >= self._max_in_flight and self._intake is not None:
+            self._intake.pause_reading()
+            self._paused = True
+
+    def _maybe_resume(self) -> None:
+        # Resume at half the limit, so reads don't flap on every batch.
+        if self._paused and self.batcher.pending <= self._max_in_flight // 2:
+            self._paused = False
+            if self._intake is not None:
+                self._intake.resume_reading()
 
     def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
         assert self._intake is not None  # take() runs only inside run()
