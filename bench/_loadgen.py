@@ -56,8 +56,14 @@ def bench_order(proc: int, index: int, devices: int) -> tuple[str, bytes]:
     return orders_topic(device), encode(order)
 
 
-def _publish(
-    host: str, port: int, proc: int, count: int, devices: int, rate: float, out: mp.Queue  # type: ignore[type-arg]
+def _publish(  # noqa: PLR0917 - a multiprocessing target takes its args positionally
+    host: str,
+    port: int,
+    proc: int,
+    count: int,
+    devices: int,
+    rate: float,
+    out: mp.Queue,  # type: ignore[type-arg]
 ) -> None:
     packets = []
     for index in range(count):
@@ -96,7 +102,7 @@ def _publish(
 
 
 def publish_load(
-    host: str, port: int, total: int, processes: int, devices: int, rate: float = 0.0
+    host: str, port: int, total: int, processes: int, *, devices: int, rate: float = 0.0
 ) -> dict[int, list[float]]:
     """Publish ``total`` orders from ``processes`` processes (``rate`` msg/s in all, 0 = flat out).
 

@@ -195,10 +195,14 @@ def main() -> None:
                 naive_id = ids["naive"]
                 publish_load(HOST, broker.port, args.messages, args.publishers, devices=1000)
 
-                results["bare"].append(run_bare(broker.port, ids["bare"], groups["bare"], args.messages))
+                results["bare"].append(
+                    run_bare(broker.port, ids["bare"], groups["bare"], args.messages)
+                )
 
                 client.flushall()
-                procs = start_bridges(broker.port, store.port, [ids["bridge"]], groups["bridge"], work)
+                procs = start_bridges(
+                    broker.port, store.port, [ids["bridge"]], groups["bridge"], work
+                )
                 wait_entries(client, args.messages)
                 stop(procs)
                 results["bridge"].append(writer_rate(client))
@@ -214,7 +218,7 @@ def main() -> None:
                     results["bridge x2"].append(writer_rate(client))
 
                 client.flushall()
-                run_naive_limited(broker.port, store.port, naive_id, args.naive_messages)
+                run_naive(broker.port, store.port, naive_id, args.naive_messages)
                 results["naive"].append(writer_rate(client))
                 print(
                     f"round {round_no + 1}: "
@@ -241,8 +245,10 @@ def main() -> None:
             p99 = latencies[int(len(latencies) * 0.99)] * 1000
 
     med = {k: statistics.median(v) for k, v in results.items() if v}
-    print(f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
-          f" {args.publishers} publisher processes, medians:")
+    print(
+        f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
+        f" {args.publishers} publisher processes, medians:"
+    )
     print(f"  bare QoS 1 subscriber (mosquitto_sub): {med['bare']:10,.0f} msg/s   (ceiling)")
     print(f"  naive bridge (paho, SET NX + XADD):    {med['naive']:10,.0f} orders/s")
     print(
@@ -258,11 +264,6 @@ def main() -> None:
         f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
         f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"
     )
-
-
-def run_naive_limited(port: int, redis_port: int, client_id: str, count: int) -> None:
-    """Let the naive bridge process ``count`` of its backlog (the rest stays queued)."""
-    run_naive(port, redis_port, client_id, count)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ async def drain_mqtt5(port: int, client_id: str, total: int) -> float:
             while offset < len(self.buffer):
                 try:
                     packet, size = mqtt5.read(view[offset:])
-                except Exception:  # noqa: BLE001 - incomplete packet: wait for more bytes
+                except IndexError:  # an incomplete packet: wait for more bytes
                     break
                 offset += size
                 if isinstance(packet, mqtt5.PublishPacket):
@@ -180,7 +180,9 @@ def main() -> None:
         for round_no in range(args.rounds):
             ids = {name: f"mc-{round_no}-{i}" for i, name in enumerate(CLIENTS)}
             for i, name in enumerate(CLIENTS):
-                create_session(HOST, broker.port, ids[name], f"$share/mc{round_no}{i}/v1/devices/+/orders")
+                create_session(
+                    HOST, broker.port, ids[name], f"$share/mc{round_no}{i}/v1/devices/+/orders"
+                )
             publish_load(HOST, broker.port, args.messages, args.publishers, devices=100)
             for name, drain in CLIENTS.items():
                 rate = asyncio.run(drain(broker.port, ids[name], args.messages))
