@@ -130,7 +130,12 @@ class Batcher:
                 results = await self._sink.write(
                     [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
                 )
-            except StoreError as exc:
+            except Exception as exc:
+                # StoreError is the expected failure; anything else is a bug,
+                # logged with its traceback, and treated the same way: retry,
+                # never ack, never let it end the writer task.
+                if not isinstance(exc, StoreError):
+                    log.exception("unexpected error writing a batch")
                 self._metrics.redis_errors.inc()
                 self._metrics.redis_up.set(0)
                 if self.redis_ok or attempt % 20 == 0:

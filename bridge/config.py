@@ -34,6 +34,7 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9102
     # Mosquitto keeps a dead replica's share this long; agents resend after it.
     session_expiry_s: Positive = 3600
+    mqtt_keepalive_s: Positive = 30
     # MQTT 5 Receive Maximum: unacked messages the broker may hand us at once.
     # Acking after the write makes this the cap on in-flight work and batch size.
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000

@@ -274,6 +274,8 @@ class Mqtt5Intake:
         connack = await self._connack
         if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
             raise IntakeError(f"broker refused: {connack.reason_code.name}")
+        if connack.server_keep_alive:  # the broker may impose its own keep-alive
+            self._keepalive_s = connack.server_keep_alive
         self._free_ids = deque(range(2, min(connack.receive_max, 65535) + 1))
         topic = mqtt5.TopicFilter(self._subscription, max_qos=mqtt5.QoS.AT_LEAST_ONCE)
         wire.send(mqtt5.SubscribePacket(SUBSCRIBE_PACKET_ID, [topic]).write())

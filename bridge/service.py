@@ -178,14 +178,25 @@ class Bridge:
 
     def _default_intake(self, sink: MessageSink) -> GmqttIntake | Mqtt5Intake:
         cfg = self.config
-        kind = Mqtt5Intake if cfg.mqtt_client == "mqtt5" else GmqttIntake
-        return kind(
-            MqttUrl.parse(cfg.mqtt_url),
+        url = MqttUrl.parse(cfg.mqtt_url)
+        if cfg.mqtt_client == "gmqtt":
+            return GmqttIntake(
+                url,
+                sink,
+                client_id=cfg.client_id,
+                share_group=cfg.share_group,
+                session_expiry_s=cfg.session_expiry_s,
+                receive_maximum=cfg.receive_maximum,
+                backoff_max_s=cfg.backoff_max_s,
+            )
+        return Mqtt5Intake(
+            url,
             sink,
             client_id=cfg.client_id,
             share_group=cfg.share_group,
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
+            keepalive_s=cfg.mqtt_keepalive_s,
             backoff_max_s=cfg.backoff_max_s,
         )
 

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from schemas.names import DLQ_STREAM, seen_key, stream_key
 
@@ -102,7 +102,7 @@ class RedisSink:
         start = time.perf_counter()
         try:
             await self._client.ping()
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreError(f"redis ping failed: {exc!r}") from exc
         return time.perf_counter() - start
 
@@ -140,7 +140,7 @@ class RedisSink:
             )
         try:
             replies = await pipe.execute(raise_on_error=True)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreError(f"redis batch failed: {exc!r}") from exc
         results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
         for shard, reply in zip(shard_order, replies, strict=False):

@@ -333,3 +333,43 @@ def test_sigterm_drains_and_exits_cleanly(
         assert '"msg": "bridge stopped"' in bridge.log_path.read_text()
     finally:
         publisher.close()
+
+
+def test_broker_restart_bridge_reconnects_and_loses_nothing(
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    bridge_factory: BridgeFactory,
+    redis_url: str,
+) -> None:
+    """The broker (with persistence) is SIGKILLed and restarted; the bridge reconnects by itself."""
+    broker = mosquitto_factory(persistence=True)
+    bridge = bridge_factory(
+        broker.url, redis_url, "--share-group", shared_group(), "--backoff-max-s", "0.5"
+    )
+    bridge.with_args("--mqtt-keepalive-s", "2").start()
+    devices = [f"dev-b{index}" for index in range(10)]
+    first, second = orders_for(devices, 30), orders_for(devices, 60)[300:]
+    publisher = Publisher(broker.url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for topic, payload in first:
+            publisher.publish(topic, payload)
+        publisher.wait_all()
+        wait_for(lambda: len(stream_entries(client)) == len(first), 30, "first half stored")
+        publisher.close()
+        time.sleep(3)  # idle past the 2 s keep-alive: PINGREQs keep the session up
+        assert bridge.status("/healthz") == 200
+        broker.kill()
+        assert not port_is_open(broker.port)
+        wait_for(lambda: bridge.status("/healthz") == 503, 15, "bridge notices the broker is gone")
+        broker.start()
+        wait_for(lambda: bridge.status("/readyz") == 200, 30, "bridge reconnected")
+        publisher = Publisher(broker.url)
+        for topic, payload in second:
+            publisher.publish(topic, payload)
+        publisher.wait_all()
+        wait_for(lambda: len(stream_entries(client)) == 600, 30, "second half stored")
+        assert_exactly_once(client, {(d, f"o-{d}-{seq:06d}") for d in devices for seq in range(60)})
+        assert bridge.terminate() == 0
+    finally:
+        publisher.close()
+        client.close()
