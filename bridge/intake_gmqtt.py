@@ -147,10 +147,6 @@ class GmqttIntake:
         self._subscribed.clear()
         log.warning("mqtt disconnected", error=repr(exc) if exc else None)
 
-    async def wait_subscribed(self) -> None:
-        """Return once the subscription is in place."""
-        await self._subscribed.wait()
-
     async def _on_message(
         self, client: Client, topic: str, payload: bytes, qos: int, properties: Any
     ) -> int:

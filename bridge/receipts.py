@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Final
-
 from schemas import Receipt, encode
 from schemas.messages import ReceiptResult
-
-ACCEPTED: Final = "accepted"
-DUPLICATE: Final = "duplicate"
-REJECTED: Final = "rejected"
 
 
 def receipt_bytes(

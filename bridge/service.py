@@ -41,7 +41,7 @@ def _now_ms() -> int:
 
 
 class Bridge:
-    """One bridge replica. Build with :meth:`from_config`, then ``await run()``."""
+    """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``."""
 
     def __init__(self, config: BridgeConfig, sink: OrderSink, metrics: BridgeMetrics) -> None:
         self.config = config

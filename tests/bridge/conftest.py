@@ -21,12 +21,9 @@ import paho.mqtt.client as paho
 import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
-from schemas.names import orders_topic
 from schemas.urls import MqttUrl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,15 +295,3 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     finally:
         for server in servers:
             server.kill()
-
-
-def order_topic(device_id: str) -> str:
-    """Shorthand for the orders topic."""
-    return orders_topic(device_id)
-
-
-def props_session(expiry_s: int) -> Properties:
-    """CONNECT properties with a session expiry (for paho clients)."""
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = expiry_s
-    return props
