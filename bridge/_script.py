@@ -6,11 +6,12 @@ may be retried blindly.
 
 KEYS: ``orders:{N}``, then one ``orders:{N}:seen:{device}:{order}`` per order.
 ARGV: ttl_s, trim ("1" or "0"), a MessagePack array with one
-``[digest, order_id, device_id, seq, received_at]`` per order (all strings:
-Lua numbers are doubles), then one payload per order. Two arguments per order
-instead of six, because redis-py's asyncio client packs every argument in
-Python and that packing was the bridge's top cost. (Redis' cmsgpack predates
-the bin type, so the payloads stay separate arguments.)
+``[digest, order_id, device_id, seq, received_at, payload_length]`` per order
+(strings, but the length: Lua numbers are doubles), then all payloads
+concatenated. Four arguments per call instead of six per order, because
+redis-py's asyncio client packs every argument in Python and that packing was
+the bridge's top cost. (Redis' cmsgpack predates the bin type, hence the
+separate payload blob.)
 Returns one integer per order: 1 appended, 0 duplicate, -1 conflict.
 
 The marker is written after the XADD, not before: Redis does not roll back a
@@ -33,14 +34,18 @@ APPEND_SCRIPT: Final = r"""
 local stream = KEYS[1]
 local ttl = ARGV[1]
 local orders = cmsgpack.unpack(ARGV[3])
+local payloads = ARGV[4]
+local at = 1
 local out = {}
 for i, o in ipairs(orders) do
+  local payload = string.sub(payloads, at, at + o[6] - 1)
+  at = at + o[6]
   local marker = KEYS[i + 1]
   local digest = o[1]
   local current = redis.call('GET', marker)
   if not current then
     redis.call('XADD', stream, '*', 'order_id', o[2], 'device_id', o[3], 'seq', o[4],
-      'received_at', o[5], 'payload', ARGV[3 + i])
+      'received_at', o[5], 'payload', payload)
     redis.call('SET', marker, digest, 'EX', ttl)
     out[#out + 1] = 1
   elseif current == digest then

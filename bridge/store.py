@@ -119,13 +119,20 @@ class RedisSink:
             keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
             meta = _encoder.encode(
                 [
-                    (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms))
+                    (
+                        o.digest,
+                        o.order_id,
+                        o.device_id,
+                        str(o.seq),
+                        str(o.received_at_ms),
+                        len(o.payload),
+                    )
                     for o in group
                 ]
             )
+            payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
-            payloads = [o.payload for o in group]
-            pipe.eval(APPEND_SCRIPT, len(keys), *keys, self._ttl, trim, meta, *payloads)
+            pipe.eval(APPEND_SCRIPT, len(keys), *keys, self._ttl, trim, meta, payloads)
         for letter in dead:
             pipe.xadd(
                 DLQ_STREAM,
