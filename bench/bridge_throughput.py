@@ -230,7 +230,7 @@ def main() -> None:
             client.flushall()
             bridge_rate = statistics.median(results["bridge"])
             rate = args.live_rate or bridge_rate / 2
-            live_count = int(min(args.messages, rate * 10))
+            live_count = int(min(args.messages, rate * 10)) // args.publishers * args.publishers
             tag = uuid.uuid4().hex[:6]
             procs = start_bridges(broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work)
             time.sleep(2.0)  # let it connect and subscribe
