@@ -82,7 +82,7 @@ class _Wire(asyncio.Protocol):
         """Handle the whole packets in the buffer, stopping early while paused."""
         offset = 0
         with memoryview(self._buffer) as view:
-            while offset < len(view) and not self._owner.paused:
+            while offset < len(view) and not self._owner.reading_paused:
                 try:
                     packet, size = mqtt5.read(view[offset:])
                 except IndexError:  # an incomplete packet: wait for more bytes
@@ -149,6 +149,7 @@ class Mqtt5Intake:
         self._waiting: deque[tuple[str, bytes]] = deque()
         self.receipts_dropped = 0
         self.paused = False
+        self._handshaking = False
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -173,9 +174,14 @@ class Mqtt5Intake:
         )
         wire.send(packet.write())
 
+    @property
+    def reading_paused(self) -> bool:
+        """Paused, except while a handshake must still read its CONNACK and SUBACK."""
+        return self.paused and not self._handshaking
+
     def pause_reading(self) -> None:
         self.paused = True
-        if self._wire is not None and self._wire.transport is not None:
+        if not self._handshaking and self._wire is not None and self._wire.transport is not None:
             self._wire.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -183,6 +189,7 @@ class Mqtt5Intake:
         wire = self._wire
         if wire is not None and wire.transport is not None:
             wire.transport.resume_reading()
+            wire.last_heard = asyncio.get_running_loop().time()  # deaf, not silent, till now
             wire.process()  # packets that arrived before the pause took effect
 
     async def __aenter__(self) -> Self:
@@ -208,7 +215,11 @@ class Mqtt5Intake:
             wire.send(mqtt5.DisconnectPacket().write())
             await asyncio.sleep(0)  # let the coalesced write go out
             wire.transport.close()
-            await wire.closed.wait()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await wire.closed.wait()
+            except TimeoutError:
+                wire.abort()
 
     async def _supervise(self) -> None:
         """Keep the connection alive: ping, detect silence, reconnect with backoff."""
@@ -230,7 +241,10 @@ class Mqtt5Intake:
                 async with asyncio.timeout(interval):
                     await wire.closed.wait()
             except TimeoutError:
-                if loop.time() - wire.last_heard > self._keepalive_s * 1.5:
+                # While our reads are paused we cannot hear the broker; our
+                # PINGREQs still tell it we are alive.
+                silent = loop.time() - wire.last_heard > self._keepalive_s * 1.5
+                if silent and not self.reading_paused:
                     log.warning("broker silent past keep-alive, reconnecting")
                     wire.abort()
                 else:
@@ -245,7 +259,11 @@ class Mqtt5Intake:
                     lambda: _Wire(self), self._url.host, self._url.port, ssl=context
                 )
                 self._wire = wire
-                session_present = await self._handshake(wire)
+                self._handshaking = True
+                try:
+                    session_present = await self._handshake(wire)
+                finally:
+                    self._handshaking = False
                 if self.paused:
                     self.pause_reading()
         except (OSError, TimeoutError, IntakeError) as exc:

@@ -108,8 +108,10 @@ class Bridge:
                 self._intake.resume_reading()
 
     def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
-        assert self._intake is not None  # take() runs only inside run()
         body = receipt_bytes(order_id, outcome.result, outcome.reason, _now_ms())
+        if self._intake is None:  # a message that came during the first handshake
+            self.metrics.receipts_failed.inc()
+            return
         try:
             self._intake.publish(receipts_topic(device_id), body)
         except IntakeError as exc:  # receipts are advisory; agents resend
