@@ -1,25 +1,74 @@
-"""`order-bridge`: the cloud bridge. Not implemented yet (issue 4); this stub only parses flags."""
+"""`order-bridge`: the cloud bridge from MQTT to sharded Redis Streams."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 
+import structlog
+
+from schemas.config import ConfigError, add_config_arguments, load_config
+from schemas.logs import configure_logging
+
+from .config import BridgeConfig
+from .errors import BridgeError
+from .metrics import BridgeMetrics
+from .service import Bridge, build_sink
+
+log = structlog.get_logger(__name__)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the contract's flags, then refuse to run: the service is not built yet."""
+    """Parse settings, run the bridge until SIGTERM/SIGINT, return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="order-bridge", description="the cloud bridge (not implemented yet)"
+        prog="order-bridge", description="the cloud bridge: MQTT orders → Redis Streams"
     )
-    parser.add_argument("--mqtt-url")
-    parser.add_argument("--redis-url")
-    parser.add_argument("--shards")
-    parser.add_argument("--client-id")
-    parser.add_argument("--http-port")
-    parser.parse_args(argv)
-    print("order-bridge: not implemented yet (see issue 4); nothing was started", file=sys.stderr)
-    return 2
+    add_config_arguments(parser, BridgeConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(BridgeConfig, args)
+    except ConfigError as exc:
+        print(f"order-bridge: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, service="order-bridge")
+    # gmqtt logs every connect and subscribe at INFO; our own lines say what matters.
+    logging.getLogger("gmqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, absent on Windows
+    except ImportError:
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(_serve(config))
+    except BridgeError as exc:
+        log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
+        return 1
+    return 0
+
+
+async def _serve(config: BridgeConfig) -> None:
+    async with build_sink(config) as sink:
+        bridge = Bridge(config, sink, BridgeMetrics())
+        main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if bridge.started:
+                bridge.request_stop()
+            elif main_task is not None:
+                main_task.cancel()  # still connecting: nothing to drain
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await bridge.run()
+        except asyncio.CancelledError:
+            log.info("stopped before connecting")
 
 
 if __name__ == "__main__":

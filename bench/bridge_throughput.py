@@ -1,0 +1,270 @@
+"""End-to-end throughput of the bridge against a naive bridge and the broker's ceiling.
+
+Not a test; the figures go in the README. Three consumers drain the very same
+backlog of valid ~200-byte orders that Mosquitto queued for their persistent
+sessions (so publishers cost nothing while a consumer is timed):
+
+- bare: ``mosquitto_sub -q 1`` (C, does nothing with the messages): the broker's ceiling;
+- naive: paho callback → decode → ``SET NX`` + ``XADD`` per message, no pipelining;
+- bridge: ``order-bridge`` (one process; optionally two replicas on one share group).
+
+Throughput of a writer is counted from its first to its last stream entry
+(Redis entry ids are ms timestamps). Then a live run publishes at a fixed rate
+while the bridge consumes, for p50/p99 latency from publish to stream entry.
+
+Run: .venv/bin/python -m bench.bridge_throughput [--messages 100000] [--replicas]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import redis
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bench._loadgen import create_session, publish_load, send_time
+from bridge.ingest import payload_digest
+from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port
+from schemas import DecodeError, SchemaError, decode_order
+from schemas.names import (
+    DEDUP_TTL_S,
+    device_id_from_orders_topic,
+    seen_key,
+    shard_of,
+    stream_key,
+)
+
+HOST = "127.0.0.1"
+SHARDS = 16
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subscription(group: str) -> str:
+    return f"$share/{group}/v1/devices/+/orders"
+
+
+def stream_ids(client: redis.Redis) -> list[tuple[int, str]]:
+    """(entry ms, order_id) of every entry in every shard."""
+    out = []
+    for shard in range(SHARDS):
+        for entry_id, fields in client.xrange(stream_key(shard)):
+            out.append((int(entry_id.split(b"-")[0]), fields[b"order_id"].decode()))
+    return out
+
+
+def total_entries(client: redis.Redis) -> int:
+    pipe = client.pipeline()
+    for shard in range(SHARDS):
+        pipe.xlen(stream_key(shard))
+    return sum(pipe.execute())
+
+
+def wait_entries(client: redis.Redis, count: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while total_entries(client) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {total_entries(client)} of {count} entries")
+        time.sleep(0.02)
+
+
+def writer_rate(client: redis.Redis) -> float:
+    ids = sorted(ms for ms, _ in stream_ids(client))
+    return len(ids) / max(0.001, (ids[-1] - ids[0]) / 1000)
+
+
+def run_bare(port: int, client_id: str, group: str, count: int) -> float:
+    """mosquitto_sub drains the backlog; returns msg/s (process start included)."""
+    argv = [
+        find_binary("mosquitto_sub"), "-h", HOST, "-p", str(port), "-i", client_id,
+        "-c", "-V", "5", "-x", "3600", "-q", "1", "-t", subscription(group), "-C", str(count),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, check=True, timeout=600)
+    return count / (time.perf_counter() - start)
+
+
+def _naive(port: int, redis_port: int, client_id: str, count: int) -> None:
+    r = redis.Redis(port=redis_port)
+    done = mp.Event()
+    seen = 0
+
+    def on_message(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        nonlocal seen
+        seen += 1
+        try:
+            device = device_id_from_orders_topic(msg.topic)
+            order = decode_order(msg.payload, topic_device_id=device)
+        except (DecodeError, SchemaError):
+            r.xadd("orders:dlq", {"payload": msg.payload})
+        else:
+            shard = shard_of(device, SHARDS)
+            key = seen_key(shard, device, order.order_id)
+            if r.set(key, payload_digest(msg.payload), nx=True, ex=DEDUP_TTL_S):
+                r.xadd(
+                    stream_key(shard),
+                    {
+                        "order_id": order.order_id,
+                        "device_id": device,
+                        "seq": order.seq,
+                        "received_at": int(time.time() * 1000),
+                        "payload": msg.payload,
+                    },
+                )
+        if seen >= count:
+            done.set()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    props.ReceiveMaximum = 1000
+    client.connect(HOST, port, clean_start=False, properties=props)
+    client.loop_start()
+    done.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+def run_naive(port: int, redis_port: int, client_id: str, count: int) -> None:
+    proc = mp.Process(target=_naive, args=(port, redis_port, client_id, count))
+    proc.start()
+    proc.join(900)
+
+
+def start_bridges(
+    broker: int, redis_port: int, client_ids: list[str], group: str, workdir: Path
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for client_id in client_ids:
+        argv = [
+            sys.executable, "-m", "bridge.cli",
+            "--mqtt-url", f"mqtt://{HOST}:{broker}", "--redis-url", f"redis://{HOST}:{redis_port}/0",
+            "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
+            "--http-port", str(free_port()), "--http-host", HOST, "--rate-per-s", "0",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        log = (workdir / f"{client_id}.log").open("ab")
+        procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--naive-messages", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--publishers", type=int, default=4)
+    parser.add_argument("--live-rate", type=float, default=0.0, help="0: half the drain rate")
+    parser.add_argument("--replicas", action="store_true", help="also time two replicas")
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {"bare": [], "naive": [], "bridge": [], "bridge x2": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with MosquittoProcess(work / "mq") as broker, RedisProcess(work / "redis") as store:
+            client = redis.Redis(port=store.port)
+            for round_no in range(args.rounds):
+                tag = uuid.uuid4().hex[:6]
+                ids = {name: f"{name.replace(' ', '')}-{tag}" for name in results}
+                groups = {name: f"g{name.replace(' ', '')}{tag}" for name in results}
+                names = ["bare", "naive", "bridge"] + (["bridge x2"] if args.replicas else [])
+                for name in names:
+                    create_session(HOST, broker.port, ids[name], subscription(groups[name]))
+                if args.replicas:
+                    create_session(
+                        HOST, broker.port, ids["bridge x2"] + "b", subscription(groups["bridge x2"])
+                    )
+                # The naive bridge gets a smaller backlog of its own: it is slow.
+                naive_id = ids["naive"]
+                publish_load(HOST, broker.port, args.messages, args.publishers, devices=1000)
+
+                results["bare"].append(
+                    run_bare(broker.port, ids["bare"], groups["bare"], args.messages)
+                )
+
+                client.flushall()
+                procs = start_bridges(
+                    broker.port, store.port, [ids["bridge"]], groups["bridge"], work
+                )
+                wait_entries(client, args.messages)
+                stop(procs)
+                results["bridge"].append(writer_rate(client))
+
+                if args.replicas:
+                    client.flushall()
+                    procs = start_bridges(
+                        broker.port, store.port,
+                        [ids["bridge x2"], ids["bridge x2"] + "b"], groups["bridge x2"], work,
+                    )  # fmt: skip
+                    wait_entries(client, args.messages)
+                    stop(procs)
+                    results["bridge x2"].append(writer_rate(client))
+
+                client.flushall()
+                run_naive(broker.port, store.port, naive_id, args.naive_messages)
+                results["naive"].append(writer_rate(client))
+                print(
+                    f"round {round_no + 1}: "
+                    + "  ".join(f"{k} {v[-1]:,.0f}/s" for k, v in results.items() if v),
+                    flush=True,
+                )
+
+            # Live: publish at a fixed rate while the bridge runs; latency publish → entry.
+            client.flushall()
+            bridge_rate = statistics.median(results["bridge"])
+            rate = args.live_rate or bridge_rate / 2
+            live_count = int(min(args.messages, rate * 10)) // args.publishers * args.publishers
+            tag = uuid.uuid4().hex[:6]
+            procs = start_bridges(broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work)
+            time.sleep(2.0)  # let it connect and subscribe
+            chunks = publish_load(
+                HOST, broker.port, live_count, args.publishers, devices=1000, rate=rate
+            )
+            wait_entries(client, live_count)
+            stop(procs)
+            entries = stream_ids(client)
+            latencies = sorted(ms / 1000 - send_time(chunks, oid) for ms, oid in entries)
+            p50 = latencies[len(latencies) // 2] * 1000
+            p99 = latencies[int(len(latencies) * 0.99)] * 1000
+
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    print(
+        f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
+        f" {args.publishers} publisher processes, medians:"
+    )
+    print(f"  bare QoS 1 subscriber (mosquitto_sub): {med['bare']:10,.0f} msg/s   (ceiling)")
+    print(f"  naive bridge (paho, SET NX + XADD):    {med['naive']:10,.0f} orders/s")
+    print(
+        f"  order-bridge, 1 process:               {med['bridge']:10,.0f} orders/s"
+        f"   {med['bridge'] / med['naive']:.1f}× naive, {med['bridge'] / med['bare']:.0%} of bare"
+    )
+    if "bridge x2" in med:
+        print(
+            f"  order-bridge, 2 replicas:              {med['bridge x2']:10,.0f} orders/s"
+            f"   {med['bridge x2'] / med['bridge']:.2f}× one process"
+        )
+    print(
+        f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
+        f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

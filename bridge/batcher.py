@@ -1,0 +1,201 @@
+"""Gather messages into batches and write each batch to Redis in one round trip.
+
+Every added message carries a ``done`` callback, called with its outcome only
+once Redis holds it (the order, or its dead letter); only then may its MQTT
+PUBACK go out. A failed round trip is retried with capped, jittered backoff
+for as long as it takes: the messages are not acknowledged meanwhile, so the
+broker keeps them and stops sending more once our Receive Maximum is reached.
+The bridge bounds the messages held here (``pending``) by pausing the
+intake's reads above a limit; ``on_written`` tells it when to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from schemas import Reason
+from schemas.messages import ReceiptResult
+from schemas.names import orders_topic
+
+from .errors import StoreError
+from .ingest import Classified, DeadLetter, ValidOrder
+from .metrics import BridgeMetrics
+from .store import AppendResult, OrderSink
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the device is told about one message."""
+
+    result: ReceiptResult
+    reason: str | None = None
+
+
+ACCEPTED = Outcome("accepted")
+DUPLICATE = Outcome("duplicate")
+
+Done = Callable[[Outcome], None]
+_Entry = tuple[Classified, Done]
+
+
+class Batcher:
+    """Collects messages, writes batches of up to ``max_batch`` or every ``max_delay_s``.
+
+    Run :meth:`run` as a task; :meth:`add` messages from the intake.
+    """
+
+    def __init__(
+        self,
+        sink: OrderSink,
+        metrics: BridgeMetrics,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        backoff_max_s: float,
+        trim_every_batches: int,
+        on_written: Callable[[], None] | None = None,
+    ) -> None:
+        self._sink = sink
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._max_delay_s = max_delay_s
+        self._backoff_max_s = backoff_max_s
+        self._trim_every = trim_every_batches
+        self._on_written = on_written
+        self._buffer: list[_Entry] = []
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._shard_batches: defaultdict[int, int] = defaultdict(int)
+        self.redis_ok = True
+        self.pending = 0  # added and not yet written
+        self.peak_pending = 0
+
+    def add(self, item: Classified, done: Done) -> None:
+        """Queue one message; ``done(outcome)`` runs once Redis holds it."""
+        self._buffer.append((item, done))
+        self.pending += 1
+        self.peak_pending = max(self.peak_pending, self.pending)
+        self._idle.clear()
+        self._wake.set()
+        if len(self._buffer) >= self._max_batch:
+            self._full.set()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            if len(self._buffer) < self._max_batch and self._max_delay_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._max_delay_s):
+                        await self._full.wait()
+            batch = self._buffer[: self._max_batch]
+            del self._buffer[: self._max_batch]
+            if len(self._buffer) < self._max_batch:
+                self._full.clear()
+            if not self._buffer:
+                self._wake.clear()
+            if batch:
+                await self._write(batch)
+                if self._on_written is not None:
+                    self._on_written()
+            if not self._buffer:
+                self._idle.set()
+
+    async def _write(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        self._metrics.batch_size.observe(len(batch))
+        orders = [(item, done) for item, done in batch if isinstance(item, ValidOrder)]
+        dead = [(item, done) for item, done in batch if isinstance(item, DeadLetter)]
+        attempt = 0
+        while orders or dead:
+            trim = self._shards_to_trim(orders) if attempt == 0 else set()
+            call_started = time.perf_counter()
+            try:
+                results = await self._sink.write(
+                    [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
+                )
+            except Exception as exc:
+                # StoreError is the expected failure; anything else is a bug,
+                # logged with its traceback, and treated the same way: retry,
+                # never ack, never let it end the writer task.
+                if not isinstance(exc, StoreError):
+                    log.exception("unexpected error writing a batch")
+                self._metrics.redis_errors.inc()
+                self._metrics.redis_up.set(0)
+                if self.redis_ok or attempt % 20 == 0:
+                    log.warning("redis write failed, retrying", error=str(exc), attempt=attempt)
+                self.redis_ok = False
+                await asyncio.sleep(self._backoff_s(attempt))
+                attempt += 1
+                continue
+            self._metrics.redis_rtt.observe(time.perf_counter() - call_started)
+            self._metrics.redis_up.set(1)
+            if not self.redis_ok:
+                log.info("redis writes work again", attempts=attempt)
+            self.redis_ok = True
+            conflicts: list[tuple[DeadLetter, Done]] = []
+            accepted = duplicates = 0
+            for (order, done), result in zip(orders, results, strict=True):
+                if result is AppendResult.APPENDED:
+                    accepted += 1
+                    self._settle(done, ACCEPTED)
+                elif result is AppendResult.DUPLICATE:
+                    duplicates += 1
+                    self._settle(done, DUPLICATE)
+                else:
+                    letter = DeadLetter(
+                        Reason.CONFLICT,
+                        orders_topic(order.device_id),
+                        order.payload,
+                        order.received_at_ms,
+                        order.device_id,
+                        order.order_id,
+                    )
+                    conflicts.append((letter, done))
+            self._metrics.accepted.inc(accepted)
+            self._metrics.duplicates.inc(duplicates)
+            for letter, done in dead:
+                self._metrics.rejected.labels(letter.reason).inc()
+                self._settle(done, Outcome("rejected", letter.reason))
+            # A conflict's marker already exists, so a retry of the script would
+            # answer "conflict" again: only its dead letter is still to write.
+            orders, dead = [], conflicts
+        self._metrics.batch_latency.observe(time.perf_counter() - started)
+
+    def _settle(self, done: Done, outcome: Outcome) -> None:
+        self.pending -= 1
+        try:
+            done(outcome)
+        except Exception:
+            # One message's receipt or ack failing must not stop the batch.
+            log.exception("settling a message failed", outcome=outcome)
+
+    def _shards_to_trim(self, orders: list[tuple[ValidOrder, Done]]) -> set[int]:
+        if self._trim_every <= 0:
+            return set()
+        due: set[int] = set()
+        for shard in {order.shard for order, _ in orders}:
+            self._shard_batches[shard] += 1
+            if self._shard_batches[shard] % self._trim_every == 0:
+                due.add(shard)
+        return due
+
+    def _backoff_s(self, attempt: int) -> float:
+        cap = min(self._backoff_max_s, 0.05 * 2**attempt)
+        return random.uniform(cap / 2, cap)  # jitter, not crypto

@@ -1,0 +1,148 @@
+"""The batcher against a fake OrderSink: batching, retries, and nothing settled before a write."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from bridge.batcher import ACCEPTED, DUPLICATE, Batcher, Outcome
+from bridge.errors import StoreError
+from bridge.ingest import DeadLetter, ValidOrder
+from bridge.metrics import BridgeMetrics
+from bridge.store import AppendResult
+
+
+def order(seq: int, device: str = "d") -> ValidOrder:
+    """A ValidOrder without real validation (the fake sink doesn't care)."""
+    return ValidOrder(0, device, f"order-{seq:04d}", seq, 1, b"p", f"h{seq}")
+
+
+class FakeSink:
+    """Records batches; fails the first ``failures`` writes; answers by a rule."""
+
+    def __init__(self, failures: int = 0, conflict_seqs: frozenset[int] = frozenset()) -> None:
+        self.failures = failures
+        self.conflicts = conflict_seqs
+        self.calls: list[tuple[list[ValidOrder], list[DeadLetter]]] = []
+        self.stored: set[str] = set()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write(
+        self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
+    ) -> list[AppendResult]:
+        await self.gate.wait()
+        self.calls.append((list(orders), list(dead)))
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreError("redis down")
+        results = []
+        for item in orders:
+            if item.seq in self.conflicts:
+                results.append(AppendResult.CONFLICT)
+            elif item.order_id in self.stored:
+                results.append(AppendResult.DUPLICATE)
+            else:
+                self.stored.add(item.order_id)
+                results.append(AppendResult.APPENDED)
+        return results
+
+    async def ping(self) -> float:
+        return 0.0
+
+
+def make(sink: FakeSink, max_batch: int = 10) -> Batcher:
+    """A batcher with test-friendly timings."""
+    return Batcher(
+        sink,
+        BridgeMetrics(),
+        max_batch=max_batch,
+        max_delay_s=0.001,
+        backoff_max_s=0.01,
+        trim_every_batches=0,
+    )
+
+
+def submit(batcher: Batcher, item: ValidOrder | DeadLetter) -> asyncio.Future[Outcome]:
+    """Add an item; the future resolves when its done callback runs."""
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    batcher.add(item, future.set_result)
+    return future
+
+
+async def test_batches_respect_max_and_answer_each_message() -> None:
+    """25 messages go in batches of at most 10; copies are answered duplicate."""
+    sink = FakeSink()
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        outcomes = await asyncio.gather(*(submit(batcher, order(i % 20)) for i in range(25)))
+        writer.cancel()
+    assert all(len(orders) <= 10 for orders, _ in sink.calls)
+    assert outcomes.count(ACCEPTED) == 20
+    assert outcomes.count(DUPLICATE) == 5
+    assert batcher.pending == 0
+
+
+async def test_nothing_settles_while_redis_fails() -> None:
+    """While writes fail, no done callback runs; after recovery all run, none lost."""
+    sink = FakeSink(failures=5)
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        pending = [submit(batcher, order(i)) for i in range(3)]
+        while len(sink.calls) < 3:  # noqa: ASYNC110 - polling a fake's call log is the point
+            await asyncio.sleep(0.001)
+        assert not any(future.done() for future in pending)
+        assert batcher.pending == 3
+        outcomes = [await future for future in pending]
+        writer.cancel()
+    assert outcomes == [ACCEPTED] * 3
+    assert sink.failures == 0
+
+
+async def test_conflict_goes_to_dlq_before_settling() -> None:
+    """A conflict is answered rejected/conflict only after its dead letter was written."""
+    sink = FakeSink(conflict_seqs=frozenset({1}))
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        outcome = await submit(batcher, order(1))
+        writer.cancel()
+    assert outcome == Outcome("rejected", "conflict")
+    assert [letter.reason for _, dead in sink.calls for letter in dead] == ["conflict"]
+
+
+async def test_a_failing_callback_does_not_stop_the_batch() -> None:
+    """One message's done callback raising still lets the others settle."""
+    sink = FakeSink()
+    batcher = make(sink)
+
+    def explode(outcome: Outcome) -> None:
+        raise RuntimeError("receipt failed")
+
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        batcher.add(order(1), explode)
+        later = submit(batcher, order(2))
+        assert await later == ACCEPTED
+        writer.cancel()
+    assert batcher.pending == 0
+
+
+async def test_drain_waits_for_the_write() -> None:
+    """drain() returns only once every added message is written."""
+    sink = FakeSink()
+    sink.gate.clear()
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        future = submit(batcher, order(1))
+        await asyncio.sleep(0.01)
+        drain = tg.create_task(batcher.drain())
+        await asyncio.sleep(0.01)
+        assert not drain.done()
+        sink.gate.set()
+        await drain
+        assert await future == ACCEPTED
+        writer.cancel()
