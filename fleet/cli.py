@@ -1,4 +1,4 @@
-"""`fleet-sim`: the device-fleet load test (not built yet, issue 6) and device provisioning."""
+"""`fleet-sim`: the device-fleet load test, the local stack, and device provisioning."""
 
 from __future__ import annotations
 
@@ -7,17 +7,26 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from schemas.logs import configure_logging
+from schemas.names import DEFAULT_SHARDS
+
+from .errors import FleetError
 from .pki import CertFiles
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
+from .runner import add_load_arguments, add_stack_arguments, run_load, run_stack
+from .servers import ServerError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch `fleet-sim provision …`; the load test itself is not implemented yet."""
+    """Run the load test, or dispatch `fleet-sim stack` / `fleet-sim provision …`."""
     parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
-    for flag in ("--devices", "--rate", "--duration", "--mqtt-url", "--redis-url"):
-        parser.add_argument(flag, help="load test (not implemented yet, issue 6)")
+    add_load_arguments(parser)
+    parser.add_argument("--log-level", default="error", help="JSON log level (stderr)")
     commands = parser.add_subparsers(dest="command")
     _add_provision(commands.add_parser("provision", help="enrol or revoke devices"))
+    stack = commands.add_parser("stack", help="start a local stack and keep it up")
+    stack.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
+    add_stack_arguments(stack)
     args = parser.parse_args(argv)
     if args.command == "provision":
         try:
@@ -25,8 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ProvisionError as exc:
             print(f"fleet-sim provision: {exc}", file=sys.stderr)
             return 2
-    print("fleet-sim: the load test is not implemented yet (issue 6)", file=sys.stderr)
-    return 2
+    configure_logging(args.log_level, service="fleet-sim")
+    if args.command == "stack":
+        return run_stack(args)
+    try:
+        return run_load(args)
+    except (FleetError, ServerError) as exc:
+        print(f"fleet-sim: {exc}", file=sys.stderr)
+        return 2
 
 
 def _add_provision(parser: argparse.ArgumentParser) -> None:

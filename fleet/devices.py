@@ -1,0 +1,186 @@
+"""Simulated devices: N real edge agents in one process, with in-memory outboxes.
+
+Each device is an :class:`edge_agent.EdgeAgent` (outbox, publisher, its own
+MQTT connection and client id) with ``db=":memory:"`` and inline storage, so
+a thousand of them share one event loop and a handful of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from edge_agent import AgentConfig, AgentError, EdgeAgent
+from edge_agent.transport import Transport, TransportHandlers, TransportSettings, default_transport
+
+from .tracker import ObservingHandlers, ObservingTransport, Tracker
+
+log = structlog.get_logger(__name__)
+
+CLOSE_CHUNK = 200
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """How the simulated devices connect and behave."""
+
+    devices: int
+    mqtt_url: str
+    prefix: str = "sim"
+    ramp_per_s: float = 500.0
+    receipt_timeout_s: float = 10.0
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 5.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            log.warning("cannot raise open-file limit", soft=soft, hard=hard)
+    return soft
+
+
+class Catalog:
+    """The SKUs and prices orders are drawn from (the pipeline's catalog file)."""
+
+    def __init__(self, prices: dict[str, int], currency: str) -> None:
+        self.prices = prices
+        self.currency = currency
+        self._skus = sorted(prices)
+
+    @classmethod
+    def load(cls, path: Path) -> Catalog:
+        """Read a TOML catalog (``currency``, ``[items.SKU] price``)."""
+        data = tomllib.loads(path.read_text())
+        prices = {sku: int(item["price"]) for sku, item in data["items"].items()}
+        return cls(prices, str(data.get("currency", "EUR")))
+
+    def order_body(self, rng: random.Random) -> dict[str, Any]:
+        """An intake order: 1–3 distinct SKUs, 1–3 of each."""
+        skus = rng.sample(self._skus, k=rng.randint(1, min(3, len(self._skus))))
+        lines = [(s, rng.randint(1, 3), self.prices[s]) for s in skus]
+        items = [{"sku": s, "qty": q, "unit_price": p} for s, q, p in lines]
+        total = sum(q * p for _, q, p in lines)
+        return {"currency": self.currency, "items": items, "total": total}
+
+
+class SimDevice:
+    """One simulated device: a real agent whose transport we observe."""
+
+    def __init__(self, config: AgentConfig, tracker: Tracker) -> None:
+        self.device_id = config.device_id
+        self.tracker = tracker
+        self.transport: ObservingTransport | None = None
+        self.agent = EdgeAgent(config, transport_factory=self._factory, inline_storage=True)
+
+    def _factory(self, settings: TransportSettings, handlers: TransportHandlers) -> Transport:
+        observing = ObservingHandlers(self.device_id, handlers, self.tracker)
+        inner = default_transport(settings, observing)
+        self.transport = ObservingTransport(self.device_id, inner, self.tracker)
+        return self.transport
+
+    async def submit(self, body: dict[str, Any]) -> None:
+        """Place an order; a ``queued`` answer is recorded as accepted."""
+        started = time.monotonic()
+        try:
+            result = await self.agent.submit(body)
+        except AgentError:
+            self.tracker.refused += 1
+            return
+        self.tracker.queued((self.device_id, result.order_id), started)
+
+
+class Fleet:
+    """The simulated devices; ``async with`` connects them with a ramp and closes them all."""
+
+    def __init__(self, settings: FleetSettings, tracker: Tracker) -> None:
+        self.settings = settings
+        self.tracker = tracker
+        self.devices: list[SimDevice] = []
+        self._started: list[SimDevice] = []
+
+    def _config(self, index: int) -> AgentConfig:
+        s = self.settings
+        return AgentConfig(
+            device_id=f"{s.prefix}-{index:05d}",
+            mqtt_url=s.mqtt_url,
+            db=":memory:",
+            http_enabled=False,
+            receipt_timeout_s=s.receipt_timeout_s,
+            reconnect_min_s=s.reconnect_min_s,
+            reconnect_max_s=s.reconnect_max_s,
+            poll_interval_s=0.5,
+        )
+
+    async def __aenter__(self) -> Fleet:
+        raise_open_file_limit()
+        step = max(1, int(self.settings.ramp_per_s / 10))
+        try:
+            for index in range(self.settings.devices):
+                device = SimDevice(self._config(index), self.tracker)
+                await device.agent.__aenter__()
+                self.devices.append(device)
+                self._started.append(device)
+                if (index + 1) % step == 0:
+                    await asyncio.sleep(0.1)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every agent, a chunk at a time (each disconnects cleanly)."""
+        started, self._started = self._started, []
+        for i in range(0, len(started), CLOSE_CHUNK):
+            chunk = started[i : i + CLOSE_CHUNK]
+            await asyncio.gather(
+                *(d.agent.__aexit__(None, None, None) for d in chunk), return_exceptions=True
+            )
+
+    def connected(self) -> int:
+        """Devices with a live broker connection right now."""
+        return sum(1 for d in self.devices if d.agent.publisher.connected)
+
+    def outbox_depth(self) -> int:
+        """Orders in all outboxes not yet receipted."""
+        return sum(d.agent.outbox.store.pending_rows for d in self.devices)
+
+    async def wait_connected(self, fraction: float, timeout_s: float) -> int:
+        """Wait until ``fraction`` of the devices are connected or the timeout passes."""
+        deadline = time.monotonic() + timeout_s
+        want = int(len(self.devices) * fraction)
+        # Polled: connection state lives in each agent's publisher, with no event to await.
+        while (n := self.connected()) < want and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        return n
+
+    def flood(self) -> int:
+        """Every connected device resends every receipted order's payload raw; return the count."""
+        by_id = {d.device_id: d for d in self.devices}
+        sent = 0
+        for ref in list(self.tracker.receipted):
+            device = by_id.get(ref[0])
+            payload = self.tracker.payloads.get(ref)
+            if device is None or payload is None or device.transport is None:
+                continue
+            if device.transport.connected:
+                device.transport.resend(*payload)
+                sent += 1
+        return sent

@@ -1,0 +1,124 @@
+"""The ``fleet-sim`` load test and ``fleet-sim stack`` from the command line (and ``make demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from schemas.names import DEFAULT_SHARDS
+
+from .report import summary_table, write_html
+from .sim import SimOptions, SimResult, run
+from .stack import Stack, StackSettings
+
+SHOWN_IDS = 50
+
+
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load test's flags (the contract's five first)."""
+    parser.add_argument("--devices", type=int, default=100, help="simulated devices")
+    parser.add_argument("--rate", type=float, default=50.0, help="total orders/s (Poisson)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    parser.add_argument("--mqtt-url", help="broker to use (default: start a local stack)")
+    parser.add_argument("--redis-url", help="Redis to verify against (default: local stack)")
+    parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
+    parser.add_argument("--chaos", default="", help='e.g. "20:broker-restart,30:bridge-kill"')
+    parser.add_argument("--seed", type=int, default=0, help="random seed (arrivals, mix)")
+    parser.add_argument("--settle-timeout", type=float, default=120.0, help="quiescence wait, s")
+    parser.add_argument("--ramp", type=float, default=500.0, help="device connects per second")
+    parser.add_argument("--receipt-timeout", type=float, default=10.0, help="agents' resend, s")
+    parser.add_argument("--report", type=Path, help="HTML report path")
+    parser.add_argument("--no-live", action="store_true", help="no live progress display")
+    add_stack_arguments(parser)
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the stack fleet-sim starts itself."""
+    parser.add_argument("--bridges", type=int, default=1, help="order-bridge replicas")
+    parser.add_argument("--workers", type=int, default=1, help="pipeline worker processes")
+
+
+def options_from(args: argparse.Namespace) -> SimOptions:
+    """SimOptions from parsed flags."""
+    return SimOptions(
+        devices=args.devices, rate=args.rate, duration_s=args.duration,
+        mqtt_url=args.mqtt_url, redis_url=args.redis_url, shards=args.shards,
+        chaos=args.chaos, seed=args.seed, settle_timeout_s=args.settle_timeout,
+        ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
+    )  # fmt: skip
+
+
+def run_load(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Run the load test (starting a stack when no URLs are given); 1 if anything was lost."""
+    console = console or Console()
+    options = options_from(args)
+    report = args.report or Path("reports") / f"fleet-{dt.datetime.now():%Y%m%d-%H%M%S}.html"
+    with contextlib.ExitStack() as resources:
+        stack = None
+        if options.mqtt_url is None and options.redis_url is None:
+            tmp = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
+            console.print("starting the local stack …")
+            stack = resources.enter_context(Stack(tmp, _stack_settings(args)))
+        started = time.monotonic()
+        result = asyncio.run(run(options, stack))
+        console.print(f"run took {time.monotonic() - started:,.0f} s")
+    return print_result(result, report, console)
+
+
+def print_result(result: SimResult, report: Path, console: Console) -> int:
+    """The summary, the ids of lost/duplicated/stuck orders, the report path; the exit status."""
+    console.print(_summary(result))
+    v = result.verdict
+    for name, refs in (("LOST", v.lost), ("DUPLICATED", list(v.duplicated)), ("stuck", v.stuck)):
+        if refs:
+            shown = ", ".join(f"{d}/{o}" for d, o in refs[:SHOWN_IDS])
+            more = f" (+{len(refs) - SHOWN_IDS} more)" if len(refs) > SHOWN_IDS else ""
+            console.print(f"{name} ({len(refs)}): {shown}{more}")
+    if result.rogue_in_streams:
+        console.print(f"ROGUE IN STREAMS: {result.rogue_in_streams[:SHOWN_IDS]}")
+    if not result.settled:
+        console.print("the run did not reach quiescence before the settle timeout")
+    path = write_html(result.record, report)
+    console.print(
+        f"verification: {v.checked:,} accepted orders, {len(v.lost)} lost, "
+        f"{len(v.duplicated)} duplicated, {len(v.stuck)} stuck -> "
+        f"{'PASS' if result.ok else 'FAIL'}"
+    )
+    console.print(f"report: {path.resolve()}")
+    return 0 if result.ok else 1
+
+
+def _summary(result: SimResult) -> Table:
+    table = summary_table(result.record)
+    table.add_row("duplicate receipts (flood)", f"{result.chaos.flooded:,} resent")
+    if result.chaos.rogue:
+        sent = sum(r.sent for r in result.chaos.rogue)
+        table.add_row("rogue payloads", f"{sent} sent, DLQ grew by {result.dlq_added}")
+    return table
+
+
+def _stack_settings(args: argparse.Namespace) -> StackSettings:
+    return StackSettings(shards=args.shards, bridges=args.bridges, workers=args.workers)
+
+
+def run_stack(args: argparse.Namespace) -> int:
+    """Start the stack, print its URLs, keep it up until Ctrl-C."""
+    with (
+        tempfile.TemporaryDirectory(prefix="fleet-stack-") as tmp,
+        Stack(Path(tmp), _stack_settings(args)) as stack,
+    ):
+        for name, url in stack.urls().items():
+            print(f"{name:>14}: {url}")
+        print(f"logs under {tmp}; Ctrl-C stops everything", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+    return 0

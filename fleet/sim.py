@@ -1,0 +1,258 @@
+"""One fleet-sim run: connect the devices, place Poisson orders, inject chaos, settle, verify.
+
+::
+
+    result = await run(SimOptions(devices=1000, rate=100, duration_s=60), stack=stack)
+    assert result.ok
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from schemas.names import DEFAULT_SHARDS
+from schemas.urls import MqttUrl
+
+from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, parse_schedule
+from .devices import Catalog, Fleet, FleetSettings
+from .errors import FleetError
+from .live import LiveView
+from .proxy import TcpProxy
+from .report import RunRecord, Sample
+from .stack import DEMO_CATALOG, Stack
+from .statuses import order_statuses
+from .tracker import TERMINAL, Tracker
+from .verify import OrderRef, Verdict, count_stream_entries, verify
+
+log = structlog.get_logger(__name__)
+
+SUBMIT_CONCURRENCY = 2_000
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """What to run. URLs None: the stack passed to :func:`run` is used."""
+
+    devices: int = 100
+    rate: float = 50.0
+    duration_s: float = 30.0
+    mqtt_url: str | None = None
+    redis_url: str | None = None
+    shards: int = DEFAULT_SHARDS
+    chaos: str = ""
+    seed: int = 0
+    settle_timeout_s: float = 120.0
+    connect_timeout_s: float = 60.0
+    ramp_per_s: float = 500.0
+    receipt_timeout_s: float = 10.0
+    catalog: Path = DEMO_CATALOG
+    live: bool = False
+    prefix: str = ""
+
+
+@dataclass
+class SimResult:
+    """The run's record and everything the verdict rests on."""
+
+    record: RunRecord
+    verdict: Verdict
+    settled: bool
+    chaos: ChaosLog
+    rogue_in_streams: list[OrderRef] = field(default_factory=list)
+    dlq_added: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, nothing duplicated, no rogue payload in a stream."""
+        return self.verdict.ok and not self.rogue_in_streams
+
+
+async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
+    """Run the load test against ``stack`` or the URLs in ``options``."""
+    mqtt_url = options.mqtt_url or (stack.mqtt_url if stack else None)
+    redis_url = options.redis_url or (stack.redis_url if stack else None)
+    if mqtt_url is None or redis_url is None:
+        raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
+    events = parse_schedule(options.chaos)
+    prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
+    rng = random.Random(options.seed)
+    catalog = Catalog.load(options.catalog)
+    tracker = Tracker()
+    record = RunRecord(options.devices, options.rate, options.duration_s)
+    redis = aioredis.from_url(redis_url)
+    try:
+        dlq_before = await redis.xlen("orders:dlq")
+        async with _maybe_proxy(mqtt_url, any(e.kind in PROXY_KINDS for e in events)) as (
+            device_url,
+            proxy,
+        ):
+            settings = FleetSettings(
+                options.devices, device_url, prefix, options.ramp_per_s, options.receipt_timeout_s
+            )
+            async with Fleet(settings, tracker) as fleet:
+                connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
+                log.info("fleet connected", connected=connected, devices=options.devices)
+                chaos = ChaosRunner(
+                    events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url,
+                    prefix=prefix,
+                )  # fmt: skip
+                record.events = chaos.log.events
+                settled = await _drive(
+                    options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
+                    redis=redis, rng=rng, catalog=catalog,
+                )  # fmt: skip
+        verdict = await verify(
+            redis,
+            tracker.accepted,
+            shards=options.shards,
+            statuses=lambda refs: order_statuses(redis, refs),
+        )
+        rogue_in_streams: list[OrderRef] = []
+        if chaos.log.rogue:
+            counts = await count_stream_entries(redis, options.shards)
+            rogue_ids = {r.device_id for r in chaos.log.rogue}
+            spoofed = {ref for r in chaos.log.rogue for ref in r.spoofed}
+            rogue_in_streams = [ref for ref in counts if ref[0] in rogue_ids or ref in spoofed]
+        dlq_added = await redis.xlen("orders:dlq") - dlq_before
+    finally:
+        await redis.aclose()
+    record.verdict = verdict
+    record.refused = tracker.refused
+    record.receipt_latency_ms = tracker.receipt_latency_ms
+    record.e2e_latency_ms = tracker.e2e_latency_ms
+    return SimResult(record, verdict, settled, chaos.log, rogue_in_streams, dlq_added)
+
+
+@contextlib.asynccontextmanager
+async def _maybe_proxy(mqtt_url: str, wanted: bool) -> AsyncIterator[tuple[str, TcpProxy | None]]:
+    if not wanted:
+        yield mqtt_url, None
+        return
+    url = MqttUrl.parse(mqtt_url)
+    async with TcpProxy(url.host, url.port) as proxy:
+        scheme = "mqtts" if url.tls else "mqtt"
+        auth = f"{url.username}:{url.password or ''}@" if url.username else ""
+        yield f"{scheme}://{auth}127.0.0.1:{proxy.port}", proxy
+
+
+async def _drive(
+    options: SimOptions,
+    *,
+    fleet: Fleet,
+    chaos: ChaosRunner,
+    tracker: Tracker,
+    record: RunRecord,
+    redis: aioredis.Redis,
+    rng: random.Random,
+    catalog: Catalog,
+) -> bool:
+    started = time.monotonic()
+    stop_sampling = asyncio.Event()
+    with LiveView(enabled=options.live) as view:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(
+                _sample(
+                    fleet,
+                    tracker=tracker,
+                    record=record,
+                    started=started,
+                    stop=stop_sampling,
+                    view=view,
+                ),
+                name="sampler",
+            )
+            chaos_task = tg.create_task(chaos.run(started), name="chaos")
+            await _load(options, fleet, rng, catalog, started)
+            await chaos_task
+            settled = await _settle(fleet, tracker, redis, options.settle_timeout_s)
+            stop_sampling.set()
+    return settled
+
+
+async def _load(
+    options: SimOptions, fleet: Fleet, rng: random.Random, catalog: Catalog, started: float
+) -> None:
+    """Poisson arrivals at ``rate`` orders/s over random devices, for ``duration_s``."""
+    if options.rate <= 0 or not fleet.devices:
+        await asyncio.sleep(options.duration_s)
+        return
+    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    next_at = started
+    end = started + options.duration_s
+
+    async def one(body: dict[str, object]) -> None:
+        try:
+            await rng.choice(fleet.devices).submit(body)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tg:
+        while True:
+            next_at += rng.expovariate(options.rate)
+            if next_at >= end:
+                break
+            if (delay := next_at - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            tg.create_task(one(catalog.order_body(rng)))
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+
+
+async def _sample(
+    fleet: Fleet,
+    *,
+    tracker: Tracker,
+    record: RunRecord,
+    started: float,
+    stop: asyncio.Event,
+    view: LiveView,
+) -> None:
+    while True:
+        sample = Sample(
+            t_s=time.monotonic() - started,
+            connected=fleet.connected(),
+            submitted=len(tracker.accepted),
+            accepted=len(tracker.receipted),
+            processed=len(tracker.terminal),
+            outbox_depth=fleet.outbox_depth(),
+        )
+        record.samples.append(sample)
+        view.update(record, tracker, len(fleet.devices))
+        if stop.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float) -> bool:
+    """Wait until every outbox is empty and every accepted order has a terminal status."""
+    deadline = time.monotonic() + timeout_s
+    waiting: set[OrderRef] = set(tracker.accepted)
+    while True:
+        depth = fleet.outbox_depth()
+        if depth == 0:
+            waiting -= tracker.terminal
+            if waiting:
+                refs = sorted(waiting)
+                try:
+                    found = await order_statuses(redis, refs)
+                except RedisError:
+                    found = [None] * len(refs)
+                waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}
+            if not waiting:
+                return True
+        if time.monotonic() > deadline:
+            log.warning("not quiescent", outbox_depth=depth, without_status=len(waiting))
+            return False
+        await asyncio.sleep(0.5)

@@ -1,0 +1,146 @@
+"""A local stack on free ports: Mosquitto, Redis, order-bridge replicas, order-pipeline.
+
+Every part is a real subprocess the chaos schedule can stop, SIGKILL and
+restart. Redis runs with ``appendonly`` so a stop/start loses nothing; the
+broker runs without persistence, the harsher case (the agents resend).
+
+::
+
+    with Stack(workdir, StackSettings(bridges=2)) as stack:
+        print(stack.mqtt_url, stack.redis_url)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from .servers import MosquittoProcess, RedisProcess, ServerError
+from .services import ServiceProcess, child_pids, console_script, pid_alive
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CATALOG = REPO / "pipeline" / "demo_catalog.toml"
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """How big the stack is and how quickly its parts recover."""
+
+    shards: int = 4
+    bridges: int = 1
+    workers: int = 1
+    catalog: Path = DEMO_CATALOG
+    # Short, so a SIGKILLed worker's entries are reclaimed within a short run.
+    claim_idle_ms: int = 3_000
+    broker_persistence: bool = False
+
+
+class Stack:
+    """Owns the stack's processes; ``with`` starts them all and stops them all."""
+
+    def __init__(self, workdir: Path, settings: StackSettings = StackSettings()) -> None:
+        self.workdir = workdir
+        self.settings = settings
+        self.broker = MosquittoProcess(
+            workdir / "mosquitto", persistence=settings.broker_persistence
+        )
+        self.redis = RedisProcess(workdir / "redis", appendonly=True)
+        run = uuid.uuid4().hex[:6]
+        self.bridges = [self._bridge(i, run) for i in range(settings.bridges)]
+        self.pipeline = ServiceProcess(
+            "pipeline",
+            workdir / "pipeline",
+            [
+                console_script("order-pipeline"),
+                "--mqtt-url", self.broker.url, "--redis-url", self.redis.url,
+                "--shards", str(settings.shards), "--workers", str(settings.workers),
+                "--claim-idle-ms", str(settings.claim_idle_ms),
+            ],
+        )  # fmt: skip
+
+    def _bridge(self, index: int, run: str) -> ServiceProcess:
+        argv = [
+            console_script("order-bridge"),
+            "--mqtt-url", self.broker.url, "--redis-url", self.redis.url,
+            "--shards", str(self.settings.shards), "--client-id", f"fleet-{run}-bridge{index}",
+        ]  # fmt: skip
+        return ServiceProcess(f"bridge{index}", self.workdir / f"bridge{index}", argv)
+
+    @property
+    def mqtt_url(self) -> str:
+        """Where devices connect."""
+        return self.broker.url
+
+    @property
+    def redis_url(self) -> str:
+        """Where the streams are."""
+        return self.redis.url
+
+    def urls(self) -> dict[str, str]:
+        """Every part's URL, for people poking at the stack."""
+        out = {"mqtt": self.broker.url, "redis": self.redis.url}
+        for bridge in self.bridges:
+            out[bridge.name] = bridge.url + "/metrics"
+        out["pipeline API"] = self.pipeline.url + "/v1/orders/{order_id}"
+        return out
+
+    def start(self) -> None:
+        """Start everything, load the catalog, and wait until each part is ready."""
+        self.broker.start()
+        self.redis.start()
+        self.load_catalog()
+        for bridge in self.bridges:
+            bridge.start()
+        self.pipeline.start()
+
+    def load_catalog(self) -> None:
+        """``order-pipeline catalog load`` (sets prices and stock)."""
+        result = subprocess.run(
+            [console_script("order-pipeline"), "catalog", "load", str(self.settings.catalog),
+             "--redis-url", self.redis.url],
+            capture_output=True, check=False, timeout=60,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise ServerError(f"catalog load failed: {result.stderr.decode(errors='replace')}")
+
+    def stop(self) -> None:
+        """SIGTERM every part, services first (they drain), servers last."""
+        for service in (*self.bridges, self.pipeline):
+            service.stop()
+        self.redis.stop()
+        self.broker.stop()
+
+    def worker_pids(self) -> list[int]:
+        """The pipeline supervisor's worker processes."""
+        pid = self.pipeline.pid
+        return [] if pid is None else [p for p in child_pids(pid) if pid_alive(p)]
+
+    def kill_worker(self) -> int | None:
+        """SIGKILL one pipeline worker (the supervisor replaces it); return its pid."""
+        pids = self.worker_pids()
+        if not pids:
+            return None
+        os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

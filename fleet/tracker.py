@@ -1,0 +1,161 @@
+"""What the simulated devices saw: accepted orders, receipts, statuses and their latencies.
+
+The agent's ``transport_factory`` seam is where we listen: :class:`ObservingTransport`
+wraps the real paho transport, so every order the agent publishes and every
+receipt or status the broker delivers passes through here on the way to the
+agent's own handlers, untouched. No agent internals are read or changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from edge_agent.transport import Transport, TransportHandlers
+from schemas import DecodeError, decode_receipt, decode_status
+
+from .verify import OrderRef
+
+TERMINAL = frozenset({"rejected", "failed", "fulfilled"})
+RECENT = 5_000  # latencies kept for the live p50/p99
+
+
+class _OrderId(msgspec.Struct):
+    order_id: str
+
+
+_order_id = msgspec.msgpack.Decoder(_OrderId)
+
+
+@dataclass
+class Tracker:
+    """Shared by every simulated device of a run; touched only on the event loop."""
+
+    submit_at: dict[OrderRef, float] = field(default_factory=dict)
+    accepted: list[OrderRef] = field(default_factory=list)
+    receipted: set[OrderRef] = field(default_factory=set)
+    terminal: set[OrderRef] = field(default_factory=set)
+    payloads: dict[OrderRef, tuple[str, bytes]] = field(default_factory=dict)
+    receipt_latency_ms: list[float] = field(default_factory=list)
+    e2e_latency_ms: list[float] = field(default_factory=list)
+    recent_receipt_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent_e2e_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    early: dict[OrderRef, tuple[str, float]] = field(default_factory=dict)
+    refused: int = 0
+    duplicate_receipts: int = 0
+    rejected_receipts: int = 0
+
+    def queued(self, ref: OrderRef, submitted_at: float) -> None:
+        """The agent answered ``queued`` (the HTTP 202) for ``ref``."""
+        self.submit_at[ref] = submitted_at
+        self.accepted.append(ref)
+        # A receipt may beat the bookkeeping; settle it now.
+        if (seen := self.early.pop(ref, None)) is not None:
+            kind, at = seen
+            if kind == "receipt":
+                self._receipt(ref, at)
+            else:
+                self._terminal(ref, at)
+
+    def receipt(self, ref: OrderRef, result: str) -> None:
+        """A receipt arrived for ``ref``."""
+        if result == "duplicate":
+            self.duplicate_receipts += 1
+        if result not in ("accepted", "duplicate"):
+            self.rejected_receipts += 1
+            return
+        if ref not in self.submit_at:
+            self.early.setdefault(ref, ("receipt", time.monotonic()))
+            return
+        self._receipt(ref, time.monotonic())
+
+    def status(self, ref: OrderRef, status: str) -> None:
+        """A pipeline status arrived for ``ref``."""
+        if status not in TERMINAL:
+            return
+        if ref not in self.submit_at:
+            self.early.setdefault(ref, ("status", time.monotonic()))
+            return
+        self._terminal(ref, time.monotonic())
+
+    def _receipt(self, ref: OrderRef, at: float) -> None:
+        if ref in self.receipted:
+            return
+        self.receipted.add(ref)
+        ms = (at - self.submit_at[ref]) * 1000
+        self.receipt_latency_ms.append(ms)
+        self.recent_receipt_ms.append(ms)
+
+    def _terminal(self, ref: OrderRef, at: float) -> None:
+        if ref in self.terminal:
+            return
+        self.terminal.add(ref)
+        ms = (at - self.submit_at[ref]) * 1000
+        self.e2e_latency_ms.append(ms)
+        self.recent_e2e_ms.append(ms)
+
+
+class ObservingHandlers:
+    """Forwards the transport's callbacks to the agent after noting receipts and statuses."""
+
+    def __init__(self, device_id: str, inner: TransportHandlers, tracker: Tracker) -> None:
+        self._device_id = device_id
+        self._inner = inner
+        self._tracker = tracker
+
+    def on_puback(self, mid: int, reason_code: int, reason: str) -> None:
+        self._inner.on_puback(mid, reason_code, reason)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic.endswith("/receipts"):
+                receipt = decode_receipt(payload)
+                if receipt.order_id is not None:
+                    self._tracker.receipt((self._device_id, receipt.order_id), receipt.result)
+            elif topic.endswith("/status"):
+                status = decode_status(payload)
+                self._tracker.status((self._device_id, status.order_id), status.status)
+        except DecodeError:
+            pass  # the agent's own handler counts and logs it
+        self._inner.on_message(topic, payload)
+
+    def on_connection_lost(self, reason: str) -> None:
+        self._inner.on_connection_lost(reason)
+
+
+class ObservingTransport:
+    """The real transport, remembering each order payload it publishes (for the dup flood)."""
+
+    def __init__(self, device_id: str, inner: Transport, tracker: Tracker) -> None:
+        self._device_id = device_id
+        self._inner = inner
+        self._tracker = tracker
+
+    @property
+    def connected(self) -> bool:
+        return self._inner.connected
+
+    @property
+    def protocol(self) -> str:
+        return self._inner.protocol
+
+    async def connect(self) -> bool:
+        return await self._inner.connect()
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        try:
+            order_id = _order_id.decode(payload).order_id
+            self._tracker.payloads[(self._device_id, order_id)] = (topic, payload)
+        except msgspec.DecodeError:
+            pass
+        return self._inner.publish(topic, payload)
+
+    def resend(self, topic: str, payload: bytes) -> int:
+        """Publish raw bytes as the agent would, without the agent knowing (duplicate flood)."""
+        return self._inner.publish(topic, payload)
+
+    async def disconnect(self) -> None:
+        await self._inner.disconnect()
