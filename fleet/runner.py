@@ -98,7 +98,11 @@ def print_result(result: SimResult, report: Path, console: Console) -> int:
 
 def _summary(result: SimResult) -> Table:
     table = summary_table(result.record)
-    table.add_row("duplicate receipts (flood)", f"{result.chaos.flooded:,} resent")
+    if result.chaos.flooded:
+        table.add_row(
+            "duplicate flood",
+            f"{result.chaos.flooded:,} resent, {result.duplicate_receipts:,} duplicate receipts",
+        )
     if result.chaos.rogue:
         sent = sum(r.sent for r in result.chaos.rogue)
         table.add_row("rogue payloads", f"{sent} sent, DLQ grew by {result.dlq_added}")

@@ -71,6 +71,7 @@ class SimResult:
     chaos: ChaosLog
     rogue_in_streams: list[OrderRef] = field(default_factory=list)
     dlq_added: int = 0
+    duplicate_receipts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -90,28 +91,27 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     catalog = Catalog.load(options.catalog)
     tracker = Tracker()
     record = RunRecord(options.devices, options.rate, options.duration_s)
-    redis = aioredis.from_url(redis_url)
-    try:
+    async with _redis(redis_url) as redis:
         dlq_before = await redis.xlen("orders:dlq")
-        async with _maybe_proxy(mqtt_url, any(e.kind in PROXY_KINDS for e in events)) as (
-            device_url,
-            proxy,
-        ):
-            settings = FleetSettings(
-                options.devices, device_url, prefix, options.ramp_per_s, options.receipt_timeout_s
-            )
-            async with Fleet(settings, tracker) as fleet:
-                connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
-                log.info("fleet connected", connected=connected, devices=options.devices)
-                chaos = ChaosRunner(
-                    events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url,
-                    prefix=prefix,
-                )  # fmt: skip
-                record.events = chaos.log.events
-                settled = await _drive(
-                    options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
-                    redis=redis, rng=rng, catalog=catalog,
-                )  # fmt: skip
+    # One client for the run (the settle loop survives its errors); Redis may be
+    # restarted by the chaos, so the verification below gets a fresh one.
+    wants_proxy = any(e.kind in PROXY_KINDS for e in events)
+    async with (
+        _redis(redis_url) as redis,
+        _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
+        Fleet(_fleet_settings(options, device_url, prefix), tracker) as fleet,
+    ):
+        connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
+        log.info("fleet connected", connected=connected, devices=options.devices)
+        chaos = ChaosRunner(
+            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix
+        )
+        record.events = chaos.log.events
+        settled = await _drive(
+            options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
+            redis=redis, rng=rng, catalog=catalog,
+        )  # fmt: skip
+    async with _redis(redis_url) as redis:
         verdict = await verify(
             redis,
             tracker.accepted,
@@ -125,13 +125,29 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             spoofed = {ref for r in chaos.log.rogue for ref in r.spoofed}
             rogue_in_streams = [ref for ref in counts if ref[0] in rogue_ids or ref in spoofed]
         dlq_added = await redis.xlen("orders:dlq") - dlq_before
-    finally:
-        await redis.aclose()
     record.verdict = verdict
     record.refused = tracker.refused
     record.receipt_latency_ms = tracker.receipt_latency_ms
     record.e2e_latency_ms = tracker.e2e_latency_ms
-    return SimResult(record, verdict, settled, chaos.log, rogue_in_streams, dlq_added)
+    return SimResult(
+        record, verdict, settled, chaos.log, rogue_in_streams, dlq_added,
+        duplicate_receipts=tracker.duplicate_receipts,
+    )  # fmt: skip
+
+
+def _fleet_settings(options: SimOptions, mqtt_url: str, prefix: str) -> FleetSettings:
+    return FleetSettings(
+        options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s
+    )
+
+
+@contextlib.asynccontextmanager
+async def _redis(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @contextlib.asynccontextmanager
