@@ -77,6 +77,19 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     return sorted(events)
 
 
+def check_feasible(events: list[ChaosEvent], *, own_stack: bool, proxy: bool) -> None:
+    """Refuse process faults on a stack we did not start, and network faults without the proxy.
+
+    Raises:
+        ChaosError: naming the first fault that cannot be injected.
+    """
+    for event in events:
+        if event.kind in STACK_KINDS and not own_stack:
+            raise ChaosError(f"{event.kind} needs a stack fleet-sim started itself")
+        if event.kind in PROXY_KINDS and not proxy:
+            raise ChaosError(f"{event.kind} needs the proxy")
+
+
 @dataclass
 class ChaosLog:
     """What the schedule did: events with their times, and the rogue traffic sent."""
@@ -99,11 +112,7 @@ class ChaosRunner:
         mqtt_url: str,
         prefix: str,
     ) -> None:
-        for event in events:
-            if event.kind in STACK_KINDS and stack is None:
-                raise ChaosError(f"{event.kind} needs a stack fleet-sim started itself")
-            if event.kind in PROXY_KINDS and proxy is None:
-                raise ChaosError(f"{event.kind} needs the proxy")
+        check_feasible(events, own_stack=stack is not None, proxy=proxy is not None)
         self.events = events
         self.stack = stack
         self.proxy = proxy

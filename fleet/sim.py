@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from schemas.names import DEFAULT_SHARDS
 from schemas.urls import MqttUrl
 
-from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, parse_schedule
+from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, check_feasible, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
@@ -86,6 +86,8 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     if mqtt_url is None or redis_url is None:
         raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
     events = parse_schedule(options.chaos)
+    wants_proxy = any(e.kind in PROXY_KINDS for e in events)
+    check_feasible(events, own_stack=stack is not None, proxy=wants_proxy)
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     rng = random.Random(options.seed)
     catalog = Catalog.load(options.catalog)
@@ -95,7 +97,6 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         dlq_before = await redis.xlen("orders:dlq")
     # One client for the run (the settle loop survives its errors); Redis may be
     # restarted by the chaos, so the verification below gets a fresh one.
-    wants_proxy = any(e.kind in PROXY_KINDS for e in events)
     async with (
         _redis(redis_url) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),

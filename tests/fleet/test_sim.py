@@ -1,0 +1,148 @@
+"""fleet-sim end to end: real agents, broker, bridge, pipeline and Redis; one chaos kind per run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.services import pid_alive
+from fleet.sim import SimOptions, SimResult, run
+from fleet.stack import Stack, StackSettings
+
+DEVICES = 200
+RATE = 40.0
+DURATION_S = 8.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One local stack (broker, Redis, bridge, pipeline) shared by the module's runs."""
+    with Stack(tmp_path_factory.mktemp("stack"), StackSettings(shards=4)) as running:
+        yield running
+
+
+async def _run(stack: Stack, chaos: str, **overrides: object) -> SimResult:
+    options = SimOptions(
+        devices=DEVICES, rate=RATE, duration_s=DURATION_S, shards=4, chaos=chaos,
+        settle_timeout_s=90, receipt_timeout_s=5.0, **overrides,  # type: ignore[arg-type]
+    )  # fmt: skip
+    result = await run(options, stack)
+    v = result.verdict
+    assert v.checked > RATE * DURATION_S * 0.5, "too few orders were placed to prove anything"
+    assert result.settled, "the run did not reach quiescence"
+    assert (v.lost, v.duplicated, v.stuck) == ([], {}, [])
+    assert len(result.record.events) == len(chaos.split(",")) if chaos else 1
+    return result
+
+
+async def test_no_chaos(stack: Stack) -> None:
+    """A calm run: every accepted order reaches the streams once and a terminal status."""
+    result = await _run(stack, "")
+    assert result.record.samples[-1].submitted == result.verdict.checked
+    assert result.record.receipt_latency_ms
+    assert result.record.e2e_latency_ms
+
+
+async def test_broker_restart(stack: Stack) -> None:
+    """SIGKILL and restart of a broker without persistence loses and duplicates nothing."""
+    before = stack.broker.pid
+    result = await _run(stack, "3:broker-restart")
+    assert stack.broker.pid != before
+    assert "gone" in result.record.events[0][1]
+    assert min(s.connected for s in result.record.samples) < DEVICES  # devices were cut off
+
+
+async def test_bridge_kill(stack: Stack) -> None:
+    """SIGKILL and restart of the bridge mid-load loses and duplicates nothing."""
+    before = stack.bridges[0].pid
+    result = await _run(stack, "3:bridge-kill")
+    assert before is not None
+    assert not pid_alive(before)
+    assert stack.bridges[0].pid != before
+    assert "gone" in result.record.events[0][1]
+
+
+async def test_redis_stop(stack: Stack) -> None:
+    """Redis stopped for 3 s (appendonly) loses and duplicates nothing."""
+    result = await _run(stack, "3:redis-stop=3")
+    assert "was down" in result.record.events[0][1]
+
+
+async def test_worker_kill(stack: Stack) -> None:
+    """A SIGKILLed pipeline worker is replaced; its entries are reclaimed; nothing stuck."""
+    result = await _run(stack, "3:worker-kill")
+    assert "gone" in result.record.events[0][1]
+    assert stack.worker_pids(), "the supervisor did not replace the worker"
+
+
+async def test_drop_and_refuse(stack: Stack) -> None:
+    """Half the device connections dropped, then new connections refused: nothing lost."""
+    result = await _run(stack, "3:drop=0.5,3.1:refuse=2")
+    dropped = result.record.events[0][1]
+    assert "(0 connections)" not in dropped
+    assert min(s.connected for s in result.record.samples) < DEVICES
+
+
+async def test_duplicate_flood(stack: Stack) -> None:
+    """Every receipted order resent raw comes back `duplicate`, never a second entry."""
+    result = await _run(stack, "5:dup-flood")
+    assert result.chaos.flooded > 0
+    assert result.duplicate_receipts >= result.chaos.flooded * 0.9
+
+
+async def test_rogue_devices(stack: Stack) -> None:
+    """Malformed and spoofed payloads land in orders:dlq, never in a stream."""
+    result = await _run(stack, "3:rogue=30")
+    sent = sum(r.sent for r in result.chaos.rogue)
+    assert sent == 30
+    assert result.rogue_in_streams == []
+    assert result.dlq_added >= sent
+    assert result.ok
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FLEET_SLOW"), reason="set FLEET_SLOW=1 (about 90 s)")
+async def test_every_chaos_kind_in_one_run(stack: Stack) -> None:
+    """The long form: all faults in one 40 s run with 500 devices."""
+    await _run(
+        stack,
+        "4:broker-restart,9:bridge-kill,14:redis-stop=3,20:worker-kill,24:drop=0.3,"
+        "28:dup-flood,32:rogue=30",
+        devices=500, duration_s=40.0,
+    )  # fmt: skip
+
+
+def test_cli_against_a_stack_it_did_not_start(stack: Stack, tmp_path: Path) -> None:
+    """With URLs, fleet-sim runs against that stack, writes its report and exits 0."""
+    report = tmp_path / "r.html"
+    done = _cli(
+        "--devices", "30", "--rate", "15", "--duration", "3", "--shards", "4",
+        "--mqtt-url", stack.mqtt_url, "--redis-url", stack.redis_url,
+        "--chaos", "1:drop=1", "--no-live", "--report", str(report),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 lost, 0 duplicated" in done.stdout
+    assert "<svg" in report.read_text()
+
+
+def test_cli_refuses_process_faults_on_a_foreign_stack(stack: Stack) -> None:
+    """A stack fleet-sim did not start offers network faults only: exit 2, reason named."""
+    done = _cli(
+        "--devices", "5", "--duration", "1", "--mqtt-url", stack.mqtt_url,
+        "--redis-url", stack.redis_url, "--chaos", "1:bridge-kill", "--no-live",
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "needs a stack fleet-sim started itself" in done.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    fleet_sim = str(Path(sys.executable).parent / "fleet-sim")
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [fleet_sim, *args], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
