@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fleet-sim provision: {exc}", file=sys.stderr)
             return 2
     configure_logging(args.log_level, service="fleet-sim")
+    # SIGTERM unwinds like Ctrl-C, so the stack we started is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "stack":
         return run_stack(args)
     try:
@@ -42,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FleetError, ServerError) as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return 2
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _add_provision(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +13,7 @@ from rich.console import Console
 from fleet.chaos import ChaosLog
 from fleet.report import RunRecord
 from fleet.runner import print_result
+from fleet.servers import port_is_open
 from fleet.services import http_ok, pid_alive
 from fleet.sim import SimResult
 from fleet.stack import Stack, StackSettings
@@ -46,3 +50,25 @@ def test_lost_or_duplicated_orders_fail_the_run(tmp_path: Path) -> None:
         print_result(SimResult(record, good, True, ChaosLog()), tmp_path / "b.html", console) == 0
     )
     assert (tmp_path / "b.html").exists()
+
+
+def test_fleet_sim_stack_command_stops_everything_on_sigterm() -> None:
+    """`fleet-sim stack` prints its URLs; SIGTERM stops every process it started."""
+    fleet_sim = str(Path(sys.executable).parent / "fleet-sim")
+    with subprocess.Popen(
+        [fleet_sim, "stack", "--shards", "2"], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            while "Ctrl-C" not in (line := proc.stdout.readline()):
+                assert line, "fleet-sim stack exited early"
+                lines.append(line)
+            urls = dict(line.strip().split(": ", 1) for line in lines)
+            ports = [int(urls[n].rsplit(":", 1)[1].split("/")[0]) for n in ("mqtt", "redis")]
+            assert all(port_is_open(port) for port in ports)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            assert not any(port_is_open(port) for port in ports), "stack left running"
+        finally:
+            proc.kill()
