@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import resource
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -159,7 +160,12 @@ async def main(args: argparse.Namespace) -> None:
                   flush=True)  # fmt: skip
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwind, so the stack is stopped
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=5000)
