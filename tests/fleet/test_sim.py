@@ -27,13 +27,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def _run(stack: Stack, chaos: str, **overrides: object) -> SimResult:
-    options = SimOptions(
-        devices=DEVICES, rate=RATE, duration_s=DURATION_S, shards=4, chaos=chaos,
-        settle_timeout_s=90, receipt_timeout_s=5.0, **overrides,  # type: ignore[arg-type]
-    )  # fmt: skip
+    settings: dict[str, object] = {
+        "devices": DEVICES, "rate": RATE, "duration_s": DURATION_S, "shards": 4,
+        "chaos": chaos, "settle_timeout_s": 90, "receipt_timeout_s": 5.0, **overrides,
+    }  # fmt: skip
+    options = SimOptions(**settings)  # type: ignore[arg-type]
     result = await run(options, stack)
     v = result.verdict
-    assert v.checked > RATE * DURATION_S * 0.5, "too few orders were placed to prove anything"
+    assert v.checked > options.rate * options.duration_s * 0.5, "too few orders to prove anything"
     assert result.settled, "the run did not reach quiescence"
     assert (v.lost, v.duplicated, v.stuck) == ([], {}, [])
     assert len(result.record.events) == len(chaos.split(",")) if chaos else 1
