@@ -28,6 +28,11 @@ class Sample:
     accepted: int
     processed: int
     outbox_depth: int
+    # Latency of the orders receipted / finished since the previous sample (None: none).
+    receipt_p50_ms: float | None = None
+    receipt_p99_ms: float | None = None
+    e2e_p50_ms: float | None = None
+    e2e_p99_ms: float | None = None
 
 
 @dataclass
@@ -113,6 +118,7 @@ def write_html(record: RunRecord, path: Path) -> Path:
         y_label="count",
         markers=record.events,
     )  # fmt: skip
+    latency = _latency_chart(record)
     rows = "".join(
         f"<tr><td>{escape(name)}</td>"
         + "".join(f"<td>{v:,.1f}</td>" for v in percentiles(values).values())
@@ -135,12 +141,30 @@ target {record.rate:,.0f} orders/s for {record.duration_s:,.0f} s.</p>
 {verdict}
 <h2>Throughput (dashed lines: chaos events)</h2>{throughput}
 <h2>Outbox depth and connections</h2>{depth}
-<h2>Latency</h2><table><tr><th></th>{header}</tr>{rows}</table>
+<h2>Latency</h2>{latency}<table><tr><th></th>{header}</tr>{rows}</table>
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html)
     return path
+
+
+def _latency_chart(record: RunRecord) -> str:
+    """p50/p99 per sample interval, if the run recorded them."""
+    if not any(s.receipt_p99_ms is not None for s in record.samples):
+        return ""
+    series: dict[str, Sequence[float]] = {
+        name: [float(getattr(s, attr) or 0.0) for s in record.samples]
+        for name, attr in (
+            ("receipt p50", "receipt_p50_ms"), ("receipt p99", "receipt_p99_ms"),
+            ("e2e p50", "e2e_p50_ms"), ("e2e p99", "e2e_p99_ms"),
+        )
+    }  # fmt: skip
+    chart = line_chart(
+        [s.t_s for s in record.samples], series, x_label="seconds", y_label="ms",
+        markers=record.events,
+    )  # fmt: skip
+    return f"<p>Per second, for the orders settled in that second:</p>{chart}"
 
 
 def _verdict_html(verdict: Verdict | None) -> str:

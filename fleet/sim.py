@@ -29,7 +29,7 @@ from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
 from .proxy import TcpProxy
-from .report import RunRecord, Sample
+from .report import RunRecord, Sample, percentiles
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses
 from .tracker import TERMINAL, Tracker
@@ -235,7 +235,11 @@ async def _sample(
     stop: asyncio.Event,
     view: LiveView,
 ) -> None:
+    seen_receipts = seen_e2e = 0
     while True:
+        receipts = percentiles(tracker.receipt_latency_ms[seen_receipts:])
+        e2e = percentiles(tracker.e2e_latency_ms[seen_e2e:])
+        seen_receipts, seen_e2e = len(tracker.receipt_latency_ms), len(tracker.e2e_latency_ms)
         sample = Sample(
             t_s=time.monotonic() - started,
             connected=fleet.connected(),
@@ -243,6 +247,10 @@ async def _sample(
             accepted=len(tracker.receipted),
             processed=len(tracker.terminal),
             outbox_depth=fleet.outbox_depth(),
+            receipt_p50_ms=receipts.get(50),
+            receipt_p99_ms=receipts.get(99),
+            e2e_p50_ms=e2e.get(50),
+            e2e_p99_ms=e2e.get(99),
         )
         record.samples.append(sample)
         view.update(record, tracker, len(fleet.devices))

@@ -47,3 +47,14 @@ def test_summary_table_renders() -> None:
     assert "FAIL" in text
     assert "p50=" in text
     assert "1 / 0 / 0" in text
+
+
+def test_html_report_plots_latency_over_time_when_recorded(tmp_path: Path) -> None:
+    """Samples with per-interval percentiles add a third chart: latency over time."""
+    run = record()
+    run.samples = [
+        Sample(t, 10, 100 * t, 90 * t, 80 * t, 5, 40.0, 90.0, 60.0, 120.0) for t in range(11)
+    ]
+    html = write_html(run, tmp_path / "report.html").read_text()
+    assert html.count("<svg") == 3
+    assert "receipt p99" in html
