@@ -17,7 +17,7 @@ from .errors import (
 )
 from .names import PIPELINE_GROUP
 from .payment import PaymentGateway, SimulatedGateway
-from .records import OrderContext
+from .records import OrderContext, order_statuses
 from .status import MqttStatusPublisher, StatusPublisher
 from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
@@ -42,5 +42,6 @@ __all__ = [
     "Worker",
     "build_chain",
     "create_app",
+    "order_statuses",
     "register",
 ]

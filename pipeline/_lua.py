@@ -25,23 +25,20 @@ from redis.exceptions import NoScriptError
 
 # KEYS: events. ARGV: now_ms, events maxlen, JSON list of
 #   [record, history, device index, order_id, device_id, seq, received_at,
-#    total, currency, index member, items json, stream, entry id].
-# Returns per order {1, status, reason, {done steps}} or {0, other device_id}
-# when the order_id already belongs to another device.
+#    total, currency, index member, items json, stream, entry id, order-id index].
+# Returns per order {status, reason, {done steps}}.
 ADMIT: Final = """
 local now, maxlen, out = ARGV[1], ARGV[2], {}
 for _, o in ipairs(cjson.decode(ARGV[3])) do
   local rec = o[1]
-  local dev = redis.call('HGET', rec, 'device_id')
-  if dev and dev ~= o[5] then
-    out[#out + 1] = {0, dev}
-  else
-    if not dev then
+  do
+    if redis.call('EXISTS', rec) == 0 then
       redis.call('HSET', rec, 'order_id', o[4], 'device_id', o[5], 'seq', o[6],
         'received_at', o[7], 'total', o[8], 'currency', o[9], 'items', o[11],
         'stream', o[12], 'entry_id', o[13], 'status', 'received', 'reason', '',
         'created', now, 'updated_at', now)
       redis.call('ZADD', o[3], 0, o[10])
+      redis.call('SADD', o[14], o[5])
       redis.call('RPUSH', o[2], cjson.encode({status='received', step='', reason='',
         at=tonumber(now)}))
       redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', o[4],
@@ -55,7 +52,7 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
       elseif name == 'reason' then reason = fields[j + 1]
       elseif string.sub(name, 1, 5) == 'done:' then done[#done + 1] = string.sub(name, 6) end
     end
-    out[#out + 1] = {1, status, reason, done}
+    out[#out + 1] = {status, reason, done}
   end
 end
 return out

@@ -28,6 +28,7 @@ from .names import (
     TERMINAL_STATUSES,
     device_index_key,
     history_key,
+    order_devices_key,
     order_key,
     reservation_key,
 )
@@ -100,14 +101,6 @@ class OrderContext:
         self.proposed = Transition("failed", reason)
 
 
-class Conflict(msgspec.Struct, frozen=True):
-    """An order_id already recorded for another device."""
-
-    entry: StreamEntry
-    order: Order
-    owner: str
-
-
 def index_member(seq: int, order_id: str) -> str:
     """Member of the device index: lexicographic order = seq order, ties by order_id."""
     return f"{seq:020d}:{order_id}"
@@ -124,12 +117,12 @@ def _items_json(order: Order) -> str:
 
 async def admit(
     client: aioredis.Redis, scripts: Scripts, batch: Sequence[tuple[StreamEntry, Order]]
-) -> list[OrderContext | Conflict]:
+) -> list[OrderContext]:
     """Create each order's record if new and load its state: one script call for the batch."""
     rows = [
         (
-            order_key(order.order_id),
-            history_key(order.order_id),
+            order_key(order.device_id, order.order_id),
+            history_key(order.device_id, order.order_id),
             device_index_key(order.device_id),
             order.order_id,
             order.device_id,
@@ -141,27 +134,23 @@ async def admit(
             _items_json(order),
             entry.stream,
             entry.entry_id,
+            order_devices_key(order.order_id),
         )
         for entry, order in batch
     ]
     replies = await scripts.evalsha(
         client, "admit", [EVENTS_STREAM], [now_ms(), EVENTS_MAXLEN, _json(rows)]
     )
-    out: list[OrderContext | Conflict] = []
-    for (entry, order), reply in zip(batch, replies, strict=True):
-        if not reply[0]:
-            out.append(Conflict(entry, order, text(reply[1])))
-            continue
-        out.append(
-            OrderContext(
-                entry,
-                order,
-                status=text(reply[1]),
-                reason=text(reply[2]),
-                done={text(step) for step in reply[3]},
-            )
+    return [
+        OrderContext(
+            entry,
+            order,
+            status=text(reply[0]),
+            reason=text(reply[1]),
+            done={text(step) for step in reply[2]},
         )
-    return out
+        for (entry, order), reply in zip(batch, replies, strict=True)
+    ]
 
 
 async def commit(
@@ -177,10 +166,10 @@ async def commit(
         return []
     rows = []
     for ctx in todo:
-        oid, proposed = ctx.order.order_id, ctx.proposed
+        dev, oid, proposed = ctx.order.device_id, ctx.order.order_id, ctx.proposed
         assert proposed is not None
-        rows.append((order_key(oid), history_key(oid), reservation_key(oid), ctx.status,
-                     proposed.status or "", proposed.reason))  # fmt: skip
+        rows.append((order_key(dev, oid), history_key(dev, oid), reservation_key(dev, oid),
+                     ctx.status, proposed.status or "", proposed.reason))  # fmt: skip
     changed: list[OrderContext] = []
     replies = await scripts.evalsha(
         client,
@@ -208,15 +197,43 @@ async def record_error(client: aioredis.Redis, batch: Sequence[OrderContext]) ->
         return
     async with client.pipeline(transaction=False) as pipe:
         for ctx in failed:
-            pipe.hset(order_key(ctx.order.order_id), "last_error", ctx.error or "")
+            pipe.hset(
+                order_key(ctx.order.device_id, ctx.order.order_id), "last_error", ctx.error or ""
+            )
         await pipe.execute()
 
 
-async def load_order(client: aioredis.Redis, order_id: str) -> dict[str, Any] | None:
+async def find_devices(client: aioredis.Redis, order_id: str) -> list[str]:
+    """The devices that have an order with this id, sorted."""
+    members: Any = await client.smembers(order_devices_key(order_id))
+    return sorted(text(m) for m in members)
+
+
+async def order_statuses(
+    redis: aioredis.Redis, refs: Sequence[tuple[str, str]], *, page: int = 5000
+) -> list[str | None]:
+    """The current status of each ``(device_id, order_id)``, None when it has no record.
+
+    One pipelined round trip per ``page`` orders; the fleet verifier uses it to
+    find orders stuck short of a terminal state.
+    """
+    out: list[str | None] = []
+    for start in range(0, len(refs), page):
+        async with redis.pipeline(transaction=False) as pipe:
+            for device_id, order_id in refs[start : start + page]:
+                pipe.hget(order_key(device_id, order_id), "status")
+            replies = await pipe.execute()
+        out += [None if r is None else text(r) for r in replies]
+    return out
+
+
+async def load_order(
+    client: aioredis.Redis, device_id: str, order_id: str
+) -> dict[str, Any] | None:
     """The record and history of one order, as the orders API shows it; None if unknown."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hgetall(order_key(order_id))
-        pipe.lrange(history_key(order_id), 0, -1)
+        pipe.hgetall(order_key(device_id, order_id))
+        pipe.lrange(history_key(device_id, order_id), 0, -1)
         raw, history = await pipe.execute()
     if not raw:
         return None

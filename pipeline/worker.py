@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from schemas import DecodeError, Reason, Status, decode_order
+from schemas import DecodeError, Status, decode_order
 from schemas.names import stream_key
 
 from ._lua import Scripts
@@ -43,7 +43,6 @@ from .metrics import WorkerMetrics
 from .names import PIPELINE_GROUP, history_key, order_key
 from .records import (
     PUBLISHED_STATUSES,
-    Conflict,
     OrderContext,
     StreamEntry,
     admit,
@@ -223,7 +222,11 @@ class Worker:
     async def _dead_letter_over_delivered(self, entries: list[StreamEntry]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                pipe.hget(order_key(text(entry.fields.get("order_id", b""))), "last_error")
+                key = order_key(
+                    text(entry.fields.get("device_id", b"")),
+                    text(entry.fields.get("order_id", b"")),
+                )
+                pipe.hget(key, "last_error")
             errors = await pipe.execute()
         await dead_letter(
             self.redis,
@@ -256,13 +259,7 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs: list[OrderContext] = []
-        for item in await admit(self.redis, self.scripts, decoded) if decoded else []:
-            if isinstance(item, Conflict):
-                letters.append(DeadLetter(item.entry, Reason.CONFLICT,
-                                          f"order_id belongs to device {item.owner}"))  # fmt: skip
-            else:
-                ctxs.append(item)
+        ctxs = await admit(self.redis, self.scripts, decoded) if decoded else []
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
         # that committed them (before their PUBACK): publish them again.
@@ -329,7 +326,7 @@ class Worker:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for ctx in ctxs:
-                pipe.lrange(history_key(ctx.order.order_id), 0, -1)
+                pipe.lrange(history_key(ctx.order.device_id, ctx.order.order_id), 0, -1)
             histories = await pipe.execute()
         out = []
         for ctx, history in zip(ctxs, histories, strict=True):

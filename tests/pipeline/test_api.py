@@ -89,6 +89,37 @@ async def test_order_record_and_problems(aredis: aioredis.Redis, device_id: str)
         assert (await missing.json())["code"] == "dlq-entry-not-found"
 
 
+async def test_an_order_id_on_two_devices_is_ambiguous_without_the_device(
+    aredis: aioredis.Redis, device_id: str
+) -> None:
+    """One order_id on two devices: /v1/orders/{id} is a 409 naming both; the device path works."""
+    other = f"{device_id}-b"
+    orders = [make_order(dev, 0, order_id="order-00000001") for dev in (device_id, other)]
+    await admit_orders(aredis, orders[:1])
+    async with api_client(aredis, TEST_SHARDS) as http:
+        single = await http.get("/v1/orders/order-00000001")
+        assert single.status == 200
+        assert (await single.json())["device_id"] == device_id
+        await admit_orders(aredis, orders[1:])
+        ambiguous = await http.get("/v1/orders/order-00000001")
+        assert ambiguous.status == 409
+        assert ambiguous.content_type == "application/problem+json"
+        problem = json.loads(await ambiguous.text())
+        assert problem["code"] == "ambiguous-order-id"
+        assert problem["device_ids"] == sorted([device_id, other])
+        for dev in (device_id, other):
+            body = await (await http.get(f"/v1/devices/{dev}/orders/order-00000001")).json()
+            assert (body["device_id"], body["order_id"]) == (dev, "order-00000001")
+        for path, status, code in [
+            (f"/v1/devices/{device_id}/orders/order-00000002", 404, "order-not-found"),
+            (f"/v1/devices/{device_id}/orders/bad!", 400, "invalid-parameter"),
+            ("/v1/devices/bad!/orders/order-00000001", 400, "invalid-parameter"),
+        ]:
+            response = await http.get(path)
+            assert response.status == status, path
+            assert (await response.json(content_type=None))["code"] == code
+
+
 async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.Redis) -> None:
     """DLQ paging walks every entry once; an entry without an accepted order is refused (422)."""
     letters = [

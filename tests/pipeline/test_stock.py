@@ -62,7 +62,10 @@ async def test_failing_releases_once_and_never_reserves_again(aredis: aioredis.R
         ctx.proposed = Transition("failed", "payment_declined")
         await commit(aredis, scripts, "pay", [ctx])
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
-    assert await aredis.hget(reservation_key(ctx.order.order_id), "_state") == b"released"
+    assert (
+        await aredis.hget(reservation_key(ctx.order.device_id, ctx.order.order_id), "_state")
+        == b"released"
+    )
     assert await reserve(aredis, scripts, [ctx]) == ["released"]
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
 
