@@ -4,11 +4,14 @@ One worker per process (run as many processes as you like). Each loop turn
 either reclaims entries that idled in a dead consumer's pending list
 (``XAUTOCLAIM``) or reads new ones (``XREADGROUP``), then:
 
-1. decodes them (undecodable → DLQ at once) and admits each order (record, index);
+1. decodes them (undecodable → DLQ at once) and loads each order's stored state
+   (one read-only script for the batch);
 2. sorts the batch by device and ``seq`` and runs each step on the orders that
-   still need it, storing the decisions after every step (one atomic script
-   per order);
-3. publishes the new statuses, waits for their PUBACKs, and only then XACKs.
+   still need it, in memory (stock reservation is its own atomic, idempotent
+   script per batch);
+3. stores every order's outcome (record, history, events, released stock) in
+   one script for the batch, with a compare-and-set per order;
+4. publishes the new statuses, waits for their PUBACKs, and only then XACKs.
 
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
@@ -41,16 +44,7 @@ from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
 from .names import PIPELINE_GROUP, history_key, order_key
-from .records import (
-    PUBLISHED_STATUSES,
-    OrderContext,
-    StreamEntry,
-    admit,
-    commit,
-    now_ms,
-    record_error,
-    text,
-)
+from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, now_ms, text
 from .status import StatusPublisher
 from .steps import Step
 
@@ -247,7 +241,7 @@ class Worker:
         self.metrics.processed.labels(outcome="dead_lettered").inc(len(entries))
 
     async def process(self, entries: Sequence[StreamEntry]) -> None:
-        """Drive one batch through the chain, publish, then ack what is settled."""
+        """Drive one batch through the chain, store the outcomes, publish, then ack."""
         letters: list[DeadLetter] = []
         decoded = []
         for entry in entries:
@@ -259,10 +253,10 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs = await admit(self.redis, self.scripts, decoded) if decoded else []
+        ctxs = await load(self.redis, self.scripts, decoded) if decoded else []
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
-        # that committed them (before their PUBACK): publish them again.
+        # that stored them (before their PUBACK): publish them again.
         statuses = await self._replay_statuses([c for c in ctxs if c.entry.deliveries > 1])
         for step in self.chain:
             live = [c for c in ctxs if c.live and step.name not in c.done]
@@ -270,10 +264,19 @@ class Worker:
                 continue
             started = time.perf_counter()
             await self._run_step(step, live)
-            changed = await commit(self.redis, self.scripts, step.name, live)
+            for ctx in live:
+                ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
-            statuses += [self._status(c) for c in changed if c.status in PUBLISHED_STATUSES]
-        await record_error(self.redis, ctxs)
+        started = time.perf_counter()
+        stored = await commit(self.redis, self.scripts, ctxs)
+        self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
+        at = now_ms()
+        statuses += [
+            self._message(ctx, status, reason, at)
+            for ctx in stored
+            for status, _step, reason in ctx.changes
+            if status in PUBLISHED_STATUSES
+        ]
         await self.publisher.publish(statuses)
         await dead_letter(self.redis, letters)
         await self._ack([c for c in ctxs if c.error is None and not c.stale])
@@ -341,12 +344,4 @@ class Worker:
         return ctx.order.device_id, Status(
             v=1, order_id=ctx.order.order_id, status=status,  # type: ignore[arg-type]
             reason=reason or None, at=at,
-        )  # fmt: skip
-
-    @staticmethod
-    def _status(ctx: OrderContext) -> tuple[str, Status]:
-        reason = ctx.reason or None
-        return ctx.order.device_id, Status(
-            v=1, order_id=ctx.order.order_id, status=ctx.status,  # type: ignore[arg-type]
-            reason=reason, at=now_ms(),
         )  # fmt: skip

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter
-from pipeline.records import StreamEntry, admit
+from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 
@@ -26,7 +26,8 @@ async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
                      {"received_at": b"1", "payload": encode(o)}), o)
         for o in orders
     ]  # fmt: skip
-    await admit(client, Scripts(), batch)
+    scripts = Scripts()
+    await commit(client, scripts, await load(client, scripts, batch))
 
 
 async def test_paging_while_orders_arrive_returns_each_once(
