@@ -18,13 +18,15 @@ from .errors import (
 from .names import PIPELINE_GROUP
 from .payment import PaymentGateway, SimulatedGateway
 from .records import OrderContext, order_statuses
-from .status import MqttStatusPublisher, StatusPublisher
+from .status import MqttStatusPublisher, StatusPublisher, status_publisher
+from .status_gmqtt import GmqttStatusPublisher
 from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
 
 __all__ = [
     "PIPELINE_GROUP",
     "CatalogError",
+    "GmqttStatusPublisher",
     "MqttStatusPublisher",
     "OrderContext",
     "PaymentDeclined",
@@ -44,4 +46,5 @@ __all__ = [
     "create_app",
     "order_statuses",
     "register",
+    "status_publisher",
 ]

@@ -71,8 +71,11 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
 
     await eventually(heard, what="status messages on the device's status topic")
     stream = stream_key(shard_of(device_id, config.shards))
-    pending = await aredis.xpending(stream, PIPELINE_GROUP)
-    assert pending["pending"] == 0
+
+    async def acked() -> bool:  # the XACK follows the PUBACKs, which may trail the delivery
+        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+
+    await eventually(acked, what="the entry acked after its PUBACKs")
 
 
 @pytest.mark.usefixtures("catalog")
