@@ -11,7 +11,8 @@ either reclaims entries that idled in a dead consumer's pending list
    script per batch);
 3. stores every order's outcome (record, history, events, released stock) in
    one script for the batch, with a compare-and-set per order;
-4. publishes the new statuses, waits for their PUBACKs, and only then XACKs.
+4. publishes the new statuses, waits for their PUBACKs, and only then XACKs,
+   while the next batch is already being read and settled.
 
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
@@ -30,6 +31,7 @@ import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -51,6 +53,15 @@ from .steps import Step
 log = structlog.get_logger(__name__)
 MAX_BACKOFF_S = 10.0
 CLEANUP_EVERY_S = 60.0
+
+
+@dataclass(slots=True)
+class Settled:
+    """A batch whose outcomes are stored: what is left to publish, dead-letter and ack."""
+
+    ctxs: list[OrderContext]
+    letters: list[DeadLetter]
+    statuses: list[tuple[str, Status]]
 
 
 def default_consumer_name() -> str:
@@ -118,19 +129,29 @@ class Worker:
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
         next_claim = next_cleanup = 0.0
-        while not stop.is_set():
-            if time.monotonic() >= next_cleanup:
-                next_cleanup = time.monotonic() + CLEANUP_EVERY_S
-                await self.forget_dead_consumers()
-            if time.monotonic() >= next_claim:
-                next_claim = time.monotonic() + claim_every_s
-                claimed = await self.reclaim()
-                if claimed:
-                    await self.process(claimed)
+        # Batch N's statuses wait for their PUBACKs (and then its XACK) while
+        # batch N+1 is read and settled; N+1 publishes only after N is acked.
+        finishing: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + CLEANUP_EVERY_S
+                    await self.forget_dead_consumers()
+                entries: list[StreamEntry] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + claim_every_s
+                    entries = await self.reclaim()
+                if not entries:
+                    entries = await self.read()
+                if not entries:
                     continue
-            entries = await self.read()
-            if entries:
-                await self.process(entries)
+                settled = await self.settle(entries)
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.create_task(self.finish(settled), name="finish-batch")
+        finally:
+            if finishing is not None:
+                await finishing
 
     async def forget_dead_consumers(self) -> None:
         """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
@@ -242,6 +263,10 @@ class Worker:
 
     async def process(self, entries: Sequence[StreamEntry]) -> None:
         """Drive one batch through the chain, store the outcomes, publish, then ack."""
+        await self.finish(await self.settle(entries))
+
+    async def settle(self, entries: Sequence[StreamEntry]) -> Settled:
+        """Decode, load, run the steps in memory and store every order's outcome."""
         letters: list[DeadLetter] = []
         decoded = []
         for entry in entries:
@@ -277,10 +302,14 @@ class Worker:
             for status, _step, reason in ctx.changes
             if status in PUBLISHED_STATUSES
         ]
-        await self.publisher.publish(statuses)
-        await dead_letter(self.redis, letters)
-        await self._ack([c for c in ctxs if c.error is None and not c.stale])
-        for letter in letters:
+        return Settled(ctxs, letters, statuses)
+
+    async def finish(self, settled: Settled) -> None:
+        """Publish the batch's statuses, wait for their PUBACKs, then dead-letter and ack."""
+        await self.publisher.publish(settled.statuses)
+        await dead_letter(self.redis, settled.letters)
+        await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
+        for letter in settled.letters:
             log.error("dead_lettered", reason=letter.reason, error=letter.error,
                       stream=letter.entry.stream, entry_id=letter.entry.entry_id)  # fmt: skip
             self.metrics.dead_lettered.labels(reason=letter.reason).inc()
