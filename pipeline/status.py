@@ -1,4 +1,4 @@
-"""Status messages back to devices: a Protocol, and its paho-mqtt implementation.
+"""Status messages back to devices: a Protocol, its paho-mqtt implementation, and the choice.
 
 paho runs its network loop in a thread; its callbacks hand results to the
 event loop with ``call_soon_threadsafe`` and touch no other state.
@@ -19,6 +19,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from schemas import Status, encode
 from schemas.names import status_topic
 from schemas.urls import MqttUrl
+
+from .config import PipelineConfig
+from .errors import PipelineError
+from .status_gmqtt import GmqttStatusPublisher
 
 log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT_S = 10.0
@@ -139,3 +143,21 @@ class MqttStatusPublisher:
                     self._loop.call_soon_threadsafe(batch_done.set)
             elif self._batch_done is not None and not self._sealed:
                 self._early.add(mid)  # acked before publish() saw its mid
+
+
+def status_publisher(
+    config: PipelineConfig, client_id: str
+) -> MqttStatusPublisher | GmqttStatusPublisher:
+    """The publisher ``config.status_client`` names (``gmqtt``, the default, or ``paho``)."""
+    if config.status_client == "paho":
+        return MqttStatusPublisher(
+            config.mqtt_url, client_id, ack_timeout_s=config.status_ack_timeout_s
+        )
+    if config.status_client != "gmqtt":
+        raise PipelineError("unknown_status_client", f"status_client {config.status_client!r}")
+    return GmqttStatusPublisher(
+        config.mqtt_url,
+        client_id,
+        ack_timeout_s=config.status_ack_timeout_s,
+        window=config.status_window,
+    )
