@@ -15,7 +15,6 @@ from .errors import (
     TransientError,
     UnknownStepError,
 )
-from .names import PIPELINE_GROUP
 from .payment import PaymentGateway, SimulatedGateway
 from .records import OrderContext, order_statuses
 from .status import MqttStatusPublisher, StatusPublisher, status_publisher
@@ -24,7 +23,6 @@ from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
 
 __all__ = [
-    "PIPELINE_GROUP",
     "CatalogError",
     "GmqttStatusPublisher",
     "MqttStatusPublisher",

@@ -1,15 +1,12 @@
-"""Redis keys and group names the pipeline owns (besides the contract's in schemas.names).
+"""Redis keys the pipeline owns (its consumer group name is ``schemas.names.PIPELINE_GROUP``).
 
 Operators' scripts and the orders API read these, so they live in one place.
-``PIPELINE_GROUP`` is shared by every worker process of a deployment; it
-belongs in ``schemas.names`` once the contract gets a v1 addendum.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-PIPELINE_GROUP: Final = "pipeline"
 EVENTS_STREAM: Final = "orders:events"
 EVENTS_MAXLEN: Final = 1_000_000
 CATALOG_KEY: Final = "pipeline:catalog"  # hash sku -> unit price (minor units)

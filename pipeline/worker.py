@@ -39,13 +39,13 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
-from schemas.names import stream_key
+from schemas.names import PIPELINE_GROUP, stream_key
 
 from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
-from .names import PIPELINE_GROUP, history_key, order_key
+from .names import history_key, order_key
 from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, now_ms, text
 from .status import StatusPublisher
 from .steps import Step

@@ -18,14 +18,13 @@ from pipeline import order_statuses
 from pipeline.config import PipelineConfig
 from pipeline.names import (
     EVENTS_STREAM,
-    PIPELINE_GROUP,
     STOCK_KEY,
     TERMINAL_STATUSES,
     reservation_key,
 )
 from pipeline.records import load_order
 from schemas import Order
-from schemas.names import DLQ_STREAM, stream_key
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all

@@ -14,12 +14,11 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.names import PIPELINE_GROUP
 from pipeline.records import load_order
 from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Order, Status
-from schemas.names import stream_key
+from schemas.names import PIPELINE_GROUP, stream_key
 
 from .conftest import WorkerFactory, eventually
 from .producer import make_order, produce

@@ -9,10 +9,10 @@ import redis.asyncio as aioredis
 
 from pipeline import order_statuses
 from pipeline.config import PipelineConfig
-from pipeline.names import EVENTS_STREAM, PIPELINE_GROUP, STOCK_KEY
+from pipeline.names import EVENTS_STREAM, STOCK_KEY
 from pipeline.records import StreamEntry, load_order, text
 from schemas import Order, Status
-from schemas.names import DLQ_STREAM, shard_of, stream_key
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, shard_of, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
 from .producer import make_order, produce, produce_raw
