@@ -43,8 +43,11 @@ class MqttStatusPublisher:
     stop the pipeline (a redelivered order publishes its status again).
     """
 
-    def __init__(self, url: str, client_id: str, *, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, client_id: str, *, ack_timeout_s: float = 5.0, ca_file: str = ""
+    ) -> None:
         self._url = MqttUrl.parse(url)
+        self._ca_file = ca_file
         self._ack_timeout_s = ack_timeout_s
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
@@ -72,7 +75,7 @@ class MqttStatusPublisher:
         if self._url.username:
             self._client.username_pw_set(self._url.username, self._url.password)
         if self._url.tls:
-            self._client.tls_set()
+            self._client.tls_set(ca_certs=self._ca_file or None)
         self._client.connect_async(self._url.host, self._url.port, keepalive=30)
         self._client.loop_start()
         try:
@@ -151,7 +154,10 @@ def status_publisher(
     """The publisher ``config.status_client`` names (``gmqtt``, the default, or ``paho``)."""
     if config.status_client == "paho":
         return MqttStatusPublisher(
-            config.mqtt_url, client_id, ack_timeout_s=config.status_ack_timeout_s
+            config.mqtt_url,
+            client_id,
+            ack_timeout_s=config.status_ack_timeout_s,
+            ca_file=config.mqtt_ca_file,
         )
     if config.status_client != "gmqtt":
         raise PipelineError("unknown_status_client", f"status_client {config.status_client!r}")
@@ -160,4 +166,5 @@ def status_publisher(
         client_id,
         ack_timeout_s=config.status_ack_timeout_s,
         window=config.status_window,
+        ca_file=config.mqtt_ca_file,
     )

@@ -70,8 +70,10 @@ class GmqttStatusPublisher:
         ack_timeout_s: float = 5.0,
         window: int = 500,
         max_backlog: int = 100_000,
+        ca_file: str = "",
     ) -> None:
         self._url = MqttUrl.parse(url)
+        self._ssl = self._url.ssl_context(ca_file) or False
         self._ack_timeout_s = ack_timeout_s
         self._window = max(1, window)
         self._backlog: deque[tuple[str, bytes]] = deque()
@@ -184,7 +186,7 @@ class GmqttStatusPublisher:
         while True:
             try:
                 await self._client.connect(
-                    self._url.host, self._url.port, ssl=self._url.tls, keepalive=30
+                    self._url.host, self._url.port, ssl=self._ssl, keepalive=30
                 )
             except (OSError, TimeoutError, MQTTConnectError) as exc:
                 attempt += 1
