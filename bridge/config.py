@@ -23,6 +23,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     """Settings of ``order-bridge``; each field is a flag and an ``ORDERS_*`` variable."""
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
+    mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     shards: Positive = DEFAULT_SHARDS

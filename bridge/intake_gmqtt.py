@@ -50,8 +50,10 @@ class GmqttIntake:
         session_expiry_s: int,
         receive_maximum: int,
         backoff_max_s: float = 5.0,
+        ca_file: str = "",
     ) -> None:
         self._url = url
+        self._ssl = url.ssl_context(ca_file) or False
         self._sink = sink
         self._subscription = shared_orders_subscription(share_group)
         self._backoff_max_s = backoff_max_s
@@ -110,7 +112,7 @@ class GmqttIntake:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await self._client.connect(
-                        self._url.host, self._url.port, ssl=self._url.tls, version=MQTTv50
+                        self._url.host, self._url.port, ssl=self._ssl, version=MQTTv50
                     )
                 break
             except (OSError, TimeoutError) as exc:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 from collections import deque
 from collections.abc import Coroutine
 from types import TracebackType
@@ -133,8 +132,10 @@ class Mqtt5Intake:
         receive_maximum: int,
         keepalive_s: int = 30,
         backoff_max_s: float = 5.0,
+        ca_file: str = "",
     ) -> None:
         self._url = url
+        self._ssl = url.ssl_context(ca_file)
         self._sink = sink
         self._client_id = client_id
         self._subscription = shared_orders_subscription(share_group)
@@ -252,11 +253,10 @@ class Mqtt5Intake:
 
     async def _connect_once(self) -> bool:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._url.tls else None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 _, wire = await loop.create_connection(
-                    lambda: _Wire(self), self._url.host, self._url.port, ssl=context
+                    lambda: _Wire(self), self._url.host, self._url.port, ssl=self._ssl
                 )
                 self._wire = wire
                 self._handshaking = True

@@ -190,6 +190,7 @@ class Bridge:
                 session_expiry_s=cfg.session_expiry_s,
                 receive_maximum=cfg.receive_maximum,
                 backoff_max_s=cfg.backoff_max_s,
+                ca_file=cfg.mqtt_ca_file,
             )
         return Mqtt5Intake(
             url,
@@ -200,6 +201,7 @@ class Bridge:
             receive_maximum=cfg.receive_maximum,
             keepalive_s=cfg.mqtt_keepalive_s,
             backoff_max_s=cfg.backoff_max_s,
+            ca_file=cfg.mqtt_ca_file,
         )
 
 

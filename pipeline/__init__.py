@@ -15,16 +15,16 @@ from .errors import (
     TransientError,
     UnknownStepError,
 )
-from .names import PIPELINE_GROUP
 from .payment import PaymentGateway, SimulatedGateway
-from .records import OrderContext
-from .status import MqttStatusPublisher, StatusPublisher
+from .records import OrderContext, order_statuses
+from .status import MqttStatusPublisher, StatusPublisher, status_publisher
+from .status_gmqtt import GmqttStatusPublisher
 from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
 
 __all__ = [
-    "PIPELINE_GROUP",
     "CatalogError",
+    "GmqttStatusPublisher",
     "MqttStatusPublisher",
     "OrderContext",
     "PaymentDeclined",
@@ -42,5 +42,7 @@ __all__ = [
     "Worker",
     "build_chain",
     "create_app",
+    "order_statuses",
     "register",
+    "status_publisher",
 ]

@@ -23,31 +23,15 @@ from redis.exceptions import NoScriptError
 # and thousands of small arguments cost far more than one big one. The per-order
 # keys are therefore not declared in KEYS; they come from pipeline.names.
 
-# KEYS: events. ARGV: now_ms, events maxlen, JSON list of
-#   [record, history, device index, order_id, device_id, seq, received_at,
-#    total, currency, index member, items json, stream, entry id].
-# Returns per order {1, status, reason, {done steps}} or {0, other device_id}
-# when the order_id already belongs to another device.
-ADMIT: Final = """
-local now, maxlen, out = ARGV[1], ARGV[2], {}
-for _, o in ipairs(cjson.decode(ARGV[3])) do
-  local rec = o[1]
-  local dev = redis.call('HGET', rec, 'device_id')
-  if dev and dev ~= o[5] then
-    out[#out + 1] = {0, dev}
+# ARGV: JSON list of record keys. Read-only.
+# Returns per order {} when it has no record yet, else {status, reason, {done steps}}.
+LOAD: Final = """
+local out = {}
+for _, rec in ipairs(cjson.decode(ARGV[1])) do
+  local fields = redis.call('HGETALL', rec)
+  if #fields == 0 then
+    out[#out + 1] = {}
   else
-    if not dev then
-      redis.call('HSET', rec, 'order_id', o[4], 'device_id', o[5], 'seq', o[6],
-        'received_at', o[7], 'total', o[8], 'currency', o[9], 'items', o[11],
-        'stream', o[12], 'entry_id', o[13], 'status', 'received', 'reason', '',
-        'created', now, 'updated_at', now)
-      redis.call('ZADD', o[3], 0, o[10])
-      redis.call('RPUSH', o[2], cjson.encode({status='received', step='', reason='',
-        at=tonumber(now)}))
-      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', o[4],
-        'device_id', o[5], 'status', 'received', 'step', '', 'reason', '', 'at', now)
-    end
-    local fields = redis.call('HGETALL', rec)
     local status, reason, done = '', '', {}
     for j = 1, #fields, 2 do
       local name = fields[j]
@@ -55,48 +39,58 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
       elseif name == 'reason' then reason = fields[j + 1]
       elseif string.sub(name, 1, 5) == 'done:' then done[#done + 1] = string.sub(name, 6) end
     end
-    out[#out + 1] = {1, status, reason, done}
+    out[#out + 1] = {status, reason, done}
   end
 end
 return out
 """
 
-# KEYS: events, stock. ARGV: step, now_ms, events maxlen, JSON list of
-#   [record, history, reservation, expected status, new status ('' = none), reason].
-# Compare-and-set on the status plus a done marker per step: applied at most
-# once. Entering rejected/failed gives a held reservation back in the same
-# atomic step. Returns per order {1, status} applied, {0, status} step already
-# done, {-1, status} the status moved under us.
-TRANSITION: Final = """
-local step, now, maxlen, out = ARGV[1], ARGV[2], ARGV[3], {}
-local marker = 'done:' .. step
-for _, o in ipairs(cjson.decode(ARGV[4])) do
-  local rec, hist, res, expected, new, reason = o[1], o[2], o[3], o[4], o[5], o[6]
-  local status = redis.call('HGET', rec, 'status') or ''
-  if redis.call('HEXISTS', rec, marker) == 1 then
-    out[#out + 1] = {0, status}
-  elseif status ~= expected then
-    out[#out + 1] = {-1, status}
-  elseif new == '' then
-    redis.call('HSET', rec, marker, now)
-    out[#out + 1] = {1, status}
+# KEYS: events, stock. ARGV: now_ms, events maxlen, JSON list of
+#   [record, history, reservation, expected status ('' = no record yet),
+#    {field, value, ...} to HSET (status, reason, done markers, last_error; for a
+#    new record also its fixed fields), {[status, step, reason], ...} transitions,
+#    order_id, device_id, device index, index member, order-id index].
+# Everything one batch did to an order, stored at once: a compare-and-set on
+# the status (statuses only move forward, so an equal status means nobody
+# stored anything in between) guards against a consumer that raced us.
+# Entering rejected/failed gives a held reservation back in the same atomic
+# step. Returns per order 1 (stored) or -1 (the record moved under us: nothing
+# stored).
+COMMIT: Final = """
+local events, stock, now, maxlen, out = KEYS[1], KEYS[2], ARGV[1], ARGV[2], {}
+local at = tonumber(now)
+for _, o in ipairs(cjson.decode(ARGV[3])) do
+  local rec, hist, res, expected, fields, changes = o[1], o[2], o[3], o[4], o[5], o[6]
+  local status = redis.call('HGET', rec, 'status')
+  if (expected == '' and status) or (expected ~= '' and status ~= expected) then
+    out[#out + 1] = -1
   else
-    redis.call('HSET', rec, marker, now, 'status', new, 'reason', reason, 'updated_at', now)
-    if (new == 'rejected' or new == 'failed') and redis.call('HGET', res, '_state') == 'held' then
-      local held = redis.call('HGETALL', res)
-      for j = 1, #held, 2 do
-        if string.sub(held[j], 1, 2) == 's:' then
-          redis.call('HINCRBY', KEYS[2], string.sub(held[j], 3), held[j + 1])
-        end
-      end
-      redis.call('HSET', res, '_state', 'released')
+    if #fields > 0 then redis.call('HSET', rec, unpack(fields)) end
+    if expected == '' then
+      redis.call('ZADD', o[9], 0, o[10])
+      redis.call('SADD', o[11], o[8])
     end
-    local ids = redis.call('HMGET', rec, 'order_id', 'device_id')
-    redis.call('RPUSH', hist, cjson.encode({status=new, step=step, reason=reason,
-      at=tonumber(now)}))
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'order_id', ids[1],
-      'device_id', ids[2], 'status', new, 'step', step, 'reason', reason, 'at', now)
-    out[#out + 1] = {1, new}
+    if #changes > 0 then
+      local lines, final = {}, ''
+      for j, c in ipairs(changes) do
+        lines[j] = cjson.encode({status=c[1], step=c[2], reason=c[3], at=at})
+        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'order_id', o[7],
+          'device_id', o[8], 'status', c[1], 'step', c[2], 'reason', c[3], 'at', now)
+        final = c[1]
+      end
+      redis.call('RPUSH', hist, unpack(lines))
+      if (final == 'rejected' or final == 'failed')
+          and redis.call('HGET', res, '_state') == 'held' then
+        local held = redis.call('HGETALL', res)
+        for j = 1, #held, 2 do
+          if string.sub(held[j], 1, 2) == 's:' then
+            redis.call('HINCRBY', stock, string.sub(held[j], 3), held[j + 1])
+          end
+        end
+        redis.call('HSET', res, '_state', 'released')
+      end
+    end
+    out[#out + 1] = 1
   end
 end
 return out
@@ -153,7 +147,7 @@ redis.call('SET', KEYS[2], id)
 return {1, id}
 """
 
-_SOURCES: Final = {"admit": ADMIT, "transition": TRANSITION, "reserve": RESERVE, "replay": REPLAY}
+_SOURCES: Final = {"load": LOAD, "commit": COMMIT, "reserve": RESERVE, "replay": REPLAY}
 
 
 class Scripts:

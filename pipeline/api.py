@@ -23,7 +23,7 @@ from .errors import ReplayError
 from .metrics import ApiMetrics
 from .names import device_index_key, order_key
 from .problems import problem, problem_middleware
-from .records import load_order, text
+from .records import find_devices, load_order, text
 
 ORDER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 DEVICE_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -66,6 +66,7 @@ def create_app(
     app[MULTIPROC_DIR] = multiproc_dir
     app.router.add_get("/v1/orders/{order_id}", get_order)
     app.router.add_get("/v1/devices/{device_id}/orders", list_device_orders)
+    app.router.add_get("/v1/devices/{device_id}/orders/{order_id}", get_device_order)
     app.router.add_get("/v1/dlq", list_dlq)
     app.router.add_post("/v1/dlq/{entry_id}/replay", replay_dlq)
     app.router.add_get("/healthz", healthz)
@@ -91,16 +92,51 @@ def _bad_cursor() -> web.Response:
     return problem(400, "invalid-cursor", "Invalid cursor", "use a next_cursor this API returned")
 
 
+def _bad_order_id() -> web.Response:
+    return problem(
+        400, "invalid-parameter", "Invalid parameter", "bad order_id", parameter="order_id"
+    )
+
+
+def _bad_device_id() -> web.Response:
+    return problem(
+        400, "invalid-parameter", "Invalid parameter", "bad device_id", parameter="device_id"
+    )
+
+
 async def get_order(request: web.Request) -> web.Response:
-    """``GET /v1/orders/{order_id}``: the record and its history."""
+    """``GET /v1/orders/{order_id}``: the record and its history, found by order_id alone.
+
+    Order ids are unique per device only: when several devices have one, the
+    answer is ``409 ambiguous-order-id`` with their ids, and the client asks
+    ``/v1/devices/{device_id}/orders/{order_id}``.
+    """
     order_id = request.match_info["order_id"]
     if not ORDER_ID_RE.match(order_id):
-        return problem(
-            400, "invalid-parameter", "Invalid parameter", "bad order_id", parameter="order_id"
-        )
-    record = await load_order(request.app[REDIS], order_id)
+        return _bad_order_id()
+    devices = await find_devices(request.app[REDIS], order_id)
+    if len(devices) > 1:
+        return problem(409, "ambiguous-order-id", "Ambiguous order id",
+                       f"{len(devices)} devices have an order {order_id}",
+                       device_ids=devices)  # fmt: skip
+    record = await load_order(request.app[REDIS], devices[0], order_id) if devices else None
     if record is None:
         return problem(404, "order-not-found", "Order not found", f"no order {order_id}")
+    return web.json_response(record)
+
+
+async def get_device_order(request: web.Request) -> web.Response:
+    """``GET /v1/devices/{device_id}/orders/{order_id}``: one device's order and its history."""
+    device_id, order_id = request.match_info["device_id"], request.match_info["order_id"]
+    if not DEVICE_ID_RE.match(device_id):
+        return _bad_device_id()
+    if not ORDER_ID_RE.match(order_id):
+        return _bad_order_id()
+    record = await load_order(request.app[REDIS], device_id, order_id)
+    if record is None:
+        return problem(
+            404, "order-not-found", "Order not found", f"no order {order_id} on {device_id}"
+        )
     return web.json_response(record)
 
 
@@ -112,9 +148,7 @@ async def list_device_orders(request: web.Request) -> web.Response:
     """
     device_id = request.match_info["device_id"]
     if not DEVICE_ID_RE.match(device_id):
-        return problem(
-            400, "invalid-parameter", "Invalid parameter", "bad device_id", parameter="device_id"
-        )
+        return _bad_device_id()
     limit = _limit(request)
     if isinstance(limit, web.Response):
         return limit
@@ -134,7 +168,7 @@ async def list_device_orders(request: web.Request) -> web.Response:
     page = [text(m) for m in members[:limit]]
     async with client.pipeline(transaction=False) as pipe:
         for member in page:
-            pipe.hmget(order_key(member.partition(":")[2]), list(_SUMMARY_FIELDS))
+            pipe.hmget(order_key(device_id, member.partition(":")[2]), list(_SUMMARY_FIELDS))
         rows = await pipe.execute()
     items = []
     for row in rows:

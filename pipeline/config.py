@@ -16,6 +16,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     """
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
+    mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     http_port: int = 8082
     http_host: str = "127.0.0.1"
@@ -36,4 +38,6 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     payment_attempts: int = 3
     payment_backoff_ms: float = 50.0
     status_ack_timeout_s: float = 5.0
+    status_client: str = "gmqtt"  # or "paho" (pipeline.status.MqttStatusPublisher)
+    status_window: int = 500  # status messages in flight (gmqtt), below the broker's limit
     shutdown_grace_s: float = 10.0

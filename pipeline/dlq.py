@@ -18,11 +18,11 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 
-from schemas.names import DLQ_STREAM, orders_topic, shard_of, stream_key
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, orders_topic, shard_of, stream_key
 
 from ._lua import Scripts
 from .errors import ReplayError
-from .names import PIPELINE_GROUP, replayed_key
+from .names import replayed_key
 from .records import StreamEntry, text
 
 SOURCE: Final = "pipeline"

@@ -14,9 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import ResponseError
 
-from schemas.names import DLQ_STREAM, stream_key
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 
-from .names import PIPELINE_GROUP
 from .records import text
 
 STEP_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

@@ -1,15 +1,12 @@
-"""Redis keys and group names the pipeline owns (besides the contract's in schemas.names).
+"""Redis keys the pipeline owns (its consumer group name is ``schemas.names.PIPELINE_GROUP``).
 
 Operators' scripts and the orders API read these, so they live in one place.
-``PIPELINE_GROUP`` is shared by every worker process of a deployment; it
-belongs in ``schemas.names`` once the contract gets a v1 addendum.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-PIPELINE_GROUP: Final = "pipeline"
 EVENTS_STREAM: Final = "orders:events"
 EVENTS_MAXLEN: Final = 1_000_000
 CATALOG_KEY: Final = "pipeline:catalog"  # hash sku -> unit price (minor units)
@@ -18,19 +15,31 @@ STOCK_KEY: Final = "pipeline:stock"  # hash sku -> units on hand
 TERMINAL_STATUSES: Final = frozenset({"rejected", "failed", "fulfilled"})
 
 
-def order_key(order_id: str) -> str:
-    """``order:{order_id}``: the order's record (a hash)."""
-    return f"order:{order_id}"
+def order_key(device_id: str, order_id: str) -> str:
+    """``order:{device_id}:{order_id}``: the order's record (a hash).
+
+    Order ids are unique per device only (the contract), so every per-order key
+    carries both. Neither id may contain ``:``, so the keys cannot collide.
+    """
+    return f"order:{device_id}:{order_id}"
 
 
-def history_key(order_id: str) -> str:
-    """``order:{order_id}:history``: its transitions, oldest first (a list of JSON)."""
-    return f"order:{order_id}:history"
+def history_key(device_id: str, order_id: str) -> str:
+    """``order:{device_id}:{order_id}:history``: its transitions, oldest first (JSON list)."""
+    return f"order:{device_id}:{order_id}:history"
 
 
-def reservation_key(order_id: str) -> str:
-    """``order:{order_id}:reservation``: the stock it holds (a hash sku -> qty, ``_state``)."""
-    return f"order:{order_id}:reservation"
+def reservation_key(device_id: str, order_id: str) -> str:
+    """``order:{device_id}:{order_id}:reservation``: stock it holds (sku -> qty, ``_state``)."""
+    return f"order:{device_id}:{order_id}:reservation"
+
+
+def order_devices_key(order_id: str) -> str:
+    """``order-id:{order_id}:devices``: the devices that have an order with this id (a set).
+
+    Lets ``GET /v1/orders/{order_id}`` find an order without its device.
+    """
+    return f"order-id:{order_id}:devices"
 
 
 def device_index_key(device_id: str) -> str:

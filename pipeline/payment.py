@@ -1,7 +1,7 @@
 """Payment: a gateway behind a Protocol, a simulated gateway, and the step that charges.
 
 The simulated gateway draws its outcome from an RNG seeded with
-``(seed, order_id, attempt)``: the same order gets the same answers in any
+``(seed, idempotency key, attempt)``: the same order gets the same answers in any
 worker process and on any redelivery, which keeps runs reproducible and makes
 concurrent retries of one order agree.
 """
@@ -23,9 +23,9 @@ MAX_BACKOFF_S = 2.0
 
 
 class PaymentGateway(Protocol):
-    """Charges orders; the order_id is the idempotency key."""
+    """Charges orders; ``key`` (``{device_id}:{order_id}``) is the idempotency key."""
 
-    async def charge(self, order_id: str, amount: int, currency: str, attempt: int) -> None:
+    async def charge(self, key: str, amount: int, currency: str, attempt: int) -> None:
         """Charge ``amount`` minor units.
 
         Raises:
@@ -56,17 +56,17 @@ class SimulatedGateway:
             f"decline_rate={self.decline_rate}, seed={self.seed})"
         )
 
-    async def charge(self, order_id: str, amount: int, currency: str, attempt: int) -> None:
+    async def charge(self, key: str, amount: int, currency: str, attempt: int) -> None:
         """Wait the latency, then succeed, fail transiently or decline, as the RNG says."""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if not (self.failure_rate or self.decline_rate):
             return
-        draw = random.Random(f"{self.seed}:{order_id}:{attempt}").random()
+        draw = random.Random(f"{self.seed}:{key}:{attempt}").random()
         if draw < self.decline_rate:
-            raise PaymentDeclined(PAYMENT_DECLINED, f"{order_id}: card declined")
+            raise PaymentDeclined(PAYMENT_DECLINED, f"{key}: card declined")
         if draw < self.decline_rate + self.failure_rate:
-            raise TransientError(PAYMENT_UNAVAILABLE, f"{order_id}: gateway unavailable")
+            raise TransientError(PAYMENT_UNAVAILABLE, f"{key}: gateway unavailable")
 
 
 class PayStep:
@@ -91,9 +91,10 @@ class PayStep:
 
     async def _pay(self, ctx: OrderContext) -> None:
         order = ctx.order
+        key = f"{order.device_id}:{order.order_id}"
         for attempt in range(1, self.attempts + 1):
             try:
-                await self.gateway.charge(order.order_id, order.total, order.currency, attempt)
+                await self.gateway.charge(key, order.total, order.currency, attempt)
             except PaymentDeclined:
                 ctx.fail(PAYMENT_DECLINED)
                 return

@@ -1,10 +1,14 @@
-"""Order state: the context a batch carries per order, and storing its transitions.
+"""Order state: the context a batch carries per order, loading it and storing its outcome.
 
-An order's record is the hash ``order:{order_id}``; its status moves
+An order is a ``(device_id, order_id)`` pair; its record is the hash
+``order:{device_id}:{order_id}``. Its status moves
 ``received → validated → reserved → confirmed → fulfilled``, or ends early in
-``rejected`` or ``failed``. Each step that finished is marked ``done:{step}`` in
-the record by the same Lua script that changes the status, so a redelivered
-entry skips the steps it already passed and never applies one twice.
+``rejected`` or ``failed``. A batch loads every order's state in one script,
+runs the steps in memory (only stock reservation touches Redis in between, in
+its own atomic, idempotent script), then stores each order's outcome (status,
+``done:{step}`` markers, history, events) with one compare-and-set per order in
+one script for the batch. A redelivered entry skips the steps it already passed
+and never stores one twice.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .names import (
     TERMINAL_STATUSES,
     device_index_key,
     history_key,
+    order_devices_key,
     order_key,
     reservation_key,
 )
@@ -81,6 +86,9 @@ class OrderContext:
     proposed: Transition | None = None
     error: str | None = None  # set when a step raised: the entry is not acked
     stale: bool = False  # another consumer moved the order on: leave it to them
+    stored: str | None = None  # the status in Redis when the batch loaded it; None = no record
+    changes: list[tuple[str, str, str]] = field(default_factory=list)  # (status, step, reason)
+    done_now: list[str] = field(default_factory=list)  # steps passed in this batch
 
     @property
     def live(self) -> bool:
@@ -99,13 +107,21 @@ class OrderContext:
         """The order broke down past the point of no return (payment): ends ``failed``."""
         self.proposed = Transition("failed", reason)
 
+    def settle(self, step: str) -> None:
+        """Apply the step's decision in memory; :func:`commit` stores it with the rest."""
+        proposed, self.proposed = self.proposed, None
+        if proposed is None or self.stale:
+            return
+        self.done.add(step)
+        self.done_now.append(step)
+        if proposed.status and proposed.status != self.status:
+            self.status, self.reason = proposed.status, proposed.reason
+            self.changes.append((proposed.status, step, proposed.reason))
 
-class Conflict(msgspec.Struct, frozen=True):
-    """An order_id already recorded for another device."""
-
-    entry: StreamEntry
-    order: Order
-    owner: str
+    @property
+    def dirty(self) -> bool:
+        """Something to store: a new record, a step passed, or an error."""
+        return self.stored is None or bool(self.done_now) or self.error is not None
 
 
 def index_member(seq: int, order_id: str) -> str:
@@ -122,101 +138,110 @@ def _items_json(order: Order) -> str:
     )
 
 
-async def admit(
+async def load(
     client: aioredis.Redis, scripts: Scripts, batch: Sequence[tuple[StreamEntry, Order]]
-) -> list[OrderContext | Conflict]:
-    """Create each order's record if new and load its state: one script call for the batch."""
-    rows = [
-        (
-            order_key(order.order_id),
-            history_key(order.order_id),
-            device_index_key(order.device_id),
-            order.order_id,
-            order.device_id,
-            str(order.seq),
-            text(entry.fields.get("received_at", b"0")),
-            str(order.total),
-            order.currency,
-            index_member(order.seq, order.order_id),
-            _items_json(order),
-            entry.stream,
-            entry.entry_id,
-        )
-        for entry, order in batch
-    ]
-    replies = await scripts.evalsha(
-        client, "admit", [EVENTS_STREAM], [now_ms(), EVENTS_MAXLEN, _json(rows)]
-    )
-    out: list[OrderContext | Conflict] = []
+) -> list[OrderContext]:
+    """Each order's stored state (status, reason, steps done): one read-only script call.
+
+    An order without a record starts ``received``; its record is created by
+    :func:`commit`.
+    """
+    keys = [order_key(order.device_id, order.order_id) for _entry, order in batch]
+    replies = await scripts.evalsha(client, "load", [], [_json(keys)])
+    out = []
     for (entry, order), reply in zip(batch, replies, strict=True):
-        if not reply[0]:
-            out.append(Conflict(entry, order, text(reply[1])))
-            continue
-        out.append(
-            OrderContext(
-                entry,
-                order,
-                status=text(reply[1]),
-                reason=text(reply[2]),
-                done={text(step) for step in reply[3]},
-            )
-        )
+        if not reply:
+            ctx = OrderContext(entry, order)
+            ctx.changes.append(("received", "", ""))
+        else:
+            status = text(reply[0])
+            ctx = OrderContext(entry, order, status=status, reason=text(reply[1]),
+                               done={text(step) for step in reply[2]}, stored=status)  # fmt: skip
+        out.append(ctx)
     return out
 
 
-async def commit(
-    client: aioredis.Redis, scripts: Scripts, step: str, batch: Sequence[OrderContext]
-) -> list[OrderContext]:
-    """Store the step's proposed transitions, each atomically, in one script call.
+def _row(ctx: OrderContext, now: str) -> tuple[Any, ...]:
+    order = ctx.order
+    dev, oid = order.device_id, order.order_id
+    fields: list[str] = []
+    if ctx.stored is None:
+        fields += ["order_id", oid, "device_id", dev, "seq", str(order.seq),
+                   "received_at", text(ctx.entry.fields.get("received_at", b"0")),
+                   "total", str(order.total), "currency", order.currency,
+                   "items", _items_json(order), "stream", ctx.entry.stream,
+                   "entry_id", ctx.entry.entry_id, "created", now]  # fmt: skip
+    if ctx.changes or ctx.stored is None:
+        fields += ["status", ctx.status, "reason", ctx.reason, "updated_at", now]
+    for step in ctx.done_now:
+        fields += ["done:" + step, now]
+    if ctx.error is not None:
+        fields += ["last_error", ctx.error]
+    return (
+        order_key(dev, oid), history_key(dev, oid), reservation_key(dev, oid),
+        ctx.stored or "", fields, ctx.changes, oid, dev, device_index_key(dev),
+        index_member(order.seq, oid), order_devices_key(oid),
+    )  # fmt: skip
 
-    Returns the contexts whose status really changed now (to publish); contexts
-    whose record moved under them are marked ``stale``.
+
+async def commit(
+    client: aioredis.Redis, scripts: Scripts, batch: Sequence[OrderContext]
+) -> list[OrderContext]:
+    """Store what the batch did to each order, each atomically, in one script call.
+
+    Returns the contexts stored now (their ``changes`` are to be published);
+    contexts whose record moved under them are marked ``stale`` and store
+    nothing.
     """
-    todo = [ctx for ctx in batch if ctx.proposed is not None]
+    todo = [ctx for ctx in batch if ctx.dirty and not ctx.stale]
     if not todo:
         return []
-    rows = []
-    for ctx in todo:
-        oid, proposed = ctx.order.order_id, ctx.proposed
-        assert proposed is not None
-        rows.append((order_key(oid), history_key(oid), reservation_key(oid), ctx.status,
-                     proposed.status or "", proposed.reason))  # fmt: skip
-    changed: list[OrderContext] = []
+    now = now_ms()
+    rows = [_row(ctx, str(now)) for ctx in todo]
     replies = await scripts.evalsha(
-        client,
-        "transition",
-        [EVENTS_STREAM, STOCK_KEY],
-        [step, now_ms(), EVENTS_MAXLEN, _json(rows)],
+        client, "commit", [EVENTS_STREAM, STOCK_KEY], [now, EVENTS_MAXLEN, _json(rows)]
     )
-    for ctx, (code, status) in zip(todo, replies, strict=True):
-        proposed, ctx.proposed = ctx.proposed, None
+    stored = []
+    for ctx, code in zip(todo, replies, strict=True):
         if code == -1:
             ctx.stale = True
-            continue
-        ctx.done.add(step)
-        before, ctx.status = ctx.status, text(status)
-        if code == 1 and proposed is not None and proposed.status and ctx.status != before:
-            ctx.reason = proposed.reason
-            changed.append(ctx)
-    return changed
+        else:
+            ctx.stored = ctx.status
+            stored.append(ctx)
+    return stored
 
 
-async def record_error(client: aioredis.Redis, batch: Sequence[OrderContext]) -> None:
-    """Remember each failed order's last error, for its DLQ entry later."""
-    failed = [ctx for ctx in batch if ctx.error is not None]
-    if not failed:
-        return
-    async with client.pipeline(transaction=False) as pipe:
-        for ctx in failed:
-            pipe.hset(order_key(ctx.order.order_id), "last_error", ctx.error or "")
-        await pipe.execute()
+async def find_devices(client: aioredis.Redis, order_id: str) -> list[str]:
+    """The devices that have an order with this id, sorted."""
+    members: Any = await client.smembers(order_devices_key(order_id))
+    return sorted(text(m) for m in members)
 
 
-async def load_order(client: aioredis.Redis, order_id: str) -> dict[str, Any] | None:
+async def order_statuses(
+    redis: aioredis.Redis, refs: Sequence[tuple[str, str]], *, page: int = 5000
+) -> list[str | None]:
+    """The current status of each ``(device_id, order_id)``, None when it has no record.
+
+    One pipelined round trip per ``page`` orders; the fleet verifier uses it to
+    find orders stuck short of a terminal state.
+    """
+    out: list[str | None] = []
+    for start in range(0, len(refs), page):
+        async with redis.pipeline(transaction=False) as pipe:
+            for device_id, order_id in refs[start : start + page]:
+                pipe.hget(order_key(device_id, order_id), "status")
+            replies = await pipe.execute()
+        out += [None if r is None else text(r) for r in replies]
+    return out
+
+
+async def load_order(
+    client: aioredis.Redis, device_id: str, order_id: str
+) -> dict[str, Any] | None:
     """The record and history of one order, as the orders API shows it; None if unknown."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hgetall(order_key(order_id))
-        pipe.lrange(history_key(order_id), 0, -1)
+        pipe.hgetall(order_key(device_id, order_id))
+        pipe.lrange(history_key(device_id, order_id), 0, -1)
         raw, history = await pipe.execute()
     if not raw:
         return None

@@ -29,7 +29,7 @@ from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
 from .metrics import MULTIPROC_ENV, WorkerMetrics
-from .status import MqttStatusPublisher
+from .status import status_publisher
 from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
 
@@ -53,9 +53,7 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     client = aioredis.Redis.from_url(config.redis_url)
     scripts = Scripts()
     try:
-        async with MqttStatusPublisher(
-            config.mqtt_url, f"pipeline-{consumer}", ack_timeout_s=config.status_ack_timeout_s
-        ) as publisher:
+        async with status_publisher(config, f"pipeline-{consumer}") as publisher:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
             work = asyncio.create_task(worker.run(stop), name="worker")

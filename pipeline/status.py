@@ -1,4 +1,4 @@
-"""Status messages back to devices: a Protocol, and its paho-mqtt implementation.
+"""Status messages back to devices: a Protocol, its paho-mqtt implementation, and the choice.
 
 paho runs its network loop in a thread; its callbacks hand results to the
 event loop with ``call_soon_threadsafe`` and touch no other state.
@@ -20,6 +20,10 @@ from schemas import Status, encode
 from schemas.names import status_topic
 from schemas.urls import MqttUrl
 
+from .config import PipelineConfig
+from .errors import PipelineError
+from .status_gmqtt import GmqttStatusPublisher
+
 log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 
@@ -39,8 +43,11 @@ class MqttStatusPublisher:
     stop the pipeline (a redelivered order publishes its status again).
     """
 
-    def __init__(self, url: str, client_id: str, *, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, client_id: str, *, ack_timeout_s: float = 5.0, ca_file: str = ""
+    ) -> None:
         self._url = MqttUrl.parse(url)
+        self._ca_file = ca_file
         self._ack_timeout_s = ack_timeout_s
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
@@ -68,7 +75,7 @@ class MqttStatusPublisher:
         if self._url.username:
             self._client.username_pw_set(self._url.username, self._url.password)
         if self._url.tls:
-            self._client.tls_set()
+            self._client.tls_set(ca_certs=self._ca_file or None)
         self._client.connect_async(self._url.host, self._url.port, keepalive=30)
         self._client.loop_start()
         try:
@@ -139,3 +146,25 @@ class MqttStatusPublisher:
                     self._loop.call_soon_threadsafe(batch_done.set)
             elif self._batch_done is not None and not self._sealed:
                 self._early.add(mid)  # acked before publish() saw its mid
+
+
+def status_publisher(
+    config: PipelineConfig, client_id: str
+) -> MqttStatusPublisher | GmqttStatusPublisher:
+    """The publisher ``config.status_client`` names (``gmqtt``, the default, or ``paho``)."""
+    if config.status_client == "paho":
+        return MqttStatusPublisher(
+            config.mqtt_url,
+            client_id,
+            ack_timeout_s=config.status_ack_timeout_s,
+            ca_file=config.mqtt_ca_file,
+        )
+    if config.status_client != "gmqtt":
+        raise PipelineError("unknown_status_client", f"status_client {config.status_client!r}")
+    return GmqttStatusPublisher(
+        config.mqtt_url,
+        client_id,
+        ack_timeout_s=config.status_ack_timeout_s,
+        window=config.status_window,
+        ca_file=config.mqtt_ca_file,
+    )

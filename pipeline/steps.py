@@ -3,7 +3,12 @@
 A step is anything with a ``name`` and ``async run(batch)``. It gets the live
 orders of a batch that have not passed it yet, sorted by device and ``seq``,
 and records a decision on each (``ctx.advance``, ``ctx.reject``, ``ctx.fail``);
-the worker stores those decisions atomically after the step. A step raises
+the worker applies them in memory after the step and stores all of a batch's
+decisions at once after the last step (one commit script, atomic per order).
+A crash before that commit runs the steps again on redelivery, so a step with
+effects outside the order record makes them idempotent per order itself, as
+the reserve step does in its own script and the payment gateway does with its
+idempotency key. A step raises
 :class:`~pipeline.errors.StepError` (or anything) when it cannot decide; the
 worker then retries the batch one order at a time so that one poison order
 cannot hold the others back.

@@ -1,4 +1,7 @@
-"""The stock reservation step: all items of an order at once, atomically, once per order_id."""
+"""The stock reservation step: all items of an order at once, atomically, once per order.
+
+An order is a ``(device_id, order_id)`` pair: ids are unique per device only.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ async def reserve(
     """
     rows = [
         (
-            reservation_key(ctx.order.order_id),
-            order_key(ctx.order.order_id),
+            reservation_key(ctx.order.device_id, ctx.order.order_id),
+            order_key(ctx.order.device_id, ctx.order.order_id),
             [v for item in ctx.order.items for v in (item.sku, str(item.qty))],
         )
         for ctx in batch

@@ -4,11 +4,15 @@ One worker per process (run as many processes as you like). Each loop turn
 either reclaims entries that idled in a dead consumer's pending list
 (``XAUTOCLAIM``) or reads new ones (``XREADGROUP``), then:
 
-1. decodes them (undecodable → DLQ at once) and admits each order (record, index);
+1. decodes them (undecodable → DLQ at once) and loads each order's stored state
+   (one read-only script for the batch);
 2. sorts the batch by device and ``seq`` and runs each step on the orders that
-   still need it, storing the decisions after every step (one atomic script
-   per order);
-3. publishes the new statuses, waits for their PUBACKs, and only then XACKs.
+   still need it, in memory (stock reservation is its own atomic, idempotent
+   script per batch);
+3. stores every order's outcome (record, history, events, released stock) in
+   one script for the batch, with a compare-and-set per order;
+4. publishes the new statuses, waits for their PUBACKs, and only then XACKs,
+   while the next batch is already being read and settled.
 
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
@@ -27,37 +31,37 @@ import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from schemas import DecodeError, Reason, Status, decode_order
-from schemas.names import stream_key
+from schemas import DecodeError, Status, decode_order
+from schemas.names import PIPELINE_GROUP, stream_key
 
 from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
-from .names import PIPELINE_GROUP, history_key, order_key
-from .records import (
-    PUBLISHED_STATUSES,
-    Conflict,
-    OrderContext,
-    StreamEntry,
-    admit,
-    commit,
-    now_ms,
-    record_error,
-    text,
-)
+from .names import history_key, order_key
+from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, now_ms, text
 from .status import StatusPublisher
 from .steps import Step
 
 log = structlog.get_logger(__name__)
 MAX_BACKOFF_S = 10.0
 CLEANUP_EVERY_S = 60.0
+
+
+@dataclass(slots=True)
+class Settled:
+    """A batch whose outcomes are stored: what is left to publish, dead-letter and ack."""
+
+    ctxs: list[OrderContext]
+    letters: list[DeadLetter]
+    statuses: list[tuple[str, Status]]
 
 
 def default_consumer_name() -> str:
@@ -125,19 +129,29 @@ class Worker:
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
         next_claim = next_cleanup = 0.0
-        while not stop.is_set():
-            if time.monotonic() >= next_cleanup:
-                next_cleanup = time.monotonic() + CLEANUP_EVERY_S
-                await self.forget_dead_consumers()
-            if time.monotonic() >= next_claim:
-                next_claim = time.monotonic() + claim_every_s
-                claimed = await self.reclaim()
-                if claimed:
-                    await self.process(claimed)
+        # Batch N's statuses wait for their PUBACKs (and then its XACK) while
+        # batch N+1 is read and settled; N+1 publishes only after N is acked.
+        finishing: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + CLEANUP_EVERY_S
+                    await self.forget_dead_consumers()
+                entries: list[StreamEntry] = []
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + claim_every_s
+                    entries = await self.reclaim()
+                if not entries:
+                    entries = await self.read()
+                if not entries:
                     continue
-            entries = await self.read()
-            if entries:
-                await self.process(entries)
+                settled = await self.settle(entries)
+                if finishing is not None:
+                    await finishing
+                finishing = asyncio.create_task(self.finish(settled), name="finish-batch")
+        finally:
+            if finishing is not None:
+                await finishing
 
     async def forget_dead_consumers(self) -> None:
         """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
@@ -223,7 +237,11 @@ class Worker:
     async def _dead_letter_over_delivered(self, entries: list[StreamEntry]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                pipe.hget(order_key(text(entry.fields.get("order_id", b""))), "last_error")
+                key = order_key(
+                    text(entry.fields.get("device_id", b"")),
+                    text(entry.fields.get("order_id", b"")),
+                )
+                pipe.hget(key, "last_error")
             errors = await pipe.execute()
         await dead_letter(
             self.redis,
@@ -244,7 +262,11 @@ class Worker:
         self.metrics.processed.labels(outcome="dead_lettered").inc(len(entries))
 
     async def process(self, entries: Sequence[StreamEntry]) -> None:
-        """Drive one batch through the chain, publish, then ack what is settled."""
+        """Drive one batch through the chain, store the outcomes, publish, then ack."""
+        await self.finish(await self.settle(entries))
+
+    async def settle(self, entries: Sequence[StreamEntry]) -> Settled:
+        """Decode, load, run the steps in memory and store every order's outcome."""
         letters: list[DeadLetter] = []
         decoded = []
         for entry in entries:
@@ -256,16 +278,10 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs: list[OrderContext] = []
-        for item in await admit(self.redis, self.scripts, decoded) if decoded else []:
-            if isinstance(item, Conflict):
-                letters.append(DeadLetter(item.entry, Reason.CONFLICT,
-                                          f"order_id belongs to device {item.owner}"))  # fmt: skip
-            else:
-                ctxs.append(item)
+        ctxs = await load(self.redis, self.scripts, decoded) if decoded else []
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
-        # that committed them (before their PUBACK): publish them again.
+        # that stored them (before their PUBACK): publish them again.
         statuses = await self._replay_statuses([c for c in ctxs if c.entry.deliveries > 1])
         for step in self.chain:
             live = [c for c in ctxs if c.live and step.name not in c.done]
@@ -273,14 +289,27 @@ class Worker:
                 continue
             started = time.perf_counter()
             await self._run_step(step, live)
-            changed = await commit(self.redis, self.scripts, step.name, live)
+            for ctx in live:
+                ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
-            statuses += [self._status(c) for c in changed if c.status in PUBLISHED_STATUSES]
-        await record_error(self.redis, ctxs)
-        await self.publisher.publish(statuses)
-        await dead_letter(self.redis, letters)
-        await self._ack([c for c in ctxs if c.error is None and not c.stale])
-        for letter in letters:
+        started = time.perf_counter()
+        stored = await commit(self.redis, self.scripts, ctxs)
+        self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
+        at = now_ms()
+        statuses += [
+            self._message(ctx, status, reason, at)
+            for ctx in stored
+            for status, _step, reason in ctx.changes
+            if status in PUBLISHED_STATUSES
+        ]
+        return Settled(ctxs, letters, statuses)
+
+    async def finish(self, settled: Settled) -> None:
+        """Publish the batch's statuses, wait for their PUBACKs, then dead-letter and ack."""
+        await self.publisher.publish(settled.statuses)
+        await dead_letter(self.redis, settled.letters)
+        await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
+        for letter in settled.letters:
             log.error("dead_lettered", reason=letter.reason, error=letter.error,
                       stream=letter.entry.stream, entry_id=letter.entry.entry_id)  # fmt: skip
             self.metrics.dead_lettered.labels(reason=letter.reason).inc()
@@ -329,7 +358,7 @@ class Worker:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for ctx in ctxs:
-                pipe.lrange(history_key(ctx.order.order_id), 0, -1)
+                pipe.lrange(history_key(ctx.order.device_id, ctx.order.order_id), 0, -1)
             histories = await pipe.execute()
         out = []
         for ctx, history in zip(ctxs, histories, strict=True):
@@ -344,12 +373,4 @@ class Worker:
         return ctx.order.device_id, Status(
             v=1, order_id=ctx.order.order_id, status=status,  # type: ignore[arg-type]
             reason=reason or None, at=at,
-        )  # fmt: skip
-
-    @staticmethod
-    def _status(ctx: OrderContext) -> tuple[str, Status]:
-        reason = ctx.reason or None
-        return ctx.order.device_id, Status(
-            v=1, order_id=ctx.order.order_id, status=ctx.status,  # type: ignore[arg-type]
-            reason=reason, at=now_ms(),
         )  # fmt: skip

@@ -16,6 +16,9 @@ ORDERS_TOPIC_FILTER: Final = "v1/devices/+/orders"
 DEFAULT_SHARE_GROUP: Final = "bridge"
 
 DLQ_STREAM: Final = "orders:dlq"
+# The pipeline's consumer group on every shard stream; operators' scripts read
+# its lag, and the bridge trims only below what every group has read.
+PIPELINE_GROUP: Final = "pipeline"
 DEFAULT_SHARDS: Final = 16
 DEDUP_TTL_S: Final = 7 * 24 * 3600
 

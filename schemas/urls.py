@@ -5,6 +5,7 @@ Redis URLs (``redis://``, ``rediss://``) are parsed by redis-py itself.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
@@ -47,6 +48,17 @@ class MqttUrl:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
         )
+
+    def ssl_context(self, ca_file: str = "") -> ssl.SSLContext | None:
+        """A verifying TLS context for ``mqtts://`` (None for ``mqtt://``).
+
+        Args:
+            ca_file: the CA bundle that signed the broker's certificate; empty
+                means the system's trust store.
+        """
+        if not self.tls:
+            return None
+        return ssl.create_default_context(cafile=ca_file or None)
 
     def __str__(self) -> str:
         user = f"{self.username}:***@" if self.username else ""

@@ -63,6 +63,9 @@ class Probe:
     ) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        # paho closes its wake-up socket pair only in __del__; when a cycle
+        # makes the GC reach the sockets first, Python warns about them.
+        self.client._reset_sockets()
 
     def subscribe(self, topic: str) -> ReasonCode:
         """Subscribe at QoS 1 and return the SUBACK reason code."""

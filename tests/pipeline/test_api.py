@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter
-from pipeline.records import StreamEntry, admit
+from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 
@@ -26,7 +26,8 @@ async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
                      {"received_at": b"1", "payload": encode(o)}), o)
         for o in orders
     ]  # fmt: skip
-    await admit(client, Scripts(), batch)
+    scripts = Scripts()
+    await commit(client, scripts, await load(client, scripts, batch))
 
 
 async def test_paging_while_orders_arrive_returns_each_once(
@@ -87,6 +88,37 @@ async def test_order_record_and_problems(aredis: aioredis.Redis, device_id: str)
         missing = await http.post("/v1/dlq/1-1/replay")
         assert missing.status == 404
         assert (await missing.json())["code"] == "dlq-entry-not-found"
+
+
+async def test_an_order_id_on_two_devices_is_ambiguous_without_the_device(
+    aredis: aioredis.Redis, device_id: str
+) -> None:
+    """One order_id on two devices: /v1/orders/{id} is a 409 naming both; the device path works."""
+    other = f"{device_id}-b"
+    orders = [make_order(dev, 0, order_id="order-00000001") for dev in (device_id, other)]
+    await admit_orders(aredis, orders[:1])
+    async with api_client(aredis, TEST_SHARDS) as http:
+        single = await http.get("/v1/orders/order-00000001")
+        assert single.status == 200
+        assert (await single.json())["device_id"] == device_id
+        await admit_orders(aredis, orders[1:])
+        ambiguous = await http.get("/v1/orders/order-00000001")
+        assert ambiguous.status == 409
+        assert ambiguous.content_type == "application/problem+json"
+        problem = json.loads(await ambiguous.text())
+        assert problem["code"] == "ambiguous-order-id"
+        assert problem["device_ids"] == sorted([device_id, other])
+        for dev in (device_id, other):
+            body = await (await http.get(f"/v1/devices/{dev}/orders/order-00000001")).json()
+            assert (body["device_id"], body["order_id"]) == (dev, "order-00000001")
+        for path, status, code in [
+            (f"/v1/devices/{device_id}/orders/order-00000002", 404, "order-not-found"),
+            (f"/v1/devices/{device_id}/orders/bad!", 400, "invalid-parameter"),
+            ("/v1/devices/bad!/orders/order-00000001", 400, "invalid-parameter"),
+        ]:
+            response = await http.get(path)
+            assert response.status == status, path
+            assert (await response.json(content_type=None))["code"] == code
 
 
 async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.Redis) -> None:

@@ -14,18 +14,17 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from pipeline import order_statuses
 from pipeline.config import PipelineConfig
 from pipeline.names import (
     EVENTS_STREAM,
-    PIPELINE_GROUP,
     STOCK_KEY,
     TERMINAL_STATUSES,
-    order_key,
     reservation_key,
 )
 from pipeline.records import load_order
 from schemas import Order
-from schemas.names import DLQ_STREAM, stream_key
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all
@@ -63,21 +62,19 @@ async def pending_of(client: aioredis.Redis, consumer: str, shards: int) -> int:
 
 async def statuses(client: aioredis.Redis, orders: list[Order]) -> list[str]:
     """The stored status of each order."""
-    async with client.pipeline(transaction=False) as pipe:
-        for order in orders:
-            pipe.hget(order_key(order.order_id), "status")
-        return [(s or b"").decode() for s in await pipe.execute()]
+    found = await order_statuses(client, [(o.device_id, o.order_id) for o in orders])
+    return [s or "" for s in found]
 
 
 async def assert_books_balance(client: aioredis.Redis, orders: list[Order]) -> None:
     """One terminal state per order; final stock = initial − Σ qty of confirmed/fulfilled orders."""
     sold: Counter[str] = Counter()
     for order in orders:
-        record = await load_order(client, order.order_id)
+        record = await load_order(client, order.device_id, order.order_id)
         assert record is not None
         terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL_STATUSES]
         assert terminal == [record["status"]], (order.order_id, record["history"])
-        held = await client.hget(reservation_key(order.order_id), "_state")
+        held = await client.hget(reservation_key(order.device_id, order.order_id), "_state")
         if record["status"] in {"confirmed", "fulfilled"}:
             assert held == b"held"
             for item in order.items:

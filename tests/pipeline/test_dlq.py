@@ -66,7 +66,7 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     assert int(fields[b"deliveries"]) == config.max_deliveries + 1
     assert b"poisoned" in fields[b"error"]
     for order in others:
-        record = await wait_status(aredis, order.order_id, "fulfilled")
+        record = await wait_status(aredis, order, "fulfilled")
         # Its shard-mates were done before the poison entry gave up: nothing waited for it.
         assert record["updated_at"] <= entry_ms(dlq_id)
     registry = worker.metrics.registry
@@ -78,7 +78,7 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     assert registry.get_sample_value("pipeline_step_errors_total", {"step": "poison"}) == float(
         config.max_deliveries
     )
-    stuck = await load_order(aredis, poison.order_id)
+    stuck = await load_order(aredis, poison.device_id, poison.order_id)
     assert stuck is not None
     assert stuck["status"] == "reserved"
 
@@ -90,7 +90,7 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
         response = await http.post(f"/v1/dlq/{dlq_id.decode()}/replay")
         assert response.status == 202
         replayed_as = (await response.json())["replayed_as"]
-        await wait_status(aredis, poison.order_id, "fulfilled")
+        await wait_status(aredis, poison, "fulfilled")
         again = await http.post(f"/v1/dlq/{dlq_id.decode()}/replay")
         assert again.status == 409
         problem = await again.json()

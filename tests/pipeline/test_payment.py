@@ -24,7 +24,7 @@ class ScriptedGateway:
         self.outcomes = outcomes
         self.attempts: list[int] = []
 
-    async def charge(self, order_id: str, amount: int, currency: str, attempt: int) -> None:
+    async def charge(self, key: str, amount: int, currency: str, attempt: int) -> None:
         """Pop the next scripted outcome."""
         self.attempts.append(attempt)
         outcome = self.outcomes.pop(0)

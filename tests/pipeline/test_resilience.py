@@ -14,12 +14,11 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.names import PIPELINE_GROUP
 from pipeline.records import load_order
 from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
-from schemas import Status
-from schemas.names import stream_key
+from schemas import Order, Status
+from schemas.names import PIPELINE_GROUP, stream_key
 
 from .conftest import WorkerFactory, eventually
 from .producer import make_order, produce
@@ -55,7 +54,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
         await store_catalog(client, catalog)
         first = make_order(device_id, 0)
         await produce(client, first, cfg.shards)
-        await eventually(lambda: _status_is(client, first.order_id, "fulfilled"), what="first")
+        await eventually(lambda: _status_is(client, first, "fulfilled"), what="first")
         server.kill()
         assert not port_is_open(server.port)
         await asyncio.sleep(0.3)  # the worker hits the dead server meanwhile
@@ -65,7 +64,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
             await store_catalog(fresh, catalog)
             second = make_order(device_id, 1)
             await produce(fresh, second, cfg.shards)
-            await eventually(lambda: _status_is(fresh, second.order_id, "fulfilled"), what="second")
+            await eventually(lambda: _status_is(fresh, second, "fulfilled"), what="second")
         assert [s.order_id for _d, s in publisher.sent][-1] == second.order_id
     finally:
         stop.set()
@@ -89,9 +88,9 @@ async def test_idle_empty_consumers_are_forgotten(
     await eventually(forgotten, what="the dead consumer forgotten")
 
 
-async def _status_is(client: aioredis.Redis, order_id: str, status: str) -> bool:
+async def _status_is(client: aioredis.Redis, order: Order, status: str) -> bool:
     try:
-        record = await load_order(client, order_id)
+        record = await load_order(client, order.device_id, order.order_id)
     except (ConnectionError, OSError):
         return False
     return record is not None and record["status"] == status

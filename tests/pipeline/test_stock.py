@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fleet.servers import RedisProcess
 from pipeline._lua import Scripts
 from pipeline.names import STOCK_KEY, reservation_key
-from pipeline.records import OrderContext, StreamEntry, Transition, admit, commit
+from pipeline.records import OrderContext, StreamEntry, Transition, commit, load
 from pipeline.stock import reserve
 from schemas import encode
 
@@ -30,11 +30,24 @@ async def new_context(
         "stock-dev", 0, [(sku, qty, 1) for sku, qty in items], order_id=uuid.uuid4().hex
     )
     entry = StreamEntry("orders:{0}", "1-1", {"received_at": b"1", "payload": encode(order)})
-    (ctx,) = await admit(client, scripts, [(entry, order)])
-    assert isinstance(ctx, OrderContext)
+    (ctx,) = await load(client, scripts, [(entry, order)])
     ctx.proposed = Transition("validated")
-    await commit(client, scripts, "validate", [ctx])
+    ctx.settle("validate")
+    assert await commit(client, scripts, [ctx]) == [ctx]
+    (ctx,) = await load(client, scripts, [(entry, order)])
     return ctx
+
+
+async def step(
+    client: aioredis.Redis, scripts: Scripts, ctx: OrderContext, name: str, proposed: Transition
+) -> OrderContext:
+    """Store one step's decision as a worker batch would (from freshly loaded state)."""
+    (fresh,) = await load(client, scripts, [(ctx.entry, ctx.order)])
+    if name not in fresh.done:
+        fresh.proposed = proposed
+        fresh.settle(name)
+    await commit(client, scripts, [fresh])
+    return fresh
 
 
 async def test_reserve_is_all_or_nothing_and_idempotent(aredis: aioredis.Redis) -> None:
@@ -56,13 +69,14 @@ async def test_failing_releases_once_and_never_reserves_again(aredis: aioredis.R
     await aredis.hset(STOCK_KEY, "A", 10)
     ctx = await new_context(aredis, scripts, [("A", 4)])
     await reserve(aredis, scripts, [ctx])
-    ctx.proposed = Transition("reserved")
-    await commit(aredis, scripts, "reserve", [ctx])
+    await step(aredis, scripts, ctx, "reserve", Transition("reserved"))
     for _ in range(2):  # the second commit is a redelivery: already done, no second release
-        ctx.proposed = Transition("failed", "payment_declined")
-        await commit(aredis, scripts, "pay", [ctx])
+        await step(aredis, scripts, ctx, "pay", Transition("failed", "payment_declined"))
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
-    assert await aredis.hget(reservation_key(ctx.order.order_id), "_state") == b"released"
+    assert (
+        await aredis.hget(reservation_key(ctx.order.device_id, ctx.order.order_id), "_state")
+        == b"released"
+    )
     assert await reserve(aredis, scripts, [ctx]) == ["released"]
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
 
@@ -103,14 +117,13 @@ def test_stock_never_negative_and_balances(
                 ]
                 assert results.count("reserved") <= 1
                 if "reserved" in results:
-                    ctx.proposed = Transition("reserved")
-                    await commit(client, scripts, "reserve", [ctx])
+                    await step(client, scripts, ctx, "reserve", Transition("reserved"))
                     if ending == "keep":
                         for sku, qty in items:
                             held[sku] += qty
                     else:
-                        ctx.proposed = Transition("failed" if ending == "fail" else "rejected", "x")
-                        await commit(client, scripts, "pay", [ctx])
+                        ending_status = "failed" if ending == "fail" else "rejected"
+                        await step(client, scripts, ctx, "pay", Transition(ending_status, "x"))
                 for sku in SKUS:
                     left = int(await client.hget(STOCK_KEY, sku) or 0)
                     assert left >= 0

@@ -7,19 +7,20 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline import order_statuses
 from pipeline.config import PipelineConfig
-from pipeline.names import EVENTS_STREAM, PIPELINE_GROUP, STOCK_KEY
+from pipeline.names import EVENTS_STREAM, STOCK_KEY
 from pipeline.records import StreamEntry, load_order, text
-from schemas import Status
-from schemas.names import DLQ_STREAM, shard_of, stream_key
+from schemas import Order, Status
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, shard_of, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
 from .producer import make_order, produce, produce_raw
 
 
-async def status_of(client: aioredis.Redis, order_id: str) -> str | None:
+async def status_of(client: aioredis.Redis, order: Order) -> str | None:
     """The stored status of an order, or None."""
-    record = await load_order(client, order_id)
+    record = await load_order(client, order.device_id, order.order_id)
     return None if record is None else str(record["status"])
 
 
@@ -28,14 +29,14 @@ async def stock(client: aioredis.Redis, sku: str) -> int:
     return int(await client.hget(STOCK_KEY, sku) or 0)
 
 
-async def wait_status(client: aioredis.Redis, order_id: str, status: str) -> dict[str, Any]:
+async def wait_status(client: aioredis.Redis, order: Order, status: str) -> dict[str, Any]:
     """Wait until the order reaches ``status``; return its record."""
 
     async def reached() -> bool:
-        return await status_of(client, order_id) == status
+        return await status_of(client, order) == status
 
-    await eventually(reached, what=f"{order_id} -> {status}")
-    record = await load_order(client, order_id)
+    await eventually(reached, what=f"{order.order_id} -> {status}")
+    record = await load_order(client, order.device_id, order.order_id)
     assert record is not None
     return record
 
@@ -53,7 +54,7 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     order = make_order(device_id, 0, [("COLA-33", 3, 150), ("WATER-50", 2, 100)])
     await produce(aredis, order, config.shards)
     await start_worker()
-    record = await wait_status(aredis, order.order_id, "fulfilled")
+    record = await wait_status(aredis, order, "fulfilled")
     assert [h["status"] for h in record["history"]] == [
         "received", "validated", "reserved", "confirmed", "fulfilled",
     ]  # fmt: skip
@@ -70,8 +71,45 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
 
     await eventually(heard, what="status messages on the device's status topic")
     stream = stream_key(shard_of(device_id, config.shards))
-    pending = await aredis.xpending(stream, PIPELINE_GROUP)
-    assert pending["pending"] == 0
+
+    async def acked() -> bool:  # the XACK follows the PUBACKs, which may trail the delivery
+        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+
+    await eventually(acked, what="the entry acked after its PUBACKs")
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_one_order_id_on_two_devices_is_two_orders(
+    aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
+) -> None:
+    """Order ids are unique per device only: both devices' orders end fulfilled, each with its
+    own record and history, and stock is reserved once for each, also on redelivery."""
+    orders = [
+        make_order(dev, 0, [("COLA-33", qty, 150)], order_id="order-00000001")
+        for dev, qty in ((device_id, 2), (f"{device_id}-b", 5))
+    ]
+    for order in orders:
+        await produce(aredis, order, config.shards)
+    worker = await start_worker()
+    for order in orders:
+        record = await wait_status(aredis, order, "fulfilled")
+        assert (record["device_id"], record["order_id"]) == (order.device_id, "order-00000001")
+        assert record["total"] == order.total
+        assert [h["status"] for h in record["history"]].count("reserved") == 1
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 7
+    assert await aredis.xlen(DLQ_STREAM) == 0
+    entries = []
+    for order in orders:  # both entries again, as a redelivery
+        stream = stream_key(shard_of(order.device_id, config.shards))
+        for entry_id, fields in await aredis.xrange(stream):
+            if fields[b"device_id"].decode() == order.device_id:
+                entries.append(StreamEntry(stream, text(entry_id),
+                                           {text(k): v for k, v in fields.items()}, 2))  # fmt: skip
+    await worker.process(entries)
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 7
+    found = await order_statuses(aredis, [(o.device_id, o.order_id) for o in orders])
+    assert found == ["fulfilled", "fulfilled"]
+    assert await order_statuses(aredis, [(device_id, "order-00000009")]) == [None]
 
 
 @pytest.mark.usefixtures("catalog")
@@ -94,7 +132,7 @@ async def test_rejections_keep_stock_and_tell_the_device(
         await produce(aredis, order, config.shards)
     await start_worker()
     for reason, order in cases.items():
-        record = await wait_status(aredis, order.order_id, "rejected")
+        record = await wait_status(aredis, order, "rejected")
         assert record["reason"] == reason
     # All or nothing: the COLA line of the short order was not reserved either.
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"]
@@ -117,7 +155,7 @@ async def test_declined_payment_fails_and_releases_stock(
     order = make_order(device_id, 0, [("COLA-33", 5, 150)])
     await produce(aredis, order, config.shards)
     await start_worker(gateway_decline_rate=1.0)
-    record = await wait_status(aredis, order.order_id, "failed")
+    record = await wait_status(aredis, order, "failed")
     assert record["reason"] == "payment_declined"
     assert [h["status"] for h in record["history"]][-2:] == ["reserved", "failed"]
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"]
@@ -135,9 +173,9 @@ async def test_a_devices_orders_are_served_in_seq_order_within_a_batch(
     for order in orders.values():
         await produce(aredis, order, config.shards)
     await start_worker()
-    assert (await wait_status(aredis, orders[1].order_id, "fulfilled"))["seq"] == 1
-    assert (await wait_status(aredis, orders[2].order_id, "fulfilled"))["seq"] == 2
-    assert (await wait_status(aredis, orders[3].order_id, "rejected"))["reason"] == "out_of_stock"
+    assert (await wait_status(aredis, orders[1], "fulfilled"))["seq"] == 1
+    assert (await wait_status(aredis, orders[2], "fulfilled"))["seq"] == 2
+    assert (await wait_status(aredis, orders[3], "rejected"))["reason"] == "out_of_stock"
     assert await stock(aredis, "RARE-1") == 0
 
 
@@ -152,7 +190,7 @@ async def test_redelivered_entries_change_nothing(
     order = make_order(device_id, 0, [("COLA-33", 4, 150)])
     await produce(aredis, order, config.shards)
     worker = await start_worker()
-    await wait_status(aredis, order.order_id, "fulfilled")
+    await wait_status(aredis, order, "fulfilled")
     stream = stream_key(shard_of(device_id, config.shards))
     rows = await aredis.xrange(stream)
     entry = StreamEntry(stream, text(rows[0][0]), {text(k): v for k, v in rows[0][1].items()}, 2)
@@ -160,7 +198,7 @@ async def test_redelivered_entries_change_nothing(
     await worker.process([entry, entry])
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 4
     assert await aredis.xlen(EVENTS_STREAM) == events_before
-    record = await load_order(aredis, order.order_id)
+    record = await load_order(aredis, order.device_id, order.order_id)
     assert record is not None
     assert [h["status"] for h in record["history"]].count("fulfilled") == 1
 
@@ -192,7 +230,7 @@ async def test_a_reclaimed_entry_publishes_its_stored_statuses_again(
     order = make_order(device_id, 0)
     await produce(aredis, order, config.shards)
     worker = await start_worker()
-    await wait_status(aredis, order.order_id, "fulfilled")
+    await wait_status(aredis, order, "fulfilled")
     stream = stream_key(shard_of(device_id, config.shards))
 
     async def acked() -> bool:  # the worker's own batch is published and done
