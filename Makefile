@@ -3,8 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# uv resolves and installs from uv.lock; it lives in its own small venv, pinned by hash.
+UV_VENV := .uv
+UV := $(UV_VENV)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
+EXPORTS := edge bridge fleet
 
-.PHONY: demo test lint system-deps stack format clean
+.PHONY: demo test lint system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demo
@@ -27,11 +34,23 @@ format: $(INSTALLED)
 system-deps:
 	@scripts/ensure-system-deps.sh
 
-$(INSTALLED): pyproject.toml | system-deps
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(UV): requirements/uv.txt | system-deps
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install -q --require-hashes -r requirements/uv.txt
 	@touch $@
 
+# Exactly the locked set: --frozen installs uv.lock as it is and never re-resolves.
+$(INSTALLED): pyproject.toml uv.lock $(UV) | system-deps
+	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	@touch $@
+
+# Re-resolve after editing pyproject.toml; `make lock UPGRADE=--upgrade` takes new releases.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(UPGRADE)
+	for extra in $(EXPORTS); do \
+	  $(UV) export --frozen --quiet --no-dev --no-emit-project --extra $$extra \
+	    --output-file requirements/$$extra.txt; \
+	done
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

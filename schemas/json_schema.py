@@ -6,9 +6,10 @@ fails while the committed files differ from what the types generate.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -18,9 +19,28 @@ JSON_DIR: Final = Path(__file__).parent / "json"
 MESSAGES: Final = {"order": Order, "receipt": Receipt, "status": Status}
 
 
+def _clean_descriptions(node: Any) -> Any:
+    """Dedent every ``description`` the way ``inspect.cleandoc`` does.
+
+    Docstrings reach the schema indented as written before Python 3.13 and
+    dedented from 3.13 on; cleaning them here keeps the committed files the
+    same whichever Python or msgspec renders them.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(value) for value in node]
+    return node
+
+
 def render(name: str) -> str:
     """The JSON Schema document for one message, as committed."""
-    schema = msgspec.json.schema(MESSAGES[name])
+    schema = _clean_descriptions(msgspec.json.schema(MESSAGES[name]))
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"{name}.v1.json",

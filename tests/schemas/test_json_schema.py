@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from schemas.json_schema import JSON_DIR, MESSAGES, render
+from schemas.json_schema import JSON_DIR, MESSAGES, _clean_descriptions, render
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
@@ -24,3 +24,10 @@ def test_order_schema_states_the_contract_bounds() -> None:
     assert order["order_id"]["maxLength"] == 64
     assert order["items"]["maxItems"] == 100
     assert order["attrs"]["maxProperties"] == 32
+
+
+def test_descriptions_do_not_depend_on_docstring_indentation() -> None:
+    """Python 3.13 dedents docstrings, older ones don't: the files must be the same."""
+    indented = {"description": "First line.\n\n        Indented as written.", "x": [{}]}
+    dedented = {"description": "First line.\n\nIndented as written.", "x": [{}]}
+    assert _clean_descriptions(indented) == _clean_descriptions(dedented) == dedented
