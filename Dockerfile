@@ -4,6 +4,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements/fleet.txt requirements/fleet.txt
 COPY schemas schemas
+COPY servicekit servicekit
 COPY edge_agent edge_agent
 COPY bridge bridge
 COPY pipeline pipeline

@@ -35,7 +35,7 @@ from fleet.services import child_pids
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
-from schemas.logs import configure_logging
+from servicekit.logs import configure_logging
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from schemas.config import ConfigError, add_config_arguments, load_config
-from schemas.logs import configure_logging
+from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.logs import configure_logging
 
 from .config import BridgeConfig
 from .errors import BridgeError

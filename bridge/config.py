@@ -1,4 +1,4 @@
-"""The bridge's settings: one frozen Struct, filled by :func:`schemas.config.load_config`."""
+"""The bridge's settings: one frozen Struct, filled by :func:`servicekit.config.load_config`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from schemas.config import ServiceConfig
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
+from servicekit.config import ServiceConfig
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]

@@ -24,7 +24,7 @@ from gmqtt import Client
 from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv50
 
 from schemas.names import shared_orders_subscription
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .errors import IntakeError
 from .intake import MessageSink

@@ -30,7 +30,7 @@ import mqtt5
 import structlog
 
 from schemas.names import shared_orders_subscription
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .errors import IntakeError
 from .intake import MessageSink

@@ -9,14 +9,14 @@ it holds, acks that, and leaves the rest to the broker's session.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 
 from schemas import Reason, SchemaError
-from schemas.logs import truncate
 from schemas.names import device_id_from_orders_topic, receipts_topic
-from schemas.urls import MqttUrl
+from servicekit.clock import now_ms
+from servicekit.logs import truncate
+from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
@@ -34,10 +34,6 @@ from .store import OrderSink, RedisSink
 log = structlog.get_logger(__name__)
 
 REDIS_PROBE_INTERVAL_S = 1.0
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Bridge:
@@ -74,7 +70,7 @@ class Bridge:
         self.metrics.received.inc()
         if self._stopping:
             return  # not acked: the broker redelivers it with the session
-        received_at = _now_ms()
+        received_at = now_ms()
         device_id: str | None
         try:
             device_id = device_id_from_orders_topic(topic)
@@ -108,7 +104,7 @@ class Bridge:
                 self._intake.resume_reading()
 
     def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
-        body = receipt_bytes(order_id, outcome.result, outcome.reason, _now_ms())
+        body = receipt_bytes(order_id, outcome.result, outcome.reason, now_ms())
         if self._intake is None:  # a message that came during the first handshake
             self.metrics.receipts_failed.inc()
             return

@@ -1,19 +1,8 @@
-"""Pacing helpers: full-jitter backoff and a token bucket for the backlog drain."""
+"""A token bucket for the backlog drain."""
 
 from __future__ import annotations
 
-import random
 import time
-
-
-def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): uniform in [0, min(cap, base·2^n)].
-
-    Full jitter (AWS architecture blog, "Exponential Backoff And Jitter")
-    spreads a fleet that lost the broker at the same instant over the whole
-    window instead of bunching it at the window's edges.
-    """
-    return rng.uniform(0.0, min(cap_s, base_s * 2 ** min(attempt, 32)))
 
 
 class TokenBucket:

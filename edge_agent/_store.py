@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from typing import Final
+
+from servicekit.clock import now_ms
 
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from ._records import (
@@ -57,11 +58,6 @@ def _check_version(version: int) -> None:
             f"database schema v{version} is newer than this agent (v{SCHEMA_VERSION})",
             reason="schema_too_new",
         )
-
-
-def now_ms() -> int:
-    """Wall-clock ms since the epoch, as stored in the outbox."""
-    return time.time_ns() // 1_000_000
 
 
 def storage_error(exc: sqlite3.Error, action: str) -> StorageError:

@@ -22,9 +22,9 @@ import msgspec
 import structlog
 
 import schemas
+from servicekit.clock import now_ms
 
 from ._records import NewOrder, OrderRecord, Submitted
-from ._store import now_ms
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, InvalidOrder, StorageError
 from .intake import start_http

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from schemas.config import ConfigError, add_config_arguments, load_config
-from schemas.logs import configure_logging
+from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.logs import configure_logging
 
 from .agent import EdgeAgent
 from .config import AgentConfig

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schemas.config import ServiceConfig
 from schemas.messages import DeviceId
+from servicekit.config import ServiceConfig
 
 
 class AgentConfig(ServiceConfig, frozen=True, kw_only=True):

@@ -20,11 +20,12 @@ import time
 import structlog
 
 from schemas import DecodeError, Reason, decode_receipt, decode_status, names
-from schemas.logs import truncate
-from schemas.urls import MqttUrl
+from servicekit.backoff import full_jitter
+from servicekit.clock import now_ms
+from servicekit.logs import truncate
+from servicekit.urls import MqttUrl
 
-from ._pacing import TokenBucket, full_jitter
-from ._store import now_ms
+from ._pacing import TokenBucket
 from .config import AgentConfig
 from .errors import BrokerError, StorageError
 from .metrics import AgentMetrics

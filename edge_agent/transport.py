@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .errors import BrokerError
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from schemas.logs import configure_logging
 from schemas.names import DEFAULT_SHARDS
+from servicekit.logs import configure_logging
 
 from .errors import FleetError
 from .pki import CertFiles

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .passwd import hash_password, read_passwd, write_passwd
 from .pki import CertFiles, create_ca, issue_cert

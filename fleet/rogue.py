@@ -17,7 +17,7 @@ import msgspec
 from edge_agent.transport import TransportSettings, default_transport
 from schemas import Item, Order, encode
 from schemas.names import orders_topic, receipts_topic
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .verify import OrderRef
 

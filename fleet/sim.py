@@ -22,7 +22,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from schemas.names import DEFAULT_SHARDS
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, check_feasible, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings

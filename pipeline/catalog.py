@@ -22,9 +22,11 @@ from typing import Annotated
 import msgspec
 import redis.asyncio as aioredis
 
+from servicekit.clock import now_ms
+
 from .errors import CatalogError
 from .names import CATALOG_KEY, CATALOG_META_KEY, STOCK_KEY
-from .records import OrderContext, now_ms, text
+from .records import OrderContext, text
 from .steps import Step, StepDeps, register
 
 UNKNOWN_SKU = "unknown_sku"

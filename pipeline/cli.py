@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from schemas.config import ConfigError, add_config_arguments, load_config
-from schemas.logs import configure_logging
+from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.logs import configure_logging
 
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig

@@ -1,9 +1,9 @@
-"""Settings of ``order-pipeline``, layered by schemas.config (flags > env > TOML)."""
+"""Settings of ``order-pipeline``, layered by servicekit.config (flags > env > TOML)."""
 
 from __future__ import annotations
 
-from schemas.config import ServiceConfig
 from schemas.names import DEFAULT_SHARDS
+from servicekit.config import ServiceConfig
 
 DEFAULT_STEPS = "validate,reserve,pay,fulfil"
 

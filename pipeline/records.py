@@ -14,7 +14,6 @@ and never stores one twice.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -23,6 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from schemas import Order
+from servicekit.clock import now_ms
 
 from ._lua import Scripts
 from .names import (
@@ -39,11 +39,6 @@ from .names import (
 
 # The statuses a device hears about (schemas.Status.status).
 PUBLISHED_STATUSES: Final = frozenset({"confirmed", "rejected", "fulfilled", "failed"})
-
-
-def now_ms() -> int:
-    """Wall clock in ms since the epoch, for records and events."""
-    return time.time_ns() // 1_000_000
 
 
 def text(value: bytes | str) -> str:

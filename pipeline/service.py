@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from schemas.config import ENV_PREFIX
+from servicekit.config import ENV_PREFIX
 
 from ._lua import Scripts
 from .api import create_app

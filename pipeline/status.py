@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from schemas import Status, encode
 from schemas.names import status_topic
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .config import PipelineConfig
 from .errors import PipelineError

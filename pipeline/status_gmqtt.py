@@ -32,7 +32,7 @@ from gmqtt.storage import PersistentStorage
 
 from schemas import Status, encode
 from schemas.names import status_topic
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 log = structlog.get_logger(__name__)
 CONNECT_TIMEOUT_S = 10.0

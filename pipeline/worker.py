@@ -40,13 +40,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit.clock import now_ms
 
 from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
 from .names import history_key, order_key
-from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, now_ms, text
+from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, text
 from .status import StatusPublisher
 from .steps import Step
 

@@ -1,4 +1,4 @@
-"""The v1 wire contract in code: messages, codec, names, and service conventions."""
+"""The v1 wire contract in code: messages, codec, names and reason codes."""
 
 from .codec import build_order, decode_order, decode_receipt, decode_status, encode
 from .errors import DecodeError, Reason, SchemaError

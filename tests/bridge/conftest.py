@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 ROOT = Path(__file__).resolve().parents[2]
 

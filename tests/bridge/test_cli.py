@@ -8,7 +8,7 @@ import pytest
 
 from bridge.cli import main
 from bridge.config import BridgeConfig, default_client_id
-from schemas.config import add_config_arguments, load_config
+from servicekit.config import add_config_arguments, load_config
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> BridgeConfig:

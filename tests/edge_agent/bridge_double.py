@@ -17,7 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas import Receipt, Status, decode_order, encode, names
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 # Decide the answer to one order: (result, reason), or None for no receipt at all.
 Policy = Callable[[str, int], tuple[str, str | None] | None]

@@ -13,7 +13,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent._store import Store, now_ms
+from edge_agent._store import Store
+from servicekit.clock import now_ms
 
 REPO = Path(__file__).resolve().parents[2]
 

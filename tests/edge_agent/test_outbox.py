@@ -16,7 +16,8 @@ import schemas
 from edge_agent import Outbox, OutboxFull, StorageError, Submitted
 from edge_agent._migrations import SCHEMA_VERSION
 from edge_agent._records import NewOrder, Sent, Settle
-from edge_agent._store import Store, now_ms
+from edge_agent._store import Store
+from servicekit.clock import now_ms
 
 
 def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:

@@ -11,7 +11,7 @@ from fleet.cli import main
 from fleet.passwd import read_passwd
 from fleet.provision import ProvisionError, Registry
 from schemas.names import orders_topic
-from schemas.urls import MqttUrl
+from servicekit.urls import MqttUrl
 
 from .conftest import SecureBroker
 from .mqtt_probe import Probe

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
-from .errors import SchemaError
+from .errors import ConfigError
 
 _DEFAULT_PORTS: Final = {"mqtt": 1883, "mqtts": 8883}
 
@@ -30,17 +30,17 @@ class MqttUrl:
         """Parse ``mqtt[s]://[user[:pass]@]host[:port]``.
 
         Raises:
-            SchemaError: reason ``invalid_url`` for anything else.
+            ConfigError: reason ``invalid_url`` for anything else.
         """
         parts = urlsplit(url)
         if parts.scheme not in _DEFAULT_PORTS:
-            raise SchemaError("invalid_url", f"scheme must be mqtt or mqtts: {redact(url)}")
+            raise ConfigError(f"scheme must be mqtt or mqtts: {redact(url)}", reason="invalid_url")
         try:
             port = parts.port or _DEFAULT_PORTS[parts.scheme]
         except ValueError as exc:
-            raise SchemaError("invalid_url", f"bad port in {redact(url)}") from exc
+            raise ConfigError(f"bad port in {redact(url)}", reason="invalid_url") from exc
         if not parts.hostname:
-            raise SchemaError("invalid_url", f"no host in {redact(url)}")
+            raise ConfigError(f"no host in {redact(url)}", reason="invalid_url")
         return cls(
             host=parts.hostname,
             port=port,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas import SchemaError
-from schemas.config import ConfigError, ServiceConfig, add_config_arguments, load_config
-from schemas.urls import MqttUrl, redact
+from servicekit.config import ConfigError, ServiceConfig, add_config_arguments, load_config
+from servicekit.errors import ConfigError as UrlConfigError
+from servicekit.urls import MqttUrl, redact
 
 
 class DemoConfig(ServiceConfig, frozen=True, kw_only=True):
@@ -74,5 +74,5 @@ def test_mqtt_urls_parse_and_never_show_the_password() -> None:
     assert "s3cret" not in str(url) + repr(url)
     assert MqttUrl.parse("mqtt://h").port == 1883
     assert redact("redis://u:pw@h:6379/0") == "redis://u:***@h:6379/0"
-    with pytest.raises(SchemaError, match="scheme"):
+    with pytest.raises(UrlConfigError, match="scheme"):
         MqttUrl.parse("http://h")

@@ -17,18 +17,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import SchemaError
+from .errors import ConfigError
+
+__all__ = ["ConfigError", "ServiceConfig", "add_config_arguments", "load_config"]
 
 ENV_PREFIX = "ORDERS_"
 
 C = TypeVar("C", bound="ServiceConfig")
-
-
-class ConfigError(SchemaError):
-    """Settings are missing, unknown or of the wrong type."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__("invalid_config", detail)
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

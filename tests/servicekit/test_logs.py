@@ -8,7 +8,7 @@ import logging
 import pytest
 import structlog
 
-from schemas.logs import configure_logging, truncate
+from servicekit.logs import configure_logging, truncate
 
 
 def test_log_lines_are_json_with_bound_context(capsys: pytest.CaptureFixture[str]) -> None:
