@@ -1,8 +1,15 @@
 """The v1 wire contract in code: messages, codec, names and reason codes."""
 
-from .codec import build_order, decode_order, decode_receipt, decode_status, encode
+from .codec import (
+    build_order,
+    decode_order,
+    decode_receipt,
+    decode_status,
+    decode_status_query,
+    encode,
+)
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Item, Order, Receipt, Status
+from .messages import MAX_ORDER_BYTES, Item, Order, Receipt, Status, StatusQuery
 
 __all__ = [
     "MAX_ORDER_BYTES",
@@ -13,9 +20,11 @@ __all__ = [
     "Receipt",
     "SchemaError",
     "Status",
+    "StatusQuery",
     "build_order",
     "decode_order",
     "decode_receipt",
     "decode_status",
+    "decode_status_query",
     "encode",
 ]

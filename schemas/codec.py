@@ -14,21 +14,22 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Order, Receipt, Status
+from .messages import MAX_ORDER_BYTES, Order, Receipt, Status, StatusQuery
 
-_T = TypeVar("_T", Order, Receipt, Status)
+_T = TypeVar("_T", Order, Receipt, Status, StatusQuery)
 Payload = bytes | bytearray | memoryview
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _order_decoder: Final = msgspec.msgpack.Decoder(Order)
 _receipt_decoder: Final = msgspec.msgpack.Decoder(Receipt)
 _status_decoder: Final = msgspec.msgpack.Decoder(Status)
+_status_query_decoder: Final = msgspec.msgpack.Decoder(StatusQuery)
 
 # msgspec ends validation messages with " - at `$.items[0].qty`".
 _PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`$")
 
 
-def encode(message: Order | Receipt | Status) -> bytes:
+def encode(message: Order | Receipt | Status | StatusQuery) -> bytes:
     """Encode a message to MessagePack.
 
     Raises:
@@ -96,6 +97,11 @@ def decode_receipt(payload: Payload) -> Receipt:
 def decode_status(payload: Payload) -> Status:
     """Decode a status message. Raises :class:`DecodeError`."""
     return _decode(_status_decoder, payload)
+
+
+def decode_status_query(payload: Payload) -> StatusQuery:
+    """Decode a status query. Raises :class:`DecodeError`."""
+    return _decode(_status_query_decoder, payload)
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: Payload) -> _T:

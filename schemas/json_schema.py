@@ -13,10 +13,15 @@ from typing import Any, Final
 
 import msgspec
 
-from .messages import Order, Receipt, Status
+from .messages import Order, Receipt, Status, StatusQuery
 
 JSON_DIR: Final = Path(__file__).parent / "json"
-MESSAGES: Final = {"order": Order, "receipt": Receipt, "status": Status}
+MESSAGES: Final = {
+    "order": Order,
+    "receipt": Receipt,
+    "status": Status,
+    "status-query": StatusQuery,
+}
 
 
 def _clean_descriptions(node: Any) -> Any:

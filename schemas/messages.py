@@ -1,4 +1,4 @@
-"""The v1 messages: Order, Receipt and Status as frozen msgspec Structs.
+"""The v1 messages: Order, Receipt, Status and StatusQuery as frozen msgspec Structs.
 
 The constraints of the contract table live in the type annotations, so the
 decoder, the validator and the exported JSON Schema all come from one source.
@@ -19,6 +19,7 @@ import msgspec
 MAX_ORDER_BYTES: Final = 16 * 1024
 MAX_ITEMS: Final = 100
 MAX_ATTRS: Final = 32
+MAX_QUERIED_ORDERS: Final = 100
 
 OrderId = Annotated[
     str,
@@ -97,3 +98,20 @@ class Status(msgspec.Struct, frozen=True):
     status: OrderStatus
     reason: ReasonCode | None
     at: EpochMs
+
+
+class StatusQuery(msgspec.Struct, frozen=True):
+    """Contract addition (status recovery): a device asks for its orders' statuses again.
+
+    Published to ``v1/devices/{device_id}/status-query`` for orders that were
+    accepted but whose terminal status the device never heard (the broker may
+    have died with it queued). The pipeline answers every order it knows with
+    the order's current status as an ordinary :class:`Status` on the device's
+    status topic; it ignores ids it does not know, and the device asks again
+    later.
+    """
+
+    v: Literal[1]
+    order_ids: Annotated[
+        tuple[OrderId, ...], msgspec.Meta(min_length=1, max_length=MAX_QUERIED_ORDERS)
+    ]

@@ -38,6 +38,16 @@ def status_topic(device_id: str) -> str:
     return f"{TOPIC_PREFIX}{device_id}/status"
 
 
+def status_query_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/status-query``: device → cloud (status recovery)."""
+    return f"{TOPIC_PREFIX}{device_id}/status-query"
+
+
+def shared_status_query_subscription(group: str = "pipeline") -> str:
+    """The MQTT 5 shared subscription that pipeline replicas split for status queries."""
+    return f"$share/{group}/{TOPIC_PREFIX}+/status-query"
+
+
 def device_topics_filter(device_id: str) -> str:
     """Everything the cloud sends one device: ``v1/devices/{device_id}/+``."""
     return f"{TOPIC_PREFIX}{device_id}/+"
