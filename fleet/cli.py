@@ -11,9 +11,9 @@ from pathlib import Path
 from schemas.names import DEFAULT_SHARDS
 from servicekit.logs import configure_logging
 
+from .audit import audit
 from .errors import FleetError
 from .pki import CertFiles
-from .audit import audit
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
 from .runner import add_load_arguments, add_stack_arguments, run_load, run_stack
 from .servers import ServerError

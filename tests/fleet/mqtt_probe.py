@@ -24,6 +24,7 @@ class Probe:
         port: int,
         username: str | None = None,
         password: str | None = None,
+        *,
         ca_file: Path | None = None,
         client_cert: tuple[Path, Path] | None = None,
         client_id: str | None = None,

@@ -7,7 +7,6 @@ service's shared subscription, or take over another client's session.
 
 from __future__ import annotations
 
-import getpass
 import socket
 import ssl
 import subprocess
