@@ -36,13 +36,20 @@ class SecureBroker:
     conf_dir: Path
 
 
-def secure_config(directory: Path, port: int) -> str:
-    """The committed secure.conf with its paths and port pointed at ``directory``."""
-    text = (REPO / "mosquitto/secure.conf").read_text()
+def dynsec_plugin() -> str:
+    """Path of the installed dynamic-security plugin (the test skips without one)."""
     plugin = next((p for p in DYNSEC_PLUGINS if Path(p).exists()), None)
     if plugin is None:
         pytest.skip("mosquitto_dynamic_security.so not found")
-    text = text.replace("plugin /usr/lib/mosquitto_dynamic_security.so", f"plugin {plugin}")
+    return plugin
+
+
+def secure_config(directory: Path, port: int) -> str:
+    """The committed secure.conf with its paths and port pointed at ``directory``."""
+    text = (REPO / "mosquitto/secure.conf").read_text()
+    text = text.replace(
+        "plugin /usr/lib/mosquitto_dynamic_security.so", f"plugin {dynsec_plugin()}"
+    )
     for mounted in ("/mosquitto/config/", "/mosquitto/certs/", "/mosquitto/data/"):
         text = text.replace(mounted, f"{directory}/")
     return text.replace("listener 8883", f"listener {port} 127.0.0.1")

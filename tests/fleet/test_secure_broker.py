@@ -7,18 +7,24 @@ service's shared subscription, or take over another client's session.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet.dynsec import device_client_id, health_topic
+from fleet.files import file_mode
 from fleet.pki import create_ca
-from fleet.servers import MosquittoProcess, find_binary, free_port
+from fleet.servers import MosquittoProcess, find_binary, free_port, port_is_open
 from schemas.names import (
     orders_topic,
     receipts_topic,
@@ -28,10 +34,20 @@ from schemas.names import (
     status_topic,
 )
 
-from .conftest import PASSWORDS, REPO, SecureBroker, probe
+from .conftest import PASSWORDS, REPO, SecureBroker, dynsec_plugin, probe, write_accounts
 from .mqtt_probe import Probe
 
 NOT_AUTHORIZED = 135
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 SHARED_HEALTH = "$share/pipeline/v1/devices/+/health"
 
 
@@ -279,3 +295,56 @@ def test_dev_conf_starts_and_matches_the_harness_limits(
     for line in dev.splitlines():
         if line.startswith("max_"):
             assert line in generated
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not _has_user("mosquitto"), reason="needs root and a `mosquitto` user"
+)
+def test_broker_started_as_root_reads_accounts_only_when_user_mosquitto_may() -> None:
+    """Started as root, Mosquitto drops to `mosquitto` before the plugin reads its file:
+    a root-owned 0600 file leaves a running broker that refuses everyone; chown fixes it."""
+    plugin = dynsec_plugin()
+    directory = Path(tempfile.mkdtemp(prefix="broker-owner-"))
+    try:
+        directory.chmod(0o755)
+        write_accounts(directory)
+        accounts = directory / "dynamic-security.json"
+        assert (file_mode(accounts), accounts.stat().st_uid) == (0o600, 0)
+        port = free_port()
+        conf = directory / "mosquitto.conf"
+        conf.write_text(
+            f"user mosquitto\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
+            f"plugin {plugin}\nplugin_opt_config_file {accounts}\n"
+        )
+        with _root_broker(conf, port) as log:
+            with probe_plain(port, "kiosk-a") as device:
+                assert device.connack == NOT_AUTHORIZED
+            assert "File is not readable" in log.read_text()
+        shutil.chown(accounts, user="mosquitto")
+        with _root_broker(conf, port), probe_plain(port, "kiosk-a") as device:
+            assert device.connack == 0
+    finally:
+        shutil.rmtree(directory)
+
+
+@contextlib.contextmanager
+def _root_broker(conf: Path, port: int) -> Iterator[Path]:
+    log = conf.with_suffix(".log")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [find_binary("mosquitto"), "-c", str(conf)], stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while not port_is_open(port) and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.02)
+        yield log
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def probe_plain(port: int, user: str) -> Probe:
+    """A plaintext client for one of the fixture's devices, with its bound client id."""
+    return Probe(port, user, PASSWORDS[user], client_id=device_client_id(user))
