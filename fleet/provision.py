@@ -18,7 +18,6 @@ contract's device id rule and may not be ``.`` or ``..``.
 
 from __future__ import annotations
 
-import re
 import secrets
 import shutil
 from collections.abc import Iterable
@@ -27,14 +26,13 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
+from schemas.names import is_device_id
 from servicekit.urls import MqttUrl
 
 from .dynsec import SERVICE_ACCOUNTS, Accounts, device_client_id
 from .files import PRIVATE_DIR_MODE, PUBLIC_MODE, SECRET_MODE, make_dir, write_file
 from .pki import CertFiles, create_ca, issue_cert
 
-# The contract's device id rule (schemas.messages.DeviceId), matched whole.
-DEVICE_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Service accounts plus names an operator would read as one; compared casefolded.
 RESERVED_NAMES: Final = frozenset({*SERVICE_ACCOUNTS, "admin", "default"})
 DEFAULT_INSTALL_DIR: Final = Path("/etc/edge-agent")
@@ -62,7 +60,7 @@ def check_device_id(device_id: str) -> str:
             no newline, separator or other character outside ``[A-Za-z0-9_.-]``),
             is ``.`` or ``..``, or is a reserved service name in any letter case.
     """
-    if DEVICE_ID.fullmatch(device_id) is None:
+    if not is_device_id(device_id):
         raise ProvisionError(f"invalid device id {device_id!r}: 1-64 of [A-Za-z0-9_.-]")
     if device_id in {".", ".."}:
         raise ProvisionError(f"invalid device id {device_id!r}: a path, not a name")
