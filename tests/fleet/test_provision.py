@@ -9,6 +9,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.config import AgentConfig
 from fleet.audit import audit
@@ -16,7 +18,8 @@ from fleet.cli import main
 from fleet.dynsec import Accounts, device_client_id, verify_password
 from fleet.files import file_mode
 from fleet.provision import ProvisionError, Registry
-from schemas.names import orders_topic
+from schemas.messages import DeviceId
+from schemas.names import is_device_id, orders_topic
 from servicekit.urls import MqttUrl
 
 from .conftest import SecureBroker
@@ -205,3 +208,20 @@ def test_cli_enrols_a_numbered_fleet_with_a_dev_ca(
     assert "enrolled 3 devices" in capsys.readouterr().out
     assert main(["provision", "--registry", str(tmp_path), "revoke", "nobody"]) == 1
     assert main(["provision", "--registry", str(tmp_path), "check"]) == 0
+
+
+@given(st.text(st.sampled_from("aZ09_.-/\n\r\x00 é+#$"), max_size=66))
+def test_device_id_check_is_the_contracts_rule_matched_whole(value: str) -> None:
+    """`is_device_id` (provisioning, the bridge's topic check) accepts only what the
+    contract's DeviceId accepts, and refuses any trailing newline."""
+    try:
+        msgspec.convert(value, DeviceId)
+    except msgspec.ValidationError:
+        contract = False
+    else:
+        contract = True
+    if is_device_id(value):
+        assert contract
+    else:
+        # Until schemas patterns end in a real end-of-string, `$` lets "x\n" through.
+        assert not contract or value.endswith("\n")

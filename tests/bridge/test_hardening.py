@@ -1,4 +1,5 @@
-"""The bridge validates a topic's device id before it keeps anything per device."""
+"""Bridge hardening: a topic's device id is validated before any per-device state, and the
+ops port listens on loopback unless told otherwise."""
 
 from __future__ import annotations
 
@@ -80,3 +81,26 @@ def test_bridge_memory_stays_flat_under_distinct_4kb_topic_ids(
     grown_mib = (rss_kib(bridge.process.pid) - before) / 1024
     assert grown_mib < 30, f"bridge RSS grew {grown_mib:.0f} MiB"
     assert bridge.terminate() == 0
+
+
+def listening_hosts(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp)."""
+    hosts = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            hosts.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return hosts
+
+
+def test_ops_port_binds_loopback_by_default(
+    mqtt_url: str, redis_url: str, bridge_factory: Callable[..., BridgeProcess]
+) -> None:
+    """Without --http-host the bridge's /metrics and /readyz listen on 127.0.0.1 only."""
+    assert BridgeConfig().http_host == "127.0.0.1"
+    bridge = bridge_factory(mqtt_url, redis_url)
+    at = bridge.argv.index("--http-host")
+    del bridge.argv[at : at + 2]
+    bridge.start()
+    assert listening_hosts(bridge.http_port) == {"127.0.0.1"}
