@@ -19,6 +19,7 @@ from .dynsec import (
     RoleRef,
     device_client_id,
     device_role,
+    service_roles,
 )
 from .files import file_mode
 from .provision import ProvisionError, Registry, check_device_id
@@ -105,6 +106,8 @@ def _check_rights(registry: Registry, accounts: Accounts, findings: list[Finding
         if name in SERVICE_ACCOUNTS:
             if client.roles != (RoleRef(name),):
                 findings.append(Finding(where, f"service {name!r} holds roles {client.roles}"))
+            if accounts.roles.get(name) != service_roles()[name]:
+                findings.append(Finding(where, f"service {name!r} rights differ from the policy"))
             continue
         try:
             check_device_id(name)

@@ -172,7 +172,7 @@ def test_check_reports_modes_orphans_and_accounts(
     registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`provision check`: a loose secret, a folder without account, an account without
-    folder, and a device whose rights were widened are all reported (exit 1)."""
+    folder, an unbound device and a widened service role are all reported (exit 1)."""
     root = str(registry.root)
     assert main(["provision", "--registry", root, "check"]) == 0
     (registry.devices_dir / "kiosk-1" / "agent.toml").chmod(0o644)
@@ -184,6 +184,11 @@ def test_check_reports_modes_orphans_and_accounts(
         accounts.clients["kiosk-2"], clientid=None
     )
     accounts.save(registry.accounts_path)
+    widened = msgspec.json.decode(registry.accounts_path.read_bytes())
+    for role in widened["roles"]:
+        if role["rolename"] == "bridge":
+            role["acls"].append({"acltype": "subscribePattern", "topic": "#", "allow": True})
+    registry.accounts_path.write_bytes(msgspec.json.encode(widened))
     capsys.readouterr()
     assert main(["provision", "--registry", root, "check"]) == 1
     out = capsys.readouterr().out
@@ -191,6 +196,7 @@ def test_check_reports_modes_orphans_and_accounts(
     assert "stray: folder without an account" in out
     assert "account 'ghost' has no folder" in out
     assert "device 'kiosk-2' is not bound to its client id" in out
+    assert "service 'bridge' rights differ from the policy" in out
 
 
 def test_cli_enrols_a_numbered_fleet_with_a_dev_ca(
