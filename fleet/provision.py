@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
+import msgspec
+
 from schemas.names import is_device_id
 from servicekit.urls import MqttUrl
 
@@ -113,7 +115,7 @@ class Registry:
         directories = [self.device_dir(device_id) for device_id in ids]
         if client_certs and (ca is None or not ca.key.exists()):
             raise ProvisionError("--client-certs needs a CA with its key (--dev-ca)")
-        accounts = Accounts.load(self.accounts_path)
+        accounts = self._accounts()
         enrolled = []
         make_dir(self.devices_dir, 0o755)
         for device_id, directory in zip(ids, directories, strict=True):
@@ -131,7 +133,7 @@ class Registry:
         """Create (or reset) a service account's password and return it."""
         if name not in SERVICE_ACCOUNTS:
             raise ProvisionError(f"service accounts are {list(SERVICE_ACCOUNTS)}, not {name!r}")
-        accounts = Accounts.load(self.accounts_path)
+        accounts = self._accounts()
         password = secrets.token_urlsafe(24)
         accounts.set_service(name, password)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ class Registry:
             ProvisionError: an id is invalid or reserved; nothing is removed then.
         """
         directories = {device_id: self.device_dir(device_id) for device_id in device_ids}
-        accounts = Accounts.load(self.accounts_path)
+        accounts = self._accounts()
         revoked = [device_id for device_id in directories if accounts.remove_device(device_id)]
         if revoked:
             accounts.save(self.accounts_path)
@@ -154,6 +156,12 @@ class Registry:
             if directory.is_dir() and not directory.is_symlink():
                 shutil.rmtree(directory)
         return revoked
+
+    def _accounts(self) -> Accounts:
+        try:
+            return Accounts.load(self.accounts_path)
+        except msgspec.DecodeError as exc:
+            raise ProvisionError(f"{self.accounts_path} is not an accounts file: {exc}") from exc
 
     def _write_device(
         self,

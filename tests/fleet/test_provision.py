@@ -231,3 +231,18 @@ def test_device_id_check_is_the_contracts_rule_matched_whole(value: str) -> None
     else:
         # Until schemas patterns end in a real end-of-string, `$` lets "x\n" through.
         assert not contract or value.endswith("\n")
+
+
+def test_a_broken_accounts_file_is_a_clear_error(
+    registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An accounts file we cannot read stops `devices` with exit 2 and a message, and
+    `check` reports it; nothing is overwritten."""
+    registry.accounts_path.write_text('{"clients": [{"username": 1}]}')
+    before = snapshot(registry.root)
+    argv = ["provision", "--registry", str(registry.root)]
+    assert main([*argv, "devices", "kiosk-3", "--broker", "mqtts://b:8883"]) == 2
+    assert "is not an accounts file" in capsys.readouterr().err
+    assert snapshot(registry.root) == before
+    assert main([*argv, "check"]) == 1
+    assert "dynamic-security.json: unreadable" in capsys.readouterr().out
