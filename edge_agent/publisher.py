@@ -23,9 +23,9 @@ from schemas import DecodeError, Reason, decode_receipt, decode_status, names
 from servicekit.backoff import full_jitter
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
+from servicekit.tokens import TokenBucket
 from servicekit.urls import MqttUrl
 
-from ._pacing import TokenBucket
 from .config import AgentConfig
 from .errors import BrokerError, StorageError
 from .metrics import AgentMetrics
