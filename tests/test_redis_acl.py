@@ -258,7 +258,8 @@ def test_every_service_runs_end_to_end_as_its_own_user(
         # 3. A consumer that died holding the first order, and one idle holding nothing.
         stream = stream_key(shard_of(device, SHARDS))
         admin.xgroup_create(stream, PIPELINE_GROUP, id="0")
-        [[_, [(_, stolen)]]] = admin.xreadgroup(PIPELINE_GROUP, "ghost-1", {stream: ">"}, count=1)
+        read: Any = admin.xreadgroup(PIPELINE_GROUP, "ghost-1", {stream: ">"}, count=1)
+        [[_, [(_, stolen)]]] = read
         assert stolen[b"order_id"] == first.encode()
         admin.xgroup_createconsumer(stream, PIPELINE_GROUP, "ghost-2")
         time.sleep(0.3)

@@ -4,6 +4,7 @@ ops port listens on loopback unless told otherwise."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def test_invalid_topic_ids_leave_no_per_device_state() -> None:
 
     async def feed() -> None:  # the batcher needs a running loop
         for index, device_id in enumerate([*bad, "kiosk-1"]):
-            bridge.take(f"v1/devices/{device_id}/orders", b"\x80", lambda i=index: acks.append(i))
+            bridge.take(
+                f"v1/devices/{device_id}/orders", b"\x80", functools.partial(acks.append, index)
+            )
 
     asyncio.run(feed())
     assert len(bridge._limits) == 1
@@ -75,6 +78,7 @@ def test_bridge_memory_stays_flat_under_distinct_4kb_topic_ids(
     with redis.Redis.from_url(redis_url) as client:
         flood(0, warmup)
         wait_for(lambda: client.xlen(DLQ_STREAM) == warmup, 60, "warm-up dead letters")
+        assert bridge.process is not None
         before = rss_kib(bridge.process.pid)
         flood(warmup, count)
         wait_for(lambda: client.xlen(DLQ_STREAM) == count, 120, "every dead letter")
