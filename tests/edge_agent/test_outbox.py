@@ -117,7 +117,7 @@ async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> N
             await submit(outbox, f"order-{i:04d}")
         due = await outbox.due(now_ms(), 10, set())
         assert [d.order_id for d in due] == [f"order-{i:04d}" for i in range(5)]
-        outbox.update(Sent("order-0000", now_ms() + 60_000))
+        outbox.update(Sent("order-0000", now_ms() + 60_000, now_ms()))
         outbox.update(Settle("order-0001", "accepted", None))
         await outbox.flush()
         due = await outbox.due(now_ms(), 10, {"order-0002"})
@@ -212,8 +212,8 @@ async def test_sent_orders_past_max_age_expire(tmp_path: Path) -> None:
     async with Outbox(str(tmp_path / "o.db")) as outbox:
         await submit(outbox, "order-sent")
         await submit(outbox, "order-new1")
-        outbox.mark_sent("order-sent", now_ms())
-        assert await outbox.expire(now_ms() + 1) == ["order-sent"]
+        outbox.mark_sent("order-sent", now_ms(), outbox.clock.now_ms())
+        assert await outbox.expire(outbox.clock.now_ms() + 1) == ["order-sent"]
         rec = await outbox.get("order-sent")
         assert rec is not None
         assert (rec.state, rec.reason) == ("rejected", "unreceipted_expired")
