@@ -17,7 +17,7 @@ async def test_status_lost_in_a_broker_restart_is_recovered_by_query(
     make_config: Callable[..., AgentConfig],
     mosquitto_factory: Callable[..., MosquittoProcess],
 ) -> None:
-    """Statuses queued for an offline agent die with a non-persistent broker; queries recover them."""
+    """Statuses queued for an offline agent die with a non-persistent broker; queries get them."""
     broker = mosquitto_factory(persistence=False)
     config = make_config(
         mqtt_url=broker.url,

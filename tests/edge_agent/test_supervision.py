@@ -86,7 +86,8 @@ async def test_ten_thousand_connect_failures_then_recovery_within_two_seconds(
                 return failed >= FAILURES
 
             await wait_until(enough_failures, 240, f"{FAILURES} connect failures")
-            assert agent.process is not None and agent.process.poll() is None
+            assert agent.process is not None
+            assert agent.process.poll() is None
             assert agent.process.pid == pid
             broker = mosquitto_factory(port=port)  # start() returns once the port accepts
             back_at = time.monotonic()
@@ -145,7 +146,7 @@ async def test_a_loop_that_dies_stops_the_agent_naming_it(
     make_config: Callable[..., AgentConfig],
 ) -> None:
     """A loop ending with an unexpected error ends the agent with BackgroundLoopDied(loop)."""
-    with pytest.raises(BackgroundLoopDied) as info:  # noqa: PT012
+    with pytest.raises(BackgroundLoopDied) as info:
         async with EdgeAgent(make_config(http_enabled=False), transport_factory=_BrokenTransport):
             await asyncio.sleep(30)
     assert info.value.loop == "publisher"
