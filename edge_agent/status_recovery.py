@@ -63,11 +63,14 @@ class StatusRecovery:
         return int((base + full_jitter(queries, base, cap - base, self._rng)) * 1000)
 
     async def run(self) -> None:
-        """Every poll interval, query what is overdue; storage trouble backs off and retries."""
+        """Now and then, query what is overdue; storage trouble backs off and retries."""
         cfg = self._config
-        trouble = Backoff(cfg.poll_interval_s, max(cfg.poll_interval_s, cfg.storage_retry_s * 4))
+        # A quarter of the delay is precise enough, and keeps thousands of simulated
+        # agents in one process from reading their outboxes every second.
+        interval_s = max(cfg.poll_interval_s, cfg.status_query_delay_s / 4)
+        trouble = Backoff(interval_s, max(interval_s, cfg.storage_retry_s * 4))
         while True:
-            await asyncio.sleep(cfg.poll_interval_s)
+            await asyncio.sleep(interval_s)
             try:
                 await self.tick()
             except StorageError as exc:
