@@ -76,8 +76,27 @@ async def serve(config: AgentConfig) -> None:
             http_port=agent.http_port,
             mqtt_url=str(agent.publisher.url),
         )
+        release_startup_memory()
         await stop.wait()
         log.info("agent_stopping")
+
+
+def release_startup_memory() -> None:
+    """Give the heap that imports left free back to the OS (glibc only; else a no-op).
+
+    Importing aiohttp, paho, msgspec and structlog frees about 5 MB of
+    temporaries that glibc keeps mapped, scattered below live objects;
+    ``malloc_trim(0)`` returns those pages. Measured idle RSS: see the README.
+    """
+    try:
+        import ctypes  # noqa: PLC0415 - only here, once
+
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def submit_main(argv: Sequence[str]) -> int:
