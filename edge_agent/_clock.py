@@ -29,8 +29,12 @@ from collections.abc import Callable
 
 from servicekit.clock import now_ms
 
-# Saved with the next write batch once this much has elapsed since the last save.
-SAVE_EVERY_MS = 1_000
+# Saved with the next write batch (or by maintenance) once this much has elapsed
+# since the last save. Rarely is enough: a restart adds the wall-clock time since
+# the save, which covers the unsaved running time too; only a wall-clock jump in
+# that unsaved minute before a crash is counted wrongly. An idle device writes
+# once a minute for it, not every few seconds (flash wear).
+SAVE_EVERY_MS = 60_000
 
 
 class AgentClock:

@@ -348,8 +348,8 @@ class Outbox:
         )
 
     async def save_clock(self) -> None:
-        """Persist the agent clock (periodically, so a crash loses little of it)."""
-        if self.store.is_open:
+        """Persist the agent clock if its last save is older than ``SAVE_EVERY_MS``."""
+        if self.store.is_open and self.clock.due_for_save(self.clock.now_ms()):
             await self._guard(self.store.save_clock)
 
     async def make_all_due(self) -> None:
