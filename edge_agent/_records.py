@@ -39,6 +39,7 @@ class Due(NamedTuple):
     seq: int
     order_id: str
     payload: bytes
+    attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
 
 
 class NewOrder(NamedTuple):

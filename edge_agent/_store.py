@@ -416,14 +416,14 @@ class Store:
         """
         out: list[Due] = []
         cur = self.conn.execute(
-            "SELECT seq, order_id, payload FROM orders "
+            "SELECT seq, order_id, payload, attempts FROM orders "
             "WHERE settled_ms IS NULL AND next_retry_ms <= ? AND state != 'held' "
             "AND (first_sent_clock_ms IS NULL OR first_sent_clock_ms > ?) ORDER BY seq",
             (now, first_sent_after),
         )
-        for seq, order_id, payload in cur:
+        for seq, order_id, payload, attempts in cur:
             if order_id not in skip:
-                out.append(Due(seq, order_id, payload))
+                out.append(Due(seq, order_id, payload, attempts))
                 if len(out) >= limit:
                     break
         cur.close()

@@ -24,7 +24,7 @@ import random
 import structlog
 
 from schemas import DecodeError, Reason, StatusQuery, decode_receipt, decode_status, encode, names
-from servicekit.backoff import Backoff
+from servicekit.backoff import Backoff, full_jitter
 from servicekit.logs import truncate
 from servicekit.urls import MqttUrl
 
@@ -79,11 +79,10 @@ class Publisher:
         rate_per_s = config.drain_rate_per_min / 60.0
         self._bucket = TokenBucket(rate_per_s, burst=min(config.max_inflight, rate_per_s))
         self._inflight: dict[str, float] = {}  # order_id -> receipt deadline (monotonic)
-        self._mids: dict[int, str] = {}
+        self._mids: dict[int, tuple[str, int]] = {}  # mid -> (order_id, earlier sends)
         self._query_mids: set[int] = set()
         self._wake = asyncio.Event()
         self._reconnect = Backoff(config.reconnect_min_s, config.reconnect_max_s, self._rng)
-        self._refused = Backoff(config.puback_retry_min_s, config.puback_retry_max_s, self._rng)
         self.last_error: str | None = None
         self.last_rejection: str | None = None
 
@@ -193,7 +192,7 @@ class Publisher:
                 log.warning("publish_failed", order_id=order.order_id, error=exc.detail)
                 break
             self._inflight[order.order_id] = self._clock.monotonic_s() + timeout_s
-            self._mids[mid] = order.order_id
+            self._mids[mid] = (order.order_id, order.attempts)
             clock_now = self._clock.now_ms()
             self._outbox.mark_sent(order.order_id, clock_now + int(timeout_s * 1000), clock_now)
             sent += 1
@@ -224,12 +223,12 @@ class Publisher:
                 self.last_rejection = f"status query: PUBACK {reason_code} {reason}"
                 log.warning("status_query_refused", reason_code=reason_code, reason=reason)
             return
-        order_id = self._mids.pop(mid, None)
-        if order_id is None:
+        sent = self._mids.pop(mid, None)
+        if sent is None:
             return
+        order_id, earlier_sends = sent
         action = classify(reason_code)
         if action is PubackAction.DELIVERED:
-            self._refused.reset()
             return
         # The broker did not deliver it: no receipt will come for this send.
         self._metrics.broker_rejections.labels(str(reason_code)).inc()
@@ -244,7 +243,13 @@ class Publisher:
             )
             self._outbox.hold(order_id, f"puback_{reason_code}")
         else:
-            delay_s = self._refused.next_delay()
+            # Backoff per order (its sends so far), not one shared count: a burst of
+            # refusals (a window of 100 orders, the bridge not yet subscribed) would
+            # otherwise push every order to the cap at once.
+            cfg = self._config
+            delay_s = full_jitter(
+                earlier_sends, cfg.puback_retry_min_s, cfg.puback_retry_max_s, self._rng
+            )
             log.warning(
                 "order_refused_transiently",
                 order_id=order_id,

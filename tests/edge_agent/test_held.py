@@ -28,7 +28,8 @@ from .conftest import order_body, wait_until
     ("code", "action"),
     [
         (0x00, PubackAction.DELIVERED),
-        (0x10, PubackAction.DELIVERED),  # no matching subscribers: delivered to the broker
+        (0x01, PubackAction.DELIVERED),
+        (0x10, PubackAction.RETRY),  # no matching subscribers: dropped, no bridge there
         (0x80, PubackAction.RETRY),
         (0x83, PubackAction.RETRY),
         (0x91, PubackAction.RETRY),

@@ -85,7 +85,9 @@ async def test_ten_thousand_connect_failures_then_recovery_within_two_seconds(
                 )
                 return failed >= FAILURES
 
+            outage_at = time.monotonic()
             await wait_until(enough_failures, 240, f"{FAILURES} connect failures")
+            outage_s = time.monotonic() - outage_at
             assert agent.process is not None
             assert agent.process.poll() is None
             assert agent.process.pid == pid
@@ -111,12 +113,14 @@ async def test_ten_thousand_connect_failures_then_recovery_within_two_seconds(
                 delivered_s = time.monotonic() - bridge_at
                 assert all(double.seen[i] == 1 for i in ids), "an order was sent twice"
         print(
-            f"\nreconnected {reconnect_s:.3f} s after the broker returned; every order "
+            f"\n{FAILURES} connect failures in {outage_s:.1f} s; "
+            f"reconnected {reconnect_s:.3f} s after the broker returned; every order "
             f"receipted {delivered_s:.3f} s after the bridge double subscribed"
         )
         assert reconnect_s < 2.0
-        # Orders the agent sent before the bridge subscribed go out again at the receipt timeout.
-        assert delivered_s < 2.0 + 2.0
+        # Orders sent before the bridge subscribed were answered PUBACK 0x10 (no subscribers)
+        # and go out again after a backoff of at most 1 s per such refusal.
+        assert delivered_s < 3.0
         assert agent.process.pid == pid
         assert agent.sigterm() == 0
     finally:
