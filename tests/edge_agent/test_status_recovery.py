@@ -67,6 +67,7 @@ async def test_status_lost_in_a_broker_restart_is_recovered_by_query(
 
             await wait_until(all_fulfilled, 20, "every terminal status recovered")
             assert (await agent.health()).awaiting_status == 0
+            await asyncio.sleep(0.5)  # a query already on its way when the statuses came in
             asked = len(double.queries)
             await asyncio.sleep(1.5)  # several query intervals: a terminal status ends the asking
             assert len(double.queries) == asked
