@@ -1,13 +1,22 @@
 """Redis side of the bridge: one pipelined round trip per batch.
 
-A batch becomes one ``EVAL`` of the dedup + append script per shard plus one
+A batch becomes one ``EVALSHA`` of the dedup + append script per shard plus one
 ``XADD orders:dlq`` per dead letter, all sent in one pipeline (redis-py's
 cluster pipeline splits it per node on a Redis Cluster; the shard's hash tag
-keeps each script call on one slot).
+keeps each script call on one slot). The script runs by SHA1
+(:class:`servicekit.redis_scripts.ScriptSet`); after a Redis restart the batch
+answers NOSCRIPT, the script is loaded again and the batch sent again.
+
+With ``min_replicas`` > 0 the pipeline ends with ``WAIT min_replicas timeout``
+on the same connection: the batch counts as written only once that many
+replicas hold it (:class:`ReplicasShortfall` otherwise).
 
 redis-py's own retries are switched off: the batcher retries whole batches
 itself. The script is idempotent; DLQ entries are at-least-once (a batch
 retried after a lost reply may write a dead letter twice, never zero times).
+
+:meth:`RedisSink.inspect` reads what the bridge reports about Redis itself:
+durability (INFO persistence, CONFIG GET where the ACL allows) and memory.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
@@ -24,15 +34,54 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisClusterException,
+    RedisError,
+)
 
 from schemas.names import DLQ_STREAM, seen_key, stream_key
+from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
-from .errors import StoreError
+from .errors import RedisAuthError, RedisFullError, ReplicasShortfall, StoreError
 from .ingest import DeadLetter, ValidOrder
 
 _encoder: Final = msgspec.msgpack.Encoder()
+_FAILURES: Final = (RedisError, RedisClusterException, OSError)
+FENCE_KEY: Final = "bridge:wait-fence"
+
+
+def store_error(exc: BaseException, what: str) -> StoreError:
+    """The StoreError for a failed Redis call, typed by what Redis said."""
+    if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+        return RedisAuthError(f"redis refused our credentials during {what}: {exc}")
+    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM"):
+        return RedisFullError(f"redis is at maxmemory during {what}: {exc}")
+    return StoreError(f"{what} failed: {exc!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """What the bridge knows about the Redis it writes to.
+
+    ``durable`` is True when the AOF is on and fsynced before every reply
+    (``appendfsync always``); None when the ACL hides ``appendfsync`` but the
+    AOF is on (the operator vouches for it with ``--redis-assume-fsync-always``).
+    """
+
+    aof_enabled: bool
+    appendfsync: str | None  # None: CONFIG GET not allowed
+    durable: bool | None
+    used_memory: int
+    maxmemory: int
+
+    @property
+    def full(self) -> bool:
+        """At ``maxmemory``: writes answer OOM."""
+        return self.maxmemory > 0 and self.used_memory >= self.maxmemory
 
 
 class AppendResult(IntEnum):
@@ -60,6 +109,19 @@ class OrderSink(Protocol):
         """One round trip; returns its duration in seconds. Raises StoreError."""
         ...
 
+    async def confirm_replicas(self) -> None:
+        """Wait until the required replicas hold everything written so far.
+
+        Raises:
+            ReplicasShortfall: fewer replicas answered in time.
+            StoreError: the round trip failed.
+        """
+        ...
+
+    async def inspect(self) -> RedisState:
+        """Durability and memory of the Redis we write to. Raises StoreError."""
+        ...
+
 
 class RedisSink:
     """:class:`OrderSink` on a single Redis or a Redis Cluster (async context manager)."""
@@ -72,9 +134,15 @@ class RedisSink:
         dedup_ttl_s: int,
         dlq_maxlen: int,
         timeout_s: float = 5.0,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
     ) -> None:
         self._ttl = str(dedup_ttl_s)
         self._dlq_maxlen = dlq_maxlen
+        self._min_replicas = min_replicas
+        self._replica_timeout_ms = replica_timeout_ms
+        self._cluster = cluster
+        self.scripts = ScriptSet({"append": APPEND_SCRIPT})
         no_retry = Retry(NoBackoff(), 0)
         kwargs: dict[str, Any] = {
             "socket_timeout": timeout_s,
@@ -102,9 +170,67 @@ class RedisSink:
         start = time.perf_counter()
         try:
             await self._client.ping()
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"redis ping failed: {exc!r}") from exc
+        except _FAILURES as exc:
+            raise store_error(exc, "redis ping") from exc
         return time.perf_counter() - start
+
+    async def inspect(self) -> RedisState:
+        try:
+            persistence = await self._info("persistence")
+            memory = await self._info("memory")
+        except _FAILURES as exc:
+            raise store_error(exc, "redis INFO") from exc
+        appendfsync: str | None
+        try:
+            reply: Any = await self._client.config_get("appendfsync")
+        except NoPermissionError:
+            appendfsync = None
+        except _FAILURES as exc:
+            if "NOPERM" in str(exc) or "unknown command" in str(exc):
+                appendfsync = None
+            else:
+                raise store_error(exc, "redis CONFIG GET") from exc
+        else:
+            appendfsync = _config_value(reply, "appendfsync")
+        aof = all(int(node.get("aof_enabled", 0)) == 1 for node in persistence)
+        durable: bool | None
+        if not aof:
+            durable = False
+        elif appendfsync is None:
+            durable = None
+        else:
+            durable = appendfsync == "always"
+        return RedisState(
+            aof_enabled=aof,
+            appendfsync=appendfsync,
+            durable=durable,
+            used_memory=max(int(node.get("used_memory", 0)) for node in memory),
+            maxmemory=min(int(node.get("maxmemory", 0)) for node in memory),
+        )
+
+    async def _info(self, section: str) -> list[dict[str, Any]]:
+        """INFO ``section`` of every node (one dict on a single Redis)."""
+        if isinstance(self._client, RedisCluster):
+            reply: Any = await self._client.info(section, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            reply = await self._client.info(section)
+        if reply and all(isinstance(value, dict) for value in reply.values()):
+            return list(reply.values())
+        return [reply]
+
+    async def confirm_replicas(self) -> None:
+        if self._min_replicas <= 0:
+            return
+        # WAIT covers the writes of its own connection: a fresh write on the same
+        # connection (pipeline) puts everything written before it behind the WAIT.
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(FENCE_KEY)
+        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        try:
+            replies = await pipe.execute(raise_on_error=True)
+        except _FAILURES as exc:
+            raise store_error(exc, "redis WAIT") from exc
+        self._check_replicas(int(replies[-1]), [])
 
     async def write(
         self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
@@ -112,6 +238,40 @@ class RedisSink:
         by_shard: dict[int, list[int]] = defaultdict(list)
         for index, order in enumerate(orders):
             by_shard[order.shard].append(index)
+        shard_order = list(by_shard)
+        try:
+            replies = await self._send(orders, dead, by_shard, trim_shards)
+        except _FAILURES as exc:
+            if not is_noscript(exc):
+                raise store_error(exc, "redis batch") from exc
+            # Redis restarted and forgot the script: load it, send the batch again
+            # (the script is idempotent; a dead letter may be written twice).
+            try:
+                await self.scripts.load(self._client)
+                replies = await self._send(orders, dead, by_shard, trim_shards)
+            except _FAILURES as again:
+                raise store_error(again, "redis batch") from again
+        results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
+        for shard, reply in zip(shard_order, replies, strict=False):
+            for index, code in zip(by_shard[shard], reply, strict=True):
+                results[index] = AppendResult(int(code))
+        if self._min_replicas > 0:
+            self._check_replicas(int(replies[-1]), results)
+        return results
+
+    def _check_replicas(self, acked: int, results: list[AppendResult]) -> None:
+        if acked < self._min_replicas:
+            raise ReplicasShortfall(
+                f"WAIT: {acked} of {self._min_replicas} replicas confirmed the batch", results
+            )
+
+    async def _send(
+        self,
+        orders: Sequence[ValidOrder],
+        dead: Sequence[DeadLetter],
+        by_shard: dict[int, list[int]],
+        trim_shards: set[int],
+    ) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         shard_order = list(by_shard)
         for shard in shard_order:
@@ -132,7 +292,7 @@ class RedisSink:
             )
             payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
-            pipe.eval(APPEND_SCRIPT, len(keys), *keys, self._ttl, trim, meta, payloads)
+            self.scripts.queue(pipe, "append", keys, [self._ttl, trim, meta, payloads])
         for letter in dead:
             pipe.xadd(
                 DLQ_STREAM,
@@ -145,12 +305,20 @@ class RedisSink:
                 maxlen=self._dlq_maxlen,
                 approximate=True,
             )
-        try:
-            replies = await pipe.execute(raise_on_error=True)
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"redis batch failed: {exc!r}") from exc
-        results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
-        for shard, reply in zip(shard_order, replies, strict=False):
-            for index, code in zip(by_shard[shard], reply, strict=True):
-                results[index] = AppendResult(int(code))
-        return results
+        if self._min_replicas > 0:
+            pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        replies: list[Any] = await pipe.execute(raise_on_error=True)
+        return replies
+
+
+def _config_value(reply: Any, name: str) -> str | None:
+    """One value of a CONFIG GET reply (a dict; per node on a cluster)."""
+    if isinstance(reply, dict):
+        if name in reply or name.encode() in reply:
+            value = reply.get(name, reply.get(name.encode()))
+            return value.decode() if isinstance(value, bytes) else str(value)
+        values = {_config_value(node, name) for node in reply.values() if isinstance(node, dict)}
+        if len(values) == 1:
+            return values.pop()
+        return "mixed" if values else None
+    return None

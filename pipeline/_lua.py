@@ -1,9 +1,10 @@
 """The pipeline's Lua scripts: every state change of an order is one of these, atomic in Redis.
 
 Each takes a whole batch in one EVALSHA (one round trip, one reply), which is
-what makes the per-order cost small. They are loaded with SCRIPT LOAD and
-loaded again when Redis lost its script cache (a restart); running a script
-again is safe because every one is idempotent.
+what makes the per-order cost small. They run by SHA1 through
+:class:`servicekit.redis_scripts.ScriptSet` (EVALSHA, SCRIPT LOAD again on
+NOSCRIPT), the same helper the bridge uses; running a script again is safe
+because every one is idempotent.
 
 Pipeline keys are not hash-tagged per slot (the stock hash is shared by all
 orders), so these scripts need a single Redis node, not a cluster.
@@ -11,10 +12,9 @@ orders), so these scripts need a single Redis node, not a cluster.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from servicekit.redis_scripts import ScriptSet
 
 # Every script below works on a whole batch in one call: orders are handled in
 # the order given (the worker sorts by device and seq), each order atomically.
@@ -150,25 +150,8 @@ return {1, id}
 _SOURCES: Final = {"load": LOAD, "commit": COMMIT, "reserve": RESERVE, "replay": REPLAY}
 
 
-class Scripts:
-    """SHA1s of the loaded scripts, by name."""
+class Scripts(ScriptSet):
+    """The pipeline's scripts, run through :class:`servicekit.redis_scripts.ScriptSet`."""
 
     def __init__(self) -> None:
-        self.sha: dict[str, str] = {}
-
-    async def load(self, client: aioredis.Redis) -> None:
-        """SCRIPT LOAD every script (cheap, idempotent)."""
-        for name, source in _SOURCES.items():
-            self.sha[name] = await client.script_load(source)
-
-    async def evalsha(
-        self, client: aioredis.Redis, name: str, keys: list[str], args: list[Any]
-    ) -> Any:
-        """EVALSHA one script, loading the cache again if Redis forgot it."""
-        if name not in self.sha:
-            await self.load(client)
-        try:
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
-        except NoScriptError:
-            await self.load(client)
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+        super().__init__(_SOURCES)

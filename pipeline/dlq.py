@@ -123,7 +123,7 @@ async def replay(client: aioredis.Redis, scripts: Scripts, entry_id: str, shards
     for name in _REPLAY_FIELDS:
         args += [name, fields.get(name, b"")]
     args += ["replay_of", entry_id]
-    done, new_id = await scripts.evalsha(
+    done, new_id = await scripts.run(
         client, "replay", [DLQ_STREAM, replayed_key(entry_id), target], args
     )
     if not done:

@@ -142,7 +142,7 @@ async def load(
     :func:`commit`.
     """
     keys = [order_key(order.device_id, order.order_id) for _entry, order in batch]
-    replies = await scripts.evalsha(client, "load", [], [_json(keys)])
+    replies = await scripts.run(client, "load", [], [_json(keys)])
     out = []
     for (entry, order), reply in zip(batch, replies, strict=True):
         if not reply:
@@ -193,7 +193,7 @@ async def commit(
         return []
     now = now_ms()
     rows = [_row(ctx, str(now)) for ctx in todo]
-    replies = await scripts.evalsha(
+    replies = await scripts.run(
         client, "commit", [EVENTS_STREAM, STOCK_KEY], [now, EVENTS_MAXLEN, _json(rows)]
     )
     stored = []
