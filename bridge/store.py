@@ -32,8 +32,6 @@ from typing import Any, Final, Protocol, Self
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
@@ -43,6 +41,7 @@ from redis.exceptions import (
 )
 
 from schemas.names import DLQ_STREAM, seen_key, stream_key
+from servicekit.redis_clients import client_options
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
@@ -143,12 +142,7 @@ class RedisSink:
         self._replica_timeout_ms = replica_timeout_ms
         self._cluster = cluster
         self.scripts = ScriptSet({"append": APPEND_SCRIPT})
-        no_retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": no_retry,
-        }
+        kwargs = client_options(timeout_s)
         self._client: aioredis.Redis | RedisCluster
         if cluster:
             self._client = RedisCluster.from_url(url, **kwargs)

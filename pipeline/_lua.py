@@ -137,13 +137,16 @@ end
 return out
 """
 
-# KEYS: dlq, replayed marker, target stream. ARGV: dlq entry id, then field/value pairs.
+# KEYS: dlq, replayed marker, target stream. ARGV: dlq entry id, marker ttl_s, then
+# field/value pairs. Appends the order to its shard stream, remembers it, and
+# removes the entry from the DLQ, all at once.
 # Returns {1, new id} or {0, id it was replayed as before}.
 REPLAY: Final = """
 local done = redis.call('GET', KEYS[2])
 if done then return {0, done} end
-local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[2], id)
+local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, id}
 """
 

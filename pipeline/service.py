@@ -24,6 +24,8 @@ import structlog
 from aiohttp import web
 
 from servicekit.config import ENV_PREFIX
+from servicekit.loops import critical
+from servicekit.redis_clients import client_options
 
 from ._lua import Scripts
 from .api import create_app
@@ -39,6 +41,16 @@ SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
 ORPHAN_CHECK_S = 1.0
 
 
+def redis_client(config: PipelineConfig) -> aioredis.Redis:
+    """A client without redis-py's own retries (the worker backs off itself).
+
+    The socket timeout outlasts the XREADGROUP block.
+    """
+    return aioredis.Redis.from_url(
+        config.redis_url, **client_options(max(5.0, config.block_ms / 1000 + 5.0))
+    )
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set ``stop``."""
     loop = asyncio.get_running_loop()
@@ -50,29 +62,36 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     """One worker until ``stop``; after the grace period a batch still running is cancelled."""
     consumer = config.consumer or default_consumer_name()
     config = msgspec.structs.replace(config, consumer=consumer)
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
     scripts = Scripts()
     try:
         async with status_publisher(config, f"pipeline-{consumer}") as publisher:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
-            work = asyncio.create_task(worker.run(stop), name="worker")
-            watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
-            stopping = asyncio.create_task(stop.wait(), name="wait-stop")
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            watchdog.cancel()
-            try:
-                # The worker notices `stop` after its batch in hand (or the read's block).
-                async with asyncio.timeout(config.shutdown_grace_s):
-                    await asyncio.shield(work)
-            except TimeoutError:
-                log.warning("shutdown_grace_exceeded", grace_s=config.shutdown_grace_s)
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+            # One TaskGroup owns the loops; a loop that cannot go on raises LoopFailed
+            # (logged with its name), the group cancels the rest, the process exits 1.
+            async with asyncio.TaskGroup() as tasks:
+                work = tasks.create_task(critical("worker", worker.run(stop)), name="worker")
+                tasks.create_task(
+                    critical("watch-supervisor", _watch_supervisor(stop)), name="watch-supervisor"
+                )
+                tasks.create_task(
+                    _cancel_after_grace(stop, work, config.shutdown_grace_s), name="grace"
+                )
     finally:
         await client.aclose()
+
+
+async def _cancel_after_grace(
+    stop: asyncio.Event, work: asyncio.Task[None], grace_s: float
+) -> None:
+    """After ``stop``, give the worker ``grace_s`` to finish its batch, then cancel it."""
+    await stop.wait()
+    # The worker notices `stop` after its batch in hand (or the read's block).
+    done, _ = await asyncio.wait({work}, timeout=grace_s)
+    if not done:
+        log.warning("shutdown_grace_exceeded", grace_s=grace_s)
+        work.cancel()
 
 
 async def _watch_supervisor(stop: asyncio.Event) -> None:
@@ -147,7 +166,10 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         env = worker_env(config, os.environ, multiproc_dir)
         async with asyncio.TaskGroup() as group:
             for index in range(config.workers):
-                group.create_task(_supervise_one(index, env, stop), name=f"supervise-{index}")
+                group.create_task(
+                    critical(f"supervise-worker-{index}", _supervise_one(index, env, stop)),
+                    name=f"supervise-{index}",
+                )
             group.create_task(stop.wait(), name="wait-stop")
     finally:
         if runner is not None:

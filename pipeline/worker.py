@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import socket
 import time
 from collections import Counter, defaultdict
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
 from ._lua import Scripts
@@ -52,7 +52,8 @@ from .status import StatusPublisher
 from .steps import Step
 
 log = structlog.get_logger(__name__)
-MAX_BACKOFF_S = 10.0
+BACKOFF_BASE_S = 0.01
+LOG_EVERY_FAILURES = 1000  # during a long outage, one warning per this many failed tries
 CLEANUP_EVERY_S = 60.0
 
 
@@ -92,6 +93,8 @@ class Worker:
         self.consumer = config.consumer or default_consumer_name()
         self.streams = [stream_key(shard) for shard in range(config.shards)]
         self.batches = 0  # finished batches, for tests and logs
+        self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
+        self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
 
     async def setup(self) -> None:
         """Create the group on every shard stream (from id 0, MKSTREAM) and load the scripts."""
@@ -106,17 +109,21 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is always finished and acked.
 
-        Redis errors do not end the worker: it backs off (capped, jittered) and
-        carries on; whatever it held stays pending and is reclaimed.
+        Redis errors do not end the worker, however long they last: it backs
+        off (:class:`servicekit.backoff.Backoff`, capped at ``backoff_max_s`` and
+        reset once Redis answers again, so it is back within the cap after any
+        outage) and carries on; whatever it held stays pending and is reclaimed.
+        The wait ends early on ``stop``.
         """
-        failures = 0
         while not stop.is_set():
             try:
                 await self._run(stop)
             except (RedisError, OSError) as exc:
-                failures += 1
-                delay_s = random.uniform(0, min(MAX_BACKOFF_S, 0.1 * 2**failures))
-                log.warning("redis_error", error=repr(exc), retry_in_s=round(delay_s, 3))
+                self.failures += 1
+                delay_s = self.backoff.next_delay()
+                if self.failures == 1 or self.failures % LOG_EVERY_FAILURES == 0:
+                    log.warning("redis_error", error=repr(exc), failures=self.failures,
+                                retry_in_s=round(delay_s, 3))  # fmt: skip
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay_s):
                         await stop.wait()
@@ -126,6 +133,10 @@ class Worker:
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.setup()
+        if self.failures:
+            log.info("redis_ok_again", failures=self.failures)
+        self.failures = 0
+        self.backoff.reset()
         log.info("worker_started", consumer=self.consumer, shards=len(self.streams),
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
