@@ -142,6 +142,9 @@ class RedisSink:
         self._replica_timeout_ms = replica_timeout_ms
         self._cluster = cluster
         self.scripts = ScriptSet({"append": APPEND_SCRIPT})
+        # Load before the first batch and after any failure (Redis may have restarted
+        # and forgotten it; a cluster pipeline does not always say NOSCRIPT plainly).
+        self._load_scripts = True
         kwargs = client_options(timeout_s)
         self._client: aioredis.Redis | RedisCluster
         if cluster:
@@ -234,9 +237,13 @@ class RedisSink:
             by_shard[order.shard].append(index)
         shard_order = list(by_shard)
         try:
+            if self._load_scripts and by_shard:
+                await self.scripts.load(self._client)
+                self._load_scripts = False
             replies = await self._send(orders, dead, by_shard, trim_shards)
         except _FAILURES as exc:
             if not is_noscript(exc):
+                self._load_scripts = True
                 raise store_error(exc, "redis batch") from exc
             # Redis restarted and forgot the script: load it, send the batch again
             # (the script is idempotent; a dead letter may be written twice).
@@ -244,6 +251,7 @@ class RedisSink:
                 await self.scripts.load(self._client)
                 replies = await self._send(orders, dead, by_shard, trim_shards)
             except _FAILURES as again:
+                self._load_scripts = True
                 raise store_error(again, "redis batch") from again
         results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
         for shard, reply in zip(shard_order, replies, strict=False):
