@@ -105,6 +105,7 @@ class Bridge:
             self._paused = True
 
     def _maybe_resume(self) -> None:
+        self.redis_reachable = True  # a batch was just written
         # Resume at half the limit, so reads don't flap on every batch.
         if self._paused and self.batcher.pending <= self._max_in_flight // 2:
             self._paused = False
