@@ -50,7 +50,7 @@ from .ingest import DeadLetter, ValidOrder
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _FAILURES: Final = (RedisError, RedisClusterException, OSError)
-FENCE_KEY: Final = "bridge:wait-fence"
+FENCE_KEY: Final = "orders:wait-fence"  # in the bridge ACL user's ~orders:* keyspace
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:

@@ -306,5 +306,6 @@ class RedisProcess(ServerProcess):
             socket.create_connection(("127.0.0.1", self.port), 0.5) as sock,
         ):
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # NOAUTH: up, with a password (requirepass or an ACL file).
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         return False
