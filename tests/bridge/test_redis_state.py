@@ -54,6 +54,16 @@ def metric(bridge: BridgeProcess, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def fill_until_full(client: redis.Redis) -> int:
+    """SET 100 kB fillers until Redis answers OOM; returns how many it took."""
+    for index in range(1000):
+        try:
+            client.set(f"filler:{index}", b"x" * 100_000)
+        except redis.exceptions.OutOfMemoryError:
+            return index
+    raise AssertionError("Redis never filled up")
+
+
 def production_redis(tmp_path: Path, name: str, **kwargs: Any) -> RedisProcess:
     """A Redis started from redis/redis.conf (stopped by the caller)."""
     server = RedisProcess.production(tmp_path / name, **kwargs)
@@ -168,11 +178,7 @@ def test_full_redis_stops_acks_and_recovers_by_itself(
         # half way: what it holds without the fillers fits, what it holds now doesn't.
         used = int(admin.info("memory")["used_memory"])
         admin.config_set("maxmemory", used + 2_000_000)
-        fillers = 0
-        with pytest.raises(redis.exceptions.OutOfMemoryError):
-            while fillers < 1000:
-                admin.set(f"filler:{fillers}", b"x" * 100_000)
-                fillers += 1
+        fillers = fill_until_full(admin)
         admin.config_set("maxmemory", used + 1_000_000)
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             admin.set("proof", b"1")  # the fault really happened
