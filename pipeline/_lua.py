@@ -45,7 +45,7 @@ end
 return out
 """
 
-# KEYS: events, stock. ARGV: now_ms, events maxlen, JSON list of
+# KEYS: events, stock, retention index. ARGV: now_ms, events maxlen, JSON list of
 #   [record, history, reservation, expected status ('' = no record yet),
 #    {field, value, ...} to HSET (status, reason, done markers, last_error; for a
 #    new record also its fixed fields), {[status, step, reason], ...} transitions,
@@ -54,11 +54,14 @@ return out
 # the status (statuses only move forward, so an equal status means nobody
 # stored anything in between) guards against a consumer that raced us.
 # Entering rejected/failed gives a held reservation back in the same atomic
-# step. Returns per order 1 (stored) or -1 (the record moved under us: nothing
-# stored).
+# step. An order that ends (fulfilled, rejected, failed) with retention_ms > 0
+# (ARGV[4]) gets its record, history and reservation expiring then, and an
+# entry in the retention index (score: when) so its index members go too.
+# Returns per order 1 (stored) or -1 (the record moved under us: nothing stored).
 COMMIT: Final = """
 local events, stock, now, maxlen, out = KEYS[1], KEYS[2], ARGV[1], ARGV[2], {}
 local at = tonumber(now)
+local keep = tonumber(ARGV[4] or '0')
 for _, o in ipairs(cjson.decode(ARGV[3])) do
   local rec, hist, res, expected, fields, changes = o[1], o[2], o[3], o[4], o[5], o[6]
   local status = redis.call('HGET', rec, 'status')
@@ -88,6 +91,10 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
           end
         end
         redis.call('HSET', res, '_state', 'released')
+      end
+      if keep > 0 and (final == 'rejected' or final == 'failed' or final == 'fulfilled') then
+        for _, key in ipairs({rec, hist, res}) do redis.call('PEXPIRE', key, keep) end
+        redis.call('ZADD', KEYS[3], at + keep, cjson.encode({o[9], o[10], o[11], o[8]}))
       end
     end
     out[#out + 1] = 1
@@ -150,7 +157,27 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, id}
 """
 
-_SOURCES: Final = {"load": LOAD, "commit": COMMIT, "reserve": RESERVE, "replay": REPLAY}
+# KEYS: retention index. ARGV: now_ms, limit. Removes the index members of up to
+# `limit` orders whose retention ended (their keys expired by TTL meanwhile):
+# the device index member and the device in the order-id set. Returns how many.
+FORGET: Final = """
+local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local o = cjson.decode(member)
+  redis.call('ZREM', o[1], o[2])
+  redis.call('SREM', o[3], o[4])
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+_SOURCES: Final = {
+    "load": LOAD,
+    "commit": COMMIT,
+    "reserve": RESERVE,
+    "replay": REPLAY,
+    "forget": FORGET,
+}
 
 
 class Scripts(ScriptSet):

@@ -174,6 +174,8 @@ async def list_device_orders(request: web.Request) -> web.Response:
         rows = await pipe.execute()
     items = []
     for row in rows:
+        if all(value is None for value in row):
+            continue  # its retention ended; the worker trims the index soon
         summary: dict[str, Any] = dict(
             zip(_SUMMARY_FIELDS, (text(v) if v is not None else None for v in row), strict=True)
         )

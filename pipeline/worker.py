@@ -47,7 +47,15 @@ from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
 from .names import history_key, order_key
-from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, text
+from .records import (
+    PUBLISHED_STATUSES,
+    OrderContext,
+    StreamEntry,
+    commit,
+    forget_expired,
+    load,
+    text,
+)
 from .status import StatusPublisher
 from .steps import Step
 
@@ -93,6 +101,7 @@ class Worker:
         self.consumer = config.consumer or default_consumer_name()
         self.streams = [stream_key(shard) for shard in range(config.shards)]
         self.batches = 0  # finished batches, for tests and logs
+        self.retention_ms = round(config.retention_days * 86_400_000)
         self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
         self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
 
@@ -149,6 +158,7 @@ class Worker:
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + CLEANUP_EVERY_S
                     await self.forget_dead_consumers()
+                    await self.forget_expired_orders()
                 entries: list[StreamEntry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every_s
@@ -164,6 +174,15 @@ class Worker:
         finally:
             if finishing is not None:
                 await finishing
+
+    async def forget_expired_orders(self) -> int:
+        """Trim the device and order-id indexes of orders whose retention ended."""
+        total = 0
+        while (done := await forget_expired(self.redis, self.scripts)) > 0:
+            total += done
+        if total:
+            log.info("forgot_expired_orders", orders=total)
+        return total
 
     async def forget_dead_consumers(self) -> None:
         """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
@@ -305,7 +324,7 @@ class Worker:
                 ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
         started = time.perf_counter()
-        stored = await commit(self.redis, self.scripts, ctxs)
+        stored = await commit(self.redis, self.scripts, ctxs, retention_ms=self.retention_ms)
         self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
         at = now_ms()
         statuses += [
