@@ -7,8 +7,12 @@ keeps each script call on one slot). The script runs by SHA1
 (:class:`servicekit.redis_scripts.ScriptSet`); after a Redis restart the batch
 answers NOSCRIPT, the script is loaded again and the batch sent again.
 
-With ``min_replicas`` > 0 the pipeline ends with ``WAIT min_replicas timeout``
-on the same connection: the batch counts as written only once that many
+The batch travels over up to ``lanes`` connections at once (shards spread
+over them), so that Redis reads it in one event-loop turn and, with
+``appendfsync always``, fsyncs it once.
+
+With ``min_replicas`` > 0 a fence write plus ``WAIT min_replicas timeout``
+follow on one connection: the batch counts as written only once that many
 replicas hold it (:class:`ReplicasShortfall` otherwise).
 
 redis-py's own retries are switched off: the batcher retries whole batches
@@ -21,6 +25,7 @@ durability (INFO persistence, CONFIG GET where the ACL allows) and memory.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -135,12 +140,14 @@ class RedisSink:
         timeout_s: float = 5.0,
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
+        lanes: int = 8,
     ) -> None:
         self._ttl = str(dedup_ttl_s)
         self._dlq_maxlen = dlq_maxlen
         self._min_replicas = min_replicas
         self._replica_timeout_ms = replica_timeout_ms
         self._cluster = cluster
+        self._lanes = lanes
         self.scripts = ScriptSet({"append": APPEND_SCRIPT})
         # Load before the first batch and after any failure (Redis may have restarted
         # and forgotten it; a cluster pipeline does not always say NOSCRIPT plainly).
@@ -216,8 +223,10 @@ class RedisSink:
         return [reply]
 
     async def confirm_replicas(self) -> None:
-        if self._min_replicas <= 0:
-            return
+        if self._min_replicas > 0:
+            await self._fence_and_wait([])
+
+    async def _fence_and_wait(self, results: list[AppendResult]) -> None:
         # WAIT covers the writes of its own connection: a fresh write on the same
         # connection (pipeline) puts everything written before it behind the WAIT.
         pipe = self._client.pipeline(transaction=False)
@@ -227,7 +236,7 @@ class RedisSink:
             replies = await pipe.execute(raise_on_error=True)
         except _FAILURES as exc:
             raise store_error(exc, "redis WAIT") from exc
-        self._check_replicas(int(replies[-1]), [])
+        self._check_replicas(int(replies[-1]), results)
 
     async def write(
         self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
@@ -254,11 +263,13 @@ class RedisSink:
                 self._load_scripts = True
                 raise store_error(again, "redis batch") from again
         results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
-        for shard, reply in zip(shard_order, replies, strict=False):
-            for index, code in zip(by_shard[shard], reply, strict=True):
+        for shard in shard_order:
+            for index, code in zip(by_shard[shard], replies[shard], strict=True):
                 results[index] = AppendResult(int(code))
         if self._min_replicas > 0:
-            self._check_replicas(int(replies[-1]), results)
+            # The lanes wrote on several connections: a fence write after all of
+            # them, then WAIT on the fence's connection, covers the whole batch.
+            await self._fence_and_wait(results)
         return results
 
     def _check_replicas(self, acked: int, results: list[AppendResult]) -> None:
@@ -273,10 +284,21 @@ class RedisSink:
         dead: Sequence[DeadLetter],
         by_shard: dict[int, list[int]],
         trim_shards: set[int],
-    ) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
+    ) -> dict[int, Any]:
+        """Send the batch over up to ``lanes`` connections at once; the reply per shard.
+
+        Redis reads at most 16 kB per client per event-loop turn and, with
+        ``appendfsync always``, fsyncs once per turn: one connection would make
+        a large batch cost one fsync per 16 kB. Lanes let one turn read the
+        whole batch, so it shares one fsync.
+        """
         shard_order = list(by_shard)
-        for shard in shard_order:
+        lanes = max(1, min(self._lanes, len(shard_order)))
+        pipes = [self._client.pipeline(transaction=False) for _ in range(lanes)]
+        lane_shards: list[list[int]] = [[] for _ in range(lanes)]
+        for position, shard in enumerate(shard_order):
+            lane = position % lanes
+            lane_shards[lane].append(shard)
             group = [orders[index] for index in by_shard[shard]]
             keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
             meta = _encoder.encode(
@@ -294,9 +316,9 @@ class RedisSink:
             )
             payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
-            self.scripts.queue(pipe, "append", keys, [self._ttl, trim, meta, payloads])
+            self.scripts.queue(pipes[lane], "append", keys, [self._ttl, trim, meta, payloads])
         for letter in dead:
-            pipe.xadd(
+            pipes[-1].xadd(
                 DLQ_STREAM,
                 {
                     "reason": letter.reason,
@@ -307,10 +329,17 @@ class RedisSink:
                 maxlen=self._dlq_maxlen,
                 approximate=True,
             )
-        if self._min_replicas > 0:
-            pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
-        replies: list[Any] = await pipe.execute(raise_on_error=True)
-        return replies
+        replies = await asyncio.gather(
+            *(pipe.execute(raise_on_error=True) for pipe in pipes), return_exceptions=True
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        by_reply: dict[int, Any] = {}
+        for shards, reply in zip(lane_shards, replies, strict=True):
+            for shard, codes in zip(shards, reply, strict=False):  # type: ignore[arg-type]
+                by_reply[shard] = codes
+        return by_reply
 
 
 def _config_value(reply: Any, name: str) -> str | None:
