@@ -72,11 +72,11 @@ class RedisState:
     """What the bridge knows about the Redis it writes to.
 
     ``durable`` is True when the AOF is on and fsynced before every reply
-    (``appendfsync always``); None when the ACL hides ``appendfsync`` but the
-    AOF is on (the operator vouches for it with ``--redis-assume-fsync-always``).
+    (``appendfsync always``); None when the ACL hides ``appendfsync`` (CONFIG
+    GET) or INFO (the operator vouches for it with ``--redis-assume-fsync-always``).
     """
 
-    aof_enabled: bool
+    aof_enabled: bool | None  # None: INFO not allowed
     appendfsync: str | None  # None: CONFIG GET not allowed
     durable: bool | None
     used_memory: int
@@ -182,6 +182,10 @@ class RedisSink:
         try:
             persistence = await self._info("persistence")
             memory = await self._info("memory")
+        except NoPermissionError:
+            # The ACL hides INFO: reachable (or the error would differ), facts unknown.
+            await self.ping()
+            return RedisState(None, None, None, 0, 0)
         except _FAILURES as exc:
             raise store_error(exc, "redis INFO") from exc
         appendfsync: str | None

@@ -49,8 +49,12 @@ def readyz(bridge: BridgeProcess) -> dict[str, Any]:
 
 
 def metric(bridge: BridgeProcess, name: str) -> float | None:
-    """One sample of ``/metrics``, None when absent."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", bridge.metrics(), re.MULTILINE)
+    """One sample of ``/metrics``, None when absent (or not served yet)."""
+    try:
+        page = bridge.metrics()
+    except OSError:
+        return None
+    match = re.search(rf"^{re.escape(name)} (\S+)$", page, re.MULTILINE)
     return float(match.group(1)) if match else None
 
 
@@ -257,3 +261,40 @@ def test_min_replicas_acks_only_what_a_replica_holds(
         receipts.close()
         replica.kill()
         primary.kill()
+
+
+@pytest.mark.parametrize("grant_info", [True, False], ids=["info", "no-info"])
+def test_acl_hiding_appendfsync_is_unknown_unless_the_operator_vouches(
+    tmp_path: Path,
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    bridge_factory: BridgeFactory,
+    grant_info: bool,
+) -> None:
+    """A bridge user without CONFIG GET: durability unknown (-1), red; vouched for: green."""
+    server = production_redis(tmp_path, "redis")
+    broker = mosquitto_factory()
+    with redis.Redis.from_url(server.url) as admin:
+        admin.acl_setuser(
+            "bridge", enabled=True, passwords=["+pw"], keys=["orders:*"],
+            commands=["-@all", "+ping", "+evalsha", "+script|load", "+xadd", "+xtrim",
+                      "+xinfo|groups", "+xpending", "+set", "+get", "+exists", "+wait", "+incr",
+                      *(["+info"] if grant_info else [])],
+        )  # fmt: skip
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            redis.Redis(port=server.port, username="bridge", password="pw").config_get(
+                "appendfsync"
+            )
+    url = f"redis://bridge:pw@127.0.0.1:{server.port}/0"
+    try:
+        unknown = bridge_factory(broker.url, url, "--redis-require-durable")
+        unknown.start(wait_ready=False)
+        wait_for(lambda: metric(unknown, "bridge_redis_durable") == -1.0, 30, "durability unknown")
+        assert unknown.status("/readyz") == 503
+        assert readyz(unknown)["checks"]["redis_durable"] is False
+        vouched = bridge_factory(broker.url, url, "--redis-require-durable",
+                                 "--redis-assume-fsync-always")  # fmt: skip
+        vouched.start()
+        assert readyz(vouched)["redis_durable"] is True
+        assert metric(vouched, "bridge_redis_durable") == -1.0
+    finally:
+        server.kill()
