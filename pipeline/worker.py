@@ -142,10 +142,6 @@ class Worker:
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.setup()
-        if self.failures:
-            log.info("redis_ok_again", failures=self.failures)
-        self.failures = 0
-        self.backoff.reset()
         log.info("worker_started", consumer=self.consumer, shards=len(self.streams),
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
@@ -166,14 +162,23 @@ class Worker:
                 if not entries:
                     entries = await self.read()
                 if not entries:
+                    self._worked()
                     continue
                 settled = await self.settle(entries)
+                self._worked()
                 if finishing is not None:
                     await finishing
                 finishing = asyncio.create_task(self.finish(settled), name="finish-batch")
         finally:
             if finishing is not None:
                 await finishing
+
+    def _worked(self) -> None:
+        """A loop turn went through: the next failure starts backing off from scratch."""
+        if self.failures:
+            log.info("redis_ok_again", failures=self.failures)
+            self.failures = 0
+        self.backoff.reset()
 
     async def forget_expired_orders(self) -> int:
         """Trim the device and order-id indexes of orders whose retention ended."""
