@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
 from servicekit.redis_clients import client_options
@@ -36,7 +38,9 @@ from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0  # first restart within this; doubling (capped) while a worker crash-loops
+RESTART_DELAY_MAX_S = 30.0
+HEALTHY_RUN_S = 10.0  # a worker that lived this long resets the restart back-off
 SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
 ORPHAN_CHECK_S = 1.0
 
@@ -124,7 +128,9 @@ def worker_env(
 
 
 async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -> None:
+    backoff = Backoff(RESTART_DELAY_S, RESTART_DELAY_MAX_S)
     while not stop.is_set():
+        started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeline.cli", "worker", env=env
         )
@@ -140,9 +146,13 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
             log.info("worker_process_stopped", index=index, pid=process.pid, rc=process.returncode)
             return
         stopping.cancel()
-        log.error("worker_process_died", index=index, pid=process.pid, rc=process.returncode)
+        if time.monotonic() - started >= HEALTHY_RUN_S:
+            backoff.reset()
+        delay_s = backoff.next_delay()
+        log.error("worker_process_died", index=index, pid=process.pid, rc=process.returncode,
+                  restart_in_s=round(delay_s, 3))  # fmt: skip
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RESTART_DELAY_S):
+            async with asyncio.timeout(delay_s):
                 await stop.wait()
 
 
