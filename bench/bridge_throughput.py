@@ -187,7 +187,7 @@ def run_fsync_policies(
     servers = {
         policy: RedisProcess.production(
             work / f"redis-{policy}", appendfsync=policy, maxmemory="4gb"
-        )  # fmt: skip
+        )
         for policy in FSYNC_POLICIES
     }
     for server in servers.values():
