@@ -66,7 +66,7 @@ class Bridge:
         self.redis_reachable = False
         self.redis_auth_ok = True
         self.redis_durable = False
-        self.started_inspecting = False
+        self._inspected = False
         metrics.in_flight.set_function(lambda: self.batcher.pending)
 
     def request_stop(self) -> None:
@@ -236,21 +236,22 @@ class Bridge:
         if self.batcher.redis_error is None:
             self.metrics.redis_up.set(1)
             self.metrics.redis_auth_ok.set(1)
-        if state.full != (self.redis_state is not None and self.redis_state.full):
-            log.log(40 if state.full else 20,
-                    "REDIS IS FULL (maxmemory)" if state.full else "redis has memory again",
-                    used_memory=state.used_memory, maxmemory=state.maxmemory)  # fmt: skip
+        if state.full and not (self.redis_state is not None and self.redis_state.full):
+            log.error("REDIS IS FULL (maxmemory)", used_memory=state.used_memory,
+                      maxmemory=state.maxmemory)  # fmt: skip
+        elif not state.full and self.redis_state is not None and self.redis_state.full:
+            log.info("redis has memory again", used_memory=state.used_memory)
         self.metrics.redis_full.set(1 if state.full else 0)
         self.redis_state = state
         self._set_durable(state)
 
     def _set_durable(self, state: RedisState) -> None:
         durable = state.durable
-        if durable is None:  # the ACL hides appendfsync; the AOF is on
+        if durable is None:  # the ACL hides CONFIG GET (or INFO): only the operator knows
             durable = self.config.redis_assume_fsync_always
         self.metrics.redis_durable.set(-1 if state.durable is None else int(state.durable))
-        if durable != self.redis_durable or not self.started_inspecting:
-            self.started_inspecting = True
+        if durable != self.redis_durable or not self._inspected:
+            self._inspected = True
             if durable:
                 log.info("redis is durable", aof=state.aof_enabled, appendfsync=state.appendfsync)
             else:
