@@ -12,7 +12,12 @@ Throughput of a writer is counted from its first to its last stream entry
 (Redis entry ids are ms timestamps). Then a live run publishes at a fixed rate
 while the bridge consumes, for p50/p99 latency from publish to stream entry.
 
+A last pair of rows times the same bridge against two Redis servers started
+from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
+with ``everysec``, on the same backlog in the same run (goal: always ≥ 80 %).
+
 Run: .venv/bin/python -m bench.bridge_throughput [--messages 100000] [--replicas]
+     .venv/bin/python -m bench.bridge_throughput --fsync-only   # just the fsync rows
 """
 
 from __future__ import annotations
@@ -166,6 +171,67 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(60)
 
 
+FSYNC_POLICIES = ("always", "everysec")
+
+
+def run_fsync_policies(
+    broker: MosquittoProcess, work: Path, messages: int, rounds: int, publishers: int
+) -> dict[str, float]:
+    """Median orders/s of one bridge per ``appendfsync`` policy, on identical backlogs.
+
+    Both Redis servers run redis/redis.conf (AOF on); only ``appendfsync``
+    differs. Each round queues one backlog for two sessions (one per policy)
+    and times the bridges one after the other, alternating which goes first.
+    """
+    rates: dict[str, list[float]] = {policy: [] for policy in FSYNC_POLICIES}
+    servers = {
+        policy: RedisProcess.production(
+            work / f"redis-{policy}", appendfsync=policy, maxmemory="4gb"
+        )
+        for policy in FSYNC_POLICIES
+    }
+    for server in servers.values():
+        server.start()
+    try:
+        for round_no in range(rounds):
+            tag = uuid.uuid4().hex[:6]
+            ids = {policy: f"fsync{policy}-{tag}" for policy in FSYNC_POLICIES}
+            groups = {policy: f"gfsync{policy}{tag}" for policy in FSYNC_POLICIES}
+            for policy in FSYNC_POLICIES:
+                create_session(HOST, broker.port, ids[policy], subscription(groups[policy]))
+            publish_load(HOST, broker.port, messages, publishers, devices=1000)
+            order = FSYNC_POLICIES if round_no % 2 == 0 else FSYNC_POLICIES[::-1]
+            for policy in order:
+                server = servers[policy]
+                with redis.Redis(port=server.port) as client:
+                    client.flushall()
+                    procs = start_bridges(
+                        broker.port, server.port, [ids[policy]], groups[policy], work
+                    )
+                    wait_entries(client, messages)
+                    stop(procs)
+                    rates[policy].append(writer_rate(client))
+            print(
+                f"fsync round {round_no + 1}: "
+                + "  ".join(f"appendfsync {p} {rates[p][-1]:,.0f}/s" for p in FSYNC_POLICIES),
+                flush=True,
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {policy: statistics.median(values) for policy, values in rates.items()}
+
+
+def print_fsync_rows(rates: dict[str, float]) -> None:
+    """The fsync rows: always beside everysec, and the goal."""
+    ratio = rates["always"] / rates["everysec"]
+    print(f"  order-bridge, redis.conf appendfsync everysec: {rates['everysec']:10,.0f} orders/s")
+    print(
+        f"  order-bridge, redis.conf appendfsync always:   {rates['always']:10,.0f} orders/s"
+        f"   {ratio:.0%} of everysec (goal ≥ 80 %: {'met' if ratio >= 0.8 else 'NOT MET'})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
@@ -174,7 +240,16 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--live-rate", type=float, default=0.0, help="0: half the drain rate")
     parser.add_argument("--replicas", action="store_true", help="also time two replicas")
+    parser.add_argument("--fsync-only", action="store_true", help="only the appendfsync rows")
     args = parser.parse_args()
+    if args.fsync_only:
+        with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp) / "mq") as broker:
+            rates = run_fsync_policies(
+                broker, Path(tmp), args.messages, args.rounds, args.publishers
+            )
+        print(f"\n{args.rounds} rounds, {args.messages:,} queued orders, medians:")
+        print_fsync_rows(rates)
+        return
     results: dict[str, list[float]] = {"bare": [], "naive": [], "bridge": [], "bridge x2": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -244,6 +319,10 @@ def main() -> None:
             p50 = latencies[len(latencies) // 2] * 1000
             p99 = latencies[int(len(latencies) * 0.99)] * 1000
 
+            fsync_rates = run_fsync_policies(
+                broker, work, args.messages, args.rounds, args.publishers
+            )
+
     med = {k: statistics.median(v) for k, v in results.items() if v}
     print(
         f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
@@ -260,6 +339,7 @@ def main() -> None:
             f"  order-bridge, 2 replicas:              {med['bridge x2']:10,.0f} orders/s"
             f"   {med['bridge x2'] / med['bridge']:.2f}× one process"
         )
+    print_fsync_rows(fsync_rates)
     print(
         f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
         f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"

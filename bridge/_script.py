@@ -19,6 +19,10 @@ script that fails half way, and a marker without its entry would turn the
 order into a false ``duplicate`` (lost), while an entry without its marker can
 at worst be appended again on a retry.
 
+The ``#!lua`` line (no flags) makes Redis refuse the whole call with OOM
+before it starts when memory is at ``maxmemory``, so a batch is never half
+written for lack of memory.
+
 Trimming (``trim`` = "1"): ``XTRIM MINID ~ floor``, where floor is the smallest
 of every consumer group's oldest pending id and last-delivered id. Entries at
 or above the floor are never removed (approximate trimming removes only whole
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from typing import Final
 
-APPEND_SCRIPT: Final = r"""
+APPEND_SCRIPT: Final = r"""#!lua
 local stream = KEYS[1]
 local ttl = ARGV[1]
 local orders = cmsgpack.unpack(ARGV[3])

@@ -2,9 +2,11 @@
 
 Every added message carries a ``done`` callback, called with its outcome only
 once Redis holds it (the order, or its dead letter); only then may its MQTT
-PUBACK go out. A failed round trip is retried with capped, jittered backoff
-for as long as it takes: the messages are not acknowledged meanwhile, so the
-broker keeps them and stops sending more once our Receive Maximum is reached.
+PUBACK go out. A failed round trip is retried with
+:class:`servicekit.backoff.Backoff` (capped full jitter, reset after every
+success) for as long as it takes, however long Redis is away: the messages
+are not acknowledged meanwhile, so the broker keeps them and stops sending
+more once our Receive Maximum is reached.
 The bridge bounds the messages held here (``pending``) by pausing the
 intake's reads above a limit; ``on_written`` tells it when to resume.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,13 +25,16 @@ import structlog
 from schemas import Reason
 from schemas.messages import ReceiptResult
 from schemas.names import orders_topic
+from servicekit.backoff import Backoff
 
-from .errors import StoreError
+from .errors import RedisAuthError, RedisFullError, ReplicasShortfall, StoreError
 from .ingest import Classified, DeadLetter, ValidOrder
 from .metrics import BridgeMetrics
 from .store import AppendResult, OrderSink
 
 log = structlog.get_logger(__name__)
+BACKOFF_BASE_S = 0.01
+LOG_EVERY_FAILURES = 1000  # during a long outage, one warning per this many failed tries
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +73,7 @@ class Batcher:
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
-        self._backoff_max_s = backoff_max_s
+        self._backoff = Backoff(min(BACKOFF_BASE_S, backoff_max_s), backoff_max_s)
         self._trim_every = trim_every_batches
         self._on_written = on_written
         self._buffer: list[_Entry] = []
@@ -79,6 +83,8 @@ class Batcher:
         self._idle.set()
         self._shard_batches: defaultdict[int, int] = defaultdict(int)
         self.redis_ok = True
+        self.redis_error: StoreError | None = None  # the last failure, while it lasts
+        self.failures = 0  # consecutive failed round trips
         self.pending = 0  # added and not yet written
         self.peak_pending = 0
 
@@ -123,32 +129,28 @@ class Batcher:
         orders = [(item, done) for item, done in batch if isinstance(item, ValidOrder)]
         dead = [(item, done) for item, done in batch if isinstance(item, DeadLetter)]
         attempt = 0
+        held: list[AppendResult] | None = None  # written, waiting for replicas
         while orders or dead:
             trim = self._shards_to_trim(orders) if attempt == 0 else set()
             call_started = time.perf_counter()
             try:
-                results = await self._sink.write(
-                    [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
-                )
+                if held is None:
+                    results = await self._sink.write(
+                        [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
+                    )
+                else:
+                    await self._sink.confirm_replicas()
+                    results = held
             except Exception as exc:
-                # StoreError is the expected failure; anything else is a bug,
-                # logged with its traceback, and treated the same way: retry,
-                # never ack, never let it end the writer task.
-                if not isinstance(exc, StoreError):
-                    log.exception("unexpected error writing a batch")
-                self._metrics.redis_errors.inc()
-                self._metrics.redis_up.set(0)
-                if self.redis_ok or attempt % 20 == 0:
-                    log.warning("redis write failed, retrying", error=str(exc), attempt=attempt)
-                self.redis_ok = False
-                await asyncio.sleep(self._backoff_s(attempt))
+                if isinstance(exc, ReplicasShortfall) and held is None:
+                    held = exc.results
+                self._failed(exc, attempt)
+                await self._backoff.wait()
                 attempt += 1
                 continue
             self._metrics.redis_rtt.observe(time.perf_counter() - call_started)
-            self._metrics.redis_up.set(1)
-            if not self.redis_ok:
-                log.info("redis writes work again", attempts=attempt)
-            self.redis_ok = True
+            self._recovered()
+            held = None
             conflicts: list[tuple[DeadLetter, Done]] = []
             accepted = duplicates = 0
             for (order, done), result in zip(orders, results, strict=True):
@@ -178,6 +180,45 @@ class Batcher:
             orders, dead = [], conflicts
         self._metrics.batch_latency.observe(time.perf_counter() - started)
 
+    def _failed(self, exc: Exception, attempt: int) -> None:
+        """Count and report one failed round trip; never raises."""
+        # StoreError is the expected failure; anything else is a bug, logged with
+        # its traceback and treated the same way: retry, never ack, never end the writer.
+        if not isinstance(exc, StoreError):
+            log.exception("unexpected error writing a batch")
+            exc = StoreError(repr(exc))
+        self._metrics.redis_errors.inc()
+        self._metrics.redis_up.set(0)
+        first = self.redis_ok or type(exc) is not type(self.redis_error)
+        self.redis_ok = False
+        self.redis_error = exc
+        self.failures += 1
+        if isinstance(exc, RedisFullError):
+            self._metrics.redis_full.set(1)
+        if isinstance(exc, RedisAuthError):
+            self._metrics.redis_auth_ok.set(0)
+        if first or self.failures % LOG_EVERY_FAILURES == 0:
+            if isinstance(exc, RedisAuthError):
+                log.error("REDIS REFUSED OUR CREDENTIALS: nothing is acknowledged until fixed",
+                          error=str(exc), failures=self.failures)  # fmt: skip
+            elif isinstance(exc, RedisFullError):
+                log.error("REDIS IS FULL (maxmemory): devices keep their orders until it frees",
+                          error=str(exc), failures=self.failures)  # fmt: skip
+            else:
+                log.warning("redis write failed, retrying", error=str(exc),
+                            failures=self.failures, attempt=attempt)  # fmt: skip
+
+    def _recovered(self) -> None:
+        self._metrics.redis_up.set(1)
+        self._metrics.redis_full.set(0)
+        self._metrics.redis_auth_ok.set(1)
+        self._backoff.reset()
+        if not self.redis_ok:
+            log.info("redis writes work again", failures=self.failures)
+        self.redis_ok = True
+        self.redis_error = None
+        self.failures = 0
+
     def _settle(self, done: Done, outcome: Outcome) -> None:
         self.pending -= 1
         try:
@@ -195,7 +236,3 @@ class Batcher:
             if self._shard_batches[shard] % self._trim_every == 0:
                 due.add(shard)
         return due
-
-    def _backoff_s(self, attempt: int) -> float:
-        cap = min(self._backoff_max_s, 0.05 * 2**attempt)
-        return random.uniform(cap / 2, cap)  # jitter, not crypto

@@ -14,6 +14,7 @@ import structlog
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
+from servicekit.loops import failed_loops
 
 from .config import BridgeConfig
 from .errors import BridgeError
@@ -49,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner(_serve(config))
     except BridgeError as exc:
         log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
+        return 1
+    except Exception as exc:
+        loops = failed_loops(exc)
+        if not loops:
+            raise
+        log.critical("bridge exiting: a background loop failed", loops=[f.loop for f in loops])
         return 1
     return 0
 

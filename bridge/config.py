@@ -27,6 +27,13 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
+    # PUBACK only once WAIT saw this many replicas hold the batch (single primary only).
+    redis_min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    redis_replica_timeout_ms: Positive = 1000
+    # /readyz is red unless Redis fsyncs its AOF before every reply (appendfsync always).
+    redis_require_durable: bool = True
+    # The ACL hides CONFIG GET: trust the operator that appendfsync is `always`.
+    redis_assume_fsync_always: bool = False
     shards: Positive = DEFAULT_SHARDS
     client_id: str = msgspec.field(default_factory=default_client_id)
     share_group: str = DEFAULT_SHARE_GROUP
@@ -53,5 +60,6 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     rate_per_s: NonNegative = 50.0
     rate_burst: Positive = 1000
     redis_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-    backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    # Cap of every retry wait: after an outage the bridge is back within about this long.
+    backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_grace_s: NonNegative = 10.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .metrics import BridgeMetrics
 
 Checks = Callable[[], dict[str, bool]]
+Details = Callable[[], dict[str, Any]]
 
 
 class HttpServer:
@@ -20,16 +21,25 @@ class HttpServer:
     Args:
         health: named checks; ``/healthz`` is 503 when one of them fails.
         ready: named checks for ``/readyz`` (health plus "subscribed", "not stopping").
+        details: more fields for the ``/readyz`` body (facts, not checks).
     """
 
     def __init__(
-        self, host: str, port: int, metrics: BridgeMetrics, *, health: Checks, ready: Checks
+        self,
+        host: str,
+        port: int,
+        metrics: BridgeMetrics,
+        *,
+        health: Checks,
+        ready: Checks,
+        details: Details | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._metrics = metrics
         self._health = health
         self._ready = ready
+        self._details = details
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -53,13 +63,14 @@ class HttpServer:
         return _answer(self._health())
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        return _answer(self._ready())
+        return _answer(self._ready(), self._details() if self._details else {})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _answer(checks: dict[str, bool]) -> web.Response:
+def _answer(checks: dict[str, bool], details: dict[str, Any] | None = None) -> web.Response:
     ok = all(checks.values())
-    return web.json_response({"ok": ok, "checks": checks}, status=200 if ok else 503)
+    body = {**(details or {}), "ok": ok, "checks": checks}
+    return web.json_response(body, status=200 if ok else 503)

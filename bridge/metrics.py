@@ -40,4 +40,17 @@ class BridgeMetrics:
             "bridge_in_flight", "messages received and not yet acknowledged", registry=r
         )
         self.redis_up = Gauge("bridge_redis_up", "1 when the last Redis call worked", registry=r)
+        self.redis_durable = Gauge(
+            "bridge_redis_durable",
+            "1 when Redis fsyncs its AOF before every reply (appendfsync always); "
+            "0 when not; -1 when the ACL hides appendfsync",
+            registry=r,
+        )
+        self.redis_full = Gauge(
+            "bridge_redis_full", "1 while Redis answers OOM (at maxmemory)", registry=r
+        )
+        self.redis_auth_ok = Gauge(
+            "bridge_redis_auth_ok", "0 while Redis refuses our credentials", registry=r
+        )
+        self.redis_auth_ok.set(1)
         self.mqtt_up = Gauge("bridge_mqtt_up", "1 while connected to the broker", registry=r)

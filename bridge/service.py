@@ -9,6 +9,8 @@ it holds, acks that, and leaves the rest to the broker's session.
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import structlog
 
@@ -16,12 +18,13 @@ from schemas import Reason, SchemaError
 from schemas.names import device_id_from_orders_topic, is_device_id, receipts_topic
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
+from servicekit.loops import critical
 from servicekit.tokens import TokenBuckets
 from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
-from .errors import IntakeError
+from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
@@ -29,7 +32,7 @@ from .intake_gmqtt import GmqttIntake
 from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
 from .receipts import receipt_bytes
-from .store import OrderSink, RedisSink
+from .store import OrderSink, RedisSink, RedisState
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +62,11 @@ class Bridge:
         self._stopping = False
         self._paused = False
         self.started = False
+        self.redis_state: RedisState | None = None  # the last inspection that worked
+        self.redis_reachable = False
+        self.redis_auth_ok = True
+        self.redis_durable = False
+        self._inspected = False
         metrics.in_flight.set_function(lambda: self.batcher.pending)
 
     def request_stop(self) -> None:
@@ -100,6 +108,7 @@ class Bridge:
             self._paused = True
 
     def _maybe_resume(self) -> None:
+        self.redis_reachable = True  # a batch was just written
         # Resume at half the limit, so reads don't flap on every batch.
         if self._paused and self.batcher.pending <= self._max_in_flight // 2:
             self._paused = False
@@ -120,13 +129,39 @@ class Bridge:
     def health(self) -> dict[str, bool]:
         """Checks for ``/healthz``."""
         return {
-            "redis": self.batcher.redis_ok,
+            "redis": self.batcher.redis_ok and self.redis_reachable,
             "mqtt": self._intake is not None and self._intake.connected,
         }
 
     def readiness(self) -> dict[str, bool]:
-        """Checks for ``/readyz``."""
-        return {**self.health(), "accepting": not self._stopping}
+        """Checks for ``/readyz``: health, credentials, memory, durability, not stopping."""
+        error = self.batcher.redis_error
+        checks = {
+            **self.health(),
+            "redis_auth": self.redis_auth_ok and not isinstance(error, RedisAuthError),
+            "redis_writable": not isinstance(error, RedisFullError)
+            and not (self.redis_state is not None and self.redis_state.full),
+            "accepting": not self._stopping,
+        }
+        if self.config.redis_require_durable:
+            checks["redis_durable"] = self.redis_durable
+        return checks
+
+    def redis_details(self) -> dict[str, Any]:
+        """What ``/readyz`` says about Redis beside the checks."""
+        state = self.redis_state
+        error = self.batcher.redis_error
+        return {
+            "redis_durable": self.redis_durable,
+            "redis": {
+                "aof_enabled": state.aof_enabled if state else None,
+                "appendfsync": state.appendfsync if state else None,
+                "used_memory": state.used_memory if state else None,
+                "maxmemory": state.maxmemory if state else None,
+                "last_error": str(error) if error else None,
+                "failures": self.batcher.failures,
+            },
+        }
 
     async def run(self, intake_factory: IntakeFactory | None = None) -> None:
         """Run until :meth:`request_stop`, then drain and return."""
@@ -134,17 +169,33 @@ class Bridge:
         cfg = self.config
         async with (
             HttpServer(
-                cfg.http_host, cfg.http_port, self.metrics, health=self.health, ready=self.readiness
+                cfg.http_host,
+                cfg.http_port,
+                self.metrics,
+                health=self.health,
+                ready=self.readiness,
+                details=self.redis_details,
             ),
             factory(self.take) as intake,
         ):
             self._intake = intake
             self.started = True
             self.metrics.mqtt_up.set(1)
+            await self._inspect_redis()
             async with asyncio.TaskGroup() as tasks:
-                writer = tasks.create_task(self.batcher.run(), name="batch-writer")
-                probe = tasks.create_task(self._probe_redis(), name="redis-probe")
-                log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards)
+                writer = tasks.create_task(
+                    critical("batch-writer", self.batcher.run()), name="batch-writer"
+                )
+                probe = tasks.create_task(
+                    critical("redis-probe", self._probe_redis()), name="redis-probe"
+                )
+                if all(self.readiness().values()):
+                    log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards,
+                             redis_durable=self.redis_durable)  # fmt: skip
+                else:
+                    failing = [name for name, ok in self.readiness().items() if not ok]
+                    log.error("bridge running but NOT READY", client_id=cfg.client_id,
+                              failing=failing)  # fmt: skip
                 await self._stop.wait()
                 await self._drain()
                 writer.cancel()
@@ -163,19 +214,69 @@ class Bridge:
         await asyncio.sleep(0)  # the intake flushes the last PUBACKs on the next turn
 
     async def _probe_redis(self) -> None:
-        """Keep ``redis_ok`` honest while no batches flow, and time round trips."""
+        """Keep the Redis checks honest while no batches flow, and time round trips."""
         while True:
             await asyncio.sleep(REDIS_PROBE_INTERVAL_S)
-            try:
-                rtt = await self._sink.ping()
-            except Exception as exc:  # StoreError or worse: report, don't die
-                self.batcher.redis_ok = False
-                self.metrics.redis_up.set(0)
-                log.debug("redis probe failed", error=repr(exc))
+            await self._inspect_redis()
+
+    async def _inspect_redis(self) -> None:
+        """One INFO round trip: reachable? credentials? durable? full? Never raises."""
+        started = time.perf_counter()
+        try:
+            state = await self._sink.inspect()
+        except StoreError as exc:
+            self._redis_unreachable(exc)
+            return
+        except Exception as exc:  # a bug: report it, keep probing
+            log.exception("redis inspection failed")
+            self._redis_unreachable(StoreError(repr(exc)))
+            return
+        self.metrics.redis_rtt.observe(time.perf_counter() - started)
+        if not self.redis_reachable or not self.redis_auth_ok:
+            log.info("redis reachable", appendfsync=state.appendfsync, aof=state.aof_enabled)
+        self.redis_reachable = True
+        self.redis_auth_ok = True
+        if self.batcher.redis_error is None:
+            self.metrics.redis_up.set(1)
+            self.metrics.redis_auth_ok.set(1)
+        if state.full and not (self.redis_state is not None and self.redis_state.full):
+            log.error("REDIS IS FULL (maxmemory)", used_memory=state.used_memory,
+                      maxmemory=state.maxmemory)  # fmt: skip
+        elif not state.full and self.redis_state is not None and self.redis_state.full:
+            log.info("redis has memory again", used_memory=state.used_memory)
+        self.metrics.redis_full.set(1 if state.full else 0)
+        self.redis_state = state
+        self._set_durable(state)
+
+    def _set_durable(self, state: RedisState) -> None:
+        durable = state.durable
+        if durable is None:  # the ACL hides CONFIG GET (or INFO): only the operator knows
+            durable = self.config.redis_assume_fsync_always
+        self.metrics.redis_durable.set(-1 if state.durable is None else int(state.durable))
+        if durable != self.redis_durable or not self._inspected:
+            self._inspected = True
+            if durable:
+                log.info("redis is durable", aof=state.aof_enabled, appendfsync=state.appendfsync)
             else:
-                self.batcher.redis_ok = True
-                self.metrics.redis_up.set(1)
-                self.metrics.redis_rtt.observe(rtt)
+                log.error(
+                    "REDIS IS NOT DURABLE: an accepted order can be lost on a power cut; "
+                    "run Redis with redis/redis.conf (appendonly yes, appendfsync always)",
+                    aof=state.aof_enabled,
+                    appendfsync=state.appendfsync or "unknown (CONFIG GET not allowed)",
+                )
+        self.redis_durable = durable
+
+    def _redis_unreachable(self, exc: StoreError) -> None:
+        if isinstance(exc, RedisAuthError):
+            if self.redis_auth_ok:
+                log.error("REDIS REFUSED OUR CREDENTIALS: check the password in --redis-url",
+                          error=str(exc))  # fmt: skip
+            self.redis_auth_ok = False
+            self.metrics.redis_auth_ok.set(0)
+        elif self.redis_reachable:
+            log.warning("redis unreachable", error=str(exc))
+        self.redis_reachable = False
+        self.metrics.redis_up.set(0)
 
     def _default_intake(self, sink: MessageSink) -> GmqttIntake | Mqtt5Intake:
         cfg = self.config
@@ -212,4 +313,6 @@ def build_sink(config: BridgeConfig) -> RedisSink:
         dedup_ttl_s=config.dedup_ttl_s,
         dlq_maxlen=config.dlq_maxlen,
         timeout_s=config.redis_timeout_s,
+        min_replicas=config.redis_min_replicas,
+        replica_timeout_ms=config.redis_replica_timeout_ms,
     )

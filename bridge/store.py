@@ -1,20 +1,35 @@
 """Redis side of the bridge: one pipelined round trip per batch.
 
-A batch becomes one ``EVAL`` of the dedup + append script per shard plus one
+A batch becomes one ``EVALSHA`` of the dedup + append script per shard plus one
 ``XADD orders:dlq`` per dead letter, all sent in one pipeline (redis-py's
 cluster pipeline splits it per node on a Redis Cluster; the shard's hash tag
-keeps each script call on one slot).
+keeps each script call on one slot). The script runs by SHA1
+(:class:`servicekit.redis_scripts.ScriptSet`); after a Redis restart the batch
+answers NOSCRIPT, the script is loaded again and the batch sent again.
+
+The batch travels over up to ``lanes`` connections at once (shards spread
+over them), so that Redis reads it in one event-loop turn and, with
+``appendfsync always``, fsyncs it once.
+
+With ``min_replicas`` > 0 a fence write plus ``WAIT min_replicas timeout``
+follow on one connection: the batch counts as written only once that many
+replicas hold it (:class:`ReplicasShortfall` otherwise).
 
 redis-py's own retries are switched off: the batcher retries whole batches
 itself. The script is idempotent; DLQ entries are at-least-once (a batch
 retried after a lost reply may write a dead letter twice, never zero times).
+
+:meth:`RedisSink.inspect` reads what the bridge reports about Redis itself:
+durability (INFO persistence, CONFIG GET where the ACL allows) and memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
@@ -22,17 +37,55 @@ from typing import Any, Final, Protocol, Self
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisClusterException,
+    RedisError,
+)
 
 from schemas.names import DLQ_STREAM, seen_key, stream_key
+from servicekit.redis_clients import client_options
+from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
-from .errors import StoreError
+from .errors import RedisAuthError, RedisFullError, ReplicasShortfall, StoreError
 from .ingest import DeadLetter, ValidOrder
 
 _encoder: Final = msgspec.msgpack.Encoder()
+_FAILURES: Final = (RedisError, RedisClusterException, OSError)
+FENCE_KEY: Final = "orders:wait-fence"  # in the bridge ACL user's ~orders:* keyspace
+
+
+def store_error(exc: BaseException, what: str) -> StoreError:
+    """The StoreError for a failed Redis call, typed by what Redis said."""
+    if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
+        return RedisAuthError(f"redis refused our credentials during {what}: {exc}")
+    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM"):
+        return RedisFullError(f"redis is at maxmemory during {what}: {exc}")
+    return StoreError(f"{what} failed: {exc!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisState:
+    """What the bridge knows about the Redis it writes to.
+
+    ``durable`` is True when the AOF is on and fsynced before every reply
+    (``appendfsync always``); None when the ACL hides ``appendfsync`` (CONFIG
+    GET) or INFO (the operator vouches for it with ``--redis-assume-fsync-always``).
+    """
+
+    aof_enabled: bool | None  # None: INFO not allowed
+    appendfsync: str | None  # None: CONFIG GET not allowed
+    durable: bool | None
+    used_memory: int
+    maxmemory: int
+
+    @property
+    def full(self) -> bool:
+        """At ``maxmemory``: writes answer OOM."""
+        return self.maxmemory > 0 and self.used_memory >= self.maxmemory
 
 
 class AppendResult(IntEnum):
@@ -60,6 +113,19 @@ class OrderSink(Protocol):
         """One round trip; returns its duration in seconds. Raises StoreError."""
         ...
 
+    async def confirm_replicas(self) -> None:
+        """Wait until the required replicas hold everything written so far.
+
+        Raises:
+            ReplicasShortfall: fewer replicas answered in time.
+            StoreError: the round trip failed.
+        """
+        ...
+
+    async def inspect(self) -> RedisState:
+        """Durability and memory of the Redis we write to. Raises StoreError."""
+        ...
+
 
 class RedisSink:
     """:class:`OrderSink` on a single Redis or a Redis Cluster (async context manager)."""
@@ -72,15 +138,21 @@ class RedisSink:
         dedup_ttl_s: int,
         dlq_maxlen: int,
         timeout_s: float = 5.0,
+        min_replicas: int = 0,
+        replica_timeout_ms: int = 1000,
+        lanes: int = 8,
     ) -> None:
         self._ttl = str(dedup_ttl_s)
         self._dlq_maxlen = dlq_maxlen
-        no_retry = Retry(NoBackoff(), 0)
-        kwargs: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": no_retry,
-        }
+        self._min_replicas = min_replicas
+        self._replica_timeout_ms = replica_timeout_ms
+        self._cluster = cluster
+        self._lanes = lanes
+        self.scripts = ScriptSet({"append": APPEND_SCRIPT})
+        # Load before the first batch and after any failure (Redis may have restarted
+        # and forgotten it; a cluster pipeline does not always say NOSCRIPT plainly).
+        self._load_scripts = True
+        kwargs = client_options(timeout_s)
         self._client: aioredis.Redis | RedisCluster
         if cluster:
             self._client = RedisCluster.from_url(url, **kwargs)
@@ -102,9 +174,73 @@ class RedisSink:
         start = time.perf_counter()
         try:
             await self._client.ping()
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"redis ping failed: {exc!r}") from exc
+        except _FAILURES as exc:
+            raise store_error(exc, "redis ping") from exc
         return time.perf_counter() - start
+
+    async def inspect(self) -> RedisState:
+        try:
+            persistence = await self._info("persistence")
+            memory = await self._info("memory")
+        except NoPermissionError:
+            # The ACL hides INFO: reachable (or the error would differ), facts unknown.
+            await self.ping()
+            return RedisState(None, None, None, 0, 0)
+        except _FAILURES as exc:
+            raise store_error(exc, "redis INFO") from exc
+        appendfsync: str | None
+        try:
+            reply: Any = await self._client.config_get("appendfsync")
+        except NoPermissionError:
+            appendfsync = None
+        except _FAILURES as exc:
+            if "NOPERM" in str(exc) or "unknown command" in str(exc):
+                appendfsync = None
+            else:
+                raise store_error(exc, "redis CONFIG GET") from exc
+        else:
+            appendfsync = _config_value(reply, "appendfsync")
+        aof = all(int(node.get("aof_enabled", 0)) == 1 for node in persistence)
+        durable: bool | None
+        if not aof:
+            durable = False
+        elif appendfsync is None:
+            durable = None
+        else:
+            durable = appendfsync == "always"
+        return RedisState(
+            aof_enabled=aof,
+            appendfsync=appendfsync,
+            durable=durable,
+            used_memory=max(int(node.get("used_memory", 0)) for node in memory),
+            maxmemory=min(int(node.get("maxmemory", 0)) for node in memory),
+        )
+
+    async def _info(self, section: str) -> list[dict[str, Any]]:
+        """INFO ``section`` of every node (one dict on a single Redis)."""
+        if isinstance(self._client, RedisCluster):
+            reply: Any = await self._client.info(section, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            reply = await self._client.info(section)
+        if reply and all(isinstance(value, dict) for value in reply.values()):
+            return list(reply.values())
+        return [reply]
+
+    async def confirm_replicas(self) -> None:
+        if self._min_replicas > 0:
+            await self._fence_and_wait([])
+
+    async def _fence_and_wait(self, results: list[AppendResult]) -> None:
+        # WAIT covers the writes of its own connection: a fresh write on the same
+        # connection (pipeline) puts everything written before it behind the WAIT.
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(FENCE_KEY)
+        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        try:
+            replies = await pipe.execute(raise_on_error=True)
+        except _FAILURES as exc:
+            raise store_error(exc, "redis WAIT") from exc
+        self._check_replicas(int(replies[-1]), results)
 
     async def write(
         self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
@@ -112,9 +248,61 @@ class RedisSink:
         by_shard: dict[int, list[int]] = defaultdict(list)
         for index, order in enumerate(orders):
             by_shard[order.shard].append(index)
-        pipe = self._client.pipeline(transaction=False)
         shard_order = list(by_shard)
+        try:
+            if self._load_scripts and by_shard:
+                await self.scripts.load(self._client)
+                self._load_scripts = False
+            replies = await self._send(orders, dead, by_shard, trim_shards)
+        except _FAILURES as exc:
+            if not is_noscript(exc):
+                self._load_scripts = True
+                raise store_error(exc, "redis batch") from exc
+            # Redis restarted and forgot the script: load it, send the batch again
+            # (the script is idempotent; a dead letter may be written twice).
+            try:
+                await self.scripts.load(self._client)
+                replies = await self._send(orders, dead, by_shard, trim_shards)
+            except _FAILURES as again:
+                self._load_scripts = True
+                raise store_error(again, "redis batch") from again
+        results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
         for shard in shard_order:
+            for index, code in zip(by_shard[shard], replies[shard], strict=True):
+                results[index] = AppendResult(int(code))
+        if self._min_replicas > 0:
+            # The lanes wrote on several connections: a fence write after all of
+            # them, then WAIT on the fence's connection, covers the whole batch.
+            await self._fence_and_wait(results)
+        return results
+
+    def _check_replicas(self, acked: int, results: list[AppendResult]) -> None:
+        if acked < self._min_replicas:
+            raise ReplicasShortfall(
+                f"WAIT: {acked} of {self._min_replicas} replicas confirmed the batch", results
+            )
+
+    async def _send(
+        self,
+        orders: Sequence[ValidOrder],
+        dead: Sequence[DeadLetter],
+        by_shard: dict[int, list[int]],
+        trim_shards: set[int],
+    ) -> dict[int, Any]:
+        """Send the batch over up to ``lanes`` connections at once; the reply per shard.
+
+        Redis reads at most 16 kB per client per event-loop turn and, with
+        ``appendfsync always``, fsyncs once per turn: one connection would make
+        a large batch cost one fsync per 16 kB. Lanes let one turn read the
+        whole batch, so it shares one fsync.
+        """
+        shard_order = list(by_shard)
+        lanes = max(1, min(self._lanes, len(shard_order)))
+        pipes = [self._client.pipeline(transaction=False) for _ in range(lanes)]
+        lane_shards: list[list[int]] = [[] for _ in range(lanes)]
+        for position, shard in enumerate(shard_order):
+            lane = position % lanes
+            lane_shards[lane].append(shard)
             group = [orders[index] for index in by_shard[shard]]
             keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
             meta = _encoder.encode(
@@ -132,9 +320,9 @@ class RedisSink:
             )
             payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
-            pipe.eval(APPEND_SCRIPT, len(keys), *keys, self._ttl, trim, meta, payloads)
+            self.scripts.queue(pipes[lane], "append", keys, [self._ttl, trim, meta, payloads])
         for letter in dead:
-            pipe.xadd(
+            pipes[-1].xadd(
                 DLQ_STREAM,
                 {
                     "reason": letter.reason,
@@ -145,12 +333,27 @@ class RedisSink:
                 maxlen=self._dlq_maxlen,
                 approximate=True,
             )
-        try:
-            replies = await pipe.execute(raise_on_error=True)
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreError(f"redis batch failed: {exc!r}") from exc
-        results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
-        for shard, reply in zip(shard_order, replies, strict=False):
-            for index, code in zip(by_shard[shard], reply, strict=True):
-                results[index] = AppendResult(int(code))
-        return results
+        replies = await asyncio.gather(
+            *(pipe.execute(raise_on_error=True) for pipe in pipes), return_exceptions=True
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        by_reply: dict[int, Any] = {}
+        for shards, reply in zip(lane_shards, replies, strict=True):
+            for shard, codes in zip(shards, reply, strict=False):  # type: ignore[arg-type]
+                by_reply[shard] = codes
+        return by_reply
+
+
+def _config_value(reply: Any, name: str) -> str | None:
+    """One value of a CONFIG GET reply (a dict; per node on a cluster)."""
+    if isinstance(reply, dict):
+        if name in reply or name.encode() in reply:
+            value = reply.get(name, reply.get(name.encode()))
+            return value.decode() if isinstance(value, bytes) else str(value)
+        values = {_config_value(node, name) for node in reply.values() if isinstance(node, dict)}
+        if len(values) == 1:
+            return values.pop()
+        return "mixed" if values else None
+    return None

@@ -25,6 +25,8 @@ from typing import Self
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+# The one Redis configuration production uses (AOF, appendfsync always, maxmemory noeviction).
+REDIS_CONF = Path(__file__).resolve().parents[1] / "redis" / "redis.conf"
 
 
 class ServerError(RuntimeError):
@@ -221,7 +223,14 @@ class MosquittoProcess(ServerProcess):
 
 
 class RedisProcess(ServerProcess):
-    """redis-server on loopback; ``appendonly`` makes it durable across kills."""
+    """redis-server on loopback.
+
+    Without ``conf``: the dev settings (no RDB, AOF only with ``appendonly``,
+    ``appendfsync everysec``), fast for tests that do not stand for production.
+    With ``conf`` (normally :data:`REDIS_CONF`, see :meth:`production`): that
+    file, plus this run's port, bind address and directory; ``maxmemory`` and
+    ``appendfsync`` override the file per run, ``extra_args`` add anything else.
+    """
 
     name = "redis"
 
@@ -232,16 +241,53 @@ class RedisProcess(ServerProcess):
         *,
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
+        conf: Path | None = None,
+        maxmemory: str | None = None,
+        appendfsync: str | None = None,
     ) -> None:
         super().__init__(workdir, port)
         self.appendonly = appendonly
         self.extra_args = extra_args
+        self.conf = conf
+        self.maxmemory = maxmemory
+        self.appendfsync = appendfsync
+
+    @classmethod
+    def production(
+        cls,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        maxmemory: str | None = None,
+        appendfsync: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> RedisProcess:
+        """Redis as production runs it: redis/redis.conf plus per-run overrides."""
+        return cls(
+            workdir,
+            port,
+            conf=REDIS_CONF,
+            maxmemory=maxmemory,
+            appendfsync=appendfsync,
+            extra_args=extra_args,
+        )
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
+        overrides: list[str] = []
+        if self.maxmemory is not None:
+            overrides += ["--maxmemory", self.maxmemory]
+        if self.appendfsync is not None:
+            overrides += ["--appendfsync", self.appendfsync]
+        if self.conf is not None:
+            return [
+                find_binary("redis-server"), str(self.conf),
+                "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                *overrides, *self.extra_args,
+            ]  # fmt: skip
         return [
             find_binary("redis-server"),
             "--port", str(self.port),
@@ -250,6 +296,7 @@ class RedisProcess(ServerProcess):
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
+            *overrides,
             *self.extra_args,
         ]  # fmt: skip
 
@@ -259,5 +306,6 @@ class RedisProcess(ServerProcess):
             socket.create_connection(("127.0.0.1", self.port), 0.5) as sock,
         ):
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # NOAUTH: up, with a password (requirepass or an ACL file).
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         return False

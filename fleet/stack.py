@@ -1,8 +1,10 @@
 """A local stack on free ports: Mosquitto, Redis, order-bridge replicas, order-pipeline.
 
 Every part is a real subprocess the chaos schedule can stop, SIGKILL and
-restart. Redis runs with ``appendonly`` so a stop/start loses nothing; the
-broker runs without persistence, the harsher case (the agents resend).
+restart. Redis runs with the shipped ``redis/redis.conf`` (AOF, ``appendfsync
+always``, ``maxmemory`` with ``noeviction``), so a stop/start or power cut
+loses nothing acknowledged; the broker runs without persistence, the harsher
+case (the agents resend).
 
 ::
 
@@ -39,6 +41,8 @@ class StackSettings:
     # Short, so a SIGKILLed worker's entries are reclaimed within a short run.
     claim_idle_ms: int = 3_000
     broker_persistence: bool = False
+    # Overrides redis/redis.conf's maxmemory for this run (None: the file's value).
+    redis_maxmemory: str | None = None
 
 
 class Stack:
@@ -50,7 +54,7 @@ class Stack:
         self.broker = MosquittoProcess(
             workdir / "mosquitto", persistence=settings.broker_persistence
         )
-        self.redis = RedisProcess(workdir / "redis", appendonly=True)
+        self.redis = RedisProcess.production(workdir / "redis", maxmemory=settings.redis_maxmemory)
         run = uuid.uuid4().hex[:6]
         self.bridges = [self._bridge(i, run) for i in range(settings.bridges)]
         self.pipeline = ServiceProcess(

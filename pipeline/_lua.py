@@ -1,9 +1,10 @@
 """The pipeline's Lua scripts: every state change of an order is one of these, atomic in Redis.
 
 Each takes a whole batch in one EVALSHA (one round trip, one reply), which is
-what makes the per-order cost small. They are loaded with SCRIPT LOAD and
-loaded again when Redis lost its script cache (a restart); running a script
-again is safe because every one is idempotent.
+what makes the per-order cost small. They run by SHA1 through
+:class:`servicekit.redis_scripts.ScriptSet` (EVALSHA, SCRIPT LOAD again on
+NOSCRIPT), the same helper the bridge uses; running a script again is safe
+because every one is idempotent.
 
 Pipeline keys are not hash-tagged per slot (the stock hash is shared by all
 orders), so these scripts need a single Redis node, not a cluster.
@@ -11,10 +12,9 @@ orders), so these scripts need a single Redis node, not a cluster.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from servicekit.redis_scripts import ScriptSet
 
 # Every script below works on a whole batch in one call: orders are handled in
 # the order given (the worker sorts by device and seq), each order atomically.
@@ -45,7 +45,7 @@ end
 return out
 """
 
-# KEYS: events, stock. ARGV: now_ms, events maxlen, JSON list of
+# KEYS: events, stock, retention index. ARGV: now_ms, events maxlen, JSON list of
 #   [record, history, reservation, expected status ('' = no record yet),
 #    {field, value, ...} to HSET (status, reason, done markers, last_error; for a
 #    new record also its fixed fields), {[status, step, reason], ...} transitions,
@@ -54,11 +54,14 @@ return out
 # the status (statuses only move forward, so an equal status means nobody
 # stored anything in between) guards against a consumer that raced us.
 # Entering rejected/failed gives a held reservation back in the same atomic
-# step. Returns per order 1 (stored) or -1 (the record moved under us: nothing
-# stored).
+# step. An order that ends (fulfilled, rejected, failed) with retention_ms > 0
+# (ARGV[4]) gets its record, history and reservation expiring then, and an
+# entry in the retention index (score: when) so its index members go too.
+# Returns per order 1 (stored) or -1 (the record moved under us: nothing stored).
 COMMIT: Final = """
 local events, stock, now, maxlen, out = KEYS[1], KEYS[2], ARGV[1], ARGV[2], {}
 local at = tonumber(now)
+local keep = tonumber(ARGV[4] or '0')
 for _, o in ipairs(cjson.decode(ARGV[3])) do
   local rec, hist, res, expected, fields, changes = o[1], o[2], o[3], o[4], o[5], o[6]
   local status = redis.call('HGET', rec, 'status')
@@ -88,6 +91,10 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
           end
         end
         redis.call('HSET', res, '_state', 'released')
+      end
+      if keep > 0 and (final == 'rejected' or final == 'failed' or final == 'fulfilled') then
+        for _, key in ipairs({rec, hist, res}) do redis.call('PEXPIRE', key, keep) end
+        redis.call('ZADD', KEYS[3], at + keep, cjson.encode({o[9], o[10], o[11], o[8]}))
       end
     end
     out[#out + 1] = 1
@@ -137,38 +144,44 @@ end
 return out
 """
 
-# KEYS: dlq, replayed marker, target stream. ARGV: dlq entry id, then field/value pairs.
+# KEYS: dlq, replayed marker, target stream. ARGV: dlq entry id, marker ttl_s, then
+# field/value pairs. Appends the order to its shard stream, remembers it, and
+# removes the entry from the DLQ, all at once.
 # Returns {1, new id} or {0, id it was replayed as before}.
 REPLAY: Final = """
 local done = redis.call('GET', KEYS[2])
 if done then return {0, done} end
-local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[2], id)
+local id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 3))
+redis.call('SET', KEYS[2], id, 'EX', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, id}
 """
 
-_SOURCES: Final = {"load": LOAD, "commit": COMMIT, "reserve": RESERVE, "replay": REPLAY}
+# KEYS: retention index. ARGV: now_ms, limit. Removes the index members of up to
+# `limit` orders whose retention ended (their keys expired by TTL meanwhile):
+# the device index member and the device in the order-id set. Returns how many.
+FORGET: Final = """
+local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local o = cjson.decode(member)
+  redis.call('ZREM', o[1], o[2])
+  redis.call('SREM', o[3], o[4])
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+_SOURCES: Final = {
+    "load": LOAD,
+    "commit": COMMIT,
+    "reserve": RESERVE,
+    "replay": REPLAY,
+    "forget": FORGET,
+}
 
 
-class Scripts:
-    """SHA1s of the loaded scripts, by name."""
+class Scripts(ScriptSet):
+    """The pipeline's scripts, run through :class:`servicekit.redis_scripts.ScriptSet`."""
 
     def __init__(self) -> None:
-        self.sha: dict[str, str] = {}
-
-    async def load(self, client: aioredis.Redis) -> None:
-        """SCRIPT LOAD every script (cheap, idempotent)."""
-        for name, source in _SOURCES.items():
-            self.sha[name] = await client.script_load(source)
-
-    async def evalsha(
-        self, client: aioredis.Redis, name: str, keys: list[str], args: list[Any]
-    ) -> Any:
-        """EVALSHA one script, loading the cache again if Redis forgot it."""
-        if name not in self.sha:
-            await self.load(client)
-        try:
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
-        except NoScriptError:
-            await self.load(client)
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+        super().__init__(_SOURCES)

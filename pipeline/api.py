@@ -13,12 +13,13 @@ from importlib import resources
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.exceptions import RedisError
 
 from ._lua import Scripts
-from .dlq import decode_cursor, encode_cursor, list_dead_letters, replay
+from .dlq import QUEUES, decode_cursor, encode_cursor, list_dead_letters, replay, resolve
 from .errors import ReplayError
 from .metrics import ApiMetrics
 from .names import device_index_key, order_key
@@ -69,6 +70,7 @@ def create_app(
     app.router.add_get("/v1/devices/{device_id}/orders/{order_id}", get_device_order)
     app.router.add_get("/v1/dlq", list_dlq)
     app.router.add_post("/v1/dlq/{entry_id}/replay", replay_dlq)
+    app.router.add_post("/v1/dlq/{entry_id}/resolve", resolve_dlq)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
@@ -172,6 +174,8 @@ async def list_device_orders(request: web.Request) -> web.Response:
         rows = await pipe.execute()
     items = []
     for row in rows:
+        if all(value is None for value in row):
+            continue  # its retention ended; the worker trims the index soon
         summary: dict[str, Any] = dict(
             zip(_SUMMARY_FIELDS, (text(v) if v is not None else None for v in row), strict=True)
         )
@@ -188,15 +192,25 @@ async def list_device_orders(request: web.Request) -> web.Response:
 
 
 async def list_dlq(request: web.Request) -> web.Response:
-    """``GET /v1/dlq``: dead-lettered entries, oldest first (same cursor rules as above)."""
+    """``GET /v1/dlq?queue=pipeline|intake``: dead letters, oldest first (same cursors).
+
+    ``pipeline`` (default): accepted orders the pipeline gave up on, replayable;
+    ``intake``: what the bridge refused (device garbage), read-only and capped.
+    """
     limit = _limit(request)
     if isinstance(limit, web.Response):
         return limit
+    queue = request.query.get("queue", "pipeline")
+    if queue not in QUEUES:
+        return problem(400, "invalid-parameter", "Invalid parameter",
+                       "queue is pipeline or intake", parameter="queue")  # fmt: skip
     cursor = request.query.get("cursor")
     try:
         if cursor is not None and not _is_entry_id(decode_cursor(cursor)):
             return _bad_cursor()
-        items, has_more = await list_dead_letters(request.app[REDIS], cursor, limit)
+        items, has_more = await list_dead_letters(
+            request.app[REDIS], cursor, limit, "intake" if queue == "intake" else "pipeline"
+        )
     except ValueError:
         return _bad_cursor()
     next_cursor = encode_cursor(items[-1]["id"]) if items else cursor
@@ -222,6 +236,21 @@ async def replay_dlq(request: web.Request) -> web.Response:
                            replayed_as=exc.replayed_as)  # fmt: skip
         return problem(422, "not-replayable", "Not replayable", exc.detail)
     return web.json_response({"entry_id": entry_id, "replayed_as": new_id}, status=202)
+
+
+async def resolve_dlq(request: web.Request) -> web.Response:
+    """``POST /v1/dlq/{entry_id}/resolve``: an operator settled it by hand; it leaves the DLQ."""
+    entry_id = request.match_info["entry_id"]
+    if not _is_entry_id(entry_id):
+        return problem(
+            400, "invalid-parameter", "Invalid parameter", "bad entry_id", parameter="entry_id"
+        )
+    try:
+        await resolve(request.app[REDIS], entry_id)
+    except ReplayError as exc:
+        return problem(404, "dlq-entry-not-found", "DLQ entry not found", exc.detail)
+    structlog.get_logger(__name__).warning("dlq_entry_resolved", entry_id=entry_id)
+    return web.json_response({"entry_id": entry_id, "resolved": True})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
+from servicekit.loops import failed_loops
 
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
@@ -69,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(config, worker_only=args.command == "worker"))
     except (PipelineError, RedisError, OSError) as exc:
         log.exception("fatal", error=repr(exc))
+        return 1
+    except Exception as exc:
+        loops = failed_loops(exc)
+        if not loops:
+            raise
+        log.critical("exiting: a background loop failed", loops=[f.loop for f in loops])
         return 1
 
 

@@ -41,3 +41,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     status_client: str = "gmqtt"  # or "paho" (pipeline.status.MqttStatusPublisher)
     status_window: int = 500  # status messages in flight (gmqtt), below the broker's limit
     shutdown_grace_s: float = 10.0
+    # Cap of every retry wait (servicekit.backoff): after an outage the worker is back
+    # within about this long, however long the outage lasted.
+    backoff_max_s: float = 1.0
+    # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
+    # record, history, reservation and index entries. 0 keeps them for ever.
+    retention_days: float = 30.0

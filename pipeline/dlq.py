@@ -1,11 +1,18 @@
-"""The dead-letter queue ``orders:dlq``: writing entries, paging them, replaying them once.
+"""The pipeline's dead-letter queue ``pipeline:dlq``: writing, paging, replaying once, resolving.
+
+Dead letters of accepted orders live in their own stream, ``pipeline:dlq``,
+which nothing trims: an entry leaves it only when it is replayed (back into its
+shard stream, once) or resolved by an operator. The bridge's intake DLQ
+``orders:dlq`` (device garbage, capped at ``--dlq-maxlen``) is listed read-only
+(``queue="intake"``); a garbage flood there can never push an accepted order out.
 
 A pipeline DLQ entry carries the contract's fields (``reason``, ``topic``,
 ``payload``, ``received_at``) plus what an operator needs to re-drive it:
 ``source`` = ``pipeline``, the source ``stream`` and ``entry_id``, the
 ``order_id``, ``device_id``, ``seq``, the ``deliveries`` count and the last
 ``error``. Entries the bridge wrote (undecodable messages) have no source
-stream and cannot be replayed.
+stream and cannot be replayed. (Older releases wrote pipeline entries into
+``orders:dlq``; replay still finds them there.)
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 
@@ -22,12 +29,14 @@ from schemas.names import DLQ_STREAM, PIPELINE_GROUP, orders_topic, shard_of, st
 
 from ._lua import Scripts
 from .errors import ReplayError
-from .names import replayed_key
+from .names import PIPELINE_DLQ_STREAM, REPLAYED_MARKER_TTL_S, replayed_key
 from .records import StreamEntry, text
 
 SOURCE: Final = "pipeline"
 MAX_DELIVERIES_REASON: Final = "max_deliveries"
 _REPLAY_FIELDS: Final = ("order_id", "device_id", "seq", "received_at", "payload")
+Queue = Literal["pipeline", "intake"]
+QUEUES: Final[dict[str, str]] = {"pipeline": PIPELINE_DLQ_STREAM, "intake": DLQ_STREAM}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +49,7 @@ class DeadLetter:
 
 
 async def dead_letter(client: aioredis.Redis, letters: Sequence[DeadLetter]) -> None:
-    """Append each to ``orders:dlq`` and XACK its source entry, atomically (MULTI/EXEC)."""
+    """Append each to ``pipeline:dlq`` and XACK its source entry, atomically (MULTI/EXEC)."""
     if not letters:
         return
     async with client.pipeline(transaction=True) as pipe:
@@ -48,7 +57,7 @@ async def dead_letter(client: aioredis.Redis, letters: Sequence[DeadLetter]) -> 
             fields = letter.entry.fields
             device_id = text(fields.get("device_id", b""))
             pipe.xadd(
-                DLQ_STREAM,
+                PIPELINE_DLQ_STREAM,
                 {
                     "reason": letter.reason,
                     "topic": orders_topic(device_id) if device_id else "",
@@ -93,11 +102,11 @@ def describe(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
 
 
 async def list_dead_letters(
-    client: aioredis.Redis, cursor: str | None, limit: int
+    client: aioredis.Redis, cursor: str | None, limit: int, queue: Queue = "pipeline"
 ) -> tuple[list[dict[str, Any]], bool]:
-    """A page of DLQ entries after ``cursor``, oldest first, and whether more follow."""
+    """A page of ``queue``'s entries after ``cursor``, oldest first, and whether more follow."""
     start = "-" if cursor is None else f"({decode_cursor(cursor)}"
-    rows: Any = await client.xrange(DLQ_STREAM, min=start, max="+", count=limit + 1)
+    rows: Any = await client.xrange(QUEUES[queue], min=start, max="+", count=limit + 1)
     return [describe(text(entry_id), fields) for entry_id, fields in rows[:limit]], len(
         rows
     ) > limit
@@ -106,26 +115,46 @@ async def list_dead_letters(
 async def replay(client: aioredis.Redis, scripts: Scripts, entry_id: str, shards: int) -> str:
     """Put a dead-lettered order back into its shard stream, once; return the new entry id.
 
-    The shard is recomputed from the device id with the deployment's shard
-    count, so a replay lands where the device's orders live now.
+    The entry leaves the DLQ in the same atomic step. The shard is recomputed
+    from the device id with the deployment's shard count, so a replay lands
+    where the device's orders live now.
 
     Raises:
         ReplayError: ``not_found``, ``not_replayable`` or ``already_replayed``.
     """
-    rows: Any = await client.xrange(DLQ_STREAM, min=entry_id, max=entry_id, count=1)
-    if not rows:
-        raise ReplayError("not_found", f"no DLQ entry {entry_id}")
-    fields = {text(k): v for k, v in rows[0][1].items()}
+    before: Any = await client.get(replayed_key(entry_id))
+    if before:
+        raise ReplayError("already_replayed", f"{entry_id} was replayed", replayed_as=text(before))
+    stream, fields = await _find(client, entry_id)
     if text(fields.get("source", b"")) != SOURCE or not fields.get("device_id"):
         raise ReplayError("not_replayable", f"DLQ entry {entry_id} holds no accepted order")
     target = stream_key(shard_of(text(fields["device_id"]), shards))
-    args: list[Any] = [entry_id]
+    args: list[Any] = [entry_id, REPLAYED_MARKER_TTL_S]
     for name in _REPLAY_FIELDS:
         args += [name, fields.get(name, b"")]
     args += ["replay_of", entry_id]
-    done, new_id = await scripts.evalsha(
-        client, "replay", [DLQ_STREAM, replayed_key(entry_id), target], args
+    done, new_id = await scripts.run(
+        client, "replay", [stream, replayed_key(entry_id), target], args
     )
     if not done:
         raise ReplayError("already_replayed", f"{entry_id} was replayed", replayed_as=text(new_id))
     return text(new_id)
+
+
+async def resolve(client: aioredis.Redis, entry_id: str) -> None:
+    """An operator settled a dead letter by hand: remove it from ``pipeline:dlq``.
+
+    Raises:
+        ReplayError: ``not_found``.
+    """
+    if not await client.xdel(PIPELINE_DLQ_STREAM, entry_id):
+        raise ReplayError("not_found", f"no pipeline DLQ entry {entry_id}")
+
+
+async def _find(client: aioredis.Redis, entry_id: str) -> tuple[str, dict[str, bytes]]:
+    """The stream holding DLQ entry ``entry_id`` and its fields (pipeline DLQ first)."""
+    for stream in (PIPELINE_DLQ_STREAM, DLQ_STREAM):
+        rows: Any = await client.xrange(stream, min=entry_id, max=entry_id, count=1)
+        if rows:
+            return stream, {text(k): v for k, v in rows[0][1].items()}
+    raise ReplayError("not_found", f"no DLQ entry {entry_id}")

@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 
+from .names import PIPELINE_DLQ_STREAM
 from .records import text
 
 STEP_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -76,6 +77,11 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.dlq_size = Gauge("pipeline_dlq_size", "Entries in orders:dlq", registry=self.registry)
+        self.dead_letters = Gauge(
+            "pipeline_dead_letters",
+            "Entries in pipeline:dlq (never trimmed)",
+            registry=self.registry,
+        )
 
     async def refresh(self, client: aioredis.Redis) -> None:
         """Read XINFO GROUPS of every shard and XLEN of the DLQ (one round trip)."""
@@ -83,8 +89,9 @@ class ApiMetrics:
             for shard in range(self.shards):
                 pipe.xinfo_groups(stream_key(shard))
             pipe.xlen(DLQ_STREAM)
+            pipe.xlen(PIPELINE_DLQ_STREAM)
             replies = await pipe.execute(raise_on_error=False)
-        for shard, groups in enumerate(replies[:-1]):
+        for shard, groups in enumerate(replies[: self.shards]):
             pending = lag = 0
             if not isinstance(groups, ResponseError):  # the stream may not exist yet
                 for group in groups:
@@ -93,8 +100,9 @@ class ApiMetrics:
                         lag = int(group.get("lag") or 0)
             self.pending.labels(shard=str(shard)).set(pending)
             self.lag.labels(shard=str(shard)).set(lag)
-        dlq = replies[-1]
+        dlq, dead = replies[-2], replies[-1]
         self.dlq_size.set(0 if isinstance(dlq, ResponseError) else int(dlq))
+        self.dead_letters.set(0 if isinstance(dead, ResponseError) else int(dead))
 
     def exposition(
         self, worker_registry: CollectorRegistry | None, multiproc_dir: str | None

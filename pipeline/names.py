@@ -12,6 +12,14 @@ EVENTS_MAXLEN: Final = 1_000_000
 CATALOG_KEY: Final = "pipeline:catalog"  # hash sku -> unit price (minor units)
 CATALOG_META_KEY: Final = "pipeline:catalog:meta"  # hash: currency, loaded_at
 STOCK_KEY: Final = "pipeline:stock"  # hash sku -> units on hand
+# Dead letters of accepted orders: never trimmed; only replay or an operator's resolve
+# empties it. (The bridge's intake DLQ, schemas.names.DLQ_STREAM, keeps its cap.)
+PIPELINE_DLQ_STREAM: Final = "pipeline:dlq"
+# Terminal orders by the time their retention ends (a zset), so the worker can drop
+# their members from the device and order-id indexes once their keys expired.
+RETENTION_KEY: Final = "pipeline:retention"
+# How long a replayed DLQ entry's marker answers "already replayed".
+REPLAYED_MARKER_TTL_S: Final = 30 * 24 * 3600
 TERMINAL_STATUSES: Final = frozenset({"rejected", "failed", "fulfilled"})
 
 

@@ -13,6 +13,8 @@ import random
 from collections.abc import Sequence
 from typing import Protocol
 
+from servicekit.backoff import Backoff
+
 from .errors import PaymentDeclined, TransientError
 from .records import OrderContext
 from .steps import Step, StepDeps, register
@@ -92,6 +94,7 @@ class PayStep:
     async def _pay(self, ctx: OrderContext) -> None:
         order = ctx.order
         key = f"{order.device_id}:{order.order_id}"
+        backoff = Backoff(self.backoff_s, MAX_BACKOFF_S)
         for attempt in range(1, self.attempts + 1):
             try:
                 await self.gateway.charge(key, order.total, order.currency, attempt)
@@ -102,7 +105,7 @@ class PayStep:
                 if attempt == self.attempts:
                     ctx.fail(PAYMENT_UNAVAILABLE)
                     return
-                await asyncio.sleep(min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)))
+                await backoff.wait()
             else:
                 ctx.advance("confirmed")
                 return

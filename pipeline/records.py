@@ -28,6 +28,7 @@ from ._lua import Scripts
 from .names import (
     EVENTS_MAXLEN,
     EVENTS_STREAM,
+    RETENTION_KEY,
     STOCK_KEY,
     TERMINAL_STATUSES,
     device_index_key,
@@ -142,7 +143,7 @@ async def load(
     :func:`commit`.
     """
     keys = [order_key(order.device_id, order.order_id) for _entry, order in batch]
-    replies = await scripts.evalsha(client, "load", [], [_json(keys)])
+    replies = await scripts.run(client, "load", [], [_json(keys)])
     out = []
     for (entry, order), reply in zip(batch, replies, strict=True):
         if not reply:
@@ -180,9 +181,15 @@ def _row(ctx: OrderContext, now: str) -> tuple[Any, ...]:
 
 
 async def commit(
-    client: aioredis.Redis, scripts: Scripts, batch: Sequence[OrderContext]
+    client: aioredis.Redis,
+    scripts: Scripts,
+    batch: Sequence[OrderContext],
+    *,
+    retention_ms: int = 0,
 ) -> list[OrderContext]:
     """Store what the batch did to each order, each atomically, in one script call.
+
+    An order that ends here expires ``retention_ms`` later (0: kept for ever).
 
     Returns the contexts stored now (their ``changes`` are to be published);
     contexts whose record moved under them are marked ``stale`` and store
@@ -193,8 +200,11 @@ async def commit(
         return []
     now = now_ms()
     rows = [_row(ctx, str(now)) for ctx in todo]
-    replies = await scripts.evalsha(
-        client, "commit", [EVENTS_STREAM, STOCK_KEY], [now, EVENTS_MAXLEN, _json(rows)]
+    replies = await scripts.run(
+        client,
+        "commit",
+        [EVENTS_STREAM, STOCK_KEY, RETENTION_KEY],
+        [now, EVENTS_MAXLEN, _json(rows), retention_ms],
     )
     stored = []
     for ctx, code in zip(todo, replies, strict=True):
@@ -204,6 +214,16 @@ async def commit(
             ctx.stored = ctx.status
             stored.append(ctx)
     return stored
+
+
+async def forget_expired(
+    client: aioredis.Redis, scripts: Scripts, *, limit: int = 1000, now: int | None = None
+) -> int:
+    """Drop index members of orders whose retention ended; returns how many orders."""
+    forgotten: int = await scripts.run(
+        client, "forget", [RETENTION_KEY], [now_ms() if now is None else now, limit]
+    )
+    return forgotten
 
 
 async def find_devices(client: aioredis.Redis, order_id: str) -> list[str]:

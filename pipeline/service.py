@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 
 import msgspec
@@ -23,7 +24,10 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
+from servicekit.loops import critical
+from servicekit.redis_clients import client_options
 
 from ._lua import Scripts
 from .api import create_app
@@ -34,9 +38,21 @@ from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0  # first restart within this; doubling (capped) while a worker crash-loops
+RESTART_DELAY_MAX_S = 30.0
+HEALTHY_RUN_S = 10.0  # a worker that lived this long resets the restart back-off
 SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
 ORPHAN_CHECK_S = 1.0
+
+
+def redis_client(config: PipelineConfig) -> aioredis.Redis:
+    """A client without redis-py's own retries (the worker backs off itself).
+
+    The socket timeout outlasts the XREADGROUP block.
+    """
+    return aioredis.Redis.from_url(
+        config.redis_url, **client_options(max(5.0, config.block_ms / 1000 + 5.0))
+    )
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -50,29 +66,36 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     """One worker until ``stop``; after the grace period a batch still running is cancelled."""
     consumer = config.consumer or default_consumer_name()
     config = msgspec.structs.replace(config, consumer=consumer)
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
     scripts = Scripts()
     try:
         async with status_publisher(config, f"pipeline-{consumer}") as publisher:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
-            work = asyncio.create_task(worker.run(stop), name="worker")
-            watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
-            stopping = asyncio.create_task(stop.wait(), name="wait-stop")
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            watchdog.cancel()
-            try:
-                # The worker notices `stop` after its batch in hand (or the read's block).
-                async with asyncio.timeout(config.shutdown_grace_s):
-                    await asyncio.shield(work)
-            except TimeoutError:
-                log.warning("shutdown_grace_exceeded", grace_s=config.shutdown_grace_s)
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+            # One TaskGroup owns the loops; a loop that cannot go on raises LoopFailed
+            # (logged with its name), the group cancels the rest, the process exits 1.
+            async with asyncio.TaskGroup() as tasks:
+                work = tasks.create_task(critical("worker", worker.run(stop)), name="worker")
+                tasks.create_task(
+                    critical("watch-supervisor", _watch_supervisor(stop)), name="watch-supervisor"
+                )
+                tasks.create_task(
+                    _cancel_after_grace(stop, work, config.shutdown_grace_s), name="grace"
+                )
     finally:
         await client.aclose()
+
+
+async def _cancel_after_grace(
+    stop: asyncio.Event, work: asyncio.Task[None], grace_s: float
+) -> None:
+    """After ``stop``, give the worker ``grace_s`` to finish its batch, then cancel it."""
+    await stop.wait()
+    # The worker notices `stop` after its batch in hand (or the read's block).
+    done, _ = await asyncio.wait({work}, timeout=grace_s)
+    if not done:
+        log.warning("shutdown_grace_exceeded", grace_s=grace_s)
+        work.cancel()
 
 
 async def _watch_supervisor(stop: asyncio.Event) -> None:
@@ -105,7 +128,9 @@ def worker_env(
 
 
 async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -> None:
+    backoff = Backoff(RESTART_DELAY_S, RESTART_DELAY_MAX_S)
     while not stop.is_set():
+        started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pipeline.cli", "worker", env=env
         )
@@ -121,9 +146,13 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
             log.info("worker_process_stopped", index=index, pid=process.pid, rc=process.returncode)
             return
         stopping.cancel()
-        log.error("worker_process_died", index=index, pid=process.pid, rc=process.returncode)
+        if time.monotonic() - started >= HEALTHY_RUN_S:
+            backoff.reset()
+        delay_s = backoff.next_delay()
+        log.error("worker_process_died", index=index, pid=process.pid, rc=process.returncode,
+                  restart_in_s=round(delay_s, 3))  # fmt: skip
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RESTART_DELAY_S):
+            async with asyncio.timeout(delay_s):
                 await stop.wait()
 
 
@@ -147,7 +176,10 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         env = worker_env(config, os.environ, multiproc_dir)
         async with asyncio.TaskGroup() as group:
             for index in range(config.workers):
-                group.create_task(_supervise_one(index, env, stop), name=f"supervise-{index}")
+                group.create_task(
+                    critical(f"supervise-worker-{index}", _supervise_one(index, env, stop)),
+                    name=f"supervise-{index}",
+                )
             group.create_task(stop.wait(), name="wait-stop")
     finally:
         if runner is not None:

@@ -34,7 +34,7 @@ async def reserve(
         )
         for ctx in batch
     ]
-    replies = await scripts.evalsha(client, "reserve", [STOCK_KEY], [msgspec.json.encode(rows)])
+    replies = await scripts.run(client, "reserve", [STOCK_KEY], [msgspec.json.encode(rows)])
     return [text(r) for r in replies]
 
 

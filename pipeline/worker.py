@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import socket
 import time
 from collections import Counter, defaultdict
@@ -40,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
 from ._lua import Scripts
@@ -47,12 +47,21 @@ from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
 from .names import history_key, order_key
-from .records import PUBLISHED_STATUSES, OrderContext, StreamEntry, commit, load, text
+from .records import (
+    PUBLISHED_STATUSES,
+    OrderContext,
+    StreamEntry,
+    commit,
+    forget_expired,
+    load,
+    text,
+)
 from .status import StatusPublisher
 from .steps import Step
 
 log = structlog.get_logger(__name__)
-MAX_BACKOFF_S = 10.0
+BACKOFF_BASE_S = 0.01
+LOG_EVERY_FAILURES = 1000  # during a long outage, one warning per this many failed tries
 CLEANUP_EVERY_S = 60.0
 
 
@@ -92,6 +101,9 @@ class Worker:
         self.consumer = config.consumer or default_consumer_name()
         self.streams = [stream_key(shard) for shard in range(config.shards)]
         self.batches = 0  # finished batches, for tests and logs
+        self.retention_ms = round(config.retention_days * 86_400_000)
+        self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
+        self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
 
     async def setup(self) -> None:
         """Create the group on every shard stream (from id 0, MKSTREAM) and load the scripts."""
@@ -106,17 +118,21 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is always finished and acked.
 
-        Redis errors do not end the worker: it backs off (capped, jittered) and
-        carries on; whatever it held stays pending and is reclaimed.
+        Redis errors do not end the worker, however long they last: it backs
+        off (:class:`servicekit.backoff.Backoff`, capped at ``backoff_max_s`` and
+        reset once Redis answers again, so it is back within the cap after any
+        outage) and carries on; whatever it held stays pending and is reclaimed.
+        The wait ends early on ``stop``.
         """
-        failures = 0
         while not stop.is_set():
             try:
                 await self._run(stop)
             except (RedisError, OSError) as exc:
-                failures += 1
-                delay_s = random.uniform(0, min(MAX_BACKOFF_S, 0.1 * 2**failures))
-                log.warning("redis_error", error=repr(exc), retry_in_s=round(delay_s, 3))
+                self.failures += 1
+                delay_s = self.backoff.next_delay()
+                if self.failures == 1 or self.failures % LOG_EVERY_FAILURES == 0:
+                    log.warning("redis_error", error=repr(exc), failures=self.failures,
+                                retry_in_s=round(delay_s, 3))  # fmt: skip
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay_s):
                         await stop.wait()
@@ -138,6 +154,7 @@ class Worker:
                 if time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + CLEANUP_EVERY_S
                     await self.forget_dead_consumers()
+                    await self.forget_expired_orders()
                 entries: list[StreamEntry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every_s
@@ -145,14 +162,32 @@ class Worker:
                 if not entries:
                     entries = await self.read()
                 if not entries:
+                    self._worked()
                     continue
                 settled = await self.settle(entries)
+                self._worked()
                 if finishing is not None:
                     await finishing
                 finishing = asyncio.create_task(self.finish(settled), name="finish-batch")
         finally:
             if finishing is not None:
                 await finishing
+
+    def _worked(self) -> None:
+        """A loop turn went through: the next failure starts backing off from scratch."""
+        if self.failures:
+            log.info("redis_ok_again", failures=self.failures)
+            self.failures = 0
+        self.backoff.reset()
+
+    async def forget_expired_orders(self) -> int:
+        """Trim the device and order-id indexes of orders whose retention ended."""
+        total = 0
+        while (done := await forget_expired(self.redis, self.scripts)) > 0:
+            total += done
+        if total:
+            log.info("forgot_expired_orders", orders=total)
+        return total
 
     async def forget_dead_consumers(self) -> None:
         """XGROUP DELCONSUMER consumers that hold nothing and were idle for long.
@@ -294,7 +329,7 @@ class Worker:
                 ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
         started = time.perf_counter()
-        stored = await commit(self.redis, self.scripts, ctxs)
+        stored = await commit(self.redis, self.scripts, ctxs, retention_ms=self.retention_ms)
         self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
         at = now_ms()
         statuses += [

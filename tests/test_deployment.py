@@ -75,14 +75,15 @@ def test_every_service_has_an_image_and_a_healthcheck(compose: dict[str, Any]) -
 
 
 def test_bridge_runs_two_replicas_on_durable_stores(compose: dict[str, Any]) -> None:
-    """Two bridge replicas share the subscription; Redis keeps AOF and data on a volume."""
+    """Two bridge replicas share the subscription; Redis runs redis/redis.conf, data on a volume."""
     services = compose["services"]
     assert services["bridge"]["deploy"]["replicas"] == 2
-    assert "--appendonly" in services["redis"]["command"]
-    assert (
-        services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1]
-        == "yes"
-    )
+    redis_service = services["redis"]
+    (mounted,) = redis_service["configs"]
+    assert redis_service["command"][:2] == ["redis-server", mounted["target"]]
+    assert compose["configs"][mounted["source"]]["file"] == "./redis/redis.conf"
+    conf = (REPO / "redis" / "redis.conf").read_text().splitlines()
+    assert {"appendonly yes", "appendfsync always", "maxmemory-policy noeviction"} <= set(conf)
     declared = set(compose["volumes"])
     for service in services.values():
         for volume in service.get("volumes", []):

@@ -153,7 +153,9 @@ class BridgeProcess:
             "--mqtt-url", mqtt_url, "--redis-url", redis_url,
             "--client-id", self.client_id, "--http-port", str(self.http_port),
             "--http-host", "127.0.0.1", "--shards", "4", "--rate-per-s", "0",
-            "--log-level", "info", *extra,
+            # The shared test Redis runs the dev settings (no AOF); tests that stand
+            # for production start Redis with redis/redis.conf and turn this back on.
+            "--log-level", "info", "--no-redis-require-durable", *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -9,7 +9,7 @@ from bridge.batcher import ACCEPTED, DUPLICATE, Batcher, Outcome
 from bridge.errors import StoreError
 from bridge.ingest import DeadLetter, ValidOrder
 from bridge.metrics import BridgeMetrics
-from bridge.store import AppendResult
+from bridge.store import AppendResult, RedisState
 
 
 def order(seq: int, device: str = "d") -> ValidOrder:
@@ -49,6 +49,14 @@ class FakeSink:
 
     async def ping(self) -> float:
         return 0.0
+
+    async def confirm_replicas(self) -> None:
+        return None
+
+    async def inspect(self) -> RedisState:
+        return RedisState(
+            aof_enabled=True, appendfsync="always", durable=True, used_memory=0, maxmemory=0
+        )
 
 
 def make(sink: FakeSink, max_batch: int = 10) -> Batcher:

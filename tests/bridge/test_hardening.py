@@ -14,7 +14,7 @@ from bridge.config import BridgeConfig
 from bridge.ingest import DeadLetter, ValidOrder
 from bridge.metrics import BridgeMetrics
 from bridge.service import Bridge
-from bridge.store import AppendResult
+from bridge.store import AppendResult, RedisState
 from schemas.names import DLQ_STREAM
 from tests.bridge.conftest import BridgeProcess, Publisher, make_order, wait_for
 
@@ -29,6 +29,14 @@ class NullSink:
 
     async def ping(self) -> float:
         return 0.0
+
+    async def confirm_replicas(self) -> None:
+        return None
+
+    async def inspect(self) -> RedisState:
+        return RedisState(
+            aof_enabled=True, appendfsync="always", durable=True, used_memory=0, maxmemory=0
+        )
 
 
 def test_invalid_topic_ids_leave_no_per_device_state() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
+from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
+from fleet.stack import Stack, StackSettings
 from schemas import Item, Order, decode_order, encode
 from schemas.names import orders_topic, shard_of, stream_key
 
@@ -102,3 +104,27 @@ def test_mosquitto_persistence_file_is_really_written(
     server = mosquitto_factory(persistence=True)
     server.stop()
     assert (server.workdir / "mosquitto.db").exists(), server.log_tail()
+
+
+def test_production_redis_runs_the_shipped_config(tmp_path: Path) -> None:
+    """RedisProcess.production loads redis/redis.conf; per-run overrides win over the file."""
+    with (
+        RedisProcess.production(tmp_path / "redis", maxmemory="64mb") as server,
+        redis.Redis.from_url(server.url, decode_responses=True) as client,
+    ):
+        config = client.config_get("*")
+        assert config["appendonly"] == "yes"
+        assert config["appendfsync"] == "always"
+        assert config["maxmemory-policy"] == "noeviction"
+        assert config["maxmemory"] == str(64 * 1024 * 1024)
+        assert config["save"] == ""
+        assert config["dir"] == str(tmp_path / "redis")
+        assert client.info("persistence")["aof_enabled"] == 1
+    assert "appendfsync always" in REDIS_CONF.read_text().splitlines()
+
+
+def test_stack_redis_is_the_production_one(tmp_path: Path) -> None:
+    """fleet-sim's stack (make stack, make demo) starts Redis from redis/redis.conf."""
+    stack = Stack(tmp_path, StackSettings(redis_maxmemory="128mb"))
+    assert stack.redis.conf == REDIS_CONF
+    assert stack.redis.maxmemory == "128mb"

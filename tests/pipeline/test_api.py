@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
@@ -11,6 +12,7 @@ from redis.typing import EncodableT, FieldT
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter
+from pipeline.names import PIPELINE_DLQ_STREAM
 from pipeline.records import StreamEntry, commit, load, text
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
@@ -123,7 +125,7 @@ async def test_an_order_id_on_two_devices_is_ambiguous_without_the_device(
 
 
 async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.Redis) -> None:
-    """DLQ paging walks every entry once; an entry without an accepted order is refused (422)."""
+    """Paging walks each queue's entries once; an intake entry is refused replay (422)."""
     letters = [
         DeadLetter(StreamEntry("orders:{0}", f"5-{i}", {"device_id": b"d1", "order_id": b"o",
                                                         "payload": b"\x01"}), "max_deliveries", "x")
@@ -134,7 +136,8 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
     bridge_fields: dict[FieldT, EncodableT] = {
         "reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1
     }  # fmt: skip
-    bridge_id = text(await aredis.xadd("orders:dlq", bridge_fields))
+    # Ids are per stream; this one is not also a pipeline:dlq id, which replay would look up first.
+    bridge_id = text(await aredis.xadd("orders:dlq", bridge_fields, id="1-1"))
     async with api_client(aredis, TEST_SHARDS) as http:
         ids: list[str] = []
         cursor = None
@@ -145,11 +148,41 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
             cursor = body["next_cursor"]
             if not body["has_more"]:
                 break
-        assert len(ids) == 6
-        assert len(set(ids)) == 6
+        assert len(ids) == len(set(ids)) == 5
+        intake = await (await http.get("/v1/dlq", params={"queue": "intake"})).json()
+        assert [item["id"] for item in intake["items"]] == [bridge_id]
+        assert intake["items"][0]["replayable"] is False
+        bad_queue = await http.get("/v1/dlq", params={"queue": "other"})
+        assert bad_queue.status == 400
         refused = await http.post(f"/v1/dlq/{bridge_id}/replay")
         assert refused.status == 422
         assert (await refused.json())["code"] == "not-replayable"
+
+
+async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis) -> None:
+    """Replay moves the entry back to its stream (once) and out of pipeline:dlq; so does resolve."""
+    letters = [
+        DeadLetter(StreamEntry("orders:{0}", f"5-{i}", {"device_id": b"d1", "order_id": b"o%d" % i,
+                                                        "payload": b"\x01"}), "max_deliveries", "x")
+        for i in range(2)
+    ]  # fmt: skip
+    await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
+    await dead_letter(aredis, letters)
+    rows: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
+    (first, _), (second, _) = rows
+    first, second = first.decode(), second.decode()
+    async with api_client(aredis, TEST_SHARDS) as http:
+        replayed = await http.post(f"/v1/dlq/{first}/replay")
+        assert replayed.status == 202
+        replayed_as = (await replayed.json())["replayed_as"]
+        again = await http.post(f"/v1/dlq/{first}/replay")
+        assert again.status == 409
+        assert (await again.json())["replayed_as"] == replayed_as
+        resolved = await http.post(f"/v1/dlq/{second}/resolve")
+        assert resolved.status == 200
+        missing = await http.post(f"/v1/dlq/{second}/resolve")
+        assert missing.status == 404
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
 
 
 async def test_health_metrics_and_openapi(aredis: aioredis.Redis) -> None:

@@ -19,13 +19,14 @@ from pipeline import order_statuses
 from pipeline.config import PipelineConfig
 from pipeline.names import (
     EVENTS_STREAM,
+    PIPELINE_DLQ_STREAM,
     STOCK_KEY,
     TERMINAL_STATUSES,
     reservation_key,
 )
 from pipeline.records import load_order
 from schemas import Order
-from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from schemas.names import PIPELINE_GROUP, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all
@@ -172,7 +173,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
 
     await eventually(all_acked, what="every entry acked", timeout_s=30)
     await assert_books_balance(aredis, orders)
-    assert await aredis.xlen(DLQ_STREAM) == 0
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
     outcomes = Counter(await statuses(aredis, orders))
     # The seeded mix really exercised every ending.
     final = dict(zip((o.order_id for o in orders), await statuses(aredis, orders), strict=True))

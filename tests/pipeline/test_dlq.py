@@ -8,11 +8,15 @@ from typing import Any, ClassVar
 import pytest
 import redis.asyncio as aioredis
 
+from bridge.ingest import DeadLetter as BridgeDeadLetter
+from bridge.store import RedisSink
 from pipeline.config import PipelineConfig
-from pipeline.names import STOCK_KEY
-from pipeline.records import OrderContext, load_order
+from pipeline.dlq import DeadLetter, dead_letter
+from pipeline.names import PIPELINE_DLQ_STREAM, STOCK_KEY
+from pipeline.records import OrderContext, StreamEntry, load_order
 from pipeline.steps import Step, StepDeps, register
-from schemas.names import DLQ_STREAM
+from schemas import Reason
+from schemas.names import DLQ_STREAM, orders_topic
 
 from .api_client import api_client
 from .conftest import INITIAL_STOCK, WorkerFactory, eventually
@@ -57,10 +61,11 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     worker = await start_worker(steps="validate,reserve,poison,pay,fulfil")
 
     async def dead() -> bool:
-        return await aredis.xlen(DLQ_STREAM) == 1
+        return await aredis.xlen(PIPELINE_DLQ_STREAM) == 1
 
     await eventually(dead, what="the poison entry in the DLQ")
-    dead_letters: Any = await aredis.xrange(DLQ_STREAM)
+    assert await aredis.xlen(DLQ_STREAM) == 0  # the intake DLQ is the bridge's, capped
+    dead_letters: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     ((dlq_id, fields),) = dead_letters
     assert fields[b"reason"] == b"max_deliveries"
     assert fields[b"order_id"] == poison.order_id.encode()
@@ -97,6 +102,44 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
         problem = await again.json()
         assert problem["type"] == "urn:iot-orders:problem:already-replayed"
         assert problem["replayed_as"] == replayed_as
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0  # replay emptied it
     # Reserved once before the DLQ, never again after the replay.
     expected = INITIAL_STOCK["COLA-33"] - 2 - len(others)
     assert int(await aredis.hget(STOCK_KEY, "COLA-33") or 0) == expected
+
+
+async def test_garbage_flood_of_twice_the_intake_cap_leaves_every_pipeline_dead_letter(
+    aredis: aioredis.Redis, redis_url: str, config: PipelineConfig
+) -> None:
+    """The bridge floods orders:dlq with 2x its cap; every pipeline dead letter stays replayable."""
+    cap = 1000
+    letters = [
+        DeadLetter(
+            StreamEntry(
+                "orders:{0}",
+                f"7-{i}",
+                {"device_id": f"dev-flood-{i}".encode(), "order_id": b"o1", "payload": b"\x01"},
+            ),
+            "max_deliveries",
+            "boom",
+        )
+        for i in range(20)
+    ]
+    await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
+    await dead_letter(aredis, letters)
+    garbage = [
+        BridgeDeadLetter(Reason.MALFORMED, orders_topic("dev-x"), b"junk-%d" % i, i, "dev-x", None)
+        for i in range(2 * cap)
+    ]
+    async with RedisSink(redis_url, dedup_ttl_s=60, dlq_maxlen=cap) as sink:
+        for start in range(0, len(garbage), 200):
+            await sink.write([], garbage[start : start + 200], trim_shards=set())
+    flooded = await aredis.xlen(DLQ_STREAM)
+    assert flooded < 2 * cap, "the intake cap never trimmed: the flood proves nothing"
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == len(letters)
+    async with api_client(aredis, config.shards) as http:
+        rows: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
+        for entry_id, _fields in rows:
+            response = await http.post(f"/v1/dlq/{entry_id.decode()}/replay")
+            assert response.status == 202, await response.text()
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0

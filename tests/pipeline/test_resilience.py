@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
@@ -19,6 +19,7 @@ from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit.redis_clients import client_options
 
 from .conftest import WorkerFactory, eventually
 from .producer import make_order, produce
@@ -70,6 +71,48 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
         stop.set()
         await asyncio.wait_for(task, 10)
         await client.aclose()
+
+
+async def test_failure_count_resets_after_each_outage(
+    redis_factory: Callable[..., RedisProcess], config: PipelineConfig, device_id: str
+) -> None:
+    """Two outages: after each the failure count and the backoff start from zero again."""
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url, **client_options(5.0))
+    cfg = msgspec.structs.replace(config, redis_url=server.url, consumer="resets",
+                                  backoff_max_s=0.005)  # fmt: skip
+    scripts = Scripts()
+    worker = Worker(client, NullPublisher(), build_chain(cfg.steps, StepDeps(client, scripts, cfg)),
+                    cfg, WorkerMetrics(CollectorRegistry()), scripts=scripts)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for outage in range(2):
+            server.kill()
+            assert not port_is_open(server.port)
+            await eventually(_at_least(worker, 200), what=f"failures in outage {outage}")
+            assert worker.backoff.failures >= 200
+            server.start()
+            await eventually(_reset(worker), what=f"reset after outage {outage}")
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+def _at_least(worker: Worker, failures: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return worker.failures >= failures
+
+    return check
+
+
+def _reset(worker: Worker) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return worker.failures == 0 and worker.backoff.failures == 0
+
+    return check
 
 
 async def test_idle_empty_consumers_are_forgotten(

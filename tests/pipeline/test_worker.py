@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 
 from pipeline import order_statuses
 from pipeline.config import PipelineConfig
-from pipeline.names import EVENTS_STREAM, STOCK_KEY
+from pipeline.names import EVENTS_STREAM, PIPELINE_DLQ_STREAM, STOCK_KEY
 from pipeline.records import StreamEntry, load_order, text
 from schemas import Order, Status
-from schemas.names import DLQ_STREAM, PIPELINE_GROUP, shard_of, stream_key
+from schemas.names import PIPELINE_GROUP, shard_of, stream_key
 
 from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
 from .producer import make_order, produce, produce_raw
@@ -98,7 +98,7 @@ async def test_one_order_id_on_two_devices_is_two_orders(
         assert record["total"] == order.total
         assert [h["status"] for h in record["history"]].count("reserved") == 1
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 7
-    assert await aredis.xlen(DLQ_STREAM) == 0
+    assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
     entries = []
     for order in orders:  # both entries again, as a redelivery
         stream = stream_key(shard_of(order.device_id, config.shards))
@@ -213,10 +213,10 @@ async def test_undecodable_entry_goes_to_dlq_at_once(
     await start_worker()
 
     async def dead() -> bool:
-        return await aredis.xlen(DLQ_STREAM) == 1
+        return await aredis.xlen(PIPELINE_DLQ_STREAM) == 1
 
     await eventually(dead, what="DLQ entry")
-    dead_letters: Any = await aredis.xrange(DLQ_STREAM)
+    dead_letters: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     ((_id, fields),) = dead_letters
     assert fields[b"reason"] == b"malformed"
     assert fields[b"payload"] == b"\xc1not msgpack"
