@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import structlog
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.logs import configure_logging
+from servicekit.tasks import LoopDied
 
 from .config import BridgeConfig
 from .errors import BridgeError
@@ -35,8 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-bridge")
-    # gmqtt logs every connect and subscribe at INFO; our own lines say what matters.
-    logging.getLogger("gmqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on Windows
     except ImportError:
@@ -45,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = uvloop.run
     try:
         runner(_serve(config))
-    except BridgeError as exc:
+    except (BridgeError, LoopDied) as exc:
         log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
         return 1
     return 0

@@ -13,9 +13,16 @@ import asyncio
 import structlog
 
 from schemas import Reason, SchemaError
-from schemas.names import device_id_from_orders_topic, receipts_topic
+from schemas.names import (
+    device_id_from_orders_topic,
+    receipts_topic,
+    shared_orders_subscription,
+)
+from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
+from servicekit.mqtt import MqttClient, Subscription
+from servicekit.tasks import Loops
 from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
@@ -24,8 +31,6 @@ from .errors import IntakeError
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
-from .intake_gmqtt import GmqttIntake
-from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
 from .ratelimit import TokenBuckets
 from .receipts import receipt_bytes
@@ -129,23 +134,26 @@ class Bridge:
         """Run until :meth:`request_stop`, then drain and return."""
         factory = intake_factory or self._default_intake
         cfg = self.config
-        async with (
-            HttpServer(
-                cfg.http_host, cfg.http_port, self.metrics, health=self.health, ready=self.readiness
-            ),
-            factory(self.take) as intake,
+        intake = factory(self.take)
+        # The intake is known before it connects, and the batch writer runs
+        # before the handshake: a session backlog that arrives during it is
+        # written and acked, so the intake's Receive Maximum never stalls it.
+        self._intake = intake
+        async with HttpServer(
+            cfg.http_host, cfg.http_port, self.metrics, health=self.health, ready=self.readiness
         ):
-            self._intake = intake
-            self.started = True
-            self.metrics.mqtt_up.set(1)
-            async with asyncio.TaskGroup() as tasks:
-                writer = tasks.create_task(self.batcher.run(), name="batch-writer")
-                probe = tasks.create_task(self._probe_redis(), name="redis-probe")
-                log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards)
-                await self._stop.wait()
-                await self._drain()
-                writer.cancel()
-                probe.cancel()
+            loops = Loops()  # a loop that dies stops the bridge (LoopDied), never silently
+            loops.start(self.batcher.run(), name="batch-writer")
+            loops.start(self._probe_redis(), name="redis-probe")
+            try:
+                async with intake:
+                    self.started = True
+                    self.metrics.mqtt_up.set(1)
+                    log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards)
+                    await self._stop.wait()
+                    await self._drain()
+            finally:
+                await loops.close()
         self.metrics.mqtt_up.set(0)
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
 
@@ -174,30 +182,20 @@ class Bridge:
                 self.metrics.redis_up.set(1)
                 self.metrics.redis_rtt.observe(rtt)
 
-    def _default_intake(self, sink: MessageSink) -> GmqttIntake | Mqtt5Intake:
+    def _default_intake(self, sink: MessageSink) -> MqttClient:
         cfg = self.config
-        url = MqttUrl.parse(cfg.mqtt_url)
-        if cfg.mqtt_client == "gmqtt":
-            return GmqttIntake(
-                url,
-                sink,
-                client_id=cfg.client_id,
-                share_group=cfg.share_group,
-                session_expiry_s=cfg.session_expiry_s,
-                receive_maximum=cfg.receive_maximum,
-                backoff_max_s=cfg.backoff_max_s,
-                ca_file=cfg.mqtt_ca_file,
-            )
-        return Mqtt5Intake(
-            url,
-            sink,
+        return MqttClient(
+            MqttUrl.parse(cfg.mqtt_url),
             client_id=cfg.client_id,
-            share_group=cfg.share_group,
+            subscriptions=[Subscription(shared_orders_subscription(cfg.share_group), sink)],
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
+            max_packet_size=cfg.mqtt_max_packet_size,
             keepalive_s=cfg.mqtt_keepalive_s,
-            backoff_max_s=cfg.backoff_max_s,
+            backoff=Backoff(0.1, cfg.backoff_max_s),
             ca_file=cfg.mqtt_ca_file,
+            metrics=self.metrics.mqtt,
+            name="bridge-intake",
         )
 
 

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.logs import configure_logging
+from servicekit.tasks import LoopDied
 
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "catalog":
             return asyncio.run(_load_catalog(config, args.file))
         return asyncio.run(_serve(config, worker_only=args.command == "worker"))
-    except (PipelineError, RedisError, OSError) as exc:
+    except (PipelineError, RedisError, OSError, LoopDied) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
 

@@ -23,13 +23,17 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from schemas.names import shared_status_query_subscription
 from servicekit.config import ENV_PREFIX
+from servicekit.mqtt import MqttMetrics
+from servicekit.tasks import Loops
 
 from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
 from .metrics import MULTIPROC_ENV, WorkerMetrics
-from .status import status_publisher
+from .status import MqttStatusPublisher, status_client
+from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
 
@@ -52,27 +56,41 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     config = msgspec.structs.replace(config, consumer=consumer)
     client = aioredis.Redis.from_url(config.redis_url)
     scripts = Scripts()
+    metrics = WorkerMetrics(None)
     try:
-        async with status_publisher(config, f"pipeline-{consumer}") as publisher:
-            chain = build_chain(config.steps, StepDeps(client, scripts, config))
-            worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
-            work = asyncio.create_task(worker.run(stop), name="worker")
-            watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
-            stopping = asyncio.create_task(stop.wait(), name="wait-stop")
-            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            watchdog.cancel()
-            try:
-                # The worker notices `stop` after its batch in hand (or the read's block).
-                async with asyncio.timeout(config.shutdown_grace_s):
-                    await asyncio.shield(work)
-            except TimeoutError:
-                log.warning("shutdown_grace_exceeded", grace_s=config.shutdown_grace_s)
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+        mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
+        publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
+        responder = StatusQueryResponder(client, publisher, StatusQueryMetrics())
+        mqtt.subscribe(shared_status_query_subscription(), responder.take)
+        loops = Loops()  # a loop that dies ends the worker loudly (LoopDied, exit 1)
+        loops.start(responder.run(), name="status-query-responder")
+        try:
+            async with mqtt:
+                chain = build_chain(config.steps, StepDeps(client, scripts, config))
+                worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
+                await _work_until_stopped(worker, config, stop)
+        finally:
+            await loops.close()
     finally:
         await client.aclose()
+
+
+async def _work_until_stopped(worker: Worker, config: PipelineConfig, stop: asyncio.Event) -> None:
+    work = asyncio.create_task(worker.run(stop), name="worker")
+    watchdog = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
+    stopping = asyncio.create_task(stop.wait(), name="wait-stop")
+    await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    watchdog.cancel()
+    try:
+        # The worker notices `stop` after its batch in hand (or the read's block).
+        async with asyncio.timeout(config.shutdown_grace_s):
+            await asyncio.shield(work)
+    except TimeoutError:
+        log.warning("shutdown_grace_exceeded", grace_s=config.shutdown_grace_s)
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
 
 
 async def _watch_supervisor(stop: asyncio.Event) -> None:
