@@ -72,4 +72,3 @@ class Loops:
             if owner is not None and owner is self._owner:
                 owner.uncancel()  # the cancellation was ours: it becomes LoopDied
             raise self.failure
-
