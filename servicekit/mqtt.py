@@ -138,6 +138,7 @@ class _Wire(asyncio.Protocol):
         self.unacked = 0  # messages handed to handlers on this connection, not yet acked
         self.writing_paused = False
         self.reads_paused = False
+        self.out_bytes = 0  # queued for this loop turn's write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
@@ -192,11 +193,26 @@ class _Wire(asyncio.Protocol):
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(data)
+        self.out_bytes += len(data)
+
+    @property
+    def writable(self) -> bool:
+        """Room for more publishes: the transport is below its high-water mark, and so
+        is what this loop turn has queued (one pump must not queue megabytes)."""
+        return (
+            self.transport is not None
+            and not self.writing_paused
+            and (self.out_bytes < WRITE_HIGH_WATER)
+        )
 
     def _flush(self) -> None:
         if self.transport is not None and self._out:
             self.transport.write(b"".join(self._out))
         self._out.clear()
+        refill = self.out_bytes >= WRITE_HIGH_WATER
+        self.out_bytes = 0
+        if refill and not self.writing_paused:
+            self._owner._pump()
 
     def set_reading(self, paused: bool) -> None:
         if self.transport is None or paused == self.reads_paused:
@@ -570,7 +586,7 @@ class MqttClient:
         wire = self._wire
         if wire is None or self._connack is None or not self._connack.done():
             return
-        while self._queue and len(self._inflight) < self._window and not wire.writing_paused:
+        while self._queue and len(self._inflight) < self._window and wire.writable:
             item = self._queue.popleft()
             if self._broker_max_packet is not None and (
                 len(item.payload) + len(item.topic) + 16 > self._broker_max_packet
