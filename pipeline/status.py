@@ -24,8 +24,11 @@ from .config import PipelineConfig
 
 log = structlog.get_logger(__name__)
 CONNECT_WAIT_S: Final = 10.0
-# A worker's client id changes with its pid; a session it leaves behind expires soon.
-SESSION_EXPIRY_S: Final = 300
+# No session outlives its connection: a worker's client id changes with its pid,
+# and a dead worker's session would keep taking its share of the status queries
+# (shared subscription) until it expired, answering none. Statuses unacked at a
+# disconnect stay with the client and are resent; a lost query is asked again.
+SESSION_EXPIRY_S: Final = 0
 # PUBACK codes that mean the broker took the message (0x10: nobody subscribed).
 _DELIVERED: Final = frozenset({0x00, 0x10})
 
