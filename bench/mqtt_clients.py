@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mqtt5
 import paho.mqtt.client as paho
@@ -195,12 +195,12 @@ async def drain_codec_loop(port: int, client_id: str, total: int) -> float:
             self.transport: asyncio.Transport | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            assert isinstance(transport, asyncio.Transport)
-            self.transport = transport
+            # uvloop's transports implement the interface without subclassing it.
+            self.transport = cast(asyncio.Transport, transport)
             connect = mqtt5.ConnectPacket(
                 client_id, clean_start=False, session_expiry_interval=3600, receive_max=1000
             )
-            transport.write(connect.write())
+            self.transport.write(connect.write())
 
         def data_received(self, data: bytes) -> None:
             self.buffer += data

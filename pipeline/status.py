@@ -58,7 +58,7 @@ class MqttStatusPublisher:
         if not messages:
             return 0
         acks = [
-            self._client.publish(status_topic(device_id), encode(status))
+            self._client.publish_acked(status_topic(device_id), encode(status))
             for device_id, status in messages
         ]
         done, pending = await asyncio.wait(acks, timeout=self._ack_timeout_s)

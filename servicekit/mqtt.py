@@ -41,7 +41,7 @@ import itertools
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
@@ -120,9 +120,8 @@ class MqttMetrics:
 class _Outgoing:
     topic: str
     payload: bytes
-    done: asyncio.Future[int]
+    done: asyncio.Future[int] | None  # None: nobody waits for the PUBACK
     packet_id: int = 0
-    sent: bool = field(default=False)
 
 
 class _Wire(asyncio.Protocol):
@@ -138,6 +137,9 @@ class _Wire(asyncio.Protocol):
         self.unacked = 0  # messages handed to handlers on this connection, not yet acked
         self.writing_paused = False
         self.reads_paused = False
+        # Receive Maximum reached: parsing stops until half the window is acked
+        # (hysteresis, so reads don't flap on every ack).
+        self.input_blocked = False
         self.out_bytes = 0  # queued for this loop turn's write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -271,6 +273,7 @@ class MqttClient:
         self._clean_start = clean_start
         self._session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
+        self._resume_at = receive_maximum // 2
         self._max_packet_size = max_packet_size
         self._keepalive_s = keepalive_s
         self.backoff = backoff or Backoff(0.1, 5.0)
@@ -305,19 +308,27 @@ class MqttClient:
         """Publishes queued or sent and not yet acknowledged."""
         return len(self._queue) + len(self._inflight)
 
-    def publish(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and forget: like :meth:`publish_acked`, without a future to await."""
+        self._enqueue(_Outgoing(topic, payload, None))
+
+    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
         """Publish at QoS 1; the future ends with the PUBACK reason code (or DROPPED/TOO_LARGE).
 
         Never raises: while disconnected or out of window the message queues,
         and it is resent until acknowledged (across reconnects).
         """
-        item = _Outgoing(topic, payload, asyncio.get_running_loop().create_future())
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Outgoing(topic, payload, done))
+        return done
+
+    def _enqueue(self, item: _Outgoing) -> None:
         if len(self._queue) >= self._max_queued:
             self._drop(self._queue.popleft(), DROPPED)
             log.warning("mqtt publish queue full, dropped the oldest", client=self.name)
         self._queue.append(item)
-        self._pump()
-        return item.done
+        if self._wire is not None:
+            self._pump()
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         """Add a QoS 1 subscription; only before ``async with``."""
@@ -467,10 +478,12 @@ class MqttClient:
     # -- incoming ------------------------------------------------------------------
 
     def _input_full(self, wire: _Wire) -> bool:
-        return self._paused or wire.unacked >= self.receive_maximum
+        if wire.unacked >= self.receive_maximum:
+            wire.input_blocked = True
+        return self._paused or wire.input_blocked
 
     def _update_reading(self, wire: _Wire) -> None:
-        wire.set_reading(self._input_full(wire))
+        wire.set_reading(self._paused or wire.input_blocked)
 
     def _on_packet(self, wire: _Wire, packet: Any) -> None:
         if isinstance(packet, mqtt5.PublishPacket):
@@ -528,9 +541,11 @@ class MqttClient:
                 acked = True
                 wire.unacked -= 1
                 wire.send(mqtt5.PubAckPacket(packet_id).write())
-                if wire.reads_paused and not self._input_full(wire):
-                    wire.set_reading(False)
-                    asyncio.get_running_loop().call_soon(wire.process)
+                if wire.input_blocked and wire.unacked <= self._resume_at:
+                    wire.input_blocked = False
+                    if not self._paused:
+                        wire.set_reading(False)
+                        asyncio.get_running_loop().call_soon(wire.process)
 
         if handler is None:
             log.warning("message on a topic we did not subscribe to", topic=packet.topic)
@@ -577,9 +592,10 @@ class MqttClient:
                 self.metrics.publish_refused.labels(code.name.lower()).inc()
             log.warning("broker refused a publish", client=self.name, topic=item.topic,
                         reason=code.name.lower(), reason_str=packet.reason_str)  # fmt: skip
-        if not item.done.done():
+        if item.done is not None and not item.done.done():
             item.done.set_result(int(code))
-        self._pump()
+        if self._queue:
+            self._pump()
 
     def _pump(self) -> None:
         """Send queued messages while connected, inside the window, and writable."""
@@ -632,7 +648,7 @@ class MqttClient:
         self.dropped += 1
         if self.metrics is not None:
             self.metrics.publish_dropped.inc()
-        if not item.done.done():
+        if item.done is not None and not item.done.done():
             item.done.set_result(code)
 
 

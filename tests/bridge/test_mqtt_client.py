@@ -113,13 +113,13 @@ async def test_receives_acks_and_publishes_through_mosquitto(
     async with receiver, sender:
         assert receiver.connected
         assert sender.connected
-        code = await sender.publish(f"v1/devices/{device_id}/orders", b"hello")
+        code = await sender.publish_acked(f"v1/devices/{device_id}/orders", b"hello")
         assert code == 0
         await inbox.wait_for(1)
         topic, payload, ack = inbox.messages[0]
         assert (topic, payload) == (f"v1/devices/{device_id}/orders", b"hello")
         ack()
-        assert await sender.publish(f"v1/devices/{device_id}/nobody", b"x") == 0x10
+        assert await sender.publish_acked(f"v1/devices/{device_id}/nobody", b"x") == 0x10
 
 
 async def test_an_unacked_message_comes_back_after_a_reconnect(
@@ -136,7 +136,7 @@ async def test_an_unacked_message_comes_back_after_a_reconnect(
         backoff=Backoff(0.01, 0.05),
     )
     async with client, make_client(mosquitto.url, client_id=f"{device_id}-tx") as sender:
-        await sender.publish(f"v1/devices/{device_id}/orders", b"once")
+        await sender.publish_acked(f"v1/devices/{device_id}/orders", b"once")
         await inbox.wait_for(1)
         stale_ack = inbox.messages[0][2]
         assert client._wire is not None
@@ -221,7 +221,7 @@ async def test_outgoing_packet_ids_are_reused_only_after_their_puback() -> None:
         client = make_client(broker.url, None)
         async with connected(broker, client, receive_max=2, suback=False) as session:
             client._ids = itertools.cycle([2, 3, 4])  # a tiny id space forces reuse
-            futures = [client.publish("v1/devices/d1/receipts", bytes([i])) for i in range(6)]
+            futures = [client.publish_acked("v1/devices/d1/receipts", bytes([i])) for i in range(6)]
             in_flight: dict[int, bytes] = {}
             seen_ids = []
             while len(seen_ids) < 6:
@@ -263,8 +263,8 @@ async def test_puback_reason_codes_reach_the_future_and_the_metrics() -> None:
     async with ScriptedBroker() as broker:
         client = make_client(broker.url, None, metrics=metrics)
         async with connected(broker, client, suback=False) as session:
-            refused = client.publish("v1/devices/d1/receipts", b"r")
-            nobody = client.publish("v1/devices/d2/receipts", b"n")
+            refused = client.publish_acked("v1/devices/d1/receipts", b"r")
+            nobody = client.publish_acked("v1/devices/d2/receipts", b"n")
             first = await session.expect(mqtt5.PublishPacket)
             second = await session.expect(mqtt5.PublishPacket)
             session.send(
@@ -345,7 +345,7 @@ async def test_publishes_wait_while_the_socket_cannot_take_more() -> None:
         async with connected(broker, client, suback=False) as session:
             assert session.transport is not None
             session.transport.pause_reading()
-            futures = [client.publish("v1/devices/d1/receipts", b"x" * size) for _ in range(count)]
+            futures = [client.publish_acked("v1/devices/d1/receipts", b"x" * size) for _ in range(count)]
             await asyncio.sleep(0.5)
             assert client._wire is not None
             assert client._wire.transport is not None
@@ -367,7 +367,7 @@ async def test_unacked_publishes_are_resent_after_a_reconnect(session_present: b
     async with ScriptedBroker() as broker:
         client = make_client(broker.url, None)
         async with connected(broker, client, suback=False) as session:
-            futures = [client.publish("v1/devices/d1/receipts", bytes([i])) for i in range(3)]
+            futures = [client.publish_acked("v1/devices/d1/receipts", bytes([i])) for i in range(3)]
             first = [await session.expect(mqtt5.PublishPacket) for _ in range(3)]
             session.close()
             again = await broker.session()

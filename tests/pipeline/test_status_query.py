@@ -57,14 +57,14 @@ async def test_a_status_query_gets_the_current_status_again(
         url = MqttUrl.parse(config.mqtt_url)
         async with MqttClient(url, client_id=f"{device_id}-dev", clean_start=True) as device:
             # Garbage, an unknown id, and the other device asking for this device's order.
-            assert await device.publish(status_query_topic(device_id), b"\xc1garbage") == 0
+            assert await device.publish_acked(status_query_topic(device_id), b"\xc1garbage") == 0
             unknown = StatusQuery(v=1, order_ids=("unknown-order-1",))
-            assert await device.publish(status_query_topic(device_id), encode(unknown)) == 0
+            assert await device.publish_acked(status_query_topic(device_id), encode(unknown)) == 0
             theirs = StatusQuery(v=1, order_ids=(order.order_id,))
-            assert await device.publish(status_query_topic(other_device), encode(theirs)) == 0
+            assert await device.publish_acked(status_query_topic(other_device), encode(theirs)) == 0
             # The real question comes last: once it is answered, the others were handled.
             query = StatusQuery(v=1, order_ids=(order.order_id, "unknown-order-2"))
-            assert await device.publish(status_query_topic(device_id), encode(query)) == 0
+            assert await device.publish_acked(status_query_topic(device_id), encode(query)) == 0
 
         async def answered() -> bool:
             return len(status_listener.statuses(order.order_id)) == heard_before + 1
