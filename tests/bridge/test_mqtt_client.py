@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -345,7 +347,9 @@ async def test_publishes_wait_while_the_socket_cannot_take_more() -> None:
         async with connected(broker, client, suback=False) as session:
             assert session.transport is not None
             session.transport.pause_reading()
-            futures = [client.publish_acked("v1/devices/d1/receipts", b"x" * size) for _ in range(count)]
+            futures = [
+                client.publish_acked("v1/devices/d1/receipts", b"x" * size) for _ in range(count)
+            ]
             await asyncio.sleep(0.5)
             assert client._wire is not None
             assert client._wire.transport is not None
@@ -416,3 +420,13 @@ async def test_an_unexpected_error_in_the_supervisor_ends_the_block_loudly(
     assert died
     assert died[0]["log_level"] == "critical"
     assert died[0]["loop"] == "mqtt-supervisor"
+
+
+def test_the_edge_never_imports_the_cloud_client() -> None:
+    """A device installs only ``.[edge]``: importing the agent must not pull in mqtt5."""
+    code = (
+        "import sys, edge_agent, edge_agent.cli, edge_agent.transport, edge_agent.agent;"
+        "bad = {'mqtt5', 'servicekit.mqtt'} & set(sys.modules); assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
