@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -174,20 +175,43 @@ def run_naive(port: int, redis_port: int, client_id: str, count: int) -> None:
 
 
 def start_bridges(
-    broker: int, redis_port: int, client_ids: list[str], group: str, workdir: Path
+    broker: int,
+    redis_port: int,
+    client_ids: list[str],
+    group: str,
+    workdir: Path,
+    *,
+    wait_ready: bool = False,
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
+    ports = []
     for client_id in client_ids:
+        ports.append(free_port())
         argv = [
             sys.executable, "-m", "bridge.cli",
             "--mqtt-url", f"mqtt://{HOST}:{broker}", "--redis-url", f"redis://{HOST}:{redis_port}/0",
             "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
-            "--http-port", str(free_port()), "--http-host", HOST, "--rate-per-s", "0",
+            "--http-port", str(ports[-1]), "--http-host", HOST, "--rate-per-s", "0",
             "--log-level", LOG_LEVEL,
         ]  # fmt: skip
         log = (workdir / f"{client_id}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    for port in ports if wait_ready else []:
+        deadline = time.monotonic() + 60
+        while not _ready(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bridge on :{port} not ready")
+            time.sleep(0.05)
     return procs
+
+
+def _ready(port: int) -> bool:
+    """``/readyz`` answers 200: connected to the broker and subscribed."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -269,10 +293,9 @@ def main() -> None:
             rate = args.live_rate or bridge_rate / 2
             live_count = int(min(args.messages, rate * 10)) // args.publishers * args.publishers
             tag = uuid.uuid4().hex[:6]
-            # The session first: nothing published before the bridge subscribes is lost.
-            create_session(HOST, broker.port, f"live-{tag}", subscription(f"glive{tag}"))
-            procs = start_bridges(broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work)
-            time.sleep(2.0)  # let it connect and subscribe
+            procs = start_bridges(
+                broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work, wait_ready=True
+            )
             chunks = publish_load(
                 HOST, broker.port, live_count, args.publishers, devices=1000, rate=rate
             )
@@ -286,7 +309,9 @@ def main() -> None:
             # Light load: one client, ~50 orders/s, order → receipt.
             client.flushall()
             tag = uuid.uuid4().hex[:6]
-            procs = start_bridges(broker.port, store.port, [f"probe-{tag}"], f"gprobe{tag}", work)
+            procs = start_bridges(
+                broker.port, store.port, [f"probe-{tag}"], f"gprobe{tag}", work, wait_ready=True
+            )
             probe = asyncio.run(
                 probe_receipts(broker.url, rate=args.probe_rate, seconds=args.probe_seconds)
             )
