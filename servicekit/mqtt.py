@@ -366,6 +366,8 @@ class MqttClient:
         except TimeoutError:
             log.warning("mqtt not connected yet, carrying on", client=self.name, url=str(self._url))
         except asyncio.CancelledError:
+            if self._wire is not None:
+                self._wire.abort()
             await self._loops.close()  # raises LoopDied if that was the cause
             raise
         return self

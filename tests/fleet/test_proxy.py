@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import CollectorRegistry
+
 from fleet.proxy import TcpProxy
 from fleet.servers import MosquittoProcess
-from servicekit.mqtt import MqttClient
+from servicekit.mqtt import MqttClient, MqttMetrics
 from servicekit.urls import MqttUrl
 
 
@@ -14,15 +16,17 @@ async def test_proxy_relays_drops_and_refuses(mosquitto: MosquittoProcess, devic
     """A client connects through the proxy, is cut by drop(), and is refused while refusing()."""
     async with TcpProxy("127.0.0.1", mosquitto.port) as proxy:
         url = MqttUrl.parse(f"mqtt://127.0.0.1:{proxy.port}")
-        async with MqttClient(url, client_id=f"{device_id}-proxy", clean_start=True) as client:
+        metrics = MqttMetrics("proxytest", CollectorRegistry())
+        client = MqttClient(url, client_id=f"{device_id}-proxy", clean_start=True, metrics=metrics)
+        async with client:
             assert client.connected
             assert proxy.stats.open == 1
             assert proxy.drop(1.0) == 1
-            for _ in range(250):
-                if not client.connected:
+            for _ in range(250):  # the client may reconnect at once: count the loss
+                if metrics.connections_lost._value.get() == 1:
                     break
                 await asyncio.sleep(0.02)
-            assert not client.connected
+            assert metrics.connections_lost._value.get() == 1
         async with proxy.refusing():
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             try:
