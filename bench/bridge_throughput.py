@@ -4,13 +4,18 @@ Not a test; the figures go in the README. Three consumers drain the very same
 backlog of valid ~200-byte orders that Mosquitto queued for their persistent
 sessions (so publishers cost nothing while a consumer is timed):
 
-- bare: ``mosquitto_sub -q 1`` (C, does nothing with the messages): the broker's ceiling;
+- bare: ``mosquitto_sub -q 1`` (C, does nothing with the messages), with the
+  bridge's Receive Maximum (``-D connect receive-maximum 1000``): the broker's
+  ceiling; timed like the bridges, from its first to its last message (``-F %U``);
+- python loop: the fastest receive-and-PUBACK loop a Python process runs (the
+  ``mqtt5`` codec under an asyncio Protocol, no Redis, no validation): our ceiling;
 - naive: paho callback → decode → ``SET NX`` + ``XADD`` per message, no pipelining;
 - bridge: ``order-bridge`` (one process; optionally two replicas on one share group).
 
 Throughput of a writer is counted from its first to its last stream entry
 (Redis entry ids are ms timestamps). Then a live run publishes at a fixed rate
-while the bridge consumes, for p50/p99 latency from publish to stream entry.
+while the bridge consumes, for p50/p99 latency from publish to stream entry,
+and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
@@ -23,12 +28,14 @@ Run: .venv/bin/python -m bench.bridge_throughput [--messages 100000] [--replicas
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing as mp
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -39,6 +46,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench._loadgen import create_session, publish_load, send_time
+from bench.mqtt_clients import drain_codec_loop
+from bench.receipt_probe import RECEIPT_P50_GOAL_MS, probe_receipts
 from bridge.ingest import payload_digest
 from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port
 from schemas import DecodeError, SchemaError, decode_order
@@ -52,6 +61,7 @@ from schemas.names import (
 
 HOST = "127.0.0.1"
 SHARDS = 16
+LOG_LEVEL = "warning"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -89,14 +99,36 @@ def writer_rate(client: redis.Redis) -> float:
 
 
 def run_bare(port: int, client_id: str, group: str, count: int) -> float:
-    """mosquitto_sub drains the backlog; returns msg/s (process start included)."""
+    """mosquitto_sub drains the backlog; msg/s from its first to its last message."""
     argv = [
         find_binary("mosquitto_sub"), "-h", HOST, "-p", str(port), "-i", client_id,
-        "-c", "-V", "5", "-x", "3600", "-q", "1", "-t", subscription(group), "-C", str(count),
+        "-c", "-V", "5", "-x", "3600", "-D", "connect", "receive-maximum", "1000",
+        "-q", "1", "-t", subscription(group), "-C", str(count), "-F", "%U",
     ]  # fmt: skip
-    start = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, check=True, timeout=600)
-    return count / (time.perf_counter() - start)
+    done = subprocess.run(argv, capture_output=True, check=True, timeout=600)
+    stamps = [float(line) for line in done.stdout.split()]
+    assert len(stamps) == count, f"mosquitto_sub printed {len(stamps)} of {count}"
+    return count / max(1e-6, stamps[-1] - stamps[0])
+
+
+def run_python_loop(port: int, client_id: str, count: int) -> float:
+    """The bare mqtt5 codec loop of bench.mqtt_clients, on uvloop as the bridge runs."""
+    proc_result: mp.Queue[float] = mp.Queue()
+    proc = mp.Process(target=_python_loop, args=(port, client_id, count, proc_result))
+    proc.start()
+    rate = proc_result.get(timeout=120)
+    proc.join(60)
+    return rate
+
+
+def _python_loop(port: int, client_id: str, count: int, out: mp.Queue[float]) -> None:
+    drain = drain_codec_loop(port, client_id, count)
+    try:
+        import uvloop  # noqa: PLC0415 - as the bridge: optional speed-up
+    except ImportError:
+        out.put(asyncio.run(drain))
+    else:
+        out.put(uvloop.run(drain))
 
 
 def _naive(port: int, redis_port: int, client_id: str, count: int) -> None:
@@ -148,20 +180,43 @@ def run_naive(port: int, redis_port: int, client_id: str, count: int) -> None:
 
 
 def start_bridges(
-    broker: int, redis_port: int, client_ids: list[str], group: str, workdir: Path
+    broker: int,
+    redis_port: int,
+    client_ids: list[str],
+    group: str,
+    workdir: Path,
+    *,
+    wait_ready: bool = False,
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
+    ports = []
     for client_id in client_ids:
+        ports.append(free_port())
         argv = [
             sys.executable, "-m", "bridge.cli",
             "--mqtt-url", f"mqtt://{HOST}:{broker}", "--redis-url", f"redis://{HOST}:{redis_port}/0",
             "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
-            "--http-port", str(free_port()), "--http-host", HOST, "--rate-per-s", "0",
-            "--log-level", "warning",
+            "--http-port", str(ports[-1]), "--http-host", HOST, "--rate-per-s", "0",
+            "--log-level", LOG_LEVEL,
         ]  # fmt: skip
         log = (workdir / f"{client_id}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    for port in ports if wait_ready else []:
+        deadline = time.monotonic() + 60
+        while not _ready(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bridge on :{port} not ready")
+            time.sleep(0.05)
     return procs
+
+
+def _ready(port: int) -> bool:
+    """``/readyz`` answers 200: connected to the broker and subscribed."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -240,6 +295,8 @@ def main() -> None:
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--live-rate", type=float, default=0.0, help="0: half the drain rate")
     parser.add_argument("--replicas", action="store_true", help="also time two replicas")
+    parser.add_argument("--probe-rate", type=float, default=50.0, help="receipt probe orders/s")
+    parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--fsync-only", action="store_true", help="only the appendfsync rows")
     args = parser.parse_args()
     if args.fsync_only:
@@ -250,7 +307,9 @@ def main() -> None:
         print(f"\n{args.rounds} rounds, {args.messages:,} queued orders, medians:")
         print_fsync_rows(rates)
         return
-    results: dict[str, list[float]] = {"bare": [], "naive": [], "bridge": [], "bridge x2": []}
+    results: dict[str, list[float]] = {
+        "bare": [], "python": [], "naive": [], "bridge": [], "bridge x2": [],
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with MosquittoProcess(work / "mq") as broker, RedisProcess(work / "redis") as store:
@@ -259,7 +318,8 @@ def main() -> None:
                 tag = uuid.uuid4().hex[:6]
                 ids = {name: f"{name.replace(' ', '')}-{tag}" for name in results}
                 groups = {name: f"g{name.replace(' ', '')}{tag}" for name in results}
-                names = ["bare", "naive", "bridge"] + (["bridge x2"] if args.replicas else [])
+                names = ["bare", "python", "naive", "bridge"]
+                names += ["bridge x2"] if args.replicas else []
                 for name in names:
                     create_session(HOST, broker.port, ids[name], subscription(groups[name]))
                 if args.replicas:
@@ -273,6 +333,7 @@ def main() -> None:
                 results["bare"].append(
                     run_bare(broker.port, ids["bare"], groups["bare"], args.messages)
                 )
+                results["python"].append(run_python_loop(broker.port, ids["python"], args.messages))
 
                 client.flushall()
                 procs = start_bridges(
@@ -307,8 +368,9 @@ def main() -> None:
             rate = args.live_rate or bridge_rate / 2
             live_count = int(min(args.messages, rate * 10)) // args.publishers * args.publishers
             tag = uuid.uuid4().hex[:6]
-            procs = start_bridges(broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work)
-            time.sleep(2.0)  # let it connect and subscribe
+            procs = start_bridges(
+                broker.port, store.port, [f"live-{tag}"], f"glive{tag}", work, wait_ready=True
+            )
             chunks = publish_load(
                 HOST, broker.port, live_count, args.publishers, devices=1000, rate=rate
             )
@@ -319,31 +381,59 @@ def main() -> None:
             p50 = latencies[len(latencies) // 2] * 1000
             p99 = latencies[int(len(latencies) * 0.99)] * 1000
 
+            # Light load: one client, ~50 orders/s, order → receipt.
+            client.flushall()
+            tag = uuid.uuid4().hex[:6]
+            procs = start_bridges(
+                broker.port, store.port, [f"probe-{tag}"], f"gprobe{tag}", work, wait_ready=True
+            )
+            probe = asyncio.run(
+                probe_receipts(broker.url, rate=args.probe_rate, seconds=args.probe_seconds)
+            )
+            stop(procs)
+
             fsync_rates = run_fsync_policies(
                 broker, work, args.messages, args.rounds, args.publishers
             )
 
     med = {k: statistics.median(v) for k, v in results.items() if v}
+    bare, python, bridge, naive = med["bare"], med["python"], med["bridge"], med["naive"]
     print(
         f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
         f" {args.publishers} publisher processes, medians:"
     )
-    print(f"  bare QoS 1 subscriber (mosquitto_sub): {med['bare']:10,.0f} msg/s   (ceiling)")
-    print(f"  naive bridge (paho, SET NX + XADD):    {med['naive']:10,.0f} orders/s")
+    print(f"  ceiling: bare QoS 1 subscriber (mosquitto_sub, C): {bare:10,.0f} msg/s")
+    print(f"  ceiling: Python receive+PUBACK loop (mqtt5 codec): {python:10,.0f} msg/s"
+          f"   {python / bare:.0%} of mosquitto_sub")  # fmt: skip
+    print(f"  naive bridge (paho, SET NX + XADD):                {naive:10,.0f} orders/s")
     print(
-        f"  order-bridge, 1 process:               {med['bridge']:10,.0f} orders/s"
-        f"   {med['bridge'] / med['naive']:.1f}× naive, {med['bridge'] / med['bare']:.0%} of bare"
+        f"  order-bridge, 1 process:                           {bridge:10,.0f} orders/s"
+        f"   {bridge / naive:.1f}× naive [goal ≥ 5×: {_mark(bridge / naive >= 5)}],"
+        f" {bridge / bare:.0%} of mosquitto_sub [goal ≥ 50 %: {_mark(bridge / bare >= 0.5)}],"
+        f" {bridge / python:.0%} of the Python loop"
     )
     if "bridge x2" in med:
+        ratio = med["bridge x2"] / bridge
         print(
-            f"  order-bridge, 2 replicas:              {med['bridge x2']:10,.0f} orders/s"
-            f"   {med['bridge x2'] / med['bridge']:.2f}× one process"
+            f"  order-bridge, 2 replicas:                          {med['bridge x2']:10,.0f}"
+            f" orders/s   {ratio:.2f}× one process [goal ≥ 1.7×: {_mark(ratio >= 1.7)}]"
         )
     print_fsync_rows(fsync_rates)
     print(
         f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
         f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"
     )
+    p50_receipt = probe.percentile(0.5)
+    print(
+        f"  receipt probe, 1 client at {args.probe_rate:.0f} orders/s"
+        f" ({len(probe.latencies_ms)} timed, {probe.missing} missing): order → receipt"
+        f" p50 {p50_receipt:.1f} ms, p99 {probe.percentile(0.99):.1f} ms"
+        f" [goal p50 ≤ {RECEIPT_P50_GOAL_MS:.0f} ms: {_mark(p50_receipt <= RECEIPT_P50_GOAL_MS)}]"
+    )
+
+
+def _mark(met: bool) -> str:
+    return "met" if met else "NOT MET"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ the bridge does:
   every entry and does nothing else;
 * pipeline with 1 and with 2 worker processes (``order-pipeline worker``),
   simulated gateway at zero latency, statuses published to the real broker
-  (``--status-client gmqtt``, the default, or ``paho``);
+  (servicekit.mqtt, the cloud's own client);
 * a diagnostic row: the same chain in-process with status publishing off and
   batches run one after the other (the worker overlaps a batch's PUBACK wait
   with the next batch, so the full pipeline can beat this row).
@@ -167,7 +167,6 @@ async def run(args: argparse.Namespace) -> None:
             "ORDERS_REDIS_URL": redis_server.url, "ORDERS_MQTT_URL": broker.url,
             "ORDERS_SHARDS": str(args.shards), "ORDERS_BATCH_SIZE": str(args.batch),
             "ORDERS_GATEWAY_LATENCY_MS": "0", "ORDERS_LOG_LEVEL": "warning",
-            "ORDERS_STATUS_CLIENT": args.status_client,
         })  # fmt: skip
         orders = make_orders(args.orders, args.devices)
         results: dict[str, float] = {}
@@ -188,8 +187,7 @@ async def run(args: argparse.Namespace) -> None:
             )
         await client.aclose()
     base = results["ceiling (read+ack, no work)"]
-    print(f"orders={args.orders} devices={args.devices} shards={args.shards} batch={args.batch}"
-          f" status_client={args.status_client}")  # fmt: skip
+    print(f"orders={args.orders} devices={args.devices} shards={args.shards} batch={args.batch}")
     print(f"{'scenario':40} {'orders/s':>10} {'vs ceiling':>11}")
     for name, rate in results.items():
         print(f"{name:40} {rate:10.0f} {rate / base:10.1%}")
@@ -203,7 +201,6 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS)
     parser.add_argument("--batch", type=int, default=100, help="XREADGROUP COUNT per shard")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--status-client", choices=["gmqtt", "paho"], default="gmqtt")
     asyncio.run(run(parser.parse_args()))
 
 

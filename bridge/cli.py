@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,8 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config.log_level, service="order-bridge")
     warn_if_redis_unauthenticated(config.redis_url)
-    # gmqtt logs every connect and subscribe at INFO; our own lines say what matters.
-    logging.getLogger("gmqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on Windows
     except ImportError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -37,8 +37,6 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     shards: Positive = DEFAULT_SHARDS
     client_id: str = msgspec.field(default_factory=default_client_id)
     share_group: str = DEFAULT_SHARE_GROUP
-    # mqtt5: our asyncio protocol on the Rust codec; gmqtt: the library (see bridge.intake).
-    mqtt_client: Literal["mqtt5", "gmqtt"] = "mqtt5"
     # Loopback unless told otherwise: /metrics and /readyz leak load and topology.
     # Containers set ORDERS_HTTP_HOST=0.0.0.0 so the scraper can reach them.
     http_host: str = "127.0.0.1"
@@ -46,6 +44,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     # Mosquitto keeps a dead replica's share this long; agents resend after it.
     session_expiry_s: Positive = 3600
     mqtt_keepalive_s: Positive = 30
+    # MQTT 5 Maximum Packet Size we accept: the 16 KiB order cap + topic + properties.
+    mqtt_max_packet_size: Positive = 20480
     # MQTT 5 Receive Maximum: unacked messages the broker may hand us at once.
     # Acking after the write makes this the cap on in-flight work and batch size.
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000

@@ -1,4 +1,4 @@
-"""The seam between the bridge and its MQTT client library.
+"""The seam between the bridge and its MQTT client.
 
 An :class:`Intake` hands each QoS 1 message of the shared subscription to a
 :data:`MessageSink` together with an ``ack`` callable, and sends the PUBACK
@@ -6,22 +6,16 @@ only when the bridge calls ``ack``, which it does once Redis holds the order
 or its dead letter. A message whose ``ack`` is never called stays unacked, and
 the broker redelivers it with the session. No task or thread hop per message:
 the sink is a plain call, and the bridge's batcher calls ``ack`` when a batch
-is written. Two implementations:
-
-- :mod:`bridge.intake_mqtt5` (default): our own asyncio protocol on the Rust
-  ``mqtt5`` codec; PUBACKs and receipts of a batch leave in one socket write.
-  Mosquitto 2.0 does not hold a reconnecting session's backlog to our Receive
-  Maximum (we saw 29,500 unacked messages in flight), so the bridge also
-  bounds its in-flight work itself by pausing the socket's reads.
-- :mod:`bridge.intake_gmqtt`: gmqtt with ``optimistic_acknowledgement=False``
-  (a task per message; slower, see ``bench/mqtt_clients.py``).
+is written. The implementation is :class:`servicekit.mqtt.MqttClient`, our
+asyncio protocol on the Rust ``mqtt5`` codec (PUBACKs and receipts of a batch
+leave in one socket write); tests plug in their own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 Ack = Callable[[], None]
 """Send the PUBACK of one message (a no-op if its connection is gone)."""
@@ -31,18 +25,30 @@ MessageSink = Callable[[str, bytes, Ack], None]
 
 
 class Intake(Protocol):
-    """A source of order messages, acked only when the bridge says so."""
+    """A source of order messages, acked only when the bridge says so; an async context manager.
+
+    It exists (and takes :meth:`publish` calls) before ``async with`` connects it.
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
     @property
     def connected(self) -> bool:
         """True while connected and subscribed."""
         ...
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 (receipts); queued while the outgoing window is full.
+    def publish(self, topic: str, payload: bytes) -> object:
+        """Publish at QoS 1 (receipts); queued while disconnected or the window is full.
 
         Raises:
-            IntakeError: not connected (the receipt is not sent; agents resend).
+            IntakeError: the receipt cannot be sent (agents resend their order).
         """
         ...
 
@@ -55,4 +61,4 @@ class Intake(Protocol):
         ...
 
 
-IntakeFactory = Callable[[MessageSink], AbstractAsyncContextManager[Intake]]
+IntakeFactory = Callable[[MessageSink], Intake]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from servicekit.mqtt import MqttMetrics
+
 _BATCH_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -54,3 +56,4 @@ class BridgeMetrics:
         )
         self.redis_auth_ok.set(1)
         self.mqtt_up = Gauge("bridge_mqtt_up", "1 while connected to the broker", registry=r)
+        self.mqtt = MqttMetrics("bridge", registry=r)

@@ -15,10 +15,17 @@ from typing import Any
 import structlog
 
 from schemas import Reason, SchemaError
-from schemas.names import device_id_from_orders_topic, is_device_id, receipts_topic
+from schemas.names import (
+    device_id_from_orders_topic,
+    is_device_id,
+    receipts_topic,
+    shared_orders_subscription,
+)
+from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.loops import critical
+from servicekit.mqtt import MqttClient, Subscription
 from servicekit.tokens import TokenBuckets
 from servicekit.urls import MqttUrl
 
@@ -28,8 +35,6 @@ from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
-from .intake_gmqtt import GmqttIntake
-from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
 from .receipts import receipt_bytes
 from .store import OrderSink, RedisSink, RedisState
@@ -167,21 +172,21 @@ class Bridge:
         """Run until :meth:`request_stop`, then drain and return."""
         factory = intake_factory or self._default_intake
         cfg = self.config
-        async with (
-            HttpServer(
-                cfg.http_host,
-                cfg.http_port,
-                self.metrics,
-                health=self.health,
-                ready=self.readiness,
-                details=self.redis_details,
-            ),
-            factory(self.take) as intake,
+        intake = factory(self.take)
+        # The intake is known before it connects, and the batch writer runs
+        # before the handshake: a session backlog that arrives during it is
+        # written and acked, so the intake's Receive Maximum never stalls it.
+        self._intake = intake
+        async with HttpServer(
+            cfg.http_host,
+            cfg.http_port,
+            self.metrics,
+            health=self.health,
+            ready=self.readiness,
+            details=self.redis_details,
         ):
-            self._intake = intake
-            self.started = True
-            self.metrics.mqtt_up.set(1)
             await self._inspect_redis()
+            # A loop that cannot go on fails the group (LoopFailed): never a silent half-life.
             async with asyncio.TaskGroup() as tasks:
                 writer = tasks.create_task(
                     critical("batch-writer", self.batcher.run()), name="batch-writer"
@@ -189,15 +194,18 @@ class Bridge:
                 probe = tasks.create_task(
                     critical("redis-probe", self._probe_redis()), name="redis-probe"
                 )
-                if all(self.readiness().values()):
-                    log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards,
-                             redis_durable=self.redis_durable)  # fmt: skip
-                else:
-                    failing = [name for name, ok in self.readiness().items() if not ok]
-                    log.error("bridge running but NOT READY", client_id=cfg.client_id,
-                              failing=failing)  # fmt: skip
-                await self._stop.wait()
-                await self._drain()
+                async with intake:
+                    self.started = True
+                    self.metrics.mqtt_up.set(1)
+                    if all(self.readiness().values()):
+                        log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards,
+                                 redis_durable=self.redis_durable)  # fmt: skip
+                    else:
+                        failing = [name for name, ok in self.readiness().items() if not ok]
+                        log.error("bridge running but NOT READY", client_id=cfg.client_id,
+                                  failing=failing)  # fmt: skip
+                    await self._stop.wait()
+                    await self._drain()
                 writer.cancel()
                 probe.cancel()
         self.metrics.mqtt_up.set(0)
@@ -278,30 +286,20 @@ class Bridge:
         self.redis_reachable = False
         self.metrics.redis_up.set(0)
 
-    def _default_intake(self, sink: MessageSink) -> GmqttIntake | Mqtt5Intake:
+    def _default_intake(self, sink: MessageSink) -> MqttClient:
         cfg = self.config
-        url = MqttUrl.parse(cfg.mqtt_url)
-        if cfg.mqtt_client == "gmqtt":
-            return GmqttIntake(
-                url,
-                sink,
-                client_id=cfg.client_id,
-                share_group=cfg.share_group,
-                session_expiry_s=cfg.session_expiry_s,
-                receive_maximum=cfg.receive_maximum,
-                backoff_max_s=cfg.backoff_max_s,
-                ca_file=cfg.mqtt_ca_file,
-            )
-        return Mqtt5Intake(
-            url,
-            sink,
+        return MqttClient(
+            MqttUrl.parse(cfg.mqtt_url),
             client_id=cfg.client_id,
-            share_group=cfg.share_group,
+            subscriptions=[Subscription(shared_orders_subscription(cfg.share_group), sink)],
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
+            max_packet_size=cfg.mqtt_max_packet_size,
             keepalive_s=cfg.mqtt_keepalive_s,
-            backoff_max_s=cfg.backoff_max_s,
+            backoff=Backoff(0.1, cfg.backoff_max_s),
             ca_file=cfg.mqtt_ca_file,
+            metrics=self.metrics.mqtt,
+            name="bridge-intake",
         )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -225,6 +226,10 @@ class PahoTransport:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: paho.Client, _userdata: Any, sock: Any) -> None:
+        # paho leaves Nagle on: a small PUBLISH then waits for the broker's
+        # delayed ACK (~40 ms on Linux) before it leaves.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._call(self._watch, client, sock.fileno())
 
     def _watch(self, client: paho.Client, fd: int) -> None:

@@ -17,14 +17,13 @@ from .errors import (
 )
 from .payment import PaymentGateway, SimulatedGateway
 from .records import OrderContext, order_statuses
-from .status import MqttStatusPublisher, StatusPublisher, status_publisher
-from .status_gmqtt import GmqttStatusPublisher
+from .status import MqttStatusPublisher, StatusPublisher, status_client
+from .status_query import StatusQueryResponder
 from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
 
 __all__ = [
     "CatalogError",
-    "GmqttStatusPublisher",
     "MqttStatusPublisher",
     "OrderContext",
     "PaymentDeclined",
@@ -34,6 +33,7 @@ __all__ = [
     "ReplayError",
     "SimulatedGateway",
     "StatusPublisher",
+    "StatusQueryResponder",
     "Step",
     "StepDeps",
     "StepError",
@@ -44,5 +44,5 @@ __all__ = [
     "create_app",
     "order_statuses",
     "register",
-    "status_publisher",
+    "status_client",
 ]

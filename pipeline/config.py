@@ -38,8 +38,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     payment_attempts: int = 3
     payment_backoff_ms: float = 50.0
     status_ack_timeout_s: float = 5.0
-    status_client: str = "gmqtt"  # or "paho" (pipeline.status.MqttStatusPublisher)
-    status_window: int = 500  # status messages in flight (gmqtt), below the broker's limit
+    # Status queries held unanswered at once (our MQTT Receive Maximum).
+    status_query_window: int = 100
     shutdown_grace_s: float = 10.0
     # Cap of every retry wait (servicekit.backoff): after an outage the worker is back
     # within about this long, however long the outage lasted.

@@ -24,16 +24,19 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from schemas.names import shared_status_query_subscription
 from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
+from servicekit.mqtt import MqttMetrics
 from servicekit.redis_clients import client_options
 
 from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
 from .metrics import MULTIPROC_ENV, WorkerMetrics
-from .status import status_publisher
+from .status import MqttStatusPublisher, status_client
+from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
 
@@ -68,20 +71,35 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     config = msgspec.structs.replace(config, consumer=consumer)
     client = redis_client(config)
     scripts = Scripts()
+    metrics = WorkerMetrics(None)
     try:
-        async with status_publisher(config, f"pipeline-{consumer}") as publisher:
+        mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
+        publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
+        responder = StatusQueryResponder(client, publisher, StatusQueryMetrics())
+        mqtt.subscribe(shared_status_query_subscription(), responder.take)
+        async with mqtt:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
-            worker = Worker(client, publisher, chain, config, WorkerMetrics(None), scripts=scripts)
+            worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
             # One TaskGroup owns the loops; a loop that cannot go on raises LoopFailed
             # (logged with its name), the group cancels the rest, the process exits 1.
             async with asyncio.TaskGroup() as tasks:
                 work = tasks.create_task(critical("worker", worker.run(stop)), name="worker")
-                tasks.create_task(
-                    critical("watch-supervisor", _watch_supervisor(stop)), name="watch-supervisor"
-                )
+                forever = [
+                    tasks.create_task(
+                        critical("watch-supervisor", _watch_supervisor(stop)),
+                        name="watch-supervisor",
+                    ),
+                    tasks.create_task(
+                        critical("status-query-responder", responder.run()),
+                        name="status-query-responder",
+                    ),
+                ]
                 tasks.create_task(
                     _cancel_after_grace(stop, work, config.shutdown_grace_s), name="grace"
                 )
+                await asyncio.wait({work})
+                for task in forever:
+                    task.cancel()
     finally:
         await client.aclose()
 

@@ -173,19 +173,17 @@ def test_sigkill_mid_stream_full_size(
     run_sigkill_restart(mosquitto_factory, bridge_factory, redis_url, 10_000)
 
 
-@pytest.mark.parametrize("mqtt_client", ["mqtt5", "gmqtt"])
 def test_sigkill_between_receive_and_append_redelivers(
     mosquitto_factory: Callable[..., MosquittoProcess],
     redis_factory: Callable[..., RedisProcess],
     bridge_factory: BridgeFactory,
-    mqtt_client: str,
 ) -> None:
     """Killed holding received, unwritten orders: nothing was acked, the broker redelivers."""
     broker = mosquitto_factory()
     store = redis_factory()
     group = shared_group()
     bridge = bridge_factory(broker.url, store.url, "--share-group", group)
-    bridge.with_args("--mqtt-client", mqtt_client).start()
+    bridge.start()
     publisher = Publisher(broker.url)
     client = redis.Redis.from_url(store.url)
     try:
@@ -202,7 +200,7 @@ def test_sigkill_between_receive_and_append_redelivers(
         assert stream_entries(client) == []
         again = bridge_factory(broker.url, store.url, "--share-group", group)
         again.argv[again.argv.index("--client-id") + 1] = bridge.client_id
-        again.with_args("--mqtt-client", mqtt_client).start()
+        again.start()
         wait_for(lambda: len(stream_entries(client)) == 20, 30, "redelivered orders")
         assert_exactly_once(client, {("dev-k", f"o-dev-k-{seq:06d}") for seq in range(20)})
     finally:

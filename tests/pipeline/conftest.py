@@ -21,7 +21,7 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.status import StatusPublisher, status_publisher
+from pipeline.status import MqttStatusPublisher, status_client
 from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Status, decode_status
@@ -89,9 +89,10 @@ async def start_worker(
     async def start(**overrides: Any) -> Worker:
         index = next(counter)
         cfg = msgspec.structs.replace(config, consumer=f"test-{index}", **overrides)
-        publisher: StatusPublisher = await stack.enter_async_context(
-            status_publisher(cfg, f"pipeline-test-{id(cfg)}-{index}")
+        client = await stack.enter_async_context(
+            status_client(cfg, f"pipeline-test-{id(cfg)}-{index}")
         )
+        publisher = MqttStatusPublisher(client, ack_timeout_s=cfg.status_ack_timeout_s)
         scripts = Scripts()
         chain = build_chain(cfg.steps, StepDeps(aredis, scripts, cfg))
         worker = Worker(

@@ -1,29 +1,37 @@
-"""The gmqtt status publisher against a real broker: windowed in-flight, every PUBACK awaited."""
+"""The status publisher on the cloud's MQTT client against a real broker."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from fleet.servers import MosquittoProcess, port_is_open
-from pipeline.status_gmqtt import GmqttStatusPublisher
+from pipeline.config import PipelineConfig
+from pipeline.status import MqttStatusPublisher, status_client
 from schemas import Status
 
 from .conftest import StatusListener, eventually
 
 
-async def test_publishes_past_its_window_and_the_brokers_limit(
+def _statuses(device_id: str, count: int, status: str = "confirmed") -> list[tuple[str, Status]]:
+    return [
+        (device_id, Status(v=1, order_id=f"order-{i:08d}", status=status, reason=None, at=1))  # type: ignore[arg-type]
+        for i in range(count)
+    ]
+
+
+async def test_publishes_past_the_brokers_receive_maximum(
     mosquitto: MosquittoProcess, status_listener: StatusListener, device_id: str
 ) -> None:
-    """2,500 statuses (over the broker's Receive Maximum of 1,000) go out 100 in flight at a
-    time; publish returns once the broker acked all, and a subscriber gets every one."""
+    """2,500 statuses (over the broker's Receive Maximum of 1,000) all go out; publish returns
+    once the broker acked every one, and a subscriber gets every one."""
     status_listener.subscribe(device_id)
-    messages = [
-        (device_id, Status(v=1, order_id=f"order-{i:08d}", status="confirmed", reason=None, at=1))
-        for i in range(2500)
-    ]
-    async with GmqttStatusPublisher(mosquitto.url, f"{device_id}-pub", window=100) as publisher:
+    messages = _statuses(device_id, 2500)
+    config = PipelineConfig(mqtt_url=mosquitto.url)
+    async with status_client(config, f"{device_id}-pub") as client:
+        publisher = MqttStatusPublisher(client)
         assert await publisher.publish(messages) == 2500
         assert await publisher.publish(messages[:10]) == 10
+        assert client.in_flight == 0
 
     async def all_heard() -> bool:
         return len({s.order_id for _t, s in status_listener.received}) == 2500
@@ -37,25 +45,24 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
     """With the broker killed, publish gives up after its timeout and keeps the messages; after
     a restart they are resent, and the next publish returns once those are acked too."""
     broker = mosquitto_factory()
-    messages = [
-        (device_id, Status(v=1, order_id=f"order-{i:08d}", status="fulfilled", reason=None, at=1))
-        for i in range(50)
-    ]
-    async with GmqttStatusPublisher(broker.url, f"{device_id}-pub", ack_timeout_s=0.5) as publisher:
+    messages = _statuses(device_id, 50, "fulfilled")
+    config = PipelineConfig(mqtt_url=broker.url)
+    async with status_client(config, f"{device_id}-pub") as client:
+        publisher = MqttStatusPublisher(client, ack_timeout_s=0.5)
         assert await publisher.publish(messages[:10]) == 10
         broker.kill()
         assert not port_is_open(broker.port)
 
         async def disconnected() -> bool:
-            return not publisher.connected
+            return not client.connected
 
         await eventually(disconnected, what="the publisher to notice the outage")
-        assert await publisher.publish(messages[10:30]) < 20
-        assert publisher.in_flight > 0
+        assert await publisher.publish(messages[10:30]) == 0
+        assert client.in_flight == 20
         broker.start()
 
-        async def drained() -> bool:  # gmqtt reconnected and resent what was queued
-            return publisher.in_flight == 0
+        async def drained() -> bool:  # reconnected and resent what was queued
+            return client.in_flight == 0
 
         await eventually(drained, what="the queued statuses acked after the restart")
         assert await publisher.publish(messages[30:]) == 20

@@ -1,0 +1,84 @@
+"""Status recovery end to end: a worker process answers status queries from Redis records."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.config import PipelineConfig
+from pipeline.status_query import device_of_query_topic
+from schemas import StatusQuery, encode
+from schemas.names import status_query_topic
+from servicekit.mqtt import MqttClient
+from servicekit.urls import MqttUrl
+
+from .conftest import StatusListener, eventually
+from .processes import env_for, spawn, stop_all
+from .producer import make_order, produce
+
+
+def test_the_query_topic_names_one_device() -> None:
+    """Only ``v1/devices/{valid id}/status-query`` yields a device id, matched whole."""
+    assert device_of_query_topic("v1/devices/kiosk-7/status-query") == "kiosk-7"
+    assert device_of_query_topic("v1/devices/kiosk-7/status-query\n") is None
+    assert device_of_query_topic("v1/devices/a:b/status-query") is None
+    assert device_of_query_topic("v1/devices/kiosk-7/orders") is None
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_status_query_gets_the_current_status_again(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    status_listener: StatusListener,
+    device_id: str,
+    tmp_path: Path,
+) -> None:
+    """An order is processed to `fulfilled`; a query for it brings that Status again. Unknown
+    ids, another device's order and an undecodable query bring nothing and crash nothing."""
+    other_device = f"{device_id}-other"
+    status_listener.subscribe(device_id)
+    status_listener.subscribe(other_device)
+    log = tmp_path / "worker.log"
+    worker = spawn(["worker"], env_for(config, log_level="info"), log)
+    try:
+        order = make_order(device_id, 0)
+        await produce(aredis, order, config.shards)
+
+        async def fulfilled() -> bool:
+            return status_listener.statuses(order.order_id)[-1:] == ["fulfilled"]
+
+        await eventually(fulfilled, what="the order processed")
+        heard_before = len(status_listener.statuses(order.order_id))
+
+        url = MqttUrl.parse(config.mqtt_url)
+        async with MqttClient(url, client_id=f"{device_id}-dev", clean_start=True) as device:
+            # Garbage, an unknown id, and the other device asking for this device's order.
+            assert await device.publish_acked(status_query_topic(device_id), b"\xc1garbage") == 0
+            unknown = StatusQuery(v=1, order_ids=("unknown-order-1",))
+            assert await device.publish_acked(status_query_topic(device_id), encode(unknown)) == 0
+            theirs = StatusQuery(v=1, order_ids=(order.order_id,))
+            assert await device.publish_acked(status_query_topic(other_device), encode(theirs)) == 0
+            # The real question comes last: once it is answered, the others were handled.
+            query = StatusQuery(v=1, order_ids=(order.order_id, "unknown-order-2"))
+            assert await device.publish_acked(status_query_topic(device_id), encode(query)) == 0
+
+        async def answered() -> bool:
+            return len(status_listener.statuses(order.order_id)) == heard_before + 1
+
+        await eventually(answered, what="the status again")
+        await asyncio.sleep(0.3)
+        assert status_listener.statuses(order.order_id) == ["confirmed", "fulfilled", "fulfilled"]
+        topics = [t for t, s in status_listener.received if s.order_id == order.order_id]
+        assert set(topics) == {f"v1/devices/{device_id}/status"}
+        assert not [s for _t, s in status_listener.received if s.order_id.startswith("unknown")]
+        assert worker.poll() is None, "the worker survived the bad query"
+        lines = log.read_text()
+        assert "status_query_bad_payload" in lines
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 20) == 0
+    finally:
+        stop_all([worker])
