@@ -53,6 +53,9 @@ class SimOptions:
     chaos: str = ""
     seed: int = 0
     settle_timeout_s: float = 120.0
+    # After quiescence, how long devices may take to hear the last terminal statuses
+    # (status recovery resends what the broker lost); then unheard ones fail the run.
+    status_wait_s: float = 30.0
     connect_timeout_s: float = 60.0
     ramp_per_s: float = 500.0
     receipt_timeout_s: float = 10.0
@@ -118,6 +121,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             tracker.accepted,
             shards=options.shards,
             statuses=lambda refs: order_statuses(redis, refs),
+            heard=tracker.terminal,
         )
         rogue_in_streams: list[OrderRef] = []
         if chaos.log.rogue:
@@ -193,6 +197,7 @@ async def _drive(
             await _load(options, fleet, rng, catalog, started)
             await chaos_task
             settled = await _settle(fleet, tracker, redis, options.settle_timeout_s)
+            await _await_heard(tracker, options.status_wait_s)
             stop_sampling.set()
     return settled
 
@@ -258,6 +263,17 @@ async def _sample(
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _await_heard(tracker: Tracker, timeout_s: float) -> None:
+    """Wait until every device heard a terminal status for each of its accepted orders."""
+    deadline = time.monotonic() + timeout_s
+    while any(ref not in tracker.terminal for ref in tracker.accepted):
+        if time.monotonic() > deadline:
+            unheard = sum(1 for ref in tracker.accepted if ref not in tracker.terminal)
+            log.warning("terminal statuses never heard", orders=unheard)
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float) -> bool:
