@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import tomllib
+from collections.abc import Callable, Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from jsonschema.protocols import Validator
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The Compose Specification's JSON Schema as check-jsonschema vendors it: the version is the
+# one uv.lock pins, so the schema changes only with `make lock UPGRADE=--upgrade`.
+COMPOSE_SCHEMA = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+
+# Docker Compose releases that introduced the features our file uses (docs.docker.com,
+# Compose file reference). Compose v1 (Debian's docker-compose 1.29) knows none of them.
+FEATURE_SINCE = {
+    "depends_on.required": (2, 20, 0),
+    "configs.content": (2, 23, 1),
+}
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +35,24 @@ def compose() -> dict[str, Any]:
     """The parsed compose file."""
     data: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     return data
+
+
+@pytest.fixture(scope="module")
+def compose_validator() -> Validator:
+    """A validator for the Compose Specification, with format checks on."""
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    validator: Validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+    return validator
+
+
+def schema_errors(validator: Validator, document: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every violation as (dotted path, message); the document itself is the empty path."""
+    return [
+        (".".join(str(part) for part in error.absolute_path), error.message)
+        for error in validator.iter_errors(document)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +131,77 @@ def test_dockerfile_copies_every_package(scripts: set[str]) -> None:
         assert re.search(rf"^COPY {package} {package}$", dockerfile, re.M), package
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
     assert scripts
+
+
+def test_compose_file_follows_the_compose_specification(
+    compose: dict[str, Any], compose_validator: Validator
+) -> None:
+    """The whole file, YAML anchors and merge keys resolved, is valid Compose."""
+    assert schema_errors(compose_validator, compose) == []
+
+
+def _unknown_condition(doc: dict[str, Any]) -> None:
+    doc["services"]["bridge"]["depends_on"]["redis"]["condition"] = "service_ready"
+
+
+def _required_as_string(doc: dict[str, Any]) -> None:
+    doc["services"]["pipeline"]["depends_on"]["mosquitto-dev"]["required"] = "no"
+
+
+def _misspelt_service_key(doc: dict[str, Any]) -> None:
+    doc["services"]["bridge"]["replica"] = 2
+
+
+def _config_content_as_list(doc: dict[str, Any]) -> None:
+    doc["configs"]["mosquitto-dev"]["content"] = ["listener 1883"]
+
+
+def _unknown_top_level_key(doc: dict[str, Any]) -> None:
+    doc["service"] = doc.pop("services")
+
+
+def _healthcheck_test_as_number(doc: dict[str, Any]) -> None:
+    doc["services"]["redis"]["healthcheck"]["test"] = 1
+
+
+@pytest.mark.parametrize(
+    ("break_it", "where"),
+    [
+        (_unknown_condition, "services.bridge.depends_on"),
+        (_required_as_string, "services.pipeline.depends_on"),
+        (_misspelt_service_key, "services.bridge"),
+        (_config_content_as_list, "configs.mosquitto-dev.content"),
+        (_unknown_top_level_key, ""),
+        (_healthcheck_test_as_number, "services.redis.healthcheck.test"),
+    ],
+)
+def test_compose_schema_rejects_a_broken_file(
+    compose: dict[str, Any],
+    compose_validator: Validator,
+    break_it: Callable[[dict[str, Any]], None],
+    where: str,
+) -> None:
+    """The validator bites: one wrong value in a copy of our file fails, at that place."""
+    broken = copy.deepcopy(compose)
+    break_it(broken)
+    errors = schema_errors(compose_validator, broken)
+    assert errors, "the schema accepted a broken compose file"
+    assert any(path == where or path.startswith(f"{where}.") for path, _ in errors), errors
+
+
+def _features_used(compose: dict[str, Any]) -> Iterator[str]:
+    for service in compose["services"].values():
+        depends_on = service.get("depends_on", {})
+        if isinstance(depends_on, dict) and any("required" in d for d in depends_on.values()):
+            yield "depends_on.required"
+    if any("content" in config for config in compose.get("configs", {}).values()):
+        yield "configs.content"
+
+
+def test_readme_states_the_minimum_compose_version(compose: dict[str, Any]) -> None:
+    """The README names the newest Compose release among the features the file uses."""
+    used = set(_features_used(compose))
+    assert used <= set(FEATURE_SINCE), used - set(FEATURE_SINCE)
+    minimum = ".".join(str(part) for part in max(FEATURE_SINCE[feature] for feature in used))
+    readme = (REPO / "README.md").read_text()
+    assert f"Docker Compose ≥ {minimum}" in readme, minimum

@@ -243,7 +243,8 @@ def stream_entries(client: redis.Redis, shards: int = 4) -> list[dict[bytes, byt
     """Every entry of every shard stream."""
     entries: list[dict[bytes, bytes]] = []
     for shard in range(shards):
-        entries += [fields for _, fields in client.xrange(f"orders:{{{shard}}}")]
+        rows: Any = client.xrange(f"orders:{{{shard}}}")  # redis-py types the rows as optional
+        entries += [fields for _, fields in rows]
     return entries
 
 

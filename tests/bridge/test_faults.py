@@ -190,7 +190,7 @@ def test_sigkill_between_receive_and_append_redelivers(
     client = redis.Redis.from_url(store.url)
     try:
         # Writes (EVAL, XADD) block; reads and PING still work.
-        client.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
+        client.client_pause(60_000, all=False)  # CLIENT PAUSE 60000 WRITE
         for seq in range(20):
             publisher.publish(orders_topic("dev-k"), make_order("dev-k", seq))
         publisher.wait_all()
@@ -198,7 +198,7 @@ def test_sigkill_between_receive_and_append_redelivers(
         assert metric(bridge, "bridge_accepted_total") == 0
         assert stream_entries(client) == []
         bridge.kill()
-        client.execute_command("CLIENT", "UNPAUSE")
+        client.client_unpause()
         assert stream_entries(client) == []
         again = bridge_factory(broker.url, store.url, "--share-group", group)
         again.argv[again.argv.index("--client-id") + 1] = bridge.client_id

@@ -44,7 +44,7 @@ class BridgeDouble:
             client_id=f"bridge-double-{time.monotonic_ns()}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        self._client.reconnect_delay_set(0.05, 0.2)
+        self._client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # paho: int, takes float
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect

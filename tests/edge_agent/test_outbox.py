@@ -190,6 +190,7 @@ def test_payload_carries_assigned_seq(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "o.db"), max_rows=10, max_bytes=10**6)
     store.open()
     (result,) = store.write([new_order(store, "order-seq1")], [])
+    assert isinstance(result, Submitted)
     (due,) = store.due(now_ms(), 1, frozenset())
     order = schemas.decode_order(due.payload)
     assert order.seq == result.seq

@@ -29,7 +29,12 @@ def test_an_order_crosses_the_real_broker(mosquitto: MosquittoProcess, device_id
     subscribed = threading.Event()
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_subscribe = lambda *_: subscribed.set()
-    sub.on_message = lambda _c, _u, msg: (received.append(msg.payload), got.set())
+
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        received.append(bytes(msg.payload))
+        got.set()
+
+    sub.on_message = on_message
     sub.on_connect = lambda c, *_: c.subscribe(orders_topic(device_id), qos=1)
     sub.connect("127.0.0.1", mosquitto.port)
     sub.loop_start()

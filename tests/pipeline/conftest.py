@@ -21,7 +21,7 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.status import status_publisher
+from pipeline.status import StatusPublisher, status_publisher
 from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Status, decode_status
@@ -89,7 +89,7 @@ async def start_worker(
     async def start(**overrides: Any) -> Worker:
         index = next(counter)
         cfg = msgspec.structs.replace(config, consumer=f"test-{index}", **overrides)
-        publisher = await stack.enter_async_context(
+        publisher: StatusPublisher = await stack.enter_async_context(
             status_publisher(cfg, f"pipeline-test-{id(cfg)}-{index}")
         )
         scripts = Scripts()

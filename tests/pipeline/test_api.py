@@ -6,11 +6,12 @@ import asyncio
 import json
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter
-from pipeline.records import StreamEntry, commit, load
+from pipeline.records import StreamEntry, commit, load, text
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 
@@ -39,7 +40,7 @@ async def test_paging_while_orders_arrive_returns_each_once(
     await admit_orders(aredis, first)
     seen: list[str] = []
     async with api_client(aredis, TEST_SHARDS) as http:
-        cursor = None
+        cursor = ""
         for page_no in range(40):
             if page_no < len(later) // 5:
                 # Five new orders arrive before each of the first pages.
@@ -130,8 +131,10 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
     ]  # fmt: skip
     await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
     await dead_letter(aredis, letters)
-    bridge_fields = {"reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1}
-    bridge_id = (await aredis.xadd("orders:dlq", bridge_fields)).decode()
+    bridge_fields: dict[FieldT, EncodableT] = {
+        "reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1
+    }  # fmt: skip
+    bridge_id = text(await aredis.xadd("orders:dlq", bridge_fields))
     async with api_client(aredis, TEST_SHARDS) as http:
         ids: list[str] = []
         cursor = None

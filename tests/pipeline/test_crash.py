@@ -9,6 +9,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -85,9 +86,10 @@ async def assert_books_balance(client: aioredis.Redis, orders: list[Order]) -> N
         left = int(await client.hget(STOCK_KEY, sku) or 0)
         assert left >= 0
         assert left == initial - sold[sku], sku
+    rows: Any = await client.xrange(EVENTS_STREAM)
     events = Counter(
         fields[b"order_id"]
-        for _id, fields in await client.xrange(EVENTS_STREAM)
+        for _id, fields in rows
         if fields[b"status"].decode() in TERMINAL_STATUSES
     )
     assert all(events[o.order_id.encode()] == 1 for o in orders)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -60,7 +60,8 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
         return await aredis.xlen(DLQ_STREAM) == 1
 
     await eventually(dead, what="the poison entry in the DLQ")
-    ((dlq_id, fields),) = await aredis.xrange(DLQ_STREAM)
+    dead_letters: Any = await aredis.xrange(DLQ_STREAM)
+    ((dlq_id, fields),) = dead_letters
     assert fields[b"reason"] == b"max_deliveries"
     assert fields[b"order_id"] == poison.order_id.encode()
     assert int(fields[b"deliveries"]) == config.max_deliveries + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -68,7 +69,7 @@ def live_api(redis_server: RedisProcess) -> Iterator[str]:
 
 @schema.parametrize()
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-def test_api_conforms_to_its_openapi_document(case: schemathesis.Case, live_api: str) -> None:
+def test_api_conforms_to_its_openapi_document(case: schemathesis.Case[Any], live_api: str) -> None:
     """Generated requests get no 5xx, and only documented statuses, content types and bodies."""
     # Cursors are opaque: a well-formed string the API never issued is a documented 400,
     # which the positive-data check (any schema-valid request must succeed) cannot know.

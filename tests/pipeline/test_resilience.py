@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import redis.asyncio as aioredis
@@ -30,7 +30,7 @@ class NullPublisher:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Status]] = []
 
-    async def publish(self, messages: list[tuple[str, Status]]) -> int:
+    async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Accept everything."""
         self.sent += messages
         return len(messages)

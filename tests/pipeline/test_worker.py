@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -61,7 +62,7 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     assert record["steps_done"] == ["fulfil", "pay", "reserve", "validate"]
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 3
     assert await stock(aredis, "WATER-50") == INITIAL_STOCK["WATER-50"] - 2
-    events = await aredis.xrange(EVENTS_STREAM)
+    events: Any = await aredis.xrange(EVENTS_STREAM)
     assert [e[1][b"status"] for e in events] == [
         b"received", b"validated", b"reserved", b"confirmed", b"fulfilled",
     ]  # fmt: skip
@@ -73,7 +74,7 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     stream = stream_key(shard_of(device_id, config.shards))
 
     async def acked() -> bool:  # the XACK follows the PUBACKs, which may trail the delivery
-        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+        return int((await aredis.xpending(stream, PIPELINE_GROUP))["pending"]) == 0
 
     await eventually(acked, what="the entry acked after its PUBACKs")
 
@@ -101,7 +102,8 @@ async def test_one_order_id_on_two_devices_is_two_orders(
     entries = []
     for order in orders:  # both entries again, as a redelivery
         stream = stream_key(shard_of(order.device_id, config.shards))
-        for entry_id, fields in await aredis.xrange(stream):
+        rows: Any = await aredis.xrange(stream)
+        for entry_id, fields in rows:
             if fields[b"device_id"].decode() == order.device_id:
                 entries.append(StreamEntry(stream, text(entry_id),
                                            {text(k): v for k, v in fields.items()}, 2))  # fmt: skip
@@ -192,7 +194,7 @@ async def test_redelivered_entries_change_nothing(
     worker = await start_worker()
     await wait_status(aredis, order, "fulfilled")
     stream = stream_key(shard_of(device_id, config.shards))
-    rows = await aredis.xrange(stream)
+    rows: Any = await aredis.xrange(stream)
     entry = StreamEntry(stream, text(rows[0][0]), {text(k): v for k, v in rows[0][1].items()}, 2)
     events_before = await aredis.xlen(EVENTS_STREAM)
     await worker.process([entry, entry])
@@ -214,7 +216,8 @@ async def test_undecodable_entry_goes_to_dlq_at_once(
         return await aredis.xlen(DLQ_STREAM) == 1
 
     await eventually(dead, what="DLQ entry")
-    ((_id, fields),) = await aredis.xrange(DLQ_STREAM)
+    dead_letters: Any = await aredis.xrange(DLQ_STREAM)
+    ((_id, fields),) = dead_letters
     assert fields[b"reason"] == b"malformed"
     assert fields[b"payload"] == b"\xc1not msgpack"
     assert fields[b"stream"] == stream_key(shard_of(device_id, config.shards)).encode()
@@ -234,18 +237,19 @@ async def test_a_reclaimed_entry_publishes_its_stored_statuses_again(
     stream = stream_key(shard_of(device_id, config.shards))
 
     async def acked() -> bool:  # the worker's own batch is published and done
-        return (await aredis.xpending(stream, PIPELINE_GROUP))["pending"] == 0
+        return int((await aredis.xpending(stream, PIPELINE_GROUP))["pending"]) == 0
 
     await eventually(acked, what="the batch acked")
     sent: list[tuple[str, Status]] = []
 
     class Recorder:
-        async def publish(self, messages: list[tuple[str, Status]]) -> int:
+        async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
             sent.extend(messages)
             return len(messages)
 
     worker.publisher = Recorder()
-    ((entry_id, fields),) = await aredis.xrange(stream)
+    entries: Any = await aredis.xrange(stream)
+    ((entry_id, fields),) = entries
     redelivered = StreamEntry(stream, text(entry_id), {text(k): v for k, v in fields.items()}, 2)
     await worker.process([redelivered])
     assert [(d, s.order_id, s.status) for d, s in sent] == [
