@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+
 from fleet.powercut import PowerCutMount
 from fleet.servers import MosquittoProcess, RedisProcess, find_binary, port_is_open
 from schemas.names import orders_topic
