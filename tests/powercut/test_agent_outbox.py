@@ -11,6 +11,7 @@ exactly once, and no conflict reached the DLQ.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -63,6 +64,10 @@ def _intake(agent: AgentProcess, stop: threading.Event, accepted: list[str], tag
             time.sleep(0.01)  # refused (power off, agent dead): not accepted
 
 
+def _grew(accepted: list[str], before: int) -> bool:
+    return len(accepted) > before
+
+
 def _check_outbox(db: Path) -> set[str]:
     """integrity_check must pass; returns the order ids the file holds."""
     conn = sqlite3.connect(db, isolation_level=None)
@@ -98,17 +103,17 @@ def _run_cuts(
                 threading.Thread(target=_intake, args=(agent, stop, accepted, f"c{cycle}-{i}"))
                 for i in range(CLIENTS)
             ]
-            for client in clients:
-                client.start()
+            for thread in clients:
+                thread.start()
             try:
-                wait_for(lambda n=before: len(accepted) > n, 10, "the first 202 of the cycle")
+                wait_for(functools.partial(_grew, accepted, before), 10, "the cycle's first 202")
                 time.sleep(rng.uniform(0.0, 0.5))
                 dropped += disk.cut().dropped_bytes
                 agent.sigkill()
             finally:
                 stop.set()
-                for client in clients:
-                    client.join(10)
+                for thread in clients:
+                    thread.join(10)
                 agent.stop()
             disk.power_on()
             held = _check_outbox(db)
