@@ -113,7 +113,10 @@ def _summary(result: SimResult) -> Table:
 
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:
-    return StackSettings(shards=args.shards, bridges=args.bridges, workers=args.workers)
+    return StackSettings(
+        shards=args.shards, bridges=args.bridges, workers=args.workers,
+        redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
+    )  # fmt: skip
 
 
 def run_stack(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, check_feasible, parse_sch
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
+from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .report import RunRecord, Sample, percentiles
 from .stack import DEMO_CATALOG, Stack
@@ -38,6 +40,8 @@ from .verify import OrderRef, Verdict, count_stream_entries, verify
 log = structlog.get_logger(__name__)
 
 SUBMIT_CONCURRENCY = 2_000
+# Devices whose outbox is a file on the power-cut disk when agent-powercut is scheduled.
+AGENT_POWERCUT_DEVICES = 5
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
     events = parse_schedule(options.chaos)
     wants_proxy = any(e.kind in PROXY_KINDS for e in events)
+    wants_disk = any(e.kind == "agent-powercut" for e in events)
     check_feasible(events, own_stack=stack is not None, proxy=wants_proxy)
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     rng = random.Random(options.seed)
@@ -103,18 +108,23 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     async with (
         _redis(redis_url) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
-        Fleet(_fleet_settings(options, device_url, prefix), tracker) as fleet,
+        _maybe_agent_disk(wants_disk) as disk,
+        Fleet(_fleet_settings(options, device_url, prefix, disk), tracker) as fleet,
     ):
         connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
         log.info("fleet connected", connected=connected, devices=options.devices)
         chaos = ChaosRunner(
-            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix
-        )
-        record.events = chaos.log.events
-        settled = await _drive(
-            options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
-            redis=redis, rng=rng, catalog=catalog,
+            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix,
+            agent_disk=disk,
         )  # fmt: skip
+        record.events = chaos.log.events
+        try:
+            settled = await _drive(
+                options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
+                redis=redis, rng=rng, catalog=catalog,
+            )  # fmt: skip
+        finally:
+            chaos.restore()
     async with _redis(redis_url) as redis:
         verdict = await verify(
             redis,
@@ -140,10 +150,29 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     )  # fmt: skip
 
 
-def _fleet_settings(options: SimOptions, mqtt_url: str, prefix: str) -> FleetSettings:
+def _fleet_settings(
+    options: SimOptions, mqtt_url: str, prefix: str, disk: PowerCutMount | None
+) -> FleetSettings:
     return FleetSettings(
-        options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s
-    )
+        options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s,
+        disk=None if disk is None else disk.path,
+        disk_devices=0 if disk is None else AGENT_POWERCUT_DEVICES,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _maybe_agent_disk(wanted: bool) -> AsyncIterator[PowerCutMount | None]:
+    """A power-cut filesystem for the file outboxes of agent-powercut's devices."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="fleet-agent-disk-") as tmp:
+        mount = PowerCutMount(Path(tmp))
+        await asyncio.to_thread(mount.start)
+        try:
+            yield mount
+        finally:
+            await asyncio.to_thread(mount.stop)
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from .powercut import PowerCutMount
 from .servers import MosquittoProcess, RedisProcess, ServerError
 from .services import ServiceProcess, child_pids, console_script, pid_alive
 
@@ -39,6 +40,9 @@ class StackSettings:
     # Short, so a SIGKILLed worker's entries are reclaimed within a short run.
     claim_idle_ms: int = 3_000
     broker_persistence: bool = False
+    # Redis keeps its files on a power-cut filesystem (fleet.powercut), for the
+    # redis-powercut chaos kind; needs /dev/fuse and libfuse 3.
+    redis_powercut: bool = False
 
 
 class Stack:
@@ -50,7 +54,14 @@ class Stack:
         self.broker = MosquittoProcess(
             workdir / "mosquitto", persistence=settings.broker_persistence
         )
-        self.redis = RedisProcess(workdir / "redis", appendonly=True)
+        self.redis_disk: PowerCutMount | None = None
+        redis_args: tuple[str, ...] = ()
+        if settings.redis_powercut:
+            self.redis_disk = PowerCutMount(workdir / "redis-disk")
+            # A later --dir wins; "always" as redis/redis.conf ships it (a power cut
+            # must not lose what Redis acknowledged).
+            redis_args = ("--appendfsync", "always", "--dir", str(self.redis_disk.path))
+        self.redis = RedisProcess(workdir / "redis", appendonly=True, extra_args=redis_args)
         run = uuid.uuid4().hex[:6]
         self.bridges = [self._bridge(i, run) for i in range(settings.bridges)]
         self.pipeline = ServiceProcess(
@@ -95,6 +106,8 @@ class Stack:
     def start(self) -> None:
         """Start everything, load the catalog, and wait until each part is ready."""
         self.broker.start()
+        if self.redis_disk is not None:
+            self.redis_disk.start()
         self.redis.start()
         self.load_catalog()
         for bridge in self.bridges:
@@ -116,6 +129,8 @@ class Stack:
         for service in (*self.bridges, self.pipeline):
             service.stop()
         self.redis.stop()
+        if self.redis_disk is not None:
+            self.redis_disk.stop()
         self.broker.stop()
 
     def worker_pids(self) -> list[int]:
