@@ -153,7 +153,8 @@ def test_agent_power_cuts_at_random_points_lose_no_202(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("POWERCUT_SLOW"), reason="set POWERCUT_SLOW=1 (~8 min)")
+@pytest.mark.timeout(1_800)
+@pytest.mark.skipif(not os.environ.get("POWERCUT_SLOW"), reason="set POWERCUT_SLOW=1 (~10 min)")
 def test_agent_power_cuts_at_100_random_points(
     tmp_path: Path,
     mosquitto_factory: Callable[..., MosquittoProcess],
