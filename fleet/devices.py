@@ -27,6 +27,7 @@ from .tracker import ObservingHandlers, ObservingTransport, Tracker
 log = structlog.get_logger(__name__)
 
 CLOSE_CHUNK = 200
+STATUS_QUERY_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,15 @@ class Fleet:
         s = self.settings
         device_id = f"{s.prefix}-{index:05d}"
         on_disk = s.disk is not None and index < s.disk_devices
+        # Status recovery, where the agent has it: ask for a missing terminal status
+        # after seconds, not the field default's minute, so a run's verifier sees it.
+        recovery: dict[str, Any] = (
+            {"status_query_delay_s": STATUS_QUERY_DELAY_S}
+            if "status_query_delay_s" in AgentConfig.__struct_fields__
+            else {}
+        )
         return AgentConfig(
+            **recovery,
             device_id=device_id,
             mqtt_url=s.mqtt_url,
             db=str(s.disk / f"{device_id}.db") if s.disk is not None and on_disk else ":memory:",
