@@ -16,6 +16,8 @@ from fleet.sim import AGENT_POWERCUT_DEVICES, SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from tests.powercut.conftest import needs_fuse
 
+pytestmark = needs_fuse  # the module's stack keeps Redis on the power-cut filesystem
+
 DEVICES = 100
 RATE = 40.0
 DURATION_S = 8.0
@@ -44,7 +46,6 @@ async def _run(stack: Stack, chaos: str) -> SimResult:
     return result
 
 
-@needs_fuse
 async def test_redis_power_cut(stack: Stack) -> None:
     """Redis host power cut mid-load (appendfsync always): nothing lost, nothing doubled."""
     before = stack.redis.pid
@@ -54,7 +55,6 @@ async def test_redis_power_cut(stack: Stack) -> None:
     assert stack.redis.pid != before
 
 
-@needs_fuse
 async def test_agent_power_cut(stack: Stack) -> None:
     """Devices with file outboxes lose power mid-load and restart on what was synced."""
     result = await _run(stack, "3:agent-powercut,5:agent-powercut")
