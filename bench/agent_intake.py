@@ -175,14 +175,23 @@ async def http_rate(tmp: Path, name: str, n: int, workers: int) -> float:
         proc.wait(10)
 
 
-def idle_rss_mb(tmp: Path) -> float:
+# The development venv has `rich`, which structlog imports when it can; a device
+# installs requirements/edge.txt, which has no `rich`. This start-up hides it.
+_AS_ON_A_DEVICE = (
+    "import sys; sys.modules['rich'] = None\n"
+    "from edge_agent.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def idle_rss_mb(tmp: Path, *, as_on_a_device: bool = False) -> float:
     """VmRSS of an idle ``edge-agent`` 2 s after its /healthz first answers."""
     port = free_port()
+    start = ["-c", _AS_ON_A_DEVICE] if as_on_a_device else ["-m", "edge_agent.cli"]
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "edge_agent.cli",
+            *start,
             "--device-id",
             "bench-rss",
             "--mqtt-url",
@@ -242,7 +251,8 @@ async def main() -> None:
         results["HTTP x64 (agent in its own process)"] = await http_rate(
             tmp, "http64", n(10000), 64
         )
-        rss = idle_rss_mb(tmp)
+        rss_dev = idle_rss_mb(tmp)
+        rss = idle_rss_mb(tmp, as_on_a_device=True)
 
     ceiling = results["sqlite3 100/txn (ceiling)"] or 1.0
     per_order = results["sqlite3 commit/order"] or 1.0
@@ -258,7 +268,11 @@ async def main() -> None:
         f"({'met' if api64 >= 0.5 * ceiling else 'NOT met'}); "
         f">= 4x commit/order: {api64 / per_order:.1f}x"
     )
-    print(f"idle edge-agent RSS: {rss:.1f} MB (goal <= 40 MB: {'met' if rss <= 40 else 'NOT met'})")
+    print(
+        f"idle edge-agent RSS: {rss:.1f} MB with the device's packages "
+        f"(goal <= 40 MB: {'met' if rss <= 40 else 'NOT met'}); "
+        f"{rss_dev:.1f} MB in the development venv (structlog also imports rich there)"
+    )
 
 
 if __name__ == "__main__":

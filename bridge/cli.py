@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import structlog
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
 
 from .config import BridgeConfig
@@ -35,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-bridge")
+    warn_if_redis_unauthenticated(config.redis_url)
     # gmqtt logs every connect and subscribe at INFO; our own lines say what matters.
     logging.getLogger("gmqtt").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:

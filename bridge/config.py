@@ -32,7 +32,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     share_group: str = DEFAULT_SHARE_GROUP
     # mqtt5: our asyncio protocol on the Rust codec; gmqtt: the library (see bridge.intake).
     mqtt_client: Literal["mqtt5", "gmqtt"] = "mqtt5"
-    http_host: str = "0.0.0.0"  # a service's metrics port is meant to be scraped
+    # Loopback unless told otherwise: /metrics and /readyz leak load and topology.
+    # Containers set ORDERS_HTTP_HOST=0.0.0.0 so the scraper can reach them.
+    http_host: str = "127.0.0.1"
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9102
     # Mosquitto keeps a dead replica's share this long; agents resend after it.
     session_expiry_s: Positive = 3600

@@ -13,9 +13,10 @@ import asyncio
 import structlog
 
 from schemas import Reason, SchemaError
-from schemas.names import device_id_from_orders_topic, receipts_topic
+from schemas.names import device_id_from_orders_topic, is_device_id, receipts_topic
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
+from servicekit.tokens import TokenBuckets
 from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
@@ -27,7 +28,6 @@ from .intake import Ack, Intake, IntakeFactory, MessageSink
 from .intake_gmqtt import GmqttIntake
 from .intake_mqtt5 import Mqtt5Intake
 from .metrics import BridgeMetrics
-from .ratelimit import TokenBuckets
 from .receipts import receipt_bytes
 from .store import OrderSink, RedisSink
 
@@ -75,6 +75,9 @@ class Bridge:
         try:
             device_id = device_id_from_orders_topic(topic)
         except SchemaError:
+            device_id = None
+        # Before any per-device state: a topic level is any size the broker lets through.
+        if device_id is not None and not is_device_id(device_id):
             device_id = None
         if device_id is not None and not self._limits.allow(device_id):
             self.metrics.rejected.labels(Reason.RATE_LIMITED).inc()

@@ -32,6 +32,20 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX orders_pending ON orders (seq) WHERE settled_ms IS NULL;
     CREATE INDEX orders_settled ON orders (settled_ms) WHERE settled_ms IS NOT NULL;
     """,
+    # 2: held orders, status recovery and the agent clock (edge_agent/_clock.py).
+    # `next_retry_ms` and the new `*_clock_ms` columns are in agent-clock ms;
+    # the store starts the clock at the wall time, so existing rows stay comparable:
+    # an old sent row counts as first sent when it was created (conservative).
+    """
+    INSERT INTO meta (key, value) VALUES ('clock_ms', 0), ('clock_wall_ms', 0);
+    ALTER TABLE orders ADD COLUMN first_sent_clock_ms INTEGER;
+    ALTER TABLE orders ADD COLUMN status_query_ms INTEGER;
+    ALTER TABLE orders ADD COLUMN status_queries INTEGER NOT NULL DEFAULT 0;
+    UPDATE orders SET first_sent_clock_ms = created_ms WHERE attempts > 0;
+    UPDATE orders SET next_retry_ms = 0 WHERE settled_ms IS NULL;
+    CREATE INDEX orders_status_query ON orders (status_query_ms)
+        WHERE status_query_ms IS NOT NULL;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import msgspec
+
+# The pipeline's terminal statuses: schemas.OrderStatus without "confirmed".
+TERMINAL_STATUSES: Final = frozenset({"rejected", "failed", "fulfilled"})
 
 
 class OrderRecord(msgspec.Struct, frozen=True):
@@ -36,6 +39,7 @@ class Due(NamedTuple):
     seq: int
     order_id: str
     payload: bytes
+    attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
 
 
 class NewOrder(NamedTuple):
@@ -47,18 +51,41 @@ class NewOrder(NamedTuple):
 
 
 class Sent(NamedTuple):
-    """The order was handed to the broker; expect a receipt before ``retry_at_ms``."""
+    """The order was handed to the broker; expect a receipt before ``retry_at_ms``.
+
+    Both times are agent-clock ms (``edge_agent/_clock.py``).
+    """
 
     order_id: str
     retry_at_ms: int
+    sent_clock_ms: int
 
 
 class Settle(NamedTuple):
-    """A receipt (or a broker rejection) settled the order: no more sending."""
+    """A receipt settled the order: no more sending.
+
+    ``query_at_ms`` (agent clock): when to ask for the terminal status of an
+    accepted order if it has not come by then; None for no status query.
+    """
 
     order_id: str
     state: str  # accepted | rejected
     reason: str | None
+    query_at_ms: int | None = None
+
+
+class Hold(NamedTuple):
+    """The broker refused the order for good (a definitive PUBACK code): keep it, stop sending."""
+
+    order_id: str
+    reason: str
+
+
+class StatusQueried(NamedTuple):
+    """A status query went out for these orders; ask again at ``next_at_ms`` (agent clock)."""
+
+    order_ids: tuple[str, ...]
+    next_at_ms: tuple[int, ...]
 
 
 class Defer(NamedTuple):
@@ -70,14 +97,27 @@ class Defer(NamedTuple):
 
 
 class StatusUpdate(NamedTuple):
-    """A pipeline status for the order; it also proves the cloud has it."""
+    """A pipeline status for the order; it also proves the cloud has it.
+
+    ``query_at_ms``: None for a terminal status (no more queries), else when
+    to ask again if no terminal status came by then (agent clock).
+    """
 
     order_id: str
     status: str
     reason: str | None
+    query_at_ms: int | None = None
 
 
-Update = Sent | Settle | Defer | StatusUpdate
+Update = Sent | Settle | Defer | StatusUpdate | Hold | StatusQueried
+
+
+class RetryResult(msgspec.Struct, frozen=True):
+    """What ``edge-agent retry`` did: re-queued, refused as past the dedup horizon, not held."""
+
+    requeued: list[str]
+    past_horizon: list[str]
+    not_held: list[str]
 
 
 class Stats(NamedTuple):
@@ -87,3 +127,4 @@ class Stats(NamedTuple):
     pending_bytes: int
     oldest_pending_ms: int | None
     total_rows: int
+    awaiting_status: int = 0

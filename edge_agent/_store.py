@@ -14,6 +14,12 @@ Durability settings, and why:
   WAL database on a full disk would otherwise die of SIGBUS touching the map;
   it also stops a second agent from opening the same queue.
 * ``auto_vacuum=INCREMENTAL``: pruned pages go back to the file system.
+
+Order states: ``queued`` → ``sent`` → ``accepted`` | ``rejected`` (settled by
+a receipt), or ``held`` (refused by the broker with a definitive PUBACK code:
+unsettled, never sent, never pruned, until ``retry`` re-queues it). Retry
+times and the dedup-horizon check use the agent clock (``_clock.py``); the
+``*_ms`` timestamps shown to people are wall clock.
 """
 
 from __future__ import annotations
@@ -24,20 +30,28 @@ from typing import Final
 
 from servicekit.clock import now_ms
 
+from ._clock import AgentClock
 from ._migrations import MIGRATIONS, SCHEMA_VERSION
 from ._records import (
+    TERMINAL_STATUSES,
     Defer,
     Due,
+    Hold,
     NewOrder,
     OrderRecord,
+    RetryResult,
     Sent,
     Settle,
     Stats,
+    StatusQueried,
     StatusUpdate,
     Submitted,
     Update,
 )
 from .errors import OutboxFull, StorageError
+
+# "No order is past the horizon": before any agent-clock reading.
+NO_HORIZON: Final = -(2**62)
 
 # Primary result codes (the low byte of the extended code).
 _SQLITE_CODES: Final = {
@@ -81,12 +95,16 @@ _COLUMNS: Final = (
 class Store:
     """One SQLite outbox database. Not thread-safe: one caller at a time."""
 
-    def __init__(self, path: str, *, max_rows: int, max_bytes: int) -> None:
+    def __init__(
+        self, path: str, *, max_rows: int, max_bytes: int, clock: AgentClock | None = None
+    ) -> None:
         self.path = path
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+        self.clock = clock or AgentClock()
         self.pending_rows = 0
         self.pending_bytes = 0
+        self.held_rows = 0
         self._next_seq = 0
         self._conn: sqlite3.Connection | None = None
 
@@ -126,6 +144,12 @@ class Store:
                     f"BEGIN IMMEDIATE; {MIGRATIONS[number - 1]}; "
                     f"PRAGMA user_version={number}; COMMIT;"
                 )
+            if version < 2:
+                # A new agent clock starts at the wall time (see _clock.py).
+                wall = self.clock.wall_ms()
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key IN ('clock_ms', 'clock_wall_ms')", (wall,)
+                )
             self._conn = conn
             self._load_counters()
         except sqlite3.Error as exc:
@@ -163,6 +187,13 @@ class Store:
             "SELECT count(*), coalesce(sum(size), 0) FROM orders WHERE settled_ms IS NULL"
         ).fetchone()
         self.pending_rows, self.pending_bytes = rows, size
+        self.held_rows = conn.execute(
+            "SELECT count(*) FROM orders WHERE settled_ms IS NULL AND state = 'held'"
+        ).fetchone()[0]
+        saved = dict(
+            conn.execute("SELECT key, value FROM meta WHERE key IN ('clock_ms', 'clock_wall_ms')")
+        )
+        self.clock.resume(saved["clock_ms"], saved["clock_wall_ms"])
         # meta.next_seq only moves when prune deletes rows; otherwise the table knows.
         self._next_seq = conn.execute(
             "SELECT max((SELECT value FROM meta WHERE key = 'next_seq'), "
@@ -203,6 +234,9 @@ class Store:
                 results, rows, size = self._insert_each(orders, stamp, rows, size)
             for update in updates:
                 rows, size = self._apply(update, stamp, rows, size)
+            clock_now = self.clock.now_ms()
+            if self.clock.due_for_save(clock_now):
+                self._save_clock(clock_now)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -258,6 +292,20 @@ class Store:
                 results.append(existing)
         return results, rows, size
 
+    def _save_clock(self, clock_now: int) -> None:
+        self.conn.executemany(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            ((clock_now, "clock_ms"), (self.clock.wall_ms(), "clock_wall_ms")),
+        )
+        self.clock.saved_ms = clock_now
+
+    def save_clock(self) -> None:
+        """Persist the agent clock now (autocommit; also done by write batches)."""
+        try:
+            self._save_clock(self.clock.now_ms())
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "save clock") from exc
+
     def _rollback(self) -> None:
         conn = self.conn
         if conn.in_transaction:
@@ -280,52 +328,102 @@ class Store:
     def _apply(self, update: Update, stamp: int, rows: int, size: int) -> tuple[int, int]:
         conn = self.conn
         match update:
-            case Sent(order_id, retry_at):
+            case Sent(order_id, retry_at, sent_clock):
                 conn.execute(
                     "UPDATE orders SET state = 'sent', attempts = attempts + 1, "
-                    "next_retry_ms = ?, updated_ms = ? "
-                    "WHERE order_id = ? AND settled_ms IS NULL",
-                    (retry_at, stamp, order_id),
+                    "next_retry_ms = ?, updated_ms = ?, "
+                    "first_sent_clock_ms = coalesce(first_sent_clock_ms, ?) "
+                    "WHERE order_id = ? AND settled_ms IS NULL AND state != 'held'",
+                    (retry_at, stamp, sent_clock, order_id),
                 )
             case Defer(order_id, retry_at, reason):
                 conn.execute(
                     "UPDATE orders SET next_retry_ms = ?, reason = ?, updated_ms = ? "
-                    "WHERE order_id = ? AND settled_ms IS NULL",
+                    "WHERE order_id = ? AND settled_ms IS NULL AND state != 'held'",
                     (retry_at, reason, stamp, order_id),
                 )
-            case Settle(order_id, state, reason):
-                return self._settle(order_id, state, reason, stamp, rows=rows, size=size)
-            case StatusUpdate(order_id, status, reason):
+            case Hold(order_id, reason):
+                held = conn.execute(
+                    "UPDATE orders SET state = 'held', reason = ?, updated_ms = ? "
+                    "WHERE order_id = ? AND settled_ms IS NULL AND state != 'held' "
+                    "RETURNING 1",
+                    (reason, stamp, order_id),
+                ).fetchone()
+                self.held_rows += held is not None
+            case Settle(order_id, state, reason, query_at):
+                return self._settle(order_id, state, reason, stamp, query_at, rows=rows, size=size)
+            case StatusUpdate(order_id, status, reason, query_at):
                 conn.execute(
-                    "UPDATE orders SET status = ?, reason = coalesce(?, reason), updated_ms = ? "
+                    "UPDATE orders SET status = ?, reason = coalesce(?, reason), updated_ms = ?, "
+                    "status_query_ms = CASE WHEN ? IS NULL THEN NULL "
+                    "ELSE coalesce(status_query_ms, ?) END "
                     "WHERE order_id = ?",
-                    (status, reason, stamp, order_id),
+                    (status, reason, stamp, query_at, query_at, order_id),
                 )
                 # A status means the cloud has the order, even if its receipt got lost.
-                return self._settle(order_id, "accepted", None, stamp, rows=rows, size=size)
+                return self._settle(
+                    order_id, "accepted", None, stamp, query_at, rows=rows, size=size
+                )
+            case StatusQueried(order_ids, next_at):
+                conn.executemany(
+                    "UPDATE orders SET status_query_ms = ?, status_queries = status_queries + 1 "
+                    "WHERE order_id = ? AND status_query_ms IS NOT NULL",
+                    zip(next_at, order_ids, strict=True),
+                )
         return rows, size
 
     def _settle(
-        self, order_id: str, state: str, reason: str | None, stamp: int, *, rows: int, size: int
+        self,
+        order_id: str,
+        state: str,
+        reason: str | None,
+        stamp: int,
+        query_at: int | None,
+        *,
+        rows: int,
+        size: int,
     ) -> tuple[int, int]:
-        row = self.conn.execute(
-            "UPDATE orders SET state = ?, reason = ?, settled_ms = ?, updated_ms = ? "
-            "WHERE order_id = ? AND settled_ms IS NULL RETURNING size",
-            (state, reason, stamp, stamp, order_id),
+        before = self.conn.execute(
+            "SELECT size, state, status FROM orders WHERE order_id = ? AND settled_ms IS NULL",
+            (order_id,),
         ).fetchone()
-        return (rows, size) if row is None else (rows - 1, size - row[0])
+        if before is None:
+            return rows, size
+        _, was, status = before
+        # A terminal status heard before the receipt leaves nothing to ask for.
+        if status is not None and status in TERMINAL_STATUSES:
+            query_at = None
+        self.conn.execute(
+            "UPDATE orders SET state = ?, reason = ?, settled_ms = ?, updated_ms = ?, "
+            "status_query_ms = CASE WHEN ? = 'accepted' THEN coalesce(status_query_ms, ?) END "
+            "WHERE order_id = ?",
+            (state, reason, stamp, stamp, state, query_at, order_id),
+        )
+        self.held_rows -= was == "held"
+        return rows - 1, size - before[0]
 
-    def due(self, now: int, limit: int, skip: frozenset[str] | set[str]) -> list[Due]:
-        """Up to ``limit`` unreceipted orders due by ``now``, oldest first, not in ``skip``."""
+    def due(
+        self,
+        now: int,
+        limit: int,
+        skip: frozenset[str] | set[str],
+        first_sent_after: int = NO_HORIZON,
+    ) -> list[Due]:
+        """Up to ``limit`` unreceipted orders due by ``now``, oldest first, not in ``skip``.
+
+        Never an order first sent at or before ``first_sent_after``: past the
+        dedup horizon a resend could be appended twice (agent clock, all three).
+        """
         out: list[Due] = []
         cur = self.conn.execute(
-            "SELECT seq, order_id, payload FROM orders "
-            "WHERE settled_ms IS NULL AND next_retry_ms <= ? ORDER BY seq",
-            (now,),
+            "SELECT seq, order_id, payload, attempts FROM orders "
+            "WHERE settled_ms IS NULL AND next_retry_ms <= ? AND state != 'held' "
+            "AND (first_sent_clock_ms IS NULL OR first_sent_clock_ms > ?) ORDER BY seq",
+            (now, first_sent_after),
         )
-        for seq, order_id, payload in cur:
+        for seq, order_id, payload, attempts in cur:
             if order_id not in skip:
-                out.append(Due(seq, order_id, payload))
+                out.append(Due(seq, order_id, payload, attempts))
                 if len(out) >= limit:
                     break
         cur.close()
@@ -334,7 +432,8 @@ class Store:
     def make_all_due(self) -> None:
         """Make every unreceipted order due now (after a reconnect). Not fsynced."""
         self.conn.execute(
-            "UPDATE orders SET next_retry_ms = 0 WHERE settled_ms IS NULL AND next_retry_ms > 0"
+            "UPDATE orders SET next_retry_ms = 0 "
+            "WHERE settled_ms IS NULL AND next_retry_ms > 0 AND state != 'held'"
         )
 
     def get(self, order_id: str) -> OrderRecord | None:
@@ -364,24 +463,32 @@ class Store:
             "SELECT created_ms FROM orders WHERE settled_ms IS NULL ORDER BY seq LIMIT 1"
         ).fetchone()
         total = conn.execute("SELECT count(*) FROM orders").fetchone()[0]
-        return Stats(self.pending_rows, self.pending_bytes, oldest[0] if oldest else None, total)
+        awaiting = conn.execute(
+            "SELECT count(*) FROM orders WHERE status_query_ms IS NOT NULL"
+        ).fetchone()[0]
+        return Stats(
+            self.pending_rows, self.pending_bytes, oldest[0] if oldest else None, total, awaiting
+        )
 
-    def expire(self, created_before_ms: int) -> list[str]:
+    def expire(self, first_sent_before: int) -> list[str]:
         """Stop resending orders that were sent but never receipted for too long.
 
         The bridge forgets an order's dedup marker after its TTL (7 days); a
         resend after that would be appended twice. Such orders become
         ``rejected`` with reason ``unreceipted_expired``, for an operator to
-        look at. Orders never sent (``attempts = 0``) are safe to send and stay.
+        look at. Orders never sent are safe to send and stay; held orders stay
+        held (``retry`` refuses them past the horizon). ``first_sent_before``
+        is agent-clock ms.
         """
         stamp = now_ms()
         try:
             rows = self.conn.execute(
                 "UPDATE orders SET state = 'rejected', reason = 'unreceipted_expired', "
                 "settled_ms = ?, updated_ms = ? "
-                "WHERE settled_ms IS NULL AND attempts > 0 AND created_ms < ? "
+                "WHERE settled_ms IS NULL AND state != 'held' "
+                "AND first_sent_clock_ms IS NOT NULL AND first_sent_clock_ms <= ? "
                 "RETURNING order_id, size",
-                (stamp, stamp, created_before_ms),
+                (stamp, stamp, first_sent_before),
             ).fetchall()
         except sqlite3.Error as exc:
             self._rollback()
@@ -400,8 +507,10 @@ class Store:
                 "max(value, (SELECT coalesce(max(seq), -1) + 1 FROM orders)) "
                 "WHERE key = 'next_seq'"
             )
+            # Orders still waiting for their terminal status stay (status recovery).
             deleted = conn.execute(
-                "DELETE FROM orders WHERE settled_ms IS NOT NULL AND settled_ms < ?",
+                "DELETE FROM orders WHERE settled_ms IS NOT NULL AND settled_ms < ? "
+                "AND status_query_ms IS NULL",
                 (settled_before_ms,),
             ).rowcount
             conn.execute("COMMIT")
@@ -413,3 +522,76 @@ class Store:
             self._rollback()
             raise storage_error(exc, "prune") from exc
         return deleted
+
+    def retry_held(self, order_ids: list[str] | None, first_sent_after: int) -> RetryResult:
+        """Re-queue held orders (all of them when ``order_ids`` is None).
+
+        A held order first sent at or before ``first_sent_after`` (agent clock)
+        is past the dedup horizon: it stays held and is reported, never sent.
+        """
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if order_ids is None:
+                rows = conn.execute(
+                    "SELECT order_id, first_sent_clock_ms FROM orders "
+                    "WHERE settled_ms IS NULL AND state = 'held' ORDER BY seq"
+                ).fetchall()
+                not_held: list[str] = []
+            else:
+                found = {
+                    oid: sent
+                    for oid, state, settled, sent in (
+                        conn.execute(
+                            "SELECT order_id, state, settled_ms, first_sent_clock_ms "
+                            "FROM orders WHERE order_id = ?",
+                            (oid,),
+                        ).fetchone()
+                        or (oid, None, None, None)
+                        for oid in order_ids
+                    )
+                    if state == "held" and settled is None
+                }
+                rows = list(found.items())
+                not_held = [oid for oid in order_ids if oid not in found]
+            requeue = [oid for oid, sent in rows if sent is None or sent > first_sent_after]
+            past = [oid for oid, sent in rows if not (sent is None or sent > first_sent_after)]
+            stamp = now_ms()
+            conn.executemany(
+                "UPDATE orders SET state = 'queued', next_retry_ms = 0, updated_ms = ? "
+                "WHERE order_id = ?",
+                [(stamp, oid) for oid in requeue],
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "retry held") from exc
+        self.held_rows -= len(requeue)
+        return RetryResult(requeued=requeue, past_horizon=past, not_held=not_held)
+
+    def status_queries_due(
+        self, now: int, limit: int, sent_after: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        """Accepted orders whose terminal status is overdue, with how often each was queried.
+
+        At most ``limit``, the longest overdue first.
+        Orders first sent at or before ``sent_after`` are past the dedup
+        horizon: their queries stop (the count of them is returned; the
+        orders become prunable). All times are agent-clock ms.
+        """
+        conn = self.conn
+        try:
+            gave_up = conn.execute(
+                "UPDATE orders SET status_query_ms = NULL "
+                "WHERE status_query_ms IS NOT NULL AND status_query_ms <= ? "
+                "AND coalesce(first_sent_clock_ms, 0) <= ?",
+                (now, sent_after),
+            ).rowcount
+            due = conn.execute(
+                "SELECT order_id, status_queries FROM orders WHERE status_query_ms IS NOT NULL "
+                "AND status_query_ms <= ? ORDER BY status_query_ms LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "status queries") from exc
+        return [(order_id, queries) for order_id, queries in due], gave_up

@@ -1,4 +1,11 @@
-"""EdgeAgent: outbox, publisher, maintenance and HTTP intake under one ``async with``.
+"""EdgeAgent: outbox, publisher, status recovery, maintenance, intake under one ``async with``.
+
+Every background loop is a named task in one ``asyncio.TaskGroup``. A loop
+survives any fault it can outlast (broker, disk, storage errors: it retries
+with ``servicekit.backoff`` and resets after a success). A loop that ends
+anyway (a bug) logs ``background_loop_died`` naming it, and the group then
+stops the agent: ``__aexit__`` raises :class:`BackgroundLoopDied` and the
+``edge-agent`` command exits non-zero, so systemd restarts it.
 
 ::
 
@@ -13,7 +20,7 @@ import contextlib
 import contextvars
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from types import TracebackType
 from typing import Any, Final, Self
@@ -22,15 +29,18 @@ import msgspec
 import structlog
 
 import schemas
+from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
-from ._records import NewOrder, OrderRecord, Submitted
+from ._clock import AgentClock
+from ._records import NewOrder, OrderRecord, RetryResult, Submitted
 from .config import AgentConfig
-from .errors import AgentClosed, AgentError, InvalidOrder, StorageError
+from .errors import AgentClosed, AgentError, BackgroundLoopDied, InvalidOrder, StorageError
 from .intake import start_http
 from .metrics import AgentMetrics
 from .outbox import Outbox
 from .publisher import Publisher
+from .status_recovery import StatusRecovery
 from .transport import TransportFactory, default_transport
 
 log = structlog.get_logger(__name__)
@@ -59,6 +69,9 @@ class Health(msgspec.Struct, frozen=True):
     broker_error: str | None
     last_broker_rejection: str | None
     expired_unreceipted: int
+    held: int = 0
+    awaiting_status: int = 0
+    status_never_heard: int = 0
 
 
 class EdgeAgent:
@@ -69,6 +82,7 @@ class EdgeAgent:
         transport_factory: the MQTT implementation (tests and the simulator plug in theirs).
         executor: a writer thread shared with other agents; default: one of its own.
         inline_storage: run SQLite on the event loop (for ``db=":memory:"``).
+        clock: the agent clock (tests inject wall and monotonic clocks).
     """
 
     def __init__(
@@ -78,6 +92,7 @@ class EdgeAgent:
         transport_factory: TransportFactory = default_transport,
         executor: Executor | None = None,
         inline_storage: bool = False,
+        clock: AgentClock | None = None,
     ) -> None:
         self.config = config
         self.metrics = AgentMetrics()
@@ -88,10 +103,13 @@ class EdgeAgent:
             executor=executor,
             inline=inline_storage,
             batch_max=config.batch_max,
+            clock=clock,
         )
+        self.clock = self.outbox.clock
         self.publisher = Publisher(
             config, self.outbox, self.metrics, transport_factory=transport_factory
         )
+        self.recovery = StatusRecovery(config, self.outbox, self.publisher, self.metrics)
         self.outbox.on_commit = self.publisher.wake
         self.http_port: int | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -105,6 +123,7 @@ class EdgeAgent:
             storage_error=lambda: 0 if self.outbox.error is None else 1,
             inflight=lambda: self.publisher.inflight,
             connected=lambda: 1 if self.publisher.connected else 0,
+            held=lambda: self.outbox.store.held_rows,
         )
 
     async def __aenter__(self) -> Self:
@@ -127,11 +146,30 @@ class EdgeAgent:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         name = self.config.device_id
+        loops = {
+            "publisher": self.publisher.run,
+            "status_recovery": self.recovery.run,
+            "maintenance": self._maintain,
+            "outbox_writer": self.outbox.writer_finished,
+        }
         self._tasks = [
-            self._tg.create_task(self.publisher.run(), name=f"publisher:{name}", context=context),
-            self._tg.create_task(self._maintain(), name=f"maintenance:{name}", context=context),
+            self._tg.create_task(
+                self._supervised(loop, run), name=f"{loop}:{name}", context=context
+            )
+            for loop, run in loops.items()
         ]
         return self
+
+    async def _supervised(self, loop: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run one background loop; its end (an error, or a return) ends the agent, loudly."""
+        try:
+            await run()
+        except Exception as exc:
+            log.critical("background_loop_died", loop=loop, exc_info=True)
+            raise BackgroundLoopDied(loop, f"{type(exc).__name__}: {exc}") from exc
+        if not self._closing:
+            log.critical("background_loop_died", loop=loop, error="returned")
+            raise BackgroundLoopDied(loop, "returned")
 
     async def __aexit__(
         self,
@@ -149,7 +187,16 @@ class EdgeAgent:
             if self._tg is not None:
                 tg, self._tg = self._tg, None
                 # Children we cancelled end quietly; a cancellation of our caller propagates.
-                await tg.__aexit__(None, None, None)
+                try:
+                    await tg.__aexit__(None, None, None)
+                except BaseExceptionGroup as group:
+                    died = group.subgroup(BackgroundLoopDied)
+                    if died is None:
+                        raise
+                    first = died.exceptions[0]
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    raise first from group
         finally:
             # The outbox commits what is pending (the transaction in progress), then closes.
             await self.outbox.__aexit__(exc_type, exc, tb)
@@ -240,6 +287,9 @@ class EdgeAgent:
         oldest = stats.oldest_pending_ms if stats else None
         return Health(
             ok=error is None and self.outbox.available,
+            held=self.outbox.store.held_rows,
+            awaiting_status=stats.awaiting_status if stats else 0,
+            status_never_heard=self.recovery.gave_up,
             device_id=self.config.device_id,
             broker_connected=self.publisher.connected,
             mqtt_protocol=self.publisher.protocol,
@@ -253,23 +303,59 @@ class EdgeAgent:
             expired_unreceipted=self.expired_unreceipted,
         )
 
+    async def retry_held(self, order_ids: list[str] | None = None) -> RetryResult:
+        """Re-queue held orders (``None``: all of them) once the broker's cause is fixed.
+
+        Orders past the dedup horizon stay held and are listed in
+        ``past_horizon``: sending them could duplicate them.
+
+        Raises:
+            StorageError: the outbox cannot be read or written.
+        """
+        result = await self.outbox.retry_held(order_ids, self.publisher.horizon_ms())
+        if result.requeued:
+            self.metrics.retried_held.inc(len(result.requeued))
+            log.info(
+                "held_orders_requeued", count=len(result.requeued), order_ids=result.requeued[:20]
+            )
+            self.publisher.wake()
+        if result.past_horizon:
+            log.error("held_orders_past_horizon", order_ids=result.past_horizon[:20])
+        return result
+
     async def _maintain(self) -> None:
-        """Reopen a failed outbox, and prune receipted orders past retention."""
+        """Reopen a failed outbox, save the agent clock, expire and prune; survive any error."""
         cfg = self.config
+        trouble = Backoff(cfg.storage_retry_s, max(cfg.storage_retry_s, 60.0))
         next_prune = time.monotonic() + min(cfg.prune_interval_s, 5.0)
         while True:
             await asyncio.sleep(min(cfg.storage_retry_s, cfg.prune_interval_s))
-            if not self.outbox.available:
-                if await self.outbox.try_open():
-                    self.publisher.wake()
-                continue
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + cfg.prune_interval_s
-                await self._expire()
-                await self.outbox.prune(now_ms() - int(cfg.retention_s * 1000))
+            try:
+                next_prune = await self._maintain_once(next_prune)
+            except Exception:
+                # Isolation boundary: a failed round is logged and counted, the next one runs.
+                log.exception("maintenance_failed")
+                self.metrics.loop_errors.labels("maintenance").inc()
+                await trouble.wait()
+            else:
+                trouble.reset()
+
+    async def _maintain_once(self, next_prune: float) -> float:
+        cfg = self.config
+        if not self.outbox.available:
+            if await self.outbox.try_open():
+                self.publisher.wake()
+            return next_prune
+        await self.outbox.save_clock()
+        if time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + cfg.prune_interval_s
+            await self._expire()
+            await self.outbox.prune(now_ms() - int(cfg.retention_s * 1000))
+        return next_prune
 
     async def _expire(self) -> None:
-        expired = await self.outbox.expire(now_ms() - int(self.config.resend_max_age_s * 1000))
+        # At or before the horizon (agent clock): a resend might be appended twice.
+        expired = await self.outbox.expire(self.publisher.horizon_ms())
         if expired:
             self.expired_unreceipted += len(expired)
             self.metrics.expired.inc(len(expired))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from schemas import names
 from schemas.messages import DeviceId
 from servicekit.config import ServiceConfig
 
@@ -37,7 +38,17 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     resend_max_age_s: float = 6 * 24 * 3600.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    # A transient PUBACK error (0x80, 0x83, 0x97…): resend after full-jitter backoff.
+    puback_retry_min_s: float = 1.0
+    puback_retry_max_s: float = 60.0
     poll_interval_s: float = 1.0
+    # Status recovery: an accepted order without a terminal status this long after
+    # its receipt is asked about (StatusQuery), again with backoff up to
+    # status_query_max_interval_s, until the status comes or status_query_max_age_s
+    # (the bridge's dedup horizon) has passed since it was first sent.
+    status_query_delay_s: float = 60.0
+    status_query_max_interval_s: float = 3600.0
+    status_query_max_age_s: float = float(names.DEDUP_TTL_S)
     # Outbox
     max_rows: int = 100_000
     max_bytes: int = 64 * 1024 * 1024

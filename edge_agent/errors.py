@@ -7,7 +7,8 @@ Hierarchy::
     ├── OutboxFull         the outbox is at its row or byte cap (HTTP 507)
     ├── StorageError       SQLite could not write or open: disk full, read-only, I/O
     ├── AgentClosed        the agent is shutting down and takes no more orders
-    └── BrokerError        the MQTT broker refused or dropped the connection
+    ├── BrokerError        the MQTT broker refused or dropped the connection
+    └── BackgroundLoopDied a background loop ended; the agent stops (the process exits non-zero)
 
 Every error names its ``reason``; HTTP intake turns it into an RFC 9457
 problem body, and ``/healthz`` shows the last storage error.
@@ -69,3 +70,18 @@ class BrokerError(AgentError):
     """The MQTT connection could not be made or was refused."""
 
     reason = "broker_error"
+
+
+class BackgroundLoopDied(AgentError):
+    """A background loop that should run for ever ended (a bug): the agent must restart.
+
+    Attributes:
+        loop: the loop's name (``publisher``, ``status_recovery``, ``maintenance``,
+            ``outbox_writer``).
+    """
+
+    reason = "background_loop_died"
+
+    def __init__(self, loop: str, detail: str) -> None:
+        super().__init__(f"background loop {loop!r} ended: {detail}")
+        self.loop = loop

@@ -115,6 +115,39 @@ async def list_orders(request: web.Request) -> web.Response:
     )
 
 
+async def retry_order(request: web.Request) -> web.Response:
+    """``POST /v1/orders/{order_id}/retry``: re-queue one held order."""
+    agent = request.app[_AGENT]
+    order_id = request.match_info["order_id"]
+    try:
+        result = await agent.retry_held([order_id])
+    except AgentError as exc:
+        return _error_response(exc)
+    if result.past_horizon:
+        return problem(
+            409,
+            "past_dedup_horizon",
+            f"order {order_id!r} was first sent longer ago than resend_max_age_s; "
+            "sending it again could duplicate it",
+            field="order_id",
+        )
+    if result.not_held:
+        rec = await agent.get(order_id)
+        if rec is None:
+            return problem(404, "not_found", f"no order {order_id!r}", field="order_id")
+        return problem(409, "not_held", f"order {order_id!r} is {rec.state}", field="order_id")
+    return _json(result)
+
+
+async def retry_held(request: web.Request) -> web.Response:
+    """``POST /v1/orders/retry-held``: re-queue every held order."""
+    try:
+        result = await request.app[_AGENT].retry_held(None)
+    except AgentError as exc:
+        return _error_response(exc)
+    return _json(result)
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: 200 when the outbox can write, 503 otherwise."""
     health = await request.app[_AGENT].health()
@@ -138,6 +171,8 @@ def build_app(agent: EdgeAgent) -> web.Application:
     app.router.add_post("/v1/orders", post_order)
     app.router.add_get("/v1/orders", list_orders)
     app.router.add_get("/v1/orders/{order_id}", get_order)
+    app.router.add_post("/v1/orders/retry-held", retry_held)
+    app.router.add_post("/v1/orders/{order_id}/retry", retry_order)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -48,6 +48,26 @@ class AgentMetrics:
             registry=r,
         )
         self.connects = Counter("edge_mqtt_connects", "Successful MQTT connects", registry=r)
+        self.connect_failures = Counter(
+            "edge_mqtt_connect_failures", "Failed MQTT connect attempts", registry=r
+        )
+        self.status_queries = Counter(
+            "edge_status_queries", "StatusQuery messages published", registry=r
+        )
+        self.status_queries_given_up = Counter(
+            "edge_status_queries_given_up",
+            "Accepted orders whose terminal status never came within the dedup horizon",
+            registry=r,
+        )
+        self.retried_held = Counter(
+            "edge_orders_held_retried", "Held orders re-queued by an operator", registry=r
+        )
+        self.loop_errors = Counter(
+            "edge_background_loop_errors",
+            "Unexpected errors a background loop survived, by loop",
+            ["loop"],
+            registry=r,
+        )
         self.connected = Gauge("edge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.pending = Gauge("edge_outbox_pending_orders", "Unreceipted orders", registry=r)
         self.pending_bytes = Gauge(
@@ -59,6 +79,11 @@ class AgentMetrics:
         self.inflight = Gauge(
             "edge_orders_inflight", "Orders sent and awaiting receipt", registry=r
         )
+        self.held = Gauge(
+            "edge_orders_held",
+            "Orders the broker refused with a definitive PUBACK code; `edge-agent retry` re-queues",
+            registry=r,
+        )
 
     def bind(
         self,
@@ -68,6 +93,7 @@ class AgentMetrics:
         storage_error: Callable[[], float],
         inflight: Callable[[], float],
         connected: Callable[[], float],
+        held: Callable[[], float],
     ) -> None:
         """Compute the gauges at scrape time from the live objects."""
         self.pending.set_function(pending)
@@ -75,6 +101,7 @@ class AgentMetrics:
         self.storage_error.set_function(storage_error)
         self.inflight.set_function(inflight)
         self.connected.set_function(connected)
+        self.held.set_function(held)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -23,19 +23,23 @@ from typing import Any, Self, TypeVar
 
 import structlog
 
+from ._clock import AgentClock
 from ._records import (
     Defer,
     Due,
+    Hold,
     NewOrder,
     OrderRecord,
+    RetryResult,
     Sent,
     Settle,
     Stats,
+    StatusQueried,
     StatusUpdate,
     Submitted,
     Update,
 )
-from ._store import Store, storage_error
+from ._store import NO_HORIZON, Store, storage_error
 from .errors import AgentClosed, AgentError, OutboxFull, StorageError
 
 __all__ = ["Due", "NewOrder", "OrderRecord", "Outbox", "Stats", "Submitted"]
@@ -68,6 +72,7 @@ class Outbox:
         executor: the writer thread to use; default: a private one.
         inline: run SQLite on the event loop (for ``:memory:``).
         batch_max: most orders per transaction.
+        clock: the agent clock (``_clock.py``); injectable for tests.
     """
 
     def __init__(
@@ -79,8 +84,10 @@ class Outbox:
         executor: Executor | None = None,
         inline: bool = False,
         batch_max: int = 1024,
+        clock: AgentClock | None = None,
     ) -> None:
-        self.store = Store(path, max_rows=max_rows, max_bytes=max_bytes)
+        self.store = Store(path, max_rows=max_rows, max_bytes=max_bytes, clock=clock)
+        self.clock = self.store.clock
         self.batch_max = batch_max
         self.error: StorageError | None = None
         self.on_commit: Callable[[], None] | None = None
@@ -128,6 +135,17 @@ class Outbox:
         if self._own_executor and self._executor is not None:
             self._executor.shutdown(wait=True)
         self._entered = False
+
+    async def writer_finished(self) -> None:
+        """Wait for the writer task to end; re-raise whatever ended it (for supervision)."""
+        writer = self._writer
+        if writer is None:
+            raise RuntimeError("the outbox is not open")
+        await asyncio.wait([writer])  # our own cancellation propagates; the writer's doesn't
+        if not writer.cancelled() and (exc := writer.exception()) is not None:
+            raise exc
+        if not self._closing:
+            raise RuntimeError("the outbox writer stopped")
 
     @property
     def path(self) -> str:
@@ -199,17 +217,27 @@ class Outbox:
         self._updates.append(update)
         self._wake.set()
 
-    def mark_sent(self, order_id: str, retry_at_ms: int) -> None:
-        self.update(Sent(order_id, retry_at_ms))
+    def mark_sent(self, order_id: str, retry_at_ms: int, sent_clock_ms: int) -> None:
+        self.update(Sent(order_id, retry_at_ms, sent_clock_ms))
 
-    def settle(self, order_id: str, state: str, reason: str | None) -> None:
-        self.update(Settle(order_id, state, reason))
+    def settle(
+        self, order_id: str, state: str, reason: str | None, query_at_ms: int | None = None
+    ) -> None:
+        self.update(Settle(order_id, state, reason, query_at_ms))
 
     def defer(self, order_id: str, retry_at_ms: int, reason: str | None) -> None:
         self.update(Defer(order_id, retry_at_ms, reason))
 
-    def set_status(self, order_id: str, status: str, reason: str | None) -> None:
-        self.update(StatusUpdate(order_id, status, reason))
+    def hold(self, order_id: str, reason: str) -> None:
+        self.update(Hold(order_id, reason))
+
+    def set_status(
+        self, order_id: str, status: str, reason: str | None, query_at_ms: int | None = None
+    ) -> None:
+        self.update(StatusUpdate(order_id, status, reason, query_at_ms))
+
+    def status_queried(self, order_ids: tuple[str, ...], next_at_ms: tuple[int, ...]) -> None:
+        self.update(StatusQueried(order_ids, next_at_ms))
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed, or its batch failed."""
@@ -288,11 +316,41 @@ class Outbox:
             del self._updates[:overflow]
             log.warning("outbox_updates_dropped", path=self.path, dropped=overflow)
 
-    async def due(self, now_ms: int, limit: int, skip: set[str]) -> list[Due]:
+    async def due(
+        self, clock_ms: int, limit: int, skip: set[str], first_sent_after: int = NO_HORIZON
+    ) -> list[Due]:
         """Orders due for sending, oldest first (see :meth:`Store.due`)."""
         if not self.store.is_open or limit <= 0:
             return []
-        return await self._run(self.store.due, now_ms, limit, frozenset(skip))
+        return await self._run(self.store.due, clock_ms, limit, frozenset(skip), first_sent_after)
+
+    async def retry_held(self, order_ids: list[str] | None, first_sent_after: int) -> RetryResult:
+        """Re-queue held orders (see :meth:`Store.retry_held`).
+
+        Raises:
+            StorageError: the outbox cannot be read or written.
+        """
+        if not self.store.is_open:
+            raise self.error or StorageError("outbox is not open", reason="unavailable")
+        await self.flush()  # holds still queued for the writer must be in first
+        return await self._run(self.store.retry_held, order_ids, first_sent_after)
+
+    async def status_queries_due(
+        self, clock_ms: int, limit: int, sent_after: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        """Orders whose terminal status is overdue (see :meth:`Store.status_queries_due`)."""
+        if not self.store.is_open:
+            return [], 0
+        await self.flush()
+        return await self._guard(self.store.status_queries_due, clock_ms, limit, sent_after) or (
+            [],
+            0,
+        )
+
+    async def save_clock(self) -> None:
+        """Persist the agent clock if its last save is older than ``SAVE_EVERY_MS``."""
+        if self.store.is_open and self.clock.due_for_save(self.clock.now_ms()):
+            await self._guard(self.store.save_clock)
 
     async def make_all_due(self) -> None:
         """Resend everything unreceipted (after a reconnect)."""
@@ -323,12 +381,12 @@ class Outbox:
             log.info("outbox_pruned", path=self.path, deleted=deleted)
         return deleted or 0
 
-    async def expire(self, created_before_ms: int) -> list[str]:
+    async def expire(self, first_sent_before: int) -> list[str]:
         """Give up on orders sent but unreceipted since before the cutoff (see Store.expire)."""
         if not self.store.is_open:
             return []
-        await self.flush()  # attempts counted by pending updates must be in first
-        return await self._guard(self.store.expire, created_before_ms) or []
+        await self.flush()  # first sends recorded by pending updates must be in first
+        return await self._guard(self.store.expire, first_sent_before) or []
 
     async def _guard(self, fn: Callable[..., _T], *args: object) -> _T | None:
         try:
@@ -339,4 +397,4 @@ class Outbox:
 
 
 # Re-exported for callers that build updates themselves.
-__all__ += ["Defer", "OutboxFull", "Sent", "Settle", "StatusUpdate"]
+__all__ += ["Defer", "Hold", "OutboxFull", "RetryResult", "Sent", "Settle", "StatusUpdate"]

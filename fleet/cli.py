@@ -11,6 +11,7 @@ from pathlib import Path
 from schemas.names import DEFAULT_SHARDS
 from servicekit.logs import configure_logging
 
+from .audit import audit
 from .errors import FleetError
 from .pki import CertFiles
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_load_arguments(parser)
     parser.add_argument("--log-level", default="error", help="JSON log level (stderr)")
     commands = parser.add_subparsers(dest="command")
-    _add_provision(commands.add_parser("provision", help="enrol or revoke devices"))
+    _add_provision(commands.add_parser("provision", help="enrol, revoke or audit devices"))
     stack = commands.add_parser("stack", help="start a local stack and keep it up")
     stack.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
     add_stack_arguments(stack)
@@ -75,6 +76,9 @@ def _add_provision(parser: argparse.ArgumentParser) -> None:
     revoke.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
     revoke.set_defaults(run=_revoke)
 
+    check = actions.add_parser("check", help="audit a registry: modes, orphans, accounts")
+    check.set_defaults(run=_check)
+
 
 def _enrol(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
@@ -91,7 +95,7 @@ def _enrol(args: argparse.Namespace) -> int:
         install_dir=args.install_dir,
     )  # fmt: skip
     print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
-    print(f"password file: {registry.passwd_path} (send the broker SIGHUP to reload it)")
+    print(f"broker accounts: {registry.accounts_path} (restart the broker to apply)")
     return 0
 
 
@@ -105,10 +109,22 @@ def _revoke(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     revoked = registry.revoke(args.device_ids)
     unknown = sorted(set(args.device_ids) - set(revoked))
-    print(f"revoked {len(revoked)} devices; send the broker SIGHUP to apply")
+    print(f"revoked {len(revoked)} devices; restart the broker to apply")
     if unknown:
         print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    findings = audit(registry)
+    for finding in findings:
+        print(finding)
+    if findings:
+        print(f"{len(findings)} problems in {registry.root}", file=sys.stderr)
+        return 1
+    print(f"{registry.root}: consistent")
     return 0
 
 

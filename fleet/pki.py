@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .files import PUBLIC_MODE, SECRET_MODE, write_file
+
 VALIDITY = dt.timedelta(days=825)
 
 
@@ -99,13 +101,10 @@ def _write(
 ) -> CertFiles:
     directory.mkdir(parents=True, exist_ok=True)
     files = CertFiles(directory / f"{stem}.crt", directory / f"{stem}.key")
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.touch(mode=0o600)
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    # The key is written first, 0600 from its first byte, also over an older one.
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    write_file(files.key, key_pem, SECRET_MODE)
+    write_file(files.cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     return files

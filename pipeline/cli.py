@@ -20,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
 
 from .catalog import read_catalog, store_catalog
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-pipeline")
+    warn_if_redis_unauthenticated(config.redis_url)
     try:
         if args.command == "catalog":
             return asyncio.run(_load_catalog(config, args.file))

@@ -6,6 +6,7 @@ so they live in one place and change only by adding a ``v2``.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Final
 
@@ -85,3 +86,13 @@ def stream_key(shard: int) -> str:
 def seen_key(shard: int, device_id: str, order_id: str) -> str:
     """``orders:{N}:seen:{device_id}:{order_id}``: the dedup marker."""
     return f"orders:{{{shard}}}:seen:{device_id}:{order_id}"
+
+
+# The contract's device id rule (schemas.messages.DeviceId), for ids that arrive
+# outside a message: topic levels, provisioning. Matched whole (no trailing newline).
+_DEVICE_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def is_device_id(value: str) -> bool:
+    """True when all of ``value`` is a device id: 1–64 chars of ``[A-Za-z0-9_.-]``."""
+    return _DEVICE_ID.fullmatch(value) is not None

@@ -109,7 +109,26 @@ def test_broker_profiles_and_mounted_config(compose: dict[str, Any]) -> None:
         assert "mosquitto" in services[name]["networks"]["default"]["aliases"]
     mounts = services["mosquitto-secure"]["volumes"]
     assert "./mosquitto/secure.conf:/mosquitto/config/mosquitto.conf:ro" in mounts
-    assert "./mosquitto/acl:/mosquitto/config/acl:ro" in mounts
+    assert "./registry/dynamic-security.json:/mosquitto/config/dynamic-security.json:ro" in mounts
+
+
+def test_secure_profile_runs_redis_with_acl_users(compose: dict[str, Any]) -> None:
+    """The secure profile's Redis loads an ACL file and stands in for `redis`; services take
+    their own accounts' URLs; the bridge's ops port is opened explicitly."""
+    services = compose["services"]
+    secure = services["redis-secure"]
+    assert secure["profiles"] == ["secure"]
+    assert services["redis"]["profiles"] == ["dev"]
+    assert "redis" in secure["networks"]["default"]["aliases"]
+    command = secure["command"]
+    assert command[command.index("--aclfile") + 1] == "/usr/local/etc/redis/users.acl"
+    assert "./registry/redis-users.acl:/usr/local/etc/redis/users.acl:ro" in secure["volumes"]
+    for name, account in (("bridge", "BRIDGE"), ("pipeline", "PIPELINE")):
+        env = services[name]["environment"]
+        assert env["ORDERS_REDIS_URL"].startswith(f"${{{account}_REDIS_URL:-"), name
+        assert env["ORDERS_MQTT_URL"].startswith(f"${{{account}_MQTT_URL:-"), name
+        assert services[name]["depends_on"]["redis-secure"]["required"] is False
+    assert services["bridge"]["environment"]["ORDERS_HTTP_HOST"] == "0.0.0.0"
 
 
 def test_inline_dev_broker_config_has_the_dev_limits(compose: dict[str, Any]) -> None:

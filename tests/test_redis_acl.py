@@ -1,12 +1,26 @@
-"""Least-privilege Redis users (redis-acl/users.acl) and rediss:// for the bridge."""
+"""Least-privilege Redis users (redis-acl/users.acl) and rediss:// for the bridge.
+
+Every service runs end to end as its own user against a real redis-server
+loaded with the committed ACL file: the bridge's ingest, the pipeline's catalog
+load, workers, orders API and DLQ replay. Afterwards Redis's ACL LOG must be
+empty: no command any service sent was denied.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -14,11 +28,16 @@ import redis
 from bridge.ingest import ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
 from fleet.pki import CertFiles, create_ca, issue_cert
-from fleet.servers import RedisProcess
+from fleet.servers import RedisProcess, free_port
+from pipeline.config import PipelineConfig
+from pipeline.names import CATALOG_KEY
 from schemas import Item, Order, encode
-from schemas.names import orders_topic, stream_key
+from schemas.names import PIPELINE_GROUP, orders_topic, shard_of, stream_key
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
+from tests.pipeline.processes import env_for, spawn, stop_all
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 SHARDS = 4
 
 
@@ -36,6 +55,15 @@ def url(server: RedisProcess, user: str) -> str:
     return f"redis://{user}:test-{user}@127.0.0.1:{server.port}/0"
 
 
+def denials(server: RedisProcess) -> list[str]:
+    """What Redis's ACL LOG recorded: ``user: command (reason)`` per denial."""
+    with redis.Redis.from_url(url(server, "admin")) as admin:
+        return [
+            f"{e['username']}: {e['object']} ({e['reason']}, {e['context']})"
+            for e in admin.acl_log()
+        ]
+
+
 def order(device_id: str) -> ValidOrder:
     """A classified valid order, as the bridge's ingest produces it."""
     payload = encode(
@@ -50,7 +78,8 @@ def order(device_id: str) -> ValidOrder:
 
 
 async def test_bridge_user_runs_the_ingest_script_and_nothing_else(acl_redis: RedisProcess) -> None:
-    """The bridge appends and dedups as `bridge`; other keys and admin commands are denied."""
+    """The bridge appends and dedups as `bridge`; other keys, consuming and changing the
+    server are denied (it may read settings: its durability check)."""
     valid = order("kiosk-acl")
     async with RedisSink(url(acl_redis, "bridge"), dedup_ttl_s=60, dlq_maxlen=100) as sink:
         assert await sink.write([valid], [], trim_shards={valid.shard}) == [AppendResult.APPENDED]
@@ -59,7 +88,7 @@ async def test_bridge_user_runs_the_ingest_script_and_nothing_else(acl_redis: Re
         for denied in (
             lambda: bridge.get("order:kiosk-acl:01ACLTEST0001"),
             bridge.flushall,
-            lambda: bridge.config_get("*"),
+            lambda: bridge.config_set("appendonly", "no"),
             lambda: bridge.xreadgroup("g", "c", {stream_key(valid.shard): ">"}),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
@@ -77,8 +106,15 @@ def test_pipeline_user_reads_streams_but_cannot_administer(acl_redis: RedisProce
         [[_, entries]] = pipeline.xreadgroup("pipeline", "w1", {stream_key(0): ">"})
         assert pipeline.xack(stream_key(0), "pipeline", entries[0][0]) == 1
         pipeline.hset("order:dev:x", "status", "fulfilled")
-        assert pipeline.eval("return redis.call('HGET', KEYS[1], 'status')", 1, "order:dev:x")
-        for denied in (pipeline.flushall, lambda: pipeline.config_get("*"), pipeline.keys):
+        sha = pipeline.script_load("return redis.call('HGET', KEYS[1], 'status')")
+        assert pipeline.evalsha(sha, 1, "order:dev:x") == b"fulfilled"
+        for denied in (
+            pipeline.flushall,
+            lambda: pipeline.config_get("*"),
+            pipeline.keys,
+            lambda: pipeline.eval("return 1", 0),  # scripts are loaded, then run by SHA
+            lambda: pipeline.delete("order:dev:x"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 denied()
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -130,3 +166,169 @@ async def test_bridge_writes_over_rediss(tmp_path: Path) -> None:
             assert await sink.write([valid], [], trim_shards=set()) == [AppendResult.APPENDED]
         with redis.Redis.from_url(tls_url) as client:
             assert client.xlen(stream_key(valid.shard)) == 1
+
+
+def pipeline_env(server: RedisProcess, mqtt_url: str, **settings: object) -> dict[str, str]:
+    """``ORDERS_*`` for an `order-pipeline` process logged in as `pipeline`."""
+    config = PipelineConfig(
+        redis_url=url(server, "pipeline"), mqtt_url=mqtt_url, shards=SHARDS, block_ms=50,
+        claim_idle_ms=300, claim_every_ms=100, max_deliveries=2, payment_backoff_ms=1,
+    )  # fmt: skip
+    return env_for(config, **settings)
+
+
+def run_until(
+    predicate: Callable[[], bool], what: str, server: RedisProcess, timeout_s: float = 30.0
+) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` and what Redis denied."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {denials(server)}"
+        time.sleep(0.05)
+
+
+def http_json(method: str, url_: str) -> tuple[int, Any]:
+    """One request; the status and the decoded JSON body."""
+    request = urllib.request.Request(url_, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except urllib.error.URLError:  # not listening yet
+        return 0, {}
+
+
+def order_bytes(device_id: str, order_id: str) -> bytes:
+    """A valid order for two COLA-33 of the demo catalog."""
+    return encode(
+        Order(
+            v=1, order_id=order_id, device_id=device_id, seq=1, created_at=1,
+            currency="EUR", items=(Item("COLA-33", 2, 150),), total=300,
+        )
+    )  # fmt: skip
+
+
+def test_every_service_runs_end_to_end_as_its_own_user(
+    acl_redis: RedisProcess, mqtt_url: str, tmp_path: Path
+) -> None:
+    """Catalog load; bridge ingest (accepted, duplicate, dead letter, trimming); workers
+    reading, reclaiming a dead consumer's entry and forgetting an idle consumer; the orders
+    API; a poison entry dead-lettered and replayed. Each service as its own user, and Redis
+    denied nothing."""
+    device = "kiosk-acl-e2e"
+    first, second = "01ACLE2E0001", "01ACLE2E0002"
+    # 1. `order-pipeline catalog load` as `pipeline` (once exited 1 without MULTI/EXEC).
+    loaded = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "catalog", "load", str(DEMO_CATALOG)],
+        env=pipeline_env(acl_redis, mqtt_url), capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr.decode()
+    admin = redis.Redis.from_url(url(acl_redis, "admin"))
+    assert admin.hget(CATALOG_KEY, "COLA-33") == b"150"
+    # 2. The bridge as `bridge`, trimming after every batch so XTRIM/XINFO/XPENDING run too.
+    bridge = BridgeProcess(
+        tmp_path, mqtt_url, url(acl_redis, "bridge"),
+        "--shards", str(SHARDS), "--trim-every-batches", "1", "--share-group", f"g-{device}",
+    )  # fmt: skip
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    log = tmp_path / "pipeline.log"
+    collector = ReceiptCollector(mqtt_url)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        bridge.start()
+        assert bridge.status("/readyz") == 200
+        publisher = Publisher(mqtt_url)
+        try:
+            for body in (
+                order_bytes(device, first), order_bytes(device, first), b"\xc1 not msgpack",
+                order_bytes(device, second),
+            ):  # fmt: skip
+                publisher.publish(orders_topic(device), body)
+            publisher.wait_all()
+        finally:
+            publisher.close()
+
+        def results() -> list[str]:
+            return sorted(f"{r.result}" for d, r in collector.snapshot() if d == device)
+
+        run_until(lambda: len(results()) == 4, "four receipts", acl_redis)
+        assert results() == ["accepted", "accepted", "duplicate", "rejected"]
+        # 3. A consumer that died holding the first order, and one idle holding nothing.
+        stream = stream_key(shard_of(device, SHARDS))
+        admin.xgroup_create(stream, PIPELINE_GROUP, id="0")
+        read: Any = admin.xreadgroup(PIPELINE_GROUP, "ghost-1", {stream: ">"}, count=1)
+        [[_, [(_, stolen)]]] = read
+        assert stolen[b"order_id"] == first.encode()
+        admin.xgroup_createconsumer(stream, PIPELINE_GROUP, "ghost-2")
+        time.sleep(0.3)
+        # 4. Workers and API as `pipeline`.
+        env = pipeline_env(acl_redis, mqtt_url, http_port=port, dead_consumer_idle_ms=200)
+        processes.append(spawn(["--workers", "1"], env, log))
+
+        def status_of(order_id: str) -> object:
+            return http_json("GET", f"{api}/v1/orders/{order_id}")[1].get("status")
+
+        run_until(
+            lambda: status_of(first) == status_of(second) == "fulfilled",
+            "both orders fulfilled, the first reclaimed from ghost-1",
+            acl_redis,
+        )
+        assert "forgot_dead_consumer" in log.read_text()
+        assert "reclaimed" in log.read_text()
+        status, page = http_json("GET", f"{api}/v1/devices/{device}/orders")
+        assert status == 200
+        assert sorted(item["order_id"] for item in page["items"]) == [first, second]
+        # 5. A poison entry (undecodable in the shard stream) is dead-lettered by a worker,
+        #    then listed and replayed through the API.
+        admin.xadd(stream, {
+            "order_id": "01ACLPOISON1", "device_id": device, "seq": "2",
+            "received_at": "1", "payload": b"\xc1",
+        })  # fmt: skip
+
+        def pipeline_letters() -> list[dict[str, Any]]:
+            _, body = http_json("GET", f"{api}/v1/dlq")
+            return [e for e in body.get("items", []) if e.get("source") == "pipeline"]
+
+        run_until(lambda: len(pipeline_letters()) == 1, "the poison entry in the DLQ", acl_redis)
+        [letter] = pipeline_letters()
+        status, _ = http_json("POST", f"{api}/v1/dlq/{letter['id']}/replay")
+        assert status == 202, status
+        run_until(
+            lambda: len(pipeline_letters()) == 2, "the replayed entry dead-lettered", acl_redis
+        )
+        assert bridge.terminate() == 0
+        processes[0].send_signal(signal.SIGTERM)
+        assert processes[0].wait(30) == 0
+    finally:
+        collector.close()
+        bridge.stop()
+        stop_all(processes)
+        admin.close()
+    assert denials(acl_redis) == []
+    assert "NOPERM" not in log.read_text()
+
+
+def test_services_warn_loudly_without_a_redis_password(
+    redis_url: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    """The bridge and `order-pipeline catalog load` given a password-less URL log a warning
+    (and still run: the dev stack has no ACL)."""
+    bridge = BridgeProcess(tmp_path, mqtt_url, redis_url)
+    try:
+        bridge.start()
+    finally:
+        bridge.stop()
+    assert "redis_url_without_password" in bridge.log_path.read_text()
+    config = PipelineConfig(redis_url=redis_url, mqtt_url=mqtt_url)
+    loaded = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "catalog", "load", str(DEMO_CATALOG)],
+        env=env_for(config), capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert loaded.returncode == 0
+    warnings = [
+        json.loads(line) for line in loaded.stderr.decode().splitlines()
+        if "redis_url_without_password" in line
+    ]  # fmt: skip
+    assert [w["level"] for w in warnings] == ["warning"]

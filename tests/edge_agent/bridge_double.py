@@ -2,7 +2,10 @@
 
 The broker is real; only the bridge (our own interface) is doubled. It
 subscribes to ``v1/devices/+/orders`` and answers on the device's receipts
-topic, so the agent's end-to-end settlement is exercised for real.
+topic, so the agent's end-to-end settlement is exercised for real. It also
+stands in for the pipeline's status-query responder: it records every
+``StatusQuery`` and, while ``answer_queries`` is set, answers each order it
+has seen with a terminal Status (``query_status``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from schemas import Receipt, Status, decode_order, encode, names
+from schemas import Receipt, Status, decode_order, decode_status_query, encode, names
 from servicekit.urls import MqttUrl
 
 # Decide the answer to one order: (result, reason), or None for no receipt at all.
@@ -31,10 +34,21 @@ def accept_all(_order_id: str, _count: int) -> tuple[str, str | None]:
 class BridgeDouble:
     """Records every order it sees and answers with receipts, per ``policy``."""
 
-    def __init__(self, mqtt_url: str, policy: Policy = accept_all, *, send_status: bool = False):
+    def __init__(
+        self,
+        mqtt_url: str,
+        policy: Policy = accept_all,
+        *,
+        send_status: bool = False,
+        answer_queries: bool = False,
+        query_status: str = "fulfilled",
+    ):
         self.url = MqttUrl.parse(mqtt_url)
         self.policy = policy
         self.send_status = send_status
+        self.answer_queries = answer_queries
+        self.query_status = query_status
+        self.queries: list[tuple[str, ...]] = []
         self.seen: Counter[str] = Counter()
         self.seqs: dict[str, int] = {}
         self.subscribed = threading.Event()
@@ -73,14 +87,28 @@ class BridgeDouble:
             time.sleep(0.05)
         return order_ids - self.ids()
 
+    def queried_ids(self) -> set[str]:
+        with self._lock:
+            return {order_id for query in self.queries for order_id in query}
+
+    def publish_status(self, device_id: str, order_id: str, status: str) -> None:
+        """Publish a Status as the pipeline would (QoS 1) and wait until the broker has it."""
+        message = Status(v=1, order_id=order_id, status=status, reason=None, at=_now_ms())  # type: ignore[arg-type]
+        info = self._client.publish(names.status_topic(device_id), encode(message), qos=1)
+        info.wait_for_publish(10)
+
     def _on_connect(self, client: paho.Client, *_args: Any) -> None:
         client.subscribe(names.ORDERS_TOPIC_FILTER, qos=1)
+        client.subscribe(names.TOPIC_PREFIX + "+/status-query", qos=1)
         self.subscribed.set()
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.subscribed.clear()
 
     def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic.endswith("/status-query"):
+            self._on_query(client, msg)
+            return
         device_id = names.device_id_from_orders_topic(msg.topic)
         order = decode_order(msg.payload, topic_device_id=device_id)
         with self._lock:
@@ -97,3 +125,26 @@ class BridgeDouble:
         if self.send_status and result == "accepted":
             status = Status(v=1, order_id=order.order_id, status="confirmed", reason=None, at=now)
             client.publish(names.status_topic(device_id), encode(status), qos=1)
+
+    def _on_query(self, client: paho.Client, msg: paho.MQTTMessage) -> None:
+        device_id = msg.topic[len(names.TOPIC_PREFIX) :].split("/")[0]
+        assert msg.topic == names.status_query_topic(device_id)
+        query = decode_status_query(msg.payload)
+        with self._lock:
+            self.queries.append(query.order_ids)
+            known = [order_id for order_id in query.order_ids if order_id in self.seen]
+        if not self.answer_queries:
+            return
+        for order_id in known:
+            status = Status(
+                v=1,
+                order_id=order_id,
+                status=self.query_status,  # type: ignore[arg-type]
+                reason=None,
+                at=_now_ms(),
+            )
+            client.publish(names.status_topic(device_id), encode(status), qos=1)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

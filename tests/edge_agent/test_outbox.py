@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import schemas
 from edge_agent import Outbox, OutboxFull, StorageError, Submitted
-from edge_agent._migrations import SCHEMA_VERSION
+from edge_agent._migrations import MIGRATIONS, SCHEMA_VERSION
 from edge_agent._records import NewOrder, Sent, Settle
 from edge_agent._store import Store
 from servicekit.clock import now_ms
@@ -117,7 +117,7 @@ async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> N
             await submit(outbox, f"order-{i:04d}")
         due = await outbox.due(now_ms(), 10, set())
         assert [d.order_id for d in due] == [f"order-{i:04d}" for i in range(5)]
-        outbox.update(Sent("order-0000", now_ms() + 60_000))
+        outbox.update(Sent("order-0000", now_ms() + 60_000, now_ms()))
         outbox.update(Settle("order-0001", "accepted", None))
         await outbox.flush()
         due = await outbox.due(now_ms(), 10, {"order-0002"})
@@ -213,8 +213,8 @@ async def test_sent_orders_past_max_age_expire(tmp_path: Path) -> None:
     async with Outbox(str(tmp_path / "o.db")) as outbox:
         await submit(outbox, "order-sent")
         await submit(outbox, "order-new1")
-        outbox.mark_sent("order-sent", now_ms())
-        assert await outbox.expire(now_ms() + 1) == ["order-sent"]
+        outbox.mark_sent("order-sent", now_ms(), outbox.clock.now_ms())
+        assert await outbox.expire(outbox.clock.now_ms() + 1) == ["order-sent"]
         rec = await outbox.get("order-sent")
         assert rec is not None
         assert (rec.state, rec.reason) == ("rejected", "unreceipted_expired")
@@ -278,3 +278,27 @@ async def test_any_interleaving_of_duplicates_is_one_order_each(ids: list[str]) 
             assert record is not None
             assert seqs == {record.seq}
         assert sum(not r.duplicate for r in results) == len(set(ids))
+
+
+def test_upgrade_from_v1_keeps_the_queue_and_starts_the_agent_clock(tmp_path: Path) -> None:
+    """A v1 outbox (wall-clock retry times) upgrades in place: rows kept, all due, clock set."""
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    conn.execute(
+        "INSERT INTO orders (seq, order_id, payload, size, state, attempts, next_retry_ms, "
+        "created_ms, updated_ms) VALUES (0, 'old-sent-01', x'00', 1, 'sent', 2, ?, 1000, 1000)",
+        (now_ms() + 3_600_000,),
+    )
+    conn.close()
+    store = Store(str(path), max_rows=10, max_bytes=10_000)
+    assert store.open() is None
+    try:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert abs(store.clock.now_ms() - now_ms()) < 60_000  # starts at the wall time
+        (due,) = store.due(store.clock.now_ms(), 10, frozenset())  # wall-clock retry reset
+        assert due.order_id == "old-sent-01"
+        # First sent counts from creation (ms 1000): long past any horizon.
+        assert store.expire(store.clock.now_ms() - 6 * 24 * 3600 * 1000) == ["old-sent-01"]
+    finally:
+        store.close()

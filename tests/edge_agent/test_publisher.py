@@ -7,8 +7,8 @@ import random
 from collections.abc import Callable
 
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent._pacing import TokenBucket
 from servicekit.backoff import full_jitter
+from servicekit.tokens import TokenBucket
 
 from .bridge_double import BridgeDouble
 from .conftest import order_body, wait_until

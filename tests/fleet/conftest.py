@@ -8,14 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from fleet.passwd import hash_password, write_passwd
+from fleet.dynsec import Accounts, device_client_id
 from fleet.pki import CertFiles, create_ca, issue_cert
 from fleet.servers import MosquittoProcess, free_port
 
 from .mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[2]
-PASSWORDS = {"kiosk-a": "pw-a", "kiosk-b": "pw-b", "bridge": "pw-bridge"}
+PASSWORDS = {"kiosk-a": "pw-a", "kiosk-b": "pw-b", "bridge": "pw-bridge", "pipeline": "pw-pipe"}
+DEVICES = ("kiosk-a", "kiosk-b")
+# Where distributions install the dynamic-security plugin (secure.conf names the image's).
+DYNSEC_PLUGINS = (
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/opt/homebrew/lib/mosquitto_dynamic_security.so",
+)
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,20 @@ class SecureBroker:
     conf_dir: Path
 
 
+def dynsec_plugin() -> str:
+    """Path of the installed dynamic-security plugin (the test skips without one)."""
+    plugin = next((p for p in DYNSEC_PLUGINS if Path(p).exists()), None)
+    if plugin is None:
+        pytest.skip("mosquitto_dynamic_security.so not found")
+    return plugin
+
+
 def secure_config(directory: Path, port: int) -> str:
     """The committed secure.conf with its paths and port pointed at ``directory``."""
     text = (REPO / "mosquitto/secure.conf").read_text()
+    text = text.replace(
+        "plugin /usr/lib/mosquitto_dynamic_security.so", f"plugin {dynsec_plugin()}"
+    )
     for mounted in ("/mosquitto/config/", "/mosquitto/certs/", "/mosquitto/data/"):
         text = text.replace(mounted, f"{directory}/")
     return text.replace("listener 8883", f"listener {port} 127.0.0.1")
@@ -45,14 +65,31 @@ def secure_broker(
     server_cert = issue_cert(ca, conf_dir, "localhost", server=True)
     server_cert.cert.rename(conf_dir / "server.crt")
     server_cert.key.rename(conf_dir / "server.key")
-    (conf_dir / "acl").write_text((REPO / "mosquitto/acl").read_text())
-    write_passwd(conf_dir / "passwd", {u: hash_password(p) for u, p in PASSWORDS.items()})
+    write_accounts(conf_dir)
     port = free_port()
     return SecureBroker(
         mosquitto_factory(port=port, config=secure_config(conf_dir, port)), ca, conf_dir
     )
 
 
-def probe(broker: SecureBroker, user: str | None, password: str | None = None) -> Probe:
-    """A TLS client trusting the broker's CA."""
-    return Probe(broker.server.port, user, password, ca_file=broker.ca.cert)
+def write_accounts(conf_dir: Path) -> None:
+    """The accounts file for :data:`PASSWORDS`, as `fleet-sim provision` writes it."""
+    accounts = Accounts()
+    for user, password in PASSWORDS.items():
+        if user in DEVICES:
+            accounts.set_device(user, password)
+        else:
+            accounts.set_service(user, password)
+    accounts.save(conf_dir / "dynamic-security.json")
+
+
+def probe(
+    broker: SecureBroker,
+    user: str | None,
+    password: str | None = None,
+    client_id: str | None = None,
+) -> Probe:
+    """A TLS client trusting the broker's CA; a device uses its bound client id by default."""
+    if client_id is None and user in DEVICES:
+        client_id = device_client_id(user)
+    return Probe(broker.server.port, user, password, ca_file=broker.ca.cert, client_id=client_id)

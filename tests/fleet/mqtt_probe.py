@@ -24,8 +24,10 @@ class Probe:
         port: int,
         username: str | None = None,
         password: str | None = None,
+        *,
         ca_file: Path | None = None,
         client_cert: tuple[Path, Path] | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.port = port
         self.connack: ReasonCode | None = None
@@ -33,9 +35,13 @@ class Probe:
         self.messages: list[mqtt.MQTTMessage] = []
         self.pubacks: dict[int, int] = {}
         self._connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.disconnect_reason: ReasonCode | None = None
         self._subscribed = threading.Event()
         self._message = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or "", protocol=mqtt.MQTTv5
+        )
         if username is not None:
             self.client.username_pw_set(username, password)
         if ca_file is not None:
@@ -48,6 +54,7 @@ class Probe:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_disconnect = self._on_disconnect
 
     def __enter__(self) -> Self:
         self.client.connect("127.0.0.1", self.port)
@@ -94,6 +101,12 @@ class Probe:
         with self._message:
             self.pubacks[mid] = rc.value
             self._message.notify_all()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.disconnect_reason = rc
+        self.disconnected.set()
 
     def _on_connect(
         self, _c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None
