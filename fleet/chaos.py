@@ -13,6 +13,14 @@
 | ``refuse=S`` | proxy | refuse new device connections for S seconds |
 | ``dup-flood`` | — | every device resends every receipted order, raw |
 | ``rogue=N`` | — | N malformed or spoofed payloads from a rogue device |
+| ``redis-powercut`` | own stack | Redis host power cut: unsynced writes dropped, SIGKILL, restart |
+| ``redis-oom=S`` | own stack | ``maxmemory`` below use for S s (writes answer OOM), then back |
+| ``agent-powercut`` | — | power cut of the devices with file outboxes; they restart on it |
+| ``clock-skew=S`` | — | the devices' wall clock jumps by S seconds (negative: back) |
+
+Power cuts use :mod:`fleet.powercut` (writes kept in memory until fsync). The
+clock skew lasts to the end of the run and only moves the simulated devices'
+wall clock (:mod:`fleet.clockskew`); the services keep the true time.
 
 Each fault proves it happened (a killed pid is gone) and is recorded with its time.
 """
@@ -23,10 +31,16 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import OutOfMemoryError, ResponseError
 
+import servicekit.clock
+
+from .clockskew import WallClockSkew
 from .devices import Fleet
 from .errors import ChaosError
+from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .rogue import RogueReport, send_rogue
 from .servers import ServerProcess
@@ -35,11 +49,16 @@ from .stack import Stack
 
 log = structlog.get_logger(__name__)
 
-STACK_KINDS = frozenset({"broker-restart", "bridge-kill", "redis-stop", "worker-kill"})
+STACK_KINDS = frozenset(
+    {"broker-restart", "bridge-kill", "redis-stop", "worker-kill", "redis-powercut", "redis-oom"}
+)
 PROXY_KINDS = frozenset({"drop", "refuse"})
-OTHER_KINDS = frozenset({"dup-flood", "rogue"})
+OTHER_KINDS = frozenset({"dup-flood", "rogue", "agent-powercut", "clock-skew"})
 KINDS = STACK_KINDS | PROXY_KINDS | OTHER_KINDS
-DEFAULT_ARG = {"redis-stop": 5.0, "drop": 0.3, "refuse": 5.0, "rogue": 50.0}
+DEFAULT_ARG = {
+    "redis-stop": 5.0, "drop": 0.3, "refuse": 5.0, "rogue": 50.0, "redis-oom": 3.0,
+    "clock-skew": 3 * 86_400.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -71,7 +90,7 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
             value = float(arg) if arg else DEFAULT_ARG.get(kind, 0.0)
         except ValueError as exc:
             raise ChaosError(f"bad chaos entry {raw!r}: want AT:KIND[=ARG]") from exc
-        if not sep or kind not in KINDS or at_s < 0:
+        if not sep or kind not in KINDS or at_s < 0 or (value < 0 and kind != "clock-skew"):
             raise ChaosError(f"bad chaos entry {raw!r}: kinds are {', '.join(sorted(KINDS))}")
         events.append(ChaosEvent(at_s, kind, value))
     return sorted(events)
@@ -111,8 +130,16 @@ class ChaosRunner:
         fleet: Fleet,
         mqtt_url: str,
         prefix: str,
+        agent_disk: PowerCutMount | None = None,
     ) -> None:
         check_feasible(events, own_stack=stack is not None, proxy=proxy is not None)
+        kinds = {e.kind for e in events}
+        if "redis-powercut" in kinds and (stack is None or stack.redis_disk is None):
+            raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
+        if "agent-powercut" in kinds and agent_disk is None:
+            raise ChaosError("agent-powercut needs devices with outboxes on a power-cut disk")
+        self.agent_disk = agent_disk
+        self.clock = WallClockSkew()
         self.events = events
         self.stack = stack
         self.proxy = proxy
@@ -169,6 +196,65 @@ class ChaosRunner:
             return " (no worker found!)"
         await asyncio.sleep(0.2)
         return f" (pid {pid} {'ALIVE' if pid_alive(pid) else 'gone'})"
+
+    async def _redis_powercut(self, event: ChaosEvent, n: int) -> str:
+        stack = self._own_stack()
+        disk = stack.redis_disk
+        if disk is None:  # refused in __init__
+            raise ChaosError("redis-powercut needs the stack's Redis on a power-cut disk")
+        pid = stack.redis.pid
+        report = await asyncio.to_thread(disk.cut)
+        await asyncio.to_thread(stack.redis.kill)
+        gone = pid is not None and not pid_alive(pid)
+        await asyncio.to_thread(disk.power_on)
+        await asyncio.to_thread(stack.redis.start)
+        return (
+            f" (pid {pid} {'gone' if gone else 'ALIVE'}, {report.dropped_bytes} unsynced bytes"
+            f" dropped, now {stack.redis.pid})"
+        )
+
+    async def _redis_oom(self, event: ChaosEvent, n: int) -> str:
+        client = aioredis.from_url(self._own_stack().redis.url)
+        try:
+            before = str((await client.config_get("maxmemory"))["maxmemory"])
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory", max(1, used // 2))
+            try:
+                try:
+                    await client.set("chaos:oom-probe", "x")
+                    refused = "writes NOT refused!"
+                except OutOfMemoryError:
+                    refused = "writes refused: OOM"
+                except ResponseError as exc:
+                    refused = f"write failed: {exc}"
+                await asyncio.sleep(event.arg)
+            finally:
+                await client.config_set("maxmemory", before)
+        finally:
+            await client.aclose()
+        return f" ({refused} for {event.arg:g} s, maxmemory back to {before})"
+
+    async def _agent_powercut(self, event: ChaosEvent, n: int) -> str:
+        disk = self.agent_disk
+        if disk is None:  # refused in __init__
+            raise ChaosError("agent-powercut needs devices with outboxes on a power-cut disk")
+        report = await asyncio.to_thread(disk.cut)
+
+        async def power_on() -> None:
+            await asyncio.to_thread(disk.power_on)
+
+        count = await self.fleet.restart_disk_devices(power_on)
+        return f" ({count} agents restarted, {report.dropped_bytes} unsynced bytes dropped)"
+
+    async def _clock_skew(self, event: ChaosEvent, n: int) -> str:
+        true_ms = time.time_ns() // 1_000_000
+        self.clock.jump(event.arg)
+        shown_s = (servicekit.clock.now_ms() - true_ms) / 1000
+        return f" (device wall clock {shown_s:+,.0f} s off)"
+
+    def restore(self) -> None:
+        """Undo what outlives the run: the devices' wall clock."""
+        self.clock.restore()
 
     async def _drop(self, event: ChaosEvent, n: int) -> str:
         return f" ({self._the_proxy().drop(event.arg)} connections)"

@@ -12,6 +12,7 @@ import random
 import resource
 import time
 import tomllib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .tracker import ObservingHandlers, ObservingTransport, Tracker
 log = structlog.get_logger(__name__)
 
 CLOSE_CHUNK = 200
+STATUS_QUERY_DELAY_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class FleetSettings:
     receipt_timeout_s: float = 10.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 5.0
+    # The first ``disk_devices`` devices keep their outbox in a file under
+    # ``disk`` (the agent-powercut chaos kind mounts a power-cut filesystem there).
+    disk: Path | None = None
+    disk_devices: int = 0
 
 
 def raise_open_file_limit() -> int:
@@ -85,7 +91,9 @@ class SimDevice:
         self.device_id = config.device_id
         self.tracker = tracker
         self.transport: ObservingTransport | None = None
-        self.agent = EdgeAgent(config, transport_factory=self._factory, inline_storage=True)
+        self.agent = EdgeAgent(
+            config, transport_factory=self._factory, inline_storage=config.db == ":memory:"
+        )
 
     def _factory(self, settings: TransportSettings, handlers: TransportHandlers) -> Transport:
         observing = ObservingHandlers(self.device_id, handlers, self.tracker)
@@ -115,10 +123,20 @@ class Fleet:
 
     def _config(self, index: int) -> AgentConfig:
         s = self.settings
+        device_id = f"{s.prefix}-{index:05d}"
+        on_disk = s.disk is not None and index < s.disk_devices
+        # Status recovery, where the agent has it: ask for a missing terminal status
+        # after seconds, not the field default's minute, so a run's verifier sees it.
+        recovery: dict[str, Any] = (
+            {"status_query_delay_s": STATUS_QUERY_DELAY_S}
+            if "status_query_delay_s" in AgentConfig.__struct_fields__
+            else {}
+        )
         return AgentConfig(
-            device_id=f"{s.prefix}-{index:05d}",
+            **recovery,
+            device_id=device_id,
             mqtt_url=s.mqtt_url,
-            db=":memory:",
+            db=str(s.disk / f"{device_id}.db") if s.disk is not None and on_disk else ":memory:",
             http_enabled=False,
             receipt_timeout_s=s.receipt_timeout_s,
             reconnect_min_s=s.reconnect_min_s,
@@ -153,6 +171,27 @@ class Fleet:
             await asyncio.gather(
                 *(d.agent.__aexit__(None, None, None) for d in chunk), return_exceptions=True
             )
+
+    async def restart_disk_devices(self, between: Callable[[], Awaitable[None]]) -> int:
+        """Stop the devices with file outboxes, run ``between``, start them again on their files.
+
+        Returns how many were restarted. Their tracker history carries on: a new
+        agent object reopens the same outbox and the same MQTT session.
+        """
+        count = min(self.settings.disk_devices, len(self.devices))
+        old = self.devices[:count]
+        # Whatever the stopped agents still try to write fails while the power is off.
+        await asyncio.gather(
+            *(d.agent.__aexit__(None, None, None) for d in old), return_exceptions=True
+        )
+        self._started = [d for d in self._started if d not in old]
+        await between()
+        for index in range(count):
+            device = SimDevice(self._config(index), self.tracker)
+            await device.agent.__aenter__()
+            self.devices[index] = device
+            self._started.append(device)
+        return count
 
     def connected(self) -> int:
         """Devices with a live broker connection right now."""

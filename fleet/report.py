@@ -93,6 +93,7 @@ def summary_table(record: RunRecord) -> Table:
         table.add_row(
             "lost / duplicated / stuck", f"{len(v.lost)} / {len(v.duplicated)} / {len(v.stuck)}"
         )
+        table.add_row("terminal status never heard", f"{len(v.unheard)}")
     return table
 
 
@@ -175,10 +176,12 @@ def _verdict_html(verdict: Verdict | None) -> str:
         f"<h2>Verification: {status}</h2>",
         f"<p>{verdict.checked:,} accepted orders checked: {len(verdict.lost)} lost, "
         f"{len(verdict.duplicated)} duplicated, {len(verdict.stuck)} stuck; "
-        f"{verdict.extra} stream entries from outside the run.</p>",
+        f"{verdict.extra} stream entries from outside the run; {len(verdict.unheard)} "
+        "whose device never heard a terminal status.</p>",
     ]
-    for name, refs in (("lost", verdict.lost), ("duplicated", list(verdict.duplicated)),
-                       ("stuck", verdict.stuck)):  # fmt: skip
+    named = (("lost", verdict.lost), ("duplicated", list(verdict.duplicated)),
+             ("stuck", verdict.stuck), ("no terminal status heard", verdict.unheard))  # fmt: skip
+    for name, refs in named:
         if refs:
             shown = ", ".join(f"{d}/{o}" for d, o in refs[:100])
             lines.append(f"<p>{name}: {escape(shown)}</p>")

@@ -77,7 +77,9 @@ def print_result(result: SimResult, report: Path, console: Console) -> int:
     """The summary, the ids of lost/duplicated/stuck orders, the report path; the exit status."""
     console.print(_summary(result))
     v = result.verdict
-    for name, refs in (("LOST", v.lost), ("DUPLICATED", list(v.duplicated)), ("stuck", v.stuck)):
+    named = (("LOST", v.lost), ("DUPLICATED", list(v.duplicated)), ("stuck", v.stuck),
+             ("NO TERMINAL STATUS HEARD", v.unheard))  # fmt: skip
+    for name, refs in named:
         if refs:
             shown = ", ".join(f"{d}/{o}" for d, o in refs[:SHOWN_IDS])
             more = f" (+{len(refs) - SHOWN_IDS} more)" if len(refs) > SHOWN_IDS else ""
@@ -89,7 +91,8 @@ def print_result(result: SimResult, report: Path, console: Console) -> int:
     path = write_html(result.record, report)
     console.print(
         f"verification: {v.checked:,} accepted orders, {len(v.lost)} lost, "
-        f"{len(v.duplicated)} duplicated, {len(v.stuck)} stuck -> "
+        f"{len(v.duplicated)} duplicated, {len(v.stuck)} stuck, "
+        f"{len(v.unheard)} without a terminal status heard -> "
         f"{'PASS' if result.ok else 'FAIL'}"
     )
     console.print(f"report: {path.resolve()}")
@@ -110,7 +113,10 @@ def _summary(result: SimResult) -> Table:
 
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:
-    return StackSettings(shards=args.shards, bridges=args.bridges, workers=args.workers)
+    return StackSettings(
+        shards=args.shards, bridges=args.bridges, workers=args.workers,
+        redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
+    )  # fmt: skip
 
 
 def run_stack(args: argparse.Namespace) -> int:

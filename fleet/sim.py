@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, check_feasible, parse_sch
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
+from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .report import RunRecord, Sample, percentiles
 from .stack import DEMO_CATALOG, Stack
@@ -38,6 +40,8 @@ from .verify import OrderRef, Verdict, count_stream_entries, verify
 log = structlog.get_logger(__name__)
 
 SUBMIT_CONCURRENCY = 2_000
+# Devices whose outbox is a file on the power-cut disk when agent-powercut is scheduled.
+AGENT_POWERCUT_DEVICES = 5
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class SimOptions:
     chaos: str = ""
     seed: int = 0
     settle_timeout_s: float = 120.0
+    # After quiescence, how long devices may take to hear the last terminal statuses
+    # (status recovery resends what the broker lost); then unheard ones fail the run.
+    status_wait_s: float = 30.0
     connect_timeout_s: float = 60.0
     ramp_per_s: float = 500.0
     receipt_timeout_s: float = 10.0
@@ -87,6 +94,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
     events = parse_schedule(options.chaos)
     wants_proxy = any(e.kind in PROXY_KINDS for e in events)
+    wants_disk = any(e.kind == "agent-powercut" for e in events)
     check_feasible(events, own_stack=stack is not None, proxy=wants_proxy)
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     rng = random.Random(options.seed)
@@ -100,24 +108,30 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     async with (
         _redis(redis_url) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
-        Fleet(_fleet_settings(options, device_url, prefix), tracker) as fleet,
+        _maybe_agent_disk(wants_disk) as disk,
+        Fleet(_fleet_settings(options, device_url, prefix, disk), tracker) as fleet,
     ):
         connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
         log.info("fleet connected", connected=connected, devices=options.devices)
         chaos = ChaosRunner(
-            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix
-        )
-        record.events = chaos.log.events
-        settled = await _drive(
-            options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
-            redis=redis, rng=rng, catalog=catalog,
+            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix,
+            agent_disk=disk,
         )  # fmt: skip
+        record.events = chaos.log.events
+        try:
+            settled = await _drive(
+                options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
+                redis=redis, rng=rng, catalog=catalog,
+            )  # fmt: skip
+        finally:
+            chaos.restore()
     async with _redis(redis_url) as redis:
         verdict = await verify(
             redis,
             tracker.accepted,
             shards=options.shards,
             statuses=lambda refs: order_statuses(redis, refs),
+            heard=tracker.terminal,
         )
         rogue_in_streams: list[OrderRef] = []
         if chaos.log.rogue:
@@ -136,10 +150,29 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     )  # fmt: skip
 
 
-def _fleet_settings(options: SimOptions, mqtt_url: str, prefix: str) -> FleetSettings:
+def _fleet_settings(
+    options: SimOptions, mqtt_url: str, prefix: str, disk: PowerCutMount | None
+) -> FleetSettings:
     return FleetSettings(
-        options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s
-    )
+        options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s,
+        disk=None if disk is None else disk.path,
+        disk_devices=0 if disk is None else AGENT_POWERCUT_DEVICES,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _maybe_agent_disk(wanted: bool) -> AsyncIterator[PowerCutMount | None]:
+    """A power-cut filesystem for the file outboxes of agent-powercut's devices."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="fleet-agent-disk-") as tmp:
+        mount = PowerCutMount(Path(tmp))
+        await asyncio.to_thread(mount.start)
+        try:
+            yield mount
+        finally:
+            await asyncio.to_thread(mount.stop)
 
 
 @contextlib.asynccontextmanager
@@ -193,6 +226,7 @@ async def _drive(
             await _load(options, fleet, rng, catalog, started)
             await chaos_task
             settled = await _settle(fleet, tracker, redis, options.settle_timeout_s)
+            await _await_heard(tracker, options.status_wait_s)
             stop_sampling.set()
     return settled
 
@@ -258,6 +292,17 @@ async def _sample(
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _await_heard(tracker: Tracker, timeout_s: float) -> None:
+    """Wait until every device heard a terminal status for each of its accepted orders."""
+    deadline = time.monotonic() + timeout_s
+    while any(ref not in tracker.terminal for ref in tracker.accepted):
+        if time.monotonic() > deadline:
+            unheard = sum(1 for ref in tracker.accepted if ref not in tracker.terminal)
+            log.warning("terminal statuses never heard", orders=unheard)
+            return
+        await asyncio.sleep(0.2)
 
 
 async def _settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float) -> bool:

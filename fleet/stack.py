@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from .powercut import PowerCutMount
 from .servers import MosquittoProcess, RedisProcess, ServerError
 from .services import ServiceProcess, child_pids, console_script, pid_alive
 
@@ -43,6 +44,9 @@ class StackSettings:
     broker_persistence: bool = False
     # Overrides redis/redis.conf's maxmemory for this run (None: the file's value).
     redis_maxmemory: str | None = None
+    # Redis keeps its files on a power-cut filesystem (fleet.powercut), for the
+    # redis-powercut chaos kind; needs /dev/fuse and libfuse 3.
+    redis_powercut: bool = False
 
 
 class Stack:
@@ -54,7 +58,14 @@ class Stack:
         self.broker = MosquittoProcess(
             workdir / "mosquitto", persistence=settings.broker_persistence
         )
-        self.redis = RedisProcess.production(workdir / "redis", maxmemory=settings.redis_maxmemory)
+        self.redis_disk: PowerCutMount | None = None
+        redis_args: tuple[str, ...] = ()
+        if settings.redis_powercut:
+            self.redis_disk = PowerCutMount(workdir / "redis-disk")
+            redis_args = ("--dir", str(self.redis_disk.path))  # a later --dir wins
+        self.redis = RedisProcess.production(
+            workdir / "redis", maxmemory=settings.redis_maxmemory, extra_args=redis_args
+        )
         run = uuid.uuid4().hex[:6]
         self.bridges = [self._bridge(i, run) for i in range(settings.bridges)]
         self.pipeline = ServiceProcess(
@@ -99,6 +110,8 @@ class Stack:
     def start(self) -> None:
         """Start everything, load the catalog, and wait until each part is ready."""
         self.broker.start()
+        if self.redis_disk is not None:
+            self.redis_disk.start()
         self.redis.start()
         self.load_catalog()
         for bridge in self.bridges:
@@ -120,6 +133,8 @@ class Stack:
         for service in (*self.bridges, self.pipeline):
             service.stop()
         self.redis.stop()
+        if self.redis_disk is not None:
+            self.redis_disk.stop()
         self.broker.stop()
 
     def worker_pids(self) -> list[int]:

@@ -5,7 +5,10 @@ After the run reaches quiescence, each order the simulated devices answered
 
 * **lost**: in no ``orders:{N}`` stream entry;
 * **duplicated**: in more than one entry;
-* **stuck**: in a stream but without a terminal pipeline status.
+* **stuck**: in a stream but without a terminal pipeline status;
+* **unheard**: in a stream, but its device never heard a terminal status for
+  it (a status the broker lost and nothing sent again leaves the device
+  showing ``accepted`` forever). Fails the run like lost and duplicated.
 
 Streams must not have been trimmed past the run's entries (the bridge only
 trims what the pipeline has acknowledged, and a test run stays far below the
@@ -15,7 +18,7 @@ trim threshold); a trimmed entry would show up as lost, never as fine.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +42,15 @@ class Verdict:
     duplicated: dict[OrderRef, int] = field(default_factory=dict)
     stuck: list[OrderRef] = field(default_factory=list)
     extra: int = 0  # stream entries for orders no device had accepted (rogue devices, …)
+    unheard: list[OrderRef] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No order lost or duplicated (stuck orders are reported, not fatal)."""
-        return not self.lost and not self.duplicated
+        """Nothing lost or duplicated, and every device heard each order's end.
+
+        Stuck orders are reported, not fatal.
+        """
+        return not self.lost and not self.duplicated and not self.unheard
 
 
 async def count_stream_entries(redis: Any, shards: int) -> Counter[OrderRef]:
@@ -66,8 +73,13 @@ async def verify(
     shards: int,
     statuses: StatusLookup | None = None,
     terminal: frozenset[str] = frozenset({"rejected", "failed", "fulfilled"}),
+    heard: Collection[OrderRef] | None = None,
 ) -> Verdict:
-    """Check every accepted order against the streams (and the pipeline, if given)."""
+    """Check every accepted order against the streams (and the pipeline, if given).
+
+    ``heard``: the orders whose device heard a terminal status; when given,
+    every accepted order in a stream must be among them.
+    """
     wanted = set(accepted)
     counts = await count_stream_entries(redis, shards)
     lost = sorted(ref for ref in wanted if counts[ref] == 0)
@@ -78,7 +90,10 @@ async def verify(
         found = await statuses(present)
         stuck = [ref for ref, status in zip(present, found, strict=True) if status not in terminal]
     extra = sum(1 for ref in counts if ref not in wanted)
-    return Verdict(len(wanted), lost, duplicated, stuck, extra)
+    unheard: list[OrderRef] = []
+    if heard is not None:
+        unheard = sorted(ref for ref in wanted if counts[ref] > 0 and ref not in heard)
+    return Verdict(len(wanted), lost, duplicated, stuck, extra, unheard)
 
 
 def _text(value: bytes | str) -> str:

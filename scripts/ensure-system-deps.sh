@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what `make` needs from the system: python3-venv, mosquitto, redis-server.
+# Installs what `make` needs from the system: python3-venv, mosquitto, redis-server,
+# fuse3 (the power-cut tests' FUSE filesystem) and faketime (clock-skew tests).
 # Uses apt-get on Debian/Ubuntu (as root, or through sudo); elsewhere it says what to install.
 set -euo pipefail
 
@@ -11,6 +12,10 @@ have mosquitto || missing+=("mosquitto")
 have mosquitto_passwd || missing+=("mosquitto-clients")
 have redis-server || missing+=("redis-server")
 have redis-cli || missing+=("redis-tools")
+# libfuse 3 for mfusepy (tests/powercut) and its mount helper; fuse3 pulls in libfuse3-3.
+have fusermount3 || missing+=("fuse3")
+[ -n "$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep libfuse3.so.3)" ] || missing+=("libfuse3-3")
+have faketime || missing+=("faketime")
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -13,6 +13,7 @@ import pytest
 from fleet.services import pid_alive
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
+from fleet.tracker import ObservingHandlers
 
 DEVICES = 200
 RATE = 40.0
@@ -36,7 +37,7 @@ async def _run(stack: Stack, chaos: str, **overrides: object) -> SimResult:
     v = result.verdict
     assert v.checked > options.rate * options.duration_s * 0.5, "too few orders to prove anything"
     assert result.settled, "the run did not reach quiescence"
-    assert (v.lost, v.duplicated, v.stuck) == ([], {}, [])
+    assert (v.lost, v.duplicated, v.stuck, v.unheard) == ([], {}, [], [])
     assert len(result.record.events) == len(chaos.split(",")) if chaos else 1
     return result
 
@@ -104,6 +105,34 @@ async def test_rogue_devices(stack: Stack) -> None:
     assert result.rogue_in_streams == []
     assert result.dlq_added >= sent
     assert result.ok
+
+
+async def test_a_device_that_never_hears_a_terminal_status_fails_the_run(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every status for one device is lost on its way in: that device's orders fail the run."""
+    victim: list[str] = []
+    deliver = ObservingHandlers.on_message
+
+    def lose_one_devices_statuses(self: ObservingHandlers, topic: str, payload: bytes) -> None:
+        if topic.endswith("/status"):
+            device = topic.split("/")[2]
+            victim[:] = victim or [device]
+            if device == victim[0]:
+                return  # neither the tracker nor the agent hears it, as after a broker loss
+        deliver(self, topic, payload)
+
+    monkeypatch.setattr(ObservingHandlers, "on_message", lose_one_devices_statuses)
+    options = SimOptions(
+        devices=20, rate=20, duration_s=3, shards=4, settle_timeout_s=60, status_wait_s=3
+    )
+    result = await run(options, stack)
+    v = result.verdict
+    assert victim, "no status was delivered at all"
+    assert not result.ok
+    assert v.unheard
+    assert {device for device, _ in v.unheard} == {victim[0]}
+    assert (v.lost, v.duplicated, v.stuck) == ([], {}, [])
 
 
 @pytest.mark.slow

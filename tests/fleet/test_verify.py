@@ -43,3 +43,18 @@ async def test_clean_run_passes_and_faults_are_named(redis_url: str) -> None:
     assert verdict.duplicated == {refs[7]: 2}
     assert verdict.stuck == [refs[9]]
     assert verdict.extra == 1
+
+
+async def test_an_order_whose_device_never_heard_its_end_fails_the_run(redis_url: str) -> None:
+    """In the streams once and terminal in the pipeline, but the device heard nothing: FAIL."""
+    refs = [(f"dev-{i}", f"order-{i:04d}") for i in range(20)]
+    async with aioredis.Redis.from_url(redis_url) as client:
+        for ref in refs:
+            await append(client, ref)
+        everyone = await verify(client, refs, shards=SHARDS, heard=set(refs))
+        assert everyone.ok
+        assert everyone.unheard == []
+        one_missing = await verify(client, refs, shards=SHARDS, heard=set(refs) - {refs[5]})
+    assert not one_missing.ok
+    assert one_missing.unheard == [refs[5]]
+    assert (one_missing.lost, one_missing.duplicated) == ([], {})
