@@ -31,6 +31,7 @@ from .config import PipelineConfig
 from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .status import status_publisher
 from .steps import StepDeps, build_chain
+from .tokens import load_api_tokens
 from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)
@@ -136,7 +137,10 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
         app = create_app(
-            client, shards=config.shards, multiproc_dir=multiproc_dir if config.workers else None
+            client,
+            shards=config.shards,
+            multiproc_dir=multiproc_dir if config.workers else None,
+            tokens=load_api_tokens(config),
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

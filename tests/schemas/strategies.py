@@ -36,7 +36,9 @@ def orders(draw: st.DrawFn) -> Order:
         currency=draw(st.text(string.ascii_uppercase, min_size=3, max_size=3)),
         items=order_items,
         total=sum(i.qty * i.unit_price for i in order_items),
-        attrs=draw(st.dictionaries(
-            st.text(TEXT_CHARS, max_size=16), st.text(TEXT_CHARS, max_size=32), max_size=8
-        )),
+        attrs=draw(
+            st.dictionaries(
+                st.text(TEXT_CHARS, max_size=16), st.text(TEXT_CHARS, max_size=32), max_size=8
+            )
+        ),
     )
