@@ -18,20 +18,19 @@ import re
 from importlib import resources
 from typing import Any, Final
 
-import structlog
-
 import redis.asyncio as aioredis
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.exceptions import RedisError
+
+from servicekit.problems import Handler, problem, problem_middleware
 
 from ._lua import Scripts
 from .dlq import decode_cursor, encode_cursor, list_dead_letters, replay
 from .errors import ReplayError
 from .metrics import ApiMetrics
 from .names import device_index_key, order_key
-from servicekit.problems import Handler, problem, problem_middleware
-
 from .records import find_devices, load_order, text
 from .tokens import Role, TokenStore, allows
 

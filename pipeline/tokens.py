@@ -172,4 +172,4 @@ def write_entry(path: Path, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as out:
         out.write(line + "\n")
-    os.chmod(path, 0o600)
+    path.chmod(0o600)  # an existing file keeps its mode otherwise
