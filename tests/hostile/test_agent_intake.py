@@ -4,49 +4,16 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import free_port
-
 from .conftest import CASES, RSS_SLACK_BYTES, SLOW
-from .live import Answer, HttpClient, MemoryWatch, ServedInThread
+from .live import Answer, HttpClient, MemoryWatch
 from .strategies import header_text, quoted, raw_bodies
 
 pytestmark = pytest.mark.slow if SLOW else []
-
-
-@pytest.fixture(scope="module")
-def agent_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """An agent whose broker is unreachable (so only HTTP works), on a real port."""
-    db = tmp_path_factory.mktemp("hostile-agent") / "outbox.db"
-    config = AgentConfig(
-        device_id="hostile-dev",
-        mqtt_url=f"mqtt://127.0.0.1:{free_port()}",
-        db=str(db),
-        http_port=0,
-        reconnect_min_s=1.0,
-        reconnect_max_s=5.0,
-        max_rows=10 * CASES + 100,
-        max_bytes=1 << 30,
-        http_allowed_hosts="kiosk.local",
-    )
-
-    @asynccontextmanager
-    async def serve() -> AsyncIterator[int]:
-        async with EdgeAgent(config) as agent:
-            assert agent.http_port is not None
-            yield agent.http_port
-
-    server = ServedInThread(serve, "hostile-agent").start_serving()
-    yield server.port
-    server.stop()
 
 
 def check(answer: Answer, method: str) -> None:
@@ -86,7 +53,7 @@ requests = st.fixed_dictionaries(
                 "",
                 "application/jsonx",
             ]
-        ),  # fmt: skip
+        ),
         "authorization": st.none() | header_text,
         "body": raw_bodies,
     }
@@ -118,7 +85,7 @@ def _fuzz(request: dict[str, object], client: HttpClient, watch: MemoryWatch) ->
 
 def client_port(client: HttpClient) -> int:
     """The port a client talks to (for the Host header)."""
-    return client._port  # noqa: SLF001 - test helper reading its own object
+    return client._port
 
 
 def test_hostile_requests_get_no_5xx_and_memory_stays_flat(agent_port: int) -> None:

@@ -9,60 +9,24 @@ from __future__ import annotations
 import base64
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 
 import pytest
-import redis.asyncio as aioredis
 import schemathesis
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.servers import RedisProcess
-from pipeline.api import create_app, openapi_document
-from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
+from pipeline.api import openapi_document
+from pipeline.tokens import new_token
 
-from .conftest import CASES, RSS_SLACK_BYTES, SLOW
-from .live import Answer, HttpClient, MemoryWatch, ServedInThread
+from .conftest import CASES, OPERATE_TOKEN, READ_TOKEN, RSS_SLACK_BYTES, SLOW
+from .live import Answer, HttpClient, MemoryWatch
 from .strategies import NASTY_INTS, header_text, quoted
 
 pytestmark = pytest.mark.slow if SLOW else []
-SHARDS = 4
-READ_TOKEN = new_token()
-OPERATE_TOKEN = new_token()
 schema = schemathesis.openapi.from_dict(openapi_document())
 # Seven operations; a few have no inputs and run once, so the others carry the count.
 PER_OPERATION = CASES // 4 + 1
 _schemathesis_watch = MemoryWatch(PER_OPERATION * 5)
-
-
-@pytest.fixture(scope="module")
-def api_port(redis_server: RedisProcess) -> Iterator[int]:
-    """The orders API with a read and an operate token, over the shared Redis, on a real port."""
-    tokens = TokenStore(
-        parse_entries(
-            digest_line(READ_TOKEN, "read") + "\n" + digest_line(OPERATE_TOKEN, "operate"),
-            source="test",
-        )
-    )
-
-    @asynccontextmanager
-    async def serve() -> AsyncIterator[int]:
-        client = aioredis.Redis.from_url(redis_server.url)
-        runner = web.AppRunner(create_app(client, shards=SHARDS, tokens=tokens))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield runner.addresses[0][1]
-        finally:
-            await runner.cleanup()
-            await client.aclose()
-
-    server = ServedInThread(serve, "hostile-orders-api").start_serving()
-    yield server.port
-    server.stop()
 
 
 def check(answer: Answer, method: str) -> None:
