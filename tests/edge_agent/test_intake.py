@@ -157,7 +157,7 @@ async def _problem(resp: aiohttp.ClientResponse, status: int, reason: str) -> di
 
 
 async def test_only_json_is_accepted(http: aiohttp.ClientSession, agent: EdgeAgent) -> None:
-    """A cross-origin text/plain or form post (what a web page can send) is 415 and stores nothing."""
+    """A cross-origin text/plain or form post (all a web page can send) is 415, nothing stored."""
     body = json.dumps(order_body("order-csrf1"))
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
         async with http.post(
@@ -196,25 +196,25 @@ async def test_host_must_be_loopback_or_configured(
 
 
 async def test_optional_local_token(make_config: Callable[..., AgentConfig]) -> None:
-    """With http_token set, /v1 needs the bearer token (401 problem otherwise); /healthz stays open."""
+    """With http_token set, /v1 needs the bearer token (else a 401 problem); /healthz stays open."""
     token = "local-token-" + "x" * 20
-    async with EdgeAgent(make_config(http_token=token)) as agent:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as session:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
-                async with session.post(
-                    "/v1/orders", json=order_body("order-tok1"), headers=headers
-                ) as resp:
-                    await _problem(resp, 401, "unauthorized")
-                    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-            auth = {"Authorization": f"Bearer {token}"}
+    async with (
+        EdgeAgent(make_config(http_token=token)) as agent,
+        aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as session,
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
             async with session.post(
-                "/v1/orders", json=order_body("order-tok1"), headers=auth
+                "/v1/orders", json=order_body("order-tok1"), headers=headers
             ) as resp:
-                assert resp.status == 202
-            async with session.get("/v1/orders/order-tok1", headers=auth) as resp:
-                assert resp.status == 200
-            async with session.get("/healthz") as resp:
-                assert resp.status == 200
+                await _problem(resp, 401, "unauthorized")
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        auth = {"Authorization": f"Bearer {token}"}
+        async with session.post("/v1/orders", json=order_body("order-tok1"), headers=auth) as resp:
+            assert resp.status == 202
+        async with session.get("/v1/orders/order-tok1", headers=auth) as resp:
+            assert resp.status == 200
+        async with session.get("/healthz") as resp:
+            assert resp.status == 200
 
 
 async def test_every_error_is_a_problem_405_and_413_included(http: aiohttp.ClientSession) -> None:
@@ -236,15 +236,18 @@ async def test_every_error_is_a_problem_405_and_413_included(http: aiohttp.Clien
     [
         (b"[" * 32_000 + b"]" * 32_000, 400, "malformed", "$"),  # under the 64 KiB body cap
         (b'{"a":' * 5_000 + b"1" + b"}" * 5_000, 400, "malformed", "$"),
-        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 1, "unit_price": 18446744073709551616}],'
-         b' "total": 18446744073709551616}', 422, "invalid_schema", None),
-        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 4, "unit_price": 4611686018427387904}],'
-         b' "total": 18446744073709551616}', 422, "invalid_schema", None),
+        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 1, '
+         b'"unit_price": 18446744073709551616}], "total": 18446744073709551616}',
+         422, "invalid_schema", None),
+        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 4, '
+         b'"unit_price": 4611686018427387904}], "total": 18446744073709551616}',
+         422, "invalid_schema", None),
         (b'{"order_id": "order-nl-0001\\n", "currency": "EUR", "items": [{"sku": "a", "qty": 1,'
          b' "unit_price": 1}], "total": 1}', 422, "invalid_schema", "$.order_id"),
         (b'{"currency": "EUR\\n", "items": [{"sku": "a", "qty": 1, "unit_price": 1}], "total": 1}',
          422, "invalid_schema", "$.currency"),
-        (b'{"currency": "EUR", "items": [{"sku": "a\\u0000b", "qty": 1, "unit_price": 1}], "total": 1}',
+        (b'{"currency": "EUR", "items": [{"sku": "a\\u0000b", "qty": 1, "unit_price": 1}], '
+         b'"total": 1}',
          422, "invalid_schema", "$.items[0].sku"),
     ],
 )  # fmt: skip

@@ -7,9 +7,9 @@ import json
 
 import redis.asyncio as aioredis
 
+from fleet.servers import free_port
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
-from fleet.servers import free_port
 from pipeline.dlq import DeadLetter, dead_letter, encode_cursor
 from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode

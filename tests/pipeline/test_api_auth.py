@@ -1,4 +1,4 @@
-"""Orders API access: bearer tokens with roles, no CORS, refusal to bind off loopback unprotected."""
+"""Orders API access: bearer tokens with roles, no CORS, no unprotected bind off loopback."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_tokens_are_stored_hashed_and_parsed_strictly(tmp_path: Path) -> None:
 
 
 def test_a_non_loopback_bind_without_tokens_is_refused(tmp_path: Path) -> None:
-    """0.0.0.0 without tokens raises; with a tokens file (or env entries) it loads; loopback is open."""
+    """0.0.0.0 without tokens raises; a tokens file or env entries load; loopback is open."""
     with pytest.raises(TokenConfigError, match="not loopback"):
         load_api_tokens(PipelineConfig(http_host="0.0.0.0"))
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
@@ -144,7 +144,7 @@ def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def test_token_new_cli_and_the_service_refusing_to_start(tmp_path: Path, redis_url: str) -> None:
-    """`token new` prints the token once and stores its hash 0600; `run` on 0.0.0.0 without one exits 1."""
+    """`token new` prints the token once, stores its hash 0600; tokenless `run` on 0.0.0.0 fails."""
     tokens_file = tmp_path / "tokens"
     minted = _pipeline(
         "token", "new", "--role", "operate", "--name", "ops", "--tokens-file", str(tokens_file)
