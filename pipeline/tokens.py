@@ -168,8 +168,11 @@ def load_api_tokens(config: PipelineConfig) -> TokenStore:
 
 
 def write_entry(path: Path, line: str) -> None:
-    """Append ``line`` to a tokens file, creating it with mode 0600."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    """Append ``line`` to a tokens file (created 0644: it holds digests, no secret).
+
+    World-readable on purpose: a container's user must read a file mounted
+    from the host, and a digest of a 256-bit token reveals nothing usable.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     with os.fdopen(fd, "a") as out:
         out.write(line + "\n")
-    path.chmod(0o600)  # an existing file keeps its mode otherwise

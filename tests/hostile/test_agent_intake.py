@@ -13,7 +13,7 @@ from .conftest import CASES, RSS_SLACK_BYTES, SLOW
 from .live import Answer, HttpClient, MemoryWatch
 from .strategies import header_text, quoted, raw_bodies
 
-pytestmark = pytest.mark.slow if SLOW else []
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
 
 
 def check(answer: Answer, method: str) -> None:

@@ -30,7 +30,7 @@ from .conftest import CASES, READ_TOKEN, SLOW
 from .live import HttpClient
 from .strategies import quoted
 
-pytestmark = pytest.mark.slow if SLOW else []
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
 DEVICE = "ctl-dev"
 FIELDS = ("order_id", "device_id", "currency", "sku", "attr_key", "attr_value")
 # Every C0 and C1 control character.

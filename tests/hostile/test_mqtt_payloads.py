@@ -27,7 +27,7 @@ from .conftest import CASES, RSS_SLACK_BYTES, SLOW
 from .live import MemoryWatch
 from .strategies import CONTROL_CHARS
 
-pytestmark = pytest.mark.slow if SLOW else []
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
 REASONS = {v for k, v in vars(Reason).items() if k.isupper()}
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 

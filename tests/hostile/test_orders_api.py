@@ -22,7 +22,7 @@ from .conftest import CASES, OPERATE_TOKEN, READ_TOKEN, RSS_SLACK_BYTES, SLOW
 from .live import Answer, HttpClient, MemoryWatch
 from .strategies import NASTY_INTS, header_text, quoted
 
-pytestmark = pytest.mark.slow if SLOW else []
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
 schema = schemathesis.openapi.from_dict(openapi_document())
 # Seven operations; a few have no inputs and run once, so the others carry the count.
 PER_OPERATION = CASES // 4 + 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -144,7 +145,7 @@ def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def test_token_new_cli_and_the_service_refusing_to_start(tmp_path: Path, redis_url: str) -> None:
-    """`token new` prints the token once, stores its hash 0600; tokenless `run` on 0.0.0.0 fails."""
+    """`token new` prints the token once, stores only its hash; tokenless `run` on 0.0.0.0 fails."""
     tokens_file = tmp_path / "tokens"
     minted = _pipeline(
         "token", "new", "--role", "operate", "--name", "ops", "--tokens-file", str(tokens_file)
@@ -156,7 +157,7 @@ def test_token_new_cli_and_the_service_refusing_to_start(tmp_path: Path, redis_u
     stored = tokens_file.read_text()
     assert token not in stored
     assert TokenStore(parse_entries(stored, source="f")).lookup(token) is not None
-    assert tokens_file.stat().st_mode & 0o777 == 0o600
+    assert tokens_file.stat().st_mode & 0o777 == 0o644  # digests only: a container must read it
     port = str(free_port())
     refused = _pipeline(
         "run",
@@ -171,3 +172,17 @@ def test_token_new_cli_and_the_service_refusing_to_start(tmp_path: Path, redis_u
     )
     assert refused.returncode == 1
     assert "tokens_required" in refused.stderr + refused.stdout
+
+
+def test_compose_gives_the_published_api_a_tokens_file() -> None:
+    """docker-compose binds the API to 0.0.0.0 only with a tokens file, published on loopback."""
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    pipeline = compose["services"]["pipeline"]
+    env = pipeline["environment"]
+    assert env["ORDERS_HTTP_HOST"] == "0.0.0.0"
+    assert env["ORDERS_API_TOKENS_FILE"] == "/run/secrets/orders-api-tokens"
+    assert pipeline["secrets"] == ["orders-api-tokens"]
+    assert compose["secrets"]["orders-api-tokens"]["file"] == "./secrets/orders-api-tokens"
+    assert all(port.startswith("127.0.0.1:") for port in pipeline["ports"])
+    # The shared settings still reach the pipeline through the merged anchor.
+    assert env["ORDERS_REDIS_URL"].startswith("redis://")
