@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--role", choices=ROLES, required=True)
     new.add_argument("--name", default="", help="a label for the logs (letters, digits, _.@-)")
     new.add_argument("--tokens-file", type=Path, default=None,
-                     help="append the hashed entry to this file (created 0644: digests only)")  # fmt: skip
+                     help="append the hashed entry here (created 0644: digests only)")  # fmt: skip
     return parser
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -215,6 +217,16 @@ async def test_optional_local_token(make_config: Callable[..., AgentConfig]) -> 
             assert resp.status == 200
         async with session.get("/healthz") as resp:
             assert resp.status == 200
+        # `edge-agent submit` sends the token it is given (exit 3 refused without it).
+        base = [sys.executable, "-m", "edge_agent.cli", "submit", "--http-port",
+                str(agent.http_port), json.dumps(order_body("order-tok2"))]  # fmt: skip
+        for extra, code in (([], 3), (["--token", token], 0)):
+            proc = await asyncio.create_subprocess_exec(
+                *base, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            await proc.communicate()
+            assert proc.returncode == code
+        assert await agent.get("order-tok2") is not None
 
 
 async def test_every_error_is_a_problem_405_and_413_included(http: aiohttp.ClientSession) -> None:
