@@ -8,20 +8,15 @@ memory check meaningful at that size.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Final
 
 import pytest
-import redis.asyncio as aioredis
-from aiohttp import web
 
-from edge_agent import AgentConfig, EdgeAgent
 from fleet.servers import RedisProcess, free_port
-from pipeline.api import create_app
-from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
+from pipeline.tokens import digest_line, new_token
 
-from .live import ServedInThread
+from .live import ServiceProcess
 
 SLOW: Final = bool(os.environ.get("HOSTILE_SLOW"))
 CASES: Final = 10_000 if SLOW else 150
@@ -35,55 +30,32 @@ OPERATE_TOKEN: Final = new_token()
 
 
 @pytest.fixture(scope="module")
-def agent_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """An agent whose broker is unreachable (so only HTTP works), on a real port."""
-    db = tmp_path_factory.mktemp("hostile-agent") / "outbox.db"
-    config = AgentConfig(
-        device_id="hostile-dev",
-        mqtt_url=f"mqtt://127.0.0.1:{free_port()}",
-        db=str(db),
-        http_port=0,
-        reconnect_min_s=1.0,
-        reconnect_max_s=5.0,
-        max_rows=10 * CASES + 100,
-        max_bytes=1 << 30,
-        http_allowed_hosts="kiosk.local",
-    )
-
-    @asynccontextmanager
-    async def serve() -> AsyncIterator[int]:
-        async with EdgeAgent(config) as agent:
-            assert agent.http_port is not None
-            yield agent.http_port
-
-    server = ServedInThread(serve, "hostile-agent").start_serving()
-    yield server.port
+def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A real ``edge-agent`` whose broker is unreachable (so only HTTP works)."""
+    workdir = tmp_path_factory.mktemp("hostile-agent")
+    port = free_port()
+    dead_broker = next(p for p in iter(free_port, None) if p != port)  # nothing listens there
+    argv = ["-m", "edge_agent.cli", "--device-id", "hostile-dev",
+            "--mqtt-url", f"mqtt://127.0.0.1:{dead_broker}", "--db", str(workdir / "outbox.db"),
+            "--http-port", str(port), "--reconnect-min-s", "1", "--reconnect-max-s", "5",
+            "--max-rows", str(10 * CASES + 100), "--max-bytes", str(1 << 30),
+            "--http-allowed-hosts", "kiosk.local", "--log-level", "warning"]  # fmt: skip
+    server = ServiceProcess(argv, port, workdir / "agent.log", {})
+    yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def api_port(redis_server: RedisProcess) -> Iterator[int]:
-    """The orders API with a read and an operate token, over the shared Redis, on a real port."""
-    tokens = TokenStore(
-        parse_entries(
-            digest_line(READ_TOKEN, "read") + "\n" + digest_line(OPERATE_TOKEN, "operate"),
-            source="test",
-        )
-    )
-
-    @asynccontextmanager
-    async def serve() -> AsyncIterator[int]:
-        client = aioredis.Redis.from_url(redis_server.url)
-        runner = web.AppRunner(create_app(client, shards=SHARDS, tokens=tokens))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield runner.addresses[0][1]
-        finally:
-            await runner.cleanup()
-            await client.aclose()
-
-    server = ServedInThread(serve, "hostile-orders-api").start_serving()
-    yield server.port
+def api_server(
+    redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A real ``order-pipeline --workers 0`` (the orders API alone) with read and operate tokens."""
+    workdir = tmp_path_factory.mktemp("hostile-api")
+    port = free_port()
+    tokens = digest_line(READ_TOKEN, "read") + ";" + digest_line(OPERATE_TOKEN, "operate")
+    argv = ["-m", "pipeline.cli", "run", "--workers", "0", "--redis-url", redis_server.url,
+            "--http-port", str(port), "--shards", str(SHARDS),
+            "--log-level", "warning"]  # fmt: skip
+    server = ServiceProcess(argv, port, workdir / "api.log", {"ORDERS_API_TOKENS": tokens})
+    yield server
     server.stop()

@@ -1,68 +1,74 @@
-"""Servers on real loopback ports, each on its own event loop in a thread, for sync clients.
+"""Our services as real subprocesses on loopback ports, a keep-alive client, an RSS watch.
 
-Hypothesis and schemathesis drive synchronous HTTP; the agent and the orders API
-are asyncio servers. Each runs in a thread with its own loop, so a generated
-request goes through a real socket, aiohttp's parser and our middlewares.
+Hypothesis and schemathesis drive synchronous HTTP; every generated request goes
+through a real socket, aiohttp's parser and our middlewares in the real process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import http.client
-import threading
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Final
 
 STARTUP_TIMEOUT_S: Final = 20.0
 
 
-class ServedInThread(threading.Thread):
-    """Runs ``factory()`` (an async context manager yielding a port) until :meth:`stop`."""
+class ServiceProcess:
+    """One of our services as a real subprocess on a free port (its RSS is measured alone).
 
-    def __init__(self, factory: Callable[[], AbstractAsyncContextManager[int]], name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self._factory = factory
-        self.port = 0
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_event: asyncio.Event | None = None
+    Running the server in its own process keeps the generators' memory (hypothesis
+    holds what it has generated) out of the server's RSS figure.
+    """
 
-    def run(self) -> None:
-        """Serve until stopped; keep any startup error for :meth:`start_serving`."""
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to the test thread, not lost in this one
-            self.error = exc
-            self.ready.set()
+    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                cwd=Path(__file__).resolve().parents[2],
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"exited:\n{self.log_tail()}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"no port {port} after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
 
-    async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        async with self._factory() as port:
-            self.port = port
-            self.ready.set()
-            await self._stop_event.wait()
+    def rss(self) -> int:
+        """The server's resident set size; fails if it died."""
+        assert self.process.poll() is None, f"server died:\n{self.log_tail()}"
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+)", status)
+        assert match is not None
+        return int(match.group(1)) * 1024
 
-    def start_serving(self) -> ServedInThread:
-        """Start the thread and wait until the port is open."""
-        self.start()
-        assert self.ready.wait(STARTUP_TIMEOUT_S), f"{self.name} did not start"
-        if self.error is not None:
-            raise self.error
-        return self
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's log."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        """Stop serving and join the thread."""
-        if self._loop is not None and self._stop_event is not None:
-            self._loop.call_soon_threadsafe(self._stop_event.set)
-        self.join(15)
-
-    def connection(self) -> http.client.HTTPConnection:
-        """A keep-alive HTTP/1.1 connection to the server."""
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
 
 
 def rss_bytes() -> int:
@@ -131,20 +137,21 @@ class HttpClient:
 
 
 class MemoryWatch:
-    """Counts cases and takes RSS after the warm-up tenth and at the end."""
+    """Counts cases and takes a process's RSS after the warm-up tenth and at the end."""
 
-    def __init__(self, cases: int) -> None:
+    def __init__(self, cases: int, rss: Callable[[], int] | None = None) -> None:
         self.cases = cases
         self.count = 0
         self.warm_rss: int | None = None
+        self.rss = rss or rss_bytes
 
     def tick(self) -> None:
         """Call once per generated case."""
         self.count += 1
         if self.count == max(1, self.cases // 10):
-            self.warm_rss = rss_bytes()
+            self.warm_rss = self.rss()
 
     def growth(self) -> int:
         """RSS now minus RSS after warm-up."""
         assert self.warm_rss is not None, f"only {self.count} cases ran"
-        return rss_bytes() - self.warm_rss
+        return self.rss() - self.warm_rss

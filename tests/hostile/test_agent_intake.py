@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import CASES, RSS_SLACK_BYTES, SLOW
-from .live import Answer, HttpClient, MemoryWatch
+from .live import Answer, HttpClient, MemoryWatch, ServiceProcess
 from .strategies import header_text, quoted, raw_bodies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
@@ -88,10 +88,10 @@ def client_port(client: HttpClient) -> int:
     return client._port
 
 
-def test_hostile_requests_get_no_5xx_and_memory_stays_flat(agent_port: int) -> None:
+def test_hostile_requests_get_no_5xx_and_memory_stays_flat(agent_server: ServiceProcess) -> None:
     """CASES generated requests (10,000 with HOSTILE_SLOW=1): no 5xx, problems only, RSS flat."""
-    client = HttpClient(agent_port)
-    watch = MemoryWatch(CASES)
+    client = HttpClient(agent_server.port)
+    watch = MemoryWatch(CASES, agent_server.rss)
     try:
         _fuzz(client=client, watch=watch)
     finally:
@@ -99,14 +99,14 @@ def test_hostile_requests_get_no_5xx_and_memory_stays_flat(agent_port: int) -> N
     assert watch.count >= CASES
     assert watch.growth() < RSS_SLACK_BYTES
     # The server is still healthy after all of it.
-    after = HttpClient(agent_port)
+    after = HttpClient(agent_server.port)
     assert after.request("GET", "/healthz", headers={"Host": "localhost"}).status in (200, 503)
     after.close()
 
 
-def test_the_known_500s_are_gone(agent_port: int) -> None:
+def test_the_known_500s_are_gone(agent_server: ServiceProcess) -> None:
     """The three inputs the issue measured as 500s now answer 4xx problems."""
-    client = HttpClient(agent_port)
+    client = HttpClient(agent_server.port)
     json_headers = {"Host": "localhost", "Content-Type": "application/json"}
     deep = client.request("POST", "/v1/orders", b"[" * 32_000 + b"]" * 32_000, json_headers)
     big = json.dumps(

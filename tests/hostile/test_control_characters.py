@@ -27,7 +27,7 @@ from edge_agent import AgentConfig, EdgeAgent, InvalidOrder
 from schemas.names import orders_topic
 
 from .conftest import CASES, READ_TOKEN, SLOW
-from .live import HttpClient
+from .live import HttpClient, ServiceProcess
 from .strategies import quoted
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
@@ -70,11 +70,11 @@ def python_api_agent(tmp_path_factory: pytest.TempPathFactory) -> EdgeAgent:
 
 
 def test_a_control_character_is_refused_everywhere(
-    python_api_agent: EdgeAgent, agent_port: int, api_port: int
+    python_api_agent: EdgeAgent, agent_server: ServiceProcess, api_server: ServiceProcess
 ) -> None:
     """CASES spiked orders (10,000 with HOSTILE_SLOW=1): bridge, agent API and HTTP, orders API."""
-    agent_http = HttpClient(agent_port)
-    orders_api = HttpClient(api_port)
+    agent_http = HttpClient(agent_server.port)
+    orders_api = HttpClient(api_server.port)
     seen: list[int] = []
 
     @given(field=st.sampled_from(FIELDS), char=controls, at=st.integers(0, 80))

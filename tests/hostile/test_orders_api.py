@@ -19,7 +19,7 @@ from pipeline.api import openapi_document
 from pipeline.tokens import new_token
 
 from .conftest import CASES, OPERATE_TOKEN, READ_TOKEN, RSS_SLACK_BYTES, SLOW
-from .live import Answer, HttpClient, MemoryWatch
+from .live import Answer, HttpClient, MemoryWatch, ServiceProcess
 from .strategies import NASTY_INTS, header_text, quoted
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)] if SLOW else []
@@ -46,11 +46,12 @@ def check(answer: Answer, method: str) -> None:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_schemathesis_finds_no_5xx(case: schemathesis.Case, api_port: int) -> None:
+def test_schemathesis_finds_no_5xx(case: schemathesis.Case, api_server: ServiceProcess) -> None:
     """Generated from the OpenAPI document: no 5xx, documented answers only, 401 without a token."""
+    _schemathesis_watch.rss = api_server.rss
     _schemathesis_watch.tick()
     case.call_and_validate(
-        base_url=f"http://127.0.0.1:{api_port}",
+        base_url=f"http://127.0.0.1:{api_server.port}",
         headers={"Authorization": f"Bearer {OPERATE_TOKEN}"},
         # Cursors are opaque (a well-formed one we never issued is a documented 400), and
         # unknown query parameters are ignored by design (cache busters, tracing), which
@@ -119,10 +120,10 @@ def _fuzz(request: dict[str, object], client: HttpClient, watch: MemoryWatch) ->
     check(client.request(method, path, None, headers), method)
 
 
-def test_raw_requests_find_no_5xx_and_memory_stays_flat(api_port: int) -> None:
+def test_raw_requests_find_no_5xx_and_memory_stays_flat(api_server: ServiceProcess) -> None:
     """CASES raw requests (10,000 with HOSTILE_SLOW=1) with any ids, cursors and tokens."""
-    client = HttpClient(api_port)
-    watch = MemoryWatch(CASES)
+    client = HttpClient(api_server.port)
+    watch = MemoryWatch(CASES, api_server.rss)
     try:
         _fuzz(client=client, watch=watch)
     finally:
