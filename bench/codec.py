@@ -15,9 +15,9 @@ import msgpack
 
 from schemas import Item, Order, decode_order, encode
 
-ORDER_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-CURRENCY = re.compile(r"^[A-Z]{3}$")
+ORDER_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 def _int(value: Any, low: int, high: int | None = None) -> int:
@@ -27,7 +27,7 @@ def _int(value: Any, low: int, high: int | None = None) -> int:
 
 
 def _str(value: Any, pattern: re.Pattern[str]) -> str:
-    if type(value) is not str or not pattern.match(value):
+    if type(value) is not str or not pattern.fullmatch(value):
         raise ValueError(value)
     return value
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -109,12 +110,20 @@ def submit_main(argv: Sequence[str]) -> int:
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("ORDERS_HTTP_TOKEN", ""),
+        help="the agent's http_token, if it has one (env ORDERS_HTTP_TOKEN)",
+    )
     args = parser.parse_args(argv)
     body = sys.stdin.read() if args.order == "-" else args.order
+    headers = {"Content-Type": "application/json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
     request = urllib.request.Request(
         f"http://{args.host}:{args.http_port}/v1/orders",
         data=body.encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     try:

@@ -20,6 +20,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     http_enabled: bool = True
+    # Extra Host names the intake answers besides localhost/127.0.0.1/[::1] (comma-separated).
+    http_allowed_hosts: str = ""
+    # When set, /v1/* needs `Authorization: Bearer <http_token>` (keep agent.toml 0600).
+    http_token: str = ""
     # MQTT session
     client_id: str = ""  # default: edge-{device_id}
     keepalive_s: int = 30

@@ -1,16 +1,29 @@
 """Localhost HTTP intake, ``/healthz`` and ``/metrics`` (aiohttp).
 
-Errors are RFC 9457 ``application/problem+json`` bodies with our ``reason``
-code and, for bad input, the ``field`` at fault.
+Errors are RFC 9457 ``application/problem+json`` bodies (servicekit.problems)
+whose ``code`` (repeated as ``reason``, which v1 apps read) is our reason
+code and, for bad input, with the ``field`` at fault. Every error is one,
+aiohttp's own 404, 405 and 413 included.
+
+Guards against a web page in a browser on the device (see :func:`guard_middleware`):
+the ``Host`` must be a loopback name or one configured in ``http_allowed_hosts``
+(DNS rebinding gets 421), orders must be ``application/json`` (a cross-origin
+form or ``text/plain`` post gets 415, and such a post is all a browser sends
+without a CORS preflight, which we never grant), and with ``http_token`` set
+``/v1/*`` needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
 
-import json
+import hmac
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 from aiohttp import web
+
+from servicekit.problems import Handler, problem_middleware
+from servicekit.problems import problem as _problem
 
 from ._records import OrderRecord
 from .errors import AgentClosed, AgentError, InvalidOrder, OutboxFull, StorageError
@@ -21,22 +34,71 @@ if TYPE_CHECKING:
 _AGENT: Final[web.AppKey[EdgeAgent]] = web.AppKey("agent")
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_PAGE: Final = 500
-_PROBLEM_TYPES: Final = "https://github.com/iot-orders/problems/"
+MAX_CURSOR: Final = 2**63 - 1  # seq is an SQLite INTEGER
+LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "[::1]"})
+# host[:port]; host is a name, an IPv4 address or a bracketed IPv6 address.
+_HOST_RE: Final = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
+_STATE_RE: Final = re.compile(r"[a-z_]{1,32}")
+_ORDER_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{8,64}")  # schemas.messages.OrderId
+_BEARER_RE: Final = re.compile(r"Bearer +(\S{1,256})", re.IGNORECASE)
+_ALLOWED_HOSTS: Final[web.AppKey[frozenset[str]]] = web.AppKey("allowed_hosts")
 
 
 def problem(status: int, reason: str, detail: str, **extra: Any) -> web.Response:
-    """An RFC 9457 problem response."""
-    body = {
-        "type": _PROBLEM_TYPES + reason,
-        "title": reason.replace("_", " "),
-        "status": status,
-        "detail": detail,
-        "reason": reason,
-        **extra,
-    }
-    return web.Response(
-        status=status, body=json.dumps(body), content_type="application/problem+json"
-    )
+    """An RFC 9457 problem response whose code is an agent reason code."""
+    return _problem(status, reason, detail, reason=reason, **extra)
+
+
+def allowed_hosts(configured: str) -> frozenset[str]:
+    """The Host names the intake answers: loopback plus ``http_allowed_hosts`` (comma-separated)."""
+    extra = {name.strip().lower() for name in configured.split(",") if name.strip()}
+    return LOOPBACK_HOSTS | extra
+
+
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a ``Host`` header names this agent (any port)."""
+    if header is None:
+        return False
+    match = _HOST_RE.fullmatch(header)
+    return match is not None and match.group("host").lower() in allowed
+
+
+def _parse_uint(raw: str, maximum: int) -> int | None:
+    """A decimal in 0..maximum written in ASCII digits only, else None."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)):
+        return None
+    value = int(raw)
+    return value if value <= maximum else None
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host check (DNS rebinding), the optional local token, JSON-only orders."""
+    if not host_allowed(request.headers.get("Host"), request.app[_ALLOWED_HOSTS]):
+        return problem(
+            421,
+            "misdirected_request",
+            "Host must be localhost, 127.0.0.1, [::1] or a name in http_allowed_hosts",
+        )
+    token = request.app[_AGENT].config.http_token
+    if token and request.path.startswith("/v1/"):
+        match = _BEARER_RE.fullmatch(request.headers.get("Authorization", ""))
+        presented = match.group(1) if match else ""
+        if not hmac.compare_digest(presented.encode(), token.encode()):
+            return problem(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <http_token>",
+                headers={"WWW-Authenticate": 'Bearer realm="edge-agent"'},
+            )
+    if request.method == "POST" and request.content_type != "application/json":
+        return problem(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json, not {request.content_type!r}",
+            field="Content-Type",
+        )
+    return await handler(request)
 
 
 def _error_response(exc: AgentError) -> web.Response:
@@ -71,6 +133,8 @@ async def post_order(request: web.Request) -> web.Response:
         data = msgspec.json.decode(await request.read())
     except msgspec.DecodeError as exc:
         return problem(400, "malformed", f"body is not JSON: {exc}", field="$")
+    except RecursionError:
+        return problem(400, "malformed", "body is nested too deeply", field="$")
     try:
         result = await agent.submit(data)
     except AgentError as exc:
@@ -83,6 +147,10 @@ async def get_order(request: web.Request) -> web.Response:
     """``GET /v1/orders/{order_id}``."""
     agent = request.app[_AGENT]
     order_id = request.match_info["order_id"]
+    if not _ORDER_ID_RE.fullmatch(order_id):
+        return problem(
+            400, "invalid_query", "order_id breaks the contract's rule", field="order_id"
+        )
     try:
         rec = await agent.get(order_id)
     except AgentError as exc:
@@ -96,15 +164,19 @@ async def list_orders(request: web.Request) -> web.Response:
     """``GET /v1/orders?state=&cursor=&limit=``: newest first."""
     agent = request.app[_AGENT]
     query = request.query
+    limit = _parse_uint(query.get("limit", "50"), MAX_PAGE)
+    if limit is None or limit < 1:
+        return problem(400, "invalid_query", f"limit must be an integer in 1..{MAX_PAGE}",
+                       field="limit")  # fmt: skip
+    cursor = _parse_uint(query["cursor"], MAX_CURSOR) if query.get("cursor") else None
+    if query.get("cursor") and cursor is None:
+        return problem(400, "invalid_query", "cursor must be a next_cursor this API returned",
+                       field="cursor")  # fmt: skip
+    state = query.get("state") or None
+    if state is not None and not _STATE_RE.fullmatch(state):
+        return problem(400, "invalid_query", "unknown state", field="state")
     try:
-        limit = int(query.get("limit", "50"))
-        cursor = int(query["cursor"]) if query.get("cursor") else None
-    except ValueError:
-        return problem(400, "invalid_query", "limit and cursor must be integers", field="limit")
-    if not 1 <= limit <= MAX_PAGE:
-        return problem(400, "invalid_query", f"limit must be 1..{MAX_PAGE}", field="limit")
-    try:
-        rows, next_cursor = await agent.list_orders(query.get("state") or None, cursor, limit)
+        rows, next_cursor = await agent.list_orders(state, cursor, limit)
     except AgentError as exc:
         return _error_response(exc)
     return _json(
@@ -166,8 +238,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(agent: EdgeAgent) -> web.Application:
     """The intake application for one agent."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[problem_middleware, guard_middleware]
+    )
     app[_AGENT] = agent
+    app[_ALLOWED_HOSTS] = allowed_hosts(agent.config.http_allowed_hosts)
     app.router.add_post("/v1/orders", post_order)
     app.router.add_get("/v1/orders", list_orders)
     app.router.add_get("/v1/orders/{order_id}", get_order)

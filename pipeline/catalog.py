@@ -22,6 +22,7 @@ from typing import Annotated
 import msgspec
 import redis.asyncio as aioredis
 
+from schemas.messages import Currency
 from servicekit.clock import now_ms
 
 from .errors import CatalogError
@@ -45,7 +46,7 @@ class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A catalog file."""
 
     items: dict[str, CatalogItem]
-    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] | None = None
+    currency: Currency | None = None
 
 
 def read_catalog(path: Path) -> Catalog:

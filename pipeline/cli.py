@@ -5,6 +5,7 @@ Usage::
     order-pipeline [run] --mqtt-url … --redis-url … --http-port 8082 --workers 2
     order-pipeline worker --mqtt-url … --redis-url …      # one worker, no API
     order-pipeline catalog load FILE --redis-url …         # JSON or TOML
+    order-pipeline token new --role operate [--name N] [--tokens-file F]
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .errors import PipelineError
 from .service import install_stop_signals, run_service, run_worker
+from .tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "-h", "--help"}
+_COMMANDS = {"run", "worker", "catalog", "token", "-h", "--help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     load = catalog_sub.add_parser("load", help="load a JSON or TOML catalog into Redis")
     load.add_argument("file", type=Path)
     add_config_arguments(load, PipelineConfig)
+    token = sub.add_parser("token", help="orders API bearer tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = token_sub.add_parser(
+        "new", help="mint a token: the token goes to stdout, only its hash is stored"
+    )
+    new.add_argument("--role", choices=ROLES, required=True)
+    new.add_argument("--name", default="", help="a label for the logs (letters, digits, _.@-)")
+    new.add_argument("--tokens-file", type=Path, default=None,
+                     help="append the hashed entry here (created 0644: digests only)")  # fmt: skip
     return parser
 
 
@@ -57,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0] not in _COMMANDS:
         args_list.insert(0, "run")
     args = build_parser().parse_args(args_list)
+    if args.command == "token":
+        return _new_token(args.role, args.name, args.tokens_file)
     try:
         config = load_config(PipelineConfig, args)
     except ConfigError as exc:
@@ -97,6 +110,21 @@ async def _load_catalog(config: PipelineConfig, path: Path) -> int:
     finally:
         await client.aclose()
     log.info("catalog_loaded", file=str(path), skus=len(catalog.items))
+    return 0
+
+
+def _new_token(role: Role, name: str, tokens_file: Path | None) -> int:
+    if name and not valid_name(name):
+        print("order-pipeline: --name takes 1-64 of A-Z a-z 0-9 _ . @ -", file=sys.stderr)
+        return 2
+    token = new_token()
+    line = digest_line(token, role, name)
+    if tokens_file is not None:
+        write_entry(tokens_file, line)
+        print(f"order-pipeline: added a {role} token to {tokens_file}", file=sys.stderr)
+    else:
+        print(f"order-pipeline: store this line in the tokens file:\n{line}", file=sys.stderr)
+    print(token)
     return 0
 
 

@@ -21,6 +21,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     http_port: int = 8082
     http_host: str = "127.0.0.1"
+    # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
+    # lines and/or the same entries separated by `;`. Required off loopback.
+    api_tokens_file: str = ""
+    api_tokens: str = ""
     shards: int = DEFAULT_SHARDS
     workers: int = 1
     consumer: str = ""  # consumer name; default derived from host name and pid

@@ -10,7 +10,9 @@ Hierarchy::
     ├── PaymentDeclined      the gateway refused for good: the order ends ``failed``
     ├── CatalogError         a catalog file cannot be read or is invalid
     ├── UnknownStepError     a step name in the config is not registered
-    └── ReplayError          a DLQ entry cannot be replayed (``reason`` says why)
+    ├── ReplayError          a DLQ entry cannot be replayed (``reason`` says why)
+    └── TokenConfigError     API tokens unreadable or malformed, or missing on a
+                             non-loopback bind (the API refuses to start)
 
 Business outcomes (``rejected``, ``failed``) are not errors: steps record them
 on the order's context. Errors are for what the pipeline could not decide.
@@ -55,3 +57,7 @@ class ReplayError(PipelineError):
     def __init__(self, reason: str, detail: str, replayed_as: str | None = None) -> None:
         super().__init__(reason, detail)
         self.replayed_as = replayed_as
+
+
+class TokenConfigError(PipelineError):
+    """The orders API's tokens cannot be loaded, or are required and absent."""

@@ -38,6 +38,7 @@ from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .status import MqttStatusPublisher, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
+from .tokens import load_api_tokens
 from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)
@@ -183,7 +184,10 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
         app = create_app(
-            client, shards=config.shards, multiproc_dir=multiproc_dir if config.workers else None
+            client,
+            shards=config.shards,
+            multiproc_dir=multiproc_dir if config.workers else None,
+            tokens=load_api_tokens(config),
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -26,16 +26,22 @@ _status_decoder: Final = msgspec.msgpack.Decoder(Status)
 _status_query_decoder: Final = msgspec.msgpack.Decoder(StatusQuery)
 
 # msgspec ends validation messages with " - at `$.items[0].qty`".
-_PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`$")
+_PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`\Z")
 
 
 def encode(message: Order | Receipt | Status | StatusQuery) -> bytes:
     """Encode a message to MessagePack.
 
     Raises:
-        SchemaError: reason ``too_large`` if an order encodes past 16 KiB.
+        SchemaError: reason ``too_large`` if an order encodes past 16 KiB,
+            ``invalid_schema`` if an integer is outside MessagePack's range.
     """
-    data = _encoder.encode(message)
+    try:
+        data = _encoder.encode(message)
+    except OverflowError as exc:
+        # MessagePack carries integers in -2**63 .. 2**64-1 only; a bigger one
+        # is bad input, not a crash.
+        raise SchemaError(Reason.INVALID_SCHEMA, f"an integer is out of range: {exc}") from exc
     if isinstance(message, Order) and len(data) > MAX_ORDER_BYTES:
         raise SchemaError(
             Reason.TOO_LARGE, f"order encodes to {len(data)} bytes, cap is {MAX_ORDER_BYTES}"

@@ -21,26 +21,35 @@ MAX_ITEMS: Final = 100
 MAX_ATTRS: Final = 32
 MAX_QUERIED_ORDERS: Final = 100
 
+# Every pattern matches the whole string. msgspec applies patterns with
+# ``re.search``, where ``$`` also matches before a trailing newline; ECMA-262
+# (the exported JSON Schema's dialect) has no ``\Z``. "Not followed by any
+# character" means end of string in both.
+END: Final = r"(?![\s\S])"
+# No C0 or C1 control character (newline, NUL, ESC, DEL …) in any string field.
+TEXT_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*" + END
+
 OrderId = Annotated[
     str,
     msgspec.Meta(
         min_length=8,
         max_length=64,
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=r"^[A-Za-z0-9_-]+" + END,
         description="Unique per device; the agent uses UUIDv7 or ULID.",
     ),
 ]
 DeviceId = Annotated[
     str,
-    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"),
+    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+" + END),
 ]
-Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 Qty = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 MinorUnits = Annotated[int, msgspec.Meta(ge=0, description="Amount in minor units.")]
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217.")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}" + END, description="ISO 4217.")]
 EpochMs = Annotated[int, msgspec.Meta(ge=0, description="ms since the Unix epoch.")]
 Seq = Annotated[int, msgspec.Meta(ge=0, description="Per-device counter in submit order.")]
-ReasonCode = Annotated[str, msgspec.Meta(max_length=64)]
+ReasonCode = Annotated[str, msgspec.Meta(max_length=64, pattern=TEXT_PATTERN)]
+AttrText = Annotated[str, msgspec.Meta(pattern=TEXT_PATTERN)]
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -62,7 +71,7 @@ class Order(msgspec.Struct, frozen=True, omit_defaults=True):
     currency: Currency
     items: Annotated[tuple[Item, ...], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
     total: MinorUnits
-    attrs: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_ATTRS)] = {}
+    attrs: Annotated[dict[AttrText, AttrText], msgspec.Meta(max_length=MAX_ATTRS)] = {}
 
     def __post_init__(self) -> None:
         expected = sum(item.qty * item.unit_price for item in self.items)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -140,3 +144,159 @@ async def test_health_and_metrics(http: aiohttp.ClientSession) -> None:
         text = await resp.text()
     assert "edge_orders_submitted_total 1.0" in text
     assert "edge_outbox_pending_orders 1.0" in text
+
+
+async def _problem(resp: aiohttp.ClientResponse, status: int, reason: str) -> dict[str, Any]:
+    assert resp.status == status
+    assert resp.content_type == "application/problem+json"
+    body: dict[str, Any] = await resp.json()
+    assert body["status"] == status
+    assert body["code"] == reason
+    if "-" not in reason:  # agent reason codes are repeated as `reason`; HTTP-level ones aren't
+        assert body["reason"] == reason
+    assert body["type"] == f"urn:iot-orders:problem:{reason}"
+    return body
+
+
+async def test_only_json_is_accepted(http: aiohttp.ClientSession, agent: EdgeAgent) -> None:
+    """A cross-origin text/plain or form post (all a web page can send) is 415, nothing stored."""
+    body = json.dumps(order_body("order-csrf1"))
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        async with http.post(
+            "/v1/orders",
+            data=body,
+            headers={"Content-Type": content_type, "Origin": "https://evil.example"},
+        ) as resp:
+            await _problem(resp, 415, "unsupported_media_type")
+            assert "Access-Control-Allow-Origin" not in resp.headers
+    async with http.post(
+        "/v1/orders", data=body, headers={"Content-Type": "application/json; charset=utf-8"}
+    ) as resp:
+        assert resp.status == 202
+    rows, _ = await agent.list_orders()
+    assert [r.order_id for r in rows] == ["order-csrf1"]
+
+
+async def test_host_must_be_loopback_or_configured(
+    make_config: Callable[..., AgentConfig],
+) -> None:
+    """DNS rebinding (Host: evil name) gets 421; loopback names and a configured name work."""
+    async with EdgeAgent(make_config(http_allowed_hosts="kiosk-7.local")) as agent:
+        port = agent.http_port
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example",
+                         "localhost.", "kiosk-7.local.evil", "localhost:99999x"):  # fmt: skip
+                async with session.post(
+                    "/v1/orders", json=order_body("order-rebind1"), headers={"Host": host}
+                ) as resp:
+                    await _problem(resp, 421, "misdirected_request")
+            for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
+                         "KIOSK-7.local", f"kiosk-7.local:{port}"):  # fmt: skip
+                async with session.get("/healthz", headers={"Host": host}) as resp:
+                    assert resp.status == 200, host
+        assert await agent.get("order-rebind1") is None
+
+
+async def test_optional_local_token(make_config: Callable[..., AgentConfig]) -> None:
+    """With http_token set, /v1 needs the bearer token (else a 401 problem); /healthz stays open."""
+    token = "local-token-" + "x" * 20
+    async with (
+        EdgeAgent(make_config(http_token=token)) as agent,
+        aiohttp.ClientSession(f"http://127.0.0.1:{agent.http_port}") as session,
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            async with session.post(
+                "/v1/orders", json=order_body("order-tok1"), headers=headers
+            ) as resp:
+                await _problem(resp, 401, "unauthorized")
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        auth = {"Authorization": f"Bearer {token}"}
+        async with session.post("/v1/orders", json=order_body("order-tok1"), headers=auth) as resp:
+            assert resp.status == 202
+        async with session.get("/v1/orders/order-tok1", headers=auth) as resp:
+            assert resp.status == 200
+        async with session.get("/healthz") as resp:
+            assert resp.status == 200
+        # `edge-agent submit` sends the token it is given (exit 3 refused without it).
+        base = [sys.executable, "-m", "edge_agent.cli", "submit", "--http-port",
+                str(agent.http_port), json.dumps(order_body("order-tok2"))]  # fmt: skip
+        for extra, code in (([], 3), (["--token", token], 0)):
+            proc = await asyncio.create_subprocess_exec(
+                *base, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            await proc.communicate()
+            assert proc.returncode == code
+        assert await agent.get("order-tok2") is not None
+
+
+async def test_every_error_is_a_problem_405_and_413_included(http: aiohttp.ClientSession) -> None:
+    """405 (with Allow), 413 and 404 for an unknown path are problem+json, not text/plain."""
+    async with http.delete("/v1/orders") as resp:
+        body = await _problem(resp, 405, "method-not-allowed")
+        assert "POST" in resp.headers["Allow"]
+        assert body["detail"]
+    async with http.post(
+        "/v1/orders", data=b"{" + b" " * 70_000 + b"}", headers={"Content-Type": "application/json"}
+    ) as resp:
+        await _problem(resp, 413, "payload-too-large")
+    async with http.get("/v2/nothing") as resp:
+        await _problem(resp, 404, "not-found")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "field"),
+    [
+        (b"[" * 32_000 + b"]" * 32_000, 400, "malformed", "$"),  # under the 64 KiB body cap
+        (b'{"a":' * 5_000 + b"1" + b"}" * 5_000, 400, "malformed", "$"),
+        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 1, '
+         b'"unit_price": 18446744073709551616}], "total": 18446744073709551616}',
+         422, "invalid_schema", None),
+        (b'{"currency": "EUR", "items": [{"sku": "a", "qty": 4, '
+         b'"unit_price": 4611686018427387904}], "total": 18446744073709551616}',
+         422, "invalid_schema", None),
+        (b'{"order_id": "order-nl-0001\\n", "currency": "EUR", "items": [{"sku": "a", "qty": 1,'
+         b' "unit_price": 1}], "total": 1}', 422, "invalid_schema", "$.order_id"),
+        (b'{"currency": "EUR\\n", "items": [{"sku": "a", "qty": 1, "unit_price": 1}], "total": 1}',
+         422, "invalid_schema", "$.currency"),
+        (b'{"currency": "EUR", "items": [{"sku": "a\\u0000b", "qty": 1, "unit_price": 1}], '
+         b'"total": 1}',
+         422, "invalid_schema", "$.items[0].sku"),
+    ],
+)  # fmt: skip
+async def test_hostile_bodies_are_4xx_never_500(
+    http: aiohttp.ClientSession, body: bytes, status: int, reason: str, field: str | None
+) -> None:
+    """32k-deep JSON, integers past 2^64-1 and control characters get a 4xx problem, not a 500."""
+    async with http.post(
+        "/v1/orders", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        problem = await _problem(resp, status, reason)
+    if field is not None:
+        assert problem["field"] == field
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"cursor": str(2**63)},
+        {"cursor": str(2**64)},
+        {"cursor": "9" * 5000},
+        {"cursor": "-1"},
+        {"cursor": "\u0661"},  # an Arabic-Indic digit: int() takes it, we don't
+        {"limit": "1_0"},
+        {"limit": " 5"},
+        {"state": "queued\n"},
+    ],
+)
+async def test_hostile_list_queries_are_400(
+    http: aiohttp.ClientSession, query: dict[str, str]
+) -> None:
+    """A list cursor at or past 2^63, odd digits or a control character in state: 400, not 500."""
+    async with http.get("/v1/orders", params=query) as resp:
+        await _problem(resp, 400, "invalid_query")
+
+
+async def test_get_with_a_bad_order_id_is_400(http: aiohttp.ClientSession) -> None:
+    """An order id with a newline is refused by the contract's rule, not looked up."""
+    async with http.get("/v1/orders/order-00000001%0A") as resp:
+        await _problem(resp, 400, "invalid_query")

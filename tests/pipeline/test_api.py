@@ -9,9 +9,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
+from fleet.servers import free_port
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
-from pipeline.dlq import DeadLetter, dead_letter
+from pipeline.dlq import DeadLetter, dead_letter, encode_cursor
 from pipeline.names import PIPELINE_DLQ_STREAM
 from pipeline.records import StreamEntry, commit, load, text
 from schemas import Order, encode
@@ -197,3 +198,54 @@ async def test_health_metrics_and_openapi(aredis: aioredis.Redis) -> None:
         assert 'pipeline_pending{shard="0"} 0.0' in text
         assert "pipeline_dlq_size 0.0" in text
         assert await (await http.get("/openapi.json")).json() == openapi_document()
+
+
+async def test_hostile_ids_and_cursors_are_4xx_problems_never_500(aredis: aioredis.Redis) -> None:
+    """The inputs that once got a 500: a DLQ cursor at the max id, ids ending in %0A, and more."""
+    max_id = f"{2**64 - 1}-{2**64 - 1}"
+    async with api_client(aredis, TEST_SHARDS) as http:
+        at_max = await http.get("/v1/dlq", params={"cursor": encode_cursor(max_id)})
+        assert at_max.status == 200
+        assert await at_max.json() == {
+            "items": [],
+            "next_cursor": encode_cursor(max_id),
+            "has_more": False,
+        }
+        for method, path, status in [
+            ("POST", "/v1/dlq/1-1%0A/replay", 400),
+            ("POST", "/v1/dlq/%D9%A1-%D9%A1/replay", 400),  # Arabic-Indic digits match \d
+            ("POST", f"/v1/dlq/{2**64}-1/replay", 400),
+            ("GET", "/v1/orders/order-00000001%0A", 400),
+            ("GET", "/v1/orders/order-0000%000001", 400),
+            ("GET", "/v1/devices/dev%0A/orders", 400),
+            ("GET", "/v1/devices/dev/orders/order-00000001%0A", 400),
+            ("GET", "/v1/dlq?limit=" + "1" * 5000, 400),
+            ("GET", "/v1/dlq?cursor=" + encode_cursor("1-1\n"), 400),
+            (
+                "GET",
+                "/v1/devices/dev/orders?cursor=" + encode_cursor("0" * 20 + ":order-001\n"),
+                400,
+            ),
+            ("DELETE", "/v1/dlq", 405),
+        ]:
+            response = await http.request(method, path)
+            assert response.status == status, path
+            assert response.content_type == "application/problem+json", path
+            body = await response.json()
+            assert body["status"] == status
+            assert body["type"] == f"urn:iot-orders:problem:{body['code']}"
+        not_allowed = await http.delete("/v1/dlq")
+        assert "GET" in not_allowed.headers["Allow"]
+
+
+async def test_redis_down_is_503_not_500() -> None:
+    """A Redis that does not answer makes a request 503 redis-unavailable, not a 500."""
+    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    try:
+        async with api_client(dead, TEST_SHARDS) as http:
+            for path in ("/v1/dlq", "/v1/orders/order-00000001", "/healthz"):
+                response = await http.get(path)
+                assert response.status == 503, path
+                assert (await response.json())["code"] == "redis-unavailable"
+    finally:
+        await dead.aclose()
