@@ -110,20 +110,13 @@ def submit_main(argv: Sequence[str]) -> int:
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
-    parser.add_argument(
-        "--token",
-        default=os.environ.get("ORDERS_HTTP_TOKEN", ""),
-        help="the agent's http_token, if it has one (env ORDERS_HTTP_TOKEN)",
-    )
+    _add_token_argument(parser)
     args = parser.parse_args(argv)
     body = sys.stdin.read() if args.order == "-" else args.order
-    headers = {"Content-Type": "application/json"}
-    if args.token:
-        headers["Authorization"] = f"Bearer {args.token}"
     request = urllib.request.Request(
         f"http://{args.host}:{args.http_port}/v1/orders",
         data=body.encode(),
-        headers=headers,
+        headers=_json_headers(args.token),
         method="POST",
     )
     try:
@@ -139,6 +132,22 @@ def submit_main(argv: Sequence[str]) -> int:
         return 4
 
 
+def _add_token_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("ORDERS_HTTP_TOKEN", ""),
+        help="the agent's http_token, if it has one (env ORDERS_HTTP_TOKEN)",
+    )
+
+
+def _json_headers(token: str) -> dict[str, str]:
+    """The intake takes application/json only (no cross-origin form posts), and the token."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
 def retry_main(argv: Sequence[str]) -> int:
     """``edge-agent retry [--held] [ORDER_ID…]``: re-queue held orders on the local agent."""
     parser = argparse.ArgumentParser(
@@ -151,6 +160,7 @@ def retry_main(argv: Sequence[str]) -> int:
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    _add_token_argument(parser)
     args = parser.parse_args(argv)
     if args.held == bool(args.order_ids):
         parser.print_usage(sys.stderr)
@@ -160,7 +170,9 @@ def retry_main(argv: Sequence[str]) -> int:
     paths = ["/retry-held"] if args.held else [f"/{oid}/retry" for oid in args.order_ids]
     worst = 0
     for path in paths:
-        request = urllib.request.Request(base + path, data=b"", method="POST")
+        request = urllib.request.Request(
+            base + path, data=b"{}", headers=_json_headers(args.token), method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=args.timeout) as response:
                 body = json.loads(response.read())

@@ -182,7 +182,7 @@ async def test_acl_mistake_holds_the_order_until_fixed_and_retried(
                     assert "edge_orders_held 1.0" in await resp.text()
                 await asyncio.sleep(1.0)  # held: no resend, not even after receipt timeouts
                 assert double.seen["acl-held-0001"] == 0
-                async with http.post("/v1/orders/acl-held-0001/retry") as resp:
+                async with http.post("/v1/orders/acl-held-0001/retry", json={}) as resp:
                     # Still wrong: the retry is taken, and the broker's refusal holds it again.
                     assert (await resp.json())["requeued"] == ["acl-held-0001"]
                 await wait_until(held, 20, "held again while the ACL is still wrong")
@@ -208,11 +208,11 @@ async def test_acl_mistake_holds_the_order_until_fixed_and_retried(
                 assert double.seen["acl-held-0001"] == 1  # landed once
                 async with http.get("/healthz") as resp:
                     assert (await resp.json())["held"] == 0
-                async with http.post("/v1/orders/acl-held-0001/retry") as resp:
+                async with http.post("/v1/orders/acl-held-0001/retry", json={}) as resp:
                     assert resp.status == 409
                     assert resp.content_type == "application/problem+json"
                     assert (await resp.json())["reason"] == "not_held"
-                async with http.post("/v1/orders/unknown-00001/retry") as resp:
+                async with http.post("/v1/orders/unknown-00001/retry", json={}) as resp:
                     assert resp.status == 404
         assert agent.sigterm() == 0
     finally:

@@ -185,4 +185,4 @@ def test_compose_gives_the_published_api_a_tokens_file() -> None:
     assert compose["secrets"]["orders-api-tokens"]["file"] == "./secrets/orders-api-tokens"
     assert all(port.startswith("127.0.0.1:") for port in pipeline["ports"])
     # The shared settings still reach the pipeline through the merged anchor.
-    assert env["ORDERS_REDIS_URL"].startswith("redis://")
+    assert "redis://" in env["ORDERS_REDIS_URL"]
