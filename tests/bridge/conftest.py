@@ -155,7 +155,10 @@ class BridgeProcess:
             "--http-host", "127.0.0.1", "--shards", "4", "--rate-per-s", "0",
             # The shared test Redis runs the dev settings (no AOF); tests that stand
             # for production start Redis with redis/redis.conf and turn this back on.
-            "--log-level", "info", "--no-redis-require-durable", *extra,
+            "--log-level", "info", "--no-redis-require-durable",
+            # A group of its own unless the test names one: on the shared broker a
+            # dead bridge's session (expiry 1 h) would keep its share of the orders.
+            "--share-group", f"g-{self.client_id}", *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
