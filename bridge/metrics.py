@@ -56,7 +56,7 @@ class BridgeMetrics:
         )
         self.redis_auth_ok.set(1)
         self.ready = Gauge(
-            "bridge_ready", "1 while every /readyz check passes (computed at scrape time)", registry=r
+            "bridge_ready", "1 while every /readyz check passes (read at scrape time)", registry=r
         )
         self.mqtt_up = Gauge("bridge_mqtt_up", "1 while connected to the broker", registry=r)
         self.mqtt = MqttMetrics("bridge", registry=r)

@@ -48,7 +48,12 @@ OUR_PREFIXES = ("bridge_", "pipeline_", "edge_")
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
     """Run promtool; its output is in the result for assertion messages."""
     return subprocess.run(
-        [find_binary("promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        [find_binary("promtool"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -157,7 +162,8 @@ def test_dashboard_parses_and_queries_only_existing_metrics() -> None:
     """orders.json is a Grafana dashboard on the provisioned datasource, over our metrics."""
     dashboard = json.loads(DASHBOARD.read_text())
     (datasource,) = load_yaml(DATASOURCES)["datasources"]
-    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard["uid"]
+    assert dashboard["title"]
     exprs = dashboard_exprs(dashboard)
     assert len(exprs) >= 10
     known = exposed_sample_names()
@@ -166,7 +172,8 @@ def test_dashboard_parses_and_queries_only_existing_metrics() -> None:
         assert panel["targets"], panel["title"]
     for expr in exprs:
         used = referenced_metrics(expr)
-        assert used and used <= known, (expr, used - known)
+        assert used, expr
+        assert used <= known, (expr, used - known)
     covered = set().union(*(referenced_metrics(expr) for expr in exprs))
     assert {"pipeline_lag", "pipeline_dlq_size", "pipeline_dead_letters", "bridge_ready"} <= covered
 
@@ -288,11 +295,13 @@ def test_real_prometheus_fires_the_lag_alert_when_workers_stop(
         try:
             # The fault really happened: each worker is stopped (state T).
             wait_for("workers stopped", lambda: all(proc_state(p) == "T" for p in workers), 5)
-            with redis.Redis.from_url(stack.redis_url) as client:
-                with client.pipeline(transaction=False) as pipe:
-                    for i in range(1500):
-                        pipe.xadd(stream_key(0), {"order": f"lag-test-{i}"})
-                    pipe.execute()
+            with (
+                redis.Redis.from_url(stack.redis_url) as client,
+                client.pipeline(transaction=False) as pipe,
+            ):
+                for i in range(1500):
+                    pipe.xadd(stream_key(0), {"order": f"lag-test-{i}"})
+                pipe.execute()
             wait_for(
                 "OrdersStreamLag firing", lambda: bool(firing(prometheus, "OrdersStreamLag")), 30
             )
