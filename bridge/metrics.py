@@ -55,5 +55,8 @@ class BridgeMetrics:
             "bridge_redis_auth_ok", "0 while Redis refuses our credentials", registry=r
         )
         self.redis_auth_ok.set(1)
+        self.ready = Gauge(
+            "bridge_ready", "1 while every /readyz check passes (read at scrape time)", registry=r
+        )
         self.mqtt_up = Gauge("bridge_mqtt_up", "1 while connected to the broker", registry=r)
         self.mqtt = MqttMetrics("bridge", registry=r)

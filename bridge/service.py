@@ -73,6 +73,7 @@ class Bridge:
         self.redis_durable = False
         self._inspected = False
         metrics.in_flight.set_function(lambda: self.batcher.pending)
+        metrics.ready.set_function(lambda: float(all(self.readiness().values())))
 
     def request_stop(self) -> None:
         """Begin a graceful stop (SIGTERM)."""

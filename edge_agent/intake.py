@@ -232,7 +232,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
-    body = request.app[_AGENT].metrics.render()
+    agent = request.app[_AGENT]
+    # The oldest age needs an outbox query, so it is read here rather than by a gauge callback.
+    age = (await agent.health()).oldest_unreceipted_age_s
+    agent.metrics.oldest_pending_age.set(age or 0.0)
+    body = agent.metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 

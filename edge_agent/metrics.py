@@ -79,6 +79,11 @@ class AgentMetrics:
         self.inflight = Gauge(
             "edge_orders_inflight", "Orders sent and awaiting receipt", registry=r
         )
+        self.oldest_pending_age = Gauge(
+            "edge_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unreceipted order (0 when none); refreshed on each scrape",
+            registry=r,
+        )
         self.held = Gauge(
             "edge_orders_held",
             "Orders the broker refused with a definitive PUBACK code; `edge-agent retry` re-queues",

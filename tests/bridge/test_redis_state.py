@@ -92,6 +92,7 @@ def test_durable_redis_is_reported_ready(
         assert body["redis"]["appendfsync"] == "always"
         assert body["redis"]["aof_enabled"] is True
         assert metric(bridge, "bridge_redis_durable") == 1.0
+        assert metric(bridge, "bridge_ready") == 1.0
     finally:
         server.kill()
 
@@ -112,6 +113,7 @@ def test_everysec_redis_is_loud_and_not_ready(
         assert body["checks"]["redis_durable"] is False
         assert body["redis"]["appendfsync"] == "everysec"
         assert metric(bridge, "bridge_redis_durable") == 0.0
+        assert metric(bridge, "bridge_ready") == 0.0  # what the BridgeNotReady alert watches
         wait_for(lambda: "REDIS IS NOT DURABLE" in bridge.log_tail(50), 10, "the loud log line")
         assert bridge.status("/healthz") == 200  # alive; it just must not be trusted
     finally:

@@ -300,3 +300,22 @@ async def test_get_with_a_bad_order_id_is_400(http: aiohttp.ClientSession) -> No
     """An order id with a newline is refused by the contract's rule, not looked up."""
     async with http.get("/v1/orders/order-00000001%0A") as resp:
         await _problem(resp, 400, "invalid_query")
+
+
+def _sample(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+async def test_metrics_show_the_oldest_unreceipted_age(http: aiohttp.ClientSession) -> None:
+    """edge_outbox_oldest_pending_age_seconds is 0 with an empty outbox, then the age of the
+    oldest queued order (no bridge here, so it never gets a receipt)."""
+    name = "edge_outbox_oldest_pending_age_seconds"
+    async with http.get("/metrics") as resp:
+        assert _sample(await resp.text(), name) == 0
+    async with http.post("/v1/orders", json=order_body("order-age")) as resp:
+        assert resp.status == 202
+    await asyncio.sleep(0.3)
+    async with http.get("/metrics") as resp:
+        age = _sample(await resp.text(), name)
+    assert 0.3 <= age < 60
