@@ -58,6 +58,7 @@ from schemas.names import (
     shard_of,
     stream_key,
 )
+from servicekit.clock import now_ms
 
 HOST = "127.0.0.1"
 SHARDS = 16
@@ -154,7 +155,7 @@ def _naive(port: int, redis_port: int, client_id: str, count: int) -> None:
                         "order_id": order.order_id,
                         "device_id": device,
                         "seq": order.seq,
-                        "received_at": int(time.time() * 1000),
+                        "received_at": now_ms(),
                         "payload": msg.payload,
                     },
                 )

@@ -44,13 +44,14 @@ from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Item, Order, Status, encode
 from schemas.names import DEFAULT_SHARDS, shard_of, stream_key
+from servicekit.clock import now_ms
 
 CEILING_GROUP = "ceiling"
 
 
 def make_orders(count: int, devices: int) -> list[Order]:
     """``count`` one-line orders spread over ``devices`` devices."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     return [
         Order(
             v=1,
@@ -71,7 +72,7 @@ async def prepare(client: aioredis.Redis, orders: list[Order], shards: int) -> N
     await client.flushall()
     catalog = Catalog(items={"COLA-33": CatalogItem(price=150, stock=10**9)}, currency="EUR")
     await store_catalog(client, catalog)
-    now = int(time.time() * 1000)
+    now = now_ms()
     for start in range(0, len(orders), 2000):
         async with client.pipeline(transaction=False) as pipe:
             for order in orders[start : start + 2000]:

@@ -23,6 +23,7 @@ from typing import Final
 
 from schemas import Item, Order, decode_receipt, encode
 from schemas.names import orders_topic, receipts_topic
+from servicekit.clock import now_ms
 from servicekit.mqtt import Ack, MqttClient, Subscription
 from servicekit.urls import MqttUrl
 
@@ -44,7 +45,7 @@ class ProbeResult:
 def _order(device_id: str, seq: int) -> Order:
     item = Item(sku="sku-cola-330ml", qty=2, unit_price=150)
     return Order(v=1, order_id=f"p{uuid.uuid4().hex[:20]}", device_id=device_id, seq=seq,
-                 created_at=int(time.time() * 1000), currency="EUR", items=(item,),
+                 created_at=now_ms(), currency="EUR", items=(item,),
                  total=300)  # fmt: skip
 
 

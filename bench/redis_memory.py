@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import random
 import tempfile
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Item, Order, Status, encode
 from schemas.names import DEDUP_TTL_S, orders_topic, stream_key
+from servicekit.clock import now_ms
 
 SHARDS = 16
 SAMPLE = 200
@@ -56,7 +56,7 @@ class _NoStatuses:
 
 def make_orders(count: int, devices: int) -> list[ValidOrder]:
     """``count`` two-line orders over ``devices`` devices, classified as the bridge does."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     out = []
     for index in range(count):
         device = f"device-{index % devices:06d}"

@@ -17,6 +17,7 @@ import msgspec
 from edge_agent.transport import TransportSettings, default_transport
 from schemas import Item, Order, encode
 from schemas.names import orders_topic, receipts_topic
+from servicekit.clock import now_ms
 from servicekit.urls import MqttUrl
 
 from .verify import OrderRef
@@ -61,7 +62,7 @@ def rogue_payload(index: int, victim: str) -> tuple[bytes, OrderRef | None]:
     order_id = f"spoof{os.urandom(8).hex()}"
     order = Order(
         v=1, order_id=order_id, device_id=victim, seq=index,
-        created_at=int(time.time() * 1000), currency="EUR",
+        created_at=now_ms(), currency="EUR",
         items=(Item("COLA-33", 1, 150),), total=150,
     )  # fmt: skip
     return encode(order), (victim, order_id)

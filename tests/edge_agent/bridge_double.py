@@ -20,6 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from schemas import Receipt, Status, decode_order, decode_status_query, encode, names
+from servicekit.clock import now_ms
 from servicekit.urls import MqttUrl
 
 # Decide the answer to one order: (result, reason), or None for no receipt at all.
@@ -93,7 +94,7 @@ class BridgeDouble:
 
     def publish_status(self, device_id: str, order_id: str, status: str) -> None:
         """Publish a Status as the pipeline would (QoS 1) and wait until the broker has it."""
-        message = Status(v=1, order_id=order_id, status=status, reason=None, at=_now_ms())  # type: ignore[arg-type]
+        message = Status(v=1, order_id=order_id, status=status, reason=None, at=now_ms())  # type: ignore[arg-type]
         info = self._client.publish(names.status_topic(device_id), encode(message), qos=1)
         info.wait_for_publish(10)
 
@@ -119,7 +120,7 @@ class BridgeDouble:
         if answer is None:
             return
         result, reason = answer
-        now = int(time.time() * 1000)
+        now = now_ms()
         receipt = Receipt(v=1, order_id=order.order_id, result=result, reason=reason, at=now)  # type: ignore[arg-type]
         client.publish(names.receipts_topic(device_id), encode(receipt), qos=1)
         if self.send_status and result == "accepted":
@@ -141,10 +142,6 @@ class BridgeDouble:
                 order_id=order_id,
                 status=self.query_status,  # type: ignore[arg-type]
                 reason=None,
-                at=_now_ms(),
+                at=now_ms(),
             )
             client.publish(names.status_topic(device_id), encode(status), qos=1)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -10,6 +9,7 @@ import redis.asyncio as aioredis
 
 from schemas import Item, Order, encode
 from schemas.names import shard_of, stream_key
+from servicekit.clock import now_ms
 
 
 def make_order(
@@ -27,7 +27,7 @@ def make_order(
         order_id=order_id or uuid.uuid4().hex,
         device_id=device_id,
         seq=seq,
-        created_at=int(time.time() * 1000),
+        created_at=now_ms(),
         currency=currency,
         items=lines,
         total=sum(i.qty * i.unit_price for i in lines),
@@ -51,7 +51,7 @@ async def produce_raw(
             "order_id": order_id,
             "device_id": device_id,
             "seq": seq,
-            "received_at": int(time.time() * 1000),
+            "received_at": now_ms(),
             "payload": payload,
         },
     )
