@@ -207,7 +207,8 @@ def start_bridges(
         deadline = time.monotonic() + 60
         while not _ready(port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"bridge on :{port} not ready")
+                logs = "".join((workdir / f"{c}.log").read_text()[-2000:] for c in client_ids)
+                raise RuntimeError(f"bridge on :{port} not ready; its log:\n{logs}")
             time.sleep(0.05)
     return procs
 
