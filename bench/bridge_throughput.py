@@ -199,6 +199,8 @@ def start_bridges(
             "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
             "--http-port", str(ports[-1]), "--http-host", HOST, "--rate-per-s", "0",
             "--log-level", LOG_LEVEL,
+            # The throughput rows use a dev Redis (no AOF): ready all the same.
+            "--no-redis-require-durable",
         ]  # fmt: skip
         log = (workdir / f"{client_id}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
@@ -206,7 +208,8 @@ def start_bridges(
         deadline = time.monotonic() + 60
         while not _ready(port):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"bridge on :{port} not ready")
+                logs = "".join((workdir / f"{c}.log").read_text()[-2000:] for c in client_ids)
+                raise RuntimeError(f"bridge on :{port} not ready; its log:\n{logs}")
             time.sleep(0.05)
     return procs
 

@@ -2,7 +2,7 @@
 bridge and times each order → receipt round trip.
 
 Not a test. It sees what a device sees at light load: the publish, the broker's
-hops, the bridge's batch delay (``--batch-delay-ms``, 5 ms by default) and its
+hops, the bridge's batcher (group commit: an idle bridge writes at once), its
 Redis write, the receipt back. The client sets TCP_NODELAY, as every client we
 ship does; Nagle's algorithm against delayed ACKs used to put a ~40 ms floor
 under every receipt.

@@ -53,7 +53,13 @@ _Entry = tuple[Classified, Done]
 
 
 class Batcher:
-    """Collects messages, writes batches of up to ``max_batch`` or every ``max_delay_s``.
+    """Collects messages and writes them in batches of up to ``max_batch`` (group commit).
+
+    One write is in flight at a time. When none is, whatever is buffered goes
+    out at once: a lone order at light load waits for no timer. Messages that
+    arrive during a write form the next batch, so batches grow with the load
+    by themselves. Only right after a full batch (a backlog is draining) does
+    the next one wait, up to ``max_delay_s``, to fill up too.
 
     Run :meth:`run` as a task; :meth:`add` messages from the intake.
     """
@@ -81,6 +87,7 @@ class Batcher:
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_full = False  # the last batch written had max_batch messages
         self._shard_batches: defaultdict[int, int] = defaultdict(int)
         self.redis_ok = True
         self.redis_error: StoreError | None = None  # the last failure, while it lasts
@@ -106,7 +113,7 @@ class Batcher:
         """Write batches until cancelled."""
         while True:
             await self._wake.wait()
-            if len(self._buffer) < self._max_batch and self._max_delay_s > 0:
+            if self._last_full and len(self._buffer) < self._max_batch and self._max_delay_s > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._max_delay_s):
                         await self._full.wait()
@@ -116,6 +123,7 @@ class Batcher:
                 self._full.clear()
             if not self._buffer:
                 self._wake.clear()
+            self._last_full = len(batch) >= self._max_batch
             if batch:
                 await self._write(batch)
                 if self._on_written is not None:

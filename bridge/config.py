@@ -50,6 +50,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     # Acking after the write makes this the cap on in-flight work and batch size.
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
     batch_max: Positive = 500
+    # Group commit: an idle bridge writes at once; only a batch that follows a full one
+    # waits up to this long to fill (bridge/batcher.py).
     batch_delay_ms: NonNegative = 5.0
     dedup_ttl_s: Positive = DEDUP_TTL_S
     # Trim a shard stream (MINID ~ below what every consumer group has read) once per this many

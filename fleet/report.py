@@ -94,6 +94,7 @@ def summary_table(record: RunRecord) -> Table:
             "lost / duplicated / stuck", f"{len(v.lost)} / {len(v.duplicated)} / {len(v.stuck)}"
         )
         table.add_row("terminal status never heard", f"{len(v.unheard)}")
+        table.add_row("processed twice", f"{len(v.processed_twice)}")
     return table
 
 
@@ -175,12 +176,14 @@ def _verdict_html(verdict: Verdict | None) -> str:
     lines = [
         f"<h2>Verification: {status}</h2>",
         f"<p>{verdict.checked:,} accepted orders checked: {len(verdict.lost)} lost, "
-        f"{len(verdict.duplicated)} duplicated, {len(verdict.stuck)} stuck; "
+        f"{len(verdict.duplicated)} duplicated, {len(verdict.stuck)} stuck, "
+        f"{len(verdict.processed_twice)} processed twice; "
         f"{verdict.extra} stream entries from outside the run; {len(verdict.unheard)} "
         "whose device never heard a terminal status.</p>",
     ]
     named = (("lost", verdict.lost), ("duplicated", list(verdict.duplicated)),
-             ("stuck", verdict.stuck), ("no terminal status heard", verdict.unheard))  # fmt: skip
+             ("stuck", verdict.stuck), ("no terminal status heard", verdict.unheard),
+             ("processed twice", list(verdict.processed_twice)))  # fmt: skip
     for name, refs in named:
         if refs:
             shown = ", ".join(f"{d}/{o}" for d, o in refs[:100])

@@ -77,8 +77,9 @@ def print_result(result: SimResult, report: Path, console: Console) -> int:
     """The summary, the ids of lost/duplicated/stuck orders, the report path; the exit status."""
     console.print(_summary(result))
     v = result.verdict
-    named = (("LOST", v.lost), ("DUPLICATED", list(v.duplicated)), ("stuck", v.stuck),
-             ("NO TERMINAL STATUS HEARD", v.unheard))  # fmt: skip
+    named = (("LOST", v.lost), ("DUPLICATED", list(v.duplicated)), ("STUCK", v.stuck),
+             ("NO TERMINAL STATUS HEARD", v.unheard),
+             ("PROCESSED TWICE", list(v.processed_twice)))  # fmt: skip
     for name, refs in named:
         if refs:
             shown = ", ".join(f"{d}/{o}" for d, o in refs[:SHOWN_IDS])
@@ -92,6 +93,7 @@ def print_result(result: SimResult, report: Path, console: Console) -> int:
     console.print(
         f"verification: {v.checked:,} accepted orders, {len(v.lost)} lost, "
         f"{len(v.duplicated)} duplicated, {len(v.stuck)} stuck, "
+        f"{len(v.processed_twice)} processed twice, "
         f"{len(v.unheard)} without a terminal status heard -> "
         f"{'PASS' if result.ok else 'FAIL'}"
     )

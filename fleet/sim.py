@@ -132,6 +132,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             shards=options.shards,
             statuses=lambda refs: order_statuses(redis, refs),
             heard=tracker.terminal,
+            pipeline_writes=True,
         )
         rogue_in_streams: list[OrderRef] = []
         if chaos.log.rogue:

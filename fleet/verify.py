@@ -5,26 +5,37 @@ After the run reaches quiescence, each order the simulated devices answered
 
 * **lost**: in no ``orders:{N}`` stream entry;
 * **duplicated**: in more than one entry;
-* **stuck**: in a stream but without a terminal pipeline status;
+* **stuck**: in a stream but without a terminal pipeline status. Fails the
+  run: after quiescence every accepted order must have ended;
+* **processed twice**: the pipeline's own writes show the order handled more
+  than once: its history (``order:{device}:{order}:history``) or the events
+  stream (``orders:events``) holds two ``received`` transitions (its record
+  made twice) or two terminal statuses. Fails the run;
 * **unheard**: in a stream, but its device never heard a terminal status for
   it (a status the broker lost and nothing sent again leaves the device
   showing ``accepted`` forever). Fails the run like lost and duplicated.
 
 Streams must not have been trimmed past the run's entries (the bridge only
 trims what the pipeline has acknowledged, and a test run stays far below the
-trim threshold); a trimmed entry would show up as lost, never as fine.
+trim threshold); a trimmed entry would show up as lost, never as fine. The
+events stream is capped: trimming can hide a second processing, never invent
+one; the histories are not capped.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from pipeline.names import EVENTS_STREAM, TERMINAL_STATUSES, history_key
 from schemas.names import stream_key
 
 PAGE = 10_000
+HISTORY_PAGE = 5_000  # histories read per pipelined round trip
+CREATED: Final = "received"  # the first status of every record: written once per record
 
 OrderRef = tuple[str, str]
 """(device_id, order_id): an order's identity; order ids are unique per device only."""
@@ -43,14 +54,15 @@ class Verdict:
     stuck: list[OrderRef] = field(default_factory=list)
     extra: int = 0  # stream entries for orders no device had accepted (rogue devices, …)
     unheard: list[OrderRef] = field(default_factory=list)
+    # Orders the pipeline handled more than once, with what shows it.
+    processed_twice: dict[OrderRef, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Nothing lost or duplicated, and every device heard each order's end.
-
-        Stuck orders are reported, not fatal.
-        """
-        return not self.lost and not self.duplicated and not self.unheard
+        """Nothing lost, duplicated, stuck or processed twice; every device heard each end."""
+        return not (
+            self.lost or self.duplicated or self.stuck or self.unheard or self.processed_twice
+        )
 
 
 async def count_stream_entries(redis: Any, shards: int) -> Counter[OrderRef]:
@@ -66,19 +78,74 @@ async def count_stream_entries(redis: Any, shards: int) -> Counter[OrderRef]:
     return counts
 
 
+def _twice(counts: Counter[str], terminal: frozenset[str], where: str) -> str | None:
+    """What a status count shows about an order handled twice, or None."""
+    ends = sorted(status for status in counts if status in terminal)
+    if counts[CREATED] > 1:
+        return f"{where}: {counts[CREATED]} '{CREATED}' (record made {counts[CREATED]} times)"
+    if sum(counts[status] for status in ends) > 1:
+        shown = ", ".join(f"{status}×{counts[status]}" for status in ends)
+        return f"{where}: {sum(counts[s] for s in ends)} terminal statuses ({shown})"
+    return None
+
+
+async def history_statuses(redis: Any, refs: Sequence[OrderRef]) -> list[Counter[str]]:
+    """Each order's history (the pipeline's transition list), counted by status."""
+    out: list[Counter[str]] = []
+    for start in range(0, len(refs), HISTORY_PAGE):
+        async with redis.pipeline(transaction=False) as pipe:
+            for device_id, order_id in refs[start : start + HISTORY_PAGE]:
+                pipe.lrange(history_key(device_id, order_id), 0, -1)
+            replies = await pipe.execute()
+        for lines in replies:
+            out.append(Counter(str(json.loads(line).get("status", "")) for line in lines))
+    return out
+
+
+async def event_statuses(redis: Any, wanted: Collection[OrderRef]) -> dict[OrderRef, Counter[str]]:
+    """Per wanted order, its events in the pipeline's events stream, counted by status."""
+    out: dict[OrderRef, Counter[str]] = {}
+    start = "-"
+    while entries := await redis.xrange(EVENTS_STREAM, min=start, max="+", count=PAGE):
+        for _entry_id, fields in entries:
+            ref = (_text(fields.get(b"device_id", b"")), _text(fields.get(b"order_id", b"")))
+            if ref in wanted:
+                out.setdefault(ref, Counter())[_text(fields.get(b"status", b""))] += 1
+        start = "(" + _text(entries[-1][0])
+    return out
+
+
+async def find_processed_twice(
+    redis: Any, refs: Sequence[OrderRef], terminal: frozenset[str] = TERMINAL_STATUSES
+) -> dict[OrderRef, str]:
+    """The orders among ``refs`` whose history or events show them processed twice."""
+    found: dict[OrderRef, str] = {}
+    for ref, counts in zip(refs, await history_statuses(redis, refs), strict=True):
+        if (why := _twice(counts, terminal, "history")) is not None:
+            found[ref] = why
+    for ref, counts in (await event_statuses(redis, set(refs))).items():
+        if ref not in found and (why := _twice(counts, terminal, EVENTS_STREAM)) is not None:
+            found[ref] = why
+    return dict(sorted(found.items()))
+
+
 async def verify(
     redis: Any,
     accepted: Iterable[OrderRef],
     *,
     shards: int,
     statuses: StatusLookup | None = None,
-    terminal: frozenset[str] = frozenset({"rejected", "failed", "fulfilled"}),
+    terminal: frozenset[str] = TERMINAL_STATUSES,
     heard: Collection[OrderRef] | None = None,
+    pipeline_writes: bool = False,
 ) -> Verdict:
     """Check every accepted order against the streams (and the pipeline, if given).
 
-    ``heard``: the orders whose device heard a terminal status; when given,
-    every accepted order in a stream must be among them.
+    ``statuses``: looks up each order's pipeline status; orders in a stream
+    without a terminal one are stuck. ``heard``: the orders whose device heard
+    a terminal status; when given, every accepted order in a stream must be
+    among them. ``pipeline_writes``: also read the pipeline's histories and
+    events stream for orders processed twice.
     """
     wanted = set(accepted)
     counts = await count_stream_entries(redis, shards)
@@ -93,7 +160,12 @@ async def verify(
     unheard: list[OrderRef] = []
     if heard is not None:
         unheard = sorted(ref for ref in wanted if counts[ref] > 0 and ref not in heard)
-    return Verdict(len(wanted), lost, duplicated, stuck, extra, unheard)
+    twice: dict[OrderRef, str] = {}
+    if pipeline_writes:
+        twice = await find_processed_twice(
+            redis, sorted(ref for ref in wanted if counts[ref] > 0), terminal
+        )
+    return Verdict(len(wanted), lost, duplicated, stuck, extra, unheard, twice)
 
 
 def _text(value: bytes | str) -> str:

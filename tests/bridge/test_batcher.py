@@ -154,3 +154,60 @@ async def test_drain_waits_for_the_write() -> None:
         await drain
         assert await future == ACCEPTED
         writer.cancel()
+
+
+async def test_a_lone_message_is_written_at_once_however_long_the_delay() -> None:
+    """Idle batcher: a single order goes to Redis without waiting out ``max_delay_s``."""
+    sink = FakeSink()
+    batcher = Batcher(sink, BridgeMetrics(), max_batch=10, max_delay_s=3600.0,
+                      backoff_max_s=0.01, trim_every_batches=0)  # fmt: skip
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        # An hour's delay: only a write that waits for no timer settles within the bound.
+        async with asyncio.timeout(5):
+            assert await submit(batcher, order(1)) == ACCEPTED
+        writer.cancel()
+    assert [len(orders) for orders, _ in sink.calls] == [1]
+
+
+async def test_messages_arriving_during_a_write_form_the_next_batch() -> None:
+    """Group commit: while one write is in flight the next batch gathers, then goes at once."""
+    sink = FakeSink()
+    sink.gate.clear()
+    batcher = Batcher(sink, BridgeMetrics(), max_batch=10, max_delay_s=3600.0,
+                      backoff_max_s=0.01, trim_every_batches=0)  # fmt: skip
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        first = submit(batcher, order(0))
+        await asyncio.sleep(0.01)  # the writer took it and waits on the sink
+        later = [submit(batcher, order(i)) for i in range(1, 7)]
+        assert not first.done()
+        sink.gate.set()
+        async with asyncio.timeout(5):
+            outcomes = [await first] + [await future for future in later]
+        writer.cancel()
+    assert outcomes == [ACCEPTED] * 7
+    assert [len(orders) for orders, _ in sink.calls] == [1, 6]
+
+
+async def test_a_backlog_still_goes_in_full_batches() -> None:
+    """After a full batch the next waits (up to ``max_delay_s``) to fill: throughput under load."""
+    sink = FakeSink()
+    sink.gate.clear()
+    batcher = Batcher(sink, BridgeMetrics(), max_batch=10, max_delay_s=3600.0,
+                      backoff_max_s=0.01, trim_every_batches=0)  # fmt: skip
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        futures = [submit(batcher, order(i)) for i in range(12)]  # a full batch and 2 more
+        await asyncio.sleep(0.01)
+        sink.gate.set()
+        while len(sink.calls) < 1:  # noqa: ASYNC110 - polling a fake's call log is the point
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)
+        assert len(sink.calls) == 1  # the 2 left over wait for the batch to fill
+        futures += [submit(batcher, order(i)) for i in range(12, 20)]
+        async with asyncio.timeout(5):
+            outcomes = [await future for future in futures]
+        writer.cancel()
+    assert outcomes == [ACCEPTED] * 20
+    assert [len(orders) for orders, _ in sink.calls] == [10, 10]

@@ -250,7 +250,9 @@ def test_min_replicas_acks_only_what_a_replica_holds(
         publisher.wait_all()
         time.sleep(1.5)
         assert len(receipts.snapshot()) == 1, "acknowledged without a replica"
-        assert len(stream_entries(admin)) == 6  # on the primary, not yet acknowledged
+        # The batch in flight is on the primary, not yet acknowledged (with group commit
+        # the first order after the kill goes alone; the rest wait behind it, unacked).
+        assert 2 <= len(stream_entries(admin)) <= 6
 
         replica.start()
         wait_for(lambda: len(receipts.snapshot()) == 6, 30, "receipts once the replica is back")

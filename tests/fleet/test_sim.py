@@ -38,6 +38,7 @@ async def _run(stack: Stack, chaos: str, **overrides: object) -> SimResult:
     assert v.checked > options.rate * options.duration_s * 0.5, "too few orders to prove anything"
     assert result.settled, "the run did not reach quiescence"
     assert (v.lost, v.duplicated, v.stuck, v.unheard) == ([], {}, [], [])
+    assert v.processed_twice == {}
     assert len(result.record.events) == len(chaos.split(",")) if chaos else 1
     return result
 

@@ -1,10 +1,16 @@
-"""The simulator's verifier finds lost, duplicated and stuck orders in real Redis."""
+"""The simulator's verifier finds lost, duplicated, stuck and twice-processed orders in Redis."""
 
 from __future__ import annotations
+
+import json
 
 import redis.asyncio as aioredis
 
 from fleet.verify import OrderRef, verify
+from pipeline._lua import Scripts
+from pipeline.names import EVENTS_STREAM, history_key, order_key
+from pipeline.records import StreamEntry, Transition, commit, load, order_statuses
+from schemas import Item, Order, encode
 from schemas.names import shard_of, stream_key
 
 SHARDS = 4
@@ -58,3 +64,67 @@ async def test_an_order_whose_device_never_heard_its_end_fails_the_run(redis_url
     assert not one_missing.ok
     assert one_missing.unheard == [refs[5]]
     assert (one_missing.lost, one_missing.duplicated) == ([], {})
+
+
+def _order(ref: OrderRef) -> Order:
+    device_id, order_id = ref
+    item = Item(sku="COLA-33", qty=1, unit_price=150)
+    return Order(v=1, order_id=order_id, device_id=device_id, seq=0, created_at=0,
+                 currency="EUR", items=(item,), total=150)  # fmt: skip
+
+
+async def process(client: aioredis.Redis, ref: OrderRef, *statuses: str) -> None:
+    """Run one order through the pipeline's own load and commit, ending in ``statuses[-1]``."""
+    order = _order(ref)
+    entry = StreamEntry("orders:{0}", "1-1", {"received_at": b"1", "payload": encode(order)})
+    scripts = Scripts()
+    (ctx,) = await load(client, scripts, [(entry, order)])
+    for step, status in enumerate(statuses):
+        ctx.proposed = Transition(status)
+        ctx.settle(f"step-{step}")
+    assert await commit(client, scripts, [ctx]) == [ctx]
+
+
+async def test_stuck_and_twice_processed_orders_fail_the_run(redis_url: str) -> None:
+    """Read from what the pipeline wrote: an order left short of an end is stuck; a record made
+    twice, two terminal statuses in a history, or two terminal events each fail the run."""
+    refs = [(f"dev-{i}", f"order-{i:04d}") for i in range(12)]
+    stuck, remade, two_ends, two_events = refs[2], refs[4], refs[6], refs[8]
+    async with aioredis.Redis.from_url(redis_url) as client:
+
+        async def statuses(present: list[OrderRef]) -> list[str | None]:
+            return await order_statuses(client, present)
+
+        for ref in refs:
+            await append(client, ref)
+            await process(client, ref, "validated", "reserved" if ref == stuck else "fulfilled")
+        others = [ref for ref in refs if ref != stuck]
+        clean = await verify(client, others, shards=SHARDS, statuses=statuses, pipeline_writes=True)
+        assert clean.ok, clean
+        with_stuck = await verify(client, refs, shards=SHARDS, statuses=statuses)
+        assert not with_stuck.ok
+        assert with_stuck.stuck == [stuck]  # and nothing else: stuck alone fails the run
+        assert (with_stuck.lost, with_stuck.duplicated, with_stuck.unheard) == ([], {}, [])
+
+        # The record vanishes and the order is processed again from scratch.
+        await client.delete(order_key(*remade))
+        await process(client, remade, "validated", "rejected")
+        # A second consumer appends its own end without the compare-and-set.
+        end = json.dumps({"status": "failed", "step": "pay", "reason": "x", "at": 1})
+        await client.rpush(history_key(*two_ends), end)
+        # Only the events stream shows it: a second terminal event.
+        device_id, order_id = two_events
+        await client.xadd(EVENTS_STREAM, {"order_id": order_id, "device_id": device_id,
+                                          "status": "fulfilled", "step": "pay", "reason": "",
+                                          "at": 1})  # fmt: skip
+        assert await order_statuses(client, [remade, two_ends]) == ["rejected", "fulfilled"]
+        without_records = await verify(client, others, shards=SHARDS, statuses=statuses)
+        assert without_records.ok  # counting stream entries alone sees nothing wrong
+        verdict = await verify(client, others, shards=SHARDS, statuses=statuses,
+                               pipeline_writes=True)  # fmt: skip
+    assert not verdict.ok
+    assert (verdict.lost, verdict.duplicated, verdict.stuck, verdict.unheard) == ([], {}, [], [])
+    assert sorted(verdict.processed_twice) == [remade, two_ends, two_events]
+    assert "'received'" in verdict.processed_twice[remade]
+    assert verdict.processed_twice[two_ends].startswith("history: 2 terminal statuses")
+    assert verdict.processed_twice[two_events].startswith(f"{EVENTS_STREAM}: 2 terminal")
