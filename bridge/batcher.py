@@ -87,6 +87,7 @@ class Batcher:
         self._full = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed = False
         self._last_full = False  # the last batch written had max_batch messages
         self._shard_batches: defaultdict[int, int] = defaultdict(int)
         self.redis_ok = True
@@ -109,10 +110,21 @@ class Batcher:
         """Wait until everything submitted so far is written."""
         await self._idle.wait()
 
+    def close(self) -> None:
+        """Stop :meth:`run` after the batch in hand (shutdown, after :meth:`drain`).
+
+        Cancelling alone is not enough on Python 3.11: a cancellation that lands
+        as the batch-delay timeout fires can be lost, and the writer would run on.
+        """
+        self._closed = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Write batches until cancelled."""
-        while True:
+        """Write batches until closed or cancelled."""
+        while not self._closed:
             await self._wake.wait()
+            if self._closed:
+                return
             if self._last_full and len(self._buffer) < self._max_batch and self._max_delay_s > 0:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._max_delay_s):

@@ -207,6 +207,7 @@ class Bridge:
                                   failing=failing)  # fmt: skip
                     await self._stop.wait()
                     await self._drain()
+                self.batcher.close()
                 writer.cancel()
                 probe.cancel()
         self.metrics.mqtt_up.set(0)

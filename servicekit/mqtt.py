@@ -396,12 +396,18 @@ class MqttClient:
     # -- supervisor --------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        """Connect, keep alive, reconnect with backoff; for as long as it takes."""
-        while True:
+        """Connect, keep alive, reconnect with backoff; for as long as it takes.
+
+        It also ends by itself once the client is closing: a cancellation that
+        lands just as one of its timeouts fires can be lost on Python 3.11, and
+        the supervisor must not reconnect a client that is shutting down.
+        """
+        while not self._closing:
             wire = await self._connect_once()
             if wire is not None:
                 await self._keepalive(wire)
-            await self.backoff.wait()
+            if not self._closing:
+                await self.backoff.wait()
 
     async def _connect_once(self) -> _Wire | None:
         loop = asyncio.get_running_loop()
