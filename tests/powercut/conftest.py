@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleet.powercut import PowerCutMount
-from tests.bridge.conftest import BridgeProcess
+
+# The bridge tests' fixture, shared: real order-bridge subprocesses, killed after the test.
+from tests.bridge.conftest import bridge_factory  # noqa: F401
 
 needs_fuse = pytest.mark.skipif(
     not Path("/dev/fuse").exists() or os.geteuid() != 0,
@@ -22,18 +24,3 @@ def disk(tmp_path: Path) -> Iterator[PowerCutMount]:
     """A power-cut filesystem mounted for this test, unmounted after it."""
     with PowerCutMount(tmp_path / "powercut") as mount:
         yield mount
-
-
-@pytest.fixture
-def bridge_factory(tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
-    """``order-bridge`` subprocesses; every one is killed at the end of the test."""
-    made: list[BridgeProcess] = []
-
-    def make(mqtt_url: str, redis_url: str, *extra: str) -> BridgeProcess:
-        bridge = BridgeProcess(tmp_path, mqtt_url, redis_url, *extra)
-        made.append(bridge)
-        return bridge
-
-    yield make
-    for bridge in made:
-        bridge.stop()
