@@ -46,6 +46,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX orders_status_query ON orders (status_query_ms)
         WHERE status_query_ms IS NOT NULL;
     """,
+    # 3: geo mode and tracing. `regions` is the order's `attempts` (GEO.md) as
+    # comma-separated region names, committed before the first PUBLISH to a new
+    # region; the column `attempts` already counts sends. `traceparent` is the
+    # order's W3C trace context, set at intake.
+    """
+    ALTER TABLE orders ADD COLUMN regions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE orders ADD COLUMN traceparent TEXT;
+    """,
 )
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

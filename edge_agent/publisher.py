@@ -288,7 +288,8 @@ class Publisher:
         self._inflight.pop(order_id, None)
         if receipt.result in ("accepted", "duplicate"):
             self._outbox.settle(order_id, "accepted", None, self._query_at())
-        elif receipt.reason == Reason.RATE_LIMITED:
+        elif receipt.result == "pending" or receipt.reason == Reason.RATE_LIMITED:
+            # `pending` (geo mode): the authority region is unreachable; keep it.
             retry_at = self._clock.now_ms() + int(self._config.rate_limited_retry_s * 1000)
             self._outbox.defer(order_id, retry_at, receipt.reason)
         else:

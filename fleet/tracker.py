@@ -64,6 +64,8 @@ class Tracker:
         """A receipt arrived for ``ref``."""
         if result == "duplicate":
             self.duplicate_receipts += 1
+        if result == "pending":
+            return  # geo mode: the device keeps the order and retries it
         if result not in ("accepted", "duplicate"):
             self.rejected_receipts += 1
             return

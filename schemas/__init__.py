@@ -2,6 +2,7 @@
 
 from .codec import (
     build_order,
+    decode_health,
     decode_order,
     decode_receipt,
     decode_status,
@@ -9,11 +10,12 @@ from .codec import (
     encode,
 )
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Item, Order, Receipt, Status, StatusQuery
+from .messages import MAX_ORDER_BYTES, Health, Item, Order, Receipt, Status, StatusQuery
 
 __all__ = [
     "MAX_ORDER_BYTES",
     "DecodeError",
+    "Health",
     "Item",
     "Order",
     "Reason",
@@ -22,6 +24,7 @@ __all__ = [
     "Status",
     "StatusQuery",
     "build_order",
+    "decode_health",
     "decode_order",
     "decode_receipt",
     "decode_status",

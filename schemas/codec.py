@@ -14,9 +14,9 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Order, Receipt, Status, StatusQuery
+from .messages import MAX_ORDER_BYTES, Health, Order, Receipt, Status, StatusQuery
 
-_T = TypeVar("_T", Order, Receipt, Status, StatusQuery)
+_T = TypeVar("_T", Order, Receipt, Status, StatusQuery, Health)
 Payload = bytes | bytearray | memoryview
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -24,12 +24,13 @@ _order_decoder: Final = msgspec.msgpack.Decoder(Order)
 _receipt_decoder: Final = msgspec.msgpack.Decoder(Receipt)
 _status_decoder: Final = msgspec.msgpack.Decoder(Status)
 _status_query_decoder: Final = msgspec.msgpack.Decoder(StatusQuery)
+_health_decoder: Final = msgspec.msgpack.Decoder(Health)
 
 # msgspec ends validation messages with " - at `$.items[0].qty`".
 _PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`\Z")
 
 
-def encode(message: Order | Receipt | Status | StatusQuery) -> bytes:
+def encode(message: Order | Receipt | Status | StatusQuery | Health) -> bytes:
     """Encode a message to MessagePack.
 
     Raises:
@@ -108,6 +109,11 @@ def decode_status(payload: Payload) -> Status:
 def decode_status_query(payload: Payload) -> StatusQuery:
     """Decode a status query. Raises :class:`DecodeError`."""
     return _decode(_status_query_decoder, payload)
+
+
+def decode_health(payload: Payload) -> Health:
+    """Decode a device health message (or Will). Raises :class:`DecodeError`."""
+    return _decode(_health_decoder, payload)
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: Payload) -> _T:

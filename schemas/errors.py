@@ -27,6 +27,7 @@ class Reason:
     BAD_TOPIC: Final = "bad_topic"  # topic is not v1/devices/{id}/orders
     CONFLICT: Final = "conflict"  # order_id reused with another payload
     RATE_LIMITED: Final = "rate_limited"  # device over its rate limit
+    AUTHORITY_UNREACHABLE: Final = "authority_unreachable"  # geo: `pending` receipt
 
 
 class SchemaError(Exception):

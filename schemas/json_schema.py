@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .messages import Order, Receipt, Status, StatusQuery
+from .messages import Health, Order, Receipt, Status, StatusQuery
 
 JSON_DIR: Final = Path(__file__).parent / "json"
 MESSAGES: Final = {
@@ -21,6 +21,7 @@ MESSAGES: Final = {
     "receipt": Receipt,
     "status": Status,
     "status-query": StatusQuery,
+    "health": Health,
 }
 
 

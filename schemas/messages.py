@@ -20,6 +20,7 @@ MAX_ORDER_BYTES: Final = 16 * 1024
 MAX_ITEMS: Final = 100
 MAX_ATTRS: Final = 32
 MAX_QUERIED_ORDERS: Final = 100
+MAX_ATTEMPTS: Final = 32
 
 # Every pattern matches the whole string. msgspec applies patterns with
 # ``re.search``, where ``$`` also matches before a trailing newline; ECMA-262
@@ -50,6 +51,17 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, description="ms since the Unix epoch
 Seq = Annotated[int, msgspec.Meta(ge=0, description="Per-device counter in submit order.")]
 ReasonCode = Annotated[str, msgspec.Meta(max_length=64, pattern=TEXT_PATTERN)]
 AttrText = Annotated[str, msgspec.Meta(pattern=TEXT_PATTERN)]
+RegionName = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=32,
+        pattern=r"^[a-z0-9-]+" + END,
+        description="A region's name (geo mode, GEO.md).",
+    ),
+]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+ShortText = Annotated[str, msgspec.Meta(max_length=256, pattern=TEXT_PATTERN)]
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -72,6 +84,16 @@ class Order(msgspec.Struct, frozen=True, omit_defaults=True):
     items: Annotated[tuple[Item, ...], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
     total: MinorUnits
     attrs: Annotated[dict[AttrText, AttrText], msgspec.Meta(max_length=MAX_ATTRS)] = {}
+    # Contract addition (geo mode, GEO.md): the regions this order was published
+    # to, in order. The first name is the order's authority, forever. Not part
+    # of the dedup hash: a resend to another region adds a name, not a conflict.
+    attempts: Annotated[
+        tuple[RegionName, ...],
+        msgspec.Meta(
+            max_length=MAX_ATTEMPTS,
+            description="Regions this order was published to; the first owns it.",
+        ),
+    ] = ()
 
     def __post_init__(self) -> None:
         expected = sum(item.qty * item.unit_price for item in self.items)
@@ -80,7 +102,9 @@ class Order(msgspec.Struct, frozen=True, omit_defaults=True):
             raise ValueError(f"total {self.total} != sum of qty * unit_price {expected}")
 
 
-ReceiptResult = Literal["accepted", "duplicate", "rejected"]
+# `pending` (geo mode): the order's authority region is unreachable; the
+# device keeps the order and retries later. It settles nothing.
+ReceiptResult = Literal["accepted", "duplicate", "rejected", "pending"]
 OrderStatus = Literal["confirmed", "rejected", "fulfilled", "failed"]
 
 
@@ -89,7 +113,8 @@ class Receipt(msgspec.Struct, frozen=True):
 
     ``order_id`` is None when the payload was too broken to carry one.
     ``duplicate`` means "already accepted earlier" and settles an order like
-    ``accepted`` does.
+    ``accepted`` does. ``pending`` (geo mode, reason ``authority_unreachable``)
+    settles nothing: the device keeps the order and retries it later.
     """
 
     v: Literal[1]
@@ -124,3 +149,22 @@ class StatusQuery(msgspec.Struct, frozen=True):
     order_ids: Annotated[
         tuple[OrderId, ...], msgspec.Meta(min_length=1, max_length=MAX_QUERIED_ORDERS)
     ]
+
+
+class Health(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Contract addition: a device's health, on ``v1/devices/{device_id}/health``.
+
+    The agent publishes it every few seconds and whenever a figure changes.
+    Its MQTT Will is the same message with ``online`` false and no figures,
+    so the broker announces a device that vanished without a goodbye.
+    """
+
+    v: Literal[1]
+    online: bool
+    at: EpochMs
+    outbox_depth: Count | None = None
+    outbox_bytes: Count | None = None
+    oldest_unreceipted_age_ms: Count | None = None
+    held: Count | None = None
+    last_broker_error: ShortText | None = None
+    agent_version: ShortText | None = None

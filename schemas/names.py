@@ -23,6 +23,11 @@ PIPELINE_GROUP: Final = "pipeline"
 DEFAULT_SHARDS: Final = 16
 DEDUP_TTL_S: Final = 7 * 24 * 3600
 
+# Contract additions (tracing): the W3C trace context of an order travels as
+# this MQTT 5 user property and as this field of its stream entry.
+TRACEPARENT_PROPERTY: Final = "traceparent"
+TRACE_STREAM_FIELD: Final = "trace"
+
 
 def orders_topic(device_id: str) -> str:
     """``v1/devices/{device_id}/orders``: device → cloud."""
@@ -47,6 +52,16 @@ def status_query_topic(device_id: str) -> str:
 def shared_status_query_subscription(group: str = "pipeline") -> str:
     """The MQTT 5 shared subscription that pipeline replicas split for status queries."""
     return f"$share/{group}/{TOPIC_PREFIX}+/status-query"
+
+
+def health_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/health``: device → cloud (health and MQTT Will)."""
+    return f"{TOPIC_PREFIX}{device_id}/health"
+
+
+def shared_health_subscription(group: str = "health") -> str:
+    """The MQTT 5 shared subscription that health consumers split."""
+    return f"$share/{group}/{TOPIC_PREFIX}+/health"
 
 
 def device_topics_filter(device_id: str) -> str:
