@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +23,7 @@ import redis
 
 from fleet.proxy import TcpProxy
 from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
-from schemas import Item, Order, Receipt, Reason, encode
+from schemas import Item, Order, Reason, Receipt, encode
 
 from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries, wait_for
 
@@ -78,14 +80,14 @@ class Region:
 
     name: str
     broker: MosquittoProcess
-    redis: RedisProcess
+    redis_server: RedisProcess
     bridge: BridgeProcess
     receipts: ReceiptCollector
     publisher: Publisher
 
     def client(self) -> redis.Redis:
         """A client of this region's Redis."""
-        return redis.Redis.from_url(self.redis.url)
+        return redis.Redis.from_url(self.redis_server.url)
 
     def entries(self, device_id: str) -> list[dict[bytes, bytes]]:
         """This region's stream entries of one device."""
@@ -131,8 +133,8 @@ class Rig:
     def heal(self) -> None:
         """Put the rig back the way the tests expect it: everything up, breakers closed."""
         self.proxy.set_blackhole(False)
-        if not self.a.redis.running:
-            self.a.redis.start()
+        if not self.a.redis_server.running:
+            self.a.redis_server.start()
         wait_for(lambda: self.b.breaker("a") == "closed", 15, "B's breaker for A closed")
 
 
@@ -147,8 +149,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     for server in servers:
         server.start()
     mqtt_a, redis_a, mqtt_b, redis_b = servers
-    assert isinstance(redis_a, RedisProcess) and isinstance(redis_b, RedisProcess)
-    assert isinstance(mqtt_a, MosquittoProcess) and isinstance(mqtt_b, MosquittoProcess)
+    assert isinstance(redis_a, RedisProcess)
+    assert isinstance(redis_b, RedisProcess)
+    assert isinstance(mqtt_a, MosquittoProcess)
+    assert isinstance(mqtt_b, MosquittoProcess)
     proxied = ProxyThread(redis_a.port)
     via_proxy = f"redis://127.0.0.1:{proxied.proxy.port}/0"
     geo_flags = (
@@ -198,7 +202,7 @@ def _device() -> str:
 def test_an_order_owned_by_a_sent_to_b_lands_in_a_only_and_its_resend_is_a_duplicate(
     geo: Rig,
 ) -> None:
-    """attempts=[a] at B: one entry in A's Redis, none in B's; the resend with [a, b] is duplicate."""
+    """attempts=[a] at B: one entry in A's Redis, none in B's; a resend with [a, b] is duplicate."""
     device = _device()
     first = geo_order(device, "order-a-0001", "a")
     geo.b.send(device, first)
@@ -238,7 +242,7 @@ def encode_plain(device_id: str, order_id: str) -> bytes:
 
 
 def test_an_unknown_authority_is_rejected_and_dead_lettered(geo: Rig) -> None:
-    """attempts=[zz]: rejected unknown_region, an orders:dlq entry at B, no stream entry anywhere."""
+    """attempts=[zz]: rejected unknown_region, a DLQ entry at B, no stream entry anywhere."""
     device = _device()
     payload = geo_order(device, "nowhere-0001", "zz", "b")
     geo.b.send(device, payload)
@@ -247,7 +251,8 @@ def test_an_unknown_authority_is_rejected_and_dead_lettered(geo: Rig) -> None:
     with geo.b.client() as client:
         dlq = [f for _, f in client.xrange("orders:dlq") if f[b"payload"] == payload]
     assert [f[b"reason"] for f in dlq] == [Reason.UNKNOWN_REGION.encode()]
-    assert geo.a.entries(device) == [] and geo.b.entries(device) == []
+    assert geo.a.entries(device) == []
+    assert geo.b.entries(device) == []
 
 
 def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo: Rig) -> None:
@@ -255,10 +260,11 @@ def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo
     opens, B stays ready and keeps taking its own orders; after A's Redis returns the breaker
     closes and the resend is accepted once."""
     device = _device()
-    pid = geo.a.redis.pid
-    geo.a.redis.kill()
-    wait_for(lambda: not geo.a.redis.running, 10, "A's redis dead")
-    assert pid is not None and not port_is_open(geo.a.redis.port)
+    pid = geo.a.redis_server.pid
+    geo.a.redis_server.kill()
+    wait_for(lambda: not geo.a.redis_server.running, 10, "A's redis dead")
+    assert pid is not None
+    assert not port_is_open(geo.a.redis_server.port)
 
     for n in range(3):  # two failures open the breaker; the third finds it open
         geo.b.send(device, geo_order(device, f"in-doubt-{n:04d}", "a"))
@@ -277,7 +283,7 @@ def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo
     assert geo.b.receipt("local-b-0001").result == "accepted"
     assert [e[b"order_id"] for e in geo.b.entries(device)] == [b"local-b-0001"]
 
-    geo.a.redis.start()
+    geo.a.redis_server.start()
     wait_for(lambda: geo.b.breaker("a") == "closed", 15, "breaker closed again")
     assert geo.a.entries(device) == []  # nothing was written while it was down
     geo.b.send(device, geo_order(device, "in-doubt-0000", "a", "b"))
@@ -315,9 +321,6 @@ def test_a_blackholed_authority_answers_pending_within_the_timeout_without_stall
 
 def test_a_bridge_refuses_a_dedup_ttl_shorter_than_the_agents_retry_horizon(tmp_path: Path) -> None:
     """GEO.md scenario 7: the marker TTL must outlive the agents' resend horizon."""
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "bridge.cli", "--dedup-ttl-s", "3600",
          "--agent-retry-horizon-s", "86400"],
