@@ -116,6 +116,7 @@ class RemoteBatcher(Batcher):
         timeout_s: float,
         max_batch: int,
         on_conflict: OnConflict,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
             sink,
@@ -124,6 +125,7 @@ class RemoteBatcher(Batcher):
             max_delay_s=0.0,
             backoff_max_s=1.0,
             trim_every_batches=0,  # the authority's own bridges trim its streams
+            on_written=on_written,
         )
         self.region = region
         self.breaker = breaker
@@ -221,6 +223,8 @@ class Regions:
         sinks: a sink per *remote* region (the caller owns their connections).
         metrics: the bridge's metrics (the region metrics join its registry).
         on_conflict: where a dead letter found remotely goes (the local batcher's ``add``).
+        on_written: called after each remote batch is answered (the bridge resumes reading
+            when it paused for in-flight work).
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class Regions:
         metrics: BridgeMetrics,
         *,
         on_conflict: OnConflict,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         self.own = config.region
         self.metrics = RegionMetrics(metrics.registry)
@@ -249,6 +254,7 @@ class Regions:
                 timeout_s=config.region_timeout_s,
                 max_batch=config.batch_max,
                 on_conflict=on_conflict,
+                on_written=on_written,
             )
             self.remotes[name] = RemoteRegion(name, sink, breaker, batcher)
 

@@ -29,6 +29,7 @@ from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
 
 REGION_TIMEOUT_S = 0.5
 BREAKER_OPEN_S = 1.0
+RECEIVE_MAXIMUM = 20
 
 
 def geo_order(device_id: str, order_id: str, *attempts: str) -> bytes:
@@ -105,7 +106,11 @@ class Region:
         def found() -> list[Receipt]:
             return [r for _, r in self.receipts.snapshot() if r.order_id == order_id]
 
-        wait_for(lambda: len(found()) >= count, timeout_s, f"receipt {count} for {order_id}")
+        wait_for(
+            lambda: len(found()) >= count,
+            timeout_s,
+            f"receipt {count} for {order_id}; bridge {self.name}:\n{self.bridge.log_tail()}",
+        )
         return found()[count - 1]
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
@@ -158,6 +163,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     geo_flags = (
         "--region-timeout-s", str(REGION_TIMEOUT_S), "--region-breaker-failures", "2",
         "--region-breaker-open-s", str(BREAKER_OPEN_S), "--redis-require-durable",
+        # Small, so a burst makes the bridge pause its reads: cross-region answers must resume them.
+        "--receive-maximum", str(RECEIVE_MAXIMUM),
     )  # fmt: skip
     bridge_a = BridgeProcess(
         root, mqtt_a.url, redis_a.url, "--region", "a",
@@ -221,6 +228,24 @@ def test_an_order_owned_by_a_sent_to_b_lands_in_a_only_and_its_resend_is_a_dupli
     assert len(geo.a.entries(device)) == 1
     assert geo.b.entries(device) == []
     assert 'bridge_region_orders_total{region="a",result="accepted"}' in geo.b.bridge.metrics()
+
+
+def test_a_burst_of_cross_region_orders_beyond_the_in_flight_limit_is_all_answered(
+    geo: Rig,
+) -> None:
+    """5 × Receive Maximum orders owned by A at B: the bridge pauses reads, and the remote
+    writer's answers resume them (not only local writes): every order accepted, once."""
+    device = _device()
+    count = 5 * RECEIVE_MAXIMUM
+    for n in range(count):
+        geo.b.publisher.publish(
+            f"v1/devices/{device}/orders", geo_order(device, f"burst-{n:05d}", "a")
+        )
+    geo.b.publisher.wait_all(30)
+    for n in range(count):
+        assert geo.b.receipt(f"burst-{n:05d}", timeout_s=30).result == "accepted"
+    assert len(geo.a.entries(device)) == count
+    assert geo.b.entries(device) == []
 
 
 def test_region_unaware_and_home_orders_stay_in_the_receiving_region(geo: Rig) -> None:
