@@ -54,7 +54,7 @@ from servicekit.urls import MqttUrl
 HOST = "127.0.0.1"
 SHARDS = 16
 ROOT = Path(__file__).resolve().parents[1]
-LOG_LEVEL = "info"
+LOG_LEVEL = "warning"
 
 
 def _order(device_id: str, seq: int, authority: str) -> Order:
