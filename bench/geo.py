@@ -82,6 +82,11 @@ class ProxyThread:
         async with self.proxy:
             self._ready.set()
             await self._stop.wait()
+        # The proxy aborted its links; let their tasks finish before the loop closes.
+        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self) -> None:
         """Stop the proxy and its thread."""

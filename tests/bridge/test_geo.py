@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,11 @@ class ProxyThread:
         async with self.proxy:
             self._ready.set()
             await self._stop.wait()
+        # The proxy aborted its links; let their tasks finish before the loop closes.
+        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self) -> None:
         """Stop the proxy and its thread."""
@@ -363,3 +368,28 @@ def test_stream_payload_decodes_with_its_attempts(geo: Rig) -> None:
     (entry,) = geo.a.entries(device)
     order = msgspec.msgpack.decode(entry[b"payload"], type=Order)
     assert order.attempts == ("a",)
+
+
+def test_a_single_region_bridge_takes_region_aware_orders_and_their_resends(
+    bridge_factory: Callable[..., BridgeProcess],
+    mqtt_url: str,
+    redis_url: str,
+    publisher: Publisher,
+    receipts: ReceiptCollector,
+) -> None:
+    """No --region: attempts are ignored for routing (today's behaviour), the order lands here,
+    and the resend with a longer attempts list is a duplicate, not a conflict."""
+    bridge_factory(mqtt_url, redis_url).start()
+    device = _device()
+    publisher.publish(f"v1/devices/{device}/orders", geo_order(device, "aware-0001", "eu"))
+    publisher.publish(f"v1/devices/{device}/orders", geo_order(device, "aware-0001", "eu", "us"))
+    publisher.wait_all(10)
+
+    def answers() -> list[str]:
+        return [r.result for d, r in receipts.snapshot() if d == device]
+
+    wait_for(lambda: len(answers()) == 2, 15, "two receipts")
+    assert sorted(answers()) == ["accepted", "duplicate"]
+    with redis.Redis.from_url(redis_url) as client:
+        entries = [e for e in stream_entries(client) if e[b"device_id"] == device.encode()]
+    assert [e[b"order_id"] for e in entries] == [b"aware-0001"]
