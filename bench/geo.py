@@ -19,7 +19,7 @@ the bridge's session, all owned by one region (all traffic failed over to
 this bridge), drained by a fresh bridge; the rate is counted from the first to
 the last stream entry in the authority's Redis.
 
-Run: .venv/bin/python -m bench.geo [--backlog 20000 --probe-seconds 5 --wan-delay-ms 10]
+Run: .venv/bin/python -m bench.geo [--backlog 15000 --probe-seconds 4 --wan-delay-ms 10]
 """
 
 from __future__ import annotations
@@ -225,9 +225,9 @@ def drain_rate(
 def main() -> None:
     """Run both measurements and print them side by side."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backlog", type=int, default=20_000)
+    parser.add_argument("--backlog", type=int, default=15_000)
     parser.add_argument("--probe-rate", type=float, default=50.0)
-    parser.add_argument("--probe-seconds", type=float, default=5.0)
+    parser.add_argument("--probe-seconds", type=float, default=4.0)
     parser.add_argument("--wan-delay-ms", type=float, default=10.0, help="one way; RTT is 2×")
     args = parser.parse_args()
     rtt_ms = 2 * args.wan_delay_ms
