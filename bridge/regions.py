@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -249,7 +249,6 @@ class RemoteRegion:
     batcher: RemoteBatcher
     reachable: bool | None = None  # None: not probed yet
     probe_error: str | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class Regions:
@@ -276,6 +275,10 @@ class Regions:
         self.own = config.region
         self.metrics = RegionMetrics(metrics.registry)
         self._timeout_s = config.region_timeout_s
+        remote_names = set(config.region_urls()) - {self.own}
+        if set(sinks) != remote_names:
+            raise ValueError(f"need one sink per remote region {sorted(remote_names)}, "
+                             f"got {sorted(sinks)}")  # fmt: skip
         self.remotes: dict[str, RemoteRegion] = {}
         for name, sink in sinks.items():
             breaker = CircuitBreaker(
