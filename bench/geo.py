@@ -128,7 +128,7 @@ def bridge(
         yield
     finally:
         proc.terminate()
-        proc.wait(60)
+        proc.wait(20)
 
 
 async def probe(
