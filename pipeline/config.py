@@ -51,3 +51,5 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # The ops page counts a device stale when its last health report is older than this.
+    health_stale_s: float = 90.0

@@ -188,6 +188,7 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
             shards=config.shards,
             multiproc_dir=multiproc_dir if config.workers else None,
             tokens=load_api_tokens(config),
+            health_stale_s=config.health_stale_s,
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
