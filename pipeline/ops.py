@@ -68,8 +68,9 @@ BRIDGE_LISTED_FOR_MS: Final = 3600 * 1000  # a replica silent this long drops of
 BRIDGE_STALE_BEATS: Final = 3  # beats missed before a replica counts as stale
 DEFAULT_BEAT_MS: Final = 5000
 
-ROLE_KEY: Final = "ops_role"  # request key: the caller's role, set by the auth middleware
 ViewerRole = Literal["read", "operate", "open"]
+# The caller's role, set by the auth middleware for the summary to report.
+ROLE_KEY: Final = web.RequestKey[ViewerRole]("ops_role")
 BridgeState = Literal["ready", "not_ready", "stale", "gone"]
 
 # The page's files: path -> (file in pipeline/static, content type).
