@@ -1,0 +1,215 @@
+"""The ops summary (GET /v1/ops/summary) and the ops page's files, over a real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.heartbeat import BRIDGES_KEY, bridge_key
+from pipeline.api import create_app
+from pipeline.ops import (
+    HEALTH_DEVICES_KEY,
+    HEALTH_OLDEST_KEY,
+    PAGE_FILES,
+    health_device_key,
+)
+from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
+from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from servicekit.clock import now_ms
+
+from .conftest import TEST_SHARDS
+
+READ_TOKEN = new_token()
+OPERATE_TOKEN = new_token()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def ops_api(
+    client: aioredis.Redis, *, secured: bool = True, stale_s: float = 90.0
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """The orders API with a read and an operate token (or none)."""
+    lines = [digest_line(READ_TOKEN, "read"), digest_line(OPERATE_TOKEN, "operate")]
+    tokens = TokenStore(parse_entries("\n".join(lines), source="test")) if secured else None
+    app = create_app(client, shards=TEST_SHARDS, tokens=tokens, health_stale_s=stale_s)
+    async with TestClient(TestServer(app)) as http:
+        yield http
+
+
+def bearer(token: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def seed_device(
+    client: aioredis.Redis,
+    device_id: str,
+    *,
+    online: bool,
+    seen_ago_ms: int,
+    oldest_ms: int = 0,
+    depth: int = 0,
+) -> None:
+    """A device's health as the health consumer writes it (layout fixed in pipeline.ops)."""
+    seen_at = now_ms() - seen_ago_ms
+    await client.zadd(HEALTH_DEVICES_KEY, {device_id: seen_at})
+    await client.zadd(HEALTH_OLDEST_KEY, {device_id: oldest_ms})
+    await client.hset(
+        health_device_key(device_id),
+        mapping={
+            "online": "1" if online else "0",
+            "at": seen_at,
+            "seen_at": seen_at,
+            "outbox_depth": depth,
+            "outbox_bytes": depth * 200,
+            "oldest_unreceipted_age_ms": oldest_ms,
+            "held": 0,
+            "last_broker_error": "" if online else "connection lost",
+            "agent_version": "0.1.0",
+        },
+    )
+
+
+async def test_page_files_are_open_and_locked_down(aredis: aioredis.Redis) -> None:
+    """/ops, its script and style need no token, hold no data and carry a strict CSP."""
+    async with ops_api(aredis) as http:
+        for path, (_name, content_type) in PAGE_FILES.items():
+            response = await http.get(path)
+            assert response.status == 200, path
+            assert response.content_type == content_type
+            csp = response.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp
+            assert "default-src 'none'" in csp
+            assert "unsafe-inline" not in csp
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+        page = await (await http.get("/ops")).text()
+        assert 'src="ops/ops.js"' in page
+        assert "<script>" not in page  # no inline script: the CSP would refuse it
+        script = await (await http.get("/ops/ops.js")).text()
+        assert "Authorization" in script
+        assert "sessionStorage" in script
+        assert "innerHTML" not in script  # device strings are rendered as text only
+
+
+async def test_summary_needs_a_read_token_and_reports_the_role(aredis: aioredis.Redis) -> None:
+    """No token: 401; read and operate tokens get the summary with their role; open: 'open'."""
+    async with ops_api(aredis) as http:
+        assert (await http.get("/v1/ops/summary")).status == 401
+        bad = await http.get("/v1/ops/summary", headers=bearer(new_token()))
+        assert bad.status == 401
+        for token, role in ((READ_TOKEN, "read"), (OPERATE_TOKEN, "operate")):
+            response = await http.get("/v1/ops/summary", headers=bearer(token))
+            assert response.status == 200
+            assert (await response.json())["role"] == role
+            assert response.headers["Cache-Control"] == "no-store"
+    async with ops_api(aredis, secured=False) as http:
+        assert (await (await http.get("/v1/ops/summary")).json())["role"] == "open"
+
+
+async def test_shards_show_length_lag_and_pending(aredis: aioredis.Redis) -> None:
+    """XINFO of each shard: 5 added to shard 1, 3 read by the group, 2 of them acked."""
+    stream = stream_key(1)
+    ids = [await aredis.xadd(stream, {"n": i}) for i in range(5)]
+    await aredis.xgroup_create(stream, PIPELINE_GROUP, id="0")
+    await aredis.xreadgroup(PIPELINE_GROUP, "c1", {stream: ">"}, count=3)
+    await aredis.xack(stream, PIPELINE_GROUP, ids[0], ids[1])
+    await aredis.xadd(stream_key(2), {"n": 0})  # a stream the pipeline has no group on yet
+    async with ops_api(aredis, secured=False) as http:
+        body = await (await http.get("/v1/ops/summary")).json()
+    shards = {s["shard"]: s for s in body["shards"]}
+    assert len(shards) == TEST_SHARDS
+    assert shards[1] == {
+        "shard": 1, "stream": stream, "length": 5, "entries_added": 5, "group": True,
+        "lag": 2, "pending": 1, "entries_read": 3, "consumers": 1,
+    }  # fmt: skip
+    assert shards[2]["group"] is False
+    assert shards[2]["lag"] == 1  # nothing read yet: the whole stream waits
+    assert shards[0]["length"] == 0
+    assert body["totals"] == {
+        "length": 6, "entries_added": 6, "lag": 3, "pending": 1, "entries_read": 3,
+    }  # fmt: skip
+
+
+async def test_fleet_counts_and_worst_outboxes(aredis: aioredis.Redis) -> None:
+    """Online, offline (Will), stale (silent past the threshold) and the oldest outboxes first."""
+    await seed_device(aredis, "dev-online", online=True, seen_ago_ms=1_000, oldest_ms=2_000, depth=3)
+    await seed_device(aredis, "dev-offline", online=False, seen_ago_ms=5_000, oldest_ms=600_000)
+    await seed_device(aredis, "dev-silent", online=True, seen_ago_ms=120_000, oldest_ms=90_000)
+    await seed_device(aredis, "dev-empty", online=True, seen_ago_ms=500)  # nothing unreceipted
+    await aredis.zadd(HEALTH_DEVICES_KEY, {"dev-expired": now_ms()})  # its hash expired
+    async with ops_api(aredis, secured=False, stale_s=60) as http:
+        fleet = (await (await http.get("/v1/ops/summary")).json())["fleet"]
+    assert (fleet["devices"], fleet["online"], fleet["offline"], fleet["stale"]) == (5, 2, 1, 2)
+    assert fleet["stale_after_s"] == 60
+    assert [d["device_id"] for d in fleet["worst"]] == ["dev-offline", "dev-silent", "dev-online"]
+    offline, silent, online = fleet["worst"]
+    assert offline["online"] is False
+    assert offline["last_broker_error"] == "connection lost"
+    assert silent["stale"] is True
+    assert silent["online"] is True
+    assert online["outbox_depth"] == 3
+    assert online["oldest_unreceipted_age_ms"] == 2_000
+    assert online["agent_version"] == "0.1.0"
+
+
+async def test_bridges_ready_stale_gone_and_durability(aredis: aioredis.Redis) -> None:
+    """A live ready replica, a not-ready one, one that missed three beats and one expired."""
+    now = now_ms()
+
+    async def beat(client_id: str, at: int, *, ready: bool, durable: bool, failing: str) -> None:
+        await aredis.hset(bridge_key(client_id), mapping={
+            "ready": int(ready), "redis_durable": int(durable), "at": at,
+            "interval_ms": 5000, "in_flight": 7, "failing": failing,
+        })  # fmt: skip
+        await aredis.zadd(BRIDGES_KEY, {client_id: at})
+
+    await beat("b-ready", now - 1000, ready=True, durable=True, failing="")
+    await beat("b-stale", now - 20_000, ready=True, durable=False, failing="")
+    await aredis.zadd(BRIDGES_KEY, {"b-gone": now - 60_000})
+    await aredis.zadd(BRIDGES_KEY, {"b-ancient": now - 2 * 3600 * 1000})  # not listed
+    async with ops_api(aredis, secured=False) as http:
+        body = await (await http.get("/v1/ops/summary")).json()
+        states = {b["client_id"]: b["state"] for b in body["bridges"]}
+        assert states == {"b-ready": "ready", "b-stale": "stale", "b-gone": "gone"}
+        # The stale replica's "not durable" is old news; the live one's counts.
+        assert body["redis_durable"] is True
+        ready = next(b for b in body["bridges"] if b["client_id"] == "b-ready")
+        assert ready["in_flight"] == 7
+        assert 1000 <= ready["age_ms"] < 60_000
+
+        await beat("b-sick", now_ms(), ready=False, durable=False, failing="redis_durable,mqtt")
+        body = await (await http.get("/v1/ops/summary")).json()
+        sick = next(b for b in body["bridges"] if b["client_id"] == "b-sick")
+        assert sick["state"] == "not_ready"
+        assert sick["failing"] == ["redis_durable", "mqtt"]
+        assert body["redis_durable"] is False
+
+        await aredis.delete(BRIDGES_KEY)
+        assert (await (await http.get("/v1/ops/summary")).json())["redis_durable"] is None
+
+
+async def test_dlq_sizes(aredis: aioredis.Redis) -> None:
+    """Both dead-letter streams are counted."""
+    await aredis.xadd("pipeline:dlq", {"reason": "max_deliveries"})
+    for _ in range(3):
+        await aredis.xadd(DLQ_STREAM, {"reason": "invalid_schema"})
+    async with ops_api(aredis, secured=False) as http:
+        body = await (await http.get("/v1/ops/summary")).json()
+    assert body["dlq"] == {"pipeline": 1, "intake": 3}
+
+
+def test_page_files_ship_in_the_wheel() -> None:
+    """Every file under pipeline/static matches the package-data globs in pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = project["tool"]["setuptools"]["package-data"]["pipeline"]
+    static = ROOT / "pipeline" / "static"
+    files = sorted(p.relative_to(ROOT / "pipeline") for p in static.iterdir())
+    assert {name for name, _type in PAGE_FILES.values()} <= {p.name for p in files}
+    for path in files:
+        assert any(path.match(pattern) for pattern in globs), f"{path} is not packaged"
