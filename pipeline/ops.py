@@ -46,6 +46,7 @@ from typing import Any, Final, Literal
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from bridge.heartbeat import BRIDGES_KEY, bridge_key
@@ -68,6 +69,7 @@ BRIDGE_LISTED_FOR_MS: Final = 3600 * 1000  # a replica silent this long drops of
 BRIDGE_STALE_BEATS: Final = 3  # beats missed before a replica counts as stale
 DEFAULT_BEAT_MS: Final = 5000
 
+RedisLike = aioredis.Redis | RedisCluster
 ViewerRole = Literal["read", "operate", "open"]
 # The caller's role, set by the auth middleware for the summary to report.
 ROLE_KEY: Final = web.RequestKey[ViewerRole]("ops_role")
@@ -202,7 +204,7 @@ def _str(value: Any) -> str | None:
     return None if value is None or value == b"" else text(value)
 
 
-async def shard_stats(client: aioredis.Redis, shards: int) -> list[ShardStats]:
+async def shard_stats(client: RedisLike, shards: int) -> list[ShardStats]:
     """XINFO STREAM and XINFO GROUPS of every shard, in one round trip."""
     async with client.pipeline(transaction=False) as pipe:
         for shard in range(shards):
@@ -251,7 +253,7 @@ def totals(shards: list[ShardStats]) -> ShardTotals:
     )
 
 
-async def fleet_health(client: aioredis.Redis, stale_s: float, at_ms: int) -> FleetHealth:
+async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHealth:
     """Counts by state over the most recently seen devices, and the worst outbox ages."""
     stale_before = at_ms - int(stale_s * 1000)
     devices = int(await client.zcard(HEALTH_DEVICES_KEY))
@@ -311,7 +313,7 @@ async def fleet_health(client: aioredis.Redis, stale_s: float, at_ms: int) -> Fl
     )
 
 
-async def bridge_replicas(client: aioredis.Redis, at_ms: int) -> list[BridgeReplica]:
+async def bridge_replicas(client: RedisLike, at_ms: int) -> list[BridgeReplica]:
     """The replicas that beat within the last hour, newest beat first."""
     rows: Any = await client.zrange(
         BRIDGES_KEY, "+inf", at_ms - BRIDGE_LISTED_FOR_MS, desc=True, byscore=True,
@@ -361,7 +363,7 @@ def redis_durable(bridges: list[BridgeReplica]) -> bool | None:
 
 
 async def summary(
-    client: aioredis.Redis, *, shards: int, stale_s: float, role: ViewerRole
+    client: RedisLike, *, shards: int, stale_s: float, role: ViewerRole
 ) -> OpsSummary:
     """The ops page's data, read now."""
     at = now_ms()

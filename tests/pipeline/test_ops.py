@@ -10,18 +10,22 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio.cluster import RedisCluster
 
-from bridge.heartbeat import BRIDGES_KEY, bridge_key
+from bridge.heartbeat import BRIDGES_KEY, RedisHeartbeat, bridge_key
 from pipeline.api import create_app
 from pipeline.ops import (
     HEALTH_DEVICES_KEY,
     HEALTH_OLDEST_KEY,
     PAGE_FILES,
+    RedisLike,
     health_device_key,
+    summary,
 )
 from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 from servicekit.clock import now_ms
+from tests.bridge.conftest import redis_cluster  # noqa: F401 - the fixture
 
 from .conftest import TEST_SHARDS
 
@@ -48,7 +52,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def seed_device(
-    client: aioredis.Redis,
+    client: RedisLike,
     device_id: str,
     *,
     online: bool,
@@ -138,7 +142,7 @@ async def test_shards_show_length_lag_and_pending(aredis: aioredis.Redis) -> Non
 
 async def test_fleet_counts_and_worst_outboxes(aredis: aioredis.Redis) -> None:
     """Online, offline (Will), stale (silent past the threshold) and the oldest outboxes first."""
-    await seed_device(aredis, "dev-online", online=True, seen_ago_ms=1_000, oldest_ms=2_000, depth=3)
+    await seed_device(aredis, "dev-online", online=True, seen_ago_ms=1000, oldest_ms=2000, depth=3)
     await seed_device(aredis, "dev-offline", online=False, seen_ago_ms=5_000, oldest_ms=600_000)
     await seed_device(aredis, "dev-silent", online=True, seen_ago_ms=120_000, oldest_ms=90_000)
     await seed_device(aredis, "dev-empty", online=True, seen_ago_ms=500)  # nothing unreceipted
@@ -213,3 +217,28 @@ def test_page_files_ship_in_the_wheel() -> None:
     assert {name for name, _type in PAGE_FILES.values()} <= {p.name for p in files}
     for path in files:
         assert any(path.match(pattern) for pattern in globs), f"{path} is not packaged"
+
+
+async def test_heartbeat_and_summary_on_a_redis_cluster(
+    redis_cluster: list[int],  # noqa: F811 - the fixture imported above
+) -> None:
+    """One key per command: beats land and the summary reads every shard across 3 masters."""
+    url = f"redis://127.0.0.1:{redis_cluster[0]}/0"
+    cluster = RedisCluster.from_url(url)
+    try:
+        for shard in range(TEST_SHARDS):
+            for n in range(shard + 1):
+                await cluster.xadd(stream_key(shard), {"n": n})
+        await cluster.xgroup_create(stream_key(3), PIPELINE_GROUP, id="0")
+        await cluster.xreadgroup(PIPELINE_GROUP, "c", {stream_key(3): ">"}, count=1)
+        await seed_device(cluster, "dev-c", online=False, seen_ago_ms=10, oldest_ms=5)
+        async with RedisHeartbeat(url, cluster=True) as store:
+            await store.beat("b-c", {"ready": 1, "redis_durable": 1, "at": now_ms()}, 30)
+        result = await summary(cluster, shards=TEST_SHARDS, stale_s=90, role="open")
+    finally:
+        await cluster.aclose()
+    assert [s.length for s in result.shards] == [1, 2, 3, 4]
+    assert (result.shards[3].pending, result.shards[3].lag) == (1, 3)
+    assert [b.state for b in result.bridges] == ["ready"]
+    assert result.redis_durable is True
+    assert (result.fleet.offline, [d.device_id for d in result.fleet.worst]) == (1, ["dev-c"])
