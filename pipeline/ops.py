@@ -257,9 +257,11 @@ async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHe
     """Counts by state over the most recently seen devices, and the worst outbox ages."""
     stale_before = at_ms - int(stale_s * 1000)
     devices = int(await client.zcard(HEALTH_DEVICES_KEY))
+    # BYSCORE REV LIMIT, not an index range: redis-py sends that as ZREVRANGE (another ACL).
     members: Any = await client.zrange(
-        HEALTH_DEVICES_KEY, 0, FLEET_SCAN_MAX - 1, desc=True, withscores=True
-    )
+        HEALTH_DEVICES_KEY, "+inf", "-inf", desc=True, byscore=True,
+        offset=0, num=FLEET_SCAN_MAX, withscores=True,
+    )  # fmt: skip
     online = offline = stale = 0
     for start in range(0, len(members), _SCAN_CHUNK):
         chunk = members[start : start + _SCAN_CHUNK]

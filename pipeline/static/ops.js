@@ -100,12 +100,12 @@ function sparkline(id, key) {
     line.setAttribute("points", "");
     return;
   }
-  const t0 = samples[samples.length - 1].at - HISTORY_MS;
+  // x spans the samples kept (up to HISTORY_MS), y the largest rate among them.
+  const t0 = samples[0].at;
+  const span = Math.max(1, samples[samples.length - 1].at - t0);
   const top = Math.max(1, ...points.map((p) => p[1]));
-  line.setAttribute(
-    "points",
-    points.map(([t, v]) => `${(((t - t0) / HISTORY_MS) * 120).toFixed(1)},${(29 - (v / top) * 28).toFixed(1)}`).join(" "),
-  );
+  const xy = ([t, v]) => `${(((t - t0) / span) * 120).toFixed(1)},${(29 - (v / top) * 28).toFixed(1)}`;
+  line.setAttribute("points", points.map(xy).join(" "));
 }
 
 function yesNo(value, yes = "yes", no = "NO") {

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoPermissionError
 
 from bridge.heartbeat import BRIDGES_KEY, RedisHeartbeat, bridge_key
+from fleet.servers import RedisProcess
 from pipeline.api import create_app
 from pipeline.ops import (
     HEALTH_DEVICES_KEY,
@@ -242,3 +245,34 @@ async def test_heartbeat_and_summary_on_a_redis_cluster(
     assert [b.state for b in result.bridges] == ["ready"]
     assert result.redis_durable is True
     assert (result.fleet.offline, [d.device_id for d in result.fleet.worst]) == (1, ["dev-c"])
+
+
+async def test_acl_users_may_beat_and_read_the_summary(
+    tmp_path: Path, redis_factory: Callable[..., RedisProcess]
+) -> None:
+    """users.acl: the bridge beats, the pipeline reads all, nothing denied, health read-only."""
+    acl = (ROOT / "redis-acl/users.acl").read_text().replace(">change-me-", ">test-")
+    (tmp_path / "users.acl").write_text(acl)
+    server = redis_factory(extra_args=("--aclfile", str(tmp_path / "users.acl")))
+
+    def url(user: str) -> str:
+        return f"redis://{user}:test-{user}@127.0.0.1:{server.port}/0"
+
+    admin = aioredis.Redis.from_url(url("admin"))
+    pipeline = aioredis.Redis.from_url(url("pipeline"))
+    try:
+        await seed_device(admin, "dev-acl", online=True, seen_ago_ms=10, oldest_ms=50)
+        await admin.xadd(stream_key(0), {"n": 1})
+        await admin.xgroup_create(stream_key(0), PIPELINE_GROUP, id="0")
+        async with RedisHeartbeat(url("bridge")) as store:
+            await store.beat("b-acl", {"ready": 1, "redis_durable": 1, "at": now_ms()}, 30)
+        result = await summary(pipeline, shards=TEST_SHARDS, stale_s=90, role="read")
+        assert result.shards[0].length == 1
+        assert [b.client_id for b in result.bridges] == ["b-acl"]
+        assert result.fleet.online == 1
+        assert await admin.acl_log() == []
+        with pytest.raises(NoPermissionError):
+            await pipeline.hset(health_device_key("dev-acl"), "online", "0")
+    finally:
+        await admin.aclose()
+        await pipeline.aclose()
