@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -125,7 +126,7 @@ async def dead_lettered_order(client: aioredis.Redis, device_id: str) -> tuple[s
     stream = stream_key(shard_of(device_id, SHARDS))
     entry = StreamEntry(stream=stream, entry_id="1-1", fields=fields, deliveries=5)
     await dead_letter(client, [DeadLetter(entry, "max_deliveries", "PaymentGatewayDown: 503")])
-    rows = await client.xrange(PIPELINE_DLQ_STREAM, count=100)
+    rows: Any = await client.xrange(PIPELINE_DLQ_STREAM, count=100)
     entry_id = next(i for i, f in rows if f[b"order_id"] == order.order_id.encode())
     return entry_id.decode(), order.order_id
 
