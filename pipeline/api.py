@@ -34,7 +34,15 @@ from .dlq import QUEUES, decode_cursor, encode_cursor, list_dead_letters, replay
 from .errors import ReplayError
 from .metrics import ApiMetrics
 from .names import device_index_key, order_key
-from .ops import DEFAULT_HEALTH_STALE_S, HEALTH_STALE_S, PAGE_FILES, ROLE_KEY, page_file, summary
+from .ops import (
+    DEFAULT_HEALTH_STALE_S,
+    FLEET_VIEW,
+    PAGE_FILES,
+    ROLE_KEY,
+    FleetView,
+    page_file,
+    summary,
+)
 from .records import find_devices, load_order, text
 from .tokens import Role, TokenStore, allows
 
@@ -94,7 +102,7 @@ def create_app(
     app[SHARDS] = shards
     app[WORKER_REGISTRY] = worker_registry
     app[MULTIPROC_DIR] = multiproc_dir
-    app[HEALTH_STALE_S] = health_stale_s
+    app[FLEET_VIEW] = FleetView(health_stale_s)
     app.router.add_get("/v1/orders/{order_id}", get_order)
     app.router.add_get("/v1/devices/{device_id}/orders", list_device_orders)
     app.router.add_get("/v1/devices/{device_id}/orders/{order_id}", get_device_order)
@@ -338,7 +346,7 @@ async def ops_summary(request: web.Request) -> web.Response:
     result = await summary(
         request.app[REDIS],
         shards=request.app[SHARDS],
-        stale_s=request.app[HEALTH_STALE_S],
+        fleet=request.app[FLEET_VIEW],
         role=request.get(ROLE_KEY, "open"),
     )
     return web.Response(

@@ -40,6 +40,7 @@ Fleet-health layout (written by the health consumer, read here)::
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any, Final, Literal
 
@@ -90,7 +91,6 @@ PAGE_HEADERS: Final = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-HEALTH_STALE_S: Final = web.AppKey("health_stale_s", float)
 
 
 def health_device_key(device_id: str) -> str:
@@ -142,8 +142,12 @@ class DeviceHealth(msgspec.Struct):
 
 
 class FleetHealth(msgspec.Struct):
-    """Devices by state: online, offline (Will received), stale (silent), not scanned."""
+    """Devices by state: online, offline (Will received), stale (silent), not scanned.
 
+    ``at``: when these were read (ms); a scan is shared for up to 5 s.
+    """
+
+    at: int
     devices: int
     online: int
     offline: int
@@ -305,6 +309,7 @@ async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHe
             )
         )
     return FleetHealth(
+        at=at_ms,
         devices=devices,
         online=online,
         offline=offline,
@@ -357,6 +362,32 @@ async def bridge_replicas(client: RedisLike, at_ms: int) -> list[BridgeReplica]:
     return out
 
 
+class FleetView:
+    """The fleet's health, scanned at most every ``max_age_ms`` whoever asks.
+
+    A scan reads one hash per device (about 0.6 s for 10,000 devices on a busy
+    2-core machine), so viewers polling every 2 s share one scan instead of
+    each paying for it; the lock keeps concurrent callers from scanning twice.
+    """
+
+    def __init__(self, stale_s: float = DEFAULT_HEALTH_STALE_S, max_age_ms: int = 5000) -> None:
+        self.stale_s = stale_s
+        self.max_age_ms = max_age_ms
+        self._last: FleetHealth | None = None
+        self._lock = asyncio.Lock()
+
+    async def read(self, client: RedisLike) -> FleetHealth:
+        """The last scan if recent enough, else a new one."""
+        async with self._lock:
+            at = now_ms()
+            if self._last is None or at - self._last.at >= self.max_age_ms:
+                self._last = await fleet_health(client, self.stale_s, at)
+            return self._last
+
+
+FLEET_VIEW: Final = web.AppKey("fleet_view", FleetView)
+
+
 def redis_durable(bridges: list[BridgeReplica]) -> bool | None:
     """True when every live replica reports Redis durable; None when none is live."""
     live = [b.redis_durable for b in bridges if b.state in ("ready", "not_ready")]
@@ -365,7 +396,7 @@ def redis_durable(bridges: list[BridgeReplica]) -> bool | None:
 
 
 async def summary(
-    client: RedisLike, *, shards: int, stale_s: float, role: ViewerRole
+    client: RedisLike, *, shards: int, fleet: FleetView, role: ViewerRole
 ) -> OpsSummary:
     """The ops page's data, read now."""
     at = now_ms()
@@ -380,7 +411,7 @@ async def summary(
         role=role,
         shards=stats,
         totals=totals(stats),
-        fleet=await fleet_health(client, stale_s, at),
+        fleet=await fleet.read(client),
         dlq=DlqSizes(pipeline=int(dlq_pipeline), intake=int(dlq_intake)),
         bridges=bridges,
         redis_durable=redis_durable(bridges),

@@ -21,6 +21,7 @@ from pipeline.ops import (
     HEALTH_DEVICES_KEY,
     HEALTH_OLDEST_KEY,
     PAGE_FILES,
+    FleetView,
     RedisLike,
     health_device_key,
     summary,
@@ -237,7 +238,7 @@ async def test_heartbeat_and_summary_on_a_redis_cluster(
         await seed_device(cluster, "dev-c", online=False, seen_ago_ms=10, oldest_ms=5)
         async with RedisHeartbeat(url, cluster=True) as store:
             await store.beat("b-c", {"ready": 1, "redis_durable": 1, "at": now_ms()}, 30)
-        result = await summary(cluster, shards=TEST_SHARDS, stale_s=90, role="open")
+        result = await summary(cluster, shards=TEST_SHARDS, fleet=FleetView(), role="open")
     finally:
         await cluster.aclose()
     assert [s.length for s in result.shards] == [1, 2, 3, 4]
@@ -266,7 +267,7 @@ async def test_acl_users_may_beat_and_read_the_summary(
         await admin.xgroup_create(stream_key(0), PIPELINE_GROUP, id="0")
         async with RedisHeartbeat(url("bridge")) as store:
             await store.beat("b-acl", {"ready": 1, "redis_durable": 1, "at": now_ms()}, 30)
-        result = await summary(pipeline, shards=TEST_SHARDS, stale_s=90, role="read")
+        result = await summary(pipeline, shards=TEST_SHARDS, fleet=FleetView(), role="read")
         assert result.shards[0].length == 1
         assert [b.client_id for b in result.bridges] == ["b-acl"]
         assert result.fleet.online == 1
