@@ -102,7 +102,8 @@ class ShardStats(msgspec.Struct):
     """One shard stream and the pipeline group on it.
 
     ``lag`` is null when Redis cannot tell (entries were deleted mid-stream);
-    ``group`` is false until the pipeline created its group there.
+    ``group`` is false until the pipeline created its group there, and the
+    lag is then the whole stream.
     """
 
     shard: int
@@ -219,13 +220,14 @@ async def shard_stats(client: RedisLike, shards: int) -> list[ShardStats]:
     for shard in range(shards):
         info, groups = replies[2 * shard], replies[2 * shard + 1]
         for reply in (info, groups):
-            if isinstance(reply, ResponseError) and "no such key" not in str(reply):
-                raise reply
-            if isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+            missing = isinstance(reply, ResponseError) and "no such key" in str(reply)
+            if isinstance(reply, BaseException) and not missing:
                 raise reply
         if isinstance(info, BaseException):  # no stream yet
             out.append(ShardStats(shard, stream_key(shard), 0, 0, False, None, 0, None, 0))
             continue
+        if isinstance(groups, BaseException):  # the stream went away between the two reads
+            groups = []
         group = next(
             (g for g in groups if text(g.get("name", b"")) == PIPELINE_GROUP),
             None,
