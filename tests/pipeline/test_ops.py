@@ -251,7 +251,7 @@ async def test_heartbeat_and_summary_on_a_redis_cluster(
 async def test_acl_users_may_beat_and_read_the_summary(
     tmp_path: Path, redis_factory: Callable[..., RedisProcess]
 ) -> None:
-    """users.acl: the bridge beats, the pipeline reads all, nothing denied, health read-only."""
+    """users.acl: the bridge beats, the pipeline reads it all, nothing is denied."""
     acl = (ROOT / "redis-acl/users.acl").read_text().replace(">change-me-", ">test-")
     (tmp_path / "users.acl").write_text(acl)
     server = redis_factory(extra_args=("--aclfile", str(tmp_path / "users.acl")))
@@ -272,8 +272,8 @@ async def test_acl_users_may_beat_and_read_the_summary(
         assert [b.client_id for b in result.bridges] == ["b-acl"]
         assert result.fleet.online == 1
         assert await admin.acl_log() == []
-        with pytest.raises(NoPermissionError):
-            await pipeline.hset(health_device_key("dev-acl"), "online", "0")
+        with pytest.raises(NoPermissionError):  # the bridges' heartbeats are read-only here
+            await pipeline.hset(bridge_key("b-acl"), "ready", "0")
     finally:
         await admin.aclose()
         await pipeline.aclose()
