@@ -213,7 +213,11 @@ async function replay(entryId, button) {
   }
 }
 
+let refreshing = false;
+
 async function refresh() {
+  if (refreshing) return; // the last poll is still out: skip a beat rather than pile up
+  refreshing = true;
   try {
     const s = await api("v1/ops/summary");
     if (s.status === 401) {
@@ -232,6 +236,8 @@ async function refresh() {
     if ($("message").dataset.transient === "1") say("");
   } catch (err) {
     say(`API unreachable: ${err}`, "error", true);
+  } finally {
+    refreshing = false;
   }
 }
 
