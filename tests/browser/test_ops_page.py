@@ -203,6 +203,7 @@ async def test_ops_page_live_numbers_and_replay(  # noqa: PLR0917 - fixtures
     await seed_fleet(client)
     page = await browser.new_page()
     page.set_default_timeout(20_000)
+    expect.set_options(timeout=20_000)  # a loaded CI machine: generous, never a fixed sleep
 
     # Without a token the page loads (no data in it) and asks for one.
     await page.goto(f"{pipeline_api}/ops?interval_ms=500")
