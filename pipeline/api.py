@@ -7,8 +7,8 @@ with ``--workers 0``). The OpenAPI document is ``pipeline/openapi.json``
 Access: with tokens configured (:mod:`pipeline.tokens`) every route but
 ``/healthz``, ``/openapi.json`` and the ops page's static files (``/ops``,
 which fetches its data with the operator's token: :mod:`pipeline.ops`)
-needs ``Authorization: Bearer``; reading
-needs role ``read``, any other method ``operate``. Without tokens the API is
+needs ``Authorization: Bearer``; reading needs role ``read``, any other
+method ``operate``. Without tokens the API is
 open, which :func:`pipeline.tokens.load_api_tokens` allows on loopback only.
 No CORS headers are ever sent: browsers on other origins get nothing.
 """
