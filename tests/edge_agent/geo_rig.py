@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import paho.mqtt.client as paho
@@ -44,6 +44,10 @@ class RegionBridge(BridgeDouble):
                 self.first_seen.setdefault(order.order_id, time.monotonic())
         super()._on_message(client, userdata, msg)
 
+    def __enter__(self) -> Self:
+        super().__enter__()
+        return self
+
     def carried(self, order_id: str) -> list[tuple[str, ...]]:
         with self._rec_lock:
             return list(self.attempts[order_id])
@@ -51,4 +55,3 @@ class RegionBridge(BridgeDouble):
 
 def never_answer(_order_id: str, _count: int) -> None:
     """A bridge that receives but never sends a receipt (dead after the broker's PUBACK)."""
-    return
