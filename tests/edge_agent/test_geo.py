@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
+from edge_agent.errors import StorageError
 from fleet.servers import MosquittoProcess, port_is_open
 
 from .bridge_double import accept_all
@@ -206,3 +207,96 @@ async def test_single_region_sends_stable_bytes(
         assert "attempts" not in msgspec.msgpack.decode(payloads[0])
         assert stored[1] == ""
         assert health.region is None
+
+
+async def test_no_publish_to_a_region_until_its_name_is_committed(
+    make_config: Callable[..., AgentConfig],
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The attempts commit fails (disk full): nothing is published; once it works, it is."""
+    home, other = mosquitto_factory(), mosquitto_factory()
+    config = geo_config(make_config, ("home", home.url), ("b", other.url))
+    with RegionBridge("home", home.url) as at_home:
+        async with EdgeAgent(config) as agent:
+            real_add_region = agent.outbox.add_region
+            refused: list[tuple[list[str], str]] = []
+
+            async def disk_full(order_ids: list[str], region: str) -> None:
+                refused.append((order_ids, region))
+                raise StorageError("database or disk is full", reason="disk_full")
+
+            monkeypatch.setattr(agent.outbox, "add_region", disk_full)
+            await agent.submit(order_body("geo-commit-1"))
+
+            async def tried() -> bool:
+                return len(refused) >= 2  # it retries on a fresh connection
+
+            await wait_until(tried, 10, "the attempts commit tried")
+            assert refused[0] == (["geo-commit-1"], "home")
+            assert "geo-commit-1" not in at_home.ids()
+            assert await agent.outbox.regions_of("geo-commit-1") == ()
+
+            monkeypatch.setattr(agent.outbox, "add_region", real_add_region)
+            await wait_accepted(agent, ["geo-commit-1"])
+            assert set(at_home.carried("geo-commit-1")) == {("home",)}
+            assert await agent.outbox.regions_of("geo-commit-1") == ("home",)
+
+
+async def test_status_after_failover_is_recovered_at_home(
+    device_id: str,
+    make_config: Callable[..., AgentConfig],
+    mosquitto_factory: Callable[..., MosquittoProcess],
+) -> None:
+    """A status home's pipeline published while the device was in B (and home's broker lost)
+    reaches the device by status query once it is back home.
+
+    Statuses come from the authority region's pipeline, on that region's broker only.
+    """
+    home = mosquitto_factory(persistence=False)
+    other = mosquitto_factory()
+    config = geo_config(
+        make_config,
+        ("home", home.url),
+        ("b", other.url),
+        failback_probe_s=0.3,
+        status_query_delay_s=0.4,
+        status_query_max_interval_s=0.8,
+    )
+    with (
+        RegionBridge("home", home.url, answer_queries=True) as at_home,
+        RegionBridge("b", other.url) as at_b,
+    ):
+        async with EdgeAgent(config) as agent:
+            await agent.submit(order_body("geo-status-1"))
+            await wait_accepted(agent, ["geo-status-1"])
+            at_home.answer_queries = False  # home's pipeline has not processed it yet
+
+            await asyncio.to_thread(home.kill)
+            assert not port_is_open(home.port)
+
+            async def in_b() -> bool:
+                return (await agent.health()).region == "b"
+
+            await wait_until(in_b, 15, "failover to b")
+
+            async def asked_b() -> bool:
+                return "geo-status-1" in at_b.queried_ids()
+
+            # Queries go to the connected region; B's pipeline does not own the order.
+            await wait_until(asked_b, 15, "a status query in b")
+            record = await agent.get("geo-status-1")
+            assert record is not None
+            assert record.status is None
+
+            await asyncio.to_thread(home.start)  # no persistence: nothing queued survived
+            assert await asyncio.to_thread(at_home.subscribed.wait, 10)
+            at_home.answer_queries = True  # home's pipeline now has a terminal status
+
+            async def fulfilled() -> bool:
+                rec = await agent.get("geo-status-1")
+                return rec is not None and rec.status == "fulfilled"
+
+            await wait_until(fulfilled, 20, "the status recovered at home")
+            assert (await agent.health()).region == "home"
+            assert "geo-status-1" in at_home.queried_ids()
