@@ -432,12 +432,15 @@ class Store:
         cur.close()
         return out
 
-    def add_region(self, order_ids: list[str], region: str) -> None:
+    def add_region(self, order_ids: list[str], region: str, clock_ms: int) -> None:
         """Append ``region`` to each order's ``regions`` (its geo ``attempts``) unless there.
 
         One transaction, committed (``synchronous=FULL``) before it returns: the
         caller publishes to ``region`` only after this. Entries are never
         removed. Region names are ``[a-z0-9-]``, so they carry no LIKE wildcard.
+        It also records ``clock_ms`` (agent clock) as the first send if none is
+        recorded yet: the dedup horizon then counts from before the first
+        PUBLISH even if the agent dies before its ``Sent`` update is committed.
 
         Raises:
             StorageError: nothing was committed; do not publish.
@@ -447,9 +450,10 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "UPDATE orders SET regions = CASE WHEN regions = '' THEN ?1 "
-                "ELSE regions || ',' || ?1 END "
+                "ELSE regions || ',' || ?1 END, "
+                "first_sent_clock_ms = coalesce(first_sent_clock_ms, ?3) "
                 "WHERE order_id = ?2 AND ',' || regions || ',' NOT LIKE '%,' || ?1 || ',%'",
-                [(region, order_id) for order_id in order_ids],
+                [(region, order_id, clock_ms) for order_id in order_ids],
             )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

@@ -9,17 +9,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
+from edge_agent._records import NewOrder
+from edge_agent._store import Store
 from edge_agent.errors import StorageError
 from fleet.servers import MosquittoProcess, port_is_open
 
 from .bridge_double import accept_all
 from .conftest import order_body, wait_until
 from .geo_rig import RegionBridge, never_answer
+from .test_clock import JumpingTime
 
 
 async def submit_all(agent: EdgeAgent, order_ids: list[str]) -> None:
@@ -300,3 +304,64 @@ async def test_status_after_failover_is_recovered_at_home(
             await wait_until(fulfilled, 20, "the status recovered at home")
             assert (await agent.health()).region == "home"
             assert "geo-status-1" in at_home.queried_ids()
+
+
+def test_attempts_column_only_grows_and_keeps_the_first_send_time(tmp_path: Path) -> None:
+    """add_region appends new names once, in order, and never moves the first-send time."""
+    store = Store(str(tmp_path / "o.db"), max_rows=100, max_bytes=10**6)
+    assert store.open() is None
+    try:
+        store.write([NewOrder("geo-store-1", 0, b"x")], [])
+        store.add_region(["geo-store-1"], "home", 1_000)
+        store.add_region(["geo-store-1"], "b", 5_000)
+        store.add_region(["geo-store-1"], "home", 9_000)
+        store.add_region(["geo-store-1"], "ho", 9_500)  # a prefix of a name is another name
+        assert store.regions_of("geo-store-1") == ("home", "b", "ho")
+        first_sent = store.conn.execute(
+            "SELECT first_sent_clock_ms FROM orders WHERE order_id = 'geo-store-1'"
+        ).fetchone()[0]
+        assert first_sent == 1_000  # the dedup horizon counts from before the first PUBLISH
+    finally:
+        store.close()
+
+
+async def test_pending_retries_stop_at_the_dedup_horizon(
+    make_config: Callable[..., AgentConfig],
+    mosquitto_factory: Callable[..., MosquittoProcess],
+) -> None:
+    """An order answered `pending` for ever is not resent past resend_max_age_s: alarmed instead."""
+    home, other = mosquitto_factory(), mosquitto_factory()
+    time_ = JumpingTime()
+    config = geo_config(
+        make_config,
+        ("home", home.url),
+        ("b", other.url),
+        pending_retry_min_s=0.2,
+        pending_retry_max_s=0.2,
+        prune_interval_s=0.2,
+        storage_retry_s=0.1,
+    )
+
+    def always_pending(_order_id: str, _count: int) -> tuple[str, str | None]:
+        return ("pending", "authority_unreachable")
+
+    with RegionBridge("home", home.url, always_pending) as at_home:
+        async with EdgeAgent(config, clock=time_.clock()) as agent:
+            await agent.submit(order_body("geo-horizon-1"))
+
+            async def retried() -> bool:
+                return at_home.seen["geo-horizon-1"] >= 2
+
+            await wait_until(retried, 10, "pending retries")
+            time_.monotonic_offset_s += config.resend_max_age_s + 60
+
+            async def expired() -> bool:
+                rec = await agent.get("geo-horizon-1")
+                return rec is not None and rec.reason == "unreceipted_expired"
+
+            await wait_until(expired, 20, "expired at the horizon")
+            sends = at_home.seen["geo-horizon-1"]
+            await asyncio.sleep(1.0)  # five pending-retry intervals
+            assert at_home.seen["geo-horizon-1"] == sends
+            assert agent.expired_unreceipted == 1
+            assert (await agent.health()).awaiting_authority == 0  # settled as rejected

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent import AgentConfig
+from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.cli import main
+from edge_agent.errors import InvalidOrder
 from edge_agent.regions import Region, RegionSelector, parse_regions, with_attempt
-from schemas import names
+from schemas import MAX_ORDER_BYTES, encode, names
 from schemas.messages import MAX_ATTEMPTS
 from servicekit.config import load_config
 from servicekit.errors import ConfigError
 from servicekit.urls import MqttUrl
+
+from .conftest import order_body
 
 
 class FakeTime:
@@ -156,3 +159,21 @@ def test_cli_refuses_bad_regions_and_horizon(capsys: pytest.CaptureFixture[str])
     ttl = str(names.DEDUP_TTL_S + 1)
     assert main(["--device-id", "d1", "--resend-max-age-s", ttl]) == 2
     assert "dedup marker TTL" in capsys.readouterr().err
+
+
+def test_intake_refuses_an_order_that_would_not_fit_with_its_attempts() -> None:
+    """Geo: an order must fit the 16 KiB cap with every region named, or it could never be sent."""
+    single = EdgeAgent(AgentConfig(device_id="d1", db=":memory:"), inline_storage=True)
+    geo = EdgeAgent(
+        AgentConfig(
+            device_id="d1", db=":memory:", region=("home=mqtt://a:1", "b-region=mqtt://b:1")
+        ),
+        inline_storage=True,
+    )
+    body = order_body("geo-size-1")
+    base = len(encode(single.validate({**body, "attrs": {"pad": ""}})))
+    body["attrs"] = {"pad": "x" * (MAX_ORDER_BYTES - base - 2)}
+    assert len(encode(single.validate(body))) <= MAX_ORDER_BYTES  # fits without attempts
+    with pytest.raises(InvalidOrder) as err:
+        geo.validate(body)
+    assert err.value.reason == "too_large"
