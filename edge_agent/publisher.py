@@ -14,6 +14,12 @@ A PUBACK error code is classified in ``_puback.py``: transient codes defer
 the order by a capped backoff, definitive ones hold it. Every time here is
 the agent clock (``_clock.py``), so a wall-clock jump neither stalls a retry
 nor lets an order out past its dedup horizon.
+
+Geo mode (``regions.py``, GEO.md): one region's broker at a time; before the
+first PUBLISH of an order to a region not yet in its ``attempts``, the name is
+committed to the outbox, and the order goes out re-encoded with them. A
+``pending`` receipt keeps the order and resends it after a per-order backoff.
+Without regions, the committed bytes go out unchanged.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ class Publisher:
         )
 
     def _transport_for(self, url: MqttUrl, region: str | None) -> Transport:
+        # One transport per region, made at its first use and kept (geo mode).
         key = region or ""
         transport = self._transports.get(key)
         if transport is None:
@@ -244,7 +251,12 @@ class Publisher:
                     self._wake.clear()
 
     async def probe_home(self) -> bool:
-        """One throw-away CONNECT to the home region's broker; True on a CONNACK."""
+        """One throw-away CONNECT to the home region's broker; True on a CONNACK.
+
+        The probe comes from the same transport factory, with client id
+        ``{client_id}-probe``, no subscriptions and session expiry 0: a custom
+        factory (the fleet simulator's) tells it apart by ``subscriptions == ()``.
+        """
         if self.regions is None:
             return True
         probe = self._transport_factory(self._settings(self.regions.home.url, probe=True), _Deaf())
@@ -266,7 +278,14 @@ class Publisher:
             await asyncio.sleep(self._config.failback_probe_s)
             if geo.at_home or geo.should_fail_back():
                 continue
-            if await self.probe_home() and not geo.at_home:
+            try:
+                healthy = await self.probe_home()
+            except Exception:
+                # Isolation boundary: a failed probe must not stop the agent; try next time.
+                log.exception("home_probe_error")
+                self._metrics.loop_errors.labels("failback_probe").inc()
+                continue
+            if healthy and not geo.at_home:
                 log.info("home_probe_ok", region=geo.home.name, current=geo.current.name)
                 geo.on_home_probe_ok()
                 self._wake.set()
