@@ -69,6 +69,7 @@ class Publisher:
         metrics: AgentMetrics,
         *,
         transport_factory: TransportFactory = default_transport,
+        probe_factory: TransportFactory = default_transport,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
@@ -82,6 +83,9 @@ class Publisher:
         self._status_query_topic = names.status_query_topic(config.device_id)
         self._clock = outbox.clock
         self._transport_factory = transport_factory
+        # Home probes get a plain transport: nothing that wraps or observes the
+        # agent's session (health's Will, the simulator's tracker) ever sees one.
+        self._probe_factory = probe_factory
         # Geo mode (regions.py): one transport per region, used one at a time.
         regions = config.regions
         self.regions = (
@@ -95,8 +99,7 @@ class Publisher:
         )
         if self.regions is not None:
             self.url = self.regions.home.url
-        self._transports: dict[str, Transport] = {}
-        self._transport: Transport = self._transport_for(self.url, self._region_name)
+        self._transport: Transport = transport_factory(self._settings(self.url), self)
         # At most one second's worth at once, so a backlog never leaves in a burst.
         rate_per_s = config.drain_rate_per_min / 60.0
         self._bucket = TokenBucket(rate_per_s, burst=min(config.max_inflight, rate_per_s))
@@ -124,14 +127,6 @@ class Publisher:
             cert_file=config.cert_file,
             key_file=config.key_file,
         )
-
-    def _transport_for(self, url: MqttUrl, region: str | None) -> Transport:
-        # One transport per region, made at its first use and kept (geo mode).
-        key = region or ""
-        transport = self._transports.get(key)
-        if transport is None:
-            transport = self._transports[key] = self._transport_factory(self._settings(url), self)
-        return transport
 
     @property
     def _region_name(self) -> str | None:
@@ -164,7 +159,9 @@ class Publisher:
         In geo mode the region may change between connections (``regions.py``).
         """
         while True:
-            self._switch_region_if_due()
+            previous = self._transport
+            if self._switch_region_if_due():
+                await previous.disconnect()  # not connected; drops its client
             try:
                 session_present = await self._transport.connect()
             except BrokerError as exc:
@@ -234,7 +231,9 @@ class Publisher:
             inflight=len(self._inflight),
         )
         self.url = region.url
-        self._transport = self._transport_for(region.url, region.name)
+        # A fresh transport per switch: the factory's latest transport is always the
+        # one in use (wrappers such as health's reporter rely on that).
+        self._transport = self._transport_factory(self._settings(region.url), self)
         self._reconnect.reset()
         return True
 
@@ -253,13 +252,12 @@ class Publisher:
     async def probe_home(self) -> bool:
         """One throw-away CONNECT to the home region's broker; True on a CONNACK.
 
-        The probe comes from the same transport factory, with client id
-        ``{client_id}-probe``, no subscriptions and session expiry 0: a custom
-        factory (the fleet simulator's) tells it apart by ``subscriptions == ()``.
+        The probe comes from ``probe_factory`` (default: plain paho), with
+        client id ``{client_id}-probe``, no subscriptions and session expiry 0.
         """
         if self.regions is None:
             return True
-        probe = self._transport_factory(self._settings(self.regions.home.url, probe=True), _Deaf())
+        probe = self._probe_factory(self._settings(self.regions.home.url, probe=True), _Deaf())
         try:
             await probe.connect()
         except BrokerError as exc:

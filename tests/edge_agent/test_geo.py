@@ -18,6 +18,7 @@ from edge_agent import AgentConfig, EdgeAgent
 from edge_agent._records import NewOrder
 from edge_agent._store import Store
 from edge_agent.errors import StorageError
+from edge_agent.transport import Transport, TransportHandlers, TransportSettings, default_transport
 from fleet.servers import MosquittoProcess, port_is_open
 
 from .bridge_double import accept_all
@@ -62,8 +63,14 @@ async def test_fails_over_when_home_dies_and_back_when_it_returns(
     """Home's broker killed: new orders flow in B owned by B; home back: the agent goes home."""
     home, other = mosquitto_factory(), mosquitto_factory()
     config = geo_config(make_config, ("home", home.url), ("b", other.url), failback_probe_s=0.3)
+    made: list[TransportSettings] = []
+
+    def factory(settings: TransportSettings, handlers: TransportHandlers) -> Transport:
+        made.append(settings)
+        return default_transport(settings, handlers)
+
     with RegionBridge("home", home.url) as at_home, RegionBridge("b", other.url) as at_b:
-        async with EdgeAgent(config) as agent:
+        async with EdgeAgent(config, transport_factory=factory) as agent:
             first = [f"geo-first-{i:03d}" for i in range(5)]
             await submit_all(agent, first)
             await wait_accepted(agent, first)
@@ -102,6 +109,10 @@ async def test_fails_over_when_home_dies_and_back_when_it_returns(
             health = await agent.health()
             assert (health.failovers, health.failbacks) == (1, 1)
             assert b'edge_region_switches_total{kind="failback"} 1.0' in agent.metrics.render()
+    # One fresh transport per region switch, the latest always the one in use; the
+    # home probes never came from the agent's factory (nothing wrapping it sees them).
+    assert [str(s.url) for s in made] == [str(home.url), str(other.url), str(home.url)]
+    assert all(s.subscriptions for s in made)
 
 
 async def test_no_receipts_fails_over_and_resends_with_both_regions(
