@@ -93,6 +93,7 @@ class Publisher:
                 regions,
                 failover_after_s=config.failover_after_s,
                 monotonic=self._clock.monotonic_s,
+                failback_holdoff_s=config.failback_probe_s,
             )
             if regions
             else None
@@ -273,8 +274,8 @@ class Publisher:
         if geo is None:
             return
         while True:
-            await asyncio.sleep(self._config.failback_probe_s)
-            if geo.at_home or geo.should_fail_back():
+            await asyncio.sleep(max(self._config.failback_probe_s, geo.failback_wait_s()))
+            if geo.at_home or geo.should_fail_back() or geo.failback_wait_s() > 0:
                 continue
             try:
                 healthy = await self.probe_home()

@@ -177,3 +177,45 @@ def test_intake_refuses_an_order_that_would_not_fit_with_its_attempts() -> None:
     with pytest.raises(InvalidOrder) as err:
         geo.validate(body)
     assert err.value.reason == "too_large"
+
+
+def test_failback_holdoff_doubles_while_home_does_not_answer() -> None:
+    """Home's broker answers probes but its bridge is dead: each failback waits twice as long."""
+    t = FakeTime()
+    sel = RegionSelector(
+        regions("home", "b"), failover_after_s=5, monotonic=t, failback_holdoff_s=30
+    )
+    waits = []
+    for _ in range(3):
+        sel.on_connected()  # at home
+        sel.on_sent()
+        t.now += 5
+        assert sel.should_fail_over()
+        sel.fail_over()
+        sel.on_connected()  # in b
+        sel.on_home_probe_ok()
+        waits.append(sel.failback_wait_s())
+        assert not sel.should_fail_back()
+        t.now += sel.failback_wait_s()
+        sel.on_home_probe_ok()
+        assert sel.should_fail_back()
+        sel.fail_back()
+    assert waits == [30, 60, 120]
+    sel.on_connected()
+    sel.on_sent()
+    sel.on_answer(still_inflight=0)  # home answers again: the hold-off is forgotten
+    sel.on_sent()
+    t.now += 5
+    sel.fail_over()
+    assert sel.failback_wait_s() == 30
+
+
+def test_leaving_home_for_no_connection_has_no_holdoff() -> None:
+    t = FakeTime()
+    sel = RegionSelector(
+        regions("home", "b"), failover_after_s=5, monotonic=t, failback_holdoff_s=30
+    )
+    t.now += 5
+    sel.fail_over()
+    sel.on_home_probe_ok()
+    assert sel.should_fail_back()
