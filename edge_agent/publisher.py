@@ -58,6 +58,9 @@ from .transport import Transport, TransportFactory, TransportSettings, default_t
 
 log = structlog.get_logger(__name__)
 
+# Per-order `pending` counts kept for backoff; beyond this many, forget them all.
+MAX_PENDING_STREAKS = 100_000
+
 
 class Publisher:
     """Owns the MQTT connection of one agent; run :meth:`run` as a task."""
@@ -86,7 +89,7 @@ class Publisher:
         # Home probes get a plain transport: nothing that wraps or observes the
         # agent's session (health's Will, the simulator's tracker) ever sees one.
         self._probe_factory = probe_factory
-        # Geo mode (regions.py): one transport per region, used one at a time.
+        # Geo mode (regions.py): one region at a time, a fresh transport per switch.
         regions = config.regions
         self.regions = (
             RegionSelector(
@@ -478,6 +481,8 @@ class Publisher:
             # Geo mode: the order's authority region is unreachable. Keep it and
             # resend with backoff per order, in whatever region is current then.
             streak = self._pending_streak.get(order_id, 0)
+            if len(self._pending_streak) >= MAX_PENDING_STREAKS:
+                self._pending_streak.clear()  # orders settled elsewhere (expiry): start over
             self._pending_streak[order_id] = streak + 1
             cfg = self._config
             delay_s = full_jitter(
