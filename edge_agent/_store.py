@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
 from schemas.errors import Reason
 from servicekit.clock import now_ms
@@ -91,8 +91,24 @@ _INSERT: Final = (
     "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
 )
 _COLUMNS: Final = (
-    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms"
+    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms, regions"
 )
+
+
+def _order_record(row: tuple[Any, ...]) -> OrderRecord:
+    order_id, seq, state, status, reason, attempts, created, updated, settled, regions = row
+    return OrderRecord(
+        order_id,
+        seq,
+        state,
+        status,
+        reason,
+        attempts,
+        created,
+        updated,
+        settled,
+        tuple(regions.split(",")) if regions else (),
+    )
 
 
 class Store:
@@ -479,7 +495,7 @@ class Store:
         row = self.conn.execute(
             f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
         ).fetchone()
-        return None if row is None else OrderRecord(*row)
+        return None if row is None else _order_record(row)
 
     def page(self, state: str | None, before_seq: int | None, limit: int) -> list[OrderRecord]:
         """Orders newest first, optionally of one state or pipeline status."""
@@ -492,7 +508,7 @@ class Store:
             f"SELECT {_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [OrderRecord(*row) for row in rows]
+        return [_order_record(row) for row in rows]
 
     def stats(self) -> Stats:
         """Backlog depth and age."""

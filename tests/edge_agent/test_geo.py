@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -136,6 +137,9 @@ async def test_no_receipts_fails_over_and_resends_with_both_regions(
                 assert set(at_home.carried(oid)) == {("home",)}
                 assert set(at_b.carried(oid)) == {("home", "b")}  # home stays the authority
                 assert await agent.outbox.regions_of(oid) == ("home", "b")
+                record = await agent.get(oid)
+                assert record is not None
+                assert record.regions == ("home", "b")  # GET /v1/orders/{id} shows it
             assert port_is_open(home.port)  # home's broker never went down: a stall, not a loss
             assert (await agent.health()).region == "b"
 
@@ -197,7 +201,7 @@ async def test_single_region_sends_stable_bytes(
     def second_send_only(_order_id: str, count: int) -> tuple[str, str | None] | None:
         return None if count == 1 else accept_all(_order_id, count)
 
-    overrides: dict[str, object] = {"http_enabled": False, "receipt_timeout_s": 0.5}
+    overrides: dict[str, object] = {"receipt_timeout_s": 0.5}
     if regions:
         overrides["region"] = (f"home={broker.url}",)
         overrides["failover_after_s"] = 0.2  # one region: nowhere to go, never switches
@@ -210,6 +214,9 @@ async def test_single_region_sends_stable_bytes(
                 "SELECT payload, regions FROM orders WHERE order_id = 'geo-compat-1'"
             ).fetchone()
             health = await agent.health()
+            url = f"http://127.0.0.1:{agent.http_port}/v1/orders/geo-compat-1"
+            async with aiohttp.ClientSession() as http, http.get(url) as resp:
+                shown = await resp.json()
     payloads = bridge.payloads["geo-compat-1"]
     assert len(payloads) == 2
     assert payloads[0] == payloads[1]
@@ -217,11 +224,14 @@ async def test_single_region_sends_stable_bytes(
         assert bridge.carried("geo-compat-1") == [("home",), ("home",)]
         assert stored[1] == "home"
         assert (health.region, health.failovers) == ("home", 0)
+        assert shown["regions"] == ["home"]
     else:
         assert payloads[0] == stored[0]  # exactly the bytes committed at intake
         assert "attempts" not in msgspec.msgpack.decode(payloads[0])
         assert stored[1] == ""
         assert health.region is None
+        assert "regions" not in shown  # the v1 answer, unchanged
+        assert shown["state"] == "accepted"
 
 
 async def test_no_publish_to_a_region_until_its_name_is_committed(
