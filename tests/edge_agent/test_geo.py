@@ -160,6 +160,7 @@ async def test_pending_keeps_the_order_and_retries_with_backoff(
         ("b", other.url),
         pending_retry_min_s=0.3,
         pending_retry_max_s=0.6,
+        http_enabled=True,
     )
     with RegionBridge("home", home.url, pending_thrice) as at_home:
         async with EdgeAgent(config) as agent:
@@ -175,6 +176,9 @@ async def test_pending_keeps_the_order_and_retries_with_backoff(
             assert record.state == "sent"  # kept, not settled
             health = await agent.health()
             assert health.awaiting_authority == 1
+            metrics_url = f"http://127.0.0.1:{agent.http_port}/metrics"
+            async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
+                assert "edge_orders_awaiting_authority 1.0" in await resp.text()
             await wait_accepted(agent, ["geo-pending-1"])
             assert at_home.seen["geo-pending-1"] == 4
             # Every resend to the same region carried the same bytes (no dedup conflict).
