@@ -36,6 +36,7 @@ from ._clock import AgentClock
 from ._records import NewOrder, OrderRecord, RetryResult, Submitted
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, BackgroundLoopDied, InvalidOrder, StorageError
+from .health import HealthReporter
 from .intake import start_http
 from .metrics import AgentMetrics
 from .outbox import Outbox
@@ -106,8 +107,12 @@ class EdgeAgent:
             clock=clock,
         )
         self.clock = self.outbox.clock
+        self.reporter = HealthReporter(config, self.outbox, self.metrics)
         self.publisher = Publisher(
-            config, self.outbox, self.metrics, transport_factory=transport_factory
+            config,
+            self.outbox,
+            self.metrics,
+            transport_factory=self.reporter.wrap(transport_factory),
         )
         self.recovery = StatusRecovery(config, self.outbox, self.publisher, self.metrics)
         self.outbox.on_commit = self.publisher.wake
@@ -152,6 +157,8 @@ class EdgeAgent:
             "maintenance": self._maintain,
             "outbox_writer": self.outbox.writer_finished,
         }
+        if self.reporter.enabled:
+            loops["health"] = self.reporter.run
         self._tasks = [
             self._tg.create_task(
                 self._supervised(loop, run), name=f"{loop}:{name}", context=context
@@ -198,6 +205,8 @@ class EdgeAgent:
                         first = first.exceptions[0]
                     raise first from group
         finally:
+            if await self.reporter.goodbye():  # online=False before DISCONNECT drops the Will
+                log.info("health_goodbye_sent")
             # The outbox commits what is pending (the transaction in progress), then closes.
             await self.outbox.__aexit__(exc_type, exc, tb)
             await self.publisher.close()
