@@ -205,7 +205,8 @@ class HealthReporter:
             transport = self._transport
             key = self._change_key()
             now = time.monotonic()
-            if transport is not None and transport.connected and (key != last_key or now >= next_due):
+            due = key != last_key or now >= next_due
+            if transport is not None and transport.connected and due:
                 trigger = "interval" if key == last_key else "change"
                 try:
                     self._publish(await self.snapshot(online=True))

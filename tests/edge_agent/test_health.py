@@ -66,7 +66,8 @@ async def test_reports_figures_on_connect_and_on_change(
         # No bridge: the order stays unreceipted. The interval is an hour, so only
         # the change trigger (depth crossed zero) can have sent this one.
         busy = await next_health(health_probe, lambda h: h.online and h.outbox_depth == 1)
-        assert busy.outbox_bytes is not None and busy.outbox_bytes > 0
+        assert busy.outbox_bytes is not None
+        assert busy.outbox_bytes > 0
         assert busy.oldest_unreceipted_age_ms is not None
         assert 0 <= busy.oldest_unreceipted_age_ms <= time.time() * 1000 - before + 1000
         assert agent.reporter.published.labels("change")._value.get() >= 2
@@ -98,7 +99,8 @@ async def test_clean_stop_says_offline_with_figures(
         await agent.submit(order_body())
         await next_health(health_probe, lambda h: h.online and h.outbox_depth == 1)
     last = await next_health(health_probe, lambda h: not h.online)
-    assert last.outbox_depth == 1 and last.held == 0
+    assert last.outbox_depth == 1
+    assert last.held == 0
     await asyncio.sleep(0.5)  # a Will would come now if the broker had kept it
     offline = [h for h in decoded(health_probe) if not h.online]
     assert len(offline) == 1, offline
@@ -121,7 +123,8 @@ async def test_sigkilled_agent_is_announced_by_its_will(
     finally:
         agent.stop()
     assert before - 1000 <= will.at <= int(time.time() * 1000)
-    assert will.outbox_depth is None and will.agent_version is None  # a Will has no figures
+    assert will.outbox_depth is None
+    assert will.agent_version is None
 
 
 async def test_zero_interval_sends_nothing_and_sets_no_will(
@@ -134,9 +137,9 @@ async def test_zero_interval_sends_nothing_and_sets_no_will(
     )  # fmt: skip
     agent.start()
     try:
-        time.sleep(1.0)
+        await asyncio.sleep(1.0)
         agent.sigkill()
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
     finally:
         agent.stop()
     assert health_probe.messages == []
@@ -168,7 +171,9 @@ async def test_a_failing_report_is_counted_and_the_agent_goes_on(
 def test_error_text_becomes_valid_short_text() -> None:
     """Control characters and length never make a health message invalid."""
     text = short_text("connection lost:\n\x1b[31m" + "x" * 400)
-    assert "\n" not in text and "\x1b" not in text and len(text) == 256
+    assert "\n" not in text
+    assert "\x1b" not in text
+    assert len(text) == 256
     message = schemas.Health(v=1, online=True, at=1, last_broker_error=text)
     assert schemas.decode_health(schemas.encode(message)).last_broker_error == text
 
