@@ -51,3 +51,5 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
+    health_ttl_s: float = 86400.0
