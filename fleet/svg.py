@@ -20,7 +20,7 @@ FONT_PX = 11
 CHAR_W = 6.6  # a generous average glyph width of 11 px sans-serif: estimates never undershoot
 ROW_H = 13
 LABEL_GAP = 6
-MAX_LABEL_ROWS = 5
+MAX_LABEL_ROWS = 8
 TICKS = 5  # about this many intervals per axis
 MIN_TICKS, MAX_TICKS = 3, 7
 
@@ -148,17 +148,19 @@ def line_chart(
             f'<line x1="{label.x:.1f}" x2="{label.x:.1f}" y1="{TOP}" y2="{TOP + plot_h}" '
             f'stroke="#d62728" stroke-dasharray="4 3"/>'
         )
-        if label.row >= 0:
-            x_text = label.x0 if label.anchor == "start" else label.x1
-            parts.append(
-                f'<text class="chaos" x="{x_text:.1f}" y="{TOP + 12 + label.row * ROW_H}" '
-                f'text-anchor="{label.anchor}" fill="#d62728">{escape(label.text)}</text>'
-            )
     for values, colour in zip(series.values(), COLOURS * 4, strict=False):
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, values, strict=False))
         parts.append(
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>'
         )
+    for label in placed:  # over every line, with a halo: no line crosses a label's text
+        if label.row >= 0:
+            x_text = label.x0 if label.anchor == "start" else label.x1
+            parts.append(
+                f'<text class="chaos" x="{x_text:.1f}" y="{TOP + 12 + label.row * ROW_H}" '
+                f'text-anchor="{label.anchor}" fill="#d62728" stroke="#fafafa" stroke-width="3" '
+                f'paint-order="stroke">{escape(label.text)}</text>'
+            )
     legend_x = float(LEFT)
     for name, colour in zip(series, COLOURS * 4, strict=False):  # above the plot
         parts.append(

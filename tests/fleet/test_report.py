@@ -162,11 +162,11 @@ def chaos_labels(svg: str) -> list[tuple[float, float, float]]:
 
 def test_close_chaos_labels_never_overlap() -> None:
     """Events a second apart get rows of their own; too many are listed under the chart."""
-    events = [(10.0 + i, f"event number {i}") for i in range(8)] + [(99.0, "at the end")]
+    events = [(10.0 + i, f"event number {i}") for i in range(11)] + [(99.0, "at the end")]
     svg = line_chart([float(t) for t in range(101)], {"a": [1.0] * 101}, x_label="s",
                      y_label="n", markers=events)  # fmt: skip
     boxes = chaos_labels(svg)
-    assert len(boxes) == MAX_LABEL_ROWS + 1  # five stacked rows, plus the one at the end
+    assert len(boxes) == MAX_LABEL_ROWS + 1  # eight stacked rows, plus the one at the end
     for a, b in itertools.combinations(boxes, 2):
         same_row = a[2] == b[2]
         assert not (same_row and a[0] < b[1] and b[0] < a[1]), (a, b)
@@ -175,7 +175,7 @@ def test_close_chaos_labels_never_overlap() -> None:
         assert x1 <= 760
     assert svg.count('stroke-dasharray="4 3"') == len(events)  # every event keeps its line
     listed = re.findall(r"<li>([^<]+)</li>", svg)
-    assert listed == ["15 s: event number 5", "16 s: event number 6", "17 s: event number 7"]
+    assert listed == ["18 s: event number 8", "19 s: event number 9", "20 s: event number 10"]
 
 
 def test_place_labels_uses_the_first_free_row() -> None:
