@@ -199,7 +199,7 @@ class HealthConsumer:
                 pipe.zadd(HEALTH_OLDEST_KEY, {device_id: oldest})
             await pipe.execute()
         for device_id, health in valid:
-            kind = "will" if is_will(health) else "report" if health.online else "offline"
+            kind = "report" if health.online else "will" if is_will(health) else "offline"
             self._metrics.messages.labels(kind).inc()
             if not health.online:
                 log.info("device_offline", device_id=device_id, kind=kind, at=health.at)
