@@ -190,6 +190,8 @@ async def test_reports_replace_figures_and_a_will_keeps_them(
     assert will == {**after, "online": "0", "at": str(NOW_MS - 100), "seen_at": str(NOW_MS + 1000)}
     assert await aredis.zscore(HEALTH_OLDEST_KEY, "kiosk-1") == 0
     assert await aredis.zscore(HEALTH_DEVICES_KEY, "kiosk-1") == NOW_MS + 1000
+    kinds = consumer._metrics.messages
+    assert [kinds.labels(k)._value.get() for k in ("report", "will", "offline")] == [2, 1, 0]
 
 
 async def test_bad_messages_are_counted_by_reason_and_skipped(
