@@ -205,12 +205,14 @@ class EdgeAgent:
                         first = first.exceptions[0]
                     raise first from group
         finally:
-            if await self.reporter.goodbye():  # online=False before DISCONNECT drops the Will
-                log.info("health_goodbye_sent")
-            # The outbox commits what is pending (the transaction in progress), then closes.
-            await self.outbox.__aexit__(exc_type, exc, tb)
-            await self.publisher.close()
-            log.info("agent_stopped")
+            try:
+                if await self.reporter.goodbye():  # online=False: DISCONNECT drops the Will
+                    log.info("health_goodbye_sent")
+            finally:
+                # The outbox commits what is pending (the transaction in progress), then closes.
+                await self.outbox.__aexit__(exc_type, exc, tb)
+                await self.publisher.close()
+                log.info("agent_stopped")
 
     async def submit(self, data: Mapping[str, Any]) -> Submitted:
         """Validate an order and commit it to the outbox; return once it is durable.
