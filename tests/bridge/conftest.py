@@ -266,21 +266,21 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback; yields the ports."""
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli not installed")
-    servers = []
-    for index in range(3):
-        port = _cluster_port()
-        server = RedisProcess(
-            tmp_path / f"cluster-{index}",
-            port,
-            extra_args=(
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "2000",
-            ),
-        )  # fmt: skip
-        server.start()
-        servers.append(server)
-    try:
+    servers: list[RedisProcess] = []
+    try:  # a node that fails to start (a port taken meanwhile) must not leak the others
+        for index in range(3):
+            port = _cluster_port()
+            server = RedisProcess(
+                tmp_path / f"cluster-{index}",
+                port,
+                extra_args=(
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", "2000",
+                ),
+            )  # fmt: skip
+            servers.append(server)
+            server.start()
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
