@@ -53,3 +53,5 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     retention_days: float = 30.0
     # The ops page counts a device stale when its last health report is older than this.
     health_stale_s: float = 90.0
+    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
+    health_ttl_s: float = 86400.0

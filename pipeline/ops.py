@@ -54,11 +54,14 @@ from bridge.heartbeat import BRIDGES_KEY, bridge_key
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 from servicekit.clock import now_ms
 
-from .names import PIPELINE_DLQ_STREAM
+from .names import (
+    HEALTH_DEVICES_KEY,
+    HEALTH_OLDEST_KEY,
+    PIPELINE_DLQ_STREAM,
+    health_device_key,
+)
 from .records import text
 
-HEALTH_DEVICES_KEY: Final = "health:devices"
-HEALTH_OLDEST_KEY: Final = "health:oldest"
 DEFAULT_HEALTH_STALE_S: Final = 90.0
 # Devices whose health hash the summary reads per call, most recently seen first;
 # the rest of a larger fleet is counted as `unscanned`.
@@ -91,11 +94,6 @@ PAGE_HEADERS: Final = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-
-def health_device_key(device_id: str) -> str:
-    """``health:device:{device_id}``: one device's last health report (a hash)."""
-    return f"health:device:{device_id}"
 
 
 class ShardStats(msgspec.Struct):

@@ -30,8 +30,12 @@ from fleet.servers import MosquittoProcess, RedisProcess, free_port
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.dlq import DeadLetter, dead_letter
-from pipeline.names import PIPELINE_DLQ_STREAM
-from pipeline.ops import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
+from pipeline.names import (
+    HEALTH_DEVICES_KEY,
+    HEALTH_OLDEST_KEY,
+    PIPELINE_DLQ_STREAM,
+    health_device_key,
+)
 from pipeline.records import StreamEntry
 from pipeline.tokens import digest_line, new_token
 from schemas import encode

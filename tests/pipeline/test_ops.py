@@ -17,15 +17,8 @@ from redis.exceptions import NoPermissionError
 from bridge.heartbeat import BRIDGES_KEY, RedisHeartbeat, bridge_key
 from fleet.servers import RedisProcess
 from pipeline.api import create_app
-from pipeline.ops import (
-    HEALTH_DEVICES_KEY,
-    HEALTH_OLDEST_KEY,
-    PAGE_FILES,
-    FleetView,
-    RedisLike,
-    health_device_key,
-    summary,
-)
+from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
+from pipeline.ops import PAGE_FILES, FleetView, RedisLike, summary
 from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 from servicekit.clock import now_ms
