@@ -16,9 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
@@ -28,7 +27,7 @@ from servicekit.loops import failed_loops
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .errors import PipelineError
-from .service import install_stop_signals, run_service, run_worker
+from .service import install_stop_signals, redis_client, run_service, run_worker
 from .tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 
 log = structlog.get_logger(__name__)
@@ -81,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "catalog":
             return asyncio.run(_load_catalog(config, args.file))
         return asyncio.run(_serve(config, worker_only=args.command == "worker"))
-    except (PipelineError, RedisError, OSError) as exc:
+    except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
     except Exception as exc:
@@ -104,9 +103,9 @@ async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:
 
 async def _load_catalog(config: PipelineConfig, path: Path) -> int:
     catalog = read_catalog(path)
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
     try:
-        await store_catalog(client, catalog)
+        await store_catalog(client, catalog, shards=config.shards)
     finally:
         await client.aclose()
     log.info("catalog_loaded", file=str(path), skus=len(catalog.items))
