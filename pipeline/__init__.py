@@ -16,9 +16,10 @@ from .errors import (
     UnknownStepError,
 )
 from .payment import PaymentGateway, SimulatedGateway
-from .records import OrderContext, order_statuses
+from .records import OrderContext, order_histories, order_statuses, read_events
 from .status import MqttStatusPublisher, StatusPublisher, status_client
 from .status_query import StatusQueryResponder
+from .stock import stock_levels
 from .steps import Step, StepDeps, build_chain, register
 from .worker import Worker
 
@@ -42,7 +43,10 @@ __all__ = [
     "Worker",
     "build_chain",
     "create_app",
+    "order_histories",
     "order_statuses",
+    "read_events",
     "register",
     "status_client",
+    "stock_levels",
 ]

@@ -14,7 +14,7 @@ entry skips the steps it already passed and never stores one twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -351,3 +351,20 @@ async def load_order(
         "last_error": fields.get("last_error") or None,
         "history": parse_history(record.get("history")),
     }
+
+
+async def read_events(
+    redis: AnyRedis, shards: int, *, page: int = 10_000
+) -> AsyncIterator[dict[str, str]]:
+    """Every entry of every shard's events stream (``orders:{N}:events``), shard by shard."""
+    for shard in range(shards):
+        start = "-"
+        while rows := await _xrange(redis, events_key(shard), start, page):
+            for _entry_id, fields in rows:
+                yield {text(k): text(v) for k, v in fields.items()}
+            start = "(" + text(rows[-1][0])
+
+
+async def _xrange(redis: AnyRedis, key: str, start: str, count: int) -> Any:
+    # Any: redis-py types XRANGE rows as optional.
+    return await redis.xrange(key, min=start, max="+", count=count)

@@ -21,8 +21,10 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
+from pipeline.records import read_events
 from pipeline.status import MqttStatusPublisher, status_client
 from pipeline.steps import StepDeps, build_chain
+from pipeline.stock import stock_levels
 from pipeline.worker import Worker
 from schemas import Status, decode_status
 from schemas.names import status_topic
@@ -41,6 +43,16 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def stock_left(client: Any, sku: str, shards: int = TEST_SHARDS) -> int:
+    """Units of ``sku`` on hand over all shards (and transfers in flight)."""
+    return (await stock_levels(client, shards, [sku]))[sku]
+
+
+async def all_events(client: Any, shards: int = TEST_SHARDS) -> list[dict[str, str]]:
+    """Every entry of every shard's events stream."""
+    return [fields async for fields in read_events(client, shards)]
 
 
 @pytest.fixture
@@ -70,7 +82,7 @@ async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 async def catalog(aredis: aioredis.Redis) -> dict[str, int]:
     """The test catalog loaded into Redis; returns the initial stock."""
     items = {sku: CatalogItem(price=PRICES[sku], stock=n) for sku, n in INITIAL_STOCK.items()}
-    await store_catalog(aredis, Catalog(items=items, currency="EUR"))
+    await store_catalog(aredis, Catalog(items=items, currency="EUR"), shards=TEST_SHARDS)
     return dict(INITIAL_STOCK)
 
 
