@@ -31,7 +31,9 @@ async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
         for o in orders
     ]  # fmt: skip
     scripts = Scripts()
-    await commit(client, scripts, await load(client, scripts, batch))
+    await commit(
+        client, scripts, await load(client, scripts, batch, shards=TEST_SHARDS), shards=TEST_SHARDS
+    )
 
 
 async def test_paging_while_orders_arrive_returns_each_once(
@@ -133,7 +135,7 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
         for i in range(5)
     ]  # fmt: skip
     await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
-    await dead_letter(aredis, letters)
+    await dead_letter(aredis, Scripts(), letters)
     bridge_fields: dict[FieldT, EncodableT] = {
         "reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1
     }  # fmt: skip
@@ -168,7 +170,7 @@ async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis)
         for i in range(2)
     ]  # fmt: skip
     await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
-    await dead_letter(aredis, letters)
+    await dead_letter(aredis, Scripts(), letters)
     rows: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     (first, _), (second, _) = rows
     first, second = first.decode(), second.decode()

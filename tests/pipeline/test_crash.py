@@ -85,11 +85,13 @@ async def assert_books_balance(client: Any, orders: list[Order], shards: int) ->
     for sku, initial in INITIAL_STOCK.items():
         assert levels[sku] >= 0
         assert levels[sku] == initial - sold[sku], sku
-    events = Counter([
-        fields["order_id"]
-        async for fields in read_events(client, shards)
-        if fields["status"] in TERMINAL_STATUSES
-    ])
+    events = Counter(
+        [
+            fields["order_id"]
+            async for fields in read_events(client, shards)
+            if fields["status"] in TERMINAL_STATUSES
+        ]
+    )
     assert all(events[o.order_id] == 1 for o in orders)
 
 
