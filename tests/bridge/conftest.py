@@ -22,7 +22,7 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
+from fleet.servers import RedisProcess, ServerError, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
 from servicekit.urls import MqttUrl
 
@@ -261,16 +261,12 @@ def _cluster_port() -> int:
             return port
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
-    """A real 3-master Redis Cluster on loopback; yields the ports."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not installed")
-    servers = []
-    for index in range(3):
+def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
+    """A cluster-enabled redis-server; another free port when its bus port was taken meanwhile."""
+    for attempt in range(attempts):
         port = _cluster_port()
         server = RedisProcess(
-            tmp_path / f"cluster-{index}",
+            workdir / f"port-{port}",
             port,
             extra_args=(
                 "--cluster-enabled", "yes",
@@ -278,9 +274,24 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
                 "--cluster-node-timeout", "2000",
             ),
         )  # fmt: skip
-        server.start()
-        servers.append(server)
+        try:
+            server.start()
+        except ServerError:
+            server.kill()
+            if attempt == attempts - 1:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback, killed on exit; yields the ports."""
+    servers = []
     try:
+        for index in range(3):
+            servers.append(_start_cluster_node(workdir / f"cluster-{index}"))
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
@@ -301,3 +312,12 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     finally:
         for server in servers:
             server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback; yields the ports."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not installed")
+    with running_cluster(tmp_path) as ports:
+        yield ports

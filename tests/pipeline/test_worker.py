@@ -16,6 +16,7 @@ from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, shard_of, stream_key
 
 from .conftest import (
+    BACKENDS,
     INITIAL_STOCK,
     TEST_SHARDS,
     StatusListener,
@@ -25,6 +26,9 @@ from .conftest import (
     stock_left,
 )
 from .producer import make_order, produce, produce_raw
+
+# The contract tests of the worker, on a single Redis and on a 3-master cluster.
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 async def status_of(client: aioredis.Redis, order: Order) -> str | None:
