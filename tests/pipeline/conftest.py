@@ -130,9 +130,7 @@ WorkerFactory = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def start_worker(
-    aredis: Any, config: PipelineConfig
-) -> AsyncIterator[WorkerFactory]:
+async def start_worker(aredis: Any, config: PipelineConfig) -> AsyncIterator[WorkerFactory]:
     """Start in-process workers (real Redis, real broker); all stop after the test."""
     stack = contextlib.AsyncExitStack()
     tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []

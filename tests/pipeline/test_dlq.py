@@ -20,7 +20,7 @@ from schemas import Reason
 from schemas.names import DLQ_STREAM, orders_topic
 
 from .api_client import api_client
-from .conftest import INITIAL_STOCK, WorkerFactory, eventually, stock_left
+from .conftest import BACKENDS, INITIAL_STOCK, WorkerFactory, eventually, stock_left
 from .producer import make_order, produce
 from .test_worker import wait_status
 
@@ -49,6 +49,7 @@ def entry_ms(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.usefixtures("catalog")
 async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str

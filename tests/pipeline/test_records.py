@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
 from pipeline._lua import Scripts
@@ -10,6 +11,7 @@ from pipeline.records import StreamEntry, Transition, commit, load, load_order
 from pipeline.stock import reserve
 from schemas import encode
 
+from .conftest import BACKENDS
 from .producer import make_order
 
 SHARDS = 1
@@ -17,6 +19,7 @@ STOCK_KEY = stock_key(0)
 EVENTS = events_key(0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_a_racing_consumer_stores_nothing_and_releases_nothing(
     aredis: aioredis.Redis, device_id: str
 ) -> None:

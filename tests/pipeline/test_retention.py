@@ -11,13 +11,14 @@ from pipeline.config import PipelineConfig
 from pipeline.names import device_index_key, order_devices_key, order_key, retention_key
 from schemas.names import shard_of
 
-from .conftest import WorkerFactory
+from .conftest import BACKENDS, WorkerFactory
 from .producer import make_order, produce
 from .test_worker import wait_status
 
 RETENTION_S = 0.5
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.usefixtures("catalog")
 async def test_terminal_orders_expire_with_their_index_entries(
     aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str

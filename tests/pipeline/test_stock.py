@@ -17,6 +17,7 @@ from pipeline.records import OrderContext, StreamEntry, Transition, commit, load
 from pipeline.stock import reserve
 from schemas import encode
 
+from .conftest import BACKENDS
 from .producer import make_order
 
 SKUS = ("A", "B", "C")
@@ -52,6 +53,7 @@ async def step(
     return fresh
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_reserve_is_all_or_nothing_and_idempotent(aredis: aioredis.Redis) -> None:
     """A short line reserves nothing; a repeated reservation takes stock once."""
     scripts = Scripts()
@@ -65,6 +67,7 @@ async def test_reserve_is_all_or_nothing_and_idempotent(aredis: aioredis.Redis) 
     assert await aredis.hmget(STOCK_KEY, ["A", "B"]) == [b"2", b"0"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_failing_releases_once_and_never_reserves_again(aredis: aioredis.Redis) -> None:
     """Entering `failed` gives the stock back atomically, once; a late reserve is refused."""
     scripts = Scripts()
