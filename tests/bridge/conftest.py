@@ -302,10 +302,14 @@ def running_cluster(workdir: Path) -> Iterator[list[int]]:
         )
 
         def cluster_ok() -> bool:
-            with redis.Redis(port=ports[0]) as client:
-                info = client.execute_command("CLUSTER", "INFO")
-                text = info.decode() if isinstance(info, bytes) else str(info)
-                return "cluster_state:ok" in text
+            # Every node, not just the first: a client may start from any of them.
+            for port in ports:
+                with redis.Redis(port=port) as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text:
+                        return False
+            return True
 
         wait_for(cluster_ok, 30, "cluster_state:ok")
         yield ports

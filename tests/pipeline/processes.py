@@ -21,7 +21,9 @@ def env_for(config: PipelineConfig, **overrides: Any) -> dict[str, str]:
     for name, value in {**msgspec.structs.asdict(config), **overrides}.items():
         if name == "consumer" and not value:
             continue
-        env[f"ORDERS_{name.upper()}"] = str(value)
+        env[f"ORDERS_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     return env
 
 

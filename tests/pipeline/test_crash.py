@@ -16,13 +16,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from pipeline import order_statuses
+from pipeline._lua import Scripts
 from pipeline.config import PipelineConfig
 from pipeline.names import PIPELINE_DLQ_STREAM, TERMINAL_STATUSES, order_key, transfers_key
 from pipeline.records import load_order, read_events
-from pipeline.stock import stock_levels
+from pipeline.stock import settle_transfers, stock_levels
 from schemas import Order
 from schemas.names import PIPELINE_GROUP, stream_key
 
+from .api_client import api_client
 from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all
 from .producer import make_order, produce
@@ -115,15 +117,25 @@ def random_orders(count: int, devices: int) -> list[Order]:
     return orders
 
 
+# The cluster run is shorter (the default suite's time budget); both kill workers
+# holding entries, restart them, and check every order and every unit of stock.
+CRASH_RUNS = [("single", (480, 3)), ("cluster", (200, 2))]  # (orders, kills)
+
+
 @pytest.mark.usefixtures("catalog")
+@pytest.mark.parametrize(
+    ("backend", "size"), CRASH_RUNS, indirect=["backend"], ids=["single", "cluster"]
+)
 async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
-    aredis: aioredis.Redis,
+    aredis: Any,
     config: PipelineConfig,
     processes: list[subprocess.Popen[bytes]],
     status_listener: StatusListener,
     tmp_path: Path,
+    size: tuple[int, int],
 ) -> None:
-    """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
+    """Two workers SIGKILLed mid-batch (3 times; twice on the cluster), restarted: each order
+    ends once, stock adds up (over shards and transfers), the API reads every order."""
     env = env_for(
         config,
         batch_size=4,
@@ -137,7 +149,8 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         payment_backoff_ms=5,
         log_level="warning",
     )
-    orders = random_orders(480, devices=12)
+    count, kills = size
+    orders = random_orders(count, devices=12)
     for device in {o.device_id for o in orders}:
         status_listener.subscribe(device)
     for order in orders:
@@ -154,12 +167,12 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         ]  # fmt: skip
         return bool(victims)
 
-    kills = 0
-    while kills < 3:
+    killed = 0
+    while killed < kills:
         await eventually(holds_entries, what="a worker holding entries", timeout_s=30)
         victim = victims[0]
         sigkill(victim)
-        kills += 1
+        killed += 1
         assert await pending_of(aredis, consumer_of(victim), config.shards) > 0
         processes.remove(victim)
         processes.append(spawn(["worker"], env, log))
@@ -176,7 +189,16 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         return all(p["pending"] == 0 for p in pending)
 
     await eventually(all_acked, what="every entry acked", timeout_s=30)
+    await settle_transfers(aredis, Scripts(), shards=config.shards, older_than_ms=0)
+    assert await transfers_in_flight(aredis, config.shards) == 0
     await assert_books_balance(aredis, orders, config.shards)
+    async with api_client(aredis, config.shards) as http:
+        for order in orders[:: len(orders) // 20]:
+            response = await http.get(f"/v1/devices/{order.device_id}/orders/{order.order_id}")
+            assert response.status == 200
+            assert (await response.json())["status"] in TERMINAL_STATUSES
+        page = await (await http.get(f"/v1/devices/{orders[0].device_id}/orders")).json()
+        assert page["items"]
     assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
     outcomes = Counter(await statuses(aredis, orders, config.shards))
     # The seeded mix really exercised every ending.
