@@ -45,7 +45,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from fleet.servers import MosquittoProcess, RedisProcess
+from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port, port_is_open
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.names import CATALOG_KEY
 from schemas import Item, Order, Status, decode_order, encode
@@ -232,8 +232,8 @@ async def naive_order(client: Client, mqtt: MqttClient, order: Order) -> None:
         await client.xadd("naive:events", {"order_id": order.order_id, "status": status})
     for status in statuses[2:]:
         if status in {"confirmed", "fulfilled", "rejected"}:
-            message = Status(v=1, order_id=order.order_id, status=status, reason=None,
-                             at=now_ms())  # type: ignore[arg-type]  # fmt: skip
+            message = Status(v=1, order_id=order.order_id, status=status,  # type: ignore[arg-type]
+                             reason=None, at=now_ms())  # fmt: skip
             await mqtt.publish_acked(status_topic(order.device_id), encode(message))
 
 
@@ -252,9 +252,22 @@ async def all_acked(client: Client, shards: int) -> bool:
     return True
 
 
-async def consumers(client: Client, shards: int) -> int:
-    """Consumers of the pipeline group on the last shard (a worker reads every shard)."""
-    return len(await client.xinfo_consumers(stream_key(shards - 1), PIPELINE_GROUP))
+async def idle(procs: Sequence[subprocess.Popen[bytes]], log: Path) -> None:
+    """Wait until every worker has started and idles (under 20 % of a core for 0.5 s).
+
+    A worker blocked in XREADGROUP on empty streams is not yet a consumer of
+    the group, so its start is seen in its CPU time instead.
+    """
+    deadline = time.monotonic() + 60
+    before = [process_cpu_s(p.pid) for p in procs]
+    while True:
+        await asyncio.sleep(0.5)
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise RuntimeError(f"a worker did not start; see {log}")
+        now = [process_cpu_s(p.pid) for p in procs]
+        if all(b - a < 0.1 for a, b in zip(before, now, strict=True)):
+            return
+        before = now
 
 
 @contextlib.contextmanager
@@ -285,12 +298,7 @@ async def pipeline_row(
         await backend.flush()
         await prepare(client, shards, [PIPELINE_GROUP])
         with workers(count, env, log) as procs:
-            deadline = time.monotonic() + 60
-            while await consumers(client, shards) < count:
-                if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError(f"a worker did not start; see {log}")
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(0.3)
+            await idle(procs, log)
             cpu0 = sum(process_cpu_s(p.pid) for p in procs)
             redis0 = await backend.cpu_s()
             started = time.perf_counter()
@@ -309,7 +317,7 @@ async def pipeline_row(
 
 
 async def in_process_row(
-    backend: Backend, name: str, orders: Sequence[Order], group: str, shards: int,
+    backend: Backend, name: str, orders: Sequence[Order], group: str, *, shards: int,
     run: Callable[[Client], Awaitable[int]],
 ) -> tuple[Row, float]:  # fmt: skip
     """A consumer in this process over pre-appended orders; also returns the append's Redis CPU."""
@@ -340,8 +348,8 @@ async def scenarios(
     orders = make_orders(args.orders, args.devices)
     rows = []
     ceiling_row, append_cpu_s = await in_process_row(
-        backend, "ceiling (read+ack, no work)", orders, CEILING_GROUP, shards,
-        lambda c: ceiling(c, len(orders), shards, args.batch),
+        backend, "ceiling (read+ack, no work)", orders, CEILING_GROUP, shards=shards,
+        run=lambda c: ceiling(c, len(orders), shards, args.batch),
     )  # fmt: skip
     rows.append(ceiling_row)
     async with MqttClient(MqttUrl.parse(broker.url), client_id=f"naive-{uuid.uuid4().hex[:8]}",
@@ -349,8 +357,8 @@ async def scenarios(
         await mqtt.wait_connected()
         naive_orders = orders[: args.naive_orders]
         naive_row, _ = await in_process_row(
-            backend, "naive (per-order commands)", naive_orders, NAIVE_GROUP, shards,
-            lambda c: naive(c, mqtt, len(naive_orders), shards),
+            backend, "naive (per-order commands)", naive_orders, NAIVE_GROUP, shards=shards,
+            run=lambda c: naive(c, mqtt, len(naive_orders), shards),
         )  # fmt: skip
         rows.append(naive_row)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
@@ -371,11 +379,39 @@ async def scenarios(
 
 @contextlib.contextmanager
 def cluster_backend(workdir: Path) -> Iterator[Backend]:
-    """A 3-master cluster on loopback (the tests' helper)."""
-    from tests.bridge.conftest import running_cluster  # noqa: PLC0415 (bench-only dependency)
-
-    with running_cluster(workdir) as ports:
+    """A 3-master Redis Cluster on loopback (ports whose bus port, +10000, is free too)."""
+    nodes: list[RedisProcess] = []
+    try:
+        while len(nodes) < 3:
+            port = free_port()
+            if port > 55535 or port_is_open(port + 10000):
+                continue
+            node = RedisProcess(workdir / str(port), port, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+            ))  # fmt: skip
+            node.start()
+            nodes.append(node)
+        ports = [node.port for node in nodes]
+        subprocess.run(
+            [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes",
+             *[f"127.0.0.1:{port}" for port in ports]],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in _cluster_info(port) for port in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not come up")
+            time.sleep(0.1)
         yield Backend("3 masters", f"redis://127.0.0.1:{ports[0]}/0", True, ports)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def _cluster_info(port: int) -> bytes:
+    done = subprocess.run([find_binary("redis-cli"), "-p", str(port), "cluster", "info"],
+                          capture_output=True, timeout=10, check=False)  # fmt: skip
+    return done.stdout
 
 
 def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
@@ -388,8 +424,9 @@ def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
     for row in rows:
         base = next(r for r in rows if r.backend == row.backend and r.name.startswith("ceiling"))
         slow = next(r for r in rows if r.backend == row.backend and r.name.startswith("naive"))
-        print(f"{row.backend:10} {row.name:34} {row.rate:9.0f} {row.rate / base.rate:10.1%} "
-              f"{row.rate / slow.rate:8.1f}x {row.redis_us:14.1f} {row.consumer_us:15.1f}")  # fmt: skip
+        ratios = f"{row.rate / base.rate:10.1%} {row.rate / slow.rate:8.1f}x"
+        print(f"{row.backend:10} {row.name:34} {row.rate:9.0f} {ratios} "
+              f"{row.redis_us:14.1f} {row.consumer_us:15.1f}")  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> None:

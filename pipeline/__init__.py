@@ -19,8 +19,8 @@ from .payment import PaymentGateway, SimulatedGateway
 from .records import OrderContext, order_histories, order_statuses, read_events
 from .status import MqttStatusPublisher, StatusPublisher, status_client
 from .status_query import StatusQueryResponder
-from .stock import stock_levels
 from .steps import Step, StepDeps, build_chain, register
+from .stock import stock_levels
 from .worker import Worker
 
 __all__ = [

@@ -41,33 +41,40 @@ return out
 #   maxlen, JSON list of
 #   [record, expected status ('' = no record yet), {field, value, ...} to HSET
 #    (status, reason, steps, updated_at, last_error; for a new record also its
-#    fixed fields and its history), history lines to append ('' = none: new
-#    records carry theirs in the fields), final status ('' = unchanged), step,
-#    reason, path (the batch's statuses, '>'-separated), order_id, device_id,
-#    device index, index member, order-id index],
+#    fixed fields and its history h:1..h:n and hn), history lines to append
+#    ({} for a new record), final status ('' = unchanged), step, reason, path
+#    (the batch's statuses, '>'-separated), order_id, device_id, device index,
+#    index member, order-id index],
 #   retention_ms.
 # Everything one batch did to an order, stored at once: a compare-and-set on
 # the status (statuses only move forward, so an equal status means nobody
-# stored anything in between) guards against a consumer that raced us. One
-# events entry per order and batch. Entering rejected/failed gives held stock
-# back in the same atomic step. An order that ends with retention_ms > 0 gets
-# its record expiring then, and an entry in the retention index (score: when)
-# so its index members go too.
+# stored anything in between) guards against a consumer that raced us.
+# Entering rejected/failed gives held stock back in the same atomic step. An
+# order that ends with retention_ms > 0 gets its record expiring then. Per
+# call (not per order): one events entry listing every order stored with a new
+# status, and one retention index entry (score: when) listing the index members
+# of the orders that ended, so the worker can drop them once the records expired.
 # Returns per order 1 (stored) or -1 (the record moved under us: nothing stored).
 COMMIT: Final = """
 local events, stock, now, maxlen, out = KEYS[1], KEYS[2], ARGV[1], ARGV[2], {}
 local at = tonumber(now)
 local keep = tonumber(ARGV[4] or '0')
+local changed, ended = {}, {}
 for _, o in ipairs(cjson.decode(ARGV[3])) do
   local rec, expected, fields, lines, final = o[1], o[2], o[3], o[4], o[5]
   local status = redis.call('HGET', rec, 'status')
   if (expected == '' and status) or (expected ~= '' and status ~= expected) then
     out[#out + 1] = -1
   else
-    if lines ~= '' then
-      local before = redis.call('HGET', rec, 'history')
-      fields[#fields + 1] = 'history'
-      fields[#fields + 1] = before and (before .. '\\n' .. lines) or lines
+    if #lines > 0 then
+      local n = tonumber(redis.call('HGET', rec, 'hn') or '0')
+      for _, line in ipairs(lines) do
+        n = n + 1
+        fields[#fields + 1] = 'h:' .. n
+        fields[#fields + 1] = line
+      end
+      fields[#fields + 1] = 'hn'
+      fields[#fields + 1] = n
     end
     if #fields > 0 then redis.call('HSET', rec, unpack(fields)) end
     if expected == '' then
@@ -75,9 +82,7 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
       redis.call('SADD', o[13], o[10])
     end
     if final ~= '' then
-      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'order_id', o[9],
-        'device_id', o[10], 'status', final, 'step', o[6], 'reason', o[7], 'path', o[8],
-        'at', now)
+      changed[#changed + 1] = {o[9], o[10], final, o[6], o[7], o[8]}
       if (final == 'rejected' or final == 'failed')
           and redis.call('HGET', rec, 'res') == 'held' then
         local all = redis.call('HGETALL', rec)
@@ -90,11 +95,18 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
       end
       if keep > 0 and (final == 'rejected' or final == 'failed' or final == 'fulfilled') then
         redis.call('PEXPIRE', rec, keep)
-        redis.call('ZADD', KEYS[3], at + keep, cjson.encode({o[11], o[12], o[13], o[10]}))
+        ended[#ended + 1] = {o[11], o[12], o[13], o[10]}
       end
     end
     out[#out + 1] = 1
   end
+end
+if #changed > 0 then
+  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'at', now,
+    'orders', cjson.encode(changed))
+end
+if #ended > 0 then
+  redis.call('ZADD', KEYS[3], at + keep, now .. ':' .. cjson.encode(ended))
 end
 return out
 """
@@ -202,19 +214,23 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, ARGV[3]}
 """
 
-# KEYS: a shard's retention index. ARGV: now_ms, limit. Removes the index members
-# of up to `limit` orders whose retention ended (their records expired by TTL
-# meanwhile): the device index member and the device in the order-id set.
-# Returns how many.
+# KEYS: a shard's retention index. ARGV: now_ms, limit. For up to `limit`
+# retention entries that are due (each lists the orders one commit ended; their
+# records expired by TTL meanwhile) removes each order's device index member and
+# its device from the order-id set. Returns how many orders.
 FORGET: Final = """
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+local n = 0
 for _, member in ipairs(due) do
-  local o = cjson.decode(member)
-  redis.call('ZREM', o[1], o[2])
-  redis.call('SREM', o[3], o[4])
+  local list = cjson.decode(string.sub(member, string.find(member, ':', 1, true) + 1))
+  for _, o in ipairs(list) do
+    redis.call('ZREM', o[1], o[2])
+    redis.call('SREM', o[3], o[4])
+    n = n + 1
+  end
   redis.call('ZREM', KEYS[1], member)
 end
-return #due
+return n
 """
 
 _SOURCES: Final = {

@@ -18,7 +18,9 @@ from typing import Final
 
 from schemas.names import shard_of
 
-EVENTS_MAXLEN: Final = 1_000_000  # across all shards' events streams together
+# Entries across all shards' events streams together; an entry lists one commit's
+# orders (up to a batch), so this keeps the events of 100,000 to ~10,000,000 orders.
+EVENTS_MAXLEN: Final = 100_000
 CATALOG_KEY: Final = "pipeline:catalog"  # hash sku -> unit price (minor units)
 CATALOG_META_KEY: Final = "pipeline:catalog:meta"  # hash: currency, loaded_at
 # Dead letters of accepted orders: never trimmed; only replay or an operator's resolve
@@ -51,7 +53,7 @@ def order_key(device_id: str, order_id: str, shards: int) -> str:
     """``order:{N}:{device_id}:{order_id}``: the order's record (a hash).
 
     Holds the order's fixed fields, its status, the steps it passed (``steps``), its
-    history (``history``: JSON lines, oldest first) and the stock it holds
+    history (``h:1`` … ``h:{hn}``: ``[status, step, reason, at]``) and the stock it holds
     (``res`` = held/released, ``res:{sku}`` = units). Order ids are unique per
     device only (the contract), so the key carries both; neither id may contain
     ``:`` or braces, so keys cannot collide.
@@ -73,13 +75,13 @@ def device_index_key(device_id: str, shards: int) -> str:
 
 
 def events_key(shard: int) -> str:
-    """``orders:{N}:events``: one entry per order and batch that changed it (capped)."""
+    """``orders:{N}:events``: one entry per commit, listing the orders it moved (capped)."""
     return f"orders:{shard_tag(shard)}:events"
 
 
 def events_maxlen(shards: int) -> int:
     """Each shard's events cap: :data:`EVENTS_MAXLEN` shared out."""
-    return max(1000, EVENTS_MAXLEN // max(1, shards))
+    return max(100, EVENTS_MAXLEN // max(1, shards))
 
 
 def stock_key(shard: int) -> str:

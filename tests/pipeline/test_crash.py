@@ -128,6 +128,7 @@ CRASH_RUNS = [("single", (480, 3)), ("cluster", (200, 2))]  # (orders, kills)
 )
 async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     aredis: Any,
+    *,
     config: PipelineConfig,
     processes: list[subprocess.Popen[bytes]],
     status_listener: StatusListener,

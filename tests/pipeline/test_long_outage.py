@@ -155,7 +155,8 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
             assert set(seen) == set(refs)
             assert max(seen.values()) == 1, "an order was appended twice"
             for device, order_id in refs:
-                history = parse_history(client.hget(order_key(device, order_id, SHARDS), "history"))
+                raw = client.hgetall(order_key(device, order_id, SHARDS))
+                history = parse_history({k.decode(): v.decode() for k, v in raw.items()})
                 finals = [h for h in history if h["status"] == "fulfilled"]
                 assert len(finals) == 1, (device, order_id, history)
         assert {r.result for _d, r in receipts.snapshot()} <= {"accepted", "duplicate"}
