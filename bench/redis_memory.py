@@ -151,7 +151,7 @@ async def run(args: argparse.Namespace) -> None:
                     ("  record hash (with history and reservation)", record),
                     ("  device index (per order)", device_index * args.devices / n),
                     ("  order-id index set", id_index),
-                    ("  events streams (capped at 1M entries in all)", events / n),
+                    ("  events streams (one entry per commit, capped)", events / n),
                     ("  retention index entry", retention / n),
                 ]
 

@@ -95,7 +95,7 @@ for _, o in ipairs(cjson.decode(ARGV[3])) do
       end
       if keep > 0 and (final == 'rejected' or final == 'failed' or final == 'fulfilled') then
         redis.call('PEXPIRE', rec, keep)
-        ended[#ended + 1] = {o[11], o[12], o[13], o[10]}
+        ended[#ended + 1] = {o[10], o[12]}
       end
     end
     out[#out + 1] = 1
@@ -134,21 +134,17 @@ for _, o in ipairs(cjson.decode(ARGV[1])) do
       if not need[sku] then need[sku] = 0; skus[#skus + 1] = sku end
       need[sku] = need[sku] + tonumber(lines[j + 1])
     end
-    local have = redis.call('HMGET', KEYS[1], unpack(skus))
-    local short = {}
+    local held, short, left = {'res', 'held'}, {}, {}
     for j, sku in ipairs(skus) do
-      local left = tonumber(have[j] or '0')
-      if left < need[sku] then short[#short + 1] = sku .. '=' .. (need[sku] - left) end
+      left[j] = redis.call('HINCRBY', KEYS[1], sku, -need[sku])
+      if left[j] < 0 then short[#short + 1] = sku .. '=' .. (-left[j]) end
+      held[#held + 1] = 'res:' .. sku
+      held[#held + 1] = need[sku]
     end
     if #short > 0 then
+      for _, sku in ipairs(skus) do redis.call('HINCRBY', KEYS[1], sku, need[sku]) end
       out[#out + 1] = 'short:' .. table.concat(short, ',')
     else
-      local held = {'res', 'held'}
-      for _, sku in ipairs(skus) do
-        redis.call('HINCRBY', KEYS[1], sku, -need[sku])
-        held[#held + 1] = 'res:' .. sku
-        held[#held + 1] = need[sku]
-      end
       redis.call('HSET', rec, unpack(held))
       out[#out + 1] = 'reserved'
     end
@@ -214,18 +210,21 @@ redis.call('XDEL', KEYS[1], ARGV[1])
 return {1, ARGV[3]}
 """
 
-# KEYS: a shard's retention index. ARGV: now_ms, limit. For up to `limit`
-# retention entries that are due (each lists the orders one commit ended; their
-# records expired by TTL meanwhile) removes each order's device index member and
-# its device from the order-id set. Returns how many orders.
+# KEYS: a shard's retention index. ARGV: now_ms, limit, the shard's hash tag
+# ("{N}"). For up to `limit` retention entries that are due (each lists the
+# [device_id, index member] of the orders one commit ended; their records
+# expired by TTL meanwhile) removes each order's device index member and its
+# device from the order-id set (key names as pipeline.names builds them).
+# Returns how many orders.
 FORGET: Final = """
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
-local n = 0
+local n, tag = 0, ARGV[3]
 for _, member in ipairs(due) do
   local list = cjson.decode(string.sub(member, string.find(member, ':', 1, true) + 1))
   for _, o in ipairs(list) do
-    redis.call('ZREM', o[1], o[2])
-    redis.call('SREM', o[3], o[4])
+    local device, order_id = o[1], string.sub(o[2], 22)
+    redis.call('ZREM', 'device:' .. tag .. ':' .. device .. ':orders', o[2])
+    redis.call('SREM', 'order-id:' .. tag .. ':' .. order_id .. ':devices', device)
     n = n + 1
   end
   redis.call('ZREM', KEYS[1], member)

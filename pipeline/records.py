@@ -34,6 +34,7 @@ from .names import (
     order_devices_key,
     order_key,
     retention_key,
+    shard_tag,
     stock_key,
 )
 
@@ -291,7 +292,8 @@ async def forget_expired(
 ) -> int:
     """Drop index members of orders whose retention ended; returns how many orders."""
     at = now_ms() if now is None else now
-    calls = [([retention_key(shard)], [at, limit]) for shard in range(shards)]  # limit: commits
+    # limit: retention entries (commits), each listing the orders one commit ended
+    calls = [([retention_key(shard)], [at, limit, shard_tag(shard)]) for shard in range(shards)]
     return sum(int(n) for n in await run_calls(client, scripts, "forget", calls))
 
 
