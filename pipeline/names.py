@@ -61,6 +61,16 @@ def order_key(device_id: str, order_id: str, shards: int) -> str:
     return f"order:{tag(device_id, shards)}:{device_id}:{order_id}"
 
 
+def order_key_in(shard: int, device_id: str, order_id: str) -> str:
+    """:func:`order_key` when the device's shard is already known."""
+    return f"order:{{{shard}}}:{device_id}:{order_id}"
+
+
+def device_index_key_in(shard: int, device_id: str) -> str:
+    """:func:`device_index_key` when the device's shard is already known."""
+    return f"device:{{{shard}}}:{device_id}:orders"
+
+
 def order_devices_key(order_id: str, shard: int) -> str:
     """``order-id:{N}:{order_id}:devices``: shard N's devices with an order of this id (a set).
 

@@ -28,11 +28,12 @@ from ._calls import AnyRedis, run_calls
 from ._lua import Scripts
 from .names import (
     TERMINAL_STATUSES,
-    device_index_key,
+    device_index_key_in,
     events_key,
     events_maxlen,
     order_devices_key,
     order_key,
+    order_key_in,
     retention_key,
     shard_tag,
     stock_key,
@@ -164,8 +165,11 @@ async def load(
     An order without a record starts ``received``; its record is created by
     :func:`commit`.
     """
-    keys = [order_key(order.device_id, order.order_id, shards) for _entry, order in batch]
     shard_list = [shard_of(order.device_id, shards) for _entry, order in batch]
+    keys = [
+        order_key_in(shard, order.device_id, order.order_id)
+        for (_entry, order), shard in zip(batch, shard_list, strict=True)
+    ]
     groups = by_shard(range(len(batch)), shard_list)
     calls = [
         ([stock_key(shard)], [_json([keys[i] for i in members])])
@@ -207,7 +211,7 @@ def parse_history(record: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
-def _row(ctx: OrderContext, now: int, shards: int) -> tuple[Any, ...]:
+def _row(ctx: OrderContext, now: int) -> tuple[Any, ...]:
     order = ctx.order
     dev, oid = order.device_id, order.order_id
     stamp = str(now)
@@ -234,8 +238,8 @@ def _row(ctx: OrderContext, now: int, shards: int) -> tuple[Any, ...]:
         final, step, reason = ctx.changes[-1]
         path = ">".join(status for status, _step, _reason in ctx.changes)
     return (
-        order_key(dev, oid, shards), ctx.stored or "", fields, lines, final, step, reason,
-        path, oid, dev, device_index_key(dev, shards), index_member(order.seq, oid),
+        order_key_in(ctx.shard, dev, oid), ctx.stored or "", fields, lines, final, step, reason,
+        path, oid, dev, device_index_key_in(ctx.shard, dev), index_member(order.seq, oid),
         order_devices_key(oid, ctx.shard),
     )  # fmt: skip
 
@@ -265,7 +269,7 @@ async def commit(
     calls = [
         (
             [events_key(shard), stock_key(shard), retention_key(shard)],
-            [now, maxlen, _json([_row(todo[i], now, shards) for i in members]), retention_ms],
+            [now, maxlen, _json([_row(todo[i], now) for i in members]), retention_ms],
         )
         for shard, members in groups.items()
     ]

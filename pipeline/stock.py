@@ -34,7 +34,7 @@ from servicekit.clock import now_ms
 
 from ._calls import AnyRedis, run_calls
 from ._lua import Scripts
-from .names import order_key, stock_key, transfer_in_key, transfers_key
+from .names import order_key_in, stock_key, transfer_in_key, transfers_key
 from .records import OrderContext, by_shard, text
 from .steps import Step, StepDeps, register
 
@@ -65,7 +65,7 @@ async def reserve(
         (
             [stock_key(shard)],
             [msgspec.json.encode([
-                (order_key(batch[i].order.device_id, batch[i].order.order_id, shards),
+                (order_key_in(batch[i].shard, batch[i].order.device_id, batch[i].order.order_id),
                  [v for item in batch[i].order.items for v in (item.sku, str(item.qty))])
                 for i in members
             ])],

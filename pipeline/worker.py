@@ -439,7 +439,8 @@ class Worker:
 def _entries(reply: Any) -> list[StreamEntry]:
     """An XREADGROUP reply as stream entries."""
     return [
-        StreamEntry(text(stream), text(entry_id), {text(k): v for k, v in fields.items()})
+        # Keys come as bytes (the client does not decode responses).
+        StreamEntry(stream.decode(), entry_id.decode(), {k.decode(): v for k, v in fields.items()})
         for stream, rows in reply or []
         for entry_id, fields in rows
     ]
