@@ -450,7 +450,7 @@ def main() -> None:
     """Parse flags and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--orders", type=int, default=20_000)
-    parser.add_argument("--naive-orders", type=int, default=2_000)
+    parser.add_argument("--naive-orders", type=int, default=1_000)
     parser.add_argument("--devices", type=int, default=500)
     parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS)
     parser.add_argument("--batch", type=int, default=100, help="XREADGROUP COUNT per shard")

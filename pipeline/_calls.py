@@ -26,6 +26,14 @@ def is_cluster(client: AnyRedis) -> bool:
     return isinstance(client, RedisCluster)
 
 
+def call_plan(client: AnyRedis, shards: Sequence[int]) -> list[list[int]]:
+    """The shards each script call covers: all of a batch's in one call on a single
+    Redis; one per call on a cluster, where each call must stay in one slot."""
+    if is_cluster(client):
+        return [[shard] for shard in shards]
+    return [list(shards)] if shards else []
+
+
 async def run_calls(
     client: AnyRedis, scripts: ScriptSet, name: str, calls: Sequence[Call]
 ) -> list[Any]:

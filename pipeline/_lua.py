@@ -1,7 +1,8 @@
 """The pipeline's Lua scripts: every state change of an order is one of these, atomic in Redis.
 
-Each works on one shard's orders of a batch in one EVALSHA (the worker sends
-a batch's calls, one per shard, in one pipeline: one round trip). They run by
+Each works on a whole batch in one EVALSHA on a single Redis; on a cluster,
+on one shard's orders per call (the calls go out in one pipeline: one round
+trip). They run by
 SHA1 through :class:`servicekit.redis_scripts.ScriptSet` (EVALSHA, SCRIPT LOAD
 again on NOSCRIPT), the same helper the bridge uses; running a script again is
 safe because every one is idempotent.
@@ -20,7 +21,8 @@ from typing import Final
 
 from servicekit.redis_scripts import ScriptSet
 
-# KEYS: any key of the shard's slot (routing only). ARGV: JSON list of record keys.
+# KEYS: a key of each shard's slot the call covers (routing). ARGV: JSON list of
+# record keys.
 # Read-only. Returns per order {} when it has no record yet (a record holding only
 # a reservation counts as none: the order was never stored), else
 # {status, reason, steps done (comma-separated)}.
@@ -37,8 +39,9 @@ end
 return out
 """
 
-# KEYS: the shard's events stream, stock, retention index. ARGV: now_ms, events
-#   maxlen, JSON list of
+# KEYS: events stream, stock and retention index of each shard the call covers.
+# ARGV: now_ms, events maxlen, JSON list of one group per shard
+#   [events stream, stock, retention index, rows], each row
 #   [record, expected status ('' = no record yet), {field, value, ...} to HSET
 #    (status, reason, steps, updated_at, last_error; for a new record also its
 #    fixed fields and its history h:1..h:n and hn), history lines to append
@@ -51,16 +54,20 @@ return out
 # stored anything in between) guards against a consumer that raced us.
 # Entering rejected/failed gives held stock back in the same atomic step. An
 # order that ends with retention_ms > 0 gets its record expiring then. Per
-# call (not per order): one events entry listing every order stored with a new
-# status, and one retention index entry (score: when) listing the index members
-# of the orders that ended, so the worker can drop them once the records expired.
-# Returns per order 1 (stored) or -1 (the record moved under us: nothing stored).
+# shard and call (not per order): one events entry listing every order stored
+# with a new status, and one retention index entry (score: when) listing the
+# orders that ended, so the worker can drop their index members once the
+# records expired.
+# Returns per order, in the order given, 1 (stored) or -1 (the record moved
+# under us: nothing stored).
 COMMIT: Final = """
-local events, stock, now, maxlen, out = KEYS[1], KEYS[2], ARGV[1], ARGV[2], {}
+local now, maxlen, out = ARGV[1], ARGV[2], {}
 local at = tonumber(now)
 local keep = tonumber(ARGV[4] or '0')
+for _, g in ipairs(cjson.decode(ARGV[3])) do
+local events, stock, retention = g[1], g[2], g[3]
 local changed, ended = {}, {}
-for _, o in ipairs(cjson.decode(ARGV[3])) do
+for _, o in ipairs(g[4]) do
   local rec, expected, fields, lines, final = o[1], o[2], o[3], o[4], o[5]
   local status = redis.call('HGET', rec, 'status')
   if (expected == '' and status) or (expected ~= '' and status ~= expected) then
@@ -106,12 +113,14 @@ if #changed > 0 then
     'orders', cjson.encode(changed))
 end
 if #ended > 0 then
-  redis.call('ZADD', KEYS[3], at + keep, now .. ':' .. cjson.encode(ended))
+  redis.call('ZADD', retention, at + keep, now .. ':' .. cjson.encode(ended))
+end
 end
 return out
 """
 
-# KEYS: the shard's stock. ARGV: JSON list of [record, {sku, qty, sku, qty, ...}].
+# KEYS: the stock of each shard the call covers. ARGV: JSON list of
+# [record, {sku, qty, sku, qty, ...}, the order's shard's stock].
 # Idempotent per order: a held or released reservation is never made again, and
 # a terminal order never reserves. All lines or none; the reservation lives in
 # the order's record (`res`, `res:{sku}`).
@@ -120,7 +129,7 @@ return out
 RESERVE: Final = """
 local out = {}
 for _, o in ipairs(cjson.decode(ARGV[1])) do
-  local rec, lines = o[1], o[2]
+  local rec, lines, stock = o[1], o[2], o[3]
   local f = redis.call('HMGET', rec, 'res', 'status')
   local state, status = f[1], f[2]
   if state then
@@ -136,13 +145,13 @@ for _, o in ipairs(cjson.decode(ARGV[1])) do
     end
     local held, short, left = {'res', 'held'}, {}, {}
     for j, sku in ipairs(skus) do
-      left[j] = redis.call('HINCRBY', KEYS[1], sku, -need[sku])
+      left[j] = redis.call('HINCRBY', stock, sku, -need[sku])
       if left[j] < 0 then short[#short + 1] = sku .. '=' .. (-left[j]) end
       held[#held + 1] = 'res:' .. sku
       held[#held + 1] = need[sku]
     end
     if #short > 0 then
-      for _, sku in ipairs(skus) do redis.call('HINCRBY', KEYS[1], sku, need[sku]) end
+      for _, sku in ipairs(skus) do redis.call('HINCRBY', stock, sku, need[sku]) end
       out[#out + 1] = 'short:' .. table.concat(short, ',')
     else
       redis.call('HSET', rec, unpack(held))

@@ -24,7 +24,7 @@ from schemas import Order
 from schemas.names import shard_of
 from servicekit.clock import now_ms
 
-from ._calls import AnyRedis, run_calls
+from ._calls import AnyRedis, call_plan, run_calls
 from ._lua import Scripts
 from .names import (
     TERMINAL_STATUSES,
@@ -171,14 +171,15 @@ async def load(
         for (_entry, order), shard in zip(batch, shard_list, strict=True)
     ]
     groups = by_shard(range(len(batch)), shard_list)
+    plan = call_plan(client, list(groups))
     calls = [
-        ([stock_key(shard)], [_json([keys[i] for i in members])])
-        for shard, members in groups.items()
-    ]
+        ([stock_key(shard) for shard in part],
+         [_json([keys[i] for shard in part for i in groups[shard]])])
+        for part in plan
+    ]  # fmt: skip
     replies: list[Any] = [None] * len(batch)
-    for members, reply in zip(groups.values(), await run_calls(client, scripts, "load", calls),
-                              strict=True):  # fmt: skip
-        for i, one in zip(members, reply, strict=True):
+    for part, reply in zip(plan, await run_calls(client, scripts, "load", calls), strict=True):
+        for i, one in zip([i for shard in part for i in groups[shard]], reply, strict=True):
             replies[i] = one
     out = []
     for (entry, order), shard, reply in zip(batch, shard_list, replies, strict=True):
@@ -265,18 +266,24 @@ async def commit(
         return []
     now = now_ms()
     groups = by_shard(range(len(todo)), [ctx.shard for ctx in todo])
+    plan = call_plan(client, list(groups))
     maxlen = events_maxlen(shards)
     calls = [
         (
-            [events_key(shard), stock_key(shard), retention_key(shard)],
-            [now, maxlen, _json([_row(todo[i], now) for i in members]), retention_ms],
+            [key for shard in part
+             for key in (events_key(shard), stock_key(shard), retention_key(shard))],
+            [now, maxlen, _json([
+                (events_key(shard), stock_key(shard), retention_key(shard),
+                 [_row(todo[i], now) for i in groups[shard]])
+                for shard in part
+            ]), retention_ms],
         )
-        for shard, members in groups.items()
-    ]
+        for part in plan
+    ]  # fmt: skip
     replies = await run_calls(client, scripts, "commit", calls)
     stored = []
-    for members, codes in zip(groups.values(), replies, strict=True):
-        for i, code in zip(members, codes, strict=True):
+    for part, codes in zip(plan, replies, strict=True):
+        for i, code in zip([i for shard in part for i in groups[shard]], codes, strict=True):
             ctx = todo[i]
             if code == -1:
                 ctx.stale = True

@@ -32,7 +32,7 @@ import structlog
 
 from servicekit.clock import now_ms
 
-from ._calls import AnyRedis, run_calls
+from ._calls import AnyRedis, call_plan, run_calls
 from ._lua import Scripts
 from .names import order_key_in, stock_key, transfer_in_key, transfers_key
 from .records import OrderContext, by_shard, text
@@ -55,27 +55,29 @@ def split(units: int, shards: int) -> list[int]:
 async def reserve(
     client: AnyRedis, scripts: Scripts, batch: Sequence[OrderContext], *, shards: int
 ) -> list[str]:
-    """Reserve each order's lines, in batch order, one script call per shard.
+    """Reserve each order's lines, in batch order: one script call (one per shard on a cluster).
 
     Returns one result per order: ``reserved`` (now), ``held`` (earlier),
     ``released``, ``terminal`` or ``short:<sku>=<missing>,…``.
     """
     groups = by_shard(range(len(batch)), [ctx.shard for ctx in batch])
+    plan = call_plan(client, list(groups))
     calls = [
         (
-            [stock_key(shard)],
+            [stock_key(shard) for shard in part],
             [msgspec.json.encode([
                 (order_key_in(batch[i].shard, batch[i].order.device_id, batch[i].order.order_id),
-                 [v for item in batch[i].order.items for v in (item.sku, str(item.qty))])
-                for i in members
+                 [v for item in batch[i].order.items for v in (item.sku, str(item.qty))],
+                 stock_key(batch[i].shard))
+                for shard in part for i in groups[shard]
             ])],
         )
-        for shard, members in groups.items()
+        for part in plan
     ]  # fmt: skip
     out = [""] * len(batch)
-    for members, replies in zip(groups.values(), await run_calls(client, scripts, "reserve",
-                                                                 calls), strict=True):  # fmt: skip
-        for i, reply in zip(members, replies, strict=True):
+    for part, replies in zip(plan, await run_calls(client, scripts, "reserve", calls),
+                             strict=True):  # fmt: skip
+        for i, reply in zip([i for shard in part for i in groups[shard]], replies, strict=True):
             out[i] = text(reply)
     return out
 
