@@ -45,7 +45,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port, port_is_open
+from fleet.servers import (
+    MosquittoProcess,
+    RedisProcess,
+    ServerError,
+    find_binary,
+    free_port,
+    port_is_open,
+)
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.names import CATALOG_KEY
 from schemas import Item, Order, Status, decode_order, encode
@@ -389,7 +396,11 @@ def cluster_backend(workdir: Path) -> Iterator[Backend]:
             node = RedisProcess(workdir / str(port), port, extra_args=(
                 "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
             ))  # fmt: skip
-            node.start()
+            try:
+                node.start()
+            except ServerError:  # the port or its bus port was taken meanwhile: another
+                node.kill()
+                continue
             nodes.append(node)
         ports = [node.port for node in nodes]
         subprocess.run(
