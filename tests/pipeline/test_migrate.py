@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 from pipeline.migrate import MIGRATED_STOCK_KEY, migrate
@@ -63,3 +65,16 @@ async def test_migrate_moves_stock_and_records_once(aredis: Any, device_id: str)
     again = await migrate(aredis, TEST_SHARDS)
     assert (again.skus, again.orders) == (0, 0)
     assert (await stock_levels(aredis, TEST_SHARDS, ["COLA-33"]))["COLA-33"] == 1001
+
+
+def test_cli_migrate_runs_and_refuses_a_cluster(redis_url: str) -> None:
+    """`order-pipeline migrate` exits 0 on a single Redis (nothing to move) and 2 with
+    --redis-cluster (the old layout never ran on one)."""
+    base = [sys.executable, "-m", "pipeline.cli", "migrate", "--redis-url", redis_url]
+    done = subprocess.run(base, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    assert b'"msg": "migrated"' in done.stderr
+    refused = subprocess.run([*base, "--redis-cluster"], capture_output=True,
+                             timeout=30, check=False)  # fmt: skip
+    assert refused.returncode == 2
+    assert b"single Redis of the old layout" in refused.stderr
