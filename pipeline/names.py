@@ -19,8 +19,9 @@ from typing import Final
 from schemas.names import shard_of
 
 # Entries across all shards' events streams together; an entry lists one commit's
-# orders (up to a batch), so this keeps the events of 100,000 to ~10,000,000 orders.
-EVENTS_MAXLEN: Final = 100_000
+# orders of a shard (1 to ~100), so this keeps the events of the last 30,000 to
+# ~3,000,000 orders, at most ~0.4 GB (~134 B per order).
+EVENTS_MAXLEN: Final = 30_000
 CATALOG_KEY: Final = "pipeline:catalog"  # hash sku -> unit price (minor units)
 CATALOG_META_KEY: Final = "pipeline:catalog:meta"  # hash: currency, loaded_at
 # Dead letters of accepted orders: never trimmed; only replay or an operator's resolve
