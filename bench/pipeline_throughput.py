@@ -22,7 +22,7 @@ is measured on its own) and consumer (the worker processes' user + system
 time from ``/proc``, taken once they idle on empty streams, so start-up is not
 counted; the bench process itself for the ceiling and naive rows).
 
-    .venv/bin/python bench/pipeline_throughput.py            # ~60-90 s
+    .venv/bin/python bench/pipeline_throughput.py            # ~60-90 s on a quiet machine
     .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 2
 """
 
@@ -460,8 +460,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     """Parse flags and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--orders", type=int, default=20_000)
-    parser.add_argument("--naive-orders", type=int, default=1_000)
+    parser.add_argument("--orders", type=int, default=10_000)
+    parser.add_argument("--naive-orders", type=int, default=500)
     parser.add_argument("--devices", type=int, default=500)
     parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS)
     parser.add_argument("--batch", type=int, default=100, help="XREADGROUP COUNT per shard")
