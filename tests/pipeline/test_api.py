@@ -193,6 +193,7 @@ async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis)
     assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_health_metrics_and_openapi(aredis: aioredis.Redis) -> None:
     """/healthz answers, /metrics carries the per-shard gauges, /openapi.json is the document."""
     await asyncio.gather(*(aredis.xgroup_create(stream_key(s), "pipeline", id="0", mkstream=True)
