@@ -76,7 +76,8 @@ async def store_catalog(client: AnyRedis, catalog: Catalog, *, shards: int) -> N
         if catalog.items:
             pipe.hset(CATALOG_KEY, mapping={sku: i.price for sku, i in catalog.items.items()})
         pipe.hset(
-            CATALOG_META_KEY, mapping={"currency": catalog.currency or "", "loaded_at": now_ms()}
+            CATALOG_META_KEY,
+            mapping={"currency": catalog.currency or "", "loaded_at": now_ms(), "shards": shards},
         )
         await pipe.execute()
     await store_stock(client, {sku: i.stock for sku, i in catalog.items.items()}, shards)

@@ -46,7 +46,7 @@ from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
-from .names import order_key
+from .names import CATALOG_META_KEY, order_key
 from .records import (
     PUBLISHED_STATUSES,
     OrderContext,
@@ -117,6 +117,11 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
         await self.scripts.load(self.redis)
+        stock_shards = await self.redis.hget(CATALOG_META_KEY, "shards")
+        if stock_shards is not None and int(stock_shards) != self.shards:
+            # Stock parts of shards this deployment does not have are never reached.
+            log.error("catalog_shards_mismatch", catalog_shards=int(stock_shards),
+                      shards=self.shards, fix="catalog load --shards N")  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is always finished and acked.

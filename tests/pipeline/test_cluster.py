@@ -6,8 +6,10 @@ import re
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from pipeline._lua import Scripts
+from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.names import stock_key, transfers_key
 from pipeline.stock import settle_transfers, stock_levels
@@ -96,3 +98,18 @@ async def test_a_transfer_left_half_done_is_completed_once(
     assert await settle_transfers(aredis, scripts, shards=config.shards, older_than_ms=0) == 0
     assert await aredis.hget(stock_key(2), "A") == b"4"
     assert (await stock_levels(aredis, config.shards, ["A"]))["A"] == 10
+
+
+async def test_a_catalog_loaded_for_another_shard_count_is_reported(
+    aredis: Any, config: PipelineConfig, start_worker: WorkerFactory
+) -> None:
+    """Stock spread over 2 shards while the pipeline runs 4: the worker logs the mismatch
+    (parts of absent shards would never be reached)."""
+    items = {"COLA-33": CatalogItem(price=150, stock=10)}
+    await store_catalog(aredis, Catalog(items=items), shards=2)
+    with capture_logs() as logs:
+        worker = await start_worker()
+        await worker.setup()
+    mismatches = [e for e in logs if e["event"] == "catalog_shards_mismatch"]
+    assert mismatches
+    assert (mismatches[0]["catalog_shards"], mismatches[0]["shards"]) == (2, config.shards)
