@@ -2,10 +2,12 @@
 
 One worker per process (run as many processes as you like). Each loop turn
 either reclaims entries that idled in a dead consumer's pending list
-(``XAUTOCLAIM``) or reads new ones (``XREADGROUP``), then:
+(``XAUTOCLAIM``) or reads new ones (``XREADGROUP``; on a Redis Cluster one
+read per shard), then:
 
 1. decodes them (undecodable → DLQ at once) and loads each order's stored state
-   (one read-only script for the batch);
+   (one read-only script for the batch; on a cluster one per shard, every
+   script call staying in one slot);
 2. sorts the batch by device and ``seq`` and runs each step on the orders that
    still need it, in memory (stock reservation is its own atomic, idempotent
    script per batch);
