@@ -21,6 +21,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
     mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster (any node's URL): keys are hash-tagged per shard either way.
+    redis_cluster: bool = False
     http_port: int = 8082
     http_host: str = "127.0.0.1"
     # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
@@ -33,6 +35,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     steps: str = DEFAULT_STEPS
     batch_size: int = 100
     block_ms: int = 500
+    # Redis Cluster only: a worker cannot block on streams of several slots at once;
+    # while every shard is empty it polls them again after this pause.
+    idle_poll_ms: int = 10
     claim_idle_ms: int = 30_000
     claim_every_ms: int = 1_000
     max_deliveries: int = 5

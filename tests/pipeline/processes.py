@@ -22,7 +22,12 @@ def env_for(config: PipelineConfig, **overrides: Any) -> dict[str, str]:
         if name == "consumer" and not value:
             continue
         # A repeatable setting (a tuple) travels as a comma list (servicekit.config).
-        env[f"ORDERS_{name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
+        if isinstance(value, tuple):
+            env[f"ORDERS_{name.upper()}"] = ",".join(value)
+        else:
+            env[f"ORDERS_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
     return env
 
 

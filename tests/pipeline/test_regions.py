@@ -73,7 +73,7 @@ async def test_an_order_owned_elsewhere_is_proxied_from_its_region(
     await produce(aredis, order, TEST_SHARDS)
 
     async def processed() -> bool:
-        return await load_order(aredis, device_id, order.order_id) is not None
+        return await load_order(aredis, device_id, order.order_id, shards=TEST_SHARDS) is not None
 
     await eventually(processed, what="region A processed the order")
 
