@@ -57,6 +57,18 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str =
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
+def close_paho(client: paho.Client) -> None:
+    """Disconnect, stop the network thread and close paho's wake-up socket pair.
+
+    paho closes that pair only in ``Client.__del__``; when the client sits in a
+    reference cycle the collector may finalize the sockets first, and their
+    ResourceWarning then fails whichever test happens to be running.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()
+
+
 class Publisher:
     """A paho MQTT 5 client publishing at QoS 1 from its network thread."""
 
@@ -87,8 +99,7 @@ class Publisher:
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
 
 
 class ReceiptCollector:
@@ -123,8 +134,7 @@ class ReceiptCollector:
 
     def close(self) -> None:
         """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
 
 
 @pytest.fixture

@@ -129,7 +129,8 @@ async def dead_lettered_order(client: aioredis.Redis, device_id: str) -> tuple[s
         "payload": encode(order),
     }
     stream = stream_key(shard_of(device_id, SHARDS))
-    entry = StreamEntry(stream=stream, entry_id="1-1", fields=fields, deliveries=5)
+    # Dead-lettering is once per source entry, so each call needs its own entry id.
+    entry = StreamEntry(stream=stream, entry_id=f"{now_ms()}-1", fields=fields, deliveries=5)
     await dead_letter(
         client, Scripts(), [DeadLetter(entry, "max_deliveries", "PaymentGatewayDown: 503")]
     )
