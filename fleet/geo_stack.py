@@ -18,14 +18,22 @@ devices, local Redis and local brokers are untouched.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
-import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pipeline.catalog import read_catalog, store_catalog
+from pipeline.errors import PipelineError
 
 from .errors import FleetError
 from .geo_links import LinkHost
@@ -245,20 +253,21 @@ class GeoStack:
         return [name for name, link in self.links.links.items() if link.blackholed]
 
     def start(self) -> None:
-        """Start every region's servers and links, load each catalog, then the services."""
+        """Start every region's servers and links, load each catalog, then the services.
+
+        Parts of one kind start in parallel (each start waits until its part answers).
+        """
         self.links.start()
-        for region in self.regions:
-            region.redis.start()
-            region.broker.start()
+        _in_parallel([r.redis.start for r in self.regions] + [r.broker.start for r in self.regions])
         for r, s in itertools.permutations(self.regions, 2):
             name = link_name(r.name, s.name)
             self.links.add(name, ("127.0.0.1", s.redis.port), self.link_ports[name])
-        for region in self.regions:
-            load_catalog(region.redis_url, self.settings.catalog)
-        for region in self.regions:
-            for service in (region.bridge, region.pipeline):
-                if service is not None:
-                    service.start()
+        catalog = self.settings.catalog
+        _in_parallel([functools.partial(load_catalog, r.redis_url, catalog) for r in self.regions])
+        services = [s for r in self.regions for s in (r.bridge, r.pipeline) if s is not None]
+        # Two at a time: more Python services starting at once on a small machine
+        # miss their readiness deadline (fleet.servers.START_TIMEOUT_S).
+        _in_parallel([service.start for service in services], workers=2)
 
     def stop(self) -> None:
         """SIGTERM every service, then the servers, then the links."""
@@ -295,15 +304,28 @@ class GeoStack:
         self.stop()
 
 
+def _in_parallel(calls: Sequence[Callable[[], object]], workers: int = 0) -> None:
+    """Run the calls on threads; re-raise the first failure once all have finished."""
+    with ThreadPoolExecutor(max_workers=workers or max(1, len(calls))) as pool:
+        futures = [pool.submit(call) for call in calls]
+    for future in futures:
+        future.result()
+
+
 def load_catalog(redis_url: str, catalog: Path) -> None:
-    """``order-pipeline catalog load`` into one region's Redis (prices and stock are per region)."""
-    result = subprocess.run(
-        [console_script("order-pipeline"), "catalog", "load", str(catalog),
-         "--redis-url", redis_url],
-        capture_output=True, check=False, timeout=60,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise ServerError(f"catalog load failed: {result.stderr.decode(errors='replace')}")
+    """What ``order-pipeline catalog load`` does, in-process (a subprocess per region is slow)."""
+
+    async def store() -> None:
+        client = aioredis.from_url(redis_url)
+        try:
+            await store_catalog(client, read_catalog(catalog))
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(store())
+    except (RedisError, OSError, PipelineError) as exc:
+        raise ServerError(f"catalog load into {redis_url} failed: {exc}") from exc
 
 
 def parse_region_names(text: str, known: Sequence[str]) -> list[str]:
