@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError
 
 from .errors import FleetError
 from .geo_links import LinkHost
+from .powercut import CutReport, PowerCutMount
 from .servers import MosquittoProcess, RedisProcess, ServerError, ServerProcess, free_port
 from .services import ServiceProcess, console_script
 from .stack import DEMO_CATALOG
@@ -57,6 +58,9 @@ class GeoSettings:
     pipelines: bool = True
     # Extra flags for every bridge (cross-region timeouts in tests, say).
     bridge_args: tuple[str, ...] = ()
+    # Regions whose Redis keeps its files on a power-cut filesystem (fleet.powercut;
+    # needs /dev/fuse), for Region.power_cut.
+    redis_powercut: tuple[str, ...] = ()
     # Start the bridges and pipelines with the region flags (False: single-region
     # services, for the backward-compatibility test of a region-aware agent).
     region_flags: bool = True
@@ -79,7 +83,12 @@ class Region:
         self.workdir = workdir
         self.settings = settings
         self.broker = MosquittoProcess(workdir / "mosquitto")
-        self.redis = RedisProcess.production(workdir / "redis")
+        self.redis_disk: PowerCutMount | None = None
+        redis_args: tuple[str, ...] = ()
+        if name in settings.redis_powercut:
+            self.redis_disk = PowerCutMount(workdir / "redis-disk")
+            redis_args = ("--dir", str(self.redis_disk.path))  # a later --dir wins
+        self.redis = RedisProcess.production(workdir / "redis", extra_args=redis_args)
         self.bridge: ServiceProcess | None = None
         self.pipeline: ServiceProcess | None = None
         self.pipeline_port = free_port()
@@ -120,6 +129,20 @@ class Region:
         self.broker.start()
         if self.bridge is not None:
             self.bridge.start()
+
+    def power_cut(self) -> CutReport:
+        """Power cut of the Redis host: unsynced writes dropped, SIGKILL, power on, restart.
+
+        Raises:
+            FleetError: the region's Redis is not on a power-cut filesystem.
+        """
+        if self.redis_disk is None:
+            raise FleetError(f"region {self.name}: Redis is not on a power-cut disk")
+        report = self.redis_disk.cut()
+        self.redis.kill()
+        self.redis_disk.power_on()
+        self.redis.start()
+        return report
 
     @property
     def is_down(self) -> bool:
@@ -258,6 +281,9 @@ class GeoStack:
         Parts of one kind start in parallel (each start waits until its part answers).
         """
         self.links.start()
+        for region in self.regions:
+            if region.redis_disk is not None:
+                region.redis_disk.start()
         _in_parallel([r.redis.start for r in self.regions] + [r.broker.start for r in self.regions])
         for r, s in itertools.permutations(self.regions, 2):
             name = link_name(r.name, s.name)
@@ -278,6 +304,8 @@ class GeoStack:
         for region in self.regions:
             region.redis.stop()
             region.broker.stop()
+            if region.redis_disk is not None:
+                region.redis_disk.stop()
         self.links.stop()
 
     def pids(self) -> Iterator[int]:
