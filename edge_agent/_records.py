@@ -40,6 +40,7 @@ class Due(NamedTuple):
     order_id: str
     payload: bytes
     attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
+    regions: str = ""  # geo: the order's `attempts` so far, comma-separated (committed)
 
 
 class NewOrder(NamedTuple):
@@ -128,3 +129,4 @@ class Stats(NamedTuple):
     oldest_pending_ms: int | None
     total_rows: int
     awaiting_status: int = 0
+    awaiting_authority: int = 0  # geo: last answer was `pending` (authority unreachable)

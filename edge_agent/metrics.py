@@ -68,6 +68,12 @@ class AgentMetrics:
             ["loop"],
             registry=r,
         )
+        self.region_switches = Counter(
+            "edge_region_switches",
+            "Geo mode: region changes, by kind (failover, failback)",
+            ["kind"],
+            registry=r,
+        )
         self.connected = Gauge("edge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.pending = Gauge("edge_outbox_pending_orders", "Unreceipted orders", registry=r)
         self.pending_bytes = Gauge(

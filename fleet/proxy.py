@@ -3,6 +3,12 @@
 ``fleet-sim`` puts it between the simulated devices and the broker, then drops
 a fraction of the connections or refuses new ones for a while. It relays bytes
 untouched (TLS passes through).
+
+Blackhole mode (:meth:`TcpProxy.blackholing`, or :meth:`TcpProxy.set_blackhole`
+from another thread) stands for a network partition: connections stay open and
+new ones are accepted, but every byte either way is read and dropped, so the
+peers see silence (timeouts), never a reset. The geo tests put it between a
+bridge and another region's Redis.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -30,6 +36,7 @@ class ProxyStats:
     refused: int = 0
     dropped: int = 0
     open: int = 0
+    blackholed_bytes: int = 0  # read and thrown away while blackholing
 
 
 @dataclass(eq=False)
@@ -57,6 +64,7 @@ class TcpProxy:
         self._listen_port = listen_port
         self._links: set[_Link] = set()
         self._refusing = False
+        self._blackhole = False
         self._random = random.Random(seed)
         self._server: asyncio.Server | None = None
 
@@ -102,7 +110,41 @@ class TcpProxy:
         finally:
             self._refusing = False
 
+    @property
+    def blackhole(self) -> bool:
+        """True while every byte is dropped (a partition, not a reset)."""
+        return self._blackhole
+
+    def set_blackhole(self, on: bool) -> None:
+        """Start or end blackholing (a plain flag: safe to set from another thread)."""
+        self._blackhole = on
+        log.info("proxy blackhole", on=on)
+
+    @contextlib.asynccontextmanager
+    async def blackholing(self) -> AsyncIterator[None]:
+        """While inside, connections stay open but carry nothing either way."""
+        self.set_blackhole(True)
+        try:
+            yield
+        finally:
+            self.set_blackhole(False)
+
+    def _forward(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` goes through; counts what the blackhole eats."""
+        if self._blackhole:
+            self.stats.blackholed_bytes += len(chunk)
+            return False
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._blackhole:
+            # Accepted, never connected upstream: the client hears nothing, ever.
+            self.stats.accepted += 1
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(CHUNK_BYTES):
+                    self._forward(chunk)
+            writer.transport.abort()
+            return
         if self._refusing:
             self.stats.refused += 1
             writer.transport.abort()
@@ -118,8 +160,8 @@ class TcpProxy:
         self.stats.accepted += 1
         self.stats.open = len(self._links)
         link.tasks = [
-            asyncio.create_task(_pipe(reader, up_writer), name="proxy-up"),
-            asyncio.create_task(_pipe(up_reader, writer), name="proxy-down"),
+            asyncio.create_task(_pipe(reader, up_writer, self._forward), name="proxy-up"),
+            asyncio.create_task(_pipe(up_reader, writer, self._forward), name="proxy-down"),
         ]
         try:
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -132,8 +174,13 @@ class TcpProxy:
             self.stats.open = len(self._links)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    forward: Callable[[bytes], bool],
+) -> None:
     with contextlib.suppress(ConnectionError):
         while chunk := await reader.read(CHUNK_BYTES):
-            writer.write(chunk)
-            await writer.drain()
+            if forward(chunk):
+                writer.write(chunk)
+                await writer.drain()
