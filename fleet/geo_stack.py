@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pipeline.catalog import read_catalog, store_catalog
+from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 from .errors import FleetError
@@ -44,6 +45,8 @@ from .stack import DEMO_CATALOG
 
 REGION_NAMES = ("eu", "us", "ap")
 MAX_REGIONS = len(REGION_NAMES)
+# Several Python services start at once; on a crowded 2-core machine each may take 10 s+.
+SERVICE_START_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class GeoStack:
             for target in self.names:
                 argv += ["--region-redis", f"{target}={self.region_redis_url(region.name, target)}"]
         argv += s.bridge_args
-        return ServiceProcess("bridge", region.workdir / "bridge", argv)
+        return _service("bridge", region.workdir / "bridge", argv)
 
     def _pipeline(self, region: Region) -> ServiceProcess:
         s = self.settings
@@ -228,14 +231,13 @@ class GeoStack:
             "--shards", str(s.shards), "--workers", str(s.workers),
             "--claim-idle-ms", str(s.claim_idle_ms),
         ]  # fmt: skip
-        if s.region_flags:
+        # The pipeline's region flags, where this pipeline has them.
+        if s.region_flags and "region" in PipelineConfig.__struct_fields__:
             argv += ["--region", region.name]
             for other in self.regions:
                 if other is not region:
                     argv += ["--region-api", f"{other.name}={other.api_url}"]
-        return ServiceProcess(
-            "pipeline", region.workdir / "pipeline", argv, port=region.pipeline_port
-        )
+        return _service("pipeline", region.workdir / "pipeline", argv, port=region.pipeline_port)
 
     def urls(self) -> dict[str, str]:
         """Every part's URL, per region, for people poking at the rig."""
@@ -291,9 +293,7 @@ class GeoStack:
         catalog = self.settings.catalog
         _in_parallel([functools.partial(load_catalog, r.redis_url, catalog) for r in self.regions])
         services = [s for r in self.regions for s in (r.bridge, r.pipeline) if s is not None]
-        # Two at a time: more Python services starting at once on a small machine
-        # miss their readiness deadline (fleet.servers.START_TIMEOUT_S).
-        _in_parallel([service.start for service in services], workers=2)
+        _in_parallel([service.start for service in services])
 
     def stop(self) -> None:
         """SIGTERM every service, then the servers, then the links."""
@@ -330,6 +330,12 @@ class GeoStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _service(name: str, workdir: Path, argv: list[str], port: int | None = None) -> ServiceProcess:
+    service = ServiceProcess(name, workdir, argv, port=port)
+    service.start_timeout_s = SERVICE_START_TIMEOUT_S
+    return service
 
 
 def _in_parallel(calls: Sequence[Callable[[], object]], workers: int = 0) -> None:
