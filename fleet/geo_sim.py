@@ -93,7 +93,7 @@ class GeoResult:
         """The geo part of the report."""
         homes = ", ".join(f"{name}: {n}" for name, n in self.homes.items())
         out = [f"devices per home region: {homes}"]
-        out += [f"chaos @{t:,.0f}s {label}" for t, label in self.chaos.events]
+        out += [f"chaos @{t:,.0f}s {label}" for t, label in sorted(self.chaos.events)]
         out += self.verdict.lines()
         out.insert(
             -1,

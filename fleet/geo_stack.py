@@ -131,7 +131,7 @@ class Region:
         self.redis.start()
         self.broker.start()
         if self.bridge is not None:
-            self.bridge.start()
+            start_service(self.bridge)
 
     def power_cut(self) -> CutReport:
         """Power cut of the Redis host: unsynced writes dropped, SIGKILL, power on, restart.
@@ -293,7 +293,7 @@ class GeoStack:
         catalog = self.settings.catalog
         _in_parallel([functools.partial(load_catalog, r.redis_url, catalog) for r in self.regions])
         services = [s for r in self.regions for s in (r.bridge, r.pipeline) if s is not None]
-        _in_parallel([service.start for service in services])
+        _in_parallel([functools.partial(start_service, service) for service in services])
 
     def stop(self) -> None:
         """SIGTERM every service, then the servers, then the links."""
@@ -330,6 +330,22 @@ class GeoStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def start_service(service: ServiceProcess) -> None:
+    """Start a service; if its HTTP port was taken meanwhile, start it on a new one.
+
+    Only the broker and Redis ports are part of the rig's wiring; a service's
+    port just serves /metrics, and free loopback ports get reused by other
+    processes' outgoing connections while a service is down.
+    """
+    try:
+        service.start()
+    except ServerError:
+        if "address already in use" not in service.log_tail(5):
+            raise
+        service.port = free_port()
+        service.start()
 
 
 def _service(name: str, workdir: Path, argv: list[str], port: int | None = None) -> ServiceProcess:
