@@ -1,0 +1,110 @@
+"""GEO.md scenarios 1 and 2: a lost receipt then failover; a region down while orders flow."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from fleet.geo_links import LinkHost
+from fleet.geo_stack import GeoStack
+from fleet.geo_verify import verify_geo
+from fleet.servers import free_port
+from fleet.services import pid_alive
+
+from .conftest import entries, geo_agent, outbox, wait_until
+
+
+async def test_lost_receipt_then_failover_counts_the_order_once(
+    rig: GeoStack, tmp_path: Path, device_id: str
+) -> None:
+    """eu wrote X but its receipt is lost and eu's broker dies; us resends X into eu's Redis."""
+    eu, us = rig.region("eu"), rig.region("us")
+    with LinkHost() as host:
+        port = free_port()
+        host.add("device>eu", ("127.0.0.1", eu.broker.port), port)
+        regions = [("eu", f"mqtt://127.0.0.1:{port}"), ("us", us.mqtt_url)]
+        async with geo_agent(regions, tmp_path / "outbox.db", device_id=device_id) as agent:
+            await wait_until(lambda: agent.connected and agent.region == "eu", what="eu")
+            # Nothing comes back from eu from now on: no PUBACK, no receipt.
+            host.blackhole("device>eu", up=False, down=True)
+            order_id = await agent.submit()
+            ref = agent.ref(order_id)
+            await wait_until(lambda: entries(rig, ref)["eu"] == 1, what="X in eu's streams")
+            assert agent.results(order_id) == [], "the receipt was not held back"
+            broker_pid = eu.broker.pid
+            eu.broker.kill()
+            assert broker_pid is not None and not pid_alive(broker_pid)
+            host.reset("device>eu")  # the device's connection to eu dies with the broker
+            host.heal("device>eu")
+            await wait_until(lambda: agent.settled(order_id), what="X settled through us")
+            assert agent.region == "us"
+            assert agent.results(order_id) == ["duplicate"], "us did not answer from eu's Redis"
+            assert entries(rig, ref) == {"eu": 1, "us": 0}
+    assert outbox(tmp_path / "outbox.db")[order_id].attempts == ("eu", "us")
+
+
+async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
+    rig: GeoStack, tmp_path: Path, device_id: str
+) -> None:
+    """eu down: new orders finish in us at once; orders in doubt at eu stay at 0 and pending."""
+    eu, us = rig.region("eu"), rig.region("us")
+    window = 5  # the agents' in-flight window
+    async with (
+        geo_agent(rig.agent_regions("eu"), tmp_path / "a.db", device_id=f"{device_id}-a",
+                  max_inflight=window) as at_eu,
+        geo_agent(rig.agent_regions("us"), tmp_path / "b.db", device_id=f"{device_id}-b",
+                  max_inflight=window) as at_us,
+    ):  # fmt: skip
+        await wait_until(lambda: at_eu.connected and at_us.connected, what="agents connected")
+        # eu's bridge stops taking orders: what at_eu publishes now is in doubt when eu dies.
+        assert eu.bridge is not None and eu.bridge.pid is not None
+        os.kill(eu.bridge.pid, signal.SIGSTOP)
+        doubtful = [await at_eu.submit() for _ in range(window + 5)]
+        await asyncio.sleep(0.5)  # published (the window's worth), unanswered
+        killed = eu.down()
+        assert killed and not any(pid_alive(pid) for pid in killed)
+        # New orders from both devices are receipted in us while eu is down.
+        fresh = [await at_eu.submit() for _ in range(5)] + [await at_us.submit() for _ in range(5)]
+        took = await wait_until(
+            lambda: all(a.settled(o) for a, o in _owners(at_eu, at_us, fresh)),
+            timeout_s=30, what="new orders receipted in us while eu is down",
+        )  # fmt: skip
+        in_doubt = [o for o in doubtful if not at_eu.settled(o)]
+        # Only what was in flight at eu is in doubt; the rest of the queue moved on to us.
+        assert 0 < len(in_doubt) <= window, (len(in_doubt), window)
+        await wait_until(
+            lambda: all("pending" in at_eu.results(o) for o in in_doubt),
+            timeout_s=20, what="pending receipts for the orders in doubt",
+        )  # fmt: skip
+        assert all(sum(entries(rig, at_eu.ref(o)).values()) == 0 for o in in_doubt)
+        eu.up()
+        await wait_until(
+            lambda: all(at_eu.settled(o) for o in doubtful),
+            timeout_s=60, what="orders in doubt settled after eu returned",
+        )  # fmt: skip
+    accepted = [at_eu.ref(o) for o in doubtful] + [a.ref(o) for a, o in _owners(at_eu, at_us, fresh)]
+    rows = {at_eu.ref(k): v for k, v in outbox(tmp_path / "a.db").items()}
+    rows |= {at_us.ref(k): v for k, v in outbox(tmp_path / "b.db").items()}
+    verdict = await _verify(rig, accepted, rows)
+    assert not verdict.lost and not verdict.duplicated and not verdict.misplaced, verdict
+    assert not verdict.in_doubt, verdict
+    assert {rows[at_eu.ref(o)].attempts[0] for o in in_doubt} == {"eu"}
+    print(f"region down: new orders receipted in {took:.1f} s; in doubt {len(in_doubt)} "
+          f"(window {window})")  # fmt: skip
+
+
+def _owners(at_eu, at_us, order_ids):  # type: ignore[no-untyped-def]
+    return [(at_eu if i < 5 else at_us, o) for i, o in enumerate(order_ids)]
+
+
+async def _verify(rig: GeoStack, accepted, rows):  # type: ignore[no-untyped-def]
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    clients = {r.name: aioredis.from_url(r.redis_url) for r in rig.regions}
+    try:
+        return await verify_geo(clients, accepted, rows, shards=2, pipeline_writes=False)
+    finally:
+        for client in clients.values():
+            await client.aclose()
