@@ -28,12 +28,14 @@ from typing import Any
 import msgspec
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from edge_agent import AgentConfig
 from fleet.devices import Catalog, SimDevice
 from fleet.geo_stack import GeoSettings, GeoStack
-from fleet.geo_verify import OutboxRow, read_outbox_file
+from fleet.geo_verify import GeoVerdict, OutboxRow, read_outbox_file, verify_geo
 from fleet.stack import DEMO_CATALOG
+from fleet.statuses import order_statuses
 from fleet.tracker import Tracker
 from fleet.verify import OrderRef
 from schemas.names import stream_key
@@ -198,6 +200,25 @@ async def geo_agent(
     device = SimDevice(agent_config(device_id, regions, db, **overrides), tracker)
     async with device.agent:
         yield GeoAgent(device, tracker, db)
+
+
+async def verify_rig(
+    rig: GeoStack,
+    accepted: Sequence[OrderRef],
+    rows: dict[OrderRef, OutboxRow],
+    *,
+    statuses: bool = False,
+) -> GeoVerdict:
+    """:func:`fleet.geo_verify.verify_geo` over the rig's regions."""
+    clients = {r.name: aioredis.from_url(r.redis_url, socket_timeout=5) for r in rig.regions}
+    try:
+        return await verify_geo(
+            clients, accepted, rows, shards=SHARDS,
+            statuses=order_statuses if statuses else None, pipeline_writes=statuses,
+        )  # fmt: skip
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 def outbox(db: Path) -> dict[str, OutboxRow]:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from fleet.geo_links import LinkHost
 from fleet.geo_stack import GeoStack
-from fleet.geo_verify import verify_geo
 from fleet.servers import free_port
 from fleet.services import pid_alive
 
-from .conftest import entries, geo_agent, outbox, wait_until
+from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig, wait_until
 
 
 async def test_lost_receipt_then_failover_counts_the_order_once(
@@ -86,10 +85,12 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
             lambda: all(at_eu.settled(o) for o in doubtful),
             timeout_s=60, what="orders in doubt settled after eu returned",
         )  # fmt: skip
-    accepted = [at_eu.ref(o) for o in doubtful] + [a.ref(o) for a, o in _owners(at_eu, at_us, fresh)]
+    accepted = [at_eu.ref(o) for o in doubtful] + [
+        a.ref(o) for a, o in _owners(at_eu, at_us, fresh)
+    ]
     rows = {at_eu.ref(k): v for k, v in outbox(tmp_path / "a.db").items()}
     rows |= {at_us.ref(k): v for k, v in outbox(tmp_path / "b.db").items()}
-    verdict = await _verify(rig, accepted, rows)
+    verdict = await verify_rig(rig, accepted, rows)
     assert not verdict.lost and not verdict.duplicated and not verdict.misplaced, verdict
     assert not verdict.in_doubt, verdict
     assert {rows[at_eu.ref(o)].attempts[0] for o in in_doubt} == {"eu"}
@@ -97,16 +98,6 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
           f"(window {window})")  # fmt: skip
 
 
-def _owners(at_eu, at_us, order_ids):  # type: ignore[no-untyped-def]
+def _owners(at_eu: GeoAgent, at_us: GeoAgent, order_ids: list[str]) -> list[tuple[GeoAgent, str]]:
+    """The first five of ``order_ids`` are at_eu's, the rest at_us's."""
     return [(at_eu if i < 5 else at_us, o) for i, o in enumerate(order_ids)]
-
-
-async def _verify(rig: GeoStack, accepted, rows):  # type: ignore[no-untyped-def]
-    import redis.asyncio as aioredis  # noqa: PLC0415
-
-    clients = {r.name: aioredis.from_url(r.redis_url) for r in rig.regions}
-    try:
-        return await verify_geo(clients, accepted, rows, shards=2, pipeline_writes=False)
-    finally:
-        for client in clients.values():
-            await client.aclose()

@@ -35,8 +35,7 @@ async def test_sigstop_home_bridge_then_failover_then_sigcont(
     rig: GeoStack, tmp_path: Path, device_id: str, run: int
 ) -> None:
     """eu's bridge SIGSTOPped around X; X retried at us into eu's Redis; SIGCONT: count 1."""
-    rng = random.Random(SEED + run)
-    delay_s = rng.uniform(0.0, 0.15)
+    delay_s = _delay(SEED + run, run)
     eu = rig.region("eu")
     assert eu.bridge is not None and eu.bridge.pid is not None
     async with _monitor(rig) as monitor:
@@ -56,6 +55,8 @@ async def test_sigstop_home_bridge_then_failover_then_sigcont(
     assert monitor.max_count <= 1, monitor.twice
     assert entries(rig, ref) == {"eu": 1, "us": 0}, (delay_s, attempts)
     assert attempts[0] == "eu"
+    if run == 0:
+        assert attempts == ("eu", "us"), "the race did not happen: eu answered before SIGSTOP"
 
 
 @pytest.mark.parametrize("run", range(RUNS))
@@ -63,8 +64,7 @@ async def test_sigkill_bridge_between_receive_and_write_then_retry_elsewhere(
     rig: GeoStack, tmp_path: Path, device_id: str, run: int
 ) -> None:
     """us's bridge SIGKILLed around X; X retried at eu into us's Redis; us's bridge back: count 1."""
-    rng = random.Random(SEED + 100 + run)
-    delay_s = rng.uniform(0.0, 0.15)
+    delay_s = _delay(SEED + 100 + run, run)
     us = rig.region("us")
     assert us.bridge is not None
     async with _monitor(rig) as monitor:
@@ -83,6 +83,13 @@ async def test_sigkill_bridge_between_receive_and_write_then_retry_elsewhere(
     assert monitor.max_count <= 1, monitor.twice
     assert entries(rig, ref) == {"eu": 0, "us": 1}, (delay_s, attempts)
     assert attempts[0] == "us"
+    if run == 0:
+        assert attempts == ("us", "eu"), "the race did not happen: us answered before SIGKILL"
+
+
+def _delay(seed: int, run: int) -> float:
+    """Run 0 signals at once (before the bridge got X); later runs land anywhere in ~30 ms."""
+    return 0.0 if run == 0 else random.Random(seed).uniform(0.0, 0.03)
 
 
 class _monitor:  # noqa: N801 - used like a function: `async with _monitor(rig) as m`
