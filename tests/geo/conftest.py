@@ -64,7 +64,11 @@ def geo_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GeoStack]:
 
 @pytest.fixture
 def rig(geo_rig: GeoStack) -> Iterator[GeoStack]:
-    """The session rig; whatever the test broke is repaired afterwards."""
+    """The session rig, whole before the test and repaired after it."""
+    dead = [f"{r.name} {p.name}" for r in geo_rig.regions for p in r.servers() if not p.running]
+    if dead:
+        print(f"geo rig: found dead before the test, restarting: {dead}")
+    restore(geo_rig)
     yield geo_rig
     restore(geo_rig)
 
@@ -78,6 +82,8 @@ def restore(rig: GeoStack) -> None:
         if region.bridge is not None and region.bridge.pid is not None:
             os.kill(region.bridge.pid, signal.SIGCONT)
         region.up()
+        if region.pipeline is not None and not region.pipeline.running:
+            region.pipeline.start()
 
 
 def entries(rig: GeoStack, ref: OrderRef) -> dict[str, int]:
