@@ -118,9 +118,12 @@ class Region:
         return parts
 
     def down(self) -> list[int]:
-        """SIGKILL bridge, broker and Redis (the region's outage); return the killed pids."""
+        """SIGKILL Redis, broker and bridge (the region's outage); return the killed pids.
+
+        Redis goes first: from then on nothing, local or remote, can write there.
+        """
         killed: list[int] = []
-        for part in (self.bridge, self.broker, self.redis):
+        for part in (self.redis, self.broker, self.bridge):
             if part is not None and (pid := part.pid) is not None:
                 part.kill()
                 killed.append(pid)

@@ -71,6 +71,16 @@ class GeoVerdict:
     max_in_doubt_seen: int = 0
 
     @property
+    def consistent(self) -> bool:
+        """The streams' side alone: 0 lost, 0 duplicated (ever), 0 in doubt, 0 misplaced."""
+        return (
+            not (
+                self.lost or self.duplicated or self.in_doubt or self.misplaced or self.unreachable
+            )
+            and self.max_count_seen <= 1
+        )
+
+    @property
     def ok(self) -> bool:
         """0 lost, 0 duplicated (ever), 0 in doubt, 0 misplaced, 0 stuck, 0 processed twice."""
         return not (

@@ -13,6 +13,7 @@ import redis
 from fleet.geo_stack import GeoStack
 from fleet.servers import MosquittoProcess
 from fleet.services import ServiceProcess, console_script
+from fleet.verify import OrderRef
 from schemas.names import stream_key
 
 from .conftest import SHARDS, entries, geo_agent, outbox, wait_until
@@ -24,16 +25,19 @@ async def test_agent_without_attempts_against_region_aware_bridges(
     """Today's agent (no regions) is served by whichever region it talks to, once per order."""
     for region in rig.regions:
         db = tmp_path / f"{region.name}.db"
-        plain = f"{device_id}-{region.name}"
-        async with geo_agent([(region.name, region.mqtt_url)], db, device_id=plain,
-                             region=()) as agent:  # fmt: skip
-            assert agent.region is None, "the agent is in geo mode"
-            order_ids = [await agent.submit() for _ in range(3)]
-            await wait_until(lambda: all(agent.settled(o) for o in order_ids), what="receipts")
-            refs = [agent.ref(o) for o in order_ids]
+        refs = await _plain_orders(region.name, region.mqtt_url, db, f"{device_id}-{region.name}")
         assert all(row.attempts == () for row in outbox(db).values())
         others = {r.name: 0 for r in rig.regions if r is not region}
         assert all(entries(rig, ref) == {region.name: 1, **others} for ref in refs)
+
+
+async def _plain_orders(name: str, mqtt_url: str, db: Path, device_id: str) -> list[OrderRef]:
+    """Three orders from an agent without regions, receipted."""
+    async with geo_agent([(name, mqtt_url)], db, device_id=device_id, region=()) as agent:
+        assert agent.region is None, "the agent is in geo mode"
+        refs = [agent.ref(await agent.submit()) for _ in range(3)]
+        await wait_until(lambda: all(r in agent.tracker.receipted for r in refs), what="receipts")
+    return refs
 
 
 @pytest.fixture
