@@ -115,6 +115,7 @@ class GeoChaosRunner:
         alive = [pid for pid in killed if pid_alive(pid)]
         await asyncio.sleep(seconds)
         await asyncio.to_thread(region.up)
+        await asyncio.to_thread(region.wait_ready)
         state = "all gone" if not alive else f"ALIVE: {alive}"
         return f" (killed {len(killed)} processes, {state}; back after {seconds:g} s)"
 

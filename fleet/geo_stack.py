@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,7 @@ from .errors import FleetError
 from .geo_links import LinkHost
 from .powercut import CutReport, PowerCutMount
 from .servers import MosquittoProcess, RedisProcess, ServerError, ServerProcess, free_port
-from .services import ServiceProcess, console_script
+from .services import ServiceProcess, console_script, http_ok
 from .stack import DEMO_CATALOG
 
 REGION_NAMES = ("eu", "us", "ap")
@@ -149,6 +150,21 @@ class Region:
         self.redis_disk.power_on()
         self.redis.start()
         return report
+
+    def wait_ready(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the bridge's /readyz says 200 (subscribed, Redis durable); False on timeout.
+
+        Until then the broker answers PUBACK 0x10 (no matching subscribers) and
+        drops orders: a region whose broker is up is not serving yet.
+        """
+        if self.bridge is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while not http_ok(f"{self.bridge.url}/readyz"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     @property
     def is_down(self) -> bool:
@@ -297,6 +313,9 @@ class GeoStack:
         _in_parallel([functools.partial(load_catalog, r.redis_url, catalog) for r in self.regions])
         services = [s for r in self.regions for s in (r.bridge, r.pipeline) if s is not None]
         _in_parallel([functools.partial(start_service, service) for service in services])
+        for region in self.regions:
+            if not region.wait_ready():
+                raise ServerError(f"region {region.name}: bridge not ready")
 
     def stop(self) -> None:
         """SIGTERM every service, then the servers, then the links."""

@@ -38,6 +38,7 @@ from fleet.stack import DEMO_CATALOG
 from fleet.statuses import order_statuses
 from fleet.tracker import Tracker
 from fleet.verify import OrderRef
+from schemas import decode_order
 from schemas.names import stream_key
 
 GEO_SLOW = os.environ.get("GEO_SLOW") == "1"
@@ -84,6 +85,9 @@ def restore(rig: GeoStack) -> None:
         region.up()
         if region.pipeline is not None and not region.pipeline.running:
             region.pipeline.start()
+    for region in rig.regions:
+        # A restarted broker forgot the bridge's subscription until it is back.
+        assert region.wait_ready(), f"region {region.name} not ready"
 
 
 def entries(rig: GeoStack, ref: OrderRef) -> dict[str, int]:
@@ -167,6 +171,11 @@ class GeoAgent:
     def settled(self, order_id: str) -> bool:
         """True once a receipt settled the order (accepted or duplicate)."""
         return self.ref(order_id) in self.tracker.receipted
+
+    def attempts(self, order_id: str) -> tuple[str, ...]:
+        """The ``attempts`` the last PUBLISH of the order carried."""
+        sent = self.tracker.payloads.get(self.ref(order_id))
+        return () if sent is None else decode_order(sent[1]).attempts
 
     def results(self, order_id: str) -> list[str]:
         return self.tracker.results.get(self.ref(order_id), [])

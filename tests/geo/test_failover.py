@@ -81,7 +81,11 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
         )  # fmt: skip
         in_doubt = [o for o in doubtful if not at_eu.settled(o)]
         # Exactly what was in flight at eu is in doubt; the rest of the queue moved on to us.
-        assert len(in_doubt) == window, (len(in_doubt), window)
+        sends = [(await at_eu.device.agent.get(o)) for o in doubtful]
+        assert len(in_doubt) == window, [
+            (at_eu.results(o), at_eu.attempts(o), r.attempts if r else None)
+            for o, r in zip(doubtful, sends, strict=True)
+        ]
         assert all(at_eu.results(o) == ["pending"] * len(at_eu.results(o)) for o in in_doubt)
         assert all(sum(entries(rig, at_eu.ref(o)).values()) == 0 for o in in_doubt)
         eu.up()
