@@ -3,6 +3,7 @@ and a region-aware agent against a single-region bridge."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import redis
 
 from fleet.geo_stack import GeoStack
 from fleet.servers import MosquittoProcess
-from fleet.services import ServiceProcess, console_script
+from fleet.services import ServiceProcess, console_script, http_ok
 from fleet.verify import OrderRef
 from schemas.names import stream_key
 
@@ -54,6 +55,10 @@ def plain_bridge(
     )  # fmt: skip
     bridge.start_timeout_s = 60.0
     with bridge:
+        deadline = time.monotonic() + 30
+        while not http_ok(f"{bridge.url}/readyz"):  # subscribed: no order dropped with 0x10
+            assert time.monotonic() < deadline, "plain bridge not ready"
+            time.sleep(0.05)
         yield bridge
 
 
@@ -71,7 +76,8 @@ async def test_region_aware_agent_against_a_single_region_bridge(
         await wait_until(lambda: all(agent.settled(o) for o in order_ids), what="receipts")
         assert agent.region == "solo"
         results = [agent.results(o) for o in order_ids]
-    assert results == [["accepted"]] * 3
+    # A resend after a slow receipt may add a `duplicate`; the first answer is `accepted`.
+    assert all(r[0] == "accepted" and set(r) <= {"accepted", "duplicate"} for r in results)
     assert {row.attempts for row in outbox(tmp_path / "o.db").values()} == {("solo",)}
     with redis.Redis.from_url(redis_url) as client:
         found = [
