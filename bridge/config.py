@@ -80,6 +80,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     region_redis: tuple[str, ...] = ()
     # A write into another region's Redis gives up after this long: the device gets `pending`.
     region_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Batches in flight at once per remote region (the local writer keeps one).
+    region_write_concurrency: Positive = 4
     # Circuit breaker per remote region: open after this many failed writes in a row,
     # stay open this long (orders for it answer `pending` at once), then try one batch.
     region_breaker_failures: Positive = 3

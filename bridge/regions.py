@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -100,9 +100,14 @@ class RegionMetrics:
 class RemoteBatcher(Batcher):
     """Group commit into one remote region's Redis: one try per batch, ``pending`` on failure.
 
-    The buffering, one-write-in-flight and drain logic are the local
-    :class:`Batcher`'s; only the write differs. Nothing is retried here: the
-    device's resend is the retry, and meanwhile it holds the order.
+    The buffering and drain logic are the local :class:`Batcher`'s. Unlike it,
+    up to ``concurrency`` batches are in flight at once: across a WAN one
+    write in flight would make an order that arrives during a write wait for
+    that write's round trip and then its own (the bench measured ~2 RTT at
+    p50). Batches in flight hold different messages; the script is atomic per
+    order, so a resend racing its first copy is still appended once.
+    Nothing is retried here: the device's resend is the retry, and meanwhile
+    it holds the order.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class RemoteBatcher(Batcher):
         timeout_s: float,
         max_batch: int,
         on_conflict: OnConflict,
+        on_written: Callable[[], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
         super().__init__(
             sink,
@@ -124,6 +131,7 @@ class RemoteBatcher(Batcher):
             max_delay_s=0.0,
             backoff_max_s=1.0,
             trim_every_batches=0,  # the authority's own bridges trim its streams
+            on_written=on_written,
         )
         self.region = region
         self.breaker = breaker
@@ -131,7 +139,38 @@ class RemoteBatcher(Batcher):
         self._timeout_s = timeout_s
         self._on_conflict = on_conflict
         self.last_error: str | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._writing = 0  # batches in flight
         region_metrics.breaker_state.labels(region).set(breaker.state)
+
+    async def run(self) -> None:
+        """Write batches, up to ``concurrency`` at once, until closed or cancelled."""
+        async with asyncio.TaskGroup() as writes:
+            while not self._closed:
+                await self._wake.wait()
+                if self._closed:
+                    break
+                await self._slots.acquire()  # meanwhile the next batch fills up
+                batch = self._buffer[: self._max_batch]
+                del self._buffer[: self._max_batch]
+                if not self._buffer:
+                    self._wake.clear()
+                if not batch:
+                    self._slots.release()
+                    continue
+                self._writing += 1
+                writes.create_task(self._write_one(batch), name=f"region-write-{self.region}")
+
+    async def _write_one(self, batch: list[tuple[Classified, Done]]) -> None:
+        try:
+            await self._write(batch)
+        finally:
+            self._writing -= 1
+            self._slots.release()
+            if self._on_written is not None:
+                self._on_written()
+            if not self._buffer and not self._writing:
+                self._idle.set()
 
     async def _write(self, batch: list[tuple[Classified, Done]]) -> None:
         orders = [(item, done) for item, done in batch if isinstance(item, ValidOrder)]
@@ -210,7 +249,6 @@ class RemoteRegion:
     batcher: RemoteBatcher
     reachable: bool | None = None  # None: not probed yet
     probe_error: str | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class Regions:
@@ -221,6 +259,8 @@ class Regions:
         sinks: a sink per *remote* region (the caller owns their connections).
         metrics: the bridge's metrics (the region metrics join its registry).
         on_conflict: where a dead letter found remotely goes (the local batcher's ``add``).
+        on_written: called after each remote batch is answered (the bridge resumes reading
+            when it paused for in-flight work).
     """
 
     def __init__(
@@ -230,10 +270,15 @@ class Regions:
         metrics: BridgeMetrics,
         *,
         on_conflict: OnConflict,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
         self.own = config.region
         self.metrics = RegionMetrics(metrics.registry)
         self._timeout_s = config.region_timeout_s
+        remote_names = set(config.region_urls()) - {self.own}
+        if set(sinks) != remote_names:
+            raise ValueError(f"need one sink per remote region {sorted(remote_names)}, "
+                             f"got {sorted(sinks)}")  # fmt: skip
         self.remotes: dict[str, RemoteRegion] = {}
         for name, sink in sinks.items():
             breaker = CircuitBreaker(
@@ -249,6 +294,8 @@ class Regions:
                 timeout_s=config.region_timeout_s,
                 max_batch=config.batch_max,
                 on_conflict=on_conflict,
+                on_written=on_written,
+                concurrency=config.region_write_concurrency,
             )
             self.remotes[name] = RemoteRegion(name, sink, breaker, batcher)
 

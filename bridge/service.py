@@ -86,7 +86,11 @@ class Bridge:
         self.regions: Regions | None = None
         if config.geo:
             self.regions = Regions(
-                config, region_sinks or {}, metrics, on_conflict=self.batcher.add
+                config,
+                region_sinks or {},
+                metrics,
+                on_conflict=self.batcher.add,
+                on_written=self._resume_if_drained,
             )
         metrics.in_flight.set_function(self._in_flight)
         metrics.ready.set_function(lambda: float(all(self.readiness().values())))
@@ -138,6 +142,10 @@ class Bridge:
 
     def _maybe_resume(self) -> None:
         self.redis_reachable = True  # a batch was just written
+        self._resume_if_drained()
+
+    def _resume_if_drained(self) -> None:
+        """Read again once in-flight work fell to half the limit (local or cross-region)."""
         # Resume at half the limit, so reads don't flap on every batch.
         if self._paused and self._in_flight() <= self._max_in_flight // 2:
             self._paused = False

@@ -22,6 +22,8 @@ class OrderRecord(msgspec.Struct, frozen=True):
     created_ms: int
     updated_ms: int
     settled_ms: int | None
+    # Geo mode: the regions the order was published to, first = its authority.
+    regions: tuple[str, ...] = ()
 
 
 class Submitted(msgspec.Struct, frozen=True):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
 from schemas.errors import Reason
 from servicekit.clock import now_ms
@@ -91,8 +91,24 @@ _INSERT: Final = (
     "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
 )
 _COLUMNS: Final = (
-    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms"
+    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms, regions"
 )
+
+
+def _order_record(row: tuple[Any, ...]) -> OrderRecord:
+    order_id, seq, state, status, reason, attempts, created, updated, settled, regions = row
+    return OrderRecord(
+        order_id,
+        seq,
+        state,
+        status,
+        reason,
+        attempts,
+        created,
+        updated,
+        settled,
+        tuple(regions.split(",")) if regions else (),
+    )
 
 
 class Store:
@@ -432,12 +448,15 @@ class Store:
         cur.close()
         return out
 
-    def add_region(self, order_ids: list[str], region: str) -> None:
+    def add_region(self, order_ids: list[str], region: str, clock_ms: int) -> None:
         """Append ``region`` to each order's ``regions`` (its geo ``attempts``) unless there.
 
         One transaction, committed (``synchronous=FULL``) before it returns: the
         caller publishes to ``region`` only after this. Entries are never
         removed. Region names are ``[a-z0-9-]``, so they carry no LIKE wildcard.
+        It also records ``clock_ms`` (agent clock) as the first send if none is
+        recorded yet: the dedup horizon then counts from before the first
+        PUBLISH even if the agent dies before its ``Sent`` update is committed.
 
         Raises:
             StorageError: nothing was committed; do not publish.
@@ -447,9 +466,10 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "UPDATE orders SET regions = CASE WHEN regions = '' THEN ?1 "
-                "ELSE regions || ',' || ?1 END "
+                "ELSE regions || ',' || ?1 END, "
+                "first_sent_clock_ms = coalesce(first_sent_clock_ms, ?3) "
                 "WHERE order_id = ?2 AND ',' || regions || ',' NOT LIKE '%,' || ?1 || ',%'",
-                [(region, order_id) for order_id in order_ids],
+                [(region, order_id, clock_ms) for order_id in order_ids],
             )
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -475,7 +495,7 @@ class Store:
         row = self.conn.execute(
             f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
         ).fetchone()
-        return None if row is None else OrderRecord(*row)
+        return None if row is None else _order_record(row)
 
     def page(self, state: str | None, before_seq: int | None, limit: int) -> list[OrderRecord]:
         """Orders newest first, optionally of one state or pipeline status."""
@@ -488,7 +508,7 @@ class Store:
             f"SELECT {_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [OrderRecord(*row) for row in rows]
+        return [_order_record(row) for row in rows]
 
     def stats(self) -> Stats:
         """Backlog depth and age."""

@@ -90,6 +90,12 @@ class AgentMetrics:
             "Age of the oldest unreceipted order (0 when none); refreshed on each scrape",
             registry=r,
         )
+        self.awaiting_authority = Gauge(
+            "edge_orders_awaiting_authority",
+            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable); "
+            "refreshed on each scrape",
+            registry=r,
+        )
         self.held = Gauge(
             "edge_orders_held",
             "Orders the broker refused with a definitive PUBACK code; `edge-agent retry` re-queues",

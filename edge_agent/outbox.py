@@ -362,7 +362,7 @@ class Outbox:
         """
         if not self.store.is_open:
             raise self.error or StorageError("outbox is not open", reason="unavailable")
-        await self._run(self.store.add_region, order_ids, region)
+        await self._run(self.store.add_region, order_ids, region, self.clock.now_ms())
 
     async def regions_of(self, order_id: str) -> tuple[str, ...]:
         """An order's committed geo ``attempts`` (``()`` if none)."""

@@ -14,6 +14,12 @@ A PUBACK error code is classified in ``_puback.py``: transient codes defer
 the order by a capped backoff, definitive ones hold it. Every time here is
 the agent clock (``_clock.py``), so a wall-clock jump neither stalls a retry
 nor lets an order out past its dedup horizon.
+
+Geo mode (``regions.py``, GEO.md): one region's broker at a time; before the
+first PUBLISH of an order to a region not yet in its ``attempts``, the name is
+committed to the outbox, and the order goes out re-encoded with them. A
+``pending`` receipt keeps the order and resends it after a per-order backoff.
+Without regions, the committed bytes go out unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ from .transport import Transport, TransportFactory, TransportSettings, default_t
 
 log = structlog.get_logger(__name__)
 
+# Per-order `pending` counts kept for backoff; beyond this many, forget them all.
+MAX_PENDING_STREAKS = 100_000
+
 
 class Publisher:
     """Owns the MQTT connection of one agent; run :meth:`run` as a task."""
@@ -63,6 +72,7 @@ class Publisher:
         metrics: AgentMetrics,
         *,
         transport_factory: TransportFactory = default_transport,
+        probe_factory: TransportFactory = default_transport,
         rng: random.Random | None = None,
     ) -> None:
         self._config = config
@@ -76,21 +86,24 @@ class Publisher:
         self._status_query_topic = names.status_query_topic(config.device_id)
         self._clock = outbox.clock
         self._transport_factory = transport_factory
-        # Geo mode (regions.py): one transport per region, used one at a time.
+        # Home probes get a plain transport: nothing that wraps or observes the
+        # agent's session (health's Will, the simulator's tracker) ever sees one.
+        self._probe_factory = probe_factory
+        # Geo mode (regions.py): one region at a time, a fresh transport per switch.
         regions = config.regions
         self.regions = (
             RegionSelector(
                 regions,
                 failover_after_s=config.failover_after_s,
                 monotonic=self._clock.monotonic_s,
+                failback_holdoff_s=config.failback_probe_s,
             )
             if regions
             else None
         )
         if self.regions is not None:
             self.url = self.regions.home.url
-        self._transports: dict[str, Transport] = {}
-        self._transport: Transport = self._transport_for(self.url, self._region_name)
+        self._transport: Transport = transport_factory(self._settings(self.url), self)
         # At most one second's worth at once, so a backlog never leaves in a burst.
         rate_per_s = config.drain_rate_per_min / 60.0
         self._bucket = TokenBucket(rate_per_s, burst=min(config.max_inflight, rate_per_s))
@@ -118,13 +131,6 @@ class Publisher:
             cert_file=config.cert_file,
             key_file=config.key_file,
         )
-
-    def _transport_for(self, url: MqttUrl, region: str | None) -> Transport:
-        key = region or ""
-        transport = self._transports.get(key)
-        if transport is None:
-            transport = self._transports[key] = self._transport_factory(self._settings(url), self)
-        return transport
 
     @property
     def _region_name(self) -> str | None:
@@ -157,7 +163,9 @@ class Publisher:
         In geo mode the region may change between connections (``regions.py``).
         """
         while True:
-            self._switch_region_if_due()
+            previous = self._transport
+            if self._switch_region_if_due():
+                await previous.disconnect()  # not connected; drops its client
             try:
                 session_present = await self._transport.connect()
             except BrokerError as exc:
@@ -227,7 +235,9 @@ class Publisher:
             inflight=len(self._inflight),
         )
         self.url = region.url
-        self._transport = self._transport_for(region.url, region.name)
+        # A fresh transport per switch: the factory's latest transport is always the
+        # one in use (wrappers such as health's reporter rely on that).
+        self._transport = self._transport_factory(self._settings(region.url), self)
         self._reconnect.reset()
         return True
 
@@ -244,10 +254,14 @@ class Publisher:
                     self._wake.clear()
 
     async def probe_home(self) -> bool:
-        """One throw-away CONNECT to the home region's broker; True on a CONNACK."""
+        """One throw-away CONNECT to the home region's broker; True on a CONNACK.
+
+        The probe comes from ``probe_factory`` (default: plain paho), with
+        client id ``{client_id}-probe``, no subscriptions and session expiry 0.
+        """
         if self.regions is None:
             return True
-        probe = self._transport_factory(self._settings(self.regions.home.url, probe=True), _Deaf())
+        probe = self._probe_factory(self._settings(self.regions.home.url, probe=True), _Deaf())
         try:
             await probe.connect()
         except BrokerError as exc:
@@ -263,10 +277,17 @@ class Publisher:
         if geo is None:
             return
         while True:
-            await asyncio.sleep(self._config.failback_probe_s)
-            if geo.at_home or geo.should_fail_back():
+            await asyncio.sleep(max(self._config.failback_probe_s, geo.failback_wait_s()))
+            if geo.at_home or geo.should_fail_back() or geo.failback_wait_s() > 0:
                 continue
-            if await self.probe_home() and not geo.at_home:
+            try:
+                healthy = await self.probe_home()
+            except Exception:
+                # Isolation boundary: a failed probe must not stop the agent; try next time.
+                log.exception("home_probe_error")
+                self._metrics.loop_errors.labels("failback_probe").inc()
+                continue
+            if healthy and not geo.at_home:
                 log.info("home_probe_ok", region=geo.home.name, current=geo.current.name)
                 geo.on_home_probe_ok()
                 self._wake.set()
@@ -460,6 +481,8 @@ class Publisher:
             # Geo mode: the order's authority region is unreachable. Keep it and
             # resend with backoff per order, in whatever region is current then.
             streak = self._pending_streak.get(order_id, 0)
+            if len(self._pending_streak) >= MAX_PENDING_STREAKS:
+                self._pending_streak.clear()  # orders settled elsewhere (expiry): start over
             self._pending_streak[order_id] = streak + 1
             cfg = self._config
             delay_s = full_jitter(

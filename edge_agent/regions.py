@@ -13,9 +13,11 @@ injected clock), so it is tested on its own; the publisher drives it:
   every ``failback_probe_s`` with a throw-away CONNECT (client id
   ``{client_id}-probe``, no session, no subscriptions, so it can never take a
   message meant for the agent's own session) and moves home at the first probe
-  that gets a CONNACK. A home broker up without a working bridge sends the
-  agent out again after ``failover_after_s`` without receipts; the probe
-  interval bounds how often that can flap.
+  that gets a CONNACK. A CONNACK does not prove home's bridge works: each time
+  the agent leaves home because its orders got no answer there, the next
+  failback waits twice as long (``failback_probe_s`` × 2^(n-1), at most an
+  hour), until an answer at home resets it. So a home broker up without a
+  working bridge costs a flap at 30 s, 60 s, 120 s… rather than every 30 s.
 
 An order's ``attempts`` (the regions it was published to, first = authority)
 is kept by the outbox (column ``regions``) and grows only when the region
@@ -34,6 +36,7 @@ from servicekit.errors import ConfigError
 from servicekit.urls import MqttUrl, redact
 
 REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")
+MAX_FAILBACK_HOLDOFF_S: Final = 3600.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class RegionSelector:
         *,
         failover_after_s: float,
         monotonic: Callable[[], float],
+        failback_holdoff_s: float = 0.0,
     ) -> None:
         if not regions:
             raise ValueError("geo mode needs at least one region")
@@ -102,6 +106,9 @@ class RegionSelector:
         self._unconnected_since: float | None = monotonic()
         self._unanswered_since: float | None = None
         self._home_healthy = False
+        self.failback_holdoff_s = failback_holdoff_s
+        self._home_stalls = 0  # times we left home for lack of answers, since its last answer
+        self._failback_not_before = 0.0
 
     @property
     def home(self) -> Region:
@@ -138,6 +145,8 @@ class RegionSelector:
     def on_answer(self, still_inflight: int) -> None:
         """A receipt (any result) or a PUBACK refusal: the region is alive."""
         self._unanswered_since = self._monotonic() if still_inflight else None
+        if self.at_home:
+            self._home_stalls = 0
 
     def on_home_probe_ok(self) -> None:
         if not self.at_home:
@@ -150,7 +159,11 @@ class RegionSelector:
         return len(self.regions) > 1 and self.seconds_until_failover() <= 0.0
 
     def should_fail_back(self) -> bool:
-        return self._home_healthy and not self.at_home
+        return self._home_healthy and not self.at_home and self.failback_wait_s() <= 0.0
+
+    def failback_wait_s(self) -> float:
+        """How long a good probe of home must still wait to count (stall hold-off)."""
+        return max(0.0, self._failback_not_before - self._monotonic())
 
     def seconds_until_failover(self) -> float:
         """How long until :meth:`should_fail_over` turns true by time alone (inf: never)."""
@@ -161,6 +174,10 @@ class RegionSelector:
 
     def fail_over(self) -> Region:
         """Move to the next region (wrapping to home); return it."""
+        if self.at_home and self.connected:  # connected, yet leaving: home did not answer
+            self._home_stalls += 1
+            holdoff = self.failback_holdoff_s * 2.0 ** min(self._home_stalls - 1, 16)
+            self._failback_not_before = self._monotonic() + min(holdoff, MAX_FAILBACK_HOLDOFF_S)
         self._index = (self._index + 1) % len(self.regions)
         self.failovers += 1
         self._reset_for_switch()

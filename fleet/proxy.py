@@ -9,6 +9,9 @@ from another thread) stands for a network partition: connections stay open and
 new ones are accepted, but every byte either way is read and dropped, so the
 peers see silence (timeouts), never a reset. The geo tests put it between a
 bridge and another region's Redis.
+
+``delay_s`` holds every chunk that long in each direction (a WAN: round trip
+2 × delay_s), without limiting throughput: chunks queue, in order.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 CHUNK_BYTES = 64 * 1024
+DELAY_QUEUE_CHUNKS = 1024
 
 
 @dataclass
@@ -57,9 +61,16 @@ class TcpProxy:
     """
 
     def __init__(
-        self, upstream_host: str, upstream_port: int, *, listen_port: int = 0, seed: int = 0
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        listen_port: int = 0,
+        seed: int = 0,
+        delay_s: float = 0.0,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.delay_s = delay_s
         self.stats = ProxyStats()
         self._listen_port = listen_port
         self._links: set[_Link] = set()
@@ -160,8 +171,8 @@ class TcpProxy:
         self.stats.accepted += 1
         self.stats.open = len(self._links)
         link.tasks = [
-            asyncio.create_task(_pipe(reader, up_writer, self._forward), name="proxy-up"),
-            asyncio.create_task(_pipe(up_reader, writer, self._forward), name="proxy-down"),
+            asyncio.create_task(self._pipe(reader, up_writer), name="proxy-up"),
+            asyncio.create_task(self._pipe(up_reader, writer), name="proxy-down"),
         ]
         try:
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -173,14 +184,46 @@ class TcpProxy:
             self._links.discard(link)
             self.stats.open = len(self._links)
 
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.delay_s > 0:
+            await _delayed_pipe(reader, writer, self._forward, self.delay_s)
+            return
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(CHUNK_BYTES):
+                if self._forward(chunk):
+                    writer.write(chunk)
+                    await writer.drain()
 
-async def _pipe(
+
+async def _delayed_pipe(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     forward: Callable[[bytes], bool],
+    delay_s: float,
 ) -> None:
-    with contextlib.suppress(ConnectionError):
-        while chunk := await reader.read(CHUNK_BYTES):
+    """Relay each chunk ``delay_s`` after it was read, in order, without stop-and-wait."""
+    loop = asyncio.get_running_loop()
+    # Bounded: at most DELAY_QUEUE_CHUNKS chunks in flight per direction, then reads wait.
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(DELAY_QUEUE_CHUNKS)
+
+    async def send() -> None:
+        while True:
+            due, chunk = await queue.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not chunk:
+                return
             if forward(chunk):
                 writer.write(chunk)
                 await writer.drain()
+
+    sender = asyncio.create_task(send(), name="proxy-delay")
+    try:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(CHUNK_BYTES):
+                await queue.put((loop.time() + delay_s, chunk))
+        await queue.put((loop.time() + delay_s, b""))  # EOF, after what came before it
+        with contextlib.suppress(ConnectionError):
+            await sender
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)

@@ -32,6 +32,7 @@ from .errors import ReplayError
 from .metrics import ApiMetrics
 from .names import device_index_key, order_key
 from .records import find_devices, load_order, text
+from .regions import lookup_elsewhere
 from .tokens import Role, TokenStore, allows
 
 # All used with fullmatch. [0-9], not \d: \d also matches non-ASCII digits.
@@ -193,6 +194,8 @@ async def get_order(request: web.Request) -> web.Response:
                        title="Ambiguous order id", device_ids=devices)  # fmt: skip
     record = await load_order(request.app[REDIS], devices[0], order_id) if devices else None
     if record is None:
+        if (elsewhere := await lookup_elsewhere(request)) is not None:  # geo: pipeline/regions.py
+            return elsewhere
         return problem(404, "order-not-found", f"no order {order_id}", title="Order not found")
     return web.json_response(record)
 
@@ -206,6 +209,8 @@ async def get_device_order(request: web.Request) -> web.Response:
         return _bad_order_id()
     record = await load_order(request.app[REDIS], device_id, order_id)
     if record is None:
+        if (elsewhere := await lookup_elsewhere(request)) is not None:  # geo: pipeline/regions.py
+            return elsewhere
         return problem(
             404, "order-not-found", f"no order {order_id} on {device_id}", title="Order not found"
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig
 
+from .regions import parse_region_apis
+
 DEFAULT_STEPS = "validate,reserve,pay,fulfil"
 
 
@@ -51,3 +53,14 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
+    # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
+    region: str = ""
+    region_api: tuple[str, ...] = ()
+    region_api_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
+        parse_region_apis(self.region, self.region_api)
+        if self.region_api_timeout_s <= 0:
+            raise ValueError("region_api_timeout_s must be > 0")

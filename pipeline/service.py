@@ -35,6 +35,7 @@ from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
 from .metrics import MULTIPROC_ENV, WorkerMetrics
+from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
 from .status import MqttStatusPublisher, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
@@ -138,6 +139,9 @@ def worker_env(
     for name, value in msgspec.structs.asdict(config).items():
         if name in {"consumer", "workers"}:
             continue
+        if isinstance(value, tuple):  # a repeatable setting: comma-separated (servicekit.config)
+            env[f"{ENV_PREFIX}{name.upper()}"] = ",".join(value)
+            continue
         env[f"{ENV_PREFIX}{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )
@@ -180,6 +184,7 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
     client = aioredis.Redis.from_url(config.redis_url)
     multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
     runner: web.AppRunner | None = None
+    stack = contextlib.AsyncExitStack()  # geo mode's region lookup session
     try:
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
@@ -189,6 +194,13 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
             multiproc_dir=multiproc_dir if config.workers else None,
             tokens=load_api_tokens(config),
         )
+        if config.region:
+            lookup = RegionLookup(
+                config.region,
+                parse_region_apis(config.region, config.region_api),
+                timeout_s=config.region_api_timeout_s,
+            )
+            app[REGION_LOOKUP] = await stack.enter_async_context(lookup)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
@@ -206,5 +218,6 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+        await stack.aclose()
         await client.aclose()
         shutil.rmtree(multiproc_dir, ignore_errors=True)

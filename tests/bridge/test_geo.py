@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
 
 REGION_TIMEOUT_S = 0.5
 BREAKER_OPEN_S = 1.0
+RECEIVE_MAXIMUM = 20
 
 
 def geo_order(device_id: str, order_id: str, *attempts: str) -> bytes:
@@ -65,6 +66,11 @@ class ProxyThread:
         async with self.proxy:
             self._ready.set()
             await self._stop.wait()
+        # The proxy aborted its links; let their tasks finish before the loop closes.
+        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self) -> None:
         """Stop the proxy and its thread."""
@@ -105,7 +111,11 @@ class Region:
         def found() -> list[Receipt]:
             return [r for _, r in self.receipts.snapshot() if r.order_id == order_id]
 
-        wait_for(lambda: len(found()) >= count, timeout_s, f"receipt {count} for {order_id}")
+        wait_for(
+            lambda: len(found()) >= count,
+            timeout_s,
+            f"receipt {count} for {order_id}; bridge {self.name}:\n{self.bridge.log_tail()}",
+        )
         return found()[count - 1]
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
@@ -158,6 +168,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     geo_flags = (
         "--region-timeout-s", str(REGION_TIMEOUT_S), "--region-breaker-failures", "2",
         "--region-breaker-open-s", str(BREAKER_OPEN_S), "--redis-require-durable",
+        # Small, so a burst makes the bridge pause its reads: cross-region answers must resume them.
+        "--receive-maximum", str(RECEIVE_MAXIMUM),
     )  # fmt: skip
     bridge_a = BridgeProcess(
         root, mqtt_a.url, redis_a.url, "--region", "a",
@@ -221,6 +233,24 @@ def test_an_order_owned_by_a_sent_to_b_lands_in_a_only_and_its_resend_is_a_dupli
     assert len(geo.a.entries(device)) == 1
     assert geo.b.entries(device) == []
     assert 'bridge_region_orders_total{region="a",result="accepted"}' in geo.b.bridge.metrics()
+
+
+def test_a_burst_of_cross_region_orders_beyond_the_in_flight_limit_is_all_answered(
+    geo: Rig,
+) -> None:
+    """5 × Receive Maximum orders owned by A at B: the bridge pauses reads, and the remote
+    writer's answers resume them (not only local writes): every order accepted, once."""
+    device = _device()
+    count = 5 * RECEIVE_MAXIMUM
+    for n in range(count):
+        geo.b.publisher.publish(
+            f"v1/devices/{device}/orders", geo_order(device, f"burst-{n:05d}", "a")
+        )
+    geo.b.publisher.wait_all(30)
+    for n in range(count):
+        assert geo.b.receipt(f"burst-{n:05d}", timeout_s=30).result == "accepted"
+    assert len(geo.a.entries(device)) == count
+    assert geo.b.entries(device) == []
 
 
 def test_region_unaware_and_home_orders_stay_in_the_receiving_region(geo: Rig) -> None:
@@ -338,3 +368,28 @@ def test_stream_payload_decodes_with_its_attempts(geo: Rig) -> None:
     (entry,) = geo.a.entries(device)
     order = msgspec.msgpack.decode(entry[b"payload"], type=Order)
     assert order.attempts == ("a",)
+
+
+def test_a_single_region_bridge_takes_region_aware_orders_and_their_resends(
+    bridge_factory: Callable[..., BridgeProcess],
+    mqtt_url: str,
+    redis_url: str,
+    publisher: Publisher,
+    receipts: ReceiptCollector,
+) -> None:
+    """No --region: attempts are ignored for routing (today's behaviour), the order lands here,
+    and the resend with a longer attempts list is a duplicate, not a conflict."""
+    bridge_factory(mqtt_url, redis_url).start()
+    device = _device()
+    publisher.publish(f"v1/devices/{device}/orders", geo_order(device, "aware-0001", "eu"))
+    publisher.publish(f"v1/devices/{device}/orders", geo_order(device, "aware-0001", "eu", "us"))
+    publisher.wait_all(10)
+
+    def answers() -> list[str]:
+        return [r.result for d, r in receipts.snapshot() if d == device]
+
+    wait_for(lambda: len(answers()) == 2, 15, "two receipts")
+    assert sorted(answers()) == ["accepted", "duplicate"]
+    with redis.Redis.from_url(redis_url) as client:
+        entries = [e for e in stream_entries(client) if e[b"device_id"] == device.encode()]
+    assert [e[b"order_id"] for e in entries] == [b"aware-0001"]

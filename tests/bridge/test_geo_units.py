@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
+import time
 from pathlib import Path
 from typing import cast
 
@@ -11,13 +13,15 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from bridge.batcher import Outcome
 from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.config import BridgeConfig
 from bridge.ingest import DeadLetter, ValidOrder, classify, payload_digest
 from bridge.metrics import BridgeMetrics
-from bridge.regions import Regions, RemoteBatcher
-from bridge.store import OrderSink
+from bridge.regions import RegionMetrics, Regions, RemoteBatcher
+from bridge.store import AppendResult, OrderSink
 from schemas import Item, Order, Reason, encode
 from servicekit.config import ConfigError, add_config_arguments, load_config
 
@@ -186,3 +190,109 @@ class _NeverSink:
 
     async def inspect(self) -> object:
         raise AssertionError("not called")
+
+
+class _SlowSink:
+    """An OrderSink double: each write takes ``delay_s``, or hangs while ``hang`` is set."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.hang = False
+        self.in_flight = 0
+        self.peak = 0
+        self.conflict_ids: set[str] = set()
+
+    async def write(
+        self, orders: list[ValidOrder], dead: object, *, trim_shards: set[int]
+    ) -> list[AppendResult]:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(3600 if self.hang else self.delay_s)
+        finally:
+            self.in_flight -= 1
+        return [
+            AppendResult.CONFLICT if o.order_id in self.conflict_ids else AppendResult.APPENDED
+            for o in orders
+        ]
+
+
+def _remote(
+    sink: _SlowSink, *, concurrency: int, timeout_s: float = 5.0
+) -> tuple[RemoteBatcher, list[tuple[DeadLetter, object]]]:
+    conflicts: list[tuple[DeadLetter, object]] = []
+    batcher = RemoteBatcher(
+        "us",
+        cast("OrderSink", sink),
+        BridgeMetrics(),
+        RegionMetrics(CollectorRegistry()),
+        CircuitBreaker(failure_threshold=2, open_s=60),
+        timeout_s=timeout_s,
+        max_batch=500,
+        on_conflict=lambda letter, done: conflicts.append((letter, done)),
+        concurrency=concurrency,
+    )
+    return batcher, conflicts
+
+
+def _valid(n: int) -> ValidOrder:
+    item = classify(
+        "v1/devices/dev-1/orders",
+        encode(_order(order_id=f"order-{n:08d}", attempts=("us",))),
+        shards=4,
+        received_at_ms=1,
+    )
+    assert isinstance(item, ValidOrder)
+    return item
+
+
+async def test_remote_writes_overlap_up_to_the_concurrency() -> None:
+    """Orders arriving one by one during slow writes go out in overlapping batches (≤ 4)."""
+    sink = _SlowSink(delay_s=0.05)
+    batcher, _ = _remote(sink, concurrency=4)
+    outcomes: list[Outcome] = []
+    task = asyncio.create_task(batcher.run())
+    for n in range(12):
+        batcher.add(_valid(n), outcomes.append)
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(batcher.drain(), 5)
+    batcher.close()
+    await asyncio.wait_for(task, 5)
+    assert [o.result for o in outcomes] == ["accepted"] * 12
+    assert sink.peak == 4
+    assert batcher.pending == 0
+
+
+async def test_a_hung_remote_answers_pending_after_the_timeout_then_the_breaker_opens() -> None:
+    """Writes that hang end at the timeout as `pending`; after two, the breaker answers at once;
+    a conflict goes to the local dead-letter path, not to the device as pending."""
+    sink = _SlowSink(delay_s=0.0)
+    sink.hang = True
+    batcher, conflicts = _remote(sink, concurrency=1, timeout_s=0.05)
+    outcomes: list[Outcome] = []
+    task = asyncio.create_task(batcher.run())
+    for n in range(2):
+        batcher.add(_valid(n), outcomes.append)
+        await asyncio.wait_for(batcher.drain(), 5)
+    assert [(o.result, o.reason) for o in outcomes] == [PENDING_PAIR] * 2
+    assert batcher.breaker.state.label == "open"
+    started = time.monotonic()
+    batcher.add(_valid(2), outcomes.append)
+    await asyncio.wait_for(batcher.drain(), 5)
+    assert time.monotonic() - started < 0.05  # no write tried: the breaker answered
+    assert outcomes[-1].result == "pending"
+    batcher.breaker.record_success()
+    sink.hang = False
+    sink.conflict_ids = {"order-00000003"}
+    batcher.add(_valid(3), outcomes.append)
+    await asyncio.wait_for(batcher.drain(), 5)
+    batcher.close()
+    await asyncio.wait_for(task, 5)
+    assert len(outcomes) == 3  # the conflict is settled by the local batcher, not here
+    assert [(letter.reason, letter.order_id) for letter, _ in conflicts] == [
+        (Reason.CONFLICT, "order-00000003")
+    ]
+    assert batcher.pending == 0
+
+
+PENDING_PAIR = ("pending", Reason.AUTHORITY_UNREACHABLE)
