@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from fleet.geo_stack import GeoStack
+from fleet.geo_stack import GeoStack, start_service
 from fleet.servers import MosquittoProcess
 from fleet.services import ServiceProcess, console_script, http_ok
 from fleet.verify import OrderRef
@@ -54,6 +54,7 @@ def plain_bridge(
          "--no-redis-require-durable"],
     )  # fmt: skip
     bridge.start_timeout_s = 60.0
+    start_service(bridge)  # on a new port if a free one was taken meanwhile
     with bridge:
         deadline = time.monotonic() + 30
         while not http_ok(f"{bridge.url}/readyz"):  # subscribed: no order dropped with 0x10
