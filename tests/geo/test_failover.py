@@ -7,6 +7,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from fleet.geo_links import LinkHost
 from fleet.geo_stack import GeoStack
 from fleet.servers import free_port
@@ -108,3 +110,28 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
 def _owners(at_eu: GeoAgent, at_us: GeoAgent, order_ids: list[str]) -> list[tuple[GeoAgent, str]]:
     """The first five of ``order_ids`` are at_eu's, the rest at_us's."""
     return [(at_eu if i < 5 else at_us, o) for i, o in enumerate(order_ids)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="agent bug (reported): a PUBACK 0x10 (no matching subscribers) counts as an answer "
+    "(RegionSelector.on_answer), so a region whose broker is up but has no bridge subscribed "
+    "never triggers failover; each resend there also commits the region into attempts",
+)
+async def test_broker_up_without_a_bridge_fails_over(
+    rig: GeoStack, tmp_path: Path, device_id: str
+) -> None:
+    """eu's broker restarted without persistence while eu's bridge is dead: orders go to us."""
+    eu = rig.region("eu")
+    assert eu.bridge is not None
+    eu.bridge.kill()
+    eu.broker.kill()
+    eu.broker.start()  # no persistence: the dead bridge's subscription is gone
+    async with geo_agent(rig.agent_regions("eu"), tmp_path / "o.db", device_id=device_id) as agent:
+        await wait_until(lambda: agent.connected and agent.region == "eu", what="agent at eu")
+        order_ids = [await agent.submit() for _ in range(3)]
+        # failover_after_s is 1.5 s: without receipts the agent must leave eu well within 15 s.
+        await wait_until(
+            lambda: all(agent.settled(o) for o in order_ids), timeout_s=15,
+            what="orders settled in us while eu has no bridge",
+        )  # fmt: skip
