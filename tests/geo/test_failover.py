@@ -47,10 +47,11 @@ async def test_lost_receipt_then_failover_counts_the_order_once(
     assert outbox(tmp_path / "outbox.db")[order_id].attempts == ("eu", "us")
 
 
+@pytest.mark.parametrize("outage", ["region", "redis"])
 async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
-    rig: GeoStack, tmp_path: Path, device_id: str
+    rig: GeoStack, tmp_path: Path, device_id: str, outage: str
 ) -> None:
-    """eu down: new orders finish in us at once; orders in doubt at eu stay at 0 and pending."""
+    """eu down (or only its Redis): new orders finish in us; orders in doubt wait at count 0."""
     eu, _us = rig.region("eu"), rig.region("us")
     window = 5  # the agents' in-flight window
     async with (
@@ -61,15 +62,23 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
                   max_inflight=window) as at_us,
     ):  # fmt: skip
         await wait_until(lambda: at_eu.connected and at_us.connected, what="agents connected")
-        # eu's bridge stops taking orders: what at_eu publishes now is in doubt when eu dies.
         assert eu.bridge is not None
         assert eu.bridge.pid is not None
-        os.kill(eu.bridge.pid, signal.SIGSTOP)
+        if outage == "region":
+            # eu's bridge stops taking orders: what at_eu publishes now is in doubt when eu dies.
+            os.kill(eu.bridge.pid, signal.SIGSTOP)
+        else:
+            # Only Redis dies: eu's bridge holds what it gets (no PUBACK, no receipt).
+            redis_pid = eu.redis.pid
+            eu.redis.kill()
+            assert redis_pid is not None
+            assert not pid_alive(redis_pid)
         doubtful = [await at_eu.submit() for _ in range(window + 5)]
         await asyncio.sleep(0.5)  # published (the window's worth), unanswered
-        killed = eu.down()
-        assert killed
-        assert not any(pid_alive(pid) for pid in killed)
+        if outage == "region":
+            killed = eu.down()
+            assert killed
+            assert not any(pid_alive(pid) for pid in killed)
         # New orders from both devices are receipted in us while eu is down.
         fresh = [await at_eu.submit() for _ in range(5)] + [await at_us.submit() for _ in range(5)]
         took = await wait_until(
@@ -91,6 +100,8 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
         assert all(at_eu.results(o) == ["pending"] * len(at_eu.results(o)) for o in in_doubt)
         assert all(sum(entries(rig, at_eu.ref(o)).values()) == 0 for o in in_doubt)
         eu.up()
+        if outage == "region":
+            assert eu.wait_ready()
         await wait_until(
             lambda: all(at_eu.settled(o) for o in doubtful),
             timeout_s=60, what="orders in doubt settled after eu returned",
@@ -103,7 +114,7 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
     verdict = await verify_rig(rig, accepted, rows)
     assert verdict.consistent, verdict
     assert {rows[at_eu.ref(o)].attempts[0] for o in in_doubt} == {"eu"}
-    print(f"region down: new orders receipted in {took:.1f} s; in doubt {len(in_doubt)} "
+    print(f"{outage} down: new orders receipted in {took:.1f} s; in doubt {len(in_doubt)} "
           f"(window {window})")  # fmt: skip
 
 
@@ -135,3 +146,30 @@ async def test_broker_up_without_a_bridge_fails_over(
             lambda: all(agent.settled(o) for o in order_ids), timeout_s=15,
             what="orders settled in us while eu has no bridge",
         )  # fmt: skip
+
+
+async def test_partition_between_a_device_and_its_home(
+    rig: GeoStack, tmp_path: Path, device_id: str
+) -> None:
+    """The device loses eu (its link blackholed), eu is fine: X retried at us lands in eu, once."""
+    eu, us = rig.region("eu"), rig.region("us")
+    with LinkHost() as host:
+        port = free_port()
+        host.add("device>eu", ("127.0.0.1", eu.broker.port), port)
+        regions = [("eu", f"mqtt://127.0.0.1:{port}"), ("us", us.mqtt_url)]
+        async with geo_agent(regions, tmp_path / "o.db", device_id=device_id) as agent:
+            await wait_until(lambda: agent.connected and agent.region == "eu", what="agent at eu")
+            host.blackhole("device>eu")  # both ways; nothing is reset
+            order_id = await agent.submit()
+            ref = agent.ref(order_id)
+            await wait_until(lambda: agent.settled(order_id), what="X settled through us")
+            assert agent.region == "us"
+            assert entries(rig, ref) == {"eu": 1, "us": 0}  # written across into its authority
+            host.heal("device>eu")  # the held PUBLISH reaches eu's bridge late: a duplicate
+            await asyncio.sleep(1.0)
+            assert entries(rig, ref) == {"eu": 1, "us": 0}
+            fresh = await agent.submit()
+            await wait_until(lambda: agent.settled(fresh), what="a new order while away")
+    rows = outbox(tmp_path / "o.db")
+    assert rows[order_id].attempts == ("eu", "us")
+    assert rows[fresh].attempts[0] == "us"
