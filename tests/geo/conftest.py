@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,13 +111,17 @@ def all_counts(rig: GeoStack) -> dict[str, Counter[OrderRef]]:
 
 
 async def wait_until(
-    check: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition"
+    check: Callable[[], bool],
+    timeout_s: float = 30.0,
+    what: str = "condition",
+    explain: Callable[[], Any] | None = None,
 ) -> float:
     """Poll ``check`` until true; return the seconds it took. Fails the test on timeout."""
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout_s:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+            detail = "" if explain is None else f"\n{explain()}"
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{detail}")
         await asyncio.sleep(0.05)
     return time.monotonic() - started
 
@@ -179,6 +184,34 @@ class GeoAgent:
 
     def results(self, order_id: str) -> list[str]:
         return self.tracker.results.get(self.ref(order_id), [])
+
+
+async def diagnose(rig: GeoStack, agent: GeoAgent, order_id: str) -> str:
+    """What the agent, the outbox, the streams and the bridges say about one order."""
+    publisher = agent.device.agent.publisher
+    record = await agent.device.agent.get(order_id)
+    geo = publisher.regions
+    lines = [
+        f"agent: region={agent.region} connected={agent.connected} "
+        f"inflight={dict(publisher._inflight)} "
+        f"until_failover={geo.seconds_until_failover() if geo else None}",
+        f"outbox: {record}",
+        f"results: {agent.results(order_id)}; last attempts sent: {agent.attempts(order_id)}",
+        f"entries: {entries(rig, agent.ref(order_id))}",
+    ]
+    for region in rig.regions:
+        if region.bridge is not None:
+            body = await asyncio.to_thread(_readyz, region.bridge.url)
+            lines.append(f"{region.name} bridge /readyz: {body[:600]}")
+    return "\n".join(lines)
+
+
+def _readyz(url: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return str(response.read().decode())
+    except OSError as exc:
+        return repr(exc)
 
 
 def agent_config(

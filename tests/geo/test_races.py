@@ -24,7 +24,16 @@ from fleet.geo_stack import GeoStack
 from fleet.geo_verify import CountMonitor
 from fleet.services import pid_alive
 
-from .conftest import GEO_SLOW, SHARDS, entries, geo_agent, outbox, wait_until
+from .conftest import (
+    GEO_SLOW,
+    SHARDS,
+    GeoAgent,
+    diagnose,
+    entries,
+    geo_agent,
+    outbox,
+    wait_until,
+)
 
 RUNS = 12 if GEO_SLOW else 1
 SEED = int(os.environ.get("GEO_SEED", "1414"))
@@ -46,7 +55,7 @@ async def test_sigstop_home_bridge_then_failover_then_sigcont(
             await asyncio.sleep(delay_s)
             os.kill(eu.bridge.pid, signal.SIGSTOP)
             try:
-                await wait_until(lambda: a.settled(order_id), what=f"X settled (delay {delay_s})")
+                await _settled_or_explain(rig, a, order_id, delay_s)
             finally:
                 os.kill(eu.bridge.pid, signal.SIGCONT)
             # eu's bridge works through what it held; nothing may add a second entry.
@@ -77,7 +86,7 @@ async def test_sigkill_bridge_between_receive_and_write_then_retry_elsewhere(
             us.bridge.kill()
             assert pid is not None
             assert not pid_alive(pid)
-            await wait_until(lambda: a.settled(order_id), what=f"X settled (delay {delay_s})")
+            await _settled_or_explain(rig, a, order_id, delay_s)
             us.up()  # the bridge's persistent session hands it X again, if it never acked it
             await asyncio.sleep(1.0)
             ref = a.ref(order_id)
@@ -87,6 +96,16 @@ async def test_sigkill_bridge_between_receive_and_write_then_retry_elsewhere(
     assert attempts[0] == "us"
     if run == 0:
         assert attempts == ("us", "eu"), "the race did not happen: us answered before SIGKILL"
+
+
+async def _settled_or_explain(
+    rig: GeoStack, agent: GeoAgent, order_id: str, delay_s: float
+) -> None:
+    """Wait for X's receipt; on timeout the failure says what every party knows of X."""
+    try:
+        await wait_until(lambda: agent.settled(order_id), what=f"X settled (delay {delay_s})")
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}\n{await diagnose(rig, agent, order_id)}")
 
 
 def _delay(seed: int, run: int) -> float:
