@@ -174,8 +174,13 @@ class GeoAgent:
         return None if record is None else record.state
 
     def settled(self, order_id: str) -> bool:
-        """True once a receipt settled the order (accepted or duplicate)."""
-        return self.ref(order_id) in self.tracker.receipted
+        """True once the order is settled: a receipt (accepted, duplicate) or a terminal status.
+
+        A terminal status settles it too: the pipeline may finish an order whose
+        receipt a SIGSTOPped bridge has not sent yet.
+        """
+        ref = self.ref(order_id)
+        return ref in self.tracker.receipted or ref in self.tracker.terminal
 
     def attempts(self, order_id: str) -> tuple[str, ...]:
         """The ``attempts`` the last PUBLISH of the order carried."""
