@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from fleet.geo_sim import GeoOptions, run_geo
 from fleet.geo_stack import GeoStack
+from fleet.servers import port_is_open
 
 from .conftest import GEO_SLOW
 
@@ -34,3 +40,28 @@ async def test_fleet_run_with_every_geo_fault(rig: GeoStack) -> None:
     result = await run_geo(options, rig)
     assert result.ok, "\n".join(result.lines())
     assert len(result.chaos.events) == 3
+
+
+@pytest.mark.skipif(not GEO_SLOW, reason="GEO_SLOW=1: starts a second rig (three regions)")
+def test_fleet_sim_stack_regions_prints_each_region_and_stops_on_sigterm() -> None:
+    """`fleet-sim stack --regions 3` prints every region's URLs; SIGTERM stops all of them."""
+    fleet_sim = str(Path(sys.executable).parent / "fleet-sim")
+    with subprocess.Popen(
+        [fleet_sim, "stack", "--regions", "3", "--shards", "2"], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = []
+            while "Ctrl-C" not in (line := proc.stdout.readline()):
+                assert line, "fleet-sim stack exited early"
+                lines.append(line)
+            urls = dict(line.strip().split(": ", 1) for line in lines)
+            ports = [int(urls[f"{r} {p}"].rsplit(":", 1)[1].split("/")[0])
+                     for r in ("eu", "us", "ap") for p in ("mqtt", "redis")]  # fmt: skip
+            assert all(port_is_open(port) for port in ports)
+            assert urls["agent @us"].startswith("edge-agent --region us=")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            assert not any(port_is_open(port) for port in ports), "rig left running"
+        finally:
+            proc.kill()
