@@ -12,14 +12,15 @@ with three regions' Redis, each started from redis/redis.conf (AOF,
   ``--wan-delay-ms`` each way (default 10 ms: a 20 ms round trip, two nearby
   cloud regions).
 
-Receipts: one client publishes ``--probe-rate`` orders/s for ``--probe-seconds``
-with ``attempts=[b]``, then ``[near]``, then ``[far]``, and times each
+Receipts: one client publishes ``--probe-rate`` orders/s per authority for
+``--probe-seconds``, cycling ``attempts=[b]``, ``[near]``, ``[far]`` (so the
+rest of the machine's load hits all three alike), and times each
 order → receipt round trip (p50/p99). Drain: ``--backlog`` orders queued in
 the bridge's session, all owned by one region (all traffic failed over to
 this bridge), drained by a fresh bridge; the rate is counted from the first to
-the last stream entry in the authority's Redis.
+the last stream entry in the authority's Redis; best of ``--rounds``.
 
-Run: .venv/bin/python -m bench.geo [--backlog 15000 --probe-seconds 4 --wan-delay-ms 10]
+Run: .venv/bin/python -m bench.geo [--backlog 10000 --rounds 2 --probe-seconds 4 --wan-delay-ms 10]
 """
 
 from __future__ import annotations
@@ -101,33 +102,45 @@ def bridge(
     broker: MosquittoProcess, urls: dict[str, str], client_id: str, group: str, workdir: Path
 ) -> Iterator[None]:
     """``order-bridge`` of region ``b`` with every region's Redis, until the block ends."""
-    port = free_port()
-    argv = [
-        sys.executable, "-m", "bridge.cli", "--mqtt-url", broker.url,
-        "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
-        "--http-port", str(port), "--http-host", HOST, "--rate-per-s", "0",
-        "--log-level", LOG_LEVEL, "--region", "b",
-        *[arg for name, url in urls.items() for arg in ("--region-redis", f"{name}={url}")],
-    ]  # fmt: skip
-    with (workdir / f"{client_id}.log").open("ab") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    proc = None
+    for _attempt in range(3):  # a free port can be taken by someone else before we bind it
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "bridge.cli", "--mqtt-url", broker.url,
+            "--shards", str(SHARDS), "--client-id", client_id, "--share-group", group,
+            "--http-port", str(port), "--http-host", HOST, "--rate-per-s", "0",
+            "--log-level", LOG_LEVEL, "--region", "b",
+            *[arg for name, url in urls.items() for arg in ("--region-redis", f"{name}={url}")],
+        ]  # fmt: skip
+        with (workdir / f"{client_id}.log").open("ab") as log:
+            proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
-        while not _ready(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((workdir / f"{client_id}.log").read_text()[-6000:])
+        while not _ready(port) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        if _ready(port):
+            break
+        proc.kill()
+        proc.wait(10)
+        proc = None
+    if proc is None:
+        raise RuntimeError((workdir / f"{client_id}.log").read_text()[-6000:])
+    try:
         yield
     finally:
         proc.terminate()
-        proc.wait(60)
+        proc.wait(20)
 
 
-async def probe(url: str, authority: str, *, rate: float, seconds: float) -> ProbeResult:
-    """Publish ``rate`` orders/s owned by ``authority``; time each order → receipt."""
+async def probe(
+    url: str, authorities: tuple[str, ...], *, rate: float, seconds: float
+) -> dict[str, ProbeResult]:
+    """Publish ``rate`` orders/s per authority, interleaved; time each order → receipt.
+
+    Interleaved, so load from the rest of the machine hits every authority alike.
+    """
     device_id = f"geo-{uuid.uuid4().hex[:8]}"
-    sent: dict[str, float] = {}
-    latencies: list[float] = []
+    sent: dict[str, tuple[str, float]] = {}
+    latencies: dict[str, list[float]] = {a: [] for a in authorities}
     results: dict[str, int] = {}
     all_back = asyncio.Event()
     publishing = True
@@ -136,11 +149,16 @@ async def probe(url: str, authority: str, *, rate: float, seconds: float) -> Pro
         ack()
         receipt = decode_receipt(payload)
         results[receipt.result] = results.get(receipt.result, 0) + 1
-        started = sent.pop(receipt.order_id or "", None)
-        if started is not None:
-            latencies.append((time.perf_counter() - started) * 1000)
+        authority, started = sent.pop(receipt.order_id or "", ("", 0.0))
+        if authority:
+            latencies[authority].append((time.perf_counter() - started) * 1000)
         if not sent and not publishing:
             all_back.set()
+
+    def publish(seq: int, authority: str) -> None:
+        order = _order(device_id, seq, authority)
+        sent[order.order_id] = (authority, time.perf_counter())
+        client.publish(orders_topic(device_id), encode(order))
 
     client = MqttClient(
         MqttUrl.parse(url),
@@ -151,22 +169,21 @@ async def probe(url: str, authority: str, *, rate: float, seconds: float) -> Pro
     )
     async with client:
         async with asyncio.timeout(60):  # warm-up: connections to every Redis made
-            while not latencies:
-                order = _order(device_id, 0, authority)
-                sent[order.order_id] = time.perf_counter()
-                client.publish(orders_topic(device_id), encode(order))
+            while not all(latencies.values()):
+                for authority in authorities:
+                    publish(0, authority)
                 await asyncio.sleep(0.3)
         await asyncio.sleep(0.3)
         sent.clear()
-        latencies.clear()
         results.clear()
-        interval, next_at = 1 / rate, time.perf_counter()
+        for values in latencies.values():
+            values.clear()
+        interval, next_at = 1 / (rate * len(authorities)), time.perf_counter()
         for seq in range(1, int(rate * seconds) + 1):
-            order = _order(device_id, seq, authority)
-            sent[order.order_id] = time.perf_counter()
-            client.publish(orders_topic(device_id), encode(order))
-            next_at += interval
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            for authority in authorities:
+                publish(seq, authority)
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
         publishing = False
         if sent:
             with contextlib.suppress(TimeoutError):
@@ -174,7 +191,8 @@ async def probe(url: str, authority: str, *, rate: float, seconds: float) -> Pro
                     await all_back.wait()
     if set(results) != {"accepted"}:
         raise RuntimeError(f"receipts other than accepted: {results}")
-    return ProbeResult(sorted(latencies), len(sent))
+    missing = {a: sum(1 for owner, _ in sent.values() if owner == a) for a in authorities}
+    return {a: ProbeResult(sorted(latencies[a]), missing[a]) for a in authorities}
 
 
 def publish_backlog(broker: MosquittoProcess, authority: str, count: int, devices: int) -> None:
@@ -225,7 +243,8 @@ def drain_rate(
 def main() -> None:
     """Run both measurements and print them side by side."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backlog", type=int, default=15_000)
+    parser.add_argument("--backlog", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=2, help="drain rounds; the best counts")
     parser.add_argument("--probe-rate", type=float, default=50.0)
     parser.add_argument("--probe-seconds", type=float, default=4.0)
     parser.add_argument("--wan-delay-ms", type=float, default=10.0, help="one way; RTT is 2×")
@@ -243,39 +262,45 @@ def main() -> None:
             "near": store_near.url,
             "far": f"redis://{HOST}:{wan.proxy.port}/0",  # the same Redis, 2 × delay away
         }
-        rows: list[tuple[str, ProbeResult]] = []
+        kinds = (
+            ("home (attempts=[b])", "b"),
+            ("cross-region, loopback", "near"),
+            (f"cross-region, {rtt_ms:g} ms RTT", "far"),
+        )
         tag = uuid.uuid4().hex[:6]
         with bridge(broker, urls, f"probe-{tag}", f"gp{tag}", work):
-            for label, authority in (
-                ("home (attempts=[b])", "b"),
-                ("cross-region, loopback", "near"),
-                (f"cross-region, {rtt_ms:g} ms RTT", "far"),
-            ):
-                result = asyncio.run(
-                    probe(broker.url, authority, rate=args.probe_rate, seconds=args.probe_seconds)
+            probed = asyncio.run(
+                probe(
+                    broker.url,
+                    tuple(a for _, a in kinds),
+                    rate=args.probe_rate,
+                    seconds=args.probe_seconds,
                 )
-                rows.append((label, result))
-                print(f"receipts {label}: p50 {result.percentile(0.5):.1f} ms, "
-                      f"p99 {result.percentile(0.99):.1f} ms", flush=True)  # fmt: skip
-        rates: list[tuple[str, float]] = []
-        for label, authority in (
-            ("home", "b"),
-            ("failover, loopback", "near"),
-            (f"failover, {rtt_ms:g} ms RTT", "far"),
-        ):
-            rate = drain_rate(broker, urls, authority, args.backlog, work)
-            rates.append((label, rate))
-            print(f"drain {label}: {rate:,.0f} orders/s", flush=True)
+            )
+        rows = [(label, probed[authority]) for label, authority in kinds]
+        # Best of --rounds: noise from the rest of the machine only ever slows a drain.
+        best: dict[str, float] = {}
+        for round_no in range(args.rounds):
+            for label, authority in (
+                ("home", "b"),
+                ("failover, loopback", "near"),
+                (f"failover, {rtt_ms:g} ms RTT", "far"),
+            ):
+                rate = drain_rate(broker, urls, authority, args.backlog, work)
+                best[label] = max(best.get(label, 0.0), rate)
+                print(f"round {round_no + 1} drain {label}: {rate:,.0f} orders/s", flush=True)
+        rates = list(best.items())
 
     home_p50 = rows[0][1].percentile(0.5)
     home_rate = rates[0][1]
-    print(f"\nreceipt latency ({args.probe_rate:g} orders/s for {args.probe_seconds:g} s each, "
-          "Redis on redis/redis.conf, appendfsync always):")  # fmt: skip
+    print(f"\nreceipt latency ({args.probe_rate:g} orders/s per authority, interleaved, "
+          f"{args.probe_seconds:g} s; Redis on redis/redis.conf, appendfsync always):")  # fmt: skip
     print(f"  {'authority':<30} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10}")
     for label, result in rows:
         p50, p99 = result.percentile(0.5), result.percentile(0.99)
         print(f"  {label:<30} {p50:>8.1f} {p99:>8.1f} {p50 - home_p50:>+10.1f}")
-    print(f"\ndrain of {args.backlog:,} queued orders by one bridge (all owned by one region):")
+    print(f"\ndrain of {args.backlog:,} queued orders by one bridge, all owned by one region "
+          f"(best of {args.rounds}):")  # fmt: skip
     for label, rate in rates:
         print(f"  {label:<30} {rate:>10,.0f} orders/s  ({rate / home_rate:.0%} of home)")
 

@@ -18,6 +18,7 @@ from servicekit.loops import failed_loops
 
 from .config import BridgeConfig
 from .errors import BridgeError
+from .heartbeat import RedisHeartbeat
 from .metrics import BridgeMetrics
 from .regions import build_region_sinks
 from .service import Bridge, build_sink
@@ -61,14 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: BridgeConfig) -> None:
-    async with build_sink(config) as sink, contextlib.AsyncExitStack() as stack:
+    heartbeat = RedisHeartbeat(
+        config.local_redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
+    )
+    async with build_sink(config) as sink, heartbeat, contextlib.AsyncExitStack() as stack:
         region_sinks = {
             name: await stack.enter_async_context(remote)
             for name, remote in build_region_sinks(config).items()
         }
         if config.geo:
             log.info("geo mode", region=config.region, remote_regions=sorted(region_sinks))
-        bridge = Bridge(config, sink, BridgeMetrics(), region_sinks)
+        bridge = Bridge(
+            config, sink, BridgeMetrics(), heartbeat=heartbeat, region_sinks=region_sinks
+        )
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
 

@@ -70,6 +70,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     # Cap of every retry wait: after an outage the bridge is back within about this long.
     backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_grace_s: NonNegative = 10.0
+    # Readiness heartbeat in Redis for the ops page (bridge/heartbeat.py); 0 turns it off.
+    heartbeat_interval_s: NonNegative = 5.0
+
     # The longest an agent may resend an order it already delivered. The dedup marker must
     # outlive it, or a late resend is appended a second time: a shorter TTL is refused.
     agent_retry_horizon_s: NonNegative = AGENT_RETRY_HORIZON_S

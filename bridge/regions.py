@@ -279,6 +279,7 @@ class Regions:
         if set(sinks) != remote_names:
             raise ValueError(f"need one sink per remote region {sorted(remote_names)}, "
                              f"got {sorted(sinks)}")  # fmt: skip
+        self._closed = False
         self.remotes: dict[str, RemoteRegion] = {}
         for name, sink in sinks.items():
             breaker = CircuitBreaker(
@@ -334,12 +335,18 @@ class Regions:
         await asyncio.gather(*(remote.batcher.drain() for remote in self.remotes.values()))
 
     def close(self) -> None:
-        """Stop the remote writers after the batch in hand."""
+        """Stop the remote writers after the batch in hand, and the probe.
+
+        Cancelling alone is not enough on Python 3.11: a cancellation that lands
+        as a probe's timeout fires turns into a TimeoutError, which the probe
+        takes for an unreachable region, and the loop would run on.
+        """
+        self._closed = True
         for remote in self.remotes.values():
             remote.batcher.close()
 
     async def _probe_forever(self) -> None:
-        while True:
+        while not self._closed:
             await self.probe()
             await asyncio.sleep(PROBE_INTERVAL_S)
 

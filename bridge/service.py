@@ -33,6 +33,7 @@ from servicekit.urls import MqttUrl
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
 from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
+from .heartbeat import HeartbeatStore, run_heartbeat
 from .http import HttpServer
 from .ingest import DeadLetter, ValidOrder, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
@@ -49,6 +50,9 @@ REDIS_PROBE_INTERVAL_S = 1.0
 class Bridge:
     """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``.
 
+    With a ``heartbeat`` store it reports its readiness there every
+    ``config.heartbeat_interval_s`` for the ops page (:mod:`bridge.heartbeat`).
+
     In geo mode ``region_sinks`` holds a sink per remote region (bridge/regions.py).
     """
 
@@ -57,9 +61,12 @@ class Bridge:
         config: BridgeConfig,
         sink: OrderSink,
         metrics: BridgeMetrics,
+        *,
+        heartbeat: HeartbeatStore | None = None,
         region_sinks: Mapping[str, OrderSink] | None = None,
     ) -> None:
         self.config = config
+        self._heartbeat = heartbeat
         self.metrics = metrics
         self._sink = sink
         self._limits = TokenBuckets(config.rate_per_s, config.rate_burst)
@@ -189,6 +196,16 @@ class Bridge:
             checks["redis_durable"] = self.redis_durable
         return checks
 
+    def heartbeat_report(self) -> dict[str, str | int]:
+        """What each heartbeat says: readiness, durability, in-flight, the failing checks."""
+        checks = self.readiness()
+        return {
+            "ready": int(all(checks.values())),
+            "redis_durable": int(self.redis_durable),
+            "in_flight": self._in_flight(),
+            "failing": ",".join(name for name, ok in checks.items() if not ok),
+        }
+
     def redis_details(self) -> dict[str, Any]:
         """What ``/readyz`` says about Redis (and other regions) beside the checks."""
         state = self.redis_state
@@ -233,6 +250,13 @@ class Bridge:
                 probe = tasks.create_task(
                     critical("redis-probe", self._probe_redis()), name="redis-probe"
                 )
+                beat = None
+                if self._heartbeat is not None and cfg.heartbeat_interval_s > 0:
+                    beat = tasks.create_task(
+                        run_heartbeat(self._heartbeat, cfg.client_id, self.heartbeat_report,
+                                      cfg.heartbeat_interval_s),
+                        name="heartbeat",
+                    )  # fmt: skip
                 regions = None
                 if self.regions is not None:
                     regions = tasks.create_task(
@@ -253,6 +277,8 @@ class Bridge:
                 self.batcher.close()
                 writer.cancel()
                 probe.cancel()
+                if beat is not None:
+                    beat.cancel()
                 if self.regions is not None and regions is not None:
                     self.regions.close()
                     regions.cancel()

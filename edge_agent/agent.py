@@ -36,6 +36,7 @@ from ._clock import AgentClock
 from ._records import NewOrder, OrderRecord, RetryResult, Stats, Submitted
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, BackgroundLoopDied, InvalidOrder, StorageError
+from .health import HealthReporter
 from .intake import start_http
 from .metrics import AgentMetrics
 from .outbox import Outbox
@@ -112,8 +113,12 @@ class EdgeAgent:
             clock=clock,
         )
         self.clock = self.outbox.clock
+        self.reporter = HealthReporter(config, self.outbox, self.metrics)
         self.publisher = Publisher(
-            config, self.outbox, self.metrics, transport_factory=transport_factory
+            config,
+            self.outbox,
+            self.metrics,
+            transport_factory=self.reporter.wrap(transport_factory),
         )
         self.recovery = StatusRecovery(config, self.outbox, self.publisher, self.metrics)
         self.outbox.on_commit = self.publisher.wake
@@ -160,6 +165,8 @@ class EdgeAgent:
         }
         if self.publisher.regions is not None:
             loops["failback_probe"] = self.publisher.run_failback_probe
+        if self.reporter.enabled:
+            loops["health"] = self.reporter.run
         self._tasks = [
             self._tg.create_task(
                 self._supervised(loop, run), name=f"{loop}:{name}", context=context
@@ -206,10 +213,14 @@ class EdgeAgent:
                         first = first.exceptions[0]
                     raise first from group
         finally:
-            # The outbox commits what is pending (the transaction in progress), then closes.
-            await self.outbox.__aexit__(exc_type, exc, tb)
-            await self.publisher.close()
-            log.info("agent_stopped")
+            try:
+                if await self.reporter.goodbye():  # online=False: DISCONNECT drops the Will
+                    log.info("health_goodbye_sent")
+            finally:
+                # The outbox commits what is pending (the transaction in progress), then closes.
+                await self.outbox.__aexit__(exc_type, exc, tb)
+                await self.publisher.close()
+                log.info("agent_stopped")
 
     async def submit(self, data: Mapping[str, Any]) -> Submitted:
         """Validate an order and commit it to the outbox; return once it is durable.

@@ -61,6 +61,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     puback_retry_min_s: float = 1.0
     puback_retry_max_s: float = 60.0
     poll_interval_s: float = 1.0
+    # Device health (edge_agent/health.py) on v1/devices/{id}/health every this
+    # many seconds and on change, plus an MQTT Will; 0 turns both off.
+    health_interval_s: float = 30.0
     # Status recovery: an accepted order without a terminal status this long after
     # its receipt is asked about (StatusQuery), again with backoff up to
     # status_query_max_interval_s, until the status comes or status_query_max_age_s

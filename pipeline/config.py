@@ -53,6 +53,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # The ops page counts a device stale when its last health report is older than this.
+    health_stale_s: float = 90.0
+    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
+    health_ttl_s: float = 86400.0
     # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
     # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
     region: str = ""

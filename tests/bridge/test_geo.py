@@ -189,6 +189,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             receipts = ReceiptCollector(broker.url)
             regions.append(Region(name, broker, store, bridge, receipts, Publisher(broker.url)))
         yield Rig(regions[0], regions[1], proxied.proxy)
+        # Geo mode adds writer and probe tasks: SIGTERM must still end each bridge cleanly.
+        assert bridge_b.terminate(30) == 0, bridge_b.log_tail()
+        assert bridge_a.terminate(30) == 0, bridge_a.log_tail()
     finally:
         for region in regions:
             region.publisher.close()
