@@ -141,9 +141,9 @@ async def test_broker_up_without_a_bridge_fails_over(
     async with geo_agent(rig.agent_regions("eu"), tmp_path / "o.db", device_id=device_id) as agent:
         await wait_until(lambda: agent.connected and agent.region == "eu", what="agent at eu")
         order_ids = [await agent.submit() for _ in range(3)]
-        # failover_after_s is 1.5 s: without receipts the agent must leave eu well within 15 s.
+        # failover_after_s is 1.5 s: without receipts the agent must leave eu well within 8 s.
         await wait_until(
-            lambda: all(agent.settled(o) for o in order_ids), timeout_s=15,
+            lambda: all(agent.settled(o) for o in order_ids), timeout_s=8,
             what="orders settled in us while eu has no bridge",
         )  # fmt: skip
 
