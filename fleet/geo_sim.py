@@ -203,7 +203,9 @@ async def run_geo(options: GeoOptions, geo: GeoStack) -> GeoResult:
                 ]
                 await _load(options, fleet, rng, catalog, started)
                 await asyncio.gather(*chaos_tasks)
-                settled = await _settle(fleet, tracker, clients, options.settle_timeout_s)
+                settled = await _settle(
+                    fleet, tracker, clients, options.settle_timeout_s, geo.settings.shards
+                )
                 await _await_heard(tracker, options.status_wait_s)
                 stop.set()
         finally:
@@ -290,7 +292,7 @@ async def _sample(
 
 
 async def _statuses_anywhere(
-    clients: Mapping[str, aioredis.Redis], refs: list[OrderRef]
+    clients: Mapping[str, aioredis.Redis], refs: list[OrderRef], shards: int
 ) -> set[OrderRef]:
     """The refs with a terminal status in any reachable region."""
     done: set[OrderRef] = set()
@@ -299,7 +301,7 @@ async def _statuses_anywhere(
         if not todo:
             break
         try:
-            found = await order_statuses(client, todo)
+            found = await order_statuses(client, todo, shards)
         except (RedisError, OSError):
             continue
         done |= {ref for ref, s in zip(todo, found, strict=True) if s in TERMINAL}
@@ -307,7 +309,11 @@ async def _statuses_anywhere(
 
 
 async def _settle(
-    fleet: Fleet, tracker: Tracker, clients: Mapping[str, aioredis.Redis], timeout_s: float
+    fleet: Fleet,
+    tracker: Tracker,
+    clients: Mapping[str, aioredis.Redis],
+    timeout_s: float,
+    shards: int,
 ) -> bool:
     """Wait until every outbox is empty and every accepted order has a terminal status."""
     deadline = time.monotonic() + timeout_s
@@ -317,7 +323,7 @@ async def _settle(
         if depth == 0:
             waiting -= tracker.terminal
             if waiting:
-                waiting -= await _statuses_anywhere(clients, sorted(waiting))
+                waiting -= await _statuses_anywhere(clients, sorted(waiting), shards)
             if not waiting:
                 return True
         if time.monotonic() > deadline:

@@ -310,7 +310,10 @@ class GeoStack:
             name = link_name(r.name, s.name)
             self.links.add(name, ("127.0.0.1", s.redis.port), self.link_ports[name])
         catalog = self.settings.catalog
-        _in_parallel([functools.partial(load_catalog, r.redis_url, catalog) for r in self.regions])
+        shards = self.settings.shards
+        _in_parallel(
+            [functools.partial(load_catalog, r.redis_url, catalog, shards) for r in self.regions]
+        )
         services = [s for r in self.regions for s in (r.bridge, r.pipeline) if s is not None]
         _in_parallel([functools.partial(start_service, service) for service in services])
         for region in self.regions:
@@ -384,13 +387,13 @@ def _in_parallel(calls: Sequence[Callable[[], object]], workers: int = 0) -> Non
         future.result()
 
 
-def load_catalog(redis_url: str, catalog: Path) -> None:
+def load_catalog(redis_url: str, catalog: Path, shards: int) -> None:
     """What ``order-pipeline catalog load`` does, in-process (a subprocess per region is slow)."""
 
     async def store() -> None:
         client = aioredis.from_url(redis_url)
         try:
-            await store_catalog(client, read_catalog(catalog))
+            await store_catalog(client, read_catalog(catalog), shards=shards)
         finally:
             await client.aclose()
 

@@ -28,7 +28,7 @@ import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,8 @@ from pipeline.names import TERMINAL_STATUSES
 
 from .verify import OrderRef, count_stream_entries, find_processed_twice
 
-RegionStatusLookup = Callable[[Any, list[OrderRef]], Awaitable[list[str | None]]]
-"""(region's Redis client, refs) → each order's pipeline status there."""
+RegionStatusLookup = Callable[[Any, Sequence[OrderRef], int], Awaitable[list[str | None]]]
+"""(region's Redis client, refs, shards) → each order's pipeline status there."""
 
 
 @dataclass(frozen=True)
@@ -199,10 +199,10 @@ async def verify_geo(
             continue
         client = clients[name]
         if statuses is not None:
-            found = await statuses(client, here)
+            found = await statuses(client, here, shards)
             stuck += [r for r, s in zip(here, found, strict=True) if s not in TERMINAL_STATUSES]
         if pipeline_writes:
-            twice.update(await find_processed_twice(client, here))
+            twice.update(await find_processed_twice(client, here, shards=shards))
     unheard = sorted(r for r in wanted if total[r] > 0 and heard is not None and r not in heard)
     return GeoVerdict(
         checked=len(wanted),
