@@ -47,7 +47,7 @@ from servicekit.logs import truncate
 from servicekit.tokens import TokenBucket
 from servicekit.urls import MqttUrl
 
-from ._puback import PubackAction, classify
+from ._puback import NO_MATCHING_SUBSCRIBERS, PubackAction, classify
 from ._records import TERMINAL_STATUSES
 from .config import AgentConfig
 from .errors import BrokerError, StorageError
@@ -416,7 +416,9 @@ class Publisher:
         # The broker did not deliver it: no receipt will come for this send.
         self._metrics.broker_rejections.labels(str(reason_code)).inc()
         self._inflight.pop(order_id, None)
-        if self.regions is not None:
+        if self.regions is not None and reason_code != NO_MATCHING_SUBSCRIBERS:
+            # 0x10 means no bridge is subscribed in this region: not an answer,
+            # so the no-answer clock keeps running and the agent fails over.
             self.regions.on_answer(len(self._inflight))
         self.last_rejection = f"{order_id}: PUBACK {reason_code} {reason}"
         if action is PubackAction.HOLD:
@@ -455,6 +457,12 @@ class Publisher:
                 self._metrics.statuses.labels(status.status).inc()
                 query_at = None if status.status in TERMINAL_STATUSES else self._query_at()
                 self._outbox.set_status(status.order_id, status.status, status.reason, query_at)
+                # A status settles the order too (its receipt may be lost): stop waiting.
+                if (
+                    self._inflight.pop(status.order_id, None) is not None
+                    and self.regions is not None
+                ):
+                    self.regions.on_answer(len(self._inflight))
             else:
                 log.warning("unexpected_topic", topic=topic)
         except DecodeError as exc:

@@ -123,12 +123,6 @@ def _owners(at_eu: GeoAgent, at_us: GeoAgent, order_ids: list[str]) -> list[tupl
     return [(at_eu if i < 5 else at_us, o) for i, o in enumerate(order_ids)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent bug (reported): a PUBACK 0x10 (no matching subscribers) counts as an answer "
-    "(RegionSelector.on_answer), so a region whose broker is up but has no bridge subscribed "
-    "never triggers failover; each resend there also commits the region into attempts",
-)
 async def test_broker_up_without_a_bridge_fails_over(
     rig: GeoStack, tmp_path: Path, device_id: str
 ) -> None:
