@@ -40,6 +40,7 @@ class Due(NamedTuple):
     order_id: str
     payload: bytes
     attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
+    traceparent: str | None = None  # W3C trace context set at intake (servicekit.tracing)
 
 
 class NewOrder(NamedTuple):
@@ -48,6 +49,7 @@ class NewOrder(NamedTuple):
     order_id: str
     seq: int
     payload: bytes
+    traceparent: str | None = None  # W3C trace context set at intake (servicekit.tracing)
 
 
 class Sent(NamedTuple):

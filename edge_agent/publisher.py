@@ -24,6 +24,7 @@ import random
 import structlog
 
 from schemas import DecodeError, Reason, StatusQuery, decode_receipt, decode_status, encode, names
+from servicekit import tracing
 from servicekit.backoff import Backoff, full_jitter
 from servicekit.logs import truncate
 from servicekit.tokens import TokenBucket
@@ -85,6 +86,7 @@ class Publisher:
         self._reconnect = Backoff(config.reconnect_min_s, config.reconnect_max_s, self._rng)
         self.last_error: str | None = None
         self.last_rejection: str | None = None
+        self._spans = tracing.pending_spans("order publish")  # publish → receipt
 
     @property
     def connected(self) -> bool:
@@ -154,6 +156,7 @@ class Publisher:
                 if deadline <= now:
                     del self._inflight[order_id]
                     self._metrics.receipt_timeouts.inc()
+                    self._spans.end(order_id, "receipt_timeout", failed=True)
             timeout = cfg.poll_interval_s
             free = cfg.max_inflight - len(self._inflight)
             if free > 0:
@@ -172,6 +175,7 @@ class Publisher:
             except TimeoutError:
                 pass
         log.warning("mqtt_connection_lost", inflight=len(self._inflight))
+        self._spans.end_all("connection_lost")
 
     def horizon_ms(self) -> int:
         """Agent-clock ms: orders first sent at or before it must never be sent again."""
@@ -186,10 +190,12 @@ class Publisher:
         for order in due:
             if not self._transport.connected:
                 break
+            traceparent = self._spans.begin(order.order_id, order.traceparent)
             try:
-                mid = self._transport.publish(self._orders_topic, order.payload)
+                mid = self._transport.publish(self._orders_topic, order.payload, traceparent)
             except BrokerError as exc:
                 log.warning("publish_failed", order_id=order.order_id, error=exc.detail)
+                self._spans.end(order.order_id, "publish_failed", failed=True)
                 break
             self._inflight[order.order_id] = self._clock.monotonic_s() + timeout_s
             self._mids[mid] = (order.order_id, order.attempts)
@@ -233,6 +239,7 @@ class Publisher:
         # The broker did not deliver it: no receipt will come for this send.
         self._metrics.broker_rejections.labels(str(reason_code)).inc()
         self._inflight.pop(order_id, None)
+        self._spans.end(order_id, f"puback_{reason_code}", failed=True)
         self.last_rejection = f"{order_id}: PUBACK {reason_code} {reason}"
         if action is PubackAction.HOLD:
             log.error(
@@ -286,6 +293,7 @@ class Publisher:
             log.warning("receipt_without_order_id", reason=receipt.reason)
             return
         self._inflight.pop(order_id, None)
+        self._spans.end(order_id, receipt.result, failed=receipt.result == "rejected")
         if receipt.result in ("accepted", "duplicate"):
             self._outbox.settle(order_id, "accepted", None, self._query_at())
         elif receipt.result == "pending" or receipt.reason == Reason.RATE_LIMITED:

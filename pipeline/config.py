@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig
 
@@ -51,3 +55,6 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
+    otlp_endpoint: str = ""
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
