@@ -14,6 +14,7 @@ import msgspec
 from schemas import MAX_ORDER_BYTES, DecodeError, SchemaError, decode_order
 from schemas.messages import OrderId
 from schemas.names import device_id_from_orders_topic, shard_of
+from servicekit.tracing import valid_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class ValidOrder:
     received_at_ms: int
     payload: bytes
     digest: str  # hash of the payload: the dedup marker's value
+    trace: str | None = None  # valid W3C traceparent (servicekit.tracing): stream field `trace`
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +68,15 @@ def order_id_hint(payload: bytes) -> str | None:
         return None
 
 
-def classify(topic: str, payload: bytes, *, shards: int, received_at_ms: int) -> Classified:
-    """Validate one message against the v1 contract and route it."""
+def classify(
+    topic: str, payload: bytes, *, shards: int, received_at_ms: int, trace: str | None = None
+) -> Classified:
+    """Validate one message against the v1 contract and route it.
+
+    ``trace`` (the MQTT ``traceparent`` user property) is kept when it is a valid
+    W3C traceparent and dropped otherwise; it never decides the order's fate and
+    is not part of the dedup digest.
+    """
     try:
         device_id = device_id_from_orders_topic(topic)
     except SchemaError as exc:
@@ -85,4 +94,5 @@ def classify(topic: str, payload: bytes, *, shards: int, received_at_ms: int) ->
         received_at_ms=received_at_ms,
         payload=payload,
         digest=payload_digest(payload),
+        trace=None if trace is None else valid_traceparent(trace),
     )

@@ -16,6 +16,7 @@ import structlog
 
 from schemas import Reason, SchemaError
 from schemas.names import (
+    TRACEPARENT_PROPERTY,
     device_id_from_orders_topic,
     is_device_id,
     receipts_topic,
@@ -25,7 +26,7 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.loops import critical
-from servicekit.mqtt import MqttClient, Subscription
+from servicekit.mqtt import MqttClient, PropertySubscription
 from servicekit.tokens import TokenBuckets
 from servicekit.urls import MqttUrl
 
@@ -79,7 +80,7 @@ class Bridge:
         """Begin a graceful stop (SIGTERM)."""
         self._stop.set()
 
-    def take(self, topic: str, payload: bytes, ack: Ack) -> None:
+    def take(self, topic: str, payload: bytes, ack: Ack, traceparent: str | None = None) -> None:
         """Take one message from the intake; ``ack`` is called once it may be acked."""
         self.metrics.received.inc()
         if self._stopping:
@@ -99,7 +100,9 @@ class Bridge:
             self._receipt(device_id, order_id_hint(payload), limited)
             ack()
             return
-        item = classify(topic, payload, shards=self.config.shards, received_at_ms=received_at)
+        item = classify(
+            topic, payload, shards=self.config.shards, received_at_ms=received_at, trace=traceparent
+        )
         if isinstance(item, DeadLetter):
             log.debug("dead letter", topic=topic, reason=item.reason, payload=truncate(payload))
 
@@ -293,7 +296,11 @@ class Bridge:
         return MqttClient(
             MqttUrl.parse(cfg.mqtt_url),
             client_id=cfg.client_id,
-            subscriptions=[Subscription(shared_orders_subscription(cfg.share_group), sink)],
+            subscriptions=[
+                PropertySubscription(
+                    shared_orders_subscription(cfg.share_group), sink, TRACEPARENT_PROPERTY
+                )
+            ],
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
             max_packet_size=cfg.mqtt_max_packet_size,
