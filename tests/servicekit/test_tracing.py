@@ -116,7 +116,7 @@ def test_traces_url_adds_the_path_once() -> None:
 
 def test_a_ratio_outside_0_to_1_is_refused() -> None:
     """The sampling ratio is a probability."""
-    with pytest.raises(ValueError, match="0..1"):
+    with pytest.raises(ValueError, match=r"0\.\.1"):
         tracing.configure("", sample_ratio=1.5, service_name="x")
 
 
@@ -244,7 +244,8 @@ def test_pending_spans_run_from_begin_to_end(exporter: InMemorySpanExporter) -> 
     assert spans["o1"].kind is SpanKind.PRODUCER
     assert parent_span_id(spans["o1"]) == HEADER_SAMPLED[36:52]
     assert hex_ids(spans["o1"])[1] == wire[36:52]
-    assert second is not None and hex_ids(spans["o2"])[1] == second[36:52]
+    assert second is not None
+    assert hex_ids(spans["o2"])[1] == second[36:52]
     assert spans["o2"].attributes["outcome"] == "connection_lost"  # type: ignore[index]
     assert not spans["o2"].status.is_ok
 
@@ -260,15 +261,15 @@ def test_pending_spans_are_bounded(exporter: InMemorySpanExporter) -> None:
 
 def test_batch_span_links_each_sampled_order(exporter: InMemorySpanExporter) -> None:
     """One root span per batch with a link per sampled order; unsampled and bad ones get none."""
-    orders = [
+    orders: list[tuple[str | bytes | None, dict[str, str]]] = [
         (HEADER_SAMPLED, {"order.id": "o1"}),
         (HEADER_UNSAMPLED, {"order.id": "o2"}),
         (b"garbage", {"order.id": "o3"}),
         (None, {"order.id": "o4"}),
     ]
-    with tracing.intake_span(None):  # a current span must not become the batch's parent
-        with tracing.batch_span("bridge batch", iter(orders)):
-            pass
+    # A current span must not become the batch's parent.
+    with tracing.intake_span(None), tracing.batch_span("bridge batch", iter(orders)):
+        pass
     batch = next(s for s in finished(exporter) if s.name == "bridge batch")
     assert batch.parent is None
     assert batch.kind is SpanKind.CONSUMER
@@ -296,7 +297,7 @@ def test_per_order_spans_give_each_sampled_order_the_blocks_time(
 ) -> None:
     """Batch work timed once, one span per sampled order under that order's context."""
     other = tracing.new_traceparent(sampled=True)
-    orders = [
+    orders: list[tuple[str | bytes | None, dict[str, str]]] = [
         (HEADER_SAMPLED.encode(), {"order.id": "o1"}),
         (other, {"order.id": "o2"}),
         (HEADER_UNSAMPLED, {"order.id": "o3"}),
@@ -310,5 +311,6 @@ def test_per_order_spans_give_each_sampled_order_the_blocks_time(
     assert [hex_ids(s)[0] for s in spans] == [tracing.trace_id(HEADER_SAMPLED), other[3:35]]
     assert spans[0].start_time == spans[1].start_time
     assert spans[0].end_time == spans[1].end_time
-    assert spans[0].end_time is not None and spans[0].start_time is not None
+    assert spans[0].end_time is not None
+    assert spans[0].start_time is not None
     assert spans[0].end_time >= spans[0].start_time
