@@ -17,12 +17,18 @@ Throughput of a writer is counted from its first to its last stream entry
 while the bridge consumes, for p50/p99 latency from publish to stream entry,
 and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 
+The tracing rows time the same bridge on equal MQTT 5 backlogs: orders without a
+``traceparent`` user property (the code path before tracing), with one and the
+bridge's tracing off, and with tracing at 1 % and 100 % sampling exporting over
+OTLP/HTTP to a sink (goals: off ≥ 99 %, 1 % ≥ 95 % of the first row).
+
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
 with ``everysec``, on the same backlog in the same run (goal: always ≥ 80 %).
 
 Run: .venv/bin/python -m bench.bridge_throughput [--messages 100000] [--replicas]
      .venv/bin/python -m bench.bridge_throughput --fsync-only   # just the fsync rows
+     .venv/bin/python -m bench.bridge_throughput --tracing-only --messages 20000 --rounds 5
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench._loadgen import create_session, publish_load, send_time
+from bench._loadgen import create_session, drop_session, publish_load, send_time
 from bench.mqtt_clients import drain_codec_loop
 from bench.receipt_probe import RECEIPT_P50_GOAL_MS, probe_receipts
 from bridge.ingest import payload_digest
@@ -53,6 +59,7 @@ from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port
 from schemas import DecodeError, SchemaError, decode_order
 from schemas.names import (
     DEDUP_TTL_S,
+    TRACE_STREAM_FIELD,
     device_id_from_orders_topic,
     seen_key,
     shard_of,
@@ -188,6 +195,7 @@ def start_bridges(
     workdir: Path,
     *,
     wait_ready: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
     ports = []
@@ -200,7 +208,7 @@ def start_bridges(
             "--http-port", str(ports[-1]), "--http-host", HOST, "--rate-per-s", "0",
             "--log-level", LOG_LEVEL,
             # The throughput rows use a dev Redis (no AOF): ready all the same.
-            "--no-redis-require-durable",
+            "--no-redis-require-durable", *extra,
         ]  # fmt: skip
         log = (workdir / f"{client_id}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
@@ -291,6 +299,106 @@ def print_fsync_rows(rates: dict[str, float]) -> None:
     )
 
 
+# Tracing rows: (label, traceparent sampling of the orders or None for no property,
+# the bridge's extra flags (with {otlp} for the sink's endpoint)).
+TRACING_ROWS: tuple[tuple[str, float | None, tuple[str, ...]], ...] = (
+    ("no traceparent (before tracing)", None, ()),
+    ("tracing off", 0.01, ()),
+    ("tracing 1 %", 0.01, ("--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "0.01")),
+    ("tracing 100 %", 1.0, ("--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "1")),
+)
+
+
+def _otlp_sink(port: int) -> None:
+    """An OTLP/HTTP endpoint that reads each export and answers an empty (valid) response."""
+    import http.server  # noqa: PLC0415 - only in this child process
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer((HOST, port), Sink).serve_forever()
+
+
+def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
+    broker: MosquittoProcess, redis_port: int, work: Path, messages: int, rounds: int,
+    publishers: int,
+) -> dict[str, float]:  # fmt: skip
+    """Median orders/s of one bridge per tracing row, on equal backlogs, order rotated per round.
+
+    Every row's backlog is published over MQTT 5 just before its bridge drains it
+    (the session of a drained row is dropped, so backlogs never pile up). The
+    traced rows carry a ``traceparent`` user property per order, which the bridge
+    writes as the stream field ``trace``; the 1 % and 100 % bridges export their
+    spans over OTLP/HTTP to a sink process.
+    """
+    sink_port = free_port()
+    sink = mp.Process(target=_otlp_sink, args=(sink_port,), daemon=True)
+    sink.start()
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    client = redis.Redis(port=redis_port)
+    try:
+        for round_no in range(rounds):
+            shift = round_no % len(TRACING_ROWS)
+            for label, ratio, flags in TRACING_ROWS[shift:] + TRACING_ROWS[:shift]:
+                tag = uuid.uuid4().hex[:6]
+                client_id, group = f"trace-{tag}", f"gtrace{tag}"
+                create_session(HOST, broker.port, client_id, subscription(group))
+                publish_load(
+                    HOST, broker.port, messages, publishers, devices=1000,
+                    mqtt5_trace_ratio=ratio,
+                )  # fmt: skip
+                client.flushall()
+                extra = tuple(f.format(otlp=f"http://{HOST}:{sink_port}") for f in flags)
+                procs = start_bridges(
+                    broker.port, redis_port, [client_id], group, work, extra=extra
+                )
+                wait_entries(client, messages)
+                stop(procs)
+                drop_session(HOST, broker.port, client_id)
+                _check_trace_field(client, traced=ratio is not None)
+                rates[label].append(writer_rate(client))
+            print(
+                f"tracing round {round_no + 1}: "
+                + "  ".join(f"{label} {v[-1]:,.0f}/s" for label, v in rates.items()),
+                flush=True,
+            )
+    finally:
+        sink.terminate()
+        sink.join(10)
+        client.close()
+    return {label: statistics.median(values) for label, values in rates.items()}
+
+
+def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
+    """The traced rows really wrote the stream field ``trace``; the baseline did not."""
+    entries = client.xrange(stream_key(0), count=5)
+    has = [TRACE_STREAM_FIELD.encode() in fields for _, fields in entries]
+    if not entries or any(h != traced for h in has):
+        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r} expected={traced}, got {has}")
+
+
+def print_tracing_rows(rates: dict[str, float]) -> None:
+    """The tracing rows against the same bridge before tracing, and the goals."""
+    base_label = TRACING_ROWS[0][0]
+    base = rates[base_label]
+    goals = {"tracing off": 0.99, "tracing 1 %": 0.95}
+    print(f"  order-bridge, orders without traceparent (before tracing): {base:10,.0f} orders/s")
+    for label, _, _ in TRACING_ROWS[1:]:
+        ratio = rates[label] / base
+        goal = goals.get(label)
+        verdict = f"[goal ≥ {goal:.0%}: {_mark(ratio >= goal)}]" if goal else "(for information)"
+        print(f"  order-bridge, {label + ':':<44} {rates[label]:10,.0f} orders/s"
+              f"   {ratio:.1%} of before tracing {verdict}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
@@ -302,7 +410,20 @@ def main() -> None:
     parser.add_argument("--probe-rate", type=float, default=50.0, help="receipt probe orders/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--fsync-only", action="store_true", help="only the appendfsync rows")
+    parser.add_argument("--tracing-only", action="store_true", help="only the tracing rows")
     args = parser.parse_args()
+    if args.tracing_only:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            MosquittoProcess(Path(tmp) / "mq") as broker,
+            RedisProcess(Path(tmp) / "redis") as store,
+        ):
+            tracing_rates = run_tracing_rows(
+                broker, store.port, Path(tmp), args.messages, args.rounds, args.publishers
+            )
+        print(f"\n{args.rounds} rounds, {args.messages:,} queued orders per row (MQTT 5), medians:")
+        print_tracing_rows(tracing_rates)
+        return
     if args.fsync_only:
         with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp) / "mq") as broker:
             rates = run_fsync_policies(
@@ -396,6 +517,9 @@ def main() -> None:
             )
             stop(procs)
 
+            tracing_rates = run_tracing_rows(
+                broker, store.port, work, args.messages, args.rounds, args.publishers
+            )
             fsync_rates = run_fsync_policies(
                 broker, work, args.messages, args.rounds, args.publishers
             )
@@ -423,6 +547,7 @@ def main() -> None:
             f" orders/s   {ratio:.2f}× one process [goal ≥ 1.7×: {_mark(ratio >= 1.7)}]"
         )
     print_fsync_rows(fsync_rates)
+    print_tracing_rows(tracing_rates)
     print(
         f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
         f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"

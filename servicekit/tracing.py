@@ -62,8 +62,10 @@ __all__ = [
 TRACEPARENT_HEADER: Final = "traceparent"
 TRACES_PATH: Final = "/v1/traces"
 INSTRUMENTATION_NAME: Final = "iot-orders"
-# version 00: trace id (not all zero), parent span id (not all zero), flags.
-_TRACEPARENT_RE: Final = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+# version 00: trace id, parent span id (neither all zero: checked apart, cheaper), flags.
+_TRACEPARENT_RE: Final = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZERO_TRACE_ID: Final = "0" * 32
+_ZERO_SPAN_ID: Final = "0" * 16
 _TRACEPARENT_LEN: Final = 55
 _SAMPLED_DIGITS: Final = frozenset("13579bdf")  # the low bit of the flags' last hex digit
 
@@ -77,7 +79,8 @@ TraceparentLike = str | bytes | None
 def valid_traceparent(value: TraceparentLike) -> str | None:
     """``value`` when it is a well-formed version-00 traceparent, else None (never raises).
 
-    Input from devices and apps is untrusted; W3C says to ignore a bad one.
+    Input from devices and apps is untrusted; W3C says to ignore a bad one. The
+    bridge runs this for every order (about 1 µs).
     """
     if value is None or len(value) != _TRACEPARENT_LEN:
         return None
@@ -86,7 +89,13 @@ def valid_traceparent(value: TraceparentLike) -> str | None:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
-    return value if _TRACEPARENT_RE.fullmatch(value) else None
+    if (
+        _TRACEPARENT_RE.fullmatch(value) is None
+        or value.startswith(_ZERO_TRACE_ID, 3)
+        or value.startswith(_ZERO_SPAN_ID, 36)
+    ):
+        return None
+    return value
 
 
 def new_traceparent(*, sampled: bool) -> str:
