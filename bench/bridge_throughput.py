@@ -20,7 +20,9 @@ and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 The tracing rows time the same bridge on equal MQTT 5 backlogs: orders without a
 ``traceparent`` user property (the code path before tracing), with one and the
 bridge's tracing off, and with tracing at 1 % and 100 % sampling exporting over
-OTLP/HTTP to a sink (goals: off ≥ 99 %, 1 % ≥ 95 % of the first row).
+OTLP/HTTP to a sink. Beside throughput they show CPU per order (bridge process
+plus Redis, from the first entry to the last), on which the goals are judged:
+off costs ≤ 1 %, 1 % sampling ≤ 5 % more than the first row.
 
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -43,6 +46,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -330,8 +334,8 @@ def _otlp_sink(port: int) -> None:
 def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
     broker: MosquittoProcess, redis_port: int, work: Path, messages: int, rounds: int,
     publishers: int,
-) -> dict[str, float]:  # fmt: skip
-    """Median orders/s of one bridge per tracing row, on equal backlogs, order rotated per round.
+) -> dict[str, TracingRow]:  # fmt: skip
+    """Median orders/s and CPU per order of one bridge per tracing row (rotated per round).
 
     Every row's backlog is published over MQTT 5 just before its bridge drains it
     (the session of a drained row is dropped, so backlogs never pile up). The
@@ -343,6 +347,8 @@ def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
     sink = mp.Process(target=_otlp_sink, args=(sink_port,), daemon=True)
     sink.start()
     rates: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    redis_cpu: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
     client = redis.Redis(port=redis_port)
     try:
         for round_no in range(rounds):
@@ -360,21 +366,76 @@ def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
                 procs = start_bridges(
                     broker.port, redis_port, [client_id], group, work, extra=extra
                 )
-                wait_entries(client, messages)
+                bridge_us, redis_us = drain_cpu_us(client, procs[0].pid, messages)
+                cpu[label].append(bridge_us)
+                redis_cpu[label].append(redis_us)
                 stop(procs)
                 drop_session(HOST, broker.port, client_id)
                 _check_trace_field(client, traced=ratio is not None)
                 rates[label].append(writer_rate(client))
             print(
                 f"tracing round {round_no + 1}: "
-                + "  ".join(f"{label} {v[-1]:,.0f}/s" for label, v in rates.items()),
+                + "  ".join(
+                    f"{label} {v[-1]:,.0f}/s {cpu[label][-1]:.1f}+{redis_cpu[label][-1]:.1f} µs"
+                    for label, v in rates.items()
+                ),
                 flush=True,
             )
     finally:
         sink.terminate()
         sink.join(10)
         client.close()
-    return {label: statistics.median(values) for label, values in rates.items()}
+    return {
+        label: TracingRow(
+            statistics.median(rates[label]),
+            statistics.median(cpu[label]),
+            statistics.median(redis_cpu[label]),
+        )
+        for label in rates
+    }
+
+
+@dataclass(frozen=True)
+class TracingRow:
+    """Medians of one tracing row: throughput, and CPU per order in the bridge and in Redis."""
+
+    rate: float
+    bridge_cpu_us: float
+    redis_cpu_us: float
+
+    @property
+    def cpu_us(self) -> float:
+        return self.bridge_cpu_us + self.redis_cpu_us
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def drain_cpu_us(client: redis.Redis, pid: int, count: int) -> tuple[float, float]:
+    """Wait out a drain; the bridge's and Redis' CPU µs per order while entries were appended.
+
+    CPU time, unlike throughput, hardly moves when other processes share the
+    cores, so it shows small costs (tracing off) that throughput noise hides.
+    Counted from the first entry on, so the bridge's start-up is left out.
+    """
+    deadline = time.monotonic() + 600
+    while (first := total_entries(client)) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no entry appeared")
+        time.sleep(0.005)
+    bridge0, redis0 = process_cpu_s(pid), redis_cpu_s(client)
+    wait_entries(client, count)
+    bridge1, redis1 = process_cpu_s(pid), redis_cpu_s(client)
+    orders = max(1, count - first)
+    return (bridge1 - bridge0) / orders * 1e6, (redis1 - redis0) / orders * 1e6
 
 
 def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
@@ -385,18 +446,27 @@ def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
         raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r} expected={traced}, got {has}")
 
 
-def print_tracing_rows(rates: dict[str, float]) -> None:
-    """The tracing rows against the same bridge before tracing, and the goals."""
-    base_label = TRACING_ROWS[0][0]
-    base = rates[base_label]
-    goals = {"tracing off": 0.99, "tracing 1 %": 0.95}
-    print(f"  order-bridge, orders without traceparent (before tracing): {base:10,.0f} orders/s")
+def print_tracing_rows(rows: dict[str, TracingRow]) -> None:
+    """The tracing rows against the same bridge before tracing, and the goals.
+
+    The goals are judged on CPU per order (bridge + Redis), which is what tracing
+    adds; throughput is shown beside it but on a shared machine its noise is
+    larger than the effects measured.
+    """
+    base = rows[TRACING_ROWS[0][0]]
+    goals = {"tracing off": 0.01, "tracing 1 %": 0.05}
+    print(
+        f"  order-bridge, orders without traceparent (before tracing): {base.rate:10,.0f} orders/s,"
+        f" CPU {base.bridge_cpu_us:.1f} µs bridge + {base.redis_cpu_us:.1f} µs Redis per order"
+    )
     for label, _, _ in TRACING_ROWS[1:]:
-        ratio = rates[label] / base
+        row = rows[label]
+        cost = row.cpu_us / base.cpu_us - 1
         goal = goals.get(label)
-        verdict = f"[goal ≥ {goal:.0%}: {_mark(ratio >= goal)}]" if goal else "(for information)"
-        print(f"  order-bridge, {label + ':':<44} {rates[label]:10,.0f} orders/s"
-              f"   {ratio:.1%} of before tracing {verdict}")  # fmt: skip
+        verdict = f"[goal ≤ {goal:.0%}: {_mark(cost <= goal)}]" if goal else "(for information)"
+        print(f"  order-bridge, {label + ':':<44} {row.rate:10,.0f} orders/s"
+              f" ({row.rate / base.rate:.0%}), CPU {row.bridge_cpu_us:.1f} + {row.redis_cpu_us:.1f}"
+              f" µs per order: {cost:+.1%} {verdict}")  # fmt: skip
 
 
 def main() -> None:
