@@ -54,10 +54,11 @@ _Entry = tuple[Classified, Done]
 
 
 def _links(batch: list[_Entry]) -> Iterator[tuple[str | None, dict[str, str]]]:
-    """The batch span's links: each order's trace context (consumed only when tracing is on)."""
+    """The batch span's links: each sampled order's context (consumed only when tracing is on)."""
     for item, _ in batch:
-        if isinstance(item, ValidOrder) and item.trace is not None:
-            yield item.trace, {"order.id": item.order_id, "device.id": item.device_id}
+        trace = item.trace if isinstance(item, ValidOrder) else None
+        if trace is not None and tracing.is_sampled(trace):
+            yield trace, {"order.id": item.order_id or "", "device.id": item.device_id or ""}
 
 
 class Batcher:
