@@ -14,7 +14,7 @@ import msgspec
 from schemas import MAX_ORDER_BYTES, DecodeError, SchemaError, decode_order
 from schemas.messages import OrderId
 from schemas.names import device_id_from_orders_topic, shard_of
-from servicekit.tracing import valid_traceparent
+from servicekit.tracing import plausible_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +73,11 @@ def classify(
 ) -> Classified:
     """Validate one message against the v1 contract and route it.
 
-    ``trace`` (the MQTT ``traceparent`` user property) is kept when it is a valid
-    W3C traceparent and dropped otherwise; it never decides the order's fate and
-    is not part of the dedup digest.
+    ``trace`` (the MQTT ``traceparent`` user property) is kept when it has a
+    traceparent's shape and dropped otherwise (servicekit.tracing.plausible_traceparent:
+    the full check would cost every order; whoever makes a span context of it
+    validates it in full). It never decides the order's fate and is not part of
+    the dedup digest.
     """
     try:
         device_id = device_id_from_orders_topic(topic)
@@ -94,5 +96,5 @@ def classify(
         received_at_ms=received_at_ms,
         payload=payload,
         digest=payload_digest(payload),
-        trace=None if trace is None else valid_traceparent(trace),
+        trace=None if trace is None else plausible_traceparent(trace),
     )

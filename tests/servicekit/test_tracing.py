@@ -86,6 +86,25 @@ def test_a_bad_traceparent_is_none(value: str | bytes | None) -> None:
     assert tracing.valid_traceparent(value) is None
 
 
+@pytest.mark.parametrize(
+    ("value", "plausible"),
+    [
+        (HEADER_SAMPLED, True),
+        ("00-" + "g" * 32 + "-" + "0" * 16 + "-zz", True),  # the shape only: validated on use
+        (None, False),
+        (HEADER_SAMPLED + "0", False),
+        ("01" + HEADER_SAMPLED[2:], False),
+        (HEADER_SAMPLED[:35] + "_" + HEADER_SAMPLED[36:], False),
+        (HEADER_SAMPLED[:52] + "_" + HEADER_SAMPLED[53:], False),
+        (HEADER_SAMPLED[:10] + "\n" + HEADER_SAMPLED[11:], False),
+        (HEADER_SAMPLED[:10] + "é" + HEADER_SAMPLED[11:], False),
+    ],
+)
+def test_plausible_traceparent_checks_the_shape(value: str | None, plausible: bool) -> None:
+    """The bridge's cheap check: length, version, dashes, printable ASCII."""
+    assert tracing.plausible_traceparent(value) == (value if plausible else None)
+
+
 def test_new_traceparents_are_valid_unique_and_flagged() -> None:
     """Fresh ids each time; the sampled flag is what was asked."""
     made = {tracing.new_traceparent(sampled=True) for _ in range(1000)}
