@@ -362,6 +362,7 @@ def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
                     mqtt5_trace_ratio=ratio,
                 )  # fmt: skip
                 client.flushall()
+                print(f"  {label}: {messages:,} queued, draining", flush=True)
                 extra = tuple(f.format(otlp=f"http://{HOST}:{sink_port}") for f in flags)
                 procs = start_bridges(
                     broker.port, redis_port, [client_id], group, work, extra=extra
@@ -409,9 +410,14 @@ class TracingRow:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process's live threads so far, in ns resolution (Linux schedstat)."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return total_ns / 1e9
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
