@@ -143,6 +143,7 @@ async def post_order(request: web.Request) -> web.Response:
             span.fail(exc.reason)
             return _error_response(exc)
         span.set("order.id", result.order_id)
+        span.set("duplicate", result.duplicate)  # a repeat keeps the first one's traceparent
     # The first answer, also for a repeated order_id.
     return _json({"order_id": result.order_id, "status": "queued"}, status=202)
 
