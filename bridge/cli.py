@@ -18,6 +18,7 @@ from servicekit.loops import failed_loops
 
 from .config import BridgeConfig
 from .errors import BridgeError
+from .heartbeat import RedisHeartbeat
 from .metrics import BridgeMetrics
 from .service import Bridge, build_sink
 
@@ -65,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: BridgeConfig) -> None:
-    async with build_sink(config) as sink:
-        bridge = Bridge(config, sink, BridgeMetrics())
+    heartbeat = RedisHeartbeat(
+        config.redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
+    )
+    async with build_sink(config) as sink, heartbeat:
+        bridge = Bridge(config, sink, BridgeMetrics(), heartbeat=heartbeat)
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
 

@@ -65,6 +65,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     # Cap of every retry wait: after an outage the bridge is back within about this long.
     backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_grace_s: NonNegative = 10.0
+    # Readiness heartbeat in Redis for the ops page (bridge/heartbeat.py); 0 turns it off.
+    heartbeat_interval_s: NonNegative = 5.0
     # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
     otlp_endpoint: str = ""
     trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0

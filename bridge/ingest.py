@@ -28,7 +28,7 @@ class ValidOrder:
     received_at_ms: int
     payload: bytes
     digest: str  # hash of the payload: the dedup marker's value
-    trace: str | None = None  # valid W3C traceparent (servicekit.tracing): stream field `trace`
+    trace: str | None = None  # shape-checked W3C traceparent: the stream field `trace`
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from servicekit.urls import MqttUrl
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
 from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
+from .heartbeat import HeartbeatStore, run_heartbeat
 from .http import HttpServer
 from .ingest import DeadLetter, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
@@ -46,10 +47,22 @@ REDIS_PROBE_INTERVAL_S = 1.0
 
 
 class Bridge:
-    """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``."""
+    """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``.
 
-    def __init__(self, config: BridgeConfig, sink: OrderSink, metrics: BridgeMetrics) -> None:
+    With a ``heartbeat`` store it reports its readiness there every
+    ``config.heartbeat_interval_s`` for the ops page (:mod:`bridge.heartbeat`).
+    """
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        sink: OrderSink,
+        metrics: BridgeMetrics,
+        *,
+        heartbeat: HeartbeatStore | None = None,
+    ) -> None:
         self.config = config
+        self._heartbeat = heartbeat
         self.metrics = metrics
         self._sink = sink
         self._limits = TokenBuckets(config.rate_per_s, config.rate_burst)
@@ -156,6 +169,16 @@ class Bridge:
             checks["redis_durable"] = self.redis_durable
         return checks
 
+    def heartbeat_report(self) -> dict[str, str | int]:
+        """What each heartbeat says: readiness, durability, in-flight, the failing checks."""
+        checks = self.readiness()
+        return {
+            "ready": int(all(checks.values())),
+            "redis_durable": int(self.redis_durable),
+            "in_flight": self.batcher.pending,
+            "failing": ",".join(name for name, ok in checks.items() if not ok),
+        }
+
     def redis_details(self) -> dict[str, Any]:
         """What ``/readyz`` says about Redis beside the checks."""
         state = self.redis_state
@@ -198,6 +221,13 @@ class Bridge:
                 probe = tasks.create_task(
                     critical("redis-probe", self._probe_redis()), name="redis-probe"
                 )
+                beat = None
+                if self._heartbeat is not None and cfg.heartbeat_interval_s > 0:
+                    beat = tasks.create_task(
+                        run_heartbeat(self._heartbeat, cfg.client_id, self.heartbeat_report,
+                                      cfg.heartbeat_interval_s),
+                        name="heartbeat",
+                    )  # fmt: skip
                 async with intake:
                     self.started = True
                     self.metrics.mqtt_up.set(1)
@@ -213,6 +243,8 @@ class Bridge:
                 self.batcher.close()
                 writer.cancel()
                 probe.cancel()
+                if beat is not None:
+                    beat.cancel()
         self.metrics.mqtt_up.set(0)
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
 

@@ -31,7 +31,7 @@ from .errors import FleetError
 from .live import LiveView
 from .powercut import PowerCutMount
 from .proxy import TcpProxy
-from .report import RunRecord, Sample, percentiles
+from .report import RunRecord, Sample, percentiles, stage_breakdown
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses
 from .tracker import TERMINAL, Tracker
@@ -141,6 +141,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             spoofed = {ref for r in chaos.log.rogue for ref in r.spoofed}
             rogue_in_streams = [ref for ref in counts if ref[0] in rogue_ids or ref in spoofed]
         dlq_added = await redis.xlen("orders:dlq") - dlq_before
+        record.stages = await stage_breakdown(redis, options.shards, tracker)
     record.verdict = verdict
     record.refused = tracker.refused
     record.receipt_latency_ms = tracker.receipt_latency_ms

@@ -55,6 +55,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # The ops page counts a device stale when its last health report is older than this.
+    health_stale_s: float = 90.0
+    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
+    health_ttl_s: float = 86400.0
     # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
     otlp_endpoint: str = ""
     trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0

@@ -58,3 +58,15 @@ def device_index_key(device_id: str) -> str:
 def replayed_key(dlq_entry_id: str) -> str:
     """``pipeline:dlq:replayed:{entry_id}``: set once a DLQ entry was re-driven."""
     return f"pipeline:dlq:replayed:{dlq_entry_id}"
+
+
+# Fleet health (pipeline/health.py writes them, the /ops page reads them); see the
+# README's design notes. Devices by last seen (consumer clock, ms), a zset:
+HEALTH_DEVICES_KEY: Final = "health:devices"
+# Devices by their oldest unreceipted order's age in ms (0: none, or offline), a zset:
+HEALTH_OLDEST_KEY: Final = "health:oldest"
+
+
+def health_device_key(device_id: str) -> str:
+    """``health:device:{device_id}``: the device's last health figures (a hash with a TTL)."""
+    return f"health:device:{device_id}"

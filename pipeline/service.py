@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
-from schemas.names import shared_status_query_subscription
+from schemas.names import shared_health_subscription, shared_status_query_subscription
 from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
@@ -34,6 +34,7 @@ from servicekit.redis_clients import client_options
 from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
+from .health import HealthConsumer, HealthMetrics
 from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .status import MqttStatusPublisher, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
@@ -78,6 +79,8 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
         publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
         responder = StatusQueryResponder(client, publisher, StatusQueryMetrics())
         mqtt.subscribe(shared_status_query_subscription(), responder.take)
+        health = HealthConsumer(client, HealthMetrics(), ttl_s=config.health_ttl_s)
+        mqtt.subscribe(shared_health_subscription(), health.take)
         async with mqtt:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
@@ -93,6 +96,9 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
                     tasks.create_task(
                         critical("status-query-responder", responder.run()),
                         name="status-query-responder",
+                    ),
+                    tasks.create_task(
+                        critical("health-consumer", health.run()), name="health-consumer"
                     ),
                 ]
                 tasks.create_task(
@@ -188,6 +194,7 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
             shards=config.shards,
             multiproc_dir=multiproc_dir if config.workers else None,
             tokens=load_api_tokens(config),
+            health_stale_s=config.health_stale_s,
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -253,12 +255,28 @@ def stream_entries(client: redis.Redis, shards: int = 4) -> list[dict[bytes, byt
     return entries
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port <= 55535 and not port_is_open(port + 10000):
+    """A free port whose cluster bus port (port + 10000) is free too.
+
+    Both lie below the kernel's ephemeral range (32768 and up on Linux), so an
+    outgoing connection of another process cannot take the bus port between
+    this check and Redis binding it (a kernel-chosen port + 10000 often did).
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(12000, 22000)
+        if _bindable(port) and _bindable(port + 10000):
             return port
+    return free_port()  # pragma: no cover - a crowded low range; the old way
 
 
 @pytest.fixture
@@ -266,21 +284,21 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback; yields the ports."""
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli not installed")
-    servers = []
-    for index in range(3):
-        port = _cluster_port()
-        server = RedisProcess(
-            tmp_path / f"cluster-{index}",
-            port,
-            extra_args=(
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "2000",
-            ),
-        )  # fmt: skip
-        server.start()
-        servers.append(server)
-    try:
+    servers: list[RedisProcess] = []
+    try:  # a node that fails to start (a port taken meanwhile) must not leak the others
+        for index in range(3):
+            port = _cluster_port()
+            server = RedisProcess(
+                tmp_path / f"cluster-{index}",
+                port,
+                extra_args=(
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", f"nodes-{port}.conf",
+                    "--cluster-node-timeout", "2000",
+                ),
+            )  # fmt: skip
+            servers.append(server)
+            server.start()
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
