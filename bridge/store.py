@@ -305,7 +305,16 @@ class RedisSink:
             lane_shards[lane].append(shard)
             group = [orders[index] for index in by_shard[shard]]
             keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
-            meta = _encoder.encode([_meta(o) for o in group])
+            meta = _encoder.encode(
+                [
+                    (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
+                     len(o.payload))
+                    if o.trace is None
+                    else (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
+                          len(o.payload), o.trace)
+                    for o in group
+                ]
+            )  # fmt: skip
             payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
             self.scripts.queue(pipes[lane], "append", keys, [self._ttl, trim, meta, payloads])
@@ -332,15 +341,6 @@ class RedisSink:
             for shard, codes in zip(shards, reply, strict=False):  # type: ignore[arg-type]
                 by_reply[shard] = codes
         return by_reply
-
-
-def _meta(o: ValidOrder) -> tuple[str | int, ...]:
-    """One order's entry of the script's ARGV[3] (see bridge/_script.py); trace only if set."""
-    if o.trace is None:
-        return (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
-                len(o.payload))  # fmt: skip
-    return (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
-            len(o.payload), o.trace)  # fmt: skip
 
 
 def _config_value(reply: Any, name: str) -> str | None:

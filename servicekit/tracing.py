@@ -99,20 +99,21 @@ def valid_traceparent(value: TraceparentLike) -> str | None:
 
 
 def plausible_traceparent(value: str | None) -> str | None:
-    """``value`` when it has a traceparent's shape: 55 printable ASCII, ``00-`` and two dashes.
+    """``value`` when it has a traceparent's shape: 55 ASCII characters, ``00-`` and two dashes.
 
-    The bridge's check for every order (about 0.15 µs, a quarter of
+    The bridge's check for every order (about 0.1 µs, a fifth of
     :func:`valid_traceparent`): the stream field ``trace`` never holds anything
-    longer or stranger; code that turns it into a span context validates it in full.
+    longer or wider; code that makes a span context of it validates it in full.
     """
     if (
         value is None
         or len(value) != _TRACEPARENT_LEN
+        or value[2] != "-"
         or value[35] != "-"
         or value[52] != "-"
-        or not value.startswith("00-")
+        or value[0] != "0"
+        or value[1] != "0"
         or not value.isascii()
-        or not value.isprintable()
     ):
         return None
     return value

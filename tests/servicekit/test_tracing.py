@@ -96,12 +96,12 @@ def test_a_bad_traceparent_is_none(value: str | bytes | None) -> None:
         ("01" + HEADER_SAMPLED[2:], False),
         (HEADER_SAMPLED[:35] + "_" + HEADER_SAMPLED[36:], False),
         (HEADER_SAMPLED[:52] + "_" + HEADER_SAMPLED[53:], False),
-        (HEADER_SAMPLED[:10] + "\n" + HEADER_SAMPLED[11:], False),
+        ("10" + HEADER_SAMPLED[2:], False),
         (HEADER_SAMPLED[:10] + "é" + HEADER_SAMPLED[11:], False),
     ],
 )
 def test_plausible_traceparent_checks_the_shape(value: str | None, plausible: bool) -> None:
-    """The bridge's cheap check: length, version, dashes, printable ASCII."""
+    """The bridge's cheap check: length, version, dashes, ASCII."""
     assert tracing.plausible_traceparent(value) == (value if plausible else None)
 
 
