@@ -11,10 +11,14 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
 EXPORTS := edge bridge fleet
 
-.PHONY: demo test lint system-deps stack format lock clean
+.PHONY: demo demo-geo test lint system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demo
+
+# Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
+demo-geo: $(INSTALLED)
+	$(BIN)/python -m fleet.geo_demo
 
 test: lint
 	$(BIN)/pytest

@@ -18,6 +18,9 @@
 | ``agent-powercut`` | — | power cut of the devices with file outboxes; they restart on it |
 | ``clock-skew=S`` | — | the devices' wall clock jumps by S seconds (negative: back) |
 
+On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
+``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo_chaos`.
+
 Power cuts use :mod:`fleet.powercut` (writes kept in memory until fsync). The
 clock skew lasts to the end of the run and only moves the simulated devices'
 wall clock (:mod:`fleet.clockskew`); the services keep the true time.
@@ -40,6 +43,7 @@ import servicekit.clock
 from .clockskew import WallClockSkew
 from .devices import Fleet
 from .errors import ChaosError
+from .geo_chaos import GEO_KINDS, parse_geo_arg
 from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .rogue import RogueReport, send_rogue
@@ -54,7 +58,7 @@ STACK_KINDS = frozenset(
 )
 PROXY_KINDS = frozenset({"drop", "refuse"})
 OTHER_KINDS = frozenset({"dup-flood", "rogue", "agent-powercut", "clock-skew"})
-KINDS = STACK_KINDS | PROXY_KINDS | OTHER_KINDS
+KINDS = STACK_KINDS | PROXY_KINDS | OTHER_KINDS | GEO_KINDS
 DEFAULT_ARG = {
     "redis-stop": 5.0, "drop": 0.3, "refuse": 5.0, "rogue": 50.0, "redis-oom": 3.0,
     "clock-skew": 3 * 86_400.0,
@@ -68,10 +72,13 @@ class ChaosEvent:
     at_s: float
     kind: str
     arg: float = 0.0
+    target: str = ""  # geo kinds: the region name(s)
 
     @property
     def label(self) -> str:
         """How the event is shown in the report."""
+        if self.kind in GEO_KINDS:
+            return f"{self.kind}={self.target}/{self.arg:g}s"
         return f"{self.kind}={self.arg:g}" if self.kind in DEFAULT_ARG else self.kind
 
 
@@ -85,6 +92,16 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     for raw in filter(None, (part.strip() for part in text.split(","))):
         at, sep, rest = raw.partition(":")
         kind, _, arg = rest.partition("=")
+        if kind in GEO_KINDS and sep:
+            try:
+                at_s = float(at)
+            except ValueError as exc:
+                raise ChaosError(f"bad chaos entry {raw!r}: want AT:KIND[=ARG]") from exc
+            if at_s < 0:
+                raise ChaosError(f"bad chaos entry {raw!r}: negative time")
+            target, seconds = parse_geo_arg(kind, arg)
+            events.append(ChaosEvent(at_s, kind, seconds, target))
+            continue
         try:
             at_s = float(at)
             value = float(arg) if arg else DEFAULT_ARG.get(kind, 0.0)
@@ -96,7 +113,9 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     return sorted(events)
 
 
-def check_feasible(events: list[ChaosEvent], *, own_stack: bool, proxy: bool) -> None:
+def check_feasible(
+    events: list[ChaosEvent], *, own_stack: bool, proxy: bool, geo: bool = False
+) -> None:
     """Refuse process faults on a stack we did not start, and network faults without the proxy.
 
     Raises:
@@ -107,6 +126,8 @@ def check_feasible(events: list[ChaosEvent], *, own_stack: bool, proxy: bool) ->
             raise ChaosError(f"{event.kind} needs a stack fleet-sim started itself")
         if event.kind in PROXY_KINDS and not proxy:
             raise ChaosError(f"{event.kind} needs the proxy")
+        if event.kind in GEO_KINDS and not geo:
+            raise ChaosError(f"{event.kind} needs a geo rig: fleet-sim --regions N")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from servicekit.logs import configure_logging
 
 from .audit import audit
 from .errors import FleetError
+from .geo_runner import add_region_arguments, run_geo_load, run_geo_stack
 from .pki import CertFiles
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
 from .runner import add_load_arguments, add_stack_arguments, run_load, run_stack
@@ -23,12 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the load test, or dispatch `fleet-sim stack` / `fleet-sim provision …`."""
     parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
     add_load_arguments(parser)
+    add_region_arguments(parser, load=True)
     parser.add_argument("--log-level", default="error", help="JSON log level (stderr)")
     commands = parser.add_subparsers(dest="command")
     _add_provision(commands.add_parser("provision", help="enrol, revoke or audit devices"))
     stack = commands.add_parser("stack", help="start a local stack and keep it up")
     stack.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
     add_stack_arguments(stack)
+    add_region_arguments(stack, load=False)
     args = parser.parse_args(argv)
     if args.command == "provision":
         try:
@@ -40,9 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the stack we started is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "stack":
-        return run_stack(args)
+        return run_geo_stack(args) if args.regions else run_stack(args)
     try:
-        return run_load(args)
+        return run_geo_load(args) if args.regions else run_load(args)
     except (FleetError, ServerError) as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
         return 2

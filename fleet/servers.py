@@ -67,6 +67,8 @@ class ServerProcess(ABC):
     """One server subprocess on a fixed loopback port."""
 
     name: str
+    # How long start() waits for the server to answer (a crowded machine needs more).
+    start_timeout_s: float = START_TIMEOUT_S
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
@@ -106,7 +108,7 @@ class ServerProcess(ABC):
             self._process = subprocess.Popen(
                 self.command(), cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise ServerError(f"{self.name} exited at start:\n{self.log_tail()}")

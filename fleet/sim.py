@@ -130,7 +130,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             redis,
             tracker.accepted,
             shards=options.shards,
-            statuses=lambda refs: order_statuses(redis, refs),
+            statuses=lambda refs: order_statuses(redis, refs, options.shards),
             heard=tracker.terminal,
             pipeline_writes=True,
         )
@@ -227,7 +227,7 @@ async def _drive(
             chaos_task = tg.create_task(chaos.run(started), name="chaos")
             await _load(options, fleet, rng, catalog, started)
             await chaos_task
-            settled = await _settle(fleet, tracker, redis, options.settle_timeout_s)
+            settled = await _settle(fleet, tracker, redis, options.settle_timeout_s, options.shards)
             await _await_heard(tracker, options.status_wait_s)
             stop_sampling.set()
     return settled
@@ -307,7 +307,9 @@ async def _await_heard(tracker: Tracker, timeout_s: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float) -> bool:
+async def _settle(
+    fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float, shards: int
+) -> bool:
     """Wait until every outbox is empty and every accepted order has a terminal status."""
     deadline = time.monotonic() + timeout_s
     waiting: set[OrderRef] = set(tracker.accepted)
@@ -318,7 +320,7 @@ async def _settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout
             if waiting:
                 refs = sorted(waiting)
                 try:
-                    found = await order_statuses(redis, refs)
+                    found = await order_statuses(redis, refs, shards)
                 except RedisError:
                     found = [None] * len(refs)
                 waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}

@@ -21,14 +21,14 @@ from importlib import resources
 from typing import Any, Final
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from servicekit.problems import Handler, problem, problem_middleware
 
+from ._calls import AnyRedis
 from ._lua import Scripts
 from .dlq import QUEUES, decode_cursor, encode_cursor, list_dead_letters, replay, resolve
 from .errors import ReplayError
@@ -44,6 +44,7 @@ from .ops import (
     summary,
 )
 from .records import find_devices, load_order, text
+from .regions import lookup_elsewhere
 from .tokens import Role, TokenStore, allows
 
 # All used with fullmatch. [0-9], not \d: \d also matches non-ASCII digits.
@@ -59,7 +60,8 @@ DEFAULT_LIMIT: Final = 50
 MAX_LIMIT: Final = 500
 _SUMMARY_FIELDS: Final = ("order_id", "device_id", "seq", "status", "reason", "updated_at")
 
-REDIS: Final = web.AppKey("redis", aioredis.Redis)
+# A single Redis or a Redis Cluster client (``--redis-cluster``).
+REDIS: Final = web.AppKey[AnyRedis]("redis")
 SCRIPTS: Final = web.AppKey("scripts", Scripts)
 METRICS: Final = web.AppKey("metrics", ApiMetrics)
 SHARDS: Final = web.AppKey("shards", int)
@@ -79,7 +81,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 def create_app(
-    client: aioredis.Redis,
+    client: AnyRedis,
     *,
     shards: int,
     worker_registry: CollectorRegistry | None = None,
@@ -160,7 +162,7 @@ async def redis_errors_middleware(request: web.Request, handler: Handler) -> web
     """Redis unreachable or refusing mid-request: 503, not a 500."""
     try:
         return await handler(request)
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         log.warning("api_redis_error", path=request.path, error=repr(exc))
         return problem(503, "redis-unavailable", repr(exc), title="Redis unavailable")
 
@@ -206,13 +208,20 @@ async def get_order(request: web.Request) -> web.Response:
     order_id = request.match_info["order_id"]
     if not ORDER_ID_RE.fullmatch(order_id):
         return _bad_order_id()
-    devices = await find_devices(request.app[REDIS], order_id)
+    shards = request.app[SHARDS]
+    devices = await find_devices(request.app[REDIS], order_id, shards=shards)
     if len(devices) > 1:
         return problem(409, "ambiguous-order-id",
                        f"{len(devices)} devices have an order {order_id}",
                        title="Ambiguous order id", device_ids=devices)  # fmt: skip
-    record = await load_order(request.app[REDIS], devices[0], order_id) if devices else None
+    record = (
+        await load_order(request.app[REDIS], devices[0], order_id, shards=shards)
+        if devices
+        else None
+    )
     if record is None:
+        if (elsewhere := await lookup_elsewhere(request)) is not None:  # geo: pipeline/regions.py
+            return elsewhere
         return problem(404, "order-not-found", f"no order {order_id}", title="Order not found")
     return web.json_response(record)
 
@@ -224,8 +233,10 @@ async def get_device_order(request: web.Request) -> web.Response:
         return _bad_device_id()
     if not ORDER_ID_RE.fullmatch(order_id):
         return _bad_order_id()
-    record = await load_order(request.app[REDIS], device_id, order_id)
+    record = await load_order(request.app[REDIS], device_id, order_id, shards=request.app[SHARDS])
     if record is None:
+        if (elsewhere := await lookup_elsewhere(request)) is not None:  # geo: pipeline/regions.py
+            return elsewhere
         return problem(
             404, "order-not-found", f"no order {order_id} on {device_id}", title="Order not found"
         )
@@ -253,14 +264,16 @@ async def list_device_orders(request: web.Request) -> web.Response:
         if not MEMBER_RE.fullmatch(position):
             return _bad_cursor()
         start = "(" + position
-    client = request.app[REDIS]
+    client, shards = request.app[REDIS], request.app[SHARDS]
     members: Any = await client.zrange(
-        device_index_key(device_id), start, "+", bylex=True, offset=0, num=limit + 1
+        device_index_key(device_id, shards), start, "+", bylex=True, offset=0, num=limit + 1
     )
     page = [text(m) for m in members[:limit]]
     async with client.pipeline(transaction=False) as pipe:
         for member in page:
-            pipe.hmget(order_key(device_id, member.partition(":")[2]), list(_SUMMARY_FIELDS))
+            pipe.hmget(
+                order_key(device_id, member.partition(":")[2], shards), list(_SUMMARY_FIELDS)
+            )
         rows = await pipe.execute()
     items = []
     for row in rows:
@@ -360,7 +373,7 @@ async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: 200 while Redis answers."""
     try:
         await request.app[REDIS].ping()
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         return problem(503, "redis-unavailable", repr(exc), title="Redis unavailable")
     return web.json_response({"status": "ok"})
 
@@ -370,7 +383,7 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]
     try:
         await app_metrics.refresh(request.app[REDIS])
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         return problem(503, "redis-unavailable", repr(exc), title="Redis unavailable")
     body = app_metrics.exposition(request.app[WORKER_REGISTRY], request.app[MULTIPROC_DIR])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

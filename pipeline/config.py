@@ -9,6 +9,8 @@ import msgspec
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig
 
+from .regions import parse_region_apis
+
 DEFAULT_STEPS = "validate,reserve,pay,fulfil"
 
 
@@ -23,6 +25,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
     mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster (any node's URL): keys are hash-tagged per shard either way.
+    redis_cluster: bool = False
     http_port: int = 8082
     http_host: str = "127.0.0.1"
     # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
@@ -35,6 +39,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     steps: str = DEFAULT_STEPS
     batch_size: int = 100
     block_ms: int = 500
+    # Redis Cluster only: a worker cannot block on streams of several slots at once;
+    # while every shard is empty it polls them again after this pause.
+    idle_poll_ms: int = 10
     claim_idle_ms: int = 30_000
     claim_every_ms: int = 1_000
     max_deliveries: int = 5
@@ -62,3 +69,15 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
     otlp_endpoint: str = ""
     trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+
+    # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
+    # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
+    region: str = ""
+    region_api: tuple[str, ...] = ()
+    region_api_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
+        parse_region_apis(self.region, self.region_api)
+        if self.region_api_timeout_s <= 0:
+            raise ValueError("region_api_timeout_s must be > 0")

@@ -31,7 +31,6 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
@@ -42,6 +41,7 @@ from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
 
+from ._calls import AnyRedis
 from .names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from .records import text
 
@@ -114,7 +114,7 @@ class HealthConsumer:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         metrics: HealthMetrics,
         *,
         ttl_s: float,

@@ -34,8 +34,8 @@ class Problem(msgspec.Struct, kw_only=True):
 
     ``type`` is ``urn:iot-orders:problem:{code}``. Codes: invalid-parameter,
     invalid-cursor, order-not-found, ambiguous-order-id, dlq-entry-not-found,
-    already-replayed, not-replayable, redis-unavailable, unauthorized,
-    forbidden, and for errors outside the handlers not-found,
+    already-replayed, not-replayable, redis-unavailable, region-unavailable
+    (geo mode), unauthorized, forbidden, and for errors outside the handlers not-found,
     method-not-allowed, payload-too-large, http-error, internal-error.
     """
 
@@ -48,6 +48,7 @@ class Problem(msgspec.Struct, kw_only=True):
     replayed_as: str | msgspec.UnsetType = msgspec.UNSET
     required_role: Literal["read", "operate"] | msgspec.UnsetType = msgspec.UNSET
     device_ids: list[DeviceId] | msgspec.UnsetType = msgspec.UNSET
+    unreachable_regions: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Transition(msgspec.Struct):
@@ -168,6 +169,25 @@ def _answer(description: str, body: str = "Problem") -> dict[str, Any]:
     }
 
 
+_GEO_NOTE: Final = (
+    " Geo mode (`--region`, `--region-api`): an order this region does not have is looked up "
+    "in the other regions' APIs and their answer is proxied, with the `Orders-Region` header "
+    "naming the region that answered; 503 `region-unavailable` when a region could not be "
+    "asked and none had it."
+)
+_ORDERS_REGION: Final = {
+    "Orders-Region": {
+        "description": "geo mode: the region whose API answered (only on a proxied answer)",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _found(description: str, body: str) -> dict[str, Any]:
+    """A 200 that may come from another region (geo mode)."""
+    return {**_answer(description, body), "headers": _ORDERS_REGION}
+
+
 def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
@@ -238,10 +258,11 @@ def build() -> dict[str, Any]:
                 "getOrder",
                 "An order's record and its history, found by order_id alone",
                 {
-                    "200": _answer("the order", "OrderRecord"),
+                    "200": _found("the order", "OrderRecord"),
                     "400": _answer(bad_id),
                     "404": _answer("unknown order"),
                     "409": _answer("several devices have an order with this id"),
+                    "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",
                 parameters=[_path_param("order_id", order_id)],
@@ -249,7 +270,7 @@ def build() -> dict[str, Any]:
                     "Order ids are unique per device only. When exactly one device has an "
                     "order with this id, it is returned; when several do, the answer is 409 "
                     "`ambiguous-order-id` listing their `device_ids` (ask "
-                    "/v1/devices/{device_id}/orders/{order_id} then)."
+                    "/v1/devices/{device_id}/orders/{order_id} then)." + _GEO_NOTE
                 ),
             )
         },
@@ -270,15 +291,17 @@ def build() -> dict[str, Any]:
                 "getDeviceOrder",
                 "One device's order: its record and its history",
                 {
-                    "200": _answer("the order", "OrderRecord"),
+                    "200": _found("the order", "OrderRecord"),
                     "400": _answer("bad device_id or order_id"),
                     "404": _answer("no such order on this device"),
+                    "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",
                 parameters=[
                     _path_param("device_id", device_id),
                     _path_param("order_id", order_id),
                 ],
+                description=_GEO_NOTE.strip(),
             )
         },
         "/v1/dlq": {

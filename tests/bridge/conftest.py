@@ -24,7 +24,7 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
+from fleet.servers import RedisProcess, ServerError, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
 from servicekit.urls import MqttUrl
 
@@ -57,6 +57,18 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str =
     raise AssertionError(f"timed out waiting for {what or condition}")
 
 
+def close_paho(client: paho.Client) -> None:
+    """Disconnect, stop the network thread and close paho's wake-up socket pair.
+
+    paho closes that pair only in ``Client.__del__``; when the client sits in a
+    reference cycle the collector may finalize the sockets first, and their
+    ResourceWarning then fails whichever test happens to be running.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()
+
+
 class Publisher:
     """A paho MQTT 5 client publishing at QoS 1 from its network thread."""
 
@@ -87,8 +99,7 @@ class Publisher:
 
     def close(self) -> None:
         """Disconnect and stop the network thread."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
 
 
 class ReceiptCollector:
@@ -123,8 +134,7 @@ class ReceiptCollector:
 
     def close(self) -> None:
         """Disconnect."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        close_paho(self._client)
 
 
 @pytest.fixture
@@ -279,26 +289,37 @@ def _cluster_port() -> int:
     return free_port()  # pragma: no cover - a crowded low range; the old way
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
-    """A real 3-master Redis Cluster on loopback; yields the ports."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not installed")
-    servers: list[RedisProcess] = []
-    try:  # a node that fails to start (a port taken meanwhile) must not leak the others
-        for index in range(3):
-            port = _cluster_port()
-            server = RedisProcess(
-                tmp_path / f"cluster-{index}",
-                port,
-                extra_args=(
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", f"nodes-{port}.conf",
-                    "--cluster-node-timeout", "2000",
-                ),
-            )  # fmt: skip
-            servers.append(server)
+def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
+    """A cluster-enabled redis-server; another free port when its bus port was taken meanwhile."""
+    for attempt in range(attempts):
+        port = _cluster_port()
+        server = RedisProcess(
+            workdir / f"port-{port}",
+            port,
+            extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf",
+                "--cluster-node-timeout", "2000",
+            ),
+        )  # fmt: skip
+        try:
             server.start()
+        except ServerError:
+            server.kill()
+            if attempt == attempts - 1:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback, killed on exit; yields the ports."""
+    servers = []
+    try:
+        for index in range(3):
+            servers.append(_start_cluster_node(workdir / f"cluster-{index}"))
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
@@ -309,13 +330,26 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
         )
 
         def cluster_ok() -> bool:
-            with redis.Redis(port=ports[0]) as client:
-                info = client.execute_command("CLUSTER", "INFO")
-                text = info.decode() if isinstance(info, bytes) else str(info)
-                return "cluster_state:ok" in text
+            # Every node, not just the first: a client may start from any of them.
+            for port in ports:
+                with redis.Redis(port=port) as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text:
+                        return False
+            return True
 
         wait_for(cluster_ok, 30, "cluster_state:ok")
         yield ports
     finally:
         for server in servers:
             server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback; yields the ports."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not installed")
+    with running_cluster(tmp_path) as ports:
+        yield ports

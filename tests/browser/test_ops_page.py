@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from playwright.async_api import BrowserContext, Page, expect
 
 from fleet.servers import MosquittoProcess, RedisProcess, free_port
+from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.dlq import DeadLetter, dead_letter
@@ -67,7 +68,7 @@ async def pipeline_api(
     """``order-pipeline`` (API + 1 worker) with tokens; yields the API's base URL."""
     client = aioredis.Redis.from_url(durable_redis.url)
     items = {"COLA-33": CatalogItem(price=150, stock=1_000_000)}
-    await store_catalog(client, Catalog(items=items, currency="EUR"))
+    await store_catalog(client, Catalog(items=items, currency="EUR"), shards=SHARDS)
     await client.aclose()
     port = free_port()
     config = PipelineConfig(
@@ -128,8 +129,11 @@ async def dead_lettered_order(client: aioredis.Redis, device_id: str) -> tuple[s
         "payload": encode(order),
     }
     stream = stream_key(shard_of(device_id, SHARDS))
-    entry = StreamEntry(stream=stream, entry_id="1-1", fields=fields, deliveries=5)
-    await dead_letter(client, [DeadLetter(entry, "max_deliveries", "PaymentGatewayDown: 503")])
+    # Dead-lettering is once per source entry, so each call needs its own entry id.
+    entry = StreamEntry(stream=stream, entry_id=f"{now_ms()}-1", fields=fields, deliveries=5)
+    await dead_letter(
+        client, Scripts(), [DeadLetter(entry, "max_deliveries", "PaymentGatewayDown: 503")]
+    )
     rows: Any = await client.xrange(PIPELINE_DLQ_STREAM, count=100)
     entry_id = next(i for i, f in rows if f[b"order_id"] == order.order_id.encode())
     return entry_id.decode(), order.order_id

@@ -246,7 +246,7 @@ async def test_the_view_works_on_a_redis_cluster(cluster_client: RedisCluster) -
     """One key per command: writes and the sweep run on a real Redis Cluster."""
     clock = [NOW_MS]
     consumer = HealthConsumer(
-        cluster_client,  # type: ignore[arg-type]
+        cluster_client,
         HealthMetrics(CollectorRegistry()), ttl_s=10, clock=lambda: clock[0],
     )  # fmt: skip
     devices = [f"kiosk-{i}" for i in range(20)]

@@ -74,7 +74,7 @@ def catalog(redis_url: str) -> None:
         client = aioredis.Redis.from_url(redis_url)
         try:
             items = {"COLA-33": CatalogItem(price=150, stock=100)}
-            await store_catalog(client, Catalog(items=items, currency="EUR"))
+            await store_catalog(client, Catalog(items=items, currency="EUR"), shards=SHARDS)
         finally:
             await client.aclose()
 
