@@ -17,12 +17,20 @@ Throughput of a writer is counted from its first to its last stream entry
 while the bridge consumes, for p50/p99 latency from publish to stream entry,
 and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 
+The tracing rows time the same bridge on equal MQTT 5 backlogs: orders without a
+``traceparent`` user property (the code path before tracing), with one and the
+bridge's tracing off, and with tracing at 1 % and 100 % sampling exporting over
+OTLP/HTTP to a sink. Beside throughput they show CPU per order (bridge process
+plus Redis, from the first entry to the last), on which the goals are judged:
+off costs ≤ 1 %, 1 % sampling ≤ 5 % more than the first row.
+
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
 with ``everysec``, on the same backlog in the same run (goal: always ≥ 80 %).
 
 Run: .venv/bin/python -m bench.bridge_throughput [--messages 100000] [--replicas]
      .venv/bin/python -m bench.bridge_throughput --fsync-only   # just the fsync rows
+     .venv/bin/python -m bench.bridge_throughput --tracing-only --messages 20000 --rounds 5
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -45,7 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench._loadgen import create_session, publish_load, send_time
+from bench._loadgen import create_session, drop_session, publish_load, send_time
 from bench.mqtt_clients import drain_codec_loop
 from bench.receipt_probe import RECEIPT_P50_GOAL_MS, probe_receipts
 from bridge.ingest import payload_digest
@@ -53,6 +62,7 @@ from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port
 from schemas import DecodeError, SchemaError, decode_order
 from schemas.names import (
     DEDUP_TTL_S,
+    TRACE_STREAM_FIELD,
     device_id_from_orders_topic,
     seen_key,
     shard_of,
@@ -188,6 +198,7 @@ def start_bridges(
     workdir: Path,
     *,
     wait_ready: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
     ports = []
@@ -200,7 +211,7 @@ def start_bridges(
             "--http-port", str(ports[-1]), "--http-host", HOST, "--rate-per-s", "0",
             "--log-level", LOG_LEVEL,
             # The throughput rows use a dev Redis (no AOF): ready all the same.
-            "--no-redis-require-durable",
+            "--no-redis-require-durable", *extra,
         ]  # fmt: skip
         log = (workdir / f"{client_id}.log").open("ab")
         procs.append(subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
@@ -224,10 +235,18 @@ def _ready(port: int) -> bool:
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, and again if one ignores it (a SIGTERM that lands while the bridge is
+    still connecting is sometimes lost: about 1 run in 6 here, with or without tracing)."""
     for proc in procs:
         proc.terminate()
     for proc in procs:
-        proc.wait(60)
+        for attempt in range(3):
+            try:
+                proc.wait(20)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"  bridge pid {proc.pid} ignored SIGTERM, sending it again", flush=True)
+                proc.terminate() if attempt == 0 else proc.kill()
 
 
 FSYNC_POLICIES = ("always", "everysec")
@@ -291,6 +310,178 @@ def print_fsync_rows(rates: dict[str, float]) -> None:
     )
 
 
+# Tracing rows: (label, traceparent sampling of the orders or None for no property,
+# the bridge's extra flags (with {otlp} for the sink's endpoint)).
+TRACING_ROWS: tuple[tuple[str, float | None, tuple[str, ...]], ...] = (
+    ("no traceparent (before tracing)", None, ()),
+    ("tracing off", 0.01, ()),
+    ("tracing 1 %", 0.01, ("--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "0.01")),
+    ("tracing 100 %", 1.0, ("--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "1")),
+)
+
+
+def _otlp_sink(port: int) -> None:
+    """An OTLP/HTTP endpoint that reads each export and answers an empty (valid) response."""
+    import http.server  # noqa: PLC0415 - only in this child process
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer((HOST, port), Sink).serve_forever()
+
+
+def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
+    broker: MosquittoProcess, redis_port: int, work: Path, messages: int, rounds: int,
+    publishers: int,
+) -> dict[str, TracingRow]:  # fmt: skip
+    """Median orders/s and CPU per order of one bridge per tracing row (rotated per round).
+
+    Every row's backlog is published over MQTT 5 just before its bridge drains it
+    (the session of a drained row is dropped, so backlogs never pile up). The
+    traced rows carry a ``traceparent`` user property per order, which the bridge
+    writes as the stream field ``trace``; the 1 % and 100 % bridges export their
+    spans over OTLP/HTTP to a sink process.
+    """
+    sink_port = free_port()
+    sink = mp.Process(target=_otlp_sink, args=(sink_port,), daemon=True)
+    sink.start()
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    redis_cpu: dict[str, list[float]] = {label: [] for label, _, _ in TRACING_ROWS}
+    client = redis.Redis(port=redis_port)
+    try:
+        for round_no in range(rounds):
+            shift = round_no % len(TRACING_ROWS)
+            for label, ratio, flags in TRACING_ROWS[shift:] + TRACING_ROWS[:shift]:
+                tag = uuid.uuid4().hex[:6]
+                client_id, group = f"trace-{tag}", f"gtrace{tag}"
+                create_session(HOST, broker.port, client_id, subscription(group))
+                publish_load(
+                    HOST, broker.port, messages, publishers, devices=1000,
+                    mqtt5_trace_ratio=ratio,
+                )  # fmt: skip
+                client.flushall()
+                print(f"  {label}: {messages:,} queued, draining", flush=True)
+                extra = tuple(f.format(otlp=f"http://{HOST}:{sink_port}") for f in flags)
+                procs = start_bridges(
+                    broker.port, redis_port, [client_id], group, work, extra=extra
+                )
+                bridge_us, redis_us = drain_cpu_us(client, procs[0].pid, messages)
+                cpu[label].append(bridge_us)
+                redis_cpu[label].append(redis_us)
+                stop(procs)
+                drop_session(HOST, broker.port, client_id)
+                _check_trace_field(client, traced=ratio is not None)
+                rates[label].append(writer_rate(client))
+            print(
+                f"tracing round {round_no + 1}: "
+                + "  ".join(
+                    f"{label} {v[-1]:,.0f}/s {cpu[label][-1]:.1f}+{redis_cpu[label][-1]:.1f} µs"
+                    for label, v in rates.items()
+                ),
+                flush=True,
+            )
+    finally:
+        sink.terminate()
+        sink.join(10)
+        client.close()
+    return {
+        label: TracingRow(
+            statistics.median(rates[label]),
+            statistics.median(cpu[label]),
+            statistics.median(redis_cpu[label]),
+        )
+        for label in rates
+    }
+
+
+@dataclass(frozen=True)
+class TracingRow:
+    """Medians of one tracing row: throughput, and CPU per order in the bridge and in Redis."""
+
+    rate: float
+    bridge_cpu_us: float
+    redis_cpu_us: float
+
+    @property
+    def cpu_us(self) -> float:
+        return self.bridge_cpu_us + self.redis_cpu_us
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of a process's live threads so far, in ns resolution (Linux schedstat)."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+    return total_ns / 1e9
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def drain_cpu_us(client: redis.Redis, pid: int, count: int) -> tuple[float, float]:
+    """Wait out a drain; the bridge's and Redis' CPU µs per order while entries were appended.
+
+    CPU time, unlike throughput, hardly moves when other processes share the
+    cores, so it shows small costs (tracing off) that throughput noise hides.
+    Counted from the first entry on, so the bridge's start-up is left out.
+    """
+    deadline = time.monotonic() + 600
+    while (first := total_entries(client)) == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no entry appeared")
+        time.sleep(0.005)
+    bridge0, redis0 = process_cpu_s(pid), redis_cpu_s(client)
+    wait_entries(client, count)
+    bridge1, redis1 = process_cpu_s(pid), redis_cpu_s(client)
+    orders = max(1, count - first)
+    return (bridge1 - bridge0) / orders * 1e6, (redis1 - redis0) / orders * 1e6
+
+
+def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
+    """The traced rows really wrote the stream field ``trace``; the baseline did not."""
+    entries = client.xrange(stream_key(0), count=5)
+    has = [TRACE_STREAM_FIELD.encode() in fields for _, fields in entries]
+    if not entries or any(h != traced for h in has):
+        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r} expected={traced}, got {has}")
+
+
+def print_tracing_rows(rows: dict[str, TracingRow]) -> None:
+    """The tracing rows against the same bridge before tracing, and the goals.
+
+    The goals are judged on CPU per order (bridge + Redis), which is what tracing
+    adds; throughput is shown beside it but on a shared machine its noise is
+    larger than the effects measured.
+    """
+    base = rows[TRACING_ROWS[0][0]]
+    goals = {"tracing off": 0.01, "tracing 1 %": 0.05}
+    print(
+        f"  order-bridge, orders without traceparent (before tracing): {base.rate:10,.0f} orders/s,"
+        f" CPU {base.bridge_cpu_us:.1f} µs bridge + {base.redis_cpu_us:.1f} µs Redis per order"
+    )
+    for label, _, _ in TRACING_ROWS[1:]:
+        row = rows[label]
+        cost = row.cpu_us / base.cpu_us - 1
+        goal = goals.get(label)
+        verdict = f"[goal ≤ {goal:.0%}: {_mark(cost <= goal)}]" if goal else "(for information)"
+        print(f"  order-bridge, {label + ':':<44} {row.rate:10,.0f} orders/s"
+              f" ({row.rate / base.rate:.0%}), CPU {row.bridge_cpu_us:.1f} + {row.redis_cpu_us:.1f}"
+              f" µs per order: {cost:+.1%} {verdict}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
@@ -302,7 +493,20 @@ def main() -> None:
     parser.add_argument("--probe-rate", type=float, default=50.0, help="receipt probe orders/s")
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--fsync-only", action="store_true", help="only the appendfsync rows")
+    parser.add_argument("--tracing-only", action="store_true", help="only the tracing rows")
     args = parser.parse_args()
+    if args.tracing_only:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            MosquittoProcess(Path(tmp) / "mq") as broker,
+            RedisProcess(Path(tmp) / "redis") as store,
+        ):
+            tracing_rates = run_tracing_rows(
+                broker, store.port, Path(tmp), args.messages, args.rounds, args.publishers
+            )
+        print(f"\n{args.rounds} rounds, {args.messages:,} queued orders per row (MQTT 5), medians:")
+        print_tracing_rows(tracing_rates)
+        return
     if args.fsync_only:
         with tempfile.TemporaryDirectory() as tmp, MosquittoProcess(Path(tmp) / "mq") as broker:
             rates = run_fsync_policies(
@@ -396,6 +600,9 @@ def main() -> None:
             )
             stop(procs)
 
+            tracing_rates = run_tracing_rows(
+                broker, store.port, work, args.messages, args.rounds, args.publishers
+            )
             fsync_rates = run_fsync_policies(
                 broker, work, args.messages, args.rounds, args.publishers
             )
@@ -423,6 +630,7 @@ def main() -> None:
             f" orders/s   {ratio:.2f}× one process [goal ≥ 1.7×: {_mark(ratio >= 1.7)}]"
         )
     print_fsync_rows(fsync_rates)
+    print_tracing_rows(tracing_rates)
     print(
         f"  live at {rate:,.0f} orders/s offered ({live_count:,} orders): latency publish → entry"
         f" p50 {p50:.1f} ms, p99 {p99:.1f} ms"

@@ -6,8 +6,10 @@ may be retried blindly.
 
 KEYS: ``orders:{N}``, then one ``orders:{N}:seen:{device}:{order}`` per order.
 ARGV: ttl_s, trim ("1" or "0"), a MessagePack array with one
-``[digest, order_id, device_id, seq, received_at, payload_length]`` per order
-(strings, but the length: Lua numbers are doubles), then all payloads
+``[digest, order_id, device_id, seq, received_at, payload_length, trace?]`` per
+order (strings, but the length: Lua numbers are doubles; ``trace``, the order's
+W3C traceparent, only when it has one, and then written as the entry's field
+``trace``; it is not part of the digest), then all payloads
 concatenated. Four arguments per call instead of six per order, because
 redis-py's asyncio client packs every argument in Python and that packing was
 the bridge's top cost. (Redis' cmsgpack predates the bin type, hence the
@@ -48,8 +50,13 @@ for i, o in ipairs(orders) do
   local digest = o[1]
   local current = redis.call('GET', marker)
   if not current then
-    redis.call('XADD', stream, '*', 'order_id', o[2], 'device_id', o[3], 'seq', o[4],
-      'received_at', o[5], 'payload', payload)
+    if o[7] then
+      redis.call('XADD', stream, '*', 'order_id', o[2], 'device_id', o[3], 'seq', o[4],
+        'received_at', o[5], 'payload', payload, 'trace', o[7])
+    else
+      redis.call('XADD', stream, '*', 'order_id', o[2], 'device_id', o[3], 'seq', o[4],
+        'received_at', o[5], 'payload', payload)
+    end
     redis.call('SET', marker, digest, 'EX', ttl)
     out[#out + 1] = 1
   elseif current == digest then

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -25,6 +25,7 @@ import structlog
 from schemas import Reason
 from schemas.messages import ReceiptResult
 from schemas.names import orders_topic
+from servicekit import tracing
 from servicekit.backoff import Backoff
 
 from .errors import RedisAuthError, RedisFullError, ReplicasShortfall, StoreError
@@ -50,6 +51,14 @@ DUPLICATE = Outcome("duplicate")
 
 Done = Callable[[Outcome], None]
 _Entry = tuple[Classified, Done]
+
+
+def _links(batch: list[_Entry]) -> Iterator[tuple[str | None, dict[str, str]]]:
+    """The batch span's links: each sampled order's context (consumed only when tracing is on)."""
+    for item, _ in batch:
+        trace = item.trace if isinstance(item, ValidOrder) else None
+        if trace is not None and tracing.is_sampled(trace):
+            yield trace, {"order.id": item.order_id or "", "device.id": item.device_id or ""}
 
 
 class Batcher:
@@ -137,7 +146,9 @@ class Batcher:
                 self._wake.clear()
             self._last_full = len(batch) >= self._max_batch
             if batch:
-                await self._write(batch)
+                # One span per batch, linked to each sampled order (nothing when tracing is off).
+                with tracing.batch_span("bridge batch", _links(batch)):
+                    await self._write(batch)
                 if self._on_written is not None:
                     self._on_written()
             if not self._buffer:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
@@ -47,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    tracing.configure(
+        config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
+        service_name="order-bridge", attributes={"service.instance.id": config.client_id},
+    )  # fmt: skip
     try:
         runner(_serve(config))
     except BridgeError as exc:
@@ -58,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log.critical("bridge exiting: a background loop failed", loops=[f.loop for f in loops])
         return 1
+    finally:
+        tracing.shutdown()  # export the spans still buffered
     return 0
 
 

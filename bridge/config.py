@@ -72,6 +72,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     drain_grace_s: NonNegative = 10.0
     # Readiness heartbeat in Redis for the ops page (bridge/heartbeat.py); 0 turns it off.
     heartbeat_interval_s: NonNegative = 5.0
+    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
+    otlp_endpoint: str = ""
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
 
     # The longest an agent may resend an order it already delivered. The dedup marker must
     # outlive it, or a late resend is appended a second time: a shorter TTL is refused.

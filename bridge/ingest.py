@@ -14,6 +14,7 @@ import msgspec
 from schemas import MAX_ORDER_BYTES, DecodeError, SchemaError, decode_order
 from schemas.messages import OrderId
 from schemas.names import device_id_from_orders_topic, shard_of
+from servicekit.tracing import plausible_traceparent
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class ValidOrder:
     digest: str  # hash of the payload without `attempts`: the dedup marker's value
     # Geo mode: the order's authority region (``attempts[0]``); None when it names none.
     authority: str | None = None
+    trace: str | None = None  # shape-checked W3C traceparent: the stream field `trace`
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +88,17 @@ def order_id_hint(payload: bytes) -> str | None:
         return None
 
 
-def classify(topic: str, payload: bytes, *, shards: int, received_at_ms: int) -> Classified:
-    """Validate one message against the v1 contract and route it."""
+def classify(
+    topic: str, payload: bytes, *, shards: int, received_at_ms: int, trace: str | None = None
+) -> Classified:
+    """Validate one message against the v1 contract and route it.
+
+    ``trace`` (the MQTT ``traceparent`` user property) is kept when it has a
+    traceparent's shape and dropped otherwise (servicekit.tracing.plausible_traceparent:
+    the full check would cost every order; whoever makes a span context of it
+    validates it in full). It never decides the order's fate and is not part of
+    the dedup digest.
+    """
     try:
         device_id = device_id_from_orders_topic(topic)
     except SchemaError as exc:
@@ -106,4 +117,5 @@ def classify(topic: str, payload: bytes, *, shards: int, received_at_ms: int) ->
         payload=payload,
         digest=payload_digest(payload),
         authority=order.attempts[0] if order.attempts else None,
+        trace=None if trace is None else plausible_traceparent(trace),
     )

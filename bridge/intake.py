@@ -20,8 +20,17 @@ from typing import Protocol, Self
 Ack = Callable[[], None]
 """Send the PUBACK of one message (a no-op if its connection is gone)."""
 
-MessageSink = Callable[[str, bytes, Ack], None]
-"""Takes one message (topic, payload, ack); must not block; calls ack later or never."""
+
+class MessageSink(Protocol):
+    """Takes one message; must not block; calls ack later or never.
+
+    ``traceparent`` is the message's MQTT 5 user property of that name (the
+    order's trace context, servicekit.tracing), None when it has none.
+    """
+
+    def __call__(
+        self, topic: str, payload: bytes, ack: Ack, traceparent: str | None = None, /
+    ) -> None: ...
 
 
 class Intake(Protocol):

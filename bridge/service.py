@@ -17,6 +17,7 @@ import structlog
 
 from schemas import Reason, SchemaError
 from schemas.names import (
+    TRACEPARENT_PROPERTY,
     device_id_from_orders_topic,
     is_device_id,
     receipts_topic,
@@ -26,7 +27,7 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.loops import critical
-from servicekit.mqtt import MqttClient, Subscription
+from servicekit.mqtt import MqttClient, PropertySubscription
 from servicekit.tokens import TokenBuckets
 from servicekit.urls import MqttUrl
 
@@ -106,7 +107,7 @@ class Bridge:
         """Begin a graceful stop (SIGTERM)."""
         self._stop.set()
 
-    def take(self, topic: str, payload: bytes, ack: Ack) -> None:
+    def take(self, topic: str, payload: bytes, ack: Ack, traceparent: str | None = None) -> None:
         """Take one message from the intake; ``ack`` is called once it may be acked."""
         self.metrics.received.inc()
         if self._stopping:
@@ -126,7 +127,9 @@ class Bridge:
             self._receipt(device_id, order_id_hint(payload), limited)
             ack()
             return
-        item = classify(topic, payload, shards=self.config.shards, received_at_ms=received_at)
+        item = classify(
+            topic, payload, shards=self.config.shards, received_at_ms=received_at, trace=traceparent
+        )
         target: Batcher = self.batcher
         if self.regions is not None and isinstance(item, ValidOrder):
             routed = self.regions.route(item)
@@ -368,7 +371,11 @@ class Bridge:
         return MqttClient(
             MqttUrl.parse(cfg.mqtt_url),
             client_id=cfg.client_id,
-            subscriptions=[Subscription(shared_orders_subscription(cfg.share_group), sink)],
+            subscriptions=[
+                PropertySubscription(
+                    shared_orders_subscription(cfg.share_group), sink, TRACEPARENT_PROPERTY
+                )
+            ],
             session_expiry_s=cfg.session_expiry_s,
             receive_maximum=cfg.receive_maximum,
             max_packet_size=cfg.mqtt_max_packet_size,

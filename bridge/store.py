@@ -307,17 +307,14 @@ class RedisSink:
             keys = [stream_key(shard)] + [seen_key(shard, o.device_id, o.order_id) for o in group]
             meta = _encoder.encode(
                 [
-                    (
-                        o.digest,
-                        o.order_id,
-                        o.device_id,
-                        str(o.seq),
-                        str(o.received_at_ms),
-                        len(o.payload),
-                    )
+                    (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
+                     len(o.payload))
+                    if o.trace is None
+                    else (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms),
+                          len(o.payload), o.trace)
                     for o in group
                 ]
-            )
+            )  # fmt: skip
             payloads = b"".join(o.payload for o in group)
             trim = "1" if shard in trim_shards else "0"
             self.scripts.queue(pipes[lane], "append", keys, [self._ttl, trim, meta, payloads])

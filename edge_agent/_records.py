@@ -43,6 +43,7 @@ class Due(NamedTuple):
     payload: bytes
     attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
     regions: str = ""  # geo: the order's `attempts` so far, comma-separated (committed)
+    traceparent: str | None = None  # W3C trace context set at intake (servicekit.tracing)
 
 
 class NewOrder(NamedTuple):
@@ -51,6 +52,7 @@ class NewOrder(NamedTuple):
     order_id: str
     seq: int
     payload: bytes
+    traceparent: str | None = None  # W3C trace context set at intake (servicekit.tracing)
 
 
 class Sent(NamedTuple):

@@ -87,8 +87,8 @@ def storage_error(exc: sqlite3.Error, action: str) -> StorageError:
 
 
 _INSERT: Final = (
-    "INSERT INTO orders (seq, order_id, payload, size, state, created_ms, updated_ms) "
-    "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
+    "INSERT INTO orders (seq, order_id, payload, size, state, created_ms, updated_ms, "
+    "traceparent) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?) ON CONFLICT (order_id) DO NOTHING"
 )
 _COLUMNS: Final = (
     "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms, regions"
@@ -271,7 +271,11 @@ class Store:
     ) -> tuple[list[Submitted | OutboxFull], int, int]:
         # Fast path: the whole batch fits under the cap, so one executemany.
         cur = self.conn.executemany(
-            _INSERT, [(o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp) for o in orders]
+            _INSERT,
+            [
+                (o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp, o.traceparent)
+                for o in orders
+            ],
         )
         if cur.rowcount == len(orders):
             added = sum(len(o.payload) for o in orders)
@@ -300,7 +304,8 @@ class Store:
                 results.append(self._existing(o.order_id) or self._full(rows, size))
                 continue
             cur = conn.execute(
-                _INSERT, (o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp)
+                _INSERT,
+                (o.seq, o.order_id, o.payload, len(o.payload), stamp, stamp, o.traceparent),
             )
             if cur.rowcount == 1:
                 results.append(Submitted(o.order_id, o.seq, "queued"))
@@ -435,14 +440,14 @@ class Store:
         """
         out: list[Due] = []
         cur = self.conn.execute(
-            "SELECT seq, order_id, payload, attempts, regions FROM orders "
+            "SELECT seq, order_id, payload, attempts, regions, traceparent FROM orders "
             "WHERE settled_ms IS NULL AND next_retry_ms <= ? AND state != 'held' "
             "AND (first_sent_clock_ms IS NULL OR first_sent_clock_ms > ?) ORDER BY seq",
             (now, first_sent_after),
         )
-        for seq, order_id, payload, attempts, regions in cur:
+        for seq, order_id, payload, attempts, regions, traceparent in cur:
             if order_id not in skip:
-                out.append(Due(seq, order_id, payload, attempts, regions))
+                out.append(Due(seq, order_id, payload, attempts, regions, traceparent))
                 if len(out) >= limit:
                     break
         cur.close()

@@ -222,12 +222,13 @@ class EdgeAgent:
                 await self.publisher.close()
                 log.info("agent_stopped")
 
-    async def submit(self, data: Mapping[str, Any]) -> Submitted:
+    async def submit(self, data: Mapping[str, Any], *, traceparent: str | None = None) -> Submitted:
         """Validate an order and commit it to the outbox; return once it is durable.
 
         ``data`` is the intake JSON: ``currency``, ``items``, ``total``,
         optional ``attrs`` and ``order_id`` (the idempotency key; generated
         when absent). The same ``order_id`` again returns the first answer.
+        ``traceparent``: the order's W3C trace context, stored and sent with it.
 
         Raises:
             InvalidOrder: bad input (names the field); OutboxFull: at the cap;
@@ -237,7 +238,9 @@ class EdgeAgent:
             raise AgentClosed("the agent is shutting down")
         try:
             order, payload = self.encode(data, seq=self.outbox.reserve_seq())
-            result = await self.outbox.submit(NewOrder(order.order_id, order.seq, payload))
+            result = await self.outbox.submit(
+                NewOrder(order.order_id, order.seq, payload, traceparent)
+            )
         except AgentError as exc:
             self.metrics.refused.labels(exc.reason).inc()
             raise

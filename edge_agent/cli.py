@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.logs import configure_logging
 
@@ -64,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-agent: {exc.detail}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="edge-agent")
+    tracing.configure(
+        config.otlp_endpoint, sample_ratio=config.trace_sample_ratio, service_name="edge-agent",
+        attributes={"service.instance.id": config.device_id},
+    )  # fmt: skip
     try:
         asyncio.run(serve(config))
     except BackgroundLoopDied as exc:
@@ -72,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as exc:
         log.error("agent_failed_to_start", reason=exc.reason, detail=exc.detail)  # noqa: TRY400
         return 1
+    finally:
+        tracing.shutdown()  # export the spans still buffered
     return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from schemas import names
 from schemas.messages import DeviceId
 from servicekit.config import ServiceConfig
@@ -78,6 +82,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     prune_interval_s: float = 300.0
     storage_retry_s: float = 5.0
     batch_max: int = 1024
+    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint; the ratio
+    # also sets the sampled flag of the traceparents the intake makes while off.
+    otlp_endpoint: str = ""
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
 
     def validate(self) -> None:
         """Refuse settings that would break a delivery promise; the command runs this at start.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from aiohttp import web
 
+from servicekit import tracing
 from servicekit.problems import Handler, problem_middleware
 from servicekit.problems import problem as _problem
 
@@ -137,10 +138,14 @@ async def post_order(request: web.Request) -> web.Response:
         return problem(400, "malformed", f"body is not JSON: {exc}", field="$")
     except RecursionError:
         return problem(400, "malformed", "body is nested too deeply", field="$")
-    try:
-        result = await agent.submit(data)
-    except AgentError as exc:
-        return _error_response(exc)
+    with tracing.intake_span(request.headers.get(tracing.TRACEPARENT_HEADER)) as span:
+        try:
+            result = await agent.submit(data, traceparent=span.traceparent)
+        except AgentError as exc:
+            span.fail(exc.reason)
+            return _error_response(exc)
+        span.set("order.id", result.order_id)
+        span.set("duplicate", result.duplicate)  # a repeat keeps the first one's traceparent
     # The first answer, also for a repeated order_id.
     return _json({"order_id": result.order_id, "status": "queued"}, status=202)
 

@@ -42,6 +42,7 @@ from schemas import (
     encode,
     names,
 )
+from servicekit import tracing
 from servicekit.backoff import Backoff, full_jitter
 from servicekit.logs import truncate
 from servicekit.tokens import TokenBucket
@@ -115,6 +116,7 @@ class Publisher:
         self._reconnect = Backoff(config.reconnect_min_s, config.reconnect_max_s, self._rng)
         self.last_error: str | None = None
         self.last_rejection: str | None = None
+        self._spans = tracing.pending_spans("order publish")  # publish → receipt
 
     def _settings(self, url: MqttUrl, *, probe: bool = False) -> TransportSettings:
         config = self._config
@@ -317,6 +319,7 @@ class Publisher:
                 if deadline <= now:
                     del self._inflight[order_id]
                     self._metrics.receipt_timeouts.inc()
+                    self._spans.end(order_id, "receipt_timeout", failed=True)
             timeout = cfg.poll_interval_s
             free = cfg.max_inflight - len(self._inflight)
             if free > 0:
@@ -337,6 +340,7 @@ class Publisher:
             except TimeoutError:
                 pass
         log.warning("mqtt_connection_lost", inflight=len(self._inflight))
+        self._spans.end_all("connection_lost")
 
     def horizon_ms(self) -> int:
         """Agent-clock ms: orders first sent at or before it must never be sent again."""
@@ -367,10 +371,12 @@ class Publisher:
                     log.error("order_held_too_large", order_id=order.order_id, error=str(exc))  # noqa: TRY400
                     self._outbox.hold(order.order_id, exc.reason)
                     continue
+            traceparent = self._spans.begin(order.order_id, order.traceparent)
             try:
-                mid = self._transport.publish(self._orders_topic, payload)
+                mid = self._transport.publish(self._orders_topic, payload, traceparent)
             except BrokerError as exc:
                 log.warning("publish_failed", order_id=order.order_id, error=exc.detail)
+                self._spans.end(order.order_id, "publish_failed", failed=True)
                 break
             if self.regions is not None:
                 self.regions.on_sent()
@@ -416,6 +422,7 @@ class Publisher:
         # The broker did not deliver it: no receipt will come for this send.
         self._metrics.broker_rejections.labels(str(reason_code)).inc()
         self._inflight.pop(order_id, None)
+        self._spans.end(order_id, f"puback_{reason_code}", failed=True)
         if self.regions is not None and reason_code != NO_MATCHING_SUBSCRIBERS:
             # 0x10 means no bridge is subscribed in this region: not an answer,
             # so the no-answer clock keeps running and the agent fails over.
@@ -458,11 +465,10 @@ class Publisher:
                 query_at = None if status.status in TERMINAL_STATUSES else self._query_at()
                 self._outbox.set_status(status.order_id, status.status, status.reason, query_at)
                 # A status settles the order too (its receipt may be lost): stop waiting.
-                if (
-                    self._inflight.pop(status.order_id, None) is not None
-                    and self.regions is not None
-                ):
-                    self.regions.on_answer(len(self._inflight))
+                if self._inflight.pop(status.order_id, None) is not None:
+                    self._spans.end(status.order_id, f"status_{status.status}")
+                    if self.regions is not None:
+                        self.regions.on_answer(len(self._inflight))
             else:
                 log.warning("unexpected_topic", topic=topic)
         except DecodeError as exc:
@@ -479,6 +485,7 @@ class Publisher:
             log.warning("receipt_without_order_id", reason=receipt.reason)
             return
         self._inflight.pop(order_id, None)
+        self._spans.end(order_id, receipt.result, failed=receipt.result == "rejected")
         if self.regions is not None:
             self.regions.on_answer(len(self._inflight))
         if receipt.result != "pending":

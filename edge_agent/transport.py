@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from schemas import names
 from servicekit.urls import MqttUrl
 
 from .errors import BrokerError
@@ -77,8 +78,8 @@ class Transport(Protocol):
         """
         ...
 
-    def publish(self, topic: str, payload: bytes) -> int:
-        """Queue a QoS 1 PUBLISH; return its packet id (mid)."""
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
+        """Queue a QoS 1 PUBLISH (with a ``traceparent`` user property); return its mid."""
         ...
 
     async def disconnect(self) -> None: ...
@@ -188,10 +189,14 @@ class PahoTransport:
         self._schedule_misc()
         return session_present
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         if self._client is None or not self._connected:
             raise BrokerError("not connected", reason="not_connected")
-        info = self._client.publish(topic, payload, qos=1)
+        properties = None
+        if traceparent is not None and self._version == MQTTProtocolVersion.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.UserProperty = [(names.TRACEPARENT_PROPERTY, traceparent)]
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
             raise BrokerError(f"publish failed: {paho.error_string(info.rc)}", reason="publish")
         return info.mid

@@ -152,14 +152,14 @@ class ObservingTransport:
     async def connect(self) -> bool:
         return await self._inner.connect()
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         try:
             order_id = _order_id.decode(payload).order_id
             self._tracker.payloads[(self._device_id, order_id)] = (topic, payload)
             self._tracker.published_at.setdefault((self._device_id, order_id), time.monotonic())
         except msgspec.DecodeError:
             pass
-        return self._inner.publish(topic, payload)
+        return self._inner.publish(topic, payload, traceparent)
 
     def resend(self, topic: str, payload: bytes) -> int:
         """Publish raw bytes as the agent would, without the agent knowing (duplicate flood)."""

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
+from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
@@ -87,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in {"catalog", "migrate"}:
             admin = _load_catalog(config, args.file) if args.command == "catalog" else None
             return asyncio.run(admin or _migrate(config))
+        tracing.configure(
+            config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
+            service_name="order-pipeline",
+        )  # fmt: skip
         return asyncio.run(_serve(config, worker_only=args.command == "worker"))
     except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
@@ -97,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log.critical("exiting: a background loop failed", loops=[f.loop for f in loops])
         return 1
+    finally:
+        tracing.shutdown()  # export the spans still buffered
 
 
 async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig
 
@@ -62,6 +66,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     health_stale_s: float = 90.0
     # Fleet health (pipeline/health.py): a device silent this long leaves the view.
     health_ttl_s: float = 86400.0
+    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
+    otlp_endpoint: str = ""
+    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+
     # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
     # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
     region: str = ""

@@ -40,11 +40,13 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit import tracing
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
 from ._calls import AnyRedis
 from ._lua import Scripts
+from ._tracing import status_spans, step_spans
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
@@ -356,7 +358,8 @@ class Worker:
             if not live:
                 continue
             started = time.perf_counter()
-            await self._run_step(step, live)
+            with tracing.per_order_spans(f"pipeline {step.name}", step_spans(live)):
+                await self._run_step(step, live)
             for ctx in live:
                 ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
@@ -376,7 +379,9 @@ class Worker:
 
     async def finish(self, settled: Settled) -> None:
         """Publish the batch's statuses, wait for their PUBACKs, then dead-letter and ack."""
-        await self.publisher.publish(settled.statuses)
+        spans = status_spans(settled.ctxs, settled.statuses)
+        with tracing.per_order_spans("status publish", spans, kind="PRODUCER"):
+            await self.publisher.publish(settled.statuses)
         await dead_letter(self.redis, self.scripts, settled.letters)
         await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
         for letter in settled.letters:

@@ -73,6 +73,9 @@ Ack = Callable[[], None]
 Handler = Callable[[str, bytes, Ack], None]
 """Takes one message (topic, payload, ack); must not block; calls ack later or never."""
 
+PropertyHandler = Callable[[str, bytes, Ack, str | None], None]
+"""A :data:`Handler` that also takes the value of one MQTT 5 user property (None: absent)."""
+
 
 class MqttError(ServiceKitError):
     """The broker refused us, broke the protocol, or went away mid-handshake."""
@@ -87,6 +90,21 @@ class Subscription:
 
     topic_filter: str
     handler: Handler
+
+
+@dataclass(frozen=True, slots=True)
+class PropertySubscription:
+    """A QoS 1 topic filter whose handler also gets the user property ``user_property``.
+
+    The bridge reads the order's ``traceparent`` this way (servicekit.tracing).
+    """
+
+    topic_filter: str
+    handler: PropertyHandler
+    user_property: str
+
+
+AnySubscription = Subscription | PropertySubscription
 
 
 class MqttMetrics:
@@ -253,7 +271,7 @@ class MqttClient:
         url: MqttUrl,
         *,
         client_id: str,
-        subscriptions: Sequence[Subscription] = (),
+        subscriptions: Sequence[AnySubscription] = (),
         clean_start: bool = False,
         session_expiry_s: int = 3600,
         receive_maximum: int = 1000,
@@ -269,7 +287,7 @@ class MqttClient:
         self._url = url
         self._ssl = url.ssl_context(ca_file)
         self.client_id = client_id
-        self._subscriptions = list(subscriptions)
+        self._subscriptions: list[AnySubscription] = list(subscriptions)
         self._clean_start = clean_start
         self._session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
@@ -532,7 +550,7 @@ class MqttClient:
                         reason_str=packet.reason_str)  # fmt: skip
 
     def _on_publish(self, wire: _Wire, packet: mqtt5.PublishPacket) -> None:
-        handler = self._handler_for(packet.topic)
+        sub = self._subscription_for(packet.topic)
         packet_id = packet.packet_id
         if packet.qos == mqtt5.QoS.AT_MOST_ONCE or packet_id is None:
             ack: Ack = _no_ack
@@ -555,23 +573,27 @@ class MqttClient:
                         wire.set_reading(False)
                         asyncio.get_running_loop().call_soon(wire.process)
 
-        if handler is None:
+        if sub is None:
             log.warning("message on a topic we did not subscribe to", topic=packet.topic)
             ack()
             return
         try:
-            handler(packet.topic, packet.payload, ack)
+            if isinstance(sub, PropertySubscription):
+                value = _user_property(packet.user_properties, sub.user_property)
+                sub.handler(packet.topic, packet.payload, ack, value)
+            else:
+                sub.handler(packet.topic, packet.payload, ack)
         except Exception:
             # Isolation boundary: a bug in one message's handling must not
             # kill the connection; the message stays unacked.
             log.exception("message not taken", client=self.name, topic=packet.topic)
 
-    def _handler_for(self, topic: str) -> Handler | None:
+    def _subscription_for(self, topic: str) -> AnySubscription | None:
         if len(self._subscriptions) == 1:
-            return self._subscriptions[0].handler
+            return self._subscriptions[0]
         for sub in self._subscriptions:
             if topic_matches(sub.topic_filter, topic):
-                return sub.handler
+                return sub
         return None
 
     def _on_lost(self, wire: _Wire, exc: Exception | None) -> None:
@@ -658,6 +680,14 @@ class MqttClient:
             self.metrics.publish_dropped.inc()
         if item.done is not None and not item.done.done():
             item.done.set_result(code)
+
+
+def _user_property(properties: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of the user property ``name``, or None."""
+    for key, value in properties:
+        if key == name:
+            return value
+    return None
 
 
 def _no_ack() -> None:

@@ -69,7 +69,7 @@ class ScriptedTransport:
         self._connected = True
         return False
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         self._mid += 1
         mid = self._mid
         if topic != names.orders_topic(self._device):

@@ -143,7 +143,7 @@ class _BrokenTransport:
     async def connect(self) -> bool:
         raise ZeroDivisionError("a bug in connect")
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         raise AssertionError("never connected")
 
     async def disconnect(self) -> None:

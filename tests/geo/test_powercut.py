@@ -86,7 +86,7 @@ class CrashPointTransport:
     async def connect(self) -> bool:
         return await self._inner.connect()
 
-    def publish(self, topic: str, payload: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         if topic.endswith("/orders"):
             order = decode_order(payload)
             where = self._root / f"cut-{len(self._out):04d}"
@@ -96,7 +96,7 @@ class CrashPointTransport:
                 if source.exists():
                     shutil.copyfile(source, where / f"outbox.db{suffix}")
             self._out.append(Snapshot(order.order_id, order.attempts, where / "outbox.db"))
-        return self._inner.publish(topic, payload)
+        return self._inner.publish(topic, payload, traceparent)
 
     async def disconnect(self) -> None:
         await self._inner.disconnect()
