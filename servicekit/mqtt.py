@@ -16,9 +16,13 @@ What it does:
   the handler's owner calls it, and only on the connection the message came in
   on (packet ids belong to a connection; after a reconnect the broker resends).
 - Receive Maximum is enforced here, from the CONNECT on: with that many
-  messages handed out and not acked, the client stops parsing and pauses the
-  socket's reads (Mosquitto 2.0 does not hold a resumed session's backlog to
-  it). A session backlog that arrives during the handshake is held to it too.
+  messages handed out and not acked, further PUBLISH packets are parked
+  unhandled (Mosquitto 2.0 does not hold a resumed session's backlog to it),
+  while PUBACKs and every other packet are still handled: a handler that acks
+  only after its own publishes are PUBACKed must not wait on a socket nobody
+  reads. Past ``PARKED_MAX_BYTES`` of parked messages the socket's reads pause
+  (TCP backpressure). A session backlog that arrives during the handshake is
+  held to it too.
 - QoS 1 publishing with a future per message (its PUBACK reason code), at most
   the broker's Receive Maximum in flight, a bounded queue behind that, and
   write-side backpressure: nothing new is written while the transport's buffer
@@ -61,6 +65,8 @@ SUBSCRIBE_PACKET_ID: Final = 1  # publishes use 2..65535
 _FIRST_PUBLISH_ID: Final = 2
 _MAX_PACKET_ID: Final = 65535
 WRITE_HIGH_WATER: Final = 256 * 1024
+PARKED_MAX_BYTES: Final = 1024 * 1024
+"""Incoming messages parked past the Receive Maximum before reads pause."""
 DROPPED: Final = -1
 """Future result of a message dropped from a full queue (oldest first)."""
 TOO_LARGE: Final = -2
@@ -153,6 +159,9 @@ class _Wire(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.last_heard = 0.0
         self.unacked = 0  # messages handed to handlers on this connection, not yet acked
+        # PUBLISHes read past the Receive Maximum, handed out in order once acks free room.
+        self.parked: deque[tuple[mqtt5.PublishPacket, int]] = deque()
+        self.parked_bytes = 0
         self.writing_paused = False
         self.reads_paused = False
         # Receive Maximum reached: parsing stops until half the window is acked
@@ -175,11 +184,16 @@ class _Wire(asyncio.Protocol):
         self.process()
 
     def process(self) -> None:
-        """Handle the whole packets in the buffer while the Receive Maximum allows."""
+        """Hand out parked messages the window now allows, then handle the buffer's packets."""
+        owner = self._owner
+        while self.parked and not owner._input_full(self):
+            packet, size = self.parked.popleft()
+            self.parked_bytes -= size
+            owner._on_packet(self, packet)
         offset = 0
         with memoryview(self._buffer) as view:
             while offset < len(view):
-                if self._owner._input_full(self):
+                if owner._paused or self.parked_bytes >= PARKED_MAX_BYTES:
                     break
                 try:
                     packet, size = mqtt5.read(view[offset:])
@@ -190,9 +204,15 @@ class _Wire(asyncio.Protocol):
                     self.abort()
                     return
                 offset += size
-                self._owner._on_packet(self, packet)
+                if isinstance(packet, mqtt5.PublishPacket) and (
+                    self.parked or owner._input_full(self)
+                ):
+                    self.parked.append((packet, size))
+                    self.parked_bytes += size
+                else:
+                    owner._on_packet(self, packet)
         del self._buffer[:offset]
-        self._owner._update_reading(self)
+        owner._update_reading(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -509,7 +529,7 @@ class MqttClient:
         return self._paused or wire.input_blocked
 
     def _update_reading(self, wire: _Wire) -> None:
-        wire.set_reading(self._paused or wire.input_blocked)
+        wire.set_reading(self._paused or wire.parked_bytes >= PARKED_MAX_BYTES)
 
     def _on_packet(self, wire: _Wire, packet: Any) -> None:
         if isinstance(packet, mqtt5.PublishPacket):

@@ -315,7 +315,7 @@ async def test_session_taken_over_is_loud_in_logs_and_metrics() -> None:
 
 async def test_receive_maximum_holds_from_connect_on() -> None:
     """A session backlog of 20 that the broker sends right after CONNACK, before the SUBACK,
-    reaches the handler 5 at a time (our Receive Maximum): the rest waits unparsed until acks."""
+    reaches the handler 5 at a time (our Receive Maximum): the rest is parked until acks."""
     inbox = Inbox()
     async with ScriptedBroker() as broker:
         client = make_client(broker.url, inbox, receive_maximum=5)
@@ -330,9 +330,9 @@ async def test_receive_maximum_holds_from_connect_on() -> None:
             )
         )
         await inbox.wait_for(5)
+        await entering  # the SUBACK behind the backlog is handled; the messages wait
         await asyncio.sleep(0.2)
         assert len(inbox.messages) == 5
-        assert not entering.done()  # the SUBACK waits behind the backlog
         acked = 0
         while acked < 20:
             await inbox.wait_for(acked + 1)
@@ -342,6 +342,27 @@ async def test_receive_maximum_holds_from_connect_on() -> None:
         await entering
         assert inbox.payloads == [bytes([i]) for i in range(20)]
         await client.__aexit__(None, None, None)
+
+
+async def test_a_full_receive_window_still_hears_the_pubacks_of_our_publishes() -> None:
+    """A handler that acks a message only once its own reply is PUBACKed (the pipeline's
+    status-query responder) must not deadlock: with the window full and a message parked,
+    the broker's PUBACK behind it still reaches our publish, and the window still holds."""
+    inbox = Inbox()
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, inbox, receive_maximum=2)
+        async with connected(broker, client) as session:
+            session.send(*[publish_packet(10 + i, bytes([i])) for i in range(3)])
+            await inbox.wait_for(2)
+            reply = client.publish_acked("v1/devices/d1/status", b"answer")
+            published = await session.expect(mqtt5.PublishPacket)
+            session.send(mqtt5.PubAckPacket(qos1_id(published)))  # behind the parked third
+            async with asyncio.timeout(5):
+                assert await reply == 0
+            assert len(inbox.messages) == 2  # the third is still parked
+            inbox.messages[0][2]()
+            await inbox.wait_for(3)
+            assert inbox.payloads == [bytes([i]) for i in range(3)]
 
 
 async def test_publishes_wait_while_the_socket_cannot_take_more() -> None:
