@@ -187,9 +187,9 @@ class _Wire(asyncio.Protocol):
         """Hand out parked messages the window now allows, then handle the buffer's packets."""
         owner = self._owner
         while self.parked and not owner._input_full(self):
-            packet, size = self.parked.popleft()
-            self.parked_bytes -= size
-            owner._on_packet(self, packet)
+            parked, parked_size = self.parked.popleft()
+            self.parked_bytes -= parked_size
+            owner._on_packet(self, parked)
         offset = 0
         with memoryview(self._buffer) as view:
             while offset < len(view):
