@@ -47,6 +47,29 @@ class Tracker:
     refused: int = 0
     duplicate_receipts: int = 0
     rejected_receipts: int = 0
+    # Monotonic times of every connection attempt, and of each device's latest success.
+    connect_attempts: list[float] = field(default_factory=list)
+    connected_at: dict[str, float] = field(default_factory=dict)
+
+    def connect_attempt(self) -> None:
+        """A device's agent started a connection attempt."""
+        self.connect_attempts.append(time.monotonic())
+
+    def connect_succeeded(self, device_id: str) -> None:
+        """A device's connection attempt succeeded (CONNACK)."""
+        self.connected_at[device_id] = time.monotonic()
+
+    def reconnected_since(self, t0: float) -> tuple[int, float | None]:
+        """How many devices connected at or after ``t0``, and when the last of them did."""
+        back = [t for t in self.connected_at.values() if t >= t0]
+        return len(back), max(back, default=None)
+
+    def add_latencies(self, receipt_ms: list[float], e2e_ms: list[float]) -> None:
+        """Latencies measured elsewhere (a worker process) join this run's record."""
+        self.receipt_latency_ms.extend(receipt_ms)
+        self.recent_receipt_ms.extend(receipt_ms)
+        self.e2e_latency_ms.extend(e2e_ms)
+        self.recent_e2e_ms.extend(e2e_ms)
 
     def queued(self, ref: OrderRef, submitted_at: float) -> None:
         """The agent answered ``queued`` (the HTTP 202) for ``ref``."""
@@ -145,7 +168,10 @@ class ObservingTransport:
         return self._inner.protocol
 
     async def connect(self) -> bool:
-        return await self._inner.connect()
+        self._tracker.connect_attempt()
+        session_present = await self._inner.connect()
+        self._tracker.connect_succeeded(self._device_id)
+        return session_present
 
     def publish(self, topic: str, payload: bytes) -> int:
         try:
