@@ -526,8 +526,9 @@ class ChaosRunner:
         )
         return (
             f"{killed}; {report.connected_before:,}/{size:,} connected before, {back}; "
-            f"broker {report.broker_cores:.2f} cores; {report.attempts:,} connection attempts, "
-            f"at most {report.max_per_bucket:,}/100 ms and {report.max_per_s:,}/s"
+            f"broker {report.broker_cpu_s:.1f} CPU s over {report.broker_wall_s:.1f} s "
+            f"({report.broker_cores:.2f} cores); {report.attempts:,} connection attempts, "
+            f"at most {report.max_per_bucket:,} per 100 ms, {report.max_per_s:,} per s"
         )
 
 

@@ -128,8 +128,8 @@ def _summary(result: SimResult) -> Table:
     for spike in result.chaos.spikes:
         table.add_row(f"spike @{spike.at_s:,.0f}s", spike_line(spike))
     for storm in result.chaos.storms:
-        table.add_row(f"storm @{storm.at_s:,.0f}s", storm_line(storm))
-        table.add_row("  connection attempts/s", _per_second(storm))
+        # The storm's event row above says the rest.
+        table.add_row(f"storm @{storm.at_s:,.0f}s attempts/s", _per_second(storm))
     return table
 
 
@@ -140,18 +140,6 @@ def spike_line(spike: SpikeReport) -> str:
     return (
         f"rate ×{spike.factor:g} for {spike.duration_s:g} s: outbox depth {spike.depth_before:,} "
         f"before, peak {spike.peak_depth:,}, {drained}"
-    )
-
-
-def storm_line(storm: StormReport) -> str:
-    """A storm's outcome: how fast all came back, the broker's CPU, the attempts' spread."""
-    back = f"{storm.back:,}/{storm.devices:,} back"
-    if storm.all_back_s is not None:
-        back = f"all {storm.devices:,} back in {storm.all_back_s:.1f} s"
-    return (
-        f"{back}; broker {storm.broker_cpu_s:.1f} CPU s over {storm.broker_wall_s:.1f} s "
-        f"({storm.broker_cores:.2f} cores); {storm.attempts:,} connection attempts, "
-        f"at most {storm.max_per_bucket:,} per 100 ms, {storm.max_per_s:,} per s"
     )
 
 

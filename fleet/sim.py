@@ -84,6 +84,8 @@ class SimResult:
     rogue_in_streams: list[OrderRef] = field(default_factory=list)
     dlq_added: int = 0
     duplicate_receipts: int = 0
+    # The worker processes that ran the devices (empty: they ran in this process).
+    worker_pids: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -163,6 +165,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             agent_disk=disk, processes=options.processes,
         )  # fmt: skip
         record.events = chaos.log.events
+        worker_pids = control.pids if isinstance(control, RemoteFleet) else []
         try:
             settled = await _drive(options, driver=driver, control=control, chaos=chaos,
                                    tracker=tracker, record=record)  # fmt: skip
@@ -190,7 +193,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     record.e2e_latency_ms = tracker.e2e_latency_ms
     return SimResult(
         record, verdict, settled, chaos.log, rogue_in_streams, dlq_added,
-        duplicate_receipts=tracker.duplicate_receipts,
+        duplicate_receipts=tracker.duplicate_receipts, worker_pids=worker_pids,
     )  # fmt: skip
 
 
