@@ -8,8 +8,8 @@ at 20 s and a bridge SIGKILLed and restarted at 40 s; then the verification
 started is stopped at the end. Extra flags go to ``fleet-sim`` (``--rate 100``).
 
 ``make demo-scale`` (``--scale``): 10,000 devices spread over 4 worker
-processes, 100 orders/s for 120 s, the offered rate ×10 for 30 s at 20 s
-(``spike``) and the broker restarted with every device connected at 80 s
+processes, 50 orders/s for 120 s, the offered rate ×10 for 30 s at 20 s
+(``spike``) and the broker restarted with every device connected at 90 s
 (``storm``); then the same verification (0 lost, 0 duplicated, 0 stuck). It
 takes a few minutes, most of it connecting the devices and letting them settle.
 
@@ -30,9 +30,10 @@ DEMO_ARGS = (
 
 
 SCALE_ARGS = (
-    "--devices", "10000", "--processes", "4", "--rate", "100", "--duration", "120",
-    "--bridges", "2", "--workers", "2", "--ramp", "1000", "--poll-interval", "2",
-    "--chaos", "20:spike=10x:30s,80:storm",
+    "--devices", "10000", "--processes", "4", "--rate", "50", "--duration", "120",
+    "--bridges", "2", "--workers", "2", "--ramp", "1000", "--poll-interval", "5",
+    "--settle-timeout", "900", "--status-wait", "120",
+    "--chaos", "20:spike=10x:30s,90:storm",
 )  # fmt: skip
 
 

@@ -35,6 +35,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chaos", default="", help='e.g. "20:broker-restart,30:bridge-kill"')
     parser.add_argument("--seed", type=int, default=0, help="random seed (arrivals, mix)")
     parser.add_argument("--settle-timeout", type=float, default=120.0, help="quiescence wait, s")
+    parser.add_argument(
+        "--status-wait",
+        type=float,
+        default=30.0,
+        help="after quiescence, wait for the last statuses heard, s",
+    )
     parser.add_argument("--ramp", type=float, default=500.0, help="device connects per second")
     parser.add_argument("--receipt-timeout", type=float, default=10.0, help="agents' resend, s")
     parser.add_argument(
@@ -63,6 +69,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         devices=args.devices, rate=args.rate, duration_s=args.duration,
         mqtt_url=args.mqtt_url, redis_url=args.redis_url, shards=args.shards,
         chaos=args.chaos, seed=args.seed, settle_timeout_s=args.settle_timeout,
+        status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
     )  # fmt: skip

@@ -166,12 +166,14 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
     client = aioredis.from_url(spec.redis_url)
     try:
         async with Fleet(spec.fleet, tracker) as fleet:
-            conn.send(("connected", await fleet.wait_connected(1.0, spec.connect_timeout_s)))
+            connected = await fleet.wait_connected(1.0, spec.connect_timeout_s)
+            seen = [0, 0]
+            conn.send(("sample", _sample(fleet, tracker, seen)))  # the gauges before the load
+            conn.send(("connected", connected))
             message = await inbox.get()
             if message[0] != "start":
                 return  # the coordinator gave up before the load
             settle_now = asyncio.Event()
-            seen = [0, 0]
             async with asyncio.TaskGroup() as tg:
                 reporter = tg.create_task(_report(conn, fleet, tracker, seen), name="reporter")
                 obeying = tg.create_task(_obey(conn, inbox, fleet, settle_now), name="commands")

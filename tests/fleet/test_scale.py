@@ -88,7 +88,7 @@ async def test_spike_and_storm_over_two_processes(stack: Stack) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FLEET_SLOW"), reason="set FLEET_SLOW=1 (about 60 s)")
+@pytest.mark.skipif(not os.environ.get("FLEET_SLOW"), reason="set FLEET_SLOW=1 (about 90 s)")
 async def test_spike_and_storm_with_2000_devices_over_four_processes(stack: Stack) -> None:
     """The long form: 2,000 devices in 4 worker processes, the same spike and storm."""
     await _spike_and_storm(stack, devices=2_000, processes=4)
