@@ -28,6 +28,11 @@ log = structlog.get_logger(__name__)
 
 CLOSE_CHUNK = 200
 STATUS_QUERY_DELAY_S = 3.0
+# The field default backs off to an hour between queries for one order. In a run,
+# queries sent while the pipeline lags (a spike's backlog) go unanswered and push
+# the next one minutes out; statuses lost later (a storm while the backlog drains)
+# would then be asked for only after the run. Capped here so the verifier sees them.
+STATUS_QUERY_MAX_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,10 @@ class Fleet:
         # Status recovery, where the agent has it: ask for a missing terminal status
         # after seconds, not the field default's minute, so a run's verifier sees it.
         recovery: dict[str, Any] = (
-            {"status_query_delay_s": STATUS_QUERY_DELAY_S}
+            {
+                "status_query_delay_s": STATUS_QUERY_DELAY_S,
+                "status_query_max_interval_s": STATUS_QUERY_MAX_INTERVAL_S,
+            }
             if "status_query_delay_s" in AgentConfig.__struct_fields__
             else {}
         )
