@@ -32,7 +32,7 @@ DEMO_ARGS = (
 SCALE_ARGS = (
     "--devices", "10000", "--processes", "4", "--rate", "50", "--duration", "120",
     "--bridges", "2", "--workers", "2", "--ramp", "1000", "--poll-interval", "5",
-    "--settle-timeout", "900", "--status-wait", "120",
+    "--settle-timeout", "900", "--status-wait", "120", "--status-query-delay", "45",
     "--chaos", "20:spike=10x:30s,90:storm",
 )  # fmt: skip
 

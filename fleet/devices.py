@@ -27,11 +27,10 @@ from .tracker import ObservingHandlers, ObservingTransport, Tracker
 log = structlog.get_logger(__name__)
 
 CLOSE_CHUNK = 200
-STATUS_QUERY_DELAY_S = 3.0
 # The field default backs off to an hour between queries for one order. In a run,
 # queries sent while the pipeline lags (a spike's backlog) go unanswered and push
 # the next one minutes out; statuses lost later (a storm while the backlog drains)
-# would then be asked for only after the run. Capped here so the verifier sees them.
+# would then be asked for only after the run. Capped so the verifier sees them.
 STATUS_QUERY_MAX_INTERVAL_S = 10.0
 
 
@@ -55,6 +54,9 @@ class FleetSettings:
     # How often an idle agent looks at its outbox; longer for big fleets, whose idle
     # polls of thousands of in-memory outboxes otherwise cost a core.
     poll_interval_s: float = 0.5
+    # How long after its receipt an order without a terminal status is asked about:
+    # seconds, not the field default's minute, so a run's verifier sees recovery.
+    status_query_delay_s: float = 3.0
 
 
 def raise_open_file_limit() -> int:
@@ -138,11 +140,13 @@ class Fleet:
         device_id = f"{s.prefix}-{index:05d}"
         on_disk = s.disk is not None and index - s.first_index < s.disk_devices
         # Status recovery, where the agent has it: ask for a missing terminal status
-        # after seconds, not the field default's minute, so a run's verifier sees it.
+        # soon enough for the run's verifier to see it.
         recovery: dict[str, Any] = (
             {
-                "status_query_delay_s": STATUS_QUERY_DELAY_S,
-                "status_query_max_interval_s": STATUS_QUERY_MAX_INTERVAL_S,
+                "status_query_delay_s": s.status_query_delay_s,
+                "status_query_max_interval_s": max(
+                    s.status_query_delay_s, STATUS_QUERY_MAX_INTERVAL_S
+                ),
             }
             if "status_query_delay_s" in AgentConfig.__struct_fields__
             else {}

@@ -72,6 +72,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
+        status_query_delay_s=args.status_query_delay,
     )  # fmt: skip
 
 

@@ -71,6 +71,8 @@ class SimOptions:
     processes: int = 1
     # How often an idle agent polls its outbox (FleetSettings.poll_interval_s).
     poll_interval_s: float = 0.5
+    # Seconds after its receipt a device asks for a missing terminal status.
+    status_query_delay_s: float = 3.0
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _fleet_settings(
         disk=None if disk is None else disk.path,
         disk_devices=0 if disk is None else AGENT_POWERCUT_DEVICES,
         poll_interval_s=options.poll_interval_s,
+        status_query_delay_s=options.status_query_delay_s,
     )  # fmt: skip
 
 

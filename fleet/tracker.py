@@ -43,7 +43,10 @@ class Tracker:
     e2e_latency_ms: list[float] = field(default_factory=list)
     recent_receipt_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     recent_e2e_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
-    early: dict[OrderRef, tuple[str, float]] = field(default_factory=dict)
+    # Receipts and statuses that beat the agent's ``queued`` answer back to us (a busy
+    # event loop resumes the submitter late): both kept, settled when it comes.
+    early_receipt: dict[OrderRef, float] = field(default_factory=dict)
+    early_status: dict[OrderRef, float] = field(default_factory=dict)
     refused: int = 0
     duplicate_receipts: int = 0
     rejected_receipts: int = 0
@@ -75,13 +78,11 @@ class Tracker:
         """The agent answered ``queued`` (the HTTP 202) for ``ref``."""
         self.submit_at[ref] = submitted_at
         self.accepted.append(ref)
-        # A receipt may beat the bookkeeping; settle it now.
-        if (seen := self.early.pop(ref, None)) is not None:
-            kind, at = seen
-            if kind == "receipt":
-                self._receipt(ref, at)
-            else:
-                self._terminal(ref, at)
+        # A receipt, and even the terminal status, may beat the bookkeeping; settle them now.
+        if (at := self.early_receipt.pop(ref, None)) is not None:
+            self._receipt(ref, at)
+        if (at := self.early_status.pop(ref, None)) is not None:
+            self._terminal(ref, at)
 
     def receipt(self, ref: OrderRef, result: str) -> None:
         """A receipt arrived for ``ref``."""
@@ -93,7 +94,7 @@ class Tracker:
             self.rejected_receipts += 1
             return
         if ref not in self.submit_at:
-            self.early.setdefault(ref, ("receipt", time.monotonic()))
+            self.early_receipt.setdefault(ref, time.monotonic())
             return
         self._receipt(ref, time.monotonic())
 
@@ -102,7 +103,7 @@ class Tracker:
         if status not in TERMINAL:
             return
         if ref not in self.submit_at:
-            self.early.setdefault(ref, ("status", time.monotonic()))
+            self.early_status.setdefault(ref, time.monotonic())
             return
         self._terminal(ref, time.monotonic())
 
