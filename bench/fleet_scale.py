@@ -176,8 +176,11 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float) -> Step:
     """One run at ``rate``, with CPU and lag measured around and during it."""
     options = SimOptions(
         devices=args.devices, processes=args.processes, rate=rate, duration_s=args.step_s,
-        shards=SHARDS, settle_timeout_s=120, status_wait_s=30, ramp_per_s=2000,
+        shards=SHARDS, settle_timeout_s=120, status_wait_s=60, ramp_per_s=2000,
         poll_interval_s=args.poll_interval,
+        # Past the plateau e2e latency passes seconds: a 3 s query delay would flood the
+        # pipeline with status queries (README, fleet-sim limits), so ask late.
+        status_query_delay_s=30,
     )  # fmt: skip
     stop = asyncio.Event()
     before, started = cpu_split(stack), time.monotonic()

@@ -36,6 +36,12 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (arrivals, mix)")
     parser.add_argument("--settle-timeout", type=float, default=120.0, help="quiescence wait, s")
     parser.add_argument(
+        "--status-query-delay",
+        type=float,
+        default=3.0,
+        help="agents ask for a missing status this long after the receipt, s",
+    )
+    parser.add_argument(
         "--status-wait",
         type=float,
         default=30.0,

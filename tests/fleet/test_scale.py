@@ -17,6 +17,7 @@ from fleet.report import rates
 from fleet.services import pid_alive
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
+from fleet.tracker import Tracker
 from fleet.workers import split, worker_specs
 
 
@@ -40,6 +41,18 @@ def test_split_spreads_devices_evenly_over_processes() -> None:
     assert sum(s.rate for s in specs) == pytest.approx(100.0)
     assert {s.fleet.ramp_per_s for s in specs} == {250.0}
     assert len({s.seed for s in specs}) == 4
+
+
+def test_a_receipt_and_a_status_that_beat_the_queued_answer_both_count() -> None:
+    """On a busy loop the receipt and the terminal status can arrive before submit() returns."""
+    tracker = Tracker()
+    ref = ("dev-1", "order-0001")
+    tracker.receipt(ref, "accepted")
+    tracker.status(ref, "fulfilled")
+    tracker.queued(ref, submitted_at=0.0)
+    assert ref in tracker.receipted
+    assert ref in tracker.terminal
+    assert len(tracker.e2e_latency_ms) == 1
 
 
 async def _spike_and_storm(stack: Stack, devices: int, processes: int) -> SimResult:
