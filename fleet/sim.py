@@ -88,6 +88,8 @@ class SimResult:
     duplicate_receipts: int = 0
     # The worker processes that ran the devices (empty: they ran in this process).
     worker_pids: list[int] = field(default_factory=list)
+    # time.monotonic() when the load began (samples' t_s count from here).
+    load_started: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -196,6 +198,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     return SimResult(
         record, verdict, settled, chaos.log, rogue_in_streams, dlq_added,
         duplicate_receipts=tracker.duplicate_receipts, worker_pids=worker_pids,
+        load_started=chaos.started,
     )  # fmt: skip
 
 
