@@ -1,77 +1,154 @@
-"""Benchmark: orders/s through the full step chain vs the Redis-side ceiling, in the same run.
+"""Benchmark: the pipeline's orders/s and CPU per order, against a ceiling and a naive pipeline.
 
-Not a test. Starts a private Redis and Mosquitto, then for each scenario
-flushes Redis, loads a catalog and appends N orders to the shard streams as
-the bridge does:
+Not a test. Starts a private Redis, a private 3-master Redis Cluster and a
+Mosquitto, and for each backend runs, on the same orders (one line each, 16
+shards, appended as the bridge does):
 
-* ceiling: one consumer (same group settings, same batch size) reads and acks
-  every entry and does nothing else;
-* pipeline with 1 and with 2 worker processes (``order-pipeline worker``),
-  simulated gateway at zero latency, statuses published to the real broker
-  (servicekit.mqtt, the cloud's own client);
-* a diagnostic row: the same chain in-process with status publishing off and
-  batches run one after the other (the worker overlaps a batch's PUBACK wait
-  with the next batch, so the full pipeline can beat this row).
+* ceiling: one consumer (in this process) that reads (XREADGROUP, ``--batch``
+  per shard) and acks every entry and does nothing else;
+* naive: the pipeline as a user would first write it, in this process: one
+  XREADGROUP COUNT 1 per order, the catalog checked, stock taken and each of
+  five transitions stored (HSET, RPUSH, XADD) with one command each, both
+  statuses published and their PUBACKs awaited one by one, one XACK per order;
+* pipeline with 1, 2 and 4 worker processes (``order-pipeline worker``,
+  ``--redis-cluster`` on the cluster), the simulated gateway at zero latency,
+  statuses to the real broker.
 
-Pipeline time runs from the first to the last event in ``orders:events``
-(Redis clock), so process start-up is not counted.
+Each row gives orders/s (wall clock from the first append, or the first read
+for the ceiling, until every entry is acked), the ratio to the same backend's
+ceiling and naive rows, and CPU per order: Redis (Σ ``used_cpu_sys`` +
+``used_cpu_user`` of every node, less the cost of appending the orders, which
+is measured on its own) and consumer (the worker processes' user + system
+time from ``/proc``, taken once they idle on empty streams, so start-up is not
+counted; the bench process itself for the ceiling and naive rows).
 
-    .venv/bin/python bench/pipeline_throughput.py --orders 20000
+    .venv/bin/python bench/pipeline_throughput.py            # ~60-90 s on a quiet machine
+    .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
+from redis.asyncio.cluster import RedisCluster
 
-from fleet.servers import MosquittoProcess, RedisProcess
-from pipeline._lua import Scripts
+from fleet.servers import (
+    MosquittoProcess,
+    RedisProcess,
+    ServerError,
+    find_binary,
+    free_port,
+    port_is_open,
+)
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
-from pipeline.config import PipelineConfig
-from pipeline.metrics import WorkerMetrics
-from pipeline.names import EVENTS_STREAM
-from pipeline.steps import StepDeps, build_chain
-from pipeline.worker import Worker
-from schemas import Item, Order, Status, encode
-from schemas.names import DEFAULT_SHARDS, shard_of, stream_key
+from pipeline.names import CATALOG_KEY
+from schemas import Item, Order, Status, decode_order, encode
+from schemas.names import DEFAULT_SHARDS, PIPELINE_GROUP, shard_of, status_topic, stream_key
 from servicekit.clock import now_ms
+from servicekit.mqtt import MqttClient
+from servicekit.urls import MqttUrl
 
 CEILING_GROUP = "ceiling"
+NAIVE_GROUP = "naive"
+NAIVE_STOCK = "naive:stock"
+TICKS_S = os.sysconf("SC_CLK_TCK")
+Client = Any  # aioredis.Redis or RedisCluster: the bench calls what both have
+
+
+@dataclass
+class Row:
+    """One measured scenario."""
+
+    backend: str
+    name: str
+    orders: int
+    seconds: float
+    redis_cpu_s: float
+    consumer_cpu_s: float
+
+    @property
+    def rate(self) -> float:
+        """Orders per second."""
+        return self.orders / max(self.seconds, 1e-9)
+
+    @property
+    def redis_us(self) -> float:
+        """Redis CPU µs per order."""
+        return self.redis_cpu_s / self.orders * 1e6
+
+    @property
+    def consumer_us(self) -> float:
+        """Consumer (worker) CPU µs per order."""
+        return self.consumer_cpu_s / self.orders * 1e6
+
+
+@dataclass
+class Backend:
+    """A Redis to run scenarios on: a single node or a cluster."""
+
+    name: str
+    url: str
+    cluster: bool
+    nodes: list[int]  # ports, for INFO cpu of each
+
+    def client(self) -> Client:
+        """A fresh async client."""
+        if self.cluster:
+            return RedisCluster.from_url(self.url)
+        return aioredis.Redis.from_url(self.url)
+
+    async def cpu_s(self) -> float:
+        """Σ used_cpu_sys + used_cpu_user over every node."""
+        total = 0.0
+        for port in self.nodes:
+            async with aioredis.Redis(port=port) as node:
+                info: Any = await node.info("cpu")
+                total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return total
+
+    async def flush(self) -> None:
+        """Empty every node."""
+        for port in self.nodes:
+            async with aioredis.Redis(port=port) as node:
+                await node.flushall()
 
 
 def make_orders(count: int, devices: int) -> list[Order]:
     """``count`` one-line orders spread over ``devices`` devices."""
     now = now_ms()
     return [
-        Order(
-            v=1,
-            order_id=uuid.uuid4().hex,
-            device_id=f"bench-{i % devices}",
-            seq=i // devices,
-            created_at=now,
-            currency="EUR",
-            items=(Item("COLA-33", 1, 150),),
-            total=150,
-        )
+        Order(v=1, order_id=uuid.uuid4().hex, device_id=f"bench-{i % devices}",
+              seq=i // devices, created_at=now, currency="EUR",
+              items=(Item("COLA-33", 1, 150),), total=150)
         for i in range(count)
-    ]
+    ]  # fmt: skip
 
 
-async def prepare(client: aioredis.Redis, orders: list[Order], shards: int) -> None:
-    """Empty Redis, load the catalog, append the orders as the bridge would."""
-    await client.flushall()
+async def prepare(client: Client, shards: int, groups: Sequence[str]) -> None:
+    """Catalog (pipeline and naive stock) and the consumer groups on every shard stream."""
     catalog = Catalog(items={"COLA-33": CatalogItem(price=150, stock=10**9)}, currency="EUR")
-    await store_catalog(client, catalog)
+    await store_catalog(client, catalog, shards=shards)
+    await client.hset(NAIVE_STOCK, "COLA-33", 10**9)
+    for shard in range(shards):
+        for group in groups:
+            await client.xgroup_create(stream_key(shard), group, id="0", mkstream=True)
+
+
+async def append(client: Client, orders: Sequence[Order], shards: int) -> None:
+    """XADD the orders to their shard streams with the bridge's fields (pipelined)."""
     now = now_ms()
     for start in range(0, len(orders), 2000):
         async with client.pipeline(transaction=False) as pipe:
@@ -84,47 +161,133 @@ async def prepare(client: aioredis.Redis, orders: list[Order], shards: int) -> N
             await pipe.execute()
 
 
-async def ceiling(client: aioredis.Redis, total: int, shards: int, batch: int) -> float:
-    """Orders/s for XREADGROUP + XACK of every entry with no work in between."""
+async def read_group(
+    client: Client, group: str, consumer: str, streams: Sequence[str], count: int
+) -> list[tuple[str, str, dict[bytes, bytes]]]:
+    """XREADGROUP new entries of ``streams`` (one command per stream on a cluster)."""
+    if isinstance(client, RedisCluster):
+        replies = await asyncio.gather(*(
+            client.execute_command("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+                                   "STREAMS", stream, ">",
+                                   target_nodes=client.get_node_from_key(stream))
+            for stream in streams
+        ))  # fmt: skip
+        rows = [row for reply in replies for row in reply or []]
+    else:
+        rows = await client.xreadgroup(group, consumer, dict.fromkeys(streams, ">"), count=count)
+    return [
+        (stream.decode(), entry_id.decode(), fields)
+        for stream, entries in rows or []
+        for entry_id, fields in entries
+    ]
+
+
+async def ceiling(client: Client, total: int, shards: int, batch: int) -> int:
+    """XREADGROUP + XACK every entry, nothing else; returns entries handled."""
     streams = [stream_key(s) for s in range(shards)]
-    for stream in streams:
-        await client.xgroup_create(stream, CEILING_GROUP, id="0", mkstream=True)
     done = 0
-    started = time.perf_counter()
     while done < total:
-        reply = await client.xreadgroup(
-            CEILING_GROUP, "c1", dict.fromkeys(streams, ">"), count=batch, block=100
-        )
+        rows = await read_group(client, CEILING_GROUP, "c1", streams, batch)
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id, _fields in rows:
+            by_stream.setdefault(stream, []).append(entry_id)
         async with client.pipeline(transaction=False) as pipe:
-            for stream, rows in reply or []:
-                pipe.xack(stream, CEILING_GROUP, *[entry_id for entry_id, _f in rows])
-                done += len(rows)
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, CEILING_GROUP, *ids)
             await pipe.execute()
-    return total / (time.perf_counter() - started)
+        done += len(rows)
+    return done
 
 
-def _spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+async def naive(client: Client, mqtt: MqttClient, total: int, shards: int) -> int:
+    """The first way anyone writes it: every order on its own, every step its own command."""
+    done = 0
+    shard = 0
+    while done < total:
+        stream = stream_key(shard)
+        shard = (shard + 1) % shards
+        rows = await read_group(client, NAIVE_GROUP, "n1", [stream], 1)
+        for stream_name, entry_id, fields in rows:
+            await naive_order(client, mqtt, decode_order(fields[b"payload"]))
+            await client.xack(stream_name, NAIVE_GROUP, entry_id)
+            done += 1
+    return done
+
+
+async def naive_order(client: Client, mqtt: MqttClient, order: Order) -> None:
+    """One order, one command at a time (idempotent through the record's existence)."""
+    key = f"naive:order:{order.device_id}:{order.order_id}"
+    if await client.exists(key):
+        return
+    statuses = ["received", "validated"]
+    for item in order.items:
+        if int(await client.hget(CATALOG_KEY, item.sku) or -1) != item.unit_price:
+            statuses.append("rejected")
+            break
+    else:
+        for item in order.items:
+            if await client.hincrby(NAIVE_STOCK, item.sku, -item.qty) < 0:
+                await client.hincrby(NAIVE_STOCK, item.sku, item.qty)
+                statuses.append("rejected")
+                break
+        else:
+            statuses += ["reserved", "confirmed", "fulfilled"]
+    await client.hset(key, mapping={"device_id": order.device_id, "payload": encode(order)})
+    for status in statuses:
+        await client.hset(key, "status", status)
+        await client.rpush(key + ":history", status)
+        await client.xadd("naive:events", {"order_id": order.order_id, "status": status})
+    for status in statuses[2:]:
+        if status in {"confirmed", "fulfilled", "rejected"}:
+            message = Status(v=1, order_id=order.order_id, status=status,  # type: ignore[arg-type]
+                             reason=None, at=now_ms())  # fmt: skip
+            await mqtt.publish_acked(status_topic(order.device_id), encode(message))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_S
+
+
+async def all_acked(client: Client, shards: int) -> bool:
+    """Every entry of every shard delivered to the pipeline group and acked."""
+    for shard in range(shards):
+        for group in await client.xinfo_groups(stream_key(shard)):
+            if group["name"] == PIPELINE_GROUP.encode() and (group["lag"] or group["pending"]):
+                return False
+    return True
+
+
+async def idle(procs: Sequence[subprocess.Popen[bytes]], log: Path) -> None:
+    """Wait until every worker has started and idles (under 20 % of a core for 0.5 s).
+
+    A worker blocked in XREADGROUP on empty streams is not yet a consumer of
+    the group, so its start is seen in its CPU time instead.
+    """
+    deadline = time.monotonic() + 60
+    before = [process_cpu_s(p.pid) for p in procs]
+    while True:
+        await asyncio.sleep(0.5)
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise RuntimeError(f"a worker did not start; see {log}")
+        now = [process_cpu_s(p.pid) for p in procs]
+        if all(b - a < 0.1 for a, b in zip(before, now, strict=True)):
+            return
+        before = now
+
+
+@contextlib.contextmanager
+def workers(count: int, env: dict[str, str], log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` worker processes, terminated on exit."""
+    procs = []
     with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=out, stderr=out
-        )
-
-
-async def pipeline_rate(
-    client: aioredis.Redis, total: int, workers: int, env: dict[str, str], log: Path
-) -> float:
-    """Orders/s through ``workers`` worker processes, first to last event (Redis clock)."""
-    procs = [_spawn_worker(env, log) for _ in range(workers)]
+        for _ in range(count):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "worker"], env=env, stdout=out, stderr=out
+            ))  # fmt: skip
     try:
-        # Each order writes 5 events: received, validated, reserved, confirmed, fulfilled.
-        while await client.xlen(EVENTS_STREAM) < total * 5:
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"a worker exited; see {log}")
-            await asyncio.sleep(0.2)
-        first = await client.xrange(EVENTS_STREAM, count=1)
-        last = await client.xrevrange(EVENTS_STREAM, count=1)
-        span_ms = int(last[0][0].split(b"-")[0]) - int(first[0][0].split(b"-")[0])
-        return total / max(span_ms / 1000, 1e-3)
+        yield procs
     finally:
         for proc in procs:
             proc.terminate()
@@ -132,76 +295,178 @@ async def pipeline_rate(
             proc.wait(30)
 
 
-class _NullPublisher:
-    """Diagnostic only: accepts statuses without sending them."""
+async def pipeline_row(
+    backend: Backend, orders: Sequence[Order], count: int, env: dict[str, str], log: Path,
+    *, shards: int, append_cpu_s: float,
+) -> Row:  # fmt: skip
+    """The orders through ``count`` worker processes, once they idle on empty streams."""
+    client = backend.client()
+    try:
+        await backend.flush()
+        await prepare(client, shards, [PIPELINE_GROUP])
+        with workers(count, env, log) as procs:
+            await idle(procs, log)
+            cpu0 = sum(process_cpu_s(p.pid) for p in procs)
+            redis0 = await backend.cpu_s()
+            started = time.perf_counter()
+            await append(client, orders, shards)
+            while not await all_acked(client, shards):
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"a worker exited; see {log}")
+                await asyncio.sleep(0.02)
+            seconds = time.perf_counter() - started
+            redis_s = await backend.cpu_s() - redis0 - append_cpu_s
+            cpu_s = sum(process_cpu_s(p.pid) for p in procs) - cpu0
+    finally:
+        await client.aclose()
+    return Row(backend.name, f"pipeline, {count} worker process(es)", len(orders), seconds,
+               redis_s, cpu_s)  # fmt: skip
 
-    async def publish(self, messages: list[tuple[str, Status]]) -> int:
-        return len(messages)
+
+async def in_process_row(
+    backend: Backend, name: str, orders: Sequence[Order], group: str, *, shards: int,
+    run: Callable[[Client], Awaitable[int]],
+) -> tuple[Row, float]:  # fmt: skip
+    """A consumer in this process over pre-appended orders; also returns the append's Redis CPU."""
+    client = backend.client()
+    try:
+        await backend.flush()
+        await prepare(client, shards, [group])
+        redis0 = await backend.cpu_s()
+        await append(client, orders, shards)
+        append_cpu_s = await backend.cpu_s() - redis0
+        redis0 = await backend.cpu_s()
+        cpu0 = time.process_time()
+        started = time.perf_counter()
+        done = await run(client)
+        seconds = time.perf_counter() - started
+        row = Row(backend.name, name, done, seconds, await backend.cpu_s() - redis0,
+                  time.process_time() - cpu0)  # fmt: skip
+    finally:
+        await client.aclose()
+    return row, append_cpu_s
 
 
-async def chain_without_mqtt(client: aioredis.Redis, total: int, config: PipelineConfig) -> float:
-    """Diagnostic: the same chain in this process with status publishing switched off."""
-    scripts = Scripts()
-    chain = build_chain(config.steps, StepDeps(client, scripts, config))
-    worker = Worker(client, _NullPublisher(), chain, config, WorkerMetrics(CollectorRegistry()),
-                    scripts=scripts)  # fmt: skip
-    await worker.setup()
-    done = 0
-    started = time.perf_counter()
-    while done < total:
-        entries = await worker.read()
-        await worker.process(entries)
-        done += len(entries)
-    return total / (time.perf_counter() - started)
+async def scenarios(
+    backend: Backend, args: argparse.Namespace, broker: MosquittoProcess, log: Path
+) -> list[Row]:
+    """Ceiling, naive and the pipeline rows on one backend."""
+    shards = args.shards
+    orders = make_orders(args.orders, args.devices)
+    rows = []
+    ceiling_row, append_cpu_s = await in_process_row(
+        backend, "ceiling (read+ack, no work)", orders, CEILING_GROUP, shards=shards,
+        run=lambda c: ceiling(c, len(orders), shards, args.batch),
+    )  # fmt: skip
+    rows.append(ceiling_row)
+    async with MqttClient(MqttUrl.parse(broker.url), client_id=f"naive-{uuid.uuid4().hex[:8]}",
+                          name="naive") as mqtt:  # fmt: skip
+        await mqtt.wait_connected()
+        naive_orders = orders[: args.naive_orders]
+        naive_row, _ = await in_process_row(
+            backend, "naive (per-order commands)", naive_orders, NAIVE_GROUP, shards=shards,
+            run=lambda c: naive(c, mqtt, len(naive_orders), shards),
+        )  # fmt: skip
+        rows.append(naive_row)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    env.update({
+        "ORDERS_REDIS_URL": backend.url, "ORDERS_REDIS_CLUSTER": str(backend.cluster).lower(),
+        "ORDERS_MQTT_URL": broker.url, "ORDERS_SHARDS": str(shards),
+        "ORDERS_BATCH_SIZE": str(args.batch), "ORDERS_GATEWAY_LATENCY_MS": "0",
+        "ORDERS_LOG_LEVEL": "warning",
+    })  # fmt: skip
+    per_order_append = append_cpu_s / len(orders)
+    for count in args.workers:
+        rows.append(await pipeline_row(
+            backend, orders, count, env, log, shards=shards,
+            append_cpu_s=per_order_append * len(orders),
+        ))  # fmt: skip
+    return rows
+
+
+@contextlib.contextmanager
+def cluster_backend(workdir: Path) -> Iterator[Backend]:
+    """A 3-master Redis Cluster on loopback (ports whose bus port, +10000, is free too)."""
+    nodes: list[RedisProcess] = []
+    try:
+        while len(nodes) < 3:
+            port = free_port()
+            if port > 55535 or port_is_open(port + 10000):
+                continue
+            node = RedisProcess(workdir / str(port), port, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+            ))  # fmt: skip
+            try:
+                node.start()
+            except ServerError:  # the port or its bus port was taken meanwhile: another
+                node.kill()
+                continue
+            nodes.append(node)
+        ports = [node.port for node in nodes]
+        subprocess.run(
+            [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes",
+             *[f"127.0.0.1:{port}" for port in ports]],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in _cluster_info(port) for port in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not come up")
+            time.sleep(0.1)
+        yield Backend("3 masters", f"redis://127.0.0.1:{ports[0]}/0", True, ports)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def _cluster_info(port: int) -> bytes:
+    done = subprocess.run([find_binary("redis-cli"), "-p", str(port), "cluster", "info"],
+                          capture_output=True, timeout=10, check=False)  # fmt: skip
+    return done.stdout
+
+
+def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
+    """The rows with their ratios to the same backend's ceiling and naive rows."""
+    print(f"orders={args.orders} (naive {args.naive_orders}) devices={args.devices} "
+          f"shards={args.shards} batch={args.batch} cores={os.cpu_count()}")  # fmt: skip
+    head = (f"{'redis':10} {'scenario':34} {'orders/s':>9} {'vs ceiling':>10} {'vs naive':>9} "
+            f"{'redis µs/order':>14} {'worker µs/order':>15}")  # fmt: skip
+    print(head)
+    for row in rows:
+        base = next(r for r in rows if r.backend == row.backend and r.name.startswith("ceiling"))
+        slow = next(r for r in rows if r.backend == row.backend and r.name.startswith("naive"))
+        ratios = f"{row.rate / base.rate:10.1%} {row.rate / slow.rate:8.1f}x"
+        print(f"{row.backend:10} {row.name:34} {row.rate:9.0f} {ratios} "
+              f"{row.redis_us:14.1f} {row.consumer_us:15.1f}")  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> None:
-    """All scenarios, then the table."""
+    """Every backend's scenarios, then the table."""
+    rows: list[Row] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
-        RedisProcess(Path(tmp) / "redis") as redis_server,
+        RedisProcess(Path(tmp) / "redis") as single,
         MosquittoProcess(Path(tmp) / "mosquitto") as broker,
     ):
-        client = aioredis.Redis.from_url(redis_server.url)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-        env.update({
-            "ORDERS_REDIS_URL": redis_server.url, "ORDERS_MQTT_URL": broker.url,
-            "ORDERS_SHARDS": str(args.shards), "ORDERS_BATCH_SIZE": str(args.batch),
-            "ORDERS_GATEWAY_LATENCY_MS": "0", "ORDERS_LOG_LEVEL": "warning",
-        })  # fmt: skip
-        orders = make_orders(args.orders, args.devices)
-        results: dict[str, float] = {}
-        await prepare(client, orders, args.shards)
-        results["ceiling (read+ack, no work)"] = await ceiling(
-            client, args.orders, args.shards, args.batch
-        )
-        await prepare(client, orders, args.shards)
-        config = PipelineConfig(redis_url=redis_server.url, shards=args.shards,
-                                batch_size=args.batch, consumer="bench")  # fmt: skip
-        results["diagnostic: 1 worker, no status publishing"] = await chain_without_mqtt(
-            client, args.orders, config
-        )
-        for workers in args.workers:
-            await prepare(client, orders, args.shards)
-            results[f"pipeline, {workers} worker process(es)"] = await pipeline_rate(
-                client, args.orders, workers, env, Path(tmp) / "workers.log"
-            )
-        await client.aclose()
-    base = results["ceiling (read+ack, no work)"]
-    print(f"orders={args.orders} devices={args.devices} shards={args.shards} batch={args.batch}")
-    print(f"{'scenario':40} {'orders/s':>10} {'vs ceiling':>11}")
-    for name, rate in results.items():
-        print(f"{name:40} {rate:10.0f} {rate / base:10.1%}")
+        log = Path(tmp) / "workers.log"
+        backend = Backend("1 node", single.url, False, [single.port])
+        rows += await scenarios(backend, args, broker, log)
+        if not args.no_cluster:
+            with cluster_backend(Path(tmp) / "cluster") as cluster:
+                rows += await scenarios(cluster, args, broker, log)
+    print_table(rows, args)
 
 
 def main() -> None:
     """Parse flags and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--orders", type=int, default=10_000)
+    parser.add_argument("--naive-orders", type=int, default=500)
     parser.add_argument("--devices", type=int, default=500)
     parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS)
     parser.add_argument("--batch", type=int, default=100, help="XREADGROUP COUNT per shard")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--no-cluster", action="store_true", help="skip the 3-master rows")
     asyncio.run(run(parser.parse_args()))
 
 

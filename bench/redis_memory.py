@@ -6,8 +6,8 @@ through the real code paths, in this process:
 1. bridge: :class:`bridge.store.RedisSink` appends them (dedup marker + shard
    stream entry per order), as the bridge does;
 2. pipeline: a :class:`pipeline.worker.Worker` runs the default step chain on
-   them (record hash, history list, reservation hash, device and order-id
-   indexes, events stream, retention index), statuses not published;
+   them (record hash holding history and reservation, device and order-id
+   indexes, events streams, retention indexes), statuses not published;
 3. trimming: the bridge's MINID trim removes the acknowledged stream entries.
 
 Per stage it prints ``used_memory`` growth per order, and per key kind the
@@ -38,7 +38,7 @@ from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
-from pipeline.names import EVENTS_STREAM, RETENTION_KEY
+from pipeline.names import events_key, retention_key
 from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Item, Order, Status, encode
@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> None:
             await worker.setup()
             await store_catalog(client, Catalog(items={
                 "COLA-33": CatalogItem(price=150, stock=10 * n),
-                "WATER-50": CatalogItem(price=100, stock=10 * n)}))  # fmt: skip
+                "WATER-50": CatalogItem(price=100, stock=10 * n)}), shards=SHARDS)  # fmt: skip
             base = await used(client)
 
             async with RedisSink(server.url, dedup_ttl_s=DEDUP_TTL_S, dlq_maxlen=1000) as sink:
@@ -142,20 +142,16 @@ async def run(args: argparse.Namespace) -> None:
                 )
                 assert fulfilled == n, f"only {fulfilled} of {n} orders fulfilled"
                 _, record = await usage(client, "order:*[0-9a-f]")
-                _, history = await usage(client, "order:*:history")
-                _, reservation = await usage(client, "order:*:reservation")
                 _, device_index = await usage(client, "device:*:orders")
                 _, id_index = await usage(client, "order-id:*:devices")
-                events = await total_usage(client, [EVENTS_STREAM])
-                retention = await total_usage(client, [RETENTION_KEY])
+                events = await total_usage(client, [events_key(s) for s in range(SHARDS)])
+                retention = await total_usage(client, [retention_key(s) for s in range(SHARDS)])
                 rows += [
                     ("pipeline: used_memory growth / order", (after_pipeline - after_bridge) / n),
-                    ("  record hash", record),
-                    ("  history list", history),
-                    ("  reservation hash", reservation),
+                    ("  record hash (with history and reservation)", record),
                     ("  device index (per order)", device_index * args.devices / n),
                     ("  order-id index set", id_index),
-                    ("  events stream (capped at 1M entries)", events / n),
+                    ("  events streams (one entry per commit, capped)", events / n),
                     ("  retention index entry", retention / n),
                 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ from servicekit.loops import failed_loops
 
 from .config import BridgeConfig
 from .errors import BridgeError
+from .heartbeat import RedisHeartbeat
 from .metrics import BridgeMetrics
+from .regions import build_region_sinks
 from .service import Bridge, build_sink
 
 log = structlog.get_logger(__name__)
@@ -36,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-bridge")
-    warn_if_redis_unauthenticated(config.redis_url)
+    for url in {config.local_redis_url, *config.region_urls().values()}:
+        warn_if_redis_unauthenticated(url)
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, absent on Windows
     except ImportError:
@@ -58,8 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: BridgeConfig) -> None:
-    async with build_sink(config) as sink:
-        bridge = Bridge(config, sink, BridgeMetrics())
+    heartbeat = RedisHeartbeat(
+        config.local_redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
+    )
+    async with build_sink(config) as sink, heartbeat, contextlib.AsyncExitStack() as stack:
+        region_sinks = {
+            name: await stack.enter_async_context(remote)
+            for name, remote in build_region_sinks(config).items()
+        }
+        if config.geo:
+            log.info("geo mode", region=config.region, remote_regions=sorted(region_sinks))
+        bridge = Bridge(
+            config, sink, BridgeMetrics(), heartbeat=heartbeat, region_sinks=region_sinks
+        )
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
-from typing import Annotated
+from typing import Annotated, Final
 
 import msgspec
 
@@ -12,6 +13,10 @@ from servicekit.config import ServiceConfig
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# The agents' default resend horizon (edge_agent resend_max_age_s): an order older than this
+# is never resent, so a dedup marker must outlive it.
+AGENT_RETRY_HORIZON_S: Final = 6 * 24 * 3600.0
+REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")  # schemas.messages.RegionName
 
 
 def default_client_id() -> str:
@@ -65,3 +70,65 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     # Cap of every retry wait: after an outage the bridge is back within about this long.
     backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_grace_s: NonNegative = 10.0
+    # Readiness heartbeat in Redis for the ops page (bridge/heartbeat.py); 0 turns it off.
+    heartbeat_interval_s: NonNegative = 5.0
+
+    # The longest an agent may resend an order it already delivered. The dedup marker must
+    # outlive it, or a late resend is appended a second time: a shorter TTL is refused.
+    agent_retry_horizon_s: NonNegative = AGENT_RETRY_HORIZON_S
+
+    # Geo mode (GEO.md): this region's name and every region's Redis, NAME=REDIS_URL,
+    # this one included (its entry replaces redis_url). Empty: single-region, as before.
+    region: str = ""
+    region_redis: tuple[str, ...] = ()
+    # A write into another region's Redis gives up after this long: the device gets `pending`.
+    region_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Batches in flight at once per remote region (the local writer keeps one).
+    region_write_concurrency: Positive = 4
+    # Circuit breaker per remote region: open after this many failed writes in a row,
+    # stay open this long (orders for it answer `pending` at once), then try one batch.
+    region_breaker_failures: Positive = 3
+    region_breaker_open_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+
+    def __post_init__(self) -> None:
+        # msgspec turns a ValueError here into a ValidationError (ConfigError at start).
+        if self.dedup_ttl_s <= self.agent_retry_horizon_s:
+            raise ValueError(
+                f"dedup_ttl_s ({self.dedup_ttl_s}) must be longer than agent_retry_horizon_s "
+                f"({self.agent_retry_horizon_s:g}): a marker that expires while agents may "
+                "still resend lets an order be appended twice"
+            )
+        self.region_urls()  # raises ValueError on a bad region setting
+
+    @property
+    def geo(self) -> bool:
+        """True in geo mode (``--region`` given)."""
+        return bool(self.region)
+
+    def region_urls(self) -> dict[str, str]:
+        """Every region's Redis URL by name (empty outside geo mode).
+
+        Raises:
+            ValueError: a malformed entry, a name twice, or region flags without ``--region``.
+        """
+        if not self.region:
+            if self.region_redis:
+                raise ValueError("region_redis needs region (the name of this region)")
+            return {}
+        if not REGION_NAME.fullmatch(self.region):
+            raise ValueError(f"region {self.region!r} is not 1-32 chars of [a-z0-9-]")
+        urls: dict[str, str] = {}
+        for entry in self.region_redis:
+            name, sep, url = entry.partition("=")
+            if not sep or not REGION_NAME.fullmatch(name) or not url.startswith(("redis", "unix")):
+                raise ValueError(f"region_redis {entry!r} is not NAME=redis://…")
+            if name in urls:
+                raise ValueError(f"region_redis names {name!r} twice")
+            urls[name] = url
+        urls.setdefault(self.region, self.redis_url)
+        return urls
+
+    @property
+    def local_redis_url(self) -> str:
+        """The Redis this bridge writes its own region's orders to."""
+        return self.region_urls().get(self.region, self.redis_url)

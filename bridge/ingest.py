@@ -26,7 +26,9 @@ class ValidOrder:
     seq: int
     received_at_ms: int
     payload: bytes
-    digest: str  # hash of the payload: the dedup marker's value
+    digest: str  # hash of the payload without `attempts`: the dedup marker's value
+    # Geo mode: the order's authority region (``attempts[0]``); None when it names none.
+    authority: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +53,28 @@ class _OrderIdHint(msgspec.Struct):
 
 
 _hint_decoder: Final = msgspec.msgpack.Decoder(_OrderIdHint)
+# Every top-level value kept as its exact bytes, so dropping one key changes nothing else.
+_fields_decoder: Final = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+_fields_encoder: Final = msgspec.msgpack.Encoder()
+ATTEMPTS_KEY: Final = "attempts"
 
 
 def payload_digest(payload: bytes) -> str:
-    """The dedup marker's value: a 128-bit hash of the exact payload bytes."""
+    """The dedup marker's value: a 128-bit hash of the payload without ``attempts``.
+
+    ``attempts`` grows when a device resends an order to another region (GEO.md),
+    so it must not count as other content: a resend is a ``duplicate``, not a
+    ``conflict``. A payload without the key is hashed as it came, byte for byte
+    (markers written before geo mode still match); one with it is hashed with
+    that key cut out of the map and every other key and value kept as sent.
+    """
+    if ATTEMPTS_KEY.encode() in payload:
+        try:
+            fields = _fields_decoder.decode(payload)
+        except msgspec.DecodeError:
+            fields = {}
+        if fields.pop(ATTEMPTS_KEY, None) is not None:
+            payload = _fields_encoder.encode(fields)
     return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
@@ -85,4 +105,5 @@ def classify(topic: str, payload: bytes, *, shards: int, received_at_ms: int) ->
         received_at_ms=received_at_ms,
         payload=payload,
         digest=payload_digest(payload),
+        authority=order.attempts[0] if order.attempts else None,
     )

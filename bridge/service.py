@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -32,11 +33,13 @@ from servicekit.urls import MqttUrl
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
 from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
+from .heartbeat import HeartbeatStore, run_heartbeat
 from .http import HttpServer
-from .ingest import DeadLetter, classify, order_id_hint
+from .ingest import DeadLetter, ValidOrder, classify, order_id_hint
 from .intake import Ack, Intake, IntakeFactory, MessageSink
 from .metrics import BridgeMetrics
 from .receipts import receipt_bytes
+from .regions import Regions
 from .store import OrderSink, RedisSink, RedisState
 
 log = structlog.get_logger(__name__)
@@ -45,10 +48,25 @@ REDIS_PROBE_INTERVAL_S = 1.0
 
 
 class Bridge:
-    """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``."""
+    """One bridge replica: ``Bridge(config, sink, metrics)``, then ``await run()``.
 
-    def __init__(self, config: BridgeConfig, sink: OrderSink, metrics: BridgeMetrics) -> None:
+    With a ``heartbeat`` store it reports its readiness there every
+    ``config.heartbeat_interval_s`` for the ops page (:mod:`bridge.heartbeat`).
+
+    In geo mode ``region_sinks`` holds a sink per remote region (bridge/regions.py).
+    """
+
+    def __init__(
+        self,
+        config: BridgeConfig,
+        sink: OrderSink,
+        metrics: BridgeMetrics,
+        *,
+        heartbeat: HeartbeatStore | None = None,
+        region_sinks: Mapping[str, OrderSink] | None = None,
+    ) -> None:
         self.config = config
+        self._heartbeat = heartbeat
         self.metrics = metrics
         self._sink = sink
         self._limits = TokenBuckets(config.rate_per_s, config.rate_burst)
@@ -72,7 +90,16 @@ class Bridge:
         self.redis_auth_ok = True
         self.redis_durable = False
         self._inspected = False
-        metrics.in_flight.set_function(lambda: self.batcher.pending)
+        self.regions: Regions | None = None
+        if config.geo:
+            self.regions = Regions(
+                config,
+                region_sinks or {},
+                metrics,
+                on_conflict=self.batcher.add,
+                on_written=self._resume_if_drained,
+            )
+        metrics.in_flight.set_function(self._in_flight)
         metrics.ready.set_function(lambda: float(all(self.readiness().values())))
 
     def request_stop(self) -> None:
@@ -100,6 +127,13 @@ class Bridge:
             ack()
             return
         item = classify(topic, payload, shards=self.config.shards, received_at_ms=received_at)
+        target: Batcher = self.batcher
+        if self.regions is not None and isinstance(item, ValidOrder):
+            routed = self.regions.route(item)
+            if isinstance(routed, DeadLetter):
+                item = routed
+            elif routed is not None:
+                target = routed  # another region's authority: its own writer
         if isinstance(item, DeadLetter):
             log.debug("dead letter", topic=topic, reason=item.reason, payload=truncate(payload))
 
@@ -108,18 +142,27 @@ class Bridge:
                 self._receipt(device_id, item.order_id, outcome)
             ack()
 
-        self.batcher.add(item, done)
-        if self.batcher.pending >= self._max_in_flight and self._intake is not None:
+        target.add(item, done)
+        if self._in_flight() >= self._max_in_flight and self._intake is not None:
             self._intake.pause_reading()
             self._paused = True
 
     def _maybe_resume(self) -> None:
         self.redis_reachable = True  # a batch was just written
+        self._resume_if_drained()
+
+    def _resume_if_drained(self) -> None:
+        """Read again once in-flight work fell to half the limit (local or cross-region)."""
         # Resume at half the limit, so reads don't flap on every batch.
-        if self._paused and self.batcher.pending <= self._max_in_flight // 2:
+        if self._paused and self._in_flight() <= self._max_in_flight // 2:
             self._paused = False
             if self._intake is not None:
                 self._intake.resume_reading()
+
+    def _in_flight(self) -> int:
+        """Messages taken and not yet answered, local and cross-region."""
+        remote = self.regions.pending if self.regions is not None else 0
+        return self.batcher.pending + remote
 
     def _receipt(self, device_id: str, order_id: str | None, outcome: Outcome) -> None:
         body = receipt_bytes(order_id, outcome.result, outcome.reason, now_ms())
@@ -153,11 +196,23 @@ class Bridge:
             checks["redis_durable"] = self.redis_durable
         return checks
 
+    def heartbeat_report(self) -> dict[str, str | int]:
+        """What each heartbeat says: readiness, durability, in-flight, the failing checks."""
+        checks = self.readiness()
+        return {
+            "ready": int(all(checks.values())),
+            "redis_durable": int(self.redis_durable),
+            "in_flight": self._in_flight(),
+            "failing": ",".join(name for name, ok in checks.items() if not ok),
+        }
+
     def redis_details(self) -> dict[str, Any]:
-        """What ``/readyz`` says about Redis beside the checks."""
+        """What ``/readyz`` says about Redis (and other regions) beside the checks."""
         state = self.redis_state
         error = self.batcher.redis_error
+        geo = self.regions.status() if self.regions is not None else {}
         return {
+            **geo,
             "redis_durable": self.redis_durable,
             "redis": {
                 "aof_enabled": state.aof_enabled if state else None,
@@ -195,6 +250,18 @@ class Bridge:
                 probe = tasks.create_task(
                     critical("redis-probe", self._probe_redis()), name="redis-probe"
                 )
+                beat = None
+                if self._heartbeat is not None and cfg.heartbeat_interval_s > 0:
+                    beat = tasks.create_task(
+                        run_heartbeat(self._heartbeat, cfg.client_id, self.heartbeat_report,
+                                      cfg.heartbeat_interval_s),
+                        name="heartbeat",
+                    )  # fmt: skip
+                regions = None
+                if self.regions is not None:
+                    regions = tasks.create_task(
+                        critical("region-writers", self.regions.run()), name="region-writers"
+                    )
                 async with intake:
                     self.started = True
                     self.metrics.mqtt_up.set(1)
@@ -210,6 +277,11 @@ class Bridge:
                 self.batcher.close()
                 writer.cancel()
                 probe.cancel()
+                if beat is not None:
+                    beat.cancel()
+                if self.regions is not None and regions is not None:
+                    self.regions.close()
+                    regions.cancel()
         self.metrics.mqtt_up.set(0)
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
 
@@ -218,6 +290,9 @@ class Bridge:
         log.info("draining")
         try:
             async with asyncio.timeout(self.config.drain_grace_s):
+                if self.regions is not None:
+                    # First: a remote conflict still becomes a local dead letter.
+                    await self.regions.drain()
                 await self.batcher.drain()
         except TimeoutError:
             log.warning("drain grace expired; unwritten messages stay unacked for redelivery")
@@ -306,9 +381,9 @@ class Bridge:
 
 
 def build_sink(config: BridgeConfig) -> RedisSink:
-    """The Redis sink the configuration asks for."""
+    """The Redis sink the configuration asks for (this region's, in geo mode)."""
     return RedisSink(
-        config.redis_url,
+        config.local_redis_url,
         cluster=config.redis_cluster,
         dedup_ttl_s=config.dedup_ttl_s,
         dlq_maxlen=config.dlq_maxlen,

@@ -22,6 +22,8 @@ class OrderRecord(msgspec.Struct, frozen=True):
     created_ms: int
     updated_ms: int
     settled_ms: int | None
+    # Geo mode: the regions the order was published to, first = its authority.
+    regions: tuple[str, ...] = ()
 
 
 class Submitted(msgspec.Struct, frozen=True):
@@ -40,6 +42,7 @@ class Due(NamedTuple):
     order_id: str
     payload: bytes
     attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
+    regions: str = ""  # geo: the order's `attempts` so far, comma-separated (committed)
 
 
 class NewOrder(NamedTuple):
@@ -128,3 +131,4 @@ class Stats(NamedTuple):
     oldest_pending_ms: int | None
     total_rows: int
     awaiting_status: int = 0
+    awaiting_authority: int = 0  # geo: last answer was `pending` (authority unreachable)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Final
+from typing import Any, Final
 
+from schemas.errors import Reason
 from servicekit.clock import now_ms
 
 from ._clock import AgentClock
@@ -49,6 +50,8 @@ from ._records import (
     Update,
 )
 from .errors import OutboxFull, StorageError
+
+AUTHORITY_UNREACHABLE: Final = Reason.AUTHORITY_UNREACHABLE
 
 # "No order is past the horizon": before any agent-clock reading.
 NO_HORIZON: Final = -(2**62)
@@ -88,8 +91,24 @@ _INSERT: Final = (
     "VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (order_id) DO NOTHING"
 )
 _COLUMNS: Final = (
-    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms"
+    "order_id, seq, state, status, reason, attempts, created_ms, updated_ms, settled_ms, regions"
 )
+
+
+def _order_record(row: tuple[Any, ...]) -> OrderRecord:
+    order_id, seq, state, status, reason, attempts, created, updated, settled, regions = row
+    return OrderRecord(
+        order_id,
+        seq,
+        state,
+        status,
+        reason,
+        attempts,
+        created,
+        updated,
+        settled,
+        tuple(regions.split(",")) if regions else (),
+    )
 
 
 class Store:
@@ -416,18 +435,53 @@ class Store:
         """
         out: list[Due] = []
         cur = self.conn.execute(
-            "SELECT seq, order_id, payload, attempts FROM orders "
+            "SELECT seq, order_id, payload, attempts, regions FROM orders "
             "WHERE settled_ms IS NULL AND next_retry_ms <= ? AND state != 'held' "
             "AND (first_sent_clock_ms IS NULL OR first_sent_clock_ms > ?) ORDER BY seq",
             (now, first_sent_after),
         )
-        for seq, order_id, payload, attempts in cur:
+        for seq, order_id, payload, attempts, regions in cur:
             if order_id not in skip:
-                out.append(Due(seq, order_id, payload, attempts))
+                out.append(Due(seq, order_id, payload, attempts, regions))
                 if len(out) >= limit:
                     break
         cur.close()
         return out
+
+    def add_region(self, order_ids: list[str], region: str, clock_ms: int) -> None:
+        """Append ``region`` to each order's ``regions`` (its geo ``attempts``) unless there.
+
+        One transaction, committed (``synchronous=FULL``) before it returns: the
+        caller publishes to ``region`` only after this. Entries are never
+        removed. Region names are ``[a-z0-9-]``, so they carry no LIKE wildcard.
+        It also records ``clock_ms`` (agent clock) as the first send if none is
+        recorded yet: the dedup horizon then counts from before the first
+        PUBLISH even if the agent dies before its ``Sent`` update is committed.
+
+        Raises:
+            StorageError: nothing was committed; do not publish.
+        """
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "UPDATE orders SET regions = CASE WHEN regions = '' THEN ?1 "
+                "ELSE regions || ',' || ?1 END, "
+                "first_sent_clock_ms = coalesce(first_sent_clock_ms, ?3) "
+                "WHERE order_id = ?2 AND ',' || regions || ',' NOT LIKE '%,' || ?1 || ',%'",
+                [(region, order_id, clock_ms) for order_id in order_ids],
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise storage_error(exc, "add region") from exc
+
+    def regions_of(self, order_id: str) -> tuple[str, ...]:
+        """The order's committed geo ``attempts`` (``()`` if none or unknown)."""
+        row = self.conn.execute(
+            "SELECT regions FROM orders WHERE order_id = ?", (order_id,)
+        ).fetchone()
+        return tuple(row[0].split(",")) if row and row[0] else ()
 
     def make_all_due(self) -> None:
         """Make every unreceipted order due now (after a reconnect). Not fsynced."""
@@ -441,7 +495,7 @@ class Store:
         row = self.conn.execute(
             f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
         ).fetchone()
-        return None if row is None else OrderRecord(*row)
+        return None if row is None else _order_record(row)
 
     def page(self, state: str | None, before_seq: int | None, limit: int) -> list[OrderRecord]:
         """Orders newest first, optionally of one state or pipeline status."""
@@ -454,7 +508,7 @@ class Store:
             f"SELECT {_COLUMNS} FROM orders WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [OrderRecord(*row) for row in rows]
+        return [_order_record(row) for row in rows]
 
     def stats(self) -> Stats:
         """Backlog depth and age."""
@@ -466,8 +520,17 @@ class Store:
         awaiting = conn.execute(
             "SELECT count(*) FROM orders WHERE status_query_ms IS NOT NULL"
         ).fetchone()[0]
+        authority = conn.execute(
+            "SELECT count(*) FROM orders WHERE settled_ms IS NULL AND reason = ?",
+            (AUTHORITY_UNREACHABLE,),
+        ).fetchone()[0]
         return Stats(
-            self.pending_rows, self.pending_bytes, oldest[0] if oldest else None, total, awaiting
+            self.pending_rows,
+            self.pending_bytes,
+            oldest[0] if oldest else None,
+            total,
+            awaiting,
+            authority,
         )
 
     def expire(self, first_sent_before: int) -> list[str]:

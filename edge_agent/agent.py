@@ -33,9 +33,10 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
 from ._clock import AgentClock
-from ._records import NewOrder, OrderRecord, RetryResult, Submitted
+from ._records import NewOrder, OrderRecord, RetryResult, Stats, Submitted
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, BackgroundLoopDied, InvalidOrder, StorageError
+from .health import HealthReporter
 from .intake import start_http
 from .metrics import AgentMetrics
 from .outbox import Outbox
@@ -72,6 +73,12 @@ class Health(msgspec.Struct, frozen=True):
     held: int = 0
     awaiting_status: int = 0
     status_never_heard: int = 0
+    # Geo mode (None/0 in single-region mode): the region in use, region changes so
+    # far, and unreceipted orders whose last answer was `pending` (authority unreachable).
+    region: str | None = None
+    failovers: int = 0
+    failbacks: int = 0
+    awaiting_authority: int = 0
 
 
 class EdgeAgent:
@@ -106,8 +113,12 @@ class EdgeAgent:
             clock=clock,
         )
         self.clock = self.outbox.clock
+        self.reporter = HealthReporter(config, self.outbox, self.metrics)
         self.publisher = Publisher(
-            config, self.outbox, self.metrics, transport_factory=transport_factory
+            config,
+            self.outbox,
+            self.metrics,
+            transport_factory=self.reporter.wrap(transport_factory),
         )
         self.recovery = StatusRecovery(config, self.outbox, self.publisher, self.metrics)
         self.outbox.on_commit = self.publisher.wake
@@ -152,6 +163,10 @@ class EdgeAgent:
             "maintenance": self._maintain,
             "outbox_writer": self.outbox.writer_finished,
         }
+        if self.publisher.regions is not None:
+            loops["failback_probe"] = self.publisher.run_failback_probe
+        if self.reporter.enabled:
+            loops["health"] = self.reporter.run
         self._tasks = [
             self._tg.create_task(
                 self._supervised(loop, run), name=f"{loop}:{name}", context=context
@@ -198,10 +213,14 @@ class EdgeAgent:
                         first = first.exceptions[0]
                     raise first from group
         finally:
-            # The outbox commits what is pending (the transaction in progress), then closes.
-            await self.outbox.__aexit__(exc_type, exc, tb)
-            await self.publisher.close()
-            log.info("agent_stopped")
+            try:
+                if await self.reporter.goodbye():  # online=False: DISCONNECT drops the Will
+                    log.info("health_goodbye_sent")
+            finally:
+                # The outbox commits what is pending (the transaction in progress), then closes.
+                await self.outbox.__aexit__(exc_type, exc, tb)
+                await self.publisher.close()
+                log.info("agent_stopped")
 
     async def submit(self, data: Mapping[str, Any]) -> Submitted:
         """Validate an order and commit it to the outbox; return once it is durable.
@@ -256,14 +275,30 @@ class EdgeAgent:
             # Fast path: one convert, one encode. On any failure the codec's
             # build_order produces the contract's reason code and field.
             order = msgspec.convert(full, schemas.Order)
-            return order, schemas.encode(order)
+            payload = schemas.encode(order)
+            self._check_room_for_attempts(order)
         except (msgspec.ValidationError, schemas.SchemaError):
             pass
+        else:
+            return order, payload
         try:
             order = schemas.build_order(full)
         except schemas.DecodeError as exc:
             raise InvalidOrder(exc.detail, reason=exc.reason, field=exc.field) from exc
+        try:
+            self._check_room_for_attempts(order)
+        except schemas.SchemaError as exc:
+            raise InvalidOrder(
+                f"{exc.detail} once the geo attempts are added", reason=exc.reason, field="$"
+            ) from exc
         return order, schemas.encode(order)  # pragma: no cover - build_order raised above
+
+    def _check_room_for_attempts(self, order: schemas.Order) -> None:
+        """Geo mode: the order must still fit the size cap with every region in ``attempts``."""
+        geo = self.publisher.regions
+        if geo is not None:
+            every = tuple(region.name for region in geo.regions)
+            schemas.encode(msgspec.structs.replace(order, attempts=every))
 
     async def get(self, order_id: str) -> OrderRecord | None:
         """An order's local state, or None."""
@@ -301,7 +336,19 @@ class EdgeAgent:
             broker_error=self.publisher.last_error,
             last_broker_rejection=self.publisher.last_rejection,
             expired_unreceipted=self.expired_unreceipted,
+            **self._geo_health(stats),
         )
+
+    def _geo_health(self, stats: Stats | None) -> dict[str, Any]:
+        geo = self.publisher.regions
+        if geo is None:
+            return {}
+        return {
+            "region": geo.current.name,
+            "failovers": geo.failovers,
+            "failbacks": geo.failbacks,
+            "awaiting_authority": stats.awaiting_authority if stats else 0,
+        }
 
     async def retry_held(self, order_ids: list[str] | None = None) -> RetryResult:
         """Re-queue held orders (``None``: all of them) once the broker's cause is fixed.

@@ -45,10 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The device agent: durable outbox, MQTT publisher, localhost intake. "
         "`edge-agent submit --help` sends an order to a running agent; "
         "`edge-agent retry --help` re-queues held orders.",
+        conflict_handler="resolve",  # --region below replaces the generated one-value flag
     )
     add_config_arguments(parser, AgentConfig)
+    parser.add_argument(
+        "--region",
+        dest="region",
+        action="append",
+        default=None,
+        metavar="NAME=MQTT_URL",
+        help="geo mode: a region and its broker, repeatable, home first; replaces --mqtt-url "
+        "(env ORDERS_REGION: comma-separated entries)",
+    )
     try:
         config = load_config(AgentConfig, parser.parse_args(args))
+        config.validate()
     except ConfigError as exc:
         print(f"edge-agent: {exc.detail}", file=sys.stderr)
         return 2
@@ -76,6 +87,7 @@ async def serve(config: AgentConfig) -> None:
             db=config.db,
             http_port=agent.http_port,
             mqtt_url=str(agent.publisher.url),
+            regions=[f"{region.name}={region.url}" for region in config.regions],
         )
         release_startup_memory()
         await stop.wait()

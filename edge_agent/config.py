@@ -5,6 +5,9 @@ from __future__ import annotations
 from schemas import names
 from schemas.messages import DeviceId
 from servicekit.config import ServiceConfig
+from servicekit.errors import ConfigError
+
+from .regions import Region, parse_regions
 
 
 class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
@@ -16,6 +19,14 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
 
     device_id: DeviceId
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    # Geo mode (edge_agent/regions.py): NAME=MQTT_URL entries, home first; replaces
+    # mqtt_url when given. A TOML list, repeated --region flags, or ORDERS_REGION
+    # as comma-separated entries.
+    region: str | tuple[str, ...] = ()
+    # Fail over after this long without a connection, or with orders in flight and no answer.
+    failover_after_s: float = 60.0
+    # While away from home, probe home's broker this often; go home at the first CONNACK.
+    failback_probe_s: float = 30.0
     db: str = "/var/lib/edge-agent/outbox.db"
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -37,6 +48,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     drain_rate_per_min: float = 6000.0
     receipt_timeout_s: float = 30.0
     rate_limited_retry_s: float = 10.0
+    # A `pending` receipt (geo: the order's authority region is unreachable):
+    # resend after full-jitter backoff per order, in whatever region is current.
+    pending_retry_min_s: float = 5.0
+    pending_retry_max_s: float = 300.0
     # Below the bridge's 7-day dedup marker TTL: older sent-but-unreceipted orders
     # are not resent (that could duplicate them) but rejected and alarmed on.
     resend_max_age_s: float = 6 * 24 * 3600.0
@@ -46,6 +61,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     puback_retry_min_s: float = 1.0
     puback_retry_max_s: float = 60.0
     poll_interval_s: float = 1.0
+    # Device health (edge_agent/health.py) on v1/devices/{id}/health every this
+    # many seconds and on change, plus an MQTT Will; 0 turns both off.
+    health_interval_s: float = 30.0
     # Status recovery: an accepted order without a terminal status this long after
     # its receipt is asked about (StatusQuery), again with backoff up to
     # status_query_max_interval_s, until the status comes or status_query_max_age_s
@@ -60,6 +78,33 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     prune_interval_s: float = 300.0
     storage_retry_s: float = 5.0
     batch_max: int = 1024
+
+    def validate(self) -> None:
+        """Refuse settings that would break a delivery promise; the command runs this at start.
+
+        Raises:
+            ConfigError: a bad ``region`` entry, or a resend horizon that reaches the
+                bridge's dedup marker TTL (a resend after the marker expired, in any
+                region, would be appended twice).
+        """
+        _ = self.regions
+        if not 0 < self.resend_max_age_s < names.DEDUP_TTL_S:
+            raise ConfigError(
+                f"resend_max_age_s={self.resend_max_age_s} must be below the dedup "
+                f"marker TTL ({names.DEDUP_TTL_S} s)",
+                "retry_horizon_too_long",
+            )
+        if self.failover_after_s <= 0 or self.failback_probe_s <= 0:
+            raise ConfigError("failover_after_s and failback_probe_s must be > 0")
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        """The geo regions, home first; ``()`` in single-region mode.
+
+        Raises:
+            ConfigError: a malformed ``region`` entry (see :func:`parse_regions`).
+        """
+        return parse_regions(self.region)
 
     @property
     def mqtt_client_id(self) -> str:

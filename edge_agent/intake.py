@@ -123,6 +123,8 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 def _record(rec: OrderRecord) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.structs.asdict(rec)
+    if not rec.regions:
+        del out["regions"]  # single-region mode: the v1 answer, unchanged
     return out
 
 
@@ -234,8 +236,9 @@ async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
     agent = request.app[_AGENT]
     # The oldest age needs an outbox query, so it is read here rather than by a gauge callback.
-    age = (await agent.health()).oldest_unreceipted_age_s
-    agent.metrics.oldest_pending_age.set(age or 0.0)
+    health = await agent.health()
+    agent.metrics.oldest_pending_age.set(health.oldest_unreceipted_age_s or 0.0)
+    agent.metrics.awaiting_authority.set(health.awaiting_authority)
     body = agent.metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 

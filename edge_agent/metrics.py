@@ -68,6 +68,12 @@ class AgentMetrics:
             ["loop"],
             registry=r,
         )
+        self.region_switches = Counter(
+            "edge_region_switches",
+            "Geo mode: region changes, by kind (failover, failback)",
+            ["kind"],
+            registry=r,
+        )
         self.connected = Gauge("edge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.pending = Gauge("edge_outbox_pending_orders", "Unreceipted orders", registry=r)
         self.pending_bytes = Gauge(
@@ -82,6 +88,12 @@ class AgentMetrics:
         self.oldest_pending_age = Gauge(
             "edge_outbox_oldest_pending_age_seconds",
             "Age of the oldest unreceipted order (0 when none); refreshed on each scrape",
+            registry=r,
+        )
+        self.awaiting_authority = Gauge(
+            "edge_orders_awaiting_authority",
+            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable); "
+            "refreshed on each scrape",
             registry=r,
         )
         self.held = Gauge(

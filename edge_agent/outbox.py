@@ -352,6 +352,24 @@ class Outbox:
         if self.store.is_open and self.clock.due_for_save(self.clock.now_ms()):
             await self._guard(self.store.save_clock)
 
+    async def add_region(self, order_ids: list[str], region: str) -> None:
+        """Commit ``region`` into these orders' geo ``attempts`` (see :meth:`Store.add_region`).
+
+        Runs on the writer thread, between batches, and returns once committed.
+
+        Raises:
+            StorageError: not committed (or the outbox is not open).
+        """
+        if not self.store.is_open:
+            raise self.error or StorageError("outbox is not open", reason="unavailable")
+        await self._run(self.store.add_region, order_ids, region, self.clock.now_ms())
+
+    async def regions_of(self, order_id: str) -> tuple[str, ...]:
+        """An order's committed geo ``attempts`` (``()`` if none)."""
+        if not self.store.is_open:
+            raise self.error or StorageError("outbox is not open", reason="unavailable")
+        return await self._run(self.store.regions_of, order_id)
+
     async def make_all_due(self) -> None:
         """Resend everything unreceipted (after a reconnect)."""
         if self.store.is_open:

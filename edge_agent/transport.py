@@ -50,6 +50,8 @@ class TransportSettings:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # Called at each CONNECT for the MQTT Will (topic, payload), sent QoS 1, not retained.
+    will: Callable[[], tuple[str, bytes]] | None = None
 
 
 class TransportHandlers(Protocol):
@@ -126,6 +128,8 @@ class PahoTransport:
             if s.cert_file:
                 context.load_cert_chain(s.cert_file, s.key_file or None)
             client.tls_set_context(context)
+        if s.will is not None:
+            client.will_set(*s.will(), qos=1, retain=False)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -75,7 +75,9 @@ async def await_heard(tracker: Tracker, timeout_s: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float) -> bool:
+async def settle(
+    fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float, shards: int
+) -> bool:
     """Wait until every outbox is empty and every accepted order has a terminal status."""
     deadline = time.monotonic() + timeout_s
     waiting: set[OrderRef] = set(tracker.accepted)
@@ -86,7 +88,7 @@ async def settle(fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_
             if waiting:
                 refs = sorted(waiting)
                 try:
-                    found = await order_statuses(redis, refs)
+                    found = await order_statuses(redis, refs, shards)
                 except RedisError:
                     found = [None] * len(refs)
                 waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}

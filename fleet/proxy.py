@@ -3,6 +3,15 @@
 ``fleet-sim`` puts it between the simulated devices and the broker, then drops
 a fraction of the connections or refuses new ones for a while. It relays bytes
 untouched (TLS passes through).
+
+Blackhole mode (:meth:`TcpProxy.blackholing`, or :meth:`TcpProxy.set_blackhole`
+from another thread) stands for a network partition: connections stay open and
+new ones are accepted, but every byte either way is read and dropped, so the
+peers see silence (timeouts), never a reset. The geo tests put it between a
+bridge and another region's Redis.
+
+``delay_s`` holds every chunk that long in each direction (a WAN: round trip
+2 × delay_s), without limiting throughput: chunks queue, in order.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -20,6 +29,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 CHUNK_BYTES = 64 * 1024
+DELAY_QUEUE_CHUNKS = 1024
 
 
 @dataclass
@@ -30,6 +40,7 @@ class ProxyStats:
     refused: int = 0
     dropped: int = 0
     open: int = 0
+    blackholed_bytes: int = 0  # read and thrown away while blackholing
 
 
 @dataclass(eq=False)
@@ -50,13 +61,21 @@ class TcpProxy:
     """
 
     def __init__(
-        self, upstream_host: str, upstream_port: int, *, listen_port: int = 0, seed: int = 0
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        listen_port: int = 0,
+        seed: int = 0,
+        delay_s: float = 0.0,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.delay_s = delay_s
         self.stats = ProxyStats()
         self._listen_port = listen_port
         self._links: set[_Link] = set()
         self._refusing = False
+        self._blackhole = False
         self._random = random.Random(seed)
         self._server: asyncio.Server | None = None
 
@@ -102,7 +121,41 @@ class TcpProxy:
         finally:
             self._refusing = False
 
+    @property
+    def blackhole(self) -> bool:
+        """True while every byte is dropped (a partition, not a reset)."""
+        return self._blackhole
+
+    def set_blackhole(self, on: bool) -> None:
+        """Start or end blackholing (a plain flag: safe to set from another thread)."""
+        self._blackhole = on
+        log.info("proxy blackhole", on=on)
+
+    @contextlib.asynccontextmanager
+    async def blackholing(self) -> AsyncIterator[None]:
+        """While inside, connections stay open but carry nothing either way."""
+        self.set_blackhole(True)
+        try:
+            yield
+        finally:
+            self.set_blackhole(False)
+
+    def _forward(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` goes through; counts what the blackhole eats."""
+        if self._blackhole:
+            self.stats.blackholed_bytes += len(chunk)
+            return False
+        return True
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._blackhole:
+            # Accepted, never connected upstream: the client hears nothing, ever.
+            self.stats.accepted += 1
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(CHUNK_BYTES):
+                    self._forward(chunk)
+            writer.transport.abort()
+            return
         if self._refusing:
             self.stats.refused += 1
             writer.transport.abort()
@@ -118,8 +171,8 @@ class TcpProxy:
         self.stats.accepted += 1
         self.stats.open = len(self._links)
         link.tasks = [
-            asyncio.create_task(_pipe(reader, up_writer), name="proxy-up"),
-            asyncio.create_task(_pipe(up_reader, writer), name="proxy-down"),
+            asyncio.create_task(self._pipe(reader, up_writer), name="proxy-up"),
+            asyncio.create_task(self._pipe(up_reader, writer), name="proxy-down"),
         ]
         try:
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -131,9 +184,46 @@ class TcpProxy:
             self._links.discard(link)
             self.stats.open = len(self._links)
 
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.delay_s > 0:
+            await _delayed_pipe(reader, writer, self._forward, self.delay_s)
+            return
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(CHUNK_BYTES):
+                if self._forward(chunk):
+                    writer.write(chunk)
+                    await writer.drain()
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while chunk := await reader.read(CHUNK_BYTES):
-            writer.write(chunk)
-            await writer.drain()
+
+async def _delayed_pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    forward: Callable[[bytes], bool],
+    delay_s: float,
+) -> None:
+    """Relay each chunk ``delay_s`` after it was read, in order, without stop-and-wait."""
+    loop = asyncio.get_running_loop()
+    # Bounded: at most DELAY_QUEUE_CHUNKS chunks in flight per direction, then reads wait.
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(DELAY_QUEUE_CHUNKS)
+
+    async def send() -> None:
+        while True:
+            due, chunk = await queue.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not chunk:
+                return
+            if forward(chunk):
+                writer.write(chunk)
+                await writer.drain()
+
+    sender = asyncio.create_task(send(), name="proxy-delay")
+    try:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(CHUNK_BYTES):
+                await queue.put((loop.time() + delay_s, chunk))
+        await queue.put((loop.time() + delay_s, b""))  # EOF, after what came before it
+        with contextlib.suppress(ConnectionError):
+            await sender
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)

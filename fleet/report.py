@@ -9,11 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
+from schemas.names import stream_key
+
 from .svg import line_chart
-from .verify import Verdict
+from .tracker import Tracker
+from .verify import PAGE, OrderRef, Verdict
 
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -35,6 +39,78 @@ class Sample:
     e2e_p99_ms: float | None = None
 
 
+STAGES = (
+    ("agent queue", "submit → first PUBLISH"),
+    ("broker + bridge", "first PUBLISH → stream received_at"),
+    ("pipeline", "received_at → terminal status heard by the device"),
+)
+
+
+@dataclass(frozen=True)
+class StageLatencies:
+    """Per-order time in each stage (ms), for the orders whose every timestamp is known.
+
+    The three stages of one order add up to its submit → terminal time. The
+    simulator's clock times submit, publish and the terminal status; the
+    bridge's clock writes ``received_at``: on another host, their skew moves
+    time between the middle and last stage (never the total).
+    """
+
+    agent_queue_ms: list[float]
+    broker_bridge_ms: list[float]
+    pipeline_ms: list[float]
+
+    @property
+    def orders(self) -> int:
+        return len(self.agent_queue_ms)
+
+    def stages(self) -> list[tuple[str, str, list[float]]]:
+        """(name, span, per-order ms) of each stage, in order."""
+        values = (self.agent_queue_ms, self.broker_bridge_ms, self.pipeline_ms)
+        return [(name, span, v) for (name, span), v in zip(STAGES, values, strict=True)]
+
+
+def stage_latencies(tracker: Tracker, received_at_ms: dict[OrderRef, int]) -> StageLatencies:
+    """Split each finished order's submit → terminal time at its first PUBLISH and received_at."""
+    queue: list[float] = []
+    broker: list[float] = []
+    pipeline: list[float] = []
+    offset_ms = tracker.wall_offset_s * 1000
+    for ref, submitted in tracker.submit_at.items():
+        published = tracker.published_at.get(ref)
+        received = received_at_ms.get(ref)
+        ended = tracker.terminal_at.get(ref)
+        if published is None or received is None or ended is None:
+            continue
+        published_ms = published * 1000 + offset_ms
+        queue.append(max(0.0, (published - submitted) * 1000))
+        broker.append(received - published_ms)
+        pipeline.append(ended * 1000 + offset_ms - received)
+    return StageLatencies(queue, broker, pipeline)
+
+
+async def received_times(redis: Any, shards: int) -> dict[OrderRef, int]:
+    """Each order's first ``received_at`` (bridge clock, ms) across the shard streams."""
+    out: dict[OrderRef, int] = {}
+    for shard in range(shards):
+        start = "-"
+        while entries := await redis.xrange(stream_key(shard), min=start, max="+", count=PAGE):
+            for _entry_id, fields in entries:
+                ref = (_text(fields[b"device_id"]), _text(fields[b"order_id"]))
+                out.setdefault(ref, int(fields[b"received_at"]))
+            start = "(" + _text(entries[-1][0])
+    return out
+
+
+async def stage_breakdown(redis: Any, shards: int, tracker: Tracker) -> StageLatencies:
+    """The run's stage latencies, reading received_at from the streams."""
+    return stage_latencies(tracker, await received_times(redis, shards))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 @dataclass
 class RunRecord:
     """Everything a run recorded; the simulator fills it, the report reads it."""
@@ -48,6 +124,7 @@ class RunRecord:
     e2e_latency_ms: list[float] = field(default_factory=list)
     refused: int = 0
     verdict: Verdict | None = None
+    stages: StageLatencies | None = None
 
 
 def percentiles(values: Sequence[float]) -> dict[float, float]:
@@ -85,6 +162,14 @@ def summary_table(record: RunRecord) -> Table:
         cuts = percentiles(values)
         if cuts:
             table.add_row(name, " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()))
+    if record.stages is not None and record.stages.orders:
+        for name, _span, values in record.stages.stages():
+            cuts = percentiles(values)
+            table.add_row(
+                f"  {name}",
+                f"mean={statistics.fmean(values):,.1f}ms "
+                + " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()),
+            )
     for t_s, label in record.events:
         table.add_row(f"chaos @{t_s:,.0f}s", label)
     if record.verdict is not None:
@@ -144,6 +229,7 @@ target {record.rate:,.0f} orders/s for {record.duration_s:,.0f} s.</p>
 <h2>Throughput (dashed lines: chaos events)</h2>{throughput}
 <h2>Outbox depth and connections</h2>{depth}
 <h2>Latency</h2>{latency}<table><tr><th></th>{header}</tr>{rows}</table>
+{_stages_html(record.stages)}
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +253,30 @@ def _latency_chart(record: RunRecord) -> str:
         markers=record.events,
     )  # fmt: skip
     return f"<p>Per second, for the orders settled in that second:</p>{chart}"
+
+
+def _stages_html(stages: StageLatencies | None) -> str:
+    """Where the time goes: each stage's percentiles, mean and share of the mean total."""
+    if stages is None or not stages.orders:
+        return ""
+    total = sum(statistics.fmean(values) for _, _, values in stages.stages())
+    header = "".join(f"<th>p{p:g} ms</th>" for p in PERCENTILES)
+    rows = []
+    for name, span, values in stages.stages():
+        mean = statistics.fmean(values)
+        share = 100 * mean / total if total > 0 else 0.0
+        cells = "".join(f"<td>{v:,.1f}</td>" for v in percentiles(values).values())
+        rows.append(
+            f'<tr class="stage"><td>{escape(name)}<br><small>{escape(span)}</small></td>{cells}'
+            f"<td>{mean:,.1f}</td><td>{share:.0f} %</td></tr>"
+        )
+    return (
+        f"<h2>Latency by stage</h2><p>{stages.orders:,} orders with every timestamp; "
+        f"their stages add up to a mean submit → terminal of {total:,.1f} ms.</p>"
+        f"<table><tr><th>stage</th>{header}<th>mean ms</th><th>share</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _verdict_html(verdict: Verdict | None) -> str:

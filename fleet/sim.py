@@ -32,7 +32,7 @@ from .live import LiveView
 from .load import await_heard, offer_orders, settle
 from .powercut import PowerCutMount
 from .proxy import TcpProxy
-from .report import RunRecord, Sample, percentiles
+from .report import RunRecord, Sample, percentiles, stage_breakdown
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses
 from .tracker import Tracker
@@ -125,7 +125,8 @@ class _LocalDriver:
 
     async def finish(self) -> bool:
         tracker = self.fleet.tracker
-        settled = await settle(self.fleet, tracker, self.redis, self.options.settle_timeout_s)
+        o = self.options
+        settled = await settle(self.fleet, tracker, self.redis, o.settle_timeout_s, o.shards)
         await await_heard(tracker, self.options.status_wait_s)
         return settled
 
@@ -180,7 +181,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             redis,
             tracker.accepted,
             shards=options.shards,
-            statuses=lambda refs: order_statuses(redis, refs),
+            statuses=lambda refs: order_statuses(redis, refs, options.shards),
             heard=tracker.terminal,
             pipeline_writes=True,
         )
@@ -191,6 +192,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
             spoofed = {ref for r in chaos.log.rogue for ref in r.spoofed}
             rogue_in_streams = [ref for ref in counts if ref[0] in rogue_ids or ref in spoofed]
         dlq_added = await redis.xlen("orders:dlq") - dlq_before
+        record.stages = await stage_breakdown(redis, options.shards, tracker)
     record.verdict = verdict
     record.refused = tracker.refused
     record.receipt_latency_ms = tracker.receipt_latency_ms
@@ -219,7 +221,7 @@ async def _devices(
         settings, options.processes, rate=options.rate, seed=options.seed,
         duration_s=options.duration_s, catalog=options.catalog, redis_url=redis_url,
         settle_timeout_s=options.settle_timeout_s, status_wait_s=options.status_wait_s,
-        connect_timeout_s=options.connect_timeout_s,
+        connect_timeout_s=options.connect_timeout_s, shards=options.shards,
     )  # fmt: skip
     async with RemoteFleet(specs, tracker) as remote:
         yield remote, remote

@@ -122,7 +122,7 @@ class Stack:
         """``order-pipeline catalog load`` (sets prices and stock)."""
         result = subprocess.run(
             [console_script("order-pipeline"), "catalog", "load", str(self.settings.catalog),
-             "--redis-url", self.redis.url],
+             "--redis-url", self.redis.url, "--shards", str(self.settings.shards)],
             capture_output=True, check=False, timeout=60,
         )  # fmt: skip
         if result.returncode != 0:

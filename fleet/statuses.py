@@ -14,6 +14,6 @@ from pipeline import order_statuses as _pipeline_order_statuses
 from .verify import OrderRef
 
 
-async def order_statuses(redis: Any, refs: Sequence[OrderRef]) -> list[str | None]:
+async def order_statuses(redis: Any, refs: Sequence[OrderRef], shards: int) -> list[str | None]:
     """Each order's pipeline status, or None when it has no record."""
-    return await _pipeline_order_statuses(redis, refs)
+    return await _pipeline_order_statuses(redis, refs, shards=shards)

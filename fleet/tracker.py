@@ -47,6 +47,10 @@ class Tracker:
     # event loop resumes the submitter late): both kept, settled when it comes.
     early_receipt: dict[OrderRef, float] = field(default_factory=dict)
     early_status: dict[OrderRef, float] = field(default_factory=dict)
+    # For the report's stage breakdown (monotonic s; wall = monotonic + wall_offset_s).
+    published_at: dict[OrderRef, float] = field(default_factory=dict)  # first PUBLISH
+    terminal_at: dict[OrderRef, float] = field(default_factory=dict)
+    wall_offset_s: float = field(default_factory=lambda: time.time() - time.monotonic())
     refused: int = 0
     duplicate_receipts: int = 0
     rejected_receipts: int = 0
@@ -119,6 +123,7 @@ class Tracker:
         if ref in self.terminal:
             return
         self.terminal.add(ref)
+        self.terminal_at[ref] = at
         ms = (at - self.submit_at[ref]) * 1000
         self.e2e_latency_ms.append(ms)
         self.recent_e2e_ms.append(ms)
@@ -178,6 +183,7 @@ class ObservingTransport:
         try:
             order_id = _order_id.decode(payload).order_id
             self._tracker.payloads[(self._device_id, order_id)] = (topic, payload)
+            self._tracker.published_at.setdefault((self._device_id, order_id), time.monotonic())
         except msgspec.DecodeError:
             pass
         return self._inner.publish(topic, payload)

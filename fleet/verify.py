@@ -8,9 +8,10 @@ After the run reaches quiescence, each order the simulated devices answered
 * **stuck**: in a stream but without a terminal pipeline status. Fails the
   run: after quiescence every accepted order must have ended;
 * **processed twice**: the pipeline's own writes show the order handled more
-  than once: its history (``order:{device}:{order}:history``) or the events
-  stream (``orders:events``) holds two ``received`` transitions (its record
-  made twice) or two terminal statuses. Fails the run;
+  than once: its history (the record's ``history``) or the shards' events
+  streams (``orders:{N}:events``, each entry with the ``path`` of statuses one
+  batch took) hold two ``received`` transitions (its record made twice) or two
+  terminal statuses. Fails the run;
 * **unheard**: in a stream, but its device never heard a terminal status for
   it (a status the broker lost and nothing sent again leaves the device
   showing ``accepted`` forever). Fails the run like lost and duplicated.
@@ -24,14 +25,16 @@ one; the histories are not capped.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pipeline.names import EVENTS_STREAM, TERMINAL_STATUSES, history_key
+from pipeline import order_histories, read_events
+from pipeline.names import TERMINAL_STATUSES
 from schemas.names import stream_key
+
+EVENTS = "orders:{N}:events"
 
 PAGE = 10_000
 HISTORY_PAGE = 5_000  # histories read per pipelined round trip
@@ -89,42 +92,44 @@ def _twice(counts: Counter[str], terminal: frozenset[str], where: str) -> str | 
     return None
 
 
-async def history_statuses(redis: Any, refs: Sequence[OrderRef]) -> list[Counter[str]]:
+async def history_statuses(
+    redis: Any, refs: Sequence[OrderRef], *, shards: int
+) -> list[Counter[str]]:
     """Each order's history (the pipeline's transition list), counted by status."""
     out: list[Counter[str]] = []
     for start in range(0, len(refs), HISTORY_PAGE):
-        async with redis.pipeline(transaction=False) as pipe:
-            for device_id, order_id in refs[start : start + HISTORY_PAGE]:
-                pipe.lrange(history_key(device_id, order_id), 0, -1)
-            replies = await pipe.execute()
-        for lines in replies:
-            out.append(Counter(str(json.loads(line).get("status", "")) for line in lines))
+        page = await order_histories(redis, refs[start : start + HISTORY_PAGE], shards=shards)
+        out += [Counter(str(change.get("status", "")) for change in lines) for lines in page]
     return out
 
 
-async def event_statuses(redis: Any, wanted: Collection[OrderRef]) -> dict[OrderRef, Counter[str]]:
-    """Per wanted order, its events in the pipeline's events stream, counted by status."""
+async def event_statuses(
+    redis: Any, wanted: Collection[OrderRef], *, shards: int
+) -> dict[OrderRef, Counter[str]]:
+    """Per wanted order, the statuses its events passed through, counted."""
     out: dict[OrderRef, Counter[str]] = {}
-    start = "-"
-    while entries := await redis.xrange(EVENTS_STREAM, min=start, max="+", count=PAGE):
-        for _entry_id, fields in entries:
-            ref = (_text(fields.get(b"device_id", b"")), _text(fields.get(b"order_id", b"")))
-            if ref in wanted:
-                out.setdefault(ref, Counter())[_text(fields.get(b"status", b""))] += 1
-        start = "(" + _text(entries[-1][0])
+    async for fields in read_events(redis, shards, page=PAGE):
+        ref = (fields.get("device_id", ""), fields.get("order_id", ""))
+        if ref in wanted:
+            path = fields.get("path") or fields.get("status", "")
+            out.setdefault(ref, Counter()).update(path.split(">"))
     return out
 
 
 async def find_processed_twice(
-    redis: Any, refs: Sequence[OrderRef], terminal: frozenset[str] = TERMINAL_STATUSES
+    redis: Any,
+    refs: Sequence[OrderRef],
+    terminal: frozenset[str] = TERMINAL_STATUSES,
+    *,
+    shards: int,
 ) -> dict[OrderRef, str]:
     """The orders among ``refs`` whose history or events show them processed twice."""
     found: dict[OrderRef, str] = {}
-    for ref, counts in zip(refs, await history_statuses(redis, refs), strict=True):
+    for ref, counts in zip(refs, await history_statuses(redis, refs, shards=shards), strict=True):
         if (why := _twice(counts, terminal, "history")) is not None:
             found[ref] = why
-    for ref, counts in (await event_statuses(redis, set(refs))).items():
-        if ref not in found and (why := _twice(counts, terminal, EVENTS_STREAM)) is not None:
+    for ref, counts in (await event_statuses(redis, set(refs), shards=shards)).items():
+        if ref not in found and (why := _twice(counts, terminal, EVENTS)) is not None:
             found[ref] = why
     return dict(sorted(found.items()))
 
@@ -163,7 +168,7 @@ async def verify(
     twice: dict[OrderRef, str] = {}
     if pipeline_writes:
         twice = await find_processed_twice(
-            redis, sorted(ref for ref in wanted if counts[ref] > 0), terminal
+            redis, sorted(ref for ref in wanted if counts[ref] > 0), terminal, shards=shards
         )
     return Verdict(len(wanted), lost, duplicated, stuck, extra, unheard, twice)
 

@@ -70,6 +70,7 @@ class WorkerSpec:
     settle_timeout_s: float
     status_wait_s: float
     connect_timeout_s: float
+    shards: int
     log_level: str = "error"
 
 
@@ -96,6 +97,10 @@ class WorkerFinal:
     refused: int
     duplicate_receipts: int
     settled: bool
+    # Monotonic times (comparable across processes) for the report's stage breakdown.
+    submit_at: dict[OrderRef, float]
+    published_at: dict[OrderRef, float]
+    terminal_at: dict[OrderRef, float]
 
 
 def split(devices: int, processes: int) -> list[tuple[int, int]]:
@@ -187,7 +192,7 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
                 )
                 conn.send(("loaded",))
                 await settle_now.wait()
-                settled = await settle(fleet, tracker, client, spec.settle_timeout_s)
+                settled = await settle(fleet, tracker, client, spec.settle_timeout_s, spec.shards)
                 await await_heard(tracker, spec.status_wait_s)
                 reporter.cancel()
                 obeying.cancel()
@@ -202,6 +207,9 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
                         tracker.refused,
                         tracker.duplicate_receipts,
                         settled,
+                        tracker.submit_at,
+                        tracker.published_at,
+                        tracker.terminal_at,
                     ),
                 )
             )
@@ -425,6 +433,9 @@ class RemoteFleet:
             self.tracker.terminal |= final.terminal
             self.tracker.refused += final.refused
             self.tracker.duplicate_receipts += final.duplicate_receipts
+            self.tracker.submit_at.update(final.submit_at)
+            self.tracker.published_at.update(final.published_at)
+            self.tracker.terminal_at.update(final.terminal_at)
         return all(final.settled for final in finals)
 
     def counts(self) -> tuple[int, int, int]:

@@ -16,10 +16,11 @@ from .errors import (
     UnknownStepError,
 )
 from .payment import PaymentGateway, SimulatedGateway
-from .records import OrderContext, order_statuses
+from .records import OrderContext, order_histories, order_statuses, read_events
 from .status import MqttStatusPublisher, StatusPublisher, status_client
 from .status_query import StatusQueryResponder
 from .steps import Step, StepDeps, build_chain, register
+from .stock import stock_levels
 from .worker import Worker
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
     "Worker",
     "build_chain",
     "create_app",
+    "order_histories",
     "order_statuses",
+    "read_events",
     "register",
     "status_client",
+    "stock_levels",
 ]

@@ -7,8 +7,9 @@ File format (JSON has the same shape)::
     price = 150                 # unit price in minor units
     stock = 1000                # units on hand; loading sets it, it is not added
 
-Loading replaces the prices and sets the stock of the listed SKUs; SKUs not in
-the file keep their entries.
+Loading replaces the prices and sets the stock of the listed SKUs (spread over
+the shards, :mod:`pipeline.stock`); SKUs not in the file keep their entries.
+Load stock while no orders are being processed: a load sets each shard's part.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
-import redis.asyncio as aioredis
 
 from schemas.messages import Currency
 from servicekit.clock import now_ms
 
+from ._calls import AnyRedis
 from .errors import CatalogError
-from .names import CATALOG_KEY, CATALOG_META_KEY, STOCK_KEY
+from .names import CATALOG_KEY, CATALOG_META_KEY
 from .records import OrderContext, text
 from .steps import Step, StepDeps, register
+from .stock import store_stock
 
 UNKNOWN_SKU = "unknown_sku"
 PRICE_MISMATCH = "price_mismatch"
@@ -64,16 +66,21 @@ def read_catalog(path: Path) -> Catalog:
         raise CatalogError("invalid_catalog", f"{path}: {exc}") from exc
 
 
-async def store_catalog(client: aioredis.Redis, catalog: Catalog) -> None:
-    """Write prices and stock levels to Redis in one transaction."""
-    async with client.pipeline(transaction=True) as pipe:
+async def store_catalog(client: AnyRedis, catalog: Catalog, *, shards: int) -> None:
+    """Write prices, then stock levels spread over ``shards`` (one pipeline each).
+
+    Not one transaction: on a cluster the keys live in different slots. A load
+    that fails half way is simply repeated.
+    """
+    async with client.pipeline(transaction=False) as pipe:
         if catalog.items:
             pipe.hset(CATALOG_KEY, mapping={sku: i.price for sku, i in catalog.items.items()})
-            pipe.hset(STOCK_KEY, mapping={sku: i.stock for sku, i in catalog.items.items()})
         pipe.hset(
-            CATALOG_META_KEY, mapping={"currency": catalog.currency or "", "loaded_at": now_ms()}
+            CATALOG_META_KEY,
+            mapping={"currency": catalog.currency or "", "loaded_at": now_ms(), "shards": shards},
         )
         await pipe.execute()
+    await store_stock(client, {sku: i.stock for sku, i in catalog.items.items()}, shards)
 
 
 class ValidateStep:
@@ -81,7 +88,7 @@ class ValidateStep:
 
     name = "validate"
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AnyRedis) -> None:
         self._redis = client
 
     async def run(self, batch: Sequence[OrderContext]) -> None:

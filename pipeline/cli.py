@@ -5,6 +5,7 @@ Usage::
     order-pipeline [run] --mqtt-url … --redis-url … --http-port 8082 --workers 2
     order-pipeline worker --mqtt-url … --redis-url …      # one worker, no API
     order-pipeline catalog load FILE --redis-url …         # JSON or TOML
+    order-pipeline migrate --redis-url … --shards N        # from the pre-cluster layout
     order-pipeline token new --role operate [--name N] [--tokens-file F]
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
@@ -28,11 +29,12 @@ from servicekit.loops import failed_loops
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .errors import PipelineError
-from .service import install_stop_signals, run_service, run_worker
+from .migrate import migrate
+from .service import install_stop_signals, redis_client, run_service, run_worker
 from .tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "token", "-h", "--help"}
+_COMMANDS = {"run", "worker", "catalog", "migrate", "token", "-h", "--help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     load = catalog_sub.add_parser("load", help="load a JSON or TOML catalog into Redis")
     load.add_argument("file", type=Path)
     add_config_arguments(load, PipelineConfig)
+    migrate_cmd = sub.add_parser(
+        "migrate", help="move stock and records from the layout before Redis Cluster support"
+    )
+    add_config_arguments(migrate_cmd, PipelineConfig)
     token = sub.add_parser("token", help="orders API bearer tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     new = token_sub.add_parser(
@@ -78,10 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, service="order-pipeline")
     warn_if_redis_unauthenticated(config.redis_url)
     try:
-        if args.command == "catalog":
-            return asyncio.run(_load_catalog(config, args.file))
+        if args.command in {"catalog", "migrate"}:
+            admin = _load_catalog(config, args.file) if args.command == "catalog" else None
+            return asyncio.run(admin or _migrate(config))
         return asyncio.run(_serve(config, worker_only=args.command == "worker"))
-    except (PipelineError, RedisError, OSError) as exc:
+    except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
     except Exception as exc:
@@ -104,12 +111,25 @@ async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:
 
 async def _load_catalog(config: PipelineConfig, path: Path) -> int:
     catalog = read_catalog(path)
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
     try:
-        await store_catalog(client, catalog)
+        await store_catalog(client, catalog, shards=config.shards)
     finally:
         await client.aclose()
     log.info("catalog_loaded", file=str(path), skus=len(catalog.items))
+    return 0
+
+
+async def _migrate(config: PipelineConfig) -> int:
+    if config.redis_cluster:
+        print("order-pipeline: migrate runs on the single Redis of the old layout", file=sys.stderr)
+        return 2
+    client = aioredis.Redis.from_url(config.redis_url)
+    try:
+        done = await migrate(client, config.shards)
+    finally:
+        await client.aclose()
+    log.info("migrated", skus=done.skus, orders=done.orders, shards=config.shards)
     return 0
 
 

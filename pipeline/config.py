@@ -5,6 +5,8 @@ from __future__ import annotations
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig
 
+from .regions import parse_region_apis
+
 DEFAULT_STEPS = "validate,reserve,pay,fulfil"
 
 
@@ -19,6 +21,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
     mqtt_ca_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis Cluster (any node's URL): keys are hash-tagged per shard either way.
+    redis_cluster: bool = False
     http_port: int = 8082
     http_host: str = "127.0.0.1"
     # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
@@ -31,6 +35,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     steps: str = DEFAULT_STEPS
     batch_size: int = 100
     block_ms: int = 500
+    # Redis Cluster only: a worker cannot block on streams of several slots at once;
+    # while every shard is empty it polls them again after this pause.
+    idle_poll_ms: int = 10
     claim_idle_ms: int = 30_000
     claim_every_ms: int = 1_000
     max_deliveries: int = 5
@@ -51,3 +58,18 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
     # record, history, reservation and index entries. 0 keeps them for ever.
     retention_days: float = 30.0
+    # The ops page counts a device stale when its last health report is older than this.
+    health_stale_s: float = 90.0
+    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
+    health_ttl_s: float = 86400.0
+    # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
+    # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
+    region: str = ""
+    region_api: tuple[str, ...] = ()
+    region_api_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
+        parse_region_apis(self.region, self.region_api)
+        if self.region_api_timeout_s <= 0:
+            raise ValueError("region_api_timeout_s must be > 0")

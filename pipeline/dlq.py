@@ -13,6 +13,16 @@ A pipeline DLQ entry carries the contract's fields (``reason``, ``topic``,
 ``error``. Entries the bridge wrote (undecodable messages) have no source
 stream and cannot be replayed. (Older releases wrote pipeline entries into
 ``orders:dlq``; replay still finds them there.)
+
+Redis Cluster: ``pipeline:dlq`` and its markers (tag ``{pipeline:dlq}``) share
+one slot, the source stream lives in another. Dead-lettering is therefore an
+idempotent append (one marker per source entry) followed by the XACK; a
+replay on a cluster appends to the shard stream first and then, atomically in
+the DLQ's slot, records the replay and removes the entry. A worker killed
+between the two halves leaves the entry in the DLQ, and replaying it again
+may append the order a second time, which the pipeline's per-order
+idempotence absorbs (it is processed once). On a single Redis the replay stays
+one atomic script.
 """
 
 from __future__ import annotations
@@ -23,13 +33,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import redis.asyncio as aioredis
-
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, orders_topic, shard_of, stream_key
 
+from ._calls import AnyRedis, is_cluster, run_calls
 from ._lua import Scripts
 from .errors import ReplayError
-from .names import PIPELINE_DLQ_STREAM, REPLAYED_MARKER_TTL_S, replayed_key
+from .names import (
+    PIPELINE_DLQ_STREAM,
+    REPLAYED_MARKER_TTL_S,
+    legacy_replayed_key,
+    letter_key,
+    replayed_key,
+)
 from .records import StreamEntry, text
 
 SOURCE: Final = "pipeline"
@@ -48,33 +63,43 @@ class DeadLetter:
     error: str
 
 
-async def dead_letter(client: aioredis.Redis, letters: Sequence[DeadLetter]) -> None:
-    """Append each to ``pipeline:dlq`` and XACK its source entry, atomically (MULTI/EXEC)."""
+async def dead_letter(client: AnyRedis, scripts: Scripts, letters: Sequence[DeadLetter]) -> None:
+    """Append each to ``pipeline:dlq`` (once per source entry), then XACK the source entries."""
     if not letters:
         return
-    async with client.pipeline(transaction=True) as pipe:
+    calls = []
+    for letter in letters:
+        fields = letter.entry.fields
+        device_id = text(fields.get("device_id", b""))
+        values: dict[str, Any] = {
+            "reason": letter.reason,
+            "topic": orders_topic(device_id) if device_id else "",
+            "payload": fields.get("payload", b""),
+            "received_at": fields.get("received_at", b"0"),
+            "source": SOURCE,
+            "stream": letter.entry.stream,
+            "entry_id": letter.entry.entry_id,
+            "order_id": fields.get("order_id", b""),
+            "device_id": device_id,
+            "seq": fields.get("seq", b"0"),
+            "deliveries": letter.entry.deliveries,
+            "error": letter.error[:1000],
+        }
+        marker = letter_key(_stream_shard(letter.entry.stream), letter.entry.entry_id)
+        args: list[Any] = [REPLAYED_MARKER_TTL_S]
+        for name, value in values.items():
+            args += [name, value]
+        calls.append(([PIPELINE_DLQ_STREAM, marker], args))
+    await run_calls(client, scripts, "letter", calls)
+    async with client.pipeline(transaction=False) as pipe:
         for letter in letters:
-            fields = letter.entry.fields
-            device_id = text(fields.get("device_id", b""))
-            pipe.xadd(
-                PIPELINE_DLQ_STREAM,
-                {
-                    "reason": letter.reason,
-                    "topic": orders_topic(device_id) if device_id else "",
-                    "payload": fields.get("payload", b""),
-                    "received_at": fields.get("received_at", b"0"),
-                    "source": SOURCE,
-                    "stream": letter.entry.stream,
-                    "entry_id": letter.entry.entry_id,
-                    "order_id": fields.get("order_id", b""),
-                    "device_id": device_id,
-                    "seq": fields.get("seq", b"0"),
-                    "deliveries": letter.entry.deliveries,
-                    "error": letter.error[:1000],
-                },
-            )
             pipe.xack(letter.entry.stream, PIPELINE_GROUP, letter.entry.entry_id)
         await pipe.execute()
+
+
+def _stream_shard(stream: str) -> str:
+    """``orders:{3}`` → ``3`` (a marker must not carry the stream's own hash tag)."""
+    return stream.replace("{", "").replace("}", "").rpartition(":")[2]
 
 
 def encode_cursor(value: str) -> str:
@@ -102,7 +127,7 @@ def describe(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
 
 
 async def list_dead_letters(
-    client: aioredis.Redis, cursor: str | None, limit: int, queue: Queue = "pipeline"
+    client: AnyRedis, cursor: str | None, limit: int, queue: Queue = "pipeline"
 ) -> tuple[list[dict[str, Any]], bool]:
     """A page of ``queue``'s entries after ``cursor``, oldest first, and whether more follow."""
     start = "-" if cursor is None else f"({decode_cursor(cursor)}"
@@ -112,36 +137,48 @@ async def list_dead_letters(
     ) > limit
 
 
-async def replay(client: aioredis.Redis, scripts: Scripts, entry_id: str, shards: int) -> str:
+async def replay(client: AnyRedis, scripts: Scripts, entry_id: str, shards: int) -> str:
     """Put a dead-lettered order back into its shard stream, once; return the new entry id.
 
-    The entry leaves the DLQ in the same atomic step. The shard is recomputed
-    from the device id with the deployment's shard count, so a replay lands
-    where the device's orders live now.
+    The entry leaves the DLQ in the same atomic step on a single Redis (after
+    the append, on a cluster). The shard is recomputed from the device id with
+    the deployment's shard count, so a replay lands where the device's orders
+    live now.
 
     Raises:
         ReplayError: ``not_found``, ``not_replayable`` or ``already_replayed``.
     """
-    before: Any = await client.get(replayed_key(entry_id))
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(replayed_key(entry_id))
+        pipe.get(legacy_replayed_key(entry_id))
+        markers: list[Any] = await pipe.execute()
+    before = markers[0] or markers[1]
     if before:
         raise ReplayError("already_replayed", f"{entry_id} was replayed", replayed_as=text(before))
     stream, fields = await _find(client, entry_id)
     if text(fields.get("source", b"")) != SOURCE or not fields.get("device_id"):
         raise ReplayError("not_replayable", f"DLQ entry {entry_id} holds no accepted order")
     target = stream_key(shard_of(text(fields["device_id"]), shards))
-    args: list[Any] = [entry_id, REPLAYED_MARKER_TTL_S]
+    values: list[Any] = []
     for name in _REPLAY_FIELDS:
-        args += [name, fields.get(name, b"")]
-    args += ["replay_of", entry_id]
-    done, new_id = await scripts.run(
-        client, "replay", [stream, replayed_key(entry_id), target], args
-    )
+        values += [name, fields.get(name, b"")]
+    values += ["replay_of", entry_id]
+    marker = replayed_key(entry_id)
+    if is_cluster(client):
+        appended: Any = await client.xadd(target, dict(zip(values[::2], values[1::2], strict=True)))
+        done, new_id = await scripts.run(
+            client, "replayed", [stream, marker], [entry_id, REPLAYED_MARKER_TTL_S, text(appended)]
+        )
+    else:
+        done, new_id = await scripts.run(
+            client, "replay", [stream, marker, target], [entry_id, REPLAYED_MARKER_TTL_S, *values]
+        )
     if not done:
         raise ReplayError("already_replayed", f"{entry_id} was replayed", replayed_as=text(new_id))
     return text(new_id)
 
 
-async def resolve(client: aioredis.Redis, entry_id: str) -> None:
+async def resolve(client: AnyRedis, entry_id: str) -> None:
     """An operator settled a dead letter by hand: remove it from ``pipeline:dlq``.
 
     Raises:
@@ -151,7 +188,7 @@ async def resolve(client: aioredis.Redis, entry_id: str) -> None:
         raise ReplayError("not_found", f"no pipeline DLQ entry {entry_id}")
 
 
-async def _find(client: aioredis.Redis, entry_id: str) -> tuple[str, dict[str, bytes]]:
+async def _find(client: AnyRedis, entry_id: str) -> tuple[str, dict[str, bytes]]:
     """The stream holding DLQ entry ``entry_id`` and its fields (pipeline DLQ first)."""
     for stream in (PIPELINE_DLQ_STREAM, DLQ_STREAM):
         rows: Any = await client.xrange(stream, min=entry_id, max=entry_id, count=1)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Final
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import ResponseError
 
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 
+from ._calls import AnyRedis
 from .names import PIPELINE_DLQ_STREAM
 from .records import text
 
@@ -83,7 +83,7 @@ class ApiMetrics:
             registry=self.registry,
         )
 
-    async def refresh(self, client: aioredis.Redis) -> None:
+    async def refresh(self, client: AnyRedis) -> None:
         """Read XINFO GROUPS of every shard and XLEN of the DLQ (one round trip)."""
         async with client.pipeline(transaction=False) as pipe:
             for shard in range(self.shards):

@@ -18,6 +18,8 @@ import msgspec
 from schemas.json_schema import _clean_descriptions
 from schemas.messages import END, Currency, DeviceId, Item, OrderId
 
+from .ops import PAGE_FILES, OpsSummary
+
 DOCUMENT_PATH: Final = Path(__file__).parent / "openapi.json"
 REF: Final = "#/components/schemas/{name}"
 
@@ -32,8 +34,8 @@ class Problem(msgspec.Struct, kw_only=True):
 
     ``type`` is ``urn:iot-orders:problem:{code}``. Codes: invalid-parameter,
     invalid-cursor, order-not-found, ambiguous-order-id, dlq-entry-not-found,
-    already-replayed, not-replayable, redis-unavailable, unauthorized,
-    forbidden, and for errors outside the handlers not-found,
+    already-replayed, not-replayable, redis-unavailable, region-unavailable
+    (geo mode), unauthorized, forbidden, and for errors outside the handlers not-found,
     method-not-allowed, payload-too-large, http-error, internal-error.
     """
 
@@ -46,6 +48,7 @@ class Problem(msgspec.Struct, kw_only=True):
     replayed_as: str | msgspec.UnsetType = msgspec.UNSET
     required_role: Literal["read", "operate"] | msgspec.UnsetType = msgspec.UNSET
     device_ids: list[DeviceId] | msgspec.UnsetType = msgspec.UNSET
+    unreachable_regions: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Transition(msgspec.Struct):
@@ -149,7 +152,8 @@ class Health(msgspec.Struct):
 
 
 _BODIES: Final = (
-    Problem, OrderRecord, OrderPage, DeadLetterPage, Replay, Resolved, Health, OrderId, DeviceId
+    Problem, OrderRecord, OrderPage, DeadLetterPage, Replay, Resolved, Health, OpsSummary,
+    OrderId, DeviceId,
 )  # fmt: skip
 
 
@@ -163,6 +167,25 @@ def _answer(description: str, body: str = "Problem") -> dict[str, Any]:
         "description": description,
         "content": {content_type: {"schema": {"$ref": REF.format(name=body)}}},
     }
+
+
+_GEO_NOTE: Final = (
+    " Geo mode (`--region`, `--region-api`): an order this region does not have is looked up "
+    "in the other regions' APIs and their answer is proxied, with the `Orders-Region` header "
+    "naming the region that answered; 503 `region-unavailable` when a region could not be "
+    "asked and none had it."
+)
+_ORDERS_REGION: Final = {
+    "Orders-Region": {
+        "description": "geo mode: the region whose API answered (only on a proxied answer)",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _found(description: str, body: str) -> dict[str, Any]:
+    """A 200 that may come from another region (geo mode)."""
+    return {**_answer(description, body), "headers": _ORDERS_REGION}
 
 
 def _path_param(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -235,10 +258,11 @@ def build() -> dict[str, Any]:
                 "getOrder",
                 "An order's record and its history, found by order_id alone",
                 {
-                    "200": _answer("the order", "OrderRecord"),
+                    "200": _found("the order", "OrderRecord"),
                     "400": _answer(bad_id),
                     "404": _answer("unknown order"),
                     "409": _answer("several devices have an order with this id"),
+                    "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",
                 parameters=[_path_param("order_id", order_id)],
@@ -246,7 +270,7 @@ def build() -> dict[str, Any]:
                     "Order ids are unique per device only. When exactly one device has an "
                     "order with this id, it is returned; when several do, the answer is 409 "
                     "`ambiguous-order-id` listing their `device_ids` (ask "
-                    "/v1/devices/{device_id}/orders/{order_id} then)."
+                    "/v1/devices/{device_id}/orders/{order_id} then)." + _GEO_NOTE
                 ),
             )
         },
@@ -267,15 +291,17 @@ def build() -> dict[str, Any]:
                 "getDeviceOrder",
                 "One device's order: its record and its history",
                 {
-                    "200": _answer("the order", "OrderRecord"),
+                    "200": _found("the order", "OrderRecord"),
                     "400": _answer("bad device_id or order_id"),
                     "404": _answer("no such order on this device"),
+                    "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",
                 parameters=[
                     _path_param("device_id", device_id),
                     _path_param("order_id", order_id),
                 ],
+                description=_GEO_NOTE.strip(),
             )
         },
         "/v1/dlq": {
@@ -318,6 +344,41 @@ def build() -> dict[str, Any]:
                 parameters=[_path_param("entry_id", entry_id)],
             )
         },
+        "/v1/ops/summary": {
+            "get": _operation(
+                "getOpsSummary",
+                "What the ops page shows: shards, fleet health, DLQ sizes, bridge replicas",
+                {
+                    "200": _answer("read from Redis now", "OpsSummary"),
+                    "503": _answer("Redis unavailable"),
+                },
+                role="read",
+                description=(
+                    "Per shard stream: length and entries added (XINFO STREAM), the pipeline "
+                    "group's lag, pending and entries read (XINFO GROUPS). Throughput is the "
+                    "change of `totals.entries_added` / `totals.entries_read` between two calls. "
+                    "Fleet counts come from the health consumer's `health:*` keys, bridges from "
+                    "their `ops:bridge:{client_id}` heartbeats."
+                ),
+            )
+        },
+        **{
+            path: {
+                "get": _operation(
+                    "opsPage" + ("" if path == "/ops" else name.split(".")[1].title()),
+                    f"The ops page's {name}: static, no data (its script calls the API "
+                    "with the operator's bearer token)",
+                    {
+                        "200": {
+                            "description": name,
+                            "content": {content_type: {"schema": {"type": "string"}}},
+                        }
+                    },
+                    role=None,
+                )
+            }
+            for path, (name, content_type) in PAGE_FILES.items()
+        },
         "/healthz": {
             "get": _operation(
                 "healthz",
@@ -346,12 +407,13 @@ def build() -> dict[str, Any]:
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "info": {
             "title": "iot-orders pipeline: orders API",
-            "version": "1.1.0",
+            "version": "1.2.0",
             "description": (
                 "Order records and history, per-device paging, the dead-letter queue and its "
-                "replay. Errors are RFC 9457 problem+json with a stable `type` "
+                "replay, the ops page. Errors are RFC 9457 problem+json with a stable `type` "
                 "(urn:iot-orders:problem:{code}). With tokens configured, every operation but "
-                "/healthz needs a bearer token: role `read` to read, `operate` to replay "
+                "/healthz and the ops page's static files needs a bearer token: role `read` "
+                "to read, `operate` to replay "
                 "(see x-required-role). Generated by `python -m pipeline.openapi`."
             ),
         },

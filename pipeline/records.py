@@ -1,41 +1,42 @@
 """Order state: the context a batch carries per order, loading it and storing its outcome.
 
 An order is a ``(device_id, order_id)`` pair; its record is the hash
-``order:{device_id}:{order_id}``. Its status moves
+``order:{N}:{device_id}:{order_id}`` in its shard's slot (:mod:`pipeline.names`). Its status moves
 ``received → validated → reserved → confirmed → fulfilled``, or ends early in
-``rejected`` or ``failed``. A batch loads every order's state in one script,
-runs the steps in memory (only stock reservation touches Redis in between, in
-its own atomic, idempotent script), then stores each order's outcome (status,
-``done:{step}`` markers, history, events) with one compare-and-set per order in
-one script for the batch. A redelivered entry skips the steps it already passed
-and never stores one twice.
+``rejected`` or ``failed``. A batch loads every order's state with one script
+call per shard (all in one pipeline), runs the steps in memory (only stock
+reservation touches Redis in between, in its own atomic, idempotent script),
+then stores each order's outcome (status, steps done, history, one event) with
+one compare-and-set per order in one script call per shard. A redelivered
+entry skips the steps it already passed and never stores one twice.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
-import redis.asyncio as aioredis
 
 from schemas import Order
+from schemas.names import shard_of
 from servicekit.clock import now_ms
 
+from ._calls import AnyRedis, call_plan, run_calls
 from ._lua import Scripts
 from .names import (
-    EVENTS_MAXLEN,
-    EVENTS_STREAM,
-    RETENTION_KEY,
-    STOCK_KEY,
     TERMINAL_STATUSES,
-    device_index_key,
-    history_key,
+    device_index_key_in,
+    events_key,
+    events_maxlen,
     order_devices_key,
     order_key,
-    reservation_key,
+    order_key_in,
+    retention_key,
+    shard_tag,
+    stock_key,
 )
 
 # The statuses a device hears about (schemas.Status.status).
@@ -76,6 +77,7 @@ class OrderContext:
 
     entry: StreamEntry
     order: Order
+    shard: int = 0  # the device's shard: every key of the order carries its tag
     status: str = "received"
     reason: str = ""  # reason code of the current status
     done: set[str] = field(default_factory=set)
@@ -129,65 +131,129 @@ _json = msgspec.json.encode
 
 
 def _items_json(order: Order) -> str:
-    return json.dumps(
-        [{"sku": i.sku, "qty": i.qty, "unit_price": i.unit_price} for i in order.items]
-    )
+    """Compact ``[[sku, qty, unit_price], ...]``: short enough for Redis's listpack
+    encoding of the record (values up to 64 bytes) for typical orders, which
+    costs far less memory and CPU than a hashtable."""
+    return _json([[i.sku, i.qty, i.unit_price] for i in order.items]).decode()
+
+
+def _items(raw: str) -> list[dict[str, Any]]:
+    items = json.loads(raw or "[]")
+    return [
+        item if isinstance(item, dict) else {"sku": item[0], "qty": item[1], "unit_price": item[2]}
+        for item in items
+    ]
+
+
+def by_shard(indexes: Sequence[int], shard_of_index: Sequence[int]) -> dict[int, list[int]]:
+    """Group positions by shard, keeping their order within each shard."""
+    groups: dict[int, list[int]] = {}
+    for i in indexes:
+        groups.setdefault(shard_of_index[i], []).append(i)
+    return groups
 
 
 async def load(
-    client: aioredis.Redis, scripts: Scripts, batch: Sequence[tuple[StreamEntry, Order]]
+    client: AnyRedis,
+    scripts: Scripts,
+    batch: Sequence[tuple[StreamEntry, Order]],
+    *,
+    shards: int,
 ) -> list[OrderContext]:
-    """Each order's stored state (status, reason, steps done): one read-only script call.
+    """Each order's stored state (status, reason, steps done): one read-only script per shard.
 
     An order without a record starts ``received``; its record is created by
     :func:`commit`.
     """
-    keys = [order_key(order.device_id, order.order_id) for _entry, order in batch]
-    replies = await scripts.run(client, "load", [], [_json(keys)])
+    shard_list = [shard_of(order.device_id, shards) for _entry, order in batch]
+    keys = [
+        order_key_in(shard, order.device_id, order.order_id)
+        for (_entry, order), shard in zip(batch, shard_list, strict=True)
+    ]
+    groups = by_shard(range(len(batch)), shard_list)
+    plan = call_plan(client, list(groups))
+    calls = [
+        ([stock_key(shard) for shard in part],
+         [_json([keys[i] for shard in part for i in groups[shard]])])
+        for part in plan
+    ]  # fmt: skip
+    replies: list[Any] = [None] * len(batch)
+    for part, reply in zip(plan, await run_calls(client, scripts, "load", calls), strict=True):
+        for i, one in zip([i for shard in part for i in groups[shard]], reply, strict=True):
+            replies[i] = one
     out = []
-    for (entry, order), reply in zip(batch, replies, strict=True):
+    for (entry, order), shard, reply in zip(batch, shard_list, replies, strict=True):
         if not reply:
-            ctx = OrderContext(entry, order)
+            ctx = OrderContext(entry, order, shard)
             ctx.changes.append(("received", "", ""))
         else:
             status = text(reply[0])
-            ctx = OrderContext(entry, order, status=status, reason=text(reply[1]),
-                               done={text(step) for step in reply[2]}, stored=status)  # fmt: skip
+            steps = text(reply[2])
+            ctx = OrderContext(entry, order, shard, status=status, reason=text(reply[1]),
+                               done=set(steps.split(",")) if steps else set(),
+                               stored=status)  # fmt: skip
         out.append(ctx)
     return out
 
 
-def _row(ctx: OrderContext, now: str) -> tuple[Any, ...]:
+def history_lines(changes: Sequence[tuple[str, str, str]], at: int) -> list[str]:
+    """A batch's transitions as history entries ``[status, step, reason, at]`` (JSON)."""
+    return [_json([status, step, reason, at]).decode() for status, step, reason in changes]
+
+
+def parse_history(record: dict[str, str]) -> list[dict[str, Any]]:
+    """The history of a record (its ``h:1`` … ``h:{hn}`` fields): transitions, oldest first."""
+    out = []
+    for n in range(1, int(record.get("hn") or 0) + 1):
+        raw = record.get(f"h:{n}")
+        if raw:
+            status, step, reason, at = json.loads(raw)
+            out.append({"status": status, "step": step, "reason": reason, "at": at})
+    return out
+
+
+def _row(ctx: OrderContext, now: int) -> tuple[Any, ...]:
     order = ctx.order
     dev, oid = order.device_id, order.order_id
+    stamp = str(now)
     fields: list[str] = []
+    lines = history_lines(ctx.changes, now)
     if ctx.stored is None:
         fields += ["order_id", oid, "device_id", dev, "seq", str(order.seq),
                    "received_at", text(ctx.entry.fields.get("received_at", b"0")),
                    "total", str(order.total), "currency", order.currency,
                    "items", _items_json(order), "stream", ctx.entry.stream,
-                   "entry_id", ctx.entry.entry_id, "created", now]  # fmt: skip
+                   "entry_id", ctx.entry.entry_id, "created", stamp]  # fmt: skip
+        for n, line in enumerate(lines, 1):
+            fields += [f"h:{n}", line]
+        fields += ["hn", str(len(lines))]
+        lines = []
     if ctx.changes or ctx.stored is None:
-        fields += ["status", ctx.status, "reason", ctx.reason, "updated_at", now]
-    for step in ctx.done_now:
-        fields += ["done:" + step, now]
+        fields += ["status", ctx.status, "reason", ctx.reason, "updated_at", stamp]
+    if ctx.done_now:
+        fields += ["steps", ",".join(sorted(ctx.done))]
     if ctx.error is not None:
         fields += ["last_error", ctx.error]
+    final = step = reason = path = ""
+    if ctx.changes:
+        final, step, reason = ctx.changes[-1]
+        path = ">".join(status for status, _step, _reason in ctx.changes)
     return (
-        order_key(dev, oid), history_key(dev, oid), reservation_key(dev, oid),
-        ctx.stored or "", fields, ctx.changes, oid, dev, device_index_key(dev),
-        index_member(order.seq, oid), order_devices_key(oid),
+        order_key_in(ctx.shard, dev, oid), ctx.stored or "", fields, lines, final, step, reason,
+        path, oid, dev, device_index_key_in(ctx.shard, dev), index_member(order.seq, oid),
+        order_devices_key(oid, ctx.shard),
     )  # fmt: skip
 
 
 async def commit(
-    client: aioredis.Redis,
+    client: AnyRedis,
     scripts: Scripts,
     batch: Sequence[OrderContext],
     *,
+    shards: int,
     retention_ms: int = 0,
 ) -> list[OrderContext]:
-    """Store what the batch did to each order, each atomically, in one script call.
+    """Store what the batch did to each order, each atomically, one script call per shard.
 
     An order that ends here expires ``retention_ms`` later (0: kept for ever).
 
@@ -199,41 +265,60 @@ async def commit(
     if not todo:
         return []
     now = now_ms()
-    rows = [_row(ctx, str(now)) for ctx in todo]
-    replies = await scripts.run(
-        client,
-        "commit",
-        [EVENTS_STREAM, STOCK_KEY, RETENTION_KEY],
-        [now, EVENTS_MAXLEN, _json(rows), retention_ms],
-    )
+    groups = by_shard(range(len(todo)), [ctx.shard for ctx in todo])
+    plan = call_plan(client, list(groups))
+    maxlen = events_maxlen(shards)
+    calls = [
+        (
+            [key for shard in part
+             for key in (events_key(shard), stock_key(shard), retention_key(shard))],
+            [now, maxlen, _json([
+                (events_key(shard), stock_key(shard), retention_key(shard),
+                 [_row(todo[i], now) for i in groups[shard]])
+                for shard in part
+            ]), retention_ms],
+        )
+        for part in plan
+    ]  # fmt: skip
+    replies = await run_calls(client, scripts, "commit", calls)
     stored = []
-    for ctx, code in zip(todo, replies, strict=True):
-        if code == -1:
-            ctx.stale = True
-        else:
-            ctx.stored = ctx.status
-            stored.append(ctx)
+    for part, codes in zip(plan, replies, strict=True):
+        for i, code in zip([i for shard in part for i in groups[shard]], codes, strict=True):
+            ctx = todo[i]
+            if code == -1:
+                ctx.stale = True
+            else:
+                ctx.stored = ctx.status
+                stored.append(ctx)
     return stored
 
 
 async def forget_expired(
-    client: aioredis.Redis, scripts: Scripts, *, limit: int = 1000, now: int | None = None
+    client: AnyRedis,
+    scripts: Scripts,
+    *,
+    shards: int,
+    limit: int = 100,
+    now: int | None = None,
 ) -> int:
     """Drop index members of orders whose retention ended; returns how many orders."""
-    forgotten: int = await scripts.run(
-        client, "forget", [RETENTION_KEY], [now_ms() if now is None else now, limit]
-    )
-    return forgotten
+    at = now_ms() if now is None else now
+    # limit: retention entries (commits), each listing the orders one commit ended
+    calls = [([retention_key(shard)], [at, limit, shard_tag(shard)]) for shard in range(shards)]
+    return sum(int(n) for n in await run_calls(client, scripts, "forget", calls))
 
 
-async def find_devices(client: aioredis.Redis, order_id: str) -> list[str]:
-    """The devices that have an order with this id, sorted."""
-    members: Any = await client.smembers(order_devices_key(order_id))
-    return sorted(text(m) for m in members)
+async def find_devices(client: AnyRedis, order_id: str, *, shards: int) -> list[str]:
+    """The devices that have an order with this id, sorted (one read per shard, pipelined)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for shard in range(shards):
+            pipe.smembers(order_devices_key(order_id, shard))
+        replies: list[Any] = await pipe.execute()
+    return sorted(text(m) for members in replies for m in members)
 
 
 async def order_statuses(
-    redis: aioredis.Redis, refs: Sequence[tuple[str, str]], *, page: int = 5000
+    redis: AnyRedis, refs: Sequence[tuple[str, str]], *, shards: int, page: int = 5000
 ) -> list[str | None]:
     """The current status of each ``(device_id, order_id)``, None when it has no record.
 
@@ -244,23 +329,35 @@ async def order_statuses(
     for start in range(0, len(refs), page):
         async with redis.pipeline(transaction=False) as pipe:
             for device_id, order_id in refs[start : start + page]:
-                pipe.hget(order_key(device_id, order_id), "status")
+                pipe.hget(order_key(device_id, order_id, shards), "status")
             replies = await pipe.execute()
         out += [None if r is None else text(r) for r in replies]
     return out
 
 
+async def order_histories(
+    redis: AnyRedis, refs: Sequence[tuple[str, str]], *, shards: int, page: int = 5000
+) -> list[list[dict[str, Any]]]:
+    """Each order's history (its transitions, oldest first; [] without a record)."""
+    out: list[list[dict[str, Any]]] = []
+    for start in range(0, len(refs), page):
+        async with redis.pipeline(transaction=False) as pipe:
+            for device_id, order_id in refs[start : start + page]:
+                pipe.hgetall(order_key(device_id, order_id, shards))
+            replies = await pipe.execute()
+        out += [parse_history({text(k): text(v) for k, v in r.items()}) for r in replies]
+    return out
+
+
 async def load_order(
-    client: aioredis.Redis, device_id: str, order_id: str
+    client: AnyRedis, device_id: str, order_id: str, *, shards: int
 ) -> dict[str, Any] | None:
     """The record and history of one order, as the orders API shows it; None if unknown."""
-    async with client.pipeline(transaction=False) as pipe:
-        pipe.hgetall(order_key(device_id, order_id))
-        pipe.lrange(history_key(device_id, order_id), 0, -1)
-        raw, history = await pipe.execute()
-    if not raw:
-        return None
+    raw: Any = await client.hgetall(order_key(device_id, order_id, shards))
     record = {text(k): text(v) for k, v in raw.items()}
+    if "status" not in record:
+        return None  # nothing, or only a reservation made before the record was stored
+    steps = record.get("steps", "")
     return {
         "order_id": record["order_id"],
         "device_id": record["device_id"],
@@ -269,12 +366,37 @@ async def load_order(
         "reason": record.get("reason") or None,
         "total": int(record["total"]),
         "currency": record["currency"],
-        "items": json.loads(record.get("items", "[]")),
+        "items": _items(record.get("items", "[]")),
         "received_at": int(record.get("received_at") or 0),
         "updated_at": int(record["updated_at"]),
         "stream": record["stream"],
         "entry_id": record["entry_id"],
-        "steps_done": sorted(k[5:] for k in record if k.startswith("done:")),
+        "steps_done": sorted(steps.split(",")) if steps else [],
         "last_error": record.get("last_error") or None,
-        "history": [json.loads(text(h)) for h in history],
+        "history": parse_history(record),
     }
+
+
+async def read_events(
+    redis: AnyRedis, shards: int, *, page: int = 1000
+) -> AsyncIterator[dict[str, str]]:
+    """Every order event of every shard's events stream, shard by shard, oldest first.
+
+    An ``orders:{N}:events`` entry lists the orders one commit changed (field
+    ``orders``: JSON ``[[order_id, device_id, status, step, reason, path], …]``,
+    plus ``at``); each comes out as one dict with those keys.
+    """
+    names = ("order_id", "device_id", "status", "step", "reason", "path")
+    for shard in range(shards):
+        start = "-"
+        while rows := await _xrange(redis, events_key(shard), start, page):
+            for _entry_id, fields in rows:
+                at = text(fields.get(b"at", b"0"))
+                for row in json.loads(fields.get(b"orders", b"[]")):
+                    yield {**dict(zip(names, row, strict=True)), "at": at}
+            start = "(" + text(rows[-1][0])
+
+
+async def _xrange(redis: AnyRedis, key: str, start: str, count: int) -> Any:
+    # Any: redis-py types XRANGE rows as optional.
+    return await redis.xrange(key, min=start, max="+", count=count)

@@ -23,18 +23,22 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
-from schemas.names import shared_status_query_subscription
+from schemas.names import shared_health_subscription, shared_status_query_subscription
 from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
 from servicekit.redis_clients import client_options
 
+from ._calls import AnyRedis
 from ._lua import Scripts
 from .api import create_app
 from .config import PipelineConfig
+from .health import HealthConsumer, HealthMetrics
 from .metrics import MULTIPROC_ENV, WorkerMetrics
+from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
 from .status import MqttStatusPublisher, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
@@ -49,14 +53,16 @@ SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
 ORPHAN_CHECK_S = 1.0
 
 
-def redis_client(config: PipelineConfig) -> aioredis.Redis:
+def redis_client(config: PipelineConfig) -> AnyRedis:
     """A client without redis-py's own retries (the worker backs off itself).
 
-    The socket timeout outlasts the XREADGROUP block.
+    A Redis Cluster client with ``redis_cluster``. The socket timeout outlasts
+    the XREADGROUP block.
     """
-    return aioredis.Redis.from_url(
-        config.redis_url, **client_options(max(5.0, config.block_ms / 1000 + 5.0))
-    )
+    options = client_options(max(5.0, config.block_ms / 1000 + 5.0))
+    if config.redis_cluster:
+        return RedisCluster.from_url(config.redis_url, **options)
+    return aioredis.Redis.from_url(config.redis_url, **options)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -76,8 +82,12 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     try:
         mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
         publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
-        responder = StatusQueryResponder(client, publisher, StatusQueryMetrics())
+        responder = StatusQueryResponder(
+            client, publisher, StatusQueryMetrics(), shards=config.shards
+        )
         mqtt.subscribe(shared_status_query_subscription(), responder.take)
+        health = HealthConsumer(client, HealthMetrics(), ttl_s=config.health_ttl_s)
+        mqtt.subscribe(shared_health_subscription(), health.take)
         async with mqtt:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
@@ -93,6 +103,9 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
                     tasks.create_task(
                         critical("status-query-responder", responder.run()),
                         name="status-query-responder",
+                    ),
+                    tasks.create_task(
+                        critical("health-consumer", health.run()), name="health-consumer"
                     ),
                 ]
                 tasks.create_task(
@@ -138,6 +151,9 @@ def worker_env(
     for name, value in msgspec.structs.asdict(config).items():
         if name in {"consumer", "workers"}:
             continue
+        if isinstance(value, tuple):  # a repeatable setting: comma-separated (servicekit.config)
+            env[f"{ENV_PREFIX}{name.upper()}"] = ",".join(value)
+            continue
         env[f"{ENV_PREFIX}{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )
@@ -177,9 +193,10 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
 
 async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
     """The API plus ``config.workers`` supervised worker processes, until ``stop``."""
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
     multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
     runner: web.AppRunner | None = None
+    stack = contextlib.AsyncExitStack()  # geo mode's region lookup session
     try:
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
@@ -188,7 +205,15 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
             shards=config.shards,
             multiproc_dir=multiproc_dir if config.workers else None,
             tokens=load_api_tokens(config),
+            health_stale_s=config.health_stale_s,
         )
+        if config.region:
+            lookup = RegionLookup(
+                config.region,
+                parse_region_apis(config.region, config.region_api),
+                timeout_s=config.region_api_timeout_s,
+            )
+            app[REGION_LOOKUP] = await stack.enter_async_context(lookup)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
@@ -206,5 +231,6 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+        await stack.aclose()
         await client.aclose()
         shutil.rmtree(multiproc_dir, ignore_errors=True)

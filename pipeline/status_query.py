@@ -20,16 +20,16 @@ import asyncio
 import re
 from typing import Final
 
-import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from schemas import DecodeError, Status, decode_status_query
 from servicekit.backoff import Backoff
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
 
+from ._calls import AnyRedis
 from .names import order_key
 from .records import PUBLISHED_STATUSES, text
 from .status import StatusPublisher
@@ -67,13 +67,15 @@ class StatusQueryResponder:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         publisher: StatusPublisher,
         metrics: StatusQueryMetrics,
         *,
+        shards: int,
         backoff: Backoff | None = None,
     ) -> None:
         self._redis = redis
+        self._shards = shards
         self._publisher = publisher
         self._metrics = metrics
         self._backoff = backoff or Backoff(0.05, 5.0)
@@ -91,7 +93,7 @@ class StatusQueryResponder:
             while True:
                 try:
                     await self.answer(topic, payload)
-                except RedisError as exc:
+                except (RedisError, RedisClusterException) as exc:
                     log.warning("status_query_redis_error", error=repr(exc))
                     await self._backoff.wait()
                 else:
@@ -116,7 +118,9 @@ class StatusQueryResponder:
         order_ids = list(dict.fromkeys(query.order_ids))
         async with self._redis.pipeline(transaction=False) as pipe:
             for order_id in order_ids:
-                pipe.hmget(order_key(device_id, order_id), ["status", "reason", "updated_at"])
+                pipe.hmget(
+                    order_key(device_id, order_id, self._shards), ["status", "reason", "updated_at"]
+                )
             records = await pipe.execute()
         answers = []
         for order_id, (status, reason, updated_at) in zip(order_ids, records, strict=True):

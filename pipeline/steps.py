@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import redis.asyncio as aioredis
-
+from ._calls import AnyRedis
 from ._lua import Scripts
 from .config import PipelineConfig
 from .errors import UnknownStepError
@@ -46,7 +45,7 @@ class Step(Protocol):
 class StepDeps:
     """What a step factory may use to build its step."""
 
-    redis: aioredis.Redis
+    redis: AnyRedis
     scripts: Scripts
     config: PipelineConfig
 

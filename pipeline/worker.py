@@ -2,10 +2,12 @@
 
 One worker per process (run as many processes as you like). Each loop turn
 either reclaims entries that idled in a dead consumer's pending list
-(``XAUTOCLAIM``) or reads new ones (``XREADGROUP``), then:
+(``XAUTOCLAIM``) or reads new ones (``XREADGROUP``; on a Redis Cluster one
+read per shard), then:
 
 1. decodes them (undecodable → DLQ at once) and loads each order's stored state
-   (one read-only script for the batch);
+   (one read-only script for the batch; on a cluster one per shard, every
+   script call staying in one slot);
 2. sorts the batch by device and ``seq`` and runs each step on the orders that
    still need it, in memory (stock reservation is its own atomic, idempotent
    script per batch);
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import time
@@ -33,20 +34,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from schemas import DecodeError, Status, decode_order
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 
+from ._calls import AnyRedis
 from ._lua import Scripts
 from .config import PipelineConfig
 from .dlq import MAX_DELIVERIES_REASON, DeadLetter, dead_letter
 from .metrics import WorkerMetrics
-from .names import history_key, order_key
+from .names import CATALOG_META_KEY, order_key
 from .records import (
     PUBLISHED_STATUSES,
     OrderContext,
@@ -54,10 +56,12 @@ from .records import (
     commit,
     forget_expired,
     load,
+    order_histories,
     text,
 )
 from .status import StatusPublisher
 from .steps import Step
+from .stock import settle_transfers
 
 log = structlog.get_logger(__name__)
 BACKOFF_BASE_S = 0.01
@@ -84,7 +88,7 @@ class Worker:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         publisher: StatusPublisher,
         chain: Sequence[Step],
         config: PipelineConfig,
@@ -99,6 +103,7 @@ class Worker:
         self.metrics = metrics
         self.scripts = scripts or Scripts()
         self.consumer = config.consumer or default_consumer_name()
+        self.shards = config.shards
         self.streams = [stream_key(shard) for shard in range(config.shards)]
         self.batches = 0  # finished batches, for tests and logs
         self.retention_ms = round(config.retention_days * 86_400_000)
@@ -114,6 +119,11 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
         await self.scripts.load(self.redis)
+        stock_shards = await self.redis.hget(CATALOG_META_KEY, "shards")
+        if stock_shards is not None and int(stock_shards) != self.shards:
+            # Stock parts of shards this deployment does not have are never reached.
+            log.error("catalog_shards_mismatch", catalog_shards=int(stock_shards),
+                      shards=self.shards, fix="catalog load --shards N")  # fmt: skip
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is always finished and acked.
@@ -127,7 +137,7 @@ class Worker:
         while not stop.is_set():
             try:
                 await self._run(stop)
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 self.failures += 1
                 delay_s = self.backoff.next_delay()
                 if self.failures == 1 or self.failures % LOG_EVERY_FAILURES == 0:
@@ -155,6 +165,7 @@ class Worker:
                     next_cleanup = time.monotonic() + CLEANUP_EVERY_S
                     await self.forget_dead_consumers()
                     await self.forget_expired_orders()
+                    await settle_transfers(self.redis, self.scripts, shards=self.shards)
                 entries: list[StreamEntry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every_s
@@ -183,7 +194,7 @@ class Worker:
     async def forget_expired_orders(self) -> int:
         """Trim the device and order-id indexes of orders whose retention ended."""
         total = 0
-        while (done := await forget_expired(self.redis, self.scripts)) > 0:
+        while (done := await forget_expired(self.redis, self.scripts, shards=self.shards)) > 0:
             total += done
         if total:
             log.info("forgot_expired_orders", orders=total)
@@ -209,7 +220,14 @@ class Worker:
                     log.info("forgot_dead_consumer", stream=stream, consumer=name)
 
     async def read(self) -> list[StreamEntry]:
-        """XREADGROUP new entries from every shard (blocks up to ``block_ms``)."""
+        """XREADGROUP new entries from every shard (blocks up to ``block_ms``).
+
+        On a Redis Cluster one command cannot read streams of several slots:
+        each shard is read on its own (all at once), and while every shard is
+        empty the worker polls again after ``idle_poll_ms``.
+        """
+        if isinstance(self.redis, RedisCluster):
+            return await self._read_cluster(self.redis)
         reply: Any = await self.redis.xreadgroup(
             PIPELINE_GROUP,
             self.consumer,
@@ -217,11 +235,23 @@ class Worker:
             count=self.config.batch_size,
             block=self.config.block_ms,
         )
-        return [
-            StreamEntry(text(stream), text(entry_id), {text(k): v for k, v in fields.items()})
-            for stream, rows in reply or []
-            for entry_id, fields in rows
-        ]
+        return _entries(reply)
+
+    async def _read_cluster(self, client: RedisCluster) -> list[StreamEntry]:
+        async def one(stream: str) -> Any:
+            # Sent to the slot's node directly: redis-py would otherwise ask the
+            # cluster for XREADGROUP's keys (COMMAND GETKEYS) on every call.
+            return await client.execute_command(
+                "XREADGROUP", "GROUP", PIPELINE_GROUP, self.consumer,
+                "COUNT", self.config.batch_size, "STREAMS", stream, ">",
+                target_nodes=client.get_node_from_key(stream),
+            )  # fmt: skip
+
+        replies = await asyncio.gather(*(one(stream) for stream in self.streams))
+        entries = [e for reply in replies for e in _entries(reply)]
+        if not entries:
+            await asyncio.sleep(self.config.idle_poll_ms / 1000)
+        return entries
 
     async def reclaim(self) -> list[StreamEntry]:
         """XAUTOCLAIM entries idle past ``claim_idle_ms``; dead-letter the over-delivered."""
@@ -276,11 +306,13 @@ class Worker:
                 key = order_key(
                     text(entry.fields.get("device_id", b"")),
                     text(entry.fields.get("order_id", b"")),
+                    self.shards,
                 )
                 pipe.hget(key, "last_error")
             errors = await pipe.execute()
         await dead_letter(
             self.redis,
+            self.scripts,
             [
                 DeadLetter(entry, MAX_DELIVERIES_REASON, text(error) if error else "unknown")
                 for entry, error in zip(entries, errors, strict=True)
@@ -314,7 +346,7 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs = await load(self.redis, self.scripts, decoded) if decoded else []
+        ctxs = await load(self.redis, self.scripts, decoded, shards=self.shards) if decoded else []
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
         # that stored them (before their PUBACK): publish them again.
@@ -329,7 +361,9 @@ class Worker:
                 ctx.settle(step.name)
             self.metrics.step_seconds.labels(step=step.name).observe(time.perf_counter() - started)
         started = time.perf_counter()
-        stored = await commit(self.redis, self.scripts, ctxs, retention_ms=self.retention_ms)
+        stored = await commit(
+            self.redis, self.scripts, ctxs, shards=self.shards, retention_ms=self.retention_ms
+        )
         self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
         at = now_ms()
         statuses += [
@@ -343,7 +377,7 @@ class Worker:
     async def finish(self, settled: Settled) -> None:
         """Publish the batch's statuses, wait for their PUBACKs, then dead-letter and ack."""
         await self.publisher.publish(settled.statuses)
-        await dead_letter(self.redis, settled.letters)
+        await dead_letter(self.redis, self.scripts, settled.letters)
         await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
         for letter in settled.letters:
             log.error("dead_lettered", reason=letter.reason, error=letter.error,
@@ -392,17 +426,14 @@ class Worker:
     async def _replay_statuses(self, ctxs: list[OrderContext]) -> list[tuple[str, Status]]:
         if not ctxs:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for ctx in ctxs:
-                pipe.lrange(history_key(ctx.order.device_id, ctx.order.order_id), 0, -1)
-            histories = await pipe.execute()
-        out = []
-        for ctx, history in zip(ctxs, histories, strict=True):
-            for raw in history:
-                change = json.loads(raw)
-                if change["status"] in PUBLISHED_STATUSES:
-                    out.append(self._message(ctx, change["status"], change["reason"], change["at"]))
-        return out
+        refs = [(ctx.order.device_id, ctx.order.order_id) for ctx in ctxs]
+        histories = await order_histories(self.redis, refs, shards=self.shards)
+        return [
+            self._message(ctx, change["status"], change["reason"], change["at"])
+            for ctx, history in zip(ctxs, histories, strict=True)
+            for change in history
+            if change["status"] in PUBLISHED_STATUSES
+        ]
 
     @staticmethod
     def _message(ctx: OrderContext, status: str, reason: str, at: int) -> tuple[str, Status]:
@@ -410,3 +441,13 @@ class Worker:
             v=1, order_id=ctx.order.order_id, status=status,  # type: ignore[arg-type]
             reason=reason or None, at=at,
         )  # fmt: skip
+
+
+def _entries(reply: Any) -> list[StreamEntry]:
+    """An XREADGROUP reply as stream entries."""
+    return [
+        # Keys come as bytes (the client does not decode responses).
+        StreamEntry(stream.decode(), entry_id.decode(), {k.decode(): v for k, v in fields.items()})
+        for stream, rows in reply or []
+        for entry_id, fields in rows
+    ]

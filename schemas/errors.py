@@ -28,6 +28,7 @@ class Reason:
     CONFLICT: Final = "conflict"  # order_id reused with another payload
     RATE_LIMITED: Final = "rate_limited"  # device over its rate limit
     AUTHORITY_UNREACHABLE: Final = "authority_unreachable"  # geo: `pending` receipt
+    UNKNOWN_REGION: Final = "unknown_region"  # geo: attempts[0] names no configured region
 
 
 class SchemaError(Exception):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make` needs from the system: python3-venv, mosquitto, redis-server,
 # fuse3 (the power-cut tests' FUSE filesystem), faketime (clock-skew tests) and
-# prometheus (promtool checks deploy/prometheus/; the monitoring test runs the server).
+# prometheus (promtool checks deploy/prometheus/; the monitoring test runs the server) and
+# chromium (the /ops page tests drive Debian's browser with playwright; no browser download).
 # Uses apt-get on Debian/Ubuntu (as root, or through sudo); elsewhere it says what to install.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ have fusermount3 || missing+=("fuse3")
 [ -n "$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep libfuse3.so.3)" ] || missing+=("libfuse3-3")
 have faketime || missing+=("faketime")
 { have prometheus && have promtool; } || missing+=("prometheus")
+[ -x /usr/bin/chromium ] || missing+=("chromium")
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -4,6 +4,9 @@ Each service declares one frozen :class:`ServiceConfig` subclass. Its fields
 become ``--kebab-case`` flags and ``ORDERS_UPPER_CASE`` variables; the TOML
 file (``--config`` or ``ORDERS_CONFIG``) uses the field names as keys. Only
 entrypoints call :func:`load_config`; components get the frozen object passed in.
+
+A field typed ``tuple[str, ...]`` is a repeatable flag (``--region-redis a=… --region-redis
+b=…``), a comma-separated variable (``ORDERS_REGION_REDIS=a=…,b=…``) and a TOML array.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,7 +47,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfi
         flag = "--" + field.name.replace("_", "-")
         default = None if field.default is msgspec.NODEFAULT else field.default
         help_text = f"(env {ENV_PREFIX}{field.name.upper()}; default {default!r})"
-        if field.type is bool:
+        if _is_repeatable(field.type):
+            parser.add_argument(
+                flag, dest=field.name, action="append", default=None, help=help_text + " repeatable"
+            )
+        elif field.type is bool:
             parser.add_argument(
                 flag,
                 dest=field.name,
@@ -71,8 +79,13 @@ def load_config(
 
     path = flags.get("config") or env.get(f"{ENV_PREFIX}CONFIG")
     merged: dict[str, Any] = _read_toml(Path(path)) if path else {}
+    repeatable = {field.name for field in msgspec.structs.fields(cls) if _is_repeatable(field.type)}
     merged.update(
-        {name: env[key] for name in names if (key := f"{ENV_PREFIX}{name.upper()}") in env}
+        {
+            name: _split(env[key]) if name in repeatable else env[key]
+            for name in names
+            if (key := f"{ENV_PREFIX}{name.upper()}") in env
+        }
     )
     merged.update({name: flags[name] for name in names if flags.get(name) is not None})
     try:
@@ -80,6 +93,16 @@ def load_config(
         return msgspec.convert(merged, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _is_repeatable(annotation: Any) -> bool:
+    """A ``tuple[str, ...]`` field: one flag per value."""
+    return typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...)
+
+
+def _split(value: str) -> list[str]:
+    """A comma-separated variable's values (blanks dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -24,15 +24,18 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from bridge.ingest import ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
 from fleet.pki import CertFiles, create_ca, issue_cert
 from fleet.servers import RedisProcess, free_port
 from pipeline.config import PipelineConfig
-from pipeline.names import CATALOG_KEY
-from schemas import Item, Order, encode
-from schemas.names import PIPELINE_GROUP, orders_topic, shard_of, stream_key
+from pipeline.health import HealthConsumer, HealthMetrics
+from pipeline.names import CATALOG_KEY, health_device_key
+from schemas import Health, Item, Order, encode
+from schemas.names import PIPELINE_GROUP, health_topic, orders_topic, shard_of, stream_key
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
 from tests.pipeline.processes import env_for, spawn, stop_all
 
@@ -119,6 +122,23 @@ def test_pipeline_user_reads_streams_but_cannot_administer(acl_redis: RedisProce
                 denied()
         with pytest.raises(redis.exceptions.NoPermissionError):
             pipeline.set("unrelated:key", "1")
+
+
+async def test_pipeline_user_keeps_the_fleet_health_view(acl_redis: RedisProcess) -> None:
+    """The health consumer's writes and sweep pass the ACL; `health:*` is all it gets beyond."""
+    client = aioredis.Redis.from_url(url(acl_redis, "pipeline"))
+    try:
+        consumer = HealthConsumer(client, HealthMetrics(CollectorRegistry()), ttl_s=60)
+        topic = health_topic("kiosk-1")
+        report = Health(v=1, online=True, at=1, outbox_depth=1, agent_version="1")
+        assert await consumer.write([(topic, encode(report))]) == 1
+        assert await consumer.write([(topic, encode(Health(v=1, online=False, at=2)))]) == 1
+        assert await consumer.sweep() == (0, 0, 1)
+    finally:
+        await client.aclose()
+    assert denials(acl_redis) == []
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        assert admin.hget(health_device_key("kiosk-1"), "online") == b"0"
 
 
 def test_unauthenticated_clients_may_only_ping(acl_redis: RedisProcess) -> None:

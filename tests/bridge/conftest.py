@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import RedisProcess, find_binary, free_port, port_is_open
+from fleet.servers import RedisProcess, ServerError, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
 from servicekit.urls import MqttUrl
 
@@ -253,24 +255,36 @@ def stream_entries(client: redis.Redis, shards: int = 4) -> list[dict[bytes, byt
     return entries
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port <= 55535 and not port_is_open(port + 10000):
+    """A free port whose cluster bus port (port + 10000) is free too.
+
+    Both lie below the kernel's ephemeral range (32768 and up on Linux), so an
+    outgoing connection of another process cannot take the bus port between
+    this check and Redis binding it (a kernel-chosen port + 10000 often did).
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(12000, 22000)
+        if _bindable(port) and _bindable(port + 10000):
             return port
+    return free_port()  # pragma: no cover - a crowded low range; the old way
 
 
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
-    """A real 3-master Redis Cluster on loopback; yields the ports."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not installed")
-    servers = []
-    for index in range(3):
+def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
+    """A cluster-enabled redis-server; another free port when its bus port was taken meanwhile."""
+    for attempt in range(attempts):
         port = _cluster_port()
         server = RedisProcess(
-            tmp_path / f"cluster-{index}",
+            workdir / f"port-{port}",
             port,
             extra_args=(
                 "--cluster-enabled", "yes",
@@ -278,9 +292,24 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
                 "--cluster-node-timeout", "2000",
             ),
         )  # fmt: skip
-        server.start()
-        servers.append(server)
+        try:
+            server.start()
+        except ServerError:
+            server.kill()
+            if attempt == attempts - 1:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback, killed on exit; yields the ports."""
+    servers = []
     try:
+        for index in range(3):
+            servers.append(_start_cluster_node(workdir / f"cluster-{index}"))
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
         subprocess.run(
@@ -291,13 +320,26 @@ def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
         )
 
         def cluster_ok() -> bool:
-            with redis.Redis(port=ports[0]) as client:
-                info = client.execute_command("CLUSTER", "INFO")
-                text = info.decode() if isinstance(info, bytes) else str(info)
-                return "cluster_state:ok" in text
+            # Every node, not just the first: a client may start from any of them.
+            for port in ports:
+                with redis.Redis(port=port) as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if "cluster_state:ok" not in text:
+                        return False
+            return True
 
         wait_for(cluster_ok, 30, "cluster_state:ok")
         yield ports
     finally:
         for server in servers:
             server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster on loopback; yields the ports."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not installed")
+    with running_cluster(tmp_path) as ports:
+        yield ports

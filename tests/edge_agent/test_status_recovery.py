@@ -45,17 +45,19 @@ async def test_status_lost_in_a_broker_restart_is_recovered_by_query(
         await asyncio.to_thread(broker.start)
         assert await asyncio.to_thread(double.subscribed.wait, 10)
 
+        # On a loaded machine the first run may already have asked about some orders.
+        earlier = len(double.queries)
         async with EdgeAgent(config) as agent:
 
             async def asked_twice() -> bool:
-                return sum(ids[0] in q for q in double.queries) >= 2
+                return sum(ids[0] in q for q in double.queries[earlier:]) >= 2
 
             await wait_until(asked_twice, 20, "the agent asking again")
             rec = await agent.get(ids[0])
             assert rec is not None
             assert rec.status is None  # the queued status really was lost
             assert max(len(q) for q in double.queries) <= 100
-            assert double.queried_ids() >= set(ids)
+            assert {oid for q in double.queries[earlier:] for oid in q} >= set(ids)
             health = await agent.health()
             assert health.awaiting_status == len(ids)
 

@@ -35,7 +35,7 @@ def test_split_spreads_devices_evenly_over_processes() -> None:
     specs = worker_specs(
         FleetSettings(10_000, "mqtt://127.0.0.1:1", "p", ramp_per_s=1000), 4, rate=100.0, seed=7,
         duration_s=1, catalog=None, redis_url="", settle_timeout_s=1, status_wait_s=1,
-        connect_timeout_s=1,
+        connect_timeout_s=1, shards=4,
     )  # fmt: skip
     assert [s.fleet.first_index for s in specs] == [0, 2500, 5000, 7500]
     assert sum(s.rate for s in specs) == pytest.approx(100.0)
@@ -72,6 +72,10 @@ async def _spike_and_storm(stack: Stack, devices: int, processes: int) -> SimRes
     assert result.settled, "the run did not reach quiescence"
     assert (v.lost, v.duplicated, v.stuck, v.unheard, v.processed_twice) == ([], {}, [], [], {})
     assert v.checked == result.record.samples[-1].submitted
+    # The workers' timings reach the one report: the stage breakdown covers every order.
+    stages = result.record.stages
+    assert stages is not None
+    assert stages.orders == len(result.record.e2e_latency_ms) == v.checked
     # The spike really raised the offered rate, and the outboxes drained after it.
     [spike] = result.chaos.spikes
     queued = rates(result.record.samples, "submitted")

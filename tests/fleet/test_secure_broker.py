@@ -193,6 +193,7 @@ def test_status_query_status_and_health_paths_work(secure_broker: SecureBroker) 
         assert device.publish(status_query_topic("kiosk-a"), b"query") == 0
         assert device.publish(health_topic("kiosk-a"), b"health") == 0
         assert device.publish(status_query_topic("kiosk-b"), b"spoof") == NOT_AUTHORIZED
+        assert device.publish(health_topic("kiosk-b"), b"spoof") == NOT_AUTHORIZED
         assert device.publish(status_topic("kiosk-a"), b"forged") == NOT_AUTHORIZED
         got = pipeline.wait_messages(2)
         assert sorted((m.topic, m.payload) for m in got) == [
@@ -202,6 +203,34 @@ def test_status_query_status_and_health_paths_work(secure_broker: SecureBroker) 
         assert pipeline.publish(status_topic("kiosk-a"), b"confirmed") == 0
         assert pipeline.publish(orders_topic("kiosk-a"), b"forged order") == NOT_AUTHORIZED
         assert [m.payload for m in device.wait_messages(1)] == [b"confirmed"]
+
+
+def test_a_device_will_is_delivered_only_on_its_own_health_topic(
+    secure_broker: SecureBroker,
+) -> None:
+    """The agent's Will (its health topic) passes the ACL; a Will naming another device's
+    topic never reaches the pipeline. Mosquitto 2.0 accepts that CONNECT and drops the Will."""
+    with probe(secure_broker, "pipeline", PASSWORDS["pipeline"], "pipeline-1") as pipeline:
+        assert pipeline.subscribe(SHARED_HEALTH).value < 128
+        connacks = []
+        for topic in (health_topic("kiosk-b"), health_topic("kiosk-a")):
+            device = probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"])
+            device.client.will_set(topic, b"will on " + topic.encode(), qos=1)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(device)
+                connacks.append(device.connack)
+                # Vanish without DISCONNECT: the broker must publish the Will.
+                device.client.loop_stop()
+                sock = device.client.socket()
+                assert sock is not None
+                sock.close()
+                stack.pop_all()
+            device.client._reset_sockets()
+        got = pipeline.wait_messages(2, timeout_s=2.0)
+    assert [code.value if code is not None else None for code in connacks] == [0, 0]
+    assert [(m.topic, m.payload) for m in got] == [
+        (health_topic("kiosk-a"), b"will on v1/devices/kiosk-a/health")
+    ], connacks
 
 
 def test_acl_file_alone_cannot_refuse_shared_subscriptions(

@@ -49,6 +49,11 @@ async def test_no_chaos(stack: Stack) -> None:
     assert result.record.samples[-1].submitted == result.verdict.checked
     assert result.record.receipt_latency_ms
     assert result.record.e2e_latency_ms
+    stages = result.record.stages  # the report's latency by stage: every order, adding up
+    assert stages is not None
+    assert stages.orders == len(result.record.e2e_latency_ms)
+    total = sum(map(sum, (stages.agent_queue_ms, stages.broker_bridge_ms, stages.pipeline_ms)))
+    assert abs(total - sum(result.record.e2e_latency_ms)) < 0.01 * stages.orders
 
 
 async def test_broker_restart(stack: Stack) -> None:

@@ -6,9 +6,9 @@ import json
 
 import redis.asyncio as aioredis
 
-from fleet.verify import OrderRef, verify
+from fleet.verify import EVENTS, OrderRef, verify
 from pipeline._lua import Scripts
-from pipeline.names import EVENTS_STREAM, history_key, order_key
+from pipeline.names import events_key, order_key
 from pipeline.records import StreamEntry, Transition, commit, load, order_statuses
 from schemas import Item, Order, encode
 from schemas.names import shard_of, stream_key
@@ -78,11 +78,11 @@ async def process(client: aioredis.Redis, ref: OrderRef, *statuses: str) -> None
     order = _order(ref)
     entry = StreamEntry("orders:{0}", "1-1", {"received_at": b"1", "payload": encode(order)})
     scripts = Scripts()
-    (ctx,) = await load(client, scripts, [(entry, order)])
+    (ctx,) = await load(client, scripts, [(entry, order)], shards=SHARDS)
     for step, status in enumerate(statuses):
         ctx.proposed = Transition(status)
         ctx.settle(f"step-{step}")
-    assert await commit(client, scripts, [ctx]) == [ctx]
+    assert await commit(client, scripts, [ctx], shards=SHARDS) == [ctx]
 
 
 async def test_stuck_and_twice_processed_orders_fail_the_run(redis_url: str) -> None:
@@ -93,7 +93,7 @@ async def test_stuck_and_twice_processed_orders_fail_the_run(redis_url: str) -> 
     async with aioredis.Redis.from_url(redis_url) as client:
 
         async def statuses(present: list[OrderRef]) -> list[str | None]:
-            return await order_statuses(client, present)
+            return await order_statuses(client, present, shards=SHARDS)
 
         for ref in refs:
             await append(client, ref)
@@ -107,17 +107,22 @@ async def test_stuck_and_twice_processed_orders_fail_the_run(redis_url: str) -> 
         assert (with_stuck.lost, with_stuck.duplicated, with_stuck.unheard) == ([], {}, [])
 
         # The record vanishes and the order is processed again from scratch.
-        await client.delete(order_key(*remade))
+        await client.delete(order_key(*remade, SHARDS))
         await process(client, remade, "validated", "rejected")
         # A second consumer appends its own end without the compare-and-set.
-        end = json.dumps({"status": "failed", "step": "pay", "reason": "x", "at": 1})
-        await client.rpush(history_key(*two_ends), end)
+        key = order_key(*two_ends, SHARDS)
+        hn = int(await client.hget(key, "hn") or 0)
+        end = json.dumps(["failed", "pay", "x", 1])
+        await client.hset(key, mapping={f"h:{hn + 1}": end, "hn": hn + 1})
         # Only the events stream shows it: a second terminal event.
         device_id, order_id = two_events
-        await client.xadd(EVENTS_STREAM, {"order_id": order_id, "device_id": device_id,
-                                          "status": "fulfilled", "step": "pay", "reason": "",
-                                          "at": 1})  # fmt: skip
-        assert await order_statuses(client, [remade, two_ends]) == ["rejected", "fulfilled"]
+        row = [order_id, device_id, "fulfilled", "pay", "", "fulfilled"]
+        await client.xadd(events_key(shard_of(device_id, SHARDS)),
+                          {"at": 1, "orders": json.dumps([row])})  # fmt: skip
+        assert await order_statuses(client, [remade, two_ends], shards=SHARDS) == [
+            "rejected",
+            "fulfilled",
+        ]
         without_records = await verify(client, others, shards=SHARDS, statuses=statuses)
         assert without_records.ok  # counting stream entries alone sees nothing wrong
         verdict = await verify(client, others, shards=SHARDS, statuses=statuses,
@@ -127,4 +132,4 @@ async def test_stuck_and_twice_processed_orders_fail_the_run(redis_url: str) -> 
     assert sorted(verdict.processed_twice) == [remade, two_ends, two_events]
     assert "'received'" in verdict.processed_twice[remade]
     assert verdict.processed_twice[two_ends].startswith("history: 2 terminal statuses")
-    assert verdict.processed_twice[two_events].startswith(f"{EVENTS_STREAM}: 2 terminal")
+    assert verdict.processed_twice[two_events].startswith(f"{EVENTS}: 2 terminal")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -12,20 +13,24 @@ from typing import Any
 import msgspec
 import paho.mqtt.client as mqtt
 import pytest
-import redis.asyncio as aioredis
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
+from redis.cluster import RedisCluster as SyncCluster
 
 from fleet.servers import MosquittoProcess
 from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.metrics import WorkerMetrics
+from pipeline.records import read_events
+from pipeline.service import redis_client
 from pipeline.status import MqttStatusPublisher, status_client
 from pipeline.steps import StepDeps, build_chain
+from pipeline.stock import stock_levels
 from pipeline.worker import Worker
 from schemas import Status, decode_status
 from schemas.names import status_topic
+from tests.bridge.conftest import running_cluster
 
 TEST_SHARDS = 4
 INITIAL_STOCK = {"COLA-33": 1000, "WATER-50": 1000, "RARE-1": 2}
@@ -43,11 +48,55 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
+async def stock_left(client: Any, sku: str, shards: int = TEST_SHARDS) -> int:
+    """Units of ``sku`` on hand over all shards (and transfers in flight)."""
+    return (await stock_levels(client, shards, [sku]))[sku]
+
+
+async def all_events(client: Any, shards: int = TEST_SHARDS) -> list[dict[str, str]]:
+    """Every entry of every shard's events stream."""
+    return [fields async for fields in read_events(client, shards)]
+
+
+@pytest.fixture(scope="session")
+def pipeline_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """A real 3-master Redis Cluster shared by the pipeline tests; yields the ports."""
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not installed")
+    with running_cluster(tmp_path_factory.mktemp("pipeline-cluster")) as ports:
+        yield ports
+
+
+@pytest.fixture(params=["single"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which Redis the test runs on: ``single`` (default) or ``cluster``.
+
+    A module opts into both with
+    ``pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)``.
+    """
+    return str(request.param)
+
+
+BACKENDS = ["single", "cluster"]
+
+
 @pytest.fixture
-def config(redis_url: str, mqtt_url: str) -> PipelineConfig:
+def store_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """URL of the (emptied) Redis the test runs on: the shared one or the shared cluster."""
+    if backend == "single":
+        return str(request.getfixturevalue("redis_url"))
+    ports: list[int] = request.getfixturevalue("pipeline_cluster")
+    with SyncCluster(host="127.0.0.1", port=ports[0]) as client:
+        client.flushall(target_nodes=SyncCluster.PRIMARIES)
+    return f"redis://127.0.0.1:{ports[0]}/0"
+
+
+@pytest.fixture
+def config(store_url: str, backend: str, mqtt_url: str) -> PipelineConfig:
     """Settings for fast tests: few shards, short blocks, quick reclaim."""
     return PipelineConfig(
-        redis_url=redis_url,
+        redis_url=store_url,
+        redis_cluster=backend == "cluster",
         mqtt_url=mqtt_url,
         shards=TEST_SHARDS,
         block_ms=50,
@@ -59,18 +108,21 @@ def config(redis_url: str, mqtt_url: str) -> PipelineConfig:
 
 
 @pytest.fixture
-async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """An async client on the (flushed) shared Redis."""
-    client = aioredis.Redis.from_url(redis_url)
+async def aredis(config: PipelineConfig) -> AsyncIterator[Any]:
+    """An async client on the (flushed) Redis of the test: a single one or the cluster.
+
+    Typed Any: tests call the same commands on either client.
+    """
+    client = redis_client(config)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
-async def catalog(aredis: aioredis.Redis) -> dict[str, int]:
+async def catalog(aredis: Any) -> dict[str, int]:
     """The test catalog loaded into Redis; returns the initial stock."""
     items = {sku: CatalogItem(price=PRICES[sku], stock=n) for sku, n in INITIAL_STOCK.items()}
-    await store_catalog(aredis, Catalog(items=items, currency="EUR"))
+    await store_catalog(aredis, Catalog(items=items, currency="EUR"), shards=TEST_SHARDS)
     return dict(INITIAL_STOCK)
 
 
@@ -78,9 +130,7 @@ WorkerFactory = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def start_worker(
-    aredis: aioredis.Redis, config: PipelineConfig
-) -> AsyncIterator[WorkerFactory]:
+async def start_worker(aredis: Any, config: PipelineConfig) -> AsyncIterator[WorkerFactory]:
     """Start in-process workers (real Redis, real broker); all stop after the test."""
     stack = contextlib.AsyncExitStack()
     tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []

@@ -21,7 +21,13 @@ def env_for(config: PipelineConfig, **overrides: Any) -> dict[str, str]:
     for name, value in {**msgspec.structs.asdict(config), **overrides}.items():
         if name == "consumer" and not value:
             continue
-        env[f"ORDERS_{name.upper()}"] = str(value)
+        # A repeatable setting (a tuple) travels as a comma list (servicekit.config).
+        if isinstance(value, tuple):
+            env[f"ORDERS_{name.upper()}"] = ",".join(value)
+        else:
+            env[f"ORDERS_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
     return env
 
 

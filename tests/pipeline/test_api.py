@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
@@ -19,7 +20,7 @@ from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 
 from .api_client import api_client
-from .conftest import TEST_SHARDS
+from .conftest import BACKENDS, TEST_SHARDS
 from .producer import make_order
 
 
@@ -31,9 +32,12 @@ async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
         for o in orders
     ]  # fmt: skip
     scripts = Scripts()
-    await commit(client, scripts, await load(client, scripts, batch))
+    await commit(
+        client, scripts, await load(client, scripts, batch, shards=TEST_SHARDS), shards=TEST_SHARDS
+    )
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_paging_while_orders_arrive_returns_each_once(
     aredis: aioredis.Redis, device_id: str
 ) -> None:
@@ -65,6 +69,7 @@ async def test_paging_while_orders_arrive_returns_each_once(
     assert seen == [o.order_id for o in first + later]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_order_record_and_problems(aredis: aioredis.Redis, device_id: str) -> None:
     """A known order has its record and history; bad input and unknown ids get problem+json."""
     order = make_order(device_id, 4, [("COLA-33", 2, 150)])
@@ -94,6 +99,7 @@ async def test_order_record_and_problems(aredis: aioredis.Redis, device_id: str)
         assert (await missing.json())["code"] == "dlq-entry-not-found"
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_an_order_id_on_two_devices_is_ambiguous_without_the_device(
     aredis: aioredis.Redis, device_id: str
 ) -> None:
@@ -133,7 +139,7 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
         for i in range(5)
     ]  # fmt: skip
     await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
-    await dead_letter(aredis, letters)
+    await dead_letter(aredis, Scripts(), letters)
     bridge_fields: dict[FieldT, EncodableT] = {
         "reason": "malformed", "topic": "t", "payload": b"\x00", "received_at": 1
     }  # fmt: skip
@@ -160,6 +166,7 @@ async def test_dlq_pages_and_bridge_entries_are_not_replayable(aredis: aioredis.
         assert (await refused.json())["code"] == "not-replayable"
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis) -> None:
     """Replay moves the entry back to its stream (once) and out of pipeline:dlq; so does resolve."""
     letters = [
@@ -168,7 +175,7 @@ async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis)
         for i in range(2)
     ]  # fmt: skip
     await aredis.xgroup_create("orders:{0}", "pipeline", id="0", mkstream=True)
-    await dead_letter(aredis, letters)
+    await dead_letter(aredis, Scripts(), letters)
     rows: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     (first, _), (second, _) = rows
     first, second = first.decode(), second.decode()
@@ -186,6 +193,7 @@ async def test_replay_and_resolve_empty_the_pipeline_dlq(aredis: aioredis.Redis)
     assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_health_metrics_and_openapi(aredis: aioredis.Redis) -> None:
     """/healthz answers, /metrics carries the per-shard gauges, /openapi.json is the document."""
     await asyncio.gather(*(aredis.xgroup_create(stream_key(s), "pipeline", id="0", mkstream=True)

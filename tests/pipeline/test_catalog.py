@@ -15,8 +15,9 @@ from pipeline._lua import Scripts
 from pipeline.catalog import read_catalog
 from pipeline.config import PipelineConfig
 from pipeline.errors import CatalogError, UnknownStepError
-from pipeline.names import CATALOG_KEY, STOCK_KEY
+from pipeline.names import CATALOG_KEY, stock_key
 from pipeline.steps import StepDeps, build_chain, registered
+from schemas.names import DEFAULT_SHARDS
 
 DEMO = Path(__file__).parents[2] / "pipeline" / "demo_catalog.toml"
 
@@ -56,7 +57,10 @@ def test_cli_catalog_load_writes_prices_and_stock(redis_url: str) -> None:
     assert done.returncode == 0, done.stderr
     with redis.Redis.from_url(redis_url) as client:
         assert client.hget(CATALOG_KEY, "COLA-33") == b"150"
-        assert client.hget(STOCK_KEY, "EV-KWH") == b"1000000"
+        # Spread over the (default) shards: 1,000,000 units in all.
+        parts = [int(client.hget(stock_key(n), "EV-KWH") or 0) for n in range(DEFAULT_SHARDS)]
+        assert sum(parts) == 1_000_000
+        assert max(parts) - min(parts) <= 1
     assert b'"msg": "catalog_loaded"' in done.stderr
 
 

@@ -16,18 +16,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from pipeline import order_statuses
+from pipeline._lua import Scripts
 from pipeline.config import PipelineConfig
-from pipeline.names import (
-    EVENTS_STREAM,
-    PIPELINE_DLQ_STREAM,
-    STOCK_KEY,
-    TERMINAL_STATUSES,
-    reservation_key,
-)
-from pipeline.records import load_order
+from pipeline.names import PIPELINE_DLQ_STREAM, TERMINAL_STATUSES, order_key, transfers_key
+from pipeline.records import load_order, read_events
+from pipeline.stock import settle_transfers, stock_levels
 from schemas import Order
 from schemas.names import PIPELINE_GROUP, stream_key
 
+from .api_client import api_client
 from .conftest import INITIAL_STOCK, StatusListener, eventually
 from .processes import env_for, sigkill, spawn, stop_all
 from .producer import make_order, produce
@@ -62,38 +59,47 @@ async def pending_of(client: aioredis.Redis, consumer: str, shards: int) -> int:
     return total
 
 
-async def statuses(client: aioredis.Redis, orders: list[Order]) -> list[str]:
+async def statuses(client: Any, orders: list[Order], shards: int) -> list[str]:
     """The stored status of each order."""
-    found = await order_statuses(client, [(o.device_id, o.order_id) for o in orders])
+    found = await order_statuses(client, [(o.device_id, o.order_id) for o in orders], shards=shards)
     return [s or "" for s in found]
 
 
-async def assert_books_balance(client: aioredis.Redis, orders: list[Order]) -> None:
-    """One terminal state per order; final stock = initial − Σ qty of confirmed/fulfilled orders."""
+async def assert_books_balance(client: Any, orders: list[Order], shards: int) -> None:
+    """One terminal state per order; final stock = initial − Σ qty of confirmed/fulfilled orders.
+
+    Stock counts every shard's part and any transfer between shards still in flight.
+    """
     sold: Counter[str] = Counter()
     for order in orders:
-        record = await load_order(client, order.device_id, order.order_id)
+        record = await load_order(client, order.device_id, order.order_id, shards=shards)
         assert record is not None
         terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL_STATUSES]
         assert terminal == [record["status"]], (order.order_id, record["history"])
-        held = await client.hget(reservation_key(order.device_id, order.order_id), "_state")
+        held = await client.hget(order_key(order.device_id, order.order_id, shards), "res")
         if record["status"] in {"confirmed", "fulfilled"}:
             assert held == b"held"
             for item in order.items:
                 sold[item.sku] += item.qty
         else:
             assert held in {None, b"released"}
+    levels = await stock_levels(client, shards, INITIAL_STOCK)
     for sku, initial in INITIAL_STOCK.items():
-        left = int(await client.hget(STOCK_KEY, sku) or 0)
-        assert left >= 0
-        assert left == initial - sold[sku], sku
-    rows: Any = await client.xrange(EVENTS_STREAM)
+        assert levels[sku] >= 0
+        assert levels[sku] == initial - sold[sku], sku
     events = Counter(
-        fields[b"order_id"]
-        for _id, fields in rows
-        if fields[b"status"].decode() in TERMINAL_STATUSES
+        [
+            fields["order_id"]
+            async for fields in read_events(client, shards)
+            if fields["status"] in TERMINAL_STATUSES
+        ]
     )
-    assert all(events[o.order_id.encode()] == 1 for o in orders)
+    assert all(events[o.order_id] == 1 for o in orders)
+
+
+async def transfers_in_flight(client: Any, shards: int) -> int:
+    """Stock transfers between shards logged and not completed."""
+    return sum([await client.zcard(transfers_key(shard)) for shard in range(shards)])
 
 
 def random_orders(count: int, devices: int) -> list[Order]:
@@ -111,15 +117,26 @@ def random_orders(count: int, devices: int) -> list[Order]:
     return orders
 
 
+# The cluster run is shorter (the default suite's time budget); both kill workers
+# holding entries, restart them, and check every order and every unit of stock.
+CRASH_RUNS = [("single", (480, 3)), ("cluster", (200, 2))]  # (orders, kills)
+
+
 @pytest.mark.usefixtures("catalog")
+@pytest.mark.parametrize(
+    ("backend", "size"), CRASH_RUNS, indirect=["backend"], ids=["single", "cluster"]
+)
 async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
-    aredis: aioredis.Redis,
+    aredis: Any,
+    *,
     config: PipelineConfig,
     processes: list[subprocess.Popen[bytes]],
     status_listener: StatusListener,
     tmp_path: Path,
+    size: tuple[int, int],
 ) -> None:
-    """Two workers SIGKILLed mid-batch 3 times, restarted: each order ends once; stock adds up."""
+    """Two workers SIGKILLed mid-batch (3 times; twice on the cluster), restarted: each order
+    ends once, stock adds up (over shards and transfers), the API reads every order."""
     env = env_for(
         config,
         batch_size=4,
@@ -133,7 +150,8 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         payment_backoff_ms=5,
         log_level="warning",
     )
-    orders = random_orders(480, devices=12)
+    count, kills = size
+    orders = random_orders(count, devices=12)
     for device in {o.device_id for o in orders}:
         status_listener.subscribe(device)
     for order in orders:
@@ -150,18 +168,18 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         ]  # fmt: skip
         return bool(victims)
 
-    kills = 0
-    while kills < 3:
+    killed = 0
+    while killed < kills:
         await eventually(holds_entries, what="a worker holding entries", timeout_s=30)
         victim = victims[0]
         sigkill(victim)
-        kills += 1
+        killed += 1
         assert await pending_of(aredis, consumer_of(victim), config.shards) > 0
         processes.remove(victim)
         processes.append(spawn(["worker"], env, log))
 
     async def all_terminal() -> bool:
-        return all(s in TERMINAL_STATUSES for s in await statuses(aredis, orders))
+        return all(s in TERMINAL_STATUSES for s in await statuses(aredis, orders, config.shards))
 
     await eventually(all_terminal, what="every order terminal", timeout_s=120)
 
@@ -172,11 +190,24 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         return all(p["pending"] == 0 for p in pending)
 
     await eventually(all_acked, what="every entry acked", timeout_s=30)
-    await assert_books_balance(aredis, orders)
+    await settle_transfers(aredis, Scripts(), shards=config.shards, older_than_ms=0)
+    assert await transfers_in_flight(aredis, config.shards) == 0
+    await assert_books_balance(aredis, orders, config.shards)
+    async with api_client(aredis, config.shards) as http:
+        for order in orders[:: len(orders) // 20]:
+            response = await http.get(f"/v1/devices/{order.device_id}/orders/{order.order_id}")
+            assert response.status == 200
+            assert (await response.json())["status"] in TERMINAL_STATUSES
+        page = await (await http.get(f"/v1/devices/{orders[0].device_id}/orders")).json()
+        assert page["items"]
     assert await aredis.xlen(PIPELINE_DLQ_STREAM) == 0
-    outcomes = Counter(await statuses(aredis, orders))
+    outcomes = Counter(await statuses(aredis, orders, config.shards))
     # The seeded mix really exercised every ending.
-    final = dict(zip((o.order_id for o in orders), await statuses(aredis, orders), strict=True))
+    final = dict(
+        zip(
+            (o.order_id for o in orders), await statuses(aredis, orders, config.shards), strict=True
+        )
+    )
 
     async def every_status_heard() -> bool:
         # At least once, in spite of the kills: the final status, and `confirmed`
@@ -216,6 +247,6 @@ async def test_sigterm_finishes_the_batch_in_hand_and_acks_it(
     await eventually(in_hand, what="the batch in hand")
     worker.terminate()
     assert await asyncio.to_thread(worker.wait, 20) == 0
-    assert await statuses(aredis, orders) == ["fulfilled"] * len(orders)
+    assert await statuses(aredis, orders, config.shards) == ["fulfilled"] * len(orders)
     assert await pending_of(aredis, consumer_of(worker), config.shards) == 0
     assert b"worker_stopped" in (tmp_path / "worker.log").read_bytes()

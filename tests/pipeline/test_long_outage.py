@@ -27,6 +27,8 @@ from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
 from pipeline import order_statuses
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
+from pipeline.names import order_key
+from pipeline.records import parse_history
 from schemas.names import orders_topic
 from tests.bridge.conftest import (
     BridgeProcess,
@@ -79,7 +81,7 @@ def statuses(url: str, refs: list[tuple[str, str]]) -> list[str | None]:
     async def read() -> list[str | None]:
         client = aioredis.Redis.from_url(url)
         try:
-            return await order_statuses(client, refs)
+            return await order_statuses(client, refs, shards=SHARDS)
         finally:
             await client.aclose()
 
@@ -153,8 +155,9 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
             assert set(seen) == set(refs)
             assert max(seen.values()) == 1, "an order was appended twice"
             for device, order_id in refs:
-                history = client.lrange(f"order:{device}:{order_id}:history", 0, -1)
-                finals = [h for h in history if b'"fulfilled"' in h]
+                raw = client.hgetall(order_key(device, order_id, SHARDS))
+                history = parse_history({k.decode(): v.decode() for k, v in raw.items()})
+                finals = [h for h in history if h["status"] == "fulfilled"]
                 assert len(finals) == 1, (device, order_id, history)
         assert {r.result for _d, r in receipts.snapshot()} <= {"accepted", "duplicate"}
     finally:
@@ -167,6 +170,8 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
 async def _load_catalog(url: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
-        await store_catalog(client, Catalog(items={"cola": CatalogItem(price=150, stock=100_000)}))
+        await store_catalog(
+            client, Catalog(items={"cola": CatalogItem(price=150, stock=100_000)}), shards=SHARDS
+        )
     finally:
         await client.aclose()

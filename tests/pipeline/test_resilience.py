@@ -21,7 +21,7 @@ from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit.redis_clients import client_options
 
-from .conftest import WorkerFactory, eventually
+from .conftest import TEST_SHARDS, WorkerFactory, eventually
 from .producer import make_order, produce
 
 
@@ -52,7 +52,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
-        await store_catalog(client, catalog)
+        await store_catalog(client, catalog, shards=cfg.shards)
         first = make_order(device_id, 0)
         await produce(client, first, cfg.shards)
         await eventually(lambda: _status_is(client, first, "fulfilled"), what="first")
@@ -62,7 +62,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
         assert not task.done()
         server.start()  # empty again: no persistence
         async with aioredis.Redis.from_url(server.url) as fresh:
-            await store_catalog(fresh, catalog)
+            await store_catalog(fresh, catalog, shards=cfg.shards)
             second = make_order(device_id, 1)
             await produce(fresh, second, cfg.shards)
             await eventually(lambda: _status_is(fresh, second, "fulfilled"), what="second")
@@ -133,7 +133,7 @@ async def test_idle_empty_consumers_are_forgotten(
 
 async def _status_is(client: aioredis.Redis, order: Order, status: str) -> bool:
     try:
-        record = await load_order(client, order.device_id, order.order_id)
+        record = await load_order(client, order.device_id, order.order_id, shards=TEST_SHARDS)
     except (ConnectionError, OSError):
         return False
     return record is not None and record["status"] == status

@@ -12,14 +12,17 @@ from hypothesis import strategies as st
 
 from fleet.servers import RedisProcess
 from pipeline._lua import Scripts
-from pipeline.names import STOCK_KEY, reservation_key
+from pipeline.names import order_key, stock_key
 from pipeline.records import OrderContext, StreamEntry, Transition, commit, load
 from pipeline.stock import reserve
 from schemas import encode
 
+from .conftest import BACKENDS
 from .producer import make_order
 
 SKUS = ("A", "B", "C")
+SHARDS = 1  # every device's stock in shard 0's hash (rebalancing: test_stock_shards.py)
+STOCK_KEY = stock_key(0)
 
 
 async def new_context(
@@ -30,11 +33,11 @@ async def new_context(
         "stock-dev", 0, [(sku, qty, 1) for sku, qty in items], order_id=uuid.uuid4().hex
     )
     entry = StreamEntry("orders:{0}", "1-1", {"received_at": b"1", "payload": encode(order)})
-    (ctx,) = await load(client, scripts, [(entry, order)])
+    (ctx,) = await load(client, scripts, [(entry, order)], shards=SHARDS)
     ctx.proposed = Transition("validated")
     ctx.settle("validate")
-    assert await commit(client, scripts, [ctx]) == [ctx]
-    (ctx,) = await load(client, scripts, [(entry, order)])
+    assert await commit(client, scripts, [ctx], shards=SHARDS) == [ctx]
+    (ctx,) = await load(client, scripts, [(entry, order)], shards=SHARDS)
     return ctx
 
 
@@ -42,42 +45,44 @@ async def step(
     client: aioredis.Redis, scripts: Scripts, ctx: OrderContext, name: str, proposed: Transition
 ) -> OrderContext:
     """Store one step's decision as a worker batch would (from freshly loaded state)."""
-    (fresh,) = await load(client, scripts, [(ctx.entry, ctx.order)])
+    (fresh,) = await load(client, scripts, [(ctx.entry, ctx.order)], shards=SHARDS)
     if name not in fresh.done:
         fresh.proposed = proposed
         fresh.settle(name)
-    await commit(client, scripts, [fresh])
+    await commit(client, scripts, [fresh], shards=SHARDS)
     return fresh
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_reserve_is_all_or_nothing_and_idempotent(aredis: aioredis.Redis) -> None:
     """A short line reserves nothing; a repeated reservation takes stock once."""
     scripts = Scripts()
     await aredis.hset(STOCK_KEY, mapping={"A": 5, "B": 1})
     short = await new_context(aredis, scripts, [("A", 2), ("B", 2)])
-    assert await reserve(aredis, scripts, [short]) == ["short:B"]
+    assert await reserve(aredis, scripts, [short], shards=SHARDS) == ["short:B=1"]
     assert await aredis.hmget(STOCK_KEY, ["A", "B"]) == [b"5", b"1"]
     ok = await new_context(aredis, scripts, [("A", 2), ("A", 1), ("B", 1)])
-    assert await reserve(aredis, scripts, [ok, ok]) == ["reserved", "held"]
-    assert await reserve(aredis, scripts, [ok]) == ["held"]
+    assert await reserve(aredis, scripts, [ok, ok], shards=SHARDS) == ["reserved", "held"]
+    assert await reserve(aredis, scripts, [ok], shards=SHARDS) == ["held"]
     assert await aredis.hmget(STOCK_KEY, ["A", "B"]) == [b"2", b"0"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 async def test_failing_releases_once_and_never_reserves_again(aredis: aioredis.Redis) -> None:
     """Entering `failed` gives the stock back atomically, once; a late reserve is refused."""
     scripts = Scripts()
     await aredis.hset(STOCK_KEY, "A", 10)
     ctx = await new_context(aredis, scripts, [("A", 4)])
-    await reserve(aredis, scripts, [ctx])
+    await reserve(aredis, scripts, [ctx], shards=SHARDS)
     await step(aredis, scripts, ctx, "reserve", Transition("reserved"))
     for _ in range(2):  # the second commit is a redelivery: already done, no second release
         await step(aredis, scripts, ctx, "pay", Transition("failed", "payment_declined"))
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
     assert (
-        await aredis.hget(reservation_key(ctx.order.device_id, ctx.order.order_id), "_state")
+        await aredis.hget(order_key(ctx.order.device_id, ctx.order.order_id, SHARDS), "res")
         == b"released"
     )
-    assert await reserve(aredis, scripts, [ctx]) == ["released"]
+    assert await reserve(aredis, scripts, [ctx], shards=SHARDS) == ["released"]
     assert await aredis.hget(STOCK_KEY, "A") == b"10"
 
 
@@ -113,7 +118,9 @@ def test_stock_never_negative_and_balances(
             for items, deliveries, ending in ops:
                 ctx = await new_context(client, scripts, items)
                 results = [
-                    r for _ in range(deliveries) for r in await reserve(client, scripts, [ctx])
+                    r
+                    for _ in range(deliveries)
+                    for r in await reserve(client, scripts, [ctx], shards=SHARDS)
                 ]
                 assert results.count("reserved") <= 1
                 if "reserved" in results:

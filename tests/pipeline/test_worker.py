@@ -10,24 +10,36 @@ import redis.asyncio as aioredis
 
 from pipeline import order_statuses
 from pipeline.config import PipelineConfig
-from pipeline.names import EVENTS_STREAM, PIPELINE_DLQ_STREAM, STOCK_KEY
+from pipeline.names import PIPELINE_DLQ_STREAM
 from pipeline.records import StreamEntry, load_order, text
 from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, shard_of, stream_key
 
-from .conftest import INITIAL_STOCK, StatusListener, WorkerFactory, eventually
+from .conftest import (
+    BACKENDS,
+    INITIAL_STOCK,
+    TEST_SHARDS,
+    StatusListener,
+    WorkerFactory,
+    all_events,
+    eventually,
+    stock_left,
+)
 from .producer import make_order, produce, produce_raw
+
+# The contract tests of the worker, on a single Redis and on a 3-master cluster.
+pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 async def status_of(client: aioredis.Redis, order: Order) -> str | None:
     """The stored status of an order, or None."""
-    record = await load_order(client, order.device_id, order.order_id)
+    record = await load_order(client, order.device_id, order.order_id, shards=TEST_SHARDS)
     return None if record is None else str(record["status"])
 
 
 async def stock(client: aioredis.Redis, sku: str) -> int:
     """Units on hand."""
-    return int(await client.hget(STOCK_KEY, sku) or 0)
+    return await stock_left(client, sku)
 
 
 async def wait_status(client: aioredis.Redis, order: Order, status: str) -> dict[str, Any]:
@@ -37,7 +49,7 @@ async def wait_status(client: aioredis.Redis, order: Order, status: str) -> dict
         return await status_of(client, order) == status
 
     await eventually(reached, what=f"{order.order_id} -> {status}")
-    record = await load_order(client, order.device_id, order.order_id)
+    record = await load_order(client, order.device_id, order.order_id, shards=TEST_SHARDS)
     assert record is not None
     return record
 
@@ -62,10 +74,11 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     assert record["steps_done"] == ["fulfil", "pay", "reserve", "validate"]
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 3
     assert await stock(aredis, "WATER-50") == INITIAL_STOCK["WATER-50"] - 2
-    events: Any = await aredis.xrange(EVENTS_STREAM)
-    assert [e[1][b"status"] for e in events] == [
-        b"received", b"validated", b"reserved", b"confirmed", b"fulfilled",
-    ]  # fmt: skip
+    # One event for the batch that took the order all the way, with the path it took.
+    events = await all_events(aredis)
+    assert [(e["order_id"], e["status"], e["path"]) for e in events] == [
+        (order.order_id, "fulfilled", "received>validated>reserved>confirmed>fulfilled"),
+    ]
 
     async def heard() -> bool:
         return status_listener.statuses(order.order_id) == ["confirmed", "fulfilled"]
@@ -109,9 +122,13 @@ async def test_one_order_id_on_two_devices_is_two_orders(
                                            {text(k): v for k, v in fields.items()}, 2))  # fmt: skip
     await worker.process(entries)
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 7
-    found = await order_statuses(aredis, [(o.device_id, o.order_id) for o in orders])
+    found = await order_statuses(
+        aredis, [(o.device_id, o.order_id) for o in orders], shards=TEST_SHARDS
+    )
     assert found == ["fulfilled", "fulfilled"]
-    assert await order_statuses(aredis, [(device_id, "order-00000009")]) == [None]
+    assert await order_statuses(aredis, [(device_id, "order-00000009")], shards=TEST_SHARDS) == [
+        None
+    ]
 
 
 @pytest.mark.usefixtures("catalog")
@@ -196,11 +213,11 @@ async def test_redelivered_entries_change_nothing(
     stream = stream_key(shard_of(device_id, config.shards))
     rows: Any = await aredis.xrange(stream)
     entry = StreamEntry(stream, text(rows[0][0]), {text(k): v for k, v in rows[0][1].items()}, 2)
-    events_before = await aredis.xlen(EVENTS_STREAM)
+    events_before = len(await all_events(aredis))
     await worker.process([entry, entry])
     assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 4
-    assert await aredis.xlen(EVENTS_STREAM) == events_before
-    record = await load_order(aredis, order.device_id, order.order_id)
+    assert len(await all_events(aredis)) == events_before
+    record = await load_order(aredis, order.device_id, order.order_id, shards=TEST_SHARDS)
     assert record is not None
     assert [h["status"] for h in record["history"]].count("fulfilled") == 1
 

@@ -1,0 +1,203 @@
+"""Geo mode (GEO.md): the agent's regions, which one it uses, when it fails over and back.
+
+The agent knows an ordered list of regions, home first, each a name and a
+broker URL (``--region NAME=MQTT_URL``, repeatable). It is connected to one
+region at a time. :class:`RegionSelector` is the decision logic only (no I/O,
+injected clock), so it is tested on its own; the publisher drives it:
+
+* **Failover** to the next region in the list (wrapping to home) after
+  ``failover_after_s`` without a connection to the current one, or connected
+  with orders in flight and no answer (receipt of any result, or a PUBACK
+  refusal) for that long.
+* **Failback** to home: while on another region, the agent probes home's broker
+  every ``failback_probe_s`` with a throw-away CONNECT (client id
+  ``{client_id}-probe``, no session, no subscriptions, so it can never take a
+  message meant for the agent's own session) and moves home at the first probe
+  that gets a CONNACK. A CONNACK does not prove home's bridge works: each time
+  the agent leaves home because its orders got no answer there, the next
+  failback waits twice as long (``failback_probe_s`` × 2^(n-1), at most an
+  hour), until an answer at home resets it. So a home broker up without a
+  working bridge costs a flap at 30 s, 60 s, 120 s… rather than every 30 s.
+
+An order's ``attempts`` (the regions it was published to, first = authority)
+is kept by the outbox (column ``regions``) and grows only when the region
+changes, so resends to the same region carry the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from schemas.messages import MAX_ATTEMPTS
+from servicekit.errors import ConfigError
+from servicekit.urls import MqttUrl, redact
+
+REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")
+MAX_FAILBACK_HOLDOFF_S: Final = 3600.0
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region the agent may publish to: its name (as ``attempts`` carries it) and broker."""
+
+    name: str
+    url: MqttUrl
+
+
+def parse_regions(spec: str | tuple[str, ...]) -> tuple[Region, ...]:
+    """Parse ``NAME=MQTT_URL`` entries, home first.
+
+    ``spec`` is a tuple of entries (repeated ``--region`` flags, a TOML list)
+    or one string of comma-separated entries (the ``ORDERS_REGION`` variable).
+    An empty spec means single-region mode: ``()``.
+
+    Raises:
+        ConfigError: a malformed entry, a bad name or URL, a repeated name,
+            or more regions than an order's ``attempts`` can hold.
+    """
+    entries = spec.split(",") if isinstance(spec, str) else list(spec)
+    entries = [entry.strip() for entry in entries if entry.strip()]
+    regions: list[Region] = []
+    for entry in entries:
+        name, sep, url = entry.partition("=")
+        if not sep:
+            raise ConfigError(f"region {redact(entry)!r} is not NAME=MQTT_URL", "invalid_region")
+        if not REGION_NAME.fullmatch(name):
+            raise ConfigError(
+                f"region name {name!r} must be 1-32 chars of [a-z0-9-]", "invalid_region"
+            )
+        if any(region.name == name for region in regions):
+            raise ConfigError(f"region {name!r} is given twice", "invalid_region")
+        regions.append(Region(name, MqttUrl.parse(url.strip())))
+    if len(regions) > MAX_ATTEMPTS:
+        raise ConfigError(
+            f"{len(regions)} regions; an order's attempts hold at most {MAX_ATTEMPTS}",
+            "invalid_region",
+        )
+    return tuple(regions)
+
+
+class RegionSelector:
+    """Which region to use now; failover and failback decisions. Not thread-safe, no I/O.
+
+    Times are seconds of ``monotonic`` (the agent clock's monotonic reading).
+    """
+
+    def __init__(
+        self,
+        regions: tuple[Region, ...],
+        *,
+        failover_after_s: float,
+        monotonic: Callable[[], float],
+        failback_holdoff_s: float = 0.0,
+    ) -> None:
+        if not regions:
+            raise ValueError("geo mode needs at least one region")
+        self.regions = regions
+        self.failover_after_s = failover_after_s
+        self._monotonic = monotonic
+        self._index = 0
+        self.failovers = 0
+        self.failbacks = 0
+        self.connected = False
+        self._unconnected_since: float | None = monotonic()
+        self._unanswered_since: float | None = None
+        self._home_healthy = False
+        self.failback_holdoff_s = failback_holdoff_s
+        self._home_stalls = 0  # times we left home for lack of answers, since its last answer
+        self._failback_not_before = 0.0
+
+    @property
+    def home(self) -> Region:
+        return self.regions[0]
+
+    @property
+    def current(self) -> Region:
+        return self.regions[self._index]
+
+    @property
+    def at_home(self) -> bool:
+        return self._index == 0
+
+    # --- what the publisher reports ------------------------------------------
+
+    def on_connected(self) -> None:
+        self.connected = True
+        self._unconnected_since = None
+        self._unanswered_since = None
+        if self.at_home:
+            self._home_healthy = False
+
+    def on_disconnected(self) -> None:
+        """The connection ended (lost, or we left): the no-connection clock starts."""
+        if self.connected or self._unconnected_since is None:
+            self._unconnected_since = self._monotonic()
+        self.connected = False
+        self._unanswered_since = None
+
+    def on_sent(self) -> None:
+        if self._unanswered_since is None:
+            self._unanswered_since = self._monotonic()
+
+    def on_answer(self, still_inflight: int) -> None:
+        """A receipt (any result) or a PUBACK refusal: the region is alive."""
+        self._unanswered_since = self._monotonic() if still_inflight else None
+        if self.at_home:
+            self._home_stalls = 0
+
+    def on_home_probe_ok(self) -> None:
+        if not self.at_home:
+            self._home_healthy = True
+
+    # --- decisions -------------------------------------------------------------
+
+    def should_fail_over(self) -> bool:
+        """Failover due: too long without a connection, or without an answer while waiting."""
+        return len(self.regions) > 1 and self.seconds_until_failover() <= 0.0
+
+    def should_fail_back(self) -> bool:
+        return self._home_healthy and not self.at_home and self.failback_wait_s() <= 0.0
+
+    def failback_wait_s(self) -> float:
+        """How long a good probe of home must still wait to count (stall hold-off)."""
+        return max(0.0, self._failback_not_before - self._monotonic())
+
+    def seconds_until_failover(self) -> float:
+        """How long until :meth:`should_fail_over` turns true by time alone (inf: never)."""
+        since = self._unanswered_since if self.connected else self._unconnected_since
+        if since is None or len(self.regions) < 2:
+            return float("inf")
+        return max(0.0, since + self.failover_after_s - self._monotonic())
+
+    def fail_over(self) -> Region:
+        """Move to the next region (wrapping to home); return it."""
+        if self.at_home and self.connected:  # connected, yet leaving: home did not answer
+            self._home_stalls += 1
+            holdoff = self.failback_holdoff_s * 2.0 ** min(self._home_stalls - 1, 16)
+            self._failback_not_before = self._monotonic() + min(holdoff, MAX_FAILBACK_HOLDOFF_S)
+        self._index = (self._index + 1) % len(self.regions)
+        self.failovers += 1
+        self._reset_for_switch()
+        return self.current
+
+    def fail_back(self) -> Region:
+        """Move home; return it."""
+        self._index = 0
+        self.failbacks += 1
+        self._reset_for_switch()
+        return self.current
+
+    def _reset_for_switch(self) -> None:
+        self.connected = False
+        self._unconnected_since = self._monotonic()
+        self._unanswered_since = None
+        self._home_healthy = False
+
+
+def with_attempt(regions: str, name: str) -> tuple[str, ...]:
+    """The stored comma-separated ``regions`` as a tuple, with ``name`` appended if new."""
+    names = tuple(regions.split(",")) if regions else ()
+    return names if name in names else (*names, name)
