@@ -11,10 +11,14 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
 EXPORTS := edge bridge fleet
 
-.PHONY: demo demo-geo test lint system-deps stack format lock clean
+.PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demo
+
+# 10,000 devices over 4 processes with a ×10 rate spike and a reconnect storm; a few minutes.
+demo-scale: $(INSTALLED)
+	$(BIN)/python -m fleet.demo --scale
 
 # Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
 demo-geo: $(INSTALLED)

@@ -17,9 +17,21 @@
 | ``redis-oom=S`` | own stack | ``maxmemory`` below use for S s (writes answer OOM), then back |
 | ``agent-powercut`` | — | power cut of the devices with file outboxes; they restart on it |
 | ``clock-skew=S`` | — | the devices' wall clock jumps by S seconds (negative: back) |
+| ``spike=Fx:Ds`` | — | the offered rate goes ×F for D seconds (default ``10x:30s``) |
+| ``storm`` | own stack | restart the broker once every device is connected: all reconnect |
+
+A spike reports the peak outbox depth and the drain time (from the spike's end
+until the outbox depth is back to its level before the spike); a storm reports
+how long until every device was back, the restarted broker's CPU (from /proc)
+and the spread of the connection attempts (per 100 ms) that the agents'
+full-jitter backoff makes. ``agent-powercut`` and ``clock-skew`` act inside the
+process that runs the devices, so they need ``--processes 1``.
 
 On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
 ``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo_chaos`.
+
+Kinds live in one table, :data:`KINDS`; :func:`register_kind` adds one (its
+injector gets the runner, the event and the event's index).
 
 Power cuts use :mod:`fleet.powercut` (writes kept in memory until fsync). The
 clock skew lasts to the end of the run and only moves the simulated devices'
@@ -31,8 +43,12 @@ Each fault proves it happened (a killed pid is gone) and is recorded with its ti
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
 import structlog
@@ -41,10 +57,10 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 import servicekit.clock
 
 from .clockskew import WallClockSkew
-from .devices import Fleet
 from .errors import ChaosError
 from .geo_chaos import GEO_KINDS, parse_geo_arg
 from .powercut import PowerCutMount
+from .procstat import process_cpu_s
 from .proxy import TcpProxy
 from .rogue import RogueReport, send_rogue
 from .servers import ServerProcess
@@ -53,25 +69,39 @@ from .stack import Stack
 
 log = structlog.get_logger(__name__)
 
-STACK_KINDS = frozenset(
-    {"broker-restart", "bridge-kill", "redis-stop", "worker-kill", "redis-powercut", "redis-oom"}
-)
-PROXY_KINDS = frozenset({"drop", "refuse"})
-OTHER_KINDS = frozenset({"dup-flood", "rogue", "agent-powercut", "clock-skew"})
-KINDS = STACK_KINDS | PROXY_KINDS | OTHER_KINDS | GEO_KINDS
-DEFAULT_ARG = {
-    "redis-stop": 5.0, "drop": 0.3, "refuse": 5.0, "rogue": 50.0, "redis-oom": 3.0,
-    "clock-skew": 3 * 86_400.0,
-}  # fmt: skip
+SPIKE_POLL_S = 0.25
+# A spike has drained when the outbox depth is back to max(2 × its depth before, this).
+SPIKE_DRAINED_DEPTH = 20
+SPIKE_DRAIN_TIMEOUT_S = 120.0
+STORM_CONNECTED_WAIT_S = 60.0
+STORM_BACK_TIMEOUT_S = 120.0
+STORM_BUCKET_S = 0.1
+
+
+class FleetControl(Protocol):
+    """What chaos needs of the devices: the in-process :class:`fleet.devices.Fleet`,
+    or :class:`fleet.workers.RemoteFleet` for devices spread over worker processes."""
+
+    @property
+    def size(self) -> int: ...
+    def connected(self) -> int: ...
+    def outbox_depth(self) -> int: ...
+    def device_ids(self, count: int) -> list[str]: ...
+    def set_rate_factor(self, factor: float) -> None: ...
+    async def flood(self) -> int: ...
+    async def reconnected_since(self, t0: float) -> tuple[int, float | None]: ...
+    async def connect_attempts_since(self, t0: float) -> list[float]: ...
+    async def restart_disk_devices(self, between: Callable[[], Awaitable[None]]) -> int: ...
 
 
 @dataclass(frozen=True, order=True)
 class ChaosEvent:
-    """One fault: ``kind`` (with ``arg``) at ``at_s`` seconds into the load."""
+    """One fault: ``kind`` (with ``arg``, and ``arg2`` for two-part arguments) at ``at_s``."""
 
     at_s: float
     kind: str
     arg: float = 0.0
+    arg2: float = 0.0
     target: str = ""  # geo kinds: the region name(s)
 
     @property
@@ -79,7 +109,68 @@ class ChaosEvent:
         """How the event is shown in the report."""
         if self.kind in GEO_KINDS:
             return f"{self.kind}={self.target}/{self.arg:g}s"
-        return f"{self.kind}={self.arg:g}" if self.kind in DEFAULT_ARG else self.kind
+        spec = KINDS.get(self.kind)
+        if spec is None or spec.default is None:
+            return self.kind
+        return f"{self.kind}={spec.show(self)}"
+
+
+Injector = Callable[["ChaosRunner", ChaosEvent, int], Coroutine[Any, Any, str]]
+Needs = Literal["stack", "proxy", ""]
+
+
+def _number(text: str) -> tuple[float, float]:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value, 0.0
+
+
+def _non_negative(text: str) -> tuple[float, float]:
+    value, _ = _number(text)
+    if value < 0:
+        raise ValueError(text)
+    return value, 0.0
+
+
+_SPIKE = re.compile(r"(\d+(?:\.\d+)?)x:(\d+(?:\.\d+)?)s")
+
+
+def _spike_arg(text: str) -> tuple[float, float]:
+    match = _SPIKE.fullmatch(text)
+    if match is None or float(match[1]) <= 0 or float(match[2]) <= 0:
+        raise ValueError(text)
+    return float(match[1]), float(match[2])
+
+
+def _show_number(event: ChaosEvent) -> str:
+    return f"{event.arg:g}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A chaos kind: what injects it, what it needs, how its argument reads and shows.
+
+    ``default`` None: the kind takes no argument. ``single_process``: it acts in
+    the process that runs the devices, so it needs ``--processes 1``.
+    """
+
+    inject: Injector
+    needs: Needs = ""
+    default: str | None = None
+    parse: Callable[[str], tuple[float, float]] = _non_negative
+    show: Callable[[ChaosEvent], str] = _show_number
+    single_process: bool = False
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(name: str, kind: Kind) -> None:
+    """Add a chaos kind (e.g. the geo stack's); refuses a name already taken."""
+    if name in KINDS:
+        raise ChaosError(f"chaos kind {name!r} is already registered")
+    KINDS[name] = kind
 
 
 def parse_schedule(text: str) -> list[ChaosEvent]:
@@ -92,42 +183,128 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     for raw in filter(None, (part.strip() for part in text.split(","))):
         at, sep, rest = raw.partition(":")
         kind, _, arg = rest.partition("=")
-        if kind in GEO_KINDS and sep:
+        if kind in GEO_KINDS and sep:  # region names, parsed by fleet.geo_chaos
             try:
-                at_s = float(at)
+                at_s, _ = _non_negative(at)
             except ValueError as exc:
-                raise ChaosError(f"bad chaos entry {raw!r}: want AT:KIND[=ARG]") from exc
-            if at_s < 0:
-                raise ChaosError(f"bad chaos entry {raw!r}: negative time")
+                raise ChaosError(f"bad chaos entry {raw!r}: want AT:{kind}=…") from exc
             target, seconds = parse_geo_arg(kind, arg)
-            events.append(ChaosEvent(at_s, kind, seconds, target))
+            events.append(ChaosEvent(at_s, kind, seconds, target=target))
             continue
+        spec = KINDS.get(kind)
+        if not sep or spec is None:
+            kinds = ", ".join(sorted([*KINDS, *GEO_KINDS]))
+            raise ChaosError(f"bad chaos entry {raw!r}: kinds are {kinds}")
         try:
-            at_s = float(at)
-            value = float(arg) if arg else DEFAULT_ARG.get(kind, 0.0)
+            at_s, _ = _non_negative(at)
+            value, value2 = _argument(spec, arg)
         except ValueError as exc:
-            raise ChaosError(f"bad chaos entry {raw!r}: want AT:KIND[=ARG]") from exc
-        if not sep or kind not in KINDS or at_s < 0 or (value < 0 and kind != "clock-skew"):
-            raise ChaosError(f"bad chaos entry {raw!r}: kinds are {', '.join(sorted(KINDS))}")
-        events.append(ChaosEvent(at_s, kind, value))
+            want = f"AT:{kind}" + ("" if spec.default is None else f"[={spec.default}]")
+            raise ChaosError(f"bad chaos entry {raw!r}: want {want}") from exc
+        events.append(ChaosEvent(at_s, kind, value, value2))
     return sorted(events)
 
 
+def _argument(spec: Kind, text: str) -> tuple[float, float]:
+    if spec.default is None:
+        if text:
+            raise ValueError(text)  # the kind takes no argument
+        return 0.0, 0.0
+    return spec.parse(text or spec.default)
+
+
+def needs_proxy(events: list[ChaosEvent]) -> bool:
+    """Whether any event is a network fault injected through fleet-sim's TCP proxy."""
+    return any(e.kind in KINDS and KINDS[e.kind].needs == "proxy" for e in events)
+
+
 def check_feasible(
-    events: list[ChaosEvent], *, own_stack: bool, proxy: bool, geo: bool = False
+    events: list[ChaosEvent],
+    *,
+    own_stack: bool,
+    proxy: bool,
+    processes: int = 1,
+    geo: bool = False,
 ) -> None:
-    """Refuse process faults on a stack we did not start, and network faults without the proxy.
+    """Refuse process faults on a stack we did not start, network faults without the proxy,
+    and in-process device faults when the devices run in worker processes.
 
     Raises:
         ChaosError: naming the first fault that cannot be injected.
     """
     for event in events:
-        if event.kind in STACK_KINDS and not own_stack:
+        if event.kind in GEO_KINDS:
+            if not geo:
+                raise ChaosError(f"{event.kind} needs a geo rig: fleet-sim --regions N")
+            continue
+        spec = KINDS[event.kind]
+        if spec.needs == "stack" and not own_stack:
             raise ChaosError(f"{event.kind} needs a stack fleet-sim started itself")
-        if event.kind in PROXY_KINDS and not proxy:
+        if spec.needs == "proxy" and not proxy:
             raise ChaosError(f"{event.kind} needs the proxy")
-        if event.kind in GEO_KINDS and not geo:
-            raise ChaosError(f"{event.kind} needs a geo rig: fleet-sim --regions N")
+        if spec.single_process and processes > 1:
+            raise ChaosError(
+                f"{event.kind} needs --processes 1 (it acts inside the devices' process)"
+            )
+
+
+@dataclass
+class SpikeReport:
+    """What a ``spike`` did to the outboxes: depth before, peak, and the drain time."""
+
+    at_s: float
+    factor: float
+    duration_s: float
+    depth_before: int
+    peak_depth: int = 0
+    # Seconds from the spike's end until the depth was back (None: not within the timeout).
+    drain_s: float | None = None
+
+
+@dataclass
+class StormReport:
+    """What a ``storm`` did: who came back how fast, the broker's CPU, the attempts' spread."""
+
+    at_s: float
+    devices: int
+    connected_before: int
+    back: int = 0
+    # Seconds from the broker's SIGKILL until the last device was connected again.
+    all_back_s: float | None = None
+    broker_cpu_s: float = 0.0
+    broker_wall_s: float = 0.0
+    # Connection attempts per 100 ms from the SIGKILL on.
+    attempts_per_bucket: list[int] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        """Connection attempts the devices made after the broker went down."""
+        return sum(self.attempts_per_bucket)
+
+    @property
+    def max_per_bucket(self) -> int:
+        """The most attempts in any 100 ms."""
+        return max(self.attempts_per_bucket, default=0)
+
+    @property
+    def max_per_s(self) -> int:
+        """The most attempts in any one-second window (sliding over 100 ms buckets)."""
+        per = round(1 / STORM_BUCKET_S)
+        counts = self.attempts_per_bucket
+        return max((sum(counts[i : i + per]) for i in range(max(1, len(counts) - per + 1))),
+                   default=0)  # fmt: skip
+
+    @property
+    def attempts_per_s(self) -> list[int]:
+        """Connection attempts in each whole second after the SIGKILL."""
+        per = round(1 / STORM_BUCKET_S)
+        counts = self.attempts_per_bucket
+        return [sum(counts[i : i + per]) for i in range(0, len(counts), per)]
+
+    @property
+    def broker_cores(self) -> float:
+        """The restarted broker's CPU seconds per wall second until all were back."""
+        return self.broker_cpu_s / self.broker_wall_s if self.broker_wall_s > 0 else 0.0
 
 
 @dataclass
@@ -137,6 +314,8 @@ class ChaosLog:
     events: list[tuple[float, str]] = field(default_factory=list)
     rogue: list[RogueReport] = field(default_factory=list)
     flooded: int = 0
+    spikes: list[SpikeReport] = field(default_factory=list)
+    storms: list[StormReport] = field(default_factory=list)
 
 
 class ChaosRunner:
@@ -148,12 +327,15 @@ class ChaosRunner:
         *,
         stack: Stack | None,
         proxy: TcpProxy | None,
-        fleet: Fleet,
+        fleet: FleetControl,
         mqtt_url: str,
         prefix: str,
         agent_disk: PowerCutMount | None = None,
+        processes: int = 1,
     ) -> None:
-        check_feasible(events, own_stack=stack is not None, proxy=proxy is not None)
+        check_feasible(
+            events, own_stack=stack is not None, proxy=proxy is not None, processes=processes
+        )
         kinds = {e.kind for e in events}
         if "redis-powercut" in kinds and (stack is None or stack.redis_disk is None):
             raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
@@ -168,21 +350,32 @@ class ChaosRunner:
         self.mqtt_url = mqtt_url
         self.prefix = prefix
         self.log = ChaosLog()
+        self.started = 0.0
         self._bridge_turn = 0
+        self._watchers: asyncio.TaskGroup | None = None
 
     async def run(self, started: float) -> None:
-        """Inject each event at its time (relative to ``started``, monotonic)."""
-        for n, event in enumerate(self.events):
-            await asyncio.sleep(max(0.0, started + event.at_s - time.monotonic()))
-            at = time.monotonic() - started
-            detail = await self._inject(event, n)
-            self.log.events.append((at, f"{event.label}{detail}"))
-            log.info("chaos", at_s=round(at, 1), kind=event.kind, arg=event.arg, detail=detail)
+        """Inject each event at its time (relative to ``started``, monotonic).
 
-    async def _inject(self, event: ChaosEvent, n: int) -> str:
-        inject = getattr(self, "_" + event.kind.replace("-", "_"))
-        detail: str = await inject(event, n)
-        return detail
+        Returns when every event and every measurement they started (a spike's
+        drain) is done.
+        """
+        self.started = started
+        async with asyncio.TaskGroup() as watchers:
+            self._watchers = watchers
+            for n, event in enumerate(self.events):
+                await asyncio.sleep(max(0.0, started + event.at_s - time.monotonic()))
+                at = time.monotonic() - started
+                detail = await KINDS[event.kind].inject(self, event, n)
+                self.log.events.append((at, f"{event.label}{detail}"))
+                log.info("chaos", at_s=round(at, 1), kind=event.kind, arg=event.arg, detail=detail)
+        self._watchers = None
+
+    def watch(self, measurement: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``measurement`` beside the rest of the schedule; :meth:`run` waits for it."""
+        if self._watchers is None:
+            raise ChaosError("measurements run only inside ChaosRunner.run")
+        self._watchers.create_task(measurement, name=name)
 
     def _own_stack(self) -> Stack:
         if self.stack is None:  # parse-time checks make this unreachable
@@ -286,15 +479,93 @@ class ChaosRunner:
         return f" ({self._the_proxy().stats.refused} refused so far)"
 
     async def _dup_flood(self, event: ChaosEvent, n: int) -> str:
-        sent = self.fleet.flood()
+        sent = await self.fleet.flood()
         self.log.flooded += sent
         return f" ({sent} resent)"
 
     async def _rogue(self, event: ChaosEvent, n: int) -> str:
-        victims = [d.device_id for d in self.fleet.devices[:10]]
+        victims = self.fleet.device_ids(10)
         report = await send_rogue(self.mqtt_url, f"{self.prefix}-rogue{n}", int(event.arg), victims)
         self.log.rogue.append(report)
         return f" ({report.sent} sent)"
+
+    async def _spike(self, event: ChaosEvent, n: int) -> str:
+        factor, duration_s = event.arg, event.arg2
+        report = SpikeReport(time.monotonic() - self.started, factor, duration_s,
+                             depth_before=self.fleet.outbox_depth())  # fmt: skip
+        report.peak_depth = report.depth_before
+        self.log.spikes.append(report)
+        end = time.monotonic() + duration_s
+        self.fleet.set_rate_factor(factor)
+        try:
+            while (left := end - time.monotonic()) > 0:
+                await asyncio.sleep(min(SPIKE_POLL_S, left))
+                report.peak_depth = max(report.peak_depth, self.fleet.outbox_depth())
+        finally:
+            self.fleet.set_rate_factor(1.0)
+        self.watch(self._drain(report, end), name=f"spike-drain-{n}")
+        return f" (offered rate ×{factor:g} for {duration_s:g} s)"
+
+    async def _drain(self, report: SpikeReport, spike_end: float) -> None:
+        """Follow the outbox depth after a spike until it is back to its level before."""
+        drained = max(2 * report.depth_before, SPIKE_DRAINED_DEPTH)
+        while (since := time.monotonic() - spike_end) < SPIKE_DRAIN_TIMEOUT_S:
+            depth = self.fleet.outbox_depth()
+            report.peak_depth = max(report.peak_depth, depth)
+            if depth <= drained:
+                report.drain_s = since
+                break
+            await asyncio.sleep(SPIKE_POLL_S)
+        log.info("spike drained", peak_depth=report.peak_depth, drain_s=report.drain_s)
+
+    async def _storm(self, event: ChaosEvent, n: int) -> str:
+        broker = self._own_stack().broker
+        size = self.fleet.size
+        deadline = time.monotonic() + STORM_CONNECTED_WAIT_S
+        # Polled: the devices may live in other processes, with no event to await.
+        while self.fleet.connected() < size and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        report = StormReport(time.monotonic() - self.started, size, self.fleet.connected())
+        self.log.storms.append(report)
+        t0 = time.monotonic()
+        killed = await asyncio.to_thread(_kill_restart, broker)
+        restarted = time.monotonic()
+        deadline = t0 + STORM_BACK_TIMEOUT_S
+        last: float | None = None
+        while time.monotonic() < deadline:
+            report.back, last = await self.fleet.reconnected_since(t0)
+            if report.back >= size:
+                break
+            await asyncio.sleep(SPIKE_POLL_S)
+        report.broker_wall_s = time.monotonic() - restarted
+        report.broker_cpu_s = process_cpu_s(broker.pid)
+        if report.back >= size and last is not None:
+            report.all_back_s = last - t0
+        report.attempts_per_bucket = _buckets(
+            await self.fleet.connect_attempts_since(t0), t0, STORM_BUCKET_S
+        )
+        back = (
+            f"all {size:,} back in {report.all_back_s:.1f} s"
+            if report.all_back_s is not None
+            else f"only {report.back:,}/{size:,} back after {STORM_BACK_TIMEOUT_S:g} s"
+        )
+        return (
+            f"{killed}; {report.connected_before:,}/{size:,} connected before, {back}; "
+            f"broker {report.broker_cpu_s:.1f} CPU s over {report.broker_wall_s:.1f} s "
+            f"({report.broker_cores:.2f} cores); {report.attempts:,} connection attempts, "
+            f"at most {report.max_per_bucket:,} per 100 ms, {report.max_per_s:,} per s"
+        )
+
+
+def _buckets(times: list[float], t0: float, width_s: float) -> list[int]:
+    """How many of ``times`` (≥ t0) fall in each ``width_s`` bucket from ``t0``."""
+    counts: list[int] = []
+    for t in times:
+        index = int((t - t0) / width_s)
+        if index >= len(counts):
+            counts.extend([0] * (index + 1 - len(counts)))
+        counts[index] += 1
+    return counts
 
 
 def _kill_restart(server: ServerProcess) -> str:
@@ -303,3 +574,24 @@ def _kill_restart(server: ServerProcess) -> str:
     gone = pid is not None and not pid_alive(pid)
     server.start()
     return f" (pid {pid} {'gone' if gone else 'ALIVE'}, now {server.pid})"
+
+
+for _name, _kind in {
+    "broker-restart": Kind(ChaosRunner._broker_restart, needs="stack"),
+    "bridge-kill": Kind(ChaosRunner._bridge_kill, needs="stack"),
+    "redis-stop": Kind(ChaosRunner._redis_stop, needs="stack", default="5"),
+    "worker-kill": Kind(ChaosRunner._worker_kill, needs="stack"),
+    "redis-powercut": Kind(ChaosRunner._redis_powercut, needs="stack"),
+    "redis-oom": Kind(ChaosRunner._redis_oom, needs="stack", default="3"),
+    "storm": Kind(ChaosRunner._storm, needs="stack"),
+    "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
+    "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
+    "dup-flood": Kind(ChaosRunner._dup_flood),
+    "rogue": Kind(ChaosRunner._rogue, default="50"),
+    "agent-powercut": Kind(ChaosRunner._agent_powercut, single_process=True),
+    "clock-skew": Kind(ChaosRunner._clock_skew, default=str(3 * 86_400), parse=_number,
+                       single_process=True),
+    "spike": Kind(ChaosRunner._spike, default="10x:30s", parse=_spike_arg,
+                  show=lambda e: f"{e.arg:g}x:{e.arg2:g}s"),
+}.items():  # fmt: skip
+    register_kind(_name, _kind)

@@ -27,7 +27,11 @@ from .tracker import ObservingHandlers, ObservingTransport, Tracker
 log = structlog.get_logger(__name__)
 
 CLOSE_CHUNK = 200
-STATUS_QUERY_DELAY_S = 3.0
+# The field default backs off to an hour between queries for one order. In a run,
+# queries sent while the pipeline lags (a spike's backlog) go unanswered and push
+# the next one minutes out; statuses lost later (a storm while the backlog drains)
+# would then be asked for only after the run. Capped so the verifier sees them.
+STATUS_QUERY_MAX_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,14 @@ class FleetSettings:
     # ``disk`` (the agent-powercut chaos kind mounts a power-cut filesystem there).
     disk: Path | None = None
     disk_devices: int = 0
+    # Device numbers start here (a worker process of a multi-process run gets a slice).
+    first_index: int = 0
+    # How often an idle agent looks at its outbox; longer for big fleets, whose idle
+    # polls of thousands of in-memory outboxes otherwise cost a core.
+    poll_interval_s: float = 0.5
+    # How long after its receipt an order without a terminal status is asked about:
+    # seconds, not the field default's minute, so a run's verifier sees recovery.
+    status_query_delay_s: float = 3.0
 
 
 def raise_open_file_limit() -> int:
@@ -120,15 +132,22 @@ class Fleet:
         self.tracker = tracker
         self.devices: list[SimDevice] = []
         self._started: list[SimDevice] = []
+        # The offered rate's multiplier (the ``spike`` chaos kind raises it for a while).
+        self.rate_factor = 1.0
 
     def _config(self, index: int) -> AgentConfig:
         s = self.settings
         device_id = f"{s.prefix}-{index:05d}"
-        on_disk = s.disk is not None and index < s.disk_devices
+        on_disk = s.disk is not None and index - s.first_index < s.disk_devices
         # Status recovery, where the agent has it: ask for a missing terminal status
-        # after seconds, not the field default's minute, so a run's verifier sees it.
+        # soon enough for the run's verifier to see it.
         recovery: dict[str, Any] = (
-            {"status_query_delay_s": STATUS_QUERY_DELAY_S}
+            {
+                "status_query_delay_s": s.status_query_delay_s,
+                "status_query_max_interval_s": max(
+                    s.status_query_delay_s, STATUS_QUERY_MAX_INTERVAL_S
+                ),
+            }
             if "status_query_delay_s" in AgentConfig.__struct_fields__
             else {}
         )
@@ -141,19 +160,20 @@ class Fleet:
             receipt_timeout_s=s.receipt_timeout_s,
             reconnect_min_s=s.reconnect_min_s,
             reconnect_max_s=s.reconnect_max_s,
-            poll_interval_s=0.5,
+            poll_interval_s=s.poll_interval_s,
         )
 
     async def __aenter__(self) -> Fleet:
         raise_open_file_limit()
         step = max(1, int(self.settings.ramp_per_s / 10))
         try:
-            for index in range(self.settings.devices):
+            first = self.settings.first_index
+            for index in range(first, first + self.settings.devices):
                 device = SimDevice(self._config(index), self.tracker)
                 await device.agent.__aenter__()
                 self.devices.append(device)
                 self._started.append(device)
-                if (index + 1) % step == 0:
+                if (index - first + 1) % step == 0:
                     await asyncio.sleep(0.1)
         except BaseException:
             await self.close()
@@ -179,6 +199,7 @@ class Fleet:
         agent object reopens the same outbox and the same MQTT session.
         """
         count = min(self.settings.disk_devices, len(self.devices))
+        first = self.settings.first_index
         old = self.devices[:count]
         # Whatever the stopped agents still try to write fails while the power is off.
         await asyncio.gather(
@@ -187,7 +208,7 @@ class Fleet:
         self._started = [d for d in self._started if d not in old]
         await between()
         for index in range(count):
-            device = SimDevice(self._config(index), self.tracker)
+            device = SimDevice(self._config(first + index), self.tracker)
             await device.agent.__aenter__()
             self.devices[index] = device
             self._started.append(device)
@@ -210,7 +231,28 @@ class Fleet:
             await asyncio.sleep(0.1)
         return n
 
-    def flood(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many devices the fleet has."""
+        return len(self.devices)
+
+    def device_ids(self, count: int) -> list[str]:
+        """The first ``count`` device ids."""
+        return [d.device_id for d in self.devices[:count]]
+
+    def set_rate_factor(self, factor: float) -> None:
+        """Multiply the offered rate by ``factor`` from now on."""
+        self.rate_factor = factor
+
+    async def reconnected_since(self, t0: float) -> tuple[int, float | None]:
+        """Devices connected at or after monotonic ``t0``, and when the last did."""
+        return self.tracker.reconnected_since(t0)
+
+    async def connect_attempts_since(self, t0: float) -> list[float]:
+        """Monotonic times of the connection attempts at or after ``t0``."""
+        return [t for t in self.tracker.connect_attempts if t >= t0]
+
+    async def flood(self) -> int:
         """Every connected device resends every receipted order's payload raw; return the count."""
         by_id = {d.device_id: d for d in self.devices}
         sent = 0

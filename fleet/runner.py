@@ -15,6 +15,8 @@ from rich.table import Table
 
 from schemas.names import DEFAULT_SHARDS
 
+from .chaos import SpikeReport, StormReport
+from .devices import raise_open_file_limit
 from .report import summary_table, write_html
 from .sim import SimOptions, SimResult, run
 from .stack import Stack, StackSettings
@@ -33,8 +35,29 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chaos", default="", help='e.g. "20:broker-restart,30:bridge-kill"')
     parser.add_argument("--seed", type=int, default=0, help="random seed (arrivals, mix)")
     parser.add_argument("--settle-timeout", type=float, default=120.0, help="quiescence wait, s")
+    parser.add_argument(
+        "--status-query-delay",
+        type=float,
+        default=3.0,
+        help="agents ask for a missing status this long after the receipt, s",
+    )
+    parser.add_argument(
+        "--status-wait",
+        type=float,
+        default=30.0,
+        help="after quiescence, wait for the last statuses heard, s",
+    )
     parser.add_argument("--ramp", type=float, default=500.0, help="device connects per second")
     parser.add_argument("--receipt-timeout", type=float, default=10.0, help="agents' resend, s")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="worker processes the devices are spread over"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        help="agents' idle outbox poll, s (longer for big fleets)",
+    )
     parser.add_argument("--report", type=Path, help="HTML report path")
     parser.add_argument("--no-live", action="store_true", help="no live progress display")
     add_stack_arguments(parser)
@@ -52,7 +75,10 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         devices=args.devices, rate=args.rate, duration_s=args.duration,
         mqtt_url=args.mqtt_url, redis_url=args.redis_url, shards=args.shards,
         chaos=args.chaos, seed=args.seed, settle_timeout_s=args.settle_timeout,
+        status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
+        processes=args.processes, poll_interval_s=args.poll_interval,
+        status_query_delay_s=args.status_query_delay,
     )  # fmt: skip
 
 
@@ -61,6 +87,8 @@ def run_load(args: argparse.Namespace, console: Console | None = None) -> int:
     console = console or Console()
     options = options_from(args)
     report = args.report or Path("reports") / f"fleet-{dt.datetime.now():%Y%m%d-%H%M%S}.html"
+    # Before the stack starts, so the broker inherits it: 10,000 devices are 10,000 sockets.
+    raise_open_file_limit()
     with contextlib.ExitStack() as resources:
         stack = None
         if options.mqtt_url is None and options.redis_url is None:
@@ -111,7 +139,28 @@ def _summary(result: SimResult) -> Table:
     if result.chaos.rogue:
         sent = sum(r.sent for r in result.chaos.rogue)
         table.add_row("rogue payloads", f"{sent} sent, DLQ grew by {result.dlq_added}")
+    for spike in result.chaos.spikes:
+        table.add_row(f"spike @{spike.at_s:,.0f}s", spike_line(spike))
+    for storm in result.chaos.storms:
+        # The storm's event row above says the rest.
+        table.add_row(f"storm @{storm.at_s:,.0f}s attempts/s", _per_second(storm))
     return table
+
+
+def spike_line(spike: SpikeReport) -> str:
+    """A spike's outcome: peak outbox depth and drain time."""
+    drained = (f"drained in {spike.drain_s:.1f} s after it" if spike.drain_s is not None
+               else "NOT drained")  # fmt: skip
+    return (
+        f"rate ×{spike.factor:g} for {spike.duration_s:g} s: outbox depth {spike.depth_before:,} "
+        f"before, peak {spike.peak_depth:,}, {drained}"
+    )
+
+
+def _per_second(storm: StormReport) -> str:
+    shown = storm.attempts_per_s[:20]
+    more = " …" if len(storm.attempts_per_s) > len(shown) else ""
+    return " ".join(f"{n:,}" for n in shown) + more
 
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:

@@ -17,29 +17,30 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit.urls import MqttUrl
 
-from .chaos import PROXY_KINDS, ChaosLog, ChaosRunner, check_feasible, parse_schedule
+from .chaos import ChaosLog, ChaosRunner, FleetControl, check_feasible, needs_proxy, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
+from .load import await_heard, offer_orders, settle
 from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .report import RunRecord, Sample, percentiles, stage_breakdown
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses
-from .tracker import TERMINAL, Tracker
+from .tracker import Tracker
 from .verify import OrderRef, Verdict, count_stream_entries, verify
+from .workers import RemoteFleet, worker_specs
 
 log = structlog.get_logger(__name__)
 
-SUBMIT_CONCURRENCY = 2_000
 # Devices whose outbox is a file on the power-cut disk when agent-powercut is scheduled.
 AGENT_POWERCUT_DEVICES = 5
 
@@ -66,6 +67,12 @@ class SimOptions:
     catalog: Path = DEMO_CATALOG
     live: bool = False
     prefix: str = ""
+    # Worker processes the devices are spread over (1: all in this process).
+    processes: int = 1
+    # How often an idle agent polls its outbox (FleetSettings.poll_interval_s).
+    poll_interval_s: float = 0.5
+    # Seconds after its receipt a device asks for a missing terminal status.
+    status_query_delay_s: float = 3.0
 
 
 @dataclass
@@ -79,11 +86,53 @@ class SimResult:
     rogue_in_streams: list[OrderRef] = field(default_factory=list)
     dlq_added: int = 0
     duplicate_receipts: int = 0
+    # The worker processes that ran the devices (empty: they ran in this process).
+    worker_pids: list[int] = field(default_factory=list)
+    # time.monotonic() when the load began (samples' t_s count from here).
+    load_started: float = 0.0
 
     @property
     def ok(self) -> bool:
         """Nothing lost, nothing duplicated, no rogue payload in a stream."""
         return self.verdict.ok and not self.rogue_in_streams
+
+
+class _Driver(Protocol):
+    """The devices as the run drives them: in this process, or in worker processes."""
+
+    async def wait_connected(self, timeout_s: float) -> int: ...
+    async def offer(self, started: float) -> None: ...
+    async def finish(self) -> bool: ...
+    def counts(self) -> tuple[int, int, int]: ...
+
+
+class _LocalDriver:
+    """All devices in this process: the load, quiescence and heard statuses run here."""
+
+    def __init__(self, options: SimOptions, fleet: Fleet, redis: aioredis.Redis) -> None:
+        self.options = options
+        self.fleet = fleet
+        self.redis = redis
+
+    async def wait_connected(self, timeout_s: float) -> int:
+        return await self.fleet.wait_connected(1.0, timeout_s)
+
+    async def offer(self, started: float) -> None:
+        o = self.options
+        await offer_orders(self.fleet, rate=o.rate, duration_s=o.duration_s,
+                           rng=random.Random(o.seed), catalog=Catalog.load(o.catalog),
+                           started=started)  # fmt: skip
+
+    async def finish(self) -> bool:
+        tracker = self.fleet.tracker
+        o = self.options
+        settled = await settle(self.fleet, tracker, self.redis, o.settle_timeout_s, o.shards)
+        await await_heard(tracker, self.options.status_wait_s)
+        return settled
+
+    def counts(self) -> tuple[int, int, int]:
+        t = self.fleet.tracker
+        return len(t.accepted), len(t.receipted), len(t.terminal)
 
 
 async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
@@ -92,13 +141,15 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     redis_url = options.redis_url or (stack.redis_url if stack else None)
     if mqtt_url is None or redis_url is None:
         raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
+    if options.processes < 1:
+        raise FleetError("--processes must be at least 1")
     events = parse_schedule(options.chaos)
-    wants_proxy = any(e.kind in PROXY_KINDS for e in events)
+    wants_proxy = needs_proxy(events)
     wants_disk = any(e.kind == "agent-powercut" for e in events)
-    check_feasible(events, own_stack=stack is not None, proxy=wants_proxy)
+    check_feasible(
+        events, own_stack=stack is not None, proxy=wants_proxy, processes=options.processes
+    )
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
-    rng = random.Random(options.seed)
-    catalog = Catalog.load(options.catalog)
     tracker = Tracker()
     record = RunRecord(options.devices, options.rate, options.duration_s)
     async with _redis(redis_url) as redis:
@@ -109,20 +160,20 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         _redis(redis_url) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
         _maybe_agent_disk(wants_disk) as disk,
-        Fleet(_fleet_settings(options, device_url, prefix, disk), tracker) as fleet,
-    ):
-        connected = await fleet.wait_connected(1.0, options.connect_timeout_s)
+        _devices(options, _fleet_settings(options, device_url, prefix, disk), tracker, redis,
+                 redis_url) as (driver, control),
+    ):  # fmt: skip
+        connected = await driver.wait_connected(options.connect_timeout_s)
         log.info("fleet connected", connected=connected, devices=options.devices)
         chaos = ChaosRunner(
-            events, stack=stack, proxy=proxy, fleet=fleet, mqtt_url=device_url, prefix=prefix,
-            agent_disk=disk,
+            events, stack=stack, proxy=proxy, fleet=control, mqtt_url=device_url, prefix=prefix,
+            agent_disk=disk, processes=options.processes,
         )  # fmt: skip
         record.events = chaos.log.events
+        worker_pids = control.pids if isinstance(control, RemoteFleet) else []
         try:
-            settled = await _drive(
-                options, fleet=fleet, chaos=chaos, tracker=tracker, record=record,
-                redis=redis, rng=rng, catalog=catalog,
-            )  # fmt: skip
+            settled = await _drive(options, driver=driver, control=control, chaos=chaos,
+                                   tracker=tracker, record=record)  # fmt: skip
         finally:
             chaos.restore()
     async with _redis(redis_url) as redis:
@@ -148,8 +199,32 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     record.e2e_latency_ms = tracker.e2e_latency_ms
     return SimResult(
         record, verdict, settled, chaos.log, rogue_in_streams, dlq_added,
-        duplicate_receipts=tracker.duplicate_receipts,
+        duplicate_receipts=tracker.duplicate_receipts, worker_pids=worker_pids,
+        load_started=chaos.started,
     )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def _devices(
+    options: SimOptions,
+    settings: FleetSettings,
+    tracker: Tracker,
+    redis: aioredis.Redis,
+    redis_url: str,
+) -> AsyncIterator[tuple[_Driver, FleetControl]]:
+    """The fleet in this process, or spread over ``options.processes`` worker processes."""
+    if options.processes == 1:
+        async with Fleet(settings, tracker) as fleet:
+            yield _LocalDriver(options, fleet, redis), fleet
+        return
+    specs = worker_specs(
+        settings, options.processes, rate=options.rate, seed=options.seed,
+        duration_s=options.duration_s, catalog=options.catalog, redis_url=redis_url,
+        settle_timeout_s=options.settle_timeout_s, status_wait_s=options.status_wait_s,
+        connect_timeout_s=options.connect_timeout_s, shards=options.shards,
+    )  # fmt: skip
+    async with RemoteFleet(specs, tracker) as remote:
+        yield remote, remote
 
 
 def _fleet_settings(
@@ -159,6 +234,8 @@ def _fleet_settings(
         options.devices, mqtt_url, prefix, options.ramp_per_s, options.receipt_timeout_s,
         disk=None if disk is None else disk.path,
         disk_devices=0 if disk is None else AGENT_POWERCUT_DEVICES,
+        poll_interval_s=options.poll_interval_s,
+        status_query_delay_s=options.status_query_delay_s,
     )  # fmt: skip
 
 
@@ -201,69 +278,32 @@ async def _maybe_proxy(mqtt_url: str, wanted: bool) -> AsyncIterator[tuple[str, 
 async def _drive(
     options: SimOptions,
     *,
-    fleet: Fleet,
+    driver: _Driver,
+    control: FleetControl,
     chaos: ChaosRunner,
     tracker: Tracker,
     record: RunRecord,
-    redis: aioredis.Redis,
-    rng: random.Random,
-    catalog: Catalog,
 ) -> bool:
     started = time.monotonic()
     stop_sampling = asyncio.Event()
     with LiveView(enabled=options.live) as view:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                _sample(
-                    fleet,
-                    tracker=tracker,
-                    record=record,
-                    started=started,
-                    stop=stop_sampling,
-                    view=view,
-                ),
+                _sample(driver, control, tracker=tracker, record=record, started=started,
+                        stop=stop_sampling, view=view),
                 name="sampler",
-            )
+            )  # fmt: skip
             chaos_task = tg.create_task(chaos.run(started), name="chaos")
-            await _load(options, fleet, rng, catalog, started)
+            await driver.offer(started)
             await chaos_task
-            settled = await _settle(fleet, tracker, redis, options.settle_timeout_s, options.shards)
-            await _await_heard(tracker, options.status_wait_s)
+            settled = await driver.finish()
             stop_sampling.set()
     return settled
 
 
-async def _load(
-    options: SimOptions, fleet: Fleet, rng: random.Random, catalog: Catalog, started: float
-) -> None:
-    """Poisson arrivals at ``rate`` orders/s over random devices, for ``duration_s``."""
-    if options.rate <= 0 or not fleet.devices:
-        await asyncio.sleep(options.duration_s)
-        return
-    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
-    next_at = started
-    end = started + options.duration_s
-
-    async def one(body: dict[str, object]) -> None:
-        try:
-            await rng.choice(fleet.devices).submit(body)
-        finally:
-            slots.release()
-
-    async with asyncio.TaskGroup() as tg:
-        while True:
-            next_at += rng.expovariate(options.rate)
-            if next_at >= end:
-                break
-            if (delay := next_at - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            tg.create_task(one(catalog.order_body(rng)))
-    await asyncio.sleep(max(0.0, end - time.monotonic()))
-
-
 async def _sample(
-    fleet: Fleet,
+    driver: _Driver,
+    control: FleetControl,
     *,
     tracker: Tracker,
     record: RunRecord,
@@ -276,57 +316,22 @@ async def _sample(
         receipts = percentiles(tracker.receipt_latency_ms[seen_receipts:])
         e2e = percentiles(tracker.e2e_latency_ms[seen_e2e:])
         seen_receipts, seen_e2e = len(tracker.receipt_latency_ms), len(tracker.e2e_latency_ms)
+        submitted, receipted, processed = driver.counts()
         sample = Sample(
             t_s=time.monotonic() - started,
-            connected=fleet.connected(),
-            submitted=len(tracker.accepted),
-            accepted=len(tracker.receipted),
-            processed=len(tracker.terminal),
-            outbox_depth=fleet.outbox_depth(),
+            connected=control.connected(),
+            submitted=submitted,
+            accepted=receipted,
+            processed=processed,
+            outbox_depth=control.outbox_depth(),
             receipt_p50_ms=receipts.get(50),
             receipt_p99_ms=receipts.get(99),
             e2e_p50_ms=e2e.get(50),
             e2e_p99_ms=e2e.get(99),
         )
         record.samples.append(sample)
-        view.update(record, tracker, len(fleet.devices))
+        view.update(record, tracker, control.size)
         if stop.is_set():
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-
-
-async def _await_heard(tracker: Tracker, timeout_s: float) -> None:
-    """Wait until every device heard a terminal status for each of its accepted orders."""
-    deadline = time.monotonic() + timeout_s
-    while any(ref not in tracker.terminal for ref in tracker.accepted):
-        if time.monotonic() > deadline:
-            unheard = sum(1 for ref in tracker.accepted if ref not in tracker.terminal)
-            log.warning("terminal statuses never heard", orders=unheard)
-            return
-        await asyncio.sleep(0.2)
-
-
-async def _settle(
-    fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float, shards: int
-) -> bool:
-    """Wait until every outbox is empty and every accepted order has a terminal status."""
-    deadline = time.monotonic() + timeout_s
-    waiting: set[OrderRef] = set(tracker.accepted)
-    while True:
-        depth = fleet.outbox_depth()
-        if depth == 0:
-            waiting -= tracker.terminal
-            if waiting:
-                refs = sorted(waiting)
-                try:
-                    found = await order_statuses(redis, refs, shards)
-                except RedisError:
-                    found = [None] * len(refs)
-                waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}
-            if not waiting:
-                return True
-        if time.monotonic() > deadline:
-            log.warning("not quiescent", outbox_depth=depth, without_status=len(waiting))
-            return False
-        await asyncio.sleep(0.5)

@@ -43,7 +43,10 @@ class Tracker:
     e2e_latency_ms: list[float] = field(default_factory=list)
     recent_receipt_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     recent_e2e_ms: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
-    early: dict[OrderRef, tuple[str, float]] = field(default_factory=dict)
+    # Receipts and statuses that beat the agent's ``queued`` answer back to us (a busy
+    # event loop resumes the submitter late): both kept, settled when it comes.
+    early_receipt: dict[OrderRef, float] = field(default_factory=dict)
+    early_status: dict[OrderRef, float] = field(default_factory=dict)
     # For the report's stage breakdown (monotonic s; wall = monotonic + wall_offset_s).
     published_at: dict[OrderRef, float] = field(default_factory=dict)  # first PUBLISH
     terminal_at: dict[OrderRef, float] = field(default_factory=dict)
@@ -51,18 +54,39 @@ class Tracker:
     refused: int = 0
     duplicate_receipts: int = 0
     rejected_receipts: int = 0
+    # Monotonic times of every connection attempt, and of each device's latest success.
+    connect_attempts: list[float] = field(default_factory=list)
+    connected_at: dict[str, float] = field(default_factory=dict)
+
+    def connect_attempt(self) -> None:
+        """A device's agent started a connection attempt."""
+        self.connect_attempts.append(time.monotonic())
+
+    def connect_succeeded(self, device_id: str) -> None:
+        """A device's connection attempt succeeded (CONNACK)."""
+        self.connected_at[device_id] = time.monotonic()
+
+    def reconnected_since(self, t0: float) -> tuple[int, float | None]:
+        """How many devices connected at or after ``t0``, and when the last of them did."""
+        back = [t for t in self.connected_at.values() if t >= t0]
+        return len(back), max(back, default=None)
+
+    def add_latencies(self, receipt_ms: list[float], e2e_ms: list[float]) -> None:
+        """Latencies measured elsewhere (a worker process) join this run's record."""
+        self.receipt_latency_ms.extend(receipt_ms)
+        self.recent_receipt_ms.extend(receipt_ms)
+        self.e2e_latency_ms.extend(e2e_ms)
+        self.recent_e2e_ms.extend(e2e_ms)
 
     def queued(self, ref: OrderRef, submitted_at: float) -> None:
         """The agent answered ``queued`` (the HTTP 202) for ``ref``."""
         self.submit_at[ref] = submitted_at
         self.accepted.append(ref)
-        # A receipt may beat the bookkeeping; settle it now.
-        if (seen := self.early.pop(ref, None)) is not None:
-            kind, at = seen
-            if kind == "receipt":
-                self._receipt(ref, at)
-            else:
-                self._terminal(ref, at)
+        # A receipt, and even the terminal status, may beat the bookkeeping; settle them now.
+        if (at := self.early_receipt.pop(ref, None)) is not None:
+            self._receipt(ref, at)
+        if (at := self.early_status.pop(ref, None)) is not None:
+            self._terminal(ref, at)
 
     def receipt(self, ref: OrderRef, result: str) -> None:
         """A receipt arrived for ``ref``."""
@@ -74,7 +98,7 @@ class Tracker:
             self.rejected_receipts += 1
             return
         if ref not in self.submit_at:
-            self.early.setdefault(ref, ("receipt", time.monotonic()))
+            self.early_receipt.setdefault(ref, time.monotonic())
             return
         self._receipt(ref, time.monotonic())
 
@@ -83,7 +107,7 @@ class Tracker:
         if status not in TERMINAL:
             return
         if ref not in self.submit_at:
-            self.early.setdefault(ref, ("status", time.monotonic()))
+            self.early_status.setdefault(ref, time.monotonic())
             return
         self._terminal(ref, time.monotonic())
 
@@ -150,7 +174,10 @@ class ObservingTransport:
         return self._inner.protocol
 
     async def connect(self) -> bool:
-        return await self._inner.connect()
+        self._tracker.connect_attempt()
+        session_present = await self._inner.connect()
+        self._tracker.connect_succeeded(self._device_id)
+        return session_present
 
     def publish(self, topic: str, payload: bytes, traceparent: str | None = None) -> int:
         try:

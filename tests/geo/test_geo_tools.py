@@ -18,9 +18,9 @@ def test_geo_kinds_parse_with_region_names_and_durations() -> None:
     """region-down=NAME/S, region-partition=A|B/S and failover-storm parse; defaults apply."""
     events = parse_schedule("5:region-down=eu/3,8:region-partition=eu|us,9:failover-storm")
     assert events == [
-        ChaosEvent(5.0, "region-down", 3.0, "eu"),
-        ChaosEvent(8.0, "region-partition", 10.0, "eu|us"),
-        ChaosEvent(9.0, "failover-storm", 10.0, ""),
+        ChaosEvent(5.0, "region-down", 3.0, target="eu"),
+        ChaosEvent(8.0, "region-partition", 10.0, target="eu|us"),
+        ChaosEvent(9.0, "failover-storm", 10.0, target=""),
     ]
     assert events[1].label == "region-partition=eu|us/10s"
 

@@ -1,0 +1,100 @@
+"""The load a run offers and the waits that end it: Poisson orders, quiescence, heard statuses.
+
+Shared by the single-process run (:mod:`fleet.sim`) and each worker process of a
+multi-process run (:mod:`fleet.workers`), which offers its share of the rate
+to its share of the devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from .devices import Catalog, Fleet
+from .statuses import order_statuses
+from .tracker import TERMINAL, Tracker
+from .verify import OrderRef
+
+log = structlog.get_logger(__name__)
+
+SUBMIT_CONCURRENCY = 2_000
+
+
+async def offer_orders(
+    fleet: Fleet,
+    *,
+    rate: float,
+    duration_s: float,
+    rng: random.Random,
+    catalog: Catalog,
+    started: float,
+) -> None:
+    """Poisson arrivals at ``rate × fleet.rate_factor`` orders/s over random devices.
+
+    The factor is read at every arrival, so the ``spike`` chaos kind changes the
+    offered rate while the load runs.
+    """
+    end = started + duration_s
+    if rate <= 0 or not fleet.devices:
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        return
+    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    next_at = started
+
+    async def one(body: dict[str, object]) -> None:
+        try:
+            await rng.choice(fleet.devices).submit(body)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tg:
+        while True:
+            next_at += rng.expovariate(rate * fleet.rate_factor)
+            if next_at >= end:
+                break
+            if (delay := next_at - time.monotonic()) > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()
+            tg.create_task(one(catalog.order_body(rng)))
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+
+
+async def await_heard(tracker: Tracker, timeout_s: float) -> None:
+    """Wait until every device heard a terminal status for each of its accepted orders."""
+    deadline = time.monotonic() + timeout_s
+    while any(ref not in tracker.terminal for ref in tracker.accepted):
+        if time.monotonic() > deadline:
+            unheard = sum(1 for ref in tracker.accepted if ref not in tracker.terminal)
+            log.warning("terminal statuses never heard", orders=unheard)
+            return
+        await asyncio.sleep(0.2)
+
+
+async def settle(
+    fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float, shards: int
+) -> bool:
+    """Wait until every outbox is empty and every accepted order has a terminal status."""
+    deadline = time.monotonic() + timeout_s
+    waiting: set[OrderRef] = set(tracker.accepted)
+    while True:
+        depth = fleet.outbox_depth()
+        if depth == 0:
+            waiting -= tracker.terminal
+            if waiting:
+                refs = sorted(waiting)
+                try:
+                    found = await order_statuses(redis, refs, shards)
+                except RedisError:
+                    found = [None] * len(refs)
+                waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}
+            if not waiting:
+                return True
+        if time.monotonic() > deadline:
+            log.warning("not quiescent", outbox_depth=depth, without_status=len(waiting))
+            return False
+        await asyncio.sleep(0.5)
