@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
 
 from edge_agent import AgentConfig
 
@@ -39,10 +39,11 @@ from .devices import Catalog, Fleet, FleetSettings
 from .geo_chaos import GEO_KINDS, GeoChaosRunner
 from .geo_stack import GeoStack
 from .geo_verify import CountMonitor, GeoVerdict, OutboxRow, read_outbox, verify_geo
+from .load import await_heard, settle, terminal_in
 from .report import RunRecord, Sample
 from .stack import DEMO_CATALOG
 from .statuses import order_statuses
-from .tracker import TERMINAL, Tracker
+from .tracker import Tracker
 from .verify import OrderRef
 
 log = structlog.get_logger(__name__)
@@ -203,10 +204,11 @@ async def run_geo(options: GeoOptions, geo: GeoStack) -> GeoResult:
                 ]
                 await _load(options, fleet, rng, catalog, started)
                 await asyncio.gather(*chaos_tasks)
-                settled = await _settle(
-                    fleet, tracker, clients, options.settle_timeout_s, geo.settings.shards
+                terminal = functools.partial(
+                    terminal_in, clients.values(), shards=geo.settings.shards
                 )
-                await _await_heard(tracker, options.status_wait_s)
+                settled = await settle(fleet, tracker, terminal, options.settle_timeout_s)
+                await await_heard(tracker, options.status_wait_s)
                 stop.set()
         finally:
             other.restore()
@@ -289,53 +291,3 @@ async def _sample(
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-
-
-async def _statuses_anywhere(
-    clients: Mapping[str, aioredis.Redis], refs: list[OrderRef], shards: int
-) -> set[OrderRef]:
-    """The refs with a terminal status in any reachable region."""
-    done: set[OrderRef] = set()
-    for client in clients.values():
-        todo = [ref for ref in refs if ref not in done]
-        if not todo:
-            break
-        try:
-            found = await order_statuses(client, todo, shards)
-        except (RedisError, OSError):
-            continue
-        done |= {ref for ref, s in zip(todo, found, strict=True) if s in TERMINAL}
-    return done
-
-
-async def _settle(
-    fleet: Fleet,
-    tracker: Tracker,
-    clients: Mapping[str, aioredis.Redis],
-    timeout_s: float,
-    shards: int,
-) -> bool:
-    """Wait until every outbox is empty and every accepted order has a terminal status."""
-    deadline = time.monotonic() + timeout_s
-    waiting: set[OrderRef] = set(tracker.accepted)
-    while True:
-        depth = fleet.outbox_depth()
-        if depth == 0:
-            waiting -= tracker.terminal
-            if waiting:
-                waiting -= await _statuses_anywhere(clients, sorted(waiting), shards)
-            if not waiting:
-                return True
-        if time.monotonic() > deadline:
-            log.warning("not quiescent", outbox_depth=depth, without_status=len(waiting))
-            return False
-        await asyncio.sleep(0.5)
-
-
-async def _await_heard(tracker: Tracker, timeout_s: float) -> None:
-    """Give devices a while to hear the last terminal statuses (reported, not required)."""
-    deadline = time.monotonic() + timeout_s
-    while any(ref not in tracker.terminal for ref in tracker.accepted):
-        if time.monotonic() > deadline:
-            return
-        await asyncio.sleep(0.2)

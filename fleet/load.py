@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
 import structlog
@@ -75,8 +76,29 @@ async def await_heard(tracker: Tracker, timeout_s: float) -> None:
         await asyncio.sleep(0.2)
 
 
+TerminalLookup = Callable[[list[OrderRef]], Awaitable[set[OrderRef]]]
+"""refs → those the pipeline has a terminal status for (an unreachable Redis: none)."""
+
+
+async def terminal_in(
+    clients: Iterable[aioredis.Redis], refs: list[OrderRef], shards: int
+) -> set[OrderRef]:
+    """The refs with a terminal status in any of ``clients`` that answers."""
+    done: set[OrderRef] = set()
+    for client in clients:
+        todo = [ref for ref in refs if ref not in done]
+        if not todo:
+            break
+        try:
+            found = await order_statuses(client, todo, shards)
+        except (RedisError, OSError):
+            continue
+        done |= {ref for ref, s in zip(todo, found, strict=True) if s in TERMINAL}
+    return done
+
+
 async def settle(
-    fleet: Fleet, tracker: Tracker, redis: aioredis.Redis, timeout_s: float, shards: int
+    fleet: Fleet, tracker: Tracker, terminal: TerminalLookup, timeout_s: float
 ) -> bool:
     """Wait until every outbox is empty and every accepted order has a terminal status."""
     deadline = time.monotonic() + timeout_s
@@ -86,12 +108,7 @@ async def settle(
         if depth == 0:
             waiting -= tracker.terminal
             if waiting:
-                refs = sorted(waiting)
-                try:
-                    found = await order_statuses(redis, refs, shards)
-                except RedisError:
-                    found = [None] * len(refs)
-                waiting -= {ref for ref, s in zip(refs, found, strict=True) if s in TERMINAL}
+                waiting -= await terminal(sorted(waiting))
             if not waiting:
                 return True
         if time.monotonic() > deadline:

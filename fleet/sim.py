@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import tempfile
 import time
@@ -29,7 +30,7 @@ from .chaos import ChaosLog, ChaosRunner, FleetControl, check_feasible, needs_pr
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
-from .load import await_heard, offer_orders, settle
+from .load import await_heard, offer_orders, settle, terminal_in
 from .powercut import PowerCutMount
 from .proxy import TcpProxy
 from .report import RunRecord, Sample, percentiles, stage_breakdown
@@ -126,7 +127,8 @@ class _LocalDriver:
     async def finish(self) -> bool:
         tracker = self.fleet.tracker
         o = self.options
-        settled = await settle(self.fleet, tracker, self.redis, o.settle_timeout_s, o.shards)
+        terminal = functools.partial(terminal_in, [self.redis], shards=o.shards)
+        settled = await settle(self.fleet, tracker, terminal, o.settle_timeout_s)
         await await_heard(tracker, self.options.status_wait_s)
         return settled
 

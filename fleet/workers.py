@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import multiprocessing as mp
 import random
@@ -43,7 +44,7 @@ from servicekit.logs import configure_logging
 
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import ChaosError, FleetError
-from .load import await_heard, offer_orders, settle
+from .load import await_heard, offer_orders, settle, terminal_in
 from .tracker import Tracker
 from .verify import OrderRef
 
@@ -192,7 +193,8 @@ async def _serve(spec: WorkerSpec, conn: Connection) -> None:
                 )
                 conn.send(("loaded",))
                 await settle_now.wait()
-                settled = await settle(fleet, tracker, client, spec.settle_timeout_s, spec.shards)
+                terminal = functools.partial(terminal_in, [client], shards=spec.shards)
+                settled = await settle(fleet, tracker, terminal, spec.settle_timeout_s)
                 await await_heard(tracker, spec.status_wait_s)
                 reporter.cancel()
                 obeying.cancel()
