@@ -90,12 +90,18 @@ class RedisHeartbeat:
 
 
 async def run_heartbeat(
-    store: HeartbeatStore, client_id: str, report: Report, interval_s: float
+    store: HeartbeatStore,
+    client_id: str,
+    report: Report,
+    interval_s: float,
+    closed: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Beat every ``interval_s`` until cancelled; a failed beat is logged, never raised."""
+    """Beat every ``interval_s`` until cancelled or ``closed()``; a failed beat is logged,
+    never raised. (The flag as well: Python 3.11 can lose a cancel that lands as a
+    redis-py timeout fires, and the bridge's shutdown must not hang on it.)"""
     ttl_s = ttl_for(interval_s)
     failing = False
-    while True:
+    while not closed():
         fields = {**report(), "at": now_ms(), "interval_ms": int(interval_s * 1000)}
         try:
             await store.beat(client_id, fields, ttl_s)

@@ -83,6 +83,7 @@ class Bridge:
         self._max_in_flight = config.receive_maximum
         self._intake: Intake | None = None
         self._stop = asyncio.Event()
+        self._closing = False  # set once the background loops are told to end
         self._stopping = False
         self._paused = False
         self.started = False
@@ -257,7 +258,7 @@ class Bridge:
                 if self._heartbeat is not None and cfg.heartbeat_interval_s > 0:
                     beat = tasks.create_task(
                         run_heartbeat(self._heartbeat, cfg.client_id, self.heartbeat_report,
-                                      cfg.heartbeat_interval_s),
+                                      cfg.heartbeat_interval_s, lambda: self._closing),
                         name="heartbeat",
                     )  # fmt: skip
                 regions = None
@@ -277,6 +278,7 @@ class Bridge:
                                   failing=failing)  # fmt: skip
                     await self._stop.wait()
                     await self._drain()
+                self._closing = True
                 self.batcher.close()
                 writer.cancel()
                 probe.cancel()
@@ -302,10 +304,16 @@ class Bridge:
         await asyncio.sleep(0)  # the intake flushes the last PUBACKs on the next turn
 
     async def _probe_redis(self) -> None:
-        """Keep the Redis checks honest while no batches flow, and time round trips."""
-        while True:
+        """Keep the Redis checks honest while no batches flow, and time round trips.
+
+        Stops on ``_closing`` as well as on cancel: Python 3.11 can lose a cancel
+        that lands as a timeout inside redis-py fires, and shutdown then waited on
+        this loop for ever (seen ~1 stop in 20 after a backlog drained).
+        """
+        while not self._closing:
             await asyncio.sleep(REDIS_PROBE_INTERVAL_S)
-            await self._inspect_redis()
+            if not self._closing:
+                await self._inspect_redis()
 
     async def _inspect_redis(self) -> None:
         """One INFO round trip: reachable? credentials? durable? full? Never raises."""
