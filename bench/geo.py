@@ -31,7 +31,6 @@ import contextlib
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench._loadgen import create_session
 from bench.bridge_throughput import _ready, stream_ids, total_entries
 from bench.receipt_probe import ProbeResult
-from fleet.proxy import TcpProxy
+from fleet.proxy import ProxyThread
 from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, free_port
 from schemas import Item, Order, decode_receipt, encode
 from schemas.names import orders_topic, receipts_topic
@@ -63,38 +62,6 @@ def _order(device_id: str, seq: int, authority: str) -> Order:
     return Order(v=1, order_id=f"g{uuid.uuid4().hex[:20]}", device_id=device_id, seq=seq,
                  created_at=now_ms(), currency="EUR", items=(item,), total=300,
                  attrs={"store": "central-station-7"}, attempts=(authority,))  # fmt: skip
-
-
-class ProxyThread:
-    """A delaying :class:`TcpProxy` on its own event loop thread (apart from the probe's)."""
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.proxy = TcpProxy(HOST, upstream_port, delay_s=delay_s)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("proxy did not start")
-
-    async def _run(self) -> None:
-        self._stop = asyncio.Event()
-        async with self.proxy:
-            self._ready.set()
-            await self._stop.wait()
-        # The proxy aborted its links; let their tasks finish before the loop closes.
-        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in rest:
-            task.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
-
-    def close(self) -> None:
-        """Stop the proxy and its thread."""
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @contextlib.contextmanager
@@ -255,7 +222,7 @@ def main() -> None:
         broker = stack.enter_context(MosquittoProcess(work / "mq"))
         store_b = stack.enter_context(RedisProcess(work / "redis-b", conf=REDIS_CONF))
         store_near = stack.enter_context(RedisProcess(work / "redis-near", conf=REDIS_CONF))
-        wan = ProxyThread(store_near.port, args.wan_delay_ms / 1000)
+        wan = ProxyThread(HOST, store_near.port, delay_s=args.wan_delay_ms / 1000)
         stack.callback(wan.close)
         urls = {
             "b": store_b.url,

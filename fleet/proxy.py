@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
 import structlog
+
+from .errors import FleetError
 
 log = structlog.get_logger(__name__)
 
@@ -227,3 +230,36 @@ async def _delayed_pipe(
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
+
+
+class ProxyThread:
+    """A :class:`TcpProxy` on an event loop of its own thread, for synchronous callers
+    (tests and benches whose own loop, if any, must not carry the proxy's traffic)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, delay_s: float = 0.0) -> None:
+        self.proxy = TcpProxy(upstream_host, upstream_port, delay_s=delay_s)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise FleetError("proxy did not start")
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.proxy:
+            self._ready.set()
+            await self._stop.wait()
+        # The proxy aborted its links; let their tasks finish before the loop closes.
+        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    def close(self) -> None:
+        """Stop the proxy and its thread."""
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._loop.close()

@@ -4,11 +4,9 @@ blackhole (a partition, not a reset)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -21,7 +19,7 @@ import msgspec
 import pytest
 import redis
 
-from fleet.proxy import TcpProxy
+from fleet.proxy import ProxyThread, TcpProxy
 from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
 from schemas import Item, Order, Reason, Receipt, encode
 
@@ -47,37 +45,6 @@ def geo_order(device_id: str, order_id: str, *attempts: str) -> bytes:
             attempts=attempts,
         )
     )
-
-
-class ProxyThread:
-    """A :class:`TcpProxy` on an event loop of its own thread, for these synchronous tests."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self.proxy = TcpProxy("127.0.0.1", upstream_port)
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
-        self._thread.start()
-        assert self._ready.wait(10), "proxy did not start"
-
-    async def _run(self) -> None:
-        self._stop = asyncio.Event()
-        async with self.proxy:
-            self._ready.set()
-            await self._stop.wait()
-        # The proxy aborted its links; let their tasks finish before the loop closes.
-        rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in rest:
-            task.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
-
-    def close(self) -> None:
-        """Stop the proxy and its thread."""
-        assert self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @dataclass
@@ -163,7 +130,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     assert isinstance(redis_b, RedisProcess)
     assert isinstance(mqtt_a, MosquittoProcess)
     assert isinstance(mqtt_b, MosquittoProcess)
-    proxied = ProxyThread(redis_a.port)
+    proxied = ProxyThread("127.0.0.1", redis_a.port)
     via_proxy = f"redis://127.0.0.1:{proxied.proxy.port}/0"
     geo_flags = (
         "--region-timeout-s", str(REGION_TIMEOUT_S), "--region-breaker-failures", "2",
