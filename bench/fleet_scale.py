@@ -63,7 +63,7 @@ BUSY = 0.6  # share of a stage's cores that makes it a candidate bottleneck
 STAGES = ("simulator", "broker", "bridge", "redis", "pipeline")
 FRONT = ("simulator", "broker", "bridge", "redis")  # up to the receipt
 BACK = ("pipeline", "redis", "broker")  # after the receipt: processing and the status
-_METRIC = re.compile(r"^([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.MULTILINE)
+_METRIC = re.compile(r"([a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)")  # one exposition line, whole
 
 
 def tree_cpu_s(pid: int | None) -> float:
@@ -103,8 +103,10 @@ def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=2) as reply:
         text = reply.read().decode()
     out: dict[str, float] = {}
-    for name, value in _METRIC.findall(text):
-        out[name] = out.get(name, 0.0) + float(value)
+    for line in text.splitlines():
+        if (match := _METRIC.fullmatch(line)) is not None:
+            name, value = match.groups()
+            out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
