@@ -39,7 +39,7 @@ from .devices import Catalog, Fleet, FleetSettings
 from .geo_chaos import GEO_KINDS, GeoChaosRunner
 from .geo_stack import GeoStack
 from .geo_verify import CountMonitor, GeoVerdict, OutboxRow, read_outbox, verify_geo
-from .load import await_heard, settle, terminal_in
+from .load import await_heard, offer_orders, settle, terminal_in
 from .report import RunRecord, Sample
 from .stack import DEMO_CATALOG
 from .statuses import order_statuses
@@ -202,7 +202,10 @@ async def run_geo(options: GeoOptions, geo: GeoStack) -> GeoResult:
                     tg.create_task(geo_chaos.run(started), name="geo-chaos"),
                     tg.create_task(other.run(started), name="chaos"),
                 ]
-                await _load(options, fleet, rng, catalog, started)
+                await offer_orders(
+                    fleet, rate=options.rate, duration_s=options.duration_s, rng=rng,
+                    catalog=catalog, started=started, concurrency=SUBMIT_CONCURRENCY,
+                )  # fmt: skip
                 await asyncio.gather(*chaos_tasks)
                 terminal = functools.partial(
                     terminal_in, clients.values(), shards=geo.settings.shards
@@ -242,35 +245,6 @@ async def _clients(geo: GeoStack) -> AsyncIterator[dict[str, aioredis.Redis]]:
     finally:
         for client in clients.values():
             await client.aclose()
-
-
-async def _load(
-    options: GeoOptions, fleet: Fleet, rng: random.Random, catalog: Catalog, started: float
-) -> None:
-    """Poisson arrivals at ``rate`` orders/s over random devices, for ``duration_s``."""
-    if options.rate <= 0 or not fleet.devices:
-        await asyncio.sleep(options.duration_s)
-        return
-    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
-    next_at = started
-    end = started + options.duration_s
-
-    async def one(body: dict[str, object]) -> None:
-        try:
-            await rng.choice(fleet.devices).submit(body)
-        finally:
-            slots.release()
-
-    async with asyncio.TaskGroup() as tg:
-        while True:
-            next_at += rng.expovariate(options.rate)
-            if next_at >= end:
-                break
-            if (delay := next_at - time.monotonic()) > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()
-            tg.create_task(one(catalog.order_body(rng)))
-    await asyncio.sleep(max(0.0, end - time.monotonic()))
 
 
 async def _sample(

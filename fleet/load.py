@@ -34,8 +34,10 @@ async def offer_orders(
     rng: random.Random,
     catalog: Catalog,
     started: float,
+    concurrency: int = SUBMIT_CONCURRENCY,
 ) -> None:
-    """Poisson arrivals at ``rate × fleet.rate_factor`` orders/s over random devices.
+    """Poisson arrivals at ``rate × fleet.rate_factor`` orders/s over random devices,
+    at most ``concurrency`` submits in flight.
 
     The factor is read at every arrival, so the ``spike`` chaos kind changes the
     offered rate while the load runs.
@@ -44,7 +46,7 @@ async def offer_orders(
     if rate <= 0 or not fleet.devices:
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         return
-    slots = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+    slots = asyncio.Semaphore(concurrency)
     next_at = started
 
     async def one(body: dict[str, object]) -> None:
