@@ -5,20 +5,26 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests import lock_index
 
 ROOT = Path(__file__).resolve().parents[1]
 UV = ROOT / ".uv" / "bin" / "uv"
 EXPORTS = ("edge", "bridge", "fleet")
 
 
-def uv(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1"}
+def uv(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1", **(env or {})}
     return subprocess.run(
-        [str(UV), *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+        [str(UV), *args], check=False, cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,17 +38,45 @@ def test_lock_is_current() -> None:
 
 
 def test_check_fails_when_pyproject_changes(tmp_path: Path) -> None:
-    for name in ("pyproject.toml", "uv.lock", "README.md"):
+    """`uv lock --check` catches an edited pyproject.toml, with no cache and no registry.
+
+    The edited project must be re-resolved, which needs index pages that a cold machine has
+    not cached; tests/lock_index.py serves them from uv.lock on loopback. The unedited run
+    against the same index is the control: it passes, so the failure is the edit's doing.
+    """
+    for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)
-    pyproject = tmp_path / "pyproject.toml"
-    text = pyproject.read_text()
-    assert '"msgspec>=0.19"' in text
-    pyproject.write_text(text.replace('"msgspec>=0.19"', '"msgspec>=0.20"'))
+    lock_text = (ROOT / "uv.lock").read_text()
+    with lock_index.serve(tomllib.loads(lock_text)) as index:
+        (tmp_path / "uv.lock").write_text(index.relocate(lock_text))
+        isolated = {"UV_CACHE_DIR": str(tmp_path / "uv-cache"), "UV_NO_CONFIG": "1"}
+        local_index = ("--default-index", f"{index.base_url}/simple")
+        check = ("lock", "--check", *local_index)
 
-    result = uv("lock", "--check", "--offline", cwd=tmp_path)
+        unedited = uv(*check, cwd=tmp_path, env=isolated)
+        assert unedited.returncode == 0, unedited.stderr
 
-    assert result.returncode != 0
-    assert "needs to be updated" in result.stderr
+        pyproject = tmp_path / "pyproject.toml"
+        text = pyproject.read_text()
+        assert '"msgspec>=0.19"' in text
+        pyproject.write_text(text.replace('"msgspec>=0.19"', '"msgspec>=0.18"'))
+        edited = uv(*check, cwd=tmp_path, env=isolated)
+        assert edited.returncode != 0
+        assert "needs to be updated" in edited.stderr, edited.stderr
+
+        # The index reproduces the lock: re-locking changes the edited requirement and nothing else.
+        relocked = uv("lock", *local_index, cwd=tmp_path, env=isolated)
+        assert relocked.returncode == 0, relocked.stderr
+        before = index.relocate(lock_text).splitlines()
+        after = (tmp_path / "uv.lock").read_text().splitlines()
+
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert changed == [
+        (
+            '    { name = "msgspec", specifier = ">=0.19" },',
+            '    { name = "msgspec", specifier = ">=0.18" },',
+        )
+    ]
 
 
 @pytest.mark.parametrize("extra", EXPORTS)
