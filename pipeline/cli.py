@@ -41,7 +41,8 @@ _COMMANDS = {"run", "worker", "catalog", "migrate", "token", "-h", "--help"}
 def build_parser() -> argparse.ArgumentParser:
     """The parser: subcommands ``run`` (default), ``worker`` and ``catalog load``."""
     parser = argparse.ArgumentParser(
-        prog="order-pipeline", description="pipeline workers and the orders API"
+        prog="order-pipeline",
+        description="pipeline workers and the orders API; without a subcommand, `run`",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="orders API on --http-port plus --workers worker processes")
