@@ -221,6 +221,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _code_first(fact: str) -> str:
+    """``ORDERS_X, comma-separated`` → the variable as code, the note as text."""
+    name, sep, note = fact.partition(", ")
+    return f"`{name}`{sep}{_markdown(note)}" if name else ""
+
+
 def _option_row(command: Command, action: argparse.Action) -> list[str]:
     explained = split_help(expanded_help(command, action))
     facts = explained.facts
@@ -229,7 +235,7 @@ def _option_row(command: Command, action: argparse.Action) -> list[str]:
     return [
         flag,
         _markdown(explained.text),
-        f"`{facts['env']}`" if facts.get("env") else "",
+        _code_first(facts.get("env", "")),
         f"`{facts['TOML']}`" if facts.get("TOML") else "",
         _markdown(default),
     ]
@@ -289,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="compare with the committed page, write nothing"
     )
+    parser.add_argument(
+        "--output", type=Path, default=PAGE, help="the page to write or check (default %(default)s)"
+    )
     args = parser.parse_args(argv)
+    output: Path = args.output
     found = commands()
     missing = problems(found)
     if missing:
@@ -297,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     page = render(found)
     if args.check:
-        if not PAGE.exists() or PAGE.read_text() != page:
-            print(f"{PAGE.relative_to(ROOT)} is stale: run `make cli-docs`", file=sys.stderr)
+        if not output.exists() or output.read_text() != page:
+            print(f"{output} is stale: run `make cli-docs`", file=sys.stderr)
             return 1
         return 0
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(page)
-    print(f"wrote {PAGE.relative_to(ROOT)}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(page)
+    print(f"wrote {output}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import pytest
@@ -24,6 +25,20 @@ def test_committed_page_is_current(commands: list[cli_reference.Command]) -> Non
     assert committed == cli_reference.render(commands), (
         "docs/reference/cli.md is stale: run `make cli-docs`"
     )
+
+
+def test_check_fails_on_a_stale_page_until_regenerated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check exits 1 on a page that differs; writing the page makes --check pass."""
+    page = tmp_path / "reference" / "cli.md"
+    page.parent.mkdir()
+    page.write_text("# CLI reference\n\nout of date\n")
+    assert cli_reference.main(["--check", "--output", str(page)]) == 1
+    assert "run `make cli-docs`" in capsys.readouterr().err
+    assert cli_reference.main(["--output", str(page)]) == 0
+    assert cli_reference.main(["--check", "--output", str(page)]) == 0
+    assert page.read_text() == cli_reference.PAGE.read_text()
 
 
 def test_every_command_and_subcommand_is_on_the_page(
