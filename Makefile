@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
 EXPORTS := edge bridge fleet
 
-.PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean
+.PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean cli-docs
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demo
@@ -34,6 +34,10 @@ lint: $(INSTALLED)
 
 stack: $(INSTALLED)
 	$(BIN)/python -m fleet.demo --stack-only
+
+# docs/reference/cli.md from the commands' own parsers (tests/test_cli_reference.py checks it).
+cli-docs: $(INSTALLED)
+	$(BIN)/python scripts/cli_reference.py
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -9,7 +9,7 @@ from typing import Annotated, Final
 import msgspec
 
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
-from servicekit.config import ServiceConfig
+from servicekit.config import ServiceConfig, doc
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -27,71 +27,281 @@ def default_client_id() -> str:
 class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     """Settings of ``order-bridge``; each field is a flag and an ``ORDERS_*`` variable."""
 
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
-    mqtt_ca_file: str = ""
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_cluster: bool = False
-    # PUBACK only once WAIT saw this many replicas hold the batch (single primary only).
-    redis_min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
-    redis_replica_timeout_ms: Positive = 1000
-    # /readyz is red unless Redis fsyncs its AOF before every reply (appendfsync always).
-    redis_require_durable: bool = True
-    # The ACL hides CONFIG GET: trust the operator that appendfsync is `always`.
-    redis_assume_fsync_always: bool = False
-    shards: Positive = DEFAULT_SHARDS
-    client_id: str = msgspec.field(default_factory=default_client_id)
-    share_group: str = DEFAULT_SHARE_GROUP
-    # Loopback unless told otherwise: /metrics and /readyz leak load and topology.
-    # Containers set ORDERS_HTTP_HOST=0.0.0.0 so the scraper can reach them.
-    http_host: str = "127.0.0.1"
-    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9102
-    # Mosquitto keeps a dead replica's share this long; agents resend after it.
-    session_expiry_s: Positive = 3600
-    mqtt_keepalive_s: Positive = 30
-    # MQTT 5 Maximum Packet Size we accept: the 16 KiB order cap + topic + properties.
-    mqtt_max_packet_size: Positive = 20480
-    # MQTT 5 Receive Maximum: unacked messages the broker may hand us at once.
-    # Acking after the write makes this the cap on in-flight work and batch size.
-    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
-    batch_max: Positive = 500
-    # Group commit: an idle bridge writes at once; only a batch that follows a full one
-    # waits up to this long to fill (bridge/batcher.py).
-    batch_delay_ms: NonNegative = 5.0
-    dedup_ttl_s: Positive = DEDUP_TTL_S
-    # Trim a shard stream (MINID ~ below what every consumer group has read) once per this many
-    # batches written to it; 0 turns trimming off.
-    trim_every_batches: Annotated[int, msgspec.Meta(ge=0)] = 100
-    dlq_maxlen: Positive = 1_000_000
-    # Per-device token bucket; 0 turns the limit off.
-    rate_per_s: NonNegative = 50.0
-    rate_burst: Positive = 1000
-    redis_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
-    # Cap of every retry wait: after an outage the bridge is back within about this long.
-    backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    drain_grace_s: NonNegative = 10.0
-    # Readiness heartbeat in Redis for the ops page (bridge/heartbeat.py); 0 turns it off.
-    heartbeat_interval_s: NonNegative = 5.0
-    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
-    otlp_endpoint: str = ""
-    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    mqtt_url: Annotated[
+        str,
+        doc(
+            "Broker the bridge takes orders from, mqtt://[user:pass@]host[:port] or mqtts:// "
+            "for TLS; set it to your broker and its bridge service account"
+        ),
+    ] = "mqtt://127.0.0.1:1883"
+    mqtt_ca_file: Annotated[
+        str,
+        doc(
+            "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
+            "certificate comes from a private CA, empty uses the system's CAs"
+        ),
+    ] = ""
+    redis_url: Annotated[
+        str,
+        doc(
+            "Redis the orders are written to, redis://[user:pass@]host:port/db or rediss:// "
+            "for TLS (any node's URL with --redis-cluster); in geo mode --region-redis may "
+            "replace it for this region"
+        ),
+    ] = "redis://127.0.0.1:6379/0"
+    redis_cluster: Annotated[
+        bool,
+        doc(
+            "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
+            "way); turn on when Redis runs as a cluster"
+        ),
+    ] = False
+    redis_min_replicas: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        doc(
+            "Replicas that must hold a batch (Redis WAIT) before its orders are PUBACKed and "
+            "receipted; raise to survive the loss of the primary, 0 trusts the primary's fsync "
+            "alone"
+        ),
+    ] = 0
+    redis_replica_timeout_ms: Annotated[
+        Positive,
+        doc(
+            "Milliseconds WAIT gives the replicas of --redis-min-replicas; a batch they do not "
+            "confirm in time is retried, so raise it if replicas lag under load"
+        ),
+    ] = 1000
+    redis_require_durable: Annotated[
+        bool,
+        doc(
+            "Keep /readyz red unless Redis fsyncs its AOF before every reply (appendfsync "
+            "always); turn off only for throwaway test setups that accept losing orders"
+        ),
+    ] = True
+    redis_assume_fsync_always: Annotated[
+        bool,
+        doc(
+            "Count Redis as durable when its ACL hides CONFIG GET, so the bridge cannot check "
+            "appendfsync itself; turn on once you have checked it is `always`"
+        ),
+    ] = False
+    shards: Annotated[
+        Positive,
+        doc(
+            "Order streams the orders are spread over by device; must match order-pipeline "
+            "--shards, raise it (on both, with a migration) for more pipeline parallelism"
+        ),
+    ] = DEFAULT_SHARDS
+    client_id: Annotated[
+        str,
+        doc(
+            "MQTT client id, which names this replica's persistent session and heartbeat; "
+            "give each replica its own id that survives restarts, so a restart resumes it",
+            default="order-bridge-HOSTNAME",
+        ),
+    ] = msgspec.field(default_factory=default_client_id)
+    share_group: Annotated[
+        str,
+        doc(
+            "MQTT shared-subscription group the replicas split the orders in "
+            "($share/GROUP/…); only change it to run two separate bridge fleets on one broker"
+        ),
+    ] = DEFAULT_SHARE_GROUP
+    http_host: Annotated[
+        str,
+        doc(
+            "Address of /metrics, /healthz and /readyz; loopback keeps load and topology "
+            "private, set 0.0.0.0 in a container so the scraper and probes reach it"
+        ),
+    ] = "127.0.0.1"
+    http_port: Annotated[
+        int,
+        msgspec.Meta(ge=0, le=65535),
+        doc(
+            "TCP port of /metrics, /healthz and /readyz; change it when two replicas share a "
+            "host, 0 picks a free port"
+        ),
+    ] = 9102
+    session_expiry_s: Annotated[
+        Positive,
+        doc(
+            "Seconds the broker keeps a stopped replica's session and its unacked orders; "
+            "raise it to cover your longest restart or upgrade of a replica"
+        ),
+    ] = 3600
+    mqtt_keepalive_s: Annotated[
+        Positive,
+        doc(
+            "MQTT keepalive in seconds: how soon a dead connection to the broker is noticed; "
+            "lower to fail over faster, raise on a slow or metered link"
+        ),
+    ] = 30
+    mqtt_max_packet_size: Annotated[
+        Positive,
+        doc(
+            "Largest MQTT packet in bytes the bridge accepts (MQTT 5 Maximum Packet Size): the "
+            "16 KiB order cap plus topic and properties; raise only with the order cap"
+        ),
+    ] = 20480
+    receive_maximum: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=65535),
+        doc(
+            "Orders the broker may hand this replica before it acks (MQTT 5 Receive Maximum): "
+            "the cap on in-flight work and so on batch size; raise with --batch-max for more "
+            "throughput per replica"
+        ),
+    ] = 1000
+    batch_max: Annotated[
+        Positive,
+        doc(
+            "Most orders written to Redis in one round trip; larger batches cost less per order "
+            "under heavy load, keep it at or below --receive-maximum"
+        ),
+    ] = 500
+    batch_delay_ms: Annotated[
+        NonNegative,
+        doc(
+            "Milliseconds a batch that follows a full one waits to fill up (an idle bridge "
+            "writes at once); raise for fewer, fuller writes under a backlog, 0 never waits"
+        ),
+    ] = 5.0
+    dedup_ttl_s: Annotated[
+        Positive,
+        doc(
+            "Seconds the dedup marker of an order lives in Redis, so a resend is answered "
+            "duplicate; must exceed --agent-retry-horizon-s, raise both together"
+        ),
+    ] = DEDUP_TTL_S
+    trim_every_batches: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        doc(
+            "Trim a shard stream below what every consumer group has read once per this many "
+            "batches written to it; raise to trim less often, 0 turns trimming off"
+        ),
+    ] = 100
+    dlq_maxlen: Annotated[
+        Positive,
+        doc(
+            "Approximate cap on entries in the dead-letter stream orders:dlq, oldest dropped "
+            "first; raise it if you replay dead letters long after they arrive"
+        ),
+    ] = 1_000_000
+    rate_per_s: Annotated[
+        NonNegative,
+        doc(
+            "Orders per second each device may send (token bucket; more are receipted "
+            "rate_limited and resent later); raise for busy devices, 0 turns the limit off"
+        ),
+    ] = 50.0
+    rate_burst: Annotated[
+        Positive,
+        doc(
+            "Orders a device may send at once above --rate-per-s (the bucket size), e.g. a "
+            "backlog after an outage; raise if reconnecting devices get rate_limited"
+        ),
+    ] = 1000
+    redis_timeout_s: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        doc(
+            "Seconds to connect to Redis or wait for a reply before the round trip counts as "
+            "failed and is retried; raise for a slow or distant Redis"
+        ),
+    ] = 5.0
+    backoff_max_s: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        doc(
+            "Cap in seconds of every retry wait (Redis writes, MQTT reconnects): after an "
+            "outage the bridge is back within about this long; raise to go easier on a "
+            "struggling Redis or broker"
+        ),
+    ] = 1.0
+    drain_grace_s: Annotated[
+        NonNegative,
+        doc(
+            "Seconds a stopping bridge spends writing and acking the orders it holds; what is "
+            "left stays unacked and the broker redelivers it; keep below the stop timeout"
+        ),
+    ] = 10.0
+    heartbeat_interval_s: Annotated[
+        NonNegative,
+        doc(
+            "Seconds between the readiness heartbeats this replica writes to Redis for the ops "
+            "page; 0 turns the heartbeat off"
+        ),
+    ] = 5.0
+    otlp_endpoint: Annotated[
+        str,
+        doc(
+            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
+            "is added); empty turns tracing off"
+        ),
+    ] = ""
+    trace_sample_ratio: Annotated[
+        float,
+        msgspec.Meta(ge=0, le=1),
+        doc(
+            "Fraction 0..1 of traces recorded when tracing is on; lower it to cut tracing cost "
+            "under heavy load"
+        ),
+    ] = 1.0
+    agent_retry_horizon_s: Annotated[
+        NonNegative,
+        doc(
+            "Seconds agents may go on resending an order (their resend_max_age_s); a "
+            "--dedup-ttl-s not above it is refused, as a late resend would be appended twice"
+        ),
+    ] = AGENT_RETRY_HORIZON_S
 
-    # The longest an agent may resend an order it already delivered. The dedup marker must
-    # outlive it, or a late resend is appended a second time: a shorter TTL is refused.
-    agent_retry_horizon_s: NonNegative = AGENT_RETRY_HORIZON_S
-
-    # Geo mode (GEO.md): this region's name and every region's Redis, NAME=REDIS_URL,
-    # this one included (its entry replaces redis_url). Empty: single-region, as before.
-    region: str = ""
-    region_redis: tuple[str, ...] = ()
-    # A write into another region's Redis gives up after this long: the device gets `pending`.
-    region_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    # Batches in flight at once per remote region (the local writer keeps one).
-    region_write_concurrency: Positive = 4
-    # Circuit breaker per remote region: open after this many failed writes in a row,
-    # stay open this long (orders for it answer `pending` at once), then try one batch.
-    region_breaker_failures: Positive = 3
-    region_breaker_open_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    region: Annotated[
+        str,
+        doc(
+            "Geo mode: this region's name (1-32 of a-z, 0-9, -); empty runs single-region, "
+            "set it on every bridge of a multi-region deployment"
+        ),
+    ] = ""
+    region_redis: Annotated[
+        tuple[str, ...],
+        doc(
+            "Geo mode: another region's Redis as NAME=REDIS_URL, one per region; orders whose "
+            "authority is that region are written there (an entry for this region replaces "
+            "--redis-url)"
+        ),
+    ] = ()
+    region_timeout_s: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        doc(
+            "Geo mode: seconds a write into another region's Redis may take before the device "
+            "is answered pending and retries later; raise for distant regions"
+        ),
+    ] = 1.0
+    region_write_concurrency: Annotated[
+        Positive,
+        doc(
+            "Geo mode: batches in flight at once to each remote region's Redis; raise when "
+            "cross-region latency limits throughput"
+        ),
+    ] = 4
+    region_breaker_failures: Annotated[
+        Positive,
+        doc(
+            "Geo mode: failed writes in a row that open a remote region's circuit breaker, "
+            "after which its orders are answered pending at once; raise on a flaky link"
+        ),
+    ] = 3
+    region_breaker_open_s: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        doc(
+            "Geo mode: seconds an open circuit breaker stays open before one batch tries the "
+            "region again; lower to notice a recovered region sooner"
+        ),
+    ] = 5.0
 
     def __post_init__(self) -> None:
         # msgspec turns a ValueError here into a ValidationError (ConfigError at start).

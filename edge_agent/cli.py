@@ -17,12 +17,12 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.config import ConfigError, add_config_arguments, field_help, load_config
 from servicekit.logs import configure_logging
 
 from .agent import EdgeAgent
@@ -37,10 +37,8 @@ EXIT_LOOP_DIED = 70  # EX_SOFTWARE: an internal error; the service manager resta
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edge-agent`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["submit"]:
-        return submit_main(args[1:])
-    if args[:1] == ["retry"]:
-        return retry_main(args[1:])
+    if args and args[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[args[0]](args[1:])
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="The device agent: durable outbox, MQTT publisher, localhost intake. "
@@ -55,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=None,
         metavar="NAME=MQTT_URL",
-        help="geo mode: a region and its broker, repeatable, home first; replaces --mqtt-url "
-        "(env ORDERS_REGION: comma-separated entries)",
+        help=field_help(AgentConfig, "region"),
     )
     try:
         config = load_config(AgentConfig, parser.parse_args(args))
@@ -125,11 +122,12 @@ def submit_main(argv: Sequence[str]) -> int:
         prog="edge-agent submit",
         description="Send one order (JSON, or - for stdin) to a running agent's intake.",
     )
-    parser.add_argument("order", help='JSON object, e.g. \'{"currency":"EUR",...}\', or -')
-    parser.add_argument("--http-port", type=int, default=8080)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
-    _add_token_argument(parser)
+    parser.add_argument(
+        "order",
+        help='the order as a JSON object, e.g. \'{"currency":"EUR",...}\', or - to read it '
+        "from stdin",
+    )
+    _add_agent_arguments(parser)
     args = parser.parse_args(argv)
     body = sys.stdin.read() if args.order == "-" else args.order
     request = urllib.request.Request(
@@ -151,11 +149,33 @@ def submit_main(argv: Sequence[str]) -> int:
         return 4
 
 
-def _add_token_argument(parser: argparse.ArgumentParser) -> None:
+def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """How ``submit`` and ``retry`` reach the local agent's intake."""
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="TCP port of the agent's intake; set it to the agent's http_port if changed "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the agent's intake; change it only for an agent whose http_host is "
+        "not loopback (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the agent's answer before giving up with exit code 4 "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--token",
         default=os.environ.get("ORDERS_HTTP_TOKEN", ""),
-        help="the agent's http_token, if it has one (env ORDERS_HTTP_TOKEN)",
+        help="bearer token the agent's intake requires, if its http_token is set "
+        "(env ORDERS_HTTP_TOKEN; default empty)",
     )
 
 
@@ -174,12 +194,18 @@ def retry_main(argv: Sequence[str]) -> int:
         description="Re-queue orders the broker refused for good (state `held`), "
         "once the cause (ACL, limits) is fixed.",
     )
-    parser.add_argument("order_ids", nargs="*", metavar="ORDER_ID")
-    parser.add_argument("--held", action="store_true", help="every held order")
-    parser.add_argument("--http-port", type=int, default=8080)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds")
-    _add_token_argument(parser)
+    parser.add_argument(
+        "order_ids",
+        nargs="*",
+        metavar="ORDER_ID",
+        help="ids of the held orders to re-queue (or give --held instead)",
+    )
+    parser.add_argument(
+        "--held",
+        action="store_true",
+        help="re-queue every held order instead of naming them, once the cause is fixed",
+    )
+    _add_agent_arguments(parser)
     args = parser.parse_args(argv)
     if args.held == bool(args.order_ids):
         parser.print_usage(sys.stderr)
@@ -206,6 +232,12 @@ def retry_main(argv: Sequence[str]) -> int:
             return 4
     return worst
 
+
+# Subcommands dispatched before the agent's own parser (scripts/cli_reference.py reads this).
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "submit": submit_main,
+    "retry": retry_main,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ import msgspec
 
 from schemas import names
 from schemas.messages import DeviceId
-from servicekit.config import ServiceConfig
+from servicekit.config import ServiceConfig, doc
 from servicekit.errors import ConfigError
 
 from .regions import Region, parse_regions
@@ -21,71 +21,298 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     port (tests); ``http_enabled = false`` runs the Python API only (simulator).
     """
 
-    device_id: DeviceId
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    # Geo mode (edge_agent/regions.py): NAME=MQTT_URL entries, home first; replaces
-    # mqtt_url when given. A TOML list, repeated --region flags, or ORDERS_REGION
-    # as comma-separated entries.
-    region: str | tuple[str, ...] = ()
-    # Fail over after this long without a connection, or with orders in flight and no answer.
-    failover_after_s: float = 60.0
-    # While away from home, probe home's broker this often; go home at the first CONNACK.
-    failback_probe_s: float = 30.0
-    db: str = "/var/lib/edge-agent/outbox.db"
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080
-    http_enabled: bool = True
-    # Extra Host names the intake answers besides localhost/127.0.0.1/[::1] (comma-separated).
-    http_allowed_hosts: str = ""
-    # When set, /v1/* needs `Authorization: Bearer <http_token>` (keep agent.toml 0600).
-    http_token: str = ""
-    # MQTT session
-    client_id: str = ""  # default: edge-{device_id}
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
-    connect_timeout_s: float = 10.0
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    # Delivery
-    max_inflight: int = 100
-    drain_rate_per_min: float = 6000.0
-    receipt_timeout_s: float = 30.0
-    rate_limited_retry_s: float = 10.0
-    # A `pending` receipt (geo: the order's authority region is unreachable):
-    # resend after full-jitter backoff per order, in whatever region is current.
-    pending_retry_min_s: float = 5.0
-    pending_retry_max_s: float = 300.0
-    # Below the bridge's 7-day dedup marker TTL: older sent-but-unreceipted orders
-    # are not resent (that could duplicate them) but rejected and alarmed on.
-    resend_max_age_s: float = 6 * 24 * 3600.0
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
-    # A transient PUBACK error (0x80, 0x83, 0x97…): resend after full-jitter backoff.
-    puback_retry_min_s: float = 1.0
-    puback_retry_max_s: float = 60.0
-    poll_interval_s: float = 1.0
-    # Device health (edge_agent/health.py) on v1/devices/{id}/health every this
-    # many seconds and on change, plus an MQTT Will; 0 turns both off.
-    health_interval_s: float = 30.0
-    # Status recovery: an accepted order without a terminal status this long after
-    # its receipt is asked about (StatusQuery), again with backoff up to
-    # status_query_max_interval_s, until the status comes or status_query_max_age_s
-    # (the bridge's dedup horizon) has passed since it was first sent.
-    status_query_delay_s: float = 60.0
-    status_query_max_interval_s: float = 3600.0
-    status_query_max_age_s: float = float(names.DEDUP_TTL_S)
-    # Outbox
-    max_rows: int = 100_000
-    max_bytes: int = 64 * 1024 * 1024
-    retention_s: float = 24 * 3600.0
-    prune_interval_s: float = 300.0
-    storage_retry_s: float = 5.0
-    batch_max: int = 1024
-    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint; the ratio
-    # also sets the sampled flag of the traceparents the intake makes while off.
-    otlp_endpoint: str = ""
-    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    device_id: Annotated[
+        DeviceId,
+        doc(
+            "This device's id, which names its MQTT topics and account; set it once per "
+            "device, as enrolment wrote it into agent.toml"
+        ),
+    ]
+    mqtt_url: Annotated[
+        str,
+        doc(
+            "Broker the orders go to, mqtt://[user:pass@]host[:port] or mqtts:// for TLS, with "
+            "the device's account; --region replaces it in geo mode"
+        ),
+    ] = "mqtt://127.0.0.1:1883"
+    region: Annotated[
+        str | tuple[str, ...],
+        doc(
+            "Geo mode: a region and its broker as NAME=MQTT_URL, home first, one flag each "
+            "(comma-separated in ORDERS_REGION, a list in TOML); replaces --mqtt-url"
+        ),
+    ] = ()
+    failover_after_s: Annotated[
+        float,
+        doc(
+            "Geo mode: seconds without a connection, or with orders in flight and no answer, "
+            "before the agent moves to the next region; lower to fail over sooner"
+        ),
+    ] = 60.0
+    failback_probe_s: Annotated[
+        float,
+        doc(
+            "Geo mode: seconds between CONNECT probes of home's broker while away (doubling "
+            "after each failed return); the agent goes home at the first CONNACK"
+        ),
+    ] = 30.0
+    db: Annotated[
+        str,
+        doc(
+            "Path of the SQLite outbox that keeps every accepted order until its receipt; put "
+            "it on persistent storage that survives a power cut"
+        ),
+    ] = "/var/lib/edge-agent/outbox.db"
+    http_host: Annotated[
+        str,
+        doc(
+            "Address of the local intake (POST /v1/orders) and /metrics; keep loopback unless "
+            "apps on other hosts must submit orders"
+        ),
+    ] = "127.0.0.1"
+    http_port: Annotated[
+        int,
+        doc(
+            "TCP port of the local intake and /metrics; change it when the port is taken, 0 "
+            "picks a free one"
+        ),
+    ] = 8080
+    http_enabled: Annotated[
+        bool,
+        doc(
+            "Serve the local HTTP intake; turn off only where orders come through the Python "
+            "API (the fleet simulator)"
+        ),
+    ] = True
+    http_allowed_hosts: Annotated[
+        str,
+        doc(
+            "Comma-separated Host names the intake answers besides localhost, 127.0.0.1 and "
+            "[::1] (others get 421, against DNS rebinding); add the name apps use"
+        ),
+    ] = ""
+    http_token: Annotated[
+        str,
+        doc(
+            "Bearer token that /v1/* requires when set (keep agent.toml 0600); set it when "
+            "other local users or hosts could reach the intake"
+        ),
+    ] = ""
+    client_id: Annotated[
+        str,
+        doc(
+            "MQTT client id that keeps the device's persistent session; leave empty for "
+            "edge-DEVICE_ID unless the broker's accounts expect another id"
+        ),
+    ] = ""
+    keepalive_s: Annotated[
+        int,
+        doc(
+            "MQTT keepalive in seconds: how soon a dead connection is noticed; lower to notice "
+            "sooner, raise on a metered or sleepy link"
+        ),
+    ] = 30
+    session_expiry_s: Annotated[
+        int,
+        doc(
+            "Seconds the broker keeps the device's session (receipts and statuses queued for "
+            "it) while it is offline; cover the longest outage you expect"
+        ),
+    ] = 7 * 24 * 3600
+    connect_timeout_s: Annotated[
+        float,
+        doc(
+            "Seconds a connection attempt to the broker may take before it is abandoned and "
+            "retried; raise on a slow link"
+        ),
+    ] = 10.0
+    ca_file: Annotated[
+        str,
+        doc(
+            "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
+            "certificate comes from a private CA, empty uses the system's CAs"
+        ),
+    ] = ""
+    cert_file: Annotated[
+        str,
+        doc(
+            "PEM client certificate presented to the broker, with --key-file; set it when the "
+            "broker authenticates devices by certificate"
+        ),
+    ] = ""
+    key_file: Annotated[
+        str,
+        doc("PEM private key of --cert-file (keep it 0600); set it together with --cert-file"),
+    ] = ""
+    max_inflight: Annotated[
+        int,
+        doc(
+            "Orders sent and awaiting a receipt at once; raise to drain a backlog faster over "
+            "a high-latency link, lower to spare a small broker"
+        ),
+    ] = 100
+    drain_rate_per_min: Annotated[
+        float,
+        doc(
+            "Orders per minute the agent sends at most (a backlog drains at this pace); lower "
+            "it to spare the cloud when many devices come back from an outage at once"
+        ),
+    ] = 6000.0
+    receipt_timeout_s: Annotated[
+        float,
+        doc(
+            "Seconds to wait for an order's receipt before sending it again; raise if a slow "
+            "cloud makes the agent resend orders that were only late"
+        ),
+    ] = 30.0
+    rate_limited_retry_s: Annotated[
+        float,
+        doc(
+            "Seconds to wait before resending an order the bridge answered rate_limited; raise "
+            "if the bridge's limit is tight"
+        ),
+    ] = 10.0
+    pending_retry_min_s: Annotated[
+        float,
+        doc(
+            "Geo mode: first wait in seconds before resending an order answered pending (its "
+            "authority region unreachable); waits grow with jitter up to the max"
+        ),
+    ] = 5.0
+    pending_retry_max_s: Annotated[
+        float,
+        doc(
+            "Geo mode: longest wait in seconds between resends of an order answered pending; "
+            "lower to retry sooner during a long region outage"
+        ),
+    ] = 300.0
+    resend_max_age_s: Annotated[
+        float,
+        doc(
+            "Seconds after its first send that an unreceipted order is no longer resent but "
+            "rejected and alarmed on; must stay below the bridge's dedup TTL (7 days)"
+        ),
+    ] = 6 * 24 * 3600.0
+    reconnect_min_s: Annotated[
+        float,
+        doc(
+            "First wait in seconds before reconnecting to the broker, growing with jitter up "
+            "to --reconnect-max-s; raise to spare a broker many devices reconnect to"
+        ),
+    ] = 0.5
+    reconnect_max_s: Annotated[
+        float,
+        doc(
+            "Longest wait in seconds between reconnects to the broker; lower to come back "
+            "sooner after a long outage, raise for very large fleets"
+        ),
+    ] = 60.0
+    puback_retry_min_s: Annotated[
+        float,
+        doc(
+            "First wait in seconds before resending an order the broker refused transiently "
+            "(PUBACK 0x80, 0x83, 0x97…), growing with jitter up to the max"
+        ),
+    ] = 1.0
+    puback_retry_max_s: Annotated[
+        float,
+        doc(
+            "Longest wait in seconds between resends after transient PUBACK refusals; lower to "
+            "retry sooner, raise to spare a struggling broker"
+        ),
+    ] = 60.0
+    poll_interval_s: Annotated[
+        float,
+        doc(
+            "Longest sleep in seconds before an idle agent checks its outbox for due orders "
+            "(new orders wake it at once); raise to save CPU when simulating big fleets"
+        ),
+    ] = 1.0
+    health_interval_s: Annotated[
+        float,
+        doc(
+            "Seconds between health reports on v1/devices/ID/health (also sent on change, "
+            "with an MQTT Will for offline detection); 0 turns both off"
+        ),
+    ] = 30.0
+    status_query_delay_s: Annotated[
+        float,
+        doc(
+            "Seconds after its receipt that an accepted order still without a final status is "
+            "asked about (StatusQuery); raise if orders take long to process"
+        ),
+    ] = 60.0
+    status_query_max_interval_s: Annotated[
+        float,
+        doc(
+            "Longest wait in seconds between repeated status queries of one order (the waits "
+            "grow from --status-query-delay-s); lower to recover statuses sooner"
+        ),
+    ] = 3600.0
+    status_query_max_age_s: Annotated[
+        float,
+        doc(
+            "Seconds after its first send that the agent stops asking for an order's status "
+            "and logs it as never heard; keep at the bridge's dedup TTL"
+        ),
+    ] = float(names.DEDUP_TTL_S)
+    max_rows: Annotated[
+        int,
+        doc(
+            "Most unreceipted orders the outbox holds; past it the intake answers 507 and "
+            "evicts nothing; raise for longer offline periods"
+        ),
+    ] = 100_000
+    max_bytes: Annotated[
+        int,
+        doc(
+            "Most bytes of unreceipted orders the outbox holds; past it the intake answers 507; "
+            "raise for longer offline periods if the disk allows"
+        ),
+    ] = 64 * 1024 * 1024
+    retention_s: Annotated[
+        float,
+        doc(
+            "Seconds receipted orders stay in the outbox for GET /v1/orders before they are "
+            "pruned; lower to keep the file small"
+        ),
+    ] = 24 * 3600.0
+    prune_interval_s: Annotated[
+        float,
+        doc(
+            "Seconds between prunes of orders past --retention-s (and expiry of orders past "
+            "--resend-max-age-s); lower for a small disk"
+        ),
+    ] = 300.0
+    storage_retry_s: Annotated[
+        float,
+        doc(
+            "Seconds between tries to reopen the outbox after a storage error (disk full or "
+            "failing); lower to resume sooner, raise to spare a failing disk"
+        ),
+    ] = 5.0
+    batch_max: Annotated[
+        int,
+        doc(
+            "Most orders written to the outbox in one SQLite transaction; lower if a very "
+            "slow disk makes single commits too long"
+        ),
+    ] = 1024
+    otlp_endpoint: Annotated[
+        str,
+        doc(
+            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
+            "is added); empty turns tracing off"
+        ),
+    ] = ""
+    trace_sample_ratio: Annotated[
+        float,
+        msgspec.Meta(ge=0, le=1),
+        doc(
+            "Fraction 0..1 of traces recorded; while tracing is off, of the traceparents the "
+            "intake marks sampled for the cloud; lower it to cut tracing cost"
+        ),
+    ] = 1.0
 
     def validate(self) -> None:
         """Refuse settings that would break a delivery promise; the command runs this at start.

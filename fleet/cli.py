@@ -25,11 +25,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
     add_load_arguments(parser)
     add_region_arguments(parser, load=True)
-    parser.add_argument("--log-level", default="error", help="JSON log level (stderr)")
+    parser.add_argument(
+        "--log-level",
+        default="error",
+        help="level of the JSON log on stderr: debug, info, warning or error; info to follow "
+        "the run (default %(default)s)",
+    )
     commands = parser.add_subparsers(dest="command")
     _add_provision(commands.add_parser("provision", help="enrol, revoke or audit devices"))
     stack = commands.add_parser("stack", help="start a local stack and keep it up")
-    stack.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
+    stack.add_argument(
+        "--shards",
+        type=int,
+        default=DEFAULT_SHARDS,
+        help="order streams of the stack's bridges and workers (default %(default)s)",
+    )
     add_stack_arguments(stack)
     add_region_arguments(stack, load=False)
     args = parser.parse_args(argv)
@@ -56,27 +66,77 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def _add_provision(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--registry", type=Path, required=True, help="registry directory")
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        required=True,
+        help="registry directory that holds the broker accounts, the dev CA and each device's "
+        "folder",
+    )
     actions = parser.add_subparsers(dest="action", required=True)
 
     devices = actions.add_parser("devices", help="enrol devices (new passwords, agent.toml)")
-    devices.add_argument("device_ids", nargs="*", metavar="DEVICE_ID")
-    devices.add_argument("--count", type=int, default=0, help="also enrol PREFIX0001…")
-    devices.add_argument("--prefix", default="device-")
-    devices.add_argument("--broker", required=True, help="broker URL, e.g. mqtts://host:8883")
+    devices.add_argument(
+        "device_ids",
+        nargs="*",
+        metavar="DEVICE_ID",
+        help="ids of devices to enrol (again: a new password)",
+    )
+    devices.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="also enrol this many devices named PREFIX0001, PREFIX0002, … (default %(default)s)",
+    )
+    devices.add_argument(
+        "--prefix",
+        default="device-",
+        help="name prefix of the devices --count enrols (default %(default)s)",
+    )
+    devices.add_argument(
+        "--broker",
+        required=True,
+        help="broker URL the agents connect to, written into their agent.toml, e.g. "
+        "mqtts://host:8883",
+    )
     ca = devices.add_mutually_exclusive_group()
-    ca.add_argument("--ca-file", type=Path, help="CA certificate the agents trust")
-    ca.add_argument("--dev-ca", action="store_true", help="use (or create) the registry's dev CA")
-    devices.add_argument("--client-certs", action="store_true", help="issue client certificates")
-    devices.add_argument("--install-dir", type=Path, default=DEFAULT_INSTALL_DIR)
+    ca.add_argument(
+        "--ca-file",
+        type=Path,
+        help="CA certificate the agents trust for an mqtts:// broker; its key (same name, "
+        ".key) signs --client-certs",
+    )
+    ca.add_argument(
+        "--dev-ca",
+        action="store_true",
+        help="use the registry's own dev CA, creating it on first use; for tests and demos, "
+        "not production",
+    )
+    devices.add_argument(
+        "--client-certs",
+        action="store_true",
+        help="also issue each device a client certificate (needs a CA with its key)",
+    )
+    devices.add_argument(
+        "--install-dir",
+        type=Path,
+        default=DEFAULT_INSTALL_DIR,
+        help="folder on the device that the files go to; agent.toml points there for "
+        "certificates (default %(default)s)",
+    )
     devices.set_defaults(run=_enrol)
 
     service = actions.add_parser("service", help="create a service account (bridge, pipeline)")
-    service.add_argument("name")
+    service.add_argument("name", help="the service: bridge or pipeline (a new password each time)")
     service.set_defaults(run=_service)
 
     revoke = actions.add_parser("revoke", help="remove devices' credentials")
-    revoke.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    revoke.add_argument(
+        "device_ids",
+        nargs="+",
+        metavar="DEVICE_ID",
+        help="ids of devices whose account and folder are removed",
+    )
     revoke.set_defaults(run=_revoke)
 
     check = actions.add_parser("check", help="audit a registry: modes, orphans, accounts")

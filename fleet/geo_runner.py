@@ -27,12 +27,22 @@ def add_region_arguments(parser: argparse.ArgumentParser, *, load: bool) -> None
     """``--regions`` (and, for the load test, the geo agents' settings)."""
     parser.add_argument(
         "--regions", type=int, default=0, choices=range(2, MAX_REGIONS + 1), metavar="N",
-        help=f"geo mode: N regions (2..{MAX_REGIONS}), each a whole stack",
+        help=f"geo mode: run N regions (2..{MAX_REGIONS}), each a whole stack, to test "
+             "failover and partitions (default one region)",
     )  # fmt: skip
     if load:
-        parser.add_argument("--homes", default="", help="geo: home every device in this region")
         parser.add_argument(
-            "--failover-after", type=float, default=3.0, help="geo: agents' failover_after_s"
+            "--homes",
+            default="",
+            help="geo mode: home every device in this region instead of spreading them over "
+            "all (default spread)",
+        )
+        parser.add_argument(
+            "--failover-after",
+            type=float,
+            default=3.0,
+            help="geo mode: seconds an agent waits without an answer before failing over "
+            "(the agents' failover_after_s; default %(default)s)",
         )
 
 

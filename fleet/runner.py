@@ -26,47 +26,134 @@ SHOWN_IDS = 50
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The load test's flags (the contract's five first)."""
-    parser.add_argument("--devices", type=int, default=100, help="simulated devices")
-    parser.add_argument("--rate", type=float, default=50.0, help="total orders/s (Poisson)")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
-    parser.add_argument("--mqtt-url", help="broker to use (default: start a local stack)")
-    parser.add_argument("--redis-url", help="Redis to verify against (default: local stack)")
-    parser.add_argument("--shards", type=int, default=DEFAULT_SHARDS, help="shard count")
-    parser.add_argument("--chaos", default="", help='e.g. "20:broker-restart,30:bridge-kill"')
-    parser.add_argument("--seed", type=int, default=0, help="random seed (arrivals, mix)")
-    parser.add_argument("--settle-timeout", type=float, default=120.0, help="quiescence wait, s")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=100,
+        help="simulated devices, each a real edge agent with its own outbox and MQTT session; "
+        "raise to test scale (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=50.0,
+        help="orders per second offered by the whole fleet, Poisson arrivals over the devices "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds the load runs before the run settles and is verified (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mqtt-url",
+        help="broker of an existing stack to load, with --redis-url; without both fleet-sim "
+        "starts a local stack",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis of that existing stack, read to verify every order; give it with --mqtt-url",
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=DEFAULT_SHARDS,
+        help="order streams of the stack; must match the bridges' --shards when loading an "
+        "existing stack (default %(default)s)",
+    )
+    parser.add_argument(
+        "--chaos",
+        default="",
+        help="faults to inject, SECONDS:KIND[=ARG] comma-separated, e.g. "
+        '"20:broker-restart,30:bridge-kill"; kinds are listed in fleet/chaos.py (default '
+        "none)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of arrivals and order mix; change it for another run of the same "
+        "shape (default %(default)s)",
+    )
+    parser.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait after the load for every order to settle before verifying; raise "
+        "for big fleets or long chaos (default %(default)s)",
+    )
     parser.add_argument(
         "--status-query-delay",
         type=float,
         default=3.0,
-        help="agents ask for a missing status this long after the receipt, s",
+        help="seconds after its receipt that an agent asks for a status it has not heard "
+        "(the agents' status_query_delay_s; default %(default)s)",
     )
     parser.add_argument(
         "--status-wait",
         type=float,
         default=30.0,
-        help="after quiescence, wait for the last statuses heard, s",
+        help="seconds after settling that devices may take to hear the last statuses before "
+        "those count as unheard (default %(default)s)",
     )
-    parser.add_argument("--ramp", type=float, default=500.0, help="device connects per second")
-    parser.add_argument("--receipt-timeout", type=float, default=10.0, help="agents' resend, s")
     parser.add_argument(
-        "--processes", type=int, default=1, help="worker processes the devices are spread over"
+        "--ramp",
+        type=float,
+        default=500.0,
+        help="device connects per second while the fleet starts; lower it for a small broker "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--receipt-timeout",
+        type=float,
+        default=10.0,
+        help="seconds an agent waits for a receipt before resending "
+        "(the agents' receipt_timeout_s; default %(default)s)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="processes the simulated devices are spread over; raise for thousands of devices "
+        "to use more cores (default %(default)s)",
     )
     parser.add_argument(
         "--poll-interval",
         type=float,
         default=0.5,
-        help="agents' idle outbox poll, s (longer for big fleets)",
+        help="seconds an idle agent waits before polling its outbox; raise for big fleets to "
+        "save CPU (the agents' poll_interval_s; default %(default)s)",
     )
-    parser.add_argument("--report", type=Path, help="HTML report path")
-    parser.add_argument("--no-live", action="store_true", help="no live progress display")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="path of the HTML report of the run (default reports/fleet-DATE-TIME.html)",
+    )
+    parser.add_argument(
+        "--no-live",
+        action="store_true",
+        help="print no live progress display, e.g. when the output goes to a file or CI log",
+    )
     add_stack_arguments(parser)
 
 
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the stack fleet-sim starts itself."""
-    parser.add_argument("--bridges", type=int, default=1, help="order-bridge replicas")
-    parser.add_argument("--workers", type=int, default=1, help="pipeline worker processes")
+    parser.add_argument(
+        "--bridges",
+        type=int,
+        default=1,
+        help="order-bridge replicas of the stack fleet-sim starts; raise to test the shared "
+        "subscription (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pipeline worker processes of the stack fleet-sim starts; raise for pipeline "
+        "throughput (default %(default)s)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> SimOptions:

@@ -41,7 +41,8 @@ _COMMANDS = {"run", "worker", "catalog", "migrate", "token", "-h", "--help"}
 def build_parser() -> argparse.ArgumentParser:
     """The parser: subcommands ``run`` (default), ``worker`` and ``catalog load``."""
     parser = argparse.ArgumentParser(
-        prog="order-pipeline", description="pipeline workers and the orders API"
+        prog="order-pipeline",
+        description="pipeline workers and the orders API; without a subcommand, `run`",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="orders API on --http-port plus --workers worker processes")
@@ -51,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     catalog = sub.add_parser("catalog", help="catalog administration")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
     load = catalog_sub.add_parser("load", help="load a JSON or TOML catalog into Redis")
-    load.add_argument("file", type=Path)
+    load.add_argument(
+        "file",
+        type=Path,
+        help="catalog file, JSON or TOML as pipeline/demo_catalog.toml; sets the price and "
+        "stock of each SKU it lists",
+    )
     add_config_arguments(load, PipelineConfig)
     migrate_cmd = sub.add_parser(
         "migrate", help="move stock and records from the layout before Redis Cluster support"
@@ -62,10 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     new = token_sub.add_parser(
         "new", help="mint a token: the token goes to stdout, only its hash is stored"
     )
-    new.add_argument("--role", choices=ROLES, required=True)
-    new.add_argument("--name", default="", help="a label for the logs (letters, digits, _.@-)")
-    new.add_argument("--tokens-file", type=Path, default=None,
-                     help="append the hashed entry here (created 0644: digests only)")  # fmt: skip
+    new.add_argument(
+        "--role",
+        choices=ROLES,
+        required=True,
+        help="what the token may do: read (orders, DLQ listing, metrics) or operate (also DLQ "
+        "replay and resolve)",
+    )
+    new.add_argument(
+        "--name",
+        default="",
+        help="label of the token in the API's logs, 1-64 of letters, digits and _.@- "
+        "(default empty)",
+    )
+    new.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help="tokens file to append the hashed entry to (created 0644: digests only); without "
+        "it the entry is printed for you to store",
+    )
     return parser
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 
 from schemas.names import DEFAULT_SHARDS
-from servicekit.config import ServiceConfig
+from servicekit.config import ServiceConfig, doc
 
 from .regions import parse_region_apis
 
@@ -21,60 +21,267 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     ``module:attribute`` paths of step factories, run in that order.
     """
 
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    # CA bundle for an mqtts:// broker with a private CA; empty: the system's.
-    mqtt_ca_file: str = ""
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # A Redis Cluster (any node's URL): keys are hash-tagged per shard either way.
-    redis_cluster: bool = False
-    http_port: int = 8082
-    http_host: str = "127.0.0.1"
-    # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
-    # lines and/or the same entries separated by `;`. Required off loopback.
-    api_tokens_file: str = ""
-    api_tokens: str = ""
-    shards: int = DEFAULT_SHARDS
-    workers: int = 1
-    consumer: str = ""  # consumer name; default derived from host name and pid
-    steps: str = DEFAULT_STEPS
-    batch_size: int = 100
-    block_ms: int = 500
-    # Redis Cluster only: a worker cannot block on streams of several slots at once;
-    # while every shard is empty it polls them again after this pause.
-    idle_poll_ms: int = 10
-    claim_idle_ms: int = 30_000
-    claim_every_ms: int = 1_000
-    max_deliveries: int = 5
-    dead_consumer_idle_ms: int = 3_600_000  # forget consumers idle this long holding nothing
-    gateway_latency_ms: float = 0.0
-    gateway_failure_rate: float = 0.0  # transient failures, retried
-    gateway_decline_rate: float = 0.0  # permanent refusals: the order ends `failed`
-    gateway_seed: int = 0
-    payment_attempts: int = 3
-    payment_backoff_ms: float = 50.0
-    status_ack_timeout_s: float = 5.0
-    # Status queries held unanswered at once (our MQTT Receive Maximum).
-    status_query_window: int = 100
-    shutdown_grace_s: float = 10.0
-    # Cap of every retry wait (servicekit.backoff): after an outage the worker is back
-    # within about this long, however long the outage lasted.
-    backoff_max_s: float = 1.0
-    # Terminal orders (fulfilled, rejected, failed) expire this long after they end:
-    # record, history, reservation and index entries. 0 keeps them for ever.
-    retention_days: float = 30.0
-    # The ops page counts a device stale when its last health report is older than this.
-    health_stale_s: float = 90.0
-    # Fleet health (pipeline/health.py): a device silent this long leaves the view.
-    health_ttl_s: float = 86400.0
-    # Tracing (servicekit.tracing): off without an OTLP/HTTP endpoint.
-    otlp_endpoint: str = ""
-    trace_sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    mqtt_url: Annotated[
+        str,
+        doc(
+            "Broker the workers publish statuses to and take status queries and health "
+            "reports from, mqtt://[user:pass@]host[:port] or mqtts:// for TLS"
+        ),
+    ] = "mqtt://127.0.0.1:1883"
+    mqtt_ca_file: Annotated[
+        str,
+        doc(
+            "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
+            "certificate comes from a private CA, empty uses the system's CAs"
+        ),
+    ] = ""
+    redis_url: Annotated[
+        str,
+        doc(
+            "Redis holding the order streams, records and stock, redis://[user:pass@]host:port/db "
+            "or rediss:// for TLS (any node's URL with --redis-cluster)"
+        ),
+    ] = "redis://127.0.0.1:6379/0"
+    redis_cluster: Annotated[
+        bool,
+        doc(
+            "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
+            "way); turn on when Redis runs as a cluster"
+        ),
+    ] = False
+    http_port: Annotated[
+        int,
+        doc(
+            "TCP port of the orders API, the ops page, /metrics and /healthz (`run` only); "
+            "change it when the port is taken or several APIs share a host"
+        ),
+    ] = 8082
+    http_host: Annotated[
+        str,
+        doc(
+            "Address the orders API listens on; loopback needs no tokens, any other address "
+            "(0.0.0.0 in a container) needs --api-tokens-file or --api-tokens"
+        ),
+    ] = "127.0.0.1"
+    api_tokens_file: Annotated[
+        str,
+        doc(
+            "File of orders API bearer tokens, one `role sha256:HEX [name]` line each (made by "
+            "`order-pipeline token new`); set it whenever the API listens off loopback"
+        ),
+    ] = ""
+    api_tokens: Annotated[
+        str,
+        doc(
+            "Orders API token entries as in --api-tokens-file, separated by `;`, added to the "
+            "file's; for a container that gets them from its environment"
+        ),
+    ] = ""
+    shards: Annotated[
+        int,
+        doc(
+            "Order streams to read, one per shard; must match order-bridge --shards (change "
+            "both, then run `order-pipeline migrate` for data in the old layout)"
+        ),
+    ] = DEFAULT_SHARDS
+    workers: Annotated[
+        int,
+        doc(
+            "Worker processes `run` starts and restarts beside the API; raise for more "
+            "throughput on more cores, 0 serves the API alone"
+        ),
+    ] = 1
+    consumer: Annotated[
+        str,
+        doc(
+            "Consumer name of a `worker` in the streams' consumer group; leave empty for "
+            "HOSTNAME-PID, unique per process (`run` names its workers so)"
+        ),
+    ] = ""
+    steps: Annotated[
+        str,
+        doc(
+            "Comma-separated steps every order goes through, built-in names or "
+            "module:factory paths, in order; change it to add or replace a business step"
+        ),
+    ] = DEFAULT_STEPS
+    batch_size: Annotated[
+        int,
+        doc(
+            "Most stream entries a worker reads (or reclaims) per shard at once and settles as "
+            "one batch; raise for throughput under a backlog, lower for shorter batches"
+        ),
+    ] = 100
+    block_ms: Annotated[
+        int,
+        doc(
+            "Milliseconds a read waits for new orders when every shard is empty (XREADGROUP "
+            "BLOCK); lower makes a stop quicker, higher means fewer idle round trips"
+        ),
+    ] = 500
+    idle_poll_ms: Annotated[
+        int,
+        doc(
+            "Redis Cluster only: milliseconds between reads while every shard is empty (a "
+            "worker cannot block on several slots); lower for latency, raise to idle cheaper"
+        ),
+    ] = 10
+    claim_idle_ms: Annotated[
+        int,
+        doc(
+            "Milliseconds an entry may sit unacked with a consumer before another worker "
+            "reclaims it (a crashed worker's orders); keep above the slowest batch"
+        ),
+    ] = 30_000
+    claim_every_ms: Annotated[
+        int,
+        doc(
+            "Milliseconds between a worker's looks for entries to reclaim (XAUTOCLAIM); lower "
+            "recovers a crashed worker's orders sooner at the cost of more Redis calls"
+        ),
+    ] = 1_000
+    max_deliveries: Annotated[
+        int,
+        doc(
+            "Deliveries of one entry (first read plus reclaims) before it goes to the DLQ with "
+            "its last error; raise if steps fail transiently for long"
+        ),
+    ] = 5
+    dead_consumer_idle_ms: Annotated[
+        int,
+        doc(
+            "Milliseconds after which a consumer that holds no entries is removed from the "
+            "group (each worker process is a new consumer); lower on churning hosts"
+        ),
+    ] = 3_600_000
+    gateway_latency_ms: Annotated[
+        float,
+        doc(
+            "Simulated payment gateway: milliseconds each charge takes; set it in load tests "
+            "to model a real gateway's latency"
+        ),
+    ] = 0.0
+    gateway_failure_rate: Annotated[
+        float,
+        doc(
+            "Simulated payment gateway: fraction 0..1 of charges that fail transiently and are "
+            "retried (up to --payment-attempts); set it to exercise retries"
+        ),
+    ] = 0.0
+    gateway_decline_rate: Annotated[
+        float,
+        doc(
+            "Simulated payment gateway: fraction 0..1 of charges declined for good, the order "
+            "ending failed; set it to exercise declines"
+        ),
+    ] = 0.0
+    gateway_seed: Annotated[
+        int,
+        doc(
+            "Simulated payment gateway: seed of its failures and declines, so a run can be "
+            "repeated; change it for a different draw"
+        ),
+    ] = 0
+    payment_attempts: Annotated[
+        int,
+        doc(
+            "Charges tried per order while the gateway fails transiently before the order ends "
+            "failed; raise for a flaky gateway"
+        ),
+    ] = 3
+    payment_backoff_ms: Annotated[
+        float,
+        doc(
+            "Milliseconds of the first wait between charge attempts, growing with jitter after; "
+            "raise to go easier on a struggling gateway"
+        ),
+    ] = 50.0
+    status_ack_timeout_s: Annotated[
+        float,
+        doc(
+            "Seconds a worker waits for the broker to PUBACK a batch's statuses before it acks "
+            "the batch anyway (the client resends them); raise for a slow broker"
+        ),
+    ] = 5.0
+    status_query_window: Annotated[
+        int,
+        doc(
+            "Devices' status queries a worker holds unanswered at once (its MQTT Receive "
+            "Maximum); raise if many devices recover statuses at the same time"
+        ),
+    ] = 100
+    shutdown_grace_s: Annotated[
+        float,
+        doc(
+            "Seconds a stopping worker may spend on the batch in hand before it is cancelled "
+            "(its entries are reclaimed later); keep below the stop timeout"
+        ),
+    ] = 10.0
+    backoff_max_s: Annotated[
+        float,
+        doc(
+            "Cap in seconds of every retry wait: after a Redis outage a worker is back within "
+            "about this long, however long it lasted; raise to go easier on Redis"
+        ),
+    ] = 1.0
+    retention_days: Annotated[
+        float,
+        doc(
+            "Days a finished order (fulfilled, rejected, failed) is kept: record, history, "
+            "reservation and index entries; 0 keeps them for ever"
+        ),
+    ] = 30.0
+    health_stale_s: Annotated[
+        float,
+        doc(
+            "Seconds after its last health report that the ops page shows a device stale; keep "
+            "above the agents' health_interval_s"
+        ),
+    ] = 90.0
+    health_ttl_s: Annotated[
+        float,
+        doc(
+            "Seconds a silent device stays in the fleet health view before it is dropped; "
+            "raise to keep long-offline devices listed"
+        ),
+    ] = 86400.0
+    otlp_endpoint: Annotated[
+        str,
+        doc(
+            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
+            "is added); empty turns tracing off"
+        ),
+    ] = ""
+    trace_sample_ratio: Annotated[
+        float,
+        msgspec.Meta(ge=0, le=1),
+        doc(
+            "Fraction 0..1 of traces recorded when tracing is on; lower it to cut tracing cost "
+            "under heavy load"
+        ),
+    ] = 1.0
 
-    # Geo mode (GEO.md, pipeline/regions.py): this region's name and the other regions'
-    # orders APIs, NAME=URL (repeatable); an order not found here is looked up there.
-    region: str = ""
-    region_api: tuple[str, ...] = ()
-    region_api_timeout_s: float = 2.0
+    region: Annotated[
+        str,
+        doc(
+            "Geo mode: this region's name; with --region-api, an order not found here is "
+            "looked up in the other regions' APIs; empty runs single-region"
+        ),
+    ] = ""
+    region_api: Annotated[
+        tuple[str, ...],
+        doc(
+            "Geo mode: another region's orders API as NAME=URL, one per region, asked for "
+            "orders this region does not hold"
+        ),
+    ] = ()
+    region_api_timeout_s: Annotated[
+        float,
+        doc(
+            "Geo mode: seconds the other regions' APIs get to answer a lookup before the "
+            "client gets 503 region-unavailable; raise for distant regions"
+        ),
+    ] = 2.0
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a ConfigError at start (msgspec ValidationError).

@@ -7,6 +7,10 @@ entrypoints call :func:`load_config`; components get the frozen object passed in
 
 A field typed ``tuple[str, ...]`` is a repeatable flag (``--region-redis a=… --region-redis
 b=…``), a comma-separated variable (``ORDERS_REGION_REDIS=a=…,b=…``) and a TOML array.
+
+A field's help is written once, beside it: ``Annotated[float, doc("…")]``. ``--help`` and
+the CLI reference page (scripts/cli_reference.py) show it followed by the facts the code
+knows, e.g. ``(env ORDERS_BATCH_DELAY_MS; TOML batch_delay_ms; default 5.0)``.
 """
 
 from __future__ import annotations
@@ -17,23 +21,71 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from .errors import ConfigError
 
-__all__ = ["ConfigError", "ServiceConfig", "add_config_arguments", "load_config"]
+__all__ = [
+    "ConfigError",
+    "ServiceConfig",
+    "add_config_arguments",
+    "doc",
+    "field_help",
+    "load_config",
+]
 
 ENV_PREFIX = "ORDERS_"
 
 C = TypeVar("C", bound="ServiceConfig")
 
 
+def doc(text: str, *, default: str = "") -> msgspec.Meta:
+    """A setting's help: what it does and when to change it, with its unit, in one line.
+
+    Args:
+        text: the help, shown by ``--help`` and on the CLI reference page.
+        default: how to show a default computed at start (``default_factory``).
+    """
+    return msgspec.Meta(description=text, extra={"default": default} if default else None)
+
+
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Base of every service's settings."""
 
-    log_level: str = "info"
+    log_level: Annotated[
+        str,
+        doc(
+            "Least severe level written to the JSON log on stderr: debug, info, warning or "
+            "error; debug while chasing a problem, warning to quieten a busy host"
+        ),
+    ] = "info"
+
+
+def field_help(cls: type[ServiceConfig], name: str) -> str:
+    """The ``--help`` line of one field: its :func:`doc` text, then env, TOML key and default.
+
+    Raises:
+        KeyError: ``cls`` has no field ``name``.
+    """
+    field = {field.name: field for field in msgspec.structs.fields(cls)}[name]
+    text, shown_default = _doc(field.type)
+    facts = []
+    repeatable = _is_repeatable(field.type)
+    if repeatable:
+        facts.append("repeatable")
+    env = f"env {ENV_PREFIX}{field.name.upper()}"
+    facts.append(env + (", comma-separated" if repeatable else ""))
+    facts.append(f"TOML {field.name}")
+    if shown_default:
+        facts.append(f"default {shown_default}")
+    elif field.default is not msgspec.NODEFAULT:
+        facts.append(f"default {msgspec.json.encode(field.default).decode()}")
+    elif field.default_factory is msgspec.NODEFAULT:
+        facts.append("required")
+    suffix = f"({'; '.join(facts)})"
+    return f"{text} {suffix}" if text else suffix
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfig]) -> None:
@@ -42,16 +94,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[ServiceConfi
     Flags default to None so that an absent flag never hides the environment
     or the file.
     """
-    parser.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML file of settings whose keys are the field names below; environment variables "
+        f"and flags override it (env {ENV_PREFIX}CONFIG; default none)",
+    )
     for field in msgspec.structs.fields(cls):
         flag = "--" + field.name.replace("_", "-")
-        default = None if field.default is msgspec.NODEFAULT else field.default
-        help_text = f"(env {ENV_PREFIX}{field.name.upper()}; default {default!r})"
+        # argparse %-formats help: a literal % in the text must be doubled.
+        help_text = field_help(cls, field.name).replace("%", "%%")
         if _is_repeatable(field.type):
             parser.add_argument(
-                flag, dest=field.name, action="append", default=None, help=help_text + " repeatable"
+                flag, dest=field.name, action="append", default=None, help=help_text
             )
-        elif field.type is bool:
+        elif _bare(field.type) is bool:
             parser.add_argument(
                 flag,
                 dest=field.name,
@@ -95,9 +153,28 @@ def load_config(
         raise ConfigError(str(exc)) from exc
 
 
+def _bare(annotation: Any) -> Any:
+    """The type under any ``Annotated[…]`` layers."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _doc(annotation: Any) -> tuple[str, str]:
+    """The :func:`doc` text and shown default in a field's annotation (empty if none)."""
+    text, default = "", ""
+    if typing.get_origin(annotation) is Annotated:
+        for meta in typing.get_args(annotation)[1:]:
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                text = meta.description
+                default = (meta.extra or {}).get("default", "")
+    return text, default
+
+
 def _is_repeatable(annotation: Any) -> bool:
     """A ``tuple[str, ...]`` field: one flag per value."""
-    return typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (str, ...)
+    bare = _bare(annotation)
+    return typing.get_origin(bare) is tuple and typing.get_args(bare) == (str, ...)
 
 
 def _split(value: str) -> list[str]:
