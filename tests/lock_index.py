@@ -21,7 +21,7 @@ PYPI_FILES = "https://files.pythonhosted.org/packages/"
 
 
 def _requirement(edge: dict[str, Any], extra: str | None = None) -> str:
-    name = edge["name"]
+    name = str(edge["name"])
     if edge.get("extra"):
         name += "[" + ",".join(edge["extra"]) + "]"
     markers = [m for m in (edge.get("marker"), extra and f"extra == '{extra}'") if m]
