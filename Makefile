@@ -8,8 +8,9 @@ UV_VENV := .uv
 UV := $(UV_VENV)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
-# Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
-EXPORTS := edge bridge fleet
+# Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt,
+# an operator's enrolment host requirements/enrol.txt).
+EXPORTS := edge bridge enrol fleet
 
 .PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean
 

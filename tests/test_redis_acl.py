@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge.ingest import ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
-from fleet.pki import CertFiles, create_ca, issue_cert
+from enrolment.pki import CertFiles, create_ca, issue_cert
 from fleet.servers import RedisProcess, free_port
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics

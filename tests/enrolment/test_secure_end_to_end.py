@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.dynsec import device_client_id
-from fleet.provision import Registry
+from enrolment.dynsec import device_client_id
+from enrolment.provision import Registry
 from schemas import decode_receipt
 from schemas.names import DLQ_STREAM, orders_topic, receipts_topic, shard_of, stream_key
 from tests.bridge.conftest import BridgeProcess, make_order, wait_for

@@ -1,7 +1,7 @@
 """A small development PKI: a CA, server and client certificates for Mosquitto TLS.
 
 For demos, tests and provisioning with a dev CA. Production fleets bring their
-own CA; ``fleet-sim provision`` then only writes credentials and agent configs.
+own CA; ``order-enrol`` then only writes credentials and agent configs.
 """
 
 from __future__ import annotations

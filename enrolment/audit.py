@@ -1,8 +1,8 @@
-"""`fleet-sim provision check`: what is wrong with a registry, file by file.
+"""`order-enrol check`: what is wrong with a registry, file by file.
 
 Checks modes (secrets readable by their owner only), stray files, folders
 without an account, accounts without a folder, and device accounts whose
-rights or client-id binding differ from :func:`fleet.dynsec.device_role`.
+rights or client-id binding differ from :func:`enrolment.dynsec.device_role`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`fleet-sim provision`: enrolled devices connect to the secure broker, revoked ones cannot,
+"""`order-enrol`: enrolled devices connect to the secure broker, revoked ones cannot,
 and no id escapes `registry/devices/<id>/`."""
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.config import AgentConfig
-from fleet.audit import audit
-from fleet.cli import main
-from fleet.dynsec import Accounts, device_client_id, verify_password
-from fleet.files import file_mode
-from fleet.provision import ProvisionError, Registry
+from enrolment.audit import audit
+from enrolment.cli import main
+from enrolment.dynsec import Accounts, device_client_id, verify_password
+from enrolment.files import file_mode
+from enrolment.provision import ProvisionError, Registry
+from fleet.cli import DEPRECATED_PROVISION
+from fleet.cli import main as fleet_sim
 from schemas.messages import DeviceId
 from schemas.names import is_device_id, orders_topic
 from servicekit.urls import MqttUrl
 
+from ..fleet.mqtt_probe import Probe
 from .conftest import SecureBroker
-from .mqtt_probe import Probe
 
 ESCAPES = ["..", ".", "/etc", "../x", "a/b", "a\\b", "kiosk\n", "kiosk\x00", " kiosk", ""]
 RESERVED = ["bridge", "pipeline", "Bridge", "PIPELINE", "bRiDgE", "bridge\n", "admin", "default"]
@@ -134,7 +136,7 @@ def test_cli_refuses_escapes_with_exit_2_and_writes_nothing(
         ["revoke", ".."],
         ["revoke", "."],
     ):
-        assert main(["provision", "--registry", root, *argv]) == 2, argv
+        assert main(["--registry", root, *argv]) == 2, argv
     assert snapshot(registry.root) == before
     assert "invalid device id" in capsys.readouterr().err
 
@@ -171,10 +173,10 @@ def test_modes_are_right_on_every_write_including_re_enrolment(registry: Registr
 def test_check_reports_modes_orphans_and_accounts(
     registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`provision check`: a loose secret, a folder without account, an account without
+    """`order-enrol check`: a loose secret, a folder without account, an account without
     folder, an unbound device and a widened service role are all reported (exit 1)."""
     root = str(registry.root)
-    assert main(["provision", "--registry", root, "check"]) == 0
+    assert main(["--registry", root, "check"]) == 0
     (registry.devices_dir / "kiosk-1" / "agent.toml").chmod(0o644)
     (registry.devices_dir / "stray").mkdir(mode=0o700)
     (registry.devices_dir / "stray" / "agent.toml").touch(mode=0o600)
@@ -190,7 +192,7 @@ def test_check_reports_modes_orphans_and_accounts(
             role["acls"].append({"acltype": "subscribePattern", "topic": "#", "allow": True})
     registry.accounts_path.write_bytes(msgspec.json.encode(widened))
     capsys.readouterr()
-    assert main(["provision", "--registry", root, "check"]) == 1
+    assert main(["--registry", root, "check"]) == 1
     out = capsys.readouterr().out
     assert "kiosk-1/agent.toml: mode 0644" in out
     assert "stray: folder without an account" in out
@@ -202,9 +204,9 @@ def test_check_reports_modes_orphans_and_accounts(
 def test_cli_enrols_a_numbered_fleet_with_a_dev_ca(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`provision devices --count` writes one config and client cert per device."""
+    """`order-enrol devices --count` writes one config and client cert per device."""
     argv = [
-        *("provision", "--registry", str(tmp_path), "devices", "--count", "3"),
+        *("--registry", str(tmp_path), "devices", "--count", "3"),
         *("--prefix", "kiosk-", "--broker", "mqtts://b:8883", "--dev-ca", "--client-certs"),
     ]
     assert main(argv) == 0
@@ -212,8 +214,23 @@ def test_cli_enrols_a_numbered_fleet_with_a_dev_ca(
     assert sorted(accounts.devices()) == ["kiosk-0001", "kiosk-0002", "kiosk-0003"]
     assert (tmp_path / "devices/kiosk-0003/client.crt").exists()
     assert "enrolled 3 devices" in capsys.readouterr().out
-    assert main(["provision", "--registry", str(tmp_path), "revoke", "nobody"]) == 1
-    assert main(["provision", "--registry", str(tmp_path), "check"]) == 0
+    assert main(["--registry", str(tmp_path), "revoke", "nobody"]) == 1
+    assert main(["--registry", str(tmp_path), "check"]) == 0
+
+
+def test_fleet_sim_provision_is_a_deprecated_alias_of_order_enrol(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleet-sim provision …` still enrols, and says once on stderr to use order-enrol."""
+    argv = ["--registry", str(tmp_path), "devices", "kiosk-1", "--broker", "mqtts://b:8883"]
+    assert fleet_sim(["provision", *argv]) == 0
+    out, err = capsys.readouterr()
+    assert "enrolled 1 devices" in out
+    assert err.splitlines() == [DEPRECATED_PROVISION]
+    assert "order-enrol" in DEPRECATED_PROVISION
+    assert sorted(Accounts.load(tmp_path / "dynamic-security.json").devices()) == ["kiosk-1"]
+    assert fleet_sim(["provision", *argv[:2], "revoke", ".."]) == 2
+    assert "fleet-sim provision: invalid device id" in capsys.readouterr().err
 
 
 @given(st.text(st.sampled_from("aZ09_.-/\n\r\x00 é+#$"), max_size=66))
@@ -240,7 +257,7 @@ def test_a_broken_accounts_file_is_a_clear_error(
     `check` reports it; nothing is overwritten."""
     registry.accounts_path.write_text('{"clients": [{"username": 1}]}')
     before = snapshot(registry.root)
-    argv = ["provision", "--registry", str(registry.root)]
+    argv = ["--registry", str(registry.root)]
     assert main([*argv, "devices", "kiosk-3", "--broker", "mqtts://b:8883"]) == 2
     assert "is not an accounts file" in capsys.readouterr().err
     assert snapshot(registry.root) == before

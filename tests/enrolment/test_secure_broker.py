@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.dynsec import device_client_id, health_topic
-from fleet.files import file_mode
-from fleet.pki import create_ca
+from enrolment.dynsec import device_client_id, health_topic
+from enrolment.files import file_mode
+from enrolment.pki import create_ca
 from fleet.servers import MosquittoProcess, find_binary, free_port, port_is_open
 from schemas.names import (
     orders_topic,
@@ -34,8 +34,8 @@ from schemas.names import (
     status_topic,
 )
 
+from ..fleet.mqtt_probe import Probe
 from .conftest import PASSWORDS, REPO, SecureBroker, dynsec_plugin, probe, write_accounts
-from .mqtt_probe import Probe
 
 NOT_AUTHORIZED = 135
 

@@ -1,4 +1,4 @@
-"""Fixtures for the fleet tests: a broker running the production config."""
+"""Fixtures for the enrolment tests: a broker running the production config."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet.dynsec import Accounts, device_client_id
-from fleet.pki import CertFiles, create_ca, issue_cert
+from enrolment.dynsec import Accounts, device_client_id
+from enrolment.pki import CertFiles, create_ca, issue_cert
 from fleet.servers import MosquittoProcess, free_port
 
-from .mqtt_probe import Probe
+from ..fleet.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORDS = {"kiosk-a": "pw-a", "kiosk-b": "pw-b", "bridge": "pw-bridge", "pipeline": "pw-pipe"}
@@ -73,7 +73,7 @@ def secure_broker(
 
 
 def write_accounts(conf_dir: Path) -> None:
-    """The accounts file for :data:`PASSWORDS`, as `fleet-sim provision` writes it."""
+    """The accounts file for :data:`PASSWORDS`, as `order-enrol` writes it."""
     accounts = Accounts()
     for user, password in PASSWORDS.items():
         if user in DEVICES:
