@@ -9,6 +9,7 @@ COPY edge_agent edge_agent
 COPY bridge bridge
 COPY pipeline pipeline
 COPY enrolment enrolment
+COPY testrig testrig
 COPY fleet fleet
 # Exactly the locked versions, checked by hash; then the package itself without resolving.
 RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/fleet.txt \

@@ -33,7 +33,7 @@ On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
 Kinds live in one table, :data:`KINDS`; :func:`register_kind` adds one (its
 injector gets the runner, the event and the event's index).
 
-Power cuts use :mod:`fleet.powercut` (writes kept in memory until fsync). The
+Power cuts use :mod:`testrig.powercut` (writes kept in memory until fsync). The
 clock skew lasts to the end of the run and only moves the simulated devices'
 wall clock (:mod:`fleet.clockskew`); the services keep the true time.
 
@@ -55,16 +55,16 @@ import structlog
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 import servicekit.clock
+from testrig.powercut import PowerCutMount
+from testrig.procstat import process_cpu_s
+from testrig.proxy import TcpProxy
+from testrig.servers import ServerProcess
+from testrig.services import pid_alive
 
 from .clockskew import WallClockSkew
 from .errors import ChaosError
 from .geo_chaos import GEO_KINDS, parse_geo_arg
-from .powercut import PowerCutMount
-from .procstat import process_cpu_s
-from .proxy import TcpProxy
 from .rogue import RogueReport, send_rogue
-from .servers import ServerProcess
-from .services import pid_alive
 from .stack import Stack
 
 log = structlog.get_logger(__name__)

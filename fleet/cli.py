@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from enrolment.cli import main as enrol_main
 from schemas.names import DEFAULT_SHARDS
 from servicekit.logs import configure_logging
+from testrig.errors import ServerError
 
 from .errors import FleetError
 from .geo_runner import add_region_arguments, run_geo_load, run_geo_stack
 from .runner import add_load_arguments, add_stack_arguments, run_load, run_stack
-from .servers import ServerError
 
 DEPRECATED_PROVISION = "fleet-sim provision is deprecated: use order-enrol (same arguments)"
 

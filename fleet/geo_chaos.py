@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from testrig.services import pid_alive
+
 from .errors import ChaosError, FleetError
-from .services import pid_alive
 
 if TYPE_CHECKING:
     from .chaos import ChaosEvent, ChaosLog

@@ -12,7 +12,7 @@ open connection instead (a partition longer than the peers' timeouts).
 synchronous rig (:mod:`fleet.geo_stack`) and the chaos schedule (on the
 simulator's loop) both drive them with plain calls.
 
-This differs from :class:`fleet.proxy.TcpProxy`, which models device-side
+This differs from :class:`testrig.proxy.TcpProxy`, which models device-side
 faults (aborted and refused connections): a partition never says "no".
 """
 

@@ -36,12 +36,13 @@ from redis.exceptions import RedisError
 from pipeline.catalog import read_catalog, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from testrig.errors import ServerError
+from testrig.powercut import CutReport, PowerCutMount
+from testrig.servers import MosquittoProcess, RedisProcess, ServerProcess, free_port
+from testrig.services import ServiceProcess, console_script, http_ok
 
 from .errors import FleetError
 from .geo_links import LinkHost
-from .powercut import CutReport, PowerCutMount
-from .servers import MosquittoProcess, RedisProcess, ServerError, ServerProcess, free_port
-from .services import ServiceProcess, console_script, http_ok
 from .stack import DEMO_CATALOG
 
 REGION_NAMES = ("eu", "us", "ap")
@@ -62,7 +63,7 @@ class GeoSettings:
     pipelines: bool = True
     # Extra flags for every bridge (cross-region timeouts in tests, say).
     bridge_args: tuple[str, ...] = ()
-    # Regions whose Redis keeps its files on a power-cut filesystem (fleet.powercut;
+    # Regions whose Redis keeps its files on a power-cut filesystem (testrig.powercut;
     # needs /dev/fuse), for Region.power_cut.
     redis_powercut: tuple[str, ...] = ()
     # Start the bridges and pipelines with the region flags (False: single-region

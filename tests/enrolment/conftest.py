@@ -10,7 +10,7 @@ import pytest
 
 from enrolment.dynsec import Accounts, device_client_id
 from enrolment.pki import CertFiles, create_ca, issue_cert
-from fleet.servers import MosquittoProcess, free_port
+from testrig.servers import MosquittoProcess, free_port
 
 from ..fleet.mqtt_probe import Probe
 

@@ -24,7 +24,6 @@ import pytest
 from enrolment.dynsec import device_client_id, health_topic
 from enrolment.files import file_mode
 from enrolment.pki import create_ca
-from fleet.servers import MosquittoProcess, find_binary, free_port, port_is_open
 from schemas.names import (
     orders_topic,
     receipts_topic,
@@ -33,6 +32,7 @@ from schemas.names import (
     status_query_topic,
     status_topic,
 )
+from testrig.servers import MosquittoProcess, find_binary, free_port, port_is_open
 
 from ..fleet.mqtt_probe import Probe
 from .conftest import PASSWORDS, REPO, SecureBroker, dynsec_plugin, probe, write_accounts

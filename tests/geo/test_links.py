@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from fleet.geo_links import LinkHost
-from fleet.servers import free_port
+from testrig.servers import free_port
 
 
 @pytest.fixture

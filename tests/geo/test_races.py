@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from fleet.geo_stack import GeoStack
 from fleet.geo_verify import CountMonitor
-from fleet.services import pid_alive
+from testrig.services import pid_alive
 
 from .conftest import (
     GEO_SLOW,

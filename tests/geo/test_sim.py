@@ -11,7 +11,7 @@ import pytest
 
 from fleet.geo_sim import GeoOptions, run_geo
 from fleet.geo_stack import GeoStack
-from fleet.servers import port_is_open
+from testrig.servers import port_is_open
 
 from .conftest import GEO_SLOW
 

@@ -1,44 +1,8 @@
-"""A FUSE passthrough filesystem that can cut the power: unsynced writes vanish.
+"""The power-cut filesystem's FUSE operations (mfusepy's high-level API), in the mount process.
 
-SIGKILL leaves the page cache intact, so a process-kill test cannot tell
-``appendfsync everysec`` from ``always`` or ``synchronous=OFF`` from ``FULL``.
-This filesystem can: it passes reads through to a backing directory, keeps
-every write in memory until the file is fsynced, and on SIGUSR1 (or
-:meth:`PowerCutMount.cut`) drops everything not synced, as a power cut does.
-
-::
-
-    with PowerCutMount(tmp_path / "disk") as disk:
-        start_redis(dir=disk.path)
-        ...
-        disk.cut()          # power off: unsynced data gone, every operation now EIO
-        redis.kill()
-        disk.power_on()     # the mount shows only what was synced
-        start_redis(dir=disk.path)
-
-The model (harsher than a real kernel, never kinder):
-
-* **File data and size** are per file (inode): writes, truncates and appends
-  live in memory until ``fsync``/``fdatasync`` of that file (or each write of
-  an ``O_SYNC``/``O_DSYNC`` handle). Closing a file syncs nothing, and nothing
-  is ever written back in the background.
-* **Names** (create, unlink, rename, mkdir, rmdir, link, symlink) are
-  journaled, as ext4 does: they show at once and become durable at the next
-  journal commit, which any ``fsync``/``fdatasync`` of a file or directory
-  forces. A cut undoes the uncommitted ones. Modes, owners and times are not
-  tracked.
-* **A cut** powers the disk off: it drops all unsynced data, undoes the
-  uncommitted names, and fails every later operation with EIO until
-  :meth:`PowerCutMount.power_on`; handles opened before the cut stay dead
-  after it, as a process from before a reboot would be.
-
-The filesystem runs in its own process (``python fleet/powercut.py``), so the
-kernel's requests never wait for the test's GIL; it needs ``/dev/fuse``, root
-(or ``fusermount3``) and libfuse 3 through ``mfusepy`` (dev extra).
-
-Hierarchy::
-
-    PowerCutError    the mount could not be started, or did not answer a command
+Reads pass through to the backing directory; file data waits in a
+:class:`~testrig.powercut.pages.Overlay` until fsync; name changes are
+journaled and undone by a cut (the model is in :mod:`testrig.powercut`).
 """
 
 from __future__ import annotations
@@ -47,128 +11,20 @@ import contextlib
 import errno
 import itertools
 import os
-import select
-import signal
 import stat
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-PAGE = 4096
-START_TIMEOUT_S = 10.0
-COMMAND_TIMEOUT_S = 10.0
-CUT_SIGNAL = signal.SIGUSR1
-POWER_ON_SIGNAL = signal.SIGUSR2
+from .pages import Overlay
+from .protocol import CutReport
+
 # Flags the filesystem applies itself; the backing file is opened without them.
 _OWN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_NOCTTY
 _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
 _STATVFS_KEYS = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files",
                  "f_flag", "f_frsize", "f_namemax")  # fmt: skip
-
-
-class PowerCutError(RuntimeError):
-    """The power-cut mount could not be started, or did not answer a command."""
-
-
-@dataclass(frozen=True)
-class CutReport:
-    """What one power cut threw away."""
-
-    dropped_files: int
-    dropped_bytes: int
-    undone_names: int
-
-
-# ---------------------------------------------------------------------------
-# The filesystem (runs in the mount process)
-# ---------------------------------------------------------------------------
-
-
-class _Overlay:
-    """One file's unsynced state: dirty pages over the backing file, and its size.
-
-    Invariants: bytes of the backing file at or past ``valid_upto`` are stale
-    (they read as zeros unless a page covers them); page bytes past ``size``
-    are zero; ``valid_upto <= size``.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd  # owned: keeps the inode alive while data is pending
-        self.size = os.fstat(fd).st_size
-        self.valid_upto = self.size
-        self.pages: dict[int, bytearray] = {}
-        self.dirty = False
-
-    def _page(self, index: int) -> bytearray:
-        page = self.pages.get(index)
-        if page is None:
-            start = index * PAGE
-            wanted = max(0, min(PAGE, self.valid_upto - start))
-            page = bytearray(os.pread(self.fd, wanted, start) if wanted else b"")
-            page.extend(bytes(PAGE - len(page)))
-            self.pages[index] = page
-        return page
-
-    def read(self, size: int, offset: int) -> bytes:
-        end = min(offset + size, self.size)
-        out = bytearray()
-        pos = offset
-        while pos < end:
-            index, start = divmod(pos, PAGE)
-            take = min(PAGE - start, end - pos)
-            page = self.pages.get(index)
-            if page is not None:
-                out += page[start : start + take]
-            else:
-                valid = max(0, min(take, self.valid_upto - pos))
-                chunk = os.pread(self.fd, valid, pos) if valid else b""
-                out += chunk + bytes(take - len(chunk))
-            pos += take
-        return bytes(out)
-
-    def write(self, data: bytes, offset: int) -> None:
-        pos, view = offset, memoryview(data)
-        while view:
-            index, start = divmod(pos, PAGE)
-            take = min(PAGE - start, len(view))
-            self._page(index)[start : start + take] = view[:take]
-            view, pos = view[take:], pos + take
-        self.size = max(self.size, offset + len(data))
-        self.dirty = True
-
-    def truncate(self, length: int) -> None:
-        if length < self.size:
-            index, start = divmod(length, PAGE)
-            if start:
-                self._page(index)[start:] = bytes(PAGE - start)
-                index += 1
-            for stale in [i for i in self.pages if i >= index]:
-                del self.pages[stale]
-            self.valid_upto = min(self.valid_upto, length)
-        self.size = length
-        self.dirty = True
-
-    def pending_bytes(self) -> int:
-        return len(self.pages) * PAGE + (self.size != self.valid_upto)
-
-    def commit(self) -> None:
-        """Write the pending state to the backing file (what fsync makes durable)."""
-        os.ftruncate(self.fd, self.valid_upto)  # stale tail → zeros below
-        os.ftruncate(self.fd, self.size)
-        for index, page in sorted(self.pages.items()):
-            start = index * PAGE
-            os.pwrite(self.fd, page[: max(0, min(PAGE, self.size - start))], start)
-        self.pages.clear()
-        self.valid_upto = self.size
-        self.dirty = False
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @dataclass
@@ -200,7 +56,7 @@ class PowerCutFs:
         self.boot = 0
         self._lock = threading.RLock()
         self._handles: dict[int, _Handle] = {}
-        self._overlays: dict[int, _Overlay] = {}
+        self._overlays: dict[int, Overlay] = {}
         self._journal = _Journal()
         self._next_fh = itertools.count(1)
         self._next_trash = itertools.count()
@@ -276,10 +132,10 @@ class PowerCutFs:
             raise OSError(errno.EIO, "handle from before the power cut")
         return handle
 
-    def _overlay(self, ino: int, fd: int) -> _Overlay:
+    def _overlay(self, ino: int, fd: int) -> Overlay:
         overlay = self._overlays.get(ino)
         if overlay is None:
-            overlay = self._overlays[ino] = _Overlay(os.dup(fd))
+            overlay = self._overlays[ino] = Overlay(os.dup(fd))
         return overlay
 
     def _forget_if_clean(self, ino: int) -> None:
@@ -522,165 +378,3 @@ class PowerCutFs:
             else:
                 os.utime(self._real(path), ns=times, follow_symlinks=False)
             return 0
-
-
-def _control_loop(fs: PowerCutFs) -> None:
-    """SIGUSR1 cuts the power, SIGUSR2 restores it; each answers one line on stdout."""
-    while True:
-        sig = signal.sigwait({CUT_SIGNAL, POWER_ON_SIGNAL})
-        if sig == CUT_SIGNAL:
-            r = fs.cut()
-            line = f"cut {r.dropped_files} {r.dropped_bytes} {r.undone_names}\n"
-        else:
-            fs.power_on()
-            line = "on\n"
-        os.write(1, line.encode())
-
-
-def serve(backing: Path, trash: Path, mountpoint: Path) -> None:
-    """Mount the filesystem on ``mountpoint`` and serve it until SIGTERM (foreground)."""
-    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-    import mfusepy  # noqa: PLC0415  (dev extra; only the mount process needs it)
-
-    # Blocked here, so every libfuse thread inherits the mask and only the
-    # control thread's sigwait sees the power signals.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {CUT_SIGNAL, POWER_ON_SIGNAL})
-    fs = PowerCutFs(backing, trash)
-    threading.Thread(target=_control_loop, args=(fs,), name="power", daemon=True).start()
-    # libfuse 3 reports the SIGTERM that ends its loop as an error (8); a mount
-    # that failed never said "ready", which the parent reports with this log.
-    with contextlib.suppress(RuntimeError):
-        mfusepy.FUSE(fs, str(mountpoint), foreground=True, nothreads=False, fsname="powercut")
-
-
-# ---------------------------------------------------------------------------
-# The mount, seen from the test (parent process)
-# ---------------------------------------------------------------------------
-
-
-class PowerCutMount:
-    """Mounts a power-cut filesystem on ``base/mnt`` (durable data in ``base/disk``).
-
-    Args:
-        base: a directory of its own; created if missing.
-    """
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.backing = base / "disk"
-        self.trash = base / "trash"
-        self.path = base / "mnt"
-        self.log_path = base / "powercut.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._buffer = b""
-
-    @property
-    def pid(self) -> int | None:
-        """The mount process, to signal it from outside (SIGUSR1 cuts, SIGUSR2 powers on)."""
-        return self._process.pid if self._process is not None else None
-
-    def start(self) -> None:
-        """Mount and wait until the filesystem answers."""
-        for directory in (self.backing, self.trash, self.path):
-            directory.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                # The file itself, not -m: the mount process needs no other module of ours.
-                [sys.executable, __file__, str(self.backing), str(self.trash), str(self.path)],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        try:
-            self._expect("ready", START_TIMEOUT_S)
-            self._wait_mounted()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_mounted(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.path.is_mount():
-            if time.monotonic() > deadline:
-                raise PowerCutError(f"{self.path} is not mounted:\n{self._log_tail()}")
-            time.sleep(0.01)
-
-    def cut(self) -> CutReport:
-        """Cut the power: unsynced writes and names are gone; every operation fails with EIO."""
-        words = self._command(CUT_SIGNAL, "cut").split()
-        return CutReport(int(words[1]), int(words[2]), int(words[3]))
-
-    def power_on(self) -> None:
-        """Power on: the mount shows only what was synced before the cut."""
-        self._command(POWER_ON_SIGNAL, "on")
-
-    def stop(self) -> None:
-        """Unmount (SIGTERM to the mount process; a lazy unmount if that fails)."""
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(START_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if self.path.is_mount():
-            subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
-
-    def _command(self, sig: signal.Signals, answer: str) -> str:
-        if self._process is None or self._process.poll() is not None:
-            raise PowerCutError(f"the mount process is not running:\n{self._log_tail()}")
-        self._process.send_signal(sig)
-        return self._expect(answer, COMMAND_TIMEOUT_S)
-
-    def _expect(self, word: str, timeout_s: float) -> str:
-        """Read the mount process's next line; it must start with ``word``."""
-        process = self._process
-        if process is None or process.stdout is None:
-            raise PowerCutError("the mount process is not running")
-        fd = process.stdout.fileno()
-        deadline = time.monotonic() + timeout_s
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise PowerCutError(f"no {word!r} from the mount process:\n{self._log_tail()}")
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise PowerCutError(f"the mount process exited:\n{self._log_tail()}")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        text = line.decode()
-        if not text.startswith(word):
-            raise PowerCutError(f"expected {word!r} from the mount process, got {text!r}")
-        return text
-
-    def _log_tail(self) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python fleet/powercut.py BACKING TRASH MOUNTPOINT``: serve until SIGTERM."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3:
-        sys.exit("usage: python fleet/powercut.py BACKING TRASH MOUNTPOINT")
-    serve(Path(args[0]), Path(args[1]), Path(args[2]))
-
-
-if __name__ == "__main__":
-    main()

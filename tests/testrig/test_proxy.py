@@ -6,10 +6,10 @@ import asyncio
 
 from prometheus_client import CollectorRegistry
 
-from fleet.proxy import TcpProxy
-from fleet.servers import MosquittoProcess
 from servicekit.mqtt import MqttClient, MqttMetrics
 from servicekit.urls import MqttUrl
+from testrig.proxy import TcpProxy
+from testrig.servers import MosquittoProcess
 
 
 async def test_proxy_relays_drops_and_refuses(mosquitto: MosquittoProcess, device_id: str) -> None:

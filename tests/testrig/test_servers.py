@@ -10,10 +10,10 @@ import paho.mqtt.client as mqtt
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
 from fleet.stack import Stack, StackSettings
 from schemas import Item, Order, decode_order, encode
 from schemas.names import orders_topic, shard_of, stream_key
+from testrig.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
 
 
 def make_order(device_id: str) -> Order:

@@ -27,7 +27,7 @@ from typing import Self
 
 import structlog
 
-from .errors import FleetError
+from .errors import ProxyError
 
 log = structlog.get_logger(__name__)
 
@@ -244,7 +244,7 @@ class ProxyThread:
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
         self._thread.start()
         if not self._ready.wait(10):
-            raise FleetError("proxy did not start")
+            raise ProxyError("proxy did not start")
 
     async def _run(self) -> None:
         self._stop = asyncio.Event()

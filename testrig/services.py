@@ -1,6 +1,6 @@
 """Our own Python services (bridge, pipeline) as subprocesses, ready when /healthz says 200.
 
-They share :class:`fleet.servers.ServerProcess`'s lifecycle (start, SIGTERM
+They share :class:`testrig.servers.ServerProcess`'s lifecycle (start, SIGTERM
 stop, SIGKILL, restart on the same port); ``port`` is the service's HTTP port.
 """
 

@@ -1,12 +1,10 @@
 """Real Mosquitto and Redis processes on free loopback ports.
 
-Used by the test fixtures, ``make demo`` and ``fleet-sim stack``. Each server
+Used by the test fixtures, the benchmarks, ``make demo`` and ``fleet-sim stack``. Each server
 owns one subprocess in a private working directory and can be stopped, killed
 and restarted on the same port, which the fault tests need.
 
-Hierarchy::
-
-    ServerError    a server binary is missing, or did not come up
+Errors: :class:`testrig.errors.ServerError`, a server binary is missing, or did not come up.
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from .errors import ServerError
+
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 # The one Redis configuration production uses (AOF, appendfsync always, maxmemory noeviction).
@@ -30,10 +30,6 @@ REDIS_CONF = Path(__file__).resolve().parents[1] / "redis" / "redis.conf"
 # Nagle's algorithm against the clients' delayed ACKs holds small packets for
 # ~40 ms; Mosquitto leaves it on unless told otherwise.
 NODELAY = "set_tcp_nodelay true"
-
-
-class ServerError(RuntimeError):
-    """A server could not be found or started."""
 
 
 def free_port() -> int:
