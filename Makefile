@@ -23,7 +23,7 @@ demo-scale: $(INSTALLED)
 
 # Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
 demo-geo: $(INSTALLED)
-	$(BIN)/python -m fleet.geo_demo
+	$(BIN)/python -m fleet.geo.demo
 
 test: lint
 	$(BIN)/pytest

@@ -28,7 +28,7 @@ full-jitter backoff makes. ``agent-powercut`` and ``clock-skew`` act inside the
 process that runs the devices, so they need ``--processes 1``.
 
 On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
-``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo_chaos`.
+``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo.chaos`.
 
 Kinds live in one table, :data:`KINDS`; :func:`register_kind` adds one (its
 injector gets the runner, the event and the event's index).
@@ -63,7 +63,7 @@ from testrig.services import pid_alive
 
 from .clockskew import WallClockSkew
 from .errors import ChaosError
-from .geo_chaos import GEO_KINDS, parse_geo_arg
+from .geo.chaos import GEO_KINDS, parse_geo_arg
 from .rogue import RogueReport, send_rogue
 from .stack import Stack
 
@@ -183,7 +183,7 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     for raw in filter(None, (part.strip() for part in text.split(","))):
         at, sep, rest = raw.partition(":")
         kind, _, arg = rest.partition("=")
-        if kind in GEO_KINDS and sep:  # region names, parsed by fleet.geo_chaos
+        if kind in GEO_KINDS and sep:  # region names, parsed by fleet.geo.chaos
             try:
                 at_s, _ = _non_negative(at)
             except ValueError as exc:

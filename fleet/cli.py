@@ -13,7 +13,7 @@ from servicekit.logs import configure_logging
 from testrig.errors import ServerError
 
 from .errors import FleetError
-from .geo_runner import add_region_arguments, run_geo_load, run_geo_stack
+from .geo.runner import add_region_arguments, run_geo_load, run_geo_stack
 from .runner import add_load_arguments, add_stack_arguments, run_load, run_stack
 
 DEPRECATED_PROVISION = "fleet-sim provision is deprecated: use order-enrol (same arguments)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from fleet.geo_stack import GeoStack, start_service
+from fleet.geo.stack import GeoStack, start_service
 from fleet.verify import OrderRef
 from schemas.names import stream_key
 from testrig.servers import MosquittoProcess

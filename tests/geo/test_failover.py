@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.geo_links import LinkHost
-from fleet.geo_stack import GeoStack
+from fleet.geo.links import LinkHost
+from fleet.geo.stack import GeoStack
 from testrig.servers import free_port
 from testrig.services import pid_alive
 

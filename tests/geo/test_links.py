@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.geo_links import LinkHost
+from fleet.geo.links import LinkHost
 from testrig.servers import free_port
 
 

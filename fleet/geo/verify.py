@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from pipeline.names import TERMINAL_STATUSES
 
-from .verify import OrderRef, count_stream_entries, find_processed_twice
+from ..verify import OrderRef, count_stream_entries, find_processed_twice
 
 RegionStatusLookup = Callable[[Any, Sequence[OrderRef], int], Awaitable[list[str | None]]]
 """(region's Redis client, refs, shards) → each order's pipeline status there."""

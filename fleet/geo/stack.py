@@ -3,7 +3,7 @@
 Regions share nothing (GEO.md): each has its own broker, its own Redis with
 the shipped ``redis/redis.conf`` (AOF, ``appendfsync always``), its own
 bridge and pipeline. A bridge in region R reaches every *other* region's
-Redis through a :class:`fleet.geo_links.Link` (``R>S``), so a partition
+Redis through a :class:`fleet.geo.links.Link` (``R>S``), so a partition
 between R and S blackholes exactly those connections and nothing else:
 devices, local Redis and local brokers are untouched.
 
@@ -41,9 +41,9 @@ from testrig.powercut import CutReport, PowerCutMount
 from testrig.servers import MosquittoProcess, RedisProcess, ServerProcess, free_port
 from testrig.services import ServiceProcess, console_script, http_ok
 
-from .errors import FleetError
-from .geo_links import LinkHost
-from .stack import DEMO_CATALOG
+from ..errors import FleetError
+from ..stack import DEMO_CATALOG
+from .links import LinkHost
 
 REGION_NAMES = ("eu", "us", "ap")
 MAX_REGIONS = len(REGION_NAMES)

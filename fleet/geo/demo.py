@@ -1,6 +1,6 @@
 """`make demo-geo`: two regions, a region outage and a partition, then the geo verdict.
 
-Starts the geo rig (:mod:`fleet.geo_stack`: per region Mosquitto, Redis with
+Starts the geo rig (:mod:`fleet.geo.stack`: per region Mosquitto, Redis with
 the shipped redis.conf, order-bridge, order-pipeline), homes 40 real edge
 agents half in ``eu``, half in ``us``, and places 40 orders/s for 45 s while
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import main as fleet_sim
+from ..cli import main as fleet_sim
 
 DEMO_ARGS = (
     "--regions", "2", "--devices", "40", "--rate", "40", "--duration", "45",

@@ -4,10 +4,10 @@ Each simulated device is a real :class:`edge_agent.EdgeAgent` in geo mode: its
 region list is the rig's, rotated so that its home comes first (device i is
 homed in region i mod N, or all in one region with ``homes``). Orders arrive
 as a Poisson stream over random devices; the chaos schedule may hold any
-:mod:`fleet.geo_chaos` kind plus the kinds that need no stack (``dup-flood``,
-``clock-skew``). While the run goes, a :class:`fleet.geo_verify.CountMonitor`
+:mod:`fleet.geo.chaos` kind plus the kinds that need no stack (``dup-flood``,
+``clock-skew``). While the run goes, a :class:`fleet.geo.verify.CountMonitor`
 samples the merged counts (no order may ever count twice) and the orders in
-doubt; at the end :func:`fleet.geo_verify.verify_geo` checks everything.
+doubt; at the end :func:`fleet.geo.verify.verify_geo` checks everything.
 
 ::
 
@@ -34,17 +34,17 @@ import structlog
 
 from edge_agent import AgentConfig
 
-from .chaos import ChaosLog, ChaosRunner, parse_schedule
-from .devices import Catalog, Fleet, FleetSettings
-from .geo_chaos import GEO_KINDS, GeoChaosRunner
-from .geo_stack import GeoStack
-from .geo_verify import CountMonitor, GeoVerdict, OutboxRow, read_outbox, verify_geo
-from .load import await_heard, offer_orders, settle, terminal_in
-from .report import RunRecord, Sample
-from .stack import DEMO_CATALOG
-from .statuses import order_statuses
-from .tracker import Tracker
-from .verify import OrderRef
+from ..chaos import ChaosLog, ChaosRunner, parse_schedule
+from ..devices import Catalog, Fleet, FleetSettings
+from ..load import await_heard, offer_orders, settle, terminal_in
+from ..report import RunRecord, Sample
+from ..stack import DEMO_CATALOG
+from ..statuses import order_statuses
+from ..tracker import Tracker
+from ..verify import OrderRef
+from .chaos import GEO_KINDS, GeoChaosRunner
+from .stack import GeoStack
+from .verify import CountMonitor, GeoVerdict, OutboxRow, read_outbox, verify_geo
 
 log = structlog.get_logger(__name__)
 

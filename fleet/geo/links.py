@@ -9,7 +9,7 @@ retransmission would after a short partition; :meth:`Link.reset` aborts every
 open connection instead (a partition longer than the peers' timeouts).
 
 :class:`LinkHost` runs the links on an event loop in a daemon thread, so the
-synchronous rig (:mod:`fleet.geo_stack`) and the chaos schedule (on the
+synchronous rig (:mod:`fleet.geo.stack`) and the chaos schedule (on the
 simulator's loop) both drive them with plain calls.
 
 This differs from :class:`testrig.proxy.TcpProxy`, which models device-side

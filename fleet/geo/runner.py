@@ -18,9 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .geo_sim import GeoOptions, GeoResult, run_geo
-from .geo_stack import MAX_REGIONS, GeoSettings, GeoStack
-from .report import summary_table, write_html
+from ..report import summary_table, write_html
+from .sim import GeoOptions, GeoResult, run_geo
+from .stack import MAX_REGIONS, GeoSettings, GeoStack
 
 
 def add_region_arguments(parser: argparse.ArgumentParser, *, load: bool) -> None:

@@ -1,4 +1,4 @@
-"""Chaos between regions, for runs on the geo rig (:mod:`fleet.geo_stack`).
+"""Chaos between regions, for runs on the geo rig (:mod:`fleet.geo.stack`).
 
 ``region-down=NAME[/S]``
     SIGKILL the region's broker, Redis and bridge; start them again after S s
@@ -26,11 +26,11 @@ import structlog
 
 from testrig.services import pid_alive
 
-from .errors import ChaosError, FleetError
+from ..errors import ChaosError, FleetError
 
 if TYPE_CHECKING:
-    from .chaos import ChaosEvent, ChaosLog
-    from .geo_stack import GeoStack
+    from ..chaos import ChaosEvent, ChaosLog
+    from .stack import GeoStack
 
 log = structlog.get_logger(__name__)
 
