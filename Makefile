@@ -15,15 +15,15 @@ EXPORTS := edge bridge enrol fleet
 .PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean
 
 demo: $(INSTALLED)
-	$(BIN)/python -m fleet.demo
+	$(BIN)/python -m fleet.demos.one_region
 
 # 10,000 devices over 4 processes with a ×10 rate spike and a reconnect storm; a few minutes.
 demo-scale: $(INSTALLED)
-	$(BIN)/python -m fleet.demo --scale
+	$(BIN)/python -m fleet.demos.one_region --scale
 
 # Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
 demo-geo: $(INSTALLED)
-	$(BIN)/python -m fleet.geo.demo
+	$(BIN)/python -m fleet.demos.two_regions
 
 test: lint
 	$(BIN)/pytest
@@ -34,7 +34,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 stack: $(INSTALLED)
-	$(BIN)/python -m fleet.demo --stack-only
+	$(BIN)/python -m fleet.demos.one_region --stack-only
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .cli import main as fleet_sim
+from ..cli import main as fleet_sim
 
 DEMO_ARGS = (
     "--devices", "1000", "--rate", "200", "--duration", "60", "--bridges", "2",
