@@ -1,16 +1,18 @@
-"""The import graph between our packages, read from the source (ast): the services never
-import the simulator or the test rig, the pipeline and the bridge never import each other,
-enrolment installs without the simulator."""
+"""The import graph between our packages, read from the source (ast), is the one drawn in
+docs/explanation/packages.md: the services never import the simulator or the test rig, the
+pipeline and the bridge never import each other, enrolment installs without the simulator."""
 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "explanation" / "packages.md"
 
 # Which of our packages each package may import, besides itself. bench and tests may
 # import every package; no package imports them.
@@ -134,3 +136,24 @@ def test_the_scanner_resolves_relative_nested_and_type_checking_imports(tmp_path
     }  # fmt: skip
     (inner / "sim.py").write_text("from servicekit import mqtt\n")
     assert "servicekit.mqtt" in set(imported_modules(inner / "sim.py", tmp_path))
+
+
+def drawn_arrows(text: str) -> set[tuple[str, str]]:
+    """``A --> B`` lines of the page's Mermaid block: A imports B."""
+    block = re.search(r"```mermaid\n(.*?)```", text, re.S)
+    assert block is not None, "no Mermaid block"
+    arrows = set()
+    for line in block.group(1).splitlines():
+        match = re.fullmatch(r"\s*(\w+)\s*-->\s*(\w+)\s*", line)
+        if match:
+            arrows.add((match.group(1), match.group(2)))
+    return arrows
+
+
+def test_the_drawn_graph_is_the_tested_graph() -> None:
+    """docs/explanation/packages.md draws exactly the allowed arrows and names every package."""
+    text = DOC.read_text()
+    allowed = {(package, dep) for package, deps in ALLOWED.items() for dep in deps}
+    assert drawn_arrows(text) == allowed
+    for package in OURS:
+        assert f"`{package}/`" in text, package
