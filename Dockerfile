@@ -1,4 +1,4 @@
-# One image for the cloud services: order-bridge, order-pipeline, fleet-sim.
+# One image for the cloud services: order-bridge, order-pipeline, fleet-sim, order-enrol.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -8,6 +8,8 @@ COPY servicekit servicekit
 COPY edge_agent edge_agent
 COPY bridge bridge
 COPY pipeline pipeline
+COPY enrolment enrolment
+COPY testrig testrig
 COPY fleet fleet
 # Exactly the locked versions, checked by hash; then the package itself without resolving.
 RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/fleet.txt \

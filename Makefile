@@ -8,21 +8,22 @@ UV_VENV := .uv
 UV := $(UV_VENV)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
-# Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
-EXPORTS := edge bridge fleet
+# Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt,
+# an operator's enrolment host requirements/enrol.txt).
+EXPORTS := edge bridge enrol fleet
 
 .PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean cli-docs
 
 demo: $(INSTALLED)
-	$(BIN)/python -m fleet.demo
+	$(BIN)/python -m fleet.demos.one_region
 
 # 10,000 devices over 4 processes with a ×10 rate spike and a reconnect storm; a few minutes.
 demo-scale: $(INSTALLED)
-	$(BIN)/python -m fleet.demo --scale
+	$(BIN)/python -m fleet.demos.one_region --scale
 
 # Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
 demo-geo: $(INSTALLED)
-	$(BIN)/python -m fleet.geo_demo
+	$(BIN)/python -m fleet.demos.two_regions
 
 test: lint
 	$(BIN)/pytest
@@ -33,7 +34,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 stack: $(INSTALLED)
-	$(BIN)/python -m fleet.demo --stack-only
+	$(BIN)/python -m fleet.demos.one_region --stack-only
 
 # docs/reference/cli.md from the commands' own parsers (tests/test_cli_reference.py checks it).
 cli-docs: $(INSTALLED)

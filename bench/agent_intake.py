@@ -33,7 +33,7 @@ import structlog
 import schemas
 from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.outbox import NewOrder
-from fleet.servers import free_port
+from testrig.servers import free_port
 
 ROW = b"x" * 300
 PRAGMAS = ("PRAGMA locking_mode=EXCLUSIVE", "PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")

@@ -58,7 +58,6 @@ from bench._loadgen import create_session, drop_session, publish_load, send_time
 from bench.mqtt_clients import drain_codec_loop
 from bench.receipt_probe import RECEIPT_P50_GOAL_MS, probe_receipts
 from bridge.ingest import payload_digest
-from fleet.servers import MosquittoProcess, RedisProcess, find_binary, free_port
 from schemas import DecodeError, SchemaError, decode_order
 from schemas.names import (
     DEDUP_TTL_S,
@@ -69,6 +68,8 @@ from schemas.names import (
     stream_key,
 )
 from servicekit.clock import now_ms
+from testrig.procstat import process_cpu_s
+from testrig.servers import MosquittoProcess, RedisProcess, find_binary, free_port
 
 HOST = "127.0.0.1"
 SHARDS = 16
@@ -416,17 +417,6 @@ class TracingRow:
         return self.bridge_cpu_us + self.redis_cpu_us
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds of a process's live threads so far, in ns resolution (Linux schedstat)."""
-    total_ns = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total_ns += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
-            continue
-    return total_ns / 1e9
-
-
 def redis_cpu_s(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -444,9 +434,9 @@ def drain_cpu_us(client: redis.Redis, pid: int, count: int) -> tuple[float, floa
         if time.monotonic() > deadline:
             raise RuntimeError("no entry appeared")
         time.sleep(0.005)
-    bridge0, redis0 = process_cpu_s(pid), redis_cpu_s(client)
+    bridge0, redis0 = process_cpu_s(pid, children=False), redis_cpu_s(client)
     wait_entries(client, count)
-    bridge1, redis1 = process_cpu_s(pid), redis_cpu_s(client)
+    bridge1, redis1 = process_cpu_s(pid, children=False), redis_cpu_s(client)
     orders = max(1, count - first)
     return (bridge1 - bridge0) / orders * 1e6, (redis1 - redis0) / orders * 1e6
 

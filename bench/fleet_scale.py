@@ -49,13 +49,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from fleet.devices import raise_open_file_limit
-from fleet.procstat import process_cpu_s
 from fleet.report import percentiles
-from fleet.services import child_pids
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from schemas.names import stream_key
 from servicekit.logs import configure_logging
+from testrig.procstat import process_cpu_s
+from testrig.services import child_pids
 
 SHARDS = 4
 QUEUED_S = 0.25  # a queue holding a quarter second of the offered load has built up

@@ -8,7 +8,7 @@ with three regions' Redis, each started from redis/redis.conf (AOF,
 - ``b``: its own Redis (home: the local group commit);
 - ``near``: another Redis over plain loopback (a cross-region write with no
   network cost: what the remote path itself costs);
-- ``far``: a Redis behind :class:`fleet.proxy.TcpProxy` holding every chunk
+- ``far``: a Redis behind :class:`testrig.proxy.TcpProxy` holding every chunk
   ``--wan-delay-ms`` each way (default 10 ms: a 20 ms round trip, two nearby
   cloud regions).
 
@@ -43,13 +43,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench._loadgen import create_session
 from bench.bridge_throughput import _ready, stream_ids, total_entries
 from bench.receipt_probe import ProbeResult
-from fleet.proxy import ProxyThread
-from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, free_port
 from schemas import Item, Order, decode_receipt, encode
 from schemas.names import orders_topic, receipts_topic
 from servicekit.clock import now_ms
 from servicekit.mqtt import Ack, MqttClient, Subscription
 from servicekit.urls import MqttUrl
+from testrig.proxy import ProxyThread
+from testrig.servers import REDIS_CONF, MosquittoProcess, RedisProcess, free_port
 
 HOST = "127.0.0.1"
 SHARDS = 16

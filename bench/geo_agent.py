@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import MosquittoProcess
+from testrig.servers import MosquittoProcess
 from tests.edge_agent.bridge_double import accept_all
 from tests.edge_agent.geo_rig import RegionBridge, never_answer
 

@@ -41,9 +41,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench._loadgen import create_session, publish_load
-from fleet.servers import MosquittoProcess
 from servicekit.mqtt import Ack, MqttClient, Subscription
 from servicekit.urls import MqttUrl
+from testrig.servers import MosquittoProcess
 
 HOST = "127.0.0.1"
 Drain = Callable[[int, str, int], Awaitable[float]]

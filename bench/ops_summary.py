@@ -15,7 +15,6 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from fleet.servers import RedisProcess
 from pipeline.ops import (
     HEALTH_DEVICES_KEY,
     HEALTH_OLDEST_KEY,
@@ -24,6 +23,7 @@ from pipeline.ops import (
     summary,
 )
 from servicekit.clock import now_ms
+from testrig.servers import RedisProcess
 
 SIZES = (100, 1000, 10_000)
 RUNS = 20

@@ -45,14 +45,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from fleet.servers import (
-    MosquittoProcess,
-    RedisProcess,
-    ServerError,
-    find_binary,
-    free_port,
-    port_is_open,
-)
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.names import CATALOG_KEY
 from schemas import Item, Order, Status, decode_order, encode
@@ -60,11 +52,13 @@ from schemas.names import DEFAULT_SHARDS, PIPELINE_GROUP, shard_of, status_topic
 from servicekit.clock import now_ms
 from servicekit.mqtt import MqttClient
 from servicekit.urls import MqttUrl
+from testrig.errors import ServerError
+from testrig.procstat import process_cpu_s
+from testrig.servers import MosquittoProcess, RedisProcess, find_binary, free_port, port_is_open
 
 CEILING_GROUP = "ceiling"
 NAIVE_GROUP = "naive"
 NAIVE_STOCK = "naive:stock"
-TICKS_S = os.sysconf("SC_CLK_TCK")
 Client = Any  # aioredis.Redis or RedisCluster: the bench calls what both have
 
 
@@ -244,12 +238,6 @@ async def naive_order(client: Client, mqtt: MqttClient, order: Order) -> None:
             await mqtt.publish_acked(status_topic(order.device_id), encode(message))
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_S
-
-
 async def all_acked(client: Client, shards: int) -> bool:
     """Every entry of every shard delivered to the pipeline group and acked."""
     for shard in range(shards):
@@ -266,12 +254,12 @@ async def idle(procs: Sequence[subprocess.Popen[bytes]], log: Path) -> None:
     the group, so its start is seen in its CPU time instead.
     """
     deadline = time.monotonic() + 60
-    before = [process_cpu_s(p.pid) for p in procs]
+    before = [process_cpu_s(p.pid, children=False) for p in procs]
     while True:
         await asyncio.sleep(0.5)
         if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
             raise RuntimeError(f"a worker did not start; see {log}")
-        now = [process_cpu_s(p.pid) for p in procs]
+        now = [process_cpu_s(p.pid, children=False) for p in procs]
         if all(b - a < 0.1 for a, b in zip(before, now, strict=True)):
             return
         before = now
@@ -306,7 +294,7 @@ async def pipeline_row(
         await prepare(client, shards, [PIPELINE_GROUP])
         with workers(count, env, log) as procs:
             await idle(procs, log)
-            cpu0 = sum(process_cpu_s(p.pid) for p in procs)
+            cpu0 = sum(process_cpu_s(p.pid, children=False) for p in procs)
             redis0 = await backend.cpu_s()
             started = time.perf_counter()
             await append(client, orders, shards)
@@ -316,7 +304,7 @@ async def pipeline_row(
                 await asyncio.sleep(0.02)
             seconds = time.perf_counter() - started
             redis_s = await backend.cpu_s() - redis0 - append_cpu_s
-            cpu_s = sum(process_cpu_s(p.pid) for p in procs) - cpu0
+            cpu_s = sum(process_cpu_s(p.pid, children=False) for p in procs) - cpu0
     finally:
         await client.aclose()
     return Row(backend.name, f"pipeline, {count} worker process(es)", len(orders), seconds,

@@ -33,7 +33,6 @@ from prometheus_client import CollectorRegistry
 
 from bridge.ingest import ValidOrder, classify
 from bridge.store import RedisSink
-from fleet.servers import RedisProcess
 from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
@@ -44,6 +43,7 @@ from pipeline.worker import Worker
 from schemas import Item, Order, Status, encode
 from schemas.names import DEDUP_TTL_S, orders_topic, stream_key
 from servicekit.clock import now_ms
+from testrig.servers import RedisProcess
 
 SHARDS = 16
 SAMPLE = 200

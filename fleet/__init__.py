@@ -1,8 +1,21 @@
-"""Fleet simulator, chaos, verification and the local stack runner.
+"""The fleet simulator (``fleet-sim``): real edge agents under load and chaos, and its demos.
 
 ``fleet-sim`` (fleet.cli) drives :func:`run` with :class:`SimOptions` against a
 :class:`Stack` it starts itself, or against URLs; see the README's
-"Load-testing a fleet".
+"Load-testing a fleet". The servers, the power-cut filesystem and the proxy it
+starts come from :mod:`testrig`; enrolment is :mod:`enrolment` (``order-enrol``).
+
+Modules by job:
+
+* the run: ``sim`` (one run), ``devices`` (simulated agents), ``load`` (the
+  offered orders and the waits that end a run), ``workers`` (devices over
+  several processes), ``tracker`` (what the devices saw);
+* the stack: ``stack`` (a local single-region stack), ``runner`` and ``cli``
+  (the command line);
+* chaos: ``chaos`` (the schedule), ``clockskew``, ``rogue``;
+* the verdict: ``verify``, ``statuses``;
+* the report: ``report``, ``svg``, ``live``;
+* ``geo/``: the same across regions; ``demos/``: the ``make demo*`` targets.
 """
 
 from .errors import ChaosError, FleetError

@@ -28,12 +28,12 @@ full-jitter backoff makes. ``agent-powercut`` and ``clock-skew`` act inside the
 process that runs the devices, so they need ``--processes 1``.
 
 On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
-``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo_chaos`.
+``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo.chaos`.
 
 Kinds live in one table, :data:`KINDS`; :func:`register_kind` adds one (its
 injector gets the runner, the event and the event's index).
 
-Power cuts use :mod:`fleet.powercut` (writes kept in memory until fsync). The
+Power cuts use :mod:`testrig.powercut` (writes kept in memory until fsync). The
 clock skew lasts to the end of the run and only moves the simulated devices'
 wall clock (:mod:`fleet.clockskew`); the services keep the true time.
 
@@ -55,16 +55,16 @@ import structlog
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 import servicekit.clock
+from testrig.powercut import PowerCutMount
+from testrig.procstat import process_cpu_s
+from testrig.proxy import TcpProxy
+from testrig.servers import ServerProcess
+from testrig.services import pid_alive
 
 from .clockskew import WallClockSkew
 from .errors import ChaosError
-from .geo_chaos import GEO_KINDS, parse_geo_arg
-from .powercut import PowerCutMount
-from .procstat import process_cpu_s
-from .proxy import TcpProxy
+from .geo.chaos import GEO_KINDS, parse_geo_arg
 from .rogue import RogueReport, send_rogue
-from .servers import ServerProcess
-from .services import pid_alive
 from .stack import Stack
 
 log = structlog.get_logger(__name__)
@@ -183,7 +183,7 @@ def parse_schedule(text: str) -> list[ChaosEvent]:
     for raw in filter(None, (part.strip() for part in text.split(","))):
         at, sep, rest = raw.partition(":")
         kind, _, arg = rest.partition("=")
-        if kind in GEO_KINDS and sep:  # region names, parsed by fleet.geo_chaos
+        if kind in GEO_KINDS and sep:  # region names, parsed by fleet.geo.chaos
             try:
                 at_s, _ = _non_negative(at)
             except ValueError as exc:

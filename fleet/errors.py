@@ -5,7 +5,7 @@ Hierarchy::
     FleetError          root: the simulator cannot run as asked
     └── ChaosError      a chaos schedule that is malformed or needs what we lack
 
-(``fleet.servers.ServerError``, a server that did not come up, stays its own root:
+(``testrig.errors.ServerError``, a server that did not come up, is the test rig's:
 the test fixtures use it without the simulator.)
 """
 

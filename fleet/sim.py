@@ -25,14 +25,14 @@ import structlog
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit.urls import MqttUrl
+from testrig.powercut import PowerCutMount
+from testrig.proxy import TcpProxy
 
 from .chaos import ChaosLog, ChaosRunner, FleetControl, check_feasible, needs_proxy, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
 from .load import await_heard, offer_orders, settle, terminal_in
-from .powercut import PowerCutMount
-from .proxy import TcpProxy
 from .report import RunRecord, Sample, percentiles, stage_breakdown
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses

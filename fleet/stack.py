@@ -23,9 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from .powercut import PowerCutMount
-from .servers import MosquittoProcess, RedisProcess, ServerError
-from .services import ServiceProcess, child_pids, console_script, pid_alive
+from testrig.errors import ServerError
+from testrig.powercut import PowerCutMount
+from testrig.servers import MosquittoProcess, RedisProcess
+from testrig.services import ServiceProcess, child_pids, console_script, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CATALOG = REPO / "pipeline" / "demo_catalog.toml"
@@ -44,7 +45,7 @@ class StackSettings:
     broker_persistence: bool = False
     # Overrides redis/redis.conf's maxmemory for this run (None: the file's value).
     redis_maxmemory: str | None = None
-    # Redis keeps its files on a power-cut filesystem (fleet.powercut), for the
+    # Redis keeps its files on a power-cut filesystem (testrig.powercut), for the
     # redis-powercut chaos kind; needs /dev/fuse and libfuse 3.
     redis_powercut: bool = False
 

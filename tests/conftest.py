@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from fleet.servers import MosquittoProcess, RedisProcess, ServerProcess
+from testrig.servers import MosquittoProcess, RedisProcess, ServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from tests import lock_index
 
 ROOT = Path(__file__).resolve().parents[1]
 UV = ROOT / ".uv" / "bin" / "uv"
-EXPORTS = ("edge", "bridge", "fleet")
+EXPORTS = ("edge", "bridge", "enrol", "fleet")
 
 
 def uv(
@@ -110,3 +110,12 @@ def test_a_device_installs_only_the_edge_set() -> None:
         assert cloud_only not in edge
     for needed in ("msgspec==", "paho-mqtt==", "aiohttp=="):
         assert needed in edge
+
+
+def test_an_operator_installs_only_the_enrol_set() -> None:
+    """order-enrol installs without the load-test, broker-client or cloud extras."""
+    enrol = (ROOT / "requirements" / "enrol.txt").read_text()
+    for not_needed in ("redis==", "mqtt5==", "paho-mqtt==", "aiohttp==", "rich=="):
+        assert not_needed not in enrol
+    for needed in ("msgspec==", "cryptography=="):
+        assert needed in enrol

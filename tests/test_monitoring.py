@@ -26,11 +26,11 @@ from prometheus_client import CollectorRegistry
 
 from bridge.metrics import BridgeMetrics
 from edge_agent.metrics import AgentMetrics
-from fleet.servers import ServerProcess, find_binary
-from fleet.services import http_ok
 from fleet.stack import Stack, StackSettings
 from pipeline.metrics import ApiMetrics, WorkerMetrics
 from schemas.names import stream_key
+from testrig.servers import ServerProcess, find_binary
+from testrig.services import http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

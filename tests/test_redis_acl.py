@@ -29,13 +29,13 @@ from prometheus_client import CollectorRegistry
 
 from bridge.ingest import ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
-from fleet.pki import CertFiles, create_ca, issue_cert
-from fleet.servers import RedisProcess, free_port
+from enrolment.pki import CertFiles, create_ca, issue_cert
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import CATALOG_KEY, health_device_key
 from schemas import Health, Item, Order, encode
 from schemas.names import PIPELINE_GROUP, health_topic, orders_topic, shard_of, stream_key
+from testrig.servers import RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
 from tests.pipeline.processes import env_for, spawn, stop_all
 

@@ -24,9 +24,10 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.servers import RedisProcess, ServerError, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
 from servicekit.urls import MqttUrl
+from testrig.errors import ServerError
+from testrig.servers import RedisProcess, find_binary, free_port, port_is_open
 
 ROOT = Path(__file__).resolve().parents[2]
 

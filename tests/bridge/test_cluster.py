@@ -8,8 +8,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from fleet.servers import MosquittoProcess
 from schemas.names import DLQ_STREAM, orders_topic, stream_key
+from testrig.servers import MosquittoProcess
 from tests.bridge.conftest import BridgeProcess, Publisher, make_order, wait_for
 
 

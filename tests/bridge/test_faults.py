@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import redis
 
-from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
 from schemas import Reason
 from schemas.names import DLQ_STREAM, orders_topic
+from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
 from tests.bridge.conftest import (
     BridgeProcess,
     Publisher,

@@ -19,9 +19,9 @@ import msgspec
 import pytest
 import redis
 
-from fleet.proxy import ProxyThread, TcpProxy
-from fleet.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
 from schemas import Item, Order, Reason, Receipt, encode
+from testrig.proxy import ProxyThread, TcpProxy
+from testrig.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
 
 from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries, wait_for
 

@@ -8,9 +8,9 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from fleet.proxy import TcpProxy
-from fleet.servers import RedisProcess
 from servicekit.redis_clients import client_options
+from testrig.proxy import TcpProxy
+from testrig.servers import RedisProcess
 
 
 async def test_blackhole_keeps_the_connection_silent_then_passes_again(

@@ -20,8 +20,8 @@ from bridge.heartbeat import (
     run_heartbeat,
     ttl_for,
 )
-from fleet.servers import free_port
 from servicekit.clock import now_ms
+from testrig.servers import free_port
 
 from .conftest import BridgeProcess, wait_for
 

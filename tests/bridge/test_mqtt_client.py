@@ -19,7 +19,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from fleet.servers import MosquittoProcess, free_port
 from servicekit.backoff import Backoff
 from servicekit.errors import LoopFailed
 from servicekit.mqtt import (
@@ -30,6 +29,7 @@ from servicekit.mqtt import (
     Subscription,
 )
 from servicekit.urls import MqttUrl
+from testrig.servers import MosquittoProcess, free_port
 
 from .scripted_broker import ScriptedBroker, ScriptedSession
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import redis
 
-from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
 from schemas.names import orders_topic
+from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
 from tests.bridge.conftest import (
     BridgeProcess,
     Publisher,

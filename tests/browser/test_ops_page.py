@@ -26,7 +26,6 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import BrowserContext, Page, expect
 
-from fleet.servers import MosquittoProcess, RedisProcess, free_port
 from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
@@ -42,6 +41,7 @@ from pipeline.tokens import digest_line, new_token
 from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
 from servicekit.clock import now_ms
+from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, bridge_factory  # noqa: F401
 from tests.pipeline.processes import env_for, spawn, stop_all
 from tests.pipeline.producer import make_order

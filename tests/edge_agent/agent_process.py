@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fleet.servers import free_port, port_is_open
+from testrig.servers import free_port, port_is_open
 
 
 class AgentProcess:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import MosquittoProcess, port_is_open
+from testrig.servers import MosquittoProcess, port_is_open
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble

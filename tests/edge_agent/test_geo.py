@@ -20,7 +20,7 @@ from edge_agent._records import NewOrder
 from edge_agent._store import Store
 from edge_agent.errors import StorageError
 from edge_agent.transport import Transport, TransportHandlers, TransportSettings, default_transport
-from fleet.servers import MosquittoProcess, port_is_open
+from testrig.servers import MosquittoProcess, port_is_open
 
 from .bridge_double import accept_all
 from .conftest import order_body, wait_until

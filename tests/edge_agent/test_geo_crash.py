@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent._store import Store
-from fleet.servers import MosquittoProcess
+from testrig.servers import MosquittoProcess
 
 from .agent_process import AgentProcess
 from .conftest import order_body

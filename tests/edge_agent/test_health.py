@@ -16,8 +16,8 @@ import pytest
 import schemas
 from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.health import HealthReporter, agent_version, short_text
-from fleet.servers import MosquittoProcess
 from schemas.names import health_topic
+from testrig.servers import MosquittoProcess
 
 from ..fleet.mqtt_probe import Probe
 from .agent_process import AgentProcess

@@ -16,8 +16,8 @@ from edge_agent._puback import PubackAction, classify
 from edge_agent._records import NewOrder
 from edge_agent.outbox import Outbox, Sent
 from edge_agent.transport import TransportHandlers, TransportSettings
-from fleet.servers import MosquittoProcess
 from schemas import Receipt, decode_order, encode, names
+from testrig.servers import MosquittoProcess
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble

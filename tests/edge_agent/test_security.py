@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import MosquittoProcess, free_port
+from testrig.servers import MosquittoProcess, free_port
 
 from .bridge_double import BridgeDouble
 from .conftest import order_body, wait_until

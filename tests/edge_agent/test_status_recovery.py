@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import MosquittoProcess, port_is_open
+from testrig.servers import MosquittoProcess, port_is_open
 
 from .bridge_double import BridgeDouble
 from .conftest import order_body, wait_until

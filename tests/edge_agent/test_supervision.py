@@ -19,7 +19,7 @@ import pytest
 from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.errors import BackgroundLoopDied
 from edge_agent.transport import TransportHandlers, TransportSettings
-from fleet.servers import MosquittoProcess, free_port, port_is_open
+from testrig.servers import MosquittoProcess, free_port, port_is_open
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble

@@ -1,6 +1,6 @@
 """fleet-sim's durability chaos kinds, one short run each: 0 lost, 0 duplicated.
 
-``redis-powercut`` cuts the Redis host's power (its files on fleet.powercut),
+``redis-powercut`` cuts the Redis host's power (its files on testrig.powercut),
 ``agent-powercut`` the power of the devices with file outboxes, ``redis-oom``
 lowers ``maxmemory`` below use for a while, ``clock-skew`` moves the devices'
 wall clock by days. Each run proves its fault happened.

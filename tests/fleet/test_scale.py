@@ -14,11 +14,11 @@ import pytest
 
 from fleet.devices import FleetSettings
 from fleet.report import rates
-from fleet.services import pid_alive
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
 from fleet.workers import split, worker_specs
+from testrig.services import pid_alive
 
 
 @pytest.fixture(scope="module")

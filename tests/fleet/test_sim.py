@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet.services import pid_alive
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import ObservingHandlers
+from testrig.services import pid_alive
 
 DEVICES = 200
 RATE = 40.0

@@ -13,11 +13,11 @@ from rich.console import Console
 from fleet.chaos import ChaosLog
 from fleet.report import RunRecord
 from fleet.runner import print_result
-from fleet.servers import port_is_open
-from fleet.services import http_ok, pid_alive
 from fleet.sim import SimResult
 from fleet.stack import Stack, StackSettings
 from fleet.verify import Verdict
+from testrig.servers import port_is_open
+from testrig.services import http_ok, pid_alive
 
 
 def test_stack_parts_answer_and_a_killed_worker_is_replaced(tmp_path: Path) -> None:

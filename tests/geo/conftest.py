@@ -1,6 +1,6 @@
 """The geo scenarios' rig: two real regions for the session, geo agents with real outboxes.
 
-One :class:`fleet.geo_stack.GeoStack` (two regions, each Mosquitto + Redis
+One :class:`fleet.geo.stack.GeoStack` (two regions, each Mosquitto + Redis
 with the shipped redis.conf + order-bridge + order-pipeline) serves every
 test: starting one costs ~20 s on a busy machine. Each test gets it through
 ``rig``, which restores whatever the test broke (regions down, bridges
@@ -33,8 +33,8 @@ import redis.asyncio as aioredis
 
 from edge_agent import AgentConfig
 from fleet.devices import Catalog, SimDevice
-from fleet.geo_stack import GeoSettings, GeoStack
-from fleet.geo_verify import GeoVerdict, OutboxRow, read_outbox_file, verify_geo
+from fleet.geo.stack import GeoSettings, GeoStack
+from fleet.geo.verify import GeoVerdict, OutboxRow, read_outbox_file, verify_geo
 from fleet.stack import DEMO_CATALOG
 from fleet.statuses import order_statuses
 from fleet.tracker import Tracker
@@ -262,7 +262,7 @@ async def verify_rig(
     *,
     statuses: bool = False,
 ) -> GeoVerdict:
-    """:func:`fleet.geo_verify.verify_geo` over the rig's regions."""
+    """:func:`fleet.geo.verify.verify_geo` over the rig's regions."""
     clients = {r.name: aioredis.from_url(r.redis_url, socket_timeout=5) for r in rig.regions}
     try:
         return await verify_geo(

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from fleet.geo_stack import GeoStack, start_service
-from fleet.servers import MosquittoProcess
-from fleet.services import ServiceProcess, console_script, http_ok
+from fleet.geo.stack import GeoStack, start_service
 from fleet.verify import OrderRef
 from schemas.names import stream_key
+from testrig.servers import MosquittoProcess
+from testrig.services import ServiceProcess, console_script, http_ok
 
 from .conftest import SHARDS, entries, geo_agent, outbox, wait_until
 

@@ -12,9 +12,9 @@ from bridge.cli import main as bridge_main
 from bridge.config import BridgeConfig
 from edge_agent import AgentConfig
 from edge_agent.cli import main as agent_main
-from fleet.geo_stack import GeoStack
-from fleet.services import pid_alive
+from fleet.geo.stack import GeoStack
 from schemas.names import DEDUP_TTL_S
+from testrig.services import pid_alive
 
 from .conftest import geo_agent, outbox, verify_rig, wait_until
 

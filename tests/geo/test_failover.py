@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet.geo_links import LinkHost
-from fleet.geo_stack import GeoStack
-from fleet.servers import free_port
-from fleet.services import pid_alive
+from fleet.geo.links import LinkHost
+from fleet.geo.stack import GeoStack
+from testrig.servers import free_port
+from testrig.services import pid_alive
 
 from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig, wait_until
 

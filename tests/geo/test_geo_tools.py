@@ -9,9 +9,9 @@ import redis.asyncio as aioredis
 
 from fleet.chaos import ChaosEvent, check_feasible, parse_schedule
 from fleet.errors import ChaosError
-from fleet.geo_verify import OutboxRow, verify_geo
-from fleet.servers import RedisProcess
+from fleet.geo.verify import OutboxRow, verify_geo
 from schemas.names import stream_key
+from testrig.servers import RedisProcess
 
 
 def test_geo_kinds_parse_with_region_names_and_durations() -> None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleet.geo_links import LinkHost
-from fleet.servers import free_port
+from fleet.geo.links import LinkHost
+from testrig.servers import free_port
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from fleet.geo_stack import GeoStack
+from fleet.geo.stack import GeoStack
 
 from .conftest import all_counts, entries, geo_agent, outbox, verify_rig, wait_until
 

@@ -34,11 +34,11 @@ import pytest
 
 from edge_agent.transport import Transport, TransportHandlers, TransportSettings
 from fleet.devices import SimDevice
-from fleet.geo_stack import GeoStack
-from fleet.geo_verify import OutboxRow, read_outbox
-from fleet.powercut import PowerCutMount
-from fleet.services import pid_alive
+from fleet.geo.stack import GeoStack
+from fleet.geo.verify import OutboxRow, read_outbox
 from schemas import decode_order
+from testrig.powercut import PowerCutMount
+from testrig.services import pid_alive
 from tests.edge_agent.agent_process import AgentProcess
 
 from .conftest import (

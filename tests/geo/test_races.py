@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from fleet.geo_stack import GeoStack
-from fleet.geo_verify import CountMonitor
-from fleet.services import pid_alive
+from fleet.geo.stack import GeoStack
+from fleet.geo.verify import CountMonitor
+from testrig.services import pid_alive
 
 from .conftest import (
     GEO_SLOW,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet.geo_sim import GeoOptions, run_geo
-from fleet.geo_stack import GeoStack
-from fleet.servers import port_is_open
+from fleet.geo.sim import GeoOptions, run_geo
+from fleet.geo.stack import GeoStack
+from testrig.servers import port_is_open
 
 from .conftest import GEO_SLOW
 

@@ -13,8 +13,8 @@ from typing import Final
 
 import pytest
 
-from fleet.servers import RedisProcess, free_port
 from pipeline.tokens import digest_line, new_token
+from testrig.servers import RedisProcess, free_port
 
 from .live import ServiceProcess
 

@@ -17,7 +17,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
 from redis.cluster import RedisCluster as SyncCluster
 
-from fleet.servers import MosquittoProcess
 from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
@@ -30,6 +29,7 @@ from pipeline.stock import stock_levels
 from pipeline.worker import Worker
 from schemas import Status, decode_status
 from schemas.names import status_topic
+from testrig.servers import MosquittoProcess
 from tests.bridge.conftest import running_cluster
 
 TEST_SHARDS = 4

@@ -10,7 +10,6 @@ import pytest
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
-from fleet.servers import free_port
 from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter, encode_cursor
@@ -18,6 +17,7 @@ from pipeline.names import PIPELINE_DLQ_STREAM
 from pipeline.records import StreamEntry, commit, load, text
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
+from testrig.servers import free_port
 
 from .api_client import api_client
 from .conftest import BACKENDS, TEST_SHARDS

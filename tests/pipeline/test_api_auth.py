@@ -15,7 +15,6 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from fleet.servers import free_port
 from pipeline.api import create_app
 from pipeline.config import PipelineConfig
 from pipeline.errors import TokenConfigError
@@ -27,6 +26,7 @@ from pipeline.tokens import (
     parse_entries,
     token_digest,
 )
+from testrig.servers import free_port
 
 from .conftest import TEST_SHARDS
 

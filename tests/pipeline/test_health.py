@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
 from edge_agent import AgentConfig, EdgeAgent
-from fleet.servers import MosquittoProcess
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics, device_of_health_topic
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from pipeline.records import text
 from schemas import Health, encode
 from schemas.names import health_topic
+from testrig.servers import MosquittoProcess
 
 from ..bridge.conftest import redis_cluster  # noqa: F401  (a fixture)
 from ..edge_agent.agent_process import AgentProcess

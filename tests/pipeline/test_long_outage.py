@@ -23,13 +23,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
 from pipeline import order_statuses
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.names import order_key
 from pipeline.records import parse_history
 from schemas.names import orders_topic
+from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
 from tests.bridge.conftest import (
     BridgeProcess,
     Publisher,

@@ -14,11 +14,11 @@ import schemathesis
 from aiohttp import web
 from hypothesis import HealthCheck, settings
 
-from fleet.servers import RedisProcess, free_port
 from pipeline.api import create_app, openapi_document
 from pipeline.openapi import DOCUMENT_PATH, render
 from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.json_schema import JSON_DIR
+from testrig.servers import RedisProcess, free_port
 
 from .conftest import TEST_SHARDS
 

@@ -15,13 +15,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
 from bridge.heartbeat import BRIDGES_KEY, RedisHeartbeat, bridge_key
-from fleet.servers import RedisProcess
 from pipeline.api import create_app
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from pipeline.ops import PAGE_FILES, FleetView, RedisLike, summary
 from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
 from servicekit.clock import now_ms
+from testrig.servers import RedisProcess
 from tests.bridge.conftest import redis_cluster  # noqa: F401 - the fixture
 
 from .conftest import TEST_SHARDS

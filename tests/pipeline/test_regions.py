@@ -14,13 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from fleet.servers import RedisProcess, free_port
 from pipeline.api import create_app
 from pipeline.config import PipelineConfig
 from pipeline.records import load_order
 from pipeline.regions import LOOKUP_HEADER, REGION_HEADER, REGION_LOOKUP, RegionLookup
 from pipeline.service import worker_env
 from servicekit.config import ConfigError, add_config_arguments, load_config
+from testrig.servers import RedisProcess, free_port
 
 from .conftest import TEST_SHARDS, WorkerFactory, eventually
 from .processes import env_for, spawn, stop_all

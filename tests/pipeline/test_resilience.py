@@ -9,7 +9,6 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from fleet.servers import RedisProcess, port_is_open
 from pipeline._lua import Scripts
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
@@ -20,6 +19,7 @@ from pipeline.worker import Worker
 from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit.redis_clients import client_options
+from testrig.servers import RedisProcess, port_is_open
 
 from .conftest import TEST_SHARDS, WorkerFactory, eventually
 from .producer import make_order, produce

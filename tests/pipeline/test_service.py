@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from fleet.servers import free_port
 from pipeline.config import PipelineConfig
+from testrig.servers import free_port
 
 from .conftest import StatusListener, eventually
 from .processes import env_for, spawn, stop_all

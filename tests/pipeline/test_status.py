@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fleet.servers import MosquittoProcess, port_is_open
 from pipeline.config import PipelineConfig
 from pipeline.status import MqttStatusPublisher, status_client
 from schemas import Status
+from testrig.servers import MosquittoProcess, port_is_open
 
 from .conftest import StatusListener, eventually
 

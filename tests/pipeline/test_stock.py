@@ -10,12 +10,12 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.servers import RedisProcess
 from pipeline._lua import Scripts
 from pipeline.names import order_key, stock_key
 from pipeline.records import OrderContext, StreamEntry, Transition, commit, load
 from pipeline.stock import reserve
 from schemas import encode
+from testrig.servers import RedisProcess
 
 from .conftest import BACKENDS
 from .producer import make_order

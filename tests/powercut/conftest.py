@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.powercut import PowerCutMount
+from testrig.powercut import PowerCutMount
 
 # The bridge tests' fixture, shared: real order-bridge subprocesses, killed after the test.
 from tests.bridge.conftest import bridge_factory  # noqa: F401

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from fleet.powercut import PowerCutMount
-from fleet.servers import MosquittoProcess, RedisProcess
 from schemas.names import DLQ_STREAM
+from testrig.powercut import PowerCutMount
+from testrig.servers import MosquittoProcess, RedisProcess
 from tests.bridge.conftest import BridgeProcess, stream_entries, wait_for
 from tests.edge_agent.agent_process import AgentProcess
 

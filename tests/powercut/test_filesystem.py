@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.powercut import PAGE, PowerCutMount
+from testrig.powercut import PAGE, PowerCutMount
 
 from .conftest import needs_fuse
 

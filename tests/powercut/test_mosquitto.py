@@ -18,8 +18,8 @@ from pathlib import Path
 
 import redis
 
-from fleet.powercut import PowerCutMount
-from fleet.servers import MosquittoProcess, RedisProcess, port_is_open
+from testrig.powercut import PowerCutMount
+from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
 from tests.bridge.conftest import BridgeProcess, stream_entries, wait_for
 from tests.edge_agent.agent_process import AgentProcess
 

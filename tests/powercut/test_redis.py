@@ -18,9 +18,9 @@ from pathlib import Path
 
 import redis
 
-from fleet.powercut import PowerCutMount
-from fleet.servers import MosquittoProcess, RedisProcess, find_binary, port_is_open
 from schemas.names import orders_topic
+from testrig.powercut import PowerCutMount
+from testrig.servers import MosquittoProcess, RedisProcess, find_binary, port_is_open
 from tests.bridge.conftest import (
     BridgeProcess,
     Publisher,

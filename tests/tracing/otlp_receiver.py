@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 
-from fleet.servers import free_port
+from testrig.servers import free_port
 
 KINDS = {
     ProtoSpan.SPAN_KIND_INTERNAL: "INTERNAL",

@@ -1,0 +1,172 @@
+"""``order-enrol``: enrol, revoke and audit devices and service accounts in a registry.
+
+Exit codes: 0 done, 1 ``revoke`` named a device that was not enrolled or
+``check`` found problems, 2 refused (an invalid or reserved id, a broken
+accounts file, ``--client-certs`` without a CA key). Nothing here reaches the
+broker: restart it to apply an enrolment or a revocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .audit import audit
+from .pki import CertFiles
+from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
+
+PROG = "order-enrol"
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
+    """Entry point of ``order-enrol`` (and of the deprecated ``fleet-sim provision``)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ProvisionError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The ``order-enrol`` parser: ``--registry`` and one action."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write broker accounts, agent configs and certificates into a registry "
+        "directory that the operator ships to the broker and the devices.",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        required=True,
+        help="registry directory holding dynamic-security.json, ca/ and devices/; created if "
+        "missing, reused by every later enrolment (required)",
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    _add_devices(actions.add_parser("devices", help="enrol devices (new passwords, agent.toml)"))
+
+    service = actions.add_parser(
+        "service", help="create or reset a service account (bridge, pipeline)"
+    )
+    service.add_argument(
+        "name", help="the service account: bridge or pipeline; prints its new password once"
+    )
+    service.set_defaults(run=_service)
+
+    revoke = actions.add_parser("revoke", help="remove devices' accounts and folders")
+    revoke.add_argument(
+        "device_ids", nargs="+", metavar="DEVICE_ID", help="ids of enrolled devices to remove"
+    )
+    revoke.set_defaults(run=_revoke)
+
+    check = actions.add_parser("check", help="audit a registry: modes, orphans, accounts")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def _add_devices(devices: argparse.ArgumentParser) -> None:
+    devices.add_argument(
+        "device_ids",
+        nargs="*",
+        metavar="DEVICE_ID",
+        help="ids to enrol (1-64 of [A-Za-z0-9_.-]); re-enrolling one gives it a new password",
+    )
+    devices.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="also enrol PREFIX0001 … PREFIXnnnn, for a numbered fleet (default 0: none)",
+    )
+    devices.add_argument(
+        "--prefix",
+        default="device-",
+        help="id prefix of the numbered devices --count makes (default %(default)s)",
+    )
+    devices.add_argument(
+        "--broker",
+        required=True,
+        help="broker URL the agents connect to, written into agent.toml, e.g. "
+        "mqtts://host:8883 (required)",
+    )
+    ca = devices.add_mutually_exclusive_group()
+    ca.add_argument(
+        "--ca-file",
+        type=Path,
+        help="PEM CA certificate the agents trust, copied to each device; its key (same name, "
+        ".key) is needed only with --client-certs (default: none, the system trust store)",
+    )
+    ca.add_argument(
+        "--dev-ca",
+        action="store_true",
+        help="use (or create) the registry's own dev CA in ca/; for tests and demos, not "
+        "production (default off)",
+    )
+    devices.add_argument(
+        "--client-certs",
+        action="store_true",
+        help="also issue each device a client certificate signed by the CA, for brokers that "
+        "require one; needs the CA key (default off)",
+    )
+    devices.add_argument(
+        "--install-dir",
+        type=Path,
+        default=DEFAULT_INSTALL_DIR,
+        help="directory the device's files will be copied to; agent.toml names its "
+        "certificates there (default %(default)s)",
+    )
+    devices.set_defaults(run=_enrol)
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    ids = [*args.device_ids, *(f"{args.prefix}{i:04d}" for i in range(1, args.count + 1))]
+    if not ids:
+        raise ProvisionError("name device ids or give --count")
+    ca: CertFiles | None = None
+    if args.dev_ca:
+        ca = registry.dev_ca()
+    elif args.ca_file:
+        ca = CertFiles(args.ca_file, args.ca_file.with_suffix(".key"))
+    enrolled = registry.enrol(
+        ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
+        install_dir=args.install_dir,
+    )  # fmt: skip
+    print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
+    print(f"broker accounts: {registry.accounts_path} (restart the broker to apply)")
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    password = Registry(args.registry).add_service(args.name)
+    print(f"{args.name} password (shown once): {password}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    revoked = registry.revoke(args.device_ids)
+    unknown = sorted(set(args.device_ids) - set(revoked))
+    print(f"revoked {len(revoked)} devices; restart the broker to apply")
+    if unknown:
+        print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    findings = audit(registry)
+    for finding in findings:
+        print(finding)
+    if findings:
+        print(f"{len(findings)} problems in {registry.root}", file=sys.stderr)
+        return 1
+    print(f"{registry.root}: consistent")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
