@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Literal
 
 from schemas.errors import Reason
 from servicekit.clock import now_ms
@@ -111,8 +111,15 @@ def _order_record(row: tuple[Any, ...]) -> OrderRecord:
     )
 
 
+Synchronous = Literal["FULL", "NORMAL", "OFF"]
+
+
 class Store:
     """One SQLite outbox database. Not thread-safe: one caller at a time."""
+
+    # Always FULL in the agent. Only the power-cut test's negative control lowers it
+    # (tests/powercut/unsynced_agent.py), to prove the cuts catch a commit left unsynced.
+    synchronous: ClassVar[Synchronous] = "FULL"
 
     def __init__(
         self, path: str, *, max_rows: int, max_bytes: int, clock: AgentClock | None = None
@@ -155,7 +162,7 @@ class Store:
             if version == 0:
                 conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute("PRAGMA temp_store=MEMORY")
             _check_version(version)
             for number in range(version + 1, SCHEMA_VERSION + 1):

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what `make` needs from the system: python3-venv, mosquitto, redis-server,
-# fuse3 (the power-cut tests' FUSE filesystem), faketime (clock-skew tests) and
-# prometheus (promtool checks deploy/prometheus/; the monitoring test runs the server) and
-# chromium (the /ops page tests drive Debian's browser with playwright; no browser download).
+# fuse3 (the power-cut tests' FUSE filesystem), faketime (clock-skew tests),
+# prometheus (promtool checks deploy/prometheus/; the monitoring test runs the server),
+# chromium (the /ops page tests drive Debian's browser with playwright; no browser download),
+# nodejs (tests/hostile/test_patterns.py checks our regexes in ECMA-262) and openssl (the
+# agent's TLS test makes its certificates with it). A test without its tool skips, or fails under
+# CI=true (tests/tools.py), so each tool a test needs must be installed here.
 # Uses apt-get on Debian/Ubuntu (as root, or through sudo); elsewhere it says what to install.
 set -euo pipefail
 
@@ -11,7 +14,8 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=()
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv")
 have mosquitto || missing+=("mosquitto")
-have mosquitto_passwd || missing+=("mosquitto-clients")
+have mosquitto_passwd || missing+=("mosquitto")
+have mosquitto_sub || missing+=("mosquitto-clients")
 have redis-server || missing+=("redis-server")
 have redis-cli || missing+=("redis-tools")
 # libfuse 3 for mfusepy (tests/powercut) and its mount helper; fuse3 pulls in libfuse3-3.
@@ -20,6 +24,8 @@ have fusermount3 || missing+=("fuse3")
 have faketime || missing+=("faketime")
 { have prometheus && have promtool; } || missing+=("prometheus")
 [ -x /usr/bin/chromium ] || missing+=("chromium")
+have node || missing+=("nodejs")
+have openssl || missing+=("openssl")
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

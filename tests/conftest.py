@@ -18,6 +18,13 @@ import pytest
 import redis
 
 from testrig.servers import MosquittoProcess, RedisProcess, ServerProcess
+from tests.tools import HAS_FUSE, require
+
+
+@pytest.fixture(scope="session")
+def fuse() -> None:
+    """/dev/fuse and root for the power-cut filesystem; session-wide, so it comes first."""
+    require(HAS_FUSE, "needs /dev/fuse and root for the power-cut filesystem (testrig/powercut)")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from schemas import Item, Order, Receipt, decode_receipt, encode
 from servicekit.urls import MqttUrl
 from testrig.errors import ServerError
 from testrig.servers import RedisProcess, find_binary, free_port, port_is_open
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -350,7 +350,6 @@ def running_cluster(workdir: Path) -> Iterator[list[int]]:
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback; yields the ports."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not installed")
+    require_tool("redis-cli")
     with running_cluster(tmp_path) as ports:
         yield ports

@@ -14,9 +14,14 @@ from typing import Any
 
 from testrig.servers import free_port, port_is_open
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 class AgentProcess:
-    """``python -m edge_agent.cli`` with the contract flags, on a fixed HTTP port."""
+    """``python -m edge_agent.cli`` with the contract flags, on a fixed HTTP port.
+
+    ``module`` runs another entry point with the same flags (a test's variant of the agent).
+    """
 
     def __init__(
         self,
@@ -26,13 +31,14 @@ class AgentProcess:
         mqtt_url: str,
         db: Path,
         port: int | None = None,
+        module: str = "edge_agent.cli",
         **flags: Any,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.log_path = workdir / f"agent-{device_id}.log"
         self.args = [
-            sys.executable, "-m", "edge_agent.cli",
+            sys.executable, "-m", module,
             "--device-id", device_id,
             "--mqtt-url", mqtt_url,
             "--db", str(db),
@@ -55,7 +61,9 @@ class AgentProcess:
     def start(self, timeout_s: float = 15.0) -> None:
         """Start and wait until /healthz answers (200 or 503)."""
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"agent exited:\n{self.log_tail()}"

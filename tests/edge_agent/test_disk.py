@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
+from tests.tools import unavailable
 
 from .agent_process import AgentProcess
 from .conftest import order_body
@@ -30,7 +31,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        unavailable(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
     try:
         yield mount
     finally:

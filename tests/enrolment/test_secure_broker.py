@@ -33,6 +33,7 @@ from schemas.names import (
     status_topic,
 )
 from testrig.servers import MosquittoProcess, find_binary, free_port, port_is_open
+from tests.tools import require
 
 from ..fleet.mqtt_probe import Probe
 from .conftest import PASSWORDS, REPO, SecureBroker, dynsec_plugin, probe, write_accounts
@@ -326,12 +327,11 @@ def test_dev_conf_starts_and_matches_the_harness_limits(
             assert line in generated
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not _has_user("mosquitto"), reason="needs root and a `mosquitto` user"
-)
 def test_broker_started_as_root_reads_accounts_only_when_user_mosquitto_may() -> None:
     """Started as root, Mosquitto drops to `mosquitto` before the plugin reads its file:
     a root-owned 0600 file leaves a running broker that refuses everyone; chown fixes it."""
+    require(os.geteuid() == 0, "needs root: the broker must start as root to drop privileges")
+    require(_has_user("mosquitto"), "needs a `mosquitto` user (the mosquitto package adds it)")
     plugin = dynsec_plugin()
     directory = Path(tempfile.mkdtemp(prefix="broker-owner-"))
     try:

@@ -41,10 +41,10 @@ from fleet.tracker import Tracker
 from fleet.verify import OrderRef
 from schemas import decode_order
 from schemas.names import stream_key
+from tests.tools import HAS_FUSE
 
 GEO_SLOW = os.environ.get("GEO_SLOW") == "1"
 SHARDS = 2
-HAS_FUSE = Path("/dev/fuse").exists() and os.geteuid() == 0
 # Cross-region writes give up fast and the breaker closes again soon: short tests.
 BRIDGE_ARGS = (
     "--region-timeout-s", "0.5", "--region-breaker-failures", "3",

@@ -43,7 +43,6 @@ from tests.edge_agent.agent_process import AgentProcess
 
 from .conftest import (
     GEO_SLOW,
-    HAS_FUSE,
     GeoAgent,
     Observed,
     agent_config,
@@ -161,7 +160,7 @@ async def test_power_cut_between_attempts_commit_and_publish(
     assert verdict.per_region == {"eu": 5, "us": 3}
 
 
-@pytest.mark.skipif(not HAS_FUSE, reason="needs /dev/fuse and root for the power-cut disk")
+@pytest.mark.usefixtures("fuse")
 async def test_authority_redis_power_cut_right_after_cross_region_writes(
     rig: GeoStack, tmp_path: Path, device_id: str
 ) -> None:
@@ -225,7 +224,8 @@ def _post_into(out: list[str], url: str, count: int, stop: threading.Event) -> N
     out.extend(_post_orders(url, count, stop))
 
 
-@pytest.mark.skipif(not (HAS_FUSE and GEO_SLOW), reason="GEO_SLOW=1 with /dev/fuse: ~1 min")
+@pytest.mark.skipif(not GEO_SLOW, reason="set GEO_SLOW=1 to run it (~1 min)")
+@pytest.mark.usefixtures("fuse")
 def test_agent_power_cuts_around_failover_on_the_power_cut_disk(
     rig: GeoStack, tmp_path: Path, device_id: str
 ) -> None:

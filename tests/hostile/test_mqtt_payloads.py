@@ -23,7 +23,7 @@ from schemas import Reason, decode_order
 from schemas.names import orders_topic
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, wait_for
 
-from .conftest import CASES, RSS_SLACK_BYTES, SLOW
+from .conftest import CASES, SLOW, rss_slack_bytes
 from .live import MemoryWatch
 from .strategies import CONTROL_CHARS
 
@@ -94,8 +94,8 @@ topics = st.one_of(
 
 @given(topic=topics, payload=payloads("dev-1"))
 @settings(max_examples=CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-def _classify_one(topic: str, payload: bytes, watch: MemoryWatch) -> None:
-    watch.tick()
+def _classify_one(topic: str, payload: bytes, seen: list[tuple[str, bytes]]) -> None:
+    seen.append((topic, payload))
     result = classify(topic, payload, shards=4, received_at_ms=1)
     if isinstance(result, DeadLetter):
         assert result.reason in REASONS
@@ -109,11 +109,20 @@ def _classify_one(topic: str, payload: bytes, watch: MemoryWatch) -> None:
 
 
 def test_classify_routes_every_payload_and_never_raises() -> None:
-    """Any topic and payload: an order free of control characters, or a reasoned dead letter."""
-    watch = MemoryWatch(CASES)
-    _classify_one(watch=watch)
-    assert watch.count >= CASES
-    assert watch.growth() < RSS_SLACK_BYTES
+    """Any topic and payload: an order free of control characters, or a reasoned dead letter.
+
+    RSS is watched over a second pass on the same cases: during the first,
+    hypothesis's own records of what it generated grow with the case count
+    (140 MB over 10,000 cases) in this very process.
+    """
+    seen: list[tuple[str, bytes]] = []
+    _classify_one(seen=seen)
+    assert len(seen) >= CASES
+    watch = MemoryWatch(len(seen))
+    for topic, payload in seen:
+        watch.tick()
+        classify(topic, payload, shards=4, received_at_ms=1)
+    assert watch.growth() < rss_slack_bytes(watch.count)
 
 
 def _bridge_rss(bridge: BridgeProcess) -> int:
@@ -160,7 +169,7 @@ def test_a_real_bridge_receipts_every_hostile_payload(
         wait_for(lambda: mine() >= len(batch), 120, f"receipts\n{bridge.log_tail()}")
         assert mine() == len(batch)
         assert bridge.status("/healthz") == 200
-        assert _bridge_rss(bridge) - warm_rss < RSS_SLACK_BYTES
+        assert _bridge_rss(bridge) - warm_rss < rss_slack_bytes(len(batch))
         results = {r.result for dev, r in receipts.snapshot() if dev == device_id}
         assert "rejected" in results
     finally:

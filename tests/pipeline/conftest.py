@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +30,7 @@ from schemas import Status, decode_status
 from schemas.names import status_topic
 from testrig.servers import MosquittoProcess
 from tests.bridge.conftest import running_cluster
+from tests.tools import require_tool
 
 TEST_SHARDS = 4
 INITIAL_STOCK = {"COLA-33": 1000, "WATER-50": 1000, "RARE-1": 2}
@@ -61,8 +61,7 @@ async def all_events(client: Any, shards: int = TEST_SHARDS) -> list[dict[str, s
 @pytest.fixture(scope="session")
 def pipeline_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster shared by the pipeline tests; yields the ports."""
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not installed")
+    require_tool("redis-cli")
     with running_cluster(tmp_path_factory.mktemp("pipeline-cluster")) as ports:
         yield ports
 

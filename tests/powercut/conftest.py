@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +12,8 @@ from testrig.powercut import PowerCutMount
 # The bridge tests' fixture, shared: real order-bridge subprocesses, killed after the test.
 from tests.bridge.conftest import bridge_factory  # noqa: F401
 
-needs_fuse = pytest.mark.skipif(
-    not Path("/dev/fuse").exists() or os.geteuid() != 0,
-    reason="needs /dev/fuse and root (scripts/ensure-system-deps.sh installs fuse3)",
-)
+# Skips without /dev/fuse and root, fails so under CI=true (tests/tools.py).
+needs_fuse = pytest.mark.usefixtures("fuse")
 
 
 @pytest.fixture

@@ -7,6 +7,10 @@ agent, POST orders from several clients, cut the power at a random moment
 ``PRAGMA integrity_check`` is ok and every order answered 202 is in it. At the
 end the agent runs once more and resends: every 202'd order is in the streams
 exactly once, and no conflict reached the DLQ.
+
+The negative control runs the same cuts with the outbox at ``synchronous=NORMAL``
+(tests/powercut/unsynced_agent.py): then 202'd orders must be lost, which
+proves the cuts drop a commit that was not fsynced (a SIGKILL alone would keep it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -39,6 +44,10 @@ pytestmark = needs_fuse
 
 CLIENTS = 6
 SEED = 20261130
+AGENT = "edge_agent.cli"
+# The same agent with its outbox at synchronous=NORMAL (the negative control).
+UNSYNCED_AGENT = "tests.powercut.unsynced_agent"
+CONTROL_CUTS = 3
 ORDER = {"currency": "EUR", "items": [{"sku": "cola", "qty": 1, "unit_price": 150}], "total": 150}
 
 
@@ -69,14 +78,73 @@ def _grew(accepted: list[str], before: int) -> bool:
 
 
 def _check_outbox(db: Path) -> set[str]:
-    """integrity_check must pass; returns the order ids the file holds."""
+    """integrity_check must pass; returns the order ids the file holds (none without a schema)."""
     conn = sqlite3.connect(db, isolation_level=None)
     try:
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # as the agent: no -shm mmap
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if "orders" not in tables:  # the cut took even the schema: nothing was ever synced
+            return set()
         return {row[0] for row in conn.execute("SELECT order_id FROM orders")}
     finally:
         conn.close()
+
+
+@dataclass
+class Cuts:
+    """Every order answered 202, and after each cut the 202'd orders the file no longer held."""
+
+    accepted: list[str] = field(default_factory=list)
+    missing: list[set[str]] = field(default_factory=list)
+    accepted_by_cut: list[int] = field(default_factory=list)
+    dropped_bytes: int = 0
+
+    def lost(self) -> dict[int, list[str]]:
+        """The cuts that lost 202'd orders, with those orders."""
+        return {cut: sorted(ids) for cut, ids in enumerate(self.missing) if ids}
+
+    def report(self) -> str:
+        """Per cut: how many of the 202'd orders so far the file no longer held."""
+        return "; ".join(
+            f"cut {cut}: {len(ids)} of {n} missing"
+            for cut, (ids, n) in enumerate(zip(self.missing, self.accepted_by_cut, strict=True))
+        )
+
+
+def _cut_cycles(tmp_path: Path, disk: PowerCutMount, mqtt_url: str, cuts: int, module: str) -> Cuts:
+    """Start the agent (``module``) on the disk, POST under load, cut at a random moment; repeat."""
+    rng = random.Random(SEED)
+    db = disk.path / "outbox.db"
+    seen = Cuts()
+    accepted = seen.accepted
+    for cycle in range(cuts):
+        agent = AgentProcess(
+            tmp_path, device_id="pc-agent", mqtt_url=mqtt_url, db=db, module=module
+        )
+        agent.start()
+        stop = threading.Event()
+        before = len(accepted)
+        clients = [
+            threading.Thread(target=_intake, args=(agent, stop, accepted, f"c{cycle}-{i}"))
+            for i in range(CLIENTS)
+        ]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_for(functools.partial(_grew, accepted, before), 10, "the cycle's first 202")
+            time.sleep(rng.uniform(0.0, 0.5))
+            seen.dropped_bytes += disk.cut().dropped_bytes
+            agent.sigkill()
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(10)
+            agent.stop()
+        disk.power_on()
+        seen.missing.append(set(accepted) - _check_outbox(db))
+        seen.accepted_by_cut.append(len(accepted))
+    return seen
 
 
 def _run_cuts(
@@ -86,40 +154,15 @@ def _run_cuts(
     redis_factory: Callable[..., RedisProcess],
     bridge_factory: Callable[..., BridgeProcess],
 ) -> None:
-    rng = random.Random(SEED)
     broker = mosquitto_factory()
     store = redis_factory(appendonly=True)
     bridge_factory(broker.url, store.url).start()
-    accepted: list[str] = []
-    dropped = 0
     with PowerCutMount(tmp_path / "disk") as disk:
         db = disk.path / "outbox.db"
-        for cycle in range(cuts):
-            agent = AgentProcess(tmp_path, device_id="pc-agent", mqtt_url=broker.url, db=db)
-            agent.start()
-            stop = threading.Event()
-            before = len(accepted)
-            clients = [
-                threading.Thread(target=_intake, args=(agent, stop, accepted, f"c{cycle}-{i}"))
-                for i in range(CLIENTS)
-            ]
-            for thread in clients:
-                thread.start()
-            try:
-                wait_for(functools.partial(_grew, accepted, before), 10, "the cycle's first 202")
-                time.sleep(rng.uniform(0.0, 0.5))
-                dropped += disk.cut().dropped_bytes
-                agent.sigkill()
-            finally:
-                stop.set()
-                for thread in clients:
-                    thread.join(10)
-                agent.stop()
-            disk.power_on()
-            held = _check_outbox(db)
-            missing = set(accepted) - held
-            assert not missing, f"cut {cycle} (seed {SEED}) lost 202'd orders: {sorted(missing)}"
-        assert dropped > 0, "no cut dropped anything: the cuts proved nothing"
+        seen = _cut_cycles(tmp_path, disk, broker.url, cuts, AGENT)
+        accepted = seen.accepted
+        assert seen.lost() == {}, f"seed {SEED}: {seen.report()}"
+        assert seen.dropped_bytes > 0, "no cut dropped anything: the cuts proved nothing"
         assert len(set(accepted)) == len(accepted)
 
         agent = AgentProcess(tmp_path, device_id="pc-agent", mqtt_url=broker.url, db=db)
@@ -163,3 +206,18 @@ def test_agent_power_cuts_at_100_random_points(
 ) -> None:
     """The issue's size: 100 cuts (POWERCUT_SLOW=1 pytest -m slow tests/powercut)."""
     _run_cuts(tmp_path, 100, mosquitto_factory, redis_factory, bridge_factory)
+
+
+def test_the_same_cuts_with_synchronous_normal_lose_202d_orders(
+    tmp_path: Path,
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    redis_factory: Callable[..., RedisProcess],
+    bridge_factory: Callable[..., BridgeProcess],
+) -> None:
+    """synchronous=NORMAL: 202'd orders vanish, so the cuts really catch an unsynced commit."""
+    broker = mosquitto_factory()
+    bridge_factory(broker.url, redis_factory(appendonly=True).url).start()
+    with PowerCutMount(tmp_path / "disk") as disk:
+        seen = _cut_cycles(tmp_path, disk, broker.url, CONTROL_CUTS, UNSYNCED_AGENT)
+    assert seen.dropped_bytes > 0
+    assert seen.lost(), f"no cut lost a 202'd order: {seen.report()}"
