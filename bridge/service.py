@@ -16,10 +16,10 @@ from typing import Any
 import structlog
 
 from schemas import Reason, SchemaError
+from schemas.ids import is_device_id
 from schemas.names import (
     TRACEPARENT_PROPERTY,
     device_id_from_orders_topic,
-    is_device_id,
     receipts_topic,
     shared_orders_subscription,
 )

@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from redis.exceptions import RedisClusterException, RedisError
 
+from schemas.ids import ORDER_ID, is_device_id, is_order_id
 from servicekit.problems import Handler, problem, problem_middleware
 
 from ._calls import AnyRedis
@@ -48,9 +49,7 @@ from .regions import lookup_elsewhere
 from .tokens import Role, TokenStore, allows
 
 # All used with fullmatch. [0-9], not \d: \d also matches non-ASCII digits.
-ORDER_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{8,64}")
-DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-MEMBER_RE: Final = re.compile(r"[0-9]{20}:[A-Za-z0-9_-]{8,64}")  # records.index_member
+MEMBER_RE: Final = re.compile(rf"[0-9]{{20}}:{ORDER_ID.regex}")  # records.index_member
 ENTRY_ID_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 MAX_ENTRY_ID: Final = f"{2**64 - 1}-{2**64 - 1}"
 # The ops page's static files carry no data; their data calls need a token (pipeline.ops).
@@ -206,7 +205,7 @@ async def get_order(request: web.Request) -> web.Response:
     ``/v1/devices/{device_id}/orders/{order_id}``.
     """
     order_id = request.match_info["order_id"]
-    if not ORDER_ID_RE.fullmatch(order_id):
+    if not is_order_id(order_id):
         return _bad_order_id()
     shards = request.app[SHARDS]
     devices = await find_devices(request.app[REDIS], order_id, shards=shards)
@@ -229,9 +228,9 @@ async def get_order(request: web.Request) -> web.Response:
 async def get_device_order(request: web.Request) -> web.Response:
     """``GET /v1/devices/{device_id}/orders/{order_id}``: one device's order and its history."""
     device_id, order_id = request.match_info["device_id"], request.match_info["order_id"]
-    if not DEVICE_ID_RE.fullmatch(device_id):
+    if not is_device_id(device_id):
         return _bad_device_id()
-    if not ORDER_ID_RE.fullmatch(order_id):
+    if not is_order_id(order_id):
         return _bad_order_id()
     record = await load_order(request.app[REDIS], device_id, order_id, shards=request.app[SHARDS])
     if record is None:
@@ -250,7 +249,7 @@ async def list_device_orders(request: web.Request) -> web.Response:
     arrive while a client pages show up after it, and none twice.
     """
     device_id = request.match_info["device_id"]
-    if not DEVICE_ID_RE.fullmatch(device_id):
+    if not is_device_id(device_id):
         return _bad_device_id()
     limit = _limit(request)
     if isinstance(limit, web.Response):

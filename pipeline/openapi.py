@@ -15,8 +15,9 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from schemas.ids import END
 from schemas.json_schema import _clean_descriptions
-from schemas.messages import END, Currency, DeviceId, Item, OrderId
+from schemas.messages import Currency, DeviceId, Item, OrderId
 
 from .ops import PAGE_FILES, OpsSummary
 

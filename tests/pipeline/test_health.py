@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from edge_agent import AgentConfig, EdgeAgent
 from fleet.servers import MosquittoProcess
 from pipeline.config import PipelineConfig
-from pipeline.health import HealthConsumer, HealthMetrics, device_of_health_topic
+from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from pipeline.records import text
 from schemas import Health, encode
@@ -79,14 +79,6 @@ async def wait_hash(
 
     await eventually(holds, what=f"health of {device_id}")
     return found
-
-
-def test_only_a_device_health_topic_names_a_device() -> None:
-    """The device id comes from the topic, matched whole."""
-    assert device_of_health_topic("v1/devices/kiosk-7/health") == "kiosk-7"
-    assert device_of_health_topic("v1/devices/kiosk-7/health\n") is None
-    assert device_of_health_topic("v1/devices/a:b/health") is None
-    assert device_of_health_topic("v1/devices/kiosk-7/orders") is None
 
 
 async def test_an_agents_health_reaches_redis_and_its_clean_stop_marks_it_offline(

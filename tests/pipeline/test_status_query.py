@@ -10,7 +10,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
-from pipeline.status_query import device_of_query_topic
 from schemas import StatusQuery, encode
 from schemas.names import status_query_topic
 from servicekit.mqtt import MqttClient
@@ -19,14 +18,6 @@ from servicekit.urls import MqttUrl
 from .conftest import StatusListener, eventually
 from .processes import env_for, spawn, stop_all
 from .producer import make_order, produce
-
-
-def test_the_query_topic_names_one_device() -> None:
-    """Only ``v1/devices/{valid id}/status-query`` yields a device id, matched whole."""
-    assert device_of_query_topic("v1/devices/kiosk-7/status-query") == "kiosk-7"
-    assert device_of_query_topic("v1/devices/kiosk-7/status-query\n") is None
-    assert device_of_query_topic("v1/devices/a:b/status-query") is None
-    assert device_of_query_topic("v1/devices/kiosk-7/orders") is None
 
 
 @pytest.mark.usefixtures("catalog")
