@@ -50,8 +50,7 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from bridge.heartbeat import BRIDGES_KEY, bridge_key
-from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from schemas.names import BRIDGES_KEY, DLQ_STREAM, PIPELINE_GROUP, bridge_key, stream_key
 from servicekit.clock import now_ms
 
 from .names import (

@@ -119,3 +119,17 @@ def device_of_health_topic(topic: str) -> str | None:
 def device_of_status_query_topic(topic: str) -> str | None:
     """``{device_id}`` of ``v1/devices/{device_id}/status-query``; None for any other topic."""
     return _device_of(topic, "status-query")
+
+
+# The bridge replicas' heartbeats (bridge.heartbeat writes them, the orders API's
+# ops page reads them). Replicas by last beat (ms), a zset of client ids:
+BRIDGES_KEY: Final = "ops:bridges"
+
+
+def bridge_key(client_id: str) -> str:
+    """``ops:bridge:{client_id}``: one replica's last heartbeat (a hash with a TTL).
+
+    Fields: ``ready`` and ``redis_durable`` (1 or 0), ``at`` and ``interval_ms``
+    (ms), ``in_flight`` (orders), ``failing`` (the failing checks, comma-separated).
+    """
+    return f"ops:bridge:{client_id}"

@@ -12,15 +12,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bridge.heartbeat import (
-    BRIDGES_KEY,
-    FORGET_AFTER_MS,
-    RedisHeartbeat,
-    bridge_key,
-    run_heartbeat,
-    ttl_for,
-)
+from bridge.heartbeat import FORGET_AFTER_MS, RedisHeartbeat, run_heartbeat, ttl_for
 from fleet.servers import free_port
+from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
 
 from .conftest import BridgeProcess, wait_for
