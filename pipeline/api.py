@@ -28,6 +28,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from schemas.ids import ORDER_ID, is_device_id, is_order_id
 from servicekit.problems import Handler, problem, problem_middleware
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from ._lua import Scripts
@@ -44,7 +45,7 @@ from .ops import (
     page_file,
     summary,
 )
-from .records import find_devices, load_order, text
+from .records import find_devices, load_order
 from .regions import lookup_elsewhere
 from .tokens import Role, TokenStore, allows
 

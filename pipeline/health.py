@@ -40,10 +40,10 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
-from .records import text
 
 log = structlog.get_logger(__name__)
 

@@ -27,10 +27,11 @@ from schemas.names import device_of_status_query_topic
 from servicekit.backoff import Backoff
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .names import order_key
-from .records import PUBLISHED_STATUSES, text
+from .records import PUBLISHED_STATUSES
 from .status import StatusPublisher
 
 log = structlog.get_logger(__name__)

@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.servers import RedisProcess, ServerError, find_binary, free_port, port_is_open
 from schemas import Item, Order, Receipt, decode_receipt, encode
+from servicekit.redis_clients import text
 from servicekit.urls import MqttUrl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,8 +335,7 @@ def running_cluster(workdir: Path) -> Iterator[list[int]]:
             for port in ports:
                 with redis.Redis(port=port) as client:
                     info = client.execute_command("CLUSTER", "INFO")
-                    text = info.decode() if isinstance(info, bytes) else str(info)
-                    if "cluster_state:ok" not in text:
+                    if "cluster_state:ok" not in text(info):
                         return False
             return True
 

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from schemas import Item, Order, encode
 from schemas.names import shard_of, stream_key
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 
 def make_order(
@@ -55,4 +56,4 @@ async def produce_raw(
             "payload": payload,
         },
     )
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return text(entry_id)

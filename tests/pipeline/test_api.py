@@ -15,9 +15,10 @@ from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter, encode_cursor
 from pipeline.names import PIPELINE_DLQ_STREAM
-from pipeline.records import StreamEntry, commit, load, text
+from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
+from servicekit.redis_clients import text
 
 from .api_client import api_client
 from .conftest import BACKENDS, TEST_SHARDS

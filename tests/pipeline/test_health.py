@@ -20,9 +20,9 @@ from fleet.servers import MosquittoProcess
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
-from pipeline.records import text
 from schemas import Health, encode
 from schemas.names import health_topic
+from servicekit.redis_clients import text
 
 from ..bridge.conftest import redis_cluster  # noqa: F401  (a fixture)
 from ..edge_agent.agent_process import AgentProcess

@@ -11,9 +11,10 @@ import redis.asyncio as aioredis
 from pipeline import order_statuses
 from pipeline.config import PipelineConfig
 from pipeline.names import PIPELINE_DLQ_STREAM
-from pipeline.records import StreamEntry, load_order, text
+from pipeline.records import StreamEntry, load_order
 from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, shard_of, stream_key
+from servicekit.redis_clients import text
 
 from .conftest import (
     BACKENDS,
