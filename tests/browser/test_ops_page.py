@@ -43,8 +43,8 @@ from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
 from servicekit.clock import now_ms
 from tests.bridge.conftest import BridgeProcess, Publisher, bridge_factory  # noqa: F401
+from tests.helpers import make_order
 from tests.pipeline.processes import env_for, spawn, stop_all
-from tests.pipeline.producer import make_order
 
 SHARDS = 4  # BridgeProcess runs --shards 4
 READ_TOKEN = new_token()

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from edge_agent import AgentConfig, EdgeAgent
 from servicekit.backoff import full_jitter
 from servicekit.tokens import TokenBucket
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def test_window_bounds_unreceipted_orders_and_sends_oldest_first(

@@ -21,7 +21,7 @@ import signal
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,22 +108,6 @@ def all_counts(rig: GeoStack) -> dict[str, Counter[OrderRef]]:
                         counts[(fields[b"device_id"].decode(), fields[b"order_id"].decode())] += 1
         out[region.name] = counts
     return out
-
-
-async def wait_until(
-    check: Callable[[], bool],
-    timeout_s: float = 30.0,
-    what: str = "condition",
-    explain: Callable[[], Any] | None = None,
-) -> float:
-    """Poll ``check`` until true; return the seconds it took. Fails the test on timeout."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout_s:
-            detail = "" if explain is None else f"\n{explain()}"
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{detail}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 @dataclass

@@ -16,8 +16,9 @@ from fleet.servers import MosquittoProcess
 from fleet.services import ServiceProcess, console_script, http_ok
 from fleet.verify import OrderRef
 from schemas.names import stream_key
+from tests.helpers import wait_until
 
-from .conftest import SHARDS, entries, geo_agent, outbox, wait_until
+from .conftest import SHARDS, entries, geo_agent, outbox
 
 
 async def test_agent_without_attempts_against_region_aware_bridges(

@@ -13,8 +13,9 @@ from fleet.geo_links import LinkHost
 from fleet.geo_stack import GeoStack
 from fleet.servers import free_port
 from fleet.services import pid_alive
+from tests.helpers import wait_until
 
-from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig, wait_until
+from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig
 
 
 async def test_lost_receipt_then_failover_counts_the_order_once(

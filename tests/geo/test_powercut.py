@@ -40,6 +40,7 @@ from fleet.powercut import PowerCutMount
 from fleet.services import pid_alive
 from schemas import decode_order
 from tests.edge_agent.agent_process import AgentProcess
+from tests.helpers import wait_until
 
 from .conftest import (
     GEO_SLOW,
@@ -53,7 +54,6 @@ from .conftest import (
     outbox,
     restore,
     verify_rig,
-    wait_until,
 )
 
 

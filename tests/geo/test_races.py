@@ -23,17 +23,9 @@ import redis.asyncio as aioredis
 from fleet.geo_stack import GeoStack
 from fleet.geo_verify import CountMonitor
 from fleet.services import pid_alive
+from tests.helpers import wait_until
 
-from .conftest import (
-    GEO_SLOW,
-    SHARDS,
-    GeoAgent,
-    diagnose,
-    entries,
-    geo_agent,
-    outbox,
-    wait_until,
-)
+from .conftest import GEO_SLOW, SHARDS, GeoAgent, diagnose, entries, geo_agent, outbox
 
 RUNS = 12 if GEO_SLOW else 1
 SEED = int(os.environ.get("GEO_SEED", "1414"))

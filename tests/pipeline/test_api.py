@@ -19,10 +19,10 @@ from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 from servicekit.redis_clients import text
+from tests.helpers import make_order
 
 from .api_client import api_client
 from .conftest import BACKENDS, TEST_SHARDS
-from .producer import make_order
 
 
 async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:
