@@ -28,7 +28,7 @@ from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.loops import critical
 from servicekit.mqtt import MqttClient, PropertySubscription
-from servicekit.tokens import TokenBuckets
+from servicekit.rate_limit import TokenBuckets
 from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome

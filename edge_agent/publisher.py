@@ -45,7 +45,7 @@ from schemas import (
 from servicekit import tracing
 from servicekit.backoff import Backoff, full_jitter
 from servicekit.logs import truncate
-from servicekit.tokens import TokenBucket
+from servicekit.rate_limit import TokenBucket
 from servicekit.urls import MqttUrl
 
 from ._puback import NO_MATCHING_SUBSCRIBERS, PubackAction, classify

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from edge_agent import AgentConfig, EdgeAgent
 from servicekit.backoff import full_jitter
-from servicekit.tokens import TokenBucket
+from servicekit.rate_limit import TokenBucket
 from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
