@@ -29,7 +29,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     redis_cluster: bool = False
     http_port: int = 8082
     http_host: str = "127.0.0.1"
-    # Orders API bearer tokens (pipeline.tokens): a file of `role sha256:<hex> [name]`
+    # Orders API bearer tokens (pipeline.api_tokens): a file of `role sha256:<hex> [name]`
     # lines and/or the same entries separated by `;`. Required off loopback.
     api_tokens_file: str = ""
     api_tokens: str = ""

@@ -28,6 +28,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from fleet.servers import MosquittoProcess, RedisProcess, free_port
 from pipeline._lua import Scripts
+from pipeline.api_tokens import digest_line, new_token
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.dlq import DeadLetter, dead_letter
@@ -38,7 +39,6 @@ from pipeline.names import (
     health_device_key,
 )
 from pipeline.records import StreamEntry
-from pipeline.tokens import digest_line, new_token
 from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
 from servicekit.clock import now_ms

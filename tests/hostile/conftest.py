@@ -14,7 +14,7 @@ from typing import Final
 import pytest
 
 from fleet.servers import RedisProcess, free_port
-from pipeline.tokens import digest_line, new_token
+from pipeline.api_tokens import digest_line, new_token
 
 from .live import ServiceProcess
 

@@ -17,9 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fleet.servers import free_port
 from pipeline.api import create_app
-from pipeline.config import PipelineConfig
-from pipeline.errors import TokenConfigError
-from pipeline.tokens import (
+from pipeline.api_tokens import (
     TokenStore,
     digest_line,
     load_api_tokens,
@@ -27,6 +25,8 @@ from pipeline.tokens import (
     parse_entries,
     token_digest,
 )
+from pipeline.config import PipelineConfig
+from pipeline.errors import TokenConfigError
 
 from .conftest import TEST_SHARDS
 

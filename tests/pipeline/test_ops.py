@@ -17,9 +17,9 @@ from redis.exceptions import NoPermissionError
 from bridge.heartbeat import RedisHeartbeat
 from fleet.servers import RedisProcess
 from pipeline.api import create_app
+from pipeline.api_tokens import TokenStore, digest_line, new_token, parse_entries
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from pipeline.ops import PAGE_FILES, FleetView, RedisLike, summary
-from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.names import BRIDGES_KEY, DLQ_STREAM, PIPELINE_GROUP, bridge_key, stream_key
 from servicekit.clock import now_ms
 from tests.bridge.conftest import redis_cluster  # noqa: F401 - the fixture
