@@ -123,7 +123,7 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 def _record(rec: OrderRecord) -> dict[str, Any]:
-    out: dict[str, Any] = msgspec.structs.asdict(rec)
+    out: dict[str, Any] = msgspec.to_builtins(rec)
     if not rec.regions:
         del out["regions"]  # single-region mode: the v1 answer, unchanged
     return out

@@ -381,7 +381,7 @@ class Publisher:
             if self.regions is not None:
                 self.regions.on_sent()
             self._inflight[order.order_id] = self._clock.monotonic_s() + timeout_s
-            self._mids[mid] = (order.order_id, order.attempts)
+            self._mids[mid] = (order.order_id, order.sends)
             clock_now = self._clock.now_ms()
             self._outbox.mark_sent(order.order_id, clock_now + int(timeout_s * 1000), clock_now)
             sent += 1

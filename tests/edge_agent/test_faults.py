@@ -164,7 +164,7 @@ async def test_no_receipt_means_resend(
             assert double.seen["resend-0001"] >= 3
             rec = await agent.get("resend-0001")
             assert rec is not None
-            assert rec.attempts >= 3
+            assert rec.sends >= 3
 
 
 async def test_rejected_receipt_stops_retrying(

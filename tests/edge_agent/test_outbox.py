@@ -116,7 +116,7 @@ async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> N
         rec = await outbox.get("order-0000")
         assert rec is not None
         assert rec.state == "sent"
-        assert rec.attempts == 1
+        assert rec.sends == 1
 
 
 async def test_prune_gives_disk_space_back(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
         # Exactly what was in flight at eu is in doubt; the rest of the queue moved on to us.
         sends = [(await at_eu.device.agent.get(o)) for o in doubtful]
         assert len(in_doubt) == window, [
-            (at_eu.results(o), at_eu.attempts(o), r.attempts if r else None)
+            (at_eu.results(o), at_eu.attempts(o), r.sends if r else None)
             for o, r in zip(doubtful, sends, strict=True)
         ]
         assert all(at_eu.results(o) == ["pending"] * len(at_eu.results(o)) for o in in_doubt)
