@@ -30,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
+from schemas import decode_order, encode
 from schemas.ids import is_region_name
 from schemas.messages import MAX_ATTEMPTS
 from servicekit.errors import ConfigError
@@ -200,3 +203,13 @@ def with_attempt(regions: str, name: str) -> tuple[str, ...]:
     """The stored comma-separated ``regions`` as a tuple, with ``name`` appended if new."""
     names = tuple(regions.split(",")) if regions else ()
     return names if name in names else (*names, name)
+
+
+def with_attempts(payload: bytes, attempts: tuple[str, ...]) -> bytes:
+    """The stored Order ``payload`` re-encoded with geo ``attempts`` (deterministic bytes).
+
+    Raises:
+        SchemaError: ``too_large`` if the attempts push it past the order size cap.
+    """
+    order = decode_order(payload)
+    return encode(msgspec.structs.replace(order, attempts=attempts))

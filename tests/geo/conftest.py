@@ -182,7 +182,7 @@ async def diagnose(rig: GeoStack, agent: GeoAgent, order_id: str) -> str:
     geo = publisher.regions
     lines = [
         f"agent: region={agent.region} connected={agent.connected} "
-        f"inflight={dict(publisher._inflight)} "
+        f"inflight={dict(publisher._window.receipts)} "
         f"until_failover={geo.seconds_until_failover() if geo else None}",
         f"outbox: {record}",
         f"results: {agent.results(order_id)}; last attempts sent: {agent.attempts(order_id)}",
