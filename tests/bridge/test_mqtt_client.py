@@ -219,7 +219,7 @@ async def test_outgoing_packet_ids_are_reused_only_after_their_puback() -> None:
     async with ScriptedBroker() as broker:
         client = make_client(broker.url, None)
         async with connected(broker, client, receive_max=2, suback=False) as session:
-            client._ids = itertools.cycle([2, 3, 4])  # a tiny id space forces reuse
+            client._sender.ids = itertools.cycle([2, 3, 4])  # a tiny id space forces reuse
             futures = [client.publish_acked("v1/devices/d1/receipts", bytes([i])) for i in range(6)]
             in_flight: dict[int, bytes] = {}
             seen_ids: list[int] = []
@@ -374,7 +374,7 @@ async def test_publishes_wait_while_the_socket_cannot_take_more() -> None:
             buffered = client._wire.transport.get_write_buffer_size()
             assert client._wire.writing_paused
             assert buffered <= 2 * WRITE_HIGH_WATER + size
-            assert len(client._queue) > count // 2  # most are still ours, not the socket's
+            assert len(client._sender.queue) > count // 2  # most are still ours, not the socket's
             session.transport.resume_reading()
             for _ in range(count):
                 packet = await session.expect(mqtt5.PublishPacket)
