@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import socket
 from typing import Annotated, Final
 
 import msgspec
 
+from schemas.ids import is_region_name
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
 from servicekit.config import ServiceConfig, doc
 
@@ -16,7 +16,6 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 # The agents' default resend horizon (edge_agent resend_max_age_s): an order older than this
 # is never resent, so a dedup marker must outlive it.
 AGENT_RETRY_HORIZON_S: Final = 6 * 24 * 3600.0
-REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")  # schemas.messages.RegionName
 
 
 def default_client_id() -> str:
@@ -328,12 +327,12 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             if self.region_redis:
                 raise ValueError("region_redis needs region (the name of this region)")
             return {}
-        if not REGION_NAME.fullmatch(self.region):
+        if not is_region_name(self.region):
             raise ValueError(f"region {self.region!r} is not 1-32 chars of [a-z0-9-]")
         urls: dict[str, str] = {}
         for entry in self.region_redis:
             name, sep, url = entry.partition("=")
-            if not sep or not REGION_NAME.fullmatch(name) or not url.startswith(("redis", "unix")):
+            if not sep or not is_region_name(name) or not url.startswith(("redis", "unix")):
                 raise ValueError(f"region_redis {entry!r} is not NAME=redis://…")
             if name in urls:
                 raise ValueError(f"region_redis names {name!r} twice")

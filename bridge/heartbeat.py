@@ -27,22 +27,17 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
 from servicekit.redis_clients import client_options
 
 log = structlog.get_logger(__name__)
 
-BRIDGES_KEY: Final = "ops:bridges"  # zset client_id -> last beat (ms)
 MIN_TTL_S: Final = 30
 FORGET_AFTER_MS: Final = 24 * 3600 * 1000
 _FAILURES: Final = (RedisError, RedisClusterException, OSError)
 
 Report = Callable[[], dict[str, str | int]]
-
-
-def bridge_key(client_id: str) -> str:
-    """``ops:bridge:{client_id}``: one replica's last heartbeat (a hash with a TTL)."""
-    return f"ops:bridge:{client_id}"
 
 
 def ttl_for(interval_s: float) -> int:

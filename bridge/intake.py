@@ -6,9 +6,10 @@ only when the bridge calls ``ack``, which it does once Redis holds the order
 or its dead letter. A message whose ``ack`` is never called stays unacked, and
 the broker redelivers it with the session. No task or thread hop per message:
 the sink is a plain call, and the bridge's batcher calls ``ack`` when a batch
-is written. The implementation is :class:`servicekit.mqtt.MqttClient`, our
-asyncio protocol on the Rust ``mqtt5`` codec (PUBACKs and receipts of a batch
-leave in one socket write); tests plug in their own.
+is written. The implementation is :class:`MqttIntake`, a
+:class:`servicekit.mqtt.MqttClient` (our asyncio protocol on the Rust ``mqtt5``
+codec: PUBACKs and receipts of a batch leave in one socket write) that also
+publishes receipts; tests plug in their own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol, Self
+
+from schemas.names import receipts_topic
+from servicekit.mqtt import MqttClient
 
 Ack = Callable[[], None]
 """Send the PUBACK of one message (a no-op if its connection is gone)."""
@@ -36,7 +40,7 @@ class MessageSink(Protocol):
 class Intake(Protocol):
     """A source of order messages, acked only when the bridge says so; an async context manager.
 
-    It exists (and takes :meth:`publish` calls) before ``async with`` connects it.
+    It exists (and takes :meth:`publish_receipt` calls) before ``async with`` connects it.
     """
 
     async def __aenter__(self) -> Self: ...
@@ -53,8 +57,8 @@ class Intake(Protocol):
         """True while connected and subscribed."""
         ...
 
-    def publish(self, topic: str, payload: bytes) -> object:
-        """Publish at QoS 1 (receipts); queued while disconnected or the window is full.
+    def publish_receipt(self, device_id: str, body: bytes) -> object:
+        """Publish a receipt to its device at QoS 1; queued while disconnected or out of window.
 
         Raises:
             IntakeError: the receipt cannot be sent (agents resend their order).
@@ -71,3 +75,11 @@ class Intake(Protocol):
 
 
 IntakeFactory = Callable[[MessageSink], Intake]
+
+
+class MqttIntake(MqttClient):
+    """:class:`Intake` on the MQTT client: receipts leave as QoS 1 publishes."""
+
+    def publish_receipt(self, device_id: str, body: bytes) -> None:
+        """Publish ``body`` on ``v1/devices/{device_id}/receipts`` at QoS 1 and forget."""
+        self.publish(receipts_topic(device_id), body)

@@ -16,19 +16,18 @@ from typing import Any
 import structlog
 
 from schemas import Reason, SchemaError
+from schemas.ids import is_device_id
 from schemas.names import (
     TRACEPARENT_PROPERTY,
     device_id_from_orders_topic,
-    is_device_id,
-    receipts_topic,
     shared_orders_subscription,
 )
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.loops import critical
-from servicekit.mqtt import MqttClient, PropertySubscription
-from servicekit.tokens import TokenBuckets
+from servicekit.mqtt import PropertySubscription
+from servicekit.rate_limit import TokenBuckets
 from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
@@ -37,7 +36,7 @@ from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
 from .heartbeat import HeartbeatStore, run_heartbeat
 from .http import HttpServer
 from .ingest import DeadLetter, ValidOrder, classify, order_id_hint
-from .intake import Ack, Intake, IntakeFactory, MessageSink
+from .intake import Ack, Intake, IntakeFactory, MessageSink, MqttIntake
 from .metrics import BridgeMetrics
 from .receipts import receipt_bytes
 from .regions import Regions
@@ -174,7 +173,7 @@ class Bridge:
             self.metrics.receipts_failed.inc()
             return
         try:
-            self._intake.publish(receipts_topic(device_id), body)
+            self._intake.publish_receipt(device_id, body)
         except IntakeError as exc:  # receipts are advisory; agents resend
             self.metrics.receipts_failed.inc()
             log.debug("receipt not published", device_id=device_id, error=str(exc))
@@ -374,9 +373,9 @@ class Bridge:
         self.redis_reachable = False
         self.metrics.redis_up.set(0)
 
-    def _default_intake(self, sink: MessageSink) -> MqttClient:
+    def _default_intake(self, sink: MessageSink) -> MqttIntake:
         cfg = self.config
-        return MqttClient(
+        return MqttIntake(
             MqttUrl.parse(cfg.mqtt_url),
             client_id=cfg.client_id,
             subscriptions=[

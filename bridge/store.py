@@ -46,7 +46,7 @@ from redis.exceptions import (
 )
 
 from schemas.names import DLQ_STREAM, seen_key, stream_key
-from servicekit.redis_clients import client_options
+from servicekit.redis_clients import client_options, text
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
@@ -347,8 +347,8 @@ def _config_value(reply: Any, name: str) -> str | None:
     """One value of a CONFIG GET reply (a dict; per node on a cluster)."""
     if isinstance(reply, dict):
         if name in reply or name.encode() in reply:
-            value = reply.get(name, reply.get(name.encode()))
-            return value.decode() if isinstance(value, bytes) else str(value)
+            value: Any = reply.get(name, reply.get(name.encode()))
+            return text(value)
         values = {_config_value(node, name) for node in reply.values() if isinstance(node, dict)}
         if len(values) == 1:
             return values.pop()

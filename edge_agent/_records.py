@@ -18,7 +18,9 @@ class OrderRecord(msgspec.Struct, frozen=True):
     state: str
     status: str | None
     reason: str | None
-    attempts: int
+    # Times handed to the broker. The HTTP answer keeps its v1 key `attempts`
+    # (the column's name too); on the wire `attempts` is the geo region list.
+    sends: int = msgspec.field(name="attempts")
     created_ms: int
     updated_ms: int
     settled_ms: int | None
@@ -41,7 +43,7 @@ class Due(NamedTuple):
     seq: int
     order_id: str
     payload: bytes
-    attempts: int = 0  # sends so far: the exponent of a transient refusal's backoff
+    sends: int = 0  # sends so far: the exponent of a transient refusal's backoff
     regions: str = ""  # geo: the order's `attempts` so far, comma-separated (committed)
     traceparent: str | None = None  # W3C trace context set at intake (servicekit.tracing)
 

@@ -96,14 +96,14 @@ _COLUMNS: Final = (
 
 
 def _order_record(row: tuple[Any, ...]) -> OrderRecord:
-    order_id, seq, state, status, reason, attempts, created, updated, settled, regions = row
+    order_id, seq, state, status, reason, sends, created, updated, settled, regions = row
     return OrderRecord(
         order_id,
         seq,
         state,
         status,
         reason,
-        attempts,
+        sends,
         created,
         updated,
         settled,
@@ -452,9 +452,9 @@ class Store:
             "AND (first_sent_clock_ms IS NULL OR first_sent_clock_ms > ?) ORDER BY seq",
             (now, first_sent_after),
         )
-        for seq, order_id, payload, attempts, regions, traceparent in cur:
+        for seq, order_id, payload, sends, regions, traceparent in cur:
             if order_id not in skip:
-                out.append(Due(seq, order_id, payload, attempts, regions, traceparent))
+                out.append(Due(seq, order_id, payload, sends, regions, traceparent))
                 if len(out) >= limit:
                     break
         cur.close()

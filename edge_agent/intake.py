@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from aiohttp import web
 
+from schemas.ids import is_order_id
 from servicekit import tracing
 from servicekit.problems import Handler, problem_middleware
 from servicekit.problems import problem as _problem
@@ -40,7 +41,6 @@ LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # host[:port]; host is a name, an IPv4 address or a bracketed IPv6 address.
 _HOST_RE: Final = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
 _STATE_RE: Final = re.compile(r"[a-z_]{1,32}")
-_ORDER_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{8,64}")  # schemas.messages.OrderId
 _BEARER_RE: Final = re.compile(r"Bearer +(\S{1,256})", re.IGNORECASE)
 _ALLOWED_HOSTS: Final[web.AppKey[frozenset[str]]] = web.AppKey("allowed_hosts")
 
@@ -123,7 +123,7 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 def _record(rec: OrderRecord) -> dict[str, Any]:
-    out: dict[str, Any] = msgspec.structs.asdict(rec)
+    out: dict[str, Any] = msgspec.to_builtins(rec)
     if not rec.regions:
         del out["regions"]  # single-region mode: the v1 answer, unchanged
     return out
@@ -154,7 +154,7 @@ async def get_order(request: web.Request) -> web.Response:
     """``GET /v1/orders/{order_id}``."""
     agent = request.app[_AGENT]
     order_id = request.match_info["order_id"]
-    if not _ORDER_ID_RE.fullmatch(order_id):
+    if not is_order_id(order_id):
         return problem(
             400, "invalid_query", "order_id breaks the contract's rule", field="order_id"
         )

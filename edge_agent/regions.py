@@ -26,16 +26,18 @@ changes, so resends to the same region carry the same bytes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
+from schemas import decode_order, encode
+from schemas.ids import is_region_name
 from schemas.messages import MAX_ATTEMPTS
 from servicekit.errors import ConfigError
 from servicekit.urls import MqttUrl, redact
 
-REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")
 MAX_FAILBACK_HOLDOFF_S: Final = 3600.0
 
 
@@ -65,7 +67,7 @@ def parse_regions(spec: str | tuple[str, ...]) -> tuple[Region, ...]:
         name, sep, url = entry.partition("=")
         if not sep:
             raise ConfigError(f"region {redact(entry)!r} is not NAME=MQTT_URL", "invalid_region")
-        if not REGION_NAME.fullmatch(name):
+        if not is_region_name(name):
             raise ConfigError(
                 f"region name {name!r} must be 1-32 chars of [a-z0-9-]", "invalid_region"
             )
@@ -201,3 +203,13 @@ def with_attempt(regions: str, name: str) -> tuple[str, ...]:
     """The stored comma-separated ``regions`` as a tuple, with ``name`` appended if new."""
     names = tuple(regions.split(",")) if regions else ()
     return names if name in names else (*names, name)
+
+
+def with_attempts(payload: bytes, attempts: tuple[str, ...]) -> bytes:
+    """The stored Order ``payload`` re-encoded with geo ``attempts`` (deterministic bytes).
+
+    Raises:
+        SchemaError: ``too_large`` if the attempts push it past the order size cap.
+    """
+    order = decode_order(payload)
+    return encode(msgspec.structs.replace(order, attempts=attempts))

@@ -24,11 +24,12 @@ import msgspec
 
 from schemas.messages import Currency
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .errors import CatalogError
 from .names import CATALOG_KEY, CATALOG_META_KEY
-from .records import OrderContext, text
+from .records import OrderContext
 from .steps import Step, StepDeps, register
 from .stock import store_stock
 

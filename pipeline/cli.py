@@ -27,12 +27,12 @@ from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 
+from .api_tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .errors import PipelineError
 from .migrate import migrate
 from .service import install_stop_signals, redis_client, run_service, run_worker
-from .tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 
 log = structlog.get_logger(__name__)
 _COMMANDS = {"run", "worker", "catalog", "migrate", "token", "-h", "--help"}

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, orders_topic, shard_of, stream_key
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis, is_cluster, run_calls
 from ._lua import Scripts
@@ -45,7 +46,7 @@ from .names import (
     letter_key,
     replayed_key,
 )
-from .records import StreamEntry, text
+from .records import StreamEntry
 
 SOURCE: Final = "pipeline"
 MAX_DELIVERIES_REASON: Final = "max_deliveries"

@@ -27,7 +27,6 @@ cannot make them good.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
@@ -36,18 +35,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from schemas import DecodeError, Health, decode_health
+from schemas.names import device_of_health_topic
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
-from .records import text
 
 log = structlog.get_logger(__name__)
 
-_HEALTH_TOPIC: Final = re.compile(r"v1/devices/(?P<device>[A-Za-z0-9_.-]{1,64})/health")
 FIGURES: Final = (
     "outbox_depth",
     "outbox_bytes",
@@ -88,12 +87,6 @@ class HealthMetrics:
             multiprocess_mode="livemax",
             **kwargs,
         )
-
-
-def device_of_health_topic(topic: str) -> str | None:
-    """``{device_id}`` of ``v1/devices/{device_id}/health``; None for any other topic."""
-    match = _HEALTH_TOPIC.fullmatch(topic)
-    return match["device"] if match else None
 
 
 def is_will(health: Health) -> bool:

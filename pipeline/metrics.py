@@ -14,10 +14,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import ResponseError
 
 from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .names import PIPELINE_DLQ_STREAM
-from .records import text
 
 STEP_BUCKETS_S: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"

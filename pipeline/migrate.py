@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 
 from schemas.names import shard_of
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from .names import (
     LEGACY_STOCK_KEY,
@@ -39,7 +40,7 @@ from .names import (
     retention_key,
     stock_key,
 )
-from .records import index_member, text
+from .records import index_member
 from .stock import split
 
 MIGRATED_STOCK_KEY: Final = "pipeline:stock:migrated"

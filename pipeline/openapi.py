@@ -15,8 +15,9 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from schemas.json_schema import _clean_descriptions
-from schemas.messages import END, Currency, DeviceId, Item, OrderId
+from schemas.ids import END
+from schemas.json_schema import clean_descriptions
+from schemas.messages import Currency, DeviceId, Item, OrderId
 
 from .ops import PAGE_FILES, OpsSummary
 
@@ -225,8 +226,8 @@ def build() -> dict[str, Any]:
     (*_, order_id, device_id), components = msgspec.json.schema_components(
         _BODIES, ref_template=REF
     )
-    components = _clean_descriptions(components)
-    order_id, device_id = _clean_descriptions(order_id), _clean_descriptions(device_id)
+    components = clean_descriptions(components)
+    order_id, device_id = clean_descriptions(order_id), clean_descriptions(device_id)
     entry_id = {"type": "string", "pattern": ENTRY_ID_PATTERN}
     cursor = {
         "name": "cursor",

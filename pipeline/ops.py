@@ -50,9 +50,9 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from bridge.heartbeat import BRIDGES_KEY, bridge_key
-from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from schemas.names import BRIDGES_KEY, DLQ_STREAM, PIPELINE_GROUP, bridge_key, stream_key
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from .names import (
     HEALTH_DEVICES_KEY,
@@ -60,7 +60,6 @@ from .names import (
     PIPELINE_DLQ_STREAM,
     health_device_key,
 )
-from .records import text
 
 DEFAULT_HEALTH_STALE_S: Final = 90.0
 # Devices whose health hash the summary reads per call, most recently seen first;

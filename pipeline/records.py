@@ -23,6 +23,7 @@ import msgspec
 from schemas import Order
 from schemas.names import shard_of
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis, call_plan, run_calls
 from ._lua import Scripts
@@ -41,11 +42,6 @@ from .names import (
 
 # The statuses a device hears about (schemas.Status.status).
 PUBLISHED_STATUSES: Final = frozenset({"confirmed", "rejected", "fulfilled", "failed"})
-
-
-def text(value: bytes | str) -> str:
-    """Redis replies come as bytes; keys and codes are UTF-8 text."""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,6 @@ so a 404 would be a lie.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,13 +37,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from schemas.ids import is_region_name
 from servicekit.problems import problem
 
 log = structlog.get_logger(__name__)
 
 LOOKUP_HEADER: Final = "Orders-Region-Lookup"
 REGION_HEADER: Final = "Orders-Region"
-REGION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")  # schemas.messages.RegionName
 # Answers of another region that mean "it is here": the record, or an ambiguous bare id.
 _FOUND: Final = frozenset({200, 409})
 
@@ -59,16 +58,12 @@ def parse_region_apis(own: str, entries: tuple[str, ...]) -> dict[str, str]:
         if entries:
             raise ValueError("region_api needs region (the name of this region)")
         return {}
-    if not REGION_NAME.fullmatch(own):
+    if not is_region_name(own):
         raise ValueError(f"region {own!r} is not 1-32 chars of [a-z0-9-]")
     urls: dict[str, str] = {}
     for entry in entries:
         name, sep, url = entry.partition("=")
-        if (
-            not sep
-            or not REGION_NAME.fullmatch(name)
-            or not url.startswith(("http://", "https://"))
-        ):
+        if not sep or not is_region_name(name) or not url.startswith(("http://", "https://")):
             raise ValueError(f"region_api {entry!r} is not NAME=http(s)://…")
         if name in urls:
             raise ValueError(f"region_api names {name!r} twice")

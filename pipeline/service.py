@@ -35,6 +35,7 @@ from servicekit.redis_clients import client_options
 from ._calls import AnyRedis
 from ._lua import Scripts
 from .api import create_app
+from .api_tokens import load_api_tokens
 from .config import PipelineConfig
 from .health import HealthConsumer, HealthMetrics
 from .metrics import MULTIPROC_ENV, WorkerMetrics
@@ -42,7 +43,6 @@ from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
 from .status import MqttStatusPublisher, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
-from .tokens import load_api_tokens
 from .worker import Worker, default_consumer_name
 
 log = structlog.get_logger(__name__)

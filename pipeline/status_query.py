@@ -17,25 +17,24 @@ resending them cannot make them good.
 from __future__ import annotations
 
 import asyncio
-import re
-from typing import Final
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 from redis.exceptions import RedisClusterException, RedisError
 
 from schemas import DecodeError, Status, decode_status_query
+from schemas.names import device_of_status_query_topic
 from servicekit.backoff import Backoff
 from servicekit.logs import truncate
 from servicekit.mqtt import Ack
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from .names import order_key
-from .records import PUBLISHED_STATUSES, text
+from .records import PUBLISHED_STATUSES
 from .status import StatusPublisher
 
 log = structlog.get_logger(__name__)
-_QUERY_TOPIC: Final = re.compile(r"v1/devices/(?P<device>[A-Za-z0-9_.-]{1,64})/status-query")
 
 
 class StatusQueryMetrics:
@@ -54,12 +53,6 @@ class StatusQueryMetrics:
             "Statuses published again in answer to a status query",
             **kwargs,  # type: ignore[arg-type]
         )
-
-
-def device_of_query_topic(topic: str) -> str | None:
-    """``{device_id}`` of ``v1/devices/{device_id}/status-query``; None for any other topic."""
-    match = _QUERY_TOPIC.fullmatch(topic)
-    return match["device"] if match else None
 
 
 class StatusQueryResponder:
@@ -103,7 +96,7 @@ class StatusQueryResponder:
 
     async def answer(self, topic: str, payload: bytes) -> int:
         """Publish the known statuses the query asks for; return how many were published."""
-        device_id = device_of_query_topic(topic)
+        device_id = device_of_status_query_topic(topic)
         if device_id is None:
             self._metrics.queries.labels("bad_topic").inc()
             log.warning("status_query_bad_topic", topic=topic[:200])

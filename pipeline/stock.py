@@ -31,11 +31,12 @@ import msgspec
 import structlog
 
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis, call_plan, run_calls
 from ._lua import Scripts
 from .names import order_key_in, stock_key, transfer_in_key, transfers_key
-from .records import OrderContext, by_shard, text
+from .records import OrderContext, by_shard
 from .steps import Step, StepDeps, register
 
 log = structlog.get_logger(__name__)

@@ -43,6 +43,7 @@ from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit import tracing
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
+from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
 from ._lua import Scripts
@@ -59,7 +60,6 @@ from .records import (
     forget_expired,
     load,
     order_histories,
-    text,
 )
 from .status import StatusPublisher
 from .steps import Step

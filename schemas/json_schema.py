@@ -25,7 +25,7 @@ MESSAGES: Final = {
 }
 
 
-def _clean_descriptions(node: Any) -> Any:
+def clean_descriptions(node: Any) -> Any:
     """Dedent every ``description`` the way ``inspect.cleandoc`` does.
 
     Docstrings reach the schema indented as written before Python 3.13 and
@@ -36,17 +36,17 @@ def _clean_descriptions(node: Any) -> Any:
         return {
             key: inspect.cleandoc(value)
             if key == "description" and isinstance(value, str)
-            else _clean_descriptions(value)
+            else clean_descriptions(value)
             for key, value in node.items()
         }
     if isinstance(node, list):
-        return [_clean_descriptions(value) for value in node]
+        return [clean_descriptions(value) for value in node]
     return node
 
 
 def render(name: str) -> str:
     """The JSON Schema document for one message, as committed."""
-    schema = _clean_descriptions(msgspec.json.schema(MESSAGES[name]))
+    schema = clean_descriptions(msgspec.json.schema(MESSAGES[name]))
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"{name}.v1.json",

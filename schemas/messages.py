@@ -16,33 +16,22 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from .ids import DEVICE_ID, END, ORDER_ID, REGION_NAME
+
 MAX_ORDER_BYTES: Final = 16 * 1024
 MAX_ITEMS: Final = 100
 MAX_ATTRS: Final = 32
 MAX_QUERIED_ORDERS: Final = 100
 MAX_ATTEMPTS: Final = 32
 
-# Every pattern matches the whole string. msgspec applies patterns with
-# ``re.search``, where ``$`` also matches before a trailing newline; ECMA-262
-# (the exported JSON Schema's dialect) has no ``\Z``. "Not followed by any
-# character" means end of string in both.
-END: Final = r"(?![\s\S])"
+# Every pattern matches the whole string (schemas.ids.END).
 # No C0 or C1 control character (newline, NUL, ESC, DEL …) in any string field.
 TEXT_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]*" + END
 
 OrderId = Annotated[
-    str,
-    msgspec.Meta(
-        min_length=8,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_-]+" + END,
-        description="Unique per device; the agent uses UUIDv7 or ULID.",
-    ),
+    str, ORDER_ID.meta(description="Unique per device; the agent uses UUIDv7 or ULID.")
 ]
-DeviceId = Annotated[
-    str,
-    msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+" + END),
-]
+DeviceId = Annotated[str, DEVICE_ID.meta()]
 Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
 Qty = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 MinorUnits = Annotated[int, msgspec.Meta(ge=0, description="Amount in minor units.")]
@@ -51,15 +40,7 @@ EpochMs = Annotated[int, msgspec.Meta(ge=0, description="ms since the Unix epoch
 Seq = Annotated[int, msgspec.Meta(ge=0, description="Per-device counter in submit order.")]
 ReasonCode = Annotated[str, msgspec.Meta(max_length=64, pattern=TEXT_PATTERN)]
 AttrText = Annotated[str, msgspec.Meta(pattern=TEXT_PATTERN)]
-RegionName = Annotated[
-    str,
-    msgspec.Meta(
-        min_length=1,
-        max_length=32,
-        pattern=r"^[a-z0-9-]+" + END,
-        description="A region's name (geo mode, GEO.md).",
-    ),
-]
+RegionName = Annotated[str, REGION_NAME.meta(description="A region's name (geo mode, GEO.md).")]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 ShortText = Annotated[str, msgspec.Meta(max_length=256, pattern=TEXT_PATTERN)]
 

@@ -1,16 +1,17 @@
 """Every name that crosses a process boundary: MQTT topics and Redis keys (v1).
 
 Devices, the bridge, the pipeline and operators' scripts all depend on these,
-so they live in one place and change only by adding a ``v2``.
+so they live in one place and change only by adding a ``v2``. The rules of the
+ids inside them (device id, order id, region name) are :mod:`schemas.ids`.
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import Final
 
 from .errors import Reason, SchemaError
+from .ids import is_device_id as is_device_id  # noqa: PLC0414 (an import path fleet uses)
 
 TOPIC_PREFIX: Final = "v1/devices/"
 ORDERS_TOPIC_FILTER: Final = "v1/devices/+/orders"
@@ -103,11 +104,32 @@ def seen_key(shard: int, device_id: str, order_id: str) -> str:
     return f"orders:{{{shard}}}:seen:{device_id}:{order_id}"
 
 
-# The contract's device id rule (schemas.messages.DeviceId), for ids that arrive
-# outside a message: topic levels, provisioning. Matched whole (no trailing newline).
-_DEVICE_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+def _device_of(topic: str, leaf: str) -> str | None:
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[:2] != ["v1", "devices"] or parts[3] != leaf:
+        return None
+    return parts[2] if is_device_id(parts[2]) else None
 
 
-def is_device_id(value: str) -> bool:
-    """True when all of ``value`` is a device id: 1–64 chars of ``[A-Za-z0-9_.-]``."""
-    return _DEVICE_ID.fullmatch(value) is not None
+def device_of_health_topic(topic: str) -> str | None:
+    """``{device_id}`` of ``v1/devices/{device_id}/health``; None for any other topic."""
+    return _device_of(topic, "health")
+
+
+def device_of_status_query_topic(topic: str) -> str | None:
+    """``{device_id}`` of ``v1/devices/{device_id}/status-query``; None for any other topic."""
+    return _device_of(topic, "status-query")
+
+
+# The bridge replicas' heartbeats (bridge.heartbeat writes them, the orders API's
+# ops page reads them). Replicas by last beat (ms), a zset of client ids:
+BRIDGES_KEY: Final = "ops:bridges"
+
+
+def bridge_key(client_id: str) -> str:
+    """``ops:bridge:{client_id}``: one replica's last heartbeat (a hash with a TTL).
+
+    Fields: ``ready`` and ``redis_durable`` (1 or 0), ``at`` and ``interval_ms``
+    (ms), ``in_flight`` (orders), ``failing`` (the failing checks, comma-separated).
+    """
+    return f"ops:bridge:{client_id}"

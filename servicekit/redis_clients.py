@@ -1,4 +1,4 @@
-"""Connection settings every service's Redis client shares.
+"""Connection settings every service's Redis client shares, and :func:`text` for its replies.
 
 redis-py retries a failed command itself by default (three times, with
 backoff up to seconds). Our loops retry whole units of work with
@@ -13,6 +13,11 @@ from typing import Any
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text: replies come as bytes; keys and codes are UTF-8 text."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def client_options(timeout_s: float) -> dict[str, Any]:

@@ -13,9 +13,8 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from pipeline.metrics import ApiMetrics, WorkerMetrics
 from schemas.names import stream_key
 from testrig.servers import ServerProcess, find_binary
 from testrig.services import http_ok
+from tests.helpers import wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -256,13 +256,6 @@ def local_config(stack: Stack, workdir: Path, for_s: int) -> Path:
     return path
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
-
 def proc_state(pid: int) -> str:
     """The state letter in /proc/<pid>/stat (R running, S sleeping, T stopped, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -293,12 +286,12 @@ def test_real_prometheus_fires_the_lag_alert_when_workers_stop(
             targets = prometheus.api("targets")["activeTargets"]
             return len(targets) == 3 and all(t["health"] == "up" for t in targets)
 
-        wait_for("every target up", all_targets_up, 20)
+        wait_until_blocking(all_targets_up, 20, "every target up")
         # The group exists (the worker created it) and both bridges report ready.
-        wait_for(
-            "lag series for both shards",
+        wait_until_blocking(
             lambda: len(prometheus.api("query?query=pipeline_lag")["result"]) == 2,
             15,
+            "lag series for both shards",
         )
         ready = prometheus.api("query?query=bridge_ready")["result"]
         assert sorted(r["value"][1] for r in ready) == ["1", "1"]
@@ -310,7 +303,9 @@ def test_real_prometheus_fires_the_lag_alert_when_workers_stop(
             os.kill(pid, signal.SIGSTOP)
         try:
             # The fault really happened: each worker is stopped (state T).
-            wait_for("workers stopped", lambda: all(proc_state(p) == "T" for p in workers), 5)
+            wait_until_blocking(
+                lambda: all(proc_state(p) == "T" for p in workers), 5, "workers stopped"
+            )
             with (
                 redis.Redis.from_url(stack.redis_url) as client,
                 client.pipeline(transaction=False) as pipe,
@@ -318,8 +313,8 @@ def test_real_prometheus_fires_the_lag_alert_when_workers_stop(
                 for i in range(1500):
                     pipe.xadd(stream_key(0), {"order": f"lag-test-{i}"})
                 pipe.execute()
-            wait_for(
-                "OrdersStreamLag firing", lambda: bool(firing(prometheus, "OrdersStreamLag")), 30
+            wait_until_blocking(
+                lambda: bool(firing(prometheus, "OrdersStreamLag")), 30, "OrdersStreamLag firing"
             )
             (alert,) = firing(prometheus, "OrdersStreamLag")
             assert alert["labels"]["shard"] == "0"
@@ -329,8 +324,8 @@ def test_real_prometheus_fires_the_lag_alert_when_workers_stop(
         finally:
             for pid in workers:
                 os.kill(pid, signal.SIGCONT)
-        wait_for(
-            "OrdersStreamLag resolved",
+        wait_until_blocking(
             lambda: not firing(prometheus, "OrdersStreamLag"),
             30,
+            "OrdersStreamLag resolved",
         )

@@ -23,39 +23,15 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from schemas import Item, Order, Receipt, decode_receipt, encode
+from schemas import Receipt, decode_receipt
+from servicekit.redis_clients import text
 from servicekit.urls import MqttUrl
 from testrig.errors import ServerError
 from testrig.servers import RedisProcess, find_binary, free_port, port_is_open
+from tests.helpers import wait_until_blocking
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_order(device_id: str, seq: int, *, order_id: str | None = None, qty: int = 1) -> bytes:
-    """An encoded valid order."""
-    return encode(
-        Order(
-            v=1,
-            order_id=order_id or f"o-{device_id}-{seq:06d}",
-            device_id=device_id,
-            seq=seq,
-            created_at=1_700_000_000_000 + seq,
-            currency="EUR",
-            items=(Item(sku="cola", qty=qty, unit_price=150),),
-            total=150 * qty,
-        )
-    )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
-    """Poll ``condition`` until it holds or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def close_paho(client: paho.Client) -> None:
@@ -187,7 +163,9 @@ class BridgeProcess:
                 self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
             )
         if wait_ready:
-            wait_for(lambda: self.status("/readyz") == 200, 30, f"bridge ready\n{self.log_tail()}")
+            wait_until_blocking(
+                lambda: self.status("/readyz") == 200, 30, f"bridge ready\n{self.log_tail()}"
+            )
 
     def status(self, path: str) -> int | None:
         """HTTP status of one ops endpoint, or None when nothing answers."""
@@ -335,12 +313,11 @@ def running_cluster(workdir: Path) -> Iterator[list[int]]:
             for port in ports:
                 with redis.Redis(port=port) as client:
                     info = client.execute_command("CLUSTER", "INFO")
-                    text = info.decode() if isinstance(info, bytes) else str(info)
-                    if "cluster_state:ok" not in text:
+                    if "cluster_state:ok" not in text(info):
                         return False
             return True
 
-        wait_for(cluster_ok, 30, "cluster_state:ok")
+        wait_until_blocking(cluster_ok, 30, "cluster_state:ok")
         yield ports
     finally:
         for server in servers:

@@ -8,9 +8,11 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
+from schemas import encode
 from schemas.names import DLQ_STREAM, orders_topic, stream_key
 from testrig.servers import MosquittoProcess
-from tests.bridge.conftest import BridgeProcess, Publisher, make_order, wait_for
+from tests.bridge.conftest import BridgeProcess, Publisher
+from tests.helpers import make_order, wait_until_blocking
 
 
 def test_ingest_on_a_redis_cluster(
@@ -24,7 +26,7 @@ def test_ingest_on_a_redis_cluster(
     bridge = bridge_factory(broker.url, url, "--redis-cluster", "--shards", "8")
     bridge.start()
     devices = [f"dev-c{index}" for index in range(40)]
-    orders = [(orders_topic(d), make_order(d, seq)) for seq in range(10) for d in devices]
+    orders = [(orders_topic(d), encode(make_order(d, seq))) for seq in range(10) for d in devices]
     publisher = Publisher(broker.url)
     # Any: redis-py types xrange's rows as optional and leaves get_node_from_key untyped.
     cluster: Any = RedisCluster(host="127.0.0.1", port=redis_cluster[0])
@@ -41,8 +43,8 @@ def test_ingest_on_a_redis_cluster(
                 for _, f in cluster.xrange(stream_key(shard))
             ]
 
-        wait_for(lambda: len(entries()) >= len(orders), 60, "all orders on the cluster")
-        wait_for(lambda: cluster.xlen(DLQ_STREAM) >= 1, 30, "the dead letter")
+        wait_until_blocking(lambda: len(entries()) >= len(orders), 60, "all orders on the cluster")
+        wait_until_blocking(lambda: cluster.xlen(DLQ_STREAM) >= 1, 30, "the dead letter")
         stored = entries()
         assert len(stored) == len(set(stored)) == len(orders)
         # The shards really are spread over more than one master.

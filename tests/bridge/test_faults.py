@@ -17,17 +17,11 @@ from typing import Any
 import pytest
 import redis
 
-from schemas import Reason
+from schemas import Reason, encode
 from schemas.names import DLQ_STREAM, orders_topic
 from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
-from tests.bridge.conftest import (
-    BridgeProcess,
-    Publisher,
-    ReceiptCollector,
-    make_order,
-    stream_entries,
-    wait_for,
-)
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
+from tests.helpers import make_order, wait_until_blocking
 
 BridgeFactory = Callable[..., BridgeProcess]
 SEED = 20261122
@@ -42,7 +36,7 @@ def metric(bridge: BridgeProcess, name: str) -> float:
 def orders_for(devices: list[str], per_device: int) -> list[tuple[str, bytes]]:
     """(topic, payload) of ``per_device`` orders for each device, interleaved by seq."""
     return [
-        (orders_topic(device), make_order(device, seq))
+        (orders_topic(device), encode(make_order(device, seq)))
         for seq in range(per_device)
         for device in devices
     ]
@@ -53,7 +47,7 @@ def bad_messages(devices: list[str]) -> list[tuple[str, bytes, str]]:
     bad: list[tuple[str, bytes, str]] = []
     for index, device in enumerate(devices[:20]):
         bad.append((orders_topic(device), b"garbage-%d" % index, Reason.MALFORMED))
-        spoofed = make_order(f"victim-{index}", index)
+        spoofed = encode(make_order(f"victim-{index}", index))
         bad.append((orders_topic(device), spoofed, Reason.DEVICE_MISMATCH))
     bad.append((orders_topic(devices[0]), b"\x81" + b"x" * (17 * 1024), Reason.TOO_LARGE))
     return bad
@@ -98,7 +92,9 @@ def run_sigkill_restart(
         with redis.Redis.from_url(redis_url) as client:
             for topic, payload in traffic[:half]:
                 publisher.publish(topic, payload)
-            wait_for(lambda: len(stream_entries(client)) > total_orders // 10, 60, "first entries")
+            wait_until_blocking(
+                lambda: len(stream_entries(client)) > total_orders // 10, 60, "first entries"
+            )
             bridge.kill()
             assert len(stream_entries(client)) < total_orders, "killed too late to prove much"
             for topic, payload in traffic[half:]:
@@ -108,8 +104,10 @@ def run_sigkill_restart(
             restarted.client_id = bridge.client_id
             restarted.argv[restarted.argv.index("--client-id") + 1] = bridge.client_id
             restarted.start()
-            wait_for(lambda: len(stream_entries(client)) >= total_orders, 120, "all entries")
-            wait_for(lambda: client.xlen(DLQ_STREAM) >= len(bad), 60, "all dead letters")
+            wait_until_blocking(
+                lambda: len(stream_entries(client)) >= total_orders, 120, "all entries"
+            )
+            wait_until_blocking(lambda: client.xlen(DLQ_STREAM) >= len(bad), 60, "all dead letters")
             expected = {
                 (device, f"o-{device}-{seq:06d}")
                 for device in devices
@@ -124,12 +122,12 @@ def run_sigkill_restart(
                 }
                 return expected <= settled
 
-            wait_for(all_receipted, 60, "a receipt for every order")
+            wait_until_blocking(all_receipted, 60, "a receipt for every order")
 
             def rejections() -> list[Any]:
                 return [r for _, r in collector.snapshot() if r.result == "rejected"]
 
-            wait_for(
+            wait_until_blocking(
                 lambda: len(rejections()) >= len(bad),
                 30,
                 f"a receipt for every bad message: {len(bad)} sent, "
@@ -190,9 +188,11 @@ def test_sigkill_between_receive_and_append_redelivers(
         # Writes (EVAL, XADD) block; reads and PING still work.
         client.client_pause(60_000, all=False)  # CLIENT PAUSE 60000 WRITE
         for seq in range(20):
-            publisher.publish(orders_topic("dev-k"), make_order("dev-k", seq))
+            publisher.publish(orders_topic("dev-k"), encode(make_order("dev-k", seq)))
         publisher.wait_all()
-        wait_for(lambda: metric(bridge, "bridge_received_total") >= 20, 30, "all received")
+        wait_until_blocking(
+            lambda: metric(bridge, "bridge_received_total") >= 20, 30, "all received"
+        )
         assert metric(bridge, "bridge_accepted_total") == 0
         assert stream_entries(client) == []
         bridge.kill()
@@ -201,7 +201,7 @@ def test_sigkill_between_receive_and_append_redelivers(
         again = bridge_factory(broker.url, store.url, "--share-group", group)
         again.argv[again.argv.index("--client-id") + 1] = bridge.client_id
         again.start()
-        wait_for(lambda: len(stream_entries(client)) == 20, 30, "redelivered orders")
+        wait_until_blocking(lambda: len(stream_entries(client)) == 20, 30, "redelivered orders")
         assert_exactly_once(client, {("dev-k", f"o-dev-k-{seq:06d}") for seq in range(20)})
     finally:
         publisher.close()
@@ -242,10 +242,12 @@ def test_redis_outage_no_loss_no_dup_and_recovery(
     feeder.start()
     client = redis.Redis.from_url(store.url)
     try:
-        wait_for(lambda: len(stream_entries(client)) >= 200, 30, "traffic flowing")
+        wait_until_blocking(lambda: len(stream_entries(client)) >= 200, 30, "traffic flowing")
         store.stop()
         assert not port_is_open(store.port)
-        wait_for(lambda: bridge.status("/healthz") == 503, 15, "bridge reports unhealthy")
+        wait_until_blocking(
+            lambda: bridge.status("/healthz") == 503, 15, "bridge reports unhealthy"
+        )
         outage_end = time.monotonic() + 10
         max_in_flight = 0.0
         while time.monotonic() < outage_end:
@@ -257,8 +259,10 @@ def test_redis_outage_no_loss_no_dup_and_recovery(
         store.start()
         feeder.join(60)
         publisher.wait_all()
-        wait_for(lambda: len(stream_entries(client)) >= len(orders), 60, "all orders after outage")
-        wait_for(lambda: bridge.status("/healthz") == 200, 15, "bridge healthy again")
+        wait_until_blocking(
+            lambda: len(stream_entries(client)) >= len(orders), 60, "all orders after outage"
+        )
+        wait_until_blocking(lambda: bridge.status("/healthz") == 200, 15, "bridge healthy again")
         assert_exactly_once(
             client, {(d, f"o-{d}-{seq:06d}") for d in devices for seq in range(100)}
         )
@@ -289,10 +293,12 @@ def test_two_replicas_split_the_load_exactly_once(
             publisher.publish(topic, payload)
         publisher.wait_all()
         with redis.Redis.from_url(redis_url) as client:
-            wait_for(lambda: len(stream_entries(client)) >= len(orders), 60, "all orders")
+            wait_until_blocking(
+                lambda: len(stream_entries(client)) >= len(orders), 60, "all orders"
+            )
             received = [metric(b, "bridge_received_total") for b in (first, second)]
             assert all(count > 0 for count in received), received
-            wait_for(
+            wait_until_blocking(
                 lambda: (
                     sum(metric(b, "bridge_received_total") for b in (first, second))
                     >= 2 * len(orders)
@@ -322,10 +328,10 @@ def test_sigterm_drains_and_exits_cleanly(
     publisher = Publisher(mqtt_url)
     try:
         for seq in range(300):
-            publisher.publish(orders_topic(device_id), make_order(device_id, seq))
+            publisher.publish(orders_topic(device_id), encode(make_order(device_id, seq)))
         publisher.wait_all()
         with redis.Redis.from_url(redis_url) as client:
-            wait_for(lambda: len(stream_entries(client)) == 300, 30, "orders stored")
+            wait_until_blocking(lambda: len(stream_entries(client)) == 300, 30, "orders stored")
         assert metric(bridge, "bridge_accepted_total") == 300
         assert bridge.terminate() == 0
         assert '"msg": "bridge stopped"' in bridge.log_path.read_text()
@@ -352,20 +358,24 @@ def test_broker_restart_bridge_reconnects_and_loses_nothing(
         for topic, payload in first:
             publisher.publish(topic, payload)
         publisher.wait_all()
-        wait_for(lambda: len(stream_entries(client)) == len(first), 30, "first half stored")
+        wait_until_blocking(
+            lambda: len(stream_entries(client)) == len(first), 30, "first half stored"
+        )
         publisher.close()
         time.sleep(3)  # idle past the 2 s keep-alive: PINGREQs keep the session up
         assert bridge.status("/healthz") == 200
         broker.kill()
         assert not port_is_open(broker.port)
-        wait_for(lambda: bridge.status("/healthz") == 503, 15, "bridge notices the broker is gone")
+        wait_until_blocking(
+            lambda: bridge.status("/healthz") == 503, 15, "bridge notices the broker is gone"
+        )
         broker.start()
-        wait_for(lambda: bridge.status("/readyz") == 200, 30, "bridge reconnected")
+        wait_until_blocking(lambda: bridge.status("/readyz") == 200, 30, "bridge reconnected")
         publisher = Publisher(broker.url)
         for topic, payload in second:
             publisher.publish(topic, payload)
         publisher.wait_all()
-        wait_for(lambda: len(stream_entries(client)) == 600, 30, "second half stored")
+        wait_until_blocking(lambda: len(stream_entries(client)) == 600, 30, "second half stored")
         assert_exactly_once(client, {(d, f"o-{d}-{seq:06d}") for d in devices for seq in range(60)})
         assert bridge.terminate() == 0
     finally:

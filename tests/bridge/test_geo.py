@@ -22,8 +22,9 @@ import redis
 from schemas import Item, Order, Reason, Receipt, encode
 from testrig.proxy import ProxyThread, TcpProxy
 from testrig.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
+from tests.helpers import wait_until_blocking
 
-from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries, wait_for
+from .conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
 
 REGION_TIMEOUT_S = 0.5
 BREAKER_OPEN_S = 1.0
@@ -78,7 +79,7 @@ class Region:
         def found() -> list[Receipt]:
             return [r for _, r in self.receipts.snapshot() if r.order_id == order_id]
 
-        wait_for(
+        wait_until_blocking(
             lambda: len(found()) >= count,
             timeout_s,
             f"receipt {count} for {order_id}; bridge {self.name}:\n{self.bridge.log_tail()}",
@@ -112,7 +113,7 @@ class Rig:
         self.proxy.set_blackhole(False)
         if not self.a.redis_server.running:
             self.a.redis_server.start()
-        wait_for(lambda: self.b.breaker("a") == "closed", 15, "B's breaker for A closed")
+        wait_until_blocking(lambda: self.b.breaker("a") == "closed", 15, "B's breaker for A closed")
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +263,7 @@ def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo
     device = _device()
     pid = geo.a.redis_server.pid
     geo.a.redis_server.kill()
-    wait_for(lambda: not geo.a.redis_server.running, 10, "A's redis dead")
+    wait_until_blocking(lambda: not geo.a.redis_server.running, 10, "A's redis dead")
     assert pid is not None
     assert not port_is_open(geo.a.redis_server.port)
 
@@ -273,18 +274,20 @@ def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo
     status, body = geo.b.readyz()
     assert status == 200, body  # B's own Redis is fine
     assert body["regions"]["a"]["breaker"] in ("open", "half_open")
-    wait_for(lambda: geo.b.readyz()[1]["regions"]["a"]["reachable"] is False, 5, "probe: A down")
+    wait_until_blocking(
+        lambda: geo.b.readyz()[1]["regions"]["a"]["reachable"] is False, 5, "probe: A down"
+    )
     metrics = geo.b.bridge.metrics()
     assert 'bridge_region_failures_total{cause="breaker_open",region="a"} 1.0' in metrics
     assert 'bridge_region_orders_total{region="a",result="pending"} 3.0' in metrics
     # The pending messages were acked (PUBACK after the receipt): nothing is held.
-    wait_for(lambda: "bridge_in_flight 0.0" in geo.b.bridge.metrics(), 5, "in-flight 0")
+    wait_until_blocking(lambda: "bridge_in_flight 0.0" in geo.b.bridge.metrics(), 5, "in-flight 0")
     geo.b.send(device, geo_order(device, "local-b-0001", "b"))
     assert geo.b.receipt("local-b-0001").result == "accepted"
     assert [e[b"order_id"] for e in geo.b.entries(device)] == [b"local-b-0001"]
 
     geo.a.redis_server.start()
-    wait_for(lambda: geo.b.breaker("a") == "closed", 15, "breaker closed again")
+    wait_until_blocking(lambda: geo.b.breaker("a") == "closed", 15, "breaker closed again")
     assert geo.a.entries(device) == []  # nothing was written while it was down
     geo.b.send(device, geo_order(device, "in-doubt-0000", "a", "b"))
     assert geo.b.receipt("in-doubt-0000", count=2).result == "accepted"
@@ -313,7 +316,7 @@ def test_a_blackholed_authority_answers_pending_within_the_timeout_without_stall
     assert far_s < REGION_TIMEOUT_S + 3.0  # generous slack for a loaded machine
     geo.proxy.set_blackhole(False)
     assert geo.a.entries(device) == []
-    wait_for(lambda: geo.b.breaker("a") == "closed", 15, "breaker closed")
+    wait_until_blocking(lambda: geo.b.breaker("a") == "closed", 15, "breaker closed")
     geo.b.send(device, geo_order(device, "far-0001", "a", "b"))
     assert geo.b.receipt("far-0001", count=2).result in ("accepted", "duplicate")
     assert len(geo.a.entries(device)) == 1
@@ -358,7 +361,7 @@ def test_a_single_region_bridge_takes_region_aware_orders_and_their_resends(
     def answers() -> list[str]:
         return [r.result for d, r in receipts.snapshot() if d == device]
 
-    wait_for(lambda: len(answers()) == 2, 15, "two receipts")
+    wait_until_blocking(lambda: len(answers()) == 2, 15, "two receipts")
     assert sorted(answers()) == ["accepted", "duplicate"]
     with redis.Redis.from_url(redis_url) as client:
         entries = [e for e in stream_entries(client) if e[b"device_id"] == device.encode()]

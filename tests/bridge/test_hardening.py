@@ -15,8 +15,10 @@ from bridge.ingest import DeadLetter, ValidOrder
 from bridge.metrics import BridgeMetrics
 from bridge.service import Bridge
 from bridge.store import AppendResult, RedisState
+from schemas import encode
 from schemas.names import DLQ_STREAM
-from tests.bridge.conftest import BridgeProcess, Publisher, make_order, wait_for
+from tests.bridge.conftest import BridgeProcess, Publisher
+from tests.helpers import make_order, wait_until_blocking
 
 
 class NullSink:
@@ -76,7 +78,7 @@ def test_bridge_memory_stays_flat_under_distinct_4kb_topic_ids(
     bridge = bridge_factory(mqtt_url, redis_url, "--share-group", f"g-{device_id}")
     bridge.with_args("--rate-per-s", "100", "--rate-burst", "100").start()
     warmup, count = 2_000, 20_000
-    payload = make_order(device_id, 1)
+    payload = encode(make_order(device_id, 1))
 
     def flood(start: int, stop: int) -> None:
         for index in range(start, stop):
@@ -85,11 +87,11 @@ def test_bridge_memory_stays_flat_under_distinct_4kb_topic_ids(
 
     with redis.Redis.from_url(redis_url) as client:
         flood(0, warmup)
-        wait_for(lambda: client.xlen(DLQ_STREAM) == warmup, 60, "warm-up dead letters")
+        wait_until_blocking(lambda: client.xlen(DLQ_STREAM) == warmup, 60, "warm-up dead letters")
         assert bridge.process is not None
         before = rss_kib(bridge.process.pid)
         flood(warmup, count)
-        wait_for(lambda: client.xlen(DLQ_STREAM) == count, 120, "every dead letter")
+        wait_until_blocking(lambda: client.xlen(DLQ_STREAM) == count, 120, "every dead letter")
     grown_mib = (rss_kib(bridge.process.pid) - before) / 1024
     assert grown_mib < 30, f"bridge RSS grew {grown_mib:.0f} MiB"
     assert bridge.terminate() == 0

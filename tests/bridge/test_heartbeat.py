@@ -12,18 +12,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bridge.heartbeat import (
-    BRIDGES_KEY,
-    FORGET_AFTER_MS,
-    RedisHeartbeat,
-    bridge_key,
-    run_heartbeat,
-    ttl_for,
-)
+from bridge.heartbeat import FORGET_AFTER_MS, RedisHeartbeat, run_heartbeat, ttl_for
+from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
 from testrig.servers import free_port
+from tests.helpers import wait_until_blocking
 
-from .conftest import BridgeProcess, wait_for
+from .conftest import BridgeProcess
 
 
 def report() -> dict[str, str | int]:
@@ -115,13 +110,13 @@ def test_a_real_bridge_beats_and_reports_redis_not_durable(
     bridge.start()
     client = redis.Redis.from_url(redis_url)
     key = bridge_key(bridge.client_id)
-    wait_for(lambda: client.hget(key, "ready") == b"1", 10, "a ready heartbeat")
+    wait_until_blocking(lambda: client.hget(key, "ready") == b"1", 10, "a ready heartbeat")
     beat: Any = client.hgetall(key)
     assert beat[b"redis_durable"] == b"0"
     assert beat[b"interval_ms"] == b"200"
     assert client.zscore(BRIDGES_KEY, bridge.client_id) is not None
     bridge.kill()
     at = int(client.hget(key, "at") or 0)
-    wait_for(lambda: now_ms() - at > 1000, 5, "a second to pass")
+    wait_until_blocking(lambda: now_ms() - at > 1000, 5, "a second to pass")
     assert int(client.hget(key, "at") or 0) == at  # a dead replica beats no more
     client.close()

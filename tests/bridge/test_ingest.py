@@ -7,14 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.ingest import DeadLetter, ValidOrder, classify, order_id_hint, payload_digest
-from schemas import Reason
+from schemas import Reason, encode
 from schemas.names import orders_topic, shard_of
-from tests.bridge.conftest import make_order
+from tests.helpers import make_order
 
 
 def test_valid_order_goes_to_its_shard() -> None:
     """A valid order keeps its bytes and lands on crc32(device_id) % shards."""
-    payload = make_order("dev-1", 7)
+    payload = encode(make_order("dev-1", 7))
     item = classify(orders_topic("dev-1"), payload, shards=16, received_at_ms=5)
     assert isinstance(item, ValidOrder)
     assert item.shard == shard_of("dev-1", 16)
@@ -24,7 +24,9 @@ def test_valid_order_goes_to_its_shard() -> None:
 
 def test_spoofed_device_is_dead_lettered_with_its_order_id() -> None:
     """A payload naming another device is device_mismatch, and the receipt can name the order."""
-    item = classify(orders_topic("dev-1"), make_order("dev-2", 1), shards=4, received_at_ms=5)
+    item = classify(
+        orders_topic("dev-1"), encode(make_order("dev-2", 1)), shards=4, received_at_ms=5
+    )
     assert isinstance(item, DeadLetter)
     assert (item.reason, item.device_id, item.order_id) == (
         Reason.DEVICE_MISMATCH,
@@ -42,7 +44,7 @@ def test_oversized_payload_is_too_large() -> None:
 
 def test_bad_topic_is_dead_lettered_without_device() -> None:
     """A topic that is not an orders topic gives bad_topic and no device to answer."""
-    item = classify("v1/devices//orders", make_order("d", 1), shards=4, received_at_ms=5)
+    item = classify("v1/devices//orders", encode(make_order("d", 1)), shards=4, received_at_ms=5)
     assert isinstance(item, DeadLetter)
     assert (item.reason, item.device_id) == (Reason.BAD_TOPIC, None)
 

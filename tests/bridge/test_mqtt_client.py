@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from servicekit.mqtt import (
 )
 from servicekit.urls import MqttUrl
 from testrig.servers import MosquittoProcess, free_port
+from tests.helpers import wait_until
 
 from .scripted_broker import ScriptedBroker, ScriptedSession
 
@@ -62,16 +63,6 @@ class Inbox:
     @property
     def payloads(self) -> list[bytes]:
         return [payload for _topic, payload, _ack in self.messages]
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
-    """Poll ``predicate`` until it holds (the client's state has no event for each test)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    for _ in iter(predicate, True):
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def make_client(url: str, inbox: Inbox | None = None, **kwargs: Any) -> MqttClient:
@@ -206,7 +197,7 @@ async def test_pings_and_drops_a_silent_broker() -> None:
                 await session.closed.wait()
             again = await broker.session()
             await again.accept()
-            await eventually(lambda: client.connected, "reconnected")
+            await wait_until(lambda: client.connected, what="reconnected")
             assert client.connects == 2
 
 
@@ -228,7 +219,7 @@ async def test_outgoing_packet_ids_are_reused_only_after_their_puback() -> None:
     async with ScriptedBroker() as broker:
         client = make_client(broker.url, None)
         async with connected(broker, client, receive_max=2, suback=False) as session:
-            client._ids = itertools.cycle([2, 3, 4])  # a tiny id space forces reuse
+            client._sender.ids = itertools.cycle([2, 3, 4])  # a tiny id space forces reuse
             futures = [client.publish_acked("v1/devices/d1/receipts", bytes([i])) for i in range(6)]
             in_flight: dict[int, bytes] = {}
             seen_ids: list[int] = []
@@ -305,7 +296,7 @@ async def test_session_taken_over_is_loud_in_logs_and_metrics() -> None:
                 session.close()
                 again = await broker.session()
                 await again.accept()
-                await eventually(lambda: client.connected, "reconnected")
+                await wait_until(lambda: client.connected, what="reconnected")
     taken = [e for e in logs if "session taken over" in e["event"]]
     assert taken
     assert taken[0]["log_level"] == "error"
@@ -383,7 +374,7 @@ async def test_publishes_wait_while_the_socket_cannot_take_more() -> None:
             buffered = client._wire.transport.get_write_buffer_size()
             assert client._wire.writing_paused
             assert buffered <= 2 * WRITE_HIGH_WATER + size
-            assert len(client._queue) > count // 2  # most are still ours, not the socket's
+            assert len(client._sender.queue) > count // 2  # most are still ours, not the socket's
             session.transport.resume_reading()
             for _ in range(count):
                 packet = await session.expect(mqtt5.PublishPacket)
@@ -418,12 +409,12 @@ async def test_the_supervisor_retries_for_as_long_as_the_broker_is_down() -> Non
     port = free_port()
     client = make_client(f"mqtt://127.0.0.1:{port}", Inbox(), connect_wait_s=0.2)
     async with client:
-        await eventually(lambda: client.backoff.failures >= 5, "five failed attempts")
+        await wait_until(lambda: client.backoff.failures >= 5, what="five failed attempts")
         assert not client.connected
         async with ScriptedBroker(port) as broker:
             session = await broker.session()
             await session.accept()
-            await eventually(lambda: client.connected, "connected")
+            await wait_until(lambda: client.connected, what="connected")
             assert client.backoff.failures == 0
 
 

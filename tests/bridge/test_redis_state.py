@@ -21,16 +21,11 @@ from typing import Any
 import pytest
 import redis
 
+from schemas import encode
 from schemas.names import orders_topic
 from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
-from tests.bridge.conftest import (
-    BridgeProcess,
-    Publisher,
-    ReceiptCollector,
-    make_order,
-    stream_entries,
-    wait_for,
-)
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
+from tests.helpers import make_order, wait_until_blocking
 
 BridgeFactory = Callable[..., BridgeProcess]
 
@@ -107,14 +102,18 @@ def test_everysec_redis_is_loud_and_not_ready(
     try:
         bridge = bridge_factory(mosquitto_factory().url, server.url, "--redis-require-durable")
         bridge.start(wait_ready=False)
-        wait_for(lambda: readyz(bridge).get("redis", {}).get("appendfsync"), 30, "inspected")
+        wait_until_blocking(
+            lambda: readyz(bridge).get("redis", {}).get("appendfsync"), 30, "inspected"
+        )
         assert bridge.status("/readyz") == 503
         body = readyz(bridge)
         assert body["checks"]["redis_durable"] is False
         assert body["redis"]["appendfsync"] == "everysec"
         assert metric(bridge, "bridge_redis_durable") == 0.0
         assert metric(bridge, "bridge_ready") == 0.0  # what the BridgeNotReady alert watches
-        wait_for(lambda: "REDIS IS NOT DURABLE" in bridge.log_tail(50), 10, "the loud log line")
+        wait_until_blocking(
+            lambda: "REDIS IS NOT DURABLE" in bridge.log_tail(50), 10, "the loud log line"
+        )
         assert bridge.status("/healthz") == 200  # alive; it just must not be trusted
     finally:
         server.kill()
@@ -136,15 +135,17 @@ def test_wrong_or_missing_password_is_loud_and_red(
         url = f"redis://{credentials}127.0.0.1:{server.port}/0"
         bridge = bridge_factory(broker.url, url)
         bridge.start(wait_ready=False)
-        wait_for(lambda: bridge.status("/readyz") == 503, 30, "red readiness")
-        wait_for(lambda: "REDIS REFUSED OUR CREDENTIALS" in bridge.log_tail(50), 10, "loud line")
+        wait_until_blocking(lambda: bridge.status("/readyz") == 503, 30, "red readiness")
+        wait_until_blocking(
+            lambda: "REDIS REFUSED OUR CREDENTIALS" in bridge.log_tail(50), 10, "loud line"
+        )
         body = readyz(bridge)
         assert body["checks"]["redis_auth"] is False
         assert metric(bridge, "bridge_redis_auth_ok") == 0.0
         log = bridge.log_tail(200)
         assert '"msg": "bridge running"' not in log
         assert "NOT READY" in log
-        publisher.publish(orders_topic("dev-auth"), make_order("dev-auth", 0))
+        publisher.publish(orders_topic("dev-auth"), encode(make_order("dev-auth", 0)))
         publisher.wait_all()
         time.sleep(1.0)
         assert receipts.snapshot() == []  # nothing acknowledged that Redis did not take
@@ -174,11 +175,11 @@ def test_full_redis_stops_acks_and_recovers_by_itself(
         bridge = bridge_factory(broker.url, server.url, "--redis-require-durable",
                                 "--backoff-max-s", "0.2")  # fmt: skip
         bridge.start()
-        first = [(d, make_order(d, seq)) for seq in range(10) for d in devices]
+        first = [(d, encode(make_order(d, seq))) for seq in range(10) for d in devices]
         for device, payload in first:
             publisher.publish(orders_topic(device), payload)
         publisher.wait_all()
-        wait_for(lambda: len(receipts.snapshot()) == len(first), 30, "first receipts")
+        wait_until_blocking(lambda: len(receipts.snapshot()) == len(first), 30, "first receipts")
 
         # Fill Redis up to a limit 2 MB above what it holds now, then settle the limit
         # half way: what it holds without the fillers fits, what it holds now doesn't.
@@ -188,21 +189,23 @@ def test_full_redis_stops_acks_and_recovers_by_itself(
         admin.config_set("maxmemory", used + 1_000_000)
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             admin.set("proof", b"1")  # the fault really happened
-        full = [(d, make_order(d, seq)) for seq in range(10, 30) for d in devices]
+        full = [(d, encode(make_order(d, seq))) for seq in range(10, 30) for d in devices]
         for device, payload in full:
             publisher.publish(orders_topic(device), payload)
         publisher.wait_all()
-        wait_for(lambda: bridge.status("/readyz") == 503, 10, "red readiness")
+        wait_until_blocking(lambda: bridge.status("/readyz") == 503, 10, "red readiness")
         body = readyz(bridge)
         assert body["checks"]["redis_writable"] is False
-        wait_for(lambda: metric(bridge, "bridge_redis_full") == 1.0, 10, "full metric")
+        wait_until_blocking(lambda: metric(bridge, "bridge_redis_full") == 1.0, 10, "full metric")
         time.sleep(1.0)
         assert len(receipts.snapshot()) == len(first), "acknowledged while Redis was full"
         assert "REDIS IS FULL" in bridge.log_tail(100)
 
         admin.delete(*[f"filler:{index}" for index in range(fillers)])  # nobody tells the bridge
-        wait_for(lambda: len(receipts.snapshot()) >= len(first) + len(full), 30, "the held orders")
-        wait_for(lambda: bridge.status("/readyz") == 200, 10, "green again")
+        wait_until_blocking(
+            lambda: len(receipts.snapshot()) >= len(first) + len(full), 30, "the held orders"
+        )
+        wait_until_blocking(lambda: bridge.status("/readyz") == 200, 10, "green again")
         assert bridge.process is not None
         assert bridge.process.poll() is None
         seen = Counter(
@@ -233,20 +236,24 @@ def test_min_replicas_acks_only_what_a_replica_holds(
     publisher = Publisher(broker.url)
     admin = redis.Redis.from_url(primary.url)
     try:
-        wait_for(lambda: admin.info("replication")["connected_slaves"] == 1, 30, "replica link")
+        wait_until_blocking(
+            lambda: admin.info("replication")["connected_slaves"] == 1, 30, "replica link"
+        )
         bridge = bridge_factory(broker.url, primary.url, "--redis-min-replicas", "1",
                                 "--redis-replica-timeout-ms", "200", "--backoff-max-s", "0.2",
                                 "--redis-require-durable")  # fmt: skip
         bridge.start()
-        publisher.publish(orders_topic("dev-rep"), make_order("dev-rep", 0))
+        publisher.publish(orders_topic("dev-rep"), encode(make_order("dev-rep", 0)))
         publisher.wait_all()
-        wait_for(lambda: len(receipts.snapshot()) == 1, 30, "receipt with a replica")
+        wait_until_blocking(lambda: len(receipts.snapshot()) == 1, 30, "receipt with a replica")
 
         replica.kill()
         assert not port_is_open(replica.port)
-        wait_for(lambda: admin.info("replication")["connected_slaves"] == 0, 30, "replica gone")
+        wait_until_blocking(
+            lambda: admin.info("replication")["connected_slaves"] == 0, 30, "replica gone"
+        )
         for seq in range(1, 6):
-            publisher.publish(orders_topic("dev-rep"), make_order("dev-rep", seq))
+            publisher.publish(orders_topic("dev-rep"), encode(make_order("dev-rep", seq)))
         publisher.wait_all()
         time.sleep(1.5)
         assert len(receipts.snapshot()) == 1, "acknowledged without a replica"
@@ -255,7 +262,9 @@ def test_min_replicas_acks_only_what_a_replica_holds(
         assert 2 <= len(stream_entries(admin)) <= 6
 
         replica.start()
-        wait_for(lambda: len(receipts.snapshot()) == 6, 30, "receipts once the replica is back")
+        wait_until_blocking(
+            lambda: len(receipts.snapshot()) == 6, 30, "receipts once the replica is back"
+        )
         assert {r.result for _d, r in receipts.snapshot()} == {"accepted"}
         with redis.Redis.from_url(replica.url) as copy:
             assert len(stream_entries(copy)) == 6
@@ -292,7 +301,9 @@ def test_acl_hiding_appendfsync_is_unknown_unless_the_operator_vouches(
     try:
         unknown = bridge_factory(broker.url, url, "--redis-require-durable")
         unknown.start(wait_ready=False)
-        wait_for(lambda: metric(unknown, "bridge_redis_durable") == -1.0, 30, "durability unknown")
+        wait_until_blocking(
+            lambda: metric(unknown, "bridge_redis_durable") == -1.0, 30, "durability unknown"
+        )
         assert unknown.status("/readyz") == 503
         assert readyz(unknown)["checks"]["redis_durable"] is False
         vouched = bridge_factory(broker.url, url, "--redis-require-durable",

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from bridge.ingest import DeadLetter, ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
+from schemas import encode
 from schemas.names import DLQ_STREAM, orders_topic, seen_key, stream_key
-from tests.bridge.conftest import make_order
+from tests.helpers import make_order
 
 SHARDS = 4
 
@@ -22,7 +23,7 @@ def valid(device_id: str, seq: int, *, qty: int = 1, received_at_ms: int = 1) ->
     """A classified valid order."""
     item = classify(
         orders_topic(device_id),
-        make_order(device_id, seq, qty=qty),
+        encode(make_order(device_id, seq, [("COLA-33", qty, 150)])),
         shards=SHARDS,
         received_at_ms=received_at_ms,
     )

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from playwright.async_api import BrowserContext, Page, expect
 
 from pipeline._lua import Scripts
+from pipeline.api_tokens import digest_line, new_token
 from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.dlq import DeadLetter, dead_letter
@@ -37,14 +38,13 @@ from pipeline.names import (
     health_device_key,
 )
 from pipeline.records import StreamEntry
-from pipeline.tokens import digest_line, new_token
 from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
 from servicekit.clock import now_ms
 from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, bridge_factory  # noqa: F401
+from tests.helpers import make_order
 from tests.pipeline.processes import env_for, spawn, stop_all
-from tests.pipeline.producer import make_order
 
 SHARDS = 4  # BridgeProcess runs --shards 4
 READ_TOKEN = new_token()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +23,6 @@ def order_body(order_id: str | None = None, *, qty: int = 2, price: int = 150) -
     if order_id is not None:
         body["order_id"] = order_id
     return body
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition"
-) -> None:
-    """Poll an async predicate until true, or fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

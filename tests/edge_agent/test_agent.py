@@ -7,9 +7,10 @@ from collections.abc import Callable
 import pytest
 
 from edge_agent import AgentConfig, EdgeAgent, InvalidOrder
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def test_submitted_order_is_settled_by_receipt(

@@ -12,9 +12,10 @@ from edge_agent import AgentConfig, EdgeAgent
 from edge_agent._clock import AgentClock
 from schemas import names
 from servicekit.clock import now_ms
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 DAY_MS = 24 * 3600 * 1000
 

@@ -18,10 +18,11 @@ import pytest
 
 from edge_agent import AgentConfig, EdgeAgent
 from testrig.servers import MosquittoProcess, port_is_open
+from tests.helpers import wait_until
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def _post_until_dead(url: str, acked: set[str], prefix: str, workers: int = 16) -> None:
@@ -54,7 +55,7 @@ async def test_sigkill_loses_no_acknowledged_order(
     acked: set[str] = set()
     try:
         load = asyncio.create_task(_post_until_dead(agent.url, acked, "kill"))
-        await wait_until(lambda: _true(bool(acked)), 20, "first 202")
+        await wait_until(lambda: bool(acked), 20, "first 202")
         await asyncio.sleep(kill_after_s)  # counted from the first 202: orders are flowing
         await asyncio.to_thread(agent.sigkill)
         await asyncio.wait_for(load, 10)
@@ -126,7 +127,7 @@ async def test_broker_restart_without_persistence_loses_nothing(
                     await asyncio.sleep(0.003)
 
             flow = asyncio.create_task(submit_all())
-            await wait_until(lambda: _true(len(double.ids()) >= 50), 20, "first orders")
+            await wait_until(lambda: len(double.ids()) >= 50, 20, "first orders")
             await asyncio.to_thread(broker.kill)
             assert not broker.running
             assert not port_is_open(broker.port)
@@ -143,10 +144,6 @@ async def test_broker_restart_without_persistence_loses_nothing(
             await wait_until(settled, 30, "every order settled by receipt")
             assert agent.metrics.connects._value.get() >= 2  # prometheus has no public getter
             assert sorted(double.seqs[i] for i in ids) == [double.seqs[i] for i in ids]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_no_receipt_means_resend(
@@ -167,7 +164,7 @@ async def test_no_receipt_means_resend(
             assert double.seen["resend-0001"] >= 3
             rec = await agent.get("resend-0001")
             assert rec is not None
-            assert rec.attempts >= 3
+            assert rec.sends >= 3
 
 
 async def test_rejected_receipt_stops_retrying(

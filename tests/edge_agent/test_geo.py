@@ -21,9 +21,10 @@ from edge_agent._store import Store
 from edge_agent.errors import StorageError
 from edge_agent.transport import Transport, TransportHandlers, TransportSettings, default_transport
 from testrig.servers import MosquittoProcess, port_is_open
+from tests.helpers import wait_until
 
 from .bridge_double import accept_all
-from .conftest import order_body, wait_until
+from .conftest import order_body
 from .geo_rig import RegionBridge, never_answer
 from .test_clock import JumpingTime
 

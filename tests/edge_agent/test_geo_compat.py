@@ -21,8 +21,9 @@ from tests.bridge.conftest import (
     bridge_factory,  # noqa: F401  (fixture)
     stream_entries,
 )
+from tests.helpers import wait_until
 
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def _all_accepted(agent: EdgeAgent, order_ids: list[str]) -> None:

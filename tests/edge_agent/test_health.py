@@ -18,10 +18,11 @@ from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.health import HealthReporter, agent_version, short_text
 from schemas.names import health_topic
 from testrig.servers import MosquittoProcess
+from tests.helpers import wait_until
 
 from ..fleet.mqtt_probe import Probe
 from .agent_process import AgentProcess
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 @pytest.fixture
@@ -80,15 +81,11 @@ async def test_reports_every_interval(
     """With nothing changing, a report still comes every health_interval_s."""
     async with EdgeAgent(make_config(http_enabled=False, health_interval_s=0.3)) as agent:
         await wait_until(
-            lambda: _true(agent.reporter.published.labels("interval")._value.get() >= 2),
+            lambda: agent.reporter.published.labels("interval")._value.get() >= 2,
             what="two interval reports",
         )
     online = [h for h in decoded(health_probe) if h.online]
     assert len(online) >= 3  # the connect report and at least two interval ones
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_clean_stop_says_offline_with_figures(

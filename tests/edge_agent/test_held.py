@@ -18,10 +18,11 @@ from edge_agent.outbox import Outbox, Sent
 from edge_agent.transport import TransportHandlers, TransportSettings
 from schemas import Receipt, decode_order, encode, names
 from testrig.servers import MosquittoProcess
+from tests.helpers import wait_until
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 @pytest.mark.parametrize(

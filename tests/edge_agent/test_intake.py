@@ -49,7 +49,13 @@ async def test_generated_order_id(http: aiohttp.ClientSession) -> None:
         order_id = (await resp.json())["order_id"]
     async with http.get(f"/v1/orders/{order_id}") as resp:
         assert resp.status == 200
-        assert (await resp.json())["state"] in ("queued", "sent")
+        record = await resp.json()
+    assert record["state"] in ("queued", "sent")
+    # The v1 answer's keys: the send counter is `attempts` here, `regions` only in geo mode.
+    assert set(record) == {
+        "order_id", "seq", "state", "status", "reason", "attempts",
+        "created_ms", "updated_ms", "settled_ms",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -18,21 +18,9 @@ from edge_agent._migrations import MIGRATIONS, SCHEMA_VERSION
 from edge_agent._records import NewOrder, Sent, Settle
 from edge_agent._store import Store
 from servicekit.clock import now_ms
+from tests.helpers import make_order
 
-
-def make_order(order_id: str, *, pad: int = 0) -> schemas.Order:
-    """A valid wire order; ``pad`` adds bytes through attrs."""
-    return schemas.Order(
-        v=1,
-        order_id=order_id,
-        device_id="dev-outbox",
-        seq=0,
-        created_at=now_ms(),
-        currency="EUR",
-        items=(schemas.Item(sku="water", qty=1, unit_price=100),),
-        total=100,
-        attrs={"pad": "x" * pad} if pad else {},
-    )
+DEVICE_ID = "dev-outbox"
 
 
 def _exists(path: Path) -> bool:
@@ -47,7 +35,8 @@ def file_size(path: Path) -> int:
 def new_order(owner: Outbox | Store, order_id: str, *, pad: int = 0) -> NewOrder:
     """Reserve the next seq and encode the order, as the agent does before submitting."""
     seq = owner.reserve_seq()
-    payload = schemas.encode(msgspec.structs.replace(make_order(order_id, pad=pad), seq=seq))
+    attrs = {"pad": "x" * pad} if pad else None
+    payload = schemas.encode(make_order(DEVICE_ID, seq, order_id=order_id, attrs=attrs))
     return NewOrder(order_id, seq, payload)
 
 
@@ -127,7 +116,7 @@ async def test_due_is_oldest_first_and_settled_orders_leave(tmp_path: Path) -> N
         rec = await outbox.get("order-0000")
         assert rec is not None
         assert rec.state == "sent"
-        assert rec.attempts == 1
+        assert rec.sends == 1
 
 
 async def test_prune_gives_disk_space_back(tmp_path: Path) -> None:
@@ -195,7 +184,7 @@ def test_payload_carries_assigned_seq(tmp_path: Path) -> None:
     order = schemas.decode_order(due.payload)
     assert order.seq == result.seq
     assert msgspec.structs.replace(order, seq=0, created_at=0) == msgspec.structs.replace(
-        make_order("order-seq1"), created_at=0
+        make_order(DEVICE_ID, order_id="order-seq1"), created_at=0
     )
     store.close()
 

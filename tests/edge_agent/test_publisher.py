@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 from edge_agent import AgentConfig, EdgeAgent
 from servicekit.backoff import full_jitter
-from servicekit.tokens import TokenBucket
+from servicekit.rate_limit import TokenBucket
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def test_window_bounds_unreceipted_orders_and_sends_oldest_first(

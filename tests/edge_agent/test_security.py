@@ -12,9 +12,10 @@ from structlog.testing import capture_logs
 
 from edge_agent import AgentConfig, EdgeAgent
 from testrig.servers import MosquittoProcess, free_port
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 PASSWORD = "s3cret-pw-7781"
 

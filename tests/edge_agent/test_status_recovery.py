@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from edge_agent import AgentConfig, EdgeAgent
 from testrig.servers import MosquittoProcess, port_is_open
+from tests.helpers import wait_until
 
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 
 async def test_status_lost_in_a_broker_restart_is_recovered_by_query(

@@ -20,10 +20,11 @@ from edge_agent import AgentConfig, EdgeAgent
 from edge_agent.errors import BackgroundLoopDied
 from edge_agent.transport import TransportHandlers, TransportSettings
 from testrig.servers import MosquittoProcess, free_port, port_is_open
+from tests.helpers import wait_until
 
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble
-from .conftest import order_body, wait_until
+from .conftest import order_body
 
 FAILURES = 10_000
 

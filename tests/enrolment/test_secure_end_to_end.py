@@ -13,10 +13,11 @@ import redis
 from edge_agent import AgentConfig, EdgeAgent
 from enrolment.dynsec import device_client_id
 from enrolment.provision import Registry
-from schemas import decode_receipt
+from schemas import decode_receipt, encode
 from schemas.names import DLQ_STREAM, orders_topic, receipts_topic, shard_of, stream_key
-from tests.bridge.conftest import BridgeProcess, make_order, wait_for
-from tests.edge_agent.conftest import order_body, wait_until
+from tests.bridge.conftest import BridgeProcess
+from tests.edge_agent.conftest import order_body
+from tests.helpers import make_order, wait_until, wait_until_blocking
 
 from .conftest import PASSWORDS, SecureBroker, probe
 
@@ -50,9 +51,12 @@ def test_spoofed_topic_and_payload_never_reach_a_stream(
     assert tls_bridge.status("/readyz") == 200
     with probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as device:
         device.subscribe(receipts_topic("kiosk-a"))
-        assert device.publish(orders_topic("kiosk-b"), make_order("kiosk-b", 1)) == NOT_AUTHORIZED
-        assert device.publish(orders_topic("kiosk-a"), make_order("kiosk-b", 2)) < 128
-        assert device.publish(orders_topic("kiosk-a"), make_order("kiosk-a", 3)) < 128
+        assert (
+            device.publish(orders_topic("kiosk-b"), encode(make_order("kiosk-b", 1)))
+            == NOT_AUTHORIZED
+        )
+        assert device.publish(orders_topic("kiosk-a"), encode(make_order("kiosk-b", 2))) < 128
+        assert device.publish(orders_topic("kiosk-a"), encode(make_order("kiosk-a", 3))) < 128
         receipts = [decode_receipt(m.payload) for m in device.wait_messages(2, timeout_s=15)]
     assert sorted((r.result, r.reason) for r in receipts) == [
         ("accepted", None),
@@ -63,7 +67,7 @@ def test_spoofed_topic_and_payload_never_reach_a_stream(
         devices = [f[b"device_id"] for entries in streams.values() for _, f in entries]
         assert devices == [b"kiosk-a"]
         assert len(streams[shard_of("kiosk-a", SHARDS)]) == 1
-        wait_for(lambda: client.xlen(DLQ_STREAM) == 1, 10, "DLQ entry")
+        wait_until_blocking(lambda: client.xlen(DLQ_STREAM) == 1, 10, "DLQ entry")
         [(_, dead)] = client.xrange(DLQ_STREAM)
     assert dead[b"reason"] == b"device_mismatch"
     assert dead[b"topic"] == orders_topic("kiosk-a").encode()

@@ -21,7 +21,7 @@ import signal
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,22 +110,6 @@ def all_counts(rig: GeoStack) -> dict[str, Counter[OrderRef]]:
     return out
 
 
-async def wait_until(
-    check: Callable[[], bool],
-    timeout_s: float = 30.0,
-    what: str = "condition",
-    explain: Callable[[], Any] | None = None,
-) -> float:
-    """Poll ``check`` until true; return the seconds it took. Fails the test on timeout."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout_s:
-            detail = "" if explain is None else f"\n{explain()}"
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{detail}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
 @dataclass
 class Observed(Tracker):
     """The simulator's tracker, plus every receipt result per order in arrival order."""
@@ -198,7 +182,7 @@ async def diagnose(rig: GeoStack, agent: GeoAgent, order_id: str) -> str:
     geo = publisher.regions
     lines = [
         f"agent: region={agent.region} connected={agent.connected} "
-        f"inflight={dict(publisher._inflight)} "
+        f"inflight={dict(publisher._window.receipts)} "
         f"until_failover={geo.seconds_until_failover() if geo else None}",
         f"outbox: {record}",
         f"results: {agent.results(order_id)}; last attempts sent: {agent.attempts(order_id)}",

@@ -16,8 +16,9 @@ from fleet.verify import OrderRef
 from schemas.names import stream_key
 from testrig.servers import MosquittoProcess
 from testrig.services import ServiceProcess, console_script, http_ok
+from tests.helpers import wait_until
 
-from .conftest import SHARDS, entries, geo_agent, outbox, wait_until
+from .conftest import SHARDS, entries, geo_agent, outbox
 
 
 async def test_agent_without_attempts_against_region_aware_bridges(

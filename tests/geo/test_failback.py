@@ -15,8 +15,9 @@ from edge_agent.cli import main as agent_main
 from fleet.geo.stack import GeoStack
 from schemas.names import DEDUP_TTL_S
 from testrig.services import pid_alive
+from tests.helpers import wait_until
 
-from .conftest import geo_agent, outbox, verify_rig, wait_until
+from .conftest import geo_agent, outbox, verify_rig
 
 
 async def test_failback_home_reprocesses_nothing(

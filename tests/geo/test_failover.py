@@ -13,8 +13,9 @@ from fleet.geo.links import LinkHost
 from fleet.geo.stack import GeoStack
 from testrig.servers import free_port
 from testrig.services import pid_alive
+from tests.helpers import wait_until
 
-from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig, wait_until
+from .conftest import GeoAgent, entries, geo_agent, outbox, verify_rig
 
 
 async def test_lost_receipt_then_failover_counts_the_order_once(
@@ -94,7 +95,7 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
         # Exactly what was in flight at eu is in doubt; the rest of the queue moved on to us.
         sends = [(await at_eu.device.agent.get(o)) for o in doubtful]
         assert len(in_doubt) == window, [
-            (at_eu.results(o), at_eu.attempts(o), r.attempts if r else None)
+            (at_eu.results(o), at_eu.attempts(o), r.sends if r else None)
             for o, r in zip(doubtful, sends, strict=True)
         ]
         assert all(at_eu.results(o) == ["pending"] * len(at_eu.results(o)) for o in in_doubt)

@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 
 from fleet.geo.stack import GeoStack
+from tests.helpers import wait_until
 
-from .conftest import all_counts, entries, geo_agent, outbox, verify_rig, wait_until
+from .conftest import all_counts, entries, geo_agent, outbox, verify_rig
 
 
 async def test_partition_local_orders_flow_cross_region_pending_then_once(

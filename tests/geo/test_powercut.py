@@ -40,6 +40,7 @@ from schemas import decode_order
 from testrig.powercut import PowerCutMount
 from testrig.services import pid_alive
 from tests.edge_agent.agent_process import AgentProcess
+from tests.helpers import wait_until
 
 from .conftest import (
     GEO_SLOW,
@@ -52,7 +53,6 @@ from .conftest import (
     outbox,
     restore,
     verify_rig,
-    wait_until,
 )
 
 

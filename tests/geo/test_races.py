@@ -34,20 +34,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet.geo.stack import GeoStack, Region
 from fleet.geo.verify import CountMonitor
 from fleet.verify import OrderRef
+from schemas import encode
 from schemas.names import orders_topic
 from testrig.services import pid_alive
-from tests.bridge.conftest import Publisher, make_order
+from tests.bridge.conftest import Publisher
+from tests.helpers import make_order, wait_until
 
-from .conftest import (
-    GEO_SLOW,
-    SHARDS,
-    GeoAgent,
-    diagnose,
-    entries,
-    geo_agent,
-    outbox,
-    wait_until,
-)
+from .conftest import GEO_SLOW, SHARDS, GeoAgent, diagnose, entries, geo_agent, outbox
 
 SEED = int(os.environ.get("GEO_SEED", "1414"))
 SLOW_RUNS = 10
@@ -188,7 +181,7 @@ async def _held_writes(
     try:
         await client.client_pause(HOLD_TIMEOUT_MS, all=False)
         blocker = f"{device_id}-blocker"
-        publisher.publish(orders_topic(blocker), make_order(blocker, 0))
+        publisher.publish(orders_topic(blocker), encode(make_order(blocker, 0)))
         url = region.bridge.url
         for _ in range(100):
             if (await _bridge_metrics(url))["bridge_in_flight"] == 1:

@@ -13,7 +13,7 @@ from typing import Final
 
 import pytest
 
-from pipeline.tokens import digest_line, new_token
+from pipeline.api_tokens import digest_line, new_token
 from testrig.servers import RedisProcess, free_port
 
 from .live import ServiceProcess

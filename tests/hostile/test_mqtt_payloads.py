@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from bridge.ingest import DeadLetter, ValidOrder, classify
 from schemas import Reason, decode_order
 from schemas.names import orders_topic
-from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, wait_for
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
+from tests.helpers import wait_until_blocking
 
 from .conftest import CASES, SLOW, rss_slack_bytes
 from .live import MemoryWatch
@@ -161,12 +162,12 @@ def test_a_real_bridge_receipts_every_hostile_payload(
         for payload in batch[:warm]:
             publisher.publish(topic, payload)
         publisher.wait_all()
-        wait_for(lambda: mine() >= warm, 60, "warm-up receipts")
+        wait_until_blocking(lambda: mine() >= warm, 60, "warm-up receipts")
         warm_rss = _bridge_rss(bridge)
         for payload in batch[warm:]:
             publisher.publish(topic, payload)
         publisher.wait_all()
-        wait_for(lambda: mine() >= len(batch), 120, f"receipts\n{bridge.log_tail()}")
+        wait_until_blocking(lambda: mine() >= len(batch), 120, f"receipts\n{bridge.log_tail()}")
         assert mine() == len(batch)
         assert bridge.status("/healthz") == 200
         assert _bridge_rss(bridge) - warm_rss < rss_slack_bytes(len(batch))

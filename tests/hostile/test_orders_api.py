@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.api import openapi_document
-from pipeline.tokens import new_token
+from pipeline.api_tokens import new_token
 
 from .conftest import CASES, OPERATE_TOKEN, READ_TOKEN, SLOW, rss_slack_bytes
 from .live import Answer, HttpClient, MemoryWatch, ServiceProcess

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -35,17 +34,6 @@ from tests.tools import require_tool
 TEST_SHARDS = 4
 INITIAL_STOCK = {"COLA-33": 1000, "WATER-50": 1000, "RARE-1": 2}
 PRICES = {"COLA-33": 150, "WATER-50": 100, "RARE-1": 999}
-
-
-async def eventually(
-    predicate: Callable[[], Awaitable[bool]], *, timeout_s: float = 20.0, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` until it holds; fail with ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def stock_left(client: Any, sku: str, shards: int = TEST_SHARDS) -> int:

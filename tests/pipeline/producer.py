@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
-
 import redis.asyncio as aioredis
 
-from schemas import Item, Order, encode
+from schemas import Order, encode
 from schemas.names import shard_of, stream_key
 from servicekit.clock import now_ms
-
-
-def make_order(
-    device_id: str,
-    seq: int,
-    items: Sequence[tuple[str, int, int]] = (("COLA-33", 1, 150),),
-    *,
-    order_id: str | None = None,
-    currency: str = "EUR",
-) -> Order:
-    """A valid v1 order with the given ``(sku, qty, unit_price)`` lines."""
-    lines = tuple(Item(sku, qty, price) for sku, qty, price in items)
-    return Order(
-        v=1,
-        order_id=order_id or uuid.uuid4().hex,
-        device_id=device_id,
-        seq=seq,
-        created_at=now_ms(),
-        currency=currency,
-        items=lines,
-        total=sum(i.qty * i.unit_price for i in lines),
-    )
+from servicekit.redis_clients import text
 
 
 async def produce(client: aioredis.Redis, order: Order, shards: int) -> str:
@@ -55,4 +31,4 @@ async def produce_raw(
             "payload": payload,
         },
     )
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return text(entry_id)

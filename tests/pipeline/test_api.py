@@ -14,14 +14,15 @@ from pipeline._lua import Scripts
 from pipeline.api import openapi_document
 from pipeline.dlq import DeadLetter, dead_letter, encode_cursor
 from pipeline.names import PIPELINE_DLQ_STREAM
-from pipeline.records import StreamEntry, commit, load, text
+from pipeline.records import StreamEntry, commit, load
 from schemas import Order, encode
 from schemas.names import shard_of, stream_key
+from servicekit.redis_clients import text
 from testrig.servers import free_port
+from tests.helpers import make_order
 
 from .api_client import api_client
 from .conftest import BACKENDS, TEST_SHARDS
-from .producer import make_order
 
 
 async def admit_orders(client: aioredis.Redis, orders: list[Order]) -> None:

@@ -16,9 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.api import create_app
-from pipeline.config import PipelineConfig
-from pipeline.errors import TokenConfigError
-from pipeline.tokens import (
+from pipeline.api_tokens import (
     TokenStore,
     digest_line,
     load_api_tokens,
@@ -26,6 +24,8 @@ from pipeline.tokens import (
     parse_entries,
     token_digest,
 )
+from pipeline.config import PipelineConfig
+from pipeline.errors import TokenConfigError
 from testrig.servers import free_port
 
 from .conftest import TEST_SHARDS

@@ -14,9 +14,10 @@ from pipeline.config import PipelineConfig
 from pipeline.names import stock_key, transfers_key
 from pipeline.stock import settle_transfers, stock_levels
 from schemas.names import shard_of, stream_key
+from tests.helpers import make_order
 
 from .conftest import BACKENDS, WorkerFactory
-from .producer import make_order, produce
+from .producer import produce
 from .test_worker import wait_status
 
 TAG = re.compile(r"\{([^}]*)\}")

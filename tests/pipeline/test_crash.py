@@ -23,11 +23,12 @@ from pipeline.records import load_order, read_events
 from pipeline.stock import settle_transfers, stock_levels
 from schemas import Order
 from schemas.names import PIPELINE_GROUP, stream_key
+from tests.helpers import make_order, wait_until
 
 from .api_client import api_client
-from .conftest import INITIAL_STOCK, StatusListener, eventually
+from .conftest import INITIAL_STOCK, StatusListener
 from .processes import env_for, sigkill, spawn, stop_all
-from .producer import make_order, produce
+from .producer import produce
 
 SEED = 20261122
 
@@ -170,7 +171,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
 
     killed = 0
     while killed < kills:
-        await eventually(holds_entries, what="a worker holding entries", timeout_s=30)
+        await wait_until(holds_entries, what="a worker holding entries", timeout_s=30)
         victim = victims[0]
         sigkill(victim)
         killed += 1
@@ -181,7 +182,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
     async def all_terminal() -> bool:
         return all(s in TERMINAL_STATUSES for s in await statuses(aredis, orders, config.shards))
 
-    await eventually(all_terminal, what="every order terminal", timeout_s=120)
+    await wait_until(all_terminal, what="every order terminal", timeout_s=120)
 
     async def all_acked() -> bool:
         pending = [
@@ -189,7 +190,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
         ]
         return all(p["pending"] == 0 for p in pending)
 
-    await eventually(all_acked, what="every entry acked", timeout_s=30)
+    await wait_until(all_acked, what="every entry acked", timeout_s=30)
     await settle_transfers(aredis, Scripts(), shards=config.shards, older_than_ms=0)
     assert await transfers_in_flight(aredis, config.shards) == 0
     await assert_books_balance(aredis, orders, config.shards)
@@ -220,7 +221,7 @@ async def test_sigkilled_workers_lose_nothing_and_reserve_nothing_twice(
                 return False
         return True
 
-    await eventually(every_status_heard, what="every status on the devices' topics")
+    await wait_until(every_status_heard, what="every status on the devices' topics")
     assert outcomes["fulfilled"] > 0, outcomes
     assert outcomes["rejected"] > 0, outcomes
     assert outcomes["failed"] > 0, outcomes
@@ -244,7 +245,7 @@ async def test_sigterm_finishes_the_batch_in_hand_and_acks_it(
     async def in_hand() -> bool:
         return await pending_of(aredis, consumer_of(worker), config.shards) == len(orders)
 
-    await eventually(in_hand, what="the batch in hand")
+    await wait_until(in_hand, what="the batch in hand")
     worker.terminate()
     assert await asyncio.to_thread(worker.wait, 20) == 0
     assert await statuses(aredis, orders, config.shards) == ["fulfilled"] * len(orders)

@@ -18,10 +18,11 @@ from pipeline.records import OrderContext, StreamEntry, load_order
 from pipeline.steps import Step, StepDeps, register
 from schemas import Reason
 from schemas.names import DLQ_STREAM, orders_topic
+from tests.helpers import make_order, wait_until
 
 from .api_client import api_client
-from .conftest import BACKENDS, INITIAL_STOCK, WorkerFactory, eventually, stock_left
-from .producer import make_order, produce
+from .conftest import BACKENDS, INITIAL_STOCK, WorkerFactory, stock_left
+from .producer import produce
 from .test_worker import wait_status
 
 
@@ -65,7 +66,7 @@ async def test_poison_goes_to_dlq_without_blocking_and_replays_once(
     async def dead() -> bool:
         return await aredis.xlen(PIPELINE_DLQ_STREAM) == 1
 
-    await eventually(dead, what="the poison entry in the DLQ")
+    await wait_until(dead, what="the poison entry in the DLQ")
     assert await aredis.xlen(DLQ_STREAM) == 0  # the intake DLQ is the bridge's, capped
     dead_letters: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     ((dlq_id, fields),) = dead_letters

@@ -17,17 +17,17 @@ from redis.asyncio.cluster import RedisCluster
 
 from edge_agent import AgentConfig, EdgeAgent
 from pipeline.config import PipelineConfig
-from pipeline.health import HealthConsumer, HealthMetrics, device_of_health_topic
+from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
-from pipeline.records import text
 from schemas import Health, encode
 from schemas.names import health_topic
+from servicekit.redis_clients import text
 from testrig.servers import MosquittoProcess
+from tests.helpers import wait_until
 
 from ..bridge.conftest import redis_cluster  # noqa: F401  (a fixture)
 from ..edge_agent.agent_process import AgentProcess
 from ..fleet.mqtt_probe import Probe
-from .conftest import eventually
 from .processes import env_for, spawn, stop_all
 
 BODY = {"currency": "EUR", "items": [{"sku": "COLA-33", "qty": 1, "unit_price": 150}], "total": 150}
@@ -54,7 +54,7 @@ async def worker(
                 await asyncio.sleep(0.1)
                 return await aredis.exists(health_device_key("probe-0")) == 1
 
-            await eventually(subscribed, what="the worker's health subscription")
+            await wait_until(subscribed, what="the worker's health subscription")
         await aredis.delete(health_device_key("probe-0"), HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY)
         yield process
     finally:
@@ -77,16 +77,8 @@ async def wait_hash(
         found.update(await device_hash(aredis, device_id))
         return bool(found) and predicate(found)
 
-    await eventually(holds, what=f"health of {device_id}")
+    await wait_until(holds, what=f"health of {device_id}")
     return found
-
-
-def test_only_a_device_health_topic_names_a_device() -> None:
-    """The device id comes from the topic, matched whole."""
-    assert device_of_health_topic("v1/devices/kiosk-7/health") == "kiosk-7"
-    assert device_of_health_topic("v1/devices/kiosk-7/health\n") is None
-    assert device_of_health_topic("v1/devices/a:b/health") is None
-    assert device_of_health_topic("v1/devices/kiosk-7/orders") is None
 
 
 async def test_an_agents_health_reaches_redis_and_its_clean_stop_marks_it_offline(

@@ -28,16 +28,11 @@ from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from pipeline.names import order_key
 from pipeline.records import parse_history
+from schemas import encode
 from schemas.names import orders_topic
 from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
-from tests.bridge.conftest import (
-    BridgeProcess,
-    Publisher,
-    ReceiptCollector,
-    make_order,
-    stream_entries,
-    wait_for,
-)
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
+from tests.helpers import make_order, wait_until_blocking
 
 from .processes import env_for, spawn, stop_all
 
@@ -106,8 +101,8 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
     receipts = ReceiptCollector(broker.url)
     publisher = Publisher(broker.url)
     devices = [f"dev-outage-{index}" for index in range(10)]
-    before = [(d, make_order(d, seq)) for seq in range(10) for d in devices]
-    during = [(d, make_order(d, seq)) for seq in range(10, 30) for d in devices]
+    before = [(d, encode(make_order(d, seq))) for seq in range(10) for d in devices]
+    during = [(d, encode(make_order(d, seq))) for seq in range(10, 30) for d in devices]
     refs = [(d, f"o-{d}-{seq:06d}") for seq in range(30) for d in devices]
     try:
         bridge.start()
@@ -116,15 +111,21 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
         for device, payload in before:
             publisher.publish(orders_topic(device), payload)
         publisher.wait_all()
-        wait_for(lambda: None not in statuses(server.url, refs[: len(before)]), 60, "warm-up")
+        wait_until_blocking(
+            lambda: None not in statuses(server.url, refs[: len(before)]), 60, "warm-up"
+        )
 
         server.stop()
         assert not port_is_open(server.port), "Redis still listening: no outage"
         for device, payload in during:
             publisher.publish(orders_topic(device), payload)
         publisher.wait_all()
-        wait_for(lambda: bridge_failures(bridge) >= FAILURES, 180, "10,000 bridge failures")
-        wait_for(lambda: worker_failures(worker_log) >= FAILURES, 180, "10,000 worker failures")
+        wait_until_blocking(
+            lambda: bridge_failures(bridge) >= FAILURES, 180, "10,000 bridge failures"
+        )
+        wait_until_blocking(
+            lambda: worker_failures(worker_log) >= FAILURES, 180, "10,000 worker failures"
+        )
         assert bridge.status("/readyz") == 503  # red during the outage (and still alive)
         assert worker.poll() is None, "the worker died during the outage"
         receipted_before = len(receipts.snapshot())
@@ -132,10 +133,10 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
 
         server.start()
         back = time.monotonic()
-        wait_for(lambda: len(receipts.snapshot()) > receipted_before, 30, "bridge back")
+        wait_until_blocking(lambda: len(receipts.snapshot()) > receipted_before, 30, "bridge back")
         bridge_back_s = time.monotonic() - back
         first_ref = refs[len(before) :]
-        wait_for(lambda: any(statuses(server.url, first_ref)), 30, "worker back")
+        wait_until_blocking(lambda: any(statuses(server.url, first_ref)), 30, "worker back")
         worker_back_s = time.monotonic() - back
         print(f"back at work after the outage: bridge {bridge_back_s:.2f} s, "
               f"worker {worker_back_s:.2f} s")  # fmt: skip
@@ -143,10 +144,14 @@ def test_bridge_and_worker_survive_ten_thousand_redis_failures(
         assert worker_back_s < BACK_AT_WORK_S
 
         terminal = {"fulfilled", "rejected", "failed"}
-        wait_for(lambda: set(statuses(server.url, refs)) <= terminal, 60, "every order done")
-        wait_for(lambda: len(receipts.snapshot()) >= len(refs), 30, "every receipt")
+        wait_until_blocking(
+            lambda: set(statuses(server.url, refs)) <= terminal, 60, "every order done"
+        )
+        wait_until_blocking(lambda: len(receipts.snapshot()) >= len(refs), 30, "every receipt")
         assert worker.poll() is None
-        wait_for(lambda: bridge.status("/readyz") == 200, 5, f"ready again: {readyz(bridge)}")
+        wait_until_blocking(
+            lambda: bridge.status("/readyz") == 200, 5, f"ready again: {readyz(bridge)}"
+        )
         with redis.Redis.from_url(server.url) as client:
             seen = Counter(
                 (f[b"device_id"].decode(), f[b"order_id"].decode())
@@ -171,7 +176,7 @@ async def _load_catalog(url: str) -> None:
     client = aioredis.Redis.from_url(url)
     try:
         await store_catalog(
-            client, Catalog(items={"cola": CatalogItem(price=150, stock=100_000)}), shards=SHARDS
+            client, Catalog(items={"COLA-33": CatalogItem(price=150, stock=100_000)}), shards=SHARDS
         )
     finally:
         await client.aclose()

@@ -15,8 +15,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, settings
 
 from pipeline.api import create_app, openapi_document
+from pipeline.api_tokens import TokenStore, digest_line, new_token, parse_entries
 from pipeline.openapi import DOCUMENT_PATH, render
-from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
 from schemas.json_schema import JSON_DIR
 from testrig.servers import RedisProcess, free_port
 

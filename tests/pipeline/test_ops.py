@@ -14,12 +14,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
-from bridge.heartbeat import BRIDGES_KEY, RedisHeartbeat, bridge_key
+from bridge.heartbeat import RedisHeartbeat
 from pipeline.api import create_app
+from pipeline.api_tokens import TokenStore, digest_line, new_token, parse_entries
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 from pipeline.ops import PAGE_FILES, FleetView, RedisLike, summary
-from pipeline.tokens import TokenStore, digest_line, new_token, parse_entries
-from schemas.names import DLQ_STREAM, PIPELINE_GROUP, stream_key
+from schemas.names import BRIDGES_KEY, DLQ_STREAM, PIPELINE_GROUP, bridge_key, stream_key
 from servicekit.clock import now_ms
 from testrig.servers import RedisProcess
 from tests.bridge.conftest import redis_cluster  # noqa: F401 - the fixture

@@ -7,8 +7,7 @@ import pytest
 from pipeline.errors import PaymentDeclined, TransientError
 from pipeline.payment import PayStep, SimulatedGateway
 from pipeline.records import OrderContext, StreamEntry, Transition
-
-from .producer import make_order
+from tests.helpers import make_order
 
 
 def reserved_context(seq: int = 0) -> OrderContext:

@@ -10,9 +10,9 @@ from pipeline.names import events_key, stock_key
 from pipeline.records import StreamEntry, Transition, commit, load, load_order
 from pipeline.stock import reserve
 from schemas import encode
+from tests.helpers import make_order
 
 from .conftest import BACKENDS
-from .producer import make_order
 
 SHARDS = 1
 STOCK_KEY = stock_key(0)

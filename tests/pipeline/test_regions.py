@@ -21,10 +21,11 @@ from pipeline.regions import LOOKUP_HEADER, REGION_HEADER, REGION_LOOKUP, Region
 from pipeline.service import worker_env
 from servicekit.config import ConfigError, add_config_arguments, load_config
 from testrig.servers import RedisProcess, free_port
+from tests.helpers import make_order, wait_until
 
-from .conftest import TEST_SHARDS, WorkerFactory, eventually
+from .conftest import TEST_SHARDS, WorkerFactory
 from .processes import env_for, spawn, stop_all
-from .producer import make_order, produce
+from .producer import produce
 
 
 class ApiServer:
@@ -75,7 +76,7 @@ async def test_an_order_owned_elsewhere_is_proxied_from_its_region(
     async def processed() -> bool:
         return await load_order(aredis, device_id, order.order_id, shards=TEST_SHARDS) is not None
 
-    await eventually(processed, what="region A processed the order")
+    await wait_until(processed, what="region A processed the order")
 
     b_port = free_port()
     b_url = f"http://127.0.0.1:{b_port}"
@@ -99,7 +100,7 @@ async def test_an_order_owned_elsewhere_is_proxied_from_its_region(
             except aiohttp.ClientError:
                 return False
 
-        await eventually(b_up, what="region B's pipeline API up")
+        await wait_until(b_up, what="region B's pipeline API up")
 
         path = f"/v1/orders/{order.order_id}"
         status, body, headers = await _get(http, f"{b_url}{path}")

@@ -20,9 +20,10 @@ from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit.redis_clients import client_options
 from testrig.servers import RedisProcess, port_is_open
+from tests.helpers import make_order, wait_until
 
-from .conftest import TEST_SHARDS, WorkerFactory, eventually
-from .producer import make_order, produce
+from .conftest import TEST_SHARDS, WorkerFactory
+from .producer import produce
 
 
 class NullPublisher:
@@ -55,7 +56,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
         await store_catalog(client, catalog, shards=cfg.shards)
         first = make_order(device_id, 0)
         await produce(client, first, cfg.shards)
-        await eventually(lambda: _status_is(client, first, "fulfilled"), what="first")
+        await wait_until(lambda: _status_is(client, first, "fulfilled"), what="first")
         server.kill()
         assert not port_is_open(server.port)
         await asyncio.sleep(0.3)  # the worker hits the dead server meanwhile
@@ -65,7 +66,7 @@ async def test_worker_survives_a_redis_crash_and_carries_on(
             await store_catalog(fresh, catalog, shards=cfg.shards)
             second = make_order(device_id, 1)
             await produce(fresh, second, cfg.shards)
-            await eventually(lambda: _status_is(fresh, second, "fulfilled"), what="second")
+            await wait_until(lambda: _status_is(fresh, second, "fulfilled"), what="second")
         assert [s.order_id for _d, s in publisher.sent][-1] == second.order_id
     finally:
         stop.set()
@@ -90,10 +91,10 @@ async def test_failure_count_resets_after_each_outage(
         for outage in range(2):
             server.kill()
             assert not port_is_open(server.port)
-            await eventually(_at_least(worker, 200), what=f"failures in outage {outage}")
+            await wait_until(_at_least(worker, 200), what=f"failures in outage {outage}")
             assert worker.backoff.failures >= 200
             server.start()
-            await eventually(_reset(worker), what=f"reset after outage {outage}")
+            await wait_until(_reset(worker), what=f"reset after outage {outage}")
         assert not task.done()
     finally:
         stop.set()
@@ -128,7 +129,7 @@ async def test_idle_empty_consumers_are_forgotten(
         rows = await aredis.xinfo_consumers(stream_key(0), PIPELINE_GROUP)
         return all(row["name"] != b"long-gone-123" for row in rows)
 
-    await eventually(forgotten, what="the dead consumer forgotten")
+    await wait_until(forgotten, what="the dead consumer forgotten")
 
 
 async def _status_is(client: aioredis.Redis, order: Order, status: str) -> bool:

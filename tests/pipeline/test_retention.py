@@ -10,9 +10,10 @@ import redis.asyncio as aioredis
 from pipeline.config import PipelineConfig
 from pipeline.names import device_index_key, order_devices_key, order_key, retention_key
 from schemas.names import shard_of
+from tests.helpers import make_order
 
 from .conftest import BACKENDS, WorkerFactory
-from .producer import make_order, produce
+from .producer import produce
 from .test_worker import wait_status
 
 RETENTION_S = 0.5

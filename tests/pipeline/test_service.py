@@ -15,10 +15,11 @@ import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
 from testrig.servers import free_port
+from tests.helpers import make_order, wait_until
 
-from .conftest import StatusListener, eventually
+from .conftest import StatusListener
 from .processes import env_for, spawn, stop_all
-from .producer import make_order, produce
+from .producer import produce
 
 
 def log_events(log: Path, msg: str) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await eventually(healthy, what="the API")
+            await wait_until(healthy, what="the API")
 
             def started_workers() -> list[int]:
                 return [
@@ -66,7 +67,7 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
             async def workers_up(count: int) -> bool:
                 return len(started_workers()) >= count
 
-            await eventually(lambda: workers_up(2), what="two worker processes")
+            await wait_until(lambda: workers_up(2), what="two worker processes")
             status_listener.subscribe("svc-dev")
             orders = [make_order("svc-dev", seq) for seq in range(20)]
             for order in orders[:10]:
@@ -82,17 +83,17 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
                             return False
                 return True
 
-            await eventually(fulfilled, what="orders fulfilled via the service")
+            await wait_until(fulfilled, what="orders fulfilled via the service")
 
             # A worker dies hard: the supervisor starts another, and work goes on.
             victim = started_workers()[0]
             os.kill(victim, signal.SIGKILL)
-            await eventually(lambda: asyncio.sleep(0, not alive(victim)), what="victim gone")
-            await eventually(lambda: workers_up(3), what="a replacement worker")
+            await wait_until(lambda: asyncio.sleep(0, not alive(victim)), what="victim gone")
+            await wait_until(lambda: workers_up(3), what="a replacement worker")
             assert log_events(log, "worker_process_died")[0]["rc"] == -signal.SIGKILL
             for order in orders[10:]:
                 await produce(aredis, order, config.shards)
-            await eventually(lambda: fulfilled(orders), what="all orders fulfilled")
+            await wait_until(lambda: fulfilled(orders), what="all orders fulfilled")
 
             async def counted() -> bool:
                 # Counted by the worker processes (the dead one too), summed by the API process.
@@ -101,7 +102,7 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
                 assert "pipeline_step_seconds_bucket" in metrics
                 return 'pipeline_orders_processed_total{outcome="fulfilled"} 20.0' in metrics
 
-            await eventually(counted, what="20 fulfilled in /metrics")
+            await wait_until(counted, what="20 fulfilled in /metrics")
 
         async def heard() -> bool:
             # At least once: the kill may cost a `confirmed` (published with the batch that
@@ -111,7 +112,7 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
                 h and h[-1] == "fulfilled" and set(h) <= {"confirmed", "fulfilled"} for h in heard
             )
 
-        await eventually(heard, what="statuses over the broker")
+        await wait_until(heard, what="statuses over the broker")
         workers = [p for p in started_workers() if alive(p)]
         assert len(workers) == 2
         service.send_signal(signal.SIGTERM)

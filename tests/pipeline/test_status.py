@@ -8,8 +8,9 @@ from pipeline.config import PipelineConfig
 from pipeline.status import MqttStatusPublisher, status_client
 from schemas import Status
 from testrig.servers import MosquittoProcess, port_is_open
+from tests.helpers import wait_until
 
-from .conftest import StatusListener, eventually
+from .conftest import StatusListener
 
 
 def _statuses(device_id: str, count: int, status: str = "confirmed") -> list[tuple[str, Status]]:
@@ -36,7 +37,7 @@ async def test_publishes_past_the_brokers_receive_maximum(
     async def all_heard() -> bool:
         return len({s.order_id for _t, s in status_listener.received}) == 2500
 
-    await eventually(all_heard, what="every status at the subscriber")
+    await wait_until(all_heard, what="every status at the subscriber")
 
 
 async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
@@ -56,7 +57,7 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
         async def disconnected() -> bool:
             return not client.connected
 
-        await eventually(disconnected, what="the publisher to notice the outage")
+        await wait_until(disconnected, what="the publisher to notice the outage")
         assert await publisher.publish(messages[10:30]) == 0
         assert client.in_flight == 20
         broker.start()
@@ -64,5 +65,5 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
         async def drained() -> bool:  # reconnected and resent what was queued
             return client.in_flight == 0
 
-        await eventually(drained, what="the queued statuses acked after the restart")
+        await wait_until(drained, what="the queued statuses acked after the restart")
         assert await publisher.publish(messages[30:]) == 20

@@ -10,23 +10,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
-from pipeline.status_query import device_of_query_topic
 from schemas import StatusQuery, encode
 from schemas.names import status_query_topic
 from servicekit.mqtt import MqttClient
 from servicekit.urls import MqttUrl
+from tests.helpers import make_order, wait_until
 
-from .conftest import StatusListener, eventually
+from .conftest import StatusListener
 from .processes import env_for, spawn, stop_all
-from .producer import make_order, produce
-
-
-def test_the_query_topic_names_one_device() -> None:
-    """Only ``v1/devices/{valid id}/status-query`` yields a device id, matched whole."""
-    assert device_of_query_topic("v1/devices/kiosk-7/status-query") == "kiosk-7"
-    assert device_of_query_topic("v1/devices/kiosk-7/status-query\n") is None
-    assert device_of_query_topic("v1/devices/a:b/status-query") is None
-    assert device_of_query_topic("v1/devices/kiosk-7/orders") is None
+from .producer import produce
 
 
 @pytest.mark.usefixtures("catalog")
@@ -51,7 +43,7 @@ async def test_a_status_query_gets_the_current_status_again(
         async def fulfilled() -> bool:
             return status_listener.statuses(order.order_id)[-1:] == ["fulfilled"]
 
-        await eventually(fulfilled, what="the order processed")
+        await wait_until(fulfilled, what="the order processed")
         heard_before = len(status_listener.statuses(order.order_id))
 
         url = MqttUrl.parse(config.mqtt_url)
@@ -69,7 +61,7 @@ async def test_a_status_query_gets_the_current_status_again(
         async def answered() -> bool:
             return len(status_listener.statuses(order.order_id)) == heard_before + 1
 
-        await eventually(answered, what="the status again")
+        await wait_until(answered, what="the status again")
         await asyncio.sleep(0.3)
         assert status_listener.statuses(order.order_id) == ["confirmed", "fulfilled", "fulfilled"]
         topics = [t for t, s in status_listener.received if s.order_id == order.order_id]

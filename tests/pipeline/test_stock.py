@@ -16,9 +16,9 @@ from pipeline.records import OrderContext, StreamEntry, Transition, commit, load
 from pipeline.stock import reserve
 from schemas import encode
 from testrig.servers import RedisProcess
+from tests.helpers import make_order
 
 from .conftest import BACKENDS
-from .producer import make_order
 
 SKUS = ("A", "B", "C")
 SHARDS = 1  # every device's stock in shard 0's hash (rebalancing: test_stock_shards.py)

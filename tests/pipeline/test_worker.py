@@ -11,9 +11,11 @@ import redis.asyncio as aioredis
 from pipeline import order_statuses
 from pipeline.config import PipelineConfig
 from pipeline.names import PIPELINE_DLQ_STREAM
-from pipeline.records import StreamEntry, load_order, text
+from pipeline.records import StreamEntry, load_order
 from schemas import Order, Status
 from schemas.names import PIPELINE_GROUP, shard_of, stream_key
+from servicekit.redis_clients import text
+from tests.helpers import make_order, wait_until
 
 from .conftest import (
     BACKENDS,
@@ -22,10 +24,9 @@ from .conftest import (
     StatusListener,
     WorkerFactory,
     all_events,
-    eventually,
     stock_left,
 )
-from .producer import make_order, produce, produce_raw
+from .producer import produce, produce_raw
 
 # The contract tests of the worker, on a single Redis and on a 3-master cluster.
 pytestmark = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -48,7 +49,7 @@ async def wait_status(client: aioredis.Redis, order: Order, status: str) -> dict
     async def reached() -> bool:
         return await status_of(client, order) == status
 
-    await eventually(reached, what=f"{order.order_id} -> {status}")
+    await wait_until(reached, what=f"{order.order_id} -> {status}")
     record = await load_order(client, order.device_id, order.order_id, shards=TEST_SHARDS)
     assert record is not None
     return record
@@ -83,13 +84,13 @@ async def test_happy_path_fulfils_records_history_and_publishes_status(
     async def heard() -> bool:
         return status_listener.statuses(order.order_id) == ["confirmed", "fulfilled"]
 
-    await eventually(heard, what="status messages on the device's status topic")
+    await wait_until(heard, what="status messages on the device's status topic")
     stream = stream_key(shard_of(device_id, config.shards))
 
     async def acked() -> bool:  # the XACK follows the PUBACKs, which may trail the delivery
         return int((await aredis.xpending(stream, PIPELINE_GROUP))["pending"]) == 0
 
-    await eventually(acked, what="the entry acked after its PUBACKs")
+    await wait_until(acked, what="the entry acked after its PUBACKs")
 
 
 @pytest.mark.usefixtures("catalog")
@@ -160,7 +161,7 @@ async def test_rejections_keep_stock_and_tell_the_device(
     async def heard() -> bool:
         return all(status_listener.statuses(o.order_id) == ["rejected"] for o in cases.values())
 
-    await eventually(heard, what="rejected statuses")
+    await wait_until(heard, what="rejected statuses")
 
 
 @pytest.mark.usefixtures("catalog")
@@ -232,7 +233,7 @@ async def test_undecodable_entry_goes_to_dlq_at_once(
     async def dead() -> bool:
         return await aredis.xlen(PIPELINE_DLQ_STREAM) == 1
 
-    await eventually(dead, what="DLQ entry")
+    await wait_until(dead, what="DLQ entry")
     dead_letters: Any = await aredis.xrange(PIPELINE_DLQ_STREAM)
     ((_id, fields),) = dead_letters
     assert fields[b"reason"] == b"malformed"
@@ -256,7 +257,7 @@ async def test_a_reclaimed_entry_publishes_its_stored_statuses_again(
     async def acked() -> bool:  # the worker's own batch is published and done
         return int((await aredis.xpending(stream, PIPELINE_GROUP))["pending"]) == 0
 
-    await eventually(acked, what="the batch acked")
+    await wait_until(acked, what="the batch acked")
     sent: list[tuple[str, Status]] = []
 
     class Recorder:

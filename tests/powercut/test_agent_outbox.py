@@ -35,8 +35,9 @@ import redis
 from schemas.names import DLQ_STREAM
 from testrig.powercut import PowerCutMount
 from testrig.servers import MosquittoProcess, RedisProcess
-from tests.bridge.conftest import BridgeProcess, stream_entries, wait_for
+from tests.bridge.conftest import BridgeProcess, stream_entries
 from tests.edge_agent.agent_process import AgentProcess
+from tests.helpers import wait_until_blocking
 
 from .conftest import needs_fuse
 
@@ -132,7 +133,9 @@ def _cut_cycles(tmp_path: Path, disk: PowerCutMount, mqtt_url: str, cuts: int, m
         for thread in clients:
             thread.start()
         try:
-            wait_for(functools.partial(_grew, accepted, before), 10, "the cycle's first 202")
+            wait_until_blocking(
+                functools.partial(_grew, accepted, before), 10, "the cycle's first 202"
+            )
             time.sleep(rng.uniform(0.0, 0.5))
             seen.dropped_bytes += disk.cut().dropped_bytes
             agent.sigkill()
@@ -173,7 +176,9 @@ def _run_cuts(
             def streamed() -> Counter[str]:
                 return Counter(e[b"order_id"].decode() for e in stream_entries(client))
 
-            wait_for(lambda: set(accepted) <= set(streamed()), 60, "every 202'd order resent")
+            wait_until_blocking(
+                lambda: set(accepted) <= set(streamed()), 60, "every 202'd order resent"
+            )
             time.sleep(1.0)  # a late duplicate would show up now
             counts = streamed()
             # Orders committed whose 202 the cut swallowed may be there too, once as well.

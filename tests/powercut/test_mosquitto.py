@@ -20,8 +20,9 @@ import redis
 
 from testrig.powercut import PowerCutMount
 from testrig.servers import MosquittoProcess, RedisProcess, port_is_open
-from tests.bridge.conftest import BridgeProcess, stream_entries, wait_for
+from tests.bridge.conftest import BridgeProcess, stream_entries
 from tests.edge_agent.agent_process import AgentProcess
+from tests.helpers import wait_until_blocking
 
 from .conftest import needs_fuse
 
@@ -87,7 +88,7 @@ def test_a_broker_power_cut_loses_nothing_the_agents_cannot_resend(
             def streamed() -> Counter[str]:
                 return Counter(e[b"order_id"].decode() for e in stream_entries(client))
 
-            wait_for(lambda: set(streamed()) >= expected, 60, "every order landed")
+            wait_until_blocking(lambda: set(streamed()) >= expected, 60, "every order landed")
             time.sleep(2.5)  # past the agents' receipt timeout: a double would show now
             counts = streamed()
             assert set(counts) == expected

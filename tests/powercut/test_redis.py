@@ -18,17 +18,12 @@ from pathlib import Path
 
 import redis
 
+from schemas import encode
 from schemas.names import orders_topic
 from testrig.powercut import PowerCutMount
 from testrig.servers import MosquittoProcess, RedisProcess, find_binary, port_is_open
-from tests.bridge.conftest import (
-    BridgeProcess,
-    Publisher,
-    ReceiptCollector,
-    make_order,
-    stream_entries,
-    wait_for,
-)
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
+from tests.helpers import make_order, wait_until_blocking
 
 from .conftest import needs_fuse
 
@@ -99,19 +94,19 @@ def _power_cut_under_load(
                     time.sleep(0.002)
                     continue
                 device = f"pc-{seq % DEVICES}"
-                publisher.publish(orders_topic(device), make_order(device, seq))
+                publisher.publish(orders_topic(device), encode(make_order(device, seq)))
                 seq += 1
                 published[0] = seq
 
         feeder = threading.Thread(target=feed, name="feeder")
         feeder.start()
         try:
-            wait_for(
+            wait_until_blocking(
                 lambda: len(collector.receipts) >= receipts_before_cut, 60, "receipts under load"
             )
             # Cut while receipts are flowing (not in a pause between bridge batches).
             heard = len(collector.receipts)
-            wait_for(lambda: len(collector.receipts) > heard, 10, "the next receipt")
+            wait_until_blocking(lambda: len(collector.receipts) > heard, 10, "the next receipt")
             report = disk.cut()
             store.kill()
             assert not port_is_open(store.port)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from schemas.json_schema import JSON_DIR, MESSAGES, _clean_descriptions, render
+from schemas.json_schema import JSON_DIR, MESSAGES, clean_descriptions, render
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
@@ -30,4 +30,4 @@ def test_descriptions_do_not_depend_on_docstring_indentation() -> None:
     """Python 3.13 dedents docstrings, older ones don't: the files must be the same."""
     indented = {"description": "First line.\n\n        Indented as written.", "x": [{}]}
     dedented = {"description": "First line.\n\nIndented as written.", "x": [{}]}
-    assert _clean_descriptions(indented) == _clean_descriptions(dedented) == dedented
+    assert clean_descriptions(indented) == clean_descriptions(dedented) == dedented

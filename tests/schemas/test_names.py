@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from redis.crc import key_slot
@@ -9,6 +11,8 @@ from redis.crc import key_slot
 from schemas import Reason, SchemaError
 from schemas.names import (
     device_id_from_orders_topic,
+    device_of_health_topic,
+    device_of_status_query_topic,
     orders_topic,
     receipts_topic,
     seen_key,
@@ -43,6 +47,23 @@ def test_other_topics_are_bad_topic(topic: str) -> None:
     with pytest.raises(SchemaError) as caught:
         device_id_from_orders_topic(topic)
     assert caught.value.reason == Reason.BAD_TOPIC
+
+
+@pytest.mark.parametrize(
+    ("name_device", "leaf"),
+    [(device_of_health_topic, "health"), (device_of_status_query_topic, "status-query")],
+)
+def test_only_a_device_topic_with_a_valid_id_names_a_device(
+    name_device: Callable[[str], str | None], leaf: str
+) -> None:
+    """Only ``v1/devices/{valid id}/{leaf}`` yields a device id, matched whole."""
+    assert name_device(f"v1/devices/kiosk-7/{leaf}") == "kiosk-7"
+    assert name_device(f"v1/devices/kiosk-7/{leaf}\n") is None
+    assert name_device(f"v1/devices/a:b/{leaf}") is None
+    assert name_device(f"v1/devices//{leaf}") is None
+    assert name_device(f"v1/devices/{'k' * 65}/{leaf}") is None
+    assert name_device(f"v2/devices/kiosk-7/{leaf}") is None
+    assert name_device("v1/devices/kiosk-7/orders") is None
 
 
 def test_shard_is_crc32_mod_shards() -> None:

@@ -11,17 +11,10 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.stack import Stack, StackSettings
-from schemas import Item, Order, decode_order, encode
+from schemas import decode_order, encode
 from schemas.names import orders_topic, shard_of, stream_key
 from testrig.servers import REDIS_CONF, MosquittoProcess, RedisProcess, port_is_open
-
-
-def make_order(device_id: str) -> Order:
-    """A small valid order for device_id."""
-    return Order(
-        v=1, order_id="01TESTORDER0001", device_id=device_id, seq=0, created_at=0,
-        currency="EUR", items=(Item("COLA", 1, 150),), total=150,
-    )  # fmt: skip
+from tests.helpers import make_order
 
 
 def test_an_order_crosses_the_real_broker(mosquitto: MosquittoProcess, device_id: str) -> None:

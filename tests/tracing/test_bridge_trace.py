@@ -9,19 +9,18 @@ import redis
 
 from bridge.ingest import ValidOrder, classify
 from bridge.store import AppendResult, RedisSink
+from schemas import encode
 from schemas.names import TRACE_STREAM_FIELD, orders_topic, stream_key
 from servicekit import tracing
-from tests.bridge.conftest import make_order
+from tests.helpers import make_order
 
 SHARDS = 4
 
 
 def valid(device_id: str, seq: int, trace: str | None) -> ValidOrder:
     """An order classified with ``trace`` as its ``traceparent`` user property."""
-    item = classify(
-        orders_topic(device_id), make_order(device_id, seq), shards=SHARDS, received_at_ms=1,
-        trace=trace,
-    )  # fmt: skip
+    payload = encode(make_order(device_id, seq))
+    item = classify(orders_topic(device_id), payload, shards=SHARDS, received_at_ms=1, trace=trace)
     assert isinstance(item, ValidOrder)
     return item
 

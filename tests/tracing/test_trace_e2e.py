@@ -25,8 +25,9 @@ from pipeline.catalog import Catalog, CatalogItem, store_catalog
 from pipeline.config import PipelineConfig
 from schemas.names import DLQ_STREAM, TRACE_STREAM_FIELD
 from servicekit import tracing
-from tests.bridge.conftest import BridgeProcess, bridge_factory, stream_entries, wait_for
+from tests.bridge.conftest import BridgeProcess, bridge_factory, stream_entries
 from tests.edge_agent.agent_process import AgentProcess
+from tests.helpers import wait_until_blocking
 from tests.pipeline.processes import env_for, spawn, stop_all
 
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -128,7 +129,7 @@ def local_state(agent: AgentProcess, order_id: str) -> dict[str, Any]:
 
 
 def wait_fulfilled(agent: AgentProcess, order_id: str, timeout_s: float = 30.0) -> None:
-    wait_for(
+    wait_until_blocking(
         lambda: local_state(agent, order_id)["status"] == "fulfilled",
         timeout_s,
         f"order {order_id} fulfilled (agent log:\n{agent.log_tail()})",
@@ -247,7 +248,7 @@ def through_a_bridge_sigkill(
         sends = [s for s in receiver.trace(trace_id) if s.name == "order publish"]
         return any(s.attributes["outcome"] == "receipt_timeout" for s in sends)
 
-    wait_for(resent, 20, "a send that timed out waiting for its receipt")
+    wait_until_blocking(resent, 20, "a send that timed out waiting for its receipt")
     second = bridge_factory(services.mqtt_url, services.redis_url,
                             "--otlp-endpoint", receiver.endpoint)  # fmt: skip
     second.with_args("--client-id", killed.client_id, "--share-group", f"g-{killed.client_id}")

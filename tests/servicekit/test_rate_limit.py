@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from servicekit.tokens import TokenBucket, TokenBuckets
+from servicekit.rate_limit import TokenBucket, TokenBuckets
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""Token buckets: one for pacing a single stream, and a bounded table of them per key.
+"""Rate limiting with token buckets: one for pacing a single stream, and a bounded table per key.
 
 The agent paces its backlog drain with one :class:`TokenBucket`; the bridge
 limits each device with :class:`TokenBuckets`, whose table keeps at most

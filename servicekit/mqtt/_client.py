@@ -1,0 +1,407 @@
+"""The MQTT client: the connection's supervisor, the handshake, and packets in and out.
+
+The module docstring of :mod:`servicekit.mqtt` says what it does; the
+connection itself is :mod:`._wire`, publishing :mod:`._sender`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import mqtt5
+import structlog
+
+from ..backoff import Backoff
+from ..loops import Loops
+from ..urls import MqttUrl
+from ._metrics import MqttMetrics
+from ._sender import MAX_PACKET_ID, Outgoing, Sender
+from ._types import (
+    Ack,
+    AnySubscription,
+    Handler,
+    MqttError,
+    PropertySubscription,
+    Subscription,
+    no_ack,
+    topic_matches,
+    user_property,
+)
+from ._wire import PARKED_MAX_BYTES, Wire
+
+log = structlog.get_logger(__name__)
+
+CONNECT_TIMEOUT_S: Final = 10.0
+SUBSCRIBE_PACKET_ID: Final = 1  # publishes use 2..65535
+
+
+class MqttClient:
+    """One MQTT 5 connection, kept alive by a supervisor task; an async context manager.
+
+    Args:
+        url: the broker.
+        client_id: stable per replica, so a restart resumes its session.
+        subscriptions: QoS 1 filters and their handlers.
+        clean_start: discard a previous session on the first connection.
+        session_expiry_s: how long the broker keeps our session while we are away.
+        receive_maximum: unacked incoming messages we hold at most.
+        max_packet_size: the largest packet the broker may send us.
+        connect_wait_s: how long ``async with`` waits for the first CONNACK+SUBACK
+            (None: until it comes); the supervisor goes on trying after that.
+        max_queued: publishes waiting for a window slot; past it the oldest is dropped.
+    """
+
+    def __init__(
+        self,
+        url: MqttUrl,
+        *,
+        client_id: str,
+        subscriptions: Sequence[AnySubscription] = (),
+        clean_start: bool = False,
+        session_expiry_s: int = 3600,
+        receive_maximum: int = 1000,
+        max_packet_size: int = 1 << 20,
+        keepalive_s: int = 30,
+        backoff: Backoff | None = None,
+        connect_wait_s: float | None = None,
+        max_queued: int = 100_000,
+        ca_file: str = "",
+        metrics: MqttMetrics | None = None,
+        name: str = "mqtt",
+    ) -> None:
+        self._url = url
+        self._ssl = url.ssl_context(ca_file)
+        self.client_id = client_id
+        self._subscriptions: list[AnySubscription] = list(subscriptions)
+        self._clean_start = clean_start
+        self._session_expiry_s = session_expiry_s
+        self.receive_maximum = receive_maximum
+        self._resume_at = receive_maximum // 2
+        self._max_packet_size = max_packet_size
+        self._keepalive_s = keepalive_s
+        self.backoff = backoff or Backoff(0.1, 5.0)
+        self._connect_wait_s = connect_wait_s
+        self.metrics = metrics
+        self.name = name
+        self._wire: Wire | None = None
+        self._connack: asyncio.Future[mqtt5.ConnAckPacket] | None = None
+        self._subscribed = asyncio.Event()
+        self._sender = Sender(max_queued=max_queued, metrics=metrics, name=name)
+        self._paused = False  # by the owner (pause_reading)
+        self._loops: Loops | None = None
+        self._closing = False
+        self._entered = False
+        self.connects = 0  # successful CONNACKs (tests and logs)
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Connected and subscribed (CONNACK and SUBACK received) right now."""
+        return self._wire is not None and self._subscribed.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes queued or sent and not yet acknowledged."""
+        return len(self._sender.queue) + len(self._sender.inflight)
+
+    @property
+    def dropped(self) -> int:
+        """Publishes dropped unsent: queue full, or larger than the broker allows."""
+        return self._sender.dropped
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and forget: like :meth:`publish_acked`, without a future to await."""
+        self._enqueue(Outgoing(topic, payload, None))
+
+    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
+        """Publish at QoS 1; the future ends with the PUBACK reason code (or DROPPED/TOO_LARGE).
+
+        Never raises: while disconnected or out of window the message queues,
+        and it is resent until acknowledged (across reconnects).
+        """
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enqueue(Outgoing(topic, payload, done))
+        return done
+
+    def _enqueue(self, item: Outgoing) -> None:
+        self._sender.enqueue(item)
+        if self._wire is not None:
+            self._pump()
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        """Add a QoS 1 subscription; only before ``async with``."""
+        if self._entered:
+            raise RuntimeError("subscribe before connecting")
+        self._subscriptions.append(Subscription(topic_filter, handler))
+
+    def pause_reading(self) -> None:
+        """Stop reading from the broker (TCP backpressure) until :meth:`resume_reading`."""
+        self._paused = True
+        if self._wire is not None:
+            self._update_reading(self._wire)
+
+    def resume_reading(self) -> None:
+        """Read from the broker again."""
+        self._paused = False
+        wire = self._wire
+        if wire is not None:
+            self._update_reading(wire)
+            wire.process()  # packets that arrived before the pause took effect
+
+    async def wait_connected(self) -> None:
+        """Return once connected and subscribed."""
+        await self._subscribed.wait()
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("MqttClient cannot be re-entered")
+        self._entered = True
+        self._loops = Loops()
+        self._loops.start(self._supervise(), name=f"{self.name}-supervisor")
+        try:
+            async with asyncio.timeout(self._connect_wait_s):
+                await self._subscribed.wait()
+        except TimeoutError:
+            log.warning("mqtt not connected yet, carrying on", client=self.name, url=str(self._url))
+        except asyncio.CancelledError:
+            if self._wire is not None:
+                self._wire.abort()
+            await self._loops.close()  # raises LoopFailed if that was the cause
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        wire = self._wire
+        if wire is not None and wire.transport is not None:
+            wire.send(mqtt5.DisconnectPacket().write())
+            await asyncio.sleep(0)  # let the coalesced write go out
+            wire.transport.close()
+        assert self._loops is not None
+        await self._loops.close()
+        if wire is not None and not wire.closed.is_set():
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await wire.closed.wait()
+            except TimeoutError:
+                wire.abort()
+
+    # -- supervisor --------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Connect, keep alive, reconnect with backoff; for as long as it takes.
+
+        It also ends by itself once the client is closing: a cancellation that
+        lands just as one of its timeouts fires can be lost on Python 3.11, and
+        the supervisor must not reconnect a client that is shutting down.
+        """
+        while not self._closing:
+            wire = await self._connect_once()
+            if wire is not None:
+                await self._keepalive(wire)
+            if not self._closing:
+                await self.backoff.wait()
+
+    async def _connect_once(self) -> Wire | None:
+        loop = asyncio.get_running_loop()
+        wire: Wire | None = None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                _, wire = await loop.create_connection(
+                    lambda: Wire(self), self._url.host, self._url.port, ssl=self._ssl
+                )
+                self._wire = wire
+                connack = await self._handshake(wire)
+        except (OSError, TimeoutError, MqttError) as exc:
+            log.warning("mqtt connect failed", client=self.name, error=repr(exc))
+            if wire is not None:
+                wire.abort()
+            if self._wire is wire:
+                self._wire = None
+            return None
+        self.connects += 1
+        self._clean_start = False  # from now on, resume our own session
+        log.info("mqtt connected", client=self.name, session_present=connack.session_present)
+        self._sender.resend(wire, session_present=connack.session_present)
+        if self._subscriptions:
+            filters = [
+                mqtt5.TopicFilter(s.topic_filter, max_qos=mqtt5.QoS.AT_LEAST_ONCE)
+                for s in self._subscriptions
+            ]
+            wire.send(mqtt5.SubscribePacket(SUBSCRIBE_PACKET_ID, filters).write())
+        else:
+            self._on_subscribed()
+        return wire
+
+    async def _handshake(self, wire: Wire) -> mqtt5.ConnAckPacket:
+        self._connack = asyncio.get_running_loop().create_future()
+        password = self._url.password.encode() if self._url.password else None
+        connect = mqtt5.ConnectPacket(
+            self.client_id,
+            username=self._url.username,
+            password=password,
+            clean_start=self._clean_start,
+            keep_alive=self._keepalive_s,
+            session_expiry_interval=self._session_expiry_s,
+            receive_max=self.receive_maximum,
+            max_packet_size=self._max_packet_size,
+        )
+        wire.send(connect.write())
+        connack = await self._connack
+        if connack.reason_code != mqtt5.ConnAckReasonCode.SUCCESS:
+            raise MqttError(f"broker refused: {connack.reason_code.name}", "connect_refused")
+        if connack.server_keep_alive:  # the broker may impose its own keep-alive
+            self._keepalive_s = connack.server_keep_alive
+        self._sender.window = max(1, min(connack.receive_max, MAX_PACKET_ID - 1))
+        self._sender.broker_max_packet = connack.max_packet_size
+        return connack
+
+    async def _keepalive(self, wire: Wire) -> None:
+        loop = asyncio.get_running_loop()
+        while not wire.closed.is_set():
+            try:
+                async with asyncio.timeout(self._keepalive_s / 2):
+                    await wire.closed.wait()
+            except TimeoutError:
+                # While our reads are paused we cannot hear the broker; our
+                # PINGREQs still tell it we are alive.
+                silent = loop.time() - wire.last_heard > self._keepalive_s * 1.5
+                if silent and not wire.reads_paused:
+                    log.warning("broker silent past keep-alive, reconnecting", client=self.name)
+                    wire.abort()
+                else:
+                    wire.send(mqtt5.PingReqPacket().write())
+
+    def _on_subscribed(self) -> None:
+        self._subscribed.set()
+        self.backoff.reset()
+
+    # -- incoming ------------------------------------------------------------------
+
+    def _input_full(self, wire: Wire) -> bool:
+        if wire.unacked >= self.receive_maximum:
+            wire.input_blocked = True
+        return self._paused or wire.input_blocked
+
+    def _update_reading(self, wire: Wire) -> None:
+        wire.set_reading(self._paused or wire.parked_bytes >= PARKED_MAX_BYTES)
+
+    def _on_packet(self, wire: Wire, packet: Any) -> None:
+        if isinstance(packet, mqtt5.PublishPacket):
+            self._on_publish(wire, packet)
+        elif isinstance(packet, mqtt5.PubAckPacket):
+            self._on_puback(packet)
+        elif isinstance(packet, mqtt5.ConnAckPacket):
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_result(packet)
+        elif isinstance(packet, mqtt5.SubAckPacket):
+            self._on_suback(wire, packet)
+        elif isinstance(packet, mqtt5.DisconnectPacket):
+            self._on_disconnect(packet)
+
+    def _on_suback(self, wire: Wire, packet: mqtt5.SubAckPacket) -> None:
+        granted = (mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE,)
+        if all(code in granted for code in packet.reason_codes):
+            log.info("mqtt subscribed", client=self.name,
+                     filters=[s.topic_filter for s in self._subscriptions])  # fmt: skip
+            self._on_subscribed()
+        else:
+            codes = [code.name for code in packet.reason_codes]
+            log.error("subscription refused", client=self.name, codes=codes)
+            wire.abort()
+
+    def _on_disconnect(self, packet: mqtt5.DisconnectPacket) -> None:
+        reason = packet.reason_code.name.lower()
+        if self.metrics is not None:
+            self.metrics.disconnects.labels(reason).inc()
+        if packet.reason_code == mqtt5.DisconnectReasonCode.SESSION_TAKEN_OVER:
+            log.error(
+                "mqtt session taken over: another client connected with our client id",
+                client=self.name, client_id=self.client_id, reason=reason,
+                reason_str=packet.reason_str,
+            )  # fmt: skip
+        else:
+            log.warning("broker disconnected us", client=self.name, reason=reason,
+                        reason_str=packet.reason_str)  # fmt: skip
+
+    def _on_publish(self, wire: Wire, packet: mqtt5.PublishPacket) -> None:
+        sub = self._subscription_for(packet.topic)
+        packet_id = packet.packet_id
+        if packet.qos == mqtt5.QoS.AT_MOST_ONCE or packet_id is None:
+            ack: Ack = no_ack
+        else:
+            wire.unacked += 1
+            acked = False
+
+            def ack() -> None:
+                nonlocal acked
+                # Only on the connection the message came in on: packet ids
+                # belong to it, and after a reconnect the broker resends.
+                if acked or wire is not self._wire:
+                    return
+                acked = True
+                wire.unacked -= 1
+                wire.send(mqtt5.PubAckPacket(packet_id).write())
+                if wire.input_blocked and wire.unacked <= self._resume_at:
+                    wire.input_blocked = False
+                    if not self._paused:
+                        wire.set_reading(False)
+                        asyncio.get_running_loop().call_soon(wire.process)
+
+        if sub is None:
+            log.warning("message on a topic we did not subscribe to", topic=packet.topic)
+            ack()
+            return
+        try:
+            if isinstance(sub, PropertySubscription):
+                value = user_property(packet.user_properties, sub.user_property)
+                sub.handler(packet.topic, packet.payload, ack, value)
+            else:
+                sub.handler(packet.topic, packet.payload, ack)
+        except Exception:
+            # Isolation boundary: a bug in one message's handling must not
+            # kill the connection; the message stays unacked.
+            log.exception("message not taken", client=self.name, topic=packet.topic)
+
+    def _subscription_for(self, topic: str) -> AnySubscription | None:
+        if len(self._subscriptions) == 1:
+            return self._subscriptions[0]
+        for sub in self._subscriptions:
+            if topic_matches(sub.topic_filter, topic):
+                return sub
+        return None
+
+    def _on_lost(self, wire: Wire, exc: Exception | None) -> None:
+        if wire is not self._wire:
+            return
+        self._wire = None
+        self._subscribed.clear()
+        if self.metrics is not None:
+            self.metrics.connections_lost.inc()
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(MqttError("connection closed before CONNACK"))
+        if not self._closing:
+            log.warning("mqtt connection lost", client=self.name, error=repr(exc) if exc else None)
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def _on_puback(self, packet: mqtt5.PubAckPacket) -> None:
+        self._sender.on_puback(packet)
+        if self._sender.queue:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Send queued messages while connected, inside the window, and writable."""
+        wire = self._wire
+        if wire is None or self._connack is None or not self._connack.done():
+            return
+        self._sender.pump(wire)

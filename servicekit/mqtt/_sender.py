@@ -1,0 +1,130 @@
+"""QoS 1 publishing: a bounded queue, the broker's Receive Maximum in flight, resends.
+
+Each message may carry a future that ends with its PUBACK reason code (or
+:data:`DROPPED`/:data:`TOO_LARGE`). At most the broker's Receive Maximum are
+in flight; behind them waits a queue of at most ``max_queued``, the oldest
+dropped past it. Unacked messages are resent after a reconnect: with the same
+packet id and DUP when the session was present (MQTT 5 §4.4), as new messages
+when it was not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+import mqtt5
+import structlog
+
+from ._metrics import MqttMetrics
+from ._types import DROPPED, TOO_LARGE
+from ._wire import Wire
+
+log = structlog.get_logger(__name__)
+
+FIRST_PUBLISH_ID: Final = 2  # 1 is the SUBSCRIBE's
+MAX_PACKET_ID: Final = 65535
+_ERROR_CODES: Final = 0x80
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One QoS 1 message to publish."""
+
+    topic: str
+    payload: bytes
+    done: asyncio.Future[int] | None  # None: nobody waits for the PUBACK
+    packet_id: int = 0
+
+
+class Sender:
+    """The client's outgoing messages across its connections; writes only on a ``Wire``."""
+
+    def __init__(self, *, max_queued: int, metrics: MqttMetrics | None, name: str) -> None:
+        self.max_queued = max_queued
+        self.metrics = metrics
+        self.name = name
+        self.window = 0  # the broker's Receive Maximum for our publishes
+        self.broker_max_packet: int | None = None
+        self.inflight: dict[int, Outgoing] = {}
+        self.queue: deque[Outgoing] = deque()
+        self.ids = itertools.cycle(range(FIRST_PUBLISH_ID, MAX_PACKET_ID + 1))
+        self.dropped = 0
+
+    def enqueue(self, item: Outgoing) -> None:
+        """Queue ``item``; the oldest queued one is dropped when the queue is full."""
+        if len(self.queue) >= self.max_queued:
+            self.drop(self.queue.popleft(), DROPPED)
+            log.warning("mqtt publish queue full, dropped the oldest", client=self.name)
+        self.queue.append(item)
+
+    def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
+        """End the acknowledged message's future with the reason code."""
+        item = self.inflight.pop(packet.packet_id, None)
+        if item is None:
+            log.warning("PUBACK for a packet id not in flight", packet_id=packet.packet_id)
+            return
+        code = packet.reason_code
+        if int(code) >= _ERROR_CODES:
+            # Definitive: resending would be refused again. The caller decides.
+            if self.metrics is not None:
+                self.metrics.publish_refused.labels(code.name.lower()).inc()
+            log.warning("broker refused a publish", client=self.name, topic=item.topic,
+                        reason=code.name.lower(), reason_str=packet.reason_str)  # fmt: skip
+        if item.done is not None and not item.done.done():
+            item.done.set_result(int(code))
+
+    def pump(self, wire: Wire) -> None:
+        """Send queued messages while inside the window and ``wire`` is writable."""
+        while self.queue and len(self.inflight) < self.window and wire.writable:
+            item = self.queue.popleft()
+            if self.broker_max_packet is not None and (
+                len(item.payload) + len(item.topic) + 16 > self.broker_max_packet
+            ):
+                log.error("publish larger than the broker allows, dropped",
+                          client=self.name, topic=item.topic, size=len(item.payload))  # fmt: skip
+                self.drop(item, TOO_LARGE)
+                continue
+            item.packet_id = self._next_id()
+            self.inflight[item.packet_id] = item
+            self._write_publish(wire, item, duplicate=False)
+
+    def resend(self, wire: Wire, *, session_present: bool) -> None:
+        """After CONNACK: resend what was in flight on the last connection (§4.4), then pump."""
+        if not self.inflight:
+            self.pump(wire)
+            return
+        if session_present:
+            # The broker knows these packet ids: same ids, DUP set, in order.
+            for item in self.inflight.values():
+                self._write_publish(wire, item, duplicate=True)
+            log.info("mqtt resent unacked publishes", client=self.name, count=len(self.inflight))
+        else:
+            # A new session: the ids mean nothing to the broker; send them anew, first.
+            self.queue.extendleft(reversed(self.inflight.values()))
+            self.inflight.clear()
+        self.pump(wire)
+
+    def drop(self, item: Outgoing, code: int) -> None:
+        """Give up on ``item``: its future ends with ``code``."""
+        self.dropped += 1
+        if self.metrics is not None:
+            self.metrics.publish_dropped.inc()
+        if item.done is not None and not item.done.done():
+            item.done.set_result(code)
+
+    def _next_id(self) -> int:
+        while True:
+            packet_id = next(self.ids)
+            if packet_id not in self.inflight:
+                return packet_id
+
+    def _write_publish(self, wire: Wire, item: Outgoing, *, duplicate: bool) -> None:
+        packet = mqtt5.PublishPacket(
+            item.topic, item.payload, qos=mqtt5.QoS.AT_LEAST_ONCE,
+            packet_id=item.packet_id, duplicate=duplicate,
+        )  # fmt: skip
+        wire.send(packet.write())

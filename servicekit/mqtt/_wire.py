@@ -1,0 +1,150 @@
+"""One TCP connection to the broker: packets in (parked past the Receive Maximum), writes out.
+
+Incoming PUBLISH packets beyond the client's Receive Maximum of unacked
+messages are parked unhandled while every other packet (PUBACKs above all) is
+still handled; past ``PARKED_MAX_BYTES`` of parked messages the socket's reads
+pause (TCP backpressure). Outgoing bytes queued in one loop turn leave in one
+``transport.write``; nothing new is queued while the transport's buffer is
+above ``WRITE_HIGH_WATER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Final, cast
+
+import mqtt5
+import structlog
+
+if TYPE_CHECKING:
+    from ._client import MqttClient
+
+log = structlog.get_logger(__name__)
+
+WRITE_HIGH_WATER: Final = 256 * 1024
+PARKED_MAX_BYTES: Final = 1024 * 1024
+"""Incoming messages parked past the Receive Maximum before reads pause."""
+
+
+class Wire(asyncio.Protocol):
+    """One TCP connection: frames packets in, coalesces writes out, counts unacked input."""
+
+    def __init__(self, owner: MqttClient) -> None:
+        self._owner = owner
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.Event()
+        self.last_heard = 0.0
+        self.unacked = 0  # messages handed to handlers on this connection, not yet acked
+        # PUBLISHes read past the Receive Maximum, handed out in order once acks free room.
+        self.parked: deque[tuple[mqtt5.PublishPacket, int]] = deque()
+        self.parked_bytes = 0
+        self.writing_paused = False
+        self.reads_paused = False
+        # Receive Maximum reached: parsing stops until half the window is acked
+        # (hysteresis, so reads don't flap on every ack).
+        self.input_blocked = False
+        self.out_bytes = 0  # queued for this loop turn's write
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # Nagle + delayed ACK would add ~40 ms per small packet
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.last_heard = asyncio.get_running_loop().time()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_heard = asyncio.get_running_loop().time()
+        self._buffer += data
+        self.process()
+
+    def process(self) -> None:
+        """Hand out parked messages the window now allows, then handle the buffer's packets."""
+        owner = self._owner
+        while self.parked and not owner._input_full(self):
+            parked, parked_size = self.parked.popleft()
+            self.parked_bytes -= parked_size
+            owner._on_packet(self, parked)
+        offset = 0
+        with memoryview(self._buffer) as view:
+            while offset < len(view):
+                if owner._paused or self.parked_bytes >= PARKED_MAX_BYTES:
+                    break
+                try:
+                    packet, size = mqtt5.read(view[offset:])
+                except IndexError:  # an incomplete packet: wait for more bytes
+                    break
+                except ValueError as exc:
+                    log.error("malformed packet from broker, closing", error=str(exc))  # noqa: TRY400
+                    self.abort()
+                    return
+                offset += size
+                if isinstance(packet, mqtt5.PublishPacket) and (
+                    self.parked or owner._input_full(self)
+                ):
+                    self.parked.append((packet, size))
+                    self.parked_bytes += size
+                else:
+                    owner._on_packet(self, packet)
+        del self._buffer[:offset]
+        owner._update_reading(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.closed.set()
+        self._owner._on_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._owner._pump()
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes; everything queued in one loop turn goes out in one write."""
+        if self.transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+        self.out_bytes += len(data)
+
+    @property
+    def writable(self) -> bool:
+        """Room for more publishes: the transport is below its high-water mark, and so
+        is what this loop turn has queued (one pump must not queue megabytes)."""
+        return (
+            self.transport is not None
+            and not self.writing_paused
+            and (self.out_bytes < WRITE_HIGH_WATER)
+        )
+
+    def _flush(self) -> None:
+        if self.transport is not None and self._out:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+        refill = self.out_bytes >= WRITE_HIGH_WATER
+        self.out_bytes = 0
+        if refill and not self.writing_paused:
+            self._owner._pump()
+
+    def set_reading(self, paused: bool) -> None:
+        if self.transport is None or paused == self.reads_paused:
+            return
+        self.reads_paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+            self.last_heard = asyncio.get_running_loop().time()  # deaf, not silent, till now
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        if self.transport is not None:
+            self.transport.abort()
