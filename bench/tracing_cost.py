@@ -32,7 +32,7 @@ from bridge.batcher import _Entry, _links
 from bridge.ingest import classify
 from schemas.names import TRACEPARENT_PROPERTY
 from servicekit import tracing
-from servicekit.mqtt import _user_property
+from servicekit.mqtt import user_property
 
 _encoder = msgspec.msgpack.Encoder()
 N = 50_000
@@ -58,7 +58,7 @@ def before_tracing(raw: bytes) -> bytes:
 def with_tracing(raw: bytes) -> bytes:
     """The path now (bridge tracing off): read the property, keep it if well shaped."""
     packet, _ = mqtt5.read(raw)
-    trace = _user_property(packet.user_properties, TRACEPARENT_PROPERTY)
+    trace = user_property(packet.user_properties, TRACEPARENT_PROPERTY)
     o = classify(packet.topic, packet.payload, shards=16, received_at_ms=1, trace=trace)
     row = (
         (o.digest, o.order_id, o.device_id, str(o.seq), str(o.received_at_ms), len(o.payload))

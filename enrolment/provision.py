@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from schemas.names import is_device_id
+from schemas.ids import is_device_id
 from servicekit.urls import MqttUrl
 
 from .dynsec import SERVICE_ACCOUNTS, Accounts, device_client_id

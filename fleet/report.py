@@ -14,6 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from schemas.names import stream_key
+from servicekit.redis_clients import text
 
 from .svg import line_chart
 from .tracker import Tracker
@@ -96,19 +97,15 @@ async def received_times(redis: Any, shards: int) -> dict[OrderRef, int]:
         start = "-"
         while entries := await redis.xrange(stream_key(shard), min=start, max="+", count=PAGE):
             for _entry_id, fields in entries:
-                ref = (_text(fields[b"device_id"]), _text(fields[b"order_id"]))
+                ref = (text(fields[b"device_id"]), text(fields[b"order_id"]))
                 out.setdefault(ref, int(fields[b"received_at"]))
-            start = "(" + _text(entries[-1][0])
+            start = "(" + text(entries[-1][0])
     return out
 
 
 async def stage_breakdown(redis: Any, shards: int, tracker: Tracker) -> StageLatencies:
     """The run's stage latencies, reading received_at from the streams."""
     return stage_latencies(tracker, await received_times(redis, shards))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass

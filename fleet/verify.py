@@ -33,6 +33,7 @@ from typing import Any, Final
 from pipeline import order_histories, read_events
 from pipeline.names import TERMINAL_STATUSES
 from schemas.names import stream_key
+from servicekit.redis_clients import text
 
 EVENTS = "orders:{N}:events"
 
@@ -76,8 +77,8 @@ async def count_stream_entries(redis: Any, shards: int) -> Counter[OrderRef]:
         start = "-"
         while entries := await redis.xrange(key, min=start, max="+", count=PAGE):
             for _entry_id, fields in entries:
-                counts[(_text(fields[b"device_id"]), _text(fields[b"order_id"]))] += 1
-            start = "(" + _text(entries[-1][0])
+                counts[(text(fields[b"device_id"]), text(fields[b"order_id"]))] += 1
+            start = "(" + text(entries[-1][0])
     return counts
 
 
@@ -171,7 +172,3 @@ async def verify(
             redis, sorted(ref for ref in wanted if counts[ref] > 0), terminal, shards=shards
         )
     return Verdict(len(wanted), lost, duplicated, stuck, extra, unheard, twice)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

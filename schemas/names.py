@@ -11,7 +11,7 @@ import zlib
 from typing import Final
 
 from .errors import Reason, SchemaError
-from .ids import is_device_id as is_device_id  # noqa: PLC0414 (an import path fleet uses)
+from .ids import is_device_id
 
 TOPIC_PREFIX: Final = "v1/devices/"
 ORDERS_TOPIC_FILTER: Final = "v1/devices/+/orders"

@@ -32,13 +32,6 @@ FORBIDDEN_MODULES = {
     # servicekit.mqtt needs the mqtt5 codec, which only the cloud extras install.
     "edge_agent": ("servicekit.mqtt",),
 }
-# (file, module) imports allowed against the graph, each until the change that ends it;
-# the module's names (module.NAME) are allowed with it.
-KNOWN_EXCEPTIONS = frozenset(
-    {
-        ("pipeline/ops.py", "bridge.heartbeat"),  # removed by the schemas move
-    }
-)
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -79,14 +72,6 @@ def our_imports(package: str, root: Path = REPO) -> list[tuple[str, str]]:
     return found
 
 
-def known_exception(path: str, module: str) -> bool:
-    """True for an import :data:`KNOWN_EXCEPTIONS` allows, or a name taken from one."""
-    return any(
-        path == known_path and (module == known or module.startswith(f"{known}."))
-        for known_path, known in KNOWN_EXCEPTIONS
-    )
-
-
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_each_package_imports_only_what_the_graph_allows(package: str) -> None:
     """No import of a package of ours outside the package's allowed set."""
@@ -94,7 +79,7 @@ def test_each_package_imports_only_what_the_graph_allows(package: str) -> None:
     wrong = [
         (path, module)
         for path, module in our_imports(package)
-        if module.split(".")[0] not in ALLOWED[package] and not known_exception(path, module)
+        if module.split(".")[0] not in ALLOWED[package]
     ]
     assert wrong == [], f"{package} may import only {sorted(ALLOWED[package])}"
 

@@ -55,9 +55,6 @@ from ._types import (
 )
 from ._wire import PARKED_MAX_BYTES, WRITE_HIGH_WATER
 
-# bench/tracing_cost.py imports the old private name.
-_user_property = user_property
-
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DROPPED",

@@ -20,8 +20,9 @@ from enrolment.files import file_mode
 from enrolment.provision import ProvisionError, Registry
 from fleet.cli import DEPRECATED_PROVISION
 from fleet.cli import main as fleet_sim
+from schemas.ids import is_device_id
 from schemas.messages import DeviceId
-from schemas.names import is_device_id, orders_topic
+from schemas.names import orders_topic
 from servicekit.urls import MqttUrl
 
 from ..fleet.mqtt_probe import Probe
