@@ -18,7 +18,7 @@ import structlog
 from schemas import Status, encode
 from schemas.names import status_topic
 from servicekit.backoff import Backoff
-from servicekit.mqtt import MqttClient, MqttMetrics
+from servicekit.mqtt import MqttClient, MqttMetrics, QueueFull
 from servicekit.urls import MqttUrl
 
 from .config import PipelineConfig
@@ -58,10 +58,17 @@ class MqttStatusPublisher:
         """Publish all, then wait until the broker acked every one or the timeout passed."""
         if not messages:
             return 0
-        acks = [
-            self._client.publish_acked(status_topic(device_id), encode(status))
-            for device_id, status in messages
-        ]
+        acks = []
+        for device_id, status in messages:
+            try:
+                acks.append(self._client.publish_acked(status_topic(device_id), encode(status)))
+            except QueueFull:
+                # Logged and counted by the client; the device recovers the
+                # status with its status query.
+                break
+        if len(acks) < len(messages):
+            log.warning("status_publish_refused", refused=len(messages) - len(acks),
+                        total=len(messages))  # fmt: skip
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._ack_timeout_s):
                 await _all_done(acks)
