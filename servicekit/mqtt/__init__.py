@@ -43,8 +43,8 @@ What it does:
 - A supervisor reconnects with :class:`servicekit.backoff.Backoff`, reset after
   CONNACK+SUBACK, for as long as the broker is down; an unexpected error kills
   it loudly (:class:`servicekit.errors.LoopFailed` out of ``async with``).
-- Leaving ``async with`` waits up to ``close_grace_s`` for queued and unacked
-  publishes to be acknowledged, then sends DISCONNECT.
+- Leaving ``async with`` waits, while connected, up to ``close_grace_s`` for
+  queued and unacked publishes to be acknowledged, then sends DISCONNECT.
 """
 
 from ._client import CONNECT_TIMEOUT_S, MqttClient

@@ -53,8 +53,8 @@ class MqttClient:
             (None: until it comes); the supervisor goes on trying after that.
         max_queued: publishes waiting for a window slot; past it a new one raises
             :class:`QueueFull` (nothing queued is dropped).
-        close_grace_s: how long leaving ``async with`` waits for queued and
-            unacked publishes to be acknowledged before it disconnects.
+        close_grace_s: how long leaving ``async with`` waits, while connected, for
+            queued and unacked publishes to be acknowledged before it disconnects.
     """
 
     def __init__(
@@ -216,16 +216,26 @@ class MqttClient:
                 wire.abort()
 
     async def _wait_acked(self) -> None:
-        """Up to the grace period, wait for every queued and in-flight publish to be acked;
-        the supervisor goes on reconnecting meanwhile."""
-        if self._sender.idle.is_set():
+        """Up to the grace period, wait for every queued and in-flight publish to be acked.
+
+        Only while connected: with the broker gone no PUBACK can come, and the
+        unacked messages are the caller's to recover (a status query, an agent's resend).
+        """
+        wire = self._wire
+        if self._sender.idle.is_set() or wire is None or not self._subscribed.is_set():
             return
+        idle = asyncio.ensure_future(self._sender.idle.wait())
+        lost = asyncio.ensure_future(wire.closed.wait())
         try:
-            async with asyncio.timeout(self._close_grace_s):
-                await self._sender.idle.wait()
-        except TimeoutError:
+            await asyncio.wait({idle, lost}, timeout=self._close_grace_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            idle.cancel()
+            lost.cancel()
+        if not self._sender.idle.is_set():
             log.warning("mqtt closing with publishes unacked", client=self.name,
-                        unacked=self.in_flight, grace_s=self._close_grace_s)  # fmt: skip
+                        unacked=self.in_flight, grace_s=self._close_grace_s,
+                        connected=not wire.closed.is_set())  # fmt: skip
 
     # -- supervisor --------------------------------------------------------------
 
