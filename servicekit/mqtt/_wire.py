@@ -102,13 +102,7 @@ class Wire(asyncio.Protocol):
                 if isinstance(packet, mqtt5.PublishPacket) and (
                     self.parked or owner._input_full(self)
                 ):
-                    self.parked.append((packet, size))
-                    self.parked_bytes += size
-                    if self.parked_bytes >= PARKED_MAX_BYTES:
-                        self.holding_acks = True
-                    if self.parked_bytes > PARKED_DISCONNECT_BYTES and owner._over_receive_maximum(
-                        self
-                    ):
+                    if self._park(packet, size):
                         exceeded = True
                         break
                 else:
@@ -118,6 +112,17 @@ class Wire(asyncio.Protocol):
             owner._receive_maximum_exceeded(self)
         else:
             del self._buffer[:offset]
+
+    def _park(self, packet: mqtt5.PublishPacket, size: int) -> bool:
+        """Park ``packet``; True if the broker is past our Receive Maximum and too far."""
+        self.parked.append((packet, size))
+        self.parked_bytes += size
+        if self.parked_bytes >= PARKED_MAX_BYTES and not self.holding_acks:
+            self.holding_acks = True
+            log.info("mqtt parking past its limit, PUBACKs held back",
+                     parked=len(self.parked), parked_bytes=self.parked_bytes)  # fmt: skip
+        too_far = self.parked_bytes > PARKED_DISCONNECT_BYTES
+        return too_far and self._owner._over_receive_maximum(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
