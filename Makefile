@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt).
 EXPORTS := edge bridge fleet
 
-.PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean
+.PHONY: demo demo-scale demo-geo test lint docs system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demo
@@ -31,6 +31,10 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The docs site (mkdocs-material) into site/; tests/test_docs.py runs the same strict build.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 stack: $(INSTALLED)
 	$(BIN)/python -m fleet.demo --stack-only
@@ -61,4 +65,4 @@ lock: $(UV)
 	done
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis site
