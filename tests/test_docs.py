@@ -1,4 +1,4 @@
-"""The docs site builds in strict mode and links only inside the repository."""
+"""The docs site builds in strict mode, and the README's links stay inside the repository."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"(`+)[^`].*?\1", re.DOTALL)
@@ -75,6 +76,23 @@ def test_strict_build_fails_on_a_broken_link(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert "no-such-page.md" in result.stdout + result.stderr
+
+
+def test_readme_is_short() -> None:
+    assert len(README.read_text().splitlines()) <= 150
+
+
+def test_readme_links_resolve_inside_the_repository() -> None:
+    links = markdown_links(README.read_text())
+    assert any(link.startswith("docs/") for link in links), links
+    for link in links:
+        assert not SCHEME.fullmatch(link), f"README links outside the repository: {link}"
+        path = link.split("#", 1)[0]
+        if not path:
+            continue
+        target = (ROOT / path).resolve()
+        assert target.is_relative_to(ROOT), f"README link leaves the repository: {link}"
+        assert target.exists(), f"README link to a missing file: {link}"
 
 
 def test_docs_never_link_outside_the_repository() -> None:
