@@ -23,6 +23,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from schemas import Status, encode
+from schemas.messages import MAX_QUERIED_ORDERS
 from schemas.names import status_topic
 from servicekit.backoff import Backoff
 from servicekit.mqtt import MqttClient, MqttMetrics
@@ -64,9 +65,8 @@ class StatusMetrics:
         kwargs = {"registry": registry} if registry is not None else {}
         self.unpublished = Counter(
             "pipeline_statuses_unpublished",
-            "Statuses not queued for the broker because the worker's backlog of unacked "
+            "Statuses a worker did not queue for the broker because its backlog of unacked "
             "statuses was full (broker down or slow); devices get them by status query",
-            ["source"],
             **kwargs,  # type: ignore[arg-type]
         )
 
@@ -75,11 +75,14 @@ class MqttStatusPublisher:
     """Statuses out through the client, within a bounded backlog of unacked ones.
 
     The client keeps what it could not send yet (broker down or slow) and
-    resends it after a reconnect, but never more than ``backlog_max``
-    statuses: past that, new ones are not queued, only counted
-    (``pipeline_statuses_unpublished_total``) and logged; their orders'
-    records hold them for the status query. A broker outage costs a worker
-    at most that much memory and no time.
+    resends it after a reconnect. The worker's statuses (:meth:`send`) are
+    queued only while the client holds fewer than ``backlog_max`` unacked:
+    past that, new ones are only counted (``pipeline_statuses_unpublished_total``)
+    and logged, and their orders' records hold them for the status query. A
+    broker outage costs a worker at most that much memory and no time.
+    Status-query answers (:meth:`publish`) are not shed: they are bounded by
+    the queries held at once (``status_query_window``), each waiting for its
+    answers' PUBACKs.
     """
 
     def __init__(
@@ -104,30 +107,29 @@ class MqttStatusPublisher:
 
     def send(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Queue what fits in the backlog and return at once (the worker's path)."""
-        queued = self._room(messages, "worker")
+        queued = self._room(messages)
         for device_id, status in queued:
             self._client.publish(status_topic(device_id), encode(status))
         return len(queued)
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
-        """Queue what fits, then wait until the broker acked it all or the timeout passed.
+        """Publish all, then wait until the broker acked every one or the timeout passed.
 
         The status-query responder's path: it acks a query only after its answers
-        went out (or gave up), so it never piles up more answers than the broker takes.
+        went out (or the timeout passed), and it holds at most its window of queries.
         """
-        queued = self._room(messages, "status_query")
-        if not queued:
+        if not messages:
             return 0
         acks = [
             self._client.publish_acked(status_topic(device_id), encode(status))
-            for device_id, status in queued
+            for device_id, status in messages
         ]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._ack_timeout_s):
                 await _all_done(acks)
         pending = sum(1 for ack in acks if not ack.done())
         if pending:
-            log.warning("status_puback_timeout", unacked=pending, total=len(queued))
+            log.warning("status_puback_timeout", unacked=pending, total=len(messages))
         return sum(
             1
             for ack in acks
@@ -135,9 +137,7 @@ class MqttStatusPublisher:
             and ack.result() in _DELIVERED
         )  # fmt: skip
 
-    def _room(
-        self, messages: Sequence[tuple[str, Status]], source: str
-    ) -> Sequence[tuple[str, Status]]:
+    def _room(self, messages: Sequence[tuple[str, Status]]) -> Sequence[tuple[str, Status]]:
         """The leading messages the backlog has room for; the rest are counted and logged."""
         room = max(0, self._backlog_max - self._client.in_flight)
         if room >= len(messages):
@@ -147,7 +147,7 @@ class MqttStatusPublisher:
             return messages
         shed = len(messages) - room
         self.unpublished += shed
-        self._metrics.unpublished.labels(source).inc(shed)
+        self._metrics.unpublished.inc(shed)
         if not self._shedding:
             self._shedding = True
             log.warning("status_backlog_full", backlog_max=self._backlog_max,
@@ -178,7 +178,9 @@ def status_client(
         receive_maximum=config.status_query_window,
         backoff=Backoff(0.1, 5.0),
         connect_wait_s=CONNECT_WAIT_S,
-        max_queued=config.status_backlog_max,
+        # Room for the worker's backlog and a full window of status-query answers,
+        # so the client never has to drop a queued status itself.
+        max_queued=config.status_backlog_max + config.status_query_window * MAX_QUERIED_ORDERS,
         ca_file=config.mqtt_ca_file,
         metrics=metrics,
         name="pipeline-status",
