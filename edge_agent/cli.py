@@ -24,6 +24,7 @@ import structlog
 from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, field_help, load_config
 from servicekit.logs import configure_logging
+from servicekit.version import add_version_argument
 
 from .agent import EdgeAgent
 from .config import AgentConfig
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`edge-agent retry --help` re-queues held orders.",
         conflict_handler="resolve",  # --region below replaces the generated one-value flag
     )
+    add_version_argument(parser)
     add_config_arguments(parser, AgentConfig)
     parser.add_argument(
         "--region",
@@ -103,7 +105,7 @@ def release_startup_memory() -> None:
 
     Importing aiohttp, paho, msgspec and structlog frees about 5 MB of
     temporaries that glibc keeps mapped, scattered below live objects;
-    ``malloc_trim(0)`` returns those pages. Measured idle RSS: see the README.
+    ``malloc_trim(0)`` returns those pages. Measured idle RSS: docs/explanation/benchmarks.md.
     """
     try:
         import ctypes  # noqa: PLC0415 - only here, once

@@ -173,11 +173,13 @@ class Wire(asyncio.Protocol):
             self._owner._pump()
 
     def close_now(self, last: bytes) -> None:
-        """Write ``last`` (with whatever this loop turn queued) and close the connection."""
+        """Write what this loop turn queued, the held-back PUBACKs (their messages were
+        handled: the next connection must not bring them again) and ``last``; close."""
         if self.transport is None:
             return
-        self.transport.write(b"".join([*self._out, last]))
+        self.transport.write(b"".join([*self._out, *self.held_acks, last]))
         self._out.clear()
+        self.held_acks.clear()
         self.transport.close()
 
     def abort(self) -> None:

@@ -502,8 +502,9 @@ async def test_keepalive_drops_a_silent_broker_while_reading_is_paused() -> None
 
 
 async def test_a_broker_past_our_receive_maximum_is_disconnected_loudly() -> None:
-    """A broker that ignores our Receive Maximum and sends more than PARKED_DISCONNECT_BYTES
-    past it gets DISCONNECT 0x93 (MQTT 5 §3.3.4), an error log and a count; memory stays bounded."""
+    """Past PARKED_MAX_BYTES parked our PUBACKs are held back; a broker that ignores our Receive
+    Maximum and sends more than PARKED_DISCONNECT_BYTES past it gets the held PUBACKs and then
+    DISCONNECT 0x93 (MQTT 5 §3.3.4), an error log and a count: memory stays bounded."""
     metrics = MqttMetrics("t", CollectorRegistry())
     inbox = Inbox()
     size = 256 * 1024
@@ -512,12 +513,22 @@ async def test_a_broker_past_our_receive_maximum_is_disconnected_loudly() -> Non
         with capture_logs() as logs:
             async with connected(broker, client) as session:
                 count = PARKED_DISCONNECT_BYTES // size + 4
-                session.send(*[publish_packet(10 + i, b"x" * size) for i in range(count)])
+                flood = [publish_packet(10 + i, b"x" * size) for i in range(count)]
+                session.send(*flood[:8])  # 2 MiB, 6 of them parked: past PARKED_MAX_BYTES
+                wire = client._wire
+                assert wire is not None
+                await wait_until(lambda: len(wire.parked) == 6, what="six parked")
+                inbox.messages[0][2]()  # handled; too much parked, so its PUBACK waits
+                await inbox.wait_for(3)
+                await asyncio.sleep(0.05)
+                assert session.packets.empty()
+                session.send(*flood[8:])
+                assert (await session.expect(mqtt5.PubAckPacket)).packet_id == 10
                 disconnect = await session.expect(mqtt5.DisconnectPacket)
                 assert disconnect.reason_code == mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
                 async with asyncio.timeout(5):
                     await session.closed.wait()
-                assert len(inbox.messages) == 2
+                assert len(inbox.messages) == 3
     assert metrics.receive_maximum_exceeded._value.get() == 1
     errors = [e for e in logs if e["log_level"] == "error" and "receive maximum" in e["event"]]
     assert errors

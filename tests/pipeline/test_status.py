@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from pipeline.config import PipelineConfig
-from pipeline.status import MqttStatusPublisher, status_client
+from pipeline.status import MqttStatusPublisher, StatusMetrics, status_client
 from schemas import Status
 from testrig.servers import MosquittoProcess, port_is_open
 from tests.helpers import wait_until
@@ -74,18 +75,21 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
 async def test_a_full_queue_refuses_statuses_without_failing_the_batch(
     mosquitto: MosquittoProcess, status_listener: StatusListener, device_id: str
 ) -> None:
-    """The client's queue is full (QueueFull, as at 100,000 queued): publish returns how many
-    went out instead of raising, logs the refusal, and the next batch goes out once there is
-    room; a refused status is recovered by the device's status query."""
+    """The client's queue is full (QueueFull): the worker's send and the responder's publish
+    return how many went out instead of raising, count or log the refusal, and the next batch
+    goes out once there is room; a refused status is recovered by the device's status query."""
     status_listener.subscribe(device_id)
     messages = _statuses(device_id, 30)
     config = PipelineConfig(mqtt_url=mosquitto.url)
     async with status_client(config, f"{device_id}-pub") as client:
-        publisher = MqttStatusPublisher(client, ack_timeout_s=5)
+        registry = CollectorRegistry()
+        publisher = MqttStatusPublisher(client, ack_timeout_s=5, metrics=StatusMetrics(registry))
         client._sender.max_queued = 0  # every publish meets a full queue
+        assert publisher.send(messages[:5]) == 0
+        assert _unpublished(registry) == 5
         with capture_logs() as logs:
             assert await publisher.publish(messages[:10]) == 0
-        assert client.refused == 1  # the batch stops at the first refusal
+        assert client.refused == 2  # each batch stops at its first refusal
         refusals = [e for e in logs if e["event"] == "status_publish_refused"]
         assert [e["refused"] for e in refusals] == [10]
         client._sender.max_queued = 100
@@ -98,3 +102,52 @@ async def test_a_full_queue_refuses_statuses_without_failing_the_batch(
     assert {s.order_id for _t, s in status_listener.received} == {
         s.order_id for _d, s in messages[10:]
     }
+
+
+async def test_with_the_broker_down_send_never_waits_and_the_backlog_is_bounded(
+    mosquitto_factory: Callable[..., MosquittoProcess], device_id: str
+) -> None:
+    """Broker SIGKILLed: send returns at once with what fits in a backlog of 10; the other 20 are
+    counted as unpublished (left to the status query); the 10 go out after a restart."""
+    broker = mosquitto_factory()
+    listener = StatusListener(broker)
+    listener.subscribe(device_id)
+    messages = _statuses(device_id, 30, "fulfilled")
+    registry = CollectorRegistry()
+    config = PipelineConfig(mqtt_url=broker.url, status_backlog_max=10)
+    try:
+        async with status_client(config, f"{device_id}-pub") as client:
+            publisher = MqttStatusPublisher(
+                client, backlog_max=config.status_backlog_max, metrics=StatusMetrics(registry)
+            )
+            broker.kill()
+            assert not port_is_open(broker.port)
+
+            async def disconnected() -> bool:
+                return not client.connected
+
+            await wait_until(disconnected, what="the publisher to notice the outage")
+            assert publisher.send(messages[:4]) == 4
+            assert publisher.send(messages[4:]) == 6
+            assert publisher.backlog == client.in_flight == 10
+            assert publisher.unpublished == 20
+            assert _unpublished(registry) == 20
+            listener.close()
+            broker.start()
+            listener = StatusListener(broker)
+            listener.subscribe(device_id)
+            await wait_until(lambda: publisher.backlog == 0, what="the backlog sent")
+            assert publisher.send(messages[10:12]) == 2  # room again
+
+            async def heard() -> bool:
+                got = {s.order_id for _t, s in listener.received}
+                return got >= {s.order_id for _d, s in messages[10:12]}
+
+            await wait_until(heard, what="the next statuses at a subscriber")
+    finally:
+        listener.close()
+
+
+def _unpublished(registry: CollectorRegistry) -> float:
+    value = registry.get_sample_value("pipeline_statuses_unpublished_total")
+    return 0.0 if value is None else value
