@@ -203,9 +203,7 @@ class MqttClient:
         self._closing = True
         wire = self._wire
         if wire is not None and wire.transport is not None:
-            wire.send(mqtt5.DisconnectPacket().write())
-            await asyncio.sleep(0)  # let the coalesced write go out
-            wire.transport.close()
+            wire.close_now(mqtt5.DisconnectPacket().write())
         assert self._loops is not None
         await self._loops.close()
         if wire is not None and not wire.closed.is_set():

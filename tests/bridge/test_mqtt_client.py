@@ -534,6 +534,29 @@ async def test_a_broker_past_our_receive_maximum_is_disconnected_loudly() -> Non
     assert errors
 
 
+async def test_held_back_pubacks_leave_before_the_disconnect_at_exit() -> None:
+    """Acks given while too much is parked are held back; leaving ``async with`` sends them
+    before DISCONNECT, so the broker does not bring those messages again."""
+    inbox = Inbox()
+    size = 256 * 1024
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, inbox, receive_maximum=2)
+        async with connected(broker, client) as session:
+            client.pause_reading()
+            session.send(*[publish_packet(10 + i, b"x" * size) for i in range(8)])
+            wire = client._wire
+            assert wire is not None
+            await wait_until(lambda: len(wire.parked) == 8, what="eight parked: 2 MiB")
+            client.resume_reading()
+            await inbox.wait_for(2)
+            inbox.messages[0][2]()
+            await asyncio.sleep(0.05)
+            assert wire.held_acks
+            assert session.packets.empty()
+        assert (await session.expect(mqtt5.PubAckPacket)).packet_id == 10
+        await session.expect(mqtt5.DisconnectPacket)
+
+
 async def test_a_full_queue_refuses_the_new_message_and_keeps_the_old() -> None:
     """With one publish in flight and the queue at max_queued, the next publish raises
     QueueFull (an MqttError), logs and counts it; every queued message still goes out."""
