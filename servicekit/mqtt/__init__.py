@@ -23,19 +23,18 @@ What it does:
   on a socket nobody reads, and keep-alive must find a dead broker while the
   owner is paused. Memory: the Receive Maximum bounds what a compliant broker
   sends; Mosquitto 2.0 sends more than an ack freed, so past
-  ``PARKED_MAX_BYTES`` parked our PUBACKs are held back (never the broker's)
-  until half of it is left; a broker past our Receive Maximum and
+  ``PARKED_MAX_BYTES`` parked our own PUBACKs are held back (a broker that
+  gets none sends nothing new) until half of it is left; a broker past our Receive Maximum and
   ``PARKED_DISCONNECT_BYTES`` gets DISCONNECT 0x93 (MQTT 5 §3.3.4), an error
   log and a count. A session backlog that arrives during the handshake is
   held to it too.
 - QoS 1 publishing with a future per message (its PUBACK reason code), at most
   the broker's Receive Maximum in flight, a bounded queue behind that (a full
   queue refuses the new message with :class:`QueueFull`, logged and counted;
-  nothing queued is dropped), and
-  write-side backpressure: nothing new is written while the transport's buffer
-  is above its high-water mark. Unacked messages are resent after a reconnect:
-  with the same packet id and DUP when the session was present (MQTT 5 §4.4),
-  as new messages when it was not.
+  nothing queued is dropped), and write-side backpressure: nothing new is
+  written while the transport's buffer is above its high-water mark. Unacked
+  messages are resent after a reconnect: with the same packet id and DUP when
+  the session was present (MQTT 5 §4.4), as new messages when it was not.
 - PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives is
   dropped. DISCONNECT from the broker is logged with its reason and counted; a
   session taken over by another client with our id (0x8E) is an error: two
