@@ -9,6 +9,7 @@ broken command changes nothing and never stops the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -17,7 +18,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge_agent import AgentConfig, EdgeAgent
+from edge_agent import AgentConfig, EdgeAgent, StorageError
+from edge_agent._records import RetryResult
+from edge_agent.commands import Commands
+from edge_agent.metrics import AgentMetrics
 from schemas import RETRY_HELD, Command, encode, names
 from testrig.servers import MosquittoProcess
 from tests.helpers import wait_until
@@ -241,3 +245,33 @@ async def test_a_command_that_does_not_decode_is_only_counted(
     async with EdgeAgent(make_config(http_enabled=False)) as agent:
         agent.commands.on_message(names.command_topic(device_id), payload)
         assert 'edge_commands_total{outcome="invalid"} 1.0' in rendered(agent)
+
+
+async def test_a_release_the_outbox_refuses_is_tried_again() -> None:
+    """The outbox refuses the first release (StorageError): the loop keeps the request,
+    backs off, and releases on the next try; one command, two attempts, one success."""
+    attempts: list[str] = []
+    released = asyncio.Event()
+
+    async def release() -> RetryResult:
+        if not attempts:
+            attempts.append("refused")
+            raise StorageError("disk I/O error", reason="io")
+        attempts.append("released")
+        released.set()
+        return RetryResult(requeued=["o-00000001"], past_horizon=[], not_held=[])
+
+    metrics = AgentMetrics()
+    commands = Commands("kiosk-s", metrics, release, retry_s=0.01)
+    loop = asyncio.create_task(commands.run())
+    try:
+        command = Command(v=1, cmd=RETRY_HELD, id="cmd-storage-01", issued_at=1)
+        commands.on_message(names.command_topic("kiosk-s"), encode(command))
+        async with asyncio.timeout(5):
+            await released.wait()
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert attempts == ["refused", "released"]
+    assert 'edge_commands_total{outcome="retry_held"} 1.0' in metrics.render().decode()
