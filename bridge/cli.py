@@ -16,6 +16,7 @@ from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
+from servicekit.version import add_version_argument
 
 from .config import BridgeConfig
 from .errors import BridgeError
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="order-bridge", description="the cloud bridge: MQTT orders → Redis Streams"
     )
+    add_version_argument(parser)
     add_config_arguments(parser, BridgeConfig)
     args = parser.parse_args(argv)
     try:

@@ -75,11 +75,14 @@ class Health(msgspec.Struct, frozen=True):
     awaiting_status: int = 0
     status_never_heard: int = 0
     # Geo mode (None/0 in single-region mode): the region in use, region changes so
-    # far, and unreceipted orders whose last answer was `pending` (authority unreachable).
+    # far, and unreceipted orders whose last answer was `pending`: the authority region
+    # unreachable, or (awaiting_unknown_region, a configuration mistake) a bridge that does
+    # not know it; both land by themselves once the cause is fixed.
     region: str | None = None
     failovers: int = 0
     failbacks: int = 0
     awaiting_authority: int = 0
+    awaiting_unknown_region: int = 0
 
 
 class EdgeAgent:
@@ -358,6 +361,7 @@ class EdgeAgent:
             "failovers": geo.failovers,
             "failbacks": geo.failbacks,
             "awaiting_authority": stats.awaiting_authority if stats else 0,
+            "awaiting_unknown_region": stats.awaiting_unknown_region if stats else 0,
         }
 
     async def retry_held(self, order_ids: list[str] | None = None) -> RetryResult:

@@ -24,6 +24,7 @@ import structlog
 from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, field_help, load_config
 from servicekit.logs import configure_logging
+from servicekit.version import add_version_argument
 
 from .agent import EdgeAgent
 from .config import AgentConfig
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`edge-agent retry --help` re-queues held orders.",
         conflict_handler="resolve",  # --region below replaces the generated one-value flag
     )
+    add_version_argument(parser)
     add_config_arguments(parser, AgentConfig)
     parser.add_argument(
         "--region",

@@ -182,10 +182,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     pending_retry_max_s: Annotated[
         float,
         doc(
-            "Geo mode: longest wait in seconds between resends of an order answered pending; "
-            "lower to retry sooner during a long region outage"
+            "Geo mode: longest wait in seconds between resends of an order answered pending, so "
+            "an order lands within about this long of its region or a bridge's fix coming back"
         ),
-    ] = 300.0
+    ] = 60.0
     resend_max_age_s: Annotated[
         float,
         doc(

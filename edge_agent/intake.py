@@ -244,6 +244,7 @@ async def metrics(request: web.Request) -> web.Response:
     health = await agent.health()
     agent.metrics.oldest_pending_age.set(health.oldest_unreceipted_age_s or 0.0)
     agent.metrics.awaiting_authority.set(health.awaiting_authority)
+    agent.metrics.awaiting_unknown_region.set(health.awaiting_unknown_region)
     body = agent.metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 

@@ -99,8 +99,14 @@ class AgentMetrics:
         )
         self.awaiting_authority = Gauge(
             "edge_orders_awaiting_authority",
-            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable); "
-            "refreshed on each scrape",
+            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable "
+            "or unknown to the bridge); refreshed on each scrape",
+            registry=r,
+        )
+        self.awaiting_unknown_region = Gauge(
+            "edge_orders_awaiting_unknown_region",
+            "Geo: of those, orders a bridge answered `pending` (unknown_region): their home "
+            "region is missing from the bridge's --region-redis; refreshed on each scrape",
             registry=r,
         )
         self.held = Gauge(

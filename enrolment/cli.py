@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from servicekit.version import add_version_argument
+
 from .audit import audit
 from .pki import CertFiles
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
@@ -39,6 +41,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description="Write broker accounts, agent configs and certificates into a registry "
         "directory that the operator ships to the broker and the devices.",
     )
+    add_version_argument(parser)
     parser.add_argument(
         "--registry",
         type=Path,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from enrolment.cli import main as enrol_main
 from schemas.names import DEFAULT_SHARDS
 from servicekit.logs import configure_logging
+from servicekit.version import add_version_argument
 from testrig.errors import ServerError
 
 from .errors import FleetError
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(DEPRECATED_PROVISION, file=sys.stderr)
         return enrol_main(args_in[1:], prog="fleet-sim provision")
     parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
+    add_version_argument(parser)
     add_load_arguments(parser)
     add_region_arguments(parser, load=True)
     parser.add_argument(

@@ -31,6 +31,7 @@ from servicekit.config import ConfigError, add_config_arguments, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
+from servicekit.version import add_version_argument
 
 from .api_tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 from .catalog import read_catalog, store_catalog
@@ -41,7 +42,7 @@ from .migrate import migrate
 from .service import install_stop_signals, redis_client, run_service, run_worker
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "migrate", "token", "devices", "-h", "--help"}
+_COMMANDS = {"run", "worker", "catalog", "migrate", "token", "devices", "-h", "--help", "--version"}
 # Exit codes of `devices retry-held`: every command delivered, bad usage, some not
 # delivered (no subscriber, or refused by the broker), broker unreachable.
 EXIT_DELIVERED, EXIT_USAGE, EXIT_NOT_DELIVERED, EXIT_UNREACHABLE = 0, 2, 3, 4
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="order-pipeline",
         description="pipeline workers and the orders API; without a subcommand, `run`",
     )
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="orders API on --http-port plus --workers worker processes")
     add_config_arguments(run, PipelineConfig)

@@ -199,10 +199,18 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     status_ack_timeout_s: Annotated[
         float,
         doc(
-            "Seconds a worker waits for the broker to PUBACK a batch's statuses before it acks "
-            "the batch anyway (the client resends them); raise for a slow broker"
+            "Seconds a status-query answer waits for the broker's PUBACKs before the query is "
+            "acked anyway (the device asks again); order processing never waits on the broker"
         ),
     ] = 5.0
+    status_backlog_max: Annotated[
+        int,
+        doc(
+            "Statuses a worker keeps for the broker while it is down or slow (about 0.5 KB "
+            "each); past it new ones are only counted in pipeline_statuses_unpublished_total "
+            "and devices get them by status query"
+        ),
+    ] = 10_000
     status_query_window: Annotated[
         int,
         doc(
@@ -288,3 +296,5 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         parse_region_apis(self.region, self.region_api)
         if self.region_api_timeout_s <= 0:
             raise ValueError("region_api_timeout_s must be > 0")
+        if self.status_backlog_max < 1:
+            raise ValueError("status_backlog_max must be >= 1")

@@ -40,7 +40,7 @@ from .config import PipelineConfig
 from .health import HealthConsumer, HealthMetrics
 from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
-from .status import MqttStatusPublisher, status_client
+from .status import MqttStatusPublisher, StatusMetrics, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
@@ -81,7 +81,12 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
     metrics = WorkerMetrics(None)
     try:
         mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
-        publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
+        publisher = MqttStatusPublisher(
+            mqtt,
+            ack_timeout_s=config.status_ack_timeout_s,
+            backlog_max=config.status_backlog_max,
+            metrics=StatusMetrics(),
+        )
         responder = StatusQueryResponder(
             client, publisher, StatusQueryMetrics(), shards=config.shards
         )

@@ -13,6 +13,8 @@ from typing import Final
 from .errors import Reason, SchemaError
 from .ids import is_device_id
 
+CONTRACT_VERSION: Final = 1
+"""The wire contract's version: every message's ``v`` and the topics' ``v1/``."""
 TOPIC_PREFIX: Final = "v1/devices/"
 # Contract addition (device commands): the one topic every agent listens on for
 # commands to the whole fleet; only the pipeline's service account may publish.
