@@ -157,6 +157,16 @@ class Registry:
                 shutil.rmtree(directory)
         return revoked
 
+    def refresh_rights(self) -> int:
+        """Rewrite every account's rights to the committed policy; return the accounts.
+
+        Passwords and client ids stay; run it after an upgrade that adds rights
+        (device commands), then restart the broker.
+        """
+        accounts = self._accounts()
+        accounts.save(self.accounts_path)
+        return len(accounts.clients)
+
     def _accounts(self) -> Accounts:
         try:
             return Accounts.load(self.accounts_path)

@@ -264,3 +264,36 @@ def test_a_broken_accounts_file_is_a_clear_error(
     assert snapshot(registry.root) == before
     assert main([*argv, "check"]) == 1
     assert "dynamic-security.json: unreadable" in capsys.readouterr().out
+
+
+def test_rights_bring_accounts_of_an_older_release_up_to_date(
+    registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accounts written before device commands lack their rights: `check` says so, and
+    `rights` rewrites every role to the policy with passwords and client ids unchanged."""
+    root = str(registry.root)
+    registry.add_service("pipeline")
+    older = msgspec.json.decode(registry.accounts_path.read_bytes())
+    for role in older["roles"]:
+        role["acls"] = [acl for acl in role["acls"] if "cmd" not in acl["topic"]]
+    registry.accounts_path.write_bytes(msgspec.json.encode(older))
+    clients = Accounts.load(registry.accounts_path).clients
+    capsys.readouterr()
+    assert main(["--registry", root, "check"]) == 1
+    out = capsys.readouterr().out
+    for account in ("device 'kiosk-1'", "device 'kiosk-2'", "service 'pipeline'"):
+        assert f"{account} rights differ from the policy" in out
+    assert main(["--registry", root, "rights"]) == 0
+    assert "rights of 4 accounts rewritten" in capsys.readouterr().out
+    assert main(["--registry", root, "check"]) == 0
+    assert Accounts.load(registry.accounts_path).clients == clients
+    assert file_mode(registry.accounts_path) == 0o600
+
+
+def test_rights_without_an_accounts_file_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing to update is an error, and no file is created."""
+    assert main(["--registry", str(tmp_path), "rights"]) == 1
+    assert "no accounts" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

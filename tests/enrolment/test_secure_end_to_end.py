@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,8 @@ import pytest
 import redis
 
 from edge_agent import AgentConfig, EdgeAgent
-from enrolment.dynsec import device_client_id
+from enrolment.cli import main as order_enrol
+from enrolment.dynsec import DEVICE_ROLE_PREFIX, device_client_id
 from enrolment.provision import Registry
 from schemas import decode_receipt, encode
 from schemas.names import DLQ_STREAM, orders_topic, receipts_topic, shard_of, stream_key
@@ -104,3 +108,57 @@ async def test_provisioned_agent_settles_orders_through_the_secure_broker(
     with redis.Redis.from_url(redis_url) as client:
         entries = client.xrange(stream_key(shard_of("kiosk-agent", SHARDS)))
     assert [f[b"order_id"] for _, f in entries] == [b"secure-agent-0001"]
+
+
+async def test_orders_held_by_a_rights_mistake_land_once_after_the_fix_and_a_remote_retry(
+    secure_broker: SecureBroker, redis_url: str, tmp_path: Path
+) -> None:
+    """A device role hand-edited without its orders right holds the real agent's order
+    (135); `order-enrol rights` and a broker restart fix it, and `order-pipeline devices
+    retry-held` over TLS with the pipeline's account releases it: it lands exactly once."""
+    registry = Registry(secure_broker.conf_dir)
+    directory = registry.devices_dir / "kiosk-held"
+    registry.enrol(
+        ["kiosk-held"], broker_url=f"mqtts://localhost:{secure_broker.server.port}",
+        ca=secure_broker.ca, install_dir=directory,
+    )  # fmt: skip
+    mistaken = msgspec.json.decode(registry.accounts_path.read_bytes())
+    for role in mistaken["roles"]:
+        if role["rolename"] == f"{DEVICE_ROLE_PREFIX}kiosk-held":
+            role["acls"] = [a for a in role["acls"] if a["topic"] != orders_topic("kiosk-held")]
+    registry.accounts_path.write_bytes(msgspec.json.encode(mistaken))
+    secure_broker.server.restart()
+    bridge = start_tls_bridge(secure_broker, redis_url, tmp_path)
+    settings = tomllib.loads((directory / "agent.toml").read_text())
+    config = AgentConfig(**{
+        **settings, "db": str(tmp_path / "outbox.db"), "http_enabled": False,
+        "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
+    })  # fmt: skip
+    try:
+        async with EdgeAgent(config) as agent:
+            await agent.submit(order_body("secure-held-0001"))
+
+            async def state_is(state: str) -> bool:
+                record = await agent.get("secure-held-0001")
+                return record is not None and record.state == state
+
+            await wait_until(lambda: state_is("held"), 30, "held by the broker's refusal")
+            assert order_enrol(["--registry", str(registry.root), "rights"]) == 0
+            await asyncio.to_thread(secure_broker.server.restart)
+            await wait_until(lambda: agent.publisher.connected, 30, "the agent back")
+            assert await state_is("held")  # nothing is resent without the command
+            url = f"mqtts://pipeline:{PASSWORDS['pipeline']}@localhost:{secure_broker.server.port}"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pipeline.cli", "devices", "retry-held", "kiosk-held",
+                "--mqtt-url", url, "--mqtt-ca-file", str(secure_broker.ca.cert),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            assert proc.returncode == 0, out
+            assert json.loads(out)["result"] == "delivered"
+            await wait_until(lambda: state_is("accepted"), 30, "accepted after the command")
+    finally:
+        bridge.stop()
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.xrange(stream_key(shard_of("kiosk-held", SHARDS)))
+    assert [f[b"order_id"] for _, f in entries] == [b"secure-held-0001"]
