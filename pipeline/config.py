@@ -8,6 +8,7 @@ import msgspec
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig, doc
+from servicekit.credentials import read_secret_file, url_with_password
 
 from .regions import parse_region_apis
 
@@ -25,9 +26,17 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         str,
         doc(
             "Broker the workers publish statuses to and take status queries and health "
-            "reports from, mqtt://[user:pass@]host[:port] or mqtts:// for TLS"
+            "reports from, mqtt://[user@]host[:port] or mqtts:// for TLS, the password in "
+            "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password_file: Annotated[
+        str,
+        doc(
+            "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
+            "set it whenever the broker wants a password, never put one in the URL flag"
+        ),
+    ] = ""
     mqtt_ca_file: Annotated[
         str,
         doc(
@@ -38,10 +47,18 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     redis_url: Annotated[
         str,
         doc(
-            "Redis holding the order streams, records and stock, redis://[user:pass@]host:port/db "
-            "or rediss:// for TLS (any node's URL with --redis-cluster)"
+            "Redis holding the order streams, records and stock, redis://[user@]host:port/db or "
+            "rediss:// for TLS (any node's URL with --redis-cluster), the password in "
+            "--redis-password-file"
         ),
     ] = "redis://127.0.0.1:6379/0"
+    redis_password_file: Annotated[
+        str,
+        doc(
+            "File holding the Redis password of --redis-url's user on one line (keep it 0600); "
+            "set it whenever Redis has ACL users, never put the password in the URL flag"
+        ),
+    ] = ""
     redis_cluster: Annotated[
         bool,
         doc(
@@ -282,6 +299,24 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "client gets 503 region-unavailable; raise for distant regions"
         ),
     ] = 2.0
+
+    def with_secret_files(self) -> PipelineConfig:
+        """The settings with the password files read into the URLs (see ServiceConfig).
+
+        The worker processes get the result through their environment, never argv.
+        """
+        mqtt, redis = "", ""
+        if self.mqtt_password_file:
+            mqtt = read_secret_file(self.mqtt_password_file, "mqtt_password_file")
+        if self.redis_password_file:
+            redis = read_secret_file(self.redis_password_file, "redis_password_file")
+        return msgspec.structs.replace(
+            self,
+            mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
+            redis_url=url_with_password(self.redis_url, redis, "redis_url"),
+            mqtt_password_file="",
+            redis_password_file="",
+        )
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
