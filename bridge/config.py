@@ -10,7 +10,7 @@ import msgspec
 from schemas.ids import is_region_name
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
 from servicekit.config import ServiceConfig, doc
-from servicekit.credentials import entries_with_password, read_secret_file, url_with_password
+from servicekit.credentials import entries_with_password, one_secret, url_with_password
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -35,6 +35,14 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
     mqtt_password_file: Annotated[
         str,
         doc(
@@ -57,6 +65,15 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "geo mode --region-redis may replace it for this region"
         ),
     ] = "redis://127.0.0.1:6379/0"
+    redis_password: Annotated[
+        str,
+        doc(
+            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use "
+            "--redis-password-file",
+            secret=True,
+        ),
+    ] = ""
     redis_password_file: Annotated[
         str,
         doc(
@@ -331,17 +348,16 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
 
     def with_secret_files(self) -> BridgeConfig:
         """The settings with the password files read into the URLs (see ServiceConfig)."""
-        mqtt, redis = "", ""
-        if self.mqtt_password_file:
-            mqtt = read_secret_file(self.mqtt_password_file, "mqtt_password_file")
-        if self.redis_password_file:
-            redis = read_secret_file(self.redis_password_file, "redis_password_file")
+        mqtt = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
         return msgspec.structs.replace(
             self,
             mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
             redis_url=url_with_password(self.redis_url, redis, "redis_url"),
             region_redis=entries_with_password(self.region_redis, redis),
+            mqtt_password="",
             mqtt_password_file="",
+            redis_password="",
             redis_password_file="",
         )
 

@@ -9,7 +9,7 @@ import msgspec
 from schemas import names
 from schemas.messages import DeviceId
 from servicekit.config import ServiceConfig, doc
-from servicekit.credentials import entries_with_password, read_secret_file, url_with_password
+from servicekit.credentials import entries_with_password, one_secret, url_with_password
 from servicekit.errors import ConfigError
 
 from .regions import Region, parse_regions
@@ -37,6 +37,14 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             "replaces it in geo mode"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
     mqtt_password_file: Annotated[
         str,
         doc(
@@ -338,15 +346,8 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
         Raises:
             ConfigError: a file cannot be read, or a secret is given twice.
         """
-        password, token = "", self.http_token
-        if self.mqtt_password_file:
-            password = read_secret_file(self.mqtt_password_file, "mqtt_password_file")
-        if self.http_token_file:
-            if token:
-                raise ConfigError(
-                    "http_token and http_token_file are both set: give it once", "secret_twice"
-                )
-            token = read_secret_file(self.http_token_file, "http_token_file")
+        password = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        token = one_secret(self.http_token, self.http_token_file, "http_token")
         region = self.region
         if password:
             entries = region.split(",") if isinstance(region, str) else region
@@ -356,6 +357,7 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             mqtt_url=url_with_password(self.mqtt_url, password, "mqtt_url"),
             region=region,
             http_token=token,
+            mqtt_password="",
             mqtt_password_file="",
             http_token_file="",
         )

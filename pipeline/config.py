@@ -8,7 +8,7 @@ import msgspec
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig, doc
-from servicekit.credentials import read_secret_file, url_with_password
+from servicekit.credentials import one_secret, url_with_password
 
 from .regions import parse_region_apis
 
@@ -30,6 +30,14 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
     mqtt_password_file: Annotated[
         str,
         doc(
@@ -52,6 +60,15 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "--redis-password-file"
         ),
     ] = "redis://127.0.0.1:6379/0"
+    redis_password: Annotated[
+        str,
+        doc(
+            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use "
+            "--redis-password-file",
+            secret=True,
+        ),
+    ] = ""
     redis_password_file: Annotated[
         str,
         doc(
@@ -305,16 +322,15 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
 
         The worker processes get the result through their environment, never argv.
         """
-        mqtt, redis = "", ""
-        if self.mqtt_password_file:
-            mqtt = read_secret_file(self.mqtt_password_file, "mqtt_password_file")
-        if self.redis_password_file:
-            redis = read_secret_file(self.redis_password_file, "redis_password_file")
+        mqtt = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
         return msgspec.structs.replace(
             self,
             mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
             redis_url=url_with_password(self.redis_url, redis, "redis_url"),
+            mqtt_password="",
             mqtt_password_file="",
+            redis_password="",
             redis_password_file="",
         )
 

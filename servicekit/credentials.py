@@ -2,10 +2,11 @@
 
 A process's arguments are readable by every local user (``ps``,
 ``/proc/PID/cmdline``), so no secret belongs in a flag. Each service takes its
-passwords from a file (``--mqtt-password-file``, ``--redis-password-file``,
-inserted into a URL that carries none) or from its ``ORDERS_*`` variable or
-TOML file; :func:`secret_flags` finds the flags that carry one anyway, which
-``--production`` refuses and otherwise :func:`warn_secret_flags` logs.
+passwords from a file (``--mqtt-password-file``, ``--redis-password-file``) or
+a variable (``ORDERS_MQTT_PASSWORD``, ``ORDERS_REDIS_PASSWORD``), inserted into
+a URL that carries none, or from its TOML file. :func:`secret_flags` finds
+the flags that carry one anyway, which ``--production`` refuses and otherwise
+:func:`warn_secret_flags` logs.
 
 Production Redis runs with ACL users (``redis-acl/users.acl``); a URL without
 a password means the server lets anyone in, or this service will be refused.
@@ -73,6 +74,19 @@ def read_secret_file(path: str, setting: str) -> str:
     if not secret or "\n" in secret:
         raise ConfigError(f"{setting}: {path} must hold the secret on one line", "secret_file")
     return secret
+
+
+def one_secret(value: str, path: str, setting: str) -> str:
+    """The secret of ``setting``: given itself (``value``) or in the file ``path``, not both.
+
+    Raises:
+        ConfigError: reason ``secret_twice`` when both are set, or as :func:`read_secret_file`.
+    """
+    if value and path:
+        raise ConfigError(
+            f"{setting} and {setting}_file are both set: give it once", "secret_twice"
+        )
+    return read_secret_file(path, f"{setting}_file") if path else value
 
 
 def url_with_password(url: str, password: str, setting: str) -> str:

@@ -152,17 +152,28 @@ def test_the_agent_takes_its_password_and_token_from_files(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    ("module", "argv"),
+    ("module", "argv", "flag"),
     [
-        ("bridge.cli", ["--mqtt-url", "mqtt://bridge:hunter2-secret@127.0.0.1:9"]),
-        ("pipeline.cli", ["worker", "--redis-url", "redis://pipeline:hunter2-secret@r:6379/0"]),
-        ("edge_agent.cli", ["--device-id", "kiosk-1", "--http-token", "hunter2-secret"]),
+        ("bridge.cli", ["--mqtt-url", "mqtt://bridge:hunter2-secret@127.0.0.1:9"], "--mqtt-url"),
+        ("bridge.cli", ["--redis-password", "hunter2-secret"], "--redis-password"),
+        (
+            "pipeline.cli",
+            ["worker", "--redis-url", "redis://pipeline:hunter2-secret@r:6379/0"],
+            "--redis-url",
+        ),
+        (
+            "edge_agent.cli",
+            ["--device-id", "k-1", "--http-token", "hunter2-secret"],
+            "--http-token",
+        ),
     ],
 )
-def test_production_refuses_a_secret_on_the_command_line(module: str, argv: list[str]) -> None:
-    """`--production` (or ORDERS_PRODUCTION=true) with a password in a URL flag, or a token
-    flag: the real command exits 2 naming the flag, before connecting, and never echoes the
-    secret."""
+def test_production_refuses_a_secret_on_the_command_line(
+    module: str, argv: list[str], flag: str
+) -> None:
+    """`--production` (or ORDERS_PRODUCTION=true) with a password in a URL flag, or a
+    password or token flag: the real command exits 2 naming the flag, before connecting,
+    and never echoes the secret."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
     for extra, extra_env in (["--production"], {}), ([], {"ORDERS_PRODUCTION": "true"}):
         done = subprocess.run(
@@ -170,9 +181,18 @@ def test_production_refuses_a_secret_on_the_command_line(module: str, argv: list
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode == 2, done.stderr
-        assert "on the command line, where every local user can read it" in done.stderr
-        assert ("--http-token" if "agent" in module else "-url") in done.stderr
+        assert f"{flag} carry a secret on the command line, where every local user" in done.stderr
         assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_password_variable_fills_the_url_and_may_not_come_twice(tmp_path: Path) -> None:
+    """ORDERS_REDIS_PASSWORD (compose's form) goes into --redis-url; with a password file
+    as well it is refused."""
+    env = {"ORDERS_REDIS_URL": "redis://bridge@r:6379/0", "ORDERS_REDIS_PASSWORD": "v-pw"}
+    assert load_config(BridgeConfig, env=env).redis_url == "redis://bridge:v-pw@r:6379/0"
+    (tmp_path / "pw").write_text("f-pw\n")
+    with pytest.raises(ConfigError, match="redis_password and redis_password_file"):
+        load_config(BridgeConfig, env={**env, "ORDERS_REDIS_PASSWORD_FILE": str(tmp_path / "pw")})
 
 
 def test_outside_production_a_secret_flag_is_one_warning_without_the_secret(
