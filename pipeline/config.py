@@ -309,6 +309,14 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "orders this region does not hold"
         ),
     ] = ()
+    region_api_allow_http: Annotated[
+        bool,
+        doc(
+            "Geo mode: accept http:// --region-api URLs (refused by default); lookups then "
+            "cross the link in clear and without the caller's bearer token, so turn it on only "
+            "for a private link or a test"
+        ),
+    ] = False
     region_api_timeout_s: Annotated[
         float,
         doc(
@@ -336,6 +344,6 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
-        parse_region_apis(self.region, self.region_api)
+        parse_region_apis(self.region, self.region_api, allow_http=self.region_api_allow_http)
         if self.region_api_timeout_s <= 0:
             raise ValueError("region_api_timeout_s must be > 0")

@@ -210,7 +210,9 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         if config.region:
             lookup = RegionLookup(
                 config.region,
-                parse_region_apis(config.region, config.region_api),
+                parse_region_apis(
+                    config.region, config.region_api, allow_http=config.region_api_allow_http
+                ),
                 timeout_s=config.region_api_timeout_s,
             )
             app[REGION_LOOKUP] = await stack.enter_async_context(lookup)
