@@ -27,8 +27,13 @@ from redis.exceptions import RedisClusterException, RedisError
 from schemas import RETRY_HELD
 from schemas.ids import is_device_id
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, load_config
-from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.config import (
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    secret_flags_given,
+)
+from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 from servicekit.version import add_version_argument
@@ -145,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-pipeline")
+    warn_secret_flags(secret_flags_given(PipelineConfig, args))
     warn_if_redis_unauthenticated(config.redis_url)
     try:
         if args.command in {"catalog", "migrate"}:

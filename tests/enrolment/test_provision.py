@@ -4,6 +4,7 @@ and no id escapes `registry/devices/<id>/`."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from schemas.ids import is_device_id
 from schemas.messages import DeviceId
 from schemas.names import orders_topic
 from servicekit.urls import MqttUrl
+from testrig.services import console_script
 
 from ..fleet.mqtt_probe import Probe
 from .conftest import SecureBroker
@@ -169,6 +171,40 @@ def test_modes_are_right_on_every_write_including_re_enrolment(registry: Registr
     }
     assert {path: file_mode(path) for path in expected} == expected
     assert audit(registry) == []
+
+
+def test_under_umask_000_the_root_is_0700_and_check_fails_on_writable_paths(
+    tmp_path: Path,
+) -> None:
+    """`order-enrol` run under umask 000 leaves no path group- or world-writable (the root
+    was once 0777), and `check` fails on any that another hand loosened."""
+    root = tmp_path / "registry"
+    enrol = console_script("order-enrol")
+
+    def under_umask_000(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", 'umask 000 && exec "$@"', "sh", enrol, "--registry", str(root), *argv],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+
+    done = under_umask_000("devices", "kiosk-1", "--broker", "mqtts://b:8883", "--dev-ca")
+    assert done.returncode == 0, done.stderr
+    assert under_umask_000("service", "bridge").returncode == 0
+    assert file_mode(root) == 0o700
+    loose = [p for p in [root, *root.rglob("*")] if file_mode(p) & 0o022]
+    assert loose == []
+    assert under_umask_000("check").returncode == 0
+
+    root.chmod(0o777)
+    (root / "devices").chmod(0o757)
+    (root / "ca" / "ca.crt").chmod(0o666)
+    checked = under_umask_000("check")
+    assert checked.returncode == 1
+    assert f"{root}: mode 0777 is writable by group or others" in checked.stdout
+    assert f"{root / 'devices'}: mode 0757 is writable by group or others" in checked.stdout
+    assert f"{root / 'ca' / 'ca.crt'}: mode 0666 is writable by group or others" in checked.stdout
+    assert under_umask_000("service", "pipeline").returncode == 0
+    assert file_mode(root) == 0o700  # the next write takes the root back
 
 
 def test_check_reports_modes_orphans_and_accounts(
