@@ -12,8 +12,13 @@ from collections.abc import Sequence
 import structlog
 
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, load_config
-from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.config import (
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    secret_flags_given,
+)
+from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 from servicekit.version import add_version_argument
@@ -42,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-bridge")
+    warn_secret_flags(secret_flags_given(BridgeConfig, args))
     for url in {config.local_redis_url, *config.region_urls().values()}:
         warn_if_redis_unauthenticated(url)
     try:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from schemas.ids import is_order_id
 from servicekit import tracing
-from servicekit.problems import Handler, problem_middleware
+from servicekit.problems import Handler, ProblemAppRunner, problem_middleware
 from servicekit.problems import problem as _problem
 
 from ._records import OrderRecord
@@ -268,7 +268,7 @@ def build_app(agent: EdgeAgent) -> web.Application:
 
 async def start_http(agent: EdgeAgent) -> tuple[web.AppRunner, int]:
     """Serve ``agent`` on its configured host and port; return the runner and real port."""
-    runner = web.AppRunner(build_app(agent), access_log=None, shutdown_timeout=5.0)
+    runner = ProblemAppRunner(build_app(agent), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, agent.config.http_host, agent.config.http_port)
     await site.start()

@@ -62,6 +62,13 @@ class AgentMetrics:
         self.retried_held = Counter(
             "edge_orders_held_retried", "Held orders re-queued by an operator", registry=r
         )
+        self.commands = Counter(
+            "edge_commands",
+            "Command messages from the cloud, by outcome: retry_held (carried out), "
+            "duplicate (an id already done), unknown (a command this agent lacks), invalid",
+            ["outcome"],
+            registry=r,
+        )
         self.loop_errors = Counter(
             "edge_background_loop_errors",
             "Unexpected errors a background loop survived, by loop",

@@ -30,6 +30,7 @@ from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
+from servicekit.problems import ProblemAppRunner
 from servicekit.redis_clients import client_options
 
 from ._calls import AnyRedis
@@ -215,11 +216,13 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
         if config.region:
             lookup = RegionLookup(
                 config.region,
-                parse_region_apis(config.region, config.region_api),
+                parse_region_apis(
+                    config.region, config.region_api, allow_http=config.region_api_allow_http
+                ),
                 timeout_s=config.region_api_timeout_s,
             )
             app[REGION_LOOKUP] = await stack.enter_async_context(lookup)
-        runner = web.AppRunner(app, access_log=None)
+        runner = ProblemAppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
         log.info(
