@@ -19,7 +19,9 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from schemas.names import receipts_topic
-from servicekit.mqtt import MqttClient
+from servicekit.mqtt import MqttClient, QueueFull
+
+from .errors import IntakeError
 
 Ack = Callable[[], None]
 """Send the PUBACK of one message (a no-op if its connection is gone)."""
@@ -81,5 +83,12 @@ class MqttIntake(MqttClient):
     """:class:`Intake` on the MQTT client: receipts leave as QoS 1 publishes."""
 
     def publish_receipt(self, device_id: str, body: bytes) -> None:
-        """Publish ``body`` on ``v1/devices/{device_id}/receipts`` at QoS 1 and forget."""
-        self.publish(receipts_topic(device_id), body)
+        """Publish ``body`` on ``v1/devices/{device_id}/receipts`` at QoS 1 and forget.
+
+        Raises:
+            IntakeError: the client's queue is full (the agent resends the order).
+        """
+        try:
+            self.publish(receipts_topic(device_id), body)
+        except QueueFull as exc:
+            raise IntakeError(str(exc)) from exc

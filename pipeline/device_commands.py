@@ -27,11 +27,11 @@ from typing import Final, Literal
 from schemas import Command, encode, names
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
-from servicekit.mqtt import DROPPED, MqttClient
+from servicekit.mqtt import MqttClient, QueueFull
 from servicekit.urls import MqttUrl
 
 NO_MATCHING_SUBSCRIBERS: Final = 0x10
-NO_ANSWER: Final = DROPPED  # no PUBACK in time (or dropped unsent)
+NO_ANSWER: Final = -1  # no PUBACK in time (or refused unsent: the client's queue was full)
 
 Outcome = Literal["delivered", "no_subscriber", "refused", "no_answer"]
 
@@ -91,6 +91,7 @@ async def send_command(
         session_expiry_s=0,
         backoff=Backoff(0.1, 1.0),
         connect_wait_s=timeout_s,
+        close_grace_s=0.0,  # the PUBACKs were waited for below
         ca_file=ca_file,
         name="pipeline-cmd",
     )
@@ -100,7 +101,12 @@ async def send_command(
         sends = []
         for target, topic in targets_of(device_ids):
             command = Command(v=1, cmd=cmd, id=new_command_id(), issued_at=now_ms())
-            sends.append((target, topic, command.id, client.publish_acked(topic, encode(command))))
+            try:
+                ack = client.publish_acked(topic, encode(command))
+            except QueueFull:  # logged by the client; this target reports no_answer
+                ack = asyncio.get_running_loop().create_future()
+                ack.set_result(NO_ANSWER)
+            sends.append((target, topic, command.id, ack))
         if not sends:
             return []
         done, _ = await asyncio.wait([ack for *_, ack in sends], timeout=timeout_s)

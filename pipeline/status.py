@@ -26,7 +26,7 @@ from schemas import Status, encode
 from schemas.messages import MAX_QUERIED_ORDERS
 from schemas.names import status_topic
 from servicekit.backoff import Backoff
-from servicekit.mqtt import MqttClient, MqttMetrics
+from servicekit.mqtt import MqttClient, MqttMetrics, QueueFull
 from servicekit.urls import MqttUrl
 
 from .config import PipelineConfig
@@ -108,8 +108,12 @@ class MqttStatusPublisher:
     def send(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Queue what fits in the backlog and return at once (the worker's path)."""
         queued = self._room(messages)
-        for device_id, status in queued:
-            self._client.publish(status_topic(device_id), encode(status))
+        for index, (device_id, status) in enumerate(queued):
+            try:
+                self._client.publish(status_topic(device_id), encode(status))
+            except QueueFull:  # the client's own limit, reached before ours: shed the same way
+                self._shed(len(queued) - index)
+                return index
         return len(queued)
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
@@ -120,10 +124,17 @@ class MqttStatusPublisher:
         """
         if not messages:
             return 0
-        acks = [
-            self._client.publish_acked(status_topic(device_id), encode(status))
-            for device_id, status in messages
-        ]
+        acks = []
+        for device_id, status in messages:
+            try:
+                acks.append(self._client.publish_acked(status_topic(device_id), encode(status)))
+            except QueueFull:
+                # Logged and counted by the client; the device recovers the
+                # status with its status query.
+                break
+        if len(acks) < len(messages):
+            log.warning("status_publish_refused", refused=len(messages) - len(acks),
+                        total=len(messages))  # fmt: skip
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._ack_timeout_s):
                 await _all_done(acks)
@@ -145,15 +156,18 @@ class MqttStatusPublisher:
                 self._shedding = False
                 log.info("status_backlog_ok", unpublished=self.unpublished)
             return messages
-        shed = len(messages) - room
-        self.unpublished += shed
-        self._metrics.unpublished.inc(shed)
+        self._shed(len(messages) - room)
+        return messages[:room]
+
+    def _shed(self, count: int) -> None:
+        """Count and log statuses not queued; their records answer the status query."""
+        self.unpublished += count
+        self._metrics.unpublished.inc(count)
         if not self._shedding:
             self._shedding = True
             log.warning("status_backlog_full", backlog_max=self._backlog_max,
                         connected=self._client.connected,
                         fix="devices get these statuses by status query")  # fmt: skip
-        return messages[:room]
 
 
 async def _all_done(acks: Sequence[asyncio.Future[int]]) -> None:

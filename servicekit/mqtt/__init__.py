@@ -16,32 +16,39 @@ What it does:
   the handler's owner calls it, and only on the connection the message came in
   on (packet ids belong to a connection; after a reconnect the broker resends).
 - Receive Maximum is enforced here, from the CONNECT on: with that many
-  messages handed out and not acked, further PUBLISH packets are parked
-  unhandled (Mosquitto 2.0 does not hold a resumed session's backlog to it),
-  while PUBACKs and every other packet are still handled: a handler that acks
-  only after its own publishes are PUBACKed must not wait on a socket nobody
-  reads. Past ``PARKED_MAX_BYTES`` of parked messages the socket's reads pause
-  (TCP backpressure). A session backlog that arrives during the handshake is
+  messages handed out and not acked (or while the owner paused reading),
+  further PUBLISH packets are parked unhandled and unacked. The socket is
+  always read, so PUBACKs, PINGRESPs and every other packet are still handled:
+  a handler that acks only after its own publishes are PUBACKed must not wait
+  on a socket nobody reads, and keep-alive must find a dead broker while the
+  owner is paused. Memory: the Receive Maximum bounds what a compliant broker
+  sends; Mosquitto 2.0 sends more than an ack freed, so past
+  ``PARKED_MAX_BYTES`` parked our own PUBACKs are held back (a broker that
+  gets none sends nothing new) until half of it is left; a broker past our Receive Maximum and
+  ``PARKED_DISCONNECT_BYTES`` gets DISCONNECT 0x93 (MQTT 5 §3.3.4), an error
+  log and a count. A session backlog that arrives during the handshake is
   held to it too.
 - QoS 1 publishing with a future per message (its PUBACK reason code), at most
-  the broker's Receive Maximum in flight, a bounded queue behind that, and
-  write-side backpressure: nothing new is written while the transport's buffer
-  is above its high-water mark. Unacked messages are resent after a reconnect:
-  with the same packet id and DUP when the session was present (MQTT 5 §4.4),
-  as new messages when it was not.
-- PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives (while we
-  are reading) is dropped. DISCONNECT from the broker is logged with its reason
-  and counted; a session taken over by another client with our id (0x8E) is an
-  error: two replicas configured with one client id.
+  the broker's Receive Maximum in flight, a bounded queue behind that (a full
+  queue refuses the new message with :class:`QueueFull`, logged and counted;
+  nothing queued is dropped), and write-side backpressure: nothing new is
+  written while the transport's buffer is above its high-water mark. Unacked
+  messages are resent after a reconnect: with the same packet id and DUP when
+  the session was present (MQTT 5 §4.4), as new messages when it was not.
+- PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives is
+  dropped. DISCONNECT from the broker is logged with its reason and counted; a
+  session taken over by another client with our id (0x8E) is an error: two
+  replicas configured with one client id.
 - A supervisor reconnects with :class:`servicekit.backoff.Backoff`, reset after
   CONNACK+SUBACK, for as long as the broker is down; an unexpected error kills
   it loudly (:class:`servicekit.errors.LoopFailed` out of ``async with``).
+- Leaving ``async with`` waits, while connected, up to ``close_grace_s`` for
+  queued and unacked publishes to be acknowledged, then sends DISCONNECT.
 """
 
 from ._client import CONNECT_TIMEOUT_S, MqttClient
 from ._metrics import MqttMetrics
 from ._types import (
-    DROPPED,
     TOO_LARGE,
     Ack,
     AnySubscription,
@@ -49,15 +56,16 @@ from ._types import (
     MqttError,
     PropertyHandler,
     PropertySubscription,
+    QueueFull,
     Subscription,
     topic_matches,
     user_property,
 )
-from ._wire import PARKED_MAX_BYTES, WRITE_HIGH_WATER
+from ._wire import PARKED_DISCONNECT_BYTES, PARKED_MAX_BYTES, WRITE_HIGH_WATER
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
-    "DROPPED",
+    "PARKED_DISCONNECT_BYTES",
     "PARKED_MAX_BYTES",
     "TOO_LARGE",
     "WRITE_HIGH_WATER",
@@ -69,6 +77,7 @@ __all__ = [
     "MqttMetrics",
     "PropertyHandler",
     "PropertySubscription",
+    "QueueFull",
     "Subscription",
     "topic_matches",
     "user_property",

@@ -30,7 +30,7 @@ from ._types import (
     topic_matches,
     user_property,
 )
-from ._wire import PARKED_MAX_BYTES, Wire
+from ._wire import Wire
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +51,10 @@ class MqttClient:
         max_packet_size: the largest packet the broker may send us.
         connect_wait_s: how long ``async with`` waits for the first CONNACK+SUBACK
             (None: until it comes); the supervisor goes on trying after that.
-        max_queued: publishes waiting for a window slot; past it the oldest is dropped.
+        max_queued: publishes waiting for a window slot; past it a new one raises
+            :class:`QueueFull` (nothing queued is dropped).
+        close_grace_s: how long leaving ``async with`` waits, while connected, for
+            queued and unacked publishes to be acknowledged before it disconnects.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MqttClient:
         backoff: Backoff | None = None,
         connect_wait_s: float | None = None,
         max_queued: int = 100_000,
+        close_grace_s: float = 5.0,
         ca_file: str = "",
         metrics: MqttMetrics | None = None,
         name: str = "mqtt",
@@ -84,6 +88,7 @@ class MqttClient:
         self._keepalive_s = keepalive_s
         self.backoff = backoff or Backoff(0.1, 5.0)
         self._connect_wait_s = connect_wait_s
+        self._close_grace_s = close_grace_s
         self.metrics = metrics
         self.name = name
         self._wire: Wire | None = None
@@ -110,18 +115,30 @@ class MqttClient:
 
     @property
     def dropped(self) -> int:
-        """Publishes dropped unsent: queue full, or larger than the broker allows."""
+        """Publishes dropped unsent: larger than the broker allows."""
         return self._sender.dropped
 
+    @property
+    def refused(self) -> int:
+        """Publishes refused with :class:`QueueFull`."""
+        return self._sender.refused
+
     def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS 1 and forget: like :meth:`publish_acked`, without a future to await."""
+        """Publish at QoS 1 and forget: like :meth:`publish_acked`, without a future to await.
+
+        Raises:
+            QueueFull: ``max_queued`` messages already wait; this one is not sent.
+        """
         self._enqueue(Outgoing(topic, payload, None))
 
     def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
-        """Publish at QoS 1; the future ends with the PUBACK reason code (or DROPPED/TOO_LARGE).
+        """Publish at QoS 1; the future ends with the PUBACK reason code (or TOO_LARGE).
 
-        Never raises: while disconnected or out of window the message queues,
-        and it is resent until acknowledged (across reconnects).
+        While disconnected or out of window the message queues, and it is
+        resent until acknowledged (across reconnects).
+
+        Raises:
+            QueueFull: ``max_queued`` messages already wait; this one is not sent.
         """
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._enqueue(Outgoing(topic, payload, done))
@@ -139,18 +156,20 @@ class MqttClient:
         self._subscriptions.append(Subscription(topic_filter, handler))
 
     def pause_reading(self) -> None:
-        """Stop reading from the broker (TCP backpressure) until :meth:`resume_reading`."""
+        """Hand out no more messages until :meth:`resume_reading`.
+
+        The socket is still read: PUBACKs and PINGRESPs are heard, and keep-alive
+        still finds a dead broker. Messages that arrive meanwhile wait unacked,
+        so the broker sends at most our Receive Maximum of them.
+        """
         self._paused = True
-        if self._wire is not None:
-            self._update_reading(self._wire)
 
     def resume_reading(self) -> None:
-        """Read from the broker again."""
+        """Hand out messages again, those held during the pause first."""
         self._paused = False
         wire = self._wire
         if wire is not None:
-            self._update_reading(wire)
-            wire.process()  # packets that arrived before the pause took effect
+            wire.process()
 
     async def wait_connected(self) -> None:
         """Return once connected and subscribed."""
@@ -180,12 +199,11 @@ class MqttClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._wait_acked()
         self._closing = True
         wire = self._wire
         if wire is not None and wire.transport is not None:
-            wire.send(mqtt5.DisconnectPacket().write())
-            await asyncio.sleep(0)  # let the coalesced write go out
-            wire.transport.close()
+            wire.close_now(mqtt5.DisconnectPacket().write())
         assert self._loops is not None
         await self._loops.close()
         if wire is not None and not wire.closed.is_set():
@@ -194,6 +212,28 @@ class MqttClient:
                     await wire.closed.wait()
             except TimeoutError:
                 wire.abort()
+
+    async def _wait_acked(self) -> None:
+        """Up to the grace period, wait for every queued and in-flight publish to be acked.
+
+        Only while connected: with the broker gone no PUBACK can come, and the
+        unacked messages are the caller's to recover (a status query, an agent's resend).
+        """
+        wire = self._wire
+        if self._sender.idle.is_set() or wire is None or not self._subscribed.is_set():
+            return
+        idle = asyncio.ensure_future(self._sender.idle.wait())
+        lost = asyncio.ensure_future(wire.closed.wait())
+        try:
+            await asyncio.wait({idle, lost}, timeout=self._close_grace_s,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            idle.cancel()
+            lost.cancel()
+        if not self._sender.idle.is_set():
+            log.warning("mqtt closing with publishes unacked", client=self.name,
+                        unacked=self.in_flight, grace_s=self._close_grace_s,
+                        connected=not wire.closed.is_set())  # fmt: skip
 
     # -- supervisor --------------------------------------------------------------
 
@@ -272,10 +312,8 @@ class MqttClient:
                 async with asyncio.timeout(self._keepalive_s / 2):
                     await wire.closed.wait()
             except TimeoutError:
-                # While our reads are paused we cannot hear the broker; our
-                # PINGREQs still tell it we are alive.
                 silent = loop.time() - wire.last_heard > self._keepalive_s * 1.5
-                if silent and not wire.reads_paused:
+                if silent:
                     log.warning("broker silent past keep-alive, reconnecting", client=self.name)
                     wire.abort()
                 else:
@@ -292,8 +330,20 @@ class MqttClient:
             wire.input_blocked = True
         return self._paused or wire.input_blocked
 
-    def _update_reading(self, wire: Wire) -> None:
-        wire.set_reading(self._paused or wire.parked_bytes >= PARKED_MAX_BYTES)
+    def _over_receive_maximum(self, wire: Wire) -> bool:
+        """More unacked messages than our Receive Maximum: a compliant broker never does it."""
+        return wire.unacked + len(wire.parked) > self.receive_maximum
+
+    def _receive_maximum_exceeded(self, wire: Wire) -> None:
+        log.error("broker sent past our receive maximum, disconnecting", client=self.name,
+                  receive_maximum=self.receive_maximum, unacked=wire.unacked,
+                  parked=len(wire.parked), parked_bytes=wire.parked_bytes)  # fmt: skip
+        if self.metrics is not None:
+            self.metrics.receive_maximum_exceeded.inc()
+        reason = mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
+        wire.parked.clear()
+        wire.parked_bytes = 0
+        wire.close_now(mqtt5.DisconnectPacket(reason_code=reason).write())
 
     def _on_packet(self, wire: Wire, packet: Any) -> None:
         if isinstance(packet, mqtt5.PublishPacket):
@@ -350,11 +400,10 @@ class MqttClient:
                     return
                 acked = True
                 wire.unacked -= 1
-                wire.send(mqtt5.PubAckPacket(packet_id).write())
+                wire.send_ack(packet_id)
                 if wire.input_blocked and wire.unacked <= self._resume_at:
                     wire.input_blocked = False
                     if not self._paused:
-                        wire.set_reading(False)
                         asyncio.get_running_loop().call_soon(wire.process)
 
         if sub is None:

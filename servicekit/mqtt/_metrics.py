@@ -29,6 +29,17 @@ class MqttMetrics:
         )
         self.publish_dropped = Counter(
             f"{prefix}_mqtt_publish_dropped",
-            "publishes dropped unsent: queue full, or larger than the broker allows",
+            "publishes dropped unsent: larger than the broker allows",
+            **kwargs,
+        )
+        self.publish_queue_full = Counter(
+            f"{prefix}_mqtt_publish_queue_full",
+            "publishes refused (QueueFull raised to the caller): max_queued already waiting",
+            **kwargs,
+        )
+        self.receive_maximum_exceeded = Counter(
+            f"{prefix}_mqtt_receive_maximum_exceeded",
+            "connections we closed (DISCONNECT 0x93) because the broker sent past our Receive "
+            "Maximum and more than PARKED_DISCONNECT_BYTES",
             **kwargs,
         )

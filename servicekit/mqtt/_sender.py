@@ -1,11 +1,11 @@
 """QoS 1 publishing: a bounded queue, the broker's Receive Maximum in flight, resends.
 
 Each message may carry a future that ends with its PUBACK reason code (or
-:data:`DROPPED`/:data:`TOO_LARGE`). At most the broker's Receive Maximum are
-in flight; behind them waits a queue of at most ``max_queued``, the oldest
-dropped past it. Unacked messages are resent after a reconnect: with the same
-packet id and DUP when the session was present (MQTT 5 §4.4), as new messages
-when it was not.
+:data:`TOO_LARGE`). At most the broker's Receive Maximum are in flight; behind
+them waits a queue of at most ``max_queued``: past it a new message is refused
+with :class:`QueueFull`, and nothing queued is ever dropped to make room.
+Unacked messages are resent after a reconnect: with the same packet id and DUP
+when the session was present (MQTT 5 §4.4), as new messages when it was not.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import mqtt5
 import structlog
 
 from ._metrics import MqttMetrics
-from ._types import DROPPED, TOO_LARGE
+from ._types import TOO_LARGE, QueueFull
 from ._wire import Wire
 
 log = structlog.get_logger(__name__)
@@ -53,13 +53,28 @@ class Sender:
         self.queue: deque[Outgoing] = deque()
         self.ids = itertools.cycle(range(FIRST_PUBLISH_ID, MAX_PACKET_ID + 1))
         self.dropped = 0
+        self.refused = 0
+        # Set while nothing is queued or in flight (shutdown waits for it).
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def enqueue(self, item: Outgoing) -> None:
-        """Queue ``item``; the oldest queued one is dropped when the queue is full."""
+        """Queue ``item``.
+
+        Raises:
+            QueueFull: ``max_queued`` messages already wait; ``item`` is not queued.
+        """
         if len(self.queue) >= self.max_queued:
-            self.drop(self.queue.popleft(), DROPPED)
-            log.warning("mqtt publish queue full, dropped the oldest", client=self.name)
+            self.refused += 1
+            if self.metrics is not None:
+                self.metrics.publish_queue_full.inc()
+            if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
+                log.warning("mqtt publish queue full, refused a new message",
+                            client=self.name, topic=item.topic, max_queued=self.max_queued,
+                            refused=self.refused)  # fmt: skip
+            raise QueueFull(item.topic, self.max_queued)
         self.queue.append(item)
+        self.idle.clear()
 
     def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         """End the acknowledged message's future with the reason code."""
@@ -67,6 +82,7 @@ class Sender:
         if item is None:
             log.warning("PUBACK for a packet id not in flight", packet_id=packet.packet_id)
             return
+        self._check_idle()
         code = packet.reason_code
         if int(code) >= _ERROR_CODES:
             # Definitive: resending would be refused again. The caller decides.
@@ -115,6 +131,11 @@ class Sender:
             self.metrics.publish_dropped.inc()
         if item.done is not None and not item.done.done():
             item.done.set_result(code)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.queue and not self.inflight:
+            self.idle.set()
 
     def _next_id(self) -> int:
         while True:

@@ -8,8 +8,6 @@ from typing import Final
 
 from ..errors import ServiceKitError
 
-DROPPED: Final = -1
-"""Future result of a message dropped from a full queue (oldest first)."""
 TOO_LARGE: Final = -2
 """Future result of a message larger than the broker's Maximum Packet Size."""
 
@@ -24,10 +22,29 @@ PropertyHandler = Callable[[str, bytes, Ack, str | None], None]
 
 
 class MqttError(ServiceKitError):
-    """The broker refused us, broke the protocol, or went away mid-handshake."""
+    """The broker refused us, broke the protocol, or went away mid-handshake.
+
+    Hierarchy::
+
+        MqttError        root of the client's errors (a ServiceKitError)
+        └── QueueFull    a publish refused: ``max_queued`` messages already wait
+    """
 
     def __init__(self, detail: str, reason: str = "mqtt_error") -> None:
         super().__init__(reason, detail)
+
+
+class QueueFull(MqttError):
+    """A publish was refused because ``max_queued`` messages already wait for the window.
+
+    Nothing already queued is dropped; the caller decides what the refused message costs.
+    """
+
+    def __init__(self, topic: str, max_queued: int) -> None:
+        super().__init__(f"{max_queued} publishes already queued, refused one to {topic}",
+                         "queue_full")  # fmt: skip
+        self.topic = topic
+        self.max_queued = max_queued
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,16 @@
 """One TCP connection to the broker: packets in (parked past the Receive Maximum), writes out.
 
-Incoming PUBLISH packets beyond the client's Receive Maximum of unacked
-messages are parked unhandled while every other packet (PUBACKs above all) is
-still handled; past ``PARKED_MAX_BYTES`` of parked messages the socket's reads
-pause (TCP backpressure). Outgoing bytes queued in one loop turn leave in one
+The socket is always read: PUBACKs and PINGRESPs must be heard whatever the
+handlers are doing. Incoming PUBLISH packets beyond the client's Receive
+Maximum of unacked messages, or while its owner paused reading, are parked
+unhandled. A compliant broker sends no more than the Receive Maximum, but
+Mosquitto 2.0 answers a PUBACK with more than it freed; so past
+``PARKED_MAX_BYTES`` parked, our PUBACKs are held back (the window still moves
+on our side, so parked messages keep reaching their handlers) until the
+parking is down to half of it: a broker that gets no PUBACK sends nothing new.
+A broker that sends past the Receive Maximum regardless, beyond
+``PARKED_DISCONNECT_BYTES``, gets DISCONNECT 0x93.
+Outgoing bytes queued in one loop turn leave in one
 ``transport.write``; nothing new is queued while the transport's buffer is
 above ``WRITE_HIGH_WATER``.
 """
@@ -25,7 +32,9 @@ log = structlog.get_logger(__name__)
 
 WRITE_HIGH_WATER: Final = 256 * 1024
 PARKED_MAX_BYTES: Final = 1024 * 1024
-"""Incoming messages parked past the Receive Maximum before reads pause."""
+"""Parked bytes past which our PUBACKs are held back (until half of it is left)."""
+PARKED_DISCONNECT_BYTES: Final = 16 * PARKED_MAX_BYTES
+"""Parked bytes past our Receive Maximum at which the broker is disconnected (0x93)."""
 
 
 class Wire(asyncio.Protocol):
@@ -42,8 +51,10 @@ class Wire(asyncio.Protocol):
         # PUBLISHes read past the Receive Maximum, handed out in order once acks free room.
         self.parked: deque[tuple[mqtt5.PublishPacket, int]] = deque()
         self.parked_bytes = 0
+        # PUBACKs held back while too much is parked; sent once the parking drains.
+        self.held_acks: list[bytes] = []
+        self.holding_acks = False
         self.writing_paused = False
-        self.reads_paused = False
         # Receive Maximum reached: parsing stops until half the window is acked
         # (hysteresis, so reads don't flap on every ack).
         self.input_blocked = False
@@ -70,11 +81,15 @@ class Wire(asyncio.Protocol):
             parked, parked_size = self.parked.popleft()
             self.parked_bytes -= parked_size
             owner._on_packet(self, parked)
+        if self.holding_acks and self.parked_bytes <= PARKED_MAX_BYTES // 2:
+            self.holding_acks = False
+            for ack in self.held_acks:
+                self.send(ack)
+            self.held_acks.clear()
         offset = 0
+        exceeded = False
         with memoryview(self._buffer) as view:
             while offset < len(view):
-                if owner._paused or self.parked_bytes >= PARKED_MAX_BYTES:
-                    break
                 try:
                     packet, size = mqtt5.read(view[offset:])
                 except IndexError:  # an incomplete packet: wait for more bytes
@@ -87,12 +102,27 @@ class Wire(asyncio.Protocol):
                 if isinstance(packet, mqtt5.PublishPacket) and (
                     self.parked or owner._input_full(self)
                 ):
-                    self.parked.append((packet, size))
-                    self.parked_bytes += size
+                    if self._park(packet, size):
+                        exceeded = True
+                        break
                 else:
                     owner._on_packet(self, packet)
-        del self._buffer[:offset]
-        owner._update_reading(self)
+        if exceeded:
+            self._buffer.clear()
+            owner._receive_maximum_exceeded(self)
+        else:
+            del self._buffer[:offset]
+
+    def _park(self, packet: mqtt5.PublishPacket, size: int) -> bool:
+        """Park ``packet``; True if the broker is past our Receive Maximum and too far."""
+        self.parked.append((packet, size))
+        self.parked_bytes += size
+        if self.parked_bytes >= PARKED_MAX_BYTES and not self.holding_acks:
+            self.holding_acks = True
+            log.info("mqtt parking past its limit, PUBACKs held back",
+                     parked=len(self.parked), parked_bytes=self.parked_bytes)  # fmt: skip
+        too_far = self.parked_bytes > PARKED_DISCONNECT_BYTES
+        return too_far and self._owner._over_receive_maximum(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -105,6 +135,14 @@ class Wire(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._owner._pump()
+
+    def send_ack(self, packet_id: int) -> None:
+        """Send the PUBACK of an incoming message, or hold it back while too much is parked."""
+        puback = mqtt5.PubAckPacket(packet_id).write()
+        if self.holding_acks:
+            self.held_acks.append(puback)
+        else:
+            self.send(puback)
 
     def send(self, data: bytes) -> None:
         """Queue bytes; everything queued in one loop turn goes out in one write."""
@@ -134,15 +172,15 @@ class Wire(asyncio.Protocol):
         if refill and not self.writing_paused:
             self._owner._pump()
 
-    def set_reading(self, paused: bool) -> None:
-        if self.transport is None or paused == self.reads_paused:
+    def close_now(self, last: bytes) -> None:
+        """Write what this loop turn queued, the held-back PUBACKs (their messages were
+        handled: the next connection must not bring them again) and ``last``; close."""
+        if self.transport is None:
             return
-        self.reads_paused = paused
-        if paused:
-            self.transport.pause_reading()
-        else:
-            self.transport.resume_reading()
-            self.last_heard = asyncio.get_running_loop().time()  # deaf, not silent, till now
+        self.transport.write(b"".join([*self._out, *self.held_acks, last]))
+        self._out.clear()
+        self.held_acks.clear()
+        self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection now."""

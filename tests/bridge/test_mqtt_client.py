@@ -22,10 +22,14 @@ from structlog.testing import capture_logs
 from servicekit.backoff import Backoff
 from servicekit.errors import LoopFailed
 from servicekit.mqtt import (
+    PARKED_DISCONNECT_BYTES,
+    PARKED_MAX_BYTES,
     WRITE_HIGH_WATER,
     Ack,
     MqttClient,
+    MqttError,
     MqttMetrics,
+    QueueFull,
     Subscription,
 )
 from servicekit.urls import MqttUrl
@@ -145,6 +149,74 @@ async def test_an_unacked_message_comes_back_after_a_reconnect(
         assert client.connects == 2
         stale_ack()  # belongs to the dead connection: nothing sent
         inbox.messages[1][2]()
+
+
+async def test_a_responder_flood_keeps_hearing_its_pubacks_past_the_parking_limit(
+    mosquitto: MosquittoProcess, device_id: str
+) -> None:
+    """The status-query deadlock: a handler that acks each message only once its reply is
+    PUBACKed (the pipeline's responder) takes a flood on a shared subscription. Mosquitto
+    answers each PUBACK with more than it freed, so the parking passes PARKED_MAX_BYTES; the
+    replies' PUBACKs are still heard, every message is answered, and our own PUBACKs are held
+    back while the parking is past the limit (so Mosquitto stops adding to it)."""
+    window, size, count = 20, 16 * 1024, 400  # the broker's max_packet_size is 20 KiB
+    topic = f"v1/devices/{device_id}/orders"
+    queue: asyncio.Queue[Message] = asyncio.Queue()
+    url = MqttUrl.parse(mosquitto.url)
+    subs = [Subscription(f"$share/g/{topic}", lambda t, p, a: queue.put_nowait((t, p, a)))]
+    responder = MqttClient(url, client_id=f"{device_id}-rx", clean_start=True,
+                           session_expiry_s=0, receive_maximum=window,
+                           subscriptions=subs)  # fmt: skip
+    answered: list[bytes] = []
+    most_parked = most_held = 0
+
+    async def respond() -> None:
+        nonlocal most_parked, most_held
+        while len(answered) < count:
+            _topic, payload, ack = await queue.get()
+            wire = responder._wire
+            assert wire is not None
+            async with asyncio.timeout(5):
+                assert await responder.publish_acked(f"{topic}/answers", payload[:8]) == 0x10
+            ack()
+            most_parked = max(most_parked, wire.parked_bytes)
+            most_held = max(most_held, len(wire.held_acks))
+            answered.append(payload[:8])
+
+    async with responder, MqttClient(url, client_id=f"{device_id}-tx", clean_start=True) as flood:
+        sent = [flood.publish_acked(topic, b"%08d" % i + b"x" * size) for i in range(count)]
+        await respond()
+        assert await asyncio.gather(*sent) == [0] * count
+    assert sorted(answered) == [b"%08d" % i for i in range(count)]
+    assert most_parked >= PARKED_MAX_BYTES  # the fault: the old client stopped reading here
+    assert most_held > 0
+
+
+async def test_closing_waits_for_every_queued_publish_to_be_acked(
+    mosquitto: MosquittoProcess, device_id: str
+) -> None:
+    """3,000 publishes (three times the broker's Receive Maximum) and an immediate exit: the
+    exit waits until the broker acked all of them, and a subscriber gets every one."""
+    count = 3000
+    inbox = Inbox()
+    topic = f"v1/devices/{device_id}/orders"
+    url = MqttUrl.parse(mosquitto.url)
+
+    def take(topic: str, payload: bytes, ack: Ack) -> None:
+        ack()
+        inbox(topic, payload, ack)
+
+    subs = [Subscription(topic, take)]
+    async with MqttClient(url, client_id=f"{device_id}-rx", clean_start=True, subscriptions=subs):
+        sender = MqttClient(url, client_id=f"{device_id}-tx", clean_start=True)
+        async with sender:
+            futures = [sender.publish_acked(topic, b"%d" % i) for i in range(count)]
+            assert sender.in_flight > 1000  # the fault: most are not even written yet
+        assert all(f.done() for f in futures)
+        assert {f.result() for f in futures} == {0}
+        assert sender.in_flight == 0
+        await inbox.wait_for(count)
+        assert sorted(int(p) for p in inbox.payloads) == list(range(count))
 
 
 # -- against a scripted broker --------------------------------------------------------------
@@ -401,6 +473,134 @@ async def test_unacked_publishes_are_resent_after_a_reconnect(session_present: b
                 assert [p.packet_id for p in resent] == [p.packet_id for p in first]
             again.send(*[mqtt5.PubAckPacket(qos1_id(p)) for p in resent])
             assert await asyncio.gather(*futures) == [0, 0, 0]
+
+
+async def test_keepalive_drops_a_silent_broker_while_reading_is_paused() -> None:
+    """A half-open socket while the owner paused reading (the bridge during a Redis outage):
+    PINGREQs still go out, the missing PINGRESP is noticed, the connection is dropped and the
+    supervisor connects again; messages held by the pause reach the handler after resuming."""
+    inbox = Inbox()
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, inbox, keepalive_s=1)
+        async with connected(broker, client) as session:
+            client.pause_reading()
+            session.send(publish_packet(5, b"held"))
+            await session.expect(mqtt5.PingReqPacket)  # no PINGRESP: the peer is gone
+            async with asyncio.timeout(5):
+                await session.closed.wait()
+            again = await broker.session()
+            await again.accept()
+            await wait_until(lambda: client.connected, what="reconnected")
+            assert client.connects == 2
+            assert inbox.messages == []  # held by the pause, never handed out
+            again.send(publish_packet(6, b"resent"))
+            await asyncio.sleep(0.05)
+            assert inbox.messages == []
+            client.resume_reading()
+            await inbox.wait_for(1)
+            assert inbox.payloads == [b"resent"]
+
+
+async def test_a_broker_past_our_receive_maximum_is_disconnected_loudly() -> None:
+    """Past PARKED_MAX_BYTES parked our PUBACKs are held back; a broker that ignores our Receive
+    Maximum and sends more than PARKED_DISCONNECT_BYTES past it gets the held PUBACKs and then
+    DISCONNECT 0x93 (MQTT 5 §3.3.4), an error log and a count: memory stays bounded."""
+    metrics = MqttMetrics("t", CollectorRegistry())
+    inbox = Inbox()
+    size = 256 * 1024
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, inbox, receive_maximum=2, metrics=metrics)
+        with capture_logs() as logs:
+            async with connected(broker, client) as session:
+                count = PARKED_DISCONNECT_BYTES // size + 4
+                flood = [publish_packet(10 + i, b"x" * size) for i in range(count)]
+                session.send(*flood[:8])  # 2 MiB, 6 of them parked: past PARKED_MAX_BYTES
+                wire = client._wire
+                assert wire is not None
+                await wait_until(lambda: len(wire.parked) == 6, what="six parked")
+                inbox.messages[0][2]()  # handled; too much parked, so its PUBACK waits
+                await inbox.wait_for(3)
+                await asyncio.sleep(0.05)
+                assert session.packets.empty()
+                session.send(*flood[8:])
+                assert (await session.expect(mqtt5.PubAckPacket)).packet_id == 10
+                disconnect = await session.expect(mqtt5.DisconnectPacket)
+                assert disconnect.reason_code == mqtt5.DisconnectReasonCode.RECEIVE_MAX_EXCEEDED
+                async with asyncio.timeout(5):
+                    await session.closed.wait()
+                assert len(inbox.messages) == 3
+    assert metrics.receive_maximum_exceeded._value.get() == 1
+    errors = [e for e in logs if e["log_level"] == "error" and "receive maximum" in e["event"]]
+    assert errors
+
+
+async def test_held_back_pubacks_leave_before_the_disconnect_at_exit() -> None:
+    """Acks given while too much is parked are held back; leaving ``async with`` sends them
+    before DISCONNECT, so the broker does not bring those messages again."""
+    inbox = Inbox()
+    size = 256 * 1024
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, inbox, receive_maximum=2)
+        async with connected(broker, client) as session:
+            client.pause_reading()
+            session.send(*[publish_packet(10 + i, b"x" * size) for i in range(8)])
+            wire = client._wire
+            assert wire is not None
+            await wait_until(lambda: len(wire.parked) == 8, what="eight parked: 2 MiB")
+            client.resume_reading()
+            await inbox.wait_for(2)
+            inbox.messages[0][2]()
+            await asyncio.sleep(0.05)
+            assert wire.held_acks
+            assert session.packets.empty()
+        assert (await session.expect(mqtt5.PubAckPacket)).packet_id == 10
+        await session.expect(mqtt5.DisconnectPacket)
+
+
+async def test_a_full_queue_refuses_the_new_message_and_keeps_the_old() -> None:
+    """With one publish in flight and the queue at max_queued, the next publish raises
+    QueueFull (an MqttError), logs and counts it; every queued message still goes out."""
+    metrics = MqttMetrics("t", CollectorRegistry())
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, None, max_queued=3, metrics=metrics)
+        async with connected(broker, client, receive_max=1, suback=False) as session:
+            futures = [client.publish_acked("v1/devices/d1/receipts", bytes([i])) for i in range(4)]
+            with capture_logs() as logs, pytest.raises(QueueFull) as refused:
+                client.publish_acked("v1/devices/d1/receipts", b"new")
+            assert isinstance(refused.value, MqttError)
+            assert refused.value.reason == "queue_full"
+            with pytest.raises(QueueFull):
+                client.publish("v1/devices/d1/receipts", b"newer")
+            assert metrics.publish_queue_full._value.get() == 2
+            assert [e["log_level"] for e in logs if "queue full" in e["event"]] == ["warning"]
+            payloads = []
+            for _ in range(4):
+                packet = await session.expect(mqtt5.PublishPacket)
+                payloads.append(packet.payload)
+                session.send(mqtt5.PubAckPacket(qos1_id(packet)))
+            assert payloads == [bytes([i]) for i in range(4)]
+            assert await asyncio.gather(*futures) == [0] * 4
+
+
+async def test_closing_gives_up_on_unacked_publishes_after_the_grace_period() -> None:
+    """A broker that never acks: the exit waits out close_grace_s, not for ever, and warns
+    how many publishes were left unacked."""
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, None, close_grace_s=0.2)
+        entering = asyncio.ensure_future(client.__aenter__())
+        session = await broker.session()
+        await session.accept(suback=False)
+        await entering
+        unacked = client.publish_acked("v1/devices/d1/receipts", b"x")
+        await session.expect(mqtt5.PublishPacket)
+        with capture_logs() as logs:
+            async with asyncio.timeout(5):
+                await client.__aexit__(None, None, None)
+        await session.expect(mqtt5.DisconnectPacket)
+        assert not unacked.done()
+    gave_up = [e for e in logs if "unacked" in e["event"]]
+    assert gave_up
+    assert gave_up[0]["unacked"] == 1
 
 
 async def test_the_supervisor_retries_for_as_long_as_the_broker_is_down() -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import redis
 
+from bridge.config import BridgeConfig
+from bridge.intake import Intake, MessageSink, MqttIntake
+from bridge.metrics import BridgeMetrics
+from bridge.service import Bridge, build_sink
 from schemas import encode
 from schemas.names import DLQ_STREAM, orders_topic
+from testrig.servers import free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, stream_entries
-from tests.helpers import make_order, wait_until_blocking
+from tests.helpers import make_order, wait_until, wait_until_blocking
 
 
 def test_rate_limited_orders_get_a_receipt_and_no_entry(
@@ -37,3 +43,51 @@ def test_rate_limited_orders_get_a_receipt_and_no_entry(
         assert len(stream_entries(client)) == 5
         assert client.xlen(DLQ_STREAM) == 0
     assert bridge.terminate() == 0
+
+
+async def test_a_full_receipt_queue_costs_no_order(
+    *, mqtt_url: str, redis_url: str, publisher: Publisher, device_id: str
+) -> None:
+    """The intake's queue refuses every receipt (QueueFull, as at 100,000 queued): the bridge
+    counts each refused receipt, keeps running, and every order lands exactly once (the agent
+    resends for a receipt it misses)."""
+    config = BridgeConfig(mqtt_url=mqtt_url, redis_url=redis_url, http_port=free_port(),
+                          client_id=f"bridge-{device_id}", share_group=f"g-{device_id}",
+                          shards=4, rate_per_s=0, redis_require_durable=False,
+                          heartbeat_interval_s=0)  # fmt: skip
+    metrics = BridgeMetrics()
+    sink = build_sink(config)
+    bridge = Bridge(config, sink, metrics)
+    intakes: list[MqttIntake] = []
+
+    def full_intake(sink: MessageSink) -> Intake:
+        intake = bridge._default_intake(sink)
+        intake._sender.max_queued = 0  # every receipt meets a full queue
+        intakes.append(intake)
+        return intake
+
+    async with sink:
+        await _run_with_full_queue(bridge, full_intake, publisher, device_id, redis_url)
+    assert intakes[0].refused == 5
+
+
+async def _run_with_full_queue(
+    bridge: Bridge,
+    intake: Callable[[MessageSink], Intake],
+    publisher: Publisher,
+    device_id: str,
+    redis_url: str,
+) -> None:
+    running = asyncio.create_task(bridge.run(intake))
+    await wait_until(lambda: bridge.started, what="bridge started")
+    for seq in range(5):
+        publisher.publish(orders_topic(device_id), encode(make_order(device_id, seq)))
+    with redis.Redis.from_url(redis_url) as client:
+        await wait_until(lambda: len(stream_entries(client)) == 5, what="five orders stored",
+                         explain=lambda: len(stream_entries(client)))  # fmt: skip
+        refused = bridge.metrics.receipts_failed
+        await wait_until(lambda: refused._value.get() == 5, what="five receipts refused")
+        assert not running.done()
+        bridge.request_stop()
+        await running
+        assert len(stream_entries(client)) == 5

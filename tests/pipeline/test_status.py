@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from pipeline.config import PipelineConfig
 from pipeline.status import MqttStatusPublisher, StatusMetrics, status_client
@@ -69,6 +70,38 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
 
         await wait_until(drained, what="the queued statuses acked after the restart")
         assert await publisher.publish(messages[30:]) == 20
+
+
+async def test_a_full_queue_refuses_statuses_without_failing_the_batch(
+    mosquitto: MosquittoProcess, status_listener: StatusListener, device_id: str
+) -> None:
+    """The client's queue is full (QueueFull): the worker's send and the responder's publish
+    return how many went out instead of raising, count or log the refusal, and the next batch
+    goes out once there is room; a refused status is recovered by the device's status query."""
+    status_listener.subscribe(device_id)
+    messages = _statuses(device_id, 30)
+    config = PipelineConfig(mqtt_url=mosquitto.url)
+    async with status_client(config, f"{device_id}-pub") as client:
+        registry = CollectorRegistry()
+        publisher = MqttStatusPublisher(client, ack_timeout_s=5, metrics=StatusMetrics(registry))
+        client._sender.max_queued = 0  # every publish meets a full queue
+        assert publisher.send(messages[:5]) == 0
+        assert _unpublished(registry) == 5
+        with capture_logs() as logs:
+            assert await publisher.publish(messages[:10]) == 0
+        assert client.refused == 2  # each batch stops at its first refusal
+        refusals = [e for e in logs if e["event"] == "status_publish_refused"]
+        assert [e["refused"] for e in refusals] == [10]
+        client._sender.max_queued = 100
+        assert await publisher.publish(messages[10:]) == 20
+
+    async def heard() -> bool:
+        return len({s.order_id for _t, s in status_listener.received}) == 20
+
+    await wait_until(heard, what="the statuses after the refusal")
+    assert {s.order_id for _t, s in status_listener.received} == {
+        s.order_id for _d, s in messages[10:]
+    }
 
 
 async def test_with_the_broker_down_send_never_waits_and_the_backlog_is_bounded(

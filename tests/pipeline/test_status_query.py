@@ -74,3 +74,63 @@ async def test_a_status_query_gets_the_current_status_again(
         assert await asyncio.to_thread(worker.wait, 20) == 0
     finally:
         stop_all([worker])
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_status_query_flood_stalls_no_other_devices_statuses(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    status_listener: StatusListener,
+    device_id: str,
+    tmp_path: Path,
+) -> None:
+    """One device floods status queries (600 of 100 ids, 20 of them known): Mosquitto hands
+    the worker more than its Receive Maximum, past the client's parking limit. Another
+    device's orders still get their statuses about as fast as before the flood, every query
+    is answered, and the same worker process carries on (no restart)."""
+    flooder, other = f"{device_id}-flood", f"{device_id}-other"
+    status_listener.subscribe(flooder)
+    status_listener.subscribe(other)
+    log = tmp_path / "worker.log"
+    worker = spawn(["worker"], env_for(config, log_level="info"), log)
+    try:
+        known = [make_order(flooder, seq) for seq in range(20)]
+        for order in known:
+            await produce(aredis, order, config.shards)
+
+        async def known_done() -> bool:
+            return all("fulfilled" in status_listener.statuses(o.order_id) for o in known)
+
+        await wait_until(known_done, what="the flooder's orders processed")
+
+        async def status_latency(seq: int) -> float:
+            order = make_order(other, seq)
+            started = asyncio.get_running_loop().time()
+            await produce(aredis, order, config.shards)
+            await wait_until(lambda: "fulfilled" in status_listener.statuses(order.order_id),
+                             what=f"the other device's order {seq} processed")  # fmt: skip
+            return asyncio.get_running_loop().time() - started
+
+        before = sorted([await status_latency(seq) for seq in range(5)])[2]
+        padding = [f"unknown-{index:056d}" for index in range(80)]
+        query = encode(StatusQuery(v=1, order_ids=(*[o.order_id for o in known], *padding)))
+        url = MqttUrl.parse(config.mqtt_url)
+        async with MqttClient(url, client_id=f"{device_id}-dev", clean_start=True) as device:
+            asked = [device.publish_acked(status_query_topic(flooder), query) for _ in range(600)]
+            during = sorted([await status_latency(seq) for seq in range(5, 10)])[2]
+            assert await asyncio.gather(*asked) == [0] * 600
+
+        async def all_answered() -> bool:
+            fulfilled = status_listener.statuses(known[0].order_id).count("fulfilled")
+            return fulfilled == 601
+
+        await wait_until(all_answered, timeout_s=60, what="every query answered")
+        after = sorted([await status_latency(seq) for seq in range(10, 15)])[2]
+        assert during <= 10 * before, (before, during)
+        assert after <= 10 * before, (before, after)
+        assert "held back" in log.read_text()  # the fault: the parking passed its limit
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.wait, 20) == 0
+    finally:
+        stop_all([worker])
