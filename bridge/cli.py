@@ -11,15 +11,16 @@ from collections.abc import Sequence
 
 import structlog
 
-from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit import layout, tracing
+from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
 from servicekit.logs import configure_logging
-from servicekit.loops import failed_loops
+from servicekit.loops import critical, failed_loops
 
 from .config import BridgeConfig
 from .errors import BridgeError
 from .heartbeat import RedisHeartbeat
+from .layout import LayoutCheck
 from .metrics import BridgeMetrics
 from .regions import build_region_sinks
 from .service import Bridge, build_sink
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(BridgeConfig, args)
+        shards_given = "shards" in given_fields(BridgeConfig, args)
     except ConfigError as exc:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
@@ -53,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         service_name="order-bridge", attributes={"service.instance.id": config.client_id},
     )  # fmt: skip
     try:
-        runner(_serve(config))
+        runner(_serve(config, shards_given=shards_given))
+    except layout.LayoutError as exc:
+        log.error("bridge refused to run", error=str(exc))  # noqa: TRY400 - the message says it all
+        print(f"order-bridge: {exc}", file=sys.stderr)
+        return 2
     except BridgeError as exc:
         log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
         return 1
@@ -68,7 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def _serve(config: BridgeConfig) -> None:
+async def _serve(config: BridgeConfig, *, shards_given: bool = True) -> None:
+    check = LayoutCheck(config, shards_given=shards_given)
+    try:
+        await _run(config, check)
+    finally:
+        await check.aclose()
+
+
+async def _run(config: BridgeConfig, check: LayoutCheck) -> None:
     heartbeat = RedisHeartbeat(
         config.local_redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
     )
@@ -80,7 +94,12 @@ async def _serve(config: BridgeConfig) -> None:
         if config.geo:
             log.info("geo mode", region=config.region, remote_regions=sorted(region_sinks))
         bridge = Bridge(
-            config, sink, BridgeMetrics(), heartbeat=heartbeat, region_sinks=region_sinks
+            config,
+            sink,
+            BridgeMetrics(),
+            heartbeat=heartbeat,
+            region_sinks=region_sinks,
+            layout=check.start,
         )
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -94,7 +113,13 @@ async def _serve(config: BridgeConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         try:
-            await bridge.run()
+            async with asyncio.TaskGroup() as tasks:
+                watch = tasks.create_task(
+                    critical("layout-watch", check.watch()),
+                    name="layout-watch",
+                )
+                await bridge.run()
+                watch.cancel()
         except asyncio.CancelledError:
             log.info("stopped before connecting")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -54,6 +54,7 @@ class Bridge:
     ``config.heartbeat_interval_s`` for the ops page (:mod:`bridge.heartbeat`).
 
     In geo mode ``region_sinks`` holds a sink per remote region (bridge/regions.py).
+    With ``layout``, no order is taken before the deployment manifest agrees.
     """
 
     def __init__(
@@ -64,8 +65,13 @@ class Bridge:
         *,
         heartbeat: HeartbeatStore | None = None,
         region_sinks: Mapping[str, OrderSink] | None = None,
+        layout: Callable[[], Awaitable[BridgeConfig]] | None = None,
     ) -> None:
         self.config = config
+        # Agrees with the deployment manifest before the intake connects, and returns
+        # the settings with the deployment's shard count (bridge/layout.py).
+        self._layout = layout
+        self.layout_agreed = layout is None
         self._heartbeat = heartbeat
         self.metrics = metrics
         self._sink = sink
@@ -194,6 +200,7 @@ class Bridge:
             "redis_writable": not isinstance(error, RedisFullError)
             and not (self.redis_state is not None and self.redis_state.full),
             "accepting": not self._stopping,
+            "layout": self.layout_agreed,
         }
         if self.config.redis_require_durable:
             checks["redis_durable"] = self.redis_durable
@@ -265,6 +272,9 @@ class Bridge:
                     regions = tasks.create_task(
                         critical("region-writers", self.regions.run()), name="region-writers"
                     )
+                if self._layout is not None:
+                    self.config = cfg = await self._layout()
+                    self.layout_agreed = True
                 async with intake:
                     self.started = True
                     self.metrics.mqtt_up.set(1)

@@ -22,8 +22,9 @@ import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, load_config
+from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.layout import LayoutError
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 
@@ -31,6 +32,7 @@ from .api_tokens import ROLES, Role, digest_line, new_token, valid_name, write_e
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .errors import PipelineError
+from .layout import agree_layout
 from .migrate import migrate
 from .service import install_stop_signals, redis_client, run_service, run_worker
 
@@ -101,20 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _new_token(args.role, args.name, args.tokens_file)
     try:
         config = load_config(PipelineConfig, args)
+        shards_given = "shards" in given_fields(PipelineConfig, args)
     except ConfigError as exc:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-pipeline")
     warn_if_redis_unauthenticated(config.redis_url)
     try:
-        if args.command in {"catalog", "migrate"}:
-            admin = _load_catalog(config, args.file) if args.command == "catalog" else None
-            return asyncio.run(admin or _migrate(config))
-        tracing.configure(
-            config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
-            service_name="order-pipeline",
-        )  # fmt: skip
-        return asyncio.run(_serve(config, worker_only=args.command == "worker"))
+        return _run_command(args, config, shards_given=shards_given)
+    except LayoutError as exc:
+        log.error("refused_to_run", error=str(exc))  # noqa: TRY400 - the message says it all
+        print(f"order-pipeline: {exc}", file=sys.stderr)
+        return 2
     except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
@@ -128,20 +128,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracing.shutdown()  # export the spans still buffered
 
 
-async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:
+def _run_command(args: argparse.Namespace, config: PipelineConfig, *, shards_given: bool) -> int:
+    if args.command == "catalog":
+        return asyncio.run(_load_catalog(config, args.file, shards_given=shards_given))
+    if args.command == "migrate":
+        return asyncio.run(_migrate(config, shards_given=shards_given))
+    tracing.configure(
+        config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
+        service_name="order-pipeline",
+    )  # fmt: skip
+    worker_only = args.command == "worker"
+    return asyncio.run(_serve(config, worker_only=worker_only, shards_given=shards_given))
+
+
+async def _serve(config: PipelineConfig, *, worker_only: bool, shards_given: bool) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     if worker_only:
-        await run_worker(config, stop)
+        await run_worker(config, stop, shards_given=shards_given)
     else:
-        await run_service(config, stop)
+        await run_service(config, stop, shards_given=shards_given)
     return 0
 
 
-async def _load_catalog(config: PipelineConfig, path: Path) -> int:
+async def _load_catalog(config: PipelineConfig, path: Path, *, shards_given: bool) -> int:
     catalog = read_catalog(path)
     client = redis_client(config)
     try:
+        config, _ = await agree_layout(client, config, shards_given=shards_given)
         await store_catalog(client, catalog, shards=config.shards)
     finally:
         await client.aclose()
@@ -149,12 +163,13 @@ async def _load_catalog(config: PipelineConfig, path: Path) -> int:
     return 0
 
 
-async def _migrate(config: PipelineConfig) -> int:
+async def _migrate(config: PipelineConfig, *, shards_given: bool) -> int:
     if config.redis_cluster:
         print("order-pipeline: migrate runs on the single Redis of the old layout", file=sys.stderr)
         return 2
     client = aioredis.Redis.from_url(config.redis_url)
     try:
+        config, _ = await agree_layout(client, config, shards_given=shards_given)
         done = await migrate(client, config.shards)
     finally:
         await client.aclose()
