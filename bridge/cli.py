@@ -56,14 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     try:
         runner(_serve(config, shards_given=shards_given))
-    except layout.LayoutError as exc:
-        log.error("bridge refused to run", error=str(exc))  # noqa: TRY400 - the message says it all
-        print(f"order-bridge: {exc}", file=sys.stderr)
-        return 2
     except BridgeError as exc:
         log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
         return 1
     except Exception as exc:
+        if (refusal := layout.refusal_in(exc)) is not None:
+            log.error("bridge refused to run", error=str(refusal))  # noqa: TRY400
+            print(f"order-bridge: {refusal}", file=sys.stderr)
+            return 2
         loops = failed_loops(exc)
         if not loops:
             raise

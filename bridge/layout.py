@@ -92,10 +92,12 @@ class LayoutCheck:
                 watches.create_task(self._watch_one(name), name=f"layout-watch-{name}")
 
     async def _watch_one(self, name: str) -> None:
+        local = name == (self.config.region or "")
         while name not in self.agreed:
             await asyncio.sleep(layout.WATCH_INTERVAL_S)
-            with contextlib.suppress(RedisError, RedisClusterException, OSError):
-                await self._agree(name)
+            if not local:  # this region's is agreed before the intake connects (start)
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await self._agree(name)
         client, manifest = self.clients[name], self.agreed[name]
         await layout.watch(client, manifest, service="order-bridge", where=self.where(name))
 

@@ -24,6 +24,7 @@ from schemas.names import (
 )
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
+from servicekit.layout import LayoutError
 from servicekit.logs import truncate
 from servicekit.loops import critical
 from servicekit.mqtt import PropertySubscription
@@ -272,21 +273,21 @@ class Bridge:
                     regions = tasks.create_task(
                         critical("region-writers", self.regions.run()), name="region-writers"
                     )
-                if self._layout is not None:
-                    self.config = cfg = await self._layout()
-                    self.layout_agreed = True
-                async with intake:
-                    self.started = True
-                    self.metrics.mqtt_up.set(1)
-                    if all(self.readiness().values()):
-                        log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards,
-                                 redis_durable=self.redis_durable)  # fmt: skip
-                    else:
-                        failing = [name for name, ok in self.readiness().items() if not ok]
-                        log.error("bridge running but NOT READY", client_id=cfg.client_id,
-                                  failing=failing)  # fmt: skip
-                    await self._stop.wait()
-                    await self._drain()
+                refusal = await self._agree_layout()
+                if refusal is None:
+                    async with intake:
+                        self.started = True
+                        self.metrics.mqtt_up.set(1)
+                        if all(self.readiness().values()):
+                            log.info("bridge running", client_id=cfg.client_id,
+                                     shards=self.config.shards,
+                                     redis_durable=self.redis_durable)  # fmt: skip
+                        else:
+                            failing = [name for name, ok in self.readiness().items() if not ok]
+                            log.error("bridge running but NOT READY", client_id=cfg.client_id,
+                                      failing=failing)  # fmt: skip
+                        await self._stop.wait()
+                        await self._drain()
                 self._closing = True
                 self.batcher.close()
                 writer.cancel()
@@ -297,7 +298,20 @@ class Bridge:
                     self.regions.close()
                     regions.cancel()
         self.metrics.mqtt_up.set(0)
+        if refusal is not None:
+            raise refusal
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
+
+    async def _agree_layout(self) -> LayoutError | None:
+        """Agree with the deployment manifest (bridge/layout.py); the refusal, if any."""
+        if self._layout is None:
+            return None
+        try:
+            self.config = await self._layout()
+        except LayoutError as exc:
+            return exc
+        self.layout_agreed = True
+        return None
 
     async def _drain(self) -> None:
         self._stopping = True

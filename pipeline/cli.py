@@ -24,7 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
-from servicekit.layout import LayoutError
+from servicekit.layout import refusal_in
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 
@@ -111,14 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_if_redis_unauthenticated(config.redis_url)
     try:
         return _run_command(args, config, shards_given=shards_given)
-    except LayoutError as exc:
-        log.error("refused_to_run", error=str(exc))  # noqa: TRY400 - the message says it all
-        print(f"order-pipeline: {exc}", file=sys.stderr)
-        return 2
     except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
     except Exception as exc:
+        if (refusal := refusal_in(exc)) is not None:
+            log.error("refused_to_run", error=str(refusal))  # noqa: TRY400
+            print(f"order-pipeline: {refusal}", file=sys.stderr)
+            return 2
         loops = failed_loops(exc)
         if not loops:
             raise

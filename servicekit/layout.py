@@ -244,3 +244,14 @@ async def watch(
                 f"{service}: the deployment manifest at {where} changed from {running.encode()} "
                 f"to {raw}; start the service again ({FIX_DOC})"
             )
+
+
+def refusal_in(exc: BaseException) -> LayoutError | None:
+    """The :class:`LayoutError` that ``exc`` is or holds (in exception groups), if any."""
+    if isinstance(exc, LayoutError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := refusal_in(inner)) is not None:
+                return found
+    return None
