@@ -6,6 +6,7 @@ Usage::
     order-pipeline worker --mqtt-url … --redis-url …      # one worker, no API
     order-pipeline catalog load FILE --redis-url …         # JSON or TOML
     order-pipeline migrate --redis-url … --shards N        # from the pre-cluster layout
+    order-pipeline layout show|set --shards N --redis-url … # the deployment manifest
     order-pipeline token new --role operate [--name N] [--tokens-file F]
 """
 
@@ -24,6 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from servicekit import tracing
 from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
 from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.layout import read as read_manifest
 from servicekit.layout import refusal_in
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
@@ -34,10 +36,11 @@ from .config import PipelineConfig
 from .errors import PipelineError
 from .layout import agree_layout
 from .migrate import migrate
+from .reshard import SETTLE_S, set_shards
 from .service import install_stop_signals, redis_client, run_service, run_worker
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "migrate", "token", "-h", "--help"}
+_COMMANDS = {"run", "worker", "catalog", "migrate", "layout", "token", "-h", "--help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="move stock and records from the layout before Redis Cluster support"
     )
     add_config_arguments(migrate_cmd, PipelineConfig)
+    layout_cmd = sub.add_parser("layout", help="the deployment manifest (shard count)")
+    layout_sub = layout_cmd.add_subparsers(dest="layout_command", required=True)
+    show = layout_sub.add_parser("show", help="print the deployment manifest")
+    add_config_arguments(show, PipelineConfig)
+    change = layout_sub.add_parser(
+        "set",
+        help="change the deployment's shard count (docs/how-to/change-shards.md): with the "
+        "bridges stopped and the streams drained, moves every key to its new shard",
+    )
+    add_config_arguments(change, PipelineConfig)
+    change.add_argument(
+        "--settle-s",
+        type=float,
+        default=SETTLE_S,
+        help="seconds to wait after marking the change, so running services notice it and "
+        f"stop (default {SETTLE_S:g}, a little over their manifest check interval)",
+    )
     token = sub.add_parser("token", help="orders API bearer tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     new = token_sub.add_parser(
@@ -133,6 +153,12 @@ def _run_command(args: argparse.Namespace, config: PipelineConfig, *, shards_giv
         return asyncio.run(_load_catalog(config, args.file, shards_given=shards_given))
     if args.command == "migrate":
         return asyncio.run(_migrate(config, shards_given=shards_given))
+    if args.command == "layout":
+        if args.layout_command == "set" and not shards_given:
+            print("order-pipeline: layout set needs --shards N", file=sys.stderr)
+            return 2
+        settle_s = getattr(args, "settle_s", SETTLE_S)
+        return asyncio.run(_layout(config, args.layout_command, settle_s))
     tracing.configure(
         config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
         service_name="order-pipeline",
@@ -174,6 +200,21 @@ async def _migrate(config: PipelineConfig, *, shards_given: bool) -> int:
     finally:
         await client.aclose()
     log.info("migrated", skus=done.skus, orders=done.orders, shards=config.shards)
+    return 0
+
+
+async def _layout(config: PipelineConfig, command: str, settle_s: float) -> int:
+    client = redis_client(config)
+    try:
+        if command == "show":
+            raw, _ = await read_manifest(client)
+            print(raw or "no deployment manifest")
+            return 0
+        moved = await set_shards(client, config.shards, settle_s=settle_s)
+    finally:
+        await client.aclose()
+    print(f"order-pipeline: the deployment now has {config.shards} shards; moved "
+          f"{dict(moved.keys)}, stock of {moved.skus} SKUs spread", file=sys.stderr)  # fmt: skip
     return 0
 
 
