@@ -12,7 +12,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # an operator's enrolment host requirements/enrol.txt).
 EXPORTS := edge bridge enrol fleet
 
-.PHONY: demo demo-scale demo-geo test lint system-deps stack format lock clean cli-docs
+.PHONY: demo demo-scale demo-geo test lint docs cli-docs system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.one_region
@@ -32,6 +32,10 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The docs site (mkdocs-material) into site/; tests/test_docs.py runs the same strict build.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 stack: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.one_region --stack-only
@@ -66,4 +70,4 @@ lock: $(UV)
 	done
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis site

@@ -1,6 +1,6 @@
 """End-to-end throughput of the bridge against a naive bridge and the broker's ceiling.
 
-Not a test; the figures go in the README. Three consumers drain the very same
+Not a test; the figures go in docs/explanation/benchmarks.md. Three consumers drain the very same
 backlog of valid ~200-byte orders that Mosquitto queued for their persistent
 sessions (so publishers cost nothing while a consumer is timed):
 

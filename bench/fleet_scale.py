@@ -220,7 +220,7 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float) -> Step:
         shards=SHARDS, settle_timeout_s=120, status_wait_s=60, ramp_per_s=2000,
         poll_interval_s=args.poll_interval,
         # Past the plateau e2e latency passes seconds: a 3 s query delay would flood the
-        # pipeline with status queries (README, fleet-sim limits), so ask late.
+        # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
     )  # fmt: skip
     stop = asyncio.Event()

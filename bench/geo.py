@@ -1,6 +1,6 @@
 """What a cross-region write costs: receipt latency and drain rate, home beside failover.
 
-Not a test; the figures go in the README ("Geo mode (bridge and pipeline)").
+Not a test; the figures go in docs/explanation/benchmarks.md (geo).
 One bridge of region ``b`` (one process, defaults otherwise) on one Mosquitto,
 with three regions' Redis, each started from redis/redis.conf (AOF,
 ``appendfsync always``):

@@ -1,7 +1,7 @@
 """The cloud bridge: MQTT orders in, exactly-once entries in sharded Redis Streams out.
 
-Run it with ``order-bridge`` (:mod:`bridge.cli`); the README's "Running the
-bridge" explains the design.
+Run it with ``order-bridge`` (:mod:`bridge.cli`); docs/explanation/bridge.md
+explains the design.
 """
 
 from .batcher import Batcher, Outcome

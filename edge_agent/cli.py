@@ -103,7 +103,7 @@ def release_startup_memory() -> None:
 
     Importing aiohttp, paho, msgspec and structlog frees about 5 MB of
     temporaries that glibc keeps mapped, scattered below live objects;
-    ``malloc_trim(0)`` returns those pages. Measured idle RSS: see the README.
+    ``malloc_trim(0)`` returns those pages. Measured idle RSS: docs/explanation/benchmarks.md.
     """
     try:
         import ctypes  # noqa: PLC0415 - only here, once

@@ -3,7 +3,7 @@
 ``mosquitto/secure.conf`` loads ``mosquitto_dynamic_security.so`` with this
 file; ``order-enrol`` writes it. Why this plugin rather than
 ``password_file`` + ``acl_file`` (measured on Mosquitto 2.0.11 by
-tests/enrolment/test_secure_broker.py and described in the README's security section):
+tests/enrolment/test_secure_broker.py and described in docs/explanation/security.md):
 
 - ``acl_file`` never checks SUBSCRIBE in 2.0: any device may join
   ``$share/bridge/v1/devices/+/orders``, take its share of every device's

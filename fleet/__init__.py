@@ -1,8 +1,8 @@
 """The fleet simulator (``fleet-sim``): real edge agents under load and chaos, and its demos.
 
 ``fleet-sim`` (fleet.cli) drives :func:`run` with :class:`SimOptions` against a
-:class:`Stack` it starts itself, or against URLs; see the README's
-"Load-testing a fleet". The servers, the power-cut filesystem and the proxy it
+:class:`Stack` it starts itself, or against URLs; see docs/tutorials/first-load-test.md
+and docs/reference/fleet-sim.md. The servers, the power-cut filesystem and the proxy it
 starts come from :mod:`testrig`; enrolment is :mod:`enrolment` (``order-enrol``).
 
 Modules by job:

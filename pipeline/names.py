@@ -34,7 +34,7 @@ DLQ_TAG: Final = "{pipeline:dlq}"
 # a dead letter's marker keeps a redelivered entry from being dead-lettered twice.
 REPLAYED_MARKER_TTL_S: Final = 30 * 24 * 3600
 TERMINAL_STATUSES: Final = frozenset({"rejected", "failed", "fulfilled"})
-# Before the cluster layout (upgrade note in the README): one stock hash, one events
+# Before the cluster layout (docs/how-to/upgrade.md): one stock hash, one events
 # stream, one retention index, untagged per-order keys.
 LEGACY_STOCK_KEY: Final = "pipeline:stock"
 LEGACY_EVENTS_STREAM: Final = "orders:events"
@@ -135,7 +135,7 @@ def letter_key(shard: str, entry_id: str) -> str:
 
 
 # Fleet health (pipeline/health.py writes them, the /ops page reads them); see the
-# README's design notes. Devices by last seen (consumer clock, ms), a zset:
+# docs/explanation/observability.md. Devices by last seen (consumer clock, ms), a zset:
 HEALTH_DEVICES_KEY: Final = "health:devices"
 # Devices by their oldest unreceipted order's age in ms (0: none, or offline), a zset:
 HEALTH_OLDEST_KEY: Final = "health:oldest"

@@ -218,10 +218,10 @@ def _features_used(compose: dict[str, Any]) -> Iterator[str]:
         yield "configs.content"
 
 
-def test_readme_states_the_minimum_compose_version(compose: dict[str, Any]) -> None:
-    """The README names the newest Compose release among the features the file uses."""
+def test_docs_state_the_minimum_compose_version(compose: dict[str, Any]) -> None:
+    """The Docker runbook names the newest Compose release among the features the file uses."""
     used = set(_features_used(compose))
     assert used <= set(FEATURE_SINCE), used - set(FEATURE_SINCE)
     minimum = ".".join(str(part) for part in max(FEATURE_SINCE[feature] for feature in used))
-    readme = (REPO / "README.md").read_text()
-    assert f"Docker Compose ≥ {minimum}" in readme, minimum
+    runbook = (REPO / "docs" / "how-to" / "deploy-docker.md").read_text()
+    assert f"Docker Compose ≥ {minimum}" in runbook, minimum

@@ -6,7 +6,7 @@ token. Orders go in through MQTT while the page watches; a dead letter is
 replayed by clicking the page's button. The fleet's health keys are seeded
 as the health consumer writes them (pipeline/ops.py has the layout).
 
-``OPS_SCREENSHOT=docs/ops.png`` saves the page's screenshot there (the README's).
+``OPS_SCREENSHOT=docs/ops.png`` saves the screenshot that docs/how-to/ops-page.md shows.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from .conftest import order_body
     ],
 )
 def test_reason_codes_are_classified(code: int, action: PubackAction) -> None:
-    """Each PUBACK reason code maps to the behaviour the README's table promises."""
+    """Each PUBACK reason code maps to the behaviour of docs/explanation/edge-agent.md's table."""
     assert classify(code) is action
 
 
