@@ -172,3 +172,31 @@ def test_a_bad_manifest_refuses(
         assert run.returncode == 2, run.stderr[-2000:]
         assert MANIFEST_KEY in run.stderr
         assert client.get(MANIFEST_KEY) == raw
+
+
+def test_a_change_starting_under_a_running_worker_stops_it(
+    mosquitto_factory: Callable[..., MosquittoProcess], redis_url: str, tmp_path: Path
+) -> None:
+    """A worker that adopted 4 shards exits 1 once `layout set` marks a change to 8, and a
+    new one refuses to start (exit 2) while the change is in progress."""
+    broker = mosquitto_factory()
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as out:
+        worker = subprocess.Popen(
+            pipeline_cmd("worker", broker.url, redis_url, "--block-ms", "100"),
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            client = redis.Redis.from_url(redis_url)
+            wait_until_blocking(lambda: client.get(MANIFEST_KEY) is not None, 30, "manifest")
+            wait_until_blocking(lambda: "worker_started" in log_path.read_text(), 30, "started")
+            client.set(MANIFEST_KEY, Manifest(16, changing_to=8).encode())
+            assert worker.wait(30) == 1
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    assert "layout changed under this service" in log_path.read_text()
+    again = refused(pipeline_cmd("worker", broker.url, redis_url))
+    assert again.returncode == 2
+    assert "being changed from 16 to 8" in again.stderr
+    client.close()
