@@ -12,7 +12,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # an operator's enrolment host requirements/enrol.txt).
 EXPORTS := edge bridge enrol fleet
 
-.PHONY: demo demo-scale demo-geo test lint docs cli-docs system-deps stack format lock clean
+.PHONY: demo demo-scale demo-geo test lint docs cli-docs dist system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.one_region
@@ -44,6 +44,16 @@ stack: $(INSTALLED)
 cli-docs: $(INSTALLED)
 	$(BIN)/python scripts/cli_reference.py
 
+# Release artefacts into $(DIST): the sdist and the wheel built from it (setuptools pinned by
+# requirements/build.txt), the device's locked requirements, and SHA256SUMS of them all.
+# A device installs from these alone: docs/how-to/deploy-agent.md, tests/test_dist.py.
+DIST ?= dist
+dist: $(UV)
+	$(UV) build --quiet --python $(PYTHON) --out-dir $(DIST) --clear \
+	  --build-constraints requirements/build.txt --require-hashes
+	cp requirements/edge.txt $(DIST)/requirements-edge.txt
+	cd $(DIST) && sha256sum iot_orders-* requirements-edge.txt > SHA256SUMS && cat SHA256SUMS
+
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -68,6 +78,8 @@ lock: $(UV)
 	  $(UV) export --frozen --quiet --no-dev --no-emit-project --extra $$extra \
 	    --output-file requirements/$$extra.txt; \
 	done
+	$(UV) pip compile --quiet --generate-hashes --universal --python $(PYTHON) $(UPGRADE) \
+	  requirements/build.in --output-file requirements/build.txt
 
 clean:
 	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis site

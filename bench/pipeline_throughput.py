@@ -12,7 +12,9 @@ shards, appended as the bridge does):
   statuses published and their PUBACKs awaited one by one, one XACK per order;
 * pipeline with 1, 2 and 4 worker processes (``order-pipeline worker``,
   ``--redis-cluster`` on the cluster), the simulated gateway at zero latency,
-  statuses to the real broker.
+  statuses to the real broker;
+* with ``--broker-down``, one worker process whose broker URL has nothing
+  listening (processing must not wait on the broker: about the 1-worker rate).
 
 Each row gives orders/s (wall clock from the first append, or the first read
 for the ceiling, until every entry is acked), the ratio to the same backend's
@@ -24,6 +26,7 @@ counted; the bench process itself for the ceiling and naive rows).
 
     .venv/bin/python bench/pipeline_throughput.py            # ~60-90 s on a quiet machine
     .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 2
+    .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 --broker-down
 """
 
 from __future__ import annotations
@@ -285,7 +288,7 @@ def workers(count: int, env: dict[str, str], log: Path) -> Iterator[list[subproc
 
 async def pipeline_row(
     backend: Backend, orders: Sequence[Order], count: int, env: dict[str, str], log: Path,
-    *, shards: int, append_cpu_s: float,
+    *, shards: int, append_cpu_s: float, name: str = "",
 ) -> Row:  # fmt: skip
     """The orders through ``count`` worker processes, once they idle on empty streams."""
     client = backend.client()
@@ -307,8 +310,8 @@ async def pipeline_row(
             cpu_s = sum(process_cpu_s(p.pid, children=False) for p in procs) - cpu0
     finally:
         await client.aclose()
-    return Row(backend.name, f"pipeline, {count} worker process(es)", len(orders), seconds,
-               redis_s, cpu_s)  # fmt: skip
+    return Row(backend.name, name or f"pipeline, {count} worker process(es)", len(orders),
+               seconds, redis_s, cpu_s)  # fmt: skip
 
 
 async def in_process_row(
@@ -368,6 +371,13 @@ async def scenarios(
         rows.append(await pipeline_row(
             backend, orders, count, env, log, shards=shards,
             append_cpu_s=per_order_append * len(orders),
+        ))  # fmt: skip
+    if args.broker_down:
+        # Nothing listens on the port: the worker's statuses wait in its backlog.
+        down = f"mqtt://127.0.0.1:{free_port()}"
+        rows.append(await pipeline_row(
+            backend, orders, 1, {**env, "ORDERS_MQTT_URL": down}, log, shards=shards,
+            append_cpu_s=per_order_append * len(orders), name="pipeline, 1 worker, broker down",
         ))  # fmt: skip
     return rows
 
@@ -455,6 +465,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="XREADGROUP COUNT per shard")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--no-cluster", action="store_true", help="skip the 3-master rows")
+    parser.add_argument(
+        "--broker-down", action="store_true", help="add a 1-worker row with no broker listening"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

@@ -12,10 +12,17 @@ from collections.abc import Sequence
 import structlog
 
 from servicekit import layout, tracing
-from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
-from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.config import (
+    ConfigError,
+    add_config_arguments,
+    given_fields,
+    load_config,
+    secret_flags_given,
+)
+from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
 from servicekit.logs import configure_logging
 from servicekit.loops import critical, failed_loops
+from servicekit.version import add_version_argument
 
 from .config import BridgeConfig
 from .errors import BridgeError
@@ -33,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="order-bridge", description="the cloud bridge: MQTT orders → Redis Streams"
     )
+    add_version_argument(parser)
     add_config_arguments(parser, BridgeConfig)
     args = parser.parse_args(argv)
     try:
@@ -42,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-bridge")
+    warn_secret_flags(secret_flags_given(BridgeConfig, args))
     for url in {config.local_redis_url, *config.region_urls().values()}:
         warn_if_redis_unauthenticated(url)
     try:

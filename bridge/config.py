@@ -10,6 +10,7 @@ import msgspec
 from schemas.ids import is_region_name
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
 from servicekit.config import ServiceConfig, doc
+from servicekit.credentials import entries_with_password, one_secret, url_with_password
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -29,10 +30,26 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     mqtt_url: Annotated[
         str,
         doc(
-            "Broker the bridge takes orders from, mqtt://[user:pass@]host[:port] or mqtts:// "
-            "for TLS; set it to your broker and its bridge service account"
+            "Broker the bridge takes orders from, mqtt://[user@]host[:port] or mqtts:// for "
+            "TLS; set it to your broker and its bridge service account, the password in "
+            "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
+    mqtt_password_file: Annotated[
+        str,
+        doc(
+            "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
+            "set it whenever the broker wants a password, never put one in the URL flag"
+        ),
+    ] = ""
     mqtt_ca_file: Annotated[
         str,
         doc(
@@ -43,11 +60,28 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     redis_url: Annotated[
         str,
         doc(
-            "Redis the orders are written to, redis://[user:pass@]host:port/db or rediss:// "
-            "for TLS (any node's URL with --redis-cluster); in geo mode --region-redis may "
-            "replace it for this region"
+            "Redis the orders are written to, redis://[user@]host:port/db or rediss:// for TLS "
+            "(any node's URL with --redis-cluster), the password in --redis-password-file; in "
+            "geo mode --region-redis may replace it for this region"
         ),
     ] = "redis://127.0.0.1:6379/0"
+    redis_password: Annotated[
+        str,
+        doc(
+            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use "
+            "--redis-password-file",
+            secret=True,
+        ),
+    ] = ""
+    redis_password_file: Annotated[
+        str,
+        doc(
+            "File holding the Redis password of --redis-url's user on one line (keep it 0600), "
+            "also used by each --region-redis URL without one; set it whenever Redis has ACL "
+            "users"
+        ),
+    ] = ""
     redis_cluster: Annotated[
         bool,
         doc(
@@ -312,6 +346,21 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
                 "still resend lets an order be appended twice"
             )
         self.region_urls()  # raises ValueError on a bad region setting
+
+    def with_secret_files(self) -> BridgeConfig:
+        """The settings with the password files read into the URLs (see ServiceConfig)."""
+        mqtt = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
+        return msgspec.structs.replace(
+            self,
+            mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
+            redis_url=url_with_password(self.redis_url, redis, "redis_url"),
+            region_redis=entries_with_password(self.region_redis, redis),
+            mqtt_password="",
+            mqtt_password_file="",
+            redis_password="",
+            redis_password_file="",
+        )
 
     @property
     def geo(self) -> bool:

@@ -4,14 +4,16 @@ Every ``interval_s`` (default 5 s) a replica writes, one key per command so
 that it works on a Redis Cluster as on a single node::
 
     HSET   ops:bridge:{client_id}  ready 1|0  redis_durable 1|0  at <ms>  interval_ms <ms>
-                                   in_flight <n>  failing <check,…>
+                                   in_flight <n>  failing <check,…>  version <release>
     EXPIRE ops:bridge:{client_id}  30
     ZADD   ops:bridges  <ms> <client_id>
     ZREMRANGEBYSCORE ops:bridges -inf <ms - 1 day>     (replicas gone for a day)
 
-A replica that stops beating lets its hash expire; the page then shows it
-stale or gone. A failed beat is logged and retried on the next tick: the
-heartbeat never stops the bridge, whose own work does not depend on it.
+``version`` is the replica's release (:mod:`servicekit.version`), so the page
+shows which replicas an upgrade has reached. A replica that stops beating lets
+its hash expire; the page then shows it stale or gone. A failed beat is logged
+and retried on the next tick: the heartbeat never stops the bridge, whose own
+work does not depend on it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
 from servicekit.redis_clients import client_options
+from servicekit.version import package_version
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +98,12 @@ async def run_heartbeat(
     never raised. (The flag as well: Python 3.11 can lose a cancel that lands as a
     redis-py timeout fires, and the bridge's shutdown must not hang on it.)"""
     ttl_s = ttl_for(interval_s)
+    version = package_version()
     failing = False
     while not closed():
-        fields = {**report(), "at": now_ms(), "interval_ms": int(interval_s * 1000)}
+        fields = {
+            **report(), "at": now_ms(), "interval_ms": int(interval_s * 1000), "version": version,
+        }  # fmt: skip
         try:
             await store.beat(client_id, fields, ttl_s)
         except _FAILURES as exc:

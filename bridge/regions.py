@@ -13,8 +13,11 @@ says where it goes:
   (``authority_unreachable``); the device keeps the order and retries later.
   A timeout leaves the write in doubt, which is harmless: the script is
   idempotent, so the retry answers ``duplicate``;
-- a region nobody configured: a dead letter (``unknown_region``) in the local
-  DLQ and a ``rejected`` receipt.
+- a region nobody configured (agents configured before this bridge, or a
+  typo): :data:`UNKNOWN`, a ``pending`` receipt with reason ``unknown_region``;
+  nothing is written anywhere, the metric and the log line name the region.
+  The order is valid: the device keeps it and resends it with its backoff,
+  and it lands once the bridge is restarted knowing the region.
 
 Remote writes have a writer task per region, apart from the local group
 commit, so a remote region that times out never delays local orders. A
@@ -48,6 +51,11 @@ from .store import AppendResult, OrderSink, RedisSink
 log = structlog.get_logger(__name__)
 
 PENDING: Final = Outcome("pending", Reason.AUTHORITY_UNREACHABLE)
+UNKNOWN: Final = Outcome("pending", Reason.UNKNOWN_REGION)
+# Region names in attempts[0] come from devices: past this many distinct names the
+# metric label is `other` (bounded series), and one log line per name per interval.
+UNKNOWN_LABELS_MAX: Final = 32
+UNKNOWN_LOG_EVERY_S: Final = 60.0
 PROBE_INTERVAL_S: Final = 1.0
 _SECONDS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -92,7 +100,9 @@ class RegionMetrics:
         )
         self.unknown = Counter(
             "bridge_region_unknown",
-            "orders whose attempts[0] names no configured region",
+            "orders answered `pending` because attempts[0] names no configured region, "
+            f"by that name (`other` past {UNKNOWN_LABELS_MAX} names)",
+            ["region"],
             registry=r,
         )
 
@@ -280,6 +290,8 @@ class Regions:
             raise ValueError(f"need one sink per remote region {sorted(remote_names)}, "
                              f"got {sorted(sinks)}")  # fmt: skip
         self._closed = False
+        self._unknown_seen: set[str] = set()  # metric labels given out
+        self._unknown_logged: dict[str, float] = {}  # label -> monotonic time of its last log
         self.remotes: dict[str, RemoteRegion] = {}
         for name, sink in sinks.items():
             breaker = CircuitBreaker(
@@ -300,23 +312,37 @@ class Regions:
             )
             self.remotes[name] = RemoteRegion(name, sink, breaker, batcher)
 
-    def route(self, order: ValidOrder) -> RemoteBatcher | DeadLetter | None:
-        """Where ``order`` goes: None (this region), a remote writer, or a dead letter."""
+    def route(self, order: ValidOrder) -> RemoteBatcher | Outcome | None:
+        """Where ``order`` goes: None (this region), a remote writer, or :data:`UNKNOWN`.
+
+        :data:`UNKNOWN` is the answer itself: the caller sends it and writes nothing.
+        """
         authority = order.authority
         if authority is None or authority == self.own:
             return None
         remote = self.remotes.get(authority)
         if remote is not None:
             return remote.batcher
-        self.metrics.unknown.inc()
-        return DeadLetter(
-            Reason.UNKNOWN_REGION,
-            orders_topic(order.device_id),
-            order.payload,
-            order.received_at_ms,
-            order.device_id,
-            order.order_id,
-        )
+        self._unknown_region(authority, order.device_id)
+        return UNKNOWN
+
+    def _unknown_region(self, name: str, device_id: str) -> None:
+        label = name
+        if name not in self._unknown_seen and len(self._unknown_seen) >= UNKNOWN_LABELS_MAX:
+            label = "other"
+        self._unknown_seen.add(label)
+        self.metrics.unknown.labels(label).inc()
+        now = time.monotonic()
+        last = self._unknown_logged.get(label)
+        if last is None or now - last >= UNKNOWN_LOG_EVERY_S:
+            self._unknown_logged[label] = now
+            log.error(
+                "order owned by a region this bridge does not know: answering pending, "
+                "writing nothing; add it with --region-redis NAME=REDIS_URL",
+                region=name,
+                known=sorted({self.own, *self.remotes}),
+                device_id=device_id,
+            )
 
     @property
     def pending(self) -> int:
@@ -391,7 +417,8 @@ class Regions:
                 "last_probe_error": remote.probe_error,
                 "pending": remote.batcher.pending,
             }
-        return {"region": self.own, "regions": regions}
+        unknown = sorted(self._unknown_seen)
+        return {"region": self.own, "regions": regions, "unknown_regions": unknown}
 
 
 def build_region_sinks(config: BridgeConfig) -> dict[str, RedisSink]:

@@ -140,9 +140,14 @@ class Bridge:
         target: Batcher = self.batcher
         if self.regions is not None and isinstance(item, ValidOrder):
             routed = self.regions.route(item)
-            if isinstance(routed, DeadLetter):
-                item = routed
-            elif routed is not None:
+            if isinstance(routed, Outcome):
+                # An authority this bridge does not know: nothing written; the device keeps
+                # the order and resends it until the bridge is configured with that region.
+                if device_id is not None:
+                    self._receipt(device_id, item.order_id, routed)
+                ack()
+                return
+            if routed is not None:
                 target = routed  # another region's authority: its own writer
         if isinstance(item, DeadLetter):
             log.debug("dead letter", topic=topic, reason=item.reason, payload=truncate(payload))

@@ -3,7 +3,8 @@
 A PUBACK error code is classified in ``_puback.py``: transient codes defer
 the order by a capped backoff per order, definitive ones hold it. A receipt
 settles the order (``accepted``/``duplicate``/``rejected``), defers it
-(``rate_limited``), or in geo mode keeps it for a later resend (``pending``).
+(``rate_limited``), or in geo mode keeps it for a later resend (``pending``, and
+``rejected`` with reason ``unknown_region`` from a bridge of an earlier release).
 A status settles it too, since its receipt may be lost. Every time here is the
 agent clock (``_clock.py``).
 """
@@ -146,13 +147,19 @@ class Answers:
         self._window.spans.end(order_id, receipt.result, failed=receipt.result == "rejected")
         if self._regions is not None:
             self._regions.on_answer(len(self._window.receipts))
-        if receipt.result != "pending":
+        # A bridge of an earlier release rejects an order whose home region it does not
+        # know; the order itself is valid, so it waits as if `pending` (GEO.md).
+        waits = receipt.result == "pending" or (
+            receipt.result == "rejected" and receipt.reason == Reason.UNKNOWN_REGION
+        )
+        if not waits:
             self._pending_streak.pop(order_id, None)
         if receipt.result in ("accepted", "duplicate"):
             self._outbox.settle(order_id, "accepted", None, self._query_at())
-        elif receipt.result == "pending":
-            # Geo mode: the order's authority region is unreachable. Keep it and
-            # resend with backoff per order, in whatever region is current then.
+        elif waits:
+            # Geo mode: the order's authority region is unreachable, or unknown to the
+            # bridge. Keep it and resend with backoff per order, in whatever region is
+            # current then.
             streak = self._pending_streak.get(order_id, 0)
             if len(self._pending_streak) >= MAX_PENDING_STREAKS:
                 self._pending_streak.clear()  # orders settled elsewhere (expiry): start over

@@ -135,4 +135,5 @@ class Stats(NamedTuple):
     oldest_pending_ms: int | None
     total_rows: int
     awaiting_status: int = 0
-    awaiting_authority: int = 0  # geo: last answer was `pending` (authority unreachable)
+    awaiting_authority: int = 0  # geo: last answer was `pending` (either reason)
+    awaiting_unknown_region: int = 0  # of those, `pending` because a bridge lacks the region

@@ -52,6 +52,7 @@ from ._records import (
 from .errors import OutboxFull, StorageError
 
 AUTHORITY_UNREACHABLE: Final = Reason.AUTHORITY_UNREACHABLE
+UNKNOWN_REGION: Final = Reason.UNKNOWN_REGION
 
 # "No order is past the horizon": before any agent-clock reading.
 NO_HORIZON: Final = -(2**62)
@@ -532,17 +533,21 @@ class Store:
         awaiting = conn.execute(
             "SELECT count(*) FROM orders WHERE status_query_ms IS NOT NULL"
         ).fetchone()[0]
-        authority = conn.execute(
-            "SELECT count(*) FROM orders WHERE settled_ms IS NULL AND reason = ?",
-            (AUTHORITY_UNREACHABLE,),
-        ).fetchone()[0]
+        by_reason = dict(
+            conn.execute(
+                "SELECT reason, count(*) FROM orders WHERE settled_ms IS NULL AND reason IN (?, ?) "
+                "GROUP BY reason",
+                (AUTHORITY_UNREACHABLE, UNKNOWN_REGION),
+            ).fetchall()
+        )
         return Stats(
             self.pending_rows,
             self.pending_bytes,
             oldest[0] if oldest else None,
             total,
             awaiting,
-            authority,
+            sum(by_reason.values()),
+            by_reason.get(UNKNOWN_REGION, 0),
         )
 
     def expire(self, first_sent_before: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""EdgeAgent: outbox, publisher, status recovery, maintenance, intake under one ``async with``.
+"""EdgeAgent: outbox, publisher, status recovery, commands, upkeep, intake in one ``async with``.
 
 Every background loop is a named task in one ``asyncio.TaskGroup``. A loop
 survives any fault it can outlast (broker, disk, storage errors: it retries
@@ -34,6 +34,7 @@ from servicekit.clock import now_ms
 
 from ._clock import AgentClock
 from ._records import NewOrder, OrderRecord, RetryResult, Stats, Submitted
+from .commands import Commands
 from .config import AgentConfig
 from .errors import AgentClosed, AgentError, BackgroundLoopDied, InvalidOrder, StorageError
 from .health import HealthReporter
@@ -74,11 +75,14 @@ class Health(msgspec.Struct, frozen=True):
     awaiting_status: int = 0
     status_never_heard: int = 0
     # Geo mode (None/0 in single-region mode): the region in use, region changes so
-    # far, and unreceipted orders whose last answer was `pending` (authority unreachable).
+    # far, and unreceipted orders whose last answer was `pending`: the authority region
+    # unreachable, or (awaiting_unknown_region, a configuration mistake) a bridge that does
+    # not know it; both land by themselves once the cause is fixed.
     region: str | None = None
     failovers: int = 0
     failbacks: int = 0
     awaiting_authority: int = 0
+    awaiting_unknown_region: int = 0
 
 
 class EdgeAgent:
@@ -114,11 +118,16 @@ class EdgeAgent:
         )
         self.clock = self.outbox.clock
         self.reporter = HealthReporter(config, self.outbox, self.metrics)
+        # Device commands (retry_held) come in on the publisher's connection.
+        self.commands = Commands(
+            config.device_id, self.metrics, self.retry_held, retry_s=config.storage_retry_s
+        )
         self.publisher = Publisher(
             config,
             self.outbox,
             self.metrics,
             transport_factory=self.reporter.wrap(transport_factory),
+            commands=self.commands,
         )
         self.recovery = StatusRecovery(config, self.outbox, self.publisher, self.metrics)
         self.outbox.on_commit = self.publisher.wake
@@ -161,6 +170,7 @@ class EdgeAgent:
             "publisher": self.publisher.run,
             "status_recovery": self.recovery.run,
             "maintenance": self._maintain,
+            "commands": self.commands.run,
             "outbox_writer": self.outbox.writer_finished,
         }
         if self.publisher.regions is not None:
@@ -351,6 +361,7 @@ class EdgeAgent:
             "failovers": geo.failovers,
             "failbacks": geo.failbacks,
             "awaiting_authority": stats.awaiting_authority if stats else 0,
+            "awaiting_unknown_region": stats.awaiting_unknown_region if stats else 0,
         }
 
     async def retry_held(self, order_ids: list[str] | None = None) -> RetryResult:

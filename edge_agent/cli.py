@@ -22,8 +22,16 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, field_help, load_config
+from servicekit.config import (
+    ConfigError,
+    add_config_arguments,
+    field_help,
+    load_config,
+    secret_flags_given,
+)
+from servicekit.credentials import read_secret_file, warn_secret_flags
 from servicekit.logs import configure_logging
+from servicekit.version import add_version_argument
 
 from .agent import EdgeAgent
 from .config import AgentConfig
@@ -46,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`edge-agent retry --help` re-queues held orders.",
         conflict_handler="resolve",  # --region below replaces the generated one-value flag
     )
+    add_version_argument(parser)
     add_config_arguments(parser, AgentConfig)
     parser.add_argument(
         "--region",
@@ -55,13 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME=MQTT_URL",
         help=field_help(AgentConfig, "region"),
     )
+    parsed = parser.parse_args(args)
     try:
-        config = load_config(AgentConfig, parser.parse_args(args))
+        config = load_config(AgentConfig, parsed)
         config.validate()
     except ConfigError as exc:
         print(f"edge-agent: {exc.detail}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="edge-agent")
+    warn_secret_flags(secret_flags_given(AgentConfig, parsed))
     tracing.configure(
         config.otlp_endpoint, sample_ratio=config.trace_sample_ratio, service_name="edge-agent",
         attributes={"service.instance.id": config.device_id},
@@ -129,11 +140,16 @@ def submit_main(argv: Sequence[str]) -> int:
     )
     _add_agent_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        token = _token(args)
+    except ConfigError as exc:
+        print(f"edge-agent submit: {exc.detail}", file=sys.stderr)
+        return 2
     body = sys.stdin.read() if args.order == "-" else args.order
     request = urllib.request.Request(
         f"http://{args.host}:{args.http_port}/v1/orders",
         data=body.encode(),
-        headers=_json_headers(args.token),
+        headers=_json_headers(token),
         method="POST",
     )
     try:
@@ -174,9 +190,24 @@ def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         default=os.environ.get("ORDERS_HTTP_TOKEN", ""),
-        help="bearer token the agent's intake requires, if its http_token is set "
+        help="bearer token the agent's intake requires, if its http_token is set; prefer the "
+        "variable or --token-file, as a flag every local user can read it "
         "(env ORDERS_HTTP_TOKEN; default empty)",
     )
+    parser.add_argument(
+        "--token-file",
+        default="",
+        help="file holding that bearer token on one line, read instead of --token (default none)",
+    )
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The intake's bearer token: from --token-file when given, else --token or the variable.
+
+    Raises:
+        ConfigError: the token file cannot be read.
+    """
+    return read_secret_file(args.token_file, "--token-file") if args.token_file else args.token
 
 
 def _json_headers(token: str) -> dict[str, str]:
@@ -211,12 +242,17 @@ def retry_main(argv: Sequence[str]) -> int:
         parser.print_usage(sys.stderr)
         print("edge-agent retry: give --held or ORDER_IDs (not both)", file=sys.stderr)
         return 2
+    try:
+        token = _token(args)
+    except ConfigError as exc:
+        print(f"edge-agent retry: {exc.detail}", file=sys.stderr)
+        return 2
     base = f"http://{args.host}:{args.http_port}/v1/orders"
     paths = ["/retry-held"] if args.held else [f"/{oid}/retry" for oid in args.order_ids]
     worst = 0
     for path in paths:
         request = urllib.request.Request(
-            base + path, data=b"{}", headers=_json_headers(args.token), method="POST"
+            base + path, data=b"{}", headers=_json_headers(token), method="POST"
         )
         try:
             with urllib.request.urlopen(request, timeout=args.timeout) as response:

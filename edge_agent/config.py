@@ -9,6 +9,7 @@ import msgspec
 from schemas import names
 from schemas.messages import DeviceId
 from servicekit.config import ServiceConfig, doc
+from servicekit.credentials import entries_with_password, one_secret, url_with_password
 from servicekit.errors import ConfigError
 
 from .regions import Region, parse_regions
@@ -31,10 +32,26 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     mqtt_url: Annotated[
         str,
         doc(
-            "Broker the orders go to, mqtt://[user:pass@]host[:port] or mqtts:// for TLS, with "
-            "the device's account; --region replaces it in geo mode"
+            "Broker the orders go to, mqtt://[user@]host[:port] or mqtts:// for TLS, with the "
+            "device's account (its password in agent.toml or --mqtt-password-file); --region "
+            "replaces it in geo mode"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
+    mqtt_password_file: Annotated[
+        str,
+        doc(
+            "File holding the device's broker password on one line (keep it 0600), for "
+            "--mqtt-url and every --region URL without one; never put a password in a flag"
+        ),
+    ] = ""
     region: Annotated[
         str | tuple[str, ...],
         doc(
@@ -94,8 +111,17 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     http_token: Annotated[
         str,
         doc(
-            "Bearer token that /v1/* requires when set (keep agent.toml 0600); set it when "
-            "other local users or hosts could reach the intake"
+            "Bearer token that /v1/* requires when set, given in agent.toml (keep it 0600), "
+            "ORDERS_HTTP_TOKEN or --http-token-file (as a flag every local user can read it); "
+            "set it when other local users or hosts could reach the intake",
+            secret=True,
+        ),
+    ] = ""
+    http_token_file: Annotated[
+        str,
+        doc(
+            "File holding --http-token on one line (keep it 0600), instead of the setting "
+            "itself; use it when the token comes from a secrets store"
         ),
     ] = ""
     client_id: Annotated[
@@ -182,10 +208,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     pending_retry_max_s: Annotated[
         float,
         doc(
-            "Geo mode: longest wait in seconds between resends of an order answered pending; "
-            "lower to retry sooner during a long region outage"
+            "Geo mode: longest wait in seconds between resends of an order answered pending, so "
+            "an order lands within about this long of its region or a bridge's fix coming back"
         ),
-    ] = 300.0
+    ] = 60.0
     resend_max_age_s: Annotated[
         float,
         doc(
@@ -313,6 +339,28 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             "intake marks sampled for the cloud; lower it to cut tracing cost"
         ),
     ] = 1.0
+
+    def with_secret_files(self) -> AgentConfig:
+        """The settings with the password and token files read in (see ServiceConfig).
+
+        Raises:
+            ConfigError: a file cannot be read, or a secret is given twice.
+        """
+        password = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        token = one_secret(self.http_token, self.http_token_file, "http_token")
+        region = self.region
+        if password:
+            entries = region.split(",") if isinstance(region, str) else region
+            region = entries_with_password((e.strip() for e in entries if e.strip()), password)
+        return msgspec.structs.replace(
+            self,
+            mqtt_url=url_with_password(self.mqtt_url, password, "mqtt_url"),
+            region=region,
+            http_token=token,
+            mqtt_password="",
+            mqtt_password_file="",
+            http_token_file="",
+        )
 
     def validate(self) -> None:
         """Refuse settings that would break a delivery promise; the command runs this at start.

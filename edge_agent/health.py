@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import re
 import time
-from importlib import metadata
 from typing import Any, Final
 
 import structlog
@@ -41,6 +40,7 @@ import schemas
 from schemas import names
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
+from servicekit.version import package_version
 
 from .config import AgentConfig
 from .errors import BrokerError, StorageError
@@ -56,14 +56,6 @@ GOODBYE_TIMEOUT_S: Final = 1.0
 """How long a clean shutdown waits for the broker's PUBACK of ``online=False``."""
 _ERROR_TEXT_MAX: Final = 256  # schemas.messages.ShortText
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def agent_version() -> str:
-    """The installed package's version (``unknown`` when run from a bare checkout)."""
-    try:
-        return metadata.version("iot-orders")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def short_text(text: str) -> str:
@@ -85,7 +77,7 @@ class HealthReporter:
         self._outbox = outbox
         self._metrics = metrics
         self.topic = names.health_topic(config.device_id)
-        self.version = agent_version()
+        self.version = package_version()
         self._transport: Transport | None = None
         self._health_mids: dict[int, asyncio.Future[int]] = {}
         self._connects = 0  # CONNECTs started; each one gets a fresh Will

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from schemas.ids import is_order_id
 from servicekit import tracing
-from servicekit.problems import Handler, problem_middleware
+from servicekit.problems import Handler, ProblemAppRunner, problem_middleware
 from servicekit.problems import problem as _problem
 
 from ._records import OrderRecord
@@ -244,6 +244,7 @@ async def metrics(request: web.Request) -> web.Response:
     health = await agent.health()
     agent.metrics.oldest_pending_age.set(health.oldest_unreceipted_age_s or 0.0)
     agent.metrics.awaiting_authority.set(health.awaiting_authority)
+    agent.metrics.awaiting_unknown_region.set(health.awaiting_unknown_region)
     body = agent.metrics.render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
@@ -267,7 +268,7 @@ def build_app(agent: EdgeAgent) -> web.Application:
 
 async def start_http(agent: EdgeAgent) -> tuple[web.AppRunner, int]:
     """Serve ``agent`` on its configured host and port; return the runner and real port."""
-    runner = web.AppRunner(build_app(agent), access_log=None, shutdown_timeout=5.0)
+    runner = ProblemAppRunner(build_app(agent), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, agent.config.http_host, agent.config.http_port)
     await site.start()

@@ -62,6 +62,13 @@ class AgentMetrics:
         self.retried_held = Counter(
             "edge_orders_held_retried", "Held orders re-queued by an operator", registry=r
         )
+        self.commands = Counter(
+            "edge_commands",
+            "Command messages from the cloud, by outcome: retry_held (carried out), "
+            "duplicate (an id already done), unknown (a command this agent lacks), invalid",
+            ["outcome"],
+            registry=r,
+        )
         self.loop_errors = Counter(
             "edge_background_loop_errors",
             "Unexpected errors a background loop survived, by loop",
@@ -92,8 +99,14 @@ class AgentMetrics:
         )
         self.awaiting_authority = Gauge(
             "edge_orders_awaiting_authority",
-            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable); "
-            "refreshed on each scrape",
+            "Geo: unreceipted orders whose last receipt was `pending` (authority unreachable "
+            "or unknown to the bridge); refreshed on each scrape",
+            registry=r,
+        )
+        self.awaiting_unknown_region = Gauge(
+            "edge_orders_awaiting_unknown_region",
+            "Geo: of those, orders a bridge answered `pending` (unknown_region): their home "
+            "region is missing from the bridge's --region-redis; refreshed on each scrape",
             registry=r,
         )
         self.held = Gauge(

@@ -36,6 +36,7 @@ from servicekit.urls import MqttUrl
 from ._answers import Answers
 from ._geo_link import RegionLink
 from ._window import Window
+from .commands import Commands
 from .config import AgentConfig
 from .errors import BrokerError, StorageError
 from .metrics import AgentMetrics
@@ -58,8 +59,10 @@ class Publisher:
         transport_factory: TransportFactory = default_transport,
         probe_factory: TransportFactory = default_transport,
         rng: random.Random | None = None,
+        commands: Commands | None = None,
     ) -> None:
         self._config = config
+        self._commands = commands
         self._outbox = outbox
         self._metrics = metrics
         rng = rng or random.Random()
@@ -112,7 +115,7 @@ class Publisher:
             url=url,
             # A probe must never resume (and drain) the agent's own session.
             client_id=f"{config.mqtt_client_id}-probe" if probe else config.mqtt_client_id,
-            subscriptions=() if probe else (self._receipts_topic, self._status_topic),
+            subscriptions=() if probe else self._subscriptions(),
             keepalive_s=config.keepalive_s,
             session_expiry_s=0 if probe else config.session_expiry_s,
             connect_timeout_s=config.connect_timeout_s,
@@ -121,6 +124,10 @@ class Publisher:
             cert_file=config.cert_file,
             key_file=config.key_file,
         )
+
+    def _subscriptions(self) -> tuple[str, ...]:
+        commands = () if self._commands is None else self._commands.topics
+        return (self._receipts_topic, self._status_topic, *commands)
 
     @property
     def _region_name(self) -> str | None:
@@ -348,7 +355,10 @@ class Publisher:
         self._answers.on_puback(mid, reason_code, reason)
 
     def on_message(self, topic: str, payload: bytes) -> None:
-        self._answers.on_message(topic, payload)
+        if self._commands is not None and topic in self._commands.topics:
+            self._commands.on_message(topic, payload)
+        else:
+            self._answers.on_message(topic, payload)
 
     def on_connection_lost(self, reason: str) -> None:
         self.last_error = f"connection lost: {reason}"

@@ -1,12 +1,14 @@
 """`order-enrol check`: what is wrong with a registry, file by file.
 
-Checks modes (secrets readable by their owner only), stray files, folders
-without an account, accounts without a folder, and device accounts whose
+Checks modes (secrets readable by their owner only, nothing in the registry,
+its root included, writable by group or others), stray files, folders without
+an account, accounts without a folder, and device accounts whose
 rights or client-id binding differ from :func:`enrolment.dynsec.device_role`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from .provision import ProvisionError, Registry, check_device_id
 # allowed so that a root-owned file can be given to the broker's group.
 SECRET_FORBIDDEN = 0o037
 PUBLIC_FORBIDDEN = 0o022  # certificates: readable by all, writable by the owner only
+WRITABLE_BY_OTHERS = 0o022  # on any path: another user could replace what it holds
 DEVICE_FILES = {"agent.toml": SECRET_FORBIDDEN, "client.key": 0o077}
 DEVICE_PUBLIC = {"ca.crt", "client.crt"}
 
@@ -56,7 +59,29 @@ def audit(registry: Registry) -> list[Finding]:
         findings.append(Finding(registry.accounts_path, f"account {device_id!r} has no folder"))
     if accounts is not None:
         _check_rights(registry, accounts, findings)
+    _check_writable(registry.root, findings)
     return findings
+
+
+def _check_writable(root: Path, findings: list[Finding]) -> None:
+    """Any path under ``root`` (and ``root``) that group or others may write.
+
+    A writable folder is as bad as a writable file: whoever can write it can
+    rename a file away and put their own in its place. Paths already reported
+    are not reported twice.
+    """
+    if not root.is_dir():
+        return
+    reported = {finding.path for finding in findings}
+    paths = [root]
+    for folder, dirs, files in os.walk(root):
+        paths += [Path(folder) / name for name in (*dirs, *files)]
+    for path in paths:
+        if path in reported or path.is_symlink():  # a symlink's own mode means nothing
+            continue
+        mode = file_mode(path)
+        if mode & WRITABLE_BY_OTHERS:
+            findings.append(Finding(path, f"mode {mode:04o} is writable by group or others"))
 
 
 def _accounts(registry: Registry, findings: list[Finding]) -> Accounts | None:

@@ -1,9 +1,10 @@
-"""``order-enrol``: enrol, revoke and audit devices and service accounts in a registry.
+"""``order-enrol``: enrol, revoke and audit devices and service accounts; update their rights.
 
-Exit codes: 0 done, 1 ``revoke`` named a device that was not enrolled or
-``check`` found problems, 2 refused (an invalid or reserved id, a broken
-accounts file, ``--client-certs`` without a CA key). Nothing here reaches the
-broker: restart it to apply an enrolment or a revocation.
+Exit codes: 0 done, 1 ``revoke`` named a device that was not enrolled,
+``check`` found problems or ``rights`` found no accounts file, 2 refused (an
+invalid or reserved id, a broken accounts file, ``--client-certs`` without a
+CA key). Nothing here reaches the broker: restart it to apply an enrolment,
+a revocation or new rights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from servicekit.version import add_version_argument
 
 from .audit import audit
 from .pki import CertFiles
@@ -38,6 +41,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description="Write broker accounts, agent configs and certificates into a registry "
         "directory that the operator ships to the broker and the devices.",
     )
+    add_version_argument(parser)
     parser.add_argument(
         "--registry",
         type=Path,
@@ -61,6 +65,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "device_ids", nargs="+", metavar="DEVICE_ID", help="ids of enrolled devices to remove"
     )
     revoke.set_defaults(run=_revoke)
+
+    rights = actions.add_parser(
+        "rights",
+        help="rewrite every account's rights to this release's policy, passwords unchanged "
+        "(after an upgrade that adds rights, such as device commands)",
+    )
+    rights.set_defaults(run=_rights)
 
     check = actions.add_parser("check", help="audit a registry: modes, orphans, accounts")
     check.set_defaults(run=_check)
@@ -153,6 +164,16 @@ def _revoke(args: argparse.Namespace) -> int:
     if unknown:
         print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _rights(args: argparse.Namespace) -> int:
+    registry = Registry(args.registry)
+    if not registry.accounts_path.exists():
+        print(f"no accounts in {registry.root}", file=sys.stderr)
+        return 1
+    count = registry.refresh_rights()
+    print(f"rights of {count} accounts rewritten; restart the broker to apply")
     return 0
 
 

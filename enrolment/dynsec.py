@@ -30,7 +30,9 @@ from typing import Final, Literal
 import msgspec
 
 from schemas.names import (
+    FLEET_COMMAND_TOPIC,
     TOPIC_PREFIX,
+    command_topic,
     orders_topic,
     receipts_topic,
     status_query_topic,
@@ -136,6 +138,9 @@ def service_roles() -> dict[str, Role]:
                 # Device health and MQTT Wills (offline detection).
                 Acl("subscribePattern", f"$share/+/{every}/health"),
                 Acl("publishClientReceive", f"{every}/health"),
+                # Device commands (`order-pipeline devices retry-held`): only this account.
+                Acl("publishClientSend", f"{every}/cmd"),
+                Acl("publishClientSend", FLEET_COMMAND_TOPIC),
             ),
         ),
     }
@@ -152,7 +157,11 @@ def device_client_id(device_id: str) -> str:
 
 
 def device_role(device_id: str) -> Role:
-    """A device's rights: its own topics only, no wildcard beyond its subtree, no $share."""
+    """A device's rights: its own topics only, no wildcard beyond its subtree, no $share.
+
+    It hears commands on its own ``cmd`` topic and on the fleet's, and may
+    publish to neither (no rule allows it, and the default denies).
+    """
     return Role(
         f"{DEVICE_ROLE_PREFIX}{device_id}",
         (
@@ -162,6 +171,9 @@ def device_role(device_id: str) -> Role:
             Acl("subscribePattern", f"{TOPIC_PREFIX}{device_id}/#"),
             Acl("publishClientReceive", receipts_topic(device_id)),
             Acl("publishClientReceive", status_topic(device_id)),
+            Acl("publishClientReceive", command_topic(device_id)),
+            Acl("subscribeLiteral", FLEET_COMMAND_TOPIC),
+            Acl("publishClientReceive", FLEET_COMMAND_TOPIC),
         ),
     )
 
@@ -226,8 +238,14 @@ class Accounts:
         return {name for name in self.clients if name not in SERVICE_ACCOUNTS}
 
     def save(self, path: Path) -> None:
-        """Write the file (0600: it holds password hashes) with the committed service roles."""
-        roles = {**self.roles, **service_roles()}
+        """Write the file (0600: it holds password hashes) with the committed roles.
+
+        Every service and device role is written as the policy here says, so
+        any save brings the rights of accounts enrolled by an older release up
+        to date (``order-enrol rights`` saves for just that).
+        """
+        devices = {role.rolename: role for role in map(device_role, self.devices())}
+        roles = {**self.roles, **devices, **service_roles()}
         data = DynsecFile(
             clients=tuple(self.clients[name] for name in sorted(self.clients)),
             roles=tuple(roles[name] for name in sorted(roles)),

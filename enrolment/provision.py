@@ -2,7 +2,7 @@
 
 A registry directory holds everything the operator ships::
 
-    registry/
+    registry/                 0700, set on every write whatever the umask
       dynamic-security.json   broker accounts and rights (0600; the broker reads it at start)
       ca/ca.crt, ca/ca.key    the dev CA, when --dev-ca made one (key 0600, folder 0700)
       devices/<id>/           one folder per device (0700):
@@ -80,11 +80,20 @@ class Registry:
         self.ca_dir = root / "ca"
         self.devices_dir = root / "devices"
 
+    def prepare(self) -> None:
+        """Create the root if missing and give it mode 0700, whatever the umask.
+
+        A root others may write lets them swap the accounts file or the CA folder
+        for their own; every command that writes calls this first.
+        """
+        make_dir(self.root, PRIVATE_DIR_MODE)
+
     def dev_ca(self) -> CertFiles:
         """The registry's dev CA, created on first use."""
         files = CertFiles(self.ca_dir / "ca.crt", self.ca_dir / "ca.key")
         if files.cert.exists():
             return files
+        self.prepare()
         make_dir(self.ca_dir, PRIVATE_DIR_MODE)
         return create_ca(self.ca_dir)
 
@@ -117,6 +126,7 @@ class Registry:
             raise ProvisionError("--client-certs needs a CA with its key (--dev-ca)")
         accounts = self._accounts()
         enrolled = []
+        self.prepare()
         make_dir(self.devices_dir, 0o755)
         for device_id, directory in zip(ids, directories, strict=True):
             password = secrets.token_urlsafe(24)
@@ -136,7 +146,7 @@ class Registry:
         accounts = self._accounts()
         password = secrets.token_urlsafe(24)
         accounts.set_service(name, password)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         accounts.save(self.accounts_path)
         return password
 
@@ -150,12 +160,23 @@ class Registry:
         accounts = self._accounts()
         revoked = [device_id for device_id in directories if accounts.remove_device(device_id)]
         if revoked:
+            self.prepare()
             accounts.save(self.accounts_path)
         for device_id in revoked:
             directory = directories[device_id]
             if directory.is_dir() and not directory.is_symlink():
                 shutil.rmtree(directory)
         return revoked
+
+    def refresh_rights(self) -> int:
+        """Rewrite every account's rights to the committed policy; return the accounts.
+
+        Passwords and client ids stay; run it after an upgrade that adds rights
+        (device commands), then restart the broker.
+        """
+        accounts = self._accounts()
+        accounts.save(self.accounts_path)
+        return len(accounts.clients)
 
     def _accounts(self) -> Accounts:
         try:

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 
 from enrolment.cli import main as enrol_main
 from schemas.names import DEFAULT_SHARDS
+from servicekit.credentials import secret_flags
+from servicekit.errors import ConfigError
 from servicekit.logs import configure_logging
+from servicekit.version import add_version_argument
 from testrig.errors import ServerError
 
 from .errors import FleetError
@@ -26,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(DEPRECATED_PROVISION, file=sys.stderr)
         return enrol_main(args_in[1:], prog="fleet-sim provision")
     parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
+    add_version_argument(parser)
     add_load_arguments(parser)
     add_region_arguments(parser, load=True)
     parser.add_argument(
@@ -49,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "provision":
         parser.error("`provision` must come first; better, use order-enrol")
     configure_logging(args.log_level, service="fleet-sim")
+    if leaked := secret_flags(vars(args), ()):
+        print(
+            f"fleet-sim: warning: {', '.join(leaked)} carry a password that every local user "
+            "can read (ps); use --mqtt-password-file / --redis-password-file",
+            file=sys.stderr,
+        )
     # SIGTERM unwinds like Ctrl-C, so the stack we started is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "stack":
@@ -57,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_geo_load(args) if args.regions else run_load(args)
     except (FleetError, ServerError) as exc:
         print(f"fleet-sim: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"fleet-sim: {exc.detail}", file=sys.stderr)
         return 2
 
 

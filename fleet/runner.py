@@ -15,6 +15,7 @@ from rich.table import Table
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit import layout
+from servicekit.credentials import read_secret_file, url_with_password
 from servicekit.layout import LayoutError
 
 from .chaos import SpikeReport, StormReport
@@ -56,6 +57,18 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         help="Redis of that existing stack, read to verify every order; give it with --mqtt-url",
+    )
+    parser.add_argument(
+        "--mqtt-password-file",
+        default="",
+        help="file holding the password of --mqtt-url's user on one line, so that no password "
+        "sits in the command line (default none)",
+    )
+    parser.add_argument(
+        "--redis-password-file",
+        default="",
+        help="file holding the password of --redis-url's user on one line, so that no password "
+        "sits in the command line (default none)",
     )
     parser.add_argument(
         "--shards",
@@ -159,16 +172,29 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> SimOptions:
-    """SimOptions from parsed flags."""
+    """SimOptions from parsed flags, the password files read into the URLs.
+
+    Raises:
+        ConfigError: a password file cannot be read, or a URL holds a password too.
+    """
     return SimOptions(
         devices=args.devices, rate=args.rate, duration_s=args.duration,
-        mqtt_url=args.mqtt_url, redis_url=args.redis_url, shards=args.shards,
+        mqtt_url=_with_password_file(args.mqtt_url, args.mqtt_password_file, "--mqtt-url"),
+        redis_url=_with_password_file(args.redis_url, args.redis_password_file, "--redis-url"),
+        shards=args.shards,
         chaos=args.chaos, seed=args.seed, settle_timeout_s=args.settle_timeout,
         status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
         status_query_delay_s=args.status_query_delay,
     )  # fmt: skip
+
+
+def _with_password_file(url: str | None, path: str, flag: str) -> str | None:
+    """``url`` with the password in the file ``path`` (kept in this process, never in argv)."""
+    if url is None or not path:
+        return url
+    return url_with_password(url, read_secret_file(path, f"{flag.removeprefix('--')} file"), flag)
 
 
 def run_load(args: argparse.Namespace, console: Console | None = None) -> int:

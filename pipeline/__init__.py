@@ -17,7 +17,7 @@ from .errors import (
 )
 from .payment import PaymentGateway, SimulatedGateway
 from .records import OrderContext, order_histories, order_statuses, read_events
-from .status import MqttStatusPublisher, StatusPublisher, status_client
+from .status import MqttStatusPublisher, StatusPublisher, StatusSender, status_client
 from .status_query import StatusQueryResponder
 from .steps import Step, StepDeps, build_chain, register
 from .stock import stock_levels
@@ -35,6 +35,7 @@ __all__ = [
     "SimulatedGateway",
     "StatusPublisher",
     "StatusQueryResponder",
+    "StatusSender",
     "Step",
     "StepDeps",
     "StepError",

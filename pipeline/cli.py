@@ -8,31 +8,44 @@ Usage::
     order-pipeline migrate --redis-url … --shards N        # from the pre-cluster layout
     order-pipeline layout show|set --shards N --redis-url … # the deployment manifest
     order-pipeline token new --role operate [--name N] [--tokens-file F]
+    order-pipeline devices retry-held DEVICE_ID… | --all --mqtt-url …   # release held orders
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Final
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
+from schemas import RETRY_HELD
+from schemas.ids import is_device_id
 from servicekit import tracing
-from servicekit.config import ConfigError, add_config_arguments, given_fields, load_config
-from servicekit.credentials import warn_if_redis_unauthenticated
+from servicekit.config import (
+    ConfigError,
+    add_config_arguments,
+    given_fields,
+    load_config,
+    secret_flags_given,
+)
+from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
 from servicekit.layout import read as read_manifest
 from servicekit.layout import refusal_in
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
+from servicekit.version import add_version_argument
 
 from .api_tokens import ROLES, Role, digest_line, new_token, valid_name, write_entry
 from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
+from .device_commands import send_command
 from .errors import PipelineError
 from .layout import agree_layout
 from .migrate import migrate
@@ -40,7 +53,21 @@ from .reshard import SETTLE_S, set_shards
 from .service import install_stop_signals, redis_client, run_service, run_worker
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "migrate", "layout", "token", "-h", "--help"}
+_COMMANDS = {
+    "run",
+    "worker",
+    "catalog",
+    "migrate",
+    "layout",
+    "token",
+    "devices",
+    "-h",
+    "--help",
+    "--version",
+}
+# Exit codes of `devices retry-held`: every command delivered, bad usage, some not
+# delivered (no subscriber, or refused by the broker), broker unreachable.
+EXIT_DELIVERED, EXIT_USAGE, EXIT_NOT_DELIVERED, EXIT_UNREACHABLE = 0, 2, 3, 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="order-pipeline",
         description="pipeline workers and the orders API; without a subcommand, `run`",
     )
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="orders API on --http-port plus --workers worker processes")
     add_config_arguments(run, PipelineConfig)
@@ -110,7 +138,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens file to append the hashed entry to (created 0644: digests only); without "
         "it the entry is printed for you to store",
     )
+    _add_devices(sub)
     return parser
+
+
+def _add_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    devices = sub.add_parser("devices", help="commands to devices over MQTT (device commands)")
+    devices_sub = devices.add_subparsers(dest="devices_command", required=True)
+    retry = devices_sub.add_parser(
+        "retry-held",
+        help="ask devices to re-queue their held orders, as `edge-agent retry --held` does "
+        "on a device; exit 0 delivered, 2 usage, 3 some not delivered, 4 broker unreachable",
+    )
+    retry.add_argument(
+        "device_ids",
+        nargs="*",
+        metavar="DEVICE_ID",
+        help="devices to ask, each on its own command topic (or give --all instead)",
+    )
+    retry.add_argument(
+        "--all",
+        action="store_true",
+        help="ask every device at once, with one message on the fleet-wide command topic",
+    )
+    retry.add_argument(
+        "--wait-s",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the broker, and again for its PUBACKs (default %(default)s)",
+    )
+    add_config_arguments(retry, PipelineConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args_list or args_list[0] not in _COMMANDS:
         args_list.insert(0, "run")
     args = build_parser().parse_args(args_list)
-    if args.command == "token":
-        return _new_token(args.role, args.name, args.tokens_file)
+    if args.command in _OWN_SETUP:
+        return _OWN_SETUP[args.command](args)
     try:
         config = load_config(PipelineConfig, args)
         shards_given = "shards" in given_fields(PipelineConfig, args)
@@ -128,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, service="order-pipeline")
+    warn_secret_flags(secret_flags_given(PipelineConfig, args))
     warn_if_redis_unauthenticated(config.redis_url)
     try:
         return _run_command(args, config, shards_given=shards_given)
@@ -218,6 +276,49 @@ async def _layout(config: PipelineConfig, command: str, settle_s: float) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace) -> int:
+    """``devices retry-held``: needs the MQTT settings only, and no Redis."""
+    device_ids: list[str] = args.device_ids
+    if args.all == bool(device_ids):
+        print("order-pipeline: give DEVICE_IDs or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    bad = [device_id for device_id in device_ids if not is_device_id(device_id)]
+    if bad:
+        print(f"order-pipeline: not device ids: {bad}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config(PipelineConfig, args)
+    except ConfigError as exc:
+        print(f"order-pipeline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(config.log_level, service="order-pipeline")
+    return _retry_held(config, device_ids, every=args.all, wait_s=args.wait_s)
+
+
+def _retry_held(
+    config: PipelineConfig, device_ids: list[str], *, every: bool, wait_s: float
+) -> int:
+    sent = asyncio.run(
+        send_command(
+            config.mqtt_url,
+            RETRY_HELD,
+            None if every else device_ids,
+            ca_file=config.mqtt_ca_file,
+            timeout_s=wait_s,
+        )
+    )
+    if sent is None:
+        print(json.dumps({"error": "broker_unreachable"}), file=sys.stderr)
+        return EXIT_UNREACHABLE
+    for one in sent:
+        line = {"device_id": one.target, "topic": one.topic, "command_id": one.command_id,
+                "result": one.outcome, "puback": one.code}  # fmt: skip
+        print(json.dumps(line))
+    if all(one.outcome == "delivered" for one in sent):
+        return EXIT_DELIVERED
+    return EXIT_NOT_DELIVERED
+
+
 def _new_token(role: Role, name: str, tokens_file: Path | None) -> int:
     if name and not valid_name(name):
         print("order-pipeline: --name takes 1-64 of A-Z a-z 0-9 _ . @ -", file=sys.stderr)
@@ -232,6 +333,16 @@ def _new_token(role: Role, name: str, tokens_file: Path | None) -> int:
     print(token)
     return 0
 
+
+def _token(args: argparse.Namespace) -> int:
+    return _new_token(args.role, args.name, args.tokens_file)
+
+
+# Subcommands that need no pipeline service setup (no Redis, no tracing).
+_OWN_SETUP: Final[dict[str, Callable[[argparse.Namespace], int]]] = {
+    "token": _token,
+    "devices": _devices,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

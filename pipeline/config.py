@@ -8,6 +8,7 @@ import msgspec
 
 from schemas.names import DEFAULT_SHARDS
 from servicekit.config import ServiceConfig, doc
+from servicekit.credentials import one_secret, url_with_password
 
 from .regions import parse_region_apis
 
@@ -25,9 +26,25 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         str,
         doc(
             "Broker the workers publish statuses to and take status queries and health "
-            "reports from, mqtt://[user:pass@]host[:port] or mqtts:// for TLS"
+            "reports from, mqtt://[user@]host[:port] or mqtts:// for TLS, the password in "
+            "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
+    mqtt_password: Annotated[
+        str,
+        doc(
+            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+            secret=True,
+        ),
+    ] = ""
+    mqtt_password_file: Annotated[
+        str,
+        doc(
+            "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
+            "set it whenever the broker wants a password, never put one in the URL flag"
+        ),
+    ] = ""
     mqtt_ca_file: Annotated[
         str,
         doc(
@@ -38,10 +55,27 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     redis_url: Annotated[
         str,
         doc(
-            "Redis holding the order streams, records and stock, redis://[user:pass@]host:port/db "
-            "or rediss:// for TLS (any node's URL with --redis-cluster)"
+            "Redis holding the order streams, records and stock, redis://[user@]host:port/db or "
+            "rediss:// for TLS (any node's URL with --redis-cluster), the password in "
+            "--redis-password-file"
         ),
     ] = "redis://127.0.0.1:6379/0"
+    redis_password: Annotated[
+        str,
+        doc(
+            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
+            "the TOML file (as a flag every local user can read it); or use "
+            "--redis-password-file",
+            secret=True,
+        ),
+    ] = ""
+    redis_password_file: Annotated[
+        str,
+        doc(
+            "File holding the Redis password of --redis-url's user on one line (keep it 0600); "
+            "set it whenever Redis has ACL users, never put the password in the URL flag"
+        ),
+    ] = ""
     redis_cluster: Annotated[
         bool,
         doc(
@@ -200,10 +234,18 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     status_ack_timeout_s: Annotated[
         float,
         doc(
-            "Seconds a worker waits for the broker to PUBACK a batch's statuses before it acks "
-            "the batch anyway (the client resends them); raise for a slow broker"
+            "Seconds a status-query answer waits for the broker's PUBACKs before the query is "
+            "acked anyway (the device asks again); order processing never waits on the broker"
         ),
     ] = 5.0
+    status_backlog_max: Annotated[
+        int,
+        doc(
+            "Statuses a worker keeps for the broker while it is down or slow (about 0.5 KB "
+            "each); past it new ones are only counted in pipeline_statuses_unpublished_total "
+            "and devices get them by status query"
+        ),
+    ] = 10_000
     status_query_window: Annotated[
         int,
         doc(
@@ -276,6 +318,14 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "orders this region does not hold"
         ),
     ] = ()
+    region_api_allow_http: Annotated[
+        bool,
+        doc(
+            "Geo mode: accept http:// --region-api URLs (refused by default); lookups then "
+            "cross the link in clear and without the caller's bearer token, so turn it on only "
+            "for a private link or a test"
+        ),
+    ] = False
     region_api_timeout_s: Annotated[
         float,
         doc(
@@ -284,8 +334,27 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         ),
     ] = 2.0
 
+    def with_secret_files(self) -> PipelineConfig:
+        """The settings with the password files read into the URLs (see ServiceConfig).
+
+        The worker processes get the result through their environment, never argv.
+        """
+        mqtt = one_secret(self.mqtt_password, self.mqtt_password_file, "mqtt_password")
+        redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
+        return msgspec.structs.replace(
+            self,
+            mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
+            redis_url=url_with_password(self.redis_url, redis, "redis_url"),
+            mqtt_password="",
+            mqtt_password_file="",
+            redis_password="",
+            redis_password_file="",
+        )
+
     def __post_init__(self) -> None:
         # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
-        parse_region_apis(self.region, self.region_api)
+        parse_region_apis(self.region, self.region_api, allow_http=self.region_api_allow_http)
         if self.region_api_timeout_s <= 0:
             raise ValueError("region_api_timeout_s must be > 0")
+        if self.status_backlog_max < 1:
+            raise ValueError("status_backlog_max must be >= 1")

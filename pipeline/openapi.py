@@ -35,9 +35,10 @@ class Problem(msgspec.Struct, kw_only=True):
 
     ``type`` is ``urn:iot-orders:problem:{code}``. Codes: invalid-parameter,
     invalid-cursor, order-not-found, ambiguous-order-id, dlq-entry-not-found,
-    already-replayed, not-replayable, redis-unavailable, region-unavailable
-    (geo mode), unauthorized, forbidden, and for errors outside the handlers not-found,
-    method-not-allowed, payload-too-large, http-error, internal-error.
+    already-replayed, not-replayable, redis-unavailable, region-unavailable and
+    region-bad-answer (geo mode), unauthorized, forbidden, and for errors outside
+    the handlers not-found, method-not-allowed, payload-too-large, http-error,
+    internal-error.
     """
 
     type: str
@@ -173,8 +174,8 @@ def _answer(description: str, body: str = "Problem") -> dict[str, Any]:
 _GEO_NOTE: Final = (
     " Geo mode (`--region`, `--region-api`): an order this region does not have is looked up "
     "in the other regions' APIs and their answer is proxied, with the `Orders-Region` header "
-    "naming the region that answered; 503 `region-unavailable` when a region could not be "
-    "asked and none had it."
+    "naming the region that answered; only JSON is relayed (502 `region-bad-answer` "
+    "otherwise); 503 `region-unavailable` when a region could not be asked and none had it."
 )
 _ORDERS_REGION: Final = {
     "Orders-Region": {
@@ -263,6 +264,7 @@ def build() -> dict[str, Any]:
                     "400": _answer(bad_id),
                     "404": _answer("unknown order"),
                     "409": _answer("several devices have an order with this id"),
+                    "502": _answer("geo mode: another region answered with something not JSON"),
                     "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",
@@ -295,6 +297,7 @@ def build() -> dict[str, Any]:
                     "200": _found("the order", "OrderRecord"),
                     "400": _answer("bad device_id or order_id"),
                     "404": _answer("no such order on this device"),
+                    "502": _answer("geo mode: another region answered with something not JSON"),
                     "503": _answer("geo mode: not here, and another region did not answer"),
                 },
                 role="read",

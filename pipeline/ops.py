@@ -23,11 +23,12 @@ works on a Redis Cluster too):
   throughput is the page's own sampling of the entries-added and
   entries-read totals between two calls;
 * fleet: the health consumer's ``health:*`` keys (see below): online,
-  offline (its Will came) and stale (silent for ``health_stale_s``), and the
-  devices with the oldest unreceipted orders;
+  offline (its Will came) and stale (silent for ``health_stale_s``), the
+  devices per agent version (a mixed fleet mid-upgrade), and the devices
+  with the oldest unreceipted orders;
 * the DLQ sizes (the page lists entries with ``GET /v1/dlq``);
-* the bridge replicas' heartbeats (:mod:`bridge.heartbeat`) and, from them,
-  whether Redis is durable.
+* the bridge replicas' heartbeats (:mod:`bridge.heartbeat`), with each
+  replica's version, and, from them, whether Redis is durable.
 
 Fleet-health layout (written by the health consumer, read here)::
 
@@ -139,10 +140,23 @@ class DeviceHealth(msgspec.Struct):
     agent_version: str | None
 
 
+class VersionCount(msgspec.Struct):
+    """Scanned devices whose last report named this agent version, and how many are online.
+
+    ``version`` is null for devices that never said (agents older than the
+    field, or only a Will heard since the report expired).
+    """
+
+    version: str | None
+    devices: int
+    online: int
+
+
 class FleetHealth(msgspec.Struct):
     """Devices by state: online, offline (Will received), stale (silent), not scanned.
 
     ``at``: when these were read (ms); a scan is shared for up to 5 s.
+    ``versions``: the scanned devices per agent version, most devices first.
     """
 
     at: int
@@ -153,6 +167,7 @@ class FleetHealth(msgspec.Struct):
     unscanned: int
     stale_after_s: float
     worst: list[DeviceHealth]
+    versions: list[VersionCount]
 
 
 class DlqSizes(msgspec.Struct):
@@ -163,10 +178,14 @@ class DlqSizes(msgspec.Struct):
 
 
 class BridgeReplica(msgspec.Struct):
-    """A bridge replica's last heartbeat; ``state`` stale after three missed beats."""
+    """A bridge replica's last heartbeat; ``state`` stale after three missed beats.
+
+    ``version``: its release, null for replicas older than the field (or gone).
+    """
 
     client_id: str
     state: BridgeState
+    version: str | None
     ready: bool | None
     redis_durable: bool | None
     in_flight: int | None
@@ -266,20 +285,24 @@ async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHe
         offset=0, num=FLEET_SCAN_MAX, withscores=True,
     )  # fmt: skip
     online = offline = stale = 0
+    versions: dict[str | None, VersionCount] = {}
     for start in range(0, len(members), _SCAN_CHUNK):
         chunk = members[start : start + _SCAN_CHUNK]
         async with client.pipeline(transaction=False) as pipe:
             for member, _score in chunk:
-                pipe.hmget(health_device_key(text(member)), ["online", "seen_at"])
+                pipe.hmget(health_device_key(text(member)), ["online", "seen_at", "agent_version"])
             rows = await pipe.execute()
-        for (_member, score), (is_online, seen_at) in zip(chunk, rows, strict=True):
+        for (_member, score), (is_online, seen_at, version) in zip(chunk, rows, strict=True):
             seen = _int(seen_at) or int(score)
+            tally = versions.setdefault(_str(version), VersionCount(_str(version), 0, 0))
+            tally.devices += 1
             if is_online == b"0":
                 offline += 1
             elif is_online is None or seen < stale_before:
                 stale += 1  # silent without a Will, or its report expired
             else:
                 online += 1
+                tally.online += 1
     worst_rows: Any = await client.zrange(
         HEALTH_OLDEST_KEY, "+inf", "(0", desc=True, byscore=True,
         offset=0, num=WORST_DEVICES, withscores=True,
@@ -316,6 +339,7 @@ async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHe
         unscanned=max(0, devices - len(members)),
         stale_after_s=stale_s,
         worst=worst,
+        versions=sorted(versions.values(), key=lambda v: (-v.devices, v.version or "")),
     )
 
 
@@ -348,6 +372,7 @@ async def bridge_replicas(client: RedisLike, at_ms: int) -> list[BridgeReplica]:
             BridgeReplica(
                 client_id=text(member),
                 state=state,
+                version=_str(fields.get("version")),
                 ready=None if "ready" not in fields else fields["ready"] == b"1",
                 redis_durable=(
                     None if "redis_durable" not in fields else fields["redis_durable"] == b"1"

@@ -6,23 +6,29 @@ lives in its authority region. When this region's API has no record for
 :func:`lookup_elsewhere` asks every other region's API (``--region-api
 NAME=URL``) for the same path at once and **proxies** the answer: the first
 region that has the order (200, or 409 for an ambiguous bare order id) answers
-the client, with ``Orders-Region: NAME`` and ``Content-Location`` naming the
-region's URL for it.
+the client, with ``Orders-Region: NAME``. Only JSON is relayed (the record, or
+a problem document): any other content type, or a body that is not JSON, is a
+``502 region-bad-answer`` problem, so another region can never put HTML or a
+script on this API's origin. The peer's URL stays private: no
+``Content-Location``.
 
 Why proxy and not redirect: the lookup must ask the other regions anyway (a
 307 to a guessed region could send the client to the wrong one), so the body
 is already in hand; and HTTP clients drop ``Authorization`` on a redirect to
 another origin (requests, aiohttp, browsers' fetch), so a 307 would turn into
 a 401 where tokens are in use. The caller's ``Authorization`` header is
-forwarded to the other regions, which check it as usual.
+forwarded to the other regions over ``https://``, which check it as usual. A
+plain ``http://`` peer is refused at start unless ``--region-api-allow-http``
+says the link is private, and even then never gets the token (a peer that
+wants one answers 401, which counts as no answer).
 
 A lookup carries ``Orders-Region-Lookup: <this region>``; an API that receives
 one answers from its own data only, so regions never ask each other in circles.
 
 Answers: every region says 404 → this region's 404. A region that did not
-answer in ``region_api_timeout_s`` (or failed) while none had the order → 503
-``region-unavailable`` with ``unreachable_regions``: the order may be there,
-so a 404 would be a lie.
+answer in ``region_api_timeout_s`` (or failed, or answered anything but 200,
+404 or 409) while none had the order → 503 ``region-unavailable`` with
+``unreachable_regions``: the order may be there, so a 404 would be a lie.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from types import TracebackType
 from typing import Final, Self
 
 import aiohttp
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -46,13 +53,24 @@ LOOKUP_HEADER: Final = "Orders-Region-Lookup"
 REGION_HEADER: Final = "Orders-Region"
 # Answers of another region that mean "it is here": the record, or an ambiguous bare id.
 _FOUND: Final = frozenset({200, 409})
+_NOT_HERE: Final = 404
+# What may be relayed: the order record, or the problem document of a 409.
+_JSON_TYPES: Final = frozenset({"application/json", "application/problem+json"})
 
 
-def parse_region_apis(own: str, entries: tuple[str, ...]) -> dict[str, str]:
+def parse_region_apis(
+    own: str, entries: tuple[str, ...], *, allow_http: bool = False
+) -> dict[str, str]:
     """``NAME=URL`` entries as a dict of the *other* regions' base URLs.
 
+    Args:
+        own: this region's name.
+        entries: the ``--region-api`` entries.
+        allow_http: accept ``http://`` peers (``--region-api-allow-http``).
+
     Raises:
-        ValueError: a malformed entry, a name twice, or entries without ``own``.
+        ValueError: a malformed entry, a name twice, entries without ``own``, or an
+            ``http://`` peer without ``allow_http``.
     """
     if not own:
         if entries:
@@ -67,6 +85,12 @@ def parse_region_apis(own: str, entries: tuple[str, ...]) -> dict[str, str]:
             raise ValueError(f"region_api {entry!r} is not NAME=http(s)://…")
         if name in urls:
             raise ValueError(f"region_api names {name!r} twice")
+        if url.startswith("http://") and not allow_http and name != own:
+            raise ValueError(
+                f"region_api {name}=http://… is plain HTTP: lookups and their answers would "
+                "cross the network in clear; use https://, or set region_api_allow_http on a "
+                "private link (the bearer token is never sent over http)"
+            )
         urls[name] = url.rstrip("/")
     urls.pop(own, None)  # our own entry may be listed; we never ask ourselves
     return urls
@@ -87,10 +111,17 @@ class RegionLookup:
     def __init__(self, own: str, apis: Mapping[str, str], *, timeout_s: float) -> None:
         self.own = own
         self.apis = dict(apis)
+        self._plain_http = {name for name, url in apis.items() if url.startswith("http://")}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
+        if self._plain_http:
+            log.warning(
+                "region_api_plain_http", regions=sorted(self._plain_http),
+                hint="lookups to these regions cross the network in clear and carry no bearer "
+                "token; a region that requires one answers 401, counted as unreachable",
+            )  # fmt: skip
         self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self
 
@@ -108,16 +139,27 @@ class RegionLookup:
         if not self.apis or LOOKUP_HEADER in request.headers:
             return None
         answers = await asyncio.gather(*(self._ask(name, request) for name in self.apis))
-        for answer in answers:
-            if answer.status in _FOUND:
-                url = f"{self.apis[answer.region]}{request.path_qs}"
+        found = [answer for answer in answers if answer.status in _FOUND]
+        for answer in found:
+            if answer.status is not None and _is_json(answer):
                 return web.Response(
                     status=answer.status,
                     body=answer.body,
-                    content_type=answer.content_type.split(";")[0],
-                    headers={REGION_HEADER: answer.region, "Content-Location": url},
+                    content_type=answer.content_type,
+                    headers={REGION_HEADER: answer.region},
                 )
-        unreachable = sorted(a.region for a in answers if a.status is None or a.status >= 500)
+        if found:
+            bad = sorted(answer.region for answer in found)
+            log.warning(
+                "region_lookup_not_json", regions=bad,
+                content_types=sorted({answer.content_type for answer in found}),
+            )  # fmt: skip
+            return problem(
+                502, "region-bad-answer",
+                f"{', '.join(bad)} answered, but not with JSON; nothing was relayed",
+                title="Bad answer from another region", regions=bad,
+            )  # fmt: skip
+        unreachable = sorted(a.region for a in answers if a.status != _NOT_HERE)
         if unreachable:
             return problem(
                 503, "region-unavailable",
@@ -129,16 +171,27 @@ class RegionLookup:
     async def _ask(self, region: str, request: web.Request) -> _Answer:
         assert self._session is not None, "use RegionLookup as an async context manager"
         headers = {LOOKUP_HEADER: self.own}
-        if auth := request.headers.get("Authorization"):
+        if (auth := request.headers.get("Authorization")) and region not in self._plain_http:
             headers["Authorization"] = auth
         url = f"{self.apis[region]}{request.path_qs}"
         try:
             async with self._session.get(url, headers=headers, allow_redirects=False) as reply:
                 body = await reply.read()
-                return _Answer(region, reply.status, body, reply.content_type)
+                return _Answer(region, reply.status, body, reply.content_type.lower())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("region_lookup_failed", region=region, url=url, error=repr(exc))
             return _Answer(region, None, error=repr(exc))
+
+
+def _is_json(answer: _Answer) -> bool:
+    """A JSON content type, and a body that is JSON indeed."""
+    if answer.content_type not in _JSON_TYPES:
+        return False
+    try:
+        msgspec.json.decode(answer.body)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 REGION_LOOKUP: Final = web.AppKey("region_lookup", RegionLookup)

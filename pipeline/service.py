@@ -30,6 +30,7 @@ from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
+from servicekit.problems import ProblemAppRunner
 from servicekit.redis_clients import client_options
 
 from ._calls import AnyRedis
@@ -41,7 +42,7 @@ from .health import HealthConsumer, HealthMetrics
 from .layout import agree_layout, watch_layout
 from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
-from .status import MqttStatusPublisher, status_client
+from .status import MqttStatusPublisher, StatusMetrics, status_client
 from .status_query import StatusQueryMetrics, StatusQueryResponder
 from .steps import StepDeps, build_chain
 from .worker import Worker, default_consumer_name
@@ -89,7 +90,12 @@ async def run_worker(
     try:
         config, manifest = await agree_layout(client, config, shards_given=shards_given)
         mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
-        publisher = MqttStatusPublisher(mqtt, ack_timeout_s=config.status_ack_timeout_s)
+        publisher = MqttStatusPublisher(
+            mqtt,
+            ack_timeout_s=config.status_ack_timeout_s,
+            backlog_max=config.status_backlog_max,
+            metrics=StatusMetrics(),
+        )
         responder = StatusQueryResponder(
             client, publisher, StatusQueryMetrics(), shards=config.shards
         )
@@ -228,11 +234,13 @@ async def run_service(
         if config.region:
             lookup = RegionLookup(
                 config.region,
-                parse_region_apis(config.region, config.region_api),
+                parse_region_apis(
+                    config.region, config.region_api, allow_http=config.region_api_allow_http
+                ),
                 timeout_s=config.region_api_timeout_s,
             )
             app[REGION_LOOKUP] = await stack.enter_async_context(lookup)
-        runner = web.AppRunner(app, access_log=None)
+        runner = ProblemAppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, config.http_host, config.http_port).start()
         log.info(

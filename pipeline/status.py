@@ -1,9 +1,15 @@
 """Status messages back to devices, over the cloud's own MQTT client.
 
-The publisher and the status-query responder (:mod:`pipeline.status_query`)
+The worker and the status-query responder (:mod:`pipeline.status_query`)
 share one :class:`servicekit.mqtt.MqttClient` per worker process: one
-connection, the same client id, its session's unacked statuses resent after a
-reconnect.
+connection, the same client id, its unacked statuses resent after a reconnect.
+
+Order processing never waits on the broker: the worker hands a batch's
+statuses to the client (:meth:`MqttStatusPublisher.send`) and acks the batch
+at once. Every status is in the order's record before it is sent, so one
+that never reaches its device (the client's backlog was full, the worker
+died, the broker lost it) is answered again when the device asks for it
+with a status query (:mod:`edge_agent.status_recovery`).
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from collections.abc import Sequence
 from typing import Final, Protocol
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter
 
 from schemas import Status, encode
+from schemas.messages import MAX_QUERIED_ORDERS
 from schemas.names import status_topic
 from servicekit.backoff import Backoff
 from servicekit.mqtt import MqttClient, MqttMetrics
@@ -24,7 +32,9 @@ from servicekit.urls import MqttUrl
 from .config import PipelineConfig
 
 log = structlog.get_logger(__name__)
-CONNECT_WAIT_S: Final = 10.0
+# How long a starting worker waits for the broker before it processes anyway: its
+# statuses queue meanwhile, so a broker outage delays no order by more than this.
+CONNECT_WAIT_S: Final = 1.0
 # No session outlives its connection: a worker's client id changes with its pid,
 # and a dead worker's session would keep taking its share of the status queries
 # (shared subscription) until it expired, answering none. Statuses unacked at a
@@ -34,28 +44,80 @@ SESSION_EXPIRY_S: Final = 0
 _DELIVERED: Final = frozenset({0x00, 0x10})
 
 
+class StatusSender(Protocol):
+    """Hands Status messages for ``v1/devices/{id}/status`` to the broker without waiting."""
+
+    def send(self, messages: Sequence[tuple[str, Status]]) -> int:
+        """Queue ``(device_id, status)`` pairs for QoS 1; return how many were queued."""
+
+
 class StatusPublisher(Protocol):
-    """Publishes Status messages at QoS 1 to ``v1/devices/{id}/status``."""
+    """Publishes Status messages at QoS 1 and waits for the broker's PUBACKs."""
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Publish ``(device_id, status)`` pairs; return how many the broker acked in time."""
 
 
-class MqttStatusPublisher:
-    """Publishes a batch of statuses and waits (up to a timeout) for all their PUBACKs.
+class StatusMetrics:
+    """Counters of the statuses a worker could not hand to the broker."""
 
-    Messages not acked in time stay with the client, which resends them after
-    a reconnect; the caller logs the shortfall and carries on, so a broker
-    outage does not stop the pipeline (a redelivered order publishes its
-    status again).
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.unpublished = Counter(
+            "pipeline_statuses_unpublished",
+            "Statuses a worker did not queue for the broker because its backlog of unacked "
+            "statuses was full (broker down or slow); devices get them by status query",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+class MqttStatusPublisher:
+    """Statuses out through the client, within a bounded backlog of unacked ones.
+
+    The client keeps what it could not send yet (broker down or slow) and
+    resends it after a reconnect. The worker's statuses (:meth:`send`) are
+    queued only while the client holds fewer than ``backlog_max`` unacked:
+    past that, new ones are only counted (``pipeline_statuses_unpublished_total``)
+    and logged, and their orders' records hold them for the status query. A
+    broker outage costs a worker at most that much memory and no time.
+    Status-query answers (:meth:`publish`) are not shed: they are bounded by
+    the queries held at once (``status_query_window``), each waiting for its
+    answers' PUBACKs.
     """
 
-    def __init__(self, client: MqttClient, *, ack_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: MqttClient,
+        *,
+        ack_timeout_s: float = 5.0,
+        backlog_max: int = 10_000,
+        metrics: StatusMetrics | None = None,
+    ) -> None:
         self._client = client
         self._ack_timeout_s = ack_timeout_s
+        self._backlog_max = backlog_max
+        self._metrics = metrics or StatusMetrics(CollectorRegistry())
+        self.unpublished = 0  # statuses not queued since start (tests and logs)
+        self._shedding = False
+
+    @property
+    def backlog(self) -> int:
+        """Statuses handed to the client and not acked by the broker yet."""
+        return self._client.in_flight
+
+    def send(self, messages: Sequence[tuple[str, Status]]) -> int:
+        """Queue what fits in the backlog and return at once (the worker's path)."""
+        queued = self._room(messages)
+        for device_id, status in queued:
+            self._client.publish(status_topic(device_id), encode(status))
+        return len(queued)
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
-        """Publish all, then wait until the broker acked every one or the timeout passed."""
+        """Publish all, then wait until the broker acked every one or the timeout passed.
+
+        The status-query responder's path: it acks a query only after its answers
+        went out (or the timeout passed), and it holds at most its window of queries.
+        """
         if not messages:
             return 0
         acks = [
@@ -74,6 +136,24 @@ class MqttStatusPublisher:
             if ack.done() and not ack.cancelled() and ack.exception() is None
             and ack.result() in _DELIVERED
         )  # fmt: skip
+
+    def _room(self, messages: Sequence[tuple[str, Status]]) -> Sequence[tuple[str, Status]]:
+        """The leading messages the backlog has room for; the rest are counted and logged."""
+        room = max(0, self._backlog_max - self._client.in_flight)
+        if room >= len(messages):
+            if self._shedding and messages:
+                self._shedding = False
+                log.info("status_backlog_ok", unpublished=self.unpublished)
+            return messages
+        shed = len(messages) - room
+        self.unpublished += shed
+        self._metrics.unpublished.inc(shed)
+        if not self._shedding:
+            self._shedding = True
+            log.warning("status_backlog_full", backlog_max=self._backlog_max,
+                        connected=self._client.connected,
+                        fix="devices get these statuses by status query")  # fmt: skip
+        return messages[:room]
 
 
 async def _all_done(acks: Sequence[asyncio.Future[int]]) -> None:
@@ -98,6 +178,9 @@ def status_client(
         receive_maximum=config.status_query_window,
         backoff=Backoff(0.1, 5.0),
         connect_wait_s=CONNECT_WAIT_S,
+        # Room for the worker's backlog and a full window of status-query answers,
+        # so the client never has to drop a queued status itself.
+        max_queued=config.status_backlog_max + config.status_query_window * MAX_QUERIED_ORDERS,
         ca_file=config.mqtt_ca_file,
         metrics=metrics,
         name="pipeline-status",

@@ -13,8 +13,10 @@ read per shard), then:
    script per batch);
 3. stores every order's outcome (record, history, events, released stock) in
    one script for the batch, with a compare-and-set per order;
-4. publishes the new statuses, waits for their PUBACKs, and only then XACKs,
-   while the next batch is already being read and settled.
+4. hands the new statuses to the MQTT client without waiting for the broker
+   (:mod:`pipeline.status`), dead-letters and XACKs, while the next batch is
+   already being read and settled. A status that never reaches its device is
+   answered again from the order's record when the device queries it.
 
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
@@ -61,7 +63,7 @@ from .records import (
     load,
     order_histories,
 )
-from .status import StatusPublisher
+from .status import StatusSender
 from .steps import Step
 from .stock import settle_transfers
 
@@ -91,7 +93,7 @@ class Worker:
     def __init__(
         self,
         client: AnyRedis,
-        publisher: StatusPublisher,
+        publisher: StatusSender,
         chain: Sequence[Step],
         config: PipelineConfig,
         metrics: WorkerMetrics,
@@ -158,8 +160,8 @@ class Worker:
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
         next_claim = next_cleanup = 0.0
-        # Batch N's statuses wait for their PUBACKs (and then its XACK) while
-        # batch N+1 is read and settled; N+1 publishes only after N is acked.
+        # Batch N is dead-lettered and acked while batch N+1 is read and settled;
+        # N+1 finishes only after N, so statuses go out in order.
         finishing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
@@ -332,7 +334,7 @@ class Worker:
         self.metrics.processed.labels(outcome="dead_lettered").inc(len(entries))
 
     async def process(self, entries: Sequence[StreamEntry]) -> None:
-        """Drive one batch through the chain, store the outcomes, publish, then ack."""
+        """Drive one batch through the chain, store the outcomes, send statuses, then ack."""
         await self.finish(await self.settle(entries))
 
     async def settle(self, entries: Sequence[StreamEntry]) -> Settled:
@@ -351,7 +353,7 @@ class Worker:
         ctxs = await load(self.redis, self.scripts, decoded, shards=self.shards) if decoded else []
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
-        # that stored them (before their PUBACK): publish them again.
+        # that stored them (before they reached the broker): send them again.
         statuses = await self._replay_statuses([c for c in ctxs if c.entry.deliveries > 1])
         for step in self.chain:
             live = [c for c in ctxs if c.live and step.name not in c.done]
@@ -378,10 +380,10 @@ class Worker:
         return Settled(ctxs, letters, statuses)
 
     async def finish(self, settled: Settled) -> None:
-        """Publish the batch's statuses, wait for their PUBACKs, then dead-letter and ack."""
+        """Send the batch's statuses (never waiting on the broker), then dead-letter and ack."""
         spans = status_spans(settled.ctxs, settled.statuses)
         with tracing.per_order_spans("status publish", spans, kind="PRODUCER"):
-            await self.publisher.publish(settled.statuses)
+            self.publisher.send(settled.statuses)
         await dead_letter(self.redis, self.scripts, settled.letters)
         await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
         for letter in settled.letters:

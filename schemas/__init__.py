@@ -2,6 +2,7 @@
 
 from .codec import (
     build_order,
+    decode_command,
     decode_health,
     decode_order,
     decode_receipt,
@@ -10,10 +11,22 @@ from .codec import (
     encode,
 )
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Health, Item, Order, Receipt, Status, StatusQuery
+from .messages import (
+    MAX_ORDER_BYTES,
+    RETRY_HELD,
+    Command,
+    Health,
+    Item,
+    Order,
+    Receipt,
+    Status,
+    StatusQuery,
+)
 
 __all__ = [
     "MAX_ORDER_BYTES",
+    "RETRY_HELD",
+    "Command",
     "DecodeError",
     "Health",
     "Item",
@@ -24,6 +37,7 @@ __all__ = [
     "Status",
     "StatusQuery",
     "build_order",
+    "decode_command",
     "decode_health",
     "decode_order",
     "decode_receipt",

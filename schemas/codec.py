@@ -14,9 +14,9 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from .errors import DecodeError, Reason, SchemaError
-from .messages import MAX_ORDER_BYTES, Health, Order, Receipt, Status, StatusQuery
+from .messages import MAX_ORDER_BYTES, Command, Health, Order, Receipt, Status, StatusQuery
 
-_T = TypeVar("_T", Order, Receipt, Status, StatusQuery, Health)
+_T = TypeVar("_T", Order, Receipt, Status, StatusQuery, Health, Command)
 Payload = bytes | bytearray | memoryview
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -25,12 +25,13 @@ _receipt_decoder: Final = msgspec.msgpack.Decoder(Receipt)
 _status_decoder: Final = msgspec.msgpack.Decoder(Status)
 _status_query_decoder: Final = msgspec.msgpack.Decoder(StatusQuery)
 _health_decoder: Final = msgspec.msgpack.Decoder(Health)
+_command_decoder: Final = msgspec.msgpack.Decoder(Command)
 
 # msgspec ends validation messages with " - at `$.items[0].qty`".
 _PATH_RE: Final = re.compile(r" - at `(?P<path>[^`]*)`\Z")
 
 
-def encode(message: Order | Receipt | Status | StatusQuery | Health) -> bytes:
+def encode(message: Order | Receipt | Status | StatusQuery | Health | Command) -> bytes:
     """Encode a message to MessagePack.
 
     Raises:
@@ -114,6 +115,11 @@ def decode_status_query(payload: Payload) -> StatusQuery:
 def decode_health(payload: Payload) -> Health:
     """Decode a device health message (or Will). Raises :class:`DecodeError`."""
     return _decode(_health_decoder, payload)
+
+
+def decode_command(payload: Payload) -> Command:
+    """Decode a device command. Raises :class:`DecodeError`."""
+    return _decode(_command_decoder, payload)
 
 
 def _decode(decoder: msgspec.msgpack.Decoder[_T], payload: Payload) -> _T:

@@ -1,4 +1,4 @@
-"""The contract's id rules: device id, order id and region name, one definition each.
+"""The contract's id rules: device, order, region and command ids, one definition each.
 
 :mod:`schemas.messages` builds its ``DeviceId``, ``OrderId`` and ``RegionName``
 from these rules, so the decoder, the exported JSON Schema and every check of
@@ -46,6 +46,9 @@ class IdRule:
 DEVICE_ID: Final = IdRule("A-Za-z0-9_.-", 1, 64)
 ORDER_ID: Final = IdRule("A-Za-z0-9_-", 8, 64)
 REGION_NAME: Final = IdRule("a-z0-9-", 1, 32)
+# Device commands (contract addition): the command's id, and its name.
+COMMAND_ID: Final = IdRule("A-Za-z0-9_-", 8, 64)
+COMMAND_NAME: Final = IdRule("a-z0-9_", 1, 32)
 
 
 def is_device_id(value: str) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .messages import Health, Order, Receipt, Status, StatusQuery
+from .messages import Command, Health, Order, Receipt, Status, StatusQuery
 
 JSON_DIR: Final = Path(__file__).parent / "json"
 MESSAGES: Final = {
@@ -22,6 +22,7 @@ MESSAGES: Final = {
     "status": Status,
     "status-query": StatusQuery,
     "health": Health,
+    "command": Command,
 }
 
 

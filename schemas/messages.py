@@ -1,4 +1,4 @@
-"""The v1 messages: Order, Receipt, Status and StatusQuery as frozen msgspec Structs.
+"""The v1 messages: Order, Receipt, Status, StatusQuery, Health, Command as msgspec Structs.
 
 The constraints of the contract table live in the type annotations, so the
 decoder, the validator and the exported JSON Schema all come from one source.
@@ -16,7 +16,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from .ids import DEVICE_ID, END, ORDER_ID, REGION_NAME
+from .ids import COMMAND_ID, COMMAND_NAME, DEVICE_ID, END, ORDER_ID, REGION_NAME
 
 MAX_ORDER_BYTES: Final = 16 * 1024
 MAX_ITEMS: Final = 100
@@ -43,6 +43,11 @@ AttrText = Annotated[str, msgspec.Meta(pattern=TEXT_PATTERN)]
 RegionName = Annotated[str, REGION_NAME.meta(description="A region's name (geo mode, GEO.md).")]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 ShortText = Annotated[str, msgspec.Meta(max_length=256, pattern=TEXT_PATTERN)]
+CommandId = Annotated[str, COMMAND_ID.meta(description="Unique per command; names it in logs.")]
+CommandName = Annotated[str, COMMAND_NAME.meta(description="What to do; see Command.")]
+
+# The commands an agent of this version carries out; any other name is logged and ignored.
+RETRY_HELD: Final = "retry_held"
 
 
 class Item(msgspec.Struct, frozen=True):
@@ -149,3 +154,21 @@ class Health(msgspec.Struct, frozen=True, omit_defaults=True):
     held: Count | None = None
     last_broker_error: ShortText | None = None
     agent_version: ShortText | None = None
+
+
+class Command(msgspec.Struct, frozen=True):
+    """Contract addition (device commands): the cloud asks a device to do something.
+
+    Published by the pipeline's service account only, at QoS 1 and not
+    retained, to ``v1/devices/{device_id}/cmd`` (one device) or
+    ``v1/fleet/cmd`` (every device). ``cmd`` is ``retry_held``: re-queue every
+    held order, as ``edge-agent retry --held`` does on the device. A command is
+    idempotent, and an agent ignores an ``id`` it has already carried out and
+    any ``cmd`` it does not know (``cmd`` is a plain string, so a newer command
+    never fails to decode). ``issued_at`` is the sender's clock, for logs only.
+    """
+
+    v: Literal[1]
+    cmd: CommandName
+    id: CommandId
+    issued_at: EpochMs

@@ -13,7 +13,12 @@ from typing import Final
 from .errors import Reason, SchemaError
 from .ids import is_device_id
 
+CONTRACT_VERSION: Final = 1
+"""The wire contract's version: every message's ``v`` and the topics' ``v1/``."""
 TOPIC_PREFIX: Final = "v1/devices/"
+# Contract addition (device commands): the one topic every agent listens on for
+# commands to the whole fleet; only the pipeline's service account may publish.
+FLEET_COMMAND_TOPIC: Final = "v1/fleet/cmd"
 ORDERS_TOPIC_FILTER: Final = "v1/devices/+/orders"
 DEFAULT_SHARE_GROUP: Final = "bridge"
 
@@ -25,10 +30,9 @@ DEFAULT_SHARDS: Final = 16
 DEDUP_TTL_S: Final = 7 * 24 * 3600
 
 # The deployment manifest (servicekit.layout): one JSON string with the shard
-# count, the region names and the contract version every service must share.
-# One key, so one hash slot on a Redis Cluster.
+# count, the region names and the contract version ("v" + CONTRACT_VERSION)
+# every service must share. One key, so one hash slot on a Redis Cluster.
 MANIFEST_KEY: Final = "deployment:manifest"
-CONTRACT_VERSION: Final = "v1"
 
 # Contract additions (tracing): the W3C trace context of an order travels as
 # this MQTT 5 user property and as this field of its stream entry.
@@ -69,6 +73,11 @@ def health_topic(device_id: str) -> str:
 def shared_health_subscription(group: str = "health") -> str:
     """The MQTT 5 shared subscription that health consumers split."""
     return f"$share/{group}/{TOPIC_PREFIX}+/health"
+
+
+def command_topic(device_id: str) -> str:
+    """``v1/devices/{device_id}/cmd``: pipeline → one device (device commands)."""
+    return f"{TOPIC_PREFIX}{device_id}/cmd"
 
 
 def device_topics_filter(device_id: str) -> str:

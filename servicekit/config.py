@@ -11,6 +11,10 @@ b=…``), a comma-separated variable (``ORDERS_REGION_REDIS=a=…,b=…``) and a
 A field's help is written once, beside it: ``Annotated[float, doc("…")]``. ``--help`` and
 the CLI reference page (scripts/cli_reference.py) show it followed by the facts the code
 knows, e.g. ``(env ORDERS_BATCH_DELAY_MS; TOML batch_delay_ms; default 5.0)``.
+
+Secrets stay out of argv (servicekit.credentials): a field marked ``doc(…, secret=True)``,
+or a URL with a password, given as a flag is refused under ``production`` and warned
+about otherwise; :meth:`ServiceConfig.with_secret_files` reads the ``*_file`` settings.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 import msgspec
 
+from .credentials import secret_flags, secret_flags_error
 from .errors import ConfigError
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "doc",
     "field_help",
     "load_config",
+    "secret_flags_given",
 ]
 
 ENV_PREFIX = "ORDERS_"
@@ -41,14 +47,19 @@ ENV_PREFIX = "ORDERS_"
 C = TypeVar("C", bound="ServiceConfig")
 
 
-def doc(text: str, *, default: str = "") -> msgspec.Meta:
+def doc(text: str, *, default: str = "", secret: bool = False) -> msgspec.Meta:
     """A setting's help: what it does and when to change it, with its unit, in one line.
 
     Args:
         text: the help, shown by ``--help`` and on the CLI reference page.
         default: how to show a default computed at start (``default_factory``).
+        secret: the value is a secret: as a flag it is refused under ``production``
+            and warned about otherwise (give it by variable, TOML or a ``*_file`` setting).
     """
-    return msgspec.Meta(description=text, extra={"default": default} if default else None)
+    extra: dict[str, Any] = {"default": default} if default else {}
+    if secret:
+        extra["secret"] = True
+    return msgspec.Meta(description=text, extra=extra or None)
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,6 +72,22 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             "error; debug while chasing a problem, warning to quieten a busy host"
         ),
     ] = "info"
+    production: Annotated[
+        bool,
+        doc(
+            "Refuse to start with a secret on the command line (a password inside a URL flag, "
+            "a token flag), which every local user can read with ps; turn it on in every "
+            "deployment, off it is only warned about"
+        ),
+    ] = False
+
+    def with_secret_files(self) -> Self:
+        """These settings with each ``*_file`` secret read in (:func:`load_config` calls it).
+
+        Raises:
+            ConfigError: a secret file cannot be read, or a secret is given twice.
+        """
+        return self
 
 
 def field_help(cls: type[ServiceConfig], name: str) -> str:
@@ -134,9 +161,12 @@ def load_config(
     merged = _merged(cls, args, env)
     try:
         # strict=False lets "5" from a flag or variable become the int 5.
-        return msgspec.convert(merged, cls, strict=False)
+        config = msgspec.convert(merged, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from exc
+    if config.production and (leaked := secret_flags_given(cls, args)):
+        raise ConfigError(secret_flags_error(leaked), "secret_in_argv")
+    return config.with_secret_files()
 
 
 def given_fields(
@@ -175,6 +205,20 @@ def _merged(
     return merged
 
 
+def secret_flags_given(cls: type[ServiceConfig], args: argparse.Namespace | None) -> list[str]:
+    """The flags in ``args`` that carry a secret (see servicekit.credentials), sorted."""
+    if args is None:
+        return []
+    names = {field.name for field in msgspec.structs.fields(cls)}
+    flags = {name: value for name, value in vars(args).items() if name in names}
+    secrets = [
+        field.name
+        for field in msgspec.structs.fields(cls)
+        if (_meta(field.type).extra or {}).get("secret")
+    ]
+    return secret_flags(flags, secrets)
+
+
 def _bare(annotation: Any) -> Any:
     """The type under any ``Annotated[…]`` layers."""
     while typing.get_origin(annotation) is Annotated:
@@ -182,15 +226,19 @@ def _bare(annotation: Any) -> Any:
     return annotation
 
 
-def _doc(annotation: Any) -> tuple[str, str]:
-    """The :func:`doc` text and shown default in a field's annotation (empty if none)."""
-    text, default = "", ""
+def _meta(annotation: Any) -> msgspec.Meta:
+    """The :func:`doc` metadata in a field's annotation (an empty Meta if none)."""
     if typing.get_origin(annotation) is Annotated:
         for meta in typing.get_args(annotation)[1:]:
             if isinstance(meta, msgspec.Meta) and meta.description:
-                text = meta.description
-                default = (meta.extra or {}).get("default", "")
-    return text, default
+                return meta
+    return msgspec.Meta()
+
+
+def _doc(annotation: Any) -> tuple[str, str]:
+    """The :func:`doc` text and shown default in a field's annotation (empty if none)."""
+    meta = _meta(annotation)
+    return meta.description or "", (meta.extra or {}).get("default", "")
 
 
 def _is_repeatable(annotation: Any) -> bool:

@@ -32,11 +32,14 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from schemas.names import CONTRACT_VERSION, MANIFEST_KEY
+from schemas.names import CONTRACT_VERSION as _CONTRACT_NUMBER
+from schemas.names import MANIFEST_KEY
 
 from .redis_clients import client_options, text
 
 log = structlog.get_logger(__name__)
+
+CONTRACT_VERSION: Final = f"v{_CONTRACT_NUMBER}"  # as the manifest stores it
 
 WATCH_INTERVAL_S: Final = 5.0
 FIX_DOC: Final = "docs/how-to/change-shards.md"

@@ -10,8 +10,14 @@ Every body has the same members::
 
 plus any extension members a caller adds (``field``, ``parameter``, …).
 :func:`problem_middleware` makes aiohttp's own errors (404, 405, 413, …) and
-any unexpected exception answer in the same shape, so no error leaves as
-``text/plain``. Needs aiohttp, which every service extra installs.
+any unexpected exception answer in the same shape. A request aiohttp cannot
+even parse (a header over 8190 bytes, malformed HTTP) never reaches a
+middleware: aiohttp answers it from its protocol handler with a ``text/plain``
+400 that quotes the offending bytes (a bearer token, say) and logs them at
+error level. :class:`ProblemAppRunner` serves an app with a protocol handler
+that answers those with a problem too, quoting nothing, and logs one warning
+without the request's bytes. So no error leaves as ``text/plain``. Needs
+aiohttp, which every service extra installs.
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
     "PROBLEM_TYPE_PREFIX",
+    "ProblemAppRunner",
     "problem",
     "problem_body",
     "problem_middleware",
@@ -112,3 +121,57 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem(
             500, "internal-error", "the server failed; see its log", title="Internal error"
         )
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's protocol handler, but its own error answers are problems (see module doc)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer an unparsable request (or a handler timeout) with a problem; log no bytes.
+
+        aiohttp's ``message`` and the exception's text quote the request (a
+        header's first 100 bytes), so neither is logged nor answered.
+        """
+        error = type(exc).__name__ if exc is not None else None
+        if status >= 500:
+            log.error("http_protocol_error", status=status, error=error, remote=request.remote)
+        else:
+            log.warning("http_bad_request", status=status, error=error, remote=request.remote)
+        if request.writer.output_size > 0:  # a response is half sent: nothing can follow it
+            raise ConnectionError("response already started; cannot send the error")
+        if isinstance(exc, LineTooLong):
+            code, detail = "bad-request", "a request line or header is longer than 8190 bytes"
+        elif status < 500:
+            code, detail = "bad-request", "the request is not valid HTTP/1.1"
+        else:
+            code, detail = "internal-error", "the server failed; see its log"
+        response = problem(status, code, detail)
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    """The low-level server, making :class:`_ProblemRequestHandler` per connection."""
+
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose protocol-level errors are problem documents too.
+
+    aiohttp offers no public hook for the handler class, so the server the app
+    builds is given :class:`_ProblemServer`'s behaviour; the tests that send
+    oversized headers to the real services hold this to aiohttp's releases.
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _ProblemServer
+        return server

@@ -1,9 +1,11 @@
-"""Helpers every test package shares: a valid order, and waiting for a condition."""
+"""Helpers every test package shares: a valid order, waiting for a condition, raw HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -82,3 +84,20 @@ def wait_until_blocking(
             _timed_out(what, timeout_s, explain)
         time.sleep(POLL_S)
     return time.monotonic() - started
+
+
+def raw_http(port: int, request: bytes, timeout_s: float = 10.0) -> tuple[int, str, Any]:
+    """Send ``request`` byte for byte to 127.0.0.1:``port`` (what no HTTP client would send,
+    e.g. a header over aiohttp's limit); return the status, content type and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in header_lines)
+    }
+    return int(status_line.split()[1]), headers.get("content-type", ""), json.loads(body)

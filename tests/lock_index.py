@@ -1,14 +1,17 @@
 """A package index on loopback made from uv.lock alone: uv resolves with no cache, no network.
 
-Each locked package is served through the JSON simple API (PEP 691) with its locked wheels
-and a core-metadata file (PEP 658) written from the lock's own dependency edges. Resolving
-against it reproduces the locked versions, which is all `uv lock --check` needs to tell
-whether a changed pyproject.toml still matches the lock. No wheel is ever downloaded.
+Each locked package is served through the JSON simple API (PEP 691) with its locked files
+and a core-metadata file (PEP 658) written from the lock's own dependency edges. The lock
+does not record a release's Requires-Python, so it is taken from the installed copy where
+the venv holds that very version (a lock forks on it: pymdown-extensions 13 needs 3.11.5).
+Resolving against it reproduces the lock, which is all `uv lock --check` needs to tell
+whether a changed pyproject.toml still matches. No wheel is ever downloaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import threading
 from collections.abc import Iterator
@@ -28,9 +31,23 @@ def _requirement(edge: dict[str, Any], extra: str | None = None) -> str:
     return name + ("; " + " and ".join(f"({m})" for m in markers) if markers else "")
 
 
-def core_metadata(package: dict[str, Any]) -> bytes:
+def requires_python(package: dict[str, Any]) -> str | None:
+    """The Requires-Python of this locked release, if the venv has that release installed."""
+    try:
+        installed = importlib.metadata.metadata(package["name"])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if installed["Version"] != package["version"]:
+        return None
+    python = installed.json.get("requires_python")
+    return python if isinstance(python, str) else None
+
+
+def core_metadata(package: dict[str, Any], python: str | None) -> bytes:
     """The METADATA a wheel of this locked package would carry, as far as resolving needs."""
     lines = ["Metadata-Version: 2.1", f"Name: {package['name']}", f"Version: {package['version']}"]
+    if python:
+        lines.append(f"Requires-Python: {python}")
     lines += [f"Requires-Dist: {_requirement(edge)}" for edge in package.get("dependencies", [])]
     for extra, edges in package.get("optional-dependencies", {}).items():
         lines.append(f"Provides-Extra: {extra}")
@@ -44,20 +61,26 @@ class LockIndex:
     def __init__(self, lock: dict[str, Any], base_url: str) -> None:
         self.base_url = base_url
         self.pages: dict[str, tuple[str, bytes]] = {}
+        files: dict[str, list[dict[str, Any]]] = {}  # a lock may hold two releases of a name
         for package in lock["package"]:
             if "wheels" not in package:
                 continue  # the project itself
-            metadata = core_metadata(package)
-            files = [self._file(package["sdist"], None)] if "sdist" in package else []
-            for wheel in package["wheels"]:
-                files.append(self._file(wheel, metadata))
-            page = {"meta": {"api-version": "1.1"}, "name": package["name"], "files": files}
-            self.pages[f"/simple/{package['name']}/"] = (
+            python = requires_python(package)
+            metadata = core_metadata(package, python)
+            releases = files.setdefault(package["name"], [])
+            if "sdist" in package:
+                releases.append(self._file(package["sdist"], None, python))
+            releases += [self._file(wheel, metadata, python) for wheel in package["wheels"]]
+        for name, listed in files.items():
+            page = {"meta": {"api-version": "1.1"}, "name": name, "files": listed}
+            self.pages[f"/simple/{name}/"] = (
                 "application/vnd.pypi.simple.v1+json",
                 json.dumps(page).encode(),
             )
 
-    def _file(self, locked: dict[str, Any], metadata: bytes | None) -> dict[str, Any]:
+    def _file(
+        self, locked: dict[str, Any], metadata: bytes | None, python: str | None
+    ) -> dict[str, Any]:
         path = locked["url"].removeprefix(PYPI_FILES)
         algorithm, digest = locked["hash"].split(":", 1)
         entry = {
@@ -66,6 +89,7 @@ class LockIndex:
             "hashes": {algorithm: digest},
             "size": locked.get("size"),
             "upload-time": locked.get("upload-time"),
+            "requires-python": python,
         }
         if metadata is not None:
             self.pages[f"/files/{path}.metadata"] = ("application/octet-stream", metadata)

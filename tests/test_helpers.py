@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from aiohttp import web
 
 from schemas import decode_order, encode
-from tests.helpers import make_order, wait_until, wait_until_blocking
+from tests.helpers import make_order, raw_http, wait_until, wait_until_blocking
 
 
 def test_the_same_arguments_make_the_same_bytes() -> None:
@@ -39,3 +42,23 @@ def test_wait_until_blocking_fails_after_its_timeout() -> None:
     """The blocking wait fails the same way."""
     with pytest.raises(pytest.fail.Exception, match=r"timed out after 0\.1 s waiting for never"):
         wait_until_blocking(lambda: False, 0.1, "never")
+
+
+async def test_raw_http_reads_status_type_and_json_body() -> None:
+    """`raw_http` sends the bytes as given and parses a real server's JSON answer."""
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response({"ok": 1}, status=201)
+
+    app = web.Application()
+    app.router.add_get("/x", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        request = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        status, content_type, body = await asyncio.to_thread(raw_http, port, request)
+    finally:
+        await runner.cleanup()
+    assert (status, content_type.split(";")[0], body) == (201, "application/json", {"ok": 1})

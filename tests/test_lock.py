@@ -96,12 +96,21 @@ def test_pip_exports_match_the_lock(extra: str) -> None:
 
 
 def test_every_pin_carries_hashes() -> None:
-    for extra in (*EXPORTS, "uv"):
+    for extra in (*EXPORTS, "uv", "build"):
         lines = (ROOT / "requirements" / f"{extra}.txt").read_text().splitlines()
         pins = [line for line in lines if "==" in line]
         assert pins
         for pin in pins:
             assert pin.endswith("\\"), f"{extra}.txt: {pin} has no --hash"
+
+
+def test_make_dist_builds_with_the_pinned_backend() -> None:
+    """requirements/build.txt (`make dist`'s build constraints) pins what [build-system] needs."""
+    build_system = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+    pinned = (ROOT / "requirements" / "build.txt").read_text()
+    for requirement in build_system["requires"]:
+        name = requirement.split(">=")[0].split("==")[0].strip()
+        assert f"\n{name}==" in pinned, f"run `make lock`: {name} is not pinned in build.txt"
 
 
 def test_a_device_installs_only_the_edge_set() -> None:

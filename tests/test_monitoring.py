@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from bridge.metrics import BridgeMetrics
+from bridge.regions import RegionMetrics
 from edge_agent.metrics import AgentMetrics
 from fleet.stack import Stack, StackSettings
 from pipeline.metrics import ApiMetrics, WorkerMetrics
@@ -68,8 +69,11 @@ def alert_rules(alerts: dict[str, Any]) -> list[dict[str, Any]]:
 
 def exposed_sample_names() -> set[str]:
     """Every sample name our services' registries can expose, plus Prometheus's own ``up``."""
+    geo = CollectorRegistry()
+    RegionMetrics(geo)  # the bridge registers these in geo mode only
     registries = [
         BridgeMetrics().registry,
+        geo,
         WorkerMetrics(CollectorRegistry()).registry,
         ApiMetrics(shards=1).registry,
         AgentMetrics().registry,

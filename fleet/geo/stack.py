@@ -254,6 +254,8 @@ class GeoStack:
         # The pipeline's region flags, where this pipeline has them.
         if s.region_flags and "region" in PipelineConfig.__struct_fields__:
             argv += ["--region", region.name]
+            if "region_api_allow_http" in PipelineConfig.__struct_fields__:
+                argv += ["--region-api-allow-http"]  # every region's API is on loopback
             for other in self.regions:
                 if other is not region:
                     argv += ["--region-api", f"{other.name}={other.api_url}"]

@@ -154,6 +154,11 @@ function renderSummary(s) {
   $("fleet-devices").textContent = fmt(f.devices);
   $("fleet-unscanned").textContent = f.unscanned ? ` (${fmt(f.unscanned)} not scanned)` : "";
   $("fleet-stale").parentElement.title = `no health report for ${f.stale_after_s} s and no Will`;
+  fill("versions", f.versions, 3, (tr, v) => {
+    cell(tr, v.version || "not reported", v.version ? "" : "muted");
+    cell(tr, fmt(v.devices), "num");
+    cell(tr, fmt(v.online), "num");
+  });
   fill("worst", f.worst, 6, (tr, d) => {
     cell(tr, d.device_id);
     cell(tr, age(d.oldest_unreceipted_age_ms), "num");
@@ -164,10 +169,11 @@ function renderSummary(s) {
     cell(tr, d.last_broker_error || "");
   });
 
-  fill("bridges", s.bridges, 6, (tr, b) => {
+  fill("bridges", s.bridges, 7, (tr, b) => {
     cell(tr, b.client_id);
     const cls = { ready: "ok", not_ready: "bad", stale: "warn", gone: "bad" }[b.state];
     cell(tr, b.state.replace("_", " "), cls);
+    cell(tr, b.version || "–");
     const [d, dc] = yesNo(b.redis_durable);
     cell(tr, d, dc);
     cell(tr, fmt(b.in_flight), "num");

@@ -242,18 +242,23 @@ def encode_plain(device_id: str, order_id: str) -> bytes:
     return payload
 
 
-def test_an_unknown_authority_is_rejected_and_dead_lettered(geo: Rig) -> None:
-    """attempts=[zz]: rejected unknown_region, a DLQ entry at B, no stream entry anywhere."""
+def test_an_unknown_authority_is_pending_and_written_nowhere(geo: Rig) -> None:
+    """attempts=[zz]: `pending` unknown_region (never rejected), no DLQ entry, no stream entry
+    anywhere; the metric, /readyz and the log name the region."""
     device = _device()
     payload = geo_order(device, "nowhere-0001", "zz", "b")
     geo.b.send(device, payload)
     receipt = geo.b.receipt("nowhere-0001")
-    assert (receipt.result, receipt.reason) == ("rejected", Reason.UNKNOWN_REGION)
+    assert (receipt.result, receipt.reason) == ("pending", Reason.UNKNOWN_REGION)
     with geo.b.client() as client:
-        dlq = [f for _, f in client.xrange("orders:dlq") if f[b"payload"] == payload]
-    assert [f[b"reason"] for f in dlq] == [Reason.UNKNOWN_REGION.encode()]
+        assert [f for _, f in client.xrange("orders:dlq") if f[b"payload"] == payload] == []
     assert geo.a.entries(device) == []
     assert geo.b.entries(device) == []
+    assert 'bridge_region_unknown_total{region="zz"} 1.0' in geo.b.bridge.metrics()
+    assert "zz" in geo.b.readyz()[1]["unknown_regions"]
+    wait_until_blocking(
+        lambda: '"region": "zz"' in geo.b.bridge.log_tail(200), 5, "a log line naming zz"
+    )
 
 
 def test_authority_redis_down_answers_pending_opens_the_breaker_and_recovers(geo: Rig) -> None:

@@ -20,7 +20,7 @@ from bridge.breaker import BreakerState, CircuitBreaker
 from bridge.config import BridgeConfig
 from bridge.ingest import DeadLetter, ValidOrder, classify, payload_digest
 from bridge.metrics import BridgeMetrics
-from bridge.regions import RegionMetrics, Regions, RemoteBatcher
+from bridge.regions import UNKNOWN_LABELS_MAX, RegionMetrics, Regions, RemoteBatcher
 from bridge.store import AppendResult, OrderSink
 from schemas import Item, Order, Reason, encode
 from servicekit.config import ConfigError, add_config_arguments, load_config
@@ -153,12 +153,14 @@ def test_bad_region_settings_are_refused(argv: list[str], message: str) -> None:
 
 
 def test_routing_local_remote_and_unknown() -> None:
-    """Own or no authority: local; a known remote: its writer; else an unknown_region letter."""
+    """Own or no authority: local; a known remote: its writer; else `pending` (unknown_region),
+    counted under the region's name."""
     config = parse(["--region", "eu", "--region-redis", "us=redis://u:2/0"])
+    metrics = BridgeMetrics()
     regions = Regions(
         config,
         {"us": cast("OrderSink", _NeverSink())},
-        BridgeMetrics(),
+        metrics,
         on_conflict=lambda *_: None,
     )
     topic = "v1/devices/dev-1/orders"
@@ -171,9 +173,26 @@ def test_routing_local_remote_and_unknown() -> None:
     assert route() is None
     assert route("eu", "us") is None
     assert isinstance(route("us", "eu"), RemoteBatcher)
-    letter = route("mars")
-    assert isinstance(letter, DeadLetter)
-    assert (letter.reason, letter.order_id) == (Reason.UNKNOWN_REGION, "order-00000001")
+    assert route("mars") == Outcome("pending", Reason.UNKNOWN_REGION)
+    assert metrics.registry.get_sample_value("bridge_region_unknown_total", {"region": "mars"}) == 1
+    assert regions.status()["unknown_regions"] == ["mars"]
+
+
+def test_unknown_region_labels_are_bounded() -> None:
+    """Device-supplied names: past UNKNOWN_LABELS_MAX distinct ones, the label is `other`."""
+    config = parse(["--region", "eu"])
+    metrics = BridgeMetrics()
+    regions = Regions(config, {}, metrics, on_conflict=lambda *_: None)
+    topic = "v1/devices/dev-1/orders"
+    for n in range(UNKNOWN_LABELS_MAX + 5):
+        item = classify(topic, encode(_order(attempts=(f"r{n}",))), shards=4, received_at_ms=1)
+        assert isinstance(item, ValidOrder)
+        assert regions.route(item) == Outcome("pending", Reason.UNKNOWN_REGION)
+    names = regions.status()["unknown_regions"]
+    assert len(names) == UNKNOWN_LABELS_MAX + 1
+    assert "other" in names
+    other = metrics.registry.get_sample_value("bridge_region_unknown_total", {"region": "other"})
+    assert other == 5
 
 
 class _NeverSink:

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from bridge.heartbeat import FORGET_AFTER_MS, RedisHeartbeat, run_heartbeat, ttl_for
 from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
+from servicekit.version import package_version
 from testrig.servers import free_port
 from tests.helpers import wait_until_blocking
 
@@ -48,6 +49,7 @@ async def test_beats_write_the_hash_with_a_ttl_and_the_zset(redis_url: str) -> N
     assert first[b"redis_durable"] == b"0"
     assert first[b"in_flight"] == b"3"
     assert first[b"interval_ms"] == b"50"
+    assert first[b"version"] == package_version().encode()
     assert int(second[b"at"]) > int(first[b"at"])  # it keeps beating
     assert 0 < await client.ttl(bridge_key("b-1")) <= 30
     assert await client.zscore(BRIDGES_KEY, "b-1") == int(second[b"at"])

@@ -41,6 +41,7 @@ from pipeline.records import StreamEntry
 from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
 from servicekit.clock import now_ms
+from servicekit.version import package_version
 from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, bridge_factory  # noqa: F401
 from tests.helpers import make_order
@@ -96,16 +97,17 @@ async def pipeline_api(
 
 
 async def seed_fleet(client: aioredis.Redis) -> None:
-    """Three devices online, one offline (its Will came), one silent past 90 s."""
+    """Three devices online, one offline (its Will came), one silent past 90 s; mid-upgrade:
+    two on 0.2.0 (both online), three on 0.1.0 (one online)."""
     now = now_ms()
     devices = {
-        "kiosk-berlin-01": ("1", 1_000, 1_200, 2),
-        "kiosk-berlin-02": ("1", 2_000, 0, 0),
-        "fridge-lyon-07": ("1", 3_000, 45_000, 12),
-        "charger-oslo-3": ("0", 30_000, 7_200_000, 340),
-        "vending-rome-9": ("1", 300_000, 900_000, 57),
+        "kiosk-berlin-01": ("1", 1_000, 1_200, 2, "0.2.0"),
+        "kiosk-berlin-02": ("1", 2_000, 0, 0, "0.1.0"),
+        "fridge-lyon-07": ("1", 3_000, 45_000, 12, "0.2.0"),
+        "charger-oslo-3": ("0", 30_000, 7_200_000, 340, "0.1.0"),
+        "vending-rome-9": ("1", 300_000, 900_000, 57, "0.1.0"),
     }
-    for device_id, (online, seen_ago, oldest, depth) in devices.items():
+    for device_id, (online, seen_ago, oldest, depth, version) in devices.items():
         seen_at = now - seen_ago
         await client.zadd(HEALTH_DEVICES_KEY, {device_id: seen_at})
         await client.zadd(HEALTH_OLDEST_KEY, {device_id: oldest})
@@ -114,7 +116,7 @@ async def seed_fleet(client: aioredis.Redis) -> None:
             "outbox_bytes": depth * 180, "oldest_unreceipted_age_ms": oldest,
             "held": 1 if device_id == "charger-oslo-3" else 0,
             "last_broker_error": "keepalive timeout" if online == "0" else "",
-            "agent_version": "0.1.0",
+            "agent_version": version,
         })  # fmt: skip
 
 
@@ -225,8 +227,12 @@ async def test_ops_page_live_numbers_and_replay(  # noqa: PLR0917 - fixtures
     worst = page.locator("#worst tbody tr")
     await expect(worst.first).to_contain_text("charger-oslo-3")
     await expect(worst.first).to_contain_text("2.0 h")
+    versions = page.locator("#versions tbody tr")
+    await expect(versions.nth(0).locator("td")).to_have_text(["0.1.0", "3", "1"])
+    await expect(versions.nth(1).locator("td")).to_have_text(["0.2.0", "2", "2"])
     bridge_row = page.locator("#bridges tbody tr", has_text=bridge.client_id)
     await expect(bridge_row).to_contain_text("ready")
+    await expect(bridge_row.locator("td").nth(2)).to_have_text(package_version())
     await expect(page.locator("#redis-durable")).to_have_text("yes")
 
     # Under load: entries added and throughput go up, and the pipeline reads them.

@@ -190,6 +190,38 @@ async def test_pending_keeps_the_order_and_retries_with_backoff(
             assert (await agent.health()).region == "home"  # pending is an answer: no failover
 
 
+async def test_an_earlier_bridges_unknown_region_rejection_keeps_the_order(
+    make_config: Callable[..., AgentConfig],
+    mosquitto_factory: Callable[..., MosquittoProcess],
+) -> None:
+    """A bridge of an earlier release answers `rejected` (unknown_region) while it lacks the
+    home region: the agent keeps the order as it does `pending`, and it lands once it knows."""
+    home = mosquitto_factory()
+
+    def unknown_twice(_order_id: str, count: int) -> tuple[str, str | None]:
+        return ("rejected", "unknown_region") if count <= 2 else ("accepted", None)
+
+    config = geo_config(
+        make_config, ("home", home.url), pending_retry_min_s=0.3, pending_retry_max_s=0.6
+    )
+    with RegionBridge("home", home.url, unknown_twice) as at_home:
+        async with EdgeAgent(config) as agent:
+            await agent.submit(order_body("geo-unknown-1"))
+
+            async def answered() -> bool:
+                return at_home.seen["geo-unknown-1"] >= 1
+
+            await wait_until(answered, 10, "a first unknown_region rejection")
+            await asyncio.sleep(0.1)
+            record = await agent.get("geo-unknown-1")
+            assert record is not None
+            assert (record.state, record.reason) == ("sent", "unknown_region")
+            assert (await agent.health()).awaiting_unknown_region == 1
+            await wait_accepted(agent, ["geo-unknown-1"])
+            assert at_home.seen["geo-unknown-1"] == 3
+            assert b'edge_receipts_total{result="rejected"} 2.0' in agent.metrics.render()
+
+
 @pytest.mark.parametrize("regions", [0, 1])
 async def test_single_region_sends_stable_bytes(
     regions: int,

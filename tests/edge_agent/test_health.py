@@ -15,8 +15,9 @@ import pytest
 
 import schemas
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent.health import HealthReporter, agent_version, short_text
+from edge_agent.health import HealthReporter, short_text
 from schemas.names import health_topic
+from servicekit.version import package_version
 from testrig.servers import MosquittoProcess
 from tests.helpers import wait_until
 
@@ -61,7 +62,7 @@ async def test_reports_figures_on_connect_and_on_change(
         first = await next_health(health_probe, lambda h: h.online)
         assert (first.outbox_depth, first.outbox_bytes, first.held) == (0, 0, 0)
         assert first.oldest_unreceipted_age_ms is None
-        assert first.agent_version == agent_version()
+        assert first.agent_version == package_version()
         before = time.time() * 1000
         await agent.submit(order_body())
         # No bridge: the order stays unreceipted. The interval is an hour, so only

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from edge_agent import AgentConfig, EdgeAgent
+from tests.helpers import raw_http
 
 from .conftest import order_body
 
@@ -325,3 +328,30 @@ async def test_metrics_show_the_oldest_unreceipted_age(http: aiohttp.ClientSessi
     async with http.get("/metrics") as resp:
         age = _sample(await resp.text(), name)
     assert 0.3 <= age < 60
+
+
+async def test_unparsable_requests_are_problems_that_echo_and_log_no_token(
+    make_config: Callable[..., AgentConfig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header over aiohttp's 8190-byte limit carrying the intake's token, and a header
+    line without a colon, each get a 400 problem (aiohttp's own text/plain 400 quoted the
+    header and logged it at error level); the token is in no body and no log line."""
+    token = "local-token-" + "s" * 24
+    requests = [
+        b"POST /v1/orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + token.encode() + b"x" * 9000 + b"\r\n\r\n",
+        b"GET /v1/orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization Bearer "
+        + token.encode() + b"\r\n\r\n",
+    ]  # fmt: skip
+    async with EdgeAgent(make_config(http_token=token)) as agent:
+        port = agent.http_port
+        assert port is not None
+        with capture_logs() as events, caplog.at_level(logging.DEBUG):
+            answers = [await asyncio.to_thread(raw_http, port, request) for request in requests]
+    for status, content_type, body in answers:
+        assert (status, content_type.split(";")[0]) == (400, "application/problem+json")
+        assert (body["code"], body["status"]) == ("bad-request", 400)
+        assert token not in json.dumps(body)
+    assert token not in caplog.text
+    assert token not in repr(events)
+    assert [e["event"] for e in events].count("http_bad_request") == 2

@@ -4,6 +4,7 @@ and no id escapes `registry/devices/<id>/`."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from schemas.ids import is_device_id
 from schemas.messages import DeviceId
 from schemas.names import orders_topic
 from servicekit.urls import MqttUrl
+from testrig.services import console_script
 
 from ..fleet.mqtt_probe import Probe
 from .conftest import SecureBroker
@@ -171,6 +173,40 @@ def test_modes_are_right_on_every_write_including_re_enrolment(registry: Registr
     assert audit(registry) == []
 
 
+def test_under_umask_000_the_root_is_0700_and_check_fails_on_writable_paths(
+    tmp_path: Path,
+) -> None:
+    """`order-enrol` run under umask 000 leaves no path group- or world-writable (the root
+    was once 0777), and `check` fails on any that another hand loosened."""
+    root = tmp_path / "registry"
+    enrol = console_script("order-enrol")
+
+    def under_umask_000(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", 'umask 000 && exec "$@"', "sh", enrol, "--registry", str(root), *argv],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+
+    done = under_umask_000("devices", "kiosk-1", "--broker", "mqtts://b:8883", "--dev-ca")
+    assert done.returncode == 0, done.stderr
+    assert under_umask_000("service", "bridge").returncode == 0
+    assert file_mode(root) == 0o700
+    loose = [p for p in [root, *root.rglob("*")] if file_mode(p) & 0o022]
+    assert loose == []
+    assert under_umask_000("check").returncode == 0
+
+    root.chmod(0o777)
+    (root / "devices").chmod(0o757)
+    (root / "ca" / "ca.crt").chmod(0o666)
+    checked = under_umask_000("check")
+    assert checked.returncode == 1
+    assert f"{root}: mode 0777 is writable by group or others" in checked.stdout
+    assert f"{root / 'devices'}: mode 0757 is writable by group or others" in checked.stdout
+    assert f"{root / 'ca' / 'ca.crt'}: mode 0666 is writable by group or others" in checked.stdout
+    assert under_umask_000("service", "pipeline").returncode == 0
+    assert file_mode(root) == 0o700  # the next write takes the root back
+
+
 def test_check_reports_modes_orphans_and_accounts(
     registry: Registry, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -264,3 +300,36 @@ def test_a_broken_accounts_file_is_a_clear_error(
     assert snapshot(registry.root) == before
     assert main([*argv, "check"]) == 1
     assert "dynamic-security.json: unreadable" in capsys.readouterr().out
+
+
+def test_rights_bring_accounts_of_an_older_release_up_to_date(
+    registry: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accounts written before device commands lack their rights: `check` says so, and
+    `rights` rewrites every role to the policy with passwords and client ids unchanged."""
+    root = str(registry.root)
+    registry.add_service("pipeline")
+    older = msgspec.json.decode(registry.accounts_path.read_bytes())
+    for role in older["roles"]:
+        role["acls"] = [acl for acl in role["acls"] if "cmd" not in acl["topic"]]
+    registry.accounts_path.write_bytes(msgspec.json.encode(older))
+    clients = Accounts.load(registry.accounts_path).clients
+    capsys.readouterr()
+    assert main(["--registry", root, "check"]) == 1
+    out = capsys.readouterr().out
+    for account in ("device 'kiosk-1'", "device 'kiosk-2'", "service 'pipeline'"):
+        assert f"{account} rights differ from the policy" in out
+    assert main(["--registry", root, "rights"]) == 0
+    assert "rights of 4 accounts rewritten" in capsys.readouterr().out
+    assert main(["--registry", root, "check"]) == 0
+    assert Accounts.load(registry.accounts_path).clients == clients
+    assert file_mode(registry.accounts_path) == 0o600
+
+
+def test_rights_without_an_accounts_file_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing to update is an error, and no file is created."""
+    assert main(["--registry", str(tmp_path), "rights"]) == 1
+    assert "no accounts" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,8 @@ from enrolment.dynsec import device_client_id, health_topic
 from enrolment.files import file_mode
 from enrolment.pki import create_ca
 from schemas.names import (
+    FLEET_COMMAND_TOPIC,
+    command_topic,
     orders_topic,
     receipts_topic,
     shared_orders_subscription,
@@ -36,7 +38,15 @@ from testrig.servers import MosquittoProcess, find_binary, free_port, port_is_op
 from tests.tools import require
 
 from ..fleet.mqtt_probe import Probe
-from .conftest import PASSWORDS, REPO, SecureBroker, dynsec_plugin, probe, write_accounts
+from .conftest import (
+    DEVICES,
+    PASSWORDS,
+    REPO,
+    SecureBroker,
+    dynsec_plugin,
+    probe,
+    write_accounts,
+)
 
 NOT_AUTHORIZED = 135
 
@@ -137,6 +147,10 @@ def test_session_takeover_is_refused(secure_broker: SecureBroker, victim: str) -
         "$share/g/v1/devices/kiosk-a/#",
         "$SYS/#",
         "$CONTROL/dynamic-security/#",
+        "v1/devices/kiosk-b/cmd",
+        "v1/fleet/#",
+        "v1/fleet/+",
+        "$share/g/v1/fleet/cmd",
     ],
 )
 def test_device_subscriptions_beyond_its_subtree_are_refused(
@@ -150,7 +164,7 @@ def test_device_subscriptions_beyond_its_subtree_are_refused(
 @pytest.mark.parametrize(
     "topic_filter",
     ["v1/devices/kiosk-a/receipts", "v1/devices/kiosk-a/status", "v1/devices/kiosk-a/+",
-     "v1/devices/kiosk-a/#"],
+     "v1/devices/kiosk-a/#", "v1/devices/kiosk-a/cmd", "v1/fleet/cmd"],
 )  # fmt: skip
 def test_device_subscriptions_inside_its_subtree_are_granted(
     secure_broker: SecureBroker, topic_filter: str
@@ -204,6 +218,37 @@ def test_status_query_status_and_health_paths_work(secure_broker: SecureBroker) 
         assert pipeline.publish(status_topic("kiosk-a"), b"confirmed") == 0
         assert pipeline.publish(orders_topic("kiosk-a"), b"forged order") == NOT_AUTHORIZED
         assert [m.payload for m in device.wait_messages(1)] == [b"confirmed"]
+
+
+def test_only_the_pipeline_may_publish_device_commands(secure_broker: SecureBroker) -> None:
+    """A device's command to itself, to another device or to the fleet is refused (135) and
+    never delivered, nor is the bridge's; the pipeline's reach their devices."""
+    with contextlib.ExitStack() as stack:
+        a, b = (stack.enter_context(probe(secure_broker, d, PASSWORDS[d])) for d in DEVICES)
+        bridge = stack.enter_context(probe(secure_broker, "bridge", PASSWORDS["bridge"], "b-1"))
+        pipeline = stack.enter_context(
+            probe(secure_broker, "pipeline", PASSWORDS["pipeline"], "pipeline-1")
+        )
+        for device, name in ((a, "kiosk-a"), (b, "kiosk-b")):
+            assert device.subscribe(command_topic(name)).value < 128
+            assert device.subscribe(FLEET_COMMAND_TOPIC).value < 128
+        topics = (command_topic("kiosk-a"), command_topic("kiosk-b"), FLEET_COMMAND_TOPIC)
+        refused = {
+            (sender, topic): client.publish(topic, f"forged by {sender}".encode())
+            for sender, client in (("kiosk-a", a), ("kiosk-b", b), ("bridge", bridge))
+            for topic in topics
+        }
+        assert set(refused.values()) == {NOT_AUTHORIZED}, refused
+        assert pipeline.publish(command_topic("kiosk-a"), b"for a") == 0
+        assert pipeline.publish(FLEET_COMMAND_TOPIC, b"for all") == 0
+        a.wait_messages(2)
+        b.wait_messages(1)
+        time.sleep(0.2)  # any forged command would have arrived before the pipeline's
+    assert [(m.topic, m.payload) for m in a.messages] == [
+        (command_topic("kiosk-a"), b"for a"),
+        (FLEET_COMMAND_TOPIC, b"for all"),
+    ]
+    assert [(m.topic, m.payload) for m in b.messages] == [(FLEET_COMMAND_TOPIC, b"for all")]
 
 
 def test_a_device_will_is_delivered_only_on_its_own_health_topic(

@@ -129,7 +129,9 @@ async def start_worker(aredis: Any, config: PipelineConfig) -> AsyncIterator[Wor
         client = await stack.enter_async_context(
             status_client(cfg, f"pipeline-test-{id(cfg)}-{index}")
         )
-        publisher = MqttStatusPublisher(client, ack_timeout_s=cfg.status_ack_timeout_s)
+        publisher = MqttStatusPublisher(
+            client, ack_timeout_s=cfg.status_ack_timeout_s, backlog_max=cfg.status_backlog_max
+        )
         scripts = Scripts()
         chain = build_chain(cfg.steps, StepDeps(aredis, scripts, cfg))
         worker = Worker(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -27,8 +28,11 @@ from pipeline.api_tokens import (
 from pipeline.config import PipelineConfig
 from pipeline.errors import TokenConfigError
 from testrig.servers import free_port
+from testrig.services import http_ok
+from tests.helpers import raw_http, wait_until_blocking
 
 from .conftest import TEST_SHARDS
+from .processes import env_for, spawn, stop_all
 
 READ_TOKEN = new_token()
 OPERATE_TOKEN = new_token()
@@ -83,13 +87,16 @@ async def test_reads_need_a_token_and_replay_needs_operate(aredis: aioredis.Redi
 
 
 async def test_no_cors_a_preflight_gets_nothing(aredis: aioredis.Redis) -> None:
-    """An OPTIONS preflight from a web page is a 405 problem without any Access-Control header."""
+    """An OPTIONS preflight from a web page is a 401 problem (a preflight carries no token)
+    without any Access-Control header; on a loopback API without tokens it is a 405."""
+    ask = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    async with TestClient(TestServer(create_app(aredis, shards=TEST_SHARDS))) as open_api:
+        preflight = await open_api.options("/v1/dlq/1-1/replay", headers=ask)
+        assert (preflight.status, preflight.content_type) == (405, "application/problem+json")
+        assert not any(h.lower().startswith("access-control-") for h in preflight.headers)
     async with secured(aredis) as http:
-        preflight = await http.options(
-            "/v1/dlq/1-1/replay",
-            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
-        )
-        assert preflight.status in (401, 405)
+        preflight = await http.options("/v1/dlq/1-1/replay", headers=ask)
+        assert preflight.status == 401
         assert preflight.content_type == "application/problem+json"
         assert not any(h.lower().startswith("access-control-") for h in preflight.headers)
         read = await http.get(
@@ -186,3 +193,40 @@ def test_compose_gives_the_published_api_a_tokens_file() -> None:
     assert all(port.startswith("127.0.0.1:") for port in pipeline["ports"])
     # The shared settings still reach the pipeline through the merged anchor.
     assert "redis://" in env["ORDERS_REDIS_URL"]
+
+
+def test_unparsable_requests_to_the_real_api_are_problems_without_the_token(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The real `order-pipeline run`: a header over aiohttp's limit holding a valid operate
+    token, and a malformed header line, are 400 problems (aiohttp's text/plain 400 quoted
+    the token and logged it at error level); the token is in no body and not in the
+    process's log."""
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(ENTRIES + "\n")
+    port = free_port()
+    log = tmp_path / "pipeline.log"
+    config = PipelineConfig(
+        redis_url=redis_url, http_port=port, workers=0, shards=TEST_SHARDS,
+        api_tokens_file=str(tokens_file),
+    )  # fmt: skip
+    process = spawn(["run"], env_for(config), log)
+    requests = [
+        b"GET /v1/dlq HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + OPERATE_TOKEN.encode() + b"x" * 9000 + b"\r\n\r\n",
+        b"GET /v1/dlq HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization Bearer "
+        + OPERATE_TOKEN.encode() + b"\r\n\r\n",
+    ]  # fmt: skip
+    try:
+        wait_until_blocking(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 30, "the API")
+        answers = [raw_http(port, request) for request in requests]
+        wait_until_blocking(
+            lambda: log.read_text().count("http_bad_request") == 2, 10, "two warnings"
+        )
+    finally:
+        stop_all([process])
+    for status, content_type, body in answers:
+        assert (status, content_type.split(";")[0]) == (400, "application/problem+json")
+        assert body["code"] == "bad-request"
+        assert OPERATE_TOKEN not in json.dumps(body)
+    assert OPERATE_TOKEN not in log.read_text()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -19,9 +20,11 @@ from edge_agent import AgentConfig, EdgeAgent
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
+from pipeline.ops import FleetView, VersionCount, summary
 from schemas import Health, encode
 from schemas.names import health_topic
 from servicekit.redis_clients import text
+from servicekit.version import package_version
 from testrig.servers import MosquittoProcess
 from tests.helpers import wait_until
 
@@ -112,6 +115,37 @@ async def test_an_agents_health_reaches_redis_and_its_clean_stop_marks_it_offlin
         assert 0 < ttl_ms <= config.health_ttl_s * 1000
     gone = await wait_hash(aredis, device_id, lambda h: h["online"] == "0")
     assert gone["outbox_depth"] == "3"  # the goodbye carries the figures
+    assert worker.poll() is None
+
+
+async def test_the_ops_summary_counts_a_mixed_fleet_by_agent_version(  # noqa: PLR0917 - fixtures
+    worker: subprocess.Popen[bytes], aredis: aioredis.Redis, mosquitto: MosquittoProcess,
+    config: PipelineConfig, tmp_path: Path, device_id: str,
+) -> None:  # fmt: skip
+    """A real agent reports this release; two fakes report 0.1.0; one speaks the format from
+    before ``agent_version`` (no such key) and is still accepted, counted as not reported."""
+    agent_config = AgentConfig(
+        device_id=device_id, mqtt_url=config.mqtt_url, db=str(tmp_path / "o.db"),
+        http_enabled=False, health_interval_s=3600,
+    )  # fmt: skip
+    old_format = msgspec.msgpack.encode({"v": 1, "online": True, "at": NOW_MS, "outbox_depth": 4})
+    async with EdgeAgent(agent_config) as agent:
+        seen = await wait_hash(aredis, device_id, lambda h: h["online"] == "1")
+        assert seen["agent_version"] == agent.reporter.version == package_version()
+        with Probe(mosquitto.port) as fakes:
+            for old in ("old-1", "old-2"):
+                assert fakes.publish(health_topic(old), report(agent_version="0.1.0")) == 0
+            assert fakes.publish(health_topic("older-1"), old_format) == 0
+            for old in ("old-1", "old-2"):
+                await wait_hash(aredis, old, lambda h: h.get("agent_version") == "0.1.0")
+            older = await wait_hash(aredis, "older-1", lambda h: h.get("outbox_depth") == "4")
+        assert "agent_version" not in older
+        fleet = (await summary(aredis, shards=1, fleet=FleetView(), role="open")).fleet
+    assert fleet.versions == [
+        VersionCount(version="0.1.0", devices=2, online=2),
+        VersionCount(version=None, devices=1, online=1),
+        VersionCount(version=package_version(), devices=1, online=1),
+    ]
     assert worker.poll() is None
 
 

@@ -56,6 +56,7 @@ async def seed_device(
     seen_ago_ms: int,
     oldest_ms: int = 0,
     depth: int = 0,
+    version: str | None = "0.1.0",
 ) -> None:
     """A device's health as the health consumer writes it (layout fixed in pipeline.ops)."""
     seen_at = now_ms() - seen_ago_ms
@@ -72,9 +73,11 @@ async def seed_device(
             "oldest_unreceipted_age_ms": oldest_ms,
             "held": 0,
             "last_broker_error": "" if online else "connection lost",
-            "agent_version": "0.1.0",
+            "agent_version": version or "",
         },
     )
+    if version is None:  # an agent older than the field
+        await client.hdel(health_device_key(device_id), "agent_version")
 
 
 async def test_page_files_are_open_and_locked_down(aredis: aioredis.Redis) -> None:
@@ -142,11 +145,12 @@ async def test_fleet_counts_and_worst_outboxes(aredis: aioredis.Redis) -> None:
     await seed_device(aredis, "dev-online", online=True, seen_ago_ms=1000, oldest_ms=2000, depth=3)
     await seed_device(aredis, "dev-offline", online=False, seen_ago_ms=5_000, oldest_ms=600_000)
     await seed_device(aredis, "dev-silent", online=True, seen_ago_ms=120_000, oldest_ms=90_000)
-    await seed_device(aredis, "dev-empty", online=True, seen_ago_ms=500)  # nothing unreceipted
+    await seed_device(aredis, "dev-empty", online=True, seen_ago_ms=500, version="0.2.0")
+    await seed_device(aredis, "dev-older", online=True, seen_ago_ms=500, version=None)
     await aredis.zadd(HEALTH_DEVICES_KEY, {"dev-expired": now_ms()})  # its hash expired
     async with ops_api(aredis, secured=False, stale_s=60) as http:
         fleet = (await (await http.get("/v1/ops/summary")).json())["fleet"]
-    assert (fleet["devices"], fleet["online"], fleet["offline"], fleet["stale"]) == (5, 2, 1, 2)
+    assert (fleet["devices"], fleet["online"], fleet["offline"], fleet["stale"]) == (6, 3, 1, 2)
     assert fleet["stale_after_s"] == 60
     assert [d["device_id"] for d in fleet["worst"]] == ["dev-offline", "dev-silent", "dev-online"]
     offline, silent, online = fleet["worst"]
@@ -157,21 +161,29 @@ async def test_fleet_counts_and_worst_outboxes(aredis: aioredis.Redis) -> None:
     assert online["outbox_depth"] == 3
     assert online["oldest_unreceipted_age_ms"] == 2_000
     assert online["agent_version"] == "0.1.0"
+    # Per agent version, most devices first; null: never reported (or the hash expired).
+    assert fleet["versions"] == [
+        {"version": "0.1.0", "devices": 3, "online": 1},
+        {"version": None, "devices": 2, "online": 1},
+        {"version": "0.2.0", "devices": 1, "online": 1},
+    ]
 
 
 async def test_bridges_ready_stale_gone_and_durability(aredis: aioredis.Redis) -> None:
     """A live ready replica, a not-ready one, one that missed three beats and one expired."""
     now = now_ms()
 
-    async def beat(client_id: str, at: int, *, ready: bool, durable: bool, failing: str) -> None:
+    async def beat(
+        client_id: str, at: int, *, ready: bool, durable: bool, failing: str, version: str = "0.2.0"
+    ) -> None:
         await aredis.hset(bridge_key(client_id), mapping={
             "ready": int(ready), "redis_durable": int(durable), "at": at,
-            "interval_ms": 5000, "in_flight": 7, "failing": failing,
+            "interval_ms": 5000, "in_flight": 7, "failing": failing, "version": version,
         })  # fmt: skip
         await aredis.zadd(BRIDGES_KEY, {client_id: at})
 
     await beat("b-ready", now - 1000, ready=True, durable=True, failing="")
-    await beat("b-stale", now - 20_000, ready=True, durable=False, failing="")
+    await beat("b-stale", now - 20_000, ready=True, durable=False, failing="", version="0.1.0")
     await aredis.zadd(BRIDGES_KEY, {"b-gone": now - 60_000})
     await aredis.zadd(BRIDGES_KEY, {"b-ancient": now - 2 * 3600 * 1000})  # not listed
     async with ops_api(aredis, secured=False) as http:
@@ -182,6 +194,8 @@ async def test_bridges_ready_stale_gone_and_durability(aredis: aioredis.Redis) -
         assert body["redis_durable"] is True
         ready = next(b for b in body["bridges"] if b["client_id"] == "b-ready")
         assert ready["in_flight"] == 7
+        versions = {b["client_id"]: b["version"] for b in body["bridges"]}
+        assert versions == {"b-ready": "0.2.0", "b-stale": "0.1.0", "b-gone": None}
         assert 1000 <= ready["age_ms"] < 60_000
 
         await beat("b-sick", now_ms(), ready=False, durable=False, failing="redis_durable,mqtt")

@@ -27,12 +27,12 @@ from .producer import produce
 
 
 class NullPublisher:
-    """Status publisher double (our own Protocol): records what it was given."""
+    """Status sender double (our own Protocol): records what it was given."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, Status]] = []
 
-    async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
+    def send(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Accept everything."""
         self.sent += messages
         return len(messages)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
 from pipeline.config import PipelineConfig
-from pipeline.status import MqttStatusPublisher, status_client
+from pipeline.status import MqttStatusPublisher, StatusMetrics, status_client
 from schemas import Status
 from testrig.servers import MosquittoProcess, port_is_open
 from tests.helpers import wait_until
@@ -67,3 +69,52 @@ async def test_a_broker_outage_times_out_then_the_queued_statuses_go_out(
 
         await wait_until(drained, what="the queued statuses acked after the restart")
         assert await publisher.publish(messages[30:]) == 20
+
+
+async def test_with_the_broker_down_send_never_waits_and_the_backlog_is_bounded(
+    mosquitto_factory: Callable[..., MosquittoProcess], device_id: str
+) -> None:
+    """Broker SIGKILLed: send returns at once with what fits in a backlog of 10; the other 20 are
+    counted as unpublished (left to the status query); the 10 go out after a restart."""
+    broker = mosquitto_factory()
+    listener = StatusListener(broker)
+    listener.subscribe(device_id)
+    messages = _statuses(device_id, 30, "fulfilled")
+    registry = CollectorRegistry()
+    config = PipelineConfig(mqtt_url=broker.url, status_backlog_max=10)
+    try:
+        async with status_client(config, f"{device_id}-pub") as client:
+            publisher = MqttStatusPublisher(
+                client, backlog_max=config.status_backlog_max, metrics=StatusMetrics(registry)
+            )
+            broker.kill()
+            assert not port_is_open(broker.port)
+
+            async def disconnected() -> bool:
+                return not client.connected
+
+            await wait_until(disconnected, what="the publisher to notice the outage")
+            assert publisher.send(messages[:4]) == 4
+            assert publisher.send(messages[4:]) == 6
+            assert publisher.backlog == client.in_flight == 10
+            assert publisher.unpublished == 20
+            assert _unpublished(registry) == 20
+            listener.close()
+            broker.start()
+            listener = StatusListener(broker)
+            listener.subscribe(device_id)
+            await wait_until(lambda: publisher.backlog == 0, what="the backlog sent")
+            assert publisher.send(messages[10:12]) == 2  # room again
+
+            async def heard() -> bool:
+                got = {s.order_id for _t, s in listener.received}
+                return got >= {s.order_id for _d, s in messages[10:12]}
+
+            await wait_until(heard, what="the next statuses at a subscriber")
+    finally:
+        listener.close()
+
+
+def _unpublished(registry: CollectorRegistry) -> float:
+    value = registry.get_sample_value("pipeline_statuses_unpublished_total")
+    return 0.0 if value is None else value

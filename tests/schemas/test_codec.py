@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from schemas import (
     MAX_ORDER_BYTES,
+    RETRY_HELD,
+    Command,
     DecodeError,
     Item,
     Order,
@@ -19,6 +21,7 @@ from schemas import (
     SchemaError,
     Status,
     build_order,
+    decode_command,
     decode_order,
     decode_receipt,
     decode_status,
@@ -204,3 +207,38 @@ def test_receipt_and_status_round_trip_with_nil_fields() -> None:
     assert decode_status(encode(status)) == status
     with pytest.raises(DecodeError):
         decode_receipt(msgspec.msgpack.encode({"v": 1, "result": "maybe"}))
+
+
+def test_a_command_round_trips_and_an_unknown_command_still_decodes() -> None:
+    """A command decodes back; a newer agent's command name is data, not a decode error."""
+    command = Command(v=1, cmd=RETRY_HELD, id="cmd-0000000001", issued_at=9)
+    assert decode_command(encode(command)) == command
+    newer = msgspec.msgpack.encode({"v": 1, "cmd": "reboot_later", "id": "cmd-02-abcd",
+                                    "issued_at": 1, "extra": True})  # fmt: skip
+    assert decode_command(newer).cmd == "reboot_later"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"v": 2, "cmd": RETRY_HELD, "id": "cmd-00000001", "issued_at": 1}, "unsupported_version"),
+        ({"v": 1, "cmd": "Retry Held", "id": "cmd-00000001", "issued_at": 1}, "invalid_schema"),
+        ({"v": 1, "cmd": RETRY_HELD, "id": "short", "issued_at": 1}, "invalid_schema"),
+        ({"v": 1, "cmd": RETRY_HELD, "id": "cmd-00000001\n", "issued_at": 1}, "invalid_schema"),
+        ({"v": 1, "cmd": RETRY_HELD, "issued_at": 1}, "invalid_schema"),
+    ],
+)
+def test_command_rules_are_enforced(fields: dict[str, Any], reason: str) -> None:
+    """Version, name and id rules of a command give the contract's reason codes."""
+    with pytest.raises(DecodeError) as caught:
+        decode_command(msgspec.msgpack.encode(fields))
+    assert caught.value.reason == reason
+
+
+@given(st.binary(max_size=256))
+def test_random_bytes_never_escape_the_command_decoder(data: bytes) -> None:
+    """Arbitrary bytes on a command topic either decode or raise DecodeError."""
+    try:
+        decode_command(data)
+    except DecodeError as exc:
+        assert exc.reason in vars(Reason).values()

@@ -10,6 +10,8 @@ from redis.crc import key_slot
 
 from schemas import Reason, SchemaError
 from schemas.names import (
+    FLEET_COMMAND_TOPIC,
+    command_topic,
     device_id_from_orders_topic,
     device_of_health_topic,
     device_of_status_query_topic,
@@ -31,6 +33,8 @@ def test_topics_follow_the_contract() -> None:
     assert receipts_topic("k1") == "v1/devices/k1/receipts"
     assert status_topic("k1") == "v1/devices/k1/status"
     assert shared_orders_subscription("g") == "$share/g/v1/devices/+/orders"
+    assert command_topic("k1") == "v1/devices/k1/cmd"
+    assert FLEET_COMMAND_TOPIC == "v1/fleet/cmd"
 
 
 @given(device_ids)
