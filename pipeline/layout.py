@@ -13,7 +13,6 @@ from servicekit.backoff import Backoff
 
 from ._calls import AnyRedis
 from .config import PipelineConfig
-from .regions import parse_region_apis
 
 log = structlog.get_logger(__name__)
 SERVICE = "order-pipeline"
@@ -30,7 +29,8 @@ async def agree_layout(
     Raises:
         LayoutError: this pipeline must not run against the deployment.
     """
-    regions = set(parse_region_apis(config.region, config.region_api))
+    # The names only: PipelineConfig validated the entries.
+    regions = {entry.partition("=")[0] for entry in config.region_api}
     if config.region:
         regions.add(config.region)
     backoff = Backoff(0.1, config.backoff_max_s)
