@@ -11,21 +11,23 @@ from collections.abc import Sequence
 
 import structlog
 
-from servicekit import tracing
+from servicekit import layout, tracing
 from servicekit.config import (
     ConfigError,
     add_config_arguments,
+    given_fields,
     load_config,
     secret_flags_given,
 )
 from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
 from servicekit.logs import configure_logging
-from servicekit.loops import failed_loops
+from servicekit.loops import critical, failed_loops
 from servicekit.version import add_version_argument
 
 from .config import BridgeConfig
 from .errors import BridgeError
 from .heartbeat import RedisHeartbeat
+from .layout import LayoutCheck
 from .metrics import BridgeMetrics
 from .regions import build_region_sinks
 from .service import Bridge, build_sink
@@ -43,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(BridgeConfig, args)
+        shards_given = "shards" in given_fields(BridgeConfig, args)
     except ConfigError as exc:
         print(f"order-bridge: {exc}", file=sys.stderr)
         return 2
@@ -61,11 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         service_name="order-bridge", attributes={"service.instance.id": config.client_id},
     )  # fmt: skip
     try:
-        runner(_serve(config))
+        runner(_serve(config, shards_given=shards_given))
     except BridgeError as exc:
         log.error("bridge failed", error=str(exc))  # noqa: TRY400 - the message says it all
         return 1
     except Exception as exc:
+        if (refusal := layout.refusal_in(exc)) is not None:
+            log.error("bridge refused to run", error=str(refusal))  # noqa: TRY400
+            print(f"order-bridge: {refusal}", file=sys.stderr)
+            return 2
         loops = failed_loops(exc)
         if not loops:
             raise
@@ -76,7 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def _serve(config: BridgeConfig) -> None:
+async def _serve(config: BridgeConfig, *, shards_given: bool = True) -> None:
+    check = LayoutCheck(config, shards_given=shards_given)
+    try:
+        await _run(config, check)
+    finally:
+        await check.aclose()
+
+
+async def _run(config: BridgeConfig, check: LayoutCheck) -> None:
     heartbeat = RedisHeartbeat(
         config.local_redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
     )
@@ -88,7 +103,12 @@ async def _serve(config: BridgeConfig) -> None:
         if config.geo:
             log.info("geo mode", region=config.region, remote_regions=sorted(region_sinks))
         bridge = Bridge(
-            config, sink, BridgeMetrics(), heartbeat=heartbeat, region_sinks=region_sinks
+            config,
+            sink,
+            BridgeMetrics(),
+            heartbeat=heartbeat,
+            region_sinks=region_sinks,
+            layout=check.start,
         )
         main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -102,7 +122,13 @@ async def _serve(config: BridgeConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
         try:
-            await bridge.run()
+            async with asyncio.TaskGroup() as tasks:
+                watch = tasks.create_task(
+                    critical("layout-watch", check.watch()),
+                    name="layout-watch",
+                )
+                await bridge.run()
+                watch.cancel()
         except asyncio.CancelledError:
             log.info("stopped before connecting")
 

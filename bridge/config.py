@@ -122,8 +122,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     shards: Annotated[
         Positive,
         doc(
-            "Order streams the orders are spread over by device; must match order-pipeline "
-            "--shards, raise it (on both, with a migration) for more pipeline parallelism"
+            "Order streams the orders are spread over by device; one count per deployment, "
+            "kept in Redis (deployment:manifest): left unset, the deployment's is adopted, "
+            "another refuses to start; change it with `order-pipeline layout set`"
         ),
     ] = DEFAULT_SHARDS
     client_id: Annotated[

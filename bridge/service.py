@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -24,6 +24,7 @@ from schemas.names import (
 )
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
+from servicekit.layout import LayoutError
 from servicekit.logs import truncate
 from servicekit.loops import critical
 from servicekit.mqtt import PropertySubscription
@@ -54,6 +55,7 @@ class Bridge:
     ``config.heartbeat_interval_s`` for the ops page (:mod:`bridge.heartbeat`).
 
     In geo mode ``region_sinks`` holds a sink per remote region (bridge/regions.py).
+    With ``layout``, no order is taken before the deployment manifest agrees.
     """
 
     def __init__(
@@ -64,8 +66,13 @@ class Bridge:
         *,
         heartbeat: HeartbeatStore | None = None,
         region_sinks: Mapping[str, OrderSink] | None = None,
+        layout: Callable[[], Awaitable[BridgeConfig]] | None = None,
     ) -> None:
         self.config = config
+        # Agrees with the deployment manifest before the intake connects, and returns
+        # the settings with the deployment's shard count (bridge/layout.py).
+        self._layout = layout
+        self.layout_agreed = layout is None
         self._heartbeat = heartbeat
         self.metrics = metrics
         self._sink = sink
@@ -199,6 +206,7 @@ class Bridge:
             "redis_writable": not isinstance(error, RedisFullError)
             and not (self.redis_state is not None and self.redis_state.full),
             "accepting": not self._stopping,
+            "layout": self.layout_agreed,
         }
         if self.config.redis_require_durable:
             checks["redis_durable"] = self.redis_durable
@@ -270,18 +278,21 @@ class Bridge:
                     regions = tasks.create_task(
                         critical("region-writers", self.regions.run()), name="region-writers"
                     )
-                async with intake:
-                    self.started = True
-                    self.metrics.mqtt_up.set(1)
-                    if all(self.readiness().values()):
-                        log.info("bridge running", client_id=cfg.client_id, shards=cfg.shards,
-                                 redis_durable=self.redis_durable)  # fmt: skip
-                    else:
-                        failing = [name for name, ok in self.readiness().items() if not ok]
-                        log.error("bridge running but NOT READY", client_id=cfg.client_id,
-                                  failing=failing)  # fmt: skip
-                    await self._stop.wait()
-                    await self._drain()
+                refusal = await self._agree_layout()
+                if refusal is None:
+                    async with intake:
+                        self.started = True
+                        self.metrics.mqtt_up.set(1)
+                        if all(self.readiness().values()):
+                            log.info("bridge running", client_id=cfg.client_id,
+                                     shards=self.config.shards,
+                                     redis_durable=self.redis_durable)  # fmt: skip
+                        else:
+                            failing = [name for name, ok in self.readiness().items() if not ok]
+                            log.error("bridge running but NOT READY", client_id=cfg.client_id,
+                                      failing=failing)  # fmt: skip
+                        await self._stop.wait()
+                        await self._drain()
                 self._closing = True
                 self.batcher.close()
                 writer.cancel()
@@ -292,7 +303,20 @@ class Bridge:
                     self.regions.close()
                     regions.cancel()
         self.metrics.mqtt_up.set(0)
+        if refusal is not None:
+            raise refusal
         log.info("bridge stopped", peak_pending=self.batcher.peak_pending)
+
+    async def _agree_layout(self) -> LayoutError | None:
+        """Agree with the deployment manifest (bridge/layout.py); the refusal, if any."""
+        if self._layout is None:
+            return None
+        try:
+            self.config = await self._layout()
+        except LayoutError as exc:
+            return exc
+        self.layout_agreed = True
+        return None
 
     async def _drain(self) -> None:
         self._stopping = True

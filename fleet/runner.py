@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.names import DEFAULT_SHARDS
+from servicekit import layout
 from servicekit.credentials import read_secret_file, url_with_password
+from servicekit.layout import LayoutError
 
 from .chaos import SpikeReport, StormReport
 from .devices import raise_open_file_limit
@@ -71,9 +73,9 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards",
         type=int,
-        default=DEFAULT_SHARDS,
-        help="order streams of the stack; must match the bridges' --shards when loading an "
-        "existing stack (default %(default)s)",
+        default=None,
+        help="order streams of the stack; loading an existing stack, its deployment manifest "
+        f"gives them (another count is refused), else {DEFAULT_SHARDS}",
     )
     parser.add_argument(
         "--chaos",
@@ -198,6 +200,14 @@ def _with_password_file(url: str | None, path: str, flag: str) -> str | None:
 def run_load(args: argparse.Namespace, console: Console | None = None) -> int:
     """Run the load test (starting a stack when no URLs are given); 1 if anything was lost."""
     console = console or Console()
+    if args.redis_url is not None:
+        try:
+            args.shards = asyncio.run(_deployment_shards(args.redis_url, args.shards))
+        except LayoutError as exc:
+            console.print(f"fleet-sim: {exc}")
+            return 2
+    elif args.shards is None:
+        args.shards = DEFAULT_SHARDS
     options = options_from(args)
     report = args.report or Path("reports") / f"fleet-{dt.datetime.now():%Y%m%d-%H%M%S}.html"
     # Before the stack starts, so the broker inherits it: 10,000 devices are 10,000 sockets.
@@ -212,6 +222,20 @@ def run_load(args: argparse.Namespace, console: Console | None = None) -> int:
         result = asyncio.run(run(options, stack))
         console.print(f"run took {time.monotonic() - started:,.0f} s")
     return print_result(result, report, console)
+
+
+async def _deployment_shards(redis_url: str, shards: int | None) -> int:
+    """The existing stack's shard count, from its manifest (``shards`` must agree)."""
+    client = layout.connect(redis_url)
+    try:
+        _, manifest = await layout.read(client)
+    finally:
+        await client.aclose()
+    if manifest is None:
+        return shards or DEFAULT_SHARDS
+    if shards is not None and shards != manifest.shards:
+        raise layout.refusal("fleet-sim", redis_url, manifest, shards)
+    return manifest.shards
 
 
 def print_result(result: SimResult, report: Path, console: Console) -> int:

@@ -6,6 +6,7 @@ Usage::
     order-pipeline worker --mqtt-url … --redis-url …      # one worker, no API
     order-pipeline catalog load FILE --redis-url …         # JSON or TOML
     order-pipeline migrate --redis-url … --shards N        # from the pre-cluster layout
+    order-pipeline layout show|set --shards N --redis-url … # the deployment manifest
     order-pipeline token new --role operate [--name N] [--tokens-file F]
     order-pipeline devices retry-held DEVICE_ID… | --all --mqtt-url …   # release held orders
 """
@@ -30,10 +31,13 @@ from servicekit import tracing
 from servicekit.config import (
     ConfigError,
     add_config_arguments,
+    given_fields,
     load_config,
     secret_flags_given,
 )
 from servicekit.credentials import warn_if_redis_unauthenticated, warn_secret_flags
+from servicekit.layout import read as read_manifest
+from servicekit.layout import refusal_in
 from servicekit.logs import configure_logging
 from servicekit.loops import failed_loops
 from servicekit.version import add_version_argument
@@ -43,11 +47,24 @@ from .catalog import read_catalog, store_catalog
 from .config import PipelineConfig
 from .device_commands import send_command
 from .errors import PipelineError
+from .layout import agree_layout
 from .migrate import migrate
+from .reshard import SETTLE_S, set_shards
 from .service import install_stop_signals, redis_client, run_service, run_worker
 
 log = structlog.get_logger(__name__)
-_COMMANDS = {"run", "worker", "catalog", "migrate", "token", "devices", "-h", "--help", "--version"}
+_COMMANDS = {
+    "run",
+    "worker",
+    "catalog",
+    "migrate",
+    "layout",
+    "token",
+    "devices",
+    "-h",
+    "--help",
+    "--version",
+}
 # Exit codes of `devices retry-held`: every command delivered, bad usage, some not
 # delivered (no subscriber, or refused by the broker), broker unreachable.
 EXIT_DELIVERED, EXIT_USAGE, EXIT_NOT_DELIVERED, EXIT_UNREACHABLE = 0, 2, 3, 4
@@ -79,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="move stock and records from the layout before Redis Cluster support"
     )
     add_config_arguments(migrate_cmd, PipelineConfig)
+    layout_cmd = sub.add_parser("layout", help="the deployment manifest (shard count)")
+    layout_sub = layout_cmd.add_subparsers(dest="layout_command", required=True)
+    show = layout_sub.add_parser("show", help="print the deployment manifest")
+    add_config_arguments(show, PipelineConfig)
+    change = layout_sub.add_parser(
+        "set",
+        help="change the deployment's shard count (docs/how-to/change-shards.md): with the "
+        "bridges stopped and the streams drained, moves every key to its new shard",
+    )
+    add_config_arguments(change, PipelineConfig)
+    change.add_argument(
+        "--settle-s",
+        type=float,
+        default=SETTLE_S,
+        help="seconds to wait after marking the change, so running services notice it and "
+        f"stop (default {SETTLE_S:g}, a little over their manifest check interval)",
+    )
     token = sub.add_parser("token", help="orders API bearer tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     new = token_sub.add_parser(
@@ -146,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _OWN_SETUP[args.command](args)
     try:
         config = load_config(PipelineConfig, args)
+        shards_given = "shards" in given_fields(PipelineConfig, args)
     except ConfigError as exc:
         print(f"order-pipeline: {exc}", file=sys.stderr)
         return 2
@@ -153,18 +188,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     warn_secret_flags(secret_flags_given(PipelineConfig, args))
     warn_if_redis_unauthenticated(config.redis_url)
     try:
-        if args.command in {"catalog", "migrate"}:
-            admin = _load_catalog(config, args.file) if args.command == "catalog" else None
-            return asyncio.run(admin or _migrate(config))
-        tracing.configure(
-            config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
-            service_name="order-pipeline",
-        )  # fmt: skip
-        return asyncio.run(_serve(config, worker_only=args.command == "worker"))
+        return _run_command(args, config, shards_given=shards_given)
     except (PipelineError, RedisError, RedisClusterException, OSError) as exc:
         log.exception("fatal", error=repr(exc))
         return 1
     except Exception as exc:
+        if (refusal := refusal_in(exc)) is not None:
+            log.error("refused_to_run", error=str(refusal))  # noqa: TRY400
+            print(f"order-pipeline: {refusal}", file=sys.stderr)
+            return 2
         loops = failed_loops(exc)
         if not loops:
             raise
@@ -174,20 +206,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracing.shutdown()  # export the spans still buffered
 
 
-async def _serve(config: PipelineConfig, *, worker_only: bool) -> int:
+def _run_command(args: argparse.Namespace, config: PipelineConfig, *, shards_given: bool) -> int:
+    if args.command == "catalog":
+        return asyncio.run(_load_catalog(config, args.file, shards_given=shards_given))
+    if args.command == "migrate":
+        return asyncio.run(_migrate(config, shards_given=shards_given))
+    if args.command == "layout":
+        if args.layout_command == "set" and not shards_given:
+            print("order-pipeline: layout set needs --shards N", file=sys.stderr)
+            return 2
+        settle_s = getattr(args, "settle_s", SETTLE_S)
+        return asyncio.run(_layout(config, args.layout_command, settle_s))
+    tracing.configure(
+        config.otlp_endpoint, sample_ratio=config.trace_sample_ratio,
+        service_name="order-pipeline",
+    )  # fmt: skip
+    worker_only = args.command == "worker"
+    return asyncio.run(_serve(config, worker_only=worker_only, shards_given=shards_given))
+
+
+async def _serve(config: PipelineConfig, *, worker_only: bool, shards_given: bool) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     if worker_only:
-        await run_worker(config, stop)
+        await run_worker(config, stop, shards_given=shards_given)
     else:
-        await run_service(config, stop)
+        await run_service(config, stop, shards_given=shards_given)
     return 0
 
 
-async def _load_catalog(config: PipelineConfig, path: Path) -> int:
+async def _load_catalog(config: PipelineConfig, path: Path, *, shards_given: bool) -> int:
     catalog = read_catalog(path)
     client = redis_client(config)
     try:
+        config, _ = await agree_layout(client, config, shards_given=shards_given)
         await store_catalog(client, catalog, shards=config.shards)
     finally:
         await client.aclose()
@@ -195,16 +247,32 @@ async def _load_catalog(config: PipelineConfig, path: Path) -> int:
     return 0
 
 
-async def _migrate(config: PipelineConfig) -> int:
+async def _migrate(config: PipelineConfig, *, shards_given: bool) -> int:
     if config.redis_cluster:
         print("order-pipeline: migrate runs on the single Redis of the old layout", file=sys.stderr)
         return 2
     client = aioredis.Redis.from_url(config.redis_url)
     try:
+        config, _ = await agree_layout(client, config, shards_given=shards_given)
         done = await migrate(client, config.shards)
     finally:
         await client.aclose()
     log.info("migrated", skus=done.skus, orders=done.orders, shards=config.shards)
+    return 0
+
+
+async def _layout(config: PipelineConfig, command: str, settle_s: float) -> int:
+    client = redis_client(config)
+    try:
+        if command == "show":
+            raw, _ = await read_manifest(client)
+            print(raw or "no deployment manifest")
+            return 0
+        moved = await set_shards(client, config.shards, settle_s=settle_s)
+    finally:
+        await client.aclose()
+    print(f"order-pipeline: the deployment now has {config.shards} shards; moved "
+          f"{dict(moved.keys)}, stock of {moved.skus} SKUs spread", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -114,8 +114,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     shards: Annotated[
         int,
         doc(
-            "Order streams to read, one per shard; must match order-bridge --shards (change "
-            "both, then run `order-pipeline migrate` for data in the old layout)"
+            "Order streams to read, one per shard; one count per deployment, kept in Redis "
+            "(deployment:manifest): left unset, the deployment's is adopted, another refuses "
+            "to start; `layout set` changes it"
         ),
     ] = DEFAULT_SHARDS
     workers: Annotated[

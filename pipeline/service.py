@@ -39,6 +39,7 @@ from .api import create_app
 from .api_tokens import load_api_tokens
 from .config import PipelineConfig
 from .health import HealthConsumer, HealthMetrics
+from .layout import agree_layout, watch_layout
 from .metrics import MULTIPROC_ENV, WorkerMetrics
 from .regions import REGION_LOOKUP, RegionLookup, parse_region_apis
 from .status import MqttStatusPublisher, StatusMetrics, status_client
@@ -73,14 +74,21 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
-    """One worker until ``stop``; after the grace period a batch still running is cancelled."""
+async def run_worker(
+    config: PipelineConfig, stop: asyncio.Event, *, shards_given: bool = True
+) -> None:
+    """One worker until ``stop``; after the grace period a batch still running is cancelled.
+
+    It first agrees with the deployment manifest (:mod:`pipeline.layout`), and
+    stops (LoopFailed) if the manifest changes under it.
+    """
     consumer = config.consumer or default_consumer_name()
     config = msgspec.structs.replace(config, consumer=consumer)
     client = redis_client(config)
     scripts = Scripts()
     metrics = WorkerMetrics(None)
     try:
+        config, manifest = await agree_layout(client, config, shards_given=shards_given)
         mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
         publisher = MqttStatusPublisher(
             mqtt,
@@ -112,6 +120,10 @@ async def run_worker(config: PipelineConfig, stop: asyncio.Event) -> None:
                     ),
                     tasks.create_task(
                         critical("health-consumer", health.run()), name="health-consumer"
+                    ),
+                    tasks.create_task(
+                        critical("layout-watch", watch_layout(client, manifest)),
+                        name="layout-watch",
                     ),
                 ]
                 tasks.create_task(
@@ -197,13 +209,19 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
                 await stop.wait()
 
 
-async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
-    """The API plus ``config.workers`` supervised worker processes, until ``stop``."""
+async def run_service(
+    config: PipelineConfig, stop: asyncio.Event, *, shards_given: bool = True
+) -> None:
+    """The API plus ``config.workers`` supervised worker processes, until ``stop``.
+
+    The workers get the deployment's shard count (agreed here, :mod:`pipeline.layout`).
+    """
     client = redis_client(config)
     multiproc_dir = tempfile.mkdtemp(prefix="order-pipeline-metrics-")
     runner: web.AppRunner | None = None
     stack = contextlib.AsyncExitStack()  # geo mode's region lookup session
     try:
+        config, manifest = await agree_layout(client, config, shards_given=shards_given)
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
         app = create_app(
@@ -235,7 +253,11 @@ async def run_service(config: PipelineConfig, stop: asyncio.Event) -> None:
                     critical(f"supervise-worker-{index}", _supervise_one(index, env, stop)),
                     name=f"supervise-{index}",
                 )
-            group.create_task(stop.wait(), name="wait-stop")
+            watch = group.create_task(
+                critical("layout-watch", watch_layout(client, manifest)), name="layout-watch"
+            )
+            await stop.wait()
+            watch.cancel()
     finally:
         if runner is not None:
             await runner.cleanup()

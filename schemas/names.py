@@ -29,6 +29,11 @@ PIPELINE_GROUP: Final = "pipeline"
 DEFAULT_SHARDS: Final = 16
 DEDUP_TTL_S: Final = 7 * 24 * 3600
 
+# The deployment manifest (servicekit.layout): one JSON string with the shard
+# count, the region names and the contract version ("v" + CONTRACT_VERSION)
+# every service must share. One key, so one hash slot on a Redis Cluster.
+MANIFEST_KEY: Final = "deployment:manifest"
+
 # Contract additions (tracing): the W3C trace context of an order travels as
 # this MQTT 5 user property and as this field of its stream entry.
 TRACEPARENT_PROPERTY: Final = "traceparent"

@@ -158,6 +158,35 @@ def load_config(
     Raises:
         ConfigError: the merged settings do not fit ``cls``, or the file is bad.
     """
+    merged = _merged(cls, args, env)
+    try:
+        # strict=False lets "5" from a flag or variable become the int 5.
+        config = msgspec.convert(merged, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from exc
+    if config.production and (leaked := secret_flags_given(cls, args)):
+        raise ConfigError(secret_flags_error(leaked), "secret_in_argv")
+    return config.with_secret_files()
+
+
+def given_fields(
+    cls: type[ServiceConfig],
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+) -> frozenset[str]:
+    """The settings given explicitly (file, environment or flag), not left at their default.
+
+    Raises:
+        ConfigError: the TOML file is bad.
+    """
+    return frozenset(_merged(cls, args, env))
+
+
+def _merged(
+    cls: type[ServiceConfig],
+    args: argparse.Namespace | None,
+    env: Mapping[str, str] | None,
+) -> dict[str, Any]:
     env = os.environ if env is None else env
     flags = vars(args) if args is not None else {}
     names = [field.name for field in msgspec.structs.fields(cls)]
@@ -173,14 +202,7 @@ def load_config(
         }
     )
     merged.update({name: flags[name] for name in names if flags.get(name) is not None})
-    try:
-        # strict=False lets "5" from a flag or variable become the int 5.
-        config = msgspec.convert(merged, cls, strict=False)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(str(exc)) from exc
-    if config.production and (leaked := secret_flags_given(cls, args)):
-        raise ConfigError(secret_flags_error(leaked), "secret_in_argv")
-    return config.with_secret_files()
+    return merged
 
 
 def secret_flags_given(cls: type[ServiceConfig], args: argparse.Namespace | None) -> list[str]:

@@ -344,7 +344,7 @@ def test_services_warn_loudly_without_a_redis_password(
     finally:
         bridge.stop()
     assert "redis_url_without_password" in bridge.log_path.read_text()
-    config = PipelineConfig(redis_url=redis_url, mqtt_url=mqtt_url)
+    config = PipelineConfig(redis_url=redis_url, mqtt_url=mqtt_url, shards=4)  # the bridge's
     loaded = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "catalog", "load", str(DEMO_CATALOG)],
         env=env_for(config), capture_output=True, timeout=60, check=False,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from schemas.names import DEFAULT_SHARDS
+
 from ..report import summary_table, write_html
 from .sim import GeoOptions, GeoResult, run_geo
 from .stack import MAX_REGIONS, GeoSettings, GeoStack
@@ -47,7 +49,8 @@ def add_region_arguments(parser: argparse.ArgumentParser, *, load: bool) -> None
 
 
 def _settings(args: argparse.Namespace) -> GeoSettings:
-    return GeoSettings(regions=args.regions, shards=args.shards, workers=args.workers)
+    shards = DEFAULT_SHARDS if args.shards is None else args.shards  # a stack it starts
+    return GeoSettings(regions=args.regions, shards=shards, workers=args.workers)
 
 
 def run_geo_stack(args: argparse.Namespace) -> int:

@@ -6,10 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
+from pipeline.names import order_key
+from pipeline.reshard import set_shards
 from schemas import encode
-from schemas.names import DLQ_STREAM, orders_topic, stream_key
+from schemas.names import DLQ_STREAM, MANIFEST_KEY, orders_topic, seen_key, shard_of, stream_key
+from servicekit.layout import Manifest, agree
 from testrig.servers import MosquittoProcess
 from tests.bridge.conftest import BridgeProcess, Publisher
 from tests.helpers import make_order, wait_until_blocking
@@ -56,3 +60,25 @@ def test_ingest_on_a_redis_cluster(
     finally:
         publisher.close()
         cluster.close()
+
+
+async def test_layout_set_moves_markers_across_the_masters(redis_cluster: list[int]) -> None:
+    """The manifest's compare-and-set and `layout set` on a cluster: SCAN reaches every
+    master, and markers and records move between slots with their TTLs."""
+    client = AsyncRedisCluster(host="127.0.0.1", port=redis_cluster[0])
+    try:
+        agreed = await agree(client, service="t", where="cluster", shards=4, shards_given=True)
+        assert agreed.shards == 4
+        devices = [f"dev-k{index}" for index in range(40)]
+        for device in devices:
+            await client.set(seen_key(shard_of(device, 4), device, "o-1"), "d", ex=3600)
+            await client.hset(order_key(device, "o-1", 4), mapping={"status": "fulfilled"})
+        await set_shards(client, 8, settle_s=0)
+        for device in devices:
+            assert await client.get(seen_key(shard_of(device, 8), device, "o-1")) == b"d"
+            assert await client.hget(order_key(device, "o-1", 8), "status") == b"fulfilled"
+            if shard_of(device, 8) != shard_of(device, 4):
+                assert await client.exists(seen_key(shard_of(device, 4), device, "o-1")) == 0
+        assert Manifest.decode(await client.get(MANIFEST_KEY) or b"").shards == 8
+    finally:
+        await client.aclose()

@@ -288,7 +288,7 @@ def test_acl_hiding_appendfsync_is_unknown_unless_the_operator_vouches(
     broker = mosquitto_factory()
     with redis.Redis.from_url(server.url) as admin:
         admin.acl_setuser(
-            "bridge", enabled=True, passwords=["+pw"], keys=["orders:*"],
+            "bridge", enabled=True, passwords=["+pw"], keys=["orders:*", "deployment:*"],
             commands=["-@all", "+ping", "+evalsha", "+script|load", "+xadd", "+xtrim",
                       "+xinfo|groups", "+xpending", "+set", "+get", "+exists", "+wait", "+incr",
                       *(["+info"] if grant_info else [])],

@@ -176,6 +176,17 @@ def test_cli_refuses_process_faults_on_a_foreign_stack(stack: Stack) -> None:
     assert "needs a stack fleet-sim started itself" in done.stderr
 
 
+def test_cli_reads_the_stacks_shard_count_and_refuses_another(stack: Stack) -> None:
+    """Against an existing stack, --shards must be its manifest's: another is refused (exit 2)
+    before any device starts, since counting the wrong streams would report orders lost."""
+    done = _cli(
+        "--devices", "5", "--duration", "1", "--shards", "8", "--mqtt-url", stack.mqtt_url,
+        "--redis-url", stack.redis_url, "--no-live",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--shards 8 does not match this deployment's 4 shards" in done.stdout
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     fleet_sim = str(Path(sys.executable).parent / "fleet-sim")
     env = {**os.environ, "COLUMNS": "200"}
