@@ -3,20 +3,28 @@
 Exit codes: 0 done, 1 ``revoke`` named a device that was not enrolled,
 ``check`` found problems or ``rights`` found no accounts file, 2 refused (an
 invalid or reserved id, a broken accounts file, ``--client-certs`` without a
-CA key). Nothing here reaches the broker: restart it to apply an enrolment,
-a revocation or new rights.
+CA key, or ``--live`` and the broker refused or did not answer).
+
+Without ``--live`` nothing here reaches the broker: the accounts file is
+written for a broker that is stopped (bootstrap). With ``--live URL``,
+``devices``, ``revoke`` and ``service`` change the running broker through the
+dynamic-security control API as the ``admin`` account, and leave the accounts
+file to the broker, which saves it itself; ``rights`` stays offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from servicekit.urls import MqttUrl
 from servicekit.version import add_version_argument
 
 from .audit import audit
+from .control import Control, enrol_device, revoke_device, set_service
 from .pki import CertFiles
 from .provision import DEFAULT_INSTALL_DIR, ProvisionError, Registry
 
@@ -53,17 +61,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _add_devices(actions.add_parser("devices", help="enrol devices (new passwords, agent.toml)"))
 
     service = actions.add_parser(
-        "service", help="create or reset a service account (bridge, pipeline)"
+        "service", help="create or reset a service account (bridge, pipeline, admin)"
     )
     service.add_argument(
-        "name", help="the service account: bridge or pipeline; prints its new password once"
+        "name",
+        help="the service account: bridge, pipeline or admin (the --live account); prints "
+        "its new password once",
     )
+    _add_live(service)
     service.set_defaults(run=_service)
 
     revoke = actions.add_parser("revoke", help="remove devices' accounts and folders")
     revoke.add_argument(
         "device_ids", nargs="+", metavar="DEVICE_ID", help="ids of enrolled devices to remove"
     )
+    _add_live(revoke)
     revoke.set_defaults(run=_revoke)
 
     rights = actions.add_parser(
@@ -128,7 +140,37 @@ def _add_devices(devices: argparse.ArgumentParser) -> None:
         help="directory the device's files will be copied to; agent.toml names its "
         "certificates there (default %(default)s)",
     )
+    _add_live(devices)
     devices.set_defaults(run=_enrol)
+
+
+def _add_live(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--live",
+        metavar="URL",
+        help="apply the change to the running broker at URL (mqtt[s]://host:port) through its "
+        "dynamic-security control API, with no restart; the broker then owns and saves "
+        "dynamic-security.json (default: off, write the file for a stopped broker)",
+    )
+    parser.add_argument(
+        "--admin-password-file",
+        type=Path,
+        help="file holding the admin account's password (from `order-enrol service admin`); "
+        "required with --live",
+    )
+    parser.add_argument(
+        "--admin-ca-file",
+        type=Path,
+        help="PEM CA that signed the broker's certificate, for an mqtts:// --live URL "
+        "(default: the system trust store)",
+    )
+
+
+def _control(args: argparse.Namespace) -> Control:
+    if args.admin_password_file is None:
+        raise ProvisionError("--live needs --admin-password-file")
+    password = args.admin_password_file.read_text().strip()
+    return Control(MqttUrl.parse(args.live), password, ca_file=args.admin_ca_file)
 
 
 def _enrol(args: argparse.Namespace) -> int:
@@ -141,30 +183,61 @@ def _enrol(args: argparse.Namespace) -> int:
         ca = registry.dev_ca()
     elif args.ca_file:
         ca = CertFiles(args.ca_file, args.ca_file.with_suffix(".key"))
+    live = args.live is not None
+    control = _control(args) if live else None
     enrolled = registry.enrol(
         ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
-        install_dir=args.install_dir,
+        install_dir=args.install_dir, write_accounts=not live,
     )  # fmt: skip
     print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
-    print(f"broker accounts: {registry.accounts_path} (restart the broker to apply)")
+    if control is None:
+        print(
+            f"broker accounts: {registry.accounts_path} (for a stopped broker: start it to apply)"
+        )
+        return 0
+    with control:
+        for enrolment in enrolled:
+            enrol_device(control, enrolment.device_id, enrolment.password)
+    print(f"applied live to {control.url}: the devices may connect now")
     return 0
 
 
 def _service(args: argparse.Namespace) -> int:
-    password = Registry(args.registry).add_service(args.name)
+    registry = Registry(args.registry)
+    if args.live is None:
+        password = registry.add_service(args.name)
+    else:
+        password = registry.add_service(args.name, write_accounts=False)
+        with _control(args) as control:
+            set_service(control, args.name, password)
     print(f"{args.name} password (shown once): {password}")
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
-    revoked = registry.revoke(args.device_ids)
+    if args.live is None:
+        revoked = registry.revoke(args.device_ids)
+        print(f"revoked {len(revoked)} devices in {registry.accounts_path} (for a stopped broker)")
+    else:
+        revoked = _revoke_live(args, registry)
+        print(f"revoked {len(revoked)} devices live at {args.live}: their sessions are closed")
     unknown = sorted(set(args.device_ids) - set(revoked))
-    print(f"revoked {len(revoked)} devices; restart the broker to apply")
     if unknown:
         print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _revoke_live(args: argparse.Namespace, registry: Registry) -> list[str]:
+    """The broker says who was enrolled; every named device's folder goes."""
+    directories = {device_id: registry.device_dir(device_id) for device_id in args.device_ids}
+    with _control(args) as control:
+        revoked = [device_id for device_id in directories if revoke_device(control, device_id)]
+    for directory in directories.values():
+        if directory.is_dir() and not directory.is_symlink():
+            shutil.rmtree(directory)
+    return revoked
 
 
 def _rights(args: argparse.Namespace) -> int:

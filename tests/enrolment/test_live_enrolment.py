@@ -1,0 +1,213 @@
+"""Live enrolment, revocation and password rotation on a running Mosquitto with the plugin.
+
+``order-enrol … --live`` goes through the dynamic-security control API: no
+broker restart, the enrolled device connects at once, a revoked or rotated
+device's session ends at once, and nobody else is disconnected. The registry
+here is the broker's own config directory, as docker-compose.yml mounts it, so
+the accounts file the plugin saves is the one ``order-enrol check`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from enrolment.audit import audit
+from enrolment.cli import main
+from enrolment.control import Control, ControlError, enrol_device, revoke_device
+from enrolment.dynsec import CONTROL_TOPIC, Accounts, device_client_id
+from enrolment.provision import Registry
+from schemas.names import orders_topic
+from servicekit.urls import MqttUrl
+from testrig.servers import MosquittoProcess
+
+from ..fleet.mqtt_probe import Probe
+from .conftest import (
+    PASSWORDS,
+    SecureBroker,
+    bulk_device,
+    probe,
+    start_secure_broker,
+    write_accounts,
+)
+
+LIVE_S = 1.0  # the issue's bound: a change takes effect within a second
+BAD_CREDENTIALS = (134, 135)  # bad user name or password / not authorized
+SLOW = os.environ.get("ENROL_SLOW") == "1"
+
+
+def _live_args(broker: SecureBroker, tmp_path: Path) -> list[str]:
+    secret = tmp_path / "admin.secret"
+    secret.write_text(PASSWORDS["admin"] + "\n")
+    return [
+        "--live", f"mqtts://127.0.0.1:{broker.server.port}",
+        "--admin-password-file", str(secret),
+        "--admin-ca-file", str(broker.ca.cert),
+    ]  # fmt: skip
+
+
+def _enrol(broker: SecureBroker, tmp_path: Path, device_id: str) -> str:
+    """Enrol ``device_id`` live with the CLI; return the password its agent.toml holds."""
+    registry = str(broker.conf_dir)
+    url = f"mqtts://127.0.0.1:{broker.server.port}"
+    argv = ["--registry", registry, "devices", device_id, "--broker", url]
+    assert main([*argv, *_live_args(broker, tmp_path)]) == 0
+    config = tomllib.loads((broker.conf_dir / "devices" / device_id / "agent.toml").read_text())
+    password = MqttUrl.parse(config["mqtt_url"]).password
+    assert password is not None
+    return password
+
+
+def _device(broker: SecureBroker, device_id: str, password: str) -> Probe:
+    return Probe(
+        broker.server.port, device_id, password,
+        ca_file=broker.ca.cert, client_id=device_client_id(device_id),
+    )  # fmt: skip
+
+
+def _seconds_until(condition: Callable[[], bool], start: float, give_up_s: float = 10.0) -> float:
+    """Seconds from ``start`` until ``condition()`` held (``give_up_s`` or more if it never did)."""
+    while not condition() and time.monotonic() - start < give_up_s:
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_live_enrolment_connects_at_once_without_restart(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    """A device enrolled live connects within 1 s; the broker never restarts; kiosk-a stays."""
+    pid = secure_broker.server.pid
+    with probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as onlooker:
+        password = _enrol(secure_broker, tmp_path, "till-9")
+        start = time.monotonic()
+        with _device(secure_broker, "till-9", password) as device:
+            took = time.monotonic() - start
+            assert device.connack is not None
+            assert device.connack.value == 0
+            assert device.publish(orders_topic("till-9"), b"own") < 128  # 16: no subscriber
+            assert device.publish(orders_topic("kiosk-a"), b"spoof") == 135  # its role holds
+        assert not onlooker.disconnected.is_set()
+    assert took < LIVE_S
+    assert secure_broker.server.pid == pid
+    assert secure_broker.server.running
+    # The plugin saved the account into the registry's file itself, and it audits clean.
+    assert "till-9" in Accounts.load(secure_broker.conf_dir / "dynamic-security.json").clients
+    findings = audit(Registry(secure_broker.conf_dir))
+    # Only kiosk-a and kiosk-b lack folders here; every role the broker saved matches the policy.
+    assert sorted(f.problem for f in findings) == [
+        "account 'kiosk-a' has no folder",
+        "account 'kiosk-b' has no folder",
+    ]
+
+
+def test_live_revocation_ends_the_session_and_refuses_reconnect(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    """Revoking kiosk-a live closes its session within 1 s; it cannot come back; kiosk-b stays."""
+    registry = ["--registry", str(secure_broker.conf_dir)]
+    with (
+        probe(secure_broker, "kiosk-b", PASSWORDS["kiosk-b"]) as onlooker,
+        probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as victim,
+    ):
+        assert victim.connack is not None
+        assert victim.connack.value == 0
+        start = time.monotonic()
+        assert main([*registry, "revoke", "kiosk-a", *_live_args(secure_broker, tmp_path)]) == 0
+        assert victim.disconnected.wait(LIVE_S * 5)
+        ended_s = time.monotonic() - start
+        assert not onlooker.disconnected.is_set()
+    assert ended_s < LIVE_S
+    with probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as again:
+        assert again.connack is not None
+        assert again.connack.value in BAD_CREDENTIALS
+    saved = Accounts.load(secure_broker.conf_dir / "dynamic-security.json")
+    assert "kiosk-a" not in saved.clients
+    assert "device:kiosk-a" not in saved.roles
+    # A second revocation finds nothing: exit 1, as offline.
+    assert main([*registry, "revoke", "kiosk-a", *_live_args(secure_broker, tmp_path)]) == 1
+
+
+def test_live_password_rotation(secure_broker: SecureBroker, tmp_path: Path) -> None:
+    """Re-enrolling kiosk-a live ends its old session at once; the old password is refused."""
+    with (
+        probe(secure_broker, "kiosk-b", PASSWORDS["kiosk-b"]) as onlooker,
+        probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as old,
+    ):
+        start = time.monotonic()
+        new_password = _enrol(secure_broker, tmp_path, "kiosk-a")
+        assert old.disconnected.wait(LIVE_S * 5)
+        ended_s = time.monotonic() - start
+        assert not onlooker.disconnected.is_set()
+    assert ended_s < LIVE_S
+    assert new_password != PASSWORDS["kiosk-a"]
+    with probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as stale:
+        assert stale.connack is not None
+        assert stale.connack.value in BAD_CREDENTIALS
+    with _device(secure_broker, "kiosk-a", new_password) as fresh:
+        assert fresh.connack is not None
+        assert fresh.connack.value == 0
+
+
+def test_only_the_admin_account_may_use_the_control_topic(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    """A device's command is refused (135) and not applied; a wrong admin password is refused."""
+    command = b'{"commands":[{"command":"deleteClient","username":"kiosk-b"}]}'
+    with probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as device:
+        assert device.publish(CONTROL_TOPIC, command) == 135
+    with probe(secure_broker, "bridge", PASSWORDS["bridge"], "bridge-1") as bridge:
+        assert bridge.publish(CONTROL_TOPIC, command) == 135
+    with probe(secure_broker, "kiosk-b", PASSWORDS["kiosk-b"]) as kept:
+        assert kept.connack is not None
+        assert kept.connack.value == 0
+    url = MqttUrl.parse(f"mqtts://127.0.0.1:{secure_broker.server.port}")
+    with pytest.raises(ControlError) as refused:
+        Control(url, "wrong", ca_file=secure_broker.ca.cert).__enter__()
+    assert refused.value.command == "connect"
+
+
+@pytest.mark.timeout(900 if SLOW else 120)
+def test_enrolments_and_revocations_at_scale_disconnect_nobody_else(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoProcess]
+) -> None:
+    """Enrolled accounts plus 100 live enrolments and 100 revocations: 0 unexpected disconnects.
+
+    Default form: 1,000 accounts, 100 connected; ENROL_SLOW=1: 10,000 and 1,000.
+    Ten of the revoked devices are connected: exactly those ten are disconnected.
+    """
+    accounts, connected = (10_000, 1_000) if SLOW else (1_000, 100)
+    broker = start_secure_broker(
+        tmp_path / "conf", mosquitto_factory, lambda d: write_accounts(d, accounts)
+    )
+    ids = [bulk_device(i) for i in range(connected)]
+    online = [_device(broker, device_id, "pw") for device_id in ids]
+    for device in online:
+        device.__enter__()
+    try:
+        assert all(d.connack is not None and d.connack.value == 0 for d in online)
+        revoked_online = {bulk_device(i) for i in range(10)}
+        revoked = sorted(revoked_online | {bulk_device(accounts - 1 - i) for i in range(90)})
+        url = MqttUrl.parse(f"mqtts://127.0.0.1:{broker.server.port}")
+        with Control(url, PASSWORDS["admin"], ca_file=broker.ca.cert) as control:
+            for i in range(100):
+                assert enrol_device(control, f"new-{i:03d}", f"pw-{i}")
+            for device_id in revoked:
+                assert revoke_device(control, device_id)
+            start = time.monotonic()
+        ended_s = _seconds_until(lambda: all(d.disconnected.is_set() for d in online[:10]), start)
+        assert ended_s < LIVE_S
+        dropped = {i for i, d in zip(ids, online, strict=True) if d.disconnected.is_set()}
+        assert dropped == revoked_online
+        with _device(broker, "new-042", "pw-42") as newcomer:
+            assert newcomer.connack is not None
+            assert newcomer.connack.value == 0
+    finally:
+        for device in online:
+            device.__exit__(None, None, None)
+    saved = Accounts.load(broker.conf_dir / "dynamic-security.json")
+    assert len(saved.devices()) == accounts + len(["kiosk-a", "kiosk-b"]) + 100 - 100
