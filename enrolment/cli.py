@@ -5,17 +5,18 @@ Exit codes: 0 done, 1 ``revoke`` named a device that was not enrolled,
 invalid or reserved id, a broken accounts file, ``--client-certs`` without a
 CA key, or ``--live`` and the broker refused or did not answer).
 
-Without ``--live`` nothing here reaches the broker: the accounts file is
-written for a broker that is stopped (bootstrap). With ``--live URL``,
-``devices``, ``revoke`` and ``service`` change the running broker through the
-dynamic-security control API as the ``admin`` account, and leave the accounts
-file to the broker, which saves it itself; ``rights`` stays offline.
+Two accounts files, one writer each: ``registry/dynamic-security.json`` is
+this tool's, the broker's copy is the plugin's (it saves it after every live
+change). Every command writes the registry's file. With ``--live URL``,
+``devices``, ``revoke`` and ``service`` also change the running broker through
+the dynamic-security control API as the ``admin`` account, at once and without
+a restart. Without it nothing reaches the broker: the registry's file is
+copied to a stopped broker (bootstrap). ``rights`` is offline only.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,9 +149,9 @@ def _add_live(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--live",
         metavar="URL",
-        help="apply the change to the running broker at URL (mqtt[s]://host:port) through its "
-        "dynamic-security control API, with no restart; the broker then owns and saves "
-        "dynamic-security.json (default: off, write the file for a stopped broker)",
+        help="also apply the change to the running broker at URL (mqtt[s]://host:port) "
+        "through its dynamic-security control API, at once, with no restart (default: off, "
+        "only the registry's dynamic-security.json changes)",
     )
     parser.add_argument(
         "--admin-password-file",
@@ -166,7 +167,9 @@ def _add_live(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _control(args: argparse.Namespace) -> Control:
+def _control(args: argparse.Namespace) -> Control | None:
+    if args.live is None:
+        return None
     if args.admin_password_file is None:
         raise ProvisionError("--live needs --admin-password-file")
     password = args.admin_password_file.read_text().strip()
@@ -183,17 +186,14 @@ def _enrol(args: argparse.Namespace) -> int:
         ca = registry.dev_ca()
     elif args.ca_file:
         ca = CertFiles(args.ca_file, args.ca_file.with_suffix(".key"))
-    live = args.live is not None
-    control = _control(args) if live else None
+    control = _control(args)
     enrolled = registry.enrol(
         ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
-        install_dir=args.install_dir, write_accounts=not live,
+        install_dir=args.install_dir,
     )  # fmt: skip
     print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
     if control is None:
-        print(
-            f"broker accounts: {registry.accounts_path} (for a stopped broker: start it to apply)"
-        )
+        print(f"broker accounts: {registry.accounts_path} (copy it to a stopped broker)")
         return 0
     with control:
         for enrolment in enrolled:
@@ -203,12 +203,10 @@ def _enrol(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace) -> int:
-    registry = Registry(args.registry)
-    if args.live is None:
-        password = registry.add_service(args.name)
-    else:
-        password = registry.add_service(args.name, write_accounts=False)
-        with _control(args) as control:
+    control = _control(args)
+    password = Registry(args.registry).add_service(args.name)
+    if control is not None:
+        with control:
             set_service(control, args.name, password)
     print(f"{args.name} password (shown once): {password}")
     return 0
@@ -216,28 +214,21 @@ def _service(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
-    if args.live is None:
-        revoked = registry.revoke(args.device_ids)
-        print(f"revoked {len(revoked)} devices in {registry.accounts_path} (for a stopped broker)")
-    else:
-        revoked = _revoke_live(args, registry)
-        print(f"revoked {len(revoked)} devices live at {args.live}: their sessions are closed")
-    unknown = sorted(set(args.device_ids) - set(revoked))
+    control = _control(args)
+    live: list[str] = []
+    if control is not None:
+        for device_id in args.device_ids:
+            registry.device_dir(device_id)  # refuse a bad id before the broker hears of it
+        with control:
+            live = [device_id for device_id in args.device_ids if revoke_device(control, device_id)]
+        print(f"revoked {len(live)} devices live at {control.url}: their sessions are closed")
+    revoked = registry.revoke(args.device_ids)
+    print(f"revoked {len(revoked)} devices in {registry.accounts_path}")
+    unknown = sorted(set(args.device_ids) - set(revoked) - set(live))
     if unknown:
         print(f"not enrolled: {', '.join(unknown)}", file=sys.stderr)
         return 1
     return 0
-
-
-def _revoke_live(args: argparse.Namespace, registry: Registry) -> list[str]:
-    """The broker says who was enrolled; every named device's folder goes."""
-    directories = {device_id: registry.device_dir(device_id) for device_id in args.device_ids}
-    with _control(args) as control:
-        revoked = [device_id for device_id in directories if revoke_device(control, device_id)]
-    for directory in directories.values():
-        if directory.is_dir() and not directory.is_symlink():
-            shutil.rmtree(directory)
-    return revoked
 
 
 def _rights(args: argparse.Namespace) -> int:
@@ -246,7 +237,8 @@ def _rights(args: argparse.Namespace) -> int:
         print(f"no accounts in {registry.root}", file=sys.stderr)
         return 1
     count = registry.refresh_rights()
-    print(f"rights of {count} accounts rewritten; restart the broker to apply")
+    print(f"rights of {count} accounts rewritten in {registry.accounts_path}")
+    print("copy it to the broker while the broker is stopped, then start it, to apply")
     return 0
 
 

@@ -103,12 +103,8 @@ class Registry:
         ca: CertFiles | None = None,
         client_certs: bool = False,
         install_dir: Path = DEFAULT_INSTALL_DIR,
-        write_accounts: bool = True,
     ) -> list[Enrolment]:
         """Create credentials (new passwords, also for re-enrolled devices) and configs.
-
-        ``write_accounts`` False leaves the accounts file alone: a live
-        enrolment (``enrolment.control``) gives the broker the accounts.
 
         Raises:
             ProvisionError: an id is invalid or reserved (nothing is written
@@ -130,21 +126,15 @@ class Registry:
                 client_certs=client_certs, install_dir=install_dir,
             )  # fmt: skip
             enrolled.append(Enrolment(device_id, directory, password))
-        if write_accounts:
-            accounts.save(self.accounts_path)
+        accounts.save(self.accounts_path)
         return enrolled
 
-    def add_service(self, name: str, *, write_accounts: bool = True) -> str:
-        """Create (or reset) a service account's password and return it.
-
-        ``write_accounts`` False only checks the name and makes the password.
-        """
+    def add_service(self, name: str) -> str:
+        """Create (or reset) a service account's password and return it."""
         if name not in SERVICE_ACCOUNTS:
             raise ProvisionError(f"service accounts are {list(SERVICE_ACCOUNTS)}, not {name!r}")
         accounts = self._accounts()
         password = secrets.token_urlsafe(24)
-        if not write_accounts:
-            return password
         accounts.set_service(name, password)
         self.root.mkdir(parents=True, exist_ok=True)
         accounts.save(self.accounts_path)

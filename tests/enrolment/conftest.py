@@ -57,7 +57,8 @@ def secure_config(directory: Path, port: int) -> str:
     text = text.replace(
         "plugin /usr/lib/mosquitto_dynamic_security.so", f"plugin {dynsec_plugin()}"
     )
-    for mounted in ("/mosquitto/config/", "/mosquitto/certs/", "/mosquitto/data/"):
+    mounts = ("/mosquitto/config/", "/mosquitto/accounts/", "/mosquitto/certs/", "/mosquitto/data/")
+    for mounted in mounts:
         text = text.replace(mounted, f"{directory}/")
     return text.replace("listener 8883", f"listener {port} 127.0.0.1")
 

@@ -2,9 +2,9 @@
 
 ``order-enrol … --live`` goes through the dynamic-security control API: no
 broker restart, the enrolled device connects at once, a revoked or rotated
-device's session ends at once, and nobody else is disconnected. The registry
-here is the broker's own config directory, as docker-compose.yml mounts it, so
-the accounts file the plugin saves is the one ``order-enrol check`` reads.
+device's session ends at once, and nobody else is disconnected. The registry's
+accounts file and the broker's copy (which the plugin saves) are two files with
+one writer each, and they agree afterwards.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import pytest
 from enrolment.audit import audit
 from enrolment.cli import main
 from enrolment.control import Control, ControlError, enrol_device, revoke_device
-from enrolment.dynsec import CONTROL_TOPIC, Accounts, device_client_id
+from enrolment.dynsec import (
+    CONTROL_TOPIC,
+    Accounts,
+    device_client_id,
+    service_roles,
+    verify_password,
+)
 from enrolment.provision import Registry
 from schemas.names import orders_topic
 from servicekit.urls import MqttUrl
@@ -53,11 +59,11 @@ def _live_args(broker: SecureBroker, tmp_path: Path) -> list[str]:
 
 def _enrol(broker: SecureBroker, tmp_path: Path, device_id: str) -> str:
     """Enrol ``device_id`` live with the CLI; return the password its agent.toml holds."""
-    registry = str(broker.conf_dir)
+    registry = str(tmp_path / "registry")
     url = f"mqtts://127.0.0.1:{broker.server.port}"
     argv = ["--registry", registry, "devices", device_id, "--broker", url]
     assert main([*argv, *_live_args(broker, tmp_path)]) == 0
-    config = tomllib.loads((broker.conf_dir / "devices" / device_id / "agent.toml").read_text())
+    config = tomllib.loads((tmp_path / "registry/devices" / device_id / "agent.toml").read_text())
     password = MqttUrl.parse(config["mqtt_url"]).password
     assert password is not None
     return password
@@ -95,21 +101,23 @@ def test_live_enrolment_connects_at_once_without_restart(
     assert took < LIVE_S
     assert secure_broker.server.pid == pid
     assert secure_broker.server.running
-    # The plugin saved the account into the registry's file itself, and it audits clean.
-    assert "till-9" in Accounts.load(secure_broker.conf_dir / "dynamic-security.json").clients
-    findings = audit(Registry(secure_broker.conf_dir))
-    # Only kiosk-a and kiosk-b lack folders here; every role the broker saved matches the policy.
-    assert sorted(f.problem for f in findings) == [
-        "account 'kiosk-a' has no folder",
-        "account 'kiosk-b' has no folder",
-    ]
+    # The plugin saved the account into its own file; it agrees with the registry's.
+    broker_copy = Accounts.load(secure_broker.conf_dir / "dynamic-security.json")
+    registry = Registry(tmp_path / "registry")
+    mine = Accounts.load(registry.accounts_path)
+    assert verify_password(broker_copy.clients["till-9"], password)
+    assert verify_password(mine.clients["till-9"], password)
+    assert broker_copy.clients["till-9"].clientid == mine.clients["till-9"].clientid
+    assert broker_copy.roles["device:till-9"] == mine.roles["device:till-9"]
+    assert broker_copy.roles["admin"] == service_roles()["admin"]  # plugin order = policy order
+    assert audit(registry) == []
 
 
 def test_live_revocation_ends_the_session_and_refuses_reconnect(
     secure_broker: SecureBroker, tmp_path: Path
 ) -> None:
     """Revoking kiosk-a live closes its session within 1 s; it cannot come back; kiosk-b stays."""
-    registry = ["--registry", str(secure_broker.conf_dir)]
+    registry = ["--registry", str(tmp_path / "registry")]
     with (
         probe(secure_broker, "kiosk-b", PASSWORDS["kiosk-b"]) as onlooker,
         probe(secure_broker, "kiosk-a", PASSWORDS["kiosk-a"]) as victim,
