@@ -51,6 +51,7 @@ TIMEOUT_S: Final = (
 )
 EXISTS: Final = ("Client already exists", "Role already exists")
 NOT_FOUND: Final = ("Client not found", "Role not found")
+SESSION_CLOSED: Final = "the broker closed the session before it answered"
 
 Command = Mapping[str, object]
 
@@ -92,7 +93,10 @@ class Control:
         timeout_s: float = TIMEOUT_S,
     ) -> None:
         self.url = url
+        self.username = username
+        self.ca_file = ca_file
         self.timeout_s = timeout_s
+        self._gone = False
         self._answers: dict[str, Response] = {}
         self._lock = threading.Condition()
         self._connack: ReasonCode | None = None
@@ -109,6 +113,7 @@ class Control:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
 
     def __enter__(self) -> Self:
         try:
@@ -135,7 +140,8 @@ class Control:
         """Send ``commands`` in one message; return the answers in the same order.
 
         Raises:
-            ControlError: the broker did not answer every command in time.
+            ControlError: the broker did not answer every command in time, or
+                closed the session first (:data:`SESSION_CLOSED`).
         """
         ids = [secrets.token_hex(8) for _ in commands]
         body = [
@@ -143,9 +149,12 @@ class Control:
         ]
         self._client.publish(CONTROL_TOPIC, msgspec.json.encode({"commands": body}), qos=1)
         with self._lock:
-            done = self._lock.wait_for(lambda: all(i in self._answers for i in ids), self.timeout_s)
-            if not done:
-                raise ControlError(str(commands[0].get("command")), "no answer from the broker")
+            self._lock.wait_for(
+                lambda: self._gone or all(i in self._answers for i in ids), self.timeout_s
+            )
+            if not all(i in self._answers for i in ids):
+                error = SESSION_CLOSED if self._gone else "no answer from the broker"
+                raise ControlError(str(commands[0].get("command")), error)
             return [self._answers.pop(i) for i in ids]
 
     def _handshake(self) -> None:
@@ -170,6 +179,13 @@ class Control:
     ) -> None:
         with self._lock:
             self._connack = rc
+            self._lock.notify_all()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, _rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        with self._lock:
+            self._gone = True
             self._lock.notify_all()
 
     def _on_subscribe(
@@ -209,6 +225,9 @@ def set_account(
 
     An existing account's live session ends (the plugin's rule on a new
     password); its role is left as it is (``order-enrol rights`` is offline).
+    That includes the admin session itself when it resets its own password:
+    the plugin closes it before the answer leaves, so a new session with the
+    new password is the proof.
     """
     client: dict[str, object] = {
         "command": "createClient",
@@ -222,7 +241,13 @@ def set_account(
     if created.error is None:
         return True
     rotate = {"command": "setClientPassword", "username": username, "password": password}
-    _check(control.run([rotate]))
+    try:
+        _check(control.run([rotate]))
+    except ControlError as exc:
+        if username != control.username or exc.error != SESSION_CLOSED:
+            raise
+        with Control(control.url, password, ca_file=control.ca_file, username=username):
+            pass
     return False
 
 

@@ -219,3 +219,31 @@ def test_enrolments_and_revocations_at_scale_disconnect_nobody_else(
             device.__exit__(None, None, None)
     saved = Accounts.load(broker.conf_dir / "dynamic-security.json")
     assert len(saved.devices()) == accounts + len(["kiosk-a", "kiosk-b"]) + 100 - 100
+
+
+def test_live_service_password_reset(
+    secure_broker: SecureBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`service bridge --live` ends the bridge's session; the printed password is the new one."""
+    registry = ["--registry", str(tmp_path / "registry")]
+    with probe(secure_broker, "bridge", PASSWORDS["bridge"], "bridge-1") as bridge:
+        assert main([*registry, "service", "bridge", *_live_args(secure_broker, tmp_path)]) == 0
+        assert bridge.disconnected.wait(LIVE_S * 5)
+    saved = Accounts.load(secure_broker.conf_dir / "dynamic-security.json")
+    assert not verify_password(saved.clients["bridge"], PASSWORDS["bridge"])
+    printed = capsys.readouterr().out.split("(shown once): ")[1].split()[0]
+    assert verify_password(saved.clients["bridge"], printed)
+    mine = Accounts.load(tmp_path / "registry/dynamic-security.json")
+    assert saved.roles["bridge"] == mine.roles["bridge"] == service_roles()["bridge"]
+
+
+def test_live_admin_password_reset(
+    secure_broker: SecureBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`service admin --live` resets the very account it acts as; the new password works."""
+    registry = ["--registry", str(tmp_path / "registry")]
+    assert main([*registry, "service", "admin", *_live_args(secure_broker, tmp_path)]) == 0
+    printed = capsys.readouterr().out.split("(shown once): ")[1].split()[0]
+    url = MqttUrl.parse(f"mqtts://127.0.0.1:{secure_broker.server.port}")
+    with Control(url, printed, ca_file=secure_broker.ca.cert) as control:
+        assert enrol_device(control, "after-reset", "pw")
