@@ -75,8 +75,12 @@ def start_secure_broker(
     conf_dir: Path,
     mosquitto_factory: Callable[..., MosquittoProcess],
     accounts: Callable[[Path], None],
+    extra_conf: str = "",
 ) -> SecureBroker:
-    """Certificates, the accounts ``accounts(conf_dir)`` writes, and a broker on them."""
+    """Certificates, the accounts ``accounts(conf_dir)`` writes, and a broker on them.
+
+    ``extra_conf`` is appended to the config (another listener, say).
+    """
     ca = create_ca(conf_dir)
     server_cert = issue_cert(ca, conf_dir, "localhost", server=True)
     server_cert.cert.rename(conf_dir / "server.crt")
@@ -84,7 +88,9 @@ def start_secure_broker(
     accounts(conf_dir)
     port = free_port()
     return SecureBroker(
-        mosquitto_factory(port=port, config=secure_config(conf_dir, port)), ca, conf_dir
+        mosquitto_factory(port=port, config=secure_config(conf_dir, port) + extra_conf),
+        ca,
+        conf_dir,
     )
 
 
