@@ -30,7 +30,7 @@ from enrolment.dynsec import (
 from enrolment.provision import Registry
 from schemas.names import orders_topic
 from servicekit.urls import MqttUrl
-from testrig.servers import MosquittoProcess, free_port
+from testrig.servers import MosquittoProcess, free_port, port_is_open
 
 from ..fleet.mqtt_probe import Probe
 from .conftest import (
@@ -196,6 +196,9 @@ def test_enrolments_and_revocations_at_scale_disconnect_nobody_else(
     revoked_online = set(ids[:10])
     revoked = sorted(revoked_online | {bulk_device(accounts - 1 - i) for i in range(90)})
     url = MqttUrl.parse(f"mqtts://127.0.0.1:{broker.server.port}")
+    deadline = time.monotonic() + 10  # the TLS port opened first; this one follows
+    while not port_is_open(plain_port) and time.monotonic() < deadline:
+        time.sleep(0.02)
     with IdleDevices(plain_port) as devices:
         for device_id in ids:
             assert devices.connect(device_id, device_client_id(device_id), "pw") == 0
