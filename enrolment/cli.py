@@ -17,6 +17,7 @@ copied to a stopped broker (bootstrap). ``rights`` is offline only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,15 +188,15 @@ def _enrol(args: argparse.Namespace) -> int:
     elif args.ca_file:
         ca = CertFiles(args.ca_file, args.ca_file.with_suffix(".key"))
     control = _control(args)
-    enrolled = registry.enrol(
-        ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
-        install_dir=args.install_dir,
-    )  # fmt: skip
-    print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
-    if control is None:
-        print(f"broker accounts: {registry.accounts_path} (copy it to a stopped broker)")
-        return 0
-    with control:
+    with control or contextlib.nullcontext():  # an unreachable broker stops us before writing
+        enrolled = registry.enrol(
+            ids, broker_url=args.broker, ca=ca, client_certs=args.client_certs,
+            install_dir=args.install_dir,
+        )  # fmt: skip
+        print(f"enrolled {len(enrolled)} devices into {registry.devices_dir}")
+        if control is None:
+            print(f"broker accounts: {registry.accounts_path} (copy it to a stopped broker)")
+            return 0
         for enrolment in enrolled:
             enrol_device(control, enrolment.device_id, enrolment.password)
     print(f"applied live to {control.url}: the devices may connect now")
@@ -204,9 +205,9 @@ def _enrol(args: argparse.Namespace) -> int:
 
 def _service(args: argparse.Namespace) -> int:
     control = _control(args)
-    password = Registry(args.registry).add_service(args.name)
-    if control is not None:
-        with control:
+    with control or contextlib.nullcontext():
+        password = Registry(args.registry).add_service(args.name)
+        if control is not None:
             set_service(control, args.name, password)
     print(f"{args.name} password (shown once): {password}")
     return 0

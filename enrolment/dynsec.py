@@ -254,7 +254,8 @@ class Accounts:
         if not path.exists():
             return cls()
         data = msgspec.json.decode(path.read_bytes(), type=DynsecFile)
-        return cls(data.clients, data.roles)
+        # Files written before the policy followed the plugin's order compare by content.
+        return cls(data.clients, map(canonical, data.roles))
 
     def set_device(self, device_id: str, password: str) -> None:
         """Add or reset a device account and its role."""

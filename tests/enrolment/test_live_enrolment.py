@@ -9,6 +9,7 @@ one writer each, and they agree afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import tomllib
@@ -24,6 +25,7 @@ from enrolment.dynsec import (
     CONTROL_TOPIC,
     Accounts,
     device_client_id,
+    device_role,
     service_roles,
     verify_password,
 )
@@ -243,3 +245,34 @@ def test_live_admin_password_reset(
     url = MqttUrl.parse(f"mqtts://127.0.0.1:{secure_broker.server.port}")
     with Control(url, printed, ca_file=secure_broker.ca.cert) as control:
         assert enrol_device(control, "after-reset", "pw")
+
+
+def test_live_refuses_before_writing_without_a_password_or_a_broker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No admin password file, or no broker at the URL: exit 2 and the registry is not made."""
+    registry = tmp_path / "registry"
+    secret = tmp_path / "admin.secret"
+    secret.write_text("pw\n")
+    base = ["--registry", str(registry), "devices", "kiosk-1", "--broker", "mqtt://h:1883"]
+    live = ["--live", f"mqtt://127.0.0.1:{free_port()}"]
+    assert main([*base, *live]) == 2
+    assert "--live needs --admin-password-file" in capsys.readouterr().err
+    assert main([*base, *live, "--admin-password-file", str(secret)]) == 2
+    assert "broker control: connect" in capsys.readouterr().err
+    assert not registry.exists()
+
+
+def test_roles_saved_in_another_rule_order_audit_clean(tmp_path: Path) -> None:
+    """A registry written before the policy followed the plugin's order is not 'rights differ'."""
+    registry = Registry(tmp_path / "registry")
+    argv = ["--registry", str(registry.root), "devices", "kiosk-1", "--broker", "mqtt://h:1883"]
+    assert main(argv) == 0
+    data = json.loads(registry.accounts_path.read_text())
+    (role,) = (r for r in data["roles"] if r["rolename"] == "device:kiosk-1")
+    role["acls"].sort(key=lambda acl: acl["acltype"] != "subscribePattern")  # as 0.1.0 wrote
+    registry.accounts_path.write_text(json.dumps(data))
+    policy = [(a.acltype, a.topic) for a in device_role("kiosk-1").acls]
+    assert [(a["acltype"], a["topic"]) for a in role["acls"]] != policy  # the old order
+    assert Accounts.load(registry.accounts_path).roles["device:kiosk-1"] == device_role("kiosk-1")
+    assert audit(registry) == []
