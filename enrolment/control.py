@@ -19,18 +19,17 @@ answer raise it too, with ``command`` set to ``connect`` or the command.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-import threading
+import socket
+import struct
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 import msgspec
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from servicekit.urls import MqttUrl
 
@@ -81,7 +80,13 @@ _decode = msgspec.json.Decoder(_Responses).decode
 
 
 class Control:
-    """One admin session on the broker's control topic (a context manager, not re-entrant)."""
+    """One admin session on the broker's control topic (a context manager, not re-entrant).
+
+    A small blocking MQTT 5 client of its own (CONNECT, SUBSCRIBE, QoS 0
+    PUBLISH both ways) rather than paho: ``order-enrol`` installs without a
+    broker client (``pip install .[enrol]``), and one request at a time needs
+    no background thread.
+    """
 
     def __init__(
         self,
@@ -96,31 +101,21 @@ class Control:
         self.username = username
         self.ca_file = ca_file
         self.timeout_s = timeout_s
-        self._gone = False
+        self._password = password
+        self._sock: socket.socket | None = None
         self._answers: dict[str, Response] = {}
-        self._lock = threading.Condition()
-        self._connack: ReasonCode | None = None
-        self._suback: list[ReasonCode] = []
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"order-enrol-{secrets.token_hex(4)}",
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.username_pw_set(username, password)
-        context = url.ssl_context(str(ca_file) if ca_file else "")
-        if context is not None:
-            self._client.tls_set_context(context)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._client.on_disconnect = self._on_disconnect
 
     def __enter__(self) -> Self:
+        if self._sock is not None:
+            raise RuntimeError("Control is not re-entrant")
         try:
-            self._client.connect(self.url.host, self.url.port)
+            sock = socket.create_connection((self.url.host, self.url.port), self.timeout_s)
+            context = self.url.ssl_context(str(self.ca_file) if self.ca_file else "")
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=self.url.host)
         except OSError as exc:
             raise ControlError("connect", f"{self.url}: {exc}") from exc
-        self._client.loop_start()
+        self._sock = sock
         try:
             self._handshake()
         except BaseException:
@@ -147,62 +142,140 @@ class Control:
         body = [
             {**command, "correlationData": cid} for command, cid in zip(commands, ids, strict=True)
         ]
-        self._client.publish(CONTROL_TOPIC, msgspec.json.encode({"commands": body}), qos=1)
-        with self._lock:
-            self._lock.wait_for(
-                lambda: self._gone or all(i in self._answers for i in ids), self.timeout_s
-            )
-            if not all(i in self._answers for i in ids):
-                error = SESSION_CLOSED if self._gone else "no answer from the broker"
-                raise ControlError(str(commands[0].get("command")), error)
-            return [self._answers.pop(i) for i in ids]
+        name = str(commands[0].get("command"))
+        self._send(_publish(CONTROL_TOPIC, msgspec.json.encode({"commands": body})))
+        deadline = time.monotonic() + self.timeout_s
+        while not all(i in self._answers for i in ids):
+            if time.monotonic() > deadline:
+                raise ControlError(name, "no answer from the broker")
+            try:
+                packet_type, data = self._read(deadline)
+            except (OSError, ConnectionError) as exc:
+                raise ControlError(name, SESSION_CLOSED) from exc
+            if packet_type == PUBLISH:
+                self._take_answers(data)
+            elif packet_type == DISCONNECT:
+                raise ControlError(name, SESSION_CLOSED)
+        return [self._answers.pop(i) for i in ids]
 
     def _handshake(self) -> None:
-        with self._lock:
-            if not self._lock.wait_for(lambda: self._connack is not None, self.timeout_s):
-                raise ControlError("connect", f"{self.url}: no CONNACK")
-            if self._connack is not None and self._connack.is_failure:
-                raise ControlError("connect", f"{self.url}: {self._connack}")
-        self._client.subscribe(CONTROL_RESPONSE_TOPIC, qos=1)
-        with self._lock:
-            if not self._lock.wait_for(lambda: bool(self._suback), self.timeout_s):
-                raise ControlError("subscribe", "no SUBACK")
-            if self._suback[0].is_failure:
-                raise ControlError("subscribe", f"{CONTROL_RESPONSE_TOPIC}: {self._suback[0]}")
+        deadline = time.monotonic() + self.timeout_s
+        self._send(_connect(f"order-enrol-{secrets.token_hex(4)}", self.username, self._password))
+        packet_type, data = self._read(deadline)
+        if packet_type != CONNACK or len(data) < 2 or data[1] != 0:
+            code = data[1] if packet_type == CONNACK and len(data) > 1 else packet_type
+            raise ControlError("connect", f"{self.url}: refused (reason {code})")
+        self._send(_subscribe(1, CONTROL_RESPONSE_TOPIC))
+        packet_type, data = self._read(deadline)
+        # SUBACK: packet id, properties (a varint length, empty here), one reason code.
+        if packet_type != SUBACK or data[-1] >= 0x80:
+            raise ControlError("subscribe", f"{CONTROL_RESPONSE_TOPIC}: refused")
 
-    def _close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def _on_connect(
-        self, _c: mqtt.Client, _u: object, _f: object, rc: ReasonCode, _p: Properties | None
-    ) -> None:
-        with self._lock:
-            self._connack = rc
-            self._lock.notify_all()
-
-    def _on_disconnect(
-        self, _c: mqtt.Client, _u: object, _f: object, _rc: ReasonCode, _p: Properties | None
-    ) -> None:
-        with self._lock:
-            self._gone = True
-            self._lock.notify_all()
-
-    def _on_subscribe(
-        self, _c: mqtt.Client, _u: object, _m: int, rcs: list[ReasonCode], _p: Properties | None
-    ) -> None:
-        with self._lock:
-            self._suback.extend(rcs)
-            self._lock.notify_all()
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+    def _take_answers(self, data: bytes) -> None:
+        topic_len = int.from_bytes(data[:2], "big")
+        topic = data[2 : 2 + topic_len].decode()
+        props_len, used = _read_varint(data, 2 + topic_len)
+        if topic != CONTROL_RESPONSE_TOPIC:
+            return
         try:
-            answers = _decode(msg.payload).responses
+            answers = _decode(data[used + props_len :]).responses
         except msgspec.DecodeError:
             return  # not an answer to anyone; the waiting command times out if it was ours
-        with self._lock:
-            self._answers.update((a.correlation, a) for a in answers if a.correlation)
-            self._lock.notify_all()
+        self._answers.update((a.correlation, a) for a in answers if a.correlation)
+
+    def _send(self, packet: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(packet)
+        except OSError as exc:
+            raise ControlError("send", SESSION_CLOSED) from exc
+
+    def _read(self, deadline: float) -> tuple[int, bytes]:
+        """One packet: its type (high nibble) and its body."""
+        header = self._recv(1, deadline)
+        length, shift = 0, 0
+        while True:
+            byte = self._recv(1, deadline)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return header[0] & 0xF0, self._recv(length, deadline)
+
+    def _recv(self, count: int, deadline: float) -> bytes:
+        assert self._sock is not None
+        out = bytearray()
+        while len(out) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ControlError("read", "no answer from the broker")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(count - len(out))
+            except TimeoutError as exc:
+                raise ControlError("read", "no answer from the broker") from exc
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            out += chunk
+        return bytes(out)
+
+    def _close(self) -> None:
+        if self._sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.sendall(b"\xe0\x00")  # DISCONNECT, normal
+        self._sock.close()
+        self._sock = None
+
+
+CONNACK: Final = 0x20
+PUBLISH: Final = 0x30
+SUBACK: Final = 0x90
+DISCONNECT: Final = 0xE0
+KEEPALIVE_S: Final = 60
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, start: int) -> tuple[int, int]:
+    """The varint at ``start``: its value and the offset after it."""
+    value, shift, i = 0, 0, start
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            return value, i
+
+
+def _string(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return struct.pack("!H", len(data)) + data
+
+
+def _connect(client_id: str, username: str, password: str) -> bytes:
+    # MQTT 5, clean start, user name and password flags; no properties.
+    body = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", KEEPALIVE_S) + b"\x00"
+    body += _string(client_id) + _string(username) + _string(password)
+    return bytes([0x10]) + _varint(len(body)) + body
+
+
+def _subscribe(packet_id: int, topic: str) -> bytes:
+    body = struct.pack("!H", packet_id) + b"\x00" + _string(topic) + b"\x00"  # QoS 0
+    return bytes([0x82]) + _varint(len(body)) + body
+
+
+def _publish(topic: str, payload: bytes) -> bytes:
+    body = _string(topic) + b"\x00" + payload  # QoS 0, no properties
+    return bytes([PUBLISH]) + _varint(len(body)) + body
 
 
 def _role_command(role: Role) -> Command:

@@ -35,6 +35,7 @@ from servicekit.urls import MqttUrl
 from testrig.servers import MosquittoProcess, free_port, port_is_open
 
 from ..fleet.mqtt_probe import Probe
+from ..test_imports import imported_modules
 from .conftest import (
     PASSWORDS,
     SecureBroker,
@@ -276,3 +277,15 @@ def test_roles_saved_in_another_rule_order_audit_clean(tmp_path: Path) -> None:
     assert [(a["acltype"], a["topic"]) for a in role["acls"]] != policy  # the old order
     assert Accounts.load(registry.accounts_path).roles["device:kiosk-1"] == device_role("kiosk-1")
     assert audit(registry) == []
+
+
+def test_live_enrolment_needs_no_broker_client_library() -> None:
+    """The enrol install has no MQTT library, so enrolment imports none: its client is its own."""
+    root = Path(__file__).resolve().parents[2]
+    imported = {
+        module.split(".")[0]
+        for path in (root / "enrolment").glob("*.py")
+        for module in imported_modules(path, root)
+    }
+    assert "socket" in imported  # the scan sees control.py's imports
+    assert not imported & {"paho", "mqtt5", "aiomqtt", "gmqtt"}
