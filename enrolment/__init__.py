@@ -6,6 +6,7 @@ contract's names (``schemas``), the URL parser (``servicekit.urls``) and
 
 * ``provision``: the registry directory; enrol, revoke, service accounts.
 * ``dynsec``: the broker's accounts and rights (Mosquitto dynamic-security file).
+* ``control``: the same, changed live on a running broker (``--live``).
 * ``pki``: a small development CA and certificates.
 * ``audit``: ``order-enrol check``, what is wrong with a registry.
 * ``files``: registry writes with the right mode, atomically.

@@ -14,8 +14,12 @@ tests/enrolment/test_secure_broker.py and described in docs/explanation/security
   and kick each other out. The plugin binds a client id per account: each
   device to ``edge-{device_id}``, services stay free to name their replicas.
 - The plugin in 2.0 has no ``%u`` in ACL topics, so each device has its own role.
-- 2.0.11 reads this file only at start (SIGHUP does not reload it, measured):
-  restart the broker to apply an enrolment or a revocation.
+- The plugin reads this file only at start (SIGHUP does not reload it,
+  measured on 2.0.11). A running broker is changed live through its control
+  topic instead (``enrolment.control``, ``order-enrol … --live``), and the
+  plugin then saves its whole state back to this file after every command:
+  while the broker runs, the file is the broker's, and only ``--live`` changes
+  it. Writing it offline is for a stopped broker (bootstrap).
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ from .files import SECRET_MODE, write_file
 
 # Service accounts and their rights. A device may not be named like one of
 # these in any letter case (`provision` refuses it).
-SERVICE_ACCOUNTS: Final = ("bridge", "pipeline")
+SERVICE_ACCOUNTS: Final = ("bridge", "pipeline", "admin")
+ADMIN_ACCOUNT: Final = "admin"
+# The plugin's control API (Mosquitto 2.0): commands in, responses out.
+CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
+CONTROL_RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
 ITERATIONS: Final = 101  # the plugin's default; passwords are 192 random bits
 SALT_BYTES: Final = 12
 DEVICE_ROLE_PREFIX: Final = "device:"
@@ -56,6 +64,19 @@ AclType = Literal[
     "unsubscribeLiteral",
     "unsubscribePattern",
 ]
+
+
+# The order the plugin keeps a role's rules in (by type, then by priority, highest
+# first) and saves them in after a live change; policies are written in it so that
+# a role the broker saved compares equal to the policy (`order-enrol check`).
+ACL_ORDER: Final[tuple[AclType, ...]] = (
+    "publishClientSend",
+    "publishClientReceive",
+    "subscribeLiteral",
+    "subscribePattern",
+    "unsubscribeLiteral",
+    "unsubscribePattern",
+)
 
 
 class Acl(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -75,6 +96,12 @@ class Role(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_field
     rolename: str
     acls: tuple[Acl, ...] = ()
     textname: str | None = msgspec.field(default=None, name="textName")
+
+
+def canonical(role: Role) -> Role:
+    """``role`` with its rules in the plugin's order (stable within a type and priority)."""
+    acls = sorted(role.acls, key=lambda acl: (ACL_ORDER.index(acl.acltype), -acl.priority))
+    return msgspec.structs.replace(role, acls=tuple(acls))
 
 
 class RoleRef(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -118,9 +145,9 @@ class DynsecFile(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
 
 
 def service_roles() -> dict[str, Role]:
-    """The bridge's and the pipeline's rights: exactly the topics they use."""
+    """The service accounts' rights: exactly the topics they use."""
     every = f"{TOPIC_PREFIX}+"
-    return {
+    roles = {
         "bridge": Role(
             "bridge",
             (
@@ -143,7 +170,17 @@ def service_roles() -> dict[str, Role]:
                 Acl("publishClientSend", FLEET_COMMAND_TOPIC),
             ),
         ),
+        # `order-enrol … --live`: accounts and rights, nothing else.
+        ADMIN_ACCOUNT: Role(
+            ADMIN_ACCOUNT,
+            (
+                Acl("publishClientSend", CONTROL_TOPIC),
+                Acl("subscribeLiteral", CONTROL_RESPONSE_TOPIC),
+                Acl("publishClientReceive", CONTROL_RESPONSE_TOPIC),
+            ),
+        ),
     }
+    return {name: canonical(role) for name, role in roles.items()}
 
 
 def health_topic(device_id: str) -> str:
@@ -162,7 +199,7 @@ def device_role(device_id: str) -> Role:
     It hears commands on its own ``cmd`` topic and on the fleet's, and may
     publish to neither (no rule allows it, and the default denies).
     """
-    return Role(
+    role = Role(
         f"{DEVICE_ROLE_PREFIX}{device_id}",
         (
             Acl("publishClientSend", orders_topic(device_id)),
@@ -176,6 +213,7 @@ def device_role(device_id: str) -> Role:
             Acl("publishClientReceive", FLEET_COMMAND_TOPIC),
         ),
     )
+    return canonical(role)
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> tuple[str, str]:
@@ -216,7 +254,8 @@ class Accounts:
         if not path.exists():
             return cls()
         data = msgspec.json.decode(path.read_bytes(), type=DynsecFile)
-        return cls(data.clients, data.roles)
+        # Files written before the policy followed the plugin's order compare by content.
+        return cls(data.clients, map(canonical, data.roles))
 
     def set_device(self, device_id: str, password: str) -> None:
         """Add or reset a device account and its role."""

@@ -16,7 +16,13 @@ from tests.tools import unavailable
 from ..fleet.mqtt_probe import Probe
 
 REPO = Path(__file__).resolve().parents[2]
-PASSWORDS = {"kiosk-a": "pw-a", "kiosk-b": "pw-b", "bridge": "pw-bridge", "pipeline": "pw-pipe"}
+PASSWORDS = {
+    "kiosk-a": "pw-a",
+    "kiosk-b": "pw-b",
+    "bridge": "pw-bridge",
+    "pipeline": "pw-pipe",
+    "admin": "pw-admin",
+}
 DEVICES = ("kiosk-a", "kiosk-b")
 # Where distributions install the dynamic-security plugin (secure.conf names the image's).
 DYNSEC_PLUGINS = (
@@ -51,7 +57,8 @@ def secure_config(directory: Path, port: int) -> str:
     text = text.replace(
         "plugin /usr/lib/mosquitto_dynamic_security.so", f"plugin {dynsec_plugin()}"
     )
-    for mounted in ("/mosquitto/config/", "/mosquitto/certs/", "/mosquitto/data/"):
+    mounts = ("/mosquitto/config/", "/mosquitto/accounts/", "/mosquitto/certs/", "/mosquitto/data/")
+    for mounted in mounts:
         text = text.replace(mounted, f"{directory}/")
     return text.replace("listener 8883", f"listener {port} 127.0.0.1")
 
@@ -61,21 +68,37 @@ def secure_broker(
     tmp_path: Path, mosquitto_factory: Callable[..., MosquittoProcess]
 ) -> SecureBroker:
     """Mosquitto with TLS, passwords and the ACL, certificates made for this test."""
-    conf_dir = tmp_path / "conf"
+    return start_secure_broker(tmp_path / "conf", mosquitto_factory, write_accounts)
+
+
+def start_secure_broker(
+    conf_dir: Path,
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    accounts: Callable[[Path], None],
+    extra_conf: str = "",
+) -> SecureBroker:
+    """Certificates, the accounts ``accounts(conf_dir)`` writes, and a broker on them.
+
+    ``extra_conf`` is appended to the config (another listener, say).
+    """
     ca = create_ca(conf_dir)
     server_cert = issue_cert(ca, conf_dir, "localhost", server=True)
     server_cert.cert.rename(conf_dir / "server.crt")
     server_cert.key.rename(conf_dir / "server.key")
-    write_accounts(conf_dir)
+    accounts(conf_dir)
     port = free_port()
     return SecureBroker(
-        mosquitto_factory(port=port, config=secure_config(conf_dir, port)), ca, conf_dir
+        mosquitto_factory(port=port, config=secure_config(conf_dir, port) + extra_conf),
+        ca,
+        conf_dir,
     )
 
 
-def write_accounts(conf_dir: Path) -> None:
-    """The accounts file for :data:`PASSWORDS`, as `order-enrol` writes it."""
+def write_accounts(conf_dir: Path, more_devices: int = 0) -> None:
+    """The accounts file for :data:`PASSWORDS` (plus ``bulk-NNNNN`` devices, password "pw")."""
     accounts = Accounts()
+    for i in range(more_devices):
+        accounts.set_device(bulk_device(i), "pw")
     for user, password in PASSWORDS.items():
         if user in DEVICES:
             accounts.set_device(user, password)
@@ -94,3 +117,8 @@ def probe(
     if client_id is None and user in DEVICES:
         client_id = device_client_id(user)
     return Probe(broker.server.port, user, password, ca_file=broker.ca.cert, client_id=client_id)
+
+
+def bulk_device(i: int) -> str:
+    """The id of the ``i``-th extra device :func:`write_accounts` enrols."""
+    return f"bulk-{i:05d}"
