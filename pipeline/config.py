@@ -233,9 +233,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         doc(
             "Health messages (reports and Wills) one device may send a worker a minute; past "
             "it they are shed unwritten and counted in pipeline_device_throttled_total; keep "
-            "well above 60 / the agents' health_interval_s; 0: no limit"
+            "above what an agent sends (one a second at most while a figure flaps, plus its "
+            "interval reports); 0: no limit"
         ),
-    ] = 30.0
+    ] = 90.0
     health_clock_tolerance_s: Annotated[
         float,
         msgspec.Meta(gt=0),
