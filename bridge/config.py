@@ -219,10 +219,32 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
     dlq_maxlen: Annotated[
         Positive,
         doc(
-            "Approximate cap on entries in the dead-letter stream orders:dlq, oldest dropped "
-            "first; raise it if you replay dead letters long after they arrive"
+            "Most entries in the dead-letter stream orders:dlq, oldest dropped first; the "
+            "byte budget (--dlq-max-bytes) usually caps it lower"
         ),
     ] = 1_000_000
+    dlq_max_bytes: Annotated[
+        int,
+        msgspec.Meta(ge=0),
+        doc(
+            "Bytes orders:dlq may hold (entries of up to about 17 KB each, oldest dropped "
+            "first); 0 takes a 32nd of Redis maxmemory, or 64 MiB when maxmemory is unknown"
+        ),
+    ] = 0
+    dlq_device_burst: Annotated[
+        Positive,
+        doc(
+            "Dead letters one device may have stored at once; past it and --dlq-device-per-min "
+            "its rejected messages are receipted and counted (bridge_dlq_shed_total), not stored"
+        ),
+    ] = 10
+    dlq_device_per_min: Annotated[
+        NonNegative,
+        doc(
+            "Dead letters per minute one device may have stored after its burst; 0 stores none "
+            "past the burst"
+        ),
+    ] = 1.0
     rate_per_s: Annotated[
         NonNegative,
         doc(

@@ -22,6 +22,22 @@ class BridgeMetrics:
         self.rejected = Counter(
             "bridge_rejected", "messages rejected, by reason", ["reason"], registry=r
         )
+        self.throttled = Counter(
+            "bridge_device_throttled",
+            "messages shed because their device was over its budget, by topic kind",
+            ["topic"],
+            registry=r,
+        )
+        self.dlq_shed = Counter(
+            "bridge_dlq_shed",
+            "dead letters counted and receipted but not stored: their device was over its "
+            "DLQ budget, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dlq_maxlen = Gauge(
+            "bridge_dlq_maxlen", "entries orders:dlq keeps (from the byte budget)", registry=r
+        )
         self.batch_size = Histogram(
             "bridge_batch_size", "messages per Redis batch", buckets=_BATCH_SIZES, registry=r
         )

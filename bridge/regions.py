@@ -43,6 +43,7 @@ from schemas.names import orders_topic
 from .batcher import ACCEPTED, DUPLICATE, Batcher, Done, Outcome
 from .breaker import BreakerState, CircuitBreaker
 from .config import BridgeConfig
+from .dlq_budget import dlq_entries
 from .errors import StoreError
 from .ingest import Classified, DeadLetter, ValidOrder
 from .metrics import BridgeMetrics
@@ -428,7 +429,7 @@ def build_region_sinks(config: BridgeConfig) -> dict[str, RedisSink]:
             url,
             cluster=config.redis_cluster,
             dedup_ttl_s=config.dedup_ttl_s,
-            dlq_maxlen=config.dlq_maxlen,
+            dlq_maxlen=dlq_entries(config.dlq_max_bytes, 0, config.dlq_maxlen),
             timeout_s=config.region_timeout_s,
             min_replicas=config.redis_min_replicas,
             replica_timeout_ms=config.redis_replica_timeout_ms,

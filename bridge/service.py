@@ -33,6 +33,7 @@ from servicekit.urls import MqttUrl
 
 from .batcher import Batcher, Outcome
 from .config import BridgeConfig
+from .dlq_budget import DeadLetterBudget, dlq_entries
 from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
 from .heartbeat import HeartbeatStore, run_heartbeat
 from .http import HttpServer
@@ -77,6 +78,7 @@ class Bridge:
         self.metrics = metrics
         self._sink = sink
         self._limits = TokenBuckets(config.rate_per_s, config.rate_burst)
+        self._dlq_budget = DeadLetterBudget(config.dlq_device_per_min, config.dlq_device_burst)
         self.batcher = Batcher(
             sink,
             metrics,
@@ -130,6 +132,7 @@ class Bridge:
             device_id = None
         if device_id is not None and not self._limits.allow(device_id):
             self.metrics.rejected.labels(Reason.RATE_LIMITED).inc()
+            self.metrics.throttled.labels("orders").inc()
             limited = Outcome("rejected", Reason.RATE_LIMITED)
             self._receipt(device_id, order_id_hint(payload), limited)
             ack()
@@ -150,6 +153,14 @@ class Bridge:
             if routed is not None:
                 target = routed  # another region's authority: its own writer
         if isinstance(item, DeadLetter):
+            if not self._dlq_budget.allow(device_id):
+                # Past the device's DLQ budget: a trace (counter, receipt), no Redis write.
+                self.metrics.rejected.labels(item.reason).inc()
+                self.metrics.dlq_shed.labels(item.reason).inc()
+                if device_id is not None:
+                    self._receipt(device_id, item.order_id, Outcome("rejected", item.reason))
+                ack()
+                return
             log.debug("dead letter", topic=topic, reason=item.reason, payload=truncate(payload))
 
         def done(outcome: Outcome) -> None:
@@ -370,7 +381,16 @@ class Bridge:
             log.info("redis has memory again", used_memory=state.used_memory)
         self.metrics.redis_full.set(1 if state.full else 0)
         self.redis_state = state
+        self._set_dlq_cap(state.maxmemory or 0)
         self._set_durable(state)
+
+    def _set_dlq_cap(self, maxmemory: int) -> None:
+        cfg = self.config
+        cap = dlq_entries(cfg.dlq_max_bytes, maxmemory, cfg.dlq_maxlen)
+        if isinstance(self._sink, RedisSink) and cap != self._sink.dlq_maxlen:
+            log.info("dlq cap", entries=cap, maxmemory=maxmemory)
+            self._sink.dlq_maxlen = cap
+        self.metrics.dlq_maxlen.set(cap)
 
     def _set_durable(self, state: RedisState) -> None:
         durable = state.durable
@@ -429,7 +449,7 @@ def build_sink(config: BridgeConfig) -> RedisSink:
         config.local_redis_url,
         cluster=config.redis_cluster,
         dedup_ttl_s=config.dedup_ttl_s,
-        dlq_maxlen=config.dlq_maxlen,
+        dlq_maxlen=dlq_entries(config.dlq_max_bytes, 0, config.dlq_maxlen),
         timeout_s=config.redis_timeout_s,
         min_replicas=config.redis_min_replicas,
         replica_timeout_ms=config.redis_replica_timeout_ms,

@@ -45,11 +45,13 @@ from redis.exceptions import (
     RedisError,
 )
 
+from schemas import MAX_ORDER_BYTES
 from schemas.names import DLQ_STREAM, seen_key, stream_key
 from servicekit.redis_clients import client_options, text
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
+from .dlq_budget import MAX_TOPIC_CHARS
 from .errors import RedisAuthError, RedisFullError, ReplicasShortfall, StoreError
 from .ingest import DeadLetter, ValidOrder
 
@@ -143,7 +145,7 @@ class RedisSink:
         lanes: int = 8,
     ) -> None:
         self._ttl = str(dedup_ttl_s)
-        self._dlq_maxlen = dlq_maxlen
+        self.dlq_maxlen = dlq_maxlen  # the bridge lowers it once it knows maxmemory
         self._min_replicas = min_replicas
         self._replica_timeout_ms = replica_timeout_ms
         self._cluster = cluster
@@ -319,17 +321,15 @@ class RedisSink:
             trim = "1" if shard in trim_shards else "0"
             self.scripts.queue(pipes[lane], "append", keys, [self._ttl, trim, meta, payloads])
         for letter in dead:
-            pipes[-1].xadd(
-                DLQ_STREAM,
-                {
-                    "reason": letter.reason,
-                    "topic": letter.topic,
-                    "payload": letter.payload,
-                    "received_at": letter.received_at_ms,
-                },
-                maxlen=self._dlq_maxlen,
-                approximate=True,
-            )
+            fields: dict[str, str | bytes | int] = {
+                "reason": letter.reason,
+                "topic": letter.topic[:MAX_TOPIC_CHARS],
+                "payload": letter.payload[:MAX_ORDER_BYTES],
+                "received_at": letter.received_at_ms,
+            }
+            if len(letter.payload) > MAX_ORDER_BYTES:
+                fields["size"] = len(letter.payload)  # what came; the payload is cut
+            pipes[-1].xadd(DLQ_STREAM, fields, maxlen=self.dlq_maxlen, approximate=True)  # type: ignore[arg-type]
         replies = await asyncio.gather(
             *(pipe.execute(raise_on_error=True) for pipe in pipes), return_exceptions=True
         )

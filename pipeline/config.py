@@ -253,6 +253,34 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "Maximum); raise if many devices recover statuses at the same time"
         ),
     ] = 100
+    status_query_device_per_min: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        doc(
+            "Status queries (up to 100 ids each) one device may send a worker a minute; "
+            "past it they are shed unanswered and counted in "
+            "pipeline_device_throttled_total, and the device asks again; 0: no limit"
+        ),
+    ] = 60.0
+    health_device_per_min: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        doc(
+            "Health messages (reports and Wills) one device may send a worker a minute; past "
+            "it they are shed unwritten and counted in pipeline_device_throttled_total; keep "
+            "above what an agent sends (one a second at most while a figure flaps, plus its "
+            "interval reports); 0: no limit"
+        ),
+    ] = 90.0
+    health_clock_tolerance_s: Annotated[
+        float,
+        msgspec.Meta(gt=0),
+        doc(
+            "Seconds a health message's time may be ahead of the worker's clock (a report's, "
+            "also behind it beyond --health-ttl-s); outside it is refused as at_in_future or "
+            "at_too_old"
+        ),
+    ] = 3600.0
     shutdown_grace_s: Annotated[
         float,
         doc(

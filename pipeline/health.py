@@ -43,6 +43,7 @@ from servicekit.mqtt import Ack
 from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
+from .device_budget import DeviceBudget, throttled_counter
 from .names import HEALTH_DEVICES_KEY, HEALTH_OLDEST_KEY, health_device_key
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,14 @@ FIGURES: Final = (
     "last_broker_error",
     "agent_version",
 )
+# Sane ranges of a report's figures, far above what an agent can reach (its outbox
+# defaults to 100,000 rows and 64 MiB; nothing stays unreceipted past the dedup TTL):
+# a figure beyond them is a bug or a lie, and the ops page would print it.
+MAX_OUTBOX_ROWS: Final = 100_000_000
+MAX_OUTBOX_BYTES: Final = 1 << 40
+MAX_UNRECEIPTED_AGE_MS: Final = 30 * 24 * 3600 * 1000
+DEVICE_PER_MIN: Final = 90.0  # an agent: ≤ 1 a second on change, plus its interval reports
+CLOCK_TOLERANCE_S: Final = 3600.0
 SWEEP_EVERY_S: Final = 15.0
 BATCH_MAX: Final = 500  # messages written (and acked) per Redis round trip
 _SCAN_COUNT: Final = 1000
@@ -75,7 +84,9 @@ class HealthMetrics:
         )
         self.invalid = Counter(
             "pipeline_health_invalid",
-            "Health messages refused, by reason (bad_topic or the decoder's reason code)",
+            "Health messages refused, by reason (bad_topic, the decoder's reason code, or a "
+            "figure out of range: at_in_future, at_too_old, count_out_of_range, "
+            "age_out_of_range)",
             ["reason"],
             **kwargs,
         )
@@ -87,6 +98,29 @@ class HealthMetrics:
             multiprocess_mode="livemax",
             **kwargs,
         )
+
+
+def out_of_range(health: Health, now_ms: int, tolerance_ms: int, ttl_ms: int) -> str | None:
+    """The reason code of a figure outside its sane range, None when all are sane.
+
+    ``at`` may be at most ``tolerance_ms`` ahead of our clock; a report's ``at``
+    at most ``tolerance_ms`` plus the view's TTL behind it (a Will's ``at`` is
+    its CONNECT's, which may be any age).
+    """
+    if health.at > now_ms + tolerance_ms:
+        return "at_in_future"
+    if not is_will(health) and health.at < now_ms - tolerance_ms - ttl_ms:
+        return "at_too_old"
+    for name in ("outbox_depth", "held"):
+        value = getattr(health, name)
+        if value is not None and value > MAX_OUTBOX_ROWS:
+            return "count_out_of_range"
+    if health.outbox_bytes is not None and health.outbox_bytes > MAX_OUTBOX_BYTES:
+        return "count_out_of_range"
+    age = health.oldest_unreceipted_age_ms
+    if age is not None and age > MAX_UNRECEIPTED_AGE_MS:
+        return "age_out_of_range"
+    return None
 
 
 def is_will(health: Health) -> bool:
@@ -103,6 +137,10 @@ class HealthConsumer:
         ttl_s: how long a silent device stays in the view.
         sweep_every_s: how often stale devices are dropped and the gauge refreshed.
         clock: ms now (the consumer's clock, ``seen_at`` and the zset scores).
+        device_per_min: messages (reports and Wills) a device may send a minute, up to a
+            minute's worth at once; past it they are shed unwritten (0: no limit).
+        clock_tolerance_s: how far a device's ``at`` may be ahead of ours.
+        throttled: the ``pipeline_device_throttled`` counter (default: the global one).
     """
 
     def __init__(
@@ -114,9 +152,14 @@ class HealthConsumer:
         sweep_every_s: float = SWEEP_EVERY_S,
         clock: Callable[[], int] = now_ms,
         backoff: Backoff | None = None,
+        device_per_min: float = DEVICE_PER_MIN,
+        clock_tolerance_s: float = CLOCK_TOLERANCE_S,
+        throttled: Counter | None = None,
     ) -> None:
         self._redis = redis
         self._metrics = metrics
+        self._budget = DeviceBudget("health", device_per_min, throttled or throttled_counter())
+        self._tolerance_ms = int(clock_tolerance_s * 1000)
         self._ttl_ms = max(1000, int(ttl_s * 1000))
         self._sweep_every_s = sweep_every_s
         self._clock = clock
@@ -125,7 +168,11 @@ class HealthConsumer:
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
 
     def take(self, topic: str, payload: bytes, ack: Ack) -> None:
-        """The MQTT handler: queue the message (never blocks)."""
+        """The MQTT handler: queue the message (never blocks); one over budget is acked, shed."""
+        device_id = device_of_health_topic(topic)
+        if device_id is not None and not self._budget.allow(device_id):
+            ack()
+            return
         self._queue.put_nowait((topic, payload, ack))
 
     async def run(self) -> None:
@@ -161,8 +208,15 @@ class HealthConsumer:
         valid: list[tuple[str, Health]] = []
         for topic, payload in messages:
             parsed = self._parse(topic, payload)
-            if parsed is not None:
-                valid.append(parsed)
+            if parsed is None:
+                continue
+            reason = out_of_range(parsed[1], now, self._tolerance_ms, self._ttl_ms)
+            if reason is not None:
+                self._metrics.invalid.labels(reason).inc()
+                log.warning("health_out_of_range", device_id=parsed[0], reason=reason,
+                            payload=truncate(payload))  # fmt: skip
+                continue
+            valid.append(parsed)
         if not valid:
             return 0
         ttl_ms = self._ttl_ms

@@ -55,6 +55,7 @@ from schemas.names import BRIDGES_KEY, DLQ_STREAM, PIPELINE_GROUP, bridge_key, s
 from servicekit.clock import now_ms
 from servicekit.redis_clients import text
 
+from .health import MAX_UNRECEIPTED_AGE_MS
 from .names import (
     HEALTH_DEVICES_KEY,
     HEALTH_OLDEST_KEY,
@@ -304,7 +305,8 @@ async def fleet_health(client: RedisLike, stale_s: float, at_ms: int) -> FleetHe
                 online += 1
                 tally.online += 1
     worst_rows: Any = await client.zrange(
-        HEALTH_OLDEST_KEY, "+inf", "(0", desc=True, byscore=True,
+        # Capped: a figure past the sane range (stored before reports were checked) is no age.
+        HEALTH_OLDEST_KEY, MAX_UNRECEIPTED_AGE_MS, "(0", desc=True, byscore=True,
         offset=0, num=WORST_DEVICES, withscores=True,
     )  # fmt: skip
     async with client.pipeline(transaction=False) as pipe:

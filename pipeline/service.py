@@ -97,10 +97,15 @@ async def run_worker(
             metrics=StatusMetrics(),
         )
         responder = StatusQueryResponder(
-            client, publisher, StatusQueryMetrics(), shards=config.shards
-        )
+            client, publisher, StatusQueryMetrics(), shards=config.shards,
+            device_per_min=config.status_query_device_per_min,
+        )  # fmt: skip
         mqtt.subscribe(shared_status_query_subscription(), responder.take)
-        health = HealthConsumer(client, HealthMetrics(), ttl_s=config.health_ttl_s)
+        health = HealthConsumer(
+            client, HealthMetrics(), ttl_s=config.health_ttl_s,
+            device_per_min=config.health_device_per_min,
+            clock_tolerance_s=config.health_clock_tolerance_s,
+        )  # fmt: skip
         mqtt.subscribe(shared_health_subscription(), health.take)
         async with mqtt:
             chain = build_chain(config.steps, StepDeps(client, scripts, config))

@@ -30,11 +30,16 @@ from servicekit.mqtt import Ack
 from servicekit.redis_clients import text
 
 from ._calls import AnyRedis
+from .device_budget import DeviceBudget, throttled_counter
 from .names import order_key
 from .records import PUBLISHED_STATUSES
 from .status import StatusPublisher
 
 log = structlog.get_logger(__name__)
+
+# Queries one device may send a worker a minute (each names at most
+# schemas.MAX_QUERIED_ORDERS ids: 100 HMGETs and 100 publishes at most).
+DEVICE_PER_MIN = 60.0
 
 
 class StatusQueryMetrics:
@@ -66,8 +71,13 @@ class StatusQueryResponder:
         *,
         shards: int,
         backoff: Backoff | None = None,
+        device_per_min: float = DEVICE_PER_MIN,
+        throttled: Counter | None = None,
     ) -> None:
         self._redis = redis
+        self._budget = DeviceBudget(
+            "status_query", device_per_min, throttled or throttled_counter()
+        )
         self._shards = shards
         self._publisher = publisher
         self._metrics = metrics
@@ -76,7 +86,11 @@ class StatusQueryResponder:
         self._queue: asyncio.Queue[tuple[str, bytes, Ack]] = asyncio.Queue()
 
     def take(self, topic: str, payload: bytes, ack: Ack) -> None:
-        """The MQTT handler: queue the query (never blocks)."""
+        """The MQTT handler: queue the query (never blocks); one over budget is acked, shed."""
+        device_id = device_of_status_query_topic(topic)
+        if device_id is not None and not self._budget.allow(device_id):
+            ack()  # the device asks again later
+            return
         self._queue.put_nowait((topic, payload, ack))
 
     async def run(self) -> None:

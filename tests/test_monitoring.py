@@ -27,6 +27,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.regions import RegionMetrics
 from edge_agent.metrics import AgentMetrics
 from fleet.stack import Stack, StackSettings
+from pipeline.device_budget import throttled_counter
 from pipeline.metrics import ApiMetrics, WorkerMetrics
 from schemas.names import stream_key
 from testrig.servers import ServerProcess, find_binary
@@ -71,7 +72,10 @@ def exposed_sample_names() -> set[str]:
     """Every sample name our services' registries can expose, plus Prometheus's own ``up``."""
     geo = CollectorRegistry()
     RegionMetrics(geo)  # the bridge registers these in geo mode only
+    budgets = CollectorRegistry()
+    throttled_counter(budgets)  # the worker's health consumer and status-query responder
     registries = [
+        budgets,
         BridgeMetrics().registry,
         geo,
         WorkerMetrics(CollectorRegistry()).registry,

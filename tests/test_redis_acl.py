@@ -35,6 +35,7 @@ from pipeline.health import HealthConsumer, HealthMetrics
 from pipeline.names import CATALOG_KEY, health_device_key
 from schemas import Health, Item, Order, encode
 from schemas.names import PIPELINE_GROUP, health_topic, orders_topic, shard_of, stream_key
+from servicekit.clock import now_ms
 from testrig.servers import RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
 from tests.pipeline.processes import env_for, spawn, stop_all
@@ -130,7 +131,7 @@ async def test_pipeline_user_keeps_the_fleet_health_view(acl_redis: RedisProcess
     try:
         consumer = HealthConsumer(client, HealthMetrics(CollectorRegistry()), ttl_s=60)
         topic = health_topic("kiosk-1")
-        report = Health(v=1, online=True, at=1, outbox_depth=1, agent_version="1")
+        report = Health(v=1, online=True, at=now_ms(), outbox_depth=1, agent_version="1")
         assert await consumer.write([(topic, encode(report))]) == 1
         assert await consumer.write([(topic, encode(Health(v=1, online=False, at=2)))]) == 1
         assert await consumer.sweep() == (0, 0, 1)

@@ -74,8 +74,11 @@ function fill(tbodyParent, rows, columns, render) {
   }
 }
 
+const MAX_AGE_MS = 30 * 24 * 3_600_000; // pipeline/health.py MAX_UNRECEIPTED_AGE_MS
+
 function age(ms) {
   if (ms === null || ms === undefined) return "–";
+  if (!Number.isFinite(ms) || ms < 0 || ms > MAX_AGE_MS) return "?";
   if (ms < 1000) return `${ms} ms`;
   if (ms < 120_000) return `${(ms / 1000).toFixed(1)} s`;
   if (ms < 7_200_000) return `${Math.round(ms / 60_000)} min`;

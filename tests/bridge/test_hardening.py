@@ -76,7 +76,11 @@ def test_bridge_memory_stays_flat_under_distinct_4kb_topic_ids(
     """20k orders on 20k distinct 4 KB topic ids: all dead-lettered, RSS grows < 30 MB
     (the limiter once kept every id: +218 MB for 40k)."""
     bridge = bridge_factory(mqtt_url, redis_url, "--share-group", f"g-{device_id}")
-    bridge.with_args("--rate-per-s", "100", "--rate-burst", "100").start()
+    # Every letter stored (no DLQ budget): the bridge's memory is what is measured here.
+    bridge.with_args(
+        "--rate-per-s", "100", "--rate-burst", "100", "--dlq-device-burst", "100000",
+        "--dlq-max-bytes", str(1 << 30),
+    ).start()  # fmt: skip
     warmup, count = 2_000, 20_000
     payload = encode(make_order(device_id, 1))
 
