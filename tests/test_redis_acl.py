@@ -200,6 +200,7 @@ def overwrites(client: redis.Redis, key: str) -> list[Callable[[], object]]:
         lambda: client.copy("pipeline:catalog", key, replace=True),
         lambda: client.restore(key, 0, b"", replace=True),
         lambda: client.expire(key, 1),
+        lambda: client.pexpire(key, 1),
     ]
 
 
