@@ -248,14 +248,17 @@ def test_bridge_user_writes_only_its_scripts_keys(acl_redis: RedisProcess) -> No
 
 def test_pipeline_user_cannot_rewrite_intake_entries(acl_redis: RedisProcess) -> None:
     """The pipeline consumes the shard streams but may not delete their entries, write
-    the intake DLQ, or SET its own hashes (the catalog) away."""
+    the intake DLQ or delete from it (it lists it; only its own letters are replayable),
+    or SET its own hashes (the catalog) away."""
     with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
         entry = admin.xadd(stream_key(0), {"order_id": "kept"})
+        dead = admin.xadd(DLQ_STREAM, {"reason": "kept"})
         admin.hset("pipeline:catalog", "COLA-33", "150")
     with redis.Redis.from_url(url(acl_redis, "pipeline")) as pipeline:
         attempts: list[Callable[[], object]] = [
             lambda: pipeline.xdel(stream_key(0), entry),
             lambda: pipeline.xadd(DLQ_STREAM, {"forged": "1"}),
+            lambda: pipeline.xdel(DLQ_STREAM, dead),
             lambda: pipeline.set("pipeline:catalog", "x"),
             lambda: pipeline.set("deployment:layout-change", "{}"),
         ]
@@ -263,7 +266,7 @@ def test_pipeline_user_cannot_rewrite_intake_entries(acl_redis: RedisProcess) ->
             with pytest.raises(redis.exceptions.NoPermissionError):
                 denied()
     with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
-        assert admin.xlen(stream_key(0)) == 1
+        assert admin.xlen(stream_key(0)) == admin.xlen(DLQ_STREAM) == 1
         assert admin.hget("pipeline:catalog", "COLA-33") == b"150"
 
 
