@@ -3,7 +3,10 @@
 Every service runs end to end as its own user against a real redis-server
 loaded with the committed ACL file: the bridge's ingest, the pipeline's catalog
 load, workers, orders API and DLQ replay. Afterwards Redis's ACL LOG must be
-empty: no command any service sent was denied.
+empty: no command any service sent was denied. What each user may not do is tried
+as that user too, directly and from a loaded script: forging a dedup marker as
+`pipeline`, replacing any stream (SET, DEL, RENAME, …) as `bridge` or
+`pipeline`, writing keys outside each service's job.
 """
 
 from __future__ import annotations
@@ -32,9 +35,18 @@ from bridge.store import AppendResult, RedisSink
 from enrolment.pki import CertFiles, create_ca, issue_cert
 from pipeline.config import PipelineConfig
 from pipeline.health import HealthConsumer, HealthMetrics
-from pipeline.names import CATALOG_KEY, health_device_key
+from pipeline.names import CATALOG_KEY, PIPELINE_DLQ_STREAM, events_key, health_device_key
 from schemas import Health, Item, Order, encode
-from schemas.names import PIPELINE_GROUP, health_topic, orders_topic, shard_of, stream_key
+from schemas.names import (
+    DLQ_STREAM,
+    PIPELINE_GROUP,
+    health_topic,
+    orders_topic,
+    seen_key,
+    shard_of,
+    stream_key,
+)
+from servicekit import layout
 from servicekit.clock import now_ms
 from testrig.servers import RedisProcess, free_port
 from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector
@@ -140,6 +152,138 @@ async def test_pipeline_user_keeps_the_fleet_health_view(acl_redis: RedisProcess
     assert denials(acl_redis) == []
     with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
         assert admin.hget(health_device_key("kiosk-1"), "online") == b"0"
+
+
+FORGE_SCRIPT = "return redis.call('SET', ARGV[1], 'forged')"
+
+
+def refused_in_script(client: redis.Redis, key: str) -> None:
+    """A loaded script SETting ``key`` as ``client``'s user fails, the key undeclared:
+    Redis checks each command a script calls against the calling user."""
+    sha = client.script_load(FORGE_SCRIPT)
+    with pytest.raises(redis.exceptions.ResponseError, match="can't access at least one"):
+        client.evalsha(sha, 0, key)
+
+
+async def test_pipeline_user_cannot_forge_a_dedup_marker(acl_redis: RedisProcess) -> None:
+    """A marker forged with the `pipeline` credentials once made a device's real order
+    `conflict`; now SET (direct or in a script) is refused and the order is appended."""
+    valid = order("kiosk-forge")
+    marker = seen_key(valid.shard, valid.device_id, valid.order_id)
+    with redis.Redis.from_url(url(acl_redis, "pipeline")) as pipeline:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            pipeline.set(marker, "forged-digest")
+        refused_in_script(pipeline, marker)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            pipeline.get(marker)  # nothing the pipeline does needs the markers
+    assert set(denials(acl_redis)) == {
+        f"pipeline: {marker} (key, toplevel)",
+        f"pipeline: {marker} (key, lua)",
+    }
+    async with RedisSink(url(acl_redis, "bridge"), dedup_ttl_s=60, dlq_maxlen=100) as sink:
+        assert await sink.write([valid], [], trim_shards=set()) == [AppendResult.APPENDED]
+
+
+STREAMS = (stream_key(0), events_key(0), DLQ_STREAM, PIPELINE_DLQ_STREAM)
+
+
+def overwrites(client: redis.Redis, key: str) -> list[Callable[[], object]]:
+    """Every way to replace or drop ``key`` as a whole."""
+    return [
+        lambda: client.set(key, "x"),
+        lambda: client.set(key, "x", get=True),
+        lambda: client.execute_command("SETEX", key, 60, "x"),  # type: ignore[no-untyped-call]
+        lambda: client.execute_command("GETSET", key, "x"),  # type: ignore[no-untyped-call]
+        lambda: client.mset({key: "x"}),
+        lambda: client.delete(key),
+        lambda: client.unlink(key),
+        lambda: client.rename(key, f"{key}:moved"),
+        lambda: client.copy("pipeline:catalog", key, replace=True),
+        lambda: client.restore(key, 0, b"", replace=True),
+        lambda: client.expire(key, 1),
+        lambda: client.pexpire(key, 1),
+    ]
+
+
+@pytest.mark.parametrize("user", ["bridge", "pipeline"])
+def test_no_service_user_may_replace_a_stream(acl_redis: RedisProcess, user: str) -> None:
+    """SET over `orders:{0}` as the bridge once wiped the shard's stream: now no service
+    user may SET, DEL, RENAME, COPY over, RESTORE or expire any stream, directly or from
+    a script, and every stream keeps its entry."""
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        for stream in STREAMS:
+            admin.xadd(stream, {"order_id": "kept"})
+    with redis.Redis.from_url(url(acl_redis, user)) as client:
+        for stream in STREAMS:
+            for attempt in overwrites(client, stream):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    attempt()
+            refused_in_script(client, stream)
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        assert [admin.type(s) for s in STREAMS] == [b"stream"] * len(STREAMS)
+        assert [admin.xlen(s) for s in STREAMS] == [1] * len(STREAMS)
+
+
+def test_bridge_user_writes_only_its_scripts_keys(acl_redis: RedisProcess) -> None:
+    """Beyond its script's stream and markers, the DLQ, its heartbeat, the WAIT fence and
+    the manifest, the bridge writes nothing: not the pipeline's events stream or DLQ, not
+    a layout change's saved stock, not a stream's consumer groups."""
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        admin.xadd(stream_key(0), {"order_id": "kept"})
+        admin.xgroup_create(stream_key(0), PIPELINE_GROUP, id="0")
+    with redis.Redis.from_url(url(acl_redis, "bridge")) as bridge:
+        attempts: list[Callable[[], object]] = [
+            lambda: bridge.xadd(events_key(0), {"forged": "1"}),
+            lambda: bridge.xadd(PIPELINE_DLQ_STREAM, {"forged": "1"}),
+            lambda: bridge.set("deployment:layout-change", "{}"),
+            lambda: bridge.set("orders:wait-fence", "x"),
+            lambda: bridge.xgroup_destroy(stream_key(0), PIPELINE_GROUP),
+            lambda: bridge.xgroup_setid(stream_key(0), PIPELINE_GROUP, "$"),
+            lambda: bridge.xdel(stream_key(0), "0-1"),
+            lambda: bridge.hset("ops:bridges", "x", "1"),
+        ]
+        for denied in attempts:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                denied()
+
+
+def test_pipeline_user_cannot_rewrite_intake_entries(acl_redis: RedisProcess) -> None:
+    """The pipeline consumes the shard streams but may not delete their entries, write
+    the intake DLQ or delete from it (it lists it; only its own letters are replayable),
+    or SET its own hashes (the catalog) away."""
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        entry = admin.xadd(stream_key(0), {"order_id": "kept"})
+        dead = admin.xadd(DLQ_STREAM, {"reason": "kept"})
+        admin.hset("pipeline:catalog", "COLA-33", "150")
+    with redis.Redis.from_url(url(acl_redis, "pipeline")) as pipeline:
+        attempts: list[Callable[[], object]] = [
+            lambda: pipeline.xdel(stream_key(0), entry),
+            lambda: pipeline.xadd(DLQ_STREAM, {"forged": "1"}),
+            lambda: pipeline.xdel(DLQ_STREAM, dead),
+            lambda: pipeline.set("pipeline:catalog", "x"),
+            lambda: pipeline.set("deployment:layout-change", "{}"),
+        ]
+        for denied in attempts:
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                denied()
+    with redis.Redis.from_url(url(acl_redis, "admin")) as admin:
+        assert admin.xlen(stream_key(0)) == admin.xlen(DLQ_STREAM) == 1
+        assert admin.hget("pipeline:catalog", "COLA-33") == b"150"
+
+
+@pytest.mark.parametrize("user", ["bridge", "pipeline"])
+async def test_each_service_user_writes_the_manifest(acl_redis: RedisProcess, user: str) -> None:
+    """The first service to start records the deployment manifest (compare-and-set
+    script) and later ones read it, under either service user."""
+    client = layout.connect(url(acl_redis, user))
+    try:
+        assert await layout.swap(client, None, layout.Manifest(SHARDS, ()))
+        raw, current = await layout.read(client)
+        assert current == layout.Manifest(SHARDS, ())
+        assert await layout.swap(client, raw, layout.Manifest(SHARDS, ("eu",)))
+    finally:
+        await client.aclose()
+    assert denials(acl_redis) == []
 
 
 def test_unauthenticated_clients_may_only_ping(acl_redis: RedisProcess) -> None:
