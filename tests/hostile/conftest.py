@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Final
 
 import pytest
@@ -54,11 +55,18 @@ def agent_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
 
 
 @pytest.fixture(scope="module")
-def api_server(
-    redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    """A real ``order-pipeline --workers 0`` (the orders API alone) with read and operate tokens."""
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A real ``order-pipeline --workers 0`` (the orders API alone) with read and operate tokens.
+
+    It has a Redis of its own: the module outlives the tests around it, which empty the
+    shared Redis and write other shard layouts into its deployment manifest.
+    """
     workdir = tmp_path_factory.mktemp("hostile-api")
+    with RedisProcess(workdir / "redis") as redis_server:
+        yield from _api_server(redis_server, workdir)
+
+
+def _api_server(redis_server: RedisProcess, workdir: Path) -> Iterator[ServiceProcess]:
     port = free_port()
     tokens = digest_line(READ_TOKEN, "read") + ";" + digest_line(OPERATE_TOKEN, "operate")
     argv = ["-m", "pipeline.cli", "run", "--workers", "0", "--redis-url", redis_server.url,
