@@ -9,6 +9,8 @@ from typing import Any, Self
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from servicekit.problems import ProblemAppRunner, problem_middleware
+
 from .metrics import BridgeMetrics
 
 Checks = Callable[[], dict[str, bool]]
@@ -40,11 +42,12 @@ class HttpServer:
         self._health = health
         self._ready = ready
         self._details = details
-        app = web.Application()
+        app = web.Application(middlewares=[problem_middleware])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_page)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Unknown paths and requests aiohttp cannot parse get problem documents too.
+        self._runner = ProblemAppRunner(app, access_log=None)
 
     async def __aenter__(self) -> Self:
         await self._runner.setup()

@@ -18,7 +18,7 @@ from bridge.store import AppendResult, RedisState
 from schemas import encode
 from schemas.names import DLQ_STREAM
 from tests.bridge.conftest import BridgeProcess, Publisher
-from tests.helpers import make_order, wait_until_blocking
+from tests.helpers import make_order, raw_http, wait_until_blocking
 
 
 class NullSink:
@@ -122,3 +122,27 @@ def test_ops_port_binds_loopback_by_default(
     del bridge.argv[at : at + 2]
     bridge.start()
     assert listening_hosts(bridge.http_port) == {"127.0.0.1"}
+
+
+def test_ops_port_answers_problem_documents_and_echoes_nothing(
+    mqtt_url: str, redis_url: str, bridge_factory: Callable[..., BridgeProcess]
+) -> None:
+    """An unknown path and a header over aiohttp's limit get RFC 9457 problem documents from
+    the bridge's ops port, and the oversized header's bytes appear in neither the body nor
+    the bridge's log."""
+    secret = "ops-secret-" + "x" * 9000
+    bridge = bridge_factory(mqtt_url, redis_url)
+    bridge.start()
+    requests = [
+        b"GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Token: " + secret.encode() + b"\r\n\r\n",
+    ]
+    answers = [raw_http(bridge.http_port, request) for request in requests]
+    assert [(status, kind.split(";")[0]) for status, kind, _ in answers] == [
+        (404, "application/problem+json"),
+        (400, "application/problem+json"),
+    ]
+    assert all(body["status"] == status for status, _, body in answers)
+    assert "ops-secret" not in repr(answers)
+    bridge.stop()
+    assert "ops-secret" not in bridge.log_path.read_text()
