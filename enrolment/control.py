@@ -160,7 +160,9 @@ class Control:
 
     def _handshake(self) -> None:
         deadline = time.monotonic() + self.timeout_s
-        self._send(_connect(f"order-enrol-{secrets.token_hex(4)}", self.username, self._password))
+        self._send(
+            connect_packet(f"order-enrol-{secrets.token_hex(4)}", self.username, self._password)
+        )
         packet_type, data = self._read(deadline)
         if packet_type != CONNACK or len(data) < 2 or data[1] != 0:
             code = data[1] if packet_type == CONNACK and len(data) > 1 else packet_type
@@ -261,9 +263,11 @@ def _string(value: str | bytes) -> bytes:
     return struct.pack("!H", len(data)) + data
 
 
-def _connect(client_id: str, username: str, password: str) -> bytes:
-    # MQTT 5, clean start, user name and password flags; no properties.
-    body = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", KEEPALIVE_S) + b"\x00"
+def connect_packet(
+    client_id: str, username: str, password: str, keepalive_s: int = KEEPALIVE_S
+) -> bytes:
+    """An MQTT 5 CONNECT with clean start, user name and password, no properties."""
+    body = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", keepalive_s) + b"\x00"
     body += _string(client_id) + _string(username) + _string(password)
     return bytes([0x10]) + _varint(len(body)) + body
 

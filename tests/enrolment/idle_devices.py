@@ -11,33 +11,13 @@ from __future__ import annotations
 
 import selectors
 import socket
-import struct
 import time
 from types import TracebackType
 from typing import Self
 
+from enrolment.control import connect_packet
+
 KEEPALIVE_S = 600  # no PINGREQ is ever due during a test
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(value: str) -> bytes:
-    data = value.encode()
-    return struct.pack("!H", len(data)) + data
-
-
-def connect_packet(client_id: str, username: str, password: str) -> bytes:
-    """An MQTT 5 CONNECT with clean start, user name and password, no properties."""
-    body = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", KEEPALIVE_S) + b"\x00"
-    body += _string(client_id) + _string(username) + _string(password)
-    return b"\x10" + _varint(len(body)) + body
 
 
 class IdleDevices:
@@ -65,7 +45,7 @@ class IdleDevices:
     def connect(self, name: str, client_id: str, password: str) -> int:
         """Open ``name``'s session and return the CONNACK reason code (0: connected)."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.sendall(connect_packet(client_id, name, password))
+        sock.sendall(connect_packet(client_id, name, password, KEEPALIVE_S))
         header = sock.recv(2)
         rest = sock.recv(header[1]) if len(header) == 2 else b""
         if header[:1] != b"\x20" or len(rest) < 2:
