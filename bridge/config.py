@@ -9,7 +9,17 @@ import msgspec
 
 from schemas.ids import is_region_name
 from schemas.names import DEDUP_TTL_S, DEFAULT_SHARDS, DEFAULT_SHARE_GROUP
-from servicekit.config import ServiceConfig, doc
+from servicekit.config import (
+    MqttCaFile,
+    MqttPassword,
+    MqttPasswordFile,
+    OtlpEndpoint,
+    RedisCluster,
+    RedisPassword,
+    ServiceConfig,
+    TraceSampleRatio,
+    doc,
+)
 from servicekit.credentials import entries_with_password, one_secret, url_with_password
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -35,28 +45,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
-    mqtt_password: Annotated[
-        str,
-        doc(
-            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
-            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
-            secret=True,
-        ),
-    ] = ""
-    mqtt_password_file: Annotated[
-        str,
-        doc(
-            "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
-            "set it whenever the broker wants a password, never put one in the URL flag"
-        ),
-    ] = ""
-    mqtt_ca_file: Annotated[
-        str,
-        doc(
-            "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
-            "certificate comes from a private CA, empty uses the system's CAs"
-        ),
-    ] = ""
+    mqtt_password: MqttPassword = ""
+    mqtt_password_file: MqttPasswordFile = ""
+    mqtt_ca_file: MqttCaFile = ""
     redis_url: Annotated[
         str,
         doc(
@@ -65,15 +56,7 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "geo mode --region-redis may replace it for this region"
         ),
     ] = "redis://127.0.0.1:6379/0"
-    redis_password: Annotated[
-        str,
-        doc(
-            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
-            "the TOML file (as a flag every local user can read it); or use "
-            "--redis-password-file",
-            secret=True,
-        ),
-    ] = ""
+    redis_password: RedisPassword = ""
     redis_password_file: Annotated[
         str,
         doc(
@@ -82,13 +65,7 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "users"
         ),
     ] = ""
-    redis_cluster: Annotated[
-        bool,
-        doc(
-            "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
-            "way); turn on when Redis runs as a cluster"
-        ),
-    ] = False
+    redis_cluster: RedisCluster = False
     redis_min_replicas: Annotated[
         int,
         msgspec.Meta(ge=0),
@@ -290,21 +267,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
             "page; 0 turns the heartbeat off"
         ),
     ] = 5.0
-    otlp_endpoint: Annotated[
-        str,
-        doc(
-            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
-            "is added); empty turns tracing off"
-        ),
-    ] = ""
-    trace_sample_ratio: Annotated[
-        float,
-        msgspec.Meta(ge=0, le=1),
-        doc(
-            "Fraction 0..1 of traces recorded when tracing is on; lower it to cut tracing cost "
-            "under heavy load"
-        ),
-    ] = 1.0
+    otlp_endpoint: OtlpEndpoint = ""
+    trace_sample_ratio: TraceSampleRatio = 1.0
     agent_retry_horizon_s: Annotated[
         NonNegative,
         doc(

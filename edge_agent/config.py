@@ -8,7 +8,12 @@ import msgspec
 
 from schemas import names
 from schemas.messages import DeviceId
-from servicekit.config import ServiceConfig, doc
+from servicekit.config import (
+    MqttPassword,
+    OtlpEndpoint,
+    ServiceConfig,
+    doc,
+)
 from servicekit.credentials import entries_with_password, one_secret, url_with_password
 from servicekit.errors import ConfigError
 
@@ -37,14 +42,7 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             "replaces it in geo mode"
         ),
     ] = "mqtt://127.0.0.1:1883"
-    mqtt_password: Annotated[
-        str,
-        doc(
-            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
-            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
-            secret=True,
-        ),
-    ] = ""
+    mqtt_password: MqttPassword = ""
     mqtt_password_file: Annotated[
         str,
         doc(
@@ -324,13 +322,7 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             "slow disk makes single commits too long"
         ),
     ] = 1024
-    otlp_endpoint: Annotated[
-        str,
-        doc(
-            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
-            "is added); empty turns tracing off"
-        ),
-    ] = ""
+    otlp_endpoint: OtlpEndpoint = ""
     trace_sample_ratio: Annotated[
         float,
         msgspec.Meta(ge=0, le=1),

@@ -7,7 +7,17 @@ from typing import Annotated
 import msgspec
 
 from schemas.names import DEFAULT_SHARDS
-from servicekit.config import ServiceConfig, doc
+from servicekit.config import (
+    MqttCaFile,
+    MqttPassword,
+    MqttPasswordFile,
+    OtlpEndpoint,
+    RedisCluster,
+    RedisPassword,
+    ServiceConfig,
+    TraceSampleRatio,
+    doc,
+)
 from servicekit.credentials import one_secret, url_with_password
 
 from .regions import parse_region_apis
@@ -30,28 +40,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "--mqtt-password-file"
         ),
     ] = "mqtt://127.0.0.1:1883"
-    mqtt_password: Annotated[
-        str,
-        doc(
-            "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
-            "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
-            secret=True,
-        ),
-    ] = ""
-    mqtt_password_file: Annotated[
-        str,
-        doc(
-            "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
-            "set it whenever the broker wants a password, never put one in the URL flag"
-        ),
-    ] = ""
-    mqtt_ca_file: Annotated[
-        str,
-        doc(
-            "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
-            "certificate comes from a private CA, empty uses the system's CAs"
-        ),
-    ] = ""
+    mqtt_password: MqttPassword = ""
+    mqtt_password_file: MqttPasswordFile = ""
+    mqtt_ca_file: MqttCaFile = ""
     redis_url: Annotated[
         str,
         doc(
@@ -60,15 +51,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "--redis-password-file"
         ),
     ] = "redis://127.0.0.1:6379/0"
-    redis_password: Annotated[
-        str,
-        doc(
-            "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
-            "the TOML file (as a flag every local user can read it); or use "
-            "--redis-password-file",
-            secret=True,
-        ),
-    ] = ""
+    redis_password: RedisPassword = ""
     redis_password_file: Annotated[
         str,
         doc(
@@ -76,13 +59,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "set it whenever Redis has ACL users, never put the password in the URL flag"
         ),
     ] = ""
-    redis_cluster: Annotated[
-        bool,
-        doc(
-            "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
-            "way); turn on when Redis runs as a cluster"
-        ),
-    ] = False
+    redis_cluster: RedisCluster = False
     http_port: Annotated[
         int,
         doc(
@@ -316,21 +293,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "raise to keep long-offline devices listed"
         ),
     ] = 86400.0
-    otlp_endpoint: Annotated[
-        str,
-        doc(
-            "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
-            "is added); empty turns tracing off"
-        ),
-    ] = ""
-    trace_sample_ratio: Annotated[
-        float,
-        msgspec.Meta(ge=0, le=1),
-        doc(
-            "Fraction 0..1 of traces recorded when tracing is on; lower it to cut tracing cost "
-            "under heavy load"
-        ),
-    ] = 1.0
+    otlp_endpoint: OtlpEndpoint = ""
+    trace_sample_ratio: TraceSampleRatio = 1.0
 
     region: Annotated[
         str,

@@ -34,7 +34,14 @@ from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
+    "MqttCaFile",
+    "MqttPassword",
+    "MqttPasswordFile",
+    "OtlpEndpoint",
+    "RedisCluster",
+    "RedisPassword",
     "ServiceConfig",
+    "TraceSampleRatio",
     "add_config_arguments",
     "doc",
     "field_help",
@@ -60,6 +67,62 @@ def doc(text: str, *, default: str = "", secret: bool = False) -> msgspec.Meta:
     if secret:
         extra["secret"] = True
     return msgspec.Meta(description=text, extra=extra or None)
+
+
+# Settings several services spell the same way: one definition each, help text included.
+MqttPassword = Annotated[
+    str,
+    doc(
+        "Broker password of --mqtt-url's user, for the ORDERS_MQTT_PASSWORD variable or "
+        "the TOML file (as a flag every local user can read it); or use --mqtt-password-file",
+        secret=True,
+    ),
+]
+MqttPasswordFile = Annotated[
+    str,
+    doc(
+        "File holding the broker password of --mqtt-url's user on one line (keep it 0600); "
+        "set it whenever the broker wants a password, never put one in the URL flag"
+    ),
+]
+MqttCaFile = Annotated[
+    str,
+    doc(
+        "PEM CA bundle that verifies an mqtts:// broker; set it when the broker's "
+        "certificate comes from a private CA, empty uses the system's CAs"
+    ),
+]
+RedisPassword = Annotated[
+    str,
+    doc(
+        "Redis password of --redis-url's user, for the ORDERS_REDIS_PASSWORD variable or "
+        "the TOML file (as a flag every local user can read it); or use "
+        "--redis-password-file",
+        secret=True,
+    ),
+]
+RedisCluster = Annotated[
+    bool,
+    doc(
+        "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
+        "way); turn on when Redis runs as a cluster"
+    ),
+]
+OtlpEndpoint = Annotated[
+    str,
+    doc(
+        "OTLP/HTTP collector that receives traces, e.g. http://127.0.0.1:4318 (/v1/traces "
+        "is added); empty turns tracing off"
+    ),
+]
+TraceSampleRatio = Annotated[
+    float,
+    msgspec.Meta(ge=0, le=1),
+    doc(
+        "Fraction 0..1 of traces recorded when tracing is on; lower it to cut tracing cost "
+        "under heavy load"
+    ),
+]
 
 
 class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
