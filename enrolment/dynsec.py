@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, Literal
@@ -56,6 +57,9 @@ ITERATIONS: Final = 101  # the plugin's default; passwords are 192 random bits
 SALT_BYTES: Final = 12
 DEVICE_ROLE_PREFIX: Final = "device:"
 
+# The rule types in the order the plugin keeps a role's rules in (by type, then by
+# priority, highest first) and saves them in after a live change; policies are written in
+# it so that a role the broker saved compares equal to the policy (`order-enrol check`).
 AclType = Literal[
     "publishClientSend",
     "publishClientReceive",
@@ -64,19 +68,7 @@ AclType = Literal[
     "unsubscribeLiteral",
     "unsubscribePattern",
 ]
-
-
-# The order the plugin keeps a role's rules in (by type, then by priority, highest
-# first) and saves them in after a live change; policies are written in it so that
-# a role the broker saved compares equal to the policy (`order-enrol check`).
-ACL_ORDER: Final[tuple[AclType, ...]] = (
-    "publishClientSend",
-    "publishClientReceive",
-    "subscribeLiteral",
-    "subscribePattern",
-    "unsubscribeLiteral",
-    "unsubscribePattern",
-)
+ACL_ORDER: Final[tuple[AclType, ...]] = typing.get_args(AclType)
 
 
 class Acl(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
