@@ -553,6 +553,8 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stack = Stack(Path(tmp), settings)
         stack.broker.extra_conf = "sys_interval 1"  # $SYS counters each second, for the ledger
+        for service in (stack.pipeline, *stack.bridges):
+            service.start_timeout_s = 180.0  # a crowded machine starts Python services slowly
         with stack:
             broker = BrokerSys(stack.mqtt_url)
             try:
