@@ -255,10 +255,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     health_interval_s: Annotated[
         float,
         doc(
-            "Seconds between health reports on v1/devices/ID/health (also sent on change, "
-            "with an MQTT Will for offline detection); 0 turns both off"
+            "Seconds between health reports on v1/devices/ID/health (also sent on a real "
+            "change, with an MQTT Will for offline detection); 0 turns both off"
         ),
-    ] = 30.0
+    ] = 300.0
     status_query_delay_s: Annotated[
         float,
         doc(
