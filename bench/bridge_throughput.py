@@ -18,11 +18,13 @@ while the bridge consumes, for p50/p99 latency from publish to stream entry,
 and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 
 The tracing rows time the same bridge on equal MQTT 5 backlogs: orders without a
-``traceparent`` user property (the code path before tracing), with one and the
-bridge's tracing off, and with tracing at 1 % and 100 % sampling exporting over
-OTLP/HTTP to a sink. Beside throughput they show CPU per order (bridge process
-plus Redis, from the first entry to the last), on which the goals are judged:
-off costs ≤ 1 %, 1 % sampling ≤ 5 % more than the first row.
+``traceparent`` user property (the code path before tracing), orders as agents
+sampling 1 % send them (a sampled traceparent on 1 % of them, none on the rest:
+an unsampled trace is not carried) with the bridge's tracing off, and with
+tracing at 1 % and 100 % sampling exporting over OTLP/HTTP to a sink. Beside
+throughput they show CPU per order (bridge process plus Redis, from the first
+entry to the last), on which the goals are judged: off costs ≤ 1 %, 1 % sampling
+≤ 5 % more than the first row.
 
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
@@ -380,7 +382,7 @@ def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
                 redis_cpu[label].append(redis_us)
                 stop(procs)
                 drop_session(HOST, broker.port, client_id)
-                _check_trace_field(client, traced=ratio is not None)
+                _check_trace_field(client, ratio)
                 rates[label].append(writer_rate(client))
             print(
                 f"tracing round {round_no + 1}: "
@@ -441,12 +443,13 @@ def drain_cpu_us(client: redis.Redis, pid: int, count: int) -> tuple[float, floa
     return (bridge1 - bridge0) / orders * 1e6, (redis1 - redis0) / orders * 1e6
 
 
-def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
-    """The traced rows really wrote the stream field ``trace``; the baseline did not."""
-    entries = client.xrange(stream_key(0), count=5)
-    has = [TRACE_STREAM_FIELD.encode() in fields for _, fields in entries]
-    if not entries or any(h != traced for h in has):
-        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r} expected={traced}, got {has}")
+def _check_trace_field(client: redis.Redis, ratio: float | None) -> None:
+    """The share of entries with the stream field ``trace`` is the row's (none without one)."""
+    entries = client.xrange(stream_key(0), count=2000)
+    has = sum(TRACE_STREAM_FIELD.encode() in fields for _, fields in entries)
+    share = has / max(len(entries), 1)
+    if not entries or abs(share - (ratio or 0.0)) > 0.03 or (ratio is None and has):
+        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r}: share {share:.3f}, not {ratio}")
 
 
 def print_tracing_rows(rows: dict[str, TracingRow]) -> None:

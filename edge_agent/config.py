@@ -327,8 +327,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
         float,
         msgspec.Meta(ge=0, le=1),
         doc(
-            "Fraction 0..1 of traces recorded; while tracing is off, of the traceparents the "
-            "intake marks sampled for the cloud; lower it to cut tracing cost"
+            "Fraction 0..1 of traces recorded; while tracing is off, of the orders without an "
+            "app's traceparent the intake gives a sampled one for the cloud (the rest carry "
+            "none); lower it to cut tracing cost"
         ),
     ] = 1.0
 
