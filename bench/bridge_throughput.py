@@ -5,10 +5,13 @@ backlog of valid ~200-byte orders that Mosquitto queued for their persistent
 sessions (so publishers cost nothing while a consumer is timed):
 
 - bare: ``mosquitto_sub -q 1`` (C, does nothing with the messages), with the
-  bridge's Receive Maximum (``-D connect receive-maximum 1000``): the broker's
-  ceiling; timed like the bridges, from its first to its last message (``-F %U``);
+  bridge's Receive Maximum (``-D connect receive-maximum 1000``); timed like the
+  bridges, from its first to its last message (``-F %U``);
 - python loop: the fastest receive-and-PUBACK loop a Python process runs (the
-  ``mqtt5`` codec under an asyncio Protocol, no Redis, no validation): our ceiling;
+  ``mqtt5`` codec under an asyncio Protocol, no Redis, no validation);
+- the **ceiling** the bridge's ≥ 50 % goal is judged against is the faster of
+  those two in the run (mosquitto_sub printing a line per message is not
+  always the faster); both are printed;
 - naive: paho callback → decode → ``SET NX`` + ``XADD`` per message, no pipelining;
 - bridge: ``order-bridge`` (one process; optionally two replicas on one share group).
 
@@ -606,15 +609,21 @@ def main() -> None:
         f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
         f" {args.publishers} publisher processes, medians:"
     )
+    # The ceiling is the fastest receive+PUBACK consumer measured in this run: whichever
+    # of the two it was (mosquitto_sub is not always the faster, issue 25).
+    ceilings = {"mosquitto_sub": bare, "the Python loop": python}
+    fastest = max(ceilings, key=lambda k: ceilings[k])
+    ceiling = ceilings[fastest]
     print(f"  ceiling: bare QoS 1 subscriber (mosquitto_sub, C): {bare:10,.0f} msg/s")
     print(f"  ceiling: Python receive+PUBACK loop (mqtt5 codec): {python:10,.0f} msg/s"
           f"   {python / bare:.0%} of mosquitto_sub")  # fmt: skip
+    print(f"  ceiling used: the fastest consumer measured, {fastest} ({ceiling:,.0f} msg/s)")
     print(f"  naive bridge (paho, SET NX + XADD):                {naive:10,.0f} orders/s")
     print(
         f"  order-bridge, 1 process:                           {bridge:10,.0f} orders/s"
         f"   {bridge / naive:.1f}× naive [goal ≥ 5×: {_mark(bridge / naive >= 5)}],"
-        f" {bridge / bare:.0%} of mosquitto_sub [goal ≥ 50 %: {_mark(bridge / bare >= 0.5)}],"
-        f" {bridge / python:.0%} of the Python loop"
+        f" {bridge / ceiling:.0%} of the ceiling [goal ≥ 50 %: {_mark(bridge / ceiling >= 0.5)}],"
+        f" {bridge / bare:.0%} of mosquitto_sub, {bridge / python:.0%} of the Python loop"
     )
     if "bridge x2" in med:
         ratio = med["bridge x2"] / bridge
