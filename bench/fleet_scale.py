@@ -159,7 +159,7 @@ CLOUD = ("broker", "bridge", "redis", "pipeline")  # the simulator is the fleet,
 HANDLES = {
     "broker": KINDS,
     "bridge": ("orders", "receipts"),
-    "redis": ("orders", "statuses", "health", "status queries"),
+    "redis": ("orders", "health", "status queries"),  # statuses are written with their order
     "pipeline": ("orders", "statuses", "health", "status queries"),
 }
 _SYS_TOPICS = {
@@ -291,6 +291,12 @@ def show_cost(cost: Cost) -> None:
     print(f"        messages per order: {kinds}; broker PUBLISH in/out "
           f"{cost.messages.get('broker publish in', 0.0) / orders:.2f}/"
           f"{cost.messages.get('broker publish out', 0.0) / orders:.2f}", flush=True)  # fmt: skip
+    handled = "; ".join(
+        f"{stage} {sum(cost.messages.get(k, 0.0) for k in HANDLES[stage]) / orders:.2f} "
+        f"({', '.join(HANDLES[stage])})"
+        for stage in CLOUD
+    )
+    print(f"        messages each stage handled per order: {handled}", flush=True)
     top = sorted(cost.redis.items(), key=lambda kv: -kv[1][1])[:6]
     calls = sum(c for c, _ in cost.redis.values())
     listed = ", ".join(f"{k} {us / orders:.0f} ({c / orders:.1f})" for k, (c, us) in top)
