@@ -116,16 +116,16 @@ def _publish5(  # noqa: PLR0917 - a multiprocessing target takes its args positi
     trace_ratio: float | None,
     out: mp.Queue,  # type: ignore[type-arg]
 ) -> None:
-    """Like :func:`_publish`, over MQTT 5: with a ``traceparent`` user property per order
-    (sampled with probability ``trace_ratio``), or without properties (``None``)."""
+    """Like :func:`_publish`, over MQTT 5: with a sampled ``traceparent`` user property on a
+    share ``trace_ratio`` of the orders and none on the rest, as agents send them (an
+    unsampled trace is not carried: servicekit.tracing), or without properties (``None``)."""
     rng = random.Random(proc)
     packets = []
     for index in range(count):
         topic, payload = bench_order(proc, index, devices)
         properties = b""
-        if trace_ratio is not None:
-            flags = "01" if rng.random() < trace_ratio else "00"
-            traceparent = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-{flags}"
+        if trace_ratio is not None and rng.random() < trace_ratio:
+            traceparent = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-01"
             properties = b"\x26" + _utf8(TRACEPARENT_PROPERTY) + _utf8(traceparent)
         body = _utf8(topic) + struct.pack("!H", index % 65535 + 1)
         packets.append(_packet(0x32, body + _varint(len(properties)) + properties + payload))
@@ -189,8 +189,8 @@ def publish_load(
     """Publish ``total`` orders from ``processes`` processes (``rate`` msg/s in all, 0 = flat out).
 
     ``mqtt5_trace_ratio``: False publishes over MQTT 3.1.1; None over MQTT 5 without
-    properties; a ratio over MQTT 5 with a ``traceparent`` user property per order,
-    sampled with that probability (``rate`` is ignored then).
+    properties; a ratio over MQTT 5 with a sampled ``traceparent`` user property on that
+    share of the orders (``rate`` is ignored then).
     Returns when every publish was acked by the broker: the send time of each chunk.
     """
     queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]

@@ -5,10 +5,13 @@ backlog of valid ~200-byte orders that Mosquitto queued for their persistent
 sessions (so publishers cost nothing while a consumer is timed):
 
 - bare: ``mosquitto_sub -q 1`` (C, does nothing with the messages), with the
-  bridge's Receive Maximum (``-D connect receive-maximum 1000``): the broker's
-  ceiling; timed like the bridges, from its first to its last message (``-F %U``);
+  bridge's Receive Maximum (``-D connect receive-maximum 1000``); timed like the
+  bridges, from its first to its last message (``-F %U``);
 - python loop: the fastest receive-and-PUBACK loop a Python process runs (the
-  ``mqtt5`` codec under an asyncio Protocol, no Redis, no validation): our ceiling;
+  ``mqtt5`` codec under an asyncio Protocol, no Redis, no validation);
+- the **ceiling** the bridge's ≥ 50 % goal is judged against is the faster of
+  those two in the run (mosquitto_sub printing a line per message is not
+  always the faster); both are printed;
 - naive: paho callback → decode → ``SET NX`` + ``XADD`` per message, no pipelining;
 - bridge: ``order-bridge`` (one process; optionally two replicas on one share group).
 
@@ -18,11 +21,13 @@ while the bridge consumes, for p50/p99 latency from publish to stream entry,
 and a lean probe (one client, ~50 orders/s) times order → receipt round trips.
 
 The tracing rows time the same bridge on equal MQTT 5 backlogs: orders without a
-``traceparent`` user property (the code path before tracing), with one and the
-bridge's tracing off, and with tracing at 1 % and 100 % sampling exporting over
-OTLP/HTTP to a sink. Beside throughput they show CPU per order (bridge process
-plus Redis, from the first entry to the last), on which the goals are judged:
-off costs ≤ 1 %, 1 % sampling ≤ 5 % more than the first row.
+``traceparent`` user property (the code path before tracing), orders as agents
+sampling 1 % send them (a sampled traceparent on 1 % of them, none on the rest:
+an unsampled trace is not carried) with the bridge's tracing off, and with
+tracing at 1 % and 100 % sampling exporting over OTLP/HTTP to a sink. Beside
+throughput they show CPU per order (bridge process plus Redis, from the first
+entry to the last), on which the goals are judged: off costs ≤ 1 %, 1 % sampling
+≤ 5 % more than the first row.
 
 A last pair of rows times the same bridge against two Redis servers started
 from redis/redis.conf, one with ``appendfsync always`` (as shipped) and one
@@ -380,7 +385,7 @@ def run_tracing_rows(  # noqa: PLR0917 - the same shape as run_fsync_policies
                 redis_cpu[label].append(redis_us)
                 stop(procs)
                 drop_session(HOST, broker.port, client_id)
-                _check_trace_field(client, traced=ratio is not None)
+                _check_trace_field(client, ratio)
                 rates[label].append(writer_rate(client))
             print(
                 f"tracing round {round_no + 1}: "
@@ -441,12 +446,13 @@ def drain_cpu_us(client: redis.Redis, pid: int, count: int) -> tuple[float, floa
     return (bridge1 - bridge0) / orders * 1e6, (redis1 - redis0) / orders * 1e6
 
 
-def _check_trace_field(client: redis.Redis, *, traced: bool) -> None:
-    """The traced rows really wrote the stream field ``trace``; the baseline did not."""
-    entries = client.xrange(stream_key(0), count=5)
-    has = [TRACE_STREAM_FIELD.encode() in fields for _, fields in entries]
-    if not entries or any(h != traced for h in has):
-        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r} expected={traced}, got {has}")
+def _check_trace_field(client: redis.Redis, ratio: float | None) -> None:
+    """The share of entries with the stream field ``trace`` is the row's (none without one)."""
+    entries = client.xrange(stream_key(0), count=2000)
+    has = sum(TRACE_STREAM_FIELD.encode() in fields for _, fields in entries)
+    share = has / max(len(entries), 1)
+    if not entries or abs(share - (ratio or 0.0)) > 0.03 or (ratio is None and has):
+        raise RuntimeError(f"stream field {TRACE_STREAM_FIELD!r}: share {share:.3f}, not {ratio}")
 
 
 def print_tracing_rows(rows: dict[str, TracingRow]) -> None:
@@ -603,15 +609,21 @@ def main() -> None:
         f"\n{args.rounds} rounds, {args.messages:,} queued orders (naive: {args.naive_messages:,}),"
         f" {args.publishers} publisher processes, medians:"
     )
+    # The ceiling is the fastest receive+PUBACK consumer measured in this run: whichever
+    # of the two it was (mosquitto_sub is not always the faster, issue 25).
+    ceilings = {"mosquitto_sub": bare, "the Python loop": python}
+    fastest = max(ceilings, key=lambda k: ceilings[k])
+    ceiling = ceilings[fastest]
     print(f"  ceiling: bare QoS 1 subscriber (mosquitto_sub, C): {bare:10,.0f} msg/s")
     print(f"  ceiling: Python receive+PUBACK loop (mqtt5 codec): {python:10,.0f} msg/s"
           f"   {python / bare:.0%} of mosquitto_sub")  # fmt: skip
+    print(f"  ceiling used: the fastest consumer measured, {fastest} ({ceiling:,.0f} msg/s)")
     print(f"  naive bridge (paho, SET NX + XADD):                {naive:10,.0f} orders/s")
     print(
         f"  order-bridge, 1 process:                           {bridge:10,.0f} orders/s"
         f"   {bridge / naive:.1f}× naive [goal ≥ 5×: {_mark(bridge / naive >= 5)}],"
-        f" {bridge / bare:.0%} of mosquitto_sub [goal ≥ 50 %: {_mark(bridge / bare >= 0.5)}],"
-        f" {bridge / python:.0%} of the Python loop"
+        f" {bridge / ceiling:.0%} of the ceiling [goal ≥ 50 %: {_mark(bridge / ceiling >= 0.5)}],"
+        f" {bridge / bare:.0%} of mosquitto_sub, {bridge / python:.0%} of the Python loop"
     )
     if "bridge x2" in med:
         ratio = med["bridge x2"] / bridge

@@ -436,6 +436,32 @@ def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
         ratios = f"{row.rate / base.rate:10.1%} {row.rate / slow.rate:8.1f}x"
         print(f"{row.backend:10} {row.name:34} {row.rate:9.0f} {ratios} "
               f"{row.redis_us:14.1f} {row.consumer_us:15.1f}")  # fmt: skip
+    print_goals(rows)
+
+
+def print_goals(rows: Sequence[Row]) -> None:
+    """The pipeline's goals on its best rows, met or not (issue 25: printed every run)."""
+    ours = [r for r in rows if not r.name.startswith(("ceiling", "naive"))]
+    if not ours:
+        return
+    share = max(ours, key=lambda r: r.rate / _ceiling(rows, r).rate)
+    redis_best = min(ours, key=lambda r: r.redis_us)
+    worker_best = min(ours, key=lambda r: r.consumer_us)
+    goals = [
+        (f"best row {share.rate / _ceiling(rows, share).rate:.1%} of the read+ack ceiling "
+         f"({share.backend}, {share.name.strip()})", "≥ 50 %",
+         share.rate / _ceiling(rows, share).rate >= 0.5),
+        (f"Redis {redis_best.redis_us:.1f} µs per order at best ({redis_best.backend}, "
+         f"{redis_best.name.strip()})", "≤ 25 µs", redis_best.redis_us <= 25),
+        (f"worker {worker_best.consumer_us:.1f} µs per order at best ({worker_best.backend}, "
+         f"{worker_best.name.strip()})", "≤ 60 µs", worker_best.consumer_us <= 60),
+    ]  # fmt: skip
+    for what, goal, met in goals:
+        print(f"goal: {what} [goal {goal}: {'met' if met else 'NOT MET'}]")
+
+
+def _ceiling(rows: Sequence[Row], row: Row) -> Row:
+    return next(r for r in rows if r.backend == row.backend and r.name.startswith("ceiling"))
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -255,10 +255,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     health_interval_s: Annotated[
         float,
         doc(
-            "Seconds between health reports on v1/devices/ID/health (also sent on change, "
-            "with an MQTT Will for offline detection); 0 turns both off"
+            "Seconds between health reports on v1/devices/ID/health (also sent on a real "
+            "change, with an MQTT Will for offline detection); 0 turns both off"
         ),
-    ] = 30.0
+    ] = 300.0
     status_query_delay_s: Annotated[
         float,
         doc(
@@ -327,8 +327,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
         float,
         msgspec.Meta(ge=0, le=1),
         doc(
-            "Fraction 0..1 of traces recorded; while tracing is off, of the traceparents the "
-            "intake marks sampled for the cloud; lower it to cut tracing cost"
+            "Fraction 0..1 of traces recorded; while tracing is off, of the orders without an "
+            "app's traceparent the intake gives a sampled one for the cloud (the rest carry "
+            "none); lower it to cut tracing cost"
         ),
     ] = 1.0
 

@@ -4,9 +4,11 @@ The agent tells the cloud how it is doing: outbox depth and bytes, the age of
 its oldest unreceipted order, held orders, the last broker error and its
 version. It publishes
 
-* every ``health_interval_s`` while connected (the cloud's "last seen"),
-* at once on a change: just connected, the outbox filled or emptied (depth
-  crossing zero), the held count moved, a new broker error; checked every
+* every ``health_interval_s`` while connected (the cloud's "last seen"; 300 s
+  by default: the Will, not the heartbeat, tells the cloud a device is gone),
+* at once on a real change: just connected, the outbox backlog changed its
+  order of magnitude (:func:`backlog_level`: fewer than 10, 10–99, 100–999,
+  …), the held count moved, a new broker error; checked every
   :data:`CHECK_S`, so a flapping figure costs at most one message a second,
 * ``online=False`` with its figures on a clean shutdown, before DISCONNECT.
 
@@ -52,10 +54,22 @@ log = structlog.get_logger(__name__)
 
 CHECK_S: Final = 1.0
 """How often the reporter looks for a change (in-memory figures only, no SQLite)."""
+BACKLOG_MIN: Final = 10
+"""Outbox depth from which a backlog is reported (see :func:`backlog_level`)."""
 GOODBYE_TIMEOUT_S: Final = 1.0
 """How long a clean shutdown waits for the broker's PUBACK of ``online=False``."""
 _ERROR_TEXT_MAX: Final = 256  # schemas.messages.ShortText
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def backlog_level(depth: int) -> int:
+    """The outbox depth's order of magnitude: 0 below 10, then 1, 2, … per decade.
+
+    A device with sparse orders fills and empties its outbox with every order; that
+    is no news for the cloud (issue 25: it made health the fleet's commonest
+    message). A backlog that grows or drains by a decade is.
+    """
+    return 0 if depth < BACKLOG_MIN else len(str(depth)) - 1
 
 
 def short_text(text: str) -> str:
@@ -148,9 +162,10 @@ class HealthReporter:
 
     # --- reporting --------------------------------------------------------------
 
-    def _change_key(self) -> tuple[int, bool, int, int]:
+    def _change_key(self) -> tuple[int, int, int, int]:
         store = self._outbox.store
-        return (self._connects, store.pending_rows == 0, store.held_rows, self._errors)
+        level = backlog_level(max(0, store.pending_rows))
+        return (self._connects, level, store.held_rows, self._errors)
 
     async def snapshot(self, *, online: bool) -> schemas.Health:
         """The health message now: figures from the outbox (its age needs one SQLite read)."""
@@ -191,7 +206,7 @@ class HealthReporter:
         if not self.enabled:
             return
         trouble = Backoff(CHECK_S, 30.0)
-        last_key: tuple[int, bool, int, int] | None = None
+        last_key: tuple[int, int, int, int] | None = None
         next_due = 0.0
         while True:
             transport = self._transport

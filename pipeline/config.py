@@ -285,7 +285,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "Seconds after its last health report that the ops page shows a device stale; keep "
             "above the agents' health_interval_s"
         ),
-    ] = 90.0
+    ] = 900.0
     health_ttl_s: Annotated[
         float,
         doc(

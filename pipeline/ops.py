@@ -63,7 +63,7 @@ from .names import (
     health_device_key,
 )
 
-DEFAULT_HEALTH_STALE_S: Final = 90.0
+DEFAULT_HEALTH_STALE_S: Final = 900.0  # 3 × the agents' default health interval
 # Devices whose health hash the summary reads per call, most recently seen first;
 # the rest of a larger fleet is counted as `unscanned`.
 FLEET_SCAN_MAX: Final = 10_000

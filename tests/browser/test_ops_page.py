@@ -97,15 +97,15 @@ async def pipeline_api(
 
 
 async def seed_fleet(client: aioredis.Redis) -> None:
-    """Three devices online, one offline (its Will came), one silent past 90 s; mid-upgrade:
-    two on 0.2.0 (both online), three on 0.1.0 (one online)."""
+    """Three devices online, one offline (its Will came), one silent past the 900 s default;
+    mid-upgrade: two on 0.2.0 (both online), three on 0.1.0 (one online)."""
     now = now_ms()
     devices = {
         "kiosk-berlin-01": ("1", 1_000, 1_200, 2, "0.2.0"),
         "kiosk-berlin-02": ("1", 2_000, 0, 0, "0.1.0"),
         "fridge-lyon-07": ("1", 3_000, 45_000, 12, "0.2.0"),
         "charger-oslo-3": ("0", 30_000, 7_200_000, 340, "0.1.0"),
-        "vending-rome-9": ("1", 300_000, 900_000, 57, "0.1.0"),
+        "vending-rome-9": ("1", 3_000_000, 900_000, 57, "0.1.0"),
     }
     for device_id, (online, seen_ago, oldest, depth, version) in devices.items():
         seen_at = now - seen_ago

@@ -15,7 +15,7 @@ import pytest
 
 import schemas
 from edge_agent import AgentConfig, EdgeAgent
-from edge_agent.health import HealthReporter, short_text
+from edge_agent.health import HealthReporter, backlog_level, short_text
 from schemas.names import health_topic
 from servicekit.version import package_version
 from testrig.servers import MosquittoProcess
@@ -53,10 +53,12 @@ async def next_health(
     return found[-1]
 
 
-async def test_reports_figures_on_connect_and_on_change(
-    make_config: Callable[..., AgentConfig], health_probe: Probe
+async def test_reports_figures_on_connect_and_on_a_backlog_not_on_each_order(
+    make_config: Callable[..., AgentConfig], health_probe: Probe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Online at connect with an empty outbox; an order with no bridge makes depth 1 at once."""
+    """Online at connect with an empty outbox; one unreceipted order is no news, a backlog
+    of 10 (a new order of magnitude) is reported at once (issue 25)."""
+    monkeypatch.setattr("edge_agent.health.CHECK_S", 0.05)
     config = make_config(http_enabled=False, health_interval_s=3600)
     async with EdgeAgent(config) as agent:
         first = await next_health(health_probe, lambda h: h.online)
@@ -65,15 +67,26 @@ async def test_reports_figures_on_connect_and_on_change(
         assert first.agent_version == package_version()
         before = time.time() * 1000
         await agent.submit(order_body())
-        # No bridge: the order stays unreceipted. The interval is an hour, so only
-        # the change trigger (depth crossed zero) can have sent this one.
-        busy = await next_health(health_probe, lambda h: h.online and h.outbox_depth == 1)
+        await asyncio.sleep(0.5)  # ten checks: a depth-crossing-zero trigger would have fired
+        assert [h.outbox_depth for h in decoded(health_probe)] == [0]
+        # No bridge: the orders stay unreceipted. The interval is an hour, so only
+        # the change trigger (a backlog of 10) can send this one.
+        for _ in range(9):
+            await agent.submit(order_body())
+        busy = await next_health(health_probe, lambda h: h.online and h.outbox_depth == 10)
         assert busy.outbox_bytes is not None
         assert busy.outbox_bytes > 0
         assert busy.oldest_unreceipted_age_ms is not None
         assert 0 <= busy.oldest_unreceipted_age_ms <= time.time() * 1000 - before + 1000
-        assert agent.reporter.published.labels("change")._value.get() >= 2
+        assert agent.reporter.published.labels("change")._value.get() == 2
         assert agent.reporter.published.labels("interval")._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    ("depth", "level"), [(0, 0), (1, 0), (9, 0), (10, 1), (99, 1), (100, 2), (12_345, 4)]
+)
+def test_backlog_level_is_the_depths_decade_from_ten(depth: int, level: int) -> None:
+    assert backlog_level(depth) == level
 
 
 async def test_reports_every_interval(
@@ -94,8 +107,9 @@ async def test_clean_stop_says_offline_with_figures(
 ) -> None:
     """Leaving cleanly publishes online=False with the figures (the Will is discarded)."""
     async with EdgeAgent(make_config(http_enabled=False, health_interval_s=3600)) as agent:
+        await next_health(health_probe, lambda h: h.online)
         await agent.submit(order_body())
-        await next_health(health_probe, lambda h: h.online and h.outbox_depth == 1)
+        await wait_until(lambda: agent.outbox.store.pending_rows == 1, what="the order queued")
     last = await next_health(health_probe, lambda h: not h.online)
     assert last.outbox_depth == 1
     assert last.held == 0

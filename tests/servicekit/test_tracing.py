@@ -174,15 +174,32 @@ def test_off_intake_passes_a_valid_header_through() -> None:
         assert span.traceparent == HEADER_UNSAMPLED
 
 
-@pytest.mark.parametrize(("ratio", "sampled"), [(1.0, True), (0.0, False)])
-def test_off_intake_makes_a_traceparent_flagged_by_the_ratio(ratio: float, sampled: bool) -> None:
-    """Off, no (or a bad) header: a new traceparent whose flag follows the ratio."""
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_off_intake_makes_a_sampled_traceparent_at_the_ratio_and_none_otherwise(
+    ratio: float,
+) -> None:
+    """Off, no (or a bad) header: a new sampled traceparent at the ratio, else none at all
+    (an unsampled trace is not carried: issue 25)."""
     tracing.configure("", sample_ratio=ratio, service_name="x")
     for header in (None, "bad"):
         with tracing.intake_span(header) as span:
             made = span.traceparent
-        assert tracing.valid_traceparent(made) == made
-        assert tracing.is_sampled(made) is sampled
+        if ratio:
+            assert made is not None
+            assert tracing.valid_traceparent(made) == made
+            assert tracing.is_sampled(made)
+        else:
+            assert made is None
+
+
+def test_off_intake_at_one_percent_carries_about_one_in_a_hundred() -> None:
+    """Off at 1 %: the share of orders that carry a traceparent is the ratio."""
+    tracing.configure("", sample_ratio=0.01, service_name="x")
+    carried = 0
+    for _ in range(20_000):
+        with tracing.intake_span(None) as span:
+            carried += span.traceparent is not None
+    assert 100 <= carried <= 300  # 200 expected; the binomial's sd is ~14
 
 
 def test_off_helpers_do_nothing_and_never_consume_their_orders() -> None:
@@ -214,6 +231,7 @@ def test_intake_span_continues_the_apps_trace(exporter: InMemorySpanExporter) ->
         span.set("order.id", "o1")
         order_tp = span.traceparent
     (intake,) = finished(exporter)
+    assert order_tp is not None
     assert intake.name == "order intake"
     assert intake.kind is SpanKind.SERVER
     assert hex_ids(intake) == (order_tp[3:35], order_tp[36:52])
@@ -230,8 +248,19 @@ def test_intake_span_without_header_is_a_root(exporter: InMemorySpanExporter) ->
         order_tp = span.traceparent
     (intake,) = finished(exporter)
     assert intake.parent is None
+    assert order_tp is not None
     assert tracing.is_sampled(order_tp)
     assert intake.status.description == "outbox_full"
+
+
+def test_on_an_unsampled_root_is_not_carried() -> None:
+    """On at ratio 0, no header: no span, and the order carries no traceparent (issue 25)."""
+    memory = InMemorySpanExporter()
+    assert tracing.configure("", sample_ratio=0.0, service_name="unit", exporter=memory)
+    with tracing.intake_span(None) as span:
+        order_tp = span.traceparent
+    assert order_tp is None
+    assert finished(memory) == []
 
 
 def test_an_unsampled_header_records_nothing_but_keeps_the_trace(
@@ -240,6 +269,7 @@ def test_an_unsampled_header_records_nothing_but_keeps_the_trace(
     """Parent-based: the app said not sampled, so no span, and the flag travels on."""
     with tracing.intake_span(HEADER_UNSAMPLED) as span:
         order_tp = span.traceparent
+    assert order_tp is not None  # the caller's trace is carried, sampled or not
     assert tracing.trace_id(order_tp) == tracing.trace_id(HEADER_UNSAMPLED)
     assert not tracing.is_sampled(order_tp)
     assert finished(exporter) == []
@@ -306,8 +336,8 @@ def test_a_batch_is_recorded_when_an_order_is_sampled_whatever_the_ratio() -> No
         pass
     with tracing.batch_span("linked", iter([(HEADER_SAMPLED, {})])):
         pass
-    with tracing.intake_span(None) as span:  # a root at ratio 0: not sampled
-        assert not tracing.is_sampled(span.traceparent)
+    with tracing.intake_span(None) as span:  # a root at ratio 0: not sampled, not carried
+        assert span.traceparent is None
     assert [s.name for s in finished(memory)] == ["linked"]
 
 
