@@ -1,0 +1,266 @@
+"""A rolling upgrade from the previous tagged release to this tree, under load.
+
+The old release (``git describe --tags --abbrev=0``) is installed from its own
+lock (:mod:`tests.upgrade.old_release`). Its bridges, pipeline replicas and
+agents start on a real Mosquitto and Redis; load is offered to every agent
+throughout. Then, with the commands of ``docs/how-to/upgrade.md`` as written:
+the bridge replicas are replaced by this tree's one by one, then the pipeline
+replicas; half the agents stay old, the other half restart as this tree's on
+the same outbox file. The end: 0 lost, 0 duplicated, 0 stuck, 0 processed
+twice, every status heard by its agent (:func:`fleet.verify.verify`).
+
+``UPGRADE_SLOW=1`` adds a longer form: more agents and replicas, more orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from edge_agent._migrations import SCHEMA_VERSION
+from fleet.statuses import order_statuses
+from fleet.verify import OrderRef, Verdict, verify
+from pipeline.names import TERMINAL_STATUSES
+from servicekit.version import package_version
+from testrig.servers import MosquittoProcess, RedisProcess, free_port
+from tests.tools import require_tool
+from tests.upgrade.old_release import REPO, Release, install, previous_tag
+from tests.upgrade.rig import Load, Unit, http_json, run_block
+from tests.upgrade.runbook import runbook_blocks
+
+PAGE = REPO / "docs" / "how-to" / "upgrade.md"
+CATALOG = REPO / "pipeline" / "demo_catalog.toml"
+NEW_BIN = Path(sys.executable).parent
+SHARDS = 4
+SETTLE_TIMEOUT_S = 90.0
+
+
+@dataclass(frozen=True)
+class Form:
+    """How big a run is."""
+
+    bridges: int
+    pipelines: int
+    agents: int
+    per_agent_per_s: float
+    # Seconds of load before the first replacement and after the last one.
+    lead_s: float
+
+
+CHEAP = Form(bridges=2, pipelines=2, agents=4, per_agent_per_s=8, lead_s=2)
+LONG = Form(bridges=3, pipelines=3, agents=12, per_agent_per_s=10, lead_s=15)
+
+
+@pytest.fixture(scope="module")
+def old() -> Release:
+    """The previous tagged release, installed from its own lock."""
+    return install(previous_tag())
+
+
+@pytest.fixture
+def blocks() -> dict[str, str]:
+    """The upgrade runbook's tested commands."""
+    return runbook_blocks(PAGE)
+
+
+@pytest.fixture
+def units() -> Iterator[list[Unit]]:
+    """Every unit a test starts; killed at the end whatever happened."""
+    started: list[Unit] = []
+    yield started
+    for unit in started:
+        unit.kill()
+
+
+def test_runbook_has_the_commands_the_test_runs(blocks: dict[str, str]) -> None:
+    """The page marks every command the upgrade test runs, and no other."""
+    assert set(blocks) == {
+        "stop", "bridge-start", "ready", "ops-versions", "pipeline-start", "agent-start",
+        "outbox-version",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        pytest.param(CHEAP, id="cheap"),
+        pytest.param(
+            LONG, id="long",
+            marks=[pytest.mark.slow, pytest.mark.skipif(
+                os.environ.get("UPGRADE_SLOW") != "1", reason="set UPGRADE_SLOW=1 (about 2 min)")],
+        ),
+    ],
+)  # fmt: skip
+def test_rolling_upgrade_from_the_previous_release(
+    form: Form, old: Release, blocks: dict[str, str], units: list[Unit], tmp_path: Path
+) -> None:
+    """Bridges, then pipeline replicas, then half the agents go from the old release to this
+    tree under load: nothing lost, duplicated or stuck, and every agent heard every end."""
+    for tool in ("curl", "jq", "sqlite3"):
+        require_tool(tool)
+    new_version = package_version()
+    old_schema = _old_schema_version(old)
+    t0 = time.monotonic()
+
+    def took(what: str) -> None:
+        print(f"{time.monotonic() - t0:6.1f} s  {what}")
+
+    with (
+        MosquittoProcess(tmp_path / "mosquitto") as broker,
+        RedisProcess.production(tmp_path / "redis") as redis_server,
+    ):
+        base = {
+            "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+            "ORDERS_MQTT_URL": broker.url,
+        }  # fmt: skip
+        cloud = {**base, "ORDERS_REDIS_URL": redis_server.url, "ORDERS_SHARDS": str(SHARDS)}
+        run_block(
+            f"order-pipeline catalog load {CATALOG}",
+            {**cloud, "PATH": f"{old.bin}:{base['PATH']}"},
+        )
+
+        def unit(name: str, block: str, **env: str) -> Unit:
+            made = Unit(name, blocks[block], env, tmp_path)
+            units.append(made)
+            return made
+
+        bridges = [
+            unit(
+                f"bridge-{i}",
+                "bridge-start",
+                **cloud,
+                NAME=f"bridge-{i}",
+                PORT=str(free_port()),
+                ORDERS_TRIM_EVERY_BATCHES="0",
+            )
+            for i in range(form.bridges)
+        ]
+        pipelines = [
+            unit(
+                f"pipeline-{i}",
+                "pipeline-start",
+                **cloud,
+                WORKERS="1",
+                PORT=str(free_port()),
+                ORDERS_CLAIM_IDLE_MS="3000",
+            )
+            for i in range(form.pipelines)
+        ]
+        agents = [
+            unit(
+                f"agent-{i}",
+                "agent-start",
+                **base,
+                DEVICE_ID=f"upgrade-{i:03d}",
+                DB=str(tmp_path / f"outbox-{i}.db"),
+                PORT=str(free_port()),
+                ORDERS_HEALTH_INTERVAL_S="1",
+                ORDERS_RECEIPT_TIMEOUT_S="5",
+                ORDERS_STATUS_QUERY_DELAY_S="5",
+                ORDERS_RECONNECT_MAX_S="2",
+            )
+            for i in range(form.agents)
+        ]
+        for part in (*bridges, *pipelines, *agents):
+            part.spawn(old.bin)
+        for part in (*bridges, *pipelines, *agents):
+            part.wait_ready(blocks["ready"])
+        took("old release started")
+
+        load = Load({a.env["DEVICE_ID"]: int(a.env["PORT"]) for a in agents}, form.per_agent_per_s)
+        load.start()
+        try:
+            time.sleep(form.lead_s)
+            for bridge in bridges:
+                assert bridge.stop(blocks["stop"]) == 0, f"{bridge.name} did not drain cleanly"
+                bridge.start(NEW_BIN, blocks["ready"])
+            took("bridges upgraded")
+            for pipeline in pipelines:
+                assert pipeline.stop(blocks["stop"]) == 0
+                pipeline.start(NEW_BIN, blocks["ready"])
+            took("pipeline upgraded")
+            upgraded = agents[: len(agents) // 2]
+            for agent in upgraded:
+                assert agent.stop(blocks["stop"]) == 0
+                version = run_block(blocks["outbox-version"], agent.env)
+                assert int(version) == old_schema
+                agent.start(NEW_BIN, blocks["ready"])
+            took("agents upgraded")
+            time.sleep(form.lead_s)
+        finally:
+            load.stop()
+
+        accepted = list(load.accepted)
+        assert len(accepted) >= form.agents * form.per_agent_per_s, "too little load offered"
+        heard = _wait_heard(agents, accepted)
+        took(f"{len(heard)}/{len(accepted)} heard")
+
+        verdict = asyncio.run(_verify(redis_server.url, accepted, heard))
+        assert verdict.ok, verdict
+        assert verdict.checked == len(set(accepted))
+
+        ops = _ops_versions(
+            blocks["ops-versions"], {**base, "API": f"http://127.0.0.1:{pipelines[0].env['PORT']}"}
+        )
+        assert {b["version"] for b in ops["bridges"] if b["state"] == "ready"} == {new_version}
+        agent_versions = {v["version"]: v["devices"] for v in ops["agents"]}
+        assert agent_versions.get(new_version) == len(upgraded), ops
+        assert agent_versions.get(old.tag.removeprefix("v")) == len(agents) - len(upgraded), ops
+        for part in (*bridges, *pipelines, *agents):
+            part.stop(blocks["stop"])
+        for agent in upgraded:  # migrated by the new agent, read now that it has stopped
+            assert int(run_block(blocks["outbox-version"], agent.env)) == SCHEMA_VERSION
+
+
+def _wait_heard(agents: list[Unit], accepted: list[OrderRef]) -> set[OrderRef]:
+    """The accepted orders whose agent shows a final status, once all do or after the timeout."""
+    ports = {a.env["DEVICE_ID"]: a.env["PORT"] for a in agents}
+    waiting = set(accepted)
+    heard: set[OrderRef] = set()
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while waiting and time.monotonic() < deadline:
+        for ref in sorted(waiting):
+            device_id, order_id = ref
+            status, answer = http_json(f"http://127.0.0.1:{ports[device_id]}/v1/orders/{order_id}")
+            if status == 200 and answer.get("status") in TERMINAL_STATUSES:
+                heard.add(ref)
+        waiting -= heard
+        if waiting:
+            time.sleep(0.5)
+    return heard
+
+
+def _ops_versions(block: str, env: dict[str, str]) -> dict[str, Any]:
+    """The runbook's ops-versions answer, after the agents' next health reports."""
+    out: dict[str, Any] = json.loads(run_block(block, env))
+    return out
+
+
+async def _verify(redis_url: str, accepted: list[OrderRef], heard: set[OrderRef]) -> Verdict:
+    client = aioredis.from_url(redis_url)
+    try:
+
+        async def statuses(refs: list[OrderRef]) -> list[str | None]:
+            return await order_statuses(client, refs, SHARDS)
+
+        return await verify(
+            client, accepted, shards=SHARDS, statuses=statuses, heard=heard, pipeline_writes=True
+        )
+    finally:
+        await client.aclose()
+
+
+def _old_schema_version(old: Release) -> int:
+    """The outbox schema version the old release writes (its ``SCHEMA_VERSION``)."""
+    code = "from edge_agent._migrations import SCHEMA_VERSION; print(SCHEMA_VERSION)"
+    return int(run_block(f"python -c '{code}'", {"PATH": f"{old.bin}:{os.environ['PATH']}"}))
