@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,16 +86,7 @@ class Unit:
 
     def stop(self, stop: str) -> int:
         """Run the page's ``stop`` block on this replica; the exit code it ended with."""
-        proc = self.proc
-        assert proc is not None, f"{self.name} is not running"
-        env = {**self.env, "PID": str(proc.pid)}
-        # The block waits until the pid is gone; reaping it here is what makes it go.
-        stopper = subprocess.Popen(["bash", "-euo", "pipefail", "-c", stop], env=env)
-        code = proc.wait(timeout=STOP_TIMEOUT_S)
-        assert stopper.wait(timeout=STOP_TIMEOUT_S) == 0, f"stop block failed for {self.name}"
-        assert not pid_alive(proc.pid)
-        self.proc = None
-        return code
+        return stop_all([self], stop)[0]
 
     def kill(self) -> None:
         """SIGKILL whatever is still running (teardown)."""
@@ -103,6 +94,24 @@ class Unit:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def stop_all(units: Sequence[Unit], stop: str) -> list[int]:
+    """Run the page's ``stop`` block on each of ``units`` at once; their exit codes."""
+    stoppers: list[subprocess.Popen[bytes]] = []
+    for unit in units:
+        env = {**unit.env, "PID": str(unit.pid)}
+        stoppers.append(subprocess.Popen(["bash", "-euo", "pipefail", "-c", stop], env=env))
+    codes: list[int] = []
+    for unit, stopper in zip(units, stoppers, strict=True):
+        proc = unit.proc
+        assert proc is not None
+        # The block waits until the pid is gone; reaping it here is what makes it go.
+        codes.append(proc.wait(timeout=STOP_TIMEOUT_S))
+        assert stopper.wait(timeout=STOP_TIMEOUT_S) == 0, f"stop block failed for {unit.name}"
+        assert not pid_alive(proc.pid)
+        unit.proc = None
+    return codes
 
 
 def http_json(url: str, body: Any = None, timeout_s: float = 5.0) -> tuple[int, Any]:

@@ -35,7 +35,7 @@ from servicekit.version import package_version
 from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.tools import require_tool
 from tests.upgrade.old_release import REPO, Release, install, previous_tag
-from tests.upgrade.rig import Load, Unit, http_json, run_block
+from tests.upgrade.rig import Load, Unit, http_json, run_block, stop_all
 from tests.upgrade.runbook import runbook_blocks
 
 PAGE = REPO / "docs" / "how-to" / "upgrade.md"
@@ -57,7 +57,7 @@ class Form:
     lead_s: float
 
 
-CHEAP = Form(bridges=2, pipelines=2, agents=4, per_agent_per_s=8, lead_s=2)
+CHEAP = Form(bridges=2, pipelines=2, agents=4, per_agent_per_s=8, lead_s=1)
 LONG = Form(bridges=3, pipelines=3, agents=12, per_agent_per_s=10, lead_s=15)
 
 
@@ -187,6 +187,7 @@ def test_rolling_upgrade_from_the_previous_release(
             took("bridges upgraded")
             for pipeline in pipelines:
                 assert pipeline.stop(blocks["stop"]) == 0
+                took(f"{pipeline.name} stopped")
                 pipeline.start(NEW_BIN, blocks["ready"])
             took("pipeline upgraded")
             upgraded = agents[: len(agents) // 2]
@@ -216,8 +217,7 @@ def test_rolling_upgrade_from_the_previous_release(
         agent_versions = {v["version"]: v["devices"] for v in ops["agents"]}
         assert agent_versions.get(new_version) == len(upgraded), ops
         assert agent_versions.get(old.tag.removeprefix("v")) == len(agents) - len(upgraded), ops
-        for part in (*bridges, *pipelines, *agents):
-            part.stop(blocks["stop"])
+        assert stop_all([*bridges, *pipelines, *agents], blocks["stop"]) == [0] * len(units)
         for agent in upgraded:  # migrated by the new agent, read now that it has stopped
             assert int(run_block(blocks["outbox-version"], agent.env)) == SCHEMA_VERSION
 
