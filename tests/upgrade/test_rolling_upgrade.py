@@ -43,6 +43,7 @@ CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 NEW_BIN = Path(sys.executable).parent
 SHARDS = 4
 SETTLE_TIMEOUT_S = 90.0
+AGENT_PAGE = 500  # the agents' most per page
 
 
 @dataclass(frozen=True)
@@ -224,20 +225,33 @@ def test_rolling_upgrade_from_the_previous_release(
 
 def _wait_heard(agents: list[Unit], accepted: list[OrderRef]) -> set[OrderRef]:
     """The accepted orders whose agent shows a final status, once all do or after the timeout."""
-    ports = {a.env["DEVICE_ID"]: a.env["PORT"] for a in agents}
-    waiting = set(accepted)
+    wanted = set(accepted)
     heard: set[OrderRef] = set()
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while waiting and time.monotonic() < deadline:
-        for ref in sorted(waiting):
-            device_id, order_id = ref
-            status, answer = http_json(f"http://127.0.0.1:{ports[device_id]}/v1/orders/{order_id}")
-            if status == 200 and answer.get("status") in TERMINAL_STATUSES:
-                heard.add(ref)
-        waiting -= heard
-        if waiting:
+    while heard != wanted and time.monotonic() < deadline:
+        heard = {
+            (agent.env["DEVICE_ID"], order_id)
+            for agent in agents
+            for order_id, status in _agent_statuses(agent.env["PORT"])
+            if status in TERMINAL_STATUSES
+        } & wanted
+        if heard != wanted:
             time.sleep(0.5)
     return heard
+
+
+def _agent_statuses(port: str) -> Iterator[tuple[str, str | None]]:
+    """(order_id, status) of every order in an agent's outbox, from its intake's list."""
+    cursor = ""
+    while True:
+        url = f"http://127.0.0.1:{port}/v1/orders?limit={AGENT_PAGE}{cursor}"
+        status, page = http_json(url)
+        assert status == 200, (url, status, page)
+        for order in page["orders"]:
+            yield order["order_id"], order["status"]
+        if page["next_cursor"] is None:
+            return
+        cursor = f"&cursor={page['next_cursor']}"
 
 
 def _ops_versions(block: str, env: dict[str, str]) -> dict[str, Any]:
