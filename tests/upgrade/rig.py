@@ -54,6 +54,7 @@ class Unit:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.path = os.environ["PATH"]
+        self.release_bin = Path()
         self.log = log_dir / f"{name}.log"
 
     @property
@@ -69,6 +70,7 @@ class Unit:
 
     def spawn(self, release_bin: Path) -> None:
         """Start the block with ``release_bin`` first on PATH; don't wait."""
+        self.release_bin = release_bin
         self.path = f"{release_bin}:{os.environ['PATH']}"
         self.starts += 1
         self.log = self.log_dir / f"{self.name}.{self.starts}.log"
@@ -83,6 +85,10 @@ class Unit:
         run_block(ready, {**self.env, "PATH": self.path}, timeout_s=READY_TIMEOUT_S)
         assert self.proc is not None
         assert self.proc.poll() is None, f"{self.name} exited: see {self.log}"
+        # bash ran the block's one command in its own place: the pid is the service, of this
+        # release (a SIGTERM to it reaches the service, not a shell).
+        argv = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert any(arg.startswith(f"{self.release_bin}/".encode()) for arg in argv), argv
 
     def stop(self, stop: str) -> int:
         """Run the page's ``stop`` block on this replica; the exit code it ended with."""

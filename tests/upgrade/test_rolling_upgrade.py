@@ -97,7 +97,7 @@ def test_runbook_has_the_commands_the_test_runs(blocks: dict[str, str]) -> None:
         pytest.param(CHEAP, id="cheap"),
         pytest.param(
             LONG, id="long",
-            marks=[pytest.mark.slow, pytest.mark.skipif(
+            marks=[pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.skipif(
                 os.environ.get("UPGRADE_SLOW") != "1", reason="set UPGRADE_SLOW=1 (about 2 min)")],
         ),
     ],
@@ -278,3 +278,16 @@ def _old_schema_version(old: Release) -> int:
     """The outbox schema version the old release writes (its ``SCHEMA_VERSION``)."""
     code = "from edge_agent._migrations import SCHEMA_VERSION; print(SCHEMA_VERSION)"
     return int(run_block(f"python -c '{code}'", {"PATH": f"{old.bin}:{os.environ['PATH']}"}))
+
+
+def test_a_mark_without_its_block_is_refused(tmp_path: Path) -> None:
+    """A tested mark not followed by an sh block, or a name marked twice, fails the read."""
+    page = tmp_path / "page.md"
+    page.write_text("<!-- tested: a -->\ntext\n")
+    with pytest.raises(ValueError, match="not followed"):
+        runbook_blocks(page)
+    page.write_text("<!-- tested: a -->\n```sh\nx\n```\n<!-- tested: a -->\n```sh\ny\n```\n")
+    with pytest.raises(ValueError, match="twice"):
+        runbook_blocks(page)
+    page.write_text("<!-- tested: a -->\n```sh\necho 1\n```\n")
+    assert runbook_blocks(page) == {"a": "echo 1\n"}
