@@ -67,6 +67,14 @@ def previous_tag() -> str:
     return found.stdout.strip()
 
 
+def file_at(tag: str, path: str) -> str:
+    """The text of ``path`` in the tree of ``tag``."""
+    shown = _git("show", f"{tag}:{path}")
+    if shown.returncode != 0:
+        raise RuntimeError(f"git show {tag}:{path}: {shown.stderr}")
+    return shown.stdout
+
+
 def install(tag: str) -> Release:
     """The release ``tag`` in its venv, installed now unless a finished one is cached."""
     if not UV.exists():

@@ -25,20 +25,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
 
 from edge_agent._migrations import SCHEMA_VERSION
 from fleet.statuses import order_statuses
 from fleet.verify import OrderRef, Verdict, verify
 from pipeline.names import TERMINAL_STATUSES
+from schemas.names import MANIFEST_KEY
 from servicekit.version import package_version
 from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.tools import require_tool
-from tests.upgrade.old_release import REPO, Release, install, previous_tag
+from tests.upgrade.old_release import REPO, Release, file_at, install, previous_tag
 from tests.upgrade.rig import Load, Unit, http_json, run_block, stop_all
 from tests.upgrade.runbook import runbook_blocks
 
 PAGE = REPO / "docs" / "how-to" / "upgrade.md"
+ACL = "redis-acl/users.acl"
+PASSWORD = "upgrade-test"  # each user's password: this, a dash, its name
 CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 NEW_BIN = Path(sys.executable).parent
 SHARDS = 4
@@ -87,7 +92,7 @@ def test_runbook_has_the_commands_the_test_runs(blocks: dict[str, str]) -> None:
     """The page marks every command the upgrade test runs, and no other."""
     assert set(blocks) == {
         "stop", "bridge-start", "ready", "ops-versions", "pipeline-start", "agent-start",
-        "outbox-version",
+        "outbox-version", "acl-load",
     }  # fmt: skip
 
 
@@ -116,18 +121,29 @@ def test_rolling_upgrade_from_the_previous_release(
     def took(what: str) -> None:
         print(f"{time.monotonic() - t0:6.1f} s  {what}")
 
+    # Redis runs with the old release's ACL users, as a deployment of it does.
+    acl_file = tmp_path / "users.acl"
+    acl_file.write_text(_test_passwords(file_at(old.tag, ACL)))
+    new_acl = tmp_path / "users.acl.new"
+    new_acl.write_text(_test_passwords((REPO / ACL).read_text()))
     with (
         MosquittoProcess(tmp_path / "mosquitto") as broker,
-        RedisProcess.production(tmp_path / "redis") as redis_server,
+        RedisProcess.production(
+            tmp_path / "redis", extra_args=("--aclfile", str(acl_file))
+        ) as redis_server,
     ):
+
+        def user(name: str) -> str:
+            return redis_server.url.replace("redis://", f"redis://{name}:{PASSWORD}-{name}@")
+
         base = {
             "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
             "ORDERS_MQTT_URL": broker.url,
         }  # fmt: skip
-        cloud = {**base, "ORDERS_REDIS_URL": redis_server.url, "ORDERS_SHARDS": str(SHARDS)}
+        cloud = {**base, "ORDERS_SHARDS": str(SHARDS)}
         run_block(
             f"order-pipeline catalog load {CATALOG}",
-            {**cloud, "PATH": f"{old.bin}:{base['PATH']}"},
+            {**cloud, "ORDERS_REDIS_URL": user("admin"), "PATH": f"{old.bin}:{base['PATH']}"},
         )
 
         def unit(name: str, block: str, **env: str) -> Unit:
@@ -140,6 +156,7 @@ def test_rolling_upgrade_from_the_previous_release(
                 f"bridge-{i}",
                 "bridge-start",
                 **cloud,
+                ORDERS_REDIS_URL=user("bridge"),
                 NAME=f"bridge-{i}",
                 PORT=str(free_port()),
                 ORDERS_TRIM_EVERY_BATCHES="0",
@@ -151,6 +168,7 @@ def test_rolling_upgrade_from_the_previous_release(
                 f"pipeline-{i}",
                 "pipeline-start",
                 **cloud,
+                ORDERS_REDIS_URL=user("pipeline"),
                 WORKERS="1",
                 PORT=str(free_port()),
                 ORDERS_CLAIM_IDLE_MS="3000",
@@ -182,6 +200,15 @@ def test_rolling_upgrade_from_the_previous_release(
         load.start()
         try:
             time.sleep(form.lead_s)
+            admin = {**base, "REDIS_ADMIN_URL": user("admin")}
+            acl_env = {**admin, "NEW_ACL": str(new_acl), "ACL_FILE": str(acl_file)}
+            # Why the ACL goes first: under the old rules a new bridge cannot read the manifest.
+            assert _manifest_refused(user("bridge"))
+            with redis.Redis.from_url(user("admin")) as client:
+                client.acl_log_reset()  # that denial was ours; from now on there must be none
+            run_block(blocks["acl-load"], acl_env)
+            assert not _manifest_refused(user("bridge"))
+            took("new ACL loaded")
             for bridge in bridges:
                 assert bridge.stop(blocks["stop"]) == 0, f"{bridge.name} did not drain cleanly"
                 bridge.start(NEW_BIN, blocks["ready"])
@@ -207,7 +234,7 @@ def test_rolling_upgrade_from_the_previous_release(
         heard = _wait_heard(agents, accepted)
         took(f"{len(heard)}/{len(accepted)} heard")
 
-        verdict = asyncio.run(_verify(redis_server.url, accepted, heard))
+        verdict = asyncio.run(_verify(user("admin"), accepted, heard))
         assert verdict.ok, verdict
         assert verdict.checked == len(set(accepted))
 
@@ -218,6 +245,9 @@ def test_rolling_upgrade_from_the_previous_release(
         agent_versions = {v["version"]: v["devices"] for v in ops["agents"]}
         assert agent_versions.get(new_version) == len(upgraded), ops
         assert agent_versions.get(old.tag.removeprefix("v")) == len(agents) - len(upgraded), ops
+        # Old and new replicas alike ran under the new rules without a single denial.
+        with redis.Redis.from_url(user("admin")) as client:
+            assert client.acl_log() == []
         assert stop_all([*bridges, *pipelines, *agents], blocks["stop"]) == [0] * len(units)
         for agent in upgraded:  # migrated by the new agent, read now that it has stopped
             assert int(run_block(blocks["outbox-version"], agent.env)) == SCHEMA_VERSION
@@ -291,3 +321,18 @@ def test_a_mark_without_its_block_is_refused(tmp_path: Path) -> None:
         runbook_blocks(page)
     page.write_text("<!-- tested: a -->\n```sh\necho 1\n```\n")
     assert runbook_blocks(page) == {"a": "echo 1\n"}
+
+
+def _test_passwords(acl: str) -> str:
+    """An ACL file with the test's passwords for the shipped placeholders."""
+    return acl.replace(">change-me-", f">{PASSWORD}-")
+
+
+def _manifest_refused(url: str) -> bool:
+    """Whether the user of ``url`` is refused a read of the deployment manifest."""
+    with redis.Redis.from_url(url) as client:
+        try:
+            client.get(MANIFEST_KEY)
+        except NoPermissionError:
+            return True
+    return False
