@@ -2,9 +2,10 @@
 
 The old release (``git describe --tags --abbrev=0``) is installed from its own
 lock (:mod:`tests.upgrade.old_release`). Its bridges, pipeline replicas and
-agents start on a real Mosquitto and Redis; load is offered to every agent
-throughout. Then, with the commands of ``docs/how-to/upgrade.md`` as written:
-the bridge replicas are replaced by this tree's one by one, then the pipeline
+agents start on a real Mosquitto and a Redis with the old release's ACL users;
+load is offered to every agent throughout. Then, with the commands of
+``docs/how-to/upgrade.md`` as written: the new release's ACL is loaded (no
+replica of either release is refused anything after), the bridge replicas are replaced by this tree's one by one, then the pipeline
 replicas; half the agents stay old, the other half restart as this tree's on
 the same outbox file. The end: 0 lost, 0 duplicated, 0 stuck, 0 processed
 twice, every status heard by its agent (:func:`fleet.verify.verify`).
