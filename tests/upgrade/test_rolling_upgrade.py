@@ -5,10 +5,11 @@ lock (:mod:`tests.upgrade.old_release`). Its bridges, pipeline replicas and
 agents start on a real Mosquitto and a Redis with the old release's ACL users;
 load is offered to every agent throughout. Then, with the commands of
 ``docs/how-to/upgrade.md`` as written: the new release's ACL is loaded (no
-replica of either release is refused anything after), the bridge replicas are replaced by this tree's one by one, then the pipeline
-replicas; half the agents stay old, the other half restart as this tree's on
-the same outbox file. The end: 0 lost, 0 duplicated, 0 stuck, 0 processed
-twice, every status heard by its agent (:func:`fleet.verify.verify`).
+replica of either release is refused anything after), the bridge replicas are
+replaced by this tree's one by one, then the pipeline replicas; half the
+agents stay old, the other half restart as this tree's on the same outbox
+file. The end: 0 lost, 0 duplicated, 0 stuck, 0 processed twice, every status
+heard by its agent (:func:`fleet.verify.verify`).
 
 ``UPGRADE_SLOW=1`` adds a longer form: more agents and replicas, more orders.
 """
@@ -44,6 +45,7 @@ from tests.upgrade.runbook import runbook_blocks
 
 PAGE = REPO / "docs" / "how-to" / "upgrade.md"
 ACL = "redis-acl/users.acl"
+SHOWN_DENIAL = ("username", "age-seconds", "client-info")  # of an ACL LOG entry
 PASSWORD = "upgrade-test"  # each user's password: this, a dash, its name
 CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 NEW_BIN = Path(sys.executable).parent
@@ -248,7 +250,10 @@ def test_rolling_upgrade_from_the_previous_release(
         assert agent_versions.get(old.tag.removeprefix("v")) == len(agents) - len(upgraded), ops
         # Old and new replicas alike ran under the new rules without a single denial.
         with redis.Redis.from_url(user("admin")) as client:
-            assert client.acl_log() == []
+            denied = client.acl_log()
+            assert denied == [], [
+                " ".join(f"{key}={entry[key]}" for key in SHOWN_DENIAL) for entry in denied
+            ]
         assert stop_all([*bridges, *pipelines, *agents], blocks["stop"]) == [0] * len(units)
         for agent in upgraded:  # migrated by the new agent, read now that it has stopped
             assert int(run_block(blocks["outbox-version"], agent.env)) == SCHEMA_VERSION
