@@ -24,6 +24,8 @@ from typing import Any
 from testrig.services import pid_alive
 
 STOP_TIMEOUT_S = 60
+# Blocks run outside the repository: `python -c`/`-m` import from the working directory first.
+NEUTRAL_CWD = "/"
 READY_TIMEOUT_S = 90
 ORDER = {"currency": "EUR", "items": [{"sku": "COLA-33", "qty": 1, "unit_price": 150}],
          "total": 150}  # fmt: skip
@@ -37,7 +39,7 @@ def run_block(block: str, env: Mapping[str, str], *, timeout_s: float = 60) -> s
     """
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block], env=dict(env), capture_output=True,
-        text=True, check=False, timeout=timeout_s,
+        text=True, check=False, timeout=timeout_s, cwd=NEUTRAL_CWD,
     )  # fmt: skip
     assert result.returncode == 0, f"{block!r} exited {result.returncode}: {result.stderr}"
     return result.stdout
@@ -74,10 +76,15 @@ class Unit:
         self.path = f"{release_bin}:{os.environ['PATH']}"
         self.starts += 1
         self.log = self.log_dir / f"{self.name}.{self.starts}.log"
+        # A folder of its own as the working directory: `order-pipeline run` starts its workers
+        # with `python -m`, which imports from the working directory first, so from the
+        # repository's root an old release's workers would run this tree's code.
+        workdir = self.log_dir / self.name
+        workdir.mkdir(exist_ok=True)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 ["bash", "-c", self.start_block], env={**self.env, "PATH": self.path},
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
             )  # fmt: skip
 
     def wait_ready(self, ready: str) -> None:
