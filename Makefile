@@ -82,4 +82,4 @@ lock: $(UV)
 	  requirements/build.in --output-file requirements/build.txt
 
 clean:
-	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis site
+	rm -rf $(VENV) $(UV_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis site .releases

@@ -19,6 +19,7 @@
 | ``clock-skew=S`` | — | the devices' wall clock jumps by S seconds (negative: back) |
 | ``spike=Fx:Ds`` | — | the offered rate goes ×F for D seconds (default ``10x:30s``) |
 | ``storm`` | own stack | restart the broker once every device is connected: all reconnect |
+| ``rolling-upgrade`` | own stack | SIGTERM and restart each bridge, then each worker, in turn |
 
 A spike reports the peak outbox depth and the drain time (from the spike's end
 until the outbox depth is back to its level before the spike); a storm reports
@@ -65,6 +66,7 @@ from .clockskew import WallClockSkew
 from .errors import ChaosError
 from .geo.chaos import GEO_KINDS, parse_geo_arg
 from .rogue import RogueReport, send_rogue
+from .rolling import rolling_restart
 from .stack import Stack
 
 log = structlog.get_logger(__name__)
@@ -411,6 +413,9 @@ class ChaosRunner:
         await asyncio.sleep(0.2)
         return f" (pid {pid} {'ALIVE' if pid_alive(pid) else 'gone'})"
 
+    async def _rolling_upgrade(self, event: ChaosEvent, n: int) -> str:
+        return await asyncio.to_thread(rolling_restart, self._own_stack())
+
     async def _redis_powercut(self, event: ChaosEvent, n: int) -> str:
         stack = self._own_stack()
         disk = stack.redis_disk
@@ -584,6 +589,7 @@ for _name, _kind in {
     "redis-powercut": Kind(ChaosRunner._redis_powercut, needs="stack"),
     "redis-oom": Kind(ChaosRunner._redis_oom, needs="stack", default="3"),
     "storm": Kind(ChaosRunner._storm, needs="stack"),
+    "rolling-upgrade": Kind(ChaosRunner._rolling_upgrade, needs="stack"),
     "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
     "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
     "dup-flood": Kind(ChaosRunner._dup_flood),

@@ -190,7 +190,14 @@ async def _supervise_one(index: int, env: dict[str, str], stop: asyncio.Event) -
     while not stop.is_set():
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline.cli", "worker", env=env
+            # -P: not the working directory first on sys.path, or a `pipeline/` folder there
+            # (a source tree of another release) would be the workers' code.
+            sys.executable,
+            "-P",
+            "-m",
+            "pipeline.cli",
+            "worker",
+            env=env,
         )
         log.info("worker_process_started", index=index, pid=process.pid)
         wait = asyncio.create_task(process.wait(), name=f"wait-worker-{index}")

@@ -88,6 +88,18 @@ async def test_worker_kill(stack: Stack) -> None:
     assert stack.worker_pids(), "the supervisor did not replace the worker"
 
 
+async def test_rolling_upgrade(stack: Stack) -> None:
+    """The bridge and the worker are each stopped with SIGTERM and replaced mid-load."""
+    bridges = [bridge.pid for bridge in stack.bridges]
+    workers = set(stack.worker_pids())
+    result = await _run(stack, "1:rolling-upgrade", duration_s=4.0)
+    detail = result.record.events[0][1]
+    assert detail.count(" gone") == len(bridges) + len(workers), detail
+    assert not set(bridges) & {bridge.pid for bridge in stack.bridges}
+    assert workers, "no worker to replace"
+    assert not workers & set(stack.worker_pids())
+
+
 async def test_drop_and_refuse(stack: Stack) -> None:
     """Half the device connections dropped, then new connections refused: nothing lost."""
     result = await _run(stack, "3:drop=0.5,3.1:refuse=2")

@@ -39,6 +39,15 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
+def spawn_script(
+    args: list[str], env: dict[str, str], log: Path, *, cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start the installed ``order-pipeline ARGS`` console script in ``cwd``, output in ``log``."""
+    script = Path(sys.executable).parent / "order-pipeline"
+    with log.open("ab") as out:
+        return subprocess.Popen([str(script), *args], env=env, stdout=out, stderr=out, cwd=cwd)
+
+
 def sigkill(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL and prove it: the exit status says signal 9 and the pid is gone."""
     process.send_signal(signal.SIGKILL)

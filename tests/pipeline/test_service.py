@@ -18,7 +18,7 @@ from testrig.servers import free_port
 from tests.helpers import make_order, wait_until
 
 from .conftest import StatusListener
-from .processes import env_for, spawn, stop_all
+from .processes import env_for, spawn, spawn_script, stop_all
 from .producer import produce
 
 
@@ -118,5 +118,30 @@ async def test_service_runs_workers_serves_api_restarts_dead_workers_and_stops_o
         service.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(service.wait, 30) == 0
         assert not any(alive(p) for p in workers)
+    finally:
+        stop_all([service])
+
+
+async def test_workers_run_the_installed_pipeline_not_one_in_the_working_directory(
+    aredis: aioredis.Redis, config: PipelineConfig, tmp_path: Path
+) -> None:
+    """Started from a folder holding another `pipeline/` (a source tree of another release),
+    the supervisor's workers still import the installed one."""
+    decoy = tmp_path / "pipeline"
+    decoy.mkdir()
+    marker = tmp_path / "decoy-ran"
+    (decoy / "__init__.py").write_text("")
+    (decoy / "cli.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    port = free_port()
+    env = env_for(config, http_port=port, workers=1, log_level="info")
+    log = tmp_path / "service.log"
+    service = spawn_script(["run"], env, log, cwd=tmp_path)
+    try:
+
+        async def worker_started() -> bool:
+            return bool(log_events(log, "worker_started"))
+
+        await wait_until(worker_started, what="a worker")
+        assert not marker.exists(), "a worker imported the pipeline/ of its working directory"
     finally:
         stop_all([service])
