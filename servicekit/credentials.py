@@ -108,6 +108,17 @@ def url_with_password(url: str, password: str, setting: str) -> str:
     return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
 
 
+def urls_with_password(spec: str, password: str, setting: str) -> str:
+    """Comma-separated URLs (several brokers), each given ``password``; ``spec`` if it is empty.
+
+    Raises:
+        ConfigError: reason ``password_twice``: a URL already holds a password.
+    """
+    if not password:
+        return spec
+    return ",".join(url_with_password(part.strip(), password, setting) for part in spec.split(","))
+
+
 def entries_with_password(entries: Iterable[str], password: str) -> tuple[str, ...]:
     """``NAME=URL`` entries, each URL without a password of its own given ``password``."""
     return tuple(

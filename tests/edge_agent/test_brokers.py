@@ -1,0 +1,121 @@
+"""Several brokers per region: parsing, spreading, and the failover order (no I/O)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from edge_agent import AgentConfig
+from edge_agent.regions import Region, RegionSelector, parse_regions, spread
+from servicekit.errors import ConfigError
+from servicekit.urls import MqttUrl, parse_mqtt_urls
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_region_named_again_adds_brokers_in_order() -> None:
+    from_flags = parse_regions(
+        ("home=mqtt://a:1883", "home=mqtt://b:1883", "eu=mqtt://c:1883", "eu=mqtt://d:1883")
+    )
+    assert from_flags == parse_regions("home=mqtt://a:1883,home=mqtt://b:1883,"
+                                       "eu=mqtt://c:1883,eu=mqtt://d:1883")  # fmt: skip
+    assert [(r.name, [u.host for u in r.urls]) for r in from_flags] == [
+        ("home", ["a", "b"]),
+        ("eu", ["c", "d"]),
+    ]
+    assert from_flags[0].url.host == "a"
+
+
+def test_single_url_configs_keep_their_meaning() -> None:
+    (region,) = parse_regions(("home=mqtt://a:1883",))
+    assert region.urls == (MqttUrl.parse("mqtt://a:1883"),)
+    assert parse_mqtt_urls("mqtt://a:1883") == (MqttUrl.parse("mqtt://a:1883"),)
+    assert [u.port for u in parse_mqtt_urls(" mqtt://a:1 , mqtts://b ")] == [1, 8883]
+    with pytest.raises(ConfigError):
+        parse_mqtt_urls("mqtt://a:1,mqtt://a:1")
+    with pytest.raises(ConfigError):
+        parse_mqtt_urls(" , ")
+
+
+def test_every_broker_of_home_before_the_next_region_then_wrap() -> None:
+    t = FakeTime()
+    regions = parse_regions(("home=mqtt://a", "home=mqtt://b", "eu=mqtt://c", "eu=mqtt://d"))
+    sel = RegionSelector(regions, failover_after_s=5, monotonic=t)
+    visited = [sel.current_url.host]
+    for _ in range(4):
+        t.now += 5
+        assert sel.should_fail_over()
+        sel.fail_over()
+        visited.append(sel.current_url.host)
+    assert visited == ["a", "b", "c", "d", "a"]
+    assert (sel.broker_switches, sel.failovers) == (2, 2)
+
+
+def test_a_connected_broker_without_answers_moves_to_the_next_broker() -> None:
+    t = FakeTime()
+    sel = RegionSelector(parse_regions(("home=mqtt://a", "home=mqtt://b")), failover_after_s=5,
+                         monotonic=t)  # fmt: skip
+    sel.on_connected()
+    sel.on_sent()
+    t.now += 4
+    assert not sel.should_fail_over()
+    t.now += 1
+    assert sel.should_fail_over()
+    assert sel.fail_over().name == "home"
+    assert sel.current_url.host == "b"
+    assert sel.at_home  # a move inside home sets no failback hold-off
+    assert sel.failback_wait_s() == 0
+
+
+def test_single_region_brokers_wrap_and_a_lone_broker_never_fails_over() -> None:
+    t = FakeTime()
+    single = (Region("", parse_mqtt_urls("mqtt://a,mqtt://b")),)
+    sel = RegionSelector(single, failover_after_s=5, monotonic=t)
+    t.now += 5
+    sel.fail_over()
+    t.now += 5
+    sel.fail_over()
+    assert sel.current_url.host == "a"
+    assert sel.broker_switches == 2
+    lone = RegionSelector((Region("", parse_mqtt_urls("mqtt://a")),), failover_after_s=5,
+                          monotonic=t)  # fmt: skip
+    t.now += 1000
+    assert not lone.should_fail_over()
+    assert lone.seconds_until_failover() == float("inf")
+
+
+def test_failback_goes_to_the_home_broker_whose_probe_answered() -> None:
+    t = FakeTime()
+    regions = parse_regions(("home=mqtt://a", "home=mqtt://b", "eu=mqtt://c"))
+    sel = RegionSelector(regions, failover_after_s=5, monotonic=t)
+    for _ in range(2):
+        t.now += 5
+        sel.fail_over()
+    assert sel.current.name == "eu"
+    sel.on_home_probe_ok(1)
+    assert sel.should_fail_back()
+    sel.fail_back()
+    assert (sel.current.name, sel.current_url.host) == ("home", "b")
+
+
+def test_hashed_order_spreads_a_fleet_evenly_and_keeps_every_broker() -> None:
+    (region,) = parse_regions(("home=mqtt://a", "home=mqtt://b", "home=mqtt://c"))
+    firsts = collections.Counter(spread((region,), f"dev-{i}")[0].url.host for i in range(3000))
+    assert set(firsts) == {"a", "b", "c"}
+    assert min(firsts.values()) > 800  # 1000 each, give or take
+    rotated = spread((region,), "dev-7")[0]
+    assert sorted(u.host for u in rotated.urls) == ["a", "b", "c"]
+    assert spread((region,), "dev-7") == spread((region,), "dev-7")  # stable
+
+
+def test_config_refuses_a_bad_broker_list() -> None:
+    with pytest.raises(ConfigError):
+        AgentConfig(device_id="dev-1", mqtt_url="mqtt://a,mqtt://a").validate()
+    AgentConfig(device_id="dev-1", mqtt_url="mqtt://a,mqtt://b").validate()
