@@ -1,0 +1,74 @@
+"""Two brokers in one region under load from real agents: each broker's host is lost in turn.
+
+fleet-sim's stack runs two Mosquitto brokers; the agents spread over them
+(hashed list order), the bridge and the pipeline connect to both. Broker 0 is
+SIGKILLed and stays down; it comes back empty; then broker 1 is SIGKILLed for
+good. Nothing may be lost or duplicated, every device must hear every terminal
+status, and the devices must be connected again (to the live broker) within
+about their failover time.
+
+HA_SLOW=1 runs the long form: more devices, a higher rate, a longer run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fleet.chaos import BrokerDownReport, parse_schedule
+from fleet.sim import SimOptions, run
+from fleet.stack import Stack, StackSettings
+from testrig.services import pid_alive
+
+SLOW = os.environ.get("HA_SLOW") == "1"
+DEVICES = 400 if SLOW else 40
+RATE = 80.0 if SLOW else 20.0
+FAILOVER_S = 2.0
+DOWN0_S, UP0_S, DOWN1_S = (10.0, 25.0, 40.0) if SLOW else (3.0, 8.0, 12.0)
+DURATION_S = 60.0 if SLOW else 16.0
+# The agents move after FAILOVER_S without a connection; add a reconnect attempt's
+# connect, the subscription and a busy 2-core machine.
+BACK_WITHIN_S = FAILOVER_S * 3 + 5.0
+
+
+def test_schedule_parses_the_broker_kinds() -> None:
+    events = parse_schedule("3:broker-host-down=1,8:broker-host-up=1,9:broker-host-down")
+    assert [(e.kind, e.arg) for e in events] == [
+        ("broker-host-down", 1.0), ("broker-host-up", 1.0), ("broker-host-down", 0.0),
+    ]  # fmt: skip
+    assert events[0].label == "broker-host-down=1"
+
+
+async def test_losing_each_of_two_brokers_loses_nothing(tmp_path: Path) -> None:
+    chaos = f"{DOWN0_S}:broker-host-down=0,{UP0_S}:broker-host-up=0,{DOWN1_S}:broker-host-down=1"
+    with Stack(tmp_path, StackSettings(shards=4, brokers=2)) as stack:
+        assert stack.mqtt_url.count(",") == 1
+        first_pids = [broker.pid for broker in stack.brokers]
+        options = SimOptions(
+            devices=DEVICES, rate=RATE, duration_s=DURATION_S, shards=4, chaos=chaos,
+            settle_timeout_s=90, receipt_timeout_s=5.0, failover_after_s=FAILOVER_S,
+        )  # fmt: skip
+        result = await run(options, stack)
+        # The kills happened: both original processes are gone, broker 1 stays down,
+        # broker 0 runs as a new process.
+        assert all(pid is not None and not pid_alive(pid) for pid in first_pids)
+        assert not stack.brokers[1].running
+        assert stack.brokers[0].running
+        assert stack.brokers[0].pid not in first_pids
+
+    v = result.verdict
+    assert v.checked > RATE * DURATION_S * 0.5, "too few orders to prove anything"
+    assert result.settled, "the run did not reach quiescence"
+    assert (v.lost, v.duplicated, v.stuck, v.unheard) == ([], {}, [], [])
+    assert v.processed_twice == {}
+    downs: list[BrokerDownReport] = result.chaos.broker_downs
+    assert [d.index for d in downs] == [0, 1]
+    for down in downs:
+        assert down.gone, f"broker {down.index} survived its SIGKILL"
+        # The devices on it lost their connection (hashed spread: some on each)...
+        assert down.dropped > 0, f"no device was on broker {down.index}"
+        # ...and were connected to the live broker again within about the failover time.
+        assert down.all_back_s is not None, f"devices not back after broker {down.index}"
+        assert down.all_back_s <= BACK_WITHIN_S, down
+    # After the second loss every device sits on broker 0: all had been on broker 1's.
+    assert downs[1].dropped >= downs[1].connected_before // 2
