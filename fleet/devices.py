@@ -59,7 +59,7 @@ class FleetSettings:
     status_query_delay_s: float = 3.0
     # With several brokers (a comma-separated mqtt_url): seconds without one before
     # an agent moves to the next; the list is rotated per device (broker_order hashed).
-    failover_after_s: float = 60.0
+    failover_after_s: float = 3.0
 
 
 def raise_open_file_limit() -> int:

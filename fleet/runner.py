@@ -143,9 +143,10 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--failover-after",
         type=float,
-        default=60.0,
-        help="seconds without a broker before an agent moves to the next one, with several "
-        "brokers (the agents' failover_after_s; default %(default)s)",
+        default=3.0,
+        help="seconds an agent waits without a broker or an answer before it moves to the next "
+        "broker (--brokers N) or region (--regions N) (the agents' failover_after_s; default "
+        "%(default)s)",
     )
     parser.add_argument(
         "--report",

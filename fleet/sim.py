@@ -75,7 +75,7 @@ class SimOptions:
     # Seconds after its receipt a device asks for a missing terminal status.
     status_query_delay_s: float = 3.0
     # Seconds without a broker before an agent moves to the next (several brokers).
-    failover_after_s: float = 60.0
+    failover_after_s: float = 3.0
 
 
 @dataclass
