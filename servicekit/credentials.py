@@ -33,8 +33,11 @@ def redis_url_has_password(url: str) -> bool:
 
 
 def url_has_password(url: str) -> bool:
-    """True when ``url`` (or the URL of a ``NAME=URL`` entry) carries a password."""
-    for candidate in (url, url.partition("=")[2]):
+    """True when ``url`` (or the URL of a ``NAME=URL`` entry, or any URL of a comma-separated
+    list of brokers) carries a password."""
+    parts = (url, *url.split(",")) if "," in url else (url,)
+    candidates = [c for part in parts for c in (part.strip(), part.partition("=")[2].strip())]
+    for candidate in candidates:
         if "://" not in candidate:
             continue
         try:

@@ -8,6 +8,7 @@ import pytest
 
 from edge_agent import AgentConfig
 from edge_agent.regions import Region, RegionSelector, parse_regions, spread
+from servicekit.credentials import url_has_password, urls_with_password
 from servicekit.errors import ConfigError
 from servicekit.urls import MqttUrl, parse_mqtt_urls
 
@@ -119,3 +120,13 @@ def test_config_refuses_a_bad_broker_list() -> None:
     with pytest.raises(ConfigError):
         AgentConfig(device_id="dev-1", mqtt_url="mqtt://a,mqtt://a").validate()
     AgentConfig(device_id="dev-1", mqtt_url="mqtt://a,mqtt://b").validate()
+
+
+def test_a_password_in_any_url_of_a_broker_list_counts_as_one() -> None:
+    assert url_has_password("mqtt://a:1,mqtts://u:p@b:8883")
+    assert not url_has_password("mqtt://u@a:1,mqtt://u@b:1")
+    assert urls_with_password("mqtt://u@a:1, mqtt://u@b:1", "s,3", "mqtt_url") == (
+        "mqtt://u:s%2C3@a:1,mqtt://u:s%2C3@b:1"
+    )
+    with pytest.raises(ConfigError):
+        urls_with_password("mqtt://a:1,mqtt://u:p@b:1", "s", "mqtt_url")
