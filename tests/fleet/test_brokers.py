@@ -13,22 +13,47 @@ HA_SLOW=1 runs the long form: more devices, a higher rate, a longer run.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
+
+import pytest
 
 from fleet.chaos import BrokerDownReport, parse_schedule
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from testrig.services import pid_alive
 
-SLOW = os.environ.get("HA_SLOW") == "1"
-DEVICES = 400 if SLOW else 40
-RATE = 80.0 if SLOW else 20.0
 FAILOVER_S = 2.0
-DOWN0_S, UP0_S, DOWN1_S = (10.0, 25.0, 40.0) if SLOW else (3.0, 8.0, 12.0)
-DURATION_S = 60.0 if SLOW else 16.0
 # The agents move after FAILOVER_S without a connection; add a reconnect attempt's
 # connect, the subscription and a busy 2-core machine.
 BACK_WITHIN_S = FAILOVER_S * 3 + 5.0
+
+
+@dataclass(frozen=True)
+class Form:
+    devices: int
+    rate: float
+    down0_s: float
+    up0_s: float
+    down1_s: float
+    duration_s: float
+
+
+FORMS: Final = [
+    pytest.param(Form(40, 20.0, 3.0, 8.0, 12.0, 16.0), id="short"),
+    pytest.param(
+        Form(400, 80.0, 10.0, 25.0, 40.0, 60.0),
+        id="long",
+        marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(
+                os.environ.get("HA_SLOW") != "1",
+                reason="400 devices at 80 orders/s for 60 s: HA_SLOW=1",
+            ),
+        ],
+    ),
+]
 
 
 def test_schedule_parses_the_broker_kinds() -> None:
@@ -39,13 +64,17 @@ def test_schedule_parses_the_broker_kinds() -> None:
     assert events[0].label == "broker-host-down=1"
 
 
-async def test_losing_each_of_two_brokers_loses_nothing(tmp_path: Path) -> None:
-    chaos = f"{DOWN0_S}:broker-host-down=0,{UP0_S}:broker-host-up=0,{DOWN1_S}:broker-host-down=1"
+@pytest.mark.parametrize("form", FORMS)
+async def test_losing_each_of_two_brokers_loses_nothing(tmp_path: Path, form: Form) -> None:
+    chaos = (
+        f"{form.down0_s}:broker-host-down=0,{form.up0_s}:broker-host-up=0,"
+        f"{form.down1_s}:broker-host-down=1"
+    )
     with Stack(tmp_path, StackSettings(shards=4, brokers=2)) as stack:
         assert stack.mqtt_url.count(",") == 1
         first_pids = [broker.pid for broker in stack.brokers]
         options = SimOptions(
-            devices=DEVICES, rate=RATE, duration_s=DURATION_S, shards=4, chaos=chaos,
+            devices=form.devices, rate=form.rate, duration_s=form.duration_s, shards=4, chaos=chaos,
             settle_timeout_s=90, receipt_timeout_s=5.0, failover_after_s=FAILOVER_S,
         )  # fmt: skip
         result = await run(options, stack)
@@ -57,7 +86,7 @@ async def test_losing_each_of_two_brokers_loses_nothing(tmp_path: Path) -> None:
         assert stack.brokers[0].pid not in first_pids
 
     v = result.verdict
-    assert v.checked > RATE * DURATION_S * 0.5, "too few orders to prove anything"
+    assert v.checked > form.rate * form.duration_s * 0.5, "too few orders to prove anything"
     assert result.settled, "the run did not reach quiescence"
     assert (v.lost, v.duplicated, v.stuck, v.unheard) == ([], {}, [], [])
     assert v.processed_twice == {}
