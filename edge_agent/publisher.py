@@ -185,7 +185,7 @@ class Publisher:
             self._reconnect.reset()
             self.last_error = None
             self._metrics.connects.inc()
-            connected_to = self._selector.current_url
+            connected_to = self._selector.position
             self._selector.on_connected()
             log.info(
                 "mqtt_connected",
@@ -204,7 +204,7 @@ class Publisher:
                 # Isolation boundary: a bug here must not stop the agent taking orders.
                 log.exception("publisher_failed")
                 await self._transport.disconnect()
-            switched = self._selector.current_url != connected_to
+            switched = self._selector.position != connected_to
             self._selector.on_disconnected()
             if switched:
                 continue  # the pump left for another broker: connect there at once

@@ -165,6 +165,11 @@ class RegionSelector:
         return self.current.urls[self._broker]
 
     @property
+    def position(self) -> tuple[int, int]:
+        """The indexes of the region and of its broker in use (changes at every switch)."""
+        return self._index, self._broker
+
+    @property
     def at_home(self) -> bool:
         return self._index == 0
 
