@@ -24,6 +24,10 @@ from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from testrig.services import pid_alive
 
+# A service's imports alone took over testrig's 10 s on this 2-core machine shared
+# with other suites (load average 25-40).
+START_TIMEOUT_S = 60.0
+
 
 @dataclass(frozen=True)
 class Form:
@@ -76,7 +80,10 @@ async def test_losing_each_of_two_brokers_loses_nothing(tmp_path: Path, form: Fo
         f"{form.down0_s}:broker-host-down=0,{form.up0_s}:broker-host-up=0,"
         f"{form.down1_s}:broker-host-down=1"
     )
-    with Stack(tmp_path, StackSettings(shards=4, brokers=2)) as stack:
+    stack = Stack(tmp_path, StackSettings(shards=4, brokers=2))
+    for service in (*stack.bridges, stack.pipeline):
+        service.start_timeout_s = START_TIMEOUT_S
+    with stack:
         assert stack.mqtt_url.count(",") == 1
         first_pids = [broker.pid for broker in stack.brokers]
         options = SimOptions(
