@@ -62,9 +62,9 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     failover_after_s: Annotated[
         float,
         doc(
-            "Seconds without a connection, or with orders in flight and no answer, before the "
-            "agent moves to its region's next broker, then to the next region; lower to fail "
-            "over sooner"
+            "Seconds without a connection before the agent moves to its region's next broker, "
+            "then to the next region; with orders in flight and no answer that long, to the "
+            "next region; lower to fail over sooner"
         ),
     ] = 60.0
     broker_order: Annotated[

@@ -8,10 +8,11 @@ so it is tested on its own; the publisher drives it, in single-region mode too
 (one unnamed region: the brokers of ``--mqtt-url a,b``):
 
 * **Failover** after ``failover_after_s`` without a connection to the current
-  broker, or connected with orders in flight and no answer (receipt of any
-  result, or a PUBACK refusal) for that long: to the next broker of the same
-  region first; once every broker of the region failed, to the next region in
-  the list (its first broker), wrapping to home.
+  broker: to the next broker of the same region; once every broker of the
+  region failed, to the next region in the list (its first broker), wrapping
+  to home. Connected with orders in flight and no answer (receipt of any
+  result, or a PUBACK refusal) for that long: to the next region (a region's
+  brokers share its bridges; with one region the agent stays).
 * **Failback** to home: while on another region, the agent probes home's brokers
   (in order, until one answers) every ``failback_probe_s`` with a throw-away CONNECT (client id
   ``{client_id}-probe``, no session, no subscriptions, so it can never take a
@@ -219,19 +220,28 @@ class RegionSelector:
         return max(0.0, self._failback_not_before - self._monotonic())
 
     def seconds_until_failover(self) -> float:
-        """How long until :meth:`should_fail_over` turns true by time alone (inf: never)."""
-        since = self._unanswered_since if self.connected else self._unconnected_since
-        if since is None or self._brokers < 2:
+        """How long until :meth:`should_fail_over` turns true by time alone (inf: never).
+
+        Without a connection any other broker helps. Connected without answers, only
+        another region does: a region's brokers share its bridges, so a missing answer
+        says nothing about the broker (and moving would only add resends to the load).
+        """
+        if self.connected:
+            since, alternatives = self._unanswered_since, len(self.regions) - 1
+        else:
+            since, alternatives = self._unconnected_since, self._brokers - 1
+        if since is None or not alternatives:
             return float("inf")
         return max(0.0, since + self.failover_after_s - self._monotonic())
 
     def fail_over(self) -> Region:
         """Move to the current region's next broker, else to the next region; return the region.
 
-        Each region's brokers are tried in order before the next region (wrapping to
-        home); a single region wraps to its first broker.
+        Without a connection, each region's brokers are tried in order before the
+        next region (wrapping to home; a single region wraps to its first broker).
+        Connected without answers, the move is to the next region.
         """
-        if self._broker + 1 < len(self.current.urls):
+        if not self.connected and self._broker + 1 < len(self.current.urls):
             self._broker += 1
             self.broker_switches += 1
             self._reset_for_switch()

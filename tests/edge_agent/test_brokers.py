@@ -59,20 +59,31 @@ def test_every_broker_of_home_before_the_next_region_then_wrap() -> None:
     assert (sel.broker_switches, sel.failovers) == (2, 2)
 
 
-def test_a_connected_broker_without_answers_moves_to_the_next_broker() -> None:
+def test_no_answers_move_to_the_next_region_not_the_next_broker() -> None:
+    """A region's brokers share its bridges: connected without answers, the agent tries
+    another region (geo), and with a single region it stays."""
     t = FakeTime()
-    sel = RegionSelector(parse_regions(("home=mqtt://a", "home=mqtt://b")), failover_after_s=5,
-                         monotonic=t)  # fmt: skip
-    sel.on_connected()
-    sel.on_sent()
+    geo = RegionSelector(parse_regions(("home=mqtt://a", "home=mqtt://b", "eu=mqtt://c")),
+                         failover_after_s=5, monotonic=t, failback_holdoff_s=30)  # fmt: skip
+    single = RegionSelector((Region("", parse_mqtt_urls("mqtt://a,mqtt://b")),),
+                            failover_after_s=5, monotonic=t)  # fmt: skip
+    for sel in (geo, single):
+        sel.on_connected()
+        sel.on_sent()
     t.now += 4
-    assert not sel.should_fail_over()
+    assert not geo.should_fail_over()
     t.now += 1
-    assert sel.should_fail_over()
-    assert sel.fail_over().name == "home"
-    assert sel.current_url.host == "b"
-    assert sel.at_home  # a move inside home sets no failback hold-off
-    assert sel.failback_wait_s() == 0
+    assert geo.should_fail_over()
+    assert geo.fail_over().name == "eu"
+    assert geo.failback_wait_s() > 0  # leaving home unanswered holds failback off
+    t.now += 1000
+    assert not single.should_fail_over()
+    assert single.seconds_until_failover() == float("inf")
+    single.on_disconnected()  # the connection itself goes: now the other broker helps
+    t.now += 5
+    assert single.should_fail_over()
+    single.fail_over()
+    assert single.current_url.host == "b"
 
 
 def test_single_region_brokers_wrap_and_a_lone_broker_never_fails_over() -> None:
