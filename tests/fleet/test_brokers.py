@@ -40,7 +40,8 @@ class Form:
     # The agents' failover_after_s: a dropped device moves to the other broker after it.
     failover_s: float
     # After failover_s every dropped device connects and subscribes again, all in this
-    # one process on a busy machine: the bound's slack.
+    # one process on a busy machine: the bound's slack. Measured at a load average of
+    # 37: 201 devices back in 4.5 s, then 400 in 28.4 s (the event loop saturated).
     slack_s: float
 
     @property
@@ -51,7 +52,7 @@ class Form:
 FORMS: Final = [
     pytest.param(Form(40, 20.0, 3.0, 8.0, 12.0, 16.0, failover_s=2.0, slack_s=5.0), id="short"),
     pytest.param(
-        Form(400, 80.0, 10.0, 25.0, 40.0, 60.0, failover_s=2.0, slack_s=20.0),
+        Form(400, 80.0, 10.0, 25.0, 40.0, 60.0, failover_s=2.0, slack_s=40.0),
         id="long",
         marks=[
             pytest.mark.slow,
