@@ -20,7 +20,12 @@ from servicekit.config import (
     TraceSampleRatio,
     doc,
 )
-from servicekit.credentials import entries_with_password, one_secret, url_with_password
+from servicekit.credentials import (
+    entries_with_password,
+    one_secret,
+    url_with_password,
+    urls_with_password,
+)
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -42,7 +47,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
         doc(
             "Broker the bridge takes orders from, mqtt://[user@]host[:port] or mqtts:// for "
             "TLS; set it to your broker and its bridge service account, the password in "
-            "--mqtt-password-file"
+            "--mqtt-password-file; several brokers of the region comma-separated (a shared "
+            "subscription on each)"
         ),
     ] = "mqtt://127.0.0.1:1883"
     mqtt_password: MqttPassword = ""
@@ -339,7 +345,7 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
         redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
         return msgspec.structs.replace(
             self,
-            mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
+            mqtt_url=urls_with_password(self.mqtt_url, mqtt, "mqtt_url"),
             redis_url=url_with_password(self.redis_url, redis, "redis_url"),
             region_redis=entries_with_password(self.region_redis, redis),
             mqtt_password="",

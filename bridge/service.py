@@ -29,9 +29,10 @@ from servicekit.logs import truncate
 from servicekit.loops import critical
 from servicekit.mqtt import PropertySubscription
 from servicekit.rate_limit import TokenBuckets
-from servicekit.urls import MqttUrl
+from servicekit.urls import MqttUrl, parse_mqtt_urls
 
 from .batcher import Batcher, Outcome
+from .brokers import BrokerSet
 from .config import BridgeConfig
 from .dlq_budget import DeadLetterBudget, dlq_entries
 from .errors import IntakeError, RedisAuthError, RedisFullError, StoreError
@@ -422,10 +423,23 @@ class Bridge:
         self.redis_reachable = False
         self.metrics.redis_up.set(0)
 
-    def _default_intake(self, sink: MessageSink) -> MqttIntake:
+    def _default_intake(self, sink: MessageSink) -> Intake:
+        """One intake on the broker; with several brokers, one on each (bridge/brokers.py)."""
+        urls = parse_mqtt_urls(self.config.mqtt_url)
+        if len(urls) == 1:
+            return self._intake_on(urls[0], sink)
+        # Waits a little for each broker at start, then carries on: a dead broker
+        # must not keep the bridge from the live ones.
+        return BrokerSet(
+            len(urls), sink, lambda i, s: self._intake_on(urls[i], s, connect_wait_s=5.0)
+        )
+
+    def _intake_on(
+        self, url: MqttUrl, sink: MessageSink, connect_wait_s: float | None = None
+    ) -> MqttIntake:
         cfg = self.config
         return MqttIntake(
-            MqttUrl.parse(cfg.mqtt_url),
+            url,
             client_id=cfg.client_id,
             subscriptions=[
                 PropertySubscription(
@@ -437,6 +451,7 @@ class Bridge:
             max_packet_size=cfg.mqtt_max_packet_size,
             keepalive_s=cfg.mqtt_keepalive_s,
             backoff=Backoff(0.1, cfg.backoff_max_s),
+            connect_wait_s=connect_wait_s,
             ca_file=cfg.mqtt_ca_file,
             metrics=self.metrics.mqtt,
             name="bridge-intake",

@@ -1,15 +1,18 @@
 """Geo mode's connection policy (GEO.md): when to switch region, and probing home.
 
-The agent talks to one region's broker at a time; :class:`RegionSelector`
-decides when to fail over (no answer for ``failover_after_s``) and back. On a
-switch the publisher takes a fresh transport. While away from home, a
-throw-away CONNECT to home every ``failback_probe_s`` tells when it is back.
+The agent talks to one broker at a time; :class:`RegionSelector` decides when
+to move to the region's next broker or the next region (no answer for
+``failover_after_s``) and back. On a switch the publisher takes a fresh
+transport. While away from home, a throw-away CONNECT to home's brokers every
+``failback_probe_s`` tells when it is back. Single-region mode with several
+brokers uses the switches and never probes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Final
 
 import structlog
@@ -49,20 +52,22 @@ class RegionLink:
     def switch_if_due(self, inflight: int) -> Region | None:
         """Fail back or over if due; the region to connect to now, else None."""
         geo = self.regions
-        previous = geo.current
+        previous, previous_url = geo.current, geo.current_url
         if geo.should_fail_back():
             kind, region = "failback", geo.fail_back()
         elif geo.should_fail_over():
-            kind, region = "failover", geo.fail_over()
+            region = geo.fail_over()
+            kind = "broker" if region is previous else "failover"
         else:
             return None
         self._metrics.region_switches.labels(kind).inc()
         log.warning(
-            "region_switched",
+            "region_switched" if kind != "broker" else "broker_switched",
             kind=kind,
             from_region=previous.name,
             to_region=region.name,
-            url=str(region.url),
+            from_url=str(previous_url),
+            url=str(geo.current_url),
             inflight=inflight,
         )
         return region
@@ -76,17 +81,21 @@ class RegionLink:
                     await wake.wait()
                     wake.clear()
 
-    async def probe_home(self) -> bool:
-        """One throw-away CONNECT to the home region's broker; True on a CONNACK."""
-        probe = self._probe_factory(self._probe_settings, _DEAF)
-        try:
-            await probe.connect()
-        except BrokerError as exc:
-            log.info("home_probe_failed", region=self.regions.home.name, error=exc.detail)
-            return False
-        finally:
-            await probe.disconnect()
-        return True
+    async def probe_home(self) -> int | None:
+        """Throw-away CONNECTs to home's brokers in order; the first that gets a CONNACK."""
+        for index, url in enumerate(self.regions.home.urls):
+            settings = dataclasses.replace(self._probe_settings, url=url)
+            probe = self._probe_factory(settings, _DEAF)
+            try:
+                await probe.connect()
+            except BrokerError as exc:
+                log.info("home_probe_failed", region=self.regions.home.name, url=str(url),
+                         error=exc.detail)  # fmt: skip
+                continue
+            finally:
+                await probe.disconnect()
+            return index
+        return None
 
     async def run_failback_probe(self, wake: asyncio.Event) -> None:
         """Probe home every ``failback_probe_s`` while away; set ``wake`` when it answers."""
@@ -96,15 +105,16 @@ class RegionLink:
             if geo.at_home or geo.should_fail_back() or geo.failback_wait_s() > 0:
                 continue
             try:
-                healthy = await self.probe_home()
+                broker = await self.probe_home()
             except Exception:
                 # Isolation boundary: a failed probe must not stop the agent; try next time.
                 log.exception("home_probe_error")
                 self._metrics.loop_errors.labels("failback_probe").inc()
                 continue
-            if healthy and not geo.at_home:
-                log.info("home_probe_ok", region=geo.home.name, current=geo.current.name)
-                geo.on_home_probe_ok()
+            if broker is not None and not geo.at_home:
+                log.info("home_probe_ok", region=geo.home.name, current=geo.current.name,
+                         url=str(geo.home.urls[broker]))  # fmt: skip
+                geo.on_home_probe_ok(broker)
                 wake.set()
 
 

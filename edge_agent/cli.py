@@ -102,7 +102,7 @@ async def serve(config: AgentConfig) -> None:
             db=config.db,
             http_port=agent.http_port,
             mqtt_url=str(agent.publisher.url),
-            regions=[f"{region.name}={region.url}" for region in config.regions],
+            regions=[f"{r.name}={url}" for r in config.regions for url in r.urls],
         )
         release_startup_memory()
         await stop.wait()

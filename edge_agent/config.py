@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -14,8 +14,9 @@ from servicekit.config import (
     ServiceConfig,
     doc,
 )
-from servicekit.credentials import entries_with_password, one_secret, url_with_password
+from servicekit.credentials import entries_with_password, one_secret, urls_with_password
 from servicekit.errors import ConfigError
+from servicekit.urls import parse_mqtt_urls
 
 from .regions import Region, parse_regions
 
@@ -38,8 +39,8 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
         str,
         doc(
             "Broker the orders go to, mqtt://[user@]host[:port] or mqtts:// for TLS, with the "
-            "device's account (its password in agent.toml or --mqtt-password-file); --region "
-            "replaces it in geo mode"
+            "device's account (its password in agent.toml or --mqtt-password-file); several "
+            "brokers comma-separated, tried in order; --region replaces it in geo mode"
         ),
     ] = "mqtt://127.0.0.1:1883"
     mqtt_password: MqttPassword = ""
@@ -54,16 +55,26 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
         str | tuple[str, ...],
         doc(
             "Geo mode: a region and its broker as NAME=MQTT_URL, home first, one flag each "
-            "(comma-separated in ORDERS_REGION, a list in TOML); replaces --mqtt-url"
+            "(comma-separated in ORDERS_REGION, a list in TOML); the same NAME again, next to "
+            "it, adds a broker to that region; replaces --mqtt-url"
         ),
     ] = ()
     failover_after_s: Annotated[
         float,
         doc(
-            "Geo mode: seconds without a connection, or with orders in flight and no answer, "
-            "before the agent moves to the next region; lower to fail over sooner"
+            "Seconds without a connection before the agent moves to its region's next broker, "
+            "then to the next region; with orders in flight and no answer that long, to the "
+            "next region; lower to fail over sooner"
         ),
     ] = 60.0
+    broker_order: Annotated[
+        Literal["listed", "hashed"],
+        doc(
+            "Order the agent tries a region's brokers in: listed (as given), or hashed (the "
+            "list rotated by a hash of the device id, so one fleet-wide list spreads devices "
+            "evenly over the brokers)"
+        ),
+    ] = "listed"
     failback_probe_s: Annotated[
         float,
         doc(
@@ -347,7 +358,7 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
             region = entries_with_password((e.strip() for e in entries if e.strip()), password)
         return msgspec.structs.replace(
             self,
-            mqtt_url=url_with_password(self.mqtt_url, password, "mqtt_url"),
+            mqtt_url=urls_with_password(self.mqtt_url, password, "mqtt_url"),
             region=region,
             http_token=token,
             mqtt_password="",
@@ -363,7 +374,8 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
                 bridge's dedup marker TTL (a resend after the marker expired, in any
                 region, would be appended twice).
         """
-        _ = self.regions
+        if not self.regions:
+            parse_mqtt_urls(self.mqtt_url)
         if not 0 < self.resend_max_age_s < names.DEDUP_TTL_S:
             raise ConfigError(
                 f"resend_max_age_s={self.resend_max_age_s} must be below the dedup "

@@ -77,7 +77,8 @@ class AgentMetrics:
         )
         self.region_switches = Counter(
             "edge_region_switches",
-            "Geo mode: region changes, by kind (failover, failback)",
+            "Broker changes, by kind (broker: the same region's next broker; geo mode's "
+            "failover, failback)",
             ["kind"],
             registry=r,
         )

@@ -14,10 +14,11 @@ What comes back (PUBACKs, receipts, statuses) is handled in ``_answers.py``.
 Every time here is the agent clock (``_clock.py``), so a wall-clock jump
 neither stalls a retry nor lets an order out past its dedup horizon.
 
-Geo mode (``regions.py``, ``_geo_link.py``, GEO.md): one region's broker at a
-time; before the first PUBLISH of an order to a region not yet in its
-``attempts``, the name is committed to the outbox, and the order goes out
-re-encoded with them. Without regions, the committed bytes go out unchanged.
+Brokers (``regions.py``, ``_geo_link.py``): one broker at a time, the next of
+the region after ``failover_after_s`` without an answer. Geo mode (GEO.md):
+before the first PUBLISH of an order to a region not yet in its ``attempts``,
+the name is committed to the outbox, and the order goes out re-encoded with
+them. Without regions, the committed bytes go out unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from schemas import SchemaError, StatusQuery, encode, names
 from servicekit import tracing
 from servicekit.backoff import Backoff
 from servicekit.rate_limit import TokenBucket
-from servicekit.urls import MqttUrl
+from servicekit.urls import MqttUrl, parse_mqtt_urls
 
 from ._answers import Answers
 from ._geo_link import RegionLink
@@ -41,7 +42,7 @@ from .config import AgentConfig
 from .errors import BrokerError, StorageError
 from .metrics import AgentMetrics
 from .outbox import Outbox
-from .regions import RegionSelector, with_attempt, with_attempts
+from .regions import Region, RegionSelector, spread, with_attempt, with_attempts
 from .transport import Transport, TransportFactory, TransportSettings, default_transport
 
 log = structlog.get_logger(__name__)
@@ -66,37 +67,35 @@ class Publisher:
         self._outbox = outbox
         self._metrics = metrics
         rng = rng or random.Random()
-        self.url = MqttUrl.parse(config.mqtt_url)
         self._orders_topic = names.orders_topic(config.device_id)
         self._receipts_topic = names.receipts_topic(config.device_id)
         self._status_topic = names.status_topic(config.device_id)
         self._status_query_topic = names.status_query_topic(config.device_id)
         self._clock = outbox.clock
         self._transport_factory = transport_factory
-        # Geo mode (regions.py): one region at a time, a fresh transport per switch.
+        # One broker at a time (regions.py): geo mode's regions, or single-region
+        # mode's brokers as one unnamed region; a fresh transport per switch.
         regions = config.regions
-        self.regions = (
-            RegionSelector(
-                regions,
-                failover_after_s=config.failover_after_s,
-                monotonic=self._clock.monotonic_s,
-                failback_holdoff_s=config.failback_probe_s,
-            )
-            if regions
-            else None
+        brokers = regions or (Region("", parse_mqtt_urls(config.mqtt_url)),)
+        if config.broker_order == "hashed":
+            brokers = spread(brokers, config.device_id)
+        self._selector = RegionSelector(
+            brokers,
+            failover_after_s=config.failover_after_s,
+            monotonic=self._clock.monotonic_s,
+            failback_holdoff_s=config.failback_probe_s,
         )
-        self._geo: RegionLink | None = None
-        if self.regions is not None:
-            self.url = self.regions.home.url
-            # Home probes get a plain transport: nothing that wraps or observes the
-            # agent's session (health's Will, the simulator's tracker) ever sees one.
-            self._geo = RegionLink(
-                config,
-                metrics,
-                self.regions,
-                probe_factory=probe_factory,
-                probe_settings=self._settings(self.regions.home.url, probe=True),
-            )
+        self.regions = self._selector if regions else None  # geo mode only
+        self.url = self._selector.current_url
+        # Home probes get a plain transport: nothing that wraps or observes the
+        # agent's session (health's Will, the simulator's tracker) ever sees one.
+        self._link = RegionLink(
+            config,
+            metrics,
+            self._selector,
+            probe_factory=probe_factory,
+            probe_settings=self._settings(self._selector.home.url, probe=True),
+        )
         self._transport: Transport = transport_factory(self._settings(self.url), self)
         # At most one second's worth at once, so a backlog never leaves in a burst.
         rate_per_s = config.drain_rate_per_min / 60.0
@@ -104,7 +103,7 @@ class Publisher:
         self._window = Window(tracing.pending_spans("order publish"))  # publish → receipt
         self._wake = asyncio.Event()
         self._answers = Answers(
-            config, outbox, metrics, self._window, regions=self.regions, wake=self.wake, rng=rng
+            config, outbox, metrics, self._window, regions=self._selector, wake=self.wake, rng=rng
         )
         self._reconnect = Backoff(config.reconnect_min_s, config.reconnect_max_s, rng)
         self.last_error: str | None = None
@@ -173,10 +172,8 @@ class Publisher:
             except BrokerError as exc:
                 self.last_error = exc.detail
                 self._metrics.connect_failures.inc()
-                delay = self._reconnect.next_delay()
-                if self.regions is not None:
-                    # Wake in time to fail over, or back home after a good probe.
-                    delay = min(delay, self.regions.seconds_until_failover())
+                # Wake in time to fail over, or back home after a good probe.
+                delay = min(self._reconnect.next_delay(), self._selector.seconds_until_failover())
                 log.warning(
                     "mqtt_connect_failed",
                     error=exc.detail,
@@ -188,9 +185,8 @@ class Publisher:
             self._reconnect.reset()
             self.last_error = None
             self._metrics.connects.inc()
-            connected_to = self._region_name
-            if self.regions is not None:
-                self.regions.on_connected()
+            connected_to = self._selector.position
+            self._selector.on_connected()
             log.info(
                 "mqtt_connected",
                 url=str(self.url),
@@ -208,38 +204,34 @@ class Publisher:
                 # Isolation boundary: a bug here must not stop the agent taking orders.
                 log.exception("publisher_failed")
                 await self._transport.disconnect()
-            if self.regions is not None:
-                switched = self.regions.current.name != connected_to
-                self.regions.on_disconnected()
-                if switched:
-                    continue  # the pump left for another region: connect there at once
+            switched = self._selector.position != connected_to
+            self._selector.on_disconnected()
+            if switched:
+                continue  # the pump left for another broker: connect there at once
             await self._reconnect.wait()
 
     def _switch_region_if_due(self) -> bool:
-        """Geo: fail back or over if due; return whether the region changed."""
-        if self._geo is None:
+        """Fail back or over (broker or region) if due; return whether the broker changed."""
+        if self._link.switch_if_due(len(self._window.receipts)) is None:
             return False
-        region = self._geo.switch_if_due(len(self._window.receipts))
-        if region is None:
-            return False
-        self.url = region.url
+        self.url = self._selector.current_url
         # A fresh transport per switch: the factory's latest transport is always the
         # one in use (wrappers such as health's reporter rely on that).
-        self._transport = self._transport_factory(self._settings(region.url), self)
+        self._transport = self._transport_factory(self._settings(self.url), self)
         self._reconnect.reset()
         return True
 
     async def _sleep_unless_failback(self, delay: float) -> None:
         """Sleep ``delay``; a good probe of home (``wake``) cuts it short in geo mode."""
-        if self._geo is None:
+        if self.regions is None:
             await asyncio.sleep(delay)
         else:
-            await self._geo.sleep_unless_failback(delay, self._wake)
+            await self._link.sleep_unless_failback(delay, self._wake)
 
     async def run_failback_probe(self) -> None:
         """While away from home, probe it every ``failback_probe_s``; go home when it answers."""
-        if self._geo is not None:
-            await self._geo.run_failback_probe(self._wake)
+        if self.regions is not None:
+            await self._link.run_failback_probe(self._wake)
 
     async def close(self) -> None:
         """Disconnect cleanly; unreceipted orders stay in the outbox."""
@@ -252,13 +244,12 @@ class Publisher:
         # Every unreceipted order goes out again on a new connection.
         await self._outbox.flush()
         await self._outbox.make_all_due()
-        geo = self.regions
+        selector = self._selector
         while self._transport.connected:
-            if geo is not None:
-                leaving = self._transport
-                if self._switch_region_if_due():
-                    await leaving.disconnect()
-                    return
+            leaving = self._transport
+            if self._switch_region_if_due():
+                await leaving.disconnect()
+                return
             self._wake.clear()
             now = self._clock.monotonic_s()
             for order_id, deadline in list(window.receipts.items()):
@@ -278,8 +269,7 @@ class Publisher:
                     timeout = min(timeout, self._bucket.seconds_until(1))
             if window.receipts:
                 timeout = min(timeout, max(0.0, min(window.receipts.values()) - now))
-            if geo is not None:
-                timeout = min(timeout, geo.seconds_until_failover())
+            timeout = min(timeout, selector.seconds_until_failover())
             try:
                 async with asyncio.timeout(max(timeout, 0.001)):
                     await self._wake.wait()
@@ -325,8 +315,7 @@ class Publisher:
                 log.warning("publish_failed", order_id=order.order_id, error=exc.detail)
                 window.spans.end(order.order_id, "publish_failed", failed=True)
                 break
-            if self.regions is not None:
-                self.regions.on_sent()
+            self._selector.on_sent()
             window.receipts[order.order_id] = self._clock.monotonic_s() + timeout_s
             window.orders[mid] = (order.order_id, order.sends)
             clock_now = self._clock.now_ms()

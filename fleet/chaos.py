@@ -20,6 +20,13 @@
 | ``spike=Fx:Ds`` | — | the offered rate goes ×F for D seconds (default ``10x:30s``) |
 | ``storm`` | own stack | restart the broker once every device is connected: all reconnect |
 | ``rolling-upgrade`` | own stack | SIGTERM and restart each bridge, then each worker, in turn |
+| ``broker-host-down=I`` | own stack | SIGKILL broker I (``--brokers N``) and leave it down |
+| ``broker-host-up=I`` | own stack | start broker I again (empty: no persistence) |
+
+A broker host loss reports how many devices were connected before, how many
+lost their connection, and the seconds until as many were connected again
+(to the brokers left: the agents move to their region's next broker after
+their ``failover_after_s``).
 
 A spike reports the peak outbox depth and the drain time (from the spike's end
 until the outbox depth is back to its level before the spike); a storm reports
@@ -78,6 +85,10 @@ SPIKE_DRAIN_TIMEOUT_S = 120.0
 STORM_CONNECTED_WAIT_S = 60.0
 STORM_BACK_TIMEOUT_S = 120.0
 STORM_BUCKET_S = 0.1
+BROKER_BACK_TIMEOUT_S = 120.0
+# A SIGKILLed broker's devices see their connection reset at once; no drop in this
+# long means none was connected there.
+BROKER_DROP_SEEN_S = 3.0
 
 
 class FleetControl(Protocol):
@@ -143,6 +154,12 @@ def _spike_arg(text: str) -> tuple[float, float]:
     if match is None or float(match[1]) <= 0 or float(match[2]) <= 0:
         raise ValueError(text)
     return float(match[1]), float(match[2])
+
+
+def _index(text: str) -> tuple[float, float]:
+    if not re.fullmatch(r"[0-9]{1,3}", text):
+        raise ValueError(text)
+    return float(text), 0.0
 
 
 def _show_number(event: ChaosEvent) -> str:
@@ -310,6 +327,21 @@ class StormReport:
 
 
 @dataclass
+class BrokerDownReport:
+    """What a ``broker-host-down`` did: the kill, and how fast the devices were back."""
+
+    at_s: float
+    index: int
+    pid: int | None
+    gone: bool
+    devices: int
+    connected_before: int
+    dropped: int = 0  # the fewest devices connected after the kill, below connected_before
+    # Seconds from the SIGKILL until connected_before devices were connected again.
+    all_back_s: float | None = None
+
+
+@dataclass
 class ChaosLog:
     """What the schedule did: events with their times, and the rogue traffic sent."""
 
@@ -318,6 +350,7 @@ class ChaosLog:
     flooded: int = 0
     spikes: list[SpikeReport] = field(default_factory=list)
     storms: list[StormReport] = field(default_factory=list)
+    broker_downs: list[BrokerDownReport] = field(default_factory=list)
 
 
 class ChaosRunner:
@@ -490,7 +523,8 @@ class ChaosRunner:
 
     async def _rogue(self, event: ChaosEvent, n: int) -> str:
         victims = self.fleet.device_ids(10)
-        report = await send_rogue(self.mqtt_url, f"{self.prefix}-rogue{n}", int(event.arg), victims)
+        first_broker = self.mqtt_url.split(",")[0]
+        report = await send_rogue(first_broker, f"{self.prefix}-rogue{n}", int(event.arg), victims)
         self.log.rogue.append(report)
         return f" ({report.sent} sent)"
 
@@ -561,6 +595,50 @@ class ChaosRunner:
             f"at most {report.max_per_bucket:,} per 100 ms, {report.max_per_s:,} per s"
         )
 
+    def _broker(self, event: ChaosEvent) -> ServerProcess:
+        brokers = self._own_stack().brokers
+        index = int(event.arg)
+        if index >= len(brokers):
+            raise ChaosError(f"{event.kind}={index}: the stack has {len(brokers)} broker(s)")
+        return brokers[index]
+
+    async def _broker_host_down(self, event: ChaosEvent, n: int) -> str:
+        broker = self._broker(event)
+        before = self.fleet.connected()
+        pid = broker.pid
+        t0 = time.monotonic()
+        await asyncio.to_thread(broker.kill)
+        report = BrokerDownReport(t0 - self.started, int(event.arg), pid,
+                                  pid is not None and not pid_alive(pid), self.fleet.size,
+                                  before)  # fmt: skip
+        self.log.broker_downs.append(report)
+        self.watch(self._back_on_live(report, t0), name=f"broker-back-{n}")
+        return f" (pid {pid} {'gone' if report.gone else 'ALIVE'}, stays down)"
+
+    async def _back_on_live(self, report: BrokerDownReport, t0: float) -> None:
+        """Follow the connected devices after a broker's loss until as many are back."""
+        lowest = report.connected_before
+        while time.monotonic() - t0 < BROKER_BACK_TIMEOUT_S:
+            connected = self.fleet.connected()
+            lowest = min(lowest, connected)
+            if lowest < report.connected_before and connected >= report.connected_before:
+                report.all_back_s = time.monotonic() - t0
+                break
+            if lowest == report.connected_before and time.monotonic() - t0 > BROKER_DROP_SEEN_S:
+                report.all_back_s = 0.0  # nobody was on that broker
+                break
+            await asyncio.sleep(0.1)
+        report.dropped = report.connected_before - lowest
+        log.info("broker host down", index=report.index, dropped=report.dropped,
+                 all_back_s=report.all_back_s)  # fmt: skip
+
+    async def _broker_host_up(self, event: ChaosEvent, n: int) -> str:
+        broker = self._broker(event)
+        if broker.running:
+            return " (was running!)"
+        await asyncio.to_thread(broker.start)
+        return f" (now pid {broker.pid})"
+
 
 def _buckets(times: list[float], t0: float, width_s: float) -> list[int]:
     """How many of ``times`` (≥ t0) fall in each ``width_s`` bucket from ``t0``."""
@@ -590,6 +668,10 @@ for _name, _kind in {
     "redis-oom": Kind(ChaosRunner._redis_oom, needs="stack", default="3"),
     "storm": Kind(ChaosRunner._storm, needs="stack"),
     "rolling-upgrade": Kind(ChaosRunner._rolling_upgrade, needs="stack"),
+    "broker-host-down": Kind(ChaosRunner._broker_host_down, needs="stack", default="0",
+                             parse=_index),
+    "broker-host-up": Kind(ChaosRunner._broker_host_up, needs="stack", default="0",
+                           parse=_index),
     "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
     "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
     "dup-flood": Kind(ChaosRunner._dup_flood),

@@ -57,6 +57,9 @@ class FleetSettings:
     # How long after its receipt an order without a terminal status is asked about:
     # seconds, not the field default's minute, so a run's verifier sees recovery.
     status_query_delay_s: float = 3.0
+    # With several brokers (a comma-separated mqtt_url): seconds without one before
+    # an agent moves to the next; the list is rotated per device (broker_order hashed).
+    failover_after_s: float = 3.0
 
 
 def raise_open_file_limit() -> int:
@@ -151,8 +154,14 @@ class Fleet:
             if "status_query_delay_s" in AgentConfig.__struct_fields__
             else {}
         )
+        brokers: dict[str, Any] = (
+            {"failover_after_s": s.failover_after_s, "broker_order": "hashed"}
+            if "," in s.mqtt_url
+            else {}
+        )
         return AgentConfig(
             **recovery,
+            **brokers,
             device_id=device_id,
             mqtt_url=s.mqtt_url,
             db=str(s.disk / f"{device_id}.db") if s.disk is not None and on_disk else ":memory:",

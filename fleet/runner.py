@@ -141,6 +141,14 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
         "save CPU (the agents' poll_interval_s; default %(default)s)",
     )
     parser.add_argument(
+        "--failover-after",
+        type=float,
+        default=3.0,
+        help="seconds an agent waits without a broker or an answer before it moves to the next "
+        "broker (--brokers N) or region (--regions N) (the agents' failover_after_s; default "
+        "%(default)s)",
+    )
+    parser.add_argument(
         "--report",
         type=Path,
         help="path of the HTML report of the run (default reports/fleet-DATE-TIME.html)",
@@ -155,6 +163,13 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the stack fleet-sim starts itself."""
+    parser.add_argument(
+        "--brokers",
+        type=int,
+        default=1,
+        help="Mosquitto brokers of the stack fleet-sim starts; the devices spread over them by "
+        "a hash of their id, bridges and pipeline connect to all (default %(default)s)",
+    )
     parser.add_argument(
         "--bridges",
         type=int,
@@ -186,7 +201,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
-        status_query_delay_s=args.status_query_delay,
+        status_query_delay_s=args.status_query_delay, failover_after_s=args.failover_after,
     )  # fmt: skip
 
 
@@ -281,6 +296,13 @@ def _summary(result: SimResult) -> Table:
     for storm in result.chaos.storms:
         # The storm's event row above says the rest.
         table.add_row(f"storm @{storm.at_s:,.0f}s attempts/s", _per_second(storm))
+    for down in result.chaos.broker_downs:
+        back = "NOT back" if down.all_back_s is None else f"back in {down.all_back_s:.1f} s"
+        table.add_row(
+            f"broker {down.index} host down @{down.at_s:,.0f}s",
+            f"pid {down.pid} {'gone' if down.gone else 'ALIVE'}; {down.dropped:,} of "
+            f"{down.connected_before:,} connected devices dropped, {back}",
+        )
     return table
 
 
@@ -302,7 +324,7 @@ def _per_second(storm: StormReport) -> str:
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:
     return StackSettings(
-        shards=args.shards, bridges=args.bridges, workers=args.workers,
+        shards=args.shards, brokers=args.brokers, bridges=args.bridges, workers=args.workers,
         redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
     )  # fmt: skip
 

@@ -74,6 +74,8 @@ class SimOptions:
     poll_interval_s: float = 0.5
     # Seconds after its receipt a device asks for a missing terminal status.
     status_query_delay_s: float = 3.0
+    # Seconds without a broker before an agent moves to the next (several brokers).
+    failover_after_s: float = 3.0
 
 
 @dataclass
@@ -238,6 +240,7 @@ def _fleet_settings(
         disk_devices=0 if disk is None else AGENT_POWERCUT_DEVICES,
         poll_interval_s=options.poll_interval_s,
         status_query_delay_s=options.status_query_delay_s,
+        failover_after_s=options.failover_after_s,
     )  # fmt: skip
 
 
@@ -270,6 +273,8 @@ async def _maybe_proxy(mqtt_url: str, wanted: bool) -> AsyncIterator[tuple[str, 
     if not wanted:
         yield mqtt_url, None
         return
+    if "," in mqtt_url:
+        raise FleetError("the proxy's network faults need a single broker (no --brokers N)")
     url = MqttUrl.parse(mqtt_url)
     async with TcpProxy(url.host, url.port) as proxy:
         scheme = "mqtts" if url.tls else "mqtt"

@@ -1,4 +1,4 @@
-"""A local stack on free ports: Mosquitto, Redis, order-bridge replicas, order-pipeline.
+"""A local stack on free ports: Mosquitto brokers, Redis, order-bridge replicas, order-pipeline.
 
 Every part is a real subprocess the chaos schedule can stop, SIGKILL and
 restart. Redis runs with the shipped ``redis/redis.conf`` (AOF, ``appendfsync
@@ -37,6 +37,9 @@ class StackSettings:
     """How big the stack is and how quickly its parts recover."""
 
     shards: int = 4
+    # Mosquitto brokers of the region: the devices spread over them (hashed list
+    # order), each bridge and the pipeline connect to all of them.
+    brokers: int = 1
     bridges: int = 1
     workers: int = 1
     catalog: Path = DEMO_CATALOG
@@ -56,9 +59,14 @@ class Stack:
     def __init__(self, workdir: Path, settings: StackSettings = StackSettings()) -> None:
         self.workdir = workdir
         self.settings = settings
-        self.broker = MosquittoProcess(
-            workdir / "mosquitto", persistence=settings.broker_persistence
-        )
+        self.brokers = [
+            MosquittoProcess(
+                workdir / ("mosquitto" if i == 0 else f"mosquitto{i}"),
+                persistence=settings.broker_persistence,
+            )
+            for i in range(max(1, settings.brokers))
+        ]
+        self.broker = self.brokers[0]
         self.redis_disk: PowerCutMount | None = None
         redis_args: tuple[str, ...] = ()
         if settings.redis_powercut:
@@ -74,7 +82,7 @@ class Stack:
             workdir / "pipeline",
             [
                 console_script("order-pipeline"),
-                "--mqtt-url", self.broker.url, "--redis-url", self.redis.url,
+                "--mqtt-url", self.mqtt_url, "--redis-url", self.redis.url,
                 "--shards", str(settings.shards), "--workers", str(settings.workers),
                 "--claim-idle-ms", str(settings.claim_idle_ms),
             ],
@@ -83,7 +91,7 @@ class Stack:
     def _bridge(self, index: int, run: str) -> ServiceProcess:
         argv = [
             console_script("order-bridge"),
-            "--mqtt-url", self.broker.url, "--redis-url", self.redis.url,
+            "--mqtt-url", self.mqtt_url, "--redis-url", self.redis.url,
             "--shards", str(self.settings.shards), "--client-id", f"fleet-{run}-bridge{index}",
             # No trimming: the verifier counts every entry a run appended.
             "--trim-every-batches", "0",
@@ -92,8 +100,8 @@ class Stack:
 
     @property
     def mqtt_url(self) -> str:
-        """Where devices connect."""
-        return self.broker.url
+        """Where devices connect: the brokers' URLs, comma-separated."""
+        return ",".join(broker.url for broker in self.brokers)
 
     @property
     def redis_url(self) -> str:
@@ -102,7 +110,7 @@ class Stack:
 
     def urls(self) -> dict[str, str]:
         """Every part's URL, for people poking at the stack."""
-        out = {"mqtt": self.broker.url, "redis": self.redis.url}
+        out = {"mqtt": self.mqtt_url, "redis": self.redis.url}
         for bridge in self.bridges:
             out[bridge.name] = bridge.url + "/metrics"
         out["pipeline API"] = self.pipeline.url + "/v1/orders/{order_id}"
@@ -110,7 +118,8 @@ class Stack:
 
     def start(self) -> None:
         """Start everything, load the catalog, and wait until each part is ready."""
-        self.broker.start()
+        for broker in self.brokers:
+            broker.start()
         if self.redis_disk is not None:
             self.redis_disk.start()
         self.redis.start()
@@ -136,7 +145,8 @@ class Stack:
         self.redis.stop()
         if self.redis_disk is not None:
             self.redis_disk.stop()
-        self.broker.stop()
+        for broker in self.brokers:
+            broker.stop()
 
     def worker_pids(self) -> list[int]:
         """The pipeline supervisor's worker processes."""

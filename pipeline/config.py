@@ -18,7 +18,7 @@ from servicekit.config import (
     TraceSampleRatio,
     doc,
 )
-from servicekit.credentials import one_secret, url_with_password
+from servicekit.credentials import one_secret, url_with_password, urls_with_password
 
 from .regions import parse_region_apis
 
@@ -37,7 +37,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         doc(
             "Broker the workers publish statuses to and take status queries and health "
             "reports from, mqtt://[user@]host[:port] or mqtts:// for TLS, the password in "
-            "--mqtt-password-file"
+            "--mqtt-password-file; several brokers of the region comma-separated (statuses go "
+            "to each)"
         ),
     ] = "mqtt://127.0.0.1:1883"
     mqtt_password: MqttPassword = ""
@@ -335,7 +336,7 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         redis = one_secret(self.redis_password, self.redis_password_file, "redis_password")
         return msgspec.structs.replace(
             self,
-            mqtt_url=url_with_password(self.mqtt_url, mqtt, "mqtt_url"),
+            mqtt_url=urls_with_password(self.mqtt_url, mqtt, "mqtt_url"),
             redis_url=url_with_password(self.redis_url, redis, "redis_url"),
             mqtt_password="",
             mqtt_password_file="",

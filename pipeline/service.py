@@ -32,11 +32,13 @@ from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
 from servicekit.problems import ProblemAppRunner
 from servicekit.redis_clients import client_options
+from servicekit.urls import parse_mqtt_urls
 
 from ._calls import AnyRedis
 from ._lua import Scripts
 from .api import create_app
 from .api_tokens import load_api_tokens
+from .brokers import StatusFanout
 from .config import PipelineConfig
 from .health import HealthConsumer, HealthMetrics
 from .layout import agree_layout, watch_layout
@@ -89,25 +91,42 @@ async def run_worker(
     metrics = WorkerMetrics(None)
     try:
         config, manifest = await agree_layout(client, config, shards_given=shards_given)
-        mqtt = status_client(config, f"pipeline-{consumer}", metrics=MqttMetrics("pipeline"))
+        # One client per broker of the region (pipeline/brokers.py): statuses go to
+        # every broker; a status query is answered on the broker it came from.
+        mqtt_metrics = MqttMetrics("pipeline")
+        clients = [
+            status_client(config, f"pipeline-{consumer}", metrics=mqtt_metrics, url=url)
+            for url in parse_mqtt_urls(config.mqtt_url)
+        ]
+        status_metrics = StatusMetrics()
         publisher = MqttStatusPublisher(
-            mqtt,
+            clients[0] if len(clients) == 1 else StatusFanout(clients),
             ack_timeout_s=config.status_ack_timeout_s,
             backlog_max=config.status_backlog_max,
-            metrics=StatusMetrics(),
+            metrics=status_metrics,
         )
-        responder = StatusQueryResponder(
-            client, publisher, StatusQueryMetrics(), shards=config.shards,
-            device_per_min=config.status_query_device_per_min,
-        )  # fmt: skip
-        mqtt.subscribe(shared_status_query_subscription(), responder.take)
         health = HealthConsumer(
             client, HealthMetrics(), ttl_s=config.health_ttl_s,
             device_per_min=config.health_device_per_min,
             clock_tolerance_s=config.health_clock_tolerance_s,
         )  # fmt: skip
-        mqtt.subscribe(shared_health_subscription(), health.take)
-        async with mqtt:
+        query_metrics = StatusQueryMetrics()
+        responders = []
+        for mqtt in clients:
+            answers = publisher if len(clients) == 1 else MqttStatusPublisher(
+                mqtt, ack_timeout_s=config.status_ack_timeout_s,
+                backlog_max=config.status_backlog_max, metrics=status_metrics,
+            )  # fmt: skip
+            responder = StatusQueryResponder(
+                client, answers, query_metrics, shards=config.shards,
+                device_per_min=config.status_query_device_per_min,
+            )  # fmt: skip
+            mqtt.subscribe(shared_status_query_subscription(), responder.take)
+            mqtt.subscribe(shared_health_subscription(), health.take)
+            responders.append(responder)
+        async with contextlib.AsyncExitStack() as connected:
+            for mqtt in clients:
+                await connected.enter_async_context(mqtt)
             chain = build_chain(config.steps, StepDeps(client, scripts, config))
             worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
             # One TaskGroup owns the loops; a loop that cannot go on raises LoopFailed
@@ -119,9 +138,12 @@ async def run_worker(
                         critical("watch-supervisor", _watch_supervisor(stop)),
                         name="watch-supervisor",
                     ),
-                    tasks.create_task(
-                        critical("status-query-responder", responder.run()),
-                        name="status-query-responder",
+                    *(
+                        tasks.create_task(
+                            critical("status-query-responder", responder.run()),
+                            name="status-query-responder",
+                        )
+                        for responder in responders
                     ),
                     tasks.create_task(
                         critical("health-consumer", health.run()), name="health-consumer"

@@ -27,7 +27,7 @@ from schemas.messages import MAX_QUERIED_ORDERS
 from schemas.names import status_topic
 from servicekit.backoff import Backoff
 from servicekit.mqtt import MqttClient, MqttMetrics, QueueFull
-from servicekit.urls import MqttUrl
+from servicekit.urls import MqttUrl, parse_mqtt_urls
 
 from .config import PipelineConfig
 
@@ -56,6 +56,18 @@ class StatusPublisher(Protocol):
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Publish ``(device_id, status)`` pairs; return how many the broker acked in time."""
+
+
+class StatusClient(Protocol):
+    """What :class:`MqttStatusPublisher` needs of its client: an MqttClient, or a
+    :class:`~pipeline.brokers.StatusFanout` over several brokers' clients."""
+
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def connected(self) -> bool: ...
+    def publish(self, topic: str, payload: bytes) -> None: ...
+    def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]: ...
 
 
 class StatusMetrics:
@@ -87,7 +99,7 @@ class MqttStatusPublisher:
 
     def __init__(
         self,
-        client: MqttClient,
+        client: StatusClient,
         *,
         ack_timeout_s: float = 5.0,
         backlog_max: int = 10_000,
@@ -181,11 +193,18 @@ async def _all_done(acks: Sequence[asyncio.Future[int]]) -> None:
 
 
 def status_client(
-    config: PipelineConfig, client_id: str, *, metrics: MqttMetrics | None = None
+    config: PipelineConfig,
+    client_id: str,
+    *,
+    metrics: MqttMetrics | None = None,
+    url: MqttUrl | None = None,
 ) -> MqttClient:
-    """A worker's MQTT client (statuses out; the caller subscribes to status queries)."""
+    """A worker's MQTT client (statuses out; the caller subscribes to status queries).
+
+    ``url``: one of several brokers (default: the first of ``mqtt_url``).
+    """
     return MqttClient(
-        MqttUrl.parse(config.mqtt_url),
+        url or parse_mqtt_urls(config.mqtt_url)[0],
         client_id=client_id,
         clean_start=True,
         session_expiry_s=SESSION_EXPIRY_S,

@@ -33,8 +33,11 @@ def redis_url_has_password(url: str) -> bool:
 
 
 def url_has_password(url: str) -> bool:
-    """True when ``url`` (or the URL of a ``NAME=URL`` entry) carries a password."""
-    for candidate in (url, url.partition("=")[2]):
+    """True when ``url`` (or the URL of a ``NAME=URL`` entry, or any URL of a comma-separated
+    list of brokers) carries a password."""
+    parts = (url, *url.split(",")) if "," in url else (url,)
+    candidates = [c for part in parts for c in (part.strip(), part.partition("=")[2].strip())]
+    for candidate in candidates:
         if "://" not in candidate:
             continue
         try:
@@ -106,6 +109,17 @@ def url_with_password(url: str, password: str, setting: str) -> str:
     parts = urlsplit(url)
     user, _, host = parts.netloc.rpartition("@")
     return parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
+
+
+def urls_with_password(spec: str, password: str, setting: str) -> str:
+    """Comma-separated URLs (several brokers), each given ``password``; ``spec`` if it is empty.
+
+    Raises:
+        ConfigError: reason ``password_twice``: a URL already holds a password.
+    """
+    if not password:
+        return spec
+    return ",".join(url_with_password(part.strip(), password, setting) for part in spec.split(","))
 
 
 def entries_with_password(entries: Iterable[str], password: str) -> tuple[str, ...]:

@@ -65,6 +65,20 @@ class MqttUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
+def parse_mqtt_urls(spec: str) -> tuple[MqttUrl, ...]:
+    """Comma-separated MQTT URLs (several brokers of one region), in their order.
+
+    Raises:
+        ConfigError: reason ``invalid_url``: a bad URL, a broker given twice, or none.
+    """
+    urls = tuple(MqttUrl.parse(part.strip()) for part in spec.split(",") if part.strip())
+    if not urls:
+        raise ConfigError("no broker URL given", reason="invalid_url")
+    if len(set(urls)) < len(urls):
+        raise ConfigError("a broker URL is given twice", reason="invalid_url")
+    return urls
+
+
 def redact(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``, for logs."""
     parts = urlsplit(url)

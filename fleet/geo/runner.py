@@ -39,13 +39,6 @@ def add_region_arguments(parser: argparse.ArgumentParser, *, load: bool) -> None
             help="geo mode: home every device in this region instead of spreading them over "
             "all (default spread)",
         )
-        parser.add_argument(
-            "--failover-after",
-            type=float,
-            default=3.0,
-            help="geo mode: seconds an agent waits without an answer before failing over "
-            "(the agents' failover_after_s; default %(default)s)",
-        )
 
 
 def _settings(args: argparse.Namespace) -> GeoSettings:

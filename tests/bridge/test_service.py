@@ -62,6 +62,7 @@ async def test_a_full_receipt_queue_costs_no_order(
 
     def full_intake(sink: MessageSink) -> Intake:
         intake = bridge._default_intake(sink)
+        assert isinstance(intake, MqttIntake)  # one broker: one intake
         intake._sender.max_queued = 0  # every receipt meets a full queue
         intakes.append(intake)
         return intake

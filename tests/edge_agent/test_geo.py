@@ -423,3 +423,34 @@ async def test_pending_retries_stop_at_the_dedup_horizon(
             assert at_home.seen["geo-horizon-1"] == sends
             assert agent.expired_unreceipted == 1
             assert (await agent.health()).awaiting_authority == 0  # settled as rejected
+
+
+async def test_home_with_two_brokers_uses_the_second_before_another_region(
+    make_config: Callable[..., AgentConfig],
+    mosquitto_factory: Callable[..., MosquittoProcess],
+) -> None:
+    """Home's first broker killed: the agent moves to home's second broker, not to region b;
+    the orders still carry attempts [home], and the move counts as kind=broker."""
+    home_a, home_b, other = mosquitto_factory(), mosquitto_factory(), mosquitto_factory()
+    config = geo_config(make_config, ("home", home_a.url), ("home", home_b.url), ("b", other.url))
+    with (
+        RegionBridge("home", home_a.url) as at_a,
+        RegionBridge("home", home_b.url) as at_home_b,
+        RegionBridge("b", other.url) as at_b,
+    ):
+        async with EdgeAgent(config) as agent:
+            first = [f"brokers-first-{i:03d}" for i in range(3)]
+            await submit_all(agent, first)
+            await wait_accepted(agent, first)
+            assert at_a.ids() >= set(first)
+
+            await asyncio.to_thread(home_a.kill)
+            assert not port_is_open(home_a.port)  # the fault really happened
+            second = [f"brokers-second-{i:03d}" for i in range(3)]
+            await submit_all(agent, second)
+            await wait_accepted(agent, second)
+            assert [set(at_home_b.carried(oid)) for oid in second] == [{("home",)}] * 3
+            assert not at_b.ids()  # region b never saw an order
+            health = await agent.health()
+            assert (health.region, health.failovers) == ("home", 0)
+            assert b'edge_region_switches_total{kind="broker"} 1.0' in agent.metrics.render()

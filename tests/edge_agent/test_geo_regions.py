@@ -27,7 +27,7 @@ class FakeTime:
 
 def regions(*names_: str) -> tuple[Region, ...]:
     return tuple(
-        Region(n, MqttUrl.parse(f"mqtt://127.0.0.1:{1000 + i}")) for i, n in enumerate(names_)
+        Region(n, (MqttUrl.parse(f"mqtt://127.0.0.1:{1000 + i}"),)) for i, n in enumerate(names_)
     )
 
 
@@ -44,7 +44,8 @@ def test_parse_regions_forms() -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        ("eu=mqtt://a:1", "eu=mqtt://b:1"),  # twice
+        ("eu=mqtt://a:1", "us=mqtt://c:1", "eu=mqtt://b:1"),  # a region's brokers apart
+        ("eu=mqtt://a:1", "eu=mqtt://a:1"),  # a broker twice
         ("EU=mqtt://a:1",),  # upper case
         ("eu\n=mqtt://a:1",),  # a newline must not pass the name check
         ("x" * 33 + "=mqtt://a:1",),
