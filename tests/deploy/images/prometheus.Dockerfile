@@ -1,0 +1,13 @@
+# Stand-in for prom/prometheus from Debian's prometheus package (tests only): the binary as
+# the entrypoint, user nobody, data in /prometheus; wget for the compose healthcheck.
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN apt-get install -y -qq --no-install-recommends prometheus wget \
+ && rm -rf /var/cache/apt/archives/*.deb \
+ && mkdir -p /prometheus /etc/prometheus \
+ && chown nobody:nogroup /prometheus
+USER nobody
+WORKDIR /prometheus
+EXPOSE 9090
+ENTRYPOINT ["/usr/bin/prometheus"]
+CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
