@@ -3,6 +3,7 @@
 # to user mosquitto as the official image does.
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
+LABEL org.iot-orders.stand-in="tests/deploy"
 RUN groupadd --system --gid 1883 mosquitto \
  && useradd --system --uid 1883 --gid 1883 --home-dir /mosquitto --no-create-home mosquitto \
  && apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients netcat-openbsd \

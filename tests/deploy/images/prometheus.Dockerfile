@@ -2,6 +2,7 @@
 # the entrypoint, user nobody, data in /prometheus; wget for the compose healthcheck.
 ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
+LABEL org.iot-orders.stand-in="tests/deploy"
 RUN apt-get install -y -qq --no-install-recommends prometheus wget \
  && rm -rf /var/cache/apt/archives/*.deb \
  && mkdir -p /prometheus /etc/prometheus \
