@@ -4,8 +4,9 @@ The sequence is docs/how-to/deploy-docker.md's: build, provision, ``up``; then a
 edge agent on the host publishes orders over TLS to the published port 8883 while one
 bridge replica is ``docker kill``-ed (a manual stop: Docker's restart policy leaves it
 down, ``up`` starts it again) and the other one's process is SIGKILL-ed from the host (a
-crash: the ``unless-stopped`` policy restarts it). Every order must land exactly once and
-come back with its terminal status; Prometheus (Debian's, the observability profile)
+crash: the ``unless-stopped`` policy restarts it). Every order must land exactly once
+(stream entries added, dead letters, the pipeline's histories) and come back to the
+device with its terminal status; Prometheus (Debian's, the observability profile)
 scrapes both bridges and the pipeline; ``down --volumes`` leaves nothing behind.
 """
 
@@ -17,15 +18,17 @@ import os
 import signal
 import tomllib
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Final
 
 import pytest
-import redis
+import redis.asyncio
 
 from edge_agent import AgentConfig, EdgeAgent
 from edge_agent._records import TERMINAL_STATUSES
-from schemas.names import stream_key
+from fleet.verify import history_statuses
+from schemas.names import DLQ_STREAM, stream_key
 from tests.edge_agent.conftest import order_body
 from tests.helpers import wait_until
 
@@ -80,16 +83,27 @@ def prometheus_targets() -> dict[str, list[str]]:
     return jobs
 
 
-def landed_order_ids(stack: SecureStack) -> list[str]:
-    """The order ids in every shard stream, read as Redis's admin user."""
-    password = stack.passwords["admin"]
-    host = stack.address("redis-secure")
-    with redis.Redis(host=host, username="admin", password=password) as client:
-        return [
-            fields[b"order_id"].decode()
-            for shard in range(SHARDS)
-            for _, fields in client.xrange(stream_key(shard))
-        ]
+async def landed(stack: SecureStack, order_ids: list[str]) -> tuple[int, int, list[Counter[str]]]:
+    """What Redis holds, read as its admin user: the entries ever added to the shard
+    streams (the bridge trims what the pipeline has read, so XADDs are counted, not
+    entries), the dead letters, and each order's pipeline history counted by status."""
+    client = redis.asyncio.Redis(
+        host=await asyncio.to_thread(stack.address, "redis-secure"),
+        username="admin",
+        password=stack.passwords["admin"],
+    )
+    try:
+        added = 0
+        for shard in range(SHARDS):
+            if await client.exists(stream_key(shard)):
+                added += int((await client.xinfo_stream(stream_key(shard)))["entries-added"])
+        dead = await client.xlen(DLQ_STREAM)
+        histories = await history_statuses(
+            client, [(DEVICE, order_id) for order_id in order_ids], shards=SHARDS
+        )
+    finally:
+        await client.aclose()
+    return added, dead, histories
 
 
 async def test_secure_profile_survives_a_killed_bridge_and_leaves_nothing(
@@ -135,7 +149,13 @@ async def test_secure_profile_survives_a_killed_bridge_and_leaves_nothing(
         await wait_until(every_order_settled, SETTLE_TIMEOUT_S, "every status", explain=stack.logs)
         records = [await agent.get(order_id) for order_id in order_ids]
 
-    assert sorted(await asyncio.to_thread(landed_order_ids, stack)) == order_ids
+    # Exactly once: 500 stream entries ever added for 500 distinct accepted orders, no dead
+    # letter, and each order's record made once ("received") and ended once.
+    added, dead, histories = await landed(stack, order_ids)
+    assert (added, dead) == (ORDERS, 0)
+    ends = [sum(n for status, n in h.items() if status in TERMINAL_STATUSES) for h in histories]
+    assert [h["received"] for h in histories] == [1] * ORDERS
+    assert ends == [1] * ORDERS
     assert {r.state for r in records if r} == {"accepted"}
     assert len([r for r in records if r and r.status in TERMINAL_STATUSES]) == ORDERS
     # The killed replica is the same container, started again by `up`; the crashed one
