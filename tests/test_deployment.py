@@ -1,4 +1,4 @@
-"""docker-compose.yml and the Dockerfile, checked statically (no Docker engine runs here)."""
+"""docker-compose.yml and the Dockerfile, checked statically (tests/deploy runs them)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ OPERATOR_MADE = ("./registry", "./certs", "./broker-accounts")
 # one uv.lock pins, so the schema changes only with `make lock UPGRADE=--upgrade`.
 COMPOSE_SCHEMA = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
 
-# Docker Compose releases that introduced the features our file uses (docs.docker.com,
-# Compose file reference). Compose v1 (Debian's docker-compose 1.29) knows none of them.
+# Docker Compose 2.x features (docs.docker.com, Compose file reference) that Compose v1
+# (Debian's docker-compose 1.29) rejects; the file must run under both, so it uses none.
+ADD_ON_PROFILES = {"fleet", "observability"}
 FEATURE_SINCE = {
     "depends_on.required": (2, 20, 0),
     "configs.content": (2, 23, 1),
@@ -79,11 +80,12 @@ def test_every_service_has_an_image_and_a_healthcheck(compose: dict[str, Any]) -
 def test_bridge_runs_two_replicas_on_durable_stores(compose: dict[str, Any]) -> None:
     """Two bridge replicas share the subscription; Redis runs redis/redis.conf, data on a volume."""
     services = compose["services"]
-    assert services["bridge"]["deploy"]["replicas"] == 2
-    redis_service = services["redis"]
-    (mounted,) = redis_service["configs"]
-    assert redis_service["command"][:2] == ["redis-server", mounted["target"]]
-    assert compose["configs"][mounted["source"]]["file"] == "./redis/redis.conf"
+    for name in ("bridge", "bridge-secure"):
+        assert services[name]["deploy"]["replicas"] == 2, name
+    for name in ("redis", "redis-secure"):
+        command = services[name]["command"]
+        assert command[0] == "redis-server", name
+        assert f"./redis/redis.conf:{command[1]}:ro" in services[name]["volumes"], name
     conf = (REPO / "redis" / "redis.conf").read_text().splitlines()
     assert {"appendonly yes", "appendfsync always", "maxmemory-policy noeviction"} <= set(conf)
     declared = set(compose["volumes"])
@@ -128,20 +130,32 @@ def test_secure_profile_runs_redis_with_acl_users(compose: dict[str, Any]) -> No
     assert command[command.index("--aclfile") + 1] == "/usr/local/etc/redis/users.acl"
     assert "./registry/redis-users.acl:/usr/local/etc/redis/users.acl:ro" in secure["volumes"]
     for name, account in (("bridge", "BRIDGE"), ("pipeline", "PIPELINE")):
-        env = services[name]["environment"]
-        assert env["ORDERS_REDIS_URL"].startswith(f"${{{account}_REDIS_URL:-"), name
-        assert env["ORDERS_MQTT_URL"].startswith(f"${{{account}_MQTT_URL:-"), name
-        assert services[name]["depends_on"]["redis-secure"]["required"] is False
-    assert services["bridge"]["environment"]["ORDERS_HTTP_HOST"] == "0.0.0.0"
+        for service in (name, f"{name}-secure"):
+            env = services[service]["environment"]
+            assert env["ORDERS_REDIS_URL"].startswith(f"${{{account}_REDIS_URL:-"), service
+            assert env["ORDERS_MQTT_URL"].startswith(f"${{{account}_MQTT_URL:-"), service
+        secure = services[f"{name}-secure"]
+        assert set(secure["depends_on"]) == {"redis-secure", "mosquitto-secure"}, name
+        assert name in secure["networks"]["default"]["aliases"]
+        assert secure["environment"]["ORDERS_MQTT_CA_FILE"] == "/etc/orders/ca.crt"
+        assert "./certs/ca.crt:/etc/orders/ca.crt:ro" in secure["volumes"]
+        assert set(services[name]["depends_on"]) == {"redis", "mosquitto-dev"}, name
+    for name in ("bridge", "bridge-secure"):
+        assert services[name]["environment"]["ORDERS_HTTP_HOST"] == "0.0.0.0", name
 
 
-def test_inline_dev_broker_config_has_the_dev_limits(compose: dict[str, Any]) -> None:
-    """The compose dev broker uses the same limits as mosquitto/dev.conf."""
-    inline = compose["configs"]["mosquitto-dev"]["content"]
+def test_compose_dev_broker_config_has_the_dev_limits(compose: dict[str, Any]) -> None:
+    """The compose dev broker mounts mosquitto/docker-dev.conf: mosquitto/dev.conf's limits,
+    on every interface of its container, persistent on its volume."""
+    mounts = compose["services"]["mosquitto-dev"]["volumes"]
+    assert "./mosquitto/docker-dev.conf:/mosquitto/config/mosquitto.conf:ro" in mounts
+    assert "mosquitto-data:/mosquitto/data" in mounts
+    conf = (REPO / "mosquitto/docker-dev.conf").read_text().splitlines()
     dev = (REPO / "mosquitto/dev.conf").read_text()
     for line in dev.splitlines():
         if line.startswith("max_"):
-            assert line in inline
+            assert line in conf
+    assert {"listener 1883 0.0.0.0", "persistence_location /mosquitto/data/"} <= set(conf)
 
 
 def test_dockerfile_copies_every_package(scripts: set[str]) -> None:
@@ -175,8 +189,8 @@ def _misspelt_service_key(doc: dict[str, Any]) -> None:
     doc["services"]["bridge"]["replica"] = 2
 
 
-def _config_content_as_list(doc: dict[str, Any]) -> None:
-    doc["configs"]["mosquitto-dev"]["content"] = ["listener 1883"]
+def _secret_file_as_list(doc: dict[str, Any]) -> None:
+    doc["secrets"]["orders-api-tokens"]["file"] = ["./secrets/orders-api-tokens"]
 
 
 def _unknown_top_level_key(doc: dict[str, Any]) -> None:
@@ -193,7 +207,7 @@ def _healthcheck_test_as_number(doc: dict[str, Any]) -> None:
         (_unknown_condition, "services.bridge.depends_on"),
         (_required_as_string, "services.pipeline.depends_on"),
         (_misspelt_service_key, "services.bridge"),
-        (_config_content_as_list, "configs.mosquitto-dev.content"),
+        (_secret_file_as_list, "secrets.orders-api-tokens.file"),
         (_unknown_top_level_key, ""),
         (_healthcheck_test_as_number, "services.redis.healthcheck.test"),
     ],
@@ -221,10 +235,24 @@ def _features_used(compose: dict[str, Any]) -> Iterator[str]:
         yield "configs.content"
 
 
-def test_docs_state_the_minimum_compose_version(compose: dict[str, Any]) -> None:
-    """The Docker runbook names the newest Compose release among the features the file uses."""
-    used = set(_features_used(compose))
-    assert used <= set(FEATURE_SINCE), used - set(FEATURE_SINCE)
-    minimum = ".".join(str(part) for part in max(FEATURE_SINCE[feature] for feature in used))
+def test_compose_v1_accepts_the_file(compose: dict[str, Any]) -> None:
+    """No Compose 2.x-only feature, and no depends_on that Compose 1.29 refuses (it fails
+    `up` when a dependency's profile is not active): a service depends only on services
+    of its own profile or of none; the add-on profiles go with `dev` or `secure`."""
+    assert set(_features_used(compose)) == set()
+    services = compose["services"]
+    for name, service in services.items():
+        profiles = set(service.get("profiles", []))
+        for target in service.get("depends_on", {}):
+            theirs = set(services[target].get("profiles", []))
+            assert not theirs or profiles & theirs or (profiles and profiles <= ADD_ON_PROFILES), (
+                name,
+                target,
+            )
+
+
+def test_docs_state_the_compose_versions() -> None:
+    """The Docker runbook names both Compose lines the file runs under."""
     runbook = (REPO / "docs" / "how-to" / "deploy-docker.md").read_text()
-    assert f"Docker Compose ≥ {minimum}" in runbook, minimum
+    assert "Compose 1.29" in runbook
+    assert "Compose 2" in runbook

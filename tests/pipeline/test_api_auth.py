@@ -184,15 +184,16 @@ def test_token_new_cli_and_the_service_refusing_to_start(tmp_path: Path, redis_u
 def test_compose_gives_the_published_api_a_tokens_file() -> None:
     """docker-compose binds the API to 0.0.0.0 only with a tokens file, published on loopback."""
     compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
-    pipeline = compose["services"]["pipeline"]
-    env = pipeline["environment"]
-    assert env["ORDERS_HTTP_HOST"] == "0.0.0.0"
-    assert env["ORDERS_API_TOKENS_FILE"] == "/run/secrets/orders-api-tokens"
-    assert pipeline["secrets"] == ["orders-api-tokens"]
     assert compose["secrets"]["orders-api-tokens"]["file"] == "./secrets/orders-api-tokens"
-    assert all(port.startswith("127.0.0.1:") for port in pipeline["ports"])
-    # The shared settings still reach the pipeline through the merged anchor.
-    assert "redis://" in env["ORDERS_REDIS_URL"]
+    for name in ("pipeline", "pipeline-secure"):  # the dev and the secure profile's
+        pipeline = compose["services"][name]
+        env = pipeline["environment"]
+        assert env["ORDERS_HTTP_HOST"] == "0.0.0.0", name
+        assert env["ORDERS_API_TOKENS_FILE"] == "/run/secrets/orders-api-tokens", name
+        assert pipeline["secrets"] == ["orders-api-tokens"], name
+        assert all(port.startswith("127.0.0.1:") for port in pipeline["ports"]), name
+        # The shared settings still reach the pipeline through the merged anchor.
+        assert "redis://" in env["ORDERS_REDIS_URL"], name
 
 
 def test_unparsable_requests_to_the_real_api_are_problems_without_the_token(
