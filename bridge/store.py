@@ -35,7 +35,6 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     AuthenticationError,
@@ -47,7 +46,7 @@ from redis.exceptions import (
 
 from schemas import MAX_ORDER_BYTES
 from schemas.names import DLQ_STREAM, seen_key, stream_key
-from servicekit.redis_clients import client_options, text
+from servicekit.redis_clients import connect, text
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
@@ -143,6 +142,8 @@ class RedisSink:
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
         lanes: int = 8,
+        sentinels: Sequence[str] = (),
+        sentinel_master: str = "",
     ) -> None:
         self._ttl = str(dedup_ttl_s)
         self.dlq_maxlen = dlq_maxlen  # the bridge lowers it once it knows maxmemory
@@ -154,12 +155,13 @@ class RedisSink:
         # Load before the first batch and after any failure (Redis may have restarted
         # and forgotten it; a cluster pipeline does not always say NOSCRIPT plainly).
         self._load_scripts = True
-        kwargs = client_options(timeout_s)
-        self._client: aioredis.Redis | RedisCluster
-        if cluster:
-            self._client = RedisCluster.from_url(url, **kwargs)
-        else:
-            self._client = aioredis.Redis.from_url(url, **kwargs)
+        self._client = connect(
+            url,
+            timeout_s=timeout_s,
+            cluster=cluster,
+            sentinels=sentinels,
+            sentinel_master=sentinel_master,
+        )
 
     async def __aenter__(self) -> Self:
         return self
