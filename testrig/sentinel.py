@@ -12,6 +12,7 @@ Errors: :class:`testrig.errors.ServerError` when the group does not come up.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 from types import TracebackType
@@ -135,12 +136,11 @@ class SentinelGroup:
         failover_timeout_ms: int = 2000,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.master = RedisProcess(workdir / "redis-0", conf=REDIS_CONF, extra_args=extra_args)
+        self.master = _data_node(workdir / "redis-0", extra_args)
         self.replicas = [
-            RedisProcess(
+            _data_node(
                 workdir / f"redis-{index + 1}",
-                conf=REDIS_CONF,
-                extra_args=(*extra_args, "--replicaof", "127.0.0.1", str(self.master.port)),
+                (*extra_args, "--replicaof", "127.0.0.1", str(self.master.port)),
             )
             for index in range(replicas)
         ]
@@ -217,3 +217,12 @@ class SentinelGroup:
         tb: TracebackType | None,
     ) -> None:
         self.kill()
+
+
+def _data_node(workdir: Path, extra_args: tuple[str, ...]) -> RedisProcess:
+    """redis-server on its own copy of redis/redis.conf: Sentinel makes each node rewrite
+    its file (CONFIG REWRITE) when it changes the node's role."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "redis.conf"
+    shutil.copyfile(REDIS_CONF, conf)
+    return RedisProcess(workdir, conf=conf, extra_args=extra_args)
