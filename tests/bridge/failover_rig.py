@@ -86,7 +86,11 @@ def stream_order_ids(client: Any) -> Counter[str]:
 
 def accepted(receipts: ReceiptCollector) -> set[str]:
     """Order ids receipted ``accepted`` (or ``duplicate``: stored before) so far."""
-    return {r.order_id for _d, r in receipts.snapshot() if r.result in {"accepted", "duplicate"}}
+    return {
+        r.order_id
+        for _d, r in receipts.snapshot()
+        if r.order_id is not None and r.result in {"accepted", "duplicate"}
+    }
 
 
 def processed(client: Any, order_ids: Iterable[str]) -> set[str]:
