@@ -132,8 +132,8 @@ class SentinelGroup:
         *,
         replicas: int = 1,
         sentinels: int = 3,
-        down_after_ms: int = 500,
-        failover_timeout_ms: int = 2000,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.master = _data_node(workdir / "redis-0", extra_args)
