@@ -208,7 +208,8 @@ def client_writes(port: int) -> int:
 def missing(client: redis.Redis, published: set[str], receipts: ReceiptCollector) -> str:
     """Which published orders the streams lack, and which of them were receipted."""
     lacking = published - set(stream_order_ids(client))
-    return f"missing {sorted(lacking)[:10]} ({len(lacking)}), receipted: {len(lacking & accepted(receipts))}"
+    receipted = len(lacking & accepted(receipts))
+    return f"missing {sorted(lacking)[:10]} ({len(lacking)}), receipted: {receipted}"
 
 
 def test_frozen_master_resumes_as_a_demoted_replica(
