@@ -105,15 +105,21 @@ def connect(
     return aioredis.Redis.from_url(url, **kwargs)
 
 
-def _sentinel_master(
-    url: str, sentinels: Sequence[str], master: str, kwargs: dict[str, Any]
-) -> aioredis.Redis:
+def redis_credentials(url: str) -> dict[str, Any]:
+    """What a Sentinel-found master's connections take from ``url``: user, password, db, TLS."""
     parsed = parse_url(url)
-    kwargs |= {
+    found = {
         key: parsed[key] for key in ("username", "password", "db") if parsed.get(key) is not None
     }
     if url.startswith("rediss://"):
-        kwargs["ssl"] = True
+        found["ssl"] = True
+    return found
+
+
+def _sentinel_master(
+    url: str, sentinels: Sequence[str], master: str, kwargs: dict[str, Any]
+) -> aioredis.Redis:
+    kwargs |= redis_credentials(url)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         [sentinel_address(entry) for entry in sentinels],
         # The Sentinels themselves: same timeouts, no password (Sentinel ACLs are
