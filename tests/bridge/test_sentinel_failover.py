@@ -219,7 +219,11 @@ def test_frozen_master_resumes_as_a_demoted_replica(
 ) -> None:
     """SIGSTOP the master past the failover, SIGCONT it: it comes back a replica, and no
     write sent to it counts: every order is on the new master once, the old node holds a
-    copy of the new master's streams."""
+    copy of the new master's streams.
+
+    A batch already in the frozen master's socket may still run when it resumes (the
+    test prints how many did); it is never receipted and its resync discards it.
+    """
     require_tool("redis-server")
     broker = mosquitto_factory()
     receipts = ReceiptCollector(broker.url)
