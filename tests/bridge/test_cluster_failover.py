@@ -19,11 +19,13 @@ from typing import Any
 
 from redis.cluster import RedisCluster
 
-from schemas.names import stream_key
+from schemas import encode
+from schemas.names import orders_topic, shard_of, stream_key
 from testrig.sentinel import replication, role
 from testrig.servers import MosquittoProcess, port_is_open
-from tests.bridge.conftest import BridgeProcess, ReceiptCollector, cluster_servers
+from tests.bridge.conftest import BridgeProcess, Publisher, ReceiptCollector, cluster_servers
 from tests.bridge.failover_rig import (
+    SHARDS,
     Load,
     Pipeline,
     accepted,
@@ -32,7 +34,7 @@ from tests.bridge.failover_rig import (
     stream_order_ids,
     worked_since,
 )
-from tests.helpers import wait_until_blocking
+from tests.helpers import make_order, wait_until_blocking
 from tests.tools import require_tool
 
 BridgeFactory = Callable[..., BridgeProcess]
@@ -133,3 +135,48 @@ def test_sigkill_master_cluster_promotes_its_replica(
             load.close()
             receipts.close()
             pipeline.stop()
+
+
+def test_min_replicas_waits_on_the_primary_that_took_the_order(
+    tmp_path: Path,
+    mosquitto_factory: Callable[..., MosquittoProcess],
+    bridge_factory: BridgeFactory,
+) -> None:
+    """With the replica of shard 0's master gone, an order of shard 0 gets no receipt,
+    though the other masters' replicas are up; once it is back, the receipt comes."""
+    require_tool("redis-cli")
+    broker = mosquitto_factory()
+    receipts = ReceiptCollector(broker.url)
+    publisher = Publisher(broker.url)
+    with cluster_servers(tmp_path / "cluster", replicas=1) as servers:
+        with RedisCluster(host="127.0.0.1", port=servers[0].port) as probe:
+            master_port = probe.get_node_from_key(stream_key(0)).port
+        replica = next(
+            server
+            for server in servers
+            if replication(server.port).get("master_port") == master_port
+        )
+        entry = next(s for s in servers if s.port not in {master_port, replica.port})
+        bridge = bridge_factory(
+            broker.url, f"redis://127.0.0.1:{entry.port}/0", "--redis-cluster",
+            "--redis-min-replicas", "1", "--redis-replica-timeout-ms", "200",
+            "--backoff-max-s", "0.2",
+        )  # fmt: skip
+        bridge.start()
+        device = next(f"wait-{n}" for n in range(1000) if shard_of(f"wait-{n}", SHARDS) == 0)
+        try:
+            replica.kill()
+            assert not port_is_open(replica.port), "replica still up"
+            publisher.publish(orders_topic(device), encode(make_order(device, 0)))
+            publisher.wait_all()
+            time.sleep(2.0)
+            assert accepted(receipts) == set(), "receipted with no replica of its primary"
+            replica.start()
+            wait_until_blocking(
+                lambda: accepted(receipts) == {make_order(device, 0).order_id},
+                60,
+                "the receipt once the replica is back",
+            )
+        finally:
+            publisher.close()
+            receipts.close()
