@@ -116,6 +116,17 @@ def redis_credentials(url: str) -> dict[str, Any]:
     return found
 
 
+class SentinelMaster(aioredis.Redis):
+    """The master's client from :func:`connect`; closing it closes its Sentinels' connections."""
+
+    owned_sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.owned_sentinel is not None:
+            await self.owned_sentinel.aclose()
+
+
 def _sentinel_master(
     url: str, sentinels: Sequence[str], master: str, kwargs: dict[str, Any]
 ) -> aioredis.Redis:
@@ -130,5 +141,6 @@ def _sentinel_master(
             "retry": Retry(NoBackoff(), 0),
         },
     )
-    client: aioredis.Redis = sentinel.master_for(master, redis_class=aioredis.Redis, **kwargs)
+    client: SentinelMaster = sentinel.master_for(master, redis_class=SentinelMaster, **kwargs)
+    client.owned_sentinel = sentinel
     return client

@@ -167,15 +167,19 @@ class SentinelGroup:
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start every node and Sentinel; return once replicas are in sync and Sentinels agree."""
-        for node in self.nodes:
-            node.start()
-        for sentinel in self.sentinels:
-            sentinel.start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._settled():
-                return
-            time.sleep(0.1)
+        try:
+            for node in self.nodes:
+                node.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self._settled():
+                    return
+                time.sleep(0.1)
+        except BaseException:
+            self.kill()  # a Sentinel left behind would take over the next master on its port
+            raise
         self.kill()
         raise ServerError("sentinel group did not settle (replicas linked, Sentinels agreeing)")
 

@@ -64,4 +64,4 @@ async def test_a_sentinel_client_takes_credentials_from_the_url_not_its_host() -
         assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("bridge", "pw", 3)
         assert "host" not in kwargs
     finally:
-        await client.aclose()
+        await client.aclose()  # closes the Sentinels' clients too (none connected here)
