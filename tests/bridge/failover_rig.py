@@ -8,6 +8,9 @@ times). The services are real processes (``order-bridge``, ``order-pipeline run`
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -23,6 +26,7 @@ from schemas import encode
 from schemas.names import orders_topic, stream_key
 from servicekit.redis_clients import text
 from testrig.servers import free_port
+from testrig.services import child_pids
 from tests.bridge.conftest import Publisher, ReceiptCollector
 from tests.helpers import make_order
 from tests.pipeline.processes import env_for, spawn
@@ -150,7 +154,12 @@ class Pipeline:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
+        """SIGKILL the workers, then the supervisor (a worker orphaned before it
+        agreed the layout would retry a Redis that is gone, for ever)."""
         if self.alive():
             assert self.process is not None
+            for pid in child_pids(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait(10)
