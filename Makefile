@@ -12,7 +12,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 # an operator's enrolment host requirements/enrol.txt).
 EXPORTS := edge bridge enrol fleet
 
-.PHONY: demo demo-scale demo-geo test lint docs cli-docs dist system-deps stack format lock clean
+.PHONY: demo demo-scale demo-geo demo-ha test lint docs cli-docs dist system-deps stack format lock clean
 
 demo: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.one_region
@@ -24,6 +24,10 @@ demo-scale: $(INSTALLED)
 # Two regions, a region outage and a partition; verifies 0 lost / 0 duplicated / 0 stuck.
 demo-geo: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.two_regions
+
+# One region, Redis with replicas and Sentinels: a master failover and a frozen master.
+demo-ha: $(INSTALLED)
+	$(BIN)/python -m fleet.demos.high_availability
 
 test: lint
 	$(BIN)/pytest

@@ -93,7 +93,11 @@ async def _serve(config: BridgeConfig, *, shards_given: bool = True) -> None:
 
 async def _run(config: BridgeConfig, check: LayoutCheck) -> None:
     heartbeat = RedisHeartbeat(
-        config.local_redis_url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
+        config.local_redis_url,
+        cluster=config.redis_cluster,
+        timeout_s=config.redis_timeout_s,
+        sentinels=config.redis_sentinel,
+        sentinel_master=config.redis_sentinel_master,
     )
     async with build_sink(config) as sink, heartbeat, contextlib.AsyncExitStack() as stack:
         region_sinks = {

@@ -16,6 +16,8 @@ from servicekit.config import (
     OtlpEndpoint,
     RedisCluster,
     RedisPassword,
+    RedisSentinel,
+    RedisSentinelMaster,
     ServiceConfig,
     TraceSampleRatio,
     doc,
@@ -26,6 +28,7 @@ from servicekit.credentials import (
     url_with_password,
     urls_with_password,
 )
+from servicekit.redis_clients import check_sentinel_settings
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -72,6 +75,8 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
         ),
     ] = ""
     redis_cluster: RedisCluster = False
+    redis_sentinel: RedisSentinel = ()
+    redis_sentinel_master: RedisSentinelMaster = ""
     redis_min_replicas: Annotated[
         int,
         msgspec.Meta(ge=0),
@@ -338,6 +343,9 @@ class BridgeConfig(ServiceConfig, frozen=True, kw_only=True):
                 "still resend lets an order be appended twice"
             )
         self.region_urls()  # raises ValueError on a bad region setting
+        check_sentinel_settings(
+            self.redis_sentinel, self.redis_sentinel_master, cluster=self.redis_cluster
+        )
 
     def with_secret_files(self) -> BridgeConfig:
         """The settings with the password files read into the URLs (see ServiceConfig)."""

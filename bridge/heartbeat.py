@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from schemas.names import BRIDGES_KEY, bridge_key
 from servicekit.clock import now_ms
-from servicekit.redis_clients import client_options
+from servicekit.redis_clients import connect
 from servicekit.version import package_version
 
 log = structlog.get_logger(__name__)
@@ -59,12 +57,22 @@ class HeartbeatStore(Protocol):
 class RedisHeartbeat:
     """:class:`HeartbeatStore` on a single Redis or a Redis Cluster (async context manager)."""
 
-    def __init__(self, url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> None:
-        self._client: aioredis.Redis | RedisCluster
-        if cluster:
-            self._client = RedisCluster.from_url(url, **client_options(timeout_s))
-        else:
-            self._client = aioredis.Redis.from_url(url, **client_options(timeout_s))
+    def __init__(
+        self,
+        url: str,
+        *,
+        cluster: bool = False,
+        timeout_s: float = 5.0,
+        sentinels: Sequence[str] = (),
+        sentinel_master: str = "",
+    ) -> None:
+        self._client = connect(
+            url,
+            timeout_s=timeout_s,
+            cluster=cluster,
+            sentinels=sentinels,
+            sentinel_master=sentinel_master,
+        )
 
     async def __aenter__(self) -> Self:
         return self

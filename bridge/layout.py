@@ -31,9 +31,14 @@ class LayoutCheck:
         self._shards_given = shards_given
         urls = {config.region or "": config.local_redis_url}
         urls.update({n: url for n, url in config.region_urls().items() if n != config.region})
+        # Sentinel serves this region's Redis only; other regions' are plain URLs.
         self.clients = {
             name: layout.connect(
-                url, cluster=config.redis_cluster, timeout_s=config.redis_timeout_s
+                url,
+                cluster=config.redis_cluster,
+                timeout_s=config.redis_timeout_s,
+                sentinels=config.redis_sentinel if name == (config.region or "") else (),
+                sentinel_master=config.redis_sentinel_master,
             )
             for name, url in urls.items()
         }

@@ -468,4 +468,6 @@ def build_sink(config: BridgeConfig) -> RedisSink:
         timeout_s=config.redis_timeout_s,
         min_replicas=config.redis_min_replicas,
         replica_timeout_ms=config.redis_replica_timeout_ms,
+        sentinels=config.redis_sentinel,
+        sentinel_master=config.redis_sentinel_master,
     )

@@ -35,8 +35,7 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
@@ -47,7 +46,7 @@ from redis.exceptions import (
 
 from schemas import MAX_ORDER_BYTES
 from schemas.names import DLQ_STREAM, seen_key, stream_key
-from servicekit.redis_clients import client_options, text
+from servicekit.redis_clients import connect, text
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
@@ -58,6 +57,7 @@ from .ingest import DeadLetter, ValidOrder
 _encoder: Final = msgspec.msgpack.Encoder()
 _FAILURES: Final = (RedisError, RedisClusterException, OSError)
 FENCE_KEY: Final = "orders:wait-fence"  # in the bridge ACL user's ~orders:* keyspace
+_MAX_FENCE_TAGS: Final = 1_000_000  # a slot per tag, spread evenly: a few dozen suffice
 
 
 def store_error(exc: BaseException, what: str) -> StoreError:
@@ -143,6 +143,8 @@ class RedisSink:
         min_replicas: int = 0,
         replica_timeout_ms: int = 1000,
         lanes: int = 8,
+        sentinels: Sequence[str] = (),
+        sentinel_master: str = "",
     ) -> None:
         self._ttl = str(dedup_ttl_s)
         self.dlq_maxlen = dlq_maxlen  # the bridge lowers it once it knows maxmemory
@@ -154,12 +156,13 @@ class RedisSink:
         # Load before the first batch and after any failure (Redis may have restarted
         # and forgotten it; a cluster pipeline does not always say NOSCRIPT plainly).
         self._load_scripts = True
-        kwargs = client_options(timeout_s)
-        self._client: aioredis.Redis | RedisCluster
-        if cluster:
-            self._client = RedisCluster.from_url(url, **kwargs)
-        else:
-            self._client = aioredis.Redis.from_url(url, **kwargs)
+        self._client = connect(
+            url,
+            timeout_s=timeout_s,
+            cluster=cluster,
+            sentinels=sentinels,
+            sentinel_master=sentinel_master,
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -230,19 +233,33 @@ class RedisSink:
 
     async def confirm_replicas(self) -> None:
         if self._min_replicas > 0:
-            await self._fence_and_wait([])
+            await self._fence_and_wait([], None)
 
-    async def _fence_and_wait(self, results: list[AppendResult]) -> None:
-        # WAIT covers the writes of its own connection: a fresh write on the same
-        # connection (pipeline) puts everything written before it behind the WAIT.
+    async def _fence_and_wait(self, results: list[AppendResult], keys: list[str] | None) -> None:
+        """Return once ``min_replicas`` replicas hold what was written to ``keys`` (all: None).
+
+        WAIT covers the writes of its own connection: a fresh write on the same
+        connection (pipeline) puts everything written before it behind the WAIT.
+        On a Cluster each primary replicates on its own: one fence write and WAIT
+        per primary that took part of the batch, each pair on one connection to it
+        (a cluster pipeline sends a node's commands on one connection, in order),
+        and the fewest replicas any of them confirms is what counts.
+        """
         pipe = self._client.pipeline(transaction=False)
-        pipe.incr(FENCE_KEY)
-        pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
+        if isinstance(self._client, RedisCluster):
+            for fence, node in _fences(self._client, keys).items():
+                pipe.incr(fence)
+                pipe.execute_command(
+                    "WAIT", self._min_replicas, self._replica_timeout_ms, target_nodes=node
+                )
+        else:
+            pipe.incr(FENCE_KEY)
+            pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
         try:
             replies = await pipe.execute(raise_on_error=True)
         except _FAILURES as exc:
             raise store_error(exc, "redis WAIT") from exc
-        self._check_replicas(int(replies[-1]), results)
+        self._check_replicas(min(int(reply) for reply in replies[1::2]), results)
 
     async def write(
         self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
@@ -275,7 +292,8 @@ class RedisSink:
         if self._min_replicas > 0:
             # The lanes wrote on several connections: a fence write after all of
             # them, then WAIT on the fence's connection, covers the whole batch.
-            await self._fence_and_wait(results)
+            keys = [stream_key(shard) for shard in shard_order] + ([DLQ_STREAM] if dead else [])
+            await self._fence_and_wait(results, keys)
         return results
 
     def _check_replicas(self, acked: int, results: list[AppendResult]) -> None:
@@ -341,6 +359,38 @@ class RedisSink:
             for shard, codes in zip(shards, reply, strict=False):  # type: ignore[arg-type]
                 by_reply[shard] = codes
         return by_reply
+
+
+def _fences(client: RedisCluster, keys: list[str] | None) -> dict[str, ClusterNode]:
+    """A fence key on each primary holding one of ``keys`` (every primary: None), by key.
+
+    The fence keys are ``orders:wait-fence:{N}``: in the bridge's ``orders:*`` keyspace,
+    N the first number whose slot lands on the primary.
+    """
+    primaries = client.get_primaries()
+    wanted = (
+        {node.name for node in primaries}
+        if keys is None
+        else {_node_of(client, key).name for key in keys}
+    )
+    fences: dict[str, ClusterNode] = {}
+    found: set[str] = set()
+    for tag in range(_MAX_FENCE_TAGS):
+        fence = f"{FENCE_KEY}:{{{tag}}}"
+        node = _node_of(client, fence)
+        if node.name in wanted and node.name not in found:
+            fences[fence] = node
+            found.add(node.name)
+            if found == wanted:
+                return fences
+    raise RedisClusterException(f"no fence key found for primaries {sorted(wanted - found)}")
+
+
+def _node_of(client: RedisCluster, key: str) -> ClusterNode:
+    node = client.get_node_from_key(key)
+    if node is None:
+        raise RedisClusterException(f"no primary serves the slot of {key}")
+    return node
 
 
 def _config_value(reply: Any, name: str) -> str | None:

@@ -27,6 +27,8 @@ A broker host loss reports how many devices were connected before, how many
 lost their connection, and the seconds until as many were connected again
 (to the brokers left: the agents move to their region's next broker after
 their ``failover_after_s``).
+| ``redis-failover`` | replicas | SIGKILL the Redis master, a replica promoted, the old one back |
+| ``redis-freeze=S`` | replicas | SIGSTOP the Redis master for S s (a replica promoted), SIGCONT |
 
 A spike reports the peak outbox depth and the drain time (from the spike's end
 until the outbox depth is back to its level before the spike); a storm reports
@@ -52,10 +54,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
@@ -66,6 +71,7 @@ import servicekit.clock
 from testrig.powercut import PowerCutMount
 from testrig.procstat import process_cpu_s
 from testrig.proxy import TcpProxy
+from testrig.sentinel import role
 from testrig.servers import ServerProcess
 from testrig.services import pid_alive
 
@@ -89,6 +95,7 @@ BROKER_BACK_TIMEOUT_S = 120.0
 # A SIGKILLed broker's devices see their connection reset at once; no drop in this
 # long means none was connected there.
 BROKER_DROP_SEEN_S = 3.0
+PROMOTION_TIMEOUT_S = 30.0
 
 
 class FleetControl(Protocol):
@@ -374,6 +381,8 @@ class ChaosRunner:
         kinds = {e.kind for e in events}
         if "redis-powercut" in kinds and (stack is None or stack.redis_disk is None):
             raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
+        if kinds & {"redis-failover", "redis-freeze"} and (stack is None or stack.ha is None):
+            raise ChaosError("redis-failover and redis-freeze need a stack with Redis replicas")
         if "agent-powercut" in kinds and agent_disk is None:
             raise ChaosError("agent-powercut needs devices with outboxes on a power-cut disk")
         self.agent_disk = agent_disk
@@ -463,6 +472,40 @@ class ChaosRunner:
         return (
             f" (pid {pid} {'gone' if gone else 'ALIVE'}, {report.dropped_bytes} unsynced bytes"
             f" dropped, now {stack.redis.pid})"
+        )
+
+    async def _redis_failover(self, event: ChaosEvent, n: int) -> str:
+        stack = self._own_stack()
+        old = stack.master()
+        pid = old.pid
+        await asyncio.to_thread(old.kill)
+        gone = pid is not None and not pid_alive(pid)
+        killed = time.monotonic()
+        new = await asyncio.to_thread(_promotion, stack, old.port)
+        took = time.monotonic() - killed
+        await asyncio.to_thread(old.start)  # stale: Sentinel makes it a replica
+        head = f" (master :{old.port} pid {pid} {'gone' if gone else 'ALIVE'}"
+        if new is None:
+            return f"{head}, NO PROMOTION within {PROMOTION_TIMEOUT_S:g} s)"
+        return f"{head}, :{new} promoted in {took:.1f} s (ROLE {role(new)}), old node back)"
+
+    async def _redis_freeze(self, event: ChaosEvent, n: int) -> str:
+        stack = self._own_stack()
+        old = stack.master()
+        pid = old.pid
+        if pid is None:
+            return " (no master running!)"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped = process_state(pid) == "T"
+            await asyncio.sleep(event.arg)
+            now = stack.ha.master_port() if stack.ha is not None else None
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        promoted = f":{now} promoted" if now not in {None, old.port} else "NO promotion"
+        return (
+            f" (master :{old.port} pid {pid} {'stopped' if stopped else 'NOT stopped'} "
+            f"{event.arg:g} s, {promoted}; resumed, Sentinel demotes it)"
         )
 
     async def _redis_oom(self, event: ChaosEvent, n: int) -> str:
@@ -651,6 +694,27 @@ def _buckets(times: list[float], t0: float, width_s: float) -> list[int]:
     return counts
 
 
+def _promotion(stack: Stack, old_port: int) -> int | None:
+    """The port of the master the Sentinels promoted in place of ``old_port`` (ROLE agrees),
+    or None if none within :data:`PROMOTION_TIMEOUT_S`."""
+    deadline = time.monotonic() + PROMOTION_TIMEOUT_S
+    while time.monotonic() < deadline and stack.ha is not None:
+        port = stack.ha.master_port()
+        if port is not None and port != old_port and role(port) == "master":
+            return port
+        time.sleep(0.05)
+    return None
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` in /proc (``T``: stopped by a signal)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def _kill_restart(server: ServerProcess) -> str:
     pid = server.pid
     server.kill()
@@ -672,6 +736,8 @@ for _name, _kind in {
                              parse=_index),
     "broker-host-up": Kind(ChaosRunner._broker_host_up, needs="stack", default="0",
                            parse=_index),
+    "redis-failover": Kind(ChaosRunner._redis_failover, needs="stack"),
+    "redis-freeze": Kind(ChaosRunner._redis_freeze, needs="stack", default="5"),
     "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
     "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
     "dup-flood": Kind(ChaosRunner._dup_flood),

@@ -184,6 +184,14 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
         help="pipeline worker processes of the stack fleet-sim starts; raise for pipeline "
         "throughput (default %(default)s)",
     )
+    parser.add_argument(
+        "--redis-replicas",
+        type=int,
+        default=0,
+        help="replicas of the stack's Redis master, with three Sentinels the services find it "
+        "through (and --redis-min-replicas 1); for the redis-failover and redis-freeze chaos "
+        "kinds (default %(default)s)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> SimOptions:
@@ -326,6 +334,7 @@ def _stack_settings(args: argparse.Namespace) -> StackSettings:
     return StackSettings(
         shards=args.shards, brokers=args.brokers, bridges=args.bridges, workers=args.workers,
         redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
+        redis_replicas=args.redis_replicas,
     )  # fmt: skip
 
 

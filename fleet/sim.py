@@ -22,11 +22,16 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
 
 from schemas.names import DEFAULT_SHARDS
+from servicekit.redis_clients import redis_credentials, sentinel_address
 from servicekit.urls import MqttUrl
 from testrig.powercut import PowerCutMount
 from testrig.proxy import TcpProxy
+from testrig.sentinel import MASTER_NAME
 
 from .chaos import ChaosLog, ChaosRunner, FleetControl, check_feasible, needs_proxy, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings
@@ -44,6 +49,8 @@ log = structlog.get_logger(__name__)
 
 # Devices whose outbox is a file on the power-cut disk when agent-powercut is scheduled.
 AGENT_POWERCUT_DEVICES = 5
+SENTINEL_TIMEOUT_S = 2.0
+FAILOVER_RETRIES = 20  # with backoff capped at 1 s: rides out a promotion
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,9 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         raise FleetError("give --mqtt-url and --redis-url, or let fleet-sim start its stack")
     if options.processes < 1:
         raise FleetError("--processes must be at least 1")
+    sentinels = stack.redis_sentinels if stack else ()
+    if sentinels and options.processes > 1:
+        raise FleetError("a stack with Redis replicas needs --processes 1")
     events = parse_schedule(options.chaos)
     wants_proxy = needs_proxy(events)
     wants_disk = any(e.kind == "agent-powercut" for e in events)
@@ -156,12 +166,12 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     tracker = Tracker()
     record = RunRecord(options.devices, options.rate, options.duration_s)
-    async with _redis(redis_url) as redis:
+    async with _redis(redis_url, sentinels) as redis:
         dlq_before = await redis.xlen("orders:dlq")
     # One client for the run (the settle loop survives its errors); Redis may be
     # restarted by the chaos, so the verification below gets a fresh one.
     async with (
-        _redis(redis_url) as redis,
+        _redis(redis_url, sentinels) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
         _maybe_agent_disk(wants_disk) as disk,
         _devices(options, _fleet_settings(options, device_url, prefix, disk), tracker, redis,
@@ -180,7 +190,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
                                    tracker=tracker, record=record)  # fmt: skip
         finally:
             chaos.restore()
-    async with _redis(redis_url) as redis:
+    async with _redis(redis_url, sentinels) as redis:
         verdict = await verify(
             redis,
             tracker.accepted,
@@ -260,12 +270,30 @@ async def _maybe_agent_disk(wanted: bool) -> AsyncIterator[PowerCutMount | None]
 
 
 @contextlib.asynccontextmanager
-async def _redis(url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(url)
+async def _redis(url: str, sentinels: tuple[str, ...] = ()) -> AsyncIterator[aioredis.Redis]:
+    """A client of the stack's Redis; with Sentinels, of whichever node is master now
+    (it retries through a failover: the verification must not end on one)."""
+    if not sentinels:
+        client = aioredis.from_url(url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+        return
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        [sentinel_address(entry) for entry in sentinels], socket_timeout=SENTINEL_TIMEOUT_S
+    )
+    master: aioredis.Redis = sentinel.master_for(
+        MASTER_NAME,
+        redis_class=aioredis.Redis,
+        retry=Retry(ExponentialBackoff(cap=1.0), FAILOVER_RETRIES),
+        **redis_credentials(url),
+    )
     try:
-        yield client
+        yield master
     finally:
-        await client.aclose()
+        await master.aclose()
+        await sentinel.aclose()
 
 
 @contextlib.asynccontextmanager

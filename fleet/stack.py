@@ -25,6 +25,7 @@ from typing import Self
 
 from testrig.errors import ServerError
 from testrig.powercut import PowerCutMount
+from testrig.sentinel import MASTER_NAME, SentinelGroup
 from testrig.servers import MosquittoProcess, RedisProcess
 from testrig.services import ServiceProcess, child_pids, console_script, pid_alive
 
@@ -51,6 +52,10 @@ class StackSettings:
     # Redis keeps its files on a power-cut filesystem (testrig.powercut), for the
     # redis-powercut chaos kind; needs /dev/fuse and libfuse 3.
     redis_powercut: bool = False
+    # Replicas of the Redis master, watched by three Sentinels (testrig.sentinel); the
+    # services find the master through them and wait for one replica per batch
+    # (--redis-min-replicas 1). For the redis-failover and redis-freeze chaos kinds.
+    redis_replicas: int = 0
 
 
 class Stack:
@@ -70,11 +75,23 @@ class Stack:
         self.redis_disk: PowerCutMount | None = None
         redis_args: tuple[str, ...] = ()
         if settings.redis_powercut:
+            if settings.redis_replicas:
+                raise ServerError("redis_powercut and redis_replicas do not go together")
             self.redis_disk = PowerCutMount(workdir / "redis-disk")
             redis_args = ("--dir", str(self.redis_disk.path))  # a later --dir wins
-        self.redis = RedisProcess.production(
-            workdir / "redis", maxmemory=settings.redis_maxmemory, extra_args=redis_args
-        )
+        self.ha: SentinelGroup | None = None
+        if settings.redis_replicas:
+            maxmemory = (
+                ("--maxmemory", settings.redis_maxmemory) if settings.redis_maxmemory else ()
+            )
+            self.ha = SentinelGroup(
+                workdir / "redis", replicas=settings.redis_replicas, extra_args=maxmemory
+            )
+            self.redis = self.ha.master  # the first master; a failover moves it (master())
+        else:
+            self.redis = RedisProcess.production(
+                workdir / "redis", maxmemory=settings.redis_maxmemory, extra_args=redis_args
+            )
         run = uuid.uuid4().hex[:6]
         self.bridges = [self._bridge(i, run) for i in range(settings.bridges)]
         self.pipeline = ServiceProcess(
@@ -84,7 +101,7 @@ class Stack:
                 console_script("order-pipeline"),
                 "--mqtt-url", self.mqtt_url, "--redis-url", self.redis.url,
                 "--shards", str(settings.shards), "--workers", str(settings.workers),
-                "--claim-idle-ms", str(settings.claim_idle_ms),
+                "--claim-idle-ms", str(settings.claim_idle_ms), *self.sentinel_flags(),
             ],
         )  # fmt: skip
 
@@ -94,8 +111,10 @@ class Stack:
             "--mqtt-url", self.mqtt_url, "--redis-url", self.redis.url,
             "--shards", str(self.settings.shards), "--client-id", f"fleet-{run}-bridge{index}",
             # No trimming: the verifier counts every entry a run appended.
-            "--trim-every-batches", "0",
+            "--trim-every-batches", "0", *self.sentinel_flags(),
         ]  # fmt: skip
+        if self.ha is not None:
+            argv += ["--redis-min-replicas", "1"]
         return ServiceProcess(f"bridge{index}", self.workdir / f"bridge{index}", argv)
 
     @property
@@ -105,12 +124,34 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
-        """Where the streams are."""
-        return self.redis.url
+        """Where the streams are (the master now, with replicas)."""
+        return self.master().url
+
+    @property
+    def redis_sentinels(self) -> tuple[str, ...]:
+        """HOST:PORT of each Sentinel (none without replicas)."""
+        return tuple(self.ha.sentinel_addresses) if self.ha is not None else ()
+
+    def sentinel_flags(self) -> list[str]:
+        """The services' flags that find the master through the Sentinels."""
+        flags = ["--redis-sentinel-master", MASTER_NAME] if self.ha is not None else []
+        for address in self.redis_sentinels:
+            flags += ["--redis-sentinel", address]
+        return flags
+
+    def master(self) -> RedisProcess:
+        """The Redis master now: the one the Sentinels name, once they agree."""
+        if self.ha is None:
+            return self.redis
+        port = self.ha.master_port()
+        return self.ha.node(port) if port is not None else self.redis
 
     def urls(self) -> dict[str, str]:
         """Every part's URL, for people poking at the stack."""
         out = {"mqtt": self.mqtt_url, "redis": self.redis.url}
+        if self.ha is not None:
+            out["sentinels"] = " ".join(self.redis_sentinels)
+            out["replicas"] = " ".join(replica.url for replica in self.ha.replicas)
         for bridge in self.bridges:
             out[bridge.name] = bridge.url + "/metrics"
         out["pipeline API"] = self.pipeline.url + "/v1/orders/{order_id}"
@@ -122,7 +163,10 @@ class Stack:
             broker.start()
         if self.redis_disk is not None:
             self.redis_disk.start()
-        self.redis.start()
+        if self.ha is not None:
+            self.ha.start()
+        else:
+            self.redis.start()
         self.load_catalog()
         for bridge in self.bridges:
             bridge.start()
@@ -132,7 +176,8 @@ class Stack:
         """``order-pipeline catalog load`` (sets prices and stock)."""
         result = subprocess.run(
             [console_script("order-pipeline"), "catalog", "load", str(self.settings.catalog),
-             "--redis-url", self.redis.url, "--shards", str(self.settings.shards)],
+             "--redis-url", self.redis.url, "--shards", str(self.settings.shards),
+             *self.sentinel_flags()],
             capture_output=True, check=False, timeout=60,
         )  # fmt: skip
         if result.returncode != 0:
@@ -142,6 +187,9 @@ class Stack:
         """SIGTERM every part, services first (they drain), servers last."""
         for service in (*self.bridges, self.pipeline):
             service.stop()
+        if self.ha is not None:
+            for server in (*self.ha.sentinels, *self.ha.nodes):
+                server.stop()
         self.redis.stop()
         if self.redis_disk is not None:
             self.redis_disk.stop()

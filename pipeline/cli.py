@@ -265,7 +265,8 @@ async def _migrate(config: PipelineConfig, *, shards_given: bool) -> int:
     if config.redis_cluster:
         print("order-pipeline: migrate runs on the single Redis of the old layout", file=sys.stderr)
         return 2
-    client = aioredis.Redis.from_url(config.redis_url)
+    client = redis_client(config)
+    assert isinstance(client, aioredis.Redis)  # not a cluster: refused above
     try:
         config, _ = await agree_layout(client, config, shards_given=shards_given)
         done = await migrate(client, config.shards)

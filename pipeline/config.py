@@ -14,11 +14,14 @@ from servicekit.config import (
     OtlpEndpoint,
     RedisCluster,
     RedisPassword,
+    RedisSentinel,
+    RedisSentinelMaster,
     ServiceConfig,
     TraceSampleRatio,
     doc,
 )
 from servicekit.credentials import one_secret, url_with_password, urls_with_password
+from servicekit.redis_clients import check_sentinel_settings
 
 from .regions import parse_region_apis
 
@@ -61,6 +64,8 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         ),
     ] = ""
     redis_cluster: RedisCluster = False
+    redis_sentinel: RedisSentinel = ()
+    redis_sentinel_master: RedisSentinelMaster = ""
     http_port: Annotated[
         int,
         doc(
@@ -347,6 +352,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         # A ValueError here becomes a ConfigError at start (msgspec ValidationError).
         parse_region_apis(self.region, self.region_api, allow_http=self.region_api_allow_http)
+        check_sentinel_settings(
+            self.redis_sentinel, self.redis_sentinel_master, cluster=self.redis_cluster
+        )
         if self.region_api_timeout_s <= 0:
             raise ValueError("region_api_timeout_s must be > 0")
         if self.status_backlog_max < 1:

@@ -20,10 +20,8 @@ import time
 from collections.abc import Mapping
 
 import msgspec
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster
 
 from schemas.names import shared_health_subscription, shared_status_query_subscription
 from servicekit.backoff import Backoff
@@ -31,7 +29,7 @@ from servicekit.config import ENV_PREFIX
 from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
 from servicekit.problems import ProblemAppRunner
-from servicekit.redis_clients import client_options
+from servicekit.redis_clients import connect
 from servicekit.urls import parse_mqtt_urls
 
 from ._calls import AnyRedis
@@ -63,10 +61,13 @@ def redis_client(config: PipelineConfig) -> AnyRedis:
     A Redis Cluster client with ``redis_cluster``. The socket timeout outlasts
     the XREADGROUP block.
     """
-    options = client_options(max(5.0, config.block_ms / 1000 + 5.0))
-    if config.redis_cluster:
-        return RedisCluster.from_url(config.redis_url, **options)
-    return aioredis.Redis.from_url(config.redis_url, **options)
+    return connect(
+        config.redis_url,
+        timeout_s=max(5.0, config.block_ms / 1000 + 5.0),
+        cluster=config.redis_cluster,
+        sentinels=config.redis_sentinel,
+        sentinel_master=config.redis_sentinel_master,
+    )
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

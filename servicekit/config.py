@@ -40,6 +40,8 @@ __all__ = [
     "OtlpEndpoint",
     "RedisCluster",
     "RedisPassword",
+    "RedisSentinel",
+    "RedisSentinelMaster",
     "ServiceConfig",
     "TraceSampleRatio",
     "add_config_arguments",
@@ -106,6 +108,21 @@ RedisCluster = Annotated[
     doc(
         "Talk to --redis-url as a Redis Cluster (keys are hash-tagged per shard either "
         "way); turn on when Redis runs as a cluster"
+    ),
+]
+RedisSentinel = Annotated[
+    tuple[str, ...],
+    doc(
+        "Redis Sentinel as HOST:PORT, one per Sentinel; with --redis-sentinel-master the "
+        "master is looked up there on every new connection, so a promotion needs no restart "
+        "(--redis-url then gives only user, password, db and TLS)"
+    ),
+]
+RedisSentinelMaster = Annotated[
+    str,
+    doc(
+        "Name of the master group the --redis-sentinel Sentinels monitor (their `sentinel "
+        "monitor NAME …` line); required with --redis-sentinel"
     ),
 ]
 OtlpEndpoint = Annotated[

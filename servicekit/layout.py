@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -35,7 +35,8 @@ from redis.exceptions import RedisClusterException, RedisError
 from schemas.names import CONTRACT_VERSION as _CONTRACT_NUMBER
 from schemas.names import MANIFEST_KEY
 
-from .redis_clients import client_options, text
+from . import redis_clients
+from .redis_clients import text
 
 log = structlog.get_logger(__name__)
 
@@ -112,11 +113,22 @@ class Manifest:
 AnyRedis = aioredis.Redis | RedisCluster
 
 
-def connect(url: str, *, cluster: bool = False, timeout_s: float = 5.0) -> AnyRedis:
-    """A client for the manifest checks (no retries of its own, as every service's)."""
-    if cluster:
-        return RedisCluster.from_url(url, **client_options(timeout_s))
-    return aioredis.Redis.from_url(url, **client_options(timeout_s))
+def connect(
+    url: str,
+    *,
+    cluster: bool = False,
+    timeout_s: float = 5.0,
+    sentinels: Sequence[str] = (),
+    sentinel_master: str = "",
+) -> AnyRedis:
+    """A client for the manifest checks (see :func:`servicekit.redis_clients.connect`)."""
+    return redis_clients.connect(
+        url,
+        timeout_s=timeout_s,
+        cluster=cluster,
+        sentinels=sentinels,
+        sentinel_master=sentinel_master,
+    )
 
 
 async def read(client: AnyRedis) -> tuple[str | None, Manifest | None]:

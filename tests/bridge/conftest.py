@@ -268,7 +268,9 @@ def _cluster_port() -> int:
     return free_port()  # pragma: no cover - a crowded low range; the old way
 
 
-def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
+def _start_cluster_node(
+    workdir: Path, attempts: int = 5, extra: tuple[str, ...] = ()
+) -> RedisProcess:
     """A cluster-enabled redis-server; another free port when its bus port was taken meanwhile."""
     for attempt in range(attempts):
         port = _cluster_port()
@@ -279,6 +281,7 @@ def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", f"nodes-{port}.conf",
                 "--cluster-node-timeout", "2000",
+                *extra,
             ),
         )  # fmt: skip
         try:
@@ -295,12 +298,29 @@ def _start_cluster_node(workdir: Path, attempts: int = 5) -> RedisProcess:
 @contextlib.contextmanager
 def running_cluster(workdir: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback, killed on exit; yields the ports."""
+    with cluster_servers(workdir) as servers:
+        yield [server.port for server in servers]
+
+
+@contextlib.contextmanager
+def cluster_servers(workdir: Path, replicas: int = 0) -> Iterator[list[RedisProcess]]:
+    """A real Redis Cluster of 3 masters with ``replicas`` replicas each, killed on exit.
+
+    Yields the servers, so a fault test can kill or stop one; which are masters is
+    the cluster's choice (ROLE or INFO replication of each).
+    """
     servers = []
     try:
-        for index in range(3):
-            servers.append(_start_cluster_node(workdir / f"cluster-{index}"))
+        # A replica that (re)joins syncs at once, not after Redis's default 5 s wait for
+        # more replicas to share the transfer: with --redis-min-replicas, receipts for
+        # that master's shards wait for it.
+        extra = ("--repl-diskless-sync-delay", "0") if replicas else ()
+        for index in range(3 * (1 + replicas)):
+            servers.append(_start_cluster_node(workdir / f"cluster-{index}", extra=extra))
         ports = [server.port for server in servers]
         create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
+        if replicas:
+            create += ["--cluster-replicas", str(replicas)]
         subprocess.run(
             [*create, *[f"127.0.0.1:{port}" for port in ports]],
             check=True,
@@ -315,10 +335,13 @@ def running_cluster(workdir: Path) -> Iterator[list[int]]:
                     info = client.execute_command("CLUSTER", "INFO")
                     if "cluster_state:ok" not in text(info):
                         return False
+                    link: Any = client.info("replication")
+                    if link["role"] == "slave" and link.get("master_link_status") != "up":
+                        return False
             return True
 
         wait_until_blocking(cluster_ok, 30, "cluster_state:ok")
-        yield ports
+        yield servers
     finally:
         for server in servers:
             server.kill()

@@ -1,0 +1,232 @@
+"""A Redis master with replicas watched by Sentinels, on loopback: the failover rig.
+
+:class:`SentinelProcess` is one ``redis-server --sentinel``. :class:`SentinelGroup`
+starts a master, its replicas and the Sentinels, with timeouts small enough for a
+test (``down_after_ms``, ``failover_timeout_ms``), and answers what a fault test
+must prove: who is master now (:meth:`SentinelGroup.master_port`), and each
+node's role from the node itself (:func:`role`).
+
+Errors: :class:`testrig.errors.ServerError` when the group does not come up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+
+from .errors import ServerError
+from .servers import REDIS_CONF, RedisProcess, ServerProcess, find_binary
+
+MASTER_NAME = "orders"
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+
+def role(port: int) -> str | None:
+    """``master`` or ``slave`` as the node at ``port`` reports it (ROLE); None if unreachable."""
+    try:
+        with _client(port) as client:
+            reply: Any = client.execute_command("ROLE")
+    except (redis.RedisError, OSError):
+        return None
+    first = reply[0]
+    return first.decode() if isinstance(first, bytes) else str(first)
+
+
+def replication(port: int) -> dict[str, Any]:
+    """INFO replication of the node at ``port``; empty if unreachable."""
+    try:
+        with _client(port) as client:
+            info: dict[str, Any] = client.info("replication")
+    except (redis.RedisError, OSError):
+        return {}
+    return info
+
+
+class SentinelProcess(ServerProcess):
+    """``redis-server --sentinel`` monitoring one master as :data:`MASTER_NAME`."""
+
+    name = "sentinel"
+
+    def __init__(
+        self,
+        workdir: Path,
+        master_port: int,
+        *,
+        quorum: int,
+        down_after_ms: int,
+        failover_timeout_ms: int,
+        port: int | None = None,
+    ) -> None:
+        super().__init__(workdir, port)
+        self.monitored_port = master_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.conf_path = workdir / "sentinel.conf"
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        # Sentinel rewrites its file (the new master, the other Sentinels): it must be writable.
+        if not self.conf_path.exists():
+            self.conf_path.write_text(
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        "bind 127.0.0.1",
+                        f"dir {self.workdir}",
+                        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.monitored_port} "
+                        f"{self.quorum}",
+                        f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}",
+                        f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {MASTER_NAME} 1",
+                    ]
+                )
+                + "\n"
+            )
+        return [find_binary("redis-server"), str(self.conf_path), "--sentinel"]
+
+    def master_port(self) -> int | None:
+        """The port this Sentinel names as the master now; None if it does not answer."""
+        try:
+            with _client(self.port) as client:
+                reply: Any = client.execute_command(
+                    "SENTINEL", "get-master-addr-by-name", MASTER_NAME
+                )
+        except (redis.RedisError, OSError):
+            return None
+        return int(reply[1]) if reply else None
+
+    def others(self) -> int | None:
+        """How many other Sentinels this one knows of; None if it does not answer."""
+        try:
+            with _client(self.port) as client:
+                state: Any = client.execute_command("SENTINEL", "master", MASTER_NAME)
+        except (redis.RedisError, OSError):
+            return None
+        return int(state[b"num-other-sentinels"])  # a dict of bytes
+
+
+class SentinelGroup:
+    """A master (redis/redis.conf), ``replicas`` replicas of it and ``sentinels`` Sentinels.
+
+    Args:
+        workdir: each server gets a directory below it.
+        extra_args: more redis-server arguments for every data node (master and replicas).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.master = _data_node(workdir / "redis-0", extra_args)
+        self.replicas = [
+            _data_node(
+                workdir / f"redis-{index + 1}",
+                (*extra_args, "--replicaof", "127.0.0.1", str(self.master.port)),
+            )
+            for index in range(replicas)
+        ]
+        self.sentinels = [
+            SentinelProcess(
+                workdir / f"sentinel-{index}",
+                self.master.port,
+                quorum=sentinels // 2 + 1,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for index in range(sentinels)
+        ]
+
+    @property
+    def nodes(self) -> list[RedisProcess]:
+        """The data nodes, the first master at the start first."""
+        return [self.master, *self.replicas]
+
+    @property
+    def sentinel_addresses(self) -> list[str]:
+        """HOST:PORT of every Sentinel (the services' ``--redis-sentinel`` values)."""
+        return [sentinel.url for sentinel in self.sentinels]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start every node and Sentinel; return once replicas are in sync and Sentinels agree."""
+        try:
+            for node in self.nodes:
+                node.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self._settled():
+                    return
+                time.sleep(0.1)
+        except BaseException:
+            self.kill()  # a Sentinel left behind would take over the next master on its port
+            raise
+        self.kill()
+        raise ServerError("sentinel group did not settle (replicas linked, Sentinels agreeing)")
+
+    def _settled(self) -> bool:
+        if not all(replication(r.port).get("master_link_status") == "up" for r in self.replicas):
+            return False
+        return all(
+            sentinel.others() == len(self.sentinels) - 1
+            and sentinel.master_port() == self.master.port
+            for sentinel in self.sentinels
+        )
+
+    def master_port(self) -> int | None:
+        """The master the Sentinels name, once a majority of them agree; else None."""
+        ports = [sentinel.master_port() for sentinel in self.sentinels]
+        for port in set(ports):
+            if port is not None and ports.count(port) > len(ports) // 2:
+                return port
+        return None
+
+    def node(self, port: int) -> RedisProcess:
+        """The data node on ``port``."""
+        return next(node for node in self.nodes if node.port == port)
+
+    def kill(self) -> None:
+        """SIGKILL everything (teardown)."""
+        for server in [*self.sentinels, *self.nodes]:
+            with contextlib.suppress(ProcessLookupError):
+                server.kill()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+def _data_node(workdir: Path, extra_args: tuple[str, ...]) -> RedisProcess:
+    """redis-server on its own copy of redis/redis.conf: Sentinel makes each node rewrite
+    its file (CONFIG REWRITE) when it changes the node's role."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "redis.conf"
+    shutil.copyfile(REDIS_CONF, conf)
+    return RedisProcess(workdir, conf=conf, extra_args=extra_args)
