@@ -73,14 +73,21 @@ class Load:
             await asyncio.gather(self._offering, return_exceptions=True)
             self._offering = None
 
+    async def remove(self, device_id: str) -> EdgeAgent:
+        """Stop ``device_id``'s agent (its orders stay counted); return it."""
+        self._retired.add(device_id)
+        agent = self.agents.pop(device_id)
+        await agent.__aexit__(None, None, None)
+        return agent
+
     def retire(self, device_id: str) -> None:
         """Offer ``device_id`` no more orders (it is about to be revoked)."""
         self._retired.add(device_id)
 
-    def connects(self, device_id: str) -> float:
-        """How many times ``device_id``'s agent has connected to the broker."""
+    def connects(self, device_id: str, metric: str = "edge_mqtt_connects_total") -> float:
+        """How many times ``device_id``'s agent has connected to the broker (or ``metric``)."""
         registry = self.agents[device_id].metrics.registry
-        return registry.get_sample_value("edge_mqtt_connects_total") or 0.0
+        return registry.get_sample_value(metric) or 0.0
 
     def connected(self) -> int:
         """Agents with a live broker connection."""

@@ -34,6 +34,7 @@ REDIS_USERS = ("admin", "bridge", "pipeline")
 # Agents come back quickly after a refused or lost connection.
 # Starting Python services on a crowded 2-core machine takes seconds, not the default 10 s cap.
 START_TIMEOUT_S = 60.0
+PORT_RACES = 3
 FAST_RECONNECT = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
 
 
@@ -119,7 +120,21 @@ class Rig:
         return [] if self.shards_flag is None else ["--shards", str(self.shards_flag)]
 
     def start_bridge(self) -> BridgeProcess:
-        """One more bridge replica, logged in as ``bridge`` to Redis (and the broker), ready."""
+        """One more bridge replica, logged in as ``bridge`` to Redis and the broker, ready."""
+        for _ in range(PORT_RACES):
+            bridge = self._bridge()
+            try:
+                bridge.start()
+            except AssertionError:
+                # Another process took the free port between the pick and the bind.
+                if "address already in use" not in bridge.log_tail():
+                    raise
+                continue
+            self.bridges.append(bridge)
+            return bridge
+        raise AssertionError(f"no free HTTP port for a bridge in {PORT_RACES} tries")
+
+    def _bridge(self) -> BridgeProcess:
         bridge = BridgeProcess(
             self.workdir, self._mqtt_url("bridge"), self.redis_url("bridge"),
             "--redis-password-file", str(self.secrets_dir / "bridge-redis"),
@@ -130,8 +145,6 @@ class Rig:
         if self.shards_flag is None:  # BridgeProcess passes --shards 4 of its own
             at = bridge.argv.index("--shards")
             del bridge.argv[at : at + 2]
-        bridge.start()
-        self.bridges.append(bridge)
         return bridge
 
     def start_pipeline(self) -> ServiceProcess:
@@ -154,11 +167,15 @@ class Rig:
             bridge.start()
 
     def device_config(self, device_id: str) -> AgentConfig:
-        """The agent of an enrolled device, from its registry folder's agent.toml."""
-        folder = self.secure.registry.devices_dir / device_id
-        settings = tomllib.loads((folder / "agent.toml").read_text())
-        # The folder stands for the device's install dir (agent.toml names the CA there).
-        local = {"ca_file": str(folder / "ca.crt"), "db": ":memory:", "http_enabled": False}
+        """The agent of an enrolled device, installed from its registry folder.
+
+        The folder is copied, as to the device: revoking deletes the registry's copy.
+        """
+        installed = self.workdir / "installed" / device_id
+        shutil.rmtree(installed, ignore_errors=True)
+        shutil.copytree(self.secure.registry.devices_dir / device_id, installed)
+        settings = tomllib.loads((installed / "agent.toml").read_text())
+        local = {"ca_file": str(installed / "ca.crt"), "db": ":memory:", "http_enabled": False}
         return AgentConfig(**{**settings, **local, **FAST_RECONNECT})
 
     def stop(self) -> None:

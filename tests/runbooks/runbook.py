@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,11 @@ _BLOCK = re.compile(
 )
 _MARKER = re.compile(r"<!-- runbook: ")
 RUN_TIMEOUT_S = 60.0
+
+
+def _path() -> str:
+    """PATH with this venv's console scripts first, as on a host where they are installed."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 class RunbookError(AssertionError):
@@ -87,7 +93,7 @@ class Runbook:
             raise RunbookError(f"{self.page.name} has no block {name!r}: {sorted(self.blocks)}")
         proc = await asyncio.create_subprocess_exec(
             "bash", "-euo", "pipefail", "-c", script,
-            cwd=cwd, env={**os.environ, **env},
+            cwd=cwd, env={**os.environ, "PATH": _path(), **env},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         async with asyncio.timeout(RUN_TIMEOUT_S):
