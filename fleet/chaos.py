@@ -19,13 +19,16 @@
 | ``clock-skew=S`` | — | the devices' wall clock jumps by S seconds (negative: back) |
 | ``spike=Fx:Ds`` | — | the offered rate goes ×F for D seconds (default ``10x:30s``) |
 | ``storm`` | own stack | restart the broker once every device is connected: all reconnect |
+| ``enrol-revoke=N`` | own stack | enrol N devices live, drain and revoke half of them |
 
 A spike reports the peak outbox depth and the drain time (from the spike's end
 until the outbox depth is back to its level before the spike); a storm reports
 how long until every device was back, the restarted broker's CPU (from /proc)
 and the spread of the connection attempts (per 100 ms) that the agents'
-full-jitter backoff makes. ``agent-powercut`` and ``clock-skew`` act inside the
-process that runs the devices, so they need ``--processes 1``.
+full-jitter backoff makes. ``enrol-revoke`` (:mod:`fleet.enrol_revoke`) reports
+how long the revoked sessions took to end. ``agent-powercut``, ``clock-skew``
+and ``enrol-revoke`` act inside the process that runs the devices, so they
+need ``--processes 1``.
 
 On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
 ``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo.chaos`.
@@ -61,6 +64,7 @@ from testrig.proxy import TcpProxy
 from testrig.servers import ServerProcess
 from testrig.services import pid_alive
 
+from . import enrol_revoke
 from .clockskew import WallClockSkew
 from .errors import ChaosError
 from .geo.chaos import GEO_KINDS, parse_geo_arg
@@ -316,6 +320,7 @@ class ChaosLog:
     flooded: int = 0
     spikes: list[SpikeReport] = field(default_factory=list)
     storms: list[StormReport] = field(default_factory=list)
+    enrol_revoke: list[enrol_revoke.EnrolRevokeReport] = field(default_factory=list)
 
 
 class ChaosRunner:
@@ -339,6 +344,8 @@ class ChaosRunner:
         kinds = {e.kind for e in events}
         if "redis-powercut" in kinds and (stack is None or stack.redis_disk is None):
             raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
+        if "enrol-revoke" in kinds and (stack is None or not stack.settings.dynsec):
+            raise ChaosError("enrol-revoke needs a stack with StackSettings(dynsec=True)")
         if "agent-powercut" in kinds and agent_disk is None:
             raise ChaosError("agent-powercut needs devices with outboxes on a power-cut disk")
         self.agent_disk = agent_disk
@@ -584,6 +591,8 @@ for _name, _kind in {
     "redis-powercut": Kind(ChaosRunner._redis_powercut, needs="stack"),
     "redis-oom": Kind(ChaosRunner._redis_oom, needs="stack", default="3"),
     "storm": Kind(ChaosRunner._storm, needs="stack"),
+    "enrol-revoke": Kind(enrol_revoke.inject, needs="stack", default="4", single_process=True,
+                         show=lambda e: f"{e.arg:g}"),
     "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
     "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
     "dup-flood": Kind(ChaosRunner._dup_flood),

@@ -304,6 +304,7 @@ def _stack_settings(args: argparse.Namespace) -> StackSettings:
     return StackSettings(
         shards=args.shards, bridges=args.bridges, workers=args.workers,
         redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
+        dynsec="enrol-revoke" in (getattr(args, "chaos", None) or ""),
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ case (the agents resend).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import uuid
@@ -23,9 +24,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import msgspec
+
+from enrolment.dynsec import Accounts
 from testrig.errors import ServerError
 from testrig.powercut import PowerCutMount
-from testrig.servers import MosquittoProcess, RedisProcess
+from testrig.servers import MosquittoProcess, RedisProcess, find_dynsec_plugin
 from testrig.services import ServiceProcess, child_pids, console_script, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +52,10 @@ class StackSettings:
     # Redis keeps its files on a power-cut filesystem (testrig.powercut), for the
     # redis-powercut chaos kind; needs /dev/fuse and libfuse 3.
     redis_powercut: bool = False
+    # The broker runs the dynamic-security plugin with an ``admin`` account, so
+    # devices can be enrolled and revoked live (the enrol-revoke chaos kind).
+    # Anonymous clients (the simulated fleet, the services) keep every right.
+    dynsec: bool = False
 
 
 class Stack:
@@ -56,8 +64,16 @@ class Stack:
     def __init__(self, workdir: Path, settings: StackSettings = StackSettings()) -> None:
         self.workdir = workdir
         self.settings = settings
+        # The dynamic-security admin's password (settings.dynsec), for live enrolment.
+        self.admin_password = secrets.token_urlsafe(18) if settings.dynsec else ""
+        self.accounts_path = workdir / "mosquitto" / "dynamic-security.json"
+        plugin = (
+            f"plugin {find_dynsec_plugin()}\nplugin_opt_config_file {self.accounts_path}"
+            if settings.dynsec
+            else ""
+        )
         self.broker = MosquittoProcess(
-            workdir / "mosquitto", persistence=settings.broker_persistence
+            workdir / "mosquitto", persistence=settings.broker_persistence, extra_conf=plugin
         )
         self.redis_disk: PowerCutMount | None = None
         redis_args: tuple[str, ...] = ()
@@ -110,6 +126,8 @@ class Stack:
 
     def start(self) -> None:
         """Start everything, load the catalog, and wait until each part is ready."""
+        if self.settings.dynsec:
+            write_open_accounts(self.accounts_path, self.admin_password)
         self.broker.start()
         if self.redis_disk is not None:
             self.redis_disk.start()
@@ -166,3 +184,21 @@ class Stack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def write_open_accounts(path: Path, admin_password: str) -> None:
+    """A dynamic-security file with the ``admin`` account, everything else allowed.
+
+    Clients no rule names (the anonymous fleet, the services) may do anything, as
+    on the dev broker; accounts enrolled live get their device roles, and a
+    revoked one is refused at CONNECT.
+    """
+    accounts = Accounts()
+    accounts.set_service("admin", admin_password)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    accounts.save(path)
+    data = msgspec.json.decode(path.read_bytes())
+    data["defaultACLAccess"] = dict.fromkeys(
+        ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe"), True
+    )
+    path.write_bytes(msgspec.json.encode(data))
