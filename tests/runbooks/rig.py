@@ -38,6 +38,12 @@ PORT_RACES = 3
 FAST_RECONNECT = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
 
 
+def _drop_shards_flag(argv: list[str]) -> None:
+    while "--shards" in argv:
+        at = argv.index("--shards")
+        del argv[at : at + 2]
+
+
 def write_secret(directory: Path, name: str, secret: str) -> Path:
     """``secret`` on one line in a 0600 file, as a secrets store mounts it."""
     directory.mkdir(mode=0o700, exist_ok=True)
@@ -138,13 +144,14 @@ class Rig:
         bridge = BridgeProcess(
             self.workdir, self._mqtt_url("bridge"), self.redis_url("bridge"),
             "--redis-password-file", str(self.secrets_dir / "bridge-redis"),
-            "--share-group", "runbook", *self._mqtt_args("bridge"), *self._shards_args(),
+            "--share-group", "runbook", *self._mqtt_args("bridge"),
             # No trimming: the verifier counts every entry the load appended.
             "--trim-every-batches", "0",
+            # A stopped replica's beat goes stale in 1.5 s, not 15 (change-shards waits on it).
+            "--heartbeat-interval-s", "0.5",
         )  # fmt: skip
-        if self.shards_flag is None:  # BridgeProcess passes --shards 4 of its own
-            at = bridge.argv.index("--shards")
-            del bridge.argv[at : at + 2]
+        _drop_shards_flag(bridge.argv)  # BridgeProcess passes --shards 4 of its own
+        bridge.argv += self._shards_args()
         return bridge
 
     def start_pipeline(self) -> ServiceProcess:
@@ -159,6 +166,19 @@ class Rig:
         self.pipeline.start_timeout_s = START_TIMEOUT_S
         self.pipeline.start()
         return self.pipeline
+
+    def stop_bridges(self) -> None:
+        """SIGTERM every bridge replica (each drains)."""
+        for bridge in self.bridges:
+            assert bridge.terminate() == 0, bridge.log_tail()
+
+    def start_bridges(self) -> None:
+        """Start the stopped replicas again, same client ids (their broker sessions hold
+        what was sent meanwhile), with the rig's current ``--shards`` (or none)."""
+        for bridge in self.bridges:
+            _drop_shards_flag(bridge.argv)
+            bridge.argv += self._shards_args()
+            bridge.start()
 
     def restart_bridges(self) -> None:
         """Roll the bridge replicas one at a time (SIGTERM drains, the next takes over)."""
