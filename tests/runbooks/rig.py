@@ -27,6 +27,7 @@ from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from testrig.services import ServiceProcess, console_script
 from tests.bridge.conftest import BridgeProcess
 from tests.enrolment.conftest import secure_config
+from tests.helpers import wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 4
@@ -36,6 +37,13 @@ REDIS_USERS = ("admin", "bridge", "pipeline")
 START_TIMEOUT_S = 60.0
 PORT_RACES = 3
 FAST_RECONNECT = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.5}
+
+
+def _start_bridge(bridge: BridgeProcess) -> None:
+    """Start a replica and wait until it is ready, with the rig's patience."""
+    bridge.start(wait_ready=False)
+    wait_until_blocking(lambda: bridge.status("/readyz") == 200, START_TIMEOUT_S,
+                        f"bridge ready\n{bridge.log_tail()}")  # fmt: skip
 
 
 def _drop_shards_flag(argv: list[str]) -> None:
@@ -130,7 +138,7 @@ class Rig:
         for _ in range(PORT_RACES):
             bridge = self._bridge()
             try:
-                bridge.start()
+                _start_bridge(bridge)
             except AssertionError:
                 # Another process took the free port between the pick and the bind.
                 if "address already in use" not in bridge.log_tail():
@@ -178,13 +186,13 @@ class Rig:
         for bridge in self.bridges:
             _drop_shards_flag(bridge.argv)
             bridge.argv += self._shards_args()
-            bridge.start()
+            _start_bridge(bridge)
 
     def restart_bridges(self) -> None:
         """Roll the bridge replicas one at a time (SIGTERM drains, the next takes over)."""
         for bridge in self.bridges:
             assert bridge.terminate() == 0, bridge.log_tail()
-            bridge.start()
+            _start_bridge(bridge)
 
     def device_config(self, device_id: str) -> AgentConfig:
         """The agent of an enrolled device, installed from its registry folder.

@@ -11,12 +11,11 @@ import redis
 from schemas.names import stream_key
 from tests.helpers import wait_until
 
-from .conftest import LOAD_DEVICES
+from .conftest import LOAD_DEVICES, RATE_PER_S
 from .load import Load
 from .rig import Rig
 from .runbook import Runbook
 
-RATE_PER_S = 40.0
 NEW_SHARDS = 8
 BEATS_S = 3 * 0.5 + 0.5  # three of the rig bridges' beats, and a margin
 
@@ -60,7 +59,7 @@ async def test_change_shards_under_load(rig: Rig, tmp_path: Path) -> None:
     after = await runbook.run("layout-show", env, tmp_path)
     assert json.loads(after.stdout)["shards"] == NEW_SHARDS
     assert held > 0  # orders waited on the devices while ingest was stopped
-    assert verdict.checked > 50
+    assert verdict.checked > 20
     assert (len(verdict.lost), len(verdict.duplicated), len(verdict.stuck)) == (0, 0, 0)
     assert verdict.ok, verdict
     assert runbook.unrun() == []

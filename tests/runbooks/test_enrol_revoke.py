@@ -8,12 +8,11 @@ from pathlib import Path
 
 from tests.helpers import wait_until
 
-from .conftest import LOAD_DEVICES
+from .conftest import LOAD_DEVICES, RATE_PER_S
 from .load import Load
 from .rig import Rig
 from .runbook import Runbook
 
-RATE_PER_S = 40.0
 NEW = ("kiosk-0501", "kiosk-0502")
 REVOKED = "kiosk-0502"
 LIVE_S = 1.0  # the bound: a revoked session ends within a second
@@ -28,7 +27,7 @@ async def test_enrol_and_revoke_live_under_load(rig: Rig, tmp_path: Path) -> Non
     pid = rig.broker.pid
     async with Load([rig.device_config(d) for d in LOAD_DEVICES], RATE_PER_S) as load:
         load.start()
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: load.connected() == len(LOAD_DEVICES), 60, "the load connected")
         connects = {d: load.connects(d) for d in LOAD_DEVICES}
         await runbook.run("enrol", env, tmp_path)
         # The device's folder arrives on the device and its agent starts.

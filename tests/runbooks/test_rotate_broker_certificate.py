@@ -8,14 +8,14 @@ import ssl
 from pathlib import Path
 
 from tests.bridge.conftest import BridgeProcess
+from tests.helpers import wait_until
 from tests.tools import require_tool
 
-from .conftest import LOAD_DEVICES
+from .conftest import LOAD_DEVICES, RATE_PER_S
 from .load import Load
 from .rig import Rig
 from .runbook import Runbook
 
-RATE_PER_S = 40.0
 _LOST = re.compile(r"^bridge_mqtt_connections_lost_total (\S+)$", re.MULTILINE)
 
 
@@ -49,9 +49,8 @@ async def test_rotate_broker_certificate_under_load(rig: Rig, tmp_path: Path) ->
     pid = rig.broker.pid
     async with Load([rig.device_config(d) for d in LOAD_DEVICES], RATE_PER_S) as load:
         load.start()
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: load.connected() == len(LOAD_DEVICES), 60, "the load connected")
         connects = {d: load.connects(d) for d in LOAD_DEVICES}
-        assert load.connected() == len(LOAD_DEVICES)
         lost_before = [_connections_lost(b) for b in rig.bridges]
         for block in ("issue", "check-new", "install", "check-served"):
             await runbook.run(block, env, tmp_path)
@@ -63,7 +62,7 @@ async def test_rotate_broker_certificate_under_load(rig: Rig, tmp_path: Path) ->
     new_der = _file_der(cert)
     assert new_der != old_der
     assert _served_der(rig) == new_der
-    assert verdict.checked > 50
+    assert verdict.checked > 20
     assert (len(verdict.lost), len(verdict.duplicated), len(verdict.stuck)) == (0, 0, 0)
     assert verdict.ok, verdict
     assert runbook.unrun() == []

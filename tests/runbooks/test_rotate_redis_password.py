@@ -11,13 +11,12 @@ from redis.exceptions import AuthenticationError
 
 from tests.tools import require_tool
 
-from .conftest import LOAD_DEVICES
+from .conftest import LOAD_DEVICES, RATE_PER_S
 from .load import Load
 from .rig import Rig
 from .runbook import Runbook
 
 USERS = ("bridge", "pipeline")
-RATE_PER_S = 40.0
 
 
 def _password(rig_secrets: Path, user: str) -> str:
@@ -57,7 +56,7 @@ async def test_rotate_redis_passwords_under_load(rig: Rig, tmp_path: Path) -> No
         await asyncio.sleep(1.0)
         verdict = await load.settle(rig.admin_url(), shards=rig.shards)
     assert [b.process.pid for b in rig.bridges if b.process is not None] != pids
-    assert len(pids) == 2
+    assert len(pids) == len(rig.bridges)
     for user in USERS:
         assert not _logs_in(rig.redis.port, user, old[user])
         assert _logs_in(rig.redis.port, user, new[user])
@@ -67,7 +66,7 @@ async def test_rotate_redis_passwords_under_load(rig: Rig, tmp_path: Path) -> No
         assert hashlib.sha256(new[user].encode()).hexdigest() in acl_file
         assert hashlib.sha256(old[user].encode()).hexdigest() not in acl_file
         assert old[user] not in acl_file
-    assert verdict.checked > 50
+    assert verdict.checked > 20
     assert (len(verdict.lost), len(verdict.duplicated), len(verdict.stuck)) == (0, 0, 0)
     assert verdict.ok, verdict
     assert load.refused == 0
