@@ -33,6 +33,9 @@ from testrig.servers import MosquittoProcess, RedisProcess, find_dynsec_plugin
 from testrig.services import ServiceProcess, child_pids, console_script, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
+# A Python service's start (imports, Redis and broker checks) takes seconds on a
+# crowded machine: far more than the servers' 10 s default allows.
+SERVICE_START_TIMEOUT_S = 60.0
 DEMO_CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 
 
@@ -95,6 +98,8 @@ class Stack:
                 "--claim-idle-ms", str(settings.claim_idle_ms),
             ],
         )  # fmt: skip
+        for service in (*self.bridges, self.pipeline):
+            service.start_timeout_s = SERVICE_START_TIMEOUT_S
 
     def _bridge(self, index: int, run: str) -> ServiceProcess:
         argv = [
