@@ -22,20 +22,23 @@
 | ``rolling-upgrade`` | own stack | SIGTERM and restart each bridge, then each worker, in turn |
 | ``broker-host-down=I`` | own stack | SIGKILL broker I (``--brokers N``) and leave it down |
 | ``broker-host-up=I`` | own stack | start broker I again (empty: no persistence) |
+| ``redis-failover`` | replicas | SIGKILL the Redis master, a replica promoted, the old one back |
+| ``redis-freeze=S`` | replicas | SIGSTOP the Redis master for S s (a replica promoted), SIGCONT |
+| ``enrol-revoke=N`` | own stack | enrol N devices live, drain and revoke half of them |
 
 A broker host loss reports how many devices were connected before, how many
 lost their connection, and the seconds until as many were connected again
 (to the brokers left: the agents move to their region's next broker after
 their ``failover_after_s``).
-| ``redis-failover`` | replicas | SIGKILL the Redis master, a replica promoted, the old one back |
-| ``redis-freeze=S`` | replicas | SIGSTOP the Redis master for S s (a replica promoted), SIGCONT |
 
 A spike reports the peak outbox depth and the drain time (from the spike's end
 until the outbox depth is back to its level before the spike); a storm reports
 how long until every device was back, the restarted broker's CPU (from /proc)
 and the spread of the connection attempts (per 100 ms) that the agents'
-full-jitter backoff makes. ``agent-powercut`` and ``clock-skew`` act inside the
-process that runs the devices, so they need ``--processes 1``.
+full-jitter backoff makes. ``enrol-revoke`` (:mod:`fleet.enrol_revoke`) reports
+how long the revoked sessions took to end. ``agent-powercut``, ``clock-skew``
+and ``enrol-revoke`` act inside the process that runs the devices, so they
+need ``--processes 1``.
 
 On the geo rig (``fleet-sim --regions N``) also ``region-down=NAME``,
 ``region-partition=A|B`` and ``failover-storm``: see :mod:`fleet.geo.chaos`.
@@ -75,6 +78,7 @@ from testrig.sentinel import role
 from testrig.servers import ServerProcess
 from testrig.services import pid_alive
 
+from . import enrol_revoke
 from .clockskew import WallClockSkew
 from .errors import ChaosError
 from .geo.chaos import GEO_KINDS, parse_geo_arg
@@ -358,6 +362,7 @@ class ChaosLog:
     spikes: list[SpikeReport] = field(default_factory=list)
     storms: list[StormReport] = field(default_factory=list)
     broker_downs: list[BrokerDownReport] = field(default_factory=list)
+    enrol_revoke: list[enrol_revoke.EnrolRevokeReport] = field(default_factory=list)
 
 
 class ChaosRunner:
@@ -383,6 +388,8 @@ class ChaosRunner:
             raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
         if kinds & {"redis-failover", "redis-freeze"} and (stack is None or stack.ha is None):
             raise ChaosError("redis-failover and redis-freeze need a stack with Redis replicas")
+        if "enrol-revoke" in kinds and (stack is None or not stack.settings.dynsec):
+            raise ChaosError("enrol-revoke needs a stack with StackSettings(dynsec=True)")
         if "agent-powercut" in kinds and agent_disk is None:
             raise ChaosError("agent-powercut needs devices with outboxes on a power-cut disk")
         self.agent_disk = agent_disk
@@ -738,6 +745,8 @@ for _name, _kind in {
                            parse=_index),
     "redis-failover": Kind(ChaosRunner._redis_failover, needs="stack"),
     "redis-freeze": Kind(ChaosRunner._redis_freeze, needs="stack", default="5"),
+    "enrol-revoke": Kind(enrol_revoke.inject, needs="stack", default="4", single_process=True,
+                         show=lambda e: f"{e.arg:g}"),
     "drop": Kind(ChaosRunner._drop, needs="proxy", default="0.3"),
     "refuse": Kind(ChaosRunner._refuse, needs="proxy", default="5"),
     "dup-flood": Kind(ChaosRunner._dup_flood),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from edge_agent import AgentConfig, AgentError, EdgeAgent
@@ -222,6 +223,27 @@ class Fleet:
             self.devices[index] = device
             self._started.append(device)
         return count
+
+    async def add_device(self, device_id: str, mqtt_url: str, client_id: str) -> SimDevice:
+        """Start one more device (one enrolled live) and offer it orders from now on."""
+        template = self._config(self.settings.first_index)
+        config = msgspec.structs.replace(
+            template, device_id=device_id, mqtt_url=mqtt_url, client_id=client_id, db=":memory:"
+        )
+        device = SimDevice(config, self.tracker)
+        await device.agent.__aenter__()
+        self.devices.append(device)
+        self._started.append(device)
+        return device
+
+    def retire(self, device: SimDevice) -> None:
+        """Offer ``device`` no more orders; its agent runs on (its outbox still drains)."""
+        self.devices.remove(device)
+
+    async def stop_device(self, device: SimDevice) -> None:
+        """Stop a retired device's agent (a revoked device, say)."""
+        self._started.remove(device)
+        await device.agent.__aexit__(None, None, None)
 
     def connected(self) -> int:
         """Devices with a live broker connection right now."""

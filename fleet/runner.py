@@ -335,6 +335,7 @@ def _stack_settings(args: argparse.Namespace) -> StackSettings:
         shards=args.shards, brokers=args.brokers, bridges=args.bridges, workers=args.workers,
         redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
         redis_replicas=args.redis_replicas,
+        dynsec="enrol-revoke" in (getattr(args, "chaos", None) or ""),
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ case (the agents resend).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import uuid
@@ -23,13 +24,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import msgspec
+
+from enrolment.dynsec import Accounts
 from testrig.errors import ServerError
 from testrig.powercut import PowerCutMount
 from testrig.sentinel import MASTER_NAME, SentinelGroup
-from testrig.servers import MosquittoProcess, RedisProcess
+from testrig.servers import MosquittoProcess, RedisProcess, find_dynsec_plugin
 from testrig.services import ServiceProcess, child_pids, console_script, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
+# A Python service's start (imports, Redis and broker checks) takes seconds on a
+# crowded machine: far more than the servers' 10 s default allows.
+SERVICE_START_TIMEOUT_S = 60.0
 DEMO_CATALOG = REPO / "pipeline" / "demo_catalog.toml"
 
 
@@ -56,6 +63,10 @@ class StackSettings:
     # services find the master through them and wait for one replica per batch
     # (--redis-min-replicas 1). For the redis-failover and redis-freeze chaos kinds.
     redis_replicas: int = 0
+    # The broker runs the dynamic-security plugin with an ``admin`` account, so
+    # devices can be enrolled and revoked live (the enrol-revoke chaos kind).
+    # Anonymous clients (the simulated fleet, the services) keep every right.
+    dynsec: bool = False
 
 
 class Stack:
@@ -64,10 +75,21 @@ class Stack:
     def __init__(self, workdir: Path, settings: StackSettings = StackSettings()) -> None:
         self.workdir = workdir
         self.settings = settings
+        # The dynamic-security admin's password (settings.dynsec), for live enrolment.
+        self.admin_password = secrets.token_urlsafe(18) if settings.dynsec else ""
+        self.accounts_path = workdir / "mosquitto" / "dynamic-security.json"
+        plugin = (
+            f"plugin {find_dynsec_plugin()}\nplugin_opt_config_file {self.accounts_path}"
+            if settings.dynsec
+            else ""
+        )
+        # Live enrolment (dynsec) runs on the first broker only: each broker would need
+        # its own accounts file, and enrol-revoke drives one.
         self.brokers = [
             MosquittoProcess(
                 workdir / ("mosquitto" if i == 0 else f"mosquitto{i}"),
                 persistence=settings.broker_persistence,
+                extra_conf=plugin if i == 0 else "",
             )
             for i in range(max(1, settings.brokers))
         ]
@@ -104,6 +126,8 @@ class Stack:
                 "--claim-idle-ms", str(settings.claim_idle_ms), *self.sentinel_flags(),
             ],
         )  # fmt: skip
+        for service in (*self.bridges, self.pipeline):
+            service.start_timeout_s = SERVICE_START_TIMEOUT_S
 
     def _bridge(self, index: int, run: str) -> ServiceProcess:
         argv = [
@@ -159,6 +183,8 @@ class Stack:
 
     def start(self) -> None:
         """Start everything, load the catalog, and wait until each part is ready."""
+        if self.settings.dynsec:
+            write_open_accounts(self.accounts_path, self.admin_password)
         for broker in self.brokers:
             broker.start()
         if self.redis_disk is not None:
@@ -224,3 +250,21 @@ class Stack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def write_open_accounts(path: Path, admin_password: str) -> None:
+    """A dynamic-security file with the ``admin`` account, everything else allowed.
+
+    Clients no rule names (the anonymous fleet, the services) may do anything, as
+    on the dev broker; accounts enrolled live get their device roles, and a
+    revoked one is refused at CONNECT.
+    """
+    accounts = Accounts()
+    accounts.set_service("admin", admin_password)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    accounts.save(path)
+    data = msgspec.json.decode(path.read_bytes())
+    data["defaultACLAccess"] = dict.fromkeys(
+        ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe"), True
+    )
+    path.write_bytes(msgspec.json.encode(data))

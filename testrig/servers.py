@@ -52,6 +52,28 @@ def find_binary(name: str) -> str:
     return found
 
 
+# Where distributions install Mosquitto's dynamic-security plugin.
+DYNSEC_PLUGINS = (
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/opt/homebrew/lib/mosquitto_dynamic_security.so",
+)
+
+
+def find_dynsec_plugin() -> str:
+    """Path of Mosquitto's dynamic-security plugin.
+
+    Raises:
+        ServerError: not installed (Debian's ``mosquitto`` package ships it).
+    """
+    for candidate in DYNSEC_PLUGINS:
+        if Path(candidate).exists():
+            return candidate
+    raise ServerError("mosquitto_dynamic_security.so not found (the mosquitto package has it)")
+
+
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
     """True when something accepts TCP connections on ``host:port``."""
     with socket.socket() as sock:
