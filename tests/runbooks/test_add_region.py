@@ -31,7 +31,7 @@ from tests.tools import require_tool
 from .conftest import LOAD_DEVICES, RATE_PER_S
 from .load import Load
 from .rig import FAST_RECONNECT, REPO, Rig
-from .runbook import Runbook
+from .runbook import VARIABLES, Runbook
 
 REGION, NEW_REGION = "eu", "us"
 # The second half of the load's devices move home to the new region.
@@ -163,4 +163,5 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
     assert not_in_new
     assert not_at_home
     assert before.refused == at_home.refused == at_new.refused == 0
+    assert set(env) <= set(VARIABLES)
     assert runbook.unrun() == []
