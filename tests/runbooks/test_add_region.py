@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,12 +43,15 @@ SERVERS = ("pipeline", "bridge", "broker", "redis")
 
 def _env(rig: Rig, new_dir: Path) -> dict[str, str]:
     bridges = " ".join(f"http://127.0.0.1:{b.http_port}" for b in rig.bridges)
+    assert rig.pipeline is not None
+    api = rig.pipeline.url
     return {
         **rig.env(),
         "REGION": REGION, "NEW_REGION": NEW_REGION, "NEW_REGION_DIR": str(new_dir),
         "NEW_REDIS_HOST": "127.0.0.1", "NEW_REDIS_PORT": str(free_port()),
         "NEW_BROKER_HOST": "localhost", "NEW_BROKER_PORT": str(free_port()),
-        "NEW_BRIDGE_PORT": str(free_port()), "NEW_API_PORT": str(free_port()),
+        "NEW_BRIDGE_HOST": "127.0.0.1", "NEW_BRIDGE_PORT": str(free_port()),
+        "NEW_API_HOST": "127.0.0.1", "NEW_API_PORT": str(free_port()), "API_URL": api,
         "SHARDS": str(rig.shards), "DYNSEC_PLUGIN": dynsec_plugin(),
         "BRIDGE_URLS": bridges, "DEVICES_DIR": str(rig.workdir / "installed"),
         "NEW_HOME_DEVICES": " ".join(NEW_HOME),
@@ -89,6 +93,12 @@ async def _absent(redis_url: str, orders: list[OrderRef], shards: int) -> bool:
     return len(verdict.lost) == len(orders)
 
 
+def _lookup(api: str, order_id: str) -> tuple[int, str | None]:
+    """``GET /v1/orders/{order_id}`` on ``api``: status and ``Orders-Region``."""
+    with urllib.request.urlopen(f"{api}/v1/orders/{order_id}", timeout=10) as answer:
+        return answer.status, answer.headers.get("Orders-Region")
+
+
 def _clean(verdict: Verdict) -> tuple[int, int, int]:
     return len(verdict.lost), len(verdict.duplicated), len(verdict.stuck)
 
@@ -104,6 +114,9 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
     home = _admin_url(rig, str(rig.redis.port))
     new = _admin_url(rig, env["NEW_REDIS_PORT"])
     argv = {id(b): list(b.argv) for b in rig.bridges}
+    pipeline = rig.pipeline
+    assert pipeline is not None
+    pipeline_argv = list(pipeline.argv)
     try:
         with _new_region_stopped(new_dir):
             # Phase 1: single-region agents place orders while the region is added.
@@ -121,6 +134,12 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
                     ]  # fmt: skip
                 await asyncio.to_thread(rig.restart_bridges)
                 await runbook.run("check-bridges", env, REPO)
+                pipeline.argv += [
+                    "--region", REGION, "--region-api-allow-http",
+                    "--region-api", f"{NEW_REGION}=http://127.0.0.1:{env['NEW_API_PORT']}",
+                ]  # fmt: skip
+                await asyncio.to_thread(pipeline.restart)
+                await runbook.run("check-lookup", env, REPO)
                 await asyncio.sleep(PHASE_S)
                 first = await before.settle(home, shards=rig.shards)
             # Phase 2: the agents restart on their edited agent.toml, both regions listed.
@@ -143,13 +162,16 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
             regions = {c.device_id: [r.name for r in c.regions] for c in configs}
             not_in_new = await _absent(new, before.orders + at_home.orders, rig.shards)
             not_at_home = await _absent(home, at_new.orders, rig.shards)
+            found = await asyncio.to_thread(_lookup, pipeline.url, at_new.orders[0][1])
             alive = {n: pid_alive(int((new_dir / f"{n}.pid").read_text())) for n in SERVERS}
     finally:
         # Later tests restart these replicas: single-region again (the new region is gone).
         for bridge in rig.bridges:
             bridge.argv = argv[id(bridge)]
+        pipeline.argv = pipeline_argv
     assert [b.process.pid for b in rig.bridges if b.process is not None] != pids
     assert all(alive.values()), alive
+    assert found == (200, NEW_REGION)
     assert {d: r for d, r in regions.items() if d in NEW_HOME} == {
         d: [NEW_REGION, REGION] for d in NEW_HOME
     }
