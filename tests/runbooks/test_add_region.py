@@ -117,6 +117,7 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
     pipeline = rig.pipeline
     assert pipeline is not None
     pipeline_argv = list(pipeline.argv)
+    pipeline_pid = pipeline.pid
     try:
         with _new_region_stopped(new_dir):
             # Phase 1: single-region agents place orders while the region is added.
@@ -172,6 +173,7 @@ async def test_add_region_under_load(rig: Rig, tmp_path: Path) -> None:
     assert [b.process.pid for b in rig.bridges if b.process is not None] != pids
     assert all(alive.values()), alive
     assert found == (200, NEW_REGION)
+    assert pipeline.pid != pipeline_pid
     assert {d: r for d, r in regions.items() if d in NEW_HOME} == {
         d: [NEW_REGION, REGION] for d in NEW_HOME
     }
