@@ -29,7 +29,10 @@ HOW_TO = REPO / "docs" / "how-to"
 # The variables a runbook's blocks may read; the fixtures export the ones a page uses.
 VARIABLES = (
     "REDIS_HOST", "REDIS_PORT", "REDIS_URL", "SECRETS_DIR", "BROKER_URL", "BROKER_HOST",
-    "BROKER_PORT", "CERTS_DIR", "MOSQUITTO_PID", "REGISTRY",
+    "BROKER_PORT", "CERTS_DIR", "MOSQUITTO_PID", "REGISTRY", "SHARDS", "BRIDGE_URLS",
+    "DEVICES_DIR", "DYNSEC_PLUGIN", "REGION", "NEW_REGION", "NEW_REGION_DIR", "NEW_REDIS_HOST",
+    "NEW_REDIS_PORT", "NEW_BROKER_HOST", "NEW_BROKER_PORT", "NEW_BRIDGE_HOST", "NEW_BRIDGE_PORT",
+    "NEW_API_HOST", "NEW_API_PORT", "NEW_HOME_DEVICES", "API_URL",
 )  # fmt: skip
 
 _BLOCK = re.compile(
