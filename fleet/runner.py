@@ -134,6 +134,15 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
         "to use more cores (default %(default)s)",
     )
     parser.add_argument(
+        "--light-devices",
+        type=int,
+        default=0,
+        help="how many of --devices are lightweight devices: the same MQTT wire behaviour "
+        "(QoS 1, resend until a receipt, status queries, health and Will) with one shared "
+        "in-memory outbox per process instead of an agent each, for high rates; -1: all "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--poll-interval",
         type=float,
         default=0.5,
@@ -186,6 +195,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         status_wait_s=args.status_wait,
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
+        light_devices=args.devices if args.light_devices < 0 else args.light_devices,
         status_query_delay_s=args.status_query_delay,
     )  # fmt: skip
 
