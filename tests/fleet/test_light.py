@@ -15,7 +15,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from fleet.light import LightPool, LightSettings, publish_packet, puback, split_packets
+from fleet.light import LightPool, LightSettings, puback, publish_packet, split_packets
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
