@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -195,12 +195,12 @@ class LightDevice(asyncio.Protocol):
         return self._packet_id
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self.lost.clear()
         self._buffer.clear()
         will = (self._health_topic, encode(Health(v=1, online=False, at=_now_ms())))
-        transport.write(connect_packet(self.device_id, self.pool.url, will))
+        self.transport.write(connect_packet(self.device_id, self.pool.url, will))
         self._last_write = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
