@@ -58,6 +58,11 @@ KEEPALIVE_S = 30
 SESSION_EXPIRY_S = 7 * 24 * 3600
 TICK_S = 0.1
 CONNECT_TIMEOUT_S = 10.0
+# Connection attempts in flight per pool. Thousands of devices of one process
+# reconnecting at once (a broker restart) otherwise starve its event loop: their
+# CONNACKs are read after the timeout, every attempt is aborted and made again, and
+# the fleet never comes back. A real agent's connect runs in a 6-thread executor.
+CONNECTS_IN_FLIGHT = 200
 SETTLED = frozenset({"accepted", "duplicate"})
 
 
@@ -209,6 +214,7 @@ class LightDevice(asyncio.Protocol):
         self.transport = None
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(ConnectionError("connection lost before CONNACK"))
+            self._connack.exception()  # retrieved: connect() may have timed out before it
         self.lost.set()
         if was:
             self.pool.connected_count -= 1
@@ -295,7 +301,8 @@ class LightDevice(asyncio.Protocol):
         wait = s.reconnect_min_s
         while not self._closing:
             try:
-                await self.connect()
+                async with self.pool.connecting:
+                    await self.connect()
             except (OSError, TimeoutError, ConnectionError) as exc:
                 log.debug("light device connect failed", device=self.device_id, error=repr(exc))
                 await asyncio.sleep(random.uniform(0, wait))
@@ -378,6 +385,7 @@ class LightPool:
         self._queries: list[tuple[float, int, _Pending]] = []
         self._query_ids = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
+        self.connecting = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
         self._ticker: asyncio.Task[None] | None = None
         self._attempts = () if settings.region is None else (settings.region,)
 
