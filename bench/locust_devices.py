@@ -9,9 +9,10 @@ Receipt and terminal-status latencies go to Locust's stats as requests
 aggregation show them).
 
 The verifier runs once, on the master: every worker settles its devices when
-the test stops (receipts and statuses heard, or ``LOADGEN_SETTLE_S``) and
-sends the orders they accepted to the master (a Locust custom message); the
-master, on its own ``test_stop``, waits for every worker, then runs
+the master asks (a Locust custom message, on the master's ``test_stop``):
+it stops placing orders, waits for its devices' receipts and statuses (or
+``LOADGEN_SETTLE_S``) and sends the orders they accepted and heard back; the
+master waits for every worker, then runs
 :func:`fleet.verify.verify` over the union against ``LOADGEN_REDIS_URL`` and
 sets the exit code (0: nothing lost, duplicated, stuck or unheard).
 
@@ -69,6 +70,8 @@ _catalog = Catalog.load(DEMO_CATALOG)
 accepted: list[tuple[str, str]] = []
 heard: set[tuple[str, str]] = set()
 _users = 0
+_devices: list[MqttDevice] = []
+_stopping = False  # the master asked for the report: no new orders
 
 
 class MqttDevice(User):
@@ -80,6 +83,7 @@ class MqttDevice(User):
         global _users  # noqa: PLW0603 - one counter per worker process
         _users += 1
         self.device_id = f"lc{RUN}-{os.getpid()}-{_users:05d}"
+        _devices.append(self)
         self.rng = random.Random(self.device_id)
         self.seq = 0
         self.packet_id = 0
@@ -116,6 +120,8 @@ class MqttDevice(User):
 
     @task
     def order(self) -> None:
+        if _stopping:
+            return
         body = _catalog.order_body(self.rng)
         self.seq += 1
         order_id = f"o{self.seq:09d}"
@@ -204,18 +210,27 @@ def _on_init(environment: Any, **_: Any) -> None:
         runner.register_message("accepted", lambda msg, **_: _reports.__setitem__(
             msg.node_id, msg.data))  # fmt: skip
     if isinstance(runner, WorkerRunner):
+        runner.register_message("report", lambda msg, **_: gevent.spawn(_report, runner))
 
-        @events.test_stop.add_listener
-        def _send(**_: Any) -> None:
-            runner.send_message("accepted", {"accepted": accepted, "heard": list(heard)})
+
+def _report(runner: Any) -> None:
+    """Stop placing orders, settle this worker's devices, send what they accepted."""
+    global _stopping  # noqa: PLW0603 - one flag per worker process
+    _stopping = True
+    deadline = time.monotonic() + SETTLE_S
+    while any(d.pending or d.awaiting for d in _devices) and time.monotonic() < deadline:
+        gevent.sleep(0.2)
+    runner.send_message("accepted", {"accepted": accepted, "heard": list(heard)})
 
 
 @events.test_stop.add_listener
 def _verify(environment: Any, **_: Any) -> None:
-    # On test_stop, not quitting: the master's message listener still runs here.
+    # On test_stop, not quitting: the master's message listener still runs here. In
+    # a headless run the master stops before it tells the workers, so it asks them.
     runner = environment.runner
     if not isinstance(runner, MasterRunner):
         return
+    runner.send_message("report", None)
     expected = int(os.environ.get("LOADGEN_WORKERS", "0")) or len(runner.clients) or 1
     deadline = time.monotonic() + SETTLE_S + 30
     while len(_reports) < expected and time.monotonic() < deadline:
