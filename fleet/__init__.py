@@ -7,9 +7,11 @@ starts come from :mod:`testrig`; enrolment is :mod:`enrolment` (``order-enrol``)
 
 Modules by job:
 
-* the run: ``sim`` (one run), ``devices`` (simulated agents), ``load`` (the
-  offered orders and the waits that end a run), ``workers`` (devices over
-  several processes), ``tracker`` (what the devices saw);
+* the run: ``sim`` (one run), ``devices`` (simulated agents), ``light``
+  (lightweight devices: the agent's MQTT behaviour, one outbox per process),
+  ``load`` (the offered orders and the waits that end a run), ``workers``
+  (devices over several processes), ``tracker`` (what the devices saw),
+  ``cpu`` (what the generator and the stack spent);
 * the stack: ``stack`` (a local single-region stack), ``runner`` and ``cli``
   (the command line);
 * chaos: ``chaos`` (the schedule), ``clockskew``, ``rogue``;

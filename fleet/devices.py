@@ -2,7 +2,9 @@
 
 Each device is an :class:`edge_agent.EdgeAgent` (outbox, publisher, its own
 MQTT connection and client id) with ``db=":memory:"`` and inline storage, so
-a thousand of them share one event loop and a handful of threads.
+a thousand of them share one event loop and a handful of threads. The last
+``light_devices`` of a fleet are lightweight devices instead
+(:mod:`fleet.light`): the same wire behaviour at a fraction of the CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import structlog
 from edge_agent import AgentConfig, AgentError, EdgeAgent
 from edge_agent.transport import Transport, TransportHandlers, TransportSettings, default_transport
 
+from .light import LightDevice, LightPool, LightSettings
 from .tracker import ObservingHandlers, ObservingTransport, Tracker
 
 log = structlog.get_logger(__name__)
@@ -61,6 +64,8 @@ class FleetSettings:
     # With several brokers (a comma-separated mqtt_url): seconds without one before
     # an agent moves to the next; the list is rotated per device (broker_order hashed).
     failover_after_s: float = 3.0
+    # How many of the devices (the last ones) are lightweight devices (fleet.light).
+    light_devices: int = 0
 
 
 def raise_open_file_limit() -> int:
@@ -134,14 +139,20 @@ class Fleet:
     def __init__(self, settings: FleetSettings, tracker: Tracker) -> None:
         self.settings = settings
         self.tracker = tracker
-        self.devices: list[SimDevice] = []
+        # Every device, real agents first; orders are offered over all of them.
+        self.devices: list[SimDevice | LightDevice] = []
+        self.agents: list[SimDevice] = []
+        self.pool: LightPool | None = None
         self._started: list[SimDevice] = []
         # The offered rate's multiplier (the ``spike`` chaos kind raises it for a while).
         self.rate_factor = 1.0
 
+    def _device_id(self, index: int) -> str:
+        return f"{self.settings.prefix}-{index:05d}"
+
     def _config(self, index: int) -> AgentConfig:
         s = self.settings
-        device_id = f"{s.prefix}-{index:05d}"
+        device_id = self._device_id(index)
         on_disk = s.disk is not None and index - s.first_index < s.disk_devices
         # Status recovery, where the agent has it: ask for a missing terminal status
         # soon enough for the run's verifier to see it.
@@ -175,26 +186,48 @@ class Fleet:
 
     async def __aenter__(self) -> Fleet:
         raise_open_file_limit()
-        step = max(1, int(self.settings.ramp_per_s / 10))
+        s = self.settings
+        step = max(1, int(s.ramp_per_s / 10))
+        light = max(0, min(s.light_devices, s.devices))
+        first, real_end = s.first_index, s.first_index + s.devices - light
         try:
-            first = self.settings.first_index
-            for index in range(first, first + self.settings.devices):
+            for index in range(first, real_end):
                 device = SimDevice(self._config(index), self.tracker)
                 await device.agent.__aenter__()
                 self.devices.append(device)
+                self.agents.append(device)
                 self._started.append(device)
                 if (index - first + 1) % step == 0:
                     await asyncio.sleep(0.1)
+            if light:
+                ids = [self._device_id(i) for i in range(real_end, real_end + light)]
+                self.pool = LightPool(self._light_settings(), self.tracker, ids)
+                self.devices.extend(self.pool.devices)
+                await self.pool.start(s.ramp_per_s)
         except BaseException:
             await self.close()
             raise
         return self
 
+    def _light_settings(self) -> LightSettings:
+        s = self.settings
+        return LightSettings(
+            mqtt_url=s.mqtt_url,
+            receipt_timeout_s=s.receipt_timeout_s,
+            reconnect_min_s=s.reconnect_min_s,
+            reconnect_max_s=s.reconnect_max_s,
+            status_query_delay_s=s.status_query_delay_s,
+            status_query_max_interval_s=max(s.status_query_delay_s, STATUS_QUERY_MAX_INTERVAL_S),
+        )
+
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        """Stop every agent, a chunk at a time (each disconnects cleanly)."""
+        """Stop every agent, a chunk at a time (each disconnects cleanly), and the light ones."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.close()
         started, self._started = self._started, []
         for i in range(0, len(started), CLOSE_CHUNK):
             chunk = started[i : i + CLOSE_CHUNK]
@@ -208,9 +241,9 @@ class Fleet:
         Returns how many were restarted. Their tracker history carries on: a new
         agent object reopens the same outbox and the same MQTT session.
         """
-        count = min(self.settings.disk_devices, len(self.devices))
+        count = min(self.settings.disk_devices, len(self.agents))
         first = self.settings.first_index
-        old = self.devices[:count]
+        old = self.agents[:count]
         # Whatever the stopped agents still try to write fails while the power is off.
         await asyncio.gather(
             *(d.agent.__aexit__(None, None, None) for d in old), return_exceptions=True
@@ -220,7 +253,7 @@ class Fleet:
         for index in range(count):
             device = SimDevice(self._config(first + index), self.tracker)
             await device.agent.__aenter__()
-            self.devices[index] = device
+            self.devices[index] = self.agents[index] = device
             self._started.append(device)
         return count
 
@@ -233,6 +266,7 @@ class Fleet:
         device = SimDevice(config, self.tracker)
         await device.agent.__aenter__()
         self.devices.append(device)
+        self.agents.append(device)
         self._started.append(device)
         return device
 
@@ -243,15 +277,18 @@ class Fleet:
     async def stop_device(self, device: SimDevice) -> None:
         """Stop a retired device's agent (a revoked device, say)."""
         self._started.remove(device)
+        self.agents.remove(device)
         await device.agent.__aexit__(None, None, None)
 
     def connected(self) -> int:
         """Devices with a live broker connection right now."""
-        return sum(1 for d in self.devices if d.agent.publisher.connected)
+        light = self.pool.connected() if self.pool is not None else 0
+        return light + sum(1 for d in self.agents if d.agent.publisher.connected)
 
     def outbox_depth(self) -> int:
         """Orders in all outboxes not yet receipted."""
-        return sum(d.agent.outbox.store.pending_rows for d in self.devices)
+        light = self.pool.outbox_depth() if self.pool is not None else 0
+        return light + sum(d.agent.outbox.store.pending_rows for d in self.agents)
 
     async def wait_connected(self, fraction: float, timeout_s: float) -> int:
         """Wait until ``fraction`` of the devices are connected or the timeout passes."""
@@ -285,8 +322,8 @@ class Fleet:
 
     async def flood(self) -> int:
         """Every connected device resends every receipted order's payload raw; return the count."""
-        by_id = {d.device_id: d for d in self.devices}
-        sent = 0
+        by_id = {d.device_id: d for d in self.agents}
+        sent = self.pool.flood() if self.pool is not None else 0
         for ref in list(self.tracker.receipted):
             device = by_id.get(ref[0])
             payload = self.tracker.payloads.get(ref)

@@ -16,6 +16,7 @@ from rich.table import Table
 from schemas.names import stream_key
 from servicekit.redis_clients import text
 
+from .cpu import CpuUse
 from .svg import line_chart
 from .tracker import Tracker
 from .verify import PAGE, OrderRef, Verdict
@@ -122,6 +123,30 @@ class RunRecord:
     refused: int = 0
     verdict: Verdict | None = None
     stages: StageLatencies | None = None
+    # CPU of the load generator (and of the stack, when fleet-sim started it) over the run.
+    cpu: CpuUse | None = None
+    # The same over the load window only (its orders: those queued in it).
+    cpu_load: CpuUse | None = None
+
+
+def cpu_rows(record: RunRecord) -> list[tuple[str, str]]:
+    """(name, text) rows: the generator's and the cloud's CPU, in cores and µs per order."""
+    rows: list[tuple[str, str]] = []
+    orders = record.verdict.checked if record.verdict is not None else 0
+    orders = orders or (record.samples[-1].submitted if record.samples else 0)
+    for use, when in ((record.cpu_load, "during the load"), (record.cpu, "load + settle")):
+        if use is None:
+            continue
+
+        def row(seconds: float, use: CpuUse = use) -> str:
+            return (f"{seconds:,.1f} s = {use.cores(seconds):.2f} cores, "
+                    f"{use.per_order_us(seconds, orders):,.0f} µs/order")  # fmt: skip
+
+        rows.append((f"load generator CPU, {when} ({use.wall_s:,.0f} s)", row(use.generator_s)))
+        if use.cloud_s:
+            rows.append((f"cloud CPU, {when}", row(sum(use.cloud_s.values()))))
+            rows += [(f"  {name}", row(seconds)) for name, seconds in use.cloud_s.items()]
+    return rows
 
 
 def percentiles(values: Sequence[float]) -> dict[float, float]:
@@ -167,6 +192,8 @@ def summary_table(record: RunRecord) -> Table:
                 f"mean={statistics.fmean(values):,.1f}ms "
                 + " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()),
             )
+    for name, text_ in cpu_rows(record):
+        table.add_row(name, text_)
     for t_s, label in record.events:
         table.add_row(f"chaos @{t_s:,.0f}s", label)
     if record.verdict is not None:
@@ -227,6 +254,7 @@ target {record.rate:,.0f} orders/s for {record.duration_s:,.0f} s.</p>
 <h2>Outbox depth and connections</h2>{depth}
 <h2>Latency</h2>{latency}<table><tr><th></th>{header}</tr>{rows}</table>
 {_stages_html(record.stages)}
+{_cpu_html(record)}
 </body></html>
 """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +301,20 @@ def _stages_html(stages: StageLatencies | None) -> str:
         f"<table><tr><th>stage</th>{header}<th>mean ms</th><th>share</th></tr>"
         + "".join(rows)
         + "</table>"
+    )
+
+
+def _cpu_html(record: RunRecord) -> str:
+    """The load generator's CPU beside the cloud's: which side was the limit."""
+    rows = cpu_rows(record)
+    if not rows:
+        return ""
+    body = "".join(f"<tr><td>{escape(name)}</td><td>{escape(t)}</td></tr>" for name, t in rows)
+    return (
+        "<h2>CPU: load generator and cloud</h2><p>From the start of the load until the run "
+        "settled; per order: over the orders verified. A side near its cores (this machine "
+        "has them all) was the limit.</p>"
+        f'<table class="cpu">{body}</table>'
     )
 
 

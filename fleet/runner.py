@@ -134,6 +134,15 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
         "to use more cores (default %(default)s)",
     )
     parser.add_argument(
+        "--light-devices",
+        type=int,
+        default=0,
+        help="how many of --devices are lightweight devices: the same MQTT wire behaviour "
+        "(QoS 1, resend until a receipt, status queries, health and Will) with one shared "
+        "in-memory outbox per process instead of an agent each, for high rates; -1: all "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--poll-interval",
         type=float,
         default=0.5,
@@ -210,6 +219,7 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         ramp_per_s=args.ramp, receipt_timeout_s=args.receipt_timeout, live=not args.no_live,
         processes=args.processes, poll_interval_s=args.poll_interval,
         status_query_delay_s=args.status_query_delay, failover_after_s=args.failover_after,
+        light_devices=args.devices if args.light_devices < 0 else args.light_devices,
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,7 @@ from testrig.powercut import PowerCutMount
 from testrig.proxy import TcpProxy
 from testrig.sentinel import MASTER_NAME
 
+from . import cpu
 from .chaos import ChaosLog, ChaosRunner, FleetControl, check_feasible, needs_proxy, parse_schedule
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
@@ -83,6 +84,8 @@ class SimOptions:
     status_query_delay_s: float = 3.0
     # Seconds without a broker before an agent moves to the next (several brokers).
     failover_after_s: float = 3.0
+    # How many of the devices are lightweight devices (fleet.light) instead of real agents.
+    light_devices: int = 0
 
 
 @dataclass
@@ -185,11 +188,21 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         )  # fmt: skip
         record.events = chaos.log.events
         worker_pids = control.pids if isinstance(control, RemoteFleet) else []
+        cpu_before, cpu_t0 = cpu.read(stack, worker_pids), time.monotonic()
+
+        def loaded() -> None:
+            record.cpu_load = cpu.CpuUse.between(
+                cpu_before, cpu.read(stack, worker_pids), time.monotonic() - cpu_t0
+            )
+
         try:
             settled = await _drive(options, driver=driver, control=control, chaos=chaos,
-                                   tracker=tracker, record=record)  # fmt: skip
+                                   tracker=tracker, record=record, loaded=loaded)  # fmt: skip
         finally:
             chaos.restore()
+        record.cpu = cpu.CpuUse.between(
+            cpu_before, cpu.read(stack, worker_pids), time.monotonic() - cpu_t0
+        )
     async with _redis(redis_url, sentinels) as redis:
         verdict = await verify(
             redis,
@@ -251,6 +264,7 @@ def _fleet_settings(
         poll_interval_s=options.poll_interval_s,
         status_query_delay_s=options.status_query_delay_s,
         failover_after_s=options.failover_after_s,
+        light_devices=options.light_devices,
     )  # fmt: skip
 
 
@@ -318,6 +332,7 @@ async def _drive(
     chaos: ChaosRunner,
     tracker: Tracker,
     record: RunRecord,
+    loaded: Callable[[], None],
 ) -> bool:
     started = time.monotonic()
     stop_sampling = asyncio.Event()
@@ -330,6 +345,7 @@ async def _drive(
             )  # fmt: skip
             chaos_task = tg.create_task(chaos.run(started), name="chaos")
             await driver.offer(started)
+            loaded()
             await chaos_task
             settled = await driver.finish()
             stop_sampling.set()

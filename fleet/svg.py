@@ -3,7 +3,9 @@
 Axis ticks fall on round numbers (1, 2 or 5 × 10^k apart). Chaos markers are
 dashed vertical lines; their labels are stacked into rows so that no two
 overlap (:func:`place_labels`); labels that do not fit in
-:data:`MAX_LABEL_ROWS` rows are listed under the chart instead.
+:data:`MAX_LABEL_ROWS` rows are listed under the chart instead. A label too
+long for the plot on either side of its line (a storm's report) shows as a
+numbered tag, ``[1]``, whose text is listed under the chart.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Placed:
     row: int
     text: str
     anchor: str  # "start" (right of the line) or "end" (left of it)
+    # The whole label, when ``text`` is only its tag (it fits the plot on neither side).
+    note: str = ""
 
 
 def text_width(text: str) -> float:
@@ -83,8 +87,13 @@ def place_labels(
     row_ends = [-math.inf] * rows
     placed: list[Placed] = []
     order = sorted(range(len(markers)), key=lambda i: markers[i][0])
+    tags = 0
     for index in order:
         x, label = markers[index]
+        note = ""
+        if x + 3 + text_width(label) > x_max and x - 3 - text_width(label) < x_min:
+            tags += 1
+            label, note = f"[{tags}]", label
         width = text_width(label)
         if x + 3 + width <= x_max:
             x0, x1, anchor = x + 3, x + 3 + width, "start"
@@ -93,7 +102,7 @@ def place_labels(
         row = next((r for r in range(rows) if row_ends[r] + LABEL_GAP <= x0), -1)
         if row >= 0:
             row_ends[row] = x1
-        placed.append(Placed(index, x, x0, x1, row, label, anchor))
+        placed.append(Placed(index, x, x0, x1, row, label, anchor, note))
     return placed
 
 
@@ -172,10 +181,18 @@ def line_chart(
     unplaced = [label for label in placed if label.row < 0]
     if unplaced:
         items = "".join(
-            f"<li>{tick_text(markers[label.index][0])} s: {escape(label.text)}</li>"
+            f"<li>{tick_text(markers[label.index][0])} s: {escape(label.note or label.text)}</li>"
             for label in unplaced
         )
         parts.append(
             f'<p>Chaos events without room for a label:</p><ul class="chaos-notes">{items}</ul>'
         )
+    tagged = [label for label in placed if label.note and label.row >= 0]
+    if tagged:
+        items = "".join(
+            f"<li>{escape(label.text)} {tick_text(markers[label.index][0])} s: "
+            f"{escape(label.note)}</li>"
+            for label in tagged
+        )
+        parts.append(f'<ul class="chaos-legend">{items}</ul>')
     return "".join(parts)

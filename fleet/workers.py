@@ -116,16 +116,33 @@ def split(devices: int, processes: int) -> list[tuple[int, int]]:
     return slices
 
 
+def split_total(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights``, none over its weight, adding up."""
+    whole = sum(weights)
+    shares = [min(w, total * w // whole) if whole else 0 for w in weights]
+    for i, w in enumerate(weights):
+        extra = min(w - shares[i], total - sum(shares))
+        shares[i] += max(0, extra)
+    return shares
+
+
 def worker_specs(
     fleet: FleetSettings, processes: int, *, rate: float, seed: int, **common: Any
 ) -> list[WorkerSpec]:
     """One spec per worker: a slice of the devices and the same share of the rate each."""
     slices = split(fleet.devices, processes)
+    # Each slice ends with its share of the light devices (the last of the fleet's
+    # devices are light in a single process; spread, each worker runs some).
+    light = split_total(fleet.light_devices, [count for _, count in slices])
     return [
         WorkerSpec(
             index=i,
             fleet=replace(
-                fleet, devices=count, first_index=first, ramp_per_s=fleet.ramp_per_s / len(slices)
+                fleet,
+                devices=count,
+                first_index=first,
+                ramp_per_s=fleet.ramp_per_s / len(slices),
+                light_devices=light[i],
             ),
             rate=rate * count / fleet.devices,
             seed=seed * 1_000 + i,

@@ -144,7 +144,7 @@ class GeoFleet(Fleet):
     def outboxes(self) -> dict[OrderRef, OutboxRow]:
         """Every device's outbox rows (attempts, settled), read through its open store."""
         out: dict[OrderRef, OutboxRow] = {}
-        for device in self.devices:
+        for device in self.agents:
             store = device.agent.outbox.store
             if store.is_open:
                 for order_id, row in read_outbox(store.conn).items():
@@ -156,7 +156,7 @@ class GeoFleet(Fleet):
         if not down:
             return 0
         count = 0
-        for device in self.devices:
+        for device in self.agents:
             store = device.agent.outbox.store
             if not store.is_open:
                 continue

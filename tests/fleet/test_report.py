@@ -210,3 +210,15 @@ def test_chart_ticks_are_round_numbers() -> None:
     assert x_ticks == ["0", "200", "400", "600", "800", "1,000", "1,200"]
     y_ticks = re.findall(r'<text class="y-tick"[^>]*>([^<]+)</text>', svg)
     assert y_ticks == x_ticks
+
+
+def test_a_label_too_long_for_the_plot_becomes_a_tag_with_a_legend_below() -> None:
+    """A storm's long report neither runs off the left edge nor is lost: tag in, text below."""
+    long = "storm=10000: " + "10,000 connection attempts in 1 s (0.09 cores); " * 3
+    svg = line_chart([0.0, 10.0, 20.0], {"a": [1.0, 2.0, 3.0]}, x_label="s", y_label="n",
+                     markers=[(10.0, long), (15.0, "short")])  # fmt: skip
+    labels = re.findall(r'<text class="chaos" x="([0-9.]+)"[^>]*>([^<]+)</text>', svg)
+    assert [text for _, text in labels] == ["[1]", "short"]
+    assert all(float(x) >= 56 for x, _ in labels)  # nothing starts left of the plot
+    legend = re.findall(r'<ul class="chaos-legend"><li>([^<]+)</li>', svg)
+    assert legend == [f"[1] 10 s: {html_lib.escape(long)}"]

@@ -1,0 +1,117 @@
+"""Lightweight devices (fleet.light): their wire behaviour, and a run mixing them with real agents.
+
+``LOADGEN_SLOW=1`` adds a run at a production rate (thousands of orders a
+second) that must verify clean and keep the simulator under its CPU budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from fleet.light import LightPool, LightSettings, puback, publish_packet, split_packets
+from fleet.sim import SimOptions, run
+from fleet.stack import Stack, StackSettings
+from fleet.tracker import Tracker
+from fleet.verify import count_stream_entries
+from fleet.workers import split_total
+from schemas import Health, names
+from testrig.servers import MosquittoProcess
+
+from .mqtt_probe import Probe
+
+
+def test_split_packets_returns_whole_packets_and_keeps_the_rest() -> None:
+    one = publish_packet(b"\x00\x01t", 7, b"x" * 300)  # a two-byte remaining length
+    data = bytearray(one + puback(9) + one[:5])
+    packets = list(split_packets(data))
+    assert [first for first, _ in packets] == [0x32, 0x40]
+    assert packets[1][1] == b"\x00\x09"
+    assert len(packets[0][1]) == len(one) - 3
+    assert data == one[:5]  # the partial packet waits for the rest
+
+
+def test_light_devices_are_split_over_workers_in_proportion() -> None:
+    assert split_total(10, [5, 5]) == [5, 5]
+    assert sum(split_total(3, [4, 4])) == 3
+    assert split_total(8, [4, 4]) == [4, 4]
+    assert split_total(0, [4, 4]) == [0, 0]
+    shares = split_total(7, [3, 3, 3])
+    assert sum(shares) == 7
+    assert all(s <= 3 for s in shares)
+
+
+async def test_will_is_published_when_a_device_vanishes(mosquitto: MosquittoProcess) -> None:
+    """Health online on connect; the broker publishes the Will (online=False) on an abort."""
+    device = f"lt-will-{time.monotonic_ns()}"
+    with Probe(mosquitto.port) as probe:
+        probe.subscribe(names.health_topic(device))
+        pool = LightPool(LightSettings(mosquitto.url), Tracker(), [device])
+        await pool.start(ramp_per_s=100)
+        try:
+            first = await asyncio.to_thread(probe.wait_messages, 1)
+            assert msgspec.msgpack.decode(first[0].payload, type=Health).online
+            light = pool.devices[0]
+            assert light.transport is not None
+            light.transport.abort()  # no DISCONNECT: the broker must send the Will
+            both = await asyncio.to_thread(probe.wait_messages, 2)
+            assert not msgspec.msgpack.decode(both[1].payload, type=Health).online
+        finally:
+            await pool.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("stack"), StackSettings(shards=4)) as running:
+        yield running
+
+
+async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
+    """Real agents and light devices in one run; the broker dies mid-load; all verified."""
+    prefix = f"mix{time.monotonic_ns() % 10**8}"
+    options = SimOptions(
+        devices=60, light_devices=40, rate=60, duration_s=7, shards=4, prefix=prefix,
+        chaos="3:broker-restart", settle_timeout_s=90, receipt_timeout_s=4.0,
+    )  # fmt: skip
+    before = stack.broker.pid
+    result = await run(options, stack)
+    v = result.verdict
+    assert stack.broker.pid != before
+    assert result.settled
+    assert (v.lost, v.duplicated, v.stuck, v.unheard, v.processed_twice) == ([], {}, [], [], {})
+    assert min(s.connected for s in result.record.samples) < 60  # the restart cut them off
+    assert result.record.samples[-1].submitted == v.checked > 200
+    async with aioredis.from_url(stack.redis_url) as redis:
+        counts = await count_stream_entries(redis, 4)
+    numbers = {int(device.rsplit("-", 1)[1]) for device, _ in counts if device.startswith(prefix)}
+    assert any(n < 20 for n in numbers)  # real agents (the first 20) placed orders
+    assert any(n >= 20 for n in numbers)  # and so did the light devices
+    cpu = result.record.cpu
+    assert cpu is not None
+    assert cpu.generator_s > 0
+    assert set(cpu.cloud_s) == {"broker", "redis", "bridge", "pipeline"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LOADGEN_SLOW"), reason="set LOADGEN_SLOW=1 (about 90 s)")
+async def test_light_devices_at_a_production_rate(stack: Stack) -> None:
+    """Thousands of orders a second from light devices verify clean; report the costs."""
+    rate = float(os.environ.get("LOADGEN_RATE", "5000"))
+    options = SimOptions(
+        devices=500, light_devices=500, rate=rate, duration_s=20, shards=4,
+        settle_timeout_s=300, status_wait_s=120, status_query_delay_s=30,
+    )  # fmt: skip
+    result = await run(options, stack)
+    v = result.verdict
+    assert (v.lost, v.duplicated, v.stuck, v.unheard, v.processed_twice) == ([], {}, [], [], {})
+    cpu = result.record.cpu_load
+    assert cpu is not None
+    per_order = cpu.per_order_us(cpu.generator_s, v.checked)
+    print(f"simulator {per_order:.0f} µs/order during the load")
+    assert per_order <= 50 * 2  # the goal is 50; a shared machine gets twice the slack
