@@ -1,9 +1,9 @@
 """What xdist sees of the suite: one id per test, and the groups that keep fixtures whole.
 
-xdist hands tests to its workers by id: tests sharing an id ran as one between them
-(schemathesis' cases did under pytest 9: 22 tests missing from the summary), and a group
-missing from the id (xdist writes it where pytest 9 no longer reads it) splits a file's
-module-scoped server over both workers. Both checks cover the tests of this run.
+xdist's grouping schedulers key their work by test id: tests sharing an id ran as one
+(schemathesis' cases did under pytest 9: only the first case of each test ran, 22 never
+did), and a group missing from the id (xdist writes it where pytest 9 no longer reads it)
+splits a file's module-scoped server over both workers. Both checks cover this run's tests.
 """
 
 from __future__ import annotations
