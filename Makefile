@@ -25,8 +25,10 @@ demo-scale: $(INSTALLED)
 demo-geo: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.two_regions
 
+# Two xdist workers (docs/explanation/testing.md); tests/conftest.py keeps what must share one.
+# A plain `.venv/bin/pytest tests/x.py` stays serial (-s and debuggers work).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
