@@ -58,7 +58,7 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
         """Start and wait until /healthz answers (200 or 503)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
