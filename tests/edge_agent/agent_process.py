@@ -74,6 +74,8 @@ class AgentProcess:
                 return  # 503 is an answer too: the agent is up and reporting
             except OSError:
                 time.sleep(0.05)
+        self.process.kill()  # or it outlives the test that gave up on it
+        self.process.wait()
         raise AssertionError(f"agent did not come up:\n{self.log_tail()}")
 
     def sigkill(self) -> None:
