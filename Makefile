@@ -29,8 +29,10 @@ demo-geo: $(INSTALLED)
 demo-ha: $(INSTALLED)
 	$(BIN)/python -m fleet.demos.high_availability
 
+# Two xdist workers (docs/explanation/testing.md); tests/conftest.py keeps what must share one.
+# A plain `.venv/bin/pytest tests/x.py` stays serial (-s and debuggers work).
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

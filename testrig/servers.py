@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import itertools
+import os
+import random
 import shutil
 import signal
 import socket
@@ -23,7 +26,9 @@ from typing import Self
 
 from .errors import ServerError
 
-START_TIMEOUT_S = 10.0
+# Only a bound for a server that never comes up: a Python service's imports alone took
+# over 10 s on the 2-core machine under make test's two workers and other load.
+START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 # The one Redis configuration production uses (AOF, appendfsync always, maxmemory noeviction).
 REDIS_CONF = Path(__file__).resolve().parents[1] / "redis" / "redis.conf"
@@ -32,12 +37,44 @@ REDIS_CONF = Path(__file__).resolve().parents[1] / "redis" / "redis.conf"
 NODELAY = "set_tcp_nodelay true"
 
 
+# Ports are handed out below the kernel's ephemeral range: a port from bind(0) is let go
+# before its server binds it, and in between any outgoing connection may take it as its
+# source port ("address already in use"). Each xdist worker gets its own slice, and a
+# process starts at a random point in it, so concurrent tests do not pick the same one.
+PORTS_FROM = 10_000
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    return 32_768
+
+
+def _port_slice() -> range:
+    low = _ephemeral_low()
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = (low - PORTS_FROM) // workers
+    start = PORTS_FROM + (worker % workers) * width
+    return range(start, start + width)
+
+
+_PORTS = _port_slice()
+_next_port = itertools.count(random.randrange(len(_PORTS)))
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now, outside the ephemeral range."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def find_binary(name: str) -> str:

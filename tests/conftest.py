@@ -16,9 +16,64 @@ from typing import Any
 
 import pytest
 import redis
+from _pytest.nodeid import NodeId
+from schemathesis.pytest.plugin import SchemathesisFunction
 
 from testrig.servers import MosquittoProcess, RedisProcess, ServerProcess
 from tests.tools import HAS_FUSE, require
+
+# The session fixtures of this file are cheap: each xdist worker starts its own.
+PER_WORKER_MODULE = __name__
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test an id of its own, and under ``--dist loadgroup`` its xdist group.
+
+    Runs after xdist's own hook, which writes the group into ``item._nodeid``: pytest 9
+    reads the id from ``item._id`` instead, so without this every group mark is lost.
+    """
+    for item in items:
+        if isinstance(item, SchemathesisFunction) and item.id.params is None:
+            # schemathesis names each operation's case test[GET /x] but pytest 9 builds the
+            # id from its original name: every case of a test shared one id.
+            label = item.name.partition("[")[2].removesuffix("]")
+            item._id = item.id.with_params(label)
+    # An xdist worker has --dist reset to "no" and the choice kept in option.loadgroup.
+    if not getattr(config.option, "loadgroup", False):
+        return
+    bound = {_module_key(item) for item in items if module_fixtures(item)}
+    for item in items:
+        groups = {str(mark.args[0]) for mark in item.iter_markers("xdist_group")}
+        if _module_key(item) in bound:
+            groups.add(_module_key(item))
+        groups.update(_session_fixtures(item))
+        if groups and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
+
+
+def _fixture_scopes(item: pytest.Item) -> Iterator[tuple[str, str]]:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return
+    for name, defs in info.name2fixturedefs.items():
+        module = defs[-1].func.__module__
+        if module.startswith("tests.") and module != PER_WORKER_MODULE:
+            yield name, defs[-1].scope
+
+
+def module_fixtures(item: pytest.Item) -> list[str]:
+    """Module- or class-scoped fixtures: the whole file runs on one worker, in file order."""
+    return [name for name, scope in _fixture_scopes(item) if scope in {"module", "class"}]
+
+
+def _session_fixtures(item: pytest.Item) -> list[str]:
+    """Expensive session fixtures (a cluster, a two-region rig): their tests share a worker."""
+    return [name for name, scope in _fixture_scopes(item) if scope in {"session", "package"}]
+
+
+def _module_key(item: pytest.Item) -> str:
+    return item.nodeid.partition("::")[0]
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ class AgentProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 15.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
         """Start and wait until /healthz answers (200 or 503)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -74,6 +74,8 @@ class AgentProcess:
                 return  # 503 is an answer too: the agent is up and reporting
             except OSError:
                 time.sleep(0.05)
+        self.process.kill()  # or it outlives the test that gave up on it
+        self.process.wait()
         raise AssertionError(f"agent did not come up:\n{self.log_tail()}")
 
     def sigkill(self) -> None:
