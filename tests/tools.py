@@ -3,7 +3,7 @@
 ``make`` installs every system tool the tests use (scripts/ensure-system-deps.sh),
 so in CI a missing tool, device or privilege is a broken setup: the test fails
 and says what is missing. Elsewhere it skips with the same words. Skips behind
-the slow variables (DEPLOY_DOCKER, FLEET_SLOW, GEO_SLOW, POWERCUT_SLOW) are not for this
+the slow variables (FLEET_SLOW, GEO_SLOW, POWERCUT_SLOW) are not for this
 module: they name their variable in their reason.
 """
 

@@ -41,15 +41,15 @@ HEALTHY_TIMEOUT_S: Final = 180.0
 SETTLE_TIMEOUT_S: Final = 180.0
 PROMETHEUS: Final = "http://127.0.0.1:9090"
 
-# About 3 min on a warm image cache, more when it builds the images (docs/how-to/
-# deploy-docker.md#how-the-tests-run-it): too long for `make test`'s budget.
+# 1-3 min on a warm image cache (the engine's data root outlives a clone), about 10 min
+# when it builds the images (docs/how-to/deploy-docker.md#how-the-tests-run-it).
+# make test runs it; DEPLOY_DOCKER=0 leaves it out of a local run.
 pytestmark = [
     pytest.mark.network,
-    pytest.mark.slow,
     pytest.mark.timeout(1200),
     pytest.mark.skipif(
-        not os.environ.get("DEPLOY_DOCKER"),
-        reason="set DEPLOY_DOCKER=1 (about 3 min with the images built, 6+ min without)",
+        os.environ.get("DEPLOY_DOCKER") == "0",
+        reason="DEPLOY_DOCKER=0 leaves out the Docker deployment test",
     ),
 ]
 

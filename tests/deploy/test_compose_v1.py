@@ -3,7 +3,7 @@
 The cheap part of tests/deploy, in every `make test`: `docker-compose config` parses,
 validates and resolves the file as Compose 1.29 does (the inline `configs.content` and
 `depends_on.required` of Compose 2 made it refuse the whole file). The engine run is
-tests/deploy/test_compose_up.py (DEPLOY_DOCKER=1).
+tests/deploy/test_compose_up.py, also in every `make test`.
 """
 
 from __future__ import annotations
