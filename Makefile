@@ -10,7 +10,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Per-extra exports of uv.lock for plain pip (a device installs requirements/edge.txt,
 # an operator's enrolment host requirements/enrol.txt).
-EXPORTS := edge bridge enrol fleet
+EXPORTS := edge bridge enrol fleet loadtest
 
 .PHONY: demo demo-scale demo-geo demo-ha test lint docs cli-docs dist system-deps stack format lock clean
 

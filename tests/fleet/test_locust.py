@@ -1,6 +1,6 @@
 """Locust's distributed mode with MQTT devices as users: 1 master + 2 workers, one verification.
 
-Needs ``locust`` (not in the lock: ``pip install locust``); skipped without it.
+Needs ``locust``: the ``loadtest`` extra, in the dev environment that ``make`` installs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from testrig.servers import free_port
 
 # Found, not imported: locust monkey-patches the standard library (gevent) on import.
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("locust") is None, reason="needs locust (pip install locust)"
+    importlib.util.find_spec("locust") is None,
+    reason="needs locust: the loadtest extra (make installs it with the dev extra)",
 )
 
 VERDICT = (
