@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from schemas import StatusQuery, encode
 from schemas.names import status_query_topic
 from servicekit.mqtt import MqttClient
 from servicekit.urls import MqttUrl
+from testrig.servers import MosquittoProcess
 from tests.helpers import make_order, wait_until
 
 from .conftest import StatusListener
@@ -76,10 +80,29 @@ async def test_a_status_query_gets_the_current_status_again(
         stop_all([worker])
 
 
+def why_unheard(
+    worker: subprocess.Popen[bytes], log: Path, broker: MosquittoProcess, *codes: int
+) -> str:
+    """A failure message for queries the broker matched to no subscriber (PUBACK 16):
+    the codes, the worker's log and what the broker logged about the worker's client id."""
+    client_id = f"pipeline-{socket.gethostname()}-{worker.pid}"
+    broker_lines = [
+        line
+        for line in broker.log_path.read_text(errors="replace").splitlines()
+        if client_id in line
+    ]
+    worker_lines = log.read_text(errors="replace").splitlines()[-20:]
+    return "\n".join([
+        f"PUBACK reason codes: {dict(Counter(codes))}; worker alive: {worker.poll() is None}",
+        f"broker log on {client_id}:", *broker_lines, "worker log (tail):", *worker_lines,
+    ])  # fmt: skip
+
+
 @pytest.mark.usefixtures("catalog")
-async def test_a_status_query_flood_stalls_no_other_devices_statuses(
+async def test_a_status_query_flood_stalls_no_other_devices_statuses(  # noqa: PLR0917 - fixtures
     aredis: aioredis.Redis,
     config: PipelineConfig,
+    mosquitto: MosquittoProcess,
     status_listener: StatusListener,
     device_id: str,
     tmp_path: Path,
@@ -103,6 +126,9 @@ async def test_a_status_query_flood_stalls_no_other_devices_statuses(
         async def known_done() -> bool:
             return all("fulfilled" in status_listener.statuses(o.order_id) for o in known)
 
+        def fulfilled_heard(order_id: str) -> int:
+            return status_listener.statuses(order_id).count("fulfilled")
+
         await wait_until(known_done, what="the flooder's orders processed")
 
         async def status_latency(seq: int) -> float:
@@ -118,13 +144,19 @@ async def test_a_status_query_flood_stalls_no_other_devices_statuses(
         query = encode(StatusQuery(v=1, order_ids=(*[o.order_id for o in known], *padding)))
         url = MqttUrl.parse(config.mqtt_url)
         async with MqttClient(url, client_id=f"{device_id}-dev", clean_start=True) as device:
+            # One query answered first: the worker's subscription works on the broker now,
+            # so a failure of the flood below is the flood's (and not a lost subscription's).
+            probe = await device.publish_acked(status_query_topic(flooder), query)
+            assert probe == 0, why_unheard(worker, log, mosquitto, probe)
+            await wait_until(lambda: fulfilled_heard(known[0].order_id) == 2,
+                             what="the probe query answered")  # fmt: skip
             asked = [device.publish_acked(status_query_topic(flooder), query) for _ in range(600)]
             during = sorted([await status_latency(seq) for seq in range(5, 10)])[2]
-            assert await asyncio.gather(*asked) == [0] * 600
+            codes = await asyncio.gather(*asked)
+            assert codes == [0] * 600, why_unheard(worker, log, mosquitto, *codes)
 
         async def all_answered() -> bool:
-            fulfilled = status_listener.statuses(known[0].order_id).count("fulfilled")
-            return fulfilled == 601
+            return fulfilled_heard(known[0].order_id) == 602
 
         await wait_until(all_answered, timeout_s=60, what="every query answered")
         after = sorted([await status_latency(seq) for seq in range(10, 15)])[2]
