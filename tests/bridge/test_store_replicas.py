@@ -35,11 +35,16 @@ async def test_each_lane_waits_on_its_own_node(
     replica = redis_factory(extra_args=("--replicaof", "127.0.0.1", str(master.port)))
     _linked(replica)
     stale_port = int(redis_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
-    orders = [valid(f"dev-{n}", 1) for n in range(8)]
-    by_shard = {o.shard: o for o in orders}
-    assert len(by_shard) >= 2
-    warm_up, batch = orders[-1], list(by_shard.values())[:2]
-    assert warm_up not in batch
+    orders = [valid(f"dev-{n}", 1) for n in range(800)]
+    first_shard = orders[0].shard
+    # Lane 0 (the stale connection) takes one order; lane 1 (the master) a slower
+    # 150, so lane 1 ends last and the connection it frees is the next one handed
+    # out: before the fix, the fence's WAIT ran there and confirmed the batch.
+    big_shard = next(o.shard for o in orders if o.shard != first_shard)
+    big = [o for o in orders if o.shard == big_shard][:150]
+    warm_up = next(o for o in orders if o.shard not in {first_shard, big_shard})
+    batch = [orders[0], *big]
+    assert len(big) == 150
     async with RedisSink(
         master.url, dedup_ttl_s=60, dlq_maxlen=100, min_replicas=1, replica_timeout_ms=200, lanes=2
     ) as sink:
@@ -54,8 +59,6 @@ async def test_each_lane_waits_on_its_own_node(
         with pytest.raises(ReplicasShortfall):
             await sink.write(batch, [], trim_shards=set())
     with redis.Redis(port=stale_port) as stale, redis.Redis(port=master.port) as good:
-        on_stale = [o for o in batch if stale.xlen(stream_key(o.shard))]
-        on_master = [o for o in batch if good.xlen(stream_key(o.shard))]
-    # The fault happened: one lane wrote to the node without replicas, the other to the master.
-    assert len(on_stale) == 1
-    assert len(on_master) == 1
+        # The fault happened: one lane wrote to the node without replicas, the other to the master.
+        assert (stale.xlen(stream_key(first_shard)), stale.xlen(stream_key(big_shard))) == (1, 0)
+        assert (good.xlen(stream_key(first_shard)), good.xlen(stream_key(big_shard))) == (0, 150)
