@@ -165,16 +165,18 @@ class Batcher:
             trim = self._shards_to_trim(orders) if attempt == 0 else set()
             call_started = time.perf_counter()
             try:
-                if held is None:
-                    results = await self._sink.write(
-                        [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
-                    )
-                else:
-                    await self._sink.confirm_replicas()
-                    results = held
+                # After a replica shortfall the batch is written again, not only
+                # waited for: the retry may reach another node (a Sentinel failover,
+                # a frozen master resuming), and a WAIT there says nothing of the
+                # node that took the first write, which a resync may discard.
+                results = await self._sink.write(
+                    [o for o, _ in orders], [d for d, _ in dead], trim_shards=trim
+                )
+                if held is not None:
+                    results = _merge_held(held, results)
             except Exception as exc:
-                if isinstance(exc, ReplicasShortfall) and held is None:
-                    held = exc.results
+                if isinstance(exc, ReplicasShortfall):
+                    held = exc.results if held is None else _merge_held(held, exc.results)
                 self._failed(exc, attempt)
                 await self._backoff.wait()
                 attempt += 1
@@ -267,3 +269,18 @@ class Batcher:
             if self._shard_batches[shard] % self._trim_every == 0:
                 due.add(shard)
         return due
+
+
+def _merge_held(held: list[AppendResult], again: list[AppendResult]) -> list[AppendResult]:
+    """Results of a batch written again after a replica shortfall.
+
+    An order the first write appended answers ``duplicate`` when written again
+    to the same node: its own first write left the marker, so it stays
+    ``accepted``. Anything else takes the new answer, which the new WAIT covers.
+    """
+    return [
+        AppendResult.APPENDED
+        if first is AppendResult.APPENDED and now is AppendResult.DUPLICATE
+        else now
+        for first, now in zip(held, again, strict=True)
+    ]

@@ -44,8 +44,8 @@ class RedisFullError(StoreError):
 class ReplicasShortfall(StoreError):
     """The batch is written on the primary, but fewer replicas than required confirmed it.
 
-    ``results`` are the batch's outcomes, kept so the retry (which only waits
-    for replicas) can still tell each device ``accepted``.
+    ``results`` are the batch's outcomes, kept so the retry (which writes the batch
+    again, see ``bridge.batcher``) can still tell each device ``accepted``.
     """
 
     def __init__(self, message: str, results: list[AppendResult]) -> None:

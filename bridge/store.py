@@ -272,7 +272,7 @@ class RedisSink:
             if self._load_scripts and by_shard:
                 await self.scripts.load(self._client)
                 self._load_scripts = False
-            replies = await self._send(orders, dead, by_shard, trim_shards)
+            sent = await self._send(orders, dead, by_shard, trim_shards)
         except _FAILURES as exc:
             if not is_noscript(exc):
                 self._load_scripts = True
@@ -281,17 +281,22 @@ class RedisSink:
             # (the script is idempotent; a dead letter may be written twice).
             try:
                 await self.scripts.load(self._client)
-                replies = await self._send(orders, dead, by_shard, trim_shards)
+                sent = await self._send(orders, dead, by_shard, trim_shards)
             except _FAILURES as again:
                 self._load_scripts = True
                 raise store_error(again, "redis batch") from again
+        replies, acked = sent
         results: list[AppendResult] = [AppendResult.CONFLICT] * len(orders)
         for shard in shard_order:
             for index, code in zip(by_shard[shard], replies[shard], strict=True):
                 results[index] = AppendResult(int(code))
-        if self._min_replicas > 0:
+        if self._min_replicas > 0 and acked is not None:
+            self._check_replicas(acked, results)
+        elif self._min_replicas > 0:
             # The lanes wrote on several connections: a fence write after all of
             # them, then WAIT on the fence's connection, covers the whole batch.
+            # That holds on a Cluster (a node's commands share one connection);
+            # for one master see _send.
             keys = [stream_key(shard) for shard in shard_order] + ([DLQ_STREAM] if dead else [])
             await self._fence_and_wait(results, keys)
         return results
@@ -308,13 +313,24 @@ class RedisSink:
         dead: Sequence[DeadLetter],
         by_shard: dict[int, list[int]],
         trim_shards: set[int],
-    ) -> dict[int, Any]:
-        """Send the batch over up to ``lanes`` connections at once; the reply per shard.
+    ) -> tuple[dict[int, Any], int | None]:
+        """Send the batch over up to ``lanes`` connections at once.
+
+        Returns the reply per shard, and on one master (not a Cluster) with
+        ``min_replicas`` the fewest replicas any lane's WAIT confirmed (else None).
 
         Redis reads at most 16 kB per client per event-loop turn and, with
         ``appendfsync always``, fsyncs once per turn: one connection would make
         a large batch cost one fsync per 16 kB. Lanes let one turn read the
         whole batch, so it shares one fsync.
+
+        On one master each lane ends with its own fence write and WAIT: WAIT
+        vouches only for its own connection's node, and the lanes' pooled
+        connections need not all reach the same node. Across a Sentinel
+        failover a connection opened before it (to a master that froze, was
+        replaced and resumed) stays in the pool while new ones reach the new
+        master; a WAIT on another lane's connection then confirmed replicas of
+        a node that had not run this lane's writes.
         """
         shard_order = list(by_shard)
         lanes = max(1, min(self._lanes, len(shard_order)))
@@ -348,6 +364,11 @@ class RedisSink:
             if len(letter.payload) > MAX_ORDER_BYTES:
                 fields["size"] = len(letter.payload)  # what came; the payload is cut
             pipes[-1].xadd(DLQ_STREAM, fields, maxlen=self.dlq_maxlen, approximate=True)  # type: ignore[arg-type]
+        waits = self._min_replicas > 0 and not isinstance(self._client, RedisCluster)
+        if waits:
+            for pipe in pipes:
+                pipe.incr(FENCE_KEY)
+                pipe.execute_command("WAIT", self._min_replicas, self._replica_timeout_ms)
         replies = await asyncio.gather(
             *(pipe.execute(raise_on_error=True) for pipe in pipes), return_exceptions=True
         )
@@ -358,7 +379,9 @@ class RedisSink:
         for shards, reply in zip(lane_shards, replies, strict=True):
             for shard, codes in zip(shards, reply, strict=False):  # type: ignore[arg-type]
                 by_reply[shard] = codes
-        return by_reply
+        if not waits:
+            return by_reply, None
+        return by_reply, min(int(reply[-1]) for reply in replies)  # type: ignore[index]
 
 
 def _fences(client: RedisCluster, keys: list[str] | None) -> dict[str, ClusterNode]:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from bridge.batcher import ACCEPTED, DUPLICATE, Batcher, Outcome
-from bridge.errors import StoreError
+from bridge.errors import ReplicasShortfall, StoreError
 from bridge.ingest import DeadLetter, ValidOrder
 from bridge.metrics import BridgeMetrics
 from bridge.store import AppendResult, RedisState
@@ -57,6 +57,23 @@ class FakeSink:
         return RedisState(
             aof_enabled=True, appendfsync="always", durable=True, used_memory=0, maxmemory=0
         )
+
+
+class ShortSink(FakeSink):
+    """Stores every write, but the first ``shortfalls`` writes find too few replicas."""
+
+    def __init__(self, shortfalls: int) -> None:
+        super().__init__()
+        self.shortfalls = shortfalls
+
+    async def write(
+        self, orders: Sequence[ValidOrder], dead: Sequence[DeadLetter], *, trim_shards: set[int]
+    ) -> list[AppendResult]:
+        results = await super().write(orders, dead, trim_shards=trim_shards)
+        if self.shortfalls > 0:
+            self.shortfalls -= 1
+            raise ReplicasShortfall("WAIT: 0 of 1 replicas confirmed the batch", results)
+        return results
 
 
 def make(sink: FakeSink, max_batch: int = 10) -> Batcher:
@@ -211,3 +228,18 @@ async def test_a_backlog_still_goes_in_full_batches() -> None:
         writer.cancel()
     assert outcomes == [ACCEPTED] * 20
     assert [len(orders) for orders, _ in sink.calls] == [10, 10]
+
+
+async def test_a_replica_shortfall_writes_the_batch_again() -> None:
+    """After a shortfall the batch is written again (the retry may reach another node,
+    whose WAIT says nothing of the first write); what the first write appended
+    and the rewrite finds as its own duplicate is still answered accepted."""
+    sink = ShortSink(shortfalls=2)
+    batcher = make(sink)
+    async with asyncio.TaskGroup() as tg:
+        writer = tg.create_task(batcher.run())
+        outcomes = await asyncio.gather(*(submit(batcher, order(i)) for i in range(3)))
+        writer.cancel()
+    assert sink.shortfalls == 0
+    assert [len(orders) for orders, _ in sink.calls] == [3, 3, 3]
+    assert outcomes == [ACCEPTED] * 3
