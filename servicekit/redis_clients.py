@@ -16,6 +16,9 @@ backoff up to seconds). Our loops retry whole units of work with
 :class:`servicekit.backoff.Backoff` instead, so a client's own retries are
 switched off: a failure comes back at once, is counted, and the loop's
 backoff (capped, reset on success) decides when to try again.
+
+Importing this module also fixes redis-py's command send on CPython 3.11, which
+could lose a cancel (:mod:`servicekit.redis_send`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+
+from . import redis_send
+
+redis_send.install()
 
 AnyRedis = aioredis.Redis | RedisCluster
 

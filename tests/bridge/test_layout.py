@@ -195,6 +195,7 @@ def test_a_change_starting_under_a_running_worker_stops_it(
         finally:
             if worker.poll() is None:
                 worker.kill()
+                worker.wait()
     assert "layout changed under this service" in log_path.read_text()
     again = refused(pipeline_cmd("worker", broker.url, redis_url))
     assert again.returncode == 2

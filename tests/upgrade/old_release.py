@@ -1,10 +1,13 @@
-"""The previous tagged release, installed into a venv of its own from its own lock.
+"""The previous release, installed into a venv of its own from its own lock.
 
-The release is the newest ``v*`` tag reachable from ``HEAD`` (``git describe
---tags --abbrev=0``). Its tree comes from ``git archive`` (no checkout of ours
+The release is :data:`PREVIOUS_RELEASE`, its tag and commit, kept here by the
+release steps (docs/how-to/release.md): a clone of the branch alone has the
+commit but no tags (CI's clone has none), so the commit is what counts; where
+tags are present, the newest ``v*`` one reachable from ``HEAD`` must be the
+same release. Its tree comes from ``git archive`` (no checkout of ours
 changes) and is installed with ``uv sync --frozen`` from that tree's
 ``uv.lock``, as a wheel (``--no-editable``), into
-``.releases/<commit>/venv``. The folder is git-ignored and keyed by the tag's
+``.releases/<commit>/venv``. The folder is git-ignored and keyed by the
 commit, so a rerun reuses the venv; the uv cache makes a first install quick
 once ``make`` has filled it.
 """
@@ -19,6 +22,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from tests.tools import unavailable
 
@@ -26,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".releases"
 UV = REPO / ".uv" / "bin" / "uv"
 TAG_PATTERN = "v[0-9]*"
-# A clone without tags (CI checkouts often are) fetches this one.
-FIRST_RELEASE = "v0.1.0"
+# The release before this tree: (tag, commit). Release step 6 updates it.
+PREVIOUS_RELEASE: Final = ("v0.1.0", "9b0574d23b6f4e427d42cae72bbaa4d68c2c4336")
 EXTRAS = ("edge", "bridge")  # the services and the agent; no simulator, no dev tools
 INSTALL_TIMEOUT_S = 600
 
@@ -52,34 +56,56 @@ def _git(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def previous_tag() -> str:
-    """The newest release tag reachable from HEAD; fetches the first one if the clone lacks tags.
+def previous_release() -> Release:
+    """:data:`PREVIOUS_RELEASE`, installed now unless a finished install is cached.
 
-    Skips (fails under ``CI=true``) when there is none.
+    Fails when the newest release tag reachable from ``HEAD`` (if the clone has
+    tags) is another one: :data:`PREVIOUS_RELEASE` was not updated. Skips (fails
+    under ``CI=true``) when the commit is not in the clone, even after a fetch.
     """
-    describe = ("describe", "--tags", "--abbrev=0", "--match", TAG_PATTERN)
-    found = _git(*describe)
-    if found.returncode != 0:
-        _git("fetch", "--quiet", "origin", "tag", FIRST_RELEASE)
-        found = _git(*describe)
-    if found.returncode != 0:
-        unavailable(f"no release tag reachable from HEAD ({found.stderr.strip()})")
+    tag, commit = PREVIOUS_RELEASE
+    newest = _newest_tag("HEAD")
+    if newest and _commit_of(newest) == _commit_of("HEAD"):
+        newest = _newest_tag(f"{newest}^")  # HEAD is a release itself: the one before it
+    if newest and newest != tag:
+        raise AssertionError(
+            f"the newest release tag is {newest}, but PREVIOUS_RELEASE names {tag}: "
+            "update it (docs/how-to/release.md, step 6)"
+        )
+    if not _has_commit(commit):
+        _git("fetch", "--quiet", "origin", commit)  # a shallow clone
+    if not _has_commit(commit):
+        unavailable(f"release {tag}'s commit {commit} is not in this clone")
+    return install(tag, commit)
+
+
+def _newest_tag(commit: str) -> str:
+    """The newest release tag reachable from ``commit``; "" if there is none (or no tags)."""
+    found = _git("describe", "--tags", "--abbrev=0", "--match", TAG_PATTERN, commit)
     return found.stdout.strip()
 
 
-def file_at(tag: str, path: str) -> str:
-    """The text of ``path`` in the tree of ``tag``."""
-    shown = _git("show", f"{tag}:{path}")
+def _commit_of(ref: str) -> str:
+    return _git("rev-parse", f"{ref}^{{commit}}").stdout.strip()
+
+
+def _has_commit(commit: str) -> bool:
+    return _git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0
+
+
+def file_at(commit: str, path: str) -> str:
+    """The text of ``path`` in the tree of ``commit``."""
+    shown = _git("show", f"{commit}:{path}")
     if shown.returncode != 0:
-        raise RuntimeError(f"git show {tag}:{path}: {shown.stderr}")
+        raise RuntimeError(f"git show {commit}:{path}: {shown.stderr}")
     return shown.stdout
 
 
-def install(tag: str) -> Release:
-    """The release ``tag`` in its venv, installed now unless a finished one is cached."""
+def install(tag: str, commit: str) -> Release:
+    """The release ``tag`` at ``commit`` in its venv, installed now unless a finished one is
+    cached."""
     if not UV.exists():
         unavailable(f"{UV} is missing (make lint installs it)")
-    commit = _git("rev-parse", f"{tag}^{{commit}}").stdout.strip()
     home = CACHE / commit
     home.mkdir(parents=True, exist_ok=True)
     release = Release(tag, commit, home / "venv")

@@ -1,7 +1,7 @@
 """A rolling upgrade from the previous tagged release to this tree, under load.
 
-The old release (``git describe --tags --abbrev=0``) is installed from its own
-lock (:mod:`tests.upgrade.old_release`). Its bridges, pipeline replicas and
+The previous release (``PREVIOUS_RELEASE``, v0.1.0 today) is installed from
+its own lock (:mod:`tests.upgrade.old_release`). Its bridges, pipeline replicas and
 agents start on a real Mosquitto and a Redis with the old release's ACL users;
 load is offered to every agent throughout. Then, with the commands of
 ``docs/how-to/upgrade.md`` as written: the new release's ACL is loaded (no
@@ -39,7 +39,7 @@ from schemas.names import MANIFEST_KEY
 from servicekit.version import package_version
 from testrig.servers import MosquittoProcess, RedisProcess, free_port
 from tests.tools import require_tool
-from tests.upgrade.old_release import REPO, Release, file_at, install, previous_tag
+from tests.upgrade.old_release import REPO, Release, file_at, previous_release
 from tests.upgrade.rig import Load, Unit, http_json, run_block, stop_all
 from tests.upgrade.runbook import runbook_blocks
 
@@ -72,8 +72,8 @@ LONG = Form(bridges=3, pipelines=3, agents=12, per_agent_per_s=10, lead_s=15)
 
 @pytest.fixture(scope="module")
 def old() -> Release:
-    """The previous tagged release, installed from its own lock."""
-    return install(previous_tag())
+    """The previous release, installed from its own lock."""
+    return previous_release()
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_rolling_upgrade_from_the_previous_release(
 
     # Redis runs with the old release's ACL users, as a deployment of it does.
     acl_file = tmp_path / "users.acl"
-    acl_file.write_text(_test_passwords(file_at(old.tag, ACL)))
+    acl_file.write_text(_test_passwords(file_at(old.commit, ACL)))
     new_acl = tmp_path / "users.acl.new"
     new_acl.write_text(_test_passwords((REPO / ACL).read_text()))
     with (
