@@ -49,6 +49,7 @@ import os
 import random
 import resource
 import secrets
+import shutil
 import ssl
 import struct
 import sys
@@ -547,6 +548,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             if service.transport is not None:
                 service.transport.abort()
         broker.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     return out
 
 
