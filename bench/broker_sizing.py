@@ -431,6 +431,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"devices": args.devices, "procs": args.procs}
     procs: list[asyncio.subprocess.Process] = []
     services: list[Client] = []
+    pinger: asyncio.Task[None] | None = None
     try:
         await asyncio.sleep(1.0)
         out["rss_empty_mib"] = rss_mib(pid)
@@ -441,6 +442,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await open_client(service, target)
             services.append(service)
         bridge, pipeline = services
+
+        async def ping_services() -> None:
+            while True:
+                await asyncio.sleep(5.0)
+                for service in services:
+                    if time.monotonic() - service.last_write >= KEEPALIVE_S / 3:
+                        service.write(PINGREQ)
+
+        pinger = asyncio.create_task(ping_services())
         share = -(-args.devices // args.procs)
         for index in range(args.procs):
             count = min(share, args.devices - index * share)
@@ -534,12 +544,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["storm_wills_heard"] = pipeline.received - wills0
         stats = await workers.ask("stats")
         out["connected_at_end"] = sum(s["connected"] for s in stats)
-        out["lost_unexpectedly"] = sum(s["lost"] for s in stats) + bridge.lost_unexpectedly
+        out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
+        out["services_lost"] = sum(service.lost_unexpectedly for service in services)
         out["rss_end_mib"] = rss_mib(pid)
         out["loadavg"] = os.getloadavg()
         with contextlib.suppress(ProcessLookupError):
             await workers.ask("quit")
     finally:
+        if pinger is not None:
+            pinger.cancel()
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
