@@ -32,8 +32,9 @@ Phases, each measured on the broker process alone (/proc: CPU time, RSS):
 
 The devices run in ``--procs`` processes, each from its own loopback address
 (127.0.0.2, …) so no process runs short of ephemeral ports; the bench raises
-its file limit (and so the broker's and its clients') to the devices plus a
-margin, which needs root or a hard limit that high.
+its soft file limit (and so the broker's and its clients') to the devices plus
+a small margin; past the hard limit (``ulimit -Hn``) raising it needs
+CAP_SYS_RESOURCE.
 
 Run: .venv/bin/python -m bench.broker_sizing --devices 10000 [--procs 4]
 """
@@ -69,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 KEEPALIVE_S = 30  # edge_agent.transport's default
 SESSION_EXPIRY_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 60.0
-FD_MARGIN = 1_000
+FD_MARGIN = 50  # the broker's listener, epoll, log, files; the services
 
 # --- MQTT 5, the few packets a device sends ---
 
@@ -378,6 +379,7 @@ def rss_mib(pid: int) -> float:
 
 
 def raise_file_limit(devices: int) -> None:
+    """Lift the soft file limit for the broker (inherited) to what ``devices`` need."""
     need = devices + FD_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= need:
@@ -385,7 +387,9 @@ def raise_file_limit(devices: int) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"need {need} open files (ulimit -n) and cannot raise it: {exc}") from exc
+        raise SystemExit(
+            f"the broker needs {need} open files and the hard limit is {hard}: {exc}"
+        ) from exc
 
 
 class Workers:

@@ -172,6 +172,7 @@ def test_pipeline_works_on_after_a_failover_demotes_its_master(
         )
         new_port = group.master_port()
         assert new_port is not None
+        new_master.close()
         new_master = redis.Redis(port=new_port)
         during = batch(100)  # written to the new master while the old one still serves
         produce(new_port, during)
