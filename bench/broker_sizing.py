@@ -440,12 +440,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         out["rss_empty_mib"] = rss_mib(pid)
         target = Target(port, tls_context(ca.cert))
-        for name, topic in (("bridge", names.shared_orders_subscription("bridge")),
-                            ("pipeline", "$share/pipeline/v1/devices/+/health")):  # fmt: skip
+        subscriptions = [("bridge", names.shared_orders_subscription("bridge"))]
+        if not args.no_wills:
+            subscriptions.append(("pipeline", "$share/pipeline/v1/devices/+/health"))
+        for name, topic in subscriptions:
             service = Client(f"{name}-sizing", name, device_password(secret, name), (topic,), None)
             await open_client(service, target)
             services.append(service)
-        bridge, pipeline = services
+        bridge = services[0]
 
         async def ping_services() -> None:
             while True:
@@ -531,7 +533,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["rss_after_load_mib"] = rss_mib(pid)
         print(f"load: {json.dumps(out)}", flush=True)
 
-        wills0 = pipeline.received
+        wills0 = sum(service.received for service in services[1:])
         cpu0, clients0, t0 = (
             process_cpu_s(pid, children=False),
             await workers.cpu_s(),
@@ -545,7 +547,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         out["storm_failed_attempts"] = sum(r["failed"] for r in replies)
         out["storm_errors"] = [r["errors"] for r in replies]
         await asyncio.sleep(2.0)
-        out["storm_wills_heard"] = pipeline.received - wills0
+        out["storm_wills_heard"] = sum(service.received for service in services[1:]) - wills0
         stats = await workers.ask("stats")
         out["connected_at_end"] = sum(s["connected"] for s in stats)
         out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
@@ -587,6 +589,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between a device's messages under load")  # fmt: skip
     parser.add_argument("--payload", type=int, default=300, help="bytes per message")
+    parser.add_argument("--no-wills", action="store_true",
+                        help="no pipeline client on the health topics (the Wills)")  # fmt: skip
     args = parser.parse_args()
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, as the services use it
