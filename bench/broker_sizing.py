@@ -371,6 +371,16 @@ def write_accounts(directory: Path, devices: int, secret: str) -> None:
     accounts.save(directory / "dynamic-security.json")
 
 
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows of this network namespace: SYNs dropped on full accept queues
+    (every listener's, so other jobs' count too)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for names_, values in zip(lines[::2], lines[1::2], strict=True):
+        if names_[0] == "TcpExt:":
+            return int(values[names_.index("ListenOverflows")])
+    return 0
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -500,7 +510,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             return cpu1 - cpu0, clients1 - clients0, time.monotonic() - t0
 
         cpu0, t0 = process_cpu_s(pid, children=False), time.monotonic()
+        overflows0 = listen_overflows()
         replies = await workers.ask("connect")
+        out["connect_listen_overflows"] = listen_overflows() - overflows0
         out["connect_s"] = time.monotonic() - t0
         out["connect_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
         out["connect_failed_attempts"] = sum(r["failed"] for r in replies)
@@ -539,8 +551,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await workers.cpu_s(),
             time.monotonic(),
         )
+        overflows0 = listen_overflows()
         await workers.ask("drop")
         replies = await workers.ask("connect")
+        out["storm_listen_overflows"] = listen_overflows() - overflows0
         out["storm_s"] = time.monotonic() - t0
         out["storm_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
         out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
