@@ -7,12 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from pipeline.config import PipelineConfig
+from testrig.services import child_pids, pid_alive
+
+# How long stop_all waits for the killed processes' own children (a supervisor's
+# workers) to be gone.
+REAP_S = 10.0
 
 
 def env_for(config: PipelineConfig, **overrides: Any) -> dict[str, str]:
@@ -61,9 +67,36 @@ def sigkill(process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"pid {process.pid} still exists after SIGKILL")
 
 
+def descendants(pid: int) -> list[int]:
+    """The children of ``pid``, their children, and so on (Linux /proc)."""
+    found: list[int] = []
+    todo = child_pids(pid)
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(child_pids(child))
+    return found
+
+
 def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
-    """Kill whatever is still running (teardown)."""
+    """Kill whatever is still running, with the processes it started (teardown).
+
+    A supervisor's (``run``) workers are killed with it and waited for: an orphaned
+    worker drains for a while on the shared Redis and broker, and so took the next
+    test's orders and its status queries.
+    """
+    orphans: list[int] = []
     for process in processes:
         if process.poll() is None:
+            process.send_signal(signal.SIGSTOP)  # a stopped supervisor starts no new worker
+            children = descendants(process.pid)
             process.kill()
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             process.wait(10)
+            orphans += children
+    deadline = time.monotonic() + REAP_S
+    while (alive := [pid for pid in orphans if pid_alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive, f"processes {alive} outlived SIGKILL for {REAP_S} s"

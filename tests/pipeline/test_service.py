@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from pipeline.config import PipelineConfig
 from testrig.servers import free_port
+from testrig.services import pid_alive
 from tests.helpers import make_order, wait_until
 
 from .conftest import StatusListener
@@ -145,3 +146,8 @@ async def test_workers_run_the_installed_pipeline_not_one_in_the_working_directo
         assert not marker.exists(), "a worker imported the pipeline/ of its working directory"
     finally:
         stop_all([service])
+    # Its worker went with it: orphaned, it drained for a second on the shared Redis and
+    # broker and took the next test's orders and status queries (test_status_query's flood).
+    workers = [int(event["pid"]) for event in log_events(log, "worker_process_started")]
+    assert workers
+    assert not [pid for pid in workers if pid_alive(pid)], "a worker outlived stop_all"
