@@ -26,6 +26,7 @@ from aiohttp import web
 from schemas.names import shared_health_subscription, shared_status_query_subscription
 from servicekit.backoff import Backoff
 from servicekit.config import ENV_PREFIX
+from servicekit.layout import Manifest
 from servicekit.loops import critical
 from servicekit.mqtt import MqttMetrics
 from servicekit.problems import ProblemAppRunner
@@ -90,8 +91,13 @@ async def run_worker(
     client = redis_client(config)
     scripts = Scripts()
     metrics = WorkerMetrics(None)
+    # From the start: a worker orphaned while it waits for Redis must not wait for ever.
+    orphan_watch = asyncio.create_task(_watch_supervisor(stop), name="watch-supervisor")
     try:
-        config, manifest = await agree_layout(client, config, shards_given=shards_given)
+        agreed = await _agree_unless_stopped(client, config, stop, shards_given=shards_given)
+        if agreed is None:
+            return
+        config, manifest = agreed
         # One client per broker of the region (pipeline/brokers.py): statuses go to
         # every broker; a status query is answered on the broker it came from.
         mqtt_metrics = MqttMetrics("pipeline")
@@ -135,10 +141,6 @@ async def run_worker(
             async with asyncio.TaskGroup() as tasks:
                 work = tasks.create_task(critical("worker", worker.run(stop)), name="worker")
                 forever = [
-                    tasks.create_task(
-                        critical("watch-supervisor", _watch_supervisor(stop)),
-                        name="watch-supervisor",
-                    ),
                     *(
                         tasks.create_task(
                             critical("status-query-responder", responder.run()),
@@ -161,7 +163,26 @@ async def run_worker(
                 for task in forever:
                     task.cancel()
     finally:
+        orphan_watch.cancel()
         await client.aclose()
+
+
+async def _agree_unless_stopped(
+    client: AnyRedis, config: PipelineConfig, stop: asyncio.Event, *, shards_given: bool
+) -> tuple[PipelineConfig, Manifest] | None:
+    """:func:`agree_layout` (which waits out an unreachable Redis), or None once ``stop`` is
+    set first: SIGTERM (or a gone supervisor) ends a service still waiting for Redis."""
+    agreeing = asyncio.ensure_future(agree_layout(client, config, shards_given=shards_given))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({agreeing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        agreeing.cancel()  # no-op once it is done
+    if stop.is_set() or agreeing.cancelled():
+        log.info("stopped_before_start", waited_for="the deployment manifest in Redis")
+        return None
+    return agreeing.result()
 
 
 async def _cancel_after_grace(
@@ -256,7 +277,10 @@ async def run_service(
     runner: web.AppRunner | None = None
     stack = contextlib.AsyncExitStack()  # geo mode's region lookup session
     try:
-        config, manifest = await agree_layout(client, config, shards_given=shards_given)
+        agreed = await _agree_unless_stopped(client, config, stop, shards_given=shards_given)
+        if agreed is None:
+            return
+        config, manifest = agreed
         # Fail fast on a bad step list rather than restart crashing workers forever.
         build_chain(config.steps, StepDeps(client, Scripts(), config))
         app = create_app(
