@@ -48,7 +48,7 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.redis_clients import text
 
-from ._calls import AnyRedis
+from ._calls import AnyRedis, Rider
 from ._lua import Scripts
 from ._tracing import status_spans, step_spans
 from .config import PipelineConfig
@@ -114,6 +114,8 @@ class Worker:
         self.retention_ms = round(config.retention_days * 86_400_000)
         self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
         self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
+        # Steps whose reads travel with the batch's load (one round trip for both).
+        self._riders = [step for step in self.chain if isinstance(step, Rider)]
         # Entries of finished batches not yet XACKed, per stream: they ride with the next read.
         self._unacked: defaultdict[str, list[str]] = defaultdict(list)
 
@@ -368,7 +370,11 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs = await load(self.redis, self.scripts, decoded, shards=self.shards) if decoded else []
+        ctxs = (
+            await load(self.redis, self.scripts, decoded, shards=self.shards, riders=self._riders)
+            if decoded
+            else []
+        )
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
         # that stored them (before they reached the broker): send them again.
