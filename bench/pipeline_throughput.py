@@ -546,6 +546,11 @@ async def trickle(args: argparse.Namespace) -> None:
             await prepare(client, args.shards, [PIPELINE_GROUP])
             with workers(count, env, log) as procs:
                 await idle(procs, log)
+                # On a loaded machine a worker still importing can look idle: wait
+                # until each has made its first loop turn (its reclaim, one per shard).
+                while (await redis_counts(client))["xautoclaim"] < args.shards * count:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(1.0)
                 idle_cpu, idle_redis, idle_counts = await trickle_window(
                     backend, client, procs, [], seconds=args.seconds, shards=args.shards
                 )
