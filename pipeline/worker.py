@@ -116,6 +116,9 @@ class Worker:
         self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
         # Steps whose reads travel with the batch's load (one round trip for both).
         self._riders = [step for step in self.chain if isinstance(step, Rider)]
+        self._task: asyncio.Task[Any] | None = None  # the task running run()
+        self._reading = False  # blocked in the idle read: a stop may cut it short
+        self._read_cut = False
         # Entries of finished batches not yet XACKed, per stream: they ride with the next read.
         self._unacked: defaultdict[str, list[str]] = defaultdict(list)
 
@@ -143,6 +146,25 @@ class Worker:
         outage) and carries on; whatever it held stays pending and is reclaimed.
         The wait ends early on ``stop``.
         """
+        self._task = asyncio.current_task()
+        waker = asyncio.create_task(self._end_read_on_stop(stop), name="end-read-on-stop")
+        try:
+            await self._run_until(stop)
+        finally:
+            waker.cancel()
+        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
+
+    async def _end_read_on_stop(self, stop: asyncio.Event) -> None:
+        """On ``stop``, cancel a read blocked on empty streams (it may block for ``block_ms``).
+
+        Only the idle read is cut short: a batch in hand always finishes.
+        """
+        await stop.wait()
+        if self._reading and self._task is not None:
+            self._read_cut = True
+            self._task.cancel()
+
+    async def _run_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self._run(stop)
@@ -157,7 +179,6 @@ class Worker:
                         await stop.wait()
             else:
                 break
-        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.setup()
@@ -179,7 +200,7 @@ class Worker:
                     next_claim = time.monotonic() + claim_every_s
                     entries = await self.reclaim()
                 if not entries:
-                    entries = await self.read()
+                    entries = await self._read_unless(stop)
                 if not entries:
                     self._worked()
                     continue
@@ -191,6 +212,27 @@ class Worker:
             # that never comes. If Redis is away they stay queued for the next run.
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await self.flush_acks()
+
+    async def _read_unless(self, stop: asyncio.Event) -> list[StreamEntry]:
+        """:meth:`read`, cut short by ``stop`` (see :meth:`_end_read_on_stop`).
+
+        A read cut short may have taken entries (Redis answered as the cancel
+        came): they stay pending with this consumer and are reclaimed after
+        ``claim_idle_ms``, as a killed worker's are.
+        """
+        self._reading = True
+        try:
+            if stop.is_set():  # checked with the flag up: no await in between
+                return []
+            return await self.read()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._read_cut or task is None or task.uncancel() > 0:
+                raise  # someone else's cancel (the grace period's) too
+            return []
+        finally:
+            self._reading = False
+            self._read_cut = False
 
     def _worked(self) -> None:
         """A loop turn went through: the next failure starts backing off from scratch."""

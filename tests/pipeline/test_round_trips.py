@@ -3,6 +3,8 @@ each round trip (a send on loopback TCP, a wake-up of Redis) is most of what it 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
@@ -20,7 +22,7 @@ from pipeline.steps import StepDeps, build_chain
 from pipeline.worker import Worker
 from schemas import Status
 from schemas.names import PIPELINE_GROUP, shard_of, stream_key
-from tests.helpers import make_order
+from tests.helpers import make_order, wait_until
 
 from .conftest import TEST_SHARDS
 from .producer import produce
@@ -52,7 +54,10 @@ class Recorder:
 @pytest.fixture
 async def counted(config: PipelineConfig) -> AsyncIterator[aioredis.Redis]:
     """A client on the test's single Redis whose sends are counted."""
-    pool = aioredis.ConnectionPool.from_url(config.redis_url, connection_class=CountingConnection)
+    # The socket timeout outlasts the long blocks of the stop test (as the service's does).
+    pool = aioredis.ConnectionPool.from_url(
+        config.redis_url, connection_class=CountingConnection, socket_timeout=60
+    )
     client = aioredis.Redis(connection_pool=pool)
     yield client
     await client.aclose()
@@ -92,3 +97,39 @@ async def test_a_batch_costs_three_round_trips_and_its_acks_ride_with_the_next_r
     assert SENDS[0] == 1
     pending = await aredis.xpending(stream, PIPELINE_GROUP)
     assert pending["pending"] == 0
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_a_stop_cuts_the_idle_read_short_and_a_batch_still_finishes(
+    aredis: Any, counted: aioredis.Redis, config: PipelineConfig
+) -> None:
+    """An idle worker blocks long (few round trips), yet stops long before its block ends."""
+    block_s = 10.0
+    cfg = msgspec.structs.replace(config, consumer="stopper", block_ms=round(block_s * 1000))
+    scripts = Scripts()
+    chain = build_chain(cfg.steps, StepDeps(counted, scripts, cfg))
+    worker = Worker(counted, Recorder(), chain, cfg, WorkerMetrics(CollectorRegistry()),
+                    scripts=scripts)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    order = make_order("dev-stop", 0)
+    await produce(aredis, order, TEST_SHARDS)
+
+    async def fulfilled() -> bool:
+        record = await load_order(aredis, order.device_id, order.order_id, shards=TEST_SHARDS)
+        return record is not None and record["status"] == "fulfilled"
+
+    await wait_until(fulfilled, what="the order fulfilled")
+
+    async def idle_reading() -> bool:
+        return worker._reading
+
+    await wait_until(idle_reading, what="the worker blocked on empty streams")
+    blocked = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, block_s)
+    assert time.monotonic() - blocked < block_s / 4  # cut short, not waited out
+    assert task.exception() is None
+    stream = stream_key(shard_of(order.device_id, TEST_SHARDS))
+    pending: Any = await aredis.xpending(stream, PIPELINE_GROUP)
+    assert pending["pending"] == 0  # its batch was acked on the way out
