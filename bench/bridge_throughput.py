@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -478,6 +479,44 @@ def print_tracing_rows(rows: dict[str, TracingRow]) -> None:
               f" µs per order: {cost:+.1%} {verdict}")  # fmt: skip
 
 
+def run_probe_only(args: argparse.Namespace) -> None:
+    """The receipt probe alone, and what its orders cost at that (low) rate (issue 25).
+
+    One bridge, one client publishing ``--probe-rate`` orders/s one at a time:
+    every batch holds one order, so the figures are the bridge's per-batch
+    fixed cost. Redis is the test rig's (see testrig.servers.RedisProcess).
+    """
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        MosquittoProcess(Path(tmp) / "mq") as broker,
+        RedisProcess(Path(tmp) / "redis") as store,
+    ):
+        client = redis.Redis(port=store.port)
+        tag = uuid.uuid4().hex[:6]
+        procs = start_bridges(
+            broker.port, store.port, [f"probe-{tag}"], f"gprobe{tag}", Path(tmp), wait_ready=True
+        )
+        time.sleep(1.0)  # past the start-up
+        bridge0, redis0 = process_cpu_s(procs[0].pid, children=False), redis_cpu_s(client)
+        reads0 = int(client.info("stats")["total_reads_processed"])
+        probe = asyncio.run(
+            probe_receipts(broker.url, rate=args.probe_rate, seconds=args.probe_seconds)
+        )
+        bridge1, redis1 = process_cpu_s(procs[0].pid, children=False), redis_cpu_s(client)
+        reads = int(client.info("stats")["total_reads_processed"]) - reads0
+        stop(procs)
+        client.close()
+    n = max(1, len(probe.latencies_ms) + probe.missing)
+    print(
+        f"receipt probe, 1 client at {args.probe_rate:.0f} orders/s for {args.probe_seconds:.0f}"
+        f" s ({n} orders, {probe.missing} missing), load average {os.getloadavg()[0]:.1f}:"
+    )
+    print(f"  per order: bridge {(bridge1 - bridge0) / n * 1e6:.0f} µs, Redis "
+          f"{(redis1 - redis0) / n * 1e6:.0f} µs CPU, Redis round trips {reads / n:.2f} "
+          f"(the bench's 2 INFO included); order → receipt p50 "
+          f"{probe.percentile(0.5):.1f} ms, p99 {probe.percentile(0.99):.1f} ms")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=100_000)
@@ -490,7 +529,14 @@ def main() -> None:
     parser.add_argument("--probe-seconds", type=float, default=10.0)
     parser.add_argument("--fsync-only", action="store_true", help="only the appendfsync rows")
     parser.add_argument("--tracing-only", action="store_true", help="only the tracing rows")
+    parser.add_argument(
+        "--probe-only", action="store_true",
+        help="only the receipt probe, with the bridge's and Redis's CPU per order at its rate",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.probe_only:
+        run_probe_only(args)
+        return
     if args.tracing_only:
         with (
             tempfile.TemporaryDirectory() as tmp,

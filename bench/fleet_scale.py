@@ -240,13 +240,25 @@ def message_counts(bridge: dict[str, float], broker: BrokerSys) -> dict[str, flo
     }
 
 
+READS = "(read events)"  # not a command: INFO stats total_reads_processed
+
+
 async def redis_commands(redis: aioredis.Redis) -> dict[str, tuple[float, float]]:
-    """Redis's ``INFO commandstats``: {command: (calls, µs)} so far."""
+    """Redis's ``INFO commandstats``: {command: (calls, µs)} so far, and its read events.
+
+    A read event is one wake-up of Redis for a client's socket: about one per
+    round trip a client makes (a pipeline is one), the bench's own INFO calls
+    included (2 a second).
+    """
     stats = await redis.info("commandstats")
+    reads = (await redis.info("stats")).get("total_reads_processed", 0)
     return {
-        name.removeprefix("cmdstat_"): (float(v["calls"]), float(v["usec"]))
-        for name, v in stats.items()
-        if isinstance(v, dict)
+        READS: (float(reads), 0.0),
+        **{
+            name.removeprefix("cmdstat_"): (float(v["calls"]), float(v["usec"]))
+            for name, v in stats.items()
+            if isinstance(v, dict)
+        },
     }
 
 
@@ -302,11 +314,14 @@ def show_cost(cost: Cost) -> None:
         for stage in CLOUD
     )
     print(f"        messages each stage handled per order: {handled}", flush=True)
-    top = sorted(cost.redis.items(), key=lambda kv: -kv[1][1])[:6]
-    calls = sum(c for c, _ in cost.redis.values())
+    commands = {k: v for k, v in cost.redis.items() if k != READS}
+    top = sorted(commands.items(), key=lambda kv: -kv[1][1])[:6]
+    calls = sum(c for c, _ in commands.values())
+    reads = cost.redis.get(READS, (0.0, 0.0))[0]
     listed = ", ".join(f"{k} {us / orders:.0f} ({c / orders:.1f})" for k, (c, us) in top)
-    print(f"        redis: {calls / orders:.1f} commands per order; top by time (µs per order, "
-          f"calls per order): {listed}", flush=True)  # fmt: skip
+    print(f"        redis: {calls / orders:.1f} commands and {reads / orders:.1f} round trips "
+          f"(read events) per order; top by time (µs per order, calls per order): {listed}",
+          flush=True)  # fmt: skip
 
 
 # --- Profiles of the cloud's Python processes (issue 25), py-spy from outside ---

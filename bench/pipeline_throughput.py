@@ -27,6 +27,16 @@ counted; the bench process itself for the ceiling and naive rows).
     .venv/bin/python bench/pipeline_throughput.py            # ~60-90 s on a quiet machine
     .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 2
     .venv/bin/python bench/pipeline_throughput.py --no-cluster --workers 1 --broker-down
+
+``--trickle RATE`` measures the other end (issue 25): no backlog, one order
+appended every 1/RATE s for ``--seconds`` (one node), as a fleet's orders
+arrive at low rates, so that every batch holds one or two orders and the
+per-batch and per-loop costs show. It prints, for ``--workers`` worker
+processes, the workers' and Redis's CPU per order and Redis's round trips
+(read events), XREADGROUPs and script calls per order, first over the same
+time idle (no orders) and then under the trickle:
+
+    .venv/bin/python bench/pipeline_throughput.py --trickle 60 --seconds 20 --workers 2
 """
 
 from __future__ import annotations
@@ -481,6 +491,86 @@ async def run(args: argparse.Namespace) -> None:
     print_table(rows, args)
 
 
+async def redis_counts(client: Client) -> dict[str, float]:
+    """Redis's read events (≈ round trips) and calls of the commands a worker batch makes."""
+    stats: Any = await client.info("stats")
+    commands: Any = await client.info("commandstats")
+    counts = {"round trips": float(stats["total_reads_processed"])}
+    for name in ("xreadgroup", "evalsha", "xack", "xautoclaim", "hmget"):
+        counts[name] = float(commands.get(f"cmdstat_{name}", {}).get("calls", 0))
+    return counts
+
+
+async def trickle_window(
+    backend: Backend, client: Client, procs: Sequence[subprocess.Popen[bytes]],
+    orders: Sequence[Order], *, seconds: float, shards: int,
+) -> tuple[float, float, dict[str, float]]:  # fmt: skip
+    """Workers' and Redis's CPU s and Redis's counts over ``seconds``, ``orders`` paced over it."""
+    cpu0 = sum(process_cpu_s(p.pid, children=False) for p in procs)
+    redis0 = await backend.cpu_s()
+    counts0 = await redis_counts(client)
+    started = time.monotonic()
+    for i, order in enumerate(orders):
+        await asyncio.sleep(max(0.0, started + i * seconds / len(orders) - time.monotonic()))
+        await append(client, [order], shards)
+    await asyncio.sleep(max(0.0, started + seconds - time.monotonic()))
+    while orders and not await all_acked(client, shards):  # noqa: ASYNC110 (polls Redis)
+        await asyncio.sleep(0.05)
+    counts1 = await redis_counts(client)
+    return (
+        sum(process_cpu_s(p.pid, children=False) for p in procs) - cpu0,
+        await backend.cpu_s() - redis0,
+        {k: counts1[k] - counts0[k] for k in counts1},
+    )
+
+
+async def trickle(args: argparse.Namespace) -> None:
+    """Idle, then ``--trickle`` orders/s for ``--seconds``: CPU and round trips per order."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
+        RedisProcess(Path(tmp) / "redis") as single,
+        MosquittoProcess(Path(tmp) / "mosquitto") as broker,
+    ):
+        log = Path(tmp) / "workers.log"
+        backend = Backend("1 node", single.url, False, [single.port])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+        env.update({
+            "ORDERS_REDIS_URL": backend.url, "ORDERS_MQTT_URL": broker.url,
+            "ORDERS_SHARDS": str(args.shards), "ORDERS_GATEWAY_LATENCY_MS": "0",
+            "ORDERS_LOG_LEVEL": "warning",
+        })  # fmt: skip
+        client = backend.client()
+        count = args.workers[0]
+        orders = make_orders(round(args.trickle * args.seconds), args.devices)
+        try:
+            await prepare(client, args.shards, [PIPELINE_GROUP])
+            with workers(count, env, log) as procs:
+                await idle(procs, log)
+                # On a loaded machine a worker still importing can look idle: wait
+                # until each has made its first loop turn (its reclaim, one per shard).
+                while (await redis_counts(client))["xautoclaim"] < args.shards * count:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(1.0)
+                idle_cpu, idle_redis, idle_counts = await trickle_window(
+                    backend, client, procs, [], seconds=args.seconds, shards=args.shards
+                )
+                cpu, redis_s, counts = await trickle_window(
+                    backend, client, procs, orders, seconds=args.seconds, shards=args.shards
+                )
+        finally:
+            await client.aclose()
+    n = len(orders)
+    print(f"trickle: {args.trickle:g} orders/s for {args.seconds:g} s ({n} orders), "
+          f"{count} worker process(es), shards={args.shards}, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"  idle, per second: workers {idle_cpu / args.seconds * 1e3:.2f} ms CPU, Redis "
+          f"{idle_redis / args.seconds * 1e3:.2f} ms; "
+          + ", ".join(f"{k} {v / args.seconds:.1f}" for k, v in idle_counts.items()))  # fmt: skip
+    print(f"  trickle, per order: workers {cpu / n * 1e6:.0f} µs, Redis {redis_s / n * 1e6:.0f} µs "
+          "(its appends included); "
+          + ", ".join(f"{k} {v / n:.2f}" for k, v in counts.items()))  # fmt: skip
+
+
 def main() -> None:
     """Parse flags and run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -494,7 +584,15 @@ def main() -> None:
     parser.add_argument(
         "--broker-down", action="store_true", help="add a 1-worker row with no broker listening"
     )
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument(
+        "--trickle",
+        type=float,
+        default=0.0,
+        help="orders/s appended one at a time (no backlog): the low-rate mode",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="--trickle: seconds of load")
+    args = parser.parse_args()
+    asyncio.run(trickle(args) if args.trickle else run(args))
 
 
 if __name__ == "__main__":

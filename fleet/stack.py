@@ -123,7 +123,9 @@ class Stack:
                 console_script("order-pipeline"),
                 "--mqtt-url", self.mqtt_url, "--redis-url", self.redis.url,
                 "--shards", str(settings.shards), "--workers", str(settings.workers),
-                "--claim-idle-ms", str(settings.claim_idle_ms), *self.sentinel_flags(),
+                "--claim-idle-ms", str(settings.claim_idle_ms),
+                "--claim-every-ms", str(min(1_000, settings.claim_idle_ms)),
+                *self.sentinel_flags(),
             ],
         )  # fmt: skip
         for service in (*self.bridges, self.pipeline):

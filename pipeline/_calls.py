@@ -10,11 +10,12 @@ pipeline script is idempotent.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from schemas import Order
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 AnyRedis = aioredis.Redis | RedisCluster
@@ -57,6 +58,53 @@ async def run_calls(
         if isinstance(reply, Exception):
             raise reply
     return replies
+
+
+@runtime_checkable
+class Rider(Protocol):
+    """Reads that travel in the same pipeline as a batch's script calls (one round trip).
+
+    A step implements it to have its Redis reads sent with the batch's load
+    (:func:`pipeline.records.load`) instead of in a round trip of its own.
+    """
+
+    def queue_reads(self, pipe: Any, orders: Sequence[Order]) -> int:
+        """Queue the reads this batch of ``orders`` needs on ``pipe``; return how many."""
+        ...
+
+    def take_reads(self, replies: Sequence[Any]) -> None:
+        """Their replies, in order (kept for the step's next run)."""
+        ...
+
+
+async def run_calls_with(
+    client: AnyRedis, scripts: ScriptSet, name: str, calls: Sequence[Call], *,
+    riders: Sequence[Rider], orders: Sequence[Order],
+) -> list[Any]:  # fmt: skip
+    """:func:`run_calls`, with each rider's reads in the same pipeline; the scripts' replies.
+
+    On NOSCRIPT the scripts are loaded and the whole pipeline sent once more
+    (the riders only read, so that is safe too).
+    """
+    for attempt in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                scripts.queue(pipe, name, keys, args)
+            counts = [rider.queue_reads(pipe, orders) for rider in riders]
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        ours = replies[: len(calls)]
+        if attempt == 0 and any(isinstance(r, Exception) and is_noscript(r) for r in ours):
+            await scripts.load(client)
+            continue
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        at = len(calls)
+        for rider, count in zip(riders, counts, strict=True):
+            rider.take_reads(replies[at : at + count])
+            at += count
+        return ours
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def _pipelined(

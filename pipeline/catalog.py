@@ -18,10 +18,11 @@ import json
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
+from schemas import Order
 from schemas.messages import Currency
 from servicekit.clock import now_ms
 from servicekit.redis_clients import text
@@ -85,22 +86,42 @@ async def store_catalog(client: AnyRedis, catalog: Catalog, *, shards: int) -> N
 
 
 class ValidateStep:
-    """``received → validated``, or ``rejected``: unknown SKU, price or currency mismatch."""
+    """``received → validated``, or ``rejected``: unknown SKU, price or currency mismatch.
+
+    Its catalog read rides with the batch's load (:class:`pipeline._calls.Rider`):
+    the worker has it queued in the load's pipeline, and :meth:`run` uses
+    that answer once; it reads on its own only when run without one (a
+    one-order retry) or on SKUs the answer does not cover.
+    """
 
     name = "validate"
 
     def __init__(self, client: AnyRedis) -> None:
         self._redis = client
+        self._asked: list[str] = []
+        self._ready: tuple[dict[str, int], str] | None = None
+
+    def queue_reads(self, pipe: Any, orders: Sequence[Order]) -> int:
+        """Queue the prices of the batch's SKUs and the catalog's currency."""
+        self._asked = sorted({item.sku for order in orders for item in order.items})
+        self._ready = None
+        _queue_catalog(pipe, self._asked)
+        return 2
+
+    def take_reads(self, replies: Sequence[Any]) -> None:
+        """Keep the catalog's answer for the next :meth:`run`."""
+        self._ready = _catalog(self._asked, replies)
 
     async def run(self, batch: Sequence[OrderContext]) -> None:
-        """Check every item against the catalog: one round trip for the batch."""
-        skus = sorted({item.sku for ctx in batch for item in ctx.order.items})
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(CATALOG_KEY, skus)
-            pipe.hget(CATALOG_META_KEY, "currency")
-            prices_raw, currency_raw = await pipe.execute()
-        prices = {sku: int(p) for sku, p in zip(skus, prices_raw, strict=True) if p is not None}
-        currency = text(currency_raw) if currency_raw else ""
+        """Check every item against the catalog (read with the load, or in one round trip)."""
+        ready, self._ready = self._ready, None
+        skus = {item.sku for ctx in batch for item in ctx.order.items}
+        if ready is None or not skus <= set(self._asked):
+            asked = sorted(skus)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                _queue_catalog(pipe, asked)
+                ready = _catalog(asked, await pipe.execute())
+        prices, currency = ready
         for ctx in batch:
             if ctx.status != "received":
                 continue
@@ -114,6 +135,18 @@ class ValidateStep:
                 if prices[item.sku] != item.unit_price:
                     ctx.reject(PRICE_MISMATCH)
                     break
+
+
+def _queue_catalog(pipe: Any, skus: Sequence[str]) -> None:
+    pipe.hmget(CATALOG_KEY, skus)
+    pipe.hget(CATALOG_META_KEY, "currency")
+
+
+def _catalog(skus: Sequence[str], replies: Sequence[Any]) -> tuple[dict[str, int], str]:
+    """Prices of the SKUs the catalog has, and its currency ("" = any)."""
+    prices_raw, currency_raw = replies
+    prices = {sku: int(p) for sku, p in zip(skus, prices_raw, strict=True) if p is not None}
+    return prices, text(currency_raw) if currency_raw else ""
 
 
 @register("validate")

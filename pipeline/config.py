@@ -134,9 +134,9 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
         int,
         doc(
             "Milliseconds a read waits for new orders when every shard is empty (XREADGROUP "
-            "BLOCK); lower makes a stop quicker, higher means fewer idle round trips"
+            "BLOCK); higher means fewer idle round trips (a stop cuts the wait short)"
         ),
-    ] = 500
+    ] = 5_000
     idle_poll_ms: Annotated[
         int,
         doc(
@@ -154,10 +154,10 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
     claim_every_ms: Annotated[
         int,
         doc(
-            "Milliseconds between a worker's looks for entries to reclaim (XAUTOCLAIM); lower "
-            "recovers a crashed worker's orders sooner at the cost of more Redis calls"
+            "Milliseconds between a worker's looks for entries to reclaim (XAUTOCLAIM, one per "
+            "shard); lower recovers a crashed worker's orders sooner, for more Redis calls"
         ),
-    ] = 1_000
+    ] = 5_000
     max_deliveries: Annotated[
         int,
         doc(

@@ -25,7 +25,7 @@ from schemas.names import shard_of
 from servicekit.clock import now_ms
 from servicekit.redis_clients import text
 
-from ._calls import AnyRedis, call_plan, run_calls
+from ._calls import AnyRedis, Rider, call_plan, run_calls, run_calls_with
 from ._lua import Scripts
 from .names import (
     TERMINAL_STATUSES,
@@ -155,11 +155,13 @@ async def load(
     batch: Sequence[tuple[StreamEntry, Order]],
     *,
     shards: int,
+    riders: Sequence[Rider] = (),
 ) -> list[OrderContext]:
     """Each order's stored state (status, reason, steps done): one read-only script per shard.
 
     An order without a record starts ``received``; its record is created by
-    :func:`commit`.
+    :func:`commit`. The ``riders``' reads (the steps' own, such as the
+    catalog's prices) go out in the same round trip.
     """
     shard_list = [shard_of(order.device_id, shards) for _entry, order in batch]
     keys = [
@@ -174,7 +176,12 @@ async def load(
         for part in plan
     ]  # fmt: skip
     replies: list[Any] = [None] * len(batch)
-    for part, reply in zip(plan, await run_calls(client, scripts, "load", calls), strict=True):
+    if riders:
+        orders = [order for _entry, order in batch]
+        loaded = await run_calls_with(client, scripts, "load", calls, riders=riders, orders=orders)
+    else:
+        loaded = await run_calls(client, scripts, "load", calls)
+    for part, reply in zip(plan, loaded, strict=True):
         for i, one in zip([i for shard in part for i in groups[shard]], reply, strict=True):
             replies[i] = one
     out = []

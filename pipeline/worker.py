@@ -14,8 +14,9 @@ read per shard), then:
 3. stores every order's outcome (record, history, events, released stock) in
    one script for the batch, with a compare-and-set per order;
 4. hands the new statuses to the MQTT client without waiting for the broker
-   (:mod:`pipeline.status`), dead-letters and XACKs, while the next batch is
-   already being read and settled. A status that never reaches its device is
+   (:mod:`pipeline.status`) and dead-letters; the batch's XACKs ride in the
+   same pipeline as the next read (one round trip, and Redis applies them
+   before the read blocks). A status that never reaches its device is
    answered again from the order's record when the device queries it.
 
 An order a step raised on stays pending; it comes back through the reclaim
@@ -47,7 +48,7 @@ from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
 from servicekit.redis_clients import text
 
-from ._calls import AnyRedis
+from ._calls import AnyRedis, Rider
 from ._lua import Scripts
 from ._tracing import status_spans, step_spans
 from .config import PipelineConfig
@@ -113,6 +114,13 @@ class Worker:
         self.retention_ms = round(config.retention_days * 86_400_000)
         self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
         self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
+        # Steps whose reads travel with the batch's load (one round trip for both).
+        self._riders = [step for step in self.chain if isinstance(step, Rider)]
+        self._task: asyncio.Task[Any] | None = None  # the task running run()
+        self._reading = False  # blocked in the idle read: a stop may cut it short
+        self._read_cut = False
+        # Entries of finished batches not yet XACKed, per stream: they ride with the next read.
+        self._unacked: defaultdict[str, list[str]] = defaultdict(list)
 
     async def setup(self) -> None:
         """Create the group on every shard stream (from id 0, MKSTREAM) and load the scripts."""
@@ -138,6 +146,25 @@ class Worker:
         outage) and carries on; whatever it held stays pending and is reclaimed.
         The wait ends early on ``stop``.
         """
+        self._task = asyncio.current_task()
+        waker = asyncio.create_task(self._end_read_on_stop(stop), name="end-read-on-stop")
+        try:
+            await self._run_until(stop)
+        finally:
+            waker.cancel()
+        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
+
+    async def _end_read_on_stop(self, stop: asyncio.Event) -> None:
+        """On ``stop``, cancel a read blocked on empty streams (it may block for ``block_ms``).
+
+        Only the idle read is cut short: a batch in hand always finishes.
+        """
+        await stop.wait()
+        if self._reading and self._task is not None:
+            self._read_cut = True
+            self._task.cancel()
+
+    async def _run_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await self._run(stop)
@@ -152,7 +179,6 @@ class Worker:
                         await stop.wait()
             else:
                 break
-        log.info("worker_stopped", consumer=self.consumer, batches=self.batches)
 
     async def _run(self, stop: asyncio.Event) -> None:
         await self.setup()
@@ -160,9 +186,8 @@ class Worker:
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
         next_claim = next_cleanup = 0.0
-        # Batch N is dead-lettered and acked while batch N+1 is read and settled;
-        # N+1 finishes only after N, so statuses go out in order.
-        finishing: asyncio.Task[None] | None = None
+        # Batches finish one after the other, so statuses go out in order; a
+        # batch's XACKs go out with the next read or reclaim (see _take_acks).
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_cleanup:
@@ -175,18 +200,39 @@ class Worker:
                     next_claim = time.monotonic() + claim_every_s
                     entries = await self.reclaim()
                 if not entries:
-                    entries = await self.read()
+                    entries = await self._read_unless(stop)
                 if not entries:
                     self._worked()
                     continue
                 settled = await self.settle(entries)
                 self._worked()
-                if finishing is not None:
-                    await finishing
-                finishing = asyncio.create_task(self.finish(settled), name="finish-batch")
+                await self.finish(settled)
         finally:
-            if finishing is not None:
-                await finishing
+            # Stopping (or failing): the last batch's acks must not wait for a read
+            # that never comes. If Redis is away they stay queued for the next run.
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await self.flush_acks()
+
+    async def _read_unless(self, stop: asyncio.Event) -> list[StreamEntry]:
+        """:meth:`read`, cut short by ``stop`` (see :meth:`_end_read_on_stop`).
+
+        A read cut short may have taken entries (Redis answered as the cancel
+        came): they stay pending with this consumer and are reclaimed after
+        ``claim_idle_ms``, as a killed worker's are.
+        """
+        self._reading = True
+        try:
+            if stop.is_set():  # checked with the flag up: no await in between
+                return []
+            return await self.read()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._read_cut or task is None or task.uncancel() > 0:
+                raise  # someone else's cancel (the grace period's) too
+            return []
+        finally:
+            self._reading = False
+            self._read_cut = False
 
     def _worked(self) -> None:
         """A loop turn went through: the next failure starts backing off from scratch."""
@@ -231,15 +277,24 @@ class Worker:
         empty the worker polls again after ``idle_poll_ms``.
         """
         if isinstance(self.redis, RedisCluster):
+            await self.flush_acks()
             return await self._read_cluster(self.redis)
-        reply: Any = await self.redis.xreadgroup(
-            PIPELINE_GROUP,
-            self.consumer,
-            dict.fromkeys(self.streams, ">"),
-            count=self.config.batch_size,
-            block=self.config.block_ms,
-        )
-        return _entries(reply)
+        acks = self._take_acks()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._queue_acks(pipe, acks)
+                pipe.xreadgroup(
+                    PIPELINE_GROUP,
+                    self.consumer,
+                    dict.fromkeys(self.streams, ">"),
+                    count=self.config.batch_size,
+                    block=self.config.block_ms,
+                )
+                replies: list[Any] = await pipe.execute()
+        except BaseException:
+            self._requeue_acks(acks)
+            raise
+        return _entries(replies[-1])
 
     async def _read_cluster(self, client: RedisCluster) -> list[StreamEntry]:
         async def one(stream: str) -> Any:
@@ -259,13 +314,19 @@ class Worker:
 
     async def reclaim(self) -> list[StreamEntry]:
         """XAUTOCLAIM entries idle past ``claim_idle_ms``; dead-letter the over-delivered."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xautoclaim(
-                    stream, PIPELINE_GROUP, self.consumer, self.config.claim_idle_ms,
-                    start_id="0-0", count=self.config.batch_size,
-                )  # fmt: skip
-            replies = await pipe.execute()
+        acks = {} if isinstance(self.redis, RedisCluster) else self._take_acks()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._queue_acks(pipe, acks)
+                for stream in self.streams:
+                    pipe.xautoclaim(
+                        stream, PIPELINE_GROUP, self.consumer, self.config.claim_idle_ms,
+                        start_id="0-0", count=self.config.batch_size,
+                    )  # fmt: skip
+                replies = (await pipe.execute())[len(acks) :]
+        except BaseException:
+            self._requeue_acks(acks)
+            raise
         claimed: dict[str, list[tuple[str, dict[str, bytes]]]] = {}
         for stream, reply in zip(self.streams, replies, strict=True):
             rows = [(text(i), {text(k): v for k, v in f.items()}) for i, f in reply[1] if f]
@@ -336,6 +397,7 @@ class Worker:
     async def process(self, entries: Sequence[StreamEntry]) -> None:
         """Drive one batch through the chain, store the outcomes, send statuses, then ack."""
         await self.finish(await self.settle(entries))
+        await self.flush_acks()
 
     async def settle(self, entries: Sequence[StreamEntry]) -> Settled:
         """Decode, load, run the steps in memory and store every order's outcome."""
@@ -350,7 +412,11 @@ class Worker:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs = await load(self.redis, self.scripts, decoded, shards=self.shards) if decoded else []
+        ctxs = (
+            await load(self.redis, self.scripts, decoded, shards=self.shards, riders=self._riders)
+            if decoded
+            else []
+        )
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
         # that stored them (before they reached the broker): send them again.
@@ -380,12 +446,15 @@ class Worker:
         return Settled(ctxs, letters, statuses)
 
     async def finish(self, settled: Settled) -> None:
-        """Send the batch's statuses (never waiting on the broker), then dead-letter and ack."""
+        """Send the batch's statuses (never waiting on the broker), dead-letter, queue the acks.
+
+        The acks leave with the next read or reclaim, or :meth:`flush_acks`.
+        """
         spans = status_spans(settled.ctxs, settled.statuses)
         with tracing.per_order_spans("status publish", spans, kind="PRODUCER"):
             self.publisher.send(settled.statuses)
         await dead_letter(self.redis, self.scripts, settled.letters)
-        await self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
+        self._ack([c for c in settled.ctxs if c.error is None and not c.stale])
         for letter in settled.letters:
             log.error("dead_lettered", reason=letter.reason, error=letter.error,
                       stream=letter.entry.stream, entry_id=letter.entry.entry_id)  # fmt: skip
@@ -411,23 +480,47 @@ class Worker:
                             device_id=ctx.order.device_id, deliveries=ctx.entry.deliveries,
                             error=repr(exc))  # fmt: skip
 
-    async def _ack(self, ctxs: list[OrderContext]) -> None:
+    def _ack(self, ctxs: list[OrderContext]) -> None:
         if not ctxs:
             return
-        by_stream: dict[str, list[str]] = defaultdict(list)
         outcomes: Counter[str] = Counter()
         for ctx in ctxs:
-            by_stream[ctx.entry.stream].append(ctx.entry.entry_id)
+            self._unacked[ctx.entry.stream].append(ctx.entry.entry_id)
             outcomes[ctx.status] += 1
         for outcome, count in outcomes.items():
             self.metrics.processed.labels(outcome=outcome).inc(count)
-        # Shielded: once the effects are stored, the ack must not be lost to a cancel.
-        await asyncio.shield(self._xack(by_stream))
+
+    def _take_acks(self) -> dict[str, list[str]]:
+        """The queued acks, handed to one round trip (put back with _requeue_acks if it fails)."""
+        acks, self._unacked = self._unacked, defaultdict(list)
+        return acks
+
+    def _requeue_acks(self, acks: dict[str, list[str]]) -> None:
+        # XACK of an id acked before is a no-op, so sending one twice is harmless.
+        for stream, ids in acks.items():
+            self._unacked[stream].extend(ids)
+
+    @staticmethod
+    def _queue_acks(pipe: Any, acks: dict[str, list[str]]) -> None:
+        """One XACK per stream at the head of ``pipe`` (one reply each)."""
+        for stream, ids in acks.items():
+            pipe.xack(stream, PIPELINE_GROUP, *ids)
+
+    async def flush_acks(self) -> None:
+        """XACK what finished batches left queued, now (stop, a cluster read, tests)."""
+        acks = self._take_acks()
+        if not acks:
+            return
+        try:
+            # Shielded: once the effects are stored, the ack must not be lost to a cancel.
+            await asyncio.shield(self._xack(acks))
+        except BaseException:
+            self._requeue_acks(acks)
+            raise
 
     async def _xack(self, by_stream: dict[str, list[str]]) -> Any:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, PIPELINE_GROUP, *ids)
+            self._queue_acks(pipe, by_stream)
             return await pipe.execute()
 
     async def _replay_statuses(self, ctxs: list[OrderContext]) -> list[tuple[str, Status]]:

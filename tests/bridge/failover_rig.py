@@ -146,6 +146,7 @@ class Pipeline:
             http_port=free_port(),
             block_ms=100,
             claim_idle_ms=1000,
+            claim_every_ms=1000,
             **self.settings,
         )
         self.process = spawn(["run"], env_for(config), self.workdir / "pipeline.log")

@@ -168,7 +168,7 @@ class Rig:
             console_script("order-pipeline"),
             "--mqtt-url", self._mqtt_url("pipeline"), "--redis-url", self.redis_url("pipeline"),
             "--redis-password-file", str(self.secrets_dir / "pipeline-redis"),
-            "--workers", "1", "--claim-idle-ms", "3000",
+            "--workers", "1", "--claim-idle-ms", "3000", "--claim-every-ms", "1000",
             *self._mqtt_args("pipeline"), *self._shards_args(),
         ])  # fmt: skip
         self.pipeline.start_timeout_s = START_TIMEOUT_S
