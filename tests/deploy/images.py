@@ -36,7 +36,8 @@ STANDIN_IMAGES: Final = (
 )
 # dpkg's unsafe-io: no fsync per unpacked file (a throwaway rootfs; this halved the
 # bootstrap on a loaded 2-core machine). Translations, documentation and manuals are never
-# unpacked. The package lists stay, so the stand-ins' `apt-get install` needs no update.
+# unpacked. Both stay in the image's /etc/dpkg/dpkg.cfg.d/99mmdebstrap, so they hold for the
+# stand-ins' `apt-get install` too, which needs no update: the package lists stay.
 MMDEBSTRAP: Final = (
     "mmdebstrap", "--variant=minbase", "--include=python3,python3-venv", "--format=tar",
     "--dpkgopt=force-unsafe-io", "--dpkgopt=path-exclude=/usr/share/doc/*",
