@@ -5,7 +5,7 @@
 # chromium (the /ops page tests drive Debian's browser with playwright; no browser download),
 # nodejs (tests/hostile/test_patterns.py checks our regexes in ECMA-262) and openssl (the
 # agent's TLS test makes its certificates with it), redis-sentinel (the in-region failover tests),
-# docker.io, docker-compose and debootstrap (tests/deploy runs the compose file on a real engine
+# docker.io, docker-compose and mmdebstrap (tests/deploy runs the compose file on a real engine
 # with Debian's Compose 1.29, on a Debian base image built locally because no image registry
 # is reachable). A test without its tool skips, or fails under
 # CI=true (tests/tools.py), so each tool a test needs must be installed here.
@@ -24,7 +24,7 @@ have redis-cli || missing+=("redis-tools")
 have redis-sentinel || missing+=("redis-sentinel")
 { have dockerd && have docker; } || missing+=("docker.io")
 have docker-compose || missing+=("docker-compose")
-have debootstrap || missing+=("debootstrap")
+have mmdebstrap || missing+=("mmdebstrap")
 # libfuse 3 for mfusepy (tests/powercut) and its mount helper; fuse3 pulls in libfuse3-3.
 have fusermount3 || missing+=("fuse3")
 [ -n "$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p) | grep libfuse3.so.3)" ] || missing+=("libfuse3-3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import pytest
 
 from tests.tools import require, require_tool, unavailable
 
-from .engine import Client, Engine, engine_answers, find_client
+from .engine import Client, Engine, engine_answers, find_client, own_root, own_socket
 from .images import build_all
 from .stack import SecureStack, find_compose
 
@@ -29,18 +30,20 @@ def docker_client() -> Client:
     client = find_client()
     if client is None:
         unavailable("no docker CLI that builds with BuildKit (scripts/ensure-system-deps.sh)")
-    return client
+    root = own_root()
+    return client if root is None else dataclasses.replace(client, host=own_socket(root))
 
 
 @pytest.fixture(scope="session")
 def docker_engine(
     docker_client: Client, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """The running engine, or ``dockerd --storage-driver=vfs`` started for the session."""
+    """The running engine, or ``dockerd`` started for the session (engine.py)."""
     if engine_answers(docker_client):
         yield
         return
-    engine = Engine(require_tool("dockerd"), tmp_path_factory.mktemp("dockerd") / "dockerd.log")
+    log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+    engine = Engine(require_tool("dockerd"), log, own_root())
     engine.start(docker_client)
     try:
         yield
@@ -51,7 +54,7 @@ def docker_engine(
 @pytest.fixture(scope="session")
 def images(docker_client: Client, docker_engine: None) -> list[str]:
     """The base, the application image and the stand-ins, built (cached after the first run)."""
-    require_tool("debootstrap")
+    require_tool("mmdebstrap")
     return build_all(docker_client)
 
 

@@ -1,8 +1,11 @@
 """A Docker engine for the deployment test: the running one, or a ``dockerd`` started here.
 
-The engine started here uses the vfs storage driver (no overlay mount needed, slower
-layers) and the default data root, /var/lib/docker, so its images outlive the test run
-and the checkout: a new clone on the same machine builds nothing again.
+The engine started here uses the overlay2 storage driver (a container or a build step
+shares its image's files; vfs copied all of them each time) and the default data root,
+/var/lib/docker, so its images outlive the test run and the checkout: a new clone on the
+same machine builds nothing again. ``DEPLOY_DOCKER_DATA_ROOT=DIR`` gives the test an
+engine of its own instead, all its state under DIR (data root, exec root, pid file,
+socket), e.g. an empty DIR to time a cold build beside the machine's engine.
 
 The client must build with BuildKit, for ``RUN --mount=type=secret``: Docker 20.10's
 ``docker`` does with ``DOCKER_BUILDKIT=1``; from Docker 23 on, ``docker build`` needs the
@@ -20,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-# DEPLOY_DOCKER_DATA_ROOT=DIR: another data root, e.g. an empty one to time a cold build.
-DATA_ROOT: Final = Path(os.environ.get("DEPLOY_DOCKER_DATA_ROOT", "/var/lib/docker"))
+DEFAULT_DATA_ROOT: Final = Path("/var/lib/docker")
+# DEPLOY_DOCKER_DATA_ROOT=DIR: the engine of DIR (started here if it does not answer), never
+# the machine's. A short DIR: containerd's socket under it must fit a socket path's 108 bytes.
+OWN_ROOT: Final = os.environ.get("DEPLOY_DOCKER_DATA_ROOT")
+# DEPLOY_DOCKER_STORAGE_DRIVER=vfs for a kernel without overlayfs (every layer a full copy).
+STORAGE_DRIVER: Final = os.environ.get("DEPLOY_DOCKER_STORAGE_DRIVER", "overlay2")
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 DEBIAN_CLIENT: Final = "/usr/bin/docker"
@@ -33,6 +40,7 @@ class Client:
 
     path: str
     buildx: bool
+    host: str | None = None  # DOCKER_HOST, when not the default socket
 
     def build_argv(self) -> list[str]:
         """The start of a BuildKit build command that leaves the image in the engine."""
@@ -42,11 +50,24 @@ class Client:
 
     def env(self) -> dict[str, str]:
         """The environment for this client's commands."""
-        return {**os.environ, "DOCKER_BUILDKIT": "1"}
+        env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+        if self.host:
+            env["DOCKER_HOST"] = self.host
+        return env
 
 
-def _runs(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+def _runs(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60, env=env)
+
+
+def own_root() -> Path | None:
+    """DEPLOY_DOCKER_DATA_ROOT as an absolute path, or None for the machine's engine."""
+    return Path(OWN_ROOT).resolve() if OWN_ROOT else None
+
+
+def own_socket(root: Path) -> str:
+    """The DOCKER_HOST of the engine whose state is all under ``root``."""
+    return f"unix://{root / 'docker.sock'}"
 
 
 def find_client() -> Client | None:
@@ -64,14 +85,23 @@ def find_client() -> Client | None:
 
 def engine_answers(client: Client) -> bool:
     """True when a Docker engine answers this client."""
-    return _runs([client.path, "info", "--format", "{{.ServerVersion}}"]).returncode == 0
+    argv = [client.path, "info", "--format", "{{.ServerVersion}}"]
+    return _runs(argv, client.env()).returncode == 0
 
 
 class Engine:
-    """``dockerd --storage-driver=vfs``, started when no engine answers; stopped by its pid."""
+    """``dockerd``, started when no engine answers; stopped by its pid. With ``root``, all
+    its state is under that folder, apart from the machine's engine (which may run)."""
 
-    def __init__(self, dockerd: str, log: Path) -> None:
-        self._argv = [dockerd, "--storage-driver=vfs", f"--data-root={DATA_ROOT}"]
+    def __init__(self, dockerd: str, log: Path, root: Path | None = None) -> None:
+        self._argv = [dockerd, f"--storage-driver={STORAGE_DRIVER}"]
+        if root is None:
+            self._argv.append(f"--data-root={DEFAULT_DATA_ROOT}")
+        else:
+            self._argv += [
+                f"--data-root={root / 'data'}", f"--exec-root={root / 'exec'}",
+                f"--pidfile={root / 'docker.pid'}", f"--host={own_socket(root)}",
+            ]  # fmt: skip
         self._log = log
         self._proc: subprocess.Popen[bytes] | None = None
 

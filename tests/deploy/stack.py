@@ -152,8 +152,9 @@ class SecureStack:
     def docker(self, *args: str) -> str:
         """A docker CLI command; stdout."""
         done = subprocess.run(
-            [self.client.path, *args], capture_output=True, text=True, check=False, timeout=120
-        )
+            [self.client.path, *args], capture_output=True, text=True, check=False, timeout=120,
+            env=self.client.env(),
+        )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr}")
         return done.stdout

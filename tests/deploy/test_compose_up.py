@@ -41,8 +41,8 @@ HEALTHY_TIMEOUT_S: Final = 180.0
 SETTLE_TIMEOUT_S: Final = 180.0
 PROMETHEUS: Final = "http://127.0.0.1:9090"
 
-# 1-3 min on a warm image cache (the engine's data root outlives a clone), about 10 min
-# when it builds the images (docs/how-to/deploy-docker.md#how-the-tests-run-it).
+# About 1 min on a warm image cache (the engine's data root outlives a clone), about 3 min
+# when it builds the images (docs/how-to/deploy-docker.md#how-long-it-takes).
 # make test runs it; DEPLOY_DOCKER=0 leaves it out of a local run.
 pytestmark = [
     pytest.mark.network,
