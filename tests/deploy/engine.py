@@ -1,9 +1,12 @@
 """A Docker engine for the deployment test: the running one, or a ``dockerd`` started here.
 
 The engine started here uses the overlay2 storage driver (a container or a build step
-shares its image's files; vfs copied all of them each time) and the default data root,
-/var/lib/docker, so its images outlive the test run and the checkout: a new clone on the
-same machine builds nothing again. ``DEPLOY_DOCKER_DATA_ROOT=DIR`` gives the test an
+shares its image's files; vfs copied all of them each time) and a data root of the test's
+own, /var/lib/iot-orders-docker/<driver>, so its images outlive the test run and the
+checkout (a new clone on the same machine builds nothing again), and no state of another
+engine or driver is read: BuildKit's cache in a /var/lib/docker last used with vfs names
+snapshots that overlay2 does not have, and every build failed ("stat
+/var/lib/docker/overlay2/...: no such file or directory"). ``DEPLOY_DOCKER_DATA_ROOT=DIR`` gives the test an
 engine of its own instead, all its state under DIR (data root, exec root, pid file,
 socket), e.g. an empty DIR to time a cold build beside the machine's engine.
 
@@ -23,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-DEFAULT_DATA_ROOT: Final = Path("/var/lib/docker")
 # DEPLOY_DOCKER_DATA_ROOT=DIR: the engine of DIR (started here if it does not answer), never
 # the machine's. A short DIR: containerd's socket under it must fit a socket path's 108 bytes.
 OWN_ROOT: Final = os.environ.get("DEPLOY_DOCKER_DATA_ROOT")
 # DEPLOY_DOCKER_STORAGE_DRIVER=vfs for a kernel without overlayfs (every layer a full copy).
 STORAGE_DRIVER: Final = os.environ.get("DEPLOY_DOCKER_STORAGE_DRIVER", "overlay2")
+DEFAULT_DATA_ROOT: Final = Path("/var/lib/iot-orders-docker") / STORAGE_DRIVER
 START_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 30.0
 DEBIAN_CLIENT: Final = "/usr/bin/docker"
