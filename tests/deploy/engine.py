@@ -8,7 +8,8 @@ engine or driver is read: BuildKit's cache in a /var/lib/docker last used with v
 snapshots that overlay2 does not have, and every build failed ("stat
 /var/lib/docker/overlay2/...: no such file or directory").
 ``DEPLOY_DOCKER_DATA_ROOT=DIR`` gives the test an engine of its own instead, all its
-state under DIR (data root, exec root, pid file, socket), e.g. an empty DIR to time a cold build beside the machine's engine.
+state under DIR (data root, exec root, pid file, socket), e.g. an empty DIR to time a
+cold build beside the machine's engine.
 
 The client must build with BuildKit, for ``RUN --mount=type=secret``: Docker 20.10's
 ``docker`` does with ``DOCKER_BUILDKIT=1``; from Docker 23 on, ``docker build`` needs the
