@@ -28,6 +28,7 @@ SUBMIT_CONCURRENCY = 2_000
 # Arrivals due within this much are placed at once: one loop turn per arrival would
 # cost more than a light device's whole order at thousands a second.
 MIN_SLEEP_S = 0.001
+PLACED_WITHOUT_YIELD = 100
 SETTLE_STALLED_POLLS = 4  # polls (0.5 s apart) without a status heard before Redis is asked
 
 
@@ -60,6 +61,7 @@ async def offer_orders(
         finally:
             slots.release()
 
+    behind = 0
     async with asyncio.TaskGroup() as tg:
         while True:
             next_at += rng.expovariate(rate * fleet.rate_factor)
@@ -67,6 +69,12 @@ async def offer_orders(
                 break
             if (delay := next_at - time.monotonic()) > MIN_SLEEP_S:
                 await asyncio.sleep(delay)
+                behind = 0
+            elif (behind := behind + 1) >= PLACED_WITHOUT_YIELD:
+                # Behind schedule (a starved process): without a yield the backlog would be
+                # placed in one loop turn while receipts wait unread in the sockets.
+                await asyncio.sleep(0)
+                behind = 0
             device = rng.choice(fleet.devices)
             if isinstance(device, LightDevice):
                 device.offer(catalog.order_body(rng))  # synchronous: no task per order
