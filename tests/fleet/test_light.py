@@ -15,13 +15,21 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from fleet.light import LightPool, LightSettings, puback, publish_packet, split_packets
+from fleet.light import (
+    ACK_DELAY_S,
+    LightDevice,
+    LightPool,
+    LightSettings,
+    puback,
+    publish_packet,
+    split_packets,
+)
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
 from fleet.verify import count_stream_entries
 from fleet.workers import split_total
-from schemas import Health, names
+from schemas import Health, Status, encode, names
 from testrig.servers import MosquittoProcess
 
 from .mqtt_probe import Probe
@@ -64,6 +72,53 @@ async def test_will_is_published_when_a_device_vanishes(mosquitto: MosquittoProc
             assert not msgspec.msgpack.decode(both[1].payload, type=Health).online
         finally:
             await pool.close()
+
+
+class _HeardPool(LightPool):
+    """Counts the statuses each order id was delivered with."""
+
+    heard: dict[str, int]
+
+    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
+        self.heard[order_id] = self.heard.get(order_id, 0) + 1
+        super().on_status(device, order_id, status)
+
+
+async def _heard(pool: _HeardPool, order_id: str, times: int) -> None:
+    async with asyncio.timeout(5):
+        while pool.heard.get(order_id, 0) < times:
+            await asyncio.sleep(0.01)
+
+
+async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) -> None:
+    """A PUBACK is held for a moment, then sent: after a reconnect the broker delivers
+    again only the message whose PUBACK had not left yet (clean start off)."""
+    device = f"lt-ack-{time.monotonic_ns()}"
+    pool = _HeardPool(LightSettings(mosquitto.url), Tracker(), [device])
+    pool.heard = {}
+    light = pool.devices[0]
+
+    def status(order_id: str) -> bytes:
+        return encode(Status(v=1, order_id=order_id, status="fulfilled", reason=None, at=1))
+
+    await pool.start(ramp_per_s=100)
+    try:
+        async with asyncio.timeout(10):
+            while not light.connected:
+                await asyncio.sleep(0.01)
+        with Probe(mosquitto.port) as probe:
+            await asyncio.to_thread(probe.publish, names.status_topic(device), status("o-acked"))
+            await _heard(pool, "o-acked", 1)
+            await asyncio.sleep(ACK_DELAY_S * 3)  # its PUBACK has left
+            await asyncio.to_thread(probe.publish, names.status_topic(device), status("o-owed"))
+            await _heard(pool, "o-owed", 1)
+        assert light.transport is not None
+        light.transport.abort()  # at once: this one's PUBACK is still owed
+        await _heard(pool, "o-owed", 2)  # the broker delivered it again on the reconnect
+        await asyncio.sleep(ACK_DELAY_S * 3)
+        assert pool.heard == {"o-acked": 1, "o-owed": 2}
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="module")
