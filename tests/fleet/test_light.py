@@ -78,16 +78,18 @@ class _HeardPool(LightPool):
     """Counts the statuses each order id was delivered with."""
 
     heard: dict[str, int]
+    changed: asyncio.Event
 
     def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
         self.heard[order_id] = self.heard.get(order_id, 0) + 1
+        self.changed.set()
         super().on_status(device, order_id, status)
 
-
-async def _heard(pool: _HeardPool, order_id: str, times: int) -> None:
-    async with asyncio.timeout(5):
-        while pool.heard.get(order_id, 0) < times:
-            await asyncio.sleep(0.01)
+    async def until_heard(self, order_id: str, times: int) -> None:
+        async with asyncio.timeout(5):
+            while self.heard.get(order_id, 0) < times:
+                self.changed.clear()
+                await self.changed.wait()
 
 
 async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) -> None:
@@ -95,30 +97,30 @@ async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) 
     again only the message whose PUBACK had not left yet (clean start off)."""
     device = f"lt-ack-{time.monotonic_ns()}"
     pool = _HeardPool(LightSettings(mosquitto.url), Tracker(), [device])
-    pool.heard = {}
+    pool.heard, pool.changed = {}, asyncio.Event()
     light = pool.devices[0]
 
     def status(order_id: str) -> bytes:
         return encode(Status(v=1, order_id=order_id, status="fulfilled", reason=None, at=1))
 
-    await pool.start(ramp_per_s=100)
-    try:
-        async with asyncio.timeout(10):
-            while not light.connected:
-                await asyncio.sleep(0.01)
-        with Probe(mosquitto.port) as probe:
-            await asyncio.to_thread(probe.publish, names.status_topic(device), status("o-acked"))
-            await _heard(pool, "o-acked", 1)
+    with Probe(mosquitto.port) as probe:
+        probe.subscribe(names.health_topic(device))
+        await pool.start(ramp_per_s=100)
+        try:
+            await asyncio.to_thread(probe.wait_messages, 1)  # online: subscribed too
+            topic = names.status_topic(device)
+            await asyncio.to_thread(probe.publish, topic, status("o-acked"))
+            await pool.until_heard("o-acked", 1)
             await asyncio.sleep(ACK_DELAY_S * 3)  # its PUBACK has left
-            await asyncio.to_thread(probe.publish, names.status_topic(device), status("o-owed"))
-            await _heard(pool, "o-owed", 1)
-        assert light.transport is not None
-        light.transport.abort()  # at once: this one's PUBACK is still owed
-        await _heard(pool, "o-owed", 2)  # the broker delivered it again on the reconnect
-        await asyncio.sleep(ACK_DELAY_S * 3)
-        assert pool.heard == {"o-acked": 1, "o-owed": 2}
-    finally:
-        await pool.close()
+            await asyncio.to_thread(probe.publish, topic, status("o-owed"))
+            await pool.until_heard("o-owed", 1)
+            assert light.transport is not None
+            light.transport.abort()  # at once: this one's PUBACK is still owed
+            await pool.until_heard("o-owed", 2)  # delivered again on the reconnect
+            await asyncio.sleep(ACK_DELAY_S * 3)
+            assert pool.heard == {"o-acked": 1, "o-owed": 2}
+        finally:
+            await pool.close()
 
 
 @pytest.fixture(scope="module")
