@@ -69,6 +69,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -105,9 +106,19 @@ def tree_cpu_s(pid: int | None) -> float:
     return sum(process_cpu_s(p) for p in (pid, *child_pids(pid)))
 
 
+def main_thread_cpu_s() -> float:
+    """CPU seconds of this process's main thread: the simulator's event loop, and only it
+    (the sampling runs in its own thread, paho's ``$SYS`` client in another)."""
+    pid = os.getpid()
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_split(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far per stage; the simulator is this process and its worker processes."""
+    """CPU seconds so far per stage; the simulator is this process's main thread and its
+    worker processes; ``bench`` is this process's other threads (the sampling)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
+    main_thread = main_thread_cpu_s()
     # Reaped workers; the stack's servers are never reaped while it runs.
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     servers = {
@@ -118,8 +129,8 @@ def cpu_split(stack: Stack) -> dict[str, float]:
     }
     workers = [p for p in child_pids(os.getpid()) if p not in servers]
     return {
-        "simulator": me.ru_utime
-        + me.ru_stime
+        "bench": me.ru_utime + me.ru_stime - main_thread,
+        "simulator": main_thread
         + reaped.ru_utime
         + reaped.ru_stime
         + sum(process_cpu_s(p, children=False) for p in workers),
@@ -134,7 +145,7 @@ def process_split(stack: Stack) -> dict[str, float]:
     """CPU seconds so far of each process on its own (a process can use one core at most)."""
     out = {"broker": process_cpu_s(stack.broker.pid, children=False),
            "redis": process_cpu_s(stack.redis.pid, children=False),
-           "simulator": process_cpu_s(os.getpid(), children=False)}  # fmt: skip
+           "simulator": main_thread_cpu_s()}  # fmt: skip
     for bridge in stack.bridges:
         out[bridge.name] = process_cpu_s(bridge.pid, children=False)
     if stack.pipeline.pid is not None:
@@ -421,9 +432,9 @@ class Lag:
         """CPU seconds per wall second of each stage between the samples nearest the window."""
         inside = [(t, c) for t, c in self.cpu if start - 0.5 <= t <= end + 0.5]
         if len(inside) < 2:
-            return dict.fromkeys(STAGES, 0.0)
+            return dict.fromkeys((*STAGES, "bench"), 0.0)
         (t0, c0), (t1, c1) = inside[0], inside[-1]
-        return {k: (c1[k] - c0[k]) / max(t1 - t0, 1e-9) for k in STAGES}
+        return {k: (c1[k] - c0[k]) / max(t1 - t0, 1e-9) for k in c1}
 
     def process_cores(self, start: float, end: float) -> dict[str, float]:
         """Cores each process used between the samples nearest the window."""
@@ -449,7 +460,7 @@ class Lag:
         return cost_between(inside[0], inside[-1])
 
 
-async def watch(stack: Stack, stop: asyncio.Event, broker: BrokerSys) -> Lag:
+async def watch(stack: Stack, stop: threading.Event, broker: BrokerSys) -> Lag:
     """Sample CPU, the bridges' in-flight gauge and the group's lag each second until ``stop``."""
     lag = Lag()
     before = await asyncio.to_thread(bridge_metrics, stack)
@@ -469,8 +480,7 @@ async def watch(stack: Stack, stop: asyncio.Event, broker: BrokerSys) -> Lag:
                 behind, pending = await group_lag(redis)
                 lag.group_lag.append((now, behind))
                 lag.pending.append((now, pending))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.to_thread(stop.wait, 1.0)
     after = await asyncio.to_thread(bridge_metrics, stack)
 
     def delta(name: str) -> float:
@@ -505,12 +515,18 @@ class Step:
         return max(0.0, self.machine - sum(self.cores.values()))
 
     def simulator_us(self, whole_run: bool) -> float:
-        """The simulator's CPU µs per verified order: during the load, or load + settle."""
+        """The simulator's CPU µs per verified order: during the load, or over load + settle
+        (fleet-sim's own windows, read from the bench's samples of the simulator alone)."""
         record = self.result.record
         use = record.cpu if whole_run else record.cpu_load
-        if use is None:
+        if use is None or not self.result.verdict.checked:
             return 0.0
-        return use.per_order_us(use.generator_s, self.result.verdict.checked)
+        start = self.load_start
+        inside = [(t, c["simulator"]) for t, c in self.lag.cpu
+                  if start - 0.5 <= t <= start + use.wall_s + 0.5]  # fmt: skip
+        if len(inside) < 2:
+            return 0.0
+        return (inside[-1][1] - inside[0][1]) * 1e6 / self.result.verdict.checked
 
     def queue(self, series: str) -> float:
         """Mean of a lag series over the load window."""
@@ -539,10 +555,11 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
         # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
     )  # fmt: skip
-    stop = asyncio.Event()
+    stop = threading.Event()
     spies = await start_profiles(stack, args.profile) if args.profile else []
     async with asyncio.TaskGroup() as tg:
-        watcher = tg.create_task(watch(stack, stop, broker))
+        # Sampled on a loop of its own: on the simulator's it would be charged to it.
+        watcher = tg.create_task(asyncio.to_thread(asyncio.run, watch(stack, stop, broker)))
         try:
             result = await run(options, stack)
         finally:
@@ -674,11 +691,11 @@ def first_at_core(steps: list[Step]) -> str:
 def table(steps: list[Step]) -> str:
     """One row per step: latencies, cores per stage and for other work, the simulator's cost."""
     head = ("| offered/s | processed/s | sustained | receipt p50 ms | e2e p99 ms | "
-            + " | ".join(STAGES) + " | other work | machine | "
+            + " | ".join(STAGES) + " | bench | other work | machine | "
             "simulator µs/order (load) | (load + settle) |")  # fmt: skip
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in steps:
-        cores = " | ".join(f"{s.cores[k]:.2f}" for k in STAGES)
+        cores = " | ".join(f"{s.cores.get(k, 0.0):.2f}" for k in (*STAGES, "bench"))
         rows.append(
             f"| {s.rate:.0f} | {s.processed_rate:.0f} | {'yes' if s.sustained else 'no'} | "
             f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | {cores} | "
