@@ -640,7 +640,8 @@ def limiting_stage(base: Step, hot: Step, args: argparse.Namespace) -> str:
         f"→ the {'front (device → broker → bridge → Redis)' if side is FRONT else 'back (pipeline → status)'}",  # noqa: E501
         "queues in seconds of load: " + ", ".join(f"{k} {v:.2f} s" for k, v in queues.items()),
         "use of each stage's cores: " + ", ".join(f"{k} {use[k]:.0%}" for k in STAGES),
-        f"the machine: {busy:.2f} of {machine} cores busy with this stack",
+        f"the machine: {busy:.2f} of {machine} cores busy with this stack, "
+        f"{hot.others:.2f} with other work",
     ]
     verdict = f"limiting stage: {stage} ({hot.cores[stage]:.2f} cores of {capacity(args)[stage]:g})"
     if quiet:
@@ -649,10 +650,17 @@ def limiting_stage(base: Step, hot: Step, args: argparse.Namespace) -> str:
             f"(all < {BUSY:.0%}): the p99 rise is not a stage's limit but noise from "
             "other processes on this machine"
         )
-    if busy >= 0.85 * machine:
+    if hot.machine >= 0.85 * machine and hot.others >= 0.5 * hot.machine:
+        verdict = (
+            f"no stage: the machine's {machine} cores were {hot.machine / machine:.0%} busy, "
+            f"{hot.others:.2f} cores of it other work beside this run (stack "
+            f"{busy:.2f}): the peak is this shared machine's, not a stage's"
+        )
+    elif max(busy, hot.machine) >= 0.85 * machine:
         verdict += (
             f"; every stage shares this machine's {machine} cores, which are "
-            f"{busy / machine:.0%} busy: more cores, not another stage, lift the peak"
+            f"{max(busy, hot.machine) / machine:.0%} busy: more cores, not another stage, "
+            "lift the peak"
         )
     return "\n".join(["  " + line for line in [*lines, verdict]])
 
