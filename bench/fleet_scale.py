@@ -803,6 +803,7 @@ async def search(stack: Stack, args: argparse.Namespace, broker: BrokerSys) -> N
     inside = [s for s in steps if not off_plateau(s, steps[:1], args)]
     if not inside:
         print("no rate stayed on the plateau")
+        print(table(steps), flush=True)
         print("cloud CPU per order goals (≤ 150 µs at 50 % of the peak, ≤ 100 µs at the peak): "
               "not judged, no peak was found")  # fmt: skip
         return
