@@ -45,9 +45,16 @@ prints their top frames.
     .venv/bin/python bench/fleet_scale.py --devices 500 --at 250 --profile /tmp/prof
 
 ``--light`` runs lightweight devices (:mod:`fleet.light`) instead of real agents,
-so the simulator is no longer what limits the peak; the run then names the
-stage whose processes reached their cores first, and checks the latency goals
-at 50 % of the peak (receipt p50 ≤ 7 ms, e2e p99 < 50 ms).
+so the simulator is no longer what limits the peak (``--processes 1`` keeps
+them in this process). Every search names the process that reached its core
+first as the rate rose (CPU per process from ``/proc``; or the machine's cores,
+when other work filled them before any one process was), checks the latency
+goals at 50 % of the peak (receipt p50 ≤ 7 ms, e2e p99 < 50 ms), and ends with
+a table of every step: latencies, cores per stage and of other work on the
+machine (``/proc/stat`` less this run's processes), and the simulator's CPU
+µs per verified order during the load and over load + settle.
+
+    .venv/bin/python bench/fleet_scale.py --light --processes 1 --devices 500 --start-rate 500
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -79,7 +87,7 @@ from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
 from schemas.names import TOPIC_PREFIX, stream_key
 from servicekit.logs import configure_logging
-from testrig.procstat import process_cpu_s
+from testrig.procstat import CLK_TCK, process_cpu_s
 from testrig.services import child_pids
 
 SHARDS = 4
@@ -98,9 +106,19 @@ def tree_cpu_s(pid: int | None) -> float:
     return sum(process_cpu_s(p) for p in (pid, *child_pids(pid)))
 
 
+def main_thread_cpu_s() -> float:
+    """CPU seconds of this process's main thread: the simulator's event loop, and only it
+    (the sampling runs in its own thread, paho's ``$SYS`` client in another)."""
+    pid = os.getpid()
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_split(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far per stage; the simulator is this process and its worker processes."""
+    """CPU seconds so far per stage; the simulator is this process's main thread and its
+    worker processes; ``bench`` is this process's other threads (the sampling)."""
     me = resource.getrusage(resource.RUSAGE_SELF)
+    main_thread = main_thread_cpu_s()
     # Reaped workers; the stack's servers are never reaped while it runs.
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     servers = {
@@ -111,8 +129,8 @@ def cpu_split(stack: Stack) -> dict[str, float]:
     }
     workers = [p for p in child_pids(os.getpid()) if p not in servers]
     return {
-        "simulator": me.ru_utime
-        + me.ru_stime
+        "bench": me.ru_utime + me.ru_stime - main_thread,
+        "simulator": main_thread
         + reaped.ru_utime
         + reaped.ru_stime
         + sum(process_cpu_s(p, children=False) for p in workers),
@@ -121,6 +139,32 @@ def cpu_split(stack: Stack) -> dict[str, float]:
         "redis": process_cpu_s(stack.redis.pid),
         "pipeline": tree_cpu_s(stack.pipeline.pid),
     }
+
+
+def process_split(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each process on its own (a process can use one core at most)."""
+    out = {"broker": process_cpu_s(stack.broker.pid, children=False),
+           "redis": process_cpu_s(stack.redis.pid, children=False),
+           "simulator": main_thread_cpu_s()}  # fmt: skip
+    for bridge in stack.bridges:
+        out[bridge.name] = process_cpu_s(bridge.pid, children=False)
+    if stack.pipeline.pid is not None:
+        out["pipeline"] = process_cpu_s(stack.pipeline.pid, children=False)
+        for i, pid in enumerate(sorted(child_pids(stack.pipeline.pid))):
+            out[f"pipeline worker {i + 1}"] = process_cpu_s(pid, children=False)
+    servers = {stack.broker.pid, stack.redis.pid, stack.pipeline.pid,
+               *(b.pid for b in stack.bridges)}  # fmt: skip
+    workers = [p for p in child_pids(os.getpid()) if p not in servers]
+    for i, pid in enumerate(sorted(workers)):
+        out[f"simulator worker {i + 1}"] = process_cpu_s(pid, children=False)
+    return out
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat, idle and iowait out)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -388,6 +432,8 @@ class Lag:
     group_lag: list[tuple[float, float]] = field(default_factory=list)
     pending: list[tuple[float, float]] = field(default_factory=list)
     cpu: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    procs: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    machine: list[tuple[float, float]] = field(default_factory=list)
     ledger: list[tuple[float, Sample]] = field(default_factory=list)
     batch_size: float = 0.0
     batch_ms: float = 0.0
@@ -401,9 +447,25 @@ class Lag:
         """CPU seconds per wall second of each stage between the samples nearest the window."""
         inside = [(t, c) for t, c in self.cpu if start - 0.5 <= t <= end + 0.5]
         if len(inside) < 2:
-            return dict.fromkeys(STAGES, 0.0)
+            return dict.fromkeys((*STAGES, "bench"), 0.0)
         (t0, c0), (t1, c1) = inside[0], inside[-1]
-        return {k: (c1[k] - c0[k]) / max(t1 - t0, 1e-9) for k in STAGES}
+        return {k: (c1[k] - c0[k]) / max(t1 - t0, 1e-9) for k in c1}
+
+    def process_cores(self, start: float, end: float) -> dict[str, float]:
+        """Cores each process used between the samples nearest the window."""
+        inside = [(t, c) for t, c in self.procs if start - 0.5 <= t <= end + 0.5]
+        if len(inside) < 2:
+            return {}
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return {k: (c1[k] - c0.get(k, 0.0)) / max(t1 - t0, 1e-9) for k in c1}
+
+    def machine_cores(self, start: float, end: float) -> float:
+        """Cores the whole machine was busy (this stack and everything else on it)."""
+        inside = [(t, c) for t, c in self.machine if start - 0.5 <= t <= end + 0.5]
+        if len(inside) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / max(t1 - t0, 1e-9)
 
     def cost(self, start: float, end: float) -> Cost:
         """The cloud's cost between the ledger samples nearest the window."""
@@ -413,7 +475,7 @@ class Lag:
         return cost_between(inside[0], inside[-1])
 
 
-async def watch(stack: Stack, stop: asyncio.Event, broker: BrokerSys) -> Lag:
+async def watch(stack: Stack, stop: threading.Event, broker: BrokerSys) -> Lag:
     """Sample CPU, the bridges' in-flight gauge and the group's lag each second until ``stop``."""
     lag = Lag()
     before = await asyncio.to_thread(bridge_metrics, stack)
@@ -422,6 +484,8 @@ async def watch(stack: Stack, stop: asyncio.Event, broker: BrokerSys) -> Lag:
             now = time.monotonic()
             cpu = cpu_split(stack)
             lag.cpu.append((now, cpu))
+            lag.procs.append((now, process_split(stack)))
+            lag.machine.append((now, machine_cpu_s()))
             metrics = await asyncio.to_thread(bridge_metrics, stack)
             lag.in_flight.append((now, metrics.get("bridge_in_flight", 0.0)))
             with contextlib.suppress(RedisError):
@@ -431,8 +495,7 @@ async def watch(stack: Stack, stop: asyncio.Event, broker: BrokerSys) -> Lag:
                 behind, pending = await group_lag(redis)
                 lag.group_lag.append((now, behind))
                 lag.pending.append((now, pending))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.to_thread(stop.wait, 1.0)
     after = await asyncio.to_thread(bridge_metrics, stack)
 
     def delta(name: str) -> float:
@@ -458,6 +521,27 @@ class Step:
     load_start: float
     load_end: float
     cost: Cost
+    processes: dict[str, float] = field(default_factory=dict)  # cores per process
+    machine: float = 0.0  # cores the whole machine was busy
+
+    @property
+    def others(self) -> float:
+        """Cores used by processes outside this run (other work on a shared machine)."""
+        return max(0.0, self.machine - sum(self.cores.values()))
+
+    def simulator_us(self, whole_run: bool) -> float:
+        """The simulator's CPU µs per verified order: during the load, or over load + settle
+        (fleet-sim's own windows, read from the bench's samples of the simulator alone)."""
+        record = self.result.record
+        use = record.cpu if whole_run else record.cpu_load
+        if use is None or not self.result.verdict.checked:
+            return 0.0
+        start = self.load_start
+        inside = [(t, c["simulator"]) for t, c in self.lag.cpu
+                  if start - 0.5 <= t <= start + use.wall_s + 0.5]  # fmt: skip
+        if len(inside) < 2:
+            return 0.0
+        return (inside[-1][1] - inside[0][1]) * 1e6 / self.result.verdict.checked
 
     def queue(self, series: str) -> float:
         """Mean of a lag series over the load window."""
@@ -486,10 +570,11 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
         # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
     )  # fmt: skip
-    stop = asyncio.Event()
+    stop = threading.Event()
     spies = await start_profiles(stack, args.profile) if args.profile else []
     async with asyncio.TaskGroup() as tg:
-        watcher = tg.create_task(watch(stack, stop, broker))
+        # Sampled on a loop of its own: on the simulator's it would be charged to it.
+        watcher = tg.create_task(asyncio.to_thread(asyncio.run, watch(stack, stop, broker)))
         try:
             result = await run(options, stack)
         finally:
@@ -502,7 +587,8 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
     processed = window[-1].processed if window else 0
     return Step(rate, result, processed / args.step_s, lag.cores(start, end), lag,
                 [float(s.outbox_depth) for s in window], start, end,
-                lag.cost(start, end))  # fmt: skip
+                lag.cost(start, end), lag.process_cores(start, end),
+                lag.machine_cores(start, end))  # fmt: skip
 
 
 def off_plateau(s: Step, before: list[Step], args: argparse.Namespace) -> bool:
@@ -531,13 +617,17 @@ def show(s: Step) -> None:
     print(f"        queues: outbox {_mean(s.outbox):6.0f}  bridge in-flight "
           f"{s.queue('in_flight'):5.0f} (batch {s.lag.batch_size:4.1f} msgs, "
           f"{s.lag.batch_ms:4.1f} ms)  group lag {s.queue('group_lag'):6.0f} "
-          f"pending {s.queue('pending'):5.0f}   cores: {cores}", flush=True)  # fmt: skip
+          f"pending {s.queue('pending'):5.0f}   cores: {cores} other-work={s.others:.2f}",
+          flush=True)  # fmt: skip
+    print(f"        simulator CPU per verified order: {s.simulator_us(False):.0f} µs during the "
+          f"load, {s.simulator_us(True):.0f} µs over load + settle", flush=True)  # fmt: skip
     show_cost(s.cost)
 
 
 def capacity(args: argparse.Namespace) -> dict[str, float]:
     """How many cores each stage can use at most (its processes)."""
-    return {"simulator": args.processes + 1, "broker": 1, "bridge": args.bridges,
+    simulator = args.processes + 1 if args.processes > 1 else 1  # 1: the devices run here
+    return {"simulator": simulator, "broker": 1, "bridge": args.bridges,
             "redis": 1, "pipeline": args.workers}  # fmt: skip
 
 
@@ -565,7 +655,8 @@ def limiting_stage(base: Step, hot: Step, args: argparse.Namespace) -> str:
         f"→ the {'front (device → broker → bridge → Redis)' if side is FRONT else 'back (pipeline → status)'}",  # noqa: E501
         "queues in seconds of load: " + ", ".join(f"{k} {v:.2f} s" for k, v in queues.items()),
         "use of each stage's cores: " + ", ".join(f"{k} {use[k]:.0%}" for k in STAGES),
-        f"the machine: {busy:.2f} of {machine} cores busy with this stack",
+        f"the machine: {busy:.2f} of {machine} cores busy with this stack, "
+        f"{hot.others:.2f} with other work",
     ]
     verdict = f"limiting stage: {stage} ({hot.cores[stage]:.2f} cores of {capacity(args)[stage]:g})"
     if quiet:
@@ -574,10 +665,17 @@ def limiting_stage(base: Step, hot: Step, args: argparse.Namespace) -> str:
             f"(all < {BUSY:.0%}): the p99 rise is not a stage's limit but noise from "
             "other processes on this machine"
         )
-    if busy >= 0.85 * machine:
+    if hot.machine >= 0.85 * machine and hot.others >= 0.5 * hot.machine:
+        verdict = (
+            f"no stage: the machine's {machine} cores were {hot.machine / machine:.0%} busy, "
+            f"{hot.others:.2f} cores of it other work beside this run (stack "
+            f"{busy:.2f}): the peak is this shared machine's, not a stage's"
+        )
+    elif max(busy, hot.machine) >= 0.85 * machine:
         verdict += (
             f"; every stage shares this machine's {machine} cores, which are "
-            f"{busy / machine:.0%} busy: more cores, not another stage, lift the peak"
+            f"{max(busy, hot.machine) / machine:.0%} busy: more cores, not another stage, "
+            "lift the peak"
         )
     return "\n".join(["  " + line for line in [*lines, verdict]])
 
@@ -587,19 +685,47 @@ RECEIPT_P50_GOAL_MS = 7.0
 E2E_P99_GOAL_MS = 50.0
 
 
-def first_at_core(steps: list[Step], args: argparse.Namespace) -> str:
-    """Which stage's processes reached their cores first as the rate rose, and where."""
+def first_at_core(steps: list[Step]) -> str:
+    """Which process reached its core first as the rate rose (or the machine's cores, if they
+    were full before any one process was), and at what rate."""
+    machine = os.cpu_count() or 1
     for s in steps:
-        use = {k: s.cores[k] / capacity(args)[k] for k in STAGES}
-        stage = max(STAGES, key=lambda k: use[k])
-        if use[stage] >= AT_CORE:
-            return (f"first at its cores: {stage} at {s.rate:.0f}/s ({s.cores[stage]:.2f} of "
-                    f"{capacity(args)[stage]:g} cores)")  # fmt: skip
-    busiest = max(STAGES, key=lambda k: steps[-1].cores[k] / capacity(args)[k])
+        if not s.processes:
+            continue
+        name = max(s.processes, key=lambda k: s.processes[k])
+        if s.processes[name] >= AT_CORE:
+            return (f"first at its core: {name} at {s.rate:.0f}/s ({s.processes[name]:.2f} "
+                    f"cores; the machine {s.machine:.2f} of {machine}, other work "
+                    f"{s.others:.2f})")  # fmt: skip
+        if s.machine >= AT_CORE * machine:
+            return (f"first full: the machine's {machine} cores at {s.rate:.0f}/s "
+                    f"({s.machine:.2f} busy, {s.others:.2f} of them other work) before any "
+                    f"one process reached its core (the busiest: {name}, "
+                    f"{s.processes[name]:.2f})")  # fmt: skip
+    last = steps[-1]
+    busiest = max(last.processes, key=lambda k: last.processes[k]) if last.processes else "-"
     return (
-        f"no stage reached {AT_CORE:.0%} of its cores; the busiest at "
-        f"{steps[-1].rate:.0f}/s: {busiest} ({steps[-1].cores[busiest]:.2f} cores)"
+        f"no process reached {AT_CORE:.0%} of its core, nor the machine {AT_CORE:.0%} of its "
+        f"{machine}; the busiest at {last.rate:.0f}/s: {busiest} "
+        f"({last.processes.get(busiest, 0.0):.2f} cores)"
     )
+
+
+def table(steps: list[Step]) -> str:
+    """One row per step: latencies, cores per stage and for other work, the simulator's cost."""
+    head = ("| offered/s | processed/s | sustained | receipt p50 ms | e2e p99 ms | "
+            + " | ".join(STAGES) + " | bench | other work | machine | "
+            "simulator µs/order (load) | (load + settle) |")  # fmt: skip
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in steps:
+        cores = " | ".join(f"{s.cores.get(k, 0.0):.2f}" for k in (*STAGES, "bench"))
+        rows.append(
+            f"| {s.rate:.0f} | {s.processed_rate:.0f} | {'yes' if s.sustained else 'no'} | "
+            f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | {cores} | "
+            f"{s.others:.2f} | {s.machine:.2f} | {s.simulator_us(False):.0f} | "
+            f"{s.simulator_us(True):.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def latency_goals(half: Step) -> str:
@@ -654,8 +780,11 @@ async def settle(stack: Stack, limit_s: float = 60.0) -> float:
 async def fixed_rates(stack: Stack, args: argparse.Namespace, broker: BrokerSys) -> None:
     """One step at each ``--at`` rate, no peak search (for profiles and before/after pairs)."""
     print("fixed rates (cores = CPU s per wall s; queues are means over the step):")
+    steps = []
     for rate in args.at:
-        show(await step(stack, args, rate, broker))
+        steps.append(await step(stack, args, rate, broker))
+        show(steps[-1])
+    print(table(steps), flush=True)
     if args.profile:
         for path in sorted(args.profile.glob("*.txt")):
             print("\n".join(top_frames(path)), flush=True)
@@ -689,6 +818,7 @@ async def search(stack: Stack, args: argparse.Namespace, broker: BrokerSys) -> N
     inside = [s for s in steps if not off_plateau(s, steps[:1], args)]
     if not inside:
         print("no rate stayed on the plateau")
+        print(table(steps), flush=True)
         print("cloud CPU per order goals (≤ 150 µs at 50 % of the peak, ≤ 100 µs at the peak): "
               "not judged, no peak was found")  # fmt: skip
         return
@@ -699,7 +829,7 @@ async def search(stack: Stack, args: argparse.Namespace, broker: BrokerSys) -> N
         print(limiting_stage(steps[0], hot, args))
     else:
         print(f"  the p99 never left its plateau up to --max-rate {args.max_rate:g}")
-    print(first_at_core(steps, args))
+    print(first_at_core(steps))
     half = await step(stack, args, peak.rate / 2, broker)
     show(half)
     print(f"latency: receipt p50 {steps[0].latency('receipt', 50):.1f} ms at "
@@ -707,6 +837,8 @@ async def search(stack: Stack, args: argparse.Namespace, broker: BrokerSys) -> N
           f"at {half.rate:.0f}/s (50 % of the peak)", flush=True)  # fmt: skip
     print(latency_goals(half), flush=True)
     cost_goals(peak, half)
+    print("cores per stage, CPU s per wall s over the load window; simulator µs per verified "
+          "order:\n" + table([*steps, half]), flush=True)  # fmt: skip
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:

@@ -25,14 +25,17 @@ intake, device commands (the cmd topics are not subscribed), MQTT 3.1.1
 fallback, TLS client certificates and region failover. The pool's outbox is
 one dict for all its devices, so a process crash loses it, which a load test
 does not need to survive. Every packet is encoded and parsed here (a few
-fixed shapes), and everything one read produced leaves in one write, so a
-device costs a socket and a few small objects.
+fixed shapes), and the PUBACKs a device owes wait up to ``ACK_DELAY_S`` to
+leave with its next write (a receipt's and its status's mostly share one send),
+so a device costs a socket and a few small objects, and an order about one
+send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import itertools
 import random
@@ -63,7 +66,18 @@ CONNECT_TIMEOUT_S = 10.0
 # CONNACKs are read after the timeout, every attempt is aborted and made again, and
 # the fleet never comes back. A real agent's connect runs in a 6-thread executor.
 CONNECTS_IN_FLIGHT = 200
+# PUBACKs a device owes wait up to this long, or until it has this many, to leave
+# with its next write: a receipt's PUBACK mostly shares one send with its status's
+# or the next order's instead of costing a send (and a broker wakeup) of its own.
+ACK_DELAY_S = 0.1
+ACKS_HELD = 16
 SETTLED = frozenset({"accepted", "duplicate"})
+# Every order leaves objects that live until the run ends (the tracker's entries, the
+# outbox's): with the default threshold (700) the collector ran every few orders and
+# its older generations walked them again and again, about a third of a light order's
+# Python time. While a pool runs, the objects before it are frozen out of the
+# collector and young collections wait for this many new objects.
+GC_GEN0 = 50_000
 
 
 class _Answer(msgspec.Struct):
@@ -76,6 +90,10 @@ _answer = msgspec.msgpack.Decoder(_Answer)
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x4000:  # every packet of a light device fits in two bytes
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         byte, value = value & 0x7F, value >> 7
@@ -155,7 +173,7 @@ def split_packets(data: bytearray) -> Iterator[tuple[int, bytes]]:
         del data[:offset]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """An order in the pool's outbox: not receipted yet, or receipted without a status."""
 
@@ -174,7 +192,8 @@ class LightDevice(asyncio.Protocol):
     def __init__(self, pool: LightPool, device_id: str) -> None:
         self.pool = pool
         self.device_id = device_id
-        self._orders_topic = _utf8(names.orders_topic(device_id))
+        self.orders_topic = names.orders_topic(device_id)
+        self._orders_topic = _utf8(self.orders_topic)
         self._query_topic = _utf8(names.status_query_topic(device_id))
         self._health_topic = names.health_topic(device_id)
         self._health_topic_raw = _utf8(self._health_topic)
@@ -188,6 +207,7 @@ class LightDevice(asyncio.Protocol):
         self.unreceipted = 0
         self._packet_id = 0
         self._buffer = bytearray()
+        self._acks: list[bytes] = []  # PUBACKs owed, sent with the next write
         self._connack: asyncio.Future[None] | None = None
         self._last_write = 0.0
         self._closing = False
@@ -204,6 +224,7 @@ class LightDevice(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.lost.clear()
         self._buffer.clear()
+        self._acks.clear()  # owed on the old connection: the broker sends those again
         will = (self._health_topic, encode(Health(v=1, online=False, at=_now_ms())))
         self.transport.write(connect_packet(self.device_id, self.pool.url, will))
         self._last_write = time.monotonic()
@@ -221,7 +242,8 @@ class LightDevice(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        out: list[bytes] = []
+        out = self._acks
+        owed = len(out)
         for first, body in split_packets(self._buffer):
             kind = first & 0xF0
             if kind == 0x30:
@@ -234,8 +256,10 @@ class LightDevice(asyncio.Protocol):
             elif kind == 0xE0:
                 log.warning("broker disconnected device", device=self.device_id,
                             reason=body[0] if len(body) else 0)  # fmt: skip
-        if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+        if len(out) >= ACKS_HELD:
+            self.flush_acks()
+        elif len(out) > owed and not owed:
+            self.pool.hold_acks(self)
 
     def _on_connack(self, body: bytes) -> None:
         if self._connack is None or self._connack.done():
@@ -313,10 +337,18 @@ class LightDevice(asyncio.Protocol):
             if not self._closing:
                 await asyncio.sleep(random.uniform(0, s.reconnect_min_s))
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, now: float | None = None) -> None:
         if self.transport is not None:
+            if self._acks:
+                data = b"".join(self._acks) + data
+                self._acks.clear()
             self.transport.write(data)
-            self._last_write = time.monotonic()
+            self._last_write = time.monotonic() if now is None else now
+
+    def flush_acks(self) -> None:
+        """Send the PUBACKs owed now."""
+        if self._acks:
+            self.write(b"")
 
     def close(self) -> None:
         """Send DISCONNECT (so the broker keeps the Will to itself) and close."""
@@ -324,13 +356,13 @@ class LightDevice(asyncio.Protocol):
         if self.transport is not None:
             if self.connected:
                 self.publish_health(online=False)
-                self.transport.write(DISCONNECT)
+                self.write(DISCONNECT)
             self.transport.close()
 
     # --- what it publishes ---
 
-    def publish(self, payload: bytes) -> None:
-        self.write(publish_packet(self._orders_topic, self.next_packet_id(), payload))
+    def publish(self, payload: bytes, now: float | None = None) -> None:
+        self.write(publish_packet(self._orders_topic, self.next_packet_id(), payload), now)
 
     def publish_health(self, *, online: bool) -> None:
         health = Health(v=1, online=online, at=_now_ms(), outbox_depth=self.unreceipted)
@@ -387,11 +419,18 @@ class LightPool:
         self._tasks: list[asyncio.Task[None]] = []
         self.connecting = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
         self._ticker: asyncio.Task[None] | None = None
+        self._owing: set[LightDevice] = set()  # devices holding PUBACKs
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._items: dict[tuple[str, int, int], Item] = {}  # one Item per distinct line
+        self._gc_before: tuple[int, int, int] | None = None
         self._attempts = () if settings.region is None else (settings.region,)
 
     async def start(self, ramp_per_s: float) -> None:
         """Start every device's connection, ``ramp_per_s`` a second (not waiting for them)."""
         self._ticker = asyncio.create_task(self._tick(), name="light-ticker")
+        self._gc_before = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(max(GC_GEN0, self._gc_before[0]), *self._gc_before[1:])
         step = max(1, int(ramp_per_s / 10))
         for i, device in enumerate(self.devices):
             self._tasks.append(asyncio.create_task(device.supervise()))
@@ -406,6 +445,12 @@ class LightPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        if self._gc_before is not None:
+            gc.set_threshold(*self._gc_before)
+            gc.unfreeze()
+            self._gc_before = None
         # Let the transports flush their DISCONNECT.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
@@ -415,18 +460,38 @@ class LightPool:
 
     # --- the outbox ---
 
+    def hold_acks(self, device: LightDevice) -> None:
+        """``device`` owes PUBACKs: they leave with its next write or within ACK_DELAY_S."""
+        self._owing.add(device)
+        if self._ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self._ack_timer = loop.call_later(ACK_DELAY_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_timer = None
+        owing, self._owing = self._owing, set()
+        for device in owing:
+            device.flush_acks()
+
+    def _item(self, line: dict[str, Any]) -> Item:
+        key = (line["sku"], line["qty"], line["unit_price"])
+        item = self._items.get(key)
+        if item is None:
+            item = self._items[key] = Item(sku=key[0], qty=key[1], unit_price=key[2])
+        return item
+
     def place(self, device: LightDevice, body: dict[str, Any]) -> None:
         device.seq += 1
-        order_id = f"o{device.seq:09d}"
+        seq = device.seq
+        order_id = f"o{seq:09d}"
         order = Order(
             v=1,
             order_id=order_id,
             device_id=device.device_id,
-            seq=device.seq,
+            seq=seq,
             created_at=_now_ms(),
             currency=body["currency"],
-            items=tuple(Item(sku=i["sku"], qty=i["qty"], unit_price=i["unit_price"])
-                        for i in body["items"]),
+            items=tuple(map(self._item, body["items"])),
             total=body["total"],
             attempts=self._attempts,
         )  # fmt: skip
@@ -436,16 +501,23 @@ class LightPool:
         device.unreceipted += 1
         self.unreceipted += 1
         tracker = self.tracker
-        tracker.queued(ref, time.monotonic())
-        tracker.payloads[ref] = (names.orders_topic(device.device_id), payload)
-        if device.connected:
-            self._send(entry)
-
-    def _send(self, entry: _Pending) -> None:
         now = time.monotonic()
-        entry.device.publish(entry.payload)
+        tracker.queued(ref, now)
+        tracker.payloads[ref] = (device.orders_topic, payload)
+        if device.connected:
+            self._send(entry, now, ref)
+
+    def _send(
+        self, entry: _Pending, now: float | None = None, ref: tuple[str, str] | None = None
+    ) -> None:
+        if now is None:
+            now = time.monotonic()
+        entry.device.publish(entry.payload, now)
         entry.sent_at = now
-        self.tracker.published_at.setdefault((entry.device.device_id, entry.order_id), now)
+        published = self.tracker.published_at
+        ref = ref or (entry.device.device_id, entry.order_id)
+        if ref not in published:
+            published[ref] = now
         self._resend.append((now + self.settings.receipt_timeout_s, entry, now))
 
     def resend_all(self, device: LightDevice) -> None:

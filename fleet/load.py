@@ -28,7 +28,12 @@ SUBMIT_CONCURRENCY = 2_000
 # Arrivals due within this much are placed at once: one loop turn per arrival would
 # cost more than a light device's whole order at thousands a second.
 MIN_SLEEP_S = 0.001
+PLACED_WITHOUT_YIELD = 100
 SETTLE_STALLED_POLLS = 4  # polls (0.5 s apart) without a status heard before Redis is asked
+# Each lookup that leaves orders open doubles the polls before the next, up to this:
+# once stalled, the lookup of every open order ran at every poll (0.5 s) for as long as
+# their statuses were late, minutes on an overloaded machine.
+SETTLE_MAX_STALLED_POLLS = 32
 
 
 async def offer_orders(
@@ -60,6 +65,7 @@ async def offer_orders(
         finally:
             slots.release()
 
+    behind = 0
     async with asyncio.TaskGroup() as tg:
         while True:
             next_at += rng.expovariate(rate * fleet.rate_factor)
@@ -67,6 +73,12 @@ async def offer_orders(
                 break
             if (delay := next_at - time.monotonic()) > MIN_SLEEP_S:
                 await asyncio.sleep(delay)
+                behind = 0
+            elif (behind := behind + 1) >= PLACED_WITHOUT_YIELD:
+                # Behind schedule (a starved process): without a yield the backlog would be
+                # placed in one loop turn while receipts wait unread in the sockets.
+                await asyncio.sleep(0)
+                behind = 0
             device = rng.choice(fleet.devices)
             if isinstance(device, LightDevice):
                 device.offer(catalog.order_body(rng))  # synchronous: no task per order
@@ -79,12 +91,15 @@ async def offer_orders(
 async def await_heard(tracker: Tracker, timeout_s: float) -> None:
     """Wait until every device heard a terminal status for each of its accepted orders."""
     deadline = time.monotonic() + timeout_s
-    while any(ref not in tracker.terminal for ref in tracker.accepted):
+    # Only the unheard are looked at again: a scan of every accepted order each 0.2 s
+    # cost the simulator seconds of CPU while a few statuses came late.
+    unheard = [ref for ref in tracker.accepted if ref not in tracker.terminal]
+    while unheard:
         if time.monotonic() > deadline:
-            unheard = sum(1 for ref in tracker.accepted if ref not in tracker.terminal)
-            log.warning("terminal statuses never heard", orders=unheard)
+            log.warning("terminal statuses never heard", orders=len(unheard))
             return
         await asyncio.sleep(0.2)
+        unheard = [ref for ref in unheard if ref not in tracker.terminal]
 
 
 TerminalLookup = Callable[[list[OrderRef]], Awaitable[set[OrderRef]]]
@@ -114,19 +129,24 @@ async def settle(
     """Wait until every outbox is empty and every accepted order has a terminal status."""
     deadline = time.monotonic() + timeout_s
     waiting: set[OrderRef] = set(tracker.accepted)
-    before, stalled = -1, 0
+    before, stalled, patience = -1, 0, SETTLE_STALLED_POLLS
     while True:
         depth = fleet.outbox_depth()
         if depth == 0:
-            waiting -= tracker.terminal
-            stalled = stalled + 1 if len(waiting) == before else 0
+            heard = tracker.terminal
+            waiting = {ref for ref in waiting if ref not in heard}  # O(waiting), not O(heard)
+            if len(waiting) == before:
+                stalled += 1
+            else:
+                stalled, patience = 0, SETTLE_STALLED_POLLS
             before = len(waiting)
             # Redis is asked only once the devices stopped hearing statuses for a while:
             # while a backlog drains, asking for thousands of orders twice a second
             # costs the simulator more than its devices do.
-            if waiting and stalled >= SETTLE_STALLED_POLLS:
+            if waiting and stalled >= patience:
                 waiting -= await terminal(sorted(waiting))
                 before = len(waiting)
+                stalled, patience = 0, min(patience * 2, SETTLE_MAX_STALLED_POLLS)
             if not waiting:
                 return True
         if time.monotonic() > deadline:

@@ -15,13 +15,21 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from fleet.light import LightPool, LightSettings, puback, publish_packet, split_packets
+from fleet.light import (
+    ACK_DELAY_S,
+    LightDevice,
+    LightPool,
+    LightSettings,
+    puback,
+    publish_packet,
+    split_packets,
+)
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
 from fleet.verify import count_stream_entries
 from fleet.workers import split_total
-from schemas import Health, names
+from schemas import Health, Status, encode, names
 from testrig.servers import MosquittoProcess
 
 from .mqtt_probe import Probe
@@ -66,6 +74,55 @@ async def test_will_is_published_when_a_device_vanishes(mosquitto: MosquittoProc
             await pool.close()
 
 
+class _HeardPool(LightPool):
+    """Counts the statuses each order id was delivered with."""
+
+    heard: dict[str, int]
+    changed: asyncio.Event
+
+    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
+        self.heard[order_id] = self.heard.get(order_id, 0) + 1
+        self.changed.set()
+        super().on_status(device, order_id, status)
+
+    async def until_heard(self, order_id: str, times: int) -> None:
+        async with asyncio.timeout(5):
+            while self.heard.get(order_id, 0) < times:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) -> None:
+    """A PUBACK is held for a moment, then sent: after a reconnect the broker delivers
+    again only the message whose PUBACK had not left yet (clean start off)."""
+    device = f"lt-ack-{time.monotonic_ns()}"
+    pool = _HeardPool(LightSettings(mosquitto.url), Tracker(), [device])
+    pool.heard, pool.changed = {}, asyncio.Event()
+    light = pool.devices[0]
+
+    def status(order_id: str) -> bytes:
+        return encode(Status(v=1, order_id=order_id, status="fulfilled", reason=None, at=1))
+
+    with Probe(mosquitto.port) as probe:
+        probe.subscribe(names.health_topic(device))
+        await pool.start(ramp_per_s=100)
+        try:
+            await asyncio.to_thread(probe.wait_messages, 1)  # online: subscribed too
+            topic = names.status_topic(device)
+            await asyncio.to_thread(probe.publish, topic, status("o-acked"))
+            await pool.until_heard("o-acked", 1)
+            await asyncio.sleep(ACK_DELAY_S * 3)  # its PUBACK has left
+            await asyncio.to_thread(probe.publish, topic, status("o-owed"))
+            await pool.until_heard("o-owed", 1)
+            assert light.transport is not None
+            light.transport.abort()  # at once: this one's PUBACK is still owed
+            await pool.until_heard("o-owed", 2)  # delivered again on the reconnect
+            await asyncio.sleep(ACK_DELAY_S * 3)
+            assert pool.heard == {"o-acked": 1, "o-owed": 2}
+        finally:
+            await pool.close()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("stack"), StackSettings(shards=4)) as running:
@@ -85,7 +142,9 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     assert stack.broker.pid != before
     assert result.settled
     assert (v.lost, v.duplicated, v.stuck, v.unheard, v.processed_twice) == ([], {}, [], [], {})
-    assert min(s.connected for s in result.record.samples) < 60  # the restart cut them off
+    # The new broker pid is the proof that every connection was cut: the 1 s sampler's
+    # connected count misses an outage shorter than a second (it failed 1 of 3 runs before
+    # the PUBACK and collector changes, 4 of 7 after, on a busy machine).
     assert result.record.samples[-1].submitted == v.checked > 200
     async with aioredis.from_url(stack.redis_url) as redis:
         counts = await count_stream_entries(redis, 4)
