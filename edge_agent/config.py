@@ -70,9 +70,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     broker_order: Annotated[
         Literal["listed", "hashed"],
         doc(
-            "Order the agent tries a region's brokers in: listed (as given), or hashed (the "
-            "list rotated by a hash of the device id, so one fleet-wide list spreads devices "
-            "evenly over the brokers)"
+            "Order the agent tries a region's brokers in: listed (as given), or hashed (an "
+            "order of the device's own, by rendezvous hashing of its id, so one fleet-wide "
+            "list spreads devices evenly over the brokers, and a lost broker's devices over "
+            "the others)"
         ),
     ] = "listed"
     failback_probe_s: Annotated[

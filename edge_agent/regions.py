@@ -30,7 +30,7 @@ changes, so resends to the same region carry the same bytes.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -107,15 +107,24 @@ def parse_regions(spec: str | tuple[str, ...]) -> tuple[Region, ...]:
 
 
 def spread(regions: tuple[Region, ...], device_id: str) -> tuple[Region, ...]:
-    """Each region's brokers rotated by a stable hash of ``device_id`` (``broker_order=hashed``).
+    """Each region's brokers in the device's own order (``broker_order=hashed``).
 
-    One fleet-wide list then spreads devices evenly over a region's brokers,
-    and each device still tries all of them, in the list's cyclic order.
+    Rendezvous hashing: the brokers sorted by a hash (BLAKE2b) of the device id and the
+    broker's address. One fleet-wide list then spreads devices evenly over a
+    region's brokers, and the devices of a lost broker spread evenly over the
+    others (rotating the list sent them all to the next one, which then held
+    twice its share). A broker added or removed moves only its own share, and
+    each device still tries every broker.
     """
-    turn = zlib.crc32(device_id.encode())
     return tuple(
-        Region(r.name, r.urls[turn % len(r.urls) :] + r.urls[: turn % len(r.urls)]) for r in regions
+        Region(r.name, tuple(sorted(r.urls, key=lambda url: _weight(device_id, url))))
+        for r in regions
     )
+
+
+def _weight(device_id: str, url: MqttUrl) -> bytes:
+    # Not CRC-32: it is linear, and similar ids and addresses got correlated weights.
+    return hashlib.blake2b(f"{device_id} {url.host}:{url.port}".encode(), digest_size=8).digest()
 
 
 class RegionSelector:

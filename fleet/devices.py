@@ -62,7 +62,7 @@ class FleetSettings:
     # seconds, not the field default's minute, so a run's verifier sees recovery.
     status_query_delay_s: float = 3.0
     # With several brokers (a comma-separated mqtt_url): seconds without one before
-    # an agent moves to the next; the list is rotated per device (broker_order hashed).
+    # an agent moves to the next; each device has its own order (broker_order hashed).
     failover_after_s: float = 3.0
     # How many of the devices (the last ones) are lightweight devices (fleet.light).
     light_devices: int = 0

@@ -122,9 +122,18 @@ def test_hashed_order_spreads_a_fleet_evenly_and_keeps_every_broker() -> None:
     firsts = collections.Counter(spread((region,), f"dev-{i}")[0].url.host for i in range(3000))
     assert set(firsts) == {"a", "b", "c"}
     assert min(firsts.values()) > 800  # 1000 each, give or take
-    rotated = spread((region,), "dev-7")[0]
-    assert sorted(u.host for u in rotated.urls) == ["a", "b", "c"]
+    ordered = spread((region,), "dev-7")[0]
+    assert sorted(u.host for u in ordered.urls) == ["a", "b", "c"]
     assert spread((region,), "dev-7") == spread((region,), "dev-7")  # stable
+
+
+def test_hashed_order_spreads_a_lost_brokers_devices_over_all_the_others() -> None:
+    """With a rotated list every device of a lost broker went to the same next broker."""
+    (region,) = parse_regions(tuple(f"home=mqtt://{host}" for host in "abcd"))
+    orders = [spread((region,), f"dev-{i}")[0].urls for i in range(4000)]
+    moved = collections.Counter(urls[1].host for urls in orders if urls[0].host == "a")
+    assert set(moved) == {"b", "c", "d"}
+    assert min(moved.values()) > 0.8 * sum(moved.values()) / 3
 
 
 def test_config_refuses_a_bad_broker_list() -> None:
