@@ -503,9 +503,10 @@ class ChaosRunner:
         if pid is None:
             return " (no master running!)"
         os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
         try:
-            stopped = process_state(pid) == "T"
-            await asyncio.sleep(event.arg)
+            stopped = await _shows_stopped(pid)
+            await asyncio.sleep(max(0.0, event.arg - (time.monotonic() - frozen_at)))
             now = stack.ha.master_port() if stack.ha is not None else None
         finally:
             os.kill(pid, signal.SIGCONT)
@@ -711,6 +712,17 @@ def _promotion(stack: Stack, old_port: int) -> int | None:
             return port
         time.sleep(0.05)
     return None
+
+
+async def _shows_stopped(pid: int, within_s: float = 1.0) -> bool:
+    """True once /proc shows ``pid`` stopped: a SIGSTOP lands after ``kill`` returns, and an
+    immediate read showed the master still sleeping ("NOT stopped" in a freeze that worked)."""
+    deadline = time.monotonic() + within_s
+    while process_state(pid) != "T":
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 def process_state(pid: int) -> str:
