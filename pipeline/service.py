@@ -179,10 +179,10 @@ async def _agree_unless_stopped(
     finally:
         stopping.cancel()
         agreeing.cancel()  # no-op once it is done
-    if stop.is_set() or agreeing.cancelled():
-        log.info("stopped_before_start", waited_for="the deployment manifest in Redis")
-        return None
-    return agreeing.result()
+    if agreeing.done() and not agreeing.cancelled():
+        return agreeing.result()  # a refusal (LayoutError) is raised, never dropped
+    log.info("stopped_before_start", waited_for="the deployment manifest in Redis")
+    return None
 
 
 async def _cancel_after_grace(
