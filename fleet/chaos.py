@@ -63,7 +63,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import redis.asyncio as aioredis
@@ -72,7 +71,7 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 
 import servicekit.clock
 from testrig.powercut import PowerCutMount
-from testrig.procstat import process_cpu_s
+from testrig.procstat import process_cpu_s, process_state
 from testrig.proxy import TcpProxy
 from testrig.sentinel import role
 from testrig.servers import ServerProcess
@@ -723,15 +722,6 @@ async def _shows_stopped(pid: int, within_s: float = 1.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
-
-
-def process_state(pid: int) -> str:
-    """The state letter of ``pid`` in /proc (``T``: stopped by a signal)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "?"
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def _kill_restart(server: ServerProcess) -> str:

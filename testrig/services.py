@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from .procstat import process_state
 from .servers import ServerProcess
 
 
@@ -46,11 +47,7 @@ def child_pids(pid: int) -> list[int]:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return process_state(pid) not in {"Z", "?"}
 
 
 class ServiceProcess(ServerProcess):

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 
+from testrig.procstat import process_state
 from testrig.sentinel import MASTER_NAME, SentinelGroup, replication, role
 from testrig.servers import MosquittoProcess, port_is_open
 from tests.bridge.conftest import BridgeProcess, ReceiptCollector
@@ -209,12 +210,6 @@ def test_sigkill_master_sentinel_promotes_the_replica(
             load.close()
             receipts.close()
             pipeline.stop()
-
-
-def process_state(pid: int) -> str:
-    """The state letter of ``pid`` in /proc (``T``: stopped by a signal)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0]
 
 
 def client_writes(port: int) -> int:
