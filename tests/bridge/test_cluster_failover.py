@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from schemas import encode
 from schemas.names import orders_topic, shard_of, stream_key
@@ -39,6 +40,23 @@ from tests.tools import require_tool
 
 BridgeFactory = Callable[..., BridgeProcess]
 RESUME_BOUND_S = 5.0
+
+
+def covered_cluster(port: int, timeout_s: float = 30.0) -> RedisCluster:
+    """A client once the node at ``port`` maps every slot to a live master.
+
+    The heir says "master" before gossip has told the other nodes; until then their
+    slot maps lack the killed master's slots and a new client refuses to start
+    ("All slots are not covered"). The services retry that; the test waits for it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return RedisCluster(host="127.0.0.1", port=port)
+        except RedisClusterException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def test_sigkill_master_cluster_promotes_its_replica(
@@ -88,7 +106,7 @@ def test_sigkill_master_cluster_promotes_its_replica(
             promoted_wall_ms = int(time.time() * 1000)
             victim.start()  # back at once, as a supervisor would: it rejoins as a replica
 
-            cluster = RedisCluster(host="127.0.0.1", port=entry.port)
+            cluster = covered_cluster(entry.port)
 
             def bridge_back() -> bool:
                 return bool(set(load.after(promoted_at)) & accepted(receipts))
