@@ -19,6 +19,10 @@ read per shard), then:
    before the read blocks). A status that never reaches its device is
    answered again from the order's record when the device queries it.
 
+After a batch smaller than ``batch_size``, a busy worker waits
+``batch_linger_ms`` before its next read, so the next batch carries more
+orders for the same round trips; a worker woken from idle never waits.
+
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
 with its last error. A SIGKILLed worker's entries come back the same way, and
