@@ -53,6 +53,7 @@ from schemas import Health, Item, Order, StatusQuery, encode, names
 from schemas.messages import MAX_QUERIED_ORDERS
 from servicekit.urls import MqttUrl
 
+from .mqtt_wire import decode_varint, encode_varint
 from .tracker import TERMINAL, Tracker
 
 log = structlog.get_logger(__name__)
@@ -89,26 +90,13 @@ class _Answer(msgspec.Struct):
 _answer = msgspec.msgpack.Decoder(_Answer)
 
 
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:  # every packet of a light device fits in two bytes
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _utf8(text: str | bytes) -> bytes:
     raw = text.encode() if isinstance(text, str) else text
     return struct.pack("!H", len(raw)) + raw
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + encode_varint(len(body)) + body
 
 
 def connect_packet(client_id: str, url: MqttUrl, will: tuple[str, bytes]) -> bytes:
@@ -123,7 +111,7 @@ def connect_packet(client_id: str, url: MqttUrl, will: tuple[str, bytes]) -> byt
             payload += _utf8(url.password)
     props = b"\x11" + struct.pack("!I", SESSION_EXPIRY_S)
     header = _utf8("MQTT") + bytes([5, flags]) + struct.pack("!H", KEEPALIVE_S)
-    return _packet(0x10, header + _varint(len(props)) + props + payload)
+    return _packet(0x10, header + encode_varint(len(props)) + props + payload)
 
 
 def subscribe_packet(packet_id: int, topics: tuple[str, ...]) -> bytes:
@@ -136,7 +124,9 @@ def subscribe_packet(packet_id: int, topics: tuple[str, ...]) -> bytes:
 def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     """MQTT 5 PUBLISH at QoS 1 without properties; ``topic`` already length-prefixed."""
     body_len = len(topic) + 3 + len(payload)
-    return b"\x32" + _varint(body_len) + topic + struct.pack("!H", packet_id) + b"\x00" + payload
+    return (
+        b"\x32" + encode_varint(body_len) + topic + struct.pack("!H", packet_id) + b"\x00" + payload
+    )
 
 
 def puback(packet_id: int) -> bytes:
@@ -154,17 +144,10 @@ def split_packets(data: bytearray) -> Iterator[tuple[int, bytes]]:
     size = len(data)
     try:
         while offset + 2 <= size:
-            length = shift = 0
-            pos = offset + 1
-            while True:
-                if pos >= size:
-                    return
-                byte = data[pos]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                pos += 1
-                if not byte & 0x80:
-                    break
+            decoded = decode_varint(data, offset + 1)
+            if decoded is None:
+                return
+            length, pos = decoded
             if pos + length > size:
                 return
             yield data[offset], bytes(data[pos : pos + length])
@@ -277,14 +260,13 @@ class LightDevice(asyncio.Protocol):
             (packet_id,) = struct.unpack_from("!H", body, pos)
             pos += 2
             out.append(puback(packet_id))
-        props = shift = 0
-        while True:
-            byte = body[pos]
-            props |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-            if not byte & 0x80:
-                break
+        try:
+            decoded = decode_varint(body, pos)
+        except ValueError:
+            decoded = None
+        if decoded is None:
+            return  # malformed: no whole property length
+        props, pos = decoded
         try:
             answer = _answer.decode(body[pos + props :])
         except msgspec.DecodeError:
