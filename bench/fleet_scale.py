@@ -82,6 +82,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from redis.exceptions import RedisError, ResponseError
 
 from fleet.devices import raise_open_file_limit
+from fleet.report import STAGES as REPORT_STAGES
 from fleet.report import percentiles
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
@@ -91,6 +92,7 @@ from testrig.procstat import CLK_TCK, process_cpu_s
 from testrig.services import child_pids
 
 SHARDS = 4
+LOOP_LAG_S = 0.01  # the simulator's loop-lag ticker (fleet.looplag)
 QUEUED_S = 0.25  # a queue holding a quarter second of the offered load has built up
 BUSY = 0.6  # share of a stage's cores that makes it a candidate bottleneck
 STAGES = ("simulator", "broker", "bridge", "redis", "pipeline")
@@ -553,6 +555,23 @@ class Step:
         values = record.receipt_latency_ms if which == "receipt" else record.e2e_latency_ms
         return percentiles(values).get(p, 0.0)
 
+    def loop_lag(self, p: float) -> float:
+        """A percentile (100: the max) of the simulator's loop lag over the load window, ms
+        (0: not probed)."""
+        span = self.load_end - self.load_start
+        lag = [ms for t, ms in self.result.record.loop_lag_ms if 0 < t <= span]
+        if p == 100:
+            return max(lag, default=0.0)
+        return percentiles(lag).get(p, 0.0)
+
+    def stage(self, name: str, p: float) -> float:
+        """A percentile of one stage of the orders' latency (fleet.report.STAGES), ms."""
+        stages = self.result.record.stages
+        if stages is None:
+            return 0.0
+        values = next((v for n, _, v in stages.stages() if n == name), [])
+        return percentiles(values).get(p, 0.0)
+
     @property
     def sustained(self) -> bool:
         """Verified, settled, and statuses kept up with ≥ 90 % of the offered rate."""
@@ -569,6 +588,7 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
         # Past the plateau e2e latency passes seconds: a 3 s query delay would flood the
         # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
+        loop_lag_interval_s=LOOP_LAG_S,
     )  # fmt: skip
     stop = threading.Event()
     spies = await start_profiles(stack, args.profile) if args.profile else []
@@ -618,6 +638,11 @@ def show(s: Step) -> None:
           f"{s.queue('in_flight'):5.0f} (batch {s.lag.batch_size:4.1f} msgs, "
           f"{s.lag.batch_ms:4.1f} ms)  group lag {s.queue('group_lag'):6.0f} "
           f"pending {s.queue('pending'):5.0f}   cores: {cores} other-work={s.others:.2f}",
+          flush=True)  # fmt: skip
+    by_stage = "  ".join(f"{name} {s.stage(name, 99):.0f}" for name, _ in REPORT_STAGES)
+    print(f"        e2e p99 {s.latency('e2e', 99):.0f} ms; p99 by stage (ms): {by_stage}; "
+          f"the simulator's loop lag p50/p99/max {s.loop_lag(50):.1f}/{s.loop_lag(99):.1f}/"
+          f"{s.loop_lag(100):.0f} ms (a {LOOP_LAG_S * 1000:g} ms ticker's lateness over the load)",
           flush=True)  # fmt: skip
     print(f"        simulator CPU per verified order: {s.simulator_us(False):.0f} µs during the "
           f"load, {s.simulator_us(True):.0f} µs over load + settle", flush=True)  # fmt: skip
@@ -714,6 +739,7 @@ def first_at_core(steps: list[Step]) -> str:
 def table(steps: list[Step]) -> str:
     """One row per step: latencies, cores per stage and for other work, the simulator's cost."""
     head = ("| offered/s | processed/s | sustained | receipt p50 ms | e2e p99 ms | "
+            "simulator loop lag p99 ms | "
             + " | ".join(STAGES) + " | bench | other work | machine | "
             "simulator µs/order (load) | (load + settle) |")  # fmt: skip
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -721,7 +747,8 @@ def table(steps: list[Step]) -> str:
         cores = " | ".join(f"{s.cores.get(k, 0.0):.2f}" for k in (*STAGES, "bench"))
         rows.append(
             f"| {s.rate:.0f} | {s.processed_rate:.0f} | {'yes' if s.sustained else 'no'} | "
-            f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | {cores} | "
+            f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | "
+            f"{s.loop_lag(99):.1f} | {cores} | "
             f"{s.others:.2f} | {s.machine:.2f} | {s.simulator_us(False):.0f} | "
             f"{s.simulator_us(True):.0f} |"
         )

@@ -127,6 +127,9 @@ class RunRecord:
     cpu: CpuUse | None = None
     # The same over the load window only (its orders: those queued in it).
     cpu_load: CpuUse | None = None
+    # The simulator's event-loop lag (fleet.looplag): (s since the load began, ms late) of
+    # each wakeup of its ticker; empty unless asked for (and with worker processes).
+    loop_lag_ms: list[tuple[float, float]] = field(default_factory=list)
 
 
 def cpu_rows(record: RunRecord) -> list[tuple[str, str]]:
@@ -184,6 +187,11 @@ def summary_table(record: RunRecord) -> Table:
         cuts = percentiles(values)
         if cuts:
             table.add_row(name, " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()))
+    if record.loop_lag_ms:
+        cuts = percentiles([ms for _, ms in record.loop_lag_ms])
+        table.add_row(
+            "  simulator's loop lag", " ".join(f"p{p:g}={v:,.1f}ms" for p, v in cuts.items())
+        )
     if record.stages is not None and record.stages.orders:
         for name, _span, values in record.stages.stages():
             cuts = percentiles(values)

@@ -135,6 +135,7 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     options = SimOptions(
         devices=60, light_devices=40, rate=60, duration_s=7, shards=4, prefix=prefix,
         chaos="3:broker-restart", settle_timeout_s=90, receipt_timeout_s=4.0,
+        loop_lag_interval_s=0.01,
     )  # fmt: skip
     before = stack.broker.pid
     result = await run(options, stack)
@@ -155,6 +156,10 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     assert cpu is not None
     assert cpu.generator_s > 0
     assert set(cpu.cloud_s) == {"broker", "redis", "bridge", "pipeline"}
+    # The loop-lag ticker ran from the load's start through settling.
+    lag_t = [t for t, _ in result.record.loop_lag_ms]
+    assert lag_t[0] < 1.0 < options.duration_s < lag_t[-1]
+    assert all(ms >= 0 for _, ms in result.record.loop_lag_ms)
 
 
 @pytest.mark.slow
