@@ -346,6 +346,11 @@ class LightDevice(asyncio.Protocol):
     def publish(self, payload: bytes, now: float | None = None) -> None:
         self.write(publish_packet(self._orders_topic, self.next_packet_id(), payload), now)
 
+    def publish_many(self, payloads: list[bytes], now: float) -> None:
+        """Several orders in one write (resends come due together): one send, not one each."""
+        topic = self._orders_topic
+        self.write(b"".join(publish_packet(topic, self.next_packet_id(), p) for p in payloads), now)
+
     def publish_health(self, *, online: bool) -> None:
         health = Health(v=1, online=online, at=_now_ms(), outbox_depth=self.unreceipted)
         self.write(publish_packet(self._health_topic_raw, self.next_packet_id(), encode(health)))
@@ -502,11 +507,21 @@ class LightPool:
             published[ref] = now
         self._resend.append((now + self.settings.receipt_timeout_s, entry, now))
 
+    def _send_many(self, device: LightDevice, entries: list[_Pending], now: float) -> None:
+        """Publish ``entries`` (orders sent before) of ``device`` again, in one write."""
+        device.publish_many([entry.payload for entry in entries], now)
+        deadline = now + self.settings.receipt_timeout_s
+        published = self.tracker.published_at
+        for entry in entries:
+            entry.sent_at = now
+            published.setdefault((device.device_id, entry.order_id), now)
+            self._resend.append((deadline, entry, now))
+
     def resend_all(self, device: LightDevice) -> None:
         """After a (re)connect: publish every order of ``device`` still without a receipt."""
-        for entry in list(device.pending.values()):
-            if not entry.receipted:
-                self._send(entry)
+        entries = [entry for entry in device.pending.values() if not entry.receipted]
+        if entries:
+            self._send_many(device, entries, time.monotonic())
 
     def on_receipt(self, device: LightDevice, order_id: str, result: str) -> None:
         ref = (device.device_id, order_id)
@@ -553,13 +568,16 @@ class LightPool:
 
     def _resend_due(self, now: float) -> None:
         queue = self._resend
+        due: dict[LightDevice, list[_Pending]] = {}
         while queue and queue[0][0] <= now:
             _, entry, sent_at = queue.popleft()
             if entry.receipted or entry.sent_at != sent_at:
                 continue  # receipted, or sent again since
             if entry.device.connected:
-                self._send(entry)
+                due.setdefault(entry.device, []).append(entry)
             # else: resend_all sends it when the device is back
+        for device, entries in due.items():
+            self._send_many(device, entries, now)
 
     def _query_due(self, now: float) -> None:
         queue = self._queries

@@ -123,6 +123,42 @@ async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) 
             await pool.close()
 
 
+async def test_orders_without_a_receipt_are_sent_again_in_one_write(
+    mosquitto: MosquittoProcess,
+) -> None:
+    """No bridge, so no receipt: after the timeout a device's due orders leave together."""
+    device = f"lt-resend-{time.monotonic_ns()}"
+    pool = LightPool(LightSettings(mosquitto.url, receipt_timeout_s=0.3), Tracker(), [device])
+    light = pool.devices[0]
+    writes: list[bytes] = []
+    wrote = asyncio.Event()
+    write = light.write
+
+    def recording(data: bytes, now: float | None = None) -> None:
+        if light._orders_topic in data:
+            writes.append(data)
+            wrote.set()
+        write(data, now)
+
+    light.write = recording  # type: ignore[method-assign]
+    body = {"currency": "EUR", "items": [{"sku": "s", "qty": 1, "unit_price": 5}], "total": 5}
+    with Probe(mosquitto.port) as probe:
+        probe.subscribe(names.health_topic(device))
+        await pool.start(ramp_per_s=100)
+        try:
+            await asyncio.to_thread(probe.wait_messages, 1)  # online: connected
+            for _ in range(3):
+                light.offer(body)
+            async with asyncio.timeout(10):
+                while len(writes) < 4:
+                    wrote.clear()
+                    await wrote.wait()
+            assert [len(list(split_packets(bytearray(w)))) for w in writes[:4]] == [1, 1, 1, 3]
+            assert pool.outbox_depth() == 3  # still unreceipted: sent again at the next timeout
+        finally:
+            await pool.close()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("stack"), StackSettings(shards=4)) as running:
