@@ -588,6 +588,10 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
         # Past the plateau e2e latency passes seconds: a 3 s query delay would flood the
         # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
+        # The agent's receipt timeout (edge_agent.config): fleet-sim's 10 s made every device
+        # resend its whole backlog when the cloud fell 10 s behind, twice the load it already
+        # could not carry.
+        receipt_timeout_s=30,
         loop_lag_interval_s=LOOP_LAG_S,
     )  # fmt: skip
     stop = threading.Event()
