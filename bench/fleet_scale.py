@@ -82,6 +82,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from redis.exceptions import RedisError, ResponseError
 
 from fleet.devices import raise_open_file_limit
+from fleet.looplag import Tick, own_share
 from fleet.report import STAGES as REPORT_STAGES
 from fleet.report import percentiles
 from fleet.sim import SimOptions, SimResult, run
@@ -93,6 +94,7 @@ from testrig.services import child_pids
 
 SHARDS = 4
 LOOP_LAG_S = 0.01  # the simulator's loop-lag ticker (fleet.looplag)
+LATE_MS = 20.0  # a wakeup this late is one whose cause is told (own work or waiting)
 QUEUED_S = 0.25  # a queue holding a quarter second of the offered load has built up
 BUSY = 0.6  # share of a stage's cores that makes it a candidate bottleneck
 STAGES = ("simulator", "broker", "bridge", "redis", "pipeline")
@@ -558,11 +560,15 @@ class Step:
     def loop_lag(self, p: float) -> float:
         """A percentile (100: the max) of the simulator's loop lag over the load window, ms
         (0: not probed)."""
-        span = self.load_end - self.load_start
-        lag = [ms for t, ms in self.result.record.loop_lag_ms if 0 < t <= span]
+        lag = [tick.late_ms for tick in self.loop_ticks()]
         if p == 100:
             return max(lag, default=0.0)
         return percentiles(lag).get(p, 0.0)
+
+    def loop_ticks(self) -> list[Tick]:
+        """The simulator's loop-lag ticks over the load window."""
+        span = self.load_end - self.load_start
+        return [tick for tick in self.result.record.loop_lag if 0 < tick.t <= span]
 
     def stage(self, name: str, p: float) -> float:
         """A percentile of one stage of the orders' latency (fleet.report.STAGES), ms."""
@@ -648,6 +654,13 @@ def show(s: Step) -> None:
           f"the simulator's loop lag p50/p99/max {s.loop_lag(50):.1f}/{s.loop_lag(99):.1f}/"
           f"{s.loop_lag(100):.0f} ms (a {LOOP_LAG_S * 1000:g} ms ticker's lateness over the load)",
           flush=True)  # fmt: skip
+    share = own_share(s.loop_ticks(), LOOP_LAG_S, LATE_MS)
+    if share is not None:
+        print(
+            f"        of the wakeups over {LATE_MS:g} ms late, the loop ran its own work "
+            f"{share:.0%} of their time and waited for a core {1 - share:.0%}",
+            flush=True,
+        )
     print(f"        simulator CPU per verified order: {s.simulator_us(False):.0f} µs during the "
           f"load, {s.simulator_us(True):.0f} µs over load + settle", flush=True)  # fmt: skip
     show_cost(s.cost)

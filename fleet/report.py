@@ -17,6 +17,7 @@ from schemas.names import stream_key
 from servicekit.redis_clients import text
 
 from .cpu import CpuUse
+from .looplag import Tick
 from .svg import line_chart
 from .tracker import Tracker
 from .verify import PAGE, OrderRef, Verdict
@@ -127,9 +128,9 @@ class RunRecord:
     cpu: CpuUse | None = None
     # The same over the load window only (its orders: those queued in it).
     cpu_load: CpuUse | None = None
-    # The simulator's event-loop lag (fleet.looplag): (s since the load began, ms late) of
-    # each wakeup of its ticker; empty unless asked for (and with worker processes).
-    loop_lag_ms: list[tuple[float, float]] = field(default_factory=list)
+    # The simulator's event-loop lag (fleet.looplag): each wakeup of its ticker (t: s since
+    # the load began); empty unless asked for (and with worker processes).
+    loop_lag: list[Tick] = field(default_factory=list)
 
 
 def cpu_rows(record: RunRecord) -> list[tuple[str, str]]:
@@ -187,8 +188,8 @@ def summary_table(record: RunRecord) -> Table:
         cuts = percentiles(values)
         if cuts:
             table.add_row(name, " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()))
-    if record.loop_lag_ms:
-        cuts = percentiles([ms for _, ms in record.loop_lag_ms])
+    if record.loop_lag:
+        cuts = percentiles([tick.late_ms for tick in record.loop_lag])
         table.add_row(
             "  simulator's loop lag", " ".join(f"p{p:g}={v:,.1f}ms" for p, v in cuts.items())
         )

@@ -88,7 +88,7 @@ class SimOptions:
     # How many of the devices are lightweight devices (fleet.light) instead of real agents.
     light_devices: int = 0
     # Tick this often (s) on the simulator's event loop from the load's start to the end of
-    # settling and record how late each wakeup came (RunRecord.loop_lag_ms); 0: off. With
+    # settling and record how late each wakeup came (RunRecord.loop_lag); 0: off. With
     # worker processes the devices' loops are theirs, so it is off.
     loop_lag_interval_s: float = 0.0
 
@@ -358,7 +358,7 @@ async def _drive(
                 await chaos_task
                 settled = await driver.finish()
                 stop_sampling.set()
-    record.loop_lag_ms = [(t - started, ms) for t, ms in lag.samples]
+    record.loop_lag = [tick._replace(t=tick.t - started) for tick in lag.samples]
     return settled
 
 
