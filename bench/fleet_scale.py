@@ -575,7 +575,11 @@ class Step:
         stages = self.result.record.stages
         if stages is None:
             return 0.0
-        values = next((v for n, _, v in stages.stages() if n == name), [])
+        values = (
+            stages.delivery_ms
+            if name == "delivery"
+            else next((v for n, _, v in stages.stages() if n == name), [])
+        )
         return percentiles(values).get(p, 0.0)
 
     @property
@@ -650,6 +654,7 @@ def show(s: Step) -> None:
           f"pending {s.queue('pending'):5.0f}   cores: {cores} other-work={s.others:.2f}",
           flush=True)  # fmt: skip
     by_stage = "  ".join(f"{name} {s.stage(name, 99):.0f}" for name, _ in REPORT_STAGES)
+    by_stage += f" (of it, status set → heard {s.stage('delivery', 99):.0f})"
     print(f"        e2e p99 {s.latency('e2e', 99):.0f} ms; p99 by stage (ms): {by_stage}; "
           f"the simulator's loop lag p50/p99/max {s.loop_lag(50):.1f}/{s.loop_lag(99):.1f}/"
           f"{s.loop_lag(100):.0f} ms (a {LOOP_LAG_S * 1000:g} ms ticker's lateness over the load)",

@@ -85,6 +85,7 @@ class _Answer(msgspec.Struct):
     order_id: str | None = None
     result: str = ""
     status: str = ""
+    at: int = 0  # a status's: when the pipeline set it (its wall clock, ms)
 
 
 _answer = msgspec.msgpack.Decoder(_Answer)
@@ -276,7 +277,7 @@ class LightDevice(asyncio.Protocol):
         if topic == self.receipts_topic:
             self.pool.on_receipt(self, answer.order_id, answer.result)
         elif topic == self.status_topic:
-            self.pool.on_status(self, answer.order_id, answer.status)
+            self.pool.on_status(self, answer.order_id, answer.status, answer.at)
 
     async def connect(self) -> None:
         """One connection attempt up to CONNACK and SUBSCRIBE; raises on failure."""
@@ -540,8 +541,8 @@ class LightPool:
         entry.query_at = time.monotonic() + entry.query_wait
         heapq.heappush(self._queries, (entry.query_at, next(self._query_ids), entry))
 
-    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
-        self.tracker.status((device.device_id, order_id), status)
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
+        self.tracker.status((device.device_id, order_id), status, at or None)
         if status in TERMINAL:
             entry = device.pending.get(order_id)
             if entry is not None and entry.receipted:

@@ -80,10 +80,10 @@ class _HeardPool(LightPool):
     heard: dict[str, int]
     changed: asyncio.Event
 
-    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
         self.heard[order_id] = self.heard.get(order_id, 0) + 1
         self.changed.set()
-        super().on_status(device, order_id, status)
+        super().on_status(device, order_id, status, at)
 
     async def until_heard(self, order_id: str, times: int) -> None:
         async with asyncio.timeout(5):
