@@ -131,13 +131,11 @@ async def test_orders_without_a_receipt_are_sent_again_in_one_write(
     pool = LightPool(LightSettings(mosquitto.url, receipt_timeout_s=0.3), Tracker(), [device])
     light = pool.devices[0]
     writes: list[bytes] = []
-    wrote = asyncio.Event()
     write = light.write
 
     def recording(data: bytes, now: float | None = None) -> None:
         if light._orders_topic in data:
             writes.append(data)
-            wrote.set()
         write(data, now)
 
     light.write = recording  # type: ignore[method-assign]
@@ -149,12 +147,12 @@ async def test_orders_without_a_receipt_are_sent_again_in_one_write(
             await asyncio.to_thread(probe.wait_messages, 1)  # online: connected
             for _ in range(3):
                 light.offer(body)
-            async with asyncio.timeout(10):
-                while len(writes) < 4:
-                    wrote.clear()
-                    await wrote.wait()
-            assert [len(list(split_packets(bytearray(w)))) for w in writes[:4]] == [1, 1, 1, 3]
+            # The timer's pass, once all three are due (in the same turn, so its own ticks
+            # cannot split them: a tick between their deadlines would, by microseconds).
+            pool._resend_due(time.monotonic() + 0.3)
+            assert [len(list(split_packets(bytearray(w)))) for w in writes] == [1, 1, 1, 3]
             assert pool.outbox_depth() == 3  # still unreceipted: sent again at the next timeout
+            assert light.connected  # sent on the live connection, not by a reconnect
         finally:
             await pool.close()
 
