@@ -52,7 +52,14 @@ when other work filled them before any one process was), checks the latency
 goals at 50 % of the peak (receipt p50 ≤ 7 ms, e2e p99 < 50 ms), and ends with
 a table of every step: latencies, cores per stage and of other work on the
 machine (``/proc/stat`` less this run's processes), and the simulator's CPU
-µs per verified order during the load and over load + settle.
+µs per verified order during the load and over load + settle. Every step
+prints the e2e p99 beside the p99 of each of its stages (agent queue, broker +
+bridge, pipeline, and of the pipeline's the status's way from being set to
+being heard) and the simulator's own loop lag (a 10 ms ticker on its loop,
+:mod:`fleet.looplag`), with the share of its late wakeups' time the loop ran
+its own work rather than waited for a core: a latency the simulator's loop
+inflates is told from one the cloud made. Its devices wait the agent's 30 s
+for a receipt before resending.
 
     .venv/bin/python bench/fleet_scale.py --light --processes 1 --devices 500 --start-rate 500
 """
