@@ -20,23 +20,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet.mqtt_wire import decode_varint, encode_varint
 from schemas import Item, Order, encode
 from schemas.names import TRACEPARENT_PROPERTY, orders_topic
 
 CHUNK = 100
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value % 128, value // 128
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _varint(len(body)) + body
+    return bytes([kind]) + encode_varint(len(body)) + body
 
 
 def bench_order(proc: int, index: int, devices: int) -> tuple[str, bytes]:
@@ -128,7 +120,7 @@ def _publish5(  # noqa: PLR0917 - a multiprocessing target takes its args positi
             traceparent = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-01"
             properties = b"\x26" + _utf8(TRACEPARENT_PROPERTY) + _utf8(traceparent)
         body = _utf8(topic) + struct.pack("!H", index % 65535 + 1)
-        packets.append(_packet(0x32, body + _varint(len(properties)) + properties + payload))
+        packets.append(_packet(0x32, body + encode_varint(len(properties)) + properties + payload))
     client_id = f"lg5-{proc}-{uuid.uuid4().hex[:6]}".encode()
     connect = b"\x00\x04MQTT\x05\x02\x00\x3c\x00" + struct.pack("!H", len(client_id)) + client_id
     sock = socket.create_connection((host, port))
@@ -158,17 +150,10 @@ def _split_packets(data: bytes) -> tuple[list[int], bytes]:
     kinds = []
     offset = 0
     while offset + 2 <= len(data):
-        length = shift = 0
-        pos = offset + 1
-        while True:
-            if pos >= len(data):
-                return kinds, data[offset:]
-            byte = data[pos]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-            if not byte & 0x80:
-                break
+        decoded = decode_varint(data, offset + 1)
+        if decoded is None:
+            break
+        length, pos = decoded
         if pos + length > len(data):
             break
         kinds.append(data[offset] & 0xF0)

@@ -62,6 +62,7 @@ from typing import Any, cast
 
 from enrolment.dynsec import Accounts, device_client_id, health_topic
 from enrolment.pki import create_ca, issue_cert
+from fleet.mqtt_wire import decode_varint, encode_varint
 from schemas import Health, encode, names
 from testrig.procstat import process_cpu_s
 from testrig.servers import MosquittoProcess, find_dynsec_plugin, free_port
@@ -75,21 +76,12 @@ FD_MARGIN = 50  # the broker's listener, epoll, log, files; the services
 # --- MQTT 5, the few packets a device sends ---
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _str(raw: bytes) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + encode_varint(len(body)) + body
 
 
 def connect_packet(
@@ -104,7 +96,7 @@ def connect_packet(
     payload += _str(username.encode()) + _str(password.encode())
     props = b"\x11" + struct.pack("!I", SESSION_EXPIRY_S)
     header = _str(b"MQTT") + bytes([5, flags]) + struct.pack("!H", KEEPALIVE_S)
-    return _packet(0x10, header + _varint(len(props)) + props + payload)
+    return _packet(0x10, header + encode_varint(len(props)) + props + payload)
 
 
 def subscribe_packet(topics: tuple[str, ...]) -> bytes:
@@ -124,17 +116,10 @@ def split_packets(data: bytearray) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     offset = 0
     while offset + 2 <= len(data):
-        length = shift = 0
-        pos = offset + 1
-        while pos < len(data):
-            byte = data[pos]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-            if not byte & 0x80:
-                break
-        else:
+        decoded = decode_varint(data, offset + 1)
+        if decoded is None:
             break
+        length, pos = decoded
         if pos + length > len(data):
             break
         out.append((data[offset], bytes(data[pos : pos + length])))

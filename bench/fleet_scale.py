@@ -52,7 +52,14 @@ when other work filled them before any one process was), checks the latency
 goals at 50 % of the peak (receipt p50 ≤ 7 ms, e2e p99 < 50 ms), and ends with
 a table of every step: latencies, cores per stage and of other work on the
 machine (``/proc/stat`` less this run's processes), and the simulator's CPU
-µs per verified order during the load and over load + settle.
+µs per verified order during the load and over load + settle. Every step
+prints the e2e p99 beside the p99 of each of its stages (agent queue, broker +
+bridge, pipeline, and of the pipeline's the status's way from being set to
+being heard) and the simulator's own loop lag (a 10 ms ticker on its loop,
+:mod:`fleet.looplag`), with the share of its late wakeups' time the loop ran
+its own work rather than waited for a core: a latency the simulator's loop
+inflates is told from one the cloud made. Its devices wait the agent's 30 s
+for a receipt before resending.
 
     .venv/bin/python bench/fleet_scale.py --light --processes 1 --devices 500 --start-rate 500
 """
@@ -82,6 +89,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from redis.exceptions import RedisError, ResponseError
 
 from fleet.devices import raise_open_file_limit
+from fleet.looplag import Tick, own_share
+from fleet.report import STAGES as REPORT_STAGES
 from fleet.report import percentiles
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
@@ -91,6 +100,8 @@ from testrig.procstat import CLK_TCK, process_cpu_s
 from testrig.services import child_pids
 
 SHARDS = 4
+LOOP_LAG_S = 0.01  # the simulator's loop-lag ticker (fleet.looplag)
+LATE_MS = 20.0  # a wakeup this late is one whose cause is told (own work or waiting)
 QUEUED_S = 0.25  # a queue holding a quarter second of the offered load has built up
 BUSY = 0.6  # share of a stage's cores that makes it a candidate bottleneck
 STAGES = ("simulator", "broker", "bridge", "redis", "pipeline")
@@ -557,6 +568,31 @@ class Step:
         values = record.receipt_latency_ms if which == "receipt" else record.e2e_latency_ms
         return percentiles(values).get(p, 0.0)
 
+    def loop_lag(self, p: float) -> float:
+        """A percentile (100: the max) of the simulator's loop lag over the load window, ms
+        (0: not probed)."""
+        lag = [tick.late_ms for tick in self.loop_ticks()]
+        if p == 100:
+            return max(lag, default=0.0)
+        return percentiles(lag).get(p, 0.0)
+
+    def loop_ticks(self) -> list[Tick]:
+        """The simulator's loop-lag ticks over the load window."""
+        span = self.load_end - self.load_start
+        return [tick for tick in self.result.record.loop_lag if 0 < tick.t <= span]
+
+    def stage(self, name: str, p: float) -> float:
+        """A percentile of one stage of the orders' latency (fleet.report.STAGES), ms."""
+        stages = self.result.record.stages
+        if stages is None:
+            return 0.0
+        values = (
+            stages.delivery_ms
+            if name == "delivery"
+            else next((v for n, _, v in stages.stages() if n == name), [])
+        )
+        return percentiles(values).get(p, 0.0)
+
     @property
     def sustained(self) -> bool:
         """Verified, settled, and statuses kept up with ≥ 90 % of the offered rate."""
@@ -573,6 +609,11 @@ async def step(stack: Stack, args: argparse.Namespace, rate: float, broker: Brok
         # Past the plateau e2e latency passes seconds: a 3 s query delay would flood the
         # pipeline with status queries (docs/reference/fleet-sim.md, limits), so ask late.
         status_query_delay_s=30,
+        # The agent's receipt timeout (edge_agent.config): fleet-sim's 10 s made every device
+        # resend its whole backlog when the cloud fell 10 s behind, twice the load it already
+        # could not carry.
+        receipt_timeout_s=30,
+        loop_lag_interval_s=LOOP_LAG_S,
     )  # fmt: skip
     stop = threading.Event()
     spies = await start_profiles(stack, args.profile) if args.profile else []
@@ -623,6 +664,19 @@ def show(s: Step) -> None:
           f"{s.lag.batch_ms:4.1f} ms)  group lag {s.queue('group_lag'):6.0f} "
           f"pending {s.queue('pending'):5.0f}   cores: {cores} other-work={s.others:.2f}",
           flush=True)  # fmt: skip
+    by_stage = "  ".join(f"{name} {s.stage(name, 99):.0f}" for name, _ in REPORT_STAGES)
+    by_stage += f" (of it, status set → heard {s.stage('delivery', 99):.0f})"
+    print(f"        e2e p99 {s.latency('e2e', 99):.0f} ms; p99 by stage (ms): {by_stage}; "
+          f"the simulator's loop lag p50/p99/max {s.loop_lag(50):.1f}/{s.loop_lag(99):.1f}/"
+          f"{s.loop_lag(100):.0f} ms (a {LOOP_LAG_S * 1000:g} ms ticker's lateness over the load)",
+          flush=True)  # fmt: skip
+    share = own_share(s.loop_ticks(), LOOP_LAG_S, LATE_MS)
+    if share is not None:
+        print(
+            f"        of the wakeups over {LATE_MS:g} ms late, the loop ran its own work "
+            f"{share:.0%} of their time and waited for a core {1 - share:.0%}",
+            flush=True,
+        )
     print(f"        simulator CPU per verified order: {s.simulator_us(False):.0f} µs during the "
           f"load, {s.simulator_us(True):.0f} µs over load + settle", flush=True)  # fmt: skip
     show_cost(s.cost)
@@ -718,6 +772,7 @@ def first_at_core(steps: list[Step]) -> str:
 def table(steps: list[Step]) -> str:
     """One row per step: latencies, cores per stage and for other work, the simulator's cost."""
     head = ("| offered/s | processed/s | sustained | receipt p50 ms | e2e p99 ms | "
+            "simulator loop lag p99 ms | "
             + " | ".join(STAGES) + " | bench | other work | machine | "
             "simulator µs/order (load) | (load + settle) |")  # fmt: skip
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -725,7 +780,8 @@ def table(steps: list[Step]) -> str:
         cores = " | ".join(f"{s.cores.get(k, 0.0):.2f}" for k in (*STAGES, "bench"))
         rows.append(
             f"| {s.rate:.0f} | {s.processed_rate:.0f} | {'yes' if s.sustained else 'no'} | "
-            f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | {cores} | "
+            f"{s.latency('receipt', 50):.1f} | {s.latency('e2e', 99):.0f} | "
+            f"{s.loop_lag(99):.1f} | {cores} | "
             f"{s.others:.2f} | {s.machine:.2f} | {s.simulator_us(False):.0f} | "
             f"{s.simulator_us(True):.0f} |"
         )

@@ -53,6 +53,7 @@ from schemas import Health, Item, Order, StatusQuery, encode, names
 from schemas.messages import MAX_QUERIED_ORDERS
 from servicekit.urls import MqttUrl
 
+from .mqtt_wire import decode_varint, encode_varint
 from .tracker import TERMINAL, Tracker
 
 log = structlog.get_logger(__name__)
@@ -84,22 +85,10 @@ class _Answer(msgspec.Struct):
     order_id: str | None = None
     result: str = ""
     status: str = ""
+    at: int = 0  # a status's: when the pipeline set it (its wall clock, ms)
 
 
 _answer = msgspec.msgpack.Decoder(_Answer)
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    if value < 0x4000:  # every packet of a light device fits in two bytes
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def _utf8(text: str | bytes) -> bytes:
@@ -108,7 +97,7 @@ def _utf8(text: str | bytes) -> bytes:
 
 
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + encode_varint(len(body)) + body
 
 
 def connect_packet(client_id: str, url: MqttUrl, will: tuple[str, bytes]) -> bytes:
@@ -123,7 +112,7 @@ def connect_packet(client_id: str, url: MqttUrl, will: tuple[str, bytes]) -> byt
             payload += _utf8(url.password)
     props = b"\x11" + struct.pack("!I", SESSION_EXPIRY_S)
     header = _utf8("MQTT") + bytes([5, flags]) + struct.pack("!H", KEEPALIVE_S)
-    return _packet(0x10, header + _varint(len(props)) + props + payload)
+    return _packet(0x10, header + encode_varint(len(props)) + props + payload)
 
 
 def subscribe_packet(packet_id: int, topics: tuple[str, ...]) -> bytes:
@@ -136,7 +125,9 @@ def subscribe_packet(packet_id: int, topics: tuple[str, ...]) -> bytes:
 def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     """MQTT 5 PUBLISH at QoS 1 without properties; ``topic`` already length-prefixed."""
     body_len = len(topic) + 3 + len(payload)
-    return b"\x32" + _varint(body_len) + topic + struct.pack("!H", packet_id) + b"\x00" + payload
+    return (
+        b"\x32" + encode_varint(body_len) + topic + struct.pack("!H", packet_id) + b"\x00" + payload
+    )
 
 
 def puback(packet_id: int) -> bytes:
@@ -154,17 +145,10 @@ def split_packets(data: bytearray) -> Iterator[tuple[int, bytes]]:
     size = len(data)
     try:
         while offset + 2 <= size:
-            length = shift = 0
-            pos = offset + 1
-            while True:
-                if pos >= size:
-                    return
-                byte = data[pos]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                pos += 1
-                if not byte & 0x80:
-                    break
+            decoded = decode_varint(data, offset + 1)
+            if decoded is None:
+                return
+            length, pos = decoded
             if pos + length > size:
                 return
             yield data[offset], bytes(data[pos : pos + length])
@@ -277,14 +261,13 @@ class LightDevice(asyncio.Protocol):
             (packet_id,) = struct.unpack_from("!H", body, pos)
             pos += 2
             out.append(puback(packet_id))
-        props = shift = 0
-        while True:
-            byte = body[pos]
-            props |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-            if not byte & 0x80:
-                break
+        try:
+            decoded = decode_varint(body, pos)
+        except ValueError:
+            decoded = None
+        if decoded is None:
+            return  # malformed: no whole property length
+        props, pos = decoded
         try:
             answer = _answer.decode(body[pos + props :])
         except msgspec.DecodeError:
@@ -294,7 +277,7 @@ class LightDevice(asyncio.Protocol):
         if topic == self.receipts_topic:
             self.pool.on_receipt(self, answer.order_id, answer.result)
         elif topic == self.status_topic:
-            self.pool.on_status(self, answer.order_id, answer.status)
+            self.pool.on_status(self, answer.order_id, answer.status, answer.at)
 
     async def connect(self) -> None:
         """One connection attempt up to CONNACK and SUBSCRIBE; raises on failure."""
@@ -363,6 +346,11 @@ class LightDevice(asyncio.Protocol):
 
     def publish(self, payload: bytes, now: float | None = None) -> None:
         self.write(publish_packet(self._orders_topic, self.next_packet_id(), payload), now)
+
+    def publish_many(self, payloads: list[bytes], now: float) -> None:
+        """Several orders in one write (resends come due together): one send, not one each."""
+        topic = self._orders_topic
+        self.write(b"".join(publish_packet(topic, self.next_packet_id(), p) for p in payloads), now)
 
     def publish_health(self, *, online: bool) -> None:
         health = Health(v=1, online=online, at=_now_ms(), outbox_depth=self.unreceipted)
@@ -520,11 +508,21 @@ class LightPool:
             published[ref] = now
         self._resend.append((now + self.settings.receipt_timeout_s, entry, now))
 
+    def _send_many(self, device: LightDevice, entries: list[_Pending], now: float) -> None:
+        """Publish ``entries`` (orders sent before) of ``device`` again, in one write."""
+        device.publish_many([entry.payload for entry in entries], now)
+        deadline = now + self.settings.receipt_timeout_s
+        published = self.tracker.published_at
+        for entry in entries:
+            entry.sent_at = now
+            published.setdefault((device.device_id, entry.order_id), now)
+            self._resend.append((deadline, entry, now))
+
     def resend_all(self, device: LightDevice) -> None:
         """After a (re)connect: publish every order of ``device`` still without a receipt."""
-        for entry in list(device.pending.values()):
-            if not entry.receipted:
-                self._send(entry)
+        entries = [entry for entry in device.pending.values() if not entry.receipted]
+        if entries:
+            self._send_many(device, entries, time.monotonic())
 
     def on_receipt(self, device: LightDevice, order_id: str, result: str) -> None:
         ref = (device.device_id, order_id)
@@ -543,8 +541,8 @@ class LightPool:
         entry.query_at = time.monotonic() + entry.query_wait
         heapq.heappush(self._queries, (entry.query_at, next(self._query_ids), entry))
 
-    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
-        self.tracker.status((device.device_id, order_id), status)
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
+        self.tracker.status((device.device_id, order_id), status, at or None)
         if status in TERMINAL:
             entry = device.pending.get(order_id)
             if entry is not None and entry.receipted:
@@ -571,13 +569,16 @@ class LightPool:
 
     def _resend_due(self, now: float) -> None:
         queue = self._resend
+        due: dict[LightDevice, list[_Pending]] = {}
         while queue and queue[0][0] <= now:
             _, entry, sent_at = queue.popleft()
             if entry.receipted or entry.sent_at != sent_at:
                 continue  # receipted, or sent again since
             if entry.device.connected:
-                self._send(entry)
+                due.setdefault(entry.device, []).append(entry)
             # else: resend_all sends it when the device is back
+        for device, entries in due.items():
+            self._send_many(device, entries, now)
 
     def _query_due(self, now: float) -> None:
         queue = self._queries

@@ -17,6 +17,7 @@ from schemas.names import stream_key
 from servicekit.redis_clients import text
 
 from .cpu import CpuUse
+from .looplag import Tick
 from .svg import line_chart
 from .tracker import Tracker
 from .verify import PAGE, OrderRef, Verdict
@@ -61,6 +62,10 @@ class StageLatencies:
     agent_queue_ms: list[float]
     broker_bridge_ms: list[float]
     pipeline_ms: list[float]
+    # Part of the pipeline stage, for the orders whose status carried the time the pipeline
+    # set it: from then until the device heard it (the status's way through the broker,
+    # and the simulator's loop getting to it). Same-host clocks only.
+    delivery_ms: list[float] = field(default_factory=list)
 
     @property
     def orders(self) -> int:
@@ -77,6 +82,7 @@ def stage_latencies(tracker: Tracker, received_at_ms: dict[OrderRef, int]) -> St
     queue: list[float] = []
     broker: list[float] = []
     pipeline: list[float] = []
+    delivery: list[float] = []
     offset_ms = tracker.wall_offset_s * 1000
     for ref, submitted in tracker.submit_at.items():
         published = tracker.published_at.get(ref)
@@ -88,7 +94,9 @@ def stage_latencies(tracker: Tracker, received_at_ms: dict[OrderRef, int]) -> St
         queue.append(max(0.0, (published - submitted) * 1000))
         broker.append(received - published_ms)
         pipeline.append(ended * 1000 + offset_ms - received)
-    return StageLatencies(queue, broker, pipeline)
+        if (set_at := tracker.status_set_at.get(ref)) is not None:
+            delivery.append(ended * 1000 + offset_ms - set_at)
+    return StageLatencies(queue, broker, pipeline, delivery)
 
 
 async def received_times(redis: Any, shards: int) -> dict[OrderRef, int]:
@@ -127,6 +135,9 @@ class RunRecord:
     cpu: CpuUse | None = None
     # The same over the load window only (its orders: those queued in it).
     cpu_load: CpuUse | None = None
+    # The simulator's event-loop lag (fleet.looplag): each wakeup of its ticker (t: s since
+    # the load began); empty unless asked for (and with worker processes).
+    loop_lag: list[Tick] = field(default_factory=list)
 
 
 def cpu_rows(record: RunRecord) -> list[tuple[str, str]]:
@@ -184,6 +195,11 @@ def summary_table(record: RunRecord) -> Table:
         cuts = percentiles(values)
         if cuts:
             table.add_row(name, " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()))
+    if record.loop_lag:
+        cuts = percentiles([tick.late_ms for tick in record.loop_lag])
+        table.add_row(
+            "  simulator's loop lag", " ".join(f"p{p:g}={v:,.1f}ms" for p, v in cuts.items())
+        )
     if record.stages is not None and record.stages.orders:
         for name, _span, values in record.stages.stages():
             cuts = percentiles(values)
@@ -191,6 +207,12 @@ def summary_table(record: RunRecord) -> Table:
                 f"  {name}",
                 f"mean={statistics.fmean(values):,.1f}ms "
                 + " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()),
+            )
+        if record.stages.delivery_ms:
+            cuts = percentiles(record.stages.delivery_ms)
+            table.add_row(
+                "    of it, status set → heard",
+                " ".join(f"p{p:g}={v:,.0f}ms" for p, v in cuts.items()),
             )
     for name, text_ in cpu_rows(record):
         table.add_row(name, text_)

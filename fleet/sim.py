@@ -39,6 +39,7 @@ from .devices import Catalog, Fleet, FleetSettings
 from .errors import FleetError
 from .live import LiveView
 from .load import await_heard, offer_orders, settle, terminal_in
+from .looplag import INTERVAL_S, LoopLag
 from .report import RunRecord, Sample, percentiles, stage_breakdown
 from .stack import DEMO_CATALOG, Stack
 from .statuses import order_statuses
@@ -86,6 +87,10 @@ class SimOptions:
     failover_after_s: float = 3.0
     # How many of the devices are lightweight devices (fleet.light) instead of real agents.
     light_devices: int = 0
+    # Tick this often (s) on the simulator's event loop from the load's start to the end of
+    # settling and record how late each wakeup came (RunRecord.loop_lag); 0: off. With
+    # worker processes the devices' loops are theirs, so it is off.
+    loop_lag_interval_s: float = 0.0
 
 
 @dataclass
@@ -336,19 +341,24 @@ async def _drive(
 ) -> bool:
     started = time.monotonic()
     stop_sampling = asyncio.Event()
-    with LiveView(enabled=options.live) as view:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(
-                _sample(driver, control, tracker=tracker, record=record, started=started,
-                        stop=stop_sampling, view=view),
-                name="sampler",
-            )  # fmt: skip
-            chaos_task = tg.create_task(chaos.run(started), name="chaos")
-            await driver.offer(started)
-            loaded()
-            await chaos_task
-            settled = await driver.finish()
-            stop_sampling.set()
+    lag = LoopLag(options.loop_lag_interval_s or INTERVAL_S)
+    async with contextlib.AsyncExitStack() as probe:
+        if options.loop_lag_interval_s > 0 and options.processes == 1:
+            await probe.enter_async_context(lag.running())
+        with LiveView(enabled=options.live) as view:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(
+                    _sample(driver, control, tracker=tracker, record=record, started=started,
+                            stop=stop_sampling, view=view),
+                    name="sampler",
+                )  # fmt: skip
+                chaos_task = tg.create_task(chaos.run(started), name="chaos")
+                await driver.offer(started)
+                loaded()
+                await chaos_task
+                settled = await driver.finish()
+                stop_sampling.set()
+    record.loop_lag = [tick._replace(t=tick.t - started) for tick in lag.samples]
     return settled
 
 

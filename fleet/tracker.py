@@ -50,6 +50,9 @@ class Tracker:
     # For the report's stage breakdown (monotonic s; wall = monotonic + wall_offset_s).
     published_at: dict[OrderRef, float] = field(default_factory=dict)  # first PUBLISH
     terminal_at: dict[OrderRef, float] = field(default_factory=dict)
+    # When the pipeline set each heard terminal status (the Status's ``at``: its wall clock,
+    # ms), so the last stage splits into the pipeline's work and the status's delivery.
+    status_set_at: dict[OrderRef, int] = field(default_factory=dict)
     wall_offset_s: float = field(default_factory=lambda: time.time() - time.monotonic())
     refused: int = 0
     duplicate_receipts: int = 0
@@ -102,10 +105,12 @@ class Tracker:
             return
         self._receipt(ref, time.monotonic())
 
-    def status(self, ref: OrderRef, status: str) -> None:
-        """A pipeline status arrived for ``ref``."""
+    def status(self, ref: OrderRef, status: str, set_at_ms: int | None = None) -> None:
+        """A pipeline status arrived for ``ref`` (set by the pipeline at ``set_at_ms``)."""
         if status not in TERMINAL:
             return
+        if set_at_ms is not None:
+            self.status_set_at.setdefault(ref, set_at_ms)
         if ref not in self.submit_at:
             self.early_status.setdefault(ref, time.monotonic())
             return
@@ -148,7 +153,7 @@ class ObservingHandlers:
                     self._tracker.receipt((self._device_id, receipt.order_id), receipt.result)
             elif topic.endswith("/status"):
                 status = decode_status(payload)
-                self._tracker.status((self._device_id, status.order_id), status.status)
+                self._tracker.status((self._device_id, status.order_id), status.status, status.at)
         except DecodeError:
             pass  # the agent's own handler counts and logs it
         self._inner.on_message(topic, payload)

@@ -80,10 +80,10 @@ class _HeardPool(LightPool):
     heard: dict[str, int]
     changed: asyncio.Event
 
-    def on_status(self, device: LightDevice, order_id: str, status: str) -> None:
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
         self.heard[order_id] = self.heard.get(order_id, 0) + 1
         self.changed.set()
-        super().on_status(device, order_id, status)
+        super().on_status(device, order_id, status, at)
 
     async def until_heard(self, order_id: str, times: int) -> None:
         async with asyncio.timeout(5):
@@ -123,6 +123,40 @@ async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) 
             await pool.close()
 
 
+async def test_orders_without_a_receipt_are_sent_again_in_one_write(
+    mosquitto: MosquittoProcess,
+) -> None:
+    """No bridge, so no receipt: after the timeout a device's due orders leave together."""
+    device = f"lt-resend-{time.monotonic_ns()}"
+    pool = LightPool(LightSettings(mosquitto.url, receipt_timeout_s=0.3), Tracker(), [device])
+    light = pool.devices[0]
+    writes: list[bytes] = []
+    write = light.write
+
+    def recording(data: bytes, now: float | None = None) -> None:
+        if light._orders_topic in data:
+            writes.append(data)
+        write(data, now)
+
+    light.write = recording  # type: ignore[method-assign]
+    body = {"currency": "EUR", "items": [{"sku": "s", "qty": 1, "unit_price": 5}], "total": 5}
+    with Probe(mosquitto.port) as probe:
+        probe.subscribe(names.health_topic(device))
+        await pool.start(ramp_per_s=100)
+        try:
+            await asyncio.to_thread(probe.wait_messages, 1)  # online: connected
+            for _ in range(3):
+                light.offer(body)
+            # The timer's pass, once all three are due (in the same turn, so its own ticks
+            # cannot split them: a tick between their deadlines would, by microseconds).
+            pool._resend_due(time.monotonic() + 0.3)
+            assert [len(list(split_packets(bytearray(w)))) for w in writes] == [1, 1, 1, 3]
+            assert pool.outbox_depth() == 3  # still unreceipted: sent again at the next timeout
+            assert light.connected  # sent on the live connection, not by a reconnect
+        finally:
+            await pool.close()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("stack"), StackSettings(shards=4)) as running:
@@ -135,6 +169,7 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     options = SimOptions(
         devices=60, light_devices=40, rate=60, duration_s=7, shards=4, prefix=prefix,
         chaos="3:broker-restart", settle_timeout_s=90, receipt_timeout_s=4.0,
+        loop_lag_interval_s=0.01,
     )  # fmt: skip
     before = stack.broker.pid
     result = await run(options, stack)
@@ -155,6 +190,10 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     assert cpu is not None
     assert cpu.generator_s > 0
     assert set(cpu.cloud_s) == {"broker", "redis", "bridge", "pipeline"}
+    # The loop-lag ticker ran from the load's start through settling.
+    lag_t = [tick.t for tick in result.record.loop_lag]
+    assert lag_t[0] < 1.0 < options.duration_s < lag_t[-1]
+    assert all(tick.late_ms >= 0 and tick.cpu_ms >= 0 for tick in result.record.loop_lag)
 
 
 @pytest.mark.slow

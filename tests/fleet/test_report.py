@@ -112,6 +112,19 @@ def test_stage_breakdown_splits_each_order_and_adds_up() -> None:
     totals = [sum(t) for t in zip(stages.agent_queue_ms, stages.broker_bridge_ms,
                                   stages.pipeline_ms, strict=True)]  # fmt: skip
     assert totals == pytest.approx(tracker.e2e_latency_ms, abs=0.01)
+    assert stages.delivery_ms == []  # no status said when the pipeline set it
+
+
+def test_the_pipeline_stage_splits_at_the_time_the_status_was_set() -> None:
+    """A status carrying its ``at``: heard 30 ms after the pipeline set it."""
+    tracker = tracker_with_stages()
+    ref = ("dev-1", "order-0001")
+    tracker.terminal.add(ref)  # heard at its terminal_at: these only tell when it was set
+    heard_ms = (tracker.terminal_at[ref] + tracker.wall_offset_s) * 1000
+    tracker.status(ref, "fulfilled", round(heard_ms - 30))
+    tracker.status(ref, "fulfilled", round(heard_ms - 90))  # heard again: the first counts
+    stages = stage_latencies(tracker, received(tracker))
+    assert stages.delivery_ms == pytest.approx([30], abs=1.0)
 
 
 def test_stage_breakdown_is_in_the_report_and_summary(tmp_path: Path) -> None:
