@@ -190,9 +190,10 @@ async def test_mixed_fleet_survives_a_broker_restart(stack: Stack) -> None:
     assert cpu is not None
     assert cpu.generator_s > 0
     assert set(cpu.cloud_s) == {"broker", "redis", "bridge", "pipeline"}
-    # The loop-lag ticker ran from the load's start through settling.
+    # The loop-lag ticker ran from the load's start to its end (a settle that finds
+    # everything settled may end within the last tick, so not "past the load").
     lag_t = [tick.t for tick in result.record.loop_lag]
-    assert lag_t[0] < 1.0 < options.duration_s < lag_t[-1]
+    assert lag_t[0] < 1.0 < options.duration_s - 1.0 < lag_t[-1]
     assert all(tick.late_ms >= 0 and tick.cpu_ms >= 0 for tick in result.record.loop_lag)
 
 
