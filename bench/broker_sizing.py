@@ -51,6 +51,7 @@ import random
 import resource
 import secrets
 import shutil
+import signal
 import ssl
 import struct
 import sys
@@ -71,6 +72,8 @@ KEEPALIVE_S = 30  # edge_agent.transport's default
 SESSION_EXPIRY_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 60.0
 FD_MARGIN = 50  # the broker's listener, epoll, log, files; the services
+WILLS_QUIET_S = 5.0  # the Wills have stopped coming when none came for this long
+WILLS_MAX_WAIT_S = 300.0
 
 # --- MQTT 5, the few packets a device sends ---
 
@@ -159,6 +162,7 @@ class Client(asyncio.Protocol):
         self.last_write = 0.0
         self.packet_id = 0
         self.received = 0
+        self.last_receive_at = 0.0
         self.acked = 0
         self.lost_unexpectedly = 0
         self.dropping = False
@@ -187,6 +191,7 @@ class Client(asyncio.Protocol):
             kind = first & 0xF0
             if kind == 0x30:  # PUBLISH (QoS 1: topic, packet id)
                 self.received += 1
+                self.last_receive_at = time.monotonic()
                 (topic_len,) = struct.unpack_from("!H", body, 0)
                 out.append(b"\x40\x02" + body[2 + topic_len : 4 + topic_len])
             elif kind == 0x40:
@@ -214,6 +219,8 @@ class Target:
     port: int
     tls: ssl.SSLContext
     source_ip: str | None = None
+    attempts: int = 0
+    handshakes: int = 0  # attempts that got past accept and TLS (connection_made)
     attempts_failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -224,6 +231,7 @@ async def open_client(client: Client, target: Target) -> None:
     while True:
         client.ready = loop.create_future()
         client.dropping = False
+        target.attempts += 1
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await loop.create_connection(
@@ -231,6 +239,7 @@ async def open_client(client: Client, target: Target) -> None:
                     server_hostname="localhost",
                     local_addr=(target.source_ip, 0) if target.source_ip else None,
                 )  # fmt: skip
+                target.handshakes += 1
                 await client.ready
         except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
             target.attempts_failed += 1
@@ -278,17 +287,23 @@ class Slice:
             )  # fmt: skip
             self.devices.append((client, names.orders_topic(dev).encode()))
 
-    async def connect_all(self) -> dict[str, Any]:
+    async def connect_all(self, spread_s: float) -> dict[str, Any]:
+        """Connect every device; each first waits a uniform draw from ``[0, spread_s]``."""
         started = time.monotonic()
         gate = asyncio.Semaphore(self.connects)
+        target = self.target
+        target.attempts = target.handshakes = target.attempts_failed = 0
+        target.errors = {}
 
         async def one(client: Client) -> None:
+            await asyncio.sleep(random.uniform(0.0, spread_s))
             async with gate:
-                await open_client(client, self.target)
+                await open_client(client, target)
 
         await asyncio.gather(*(one(client) for client, _ in self.devices))
-        return {"seconds": time.monotonic() - started, "failed": self.target.attempts_failed,
-                "errors": self.target.errors}  # fmt: skip
+        return {"seconds": time.monotonic() - started, "failed": target.attempts_failed,
+                "attempts": target.attempts, "handshakes": target.handshakes,
+                "errors": target.errors}  # fmt: skip
 
     async def drop_all(self) -> None:
         """Abort every connection and wait until each is gone (a protocol is reused)."""
@@ -334,7 +349,7 @@ class Slice:
             command, rest = line[0], line[1:]
             reply: dict[str, Any] = {}
             if command == "connect":
-                reply = await self.connect_all()
+                reply = await self.connect_all(float(rest[0]) if rest else 0.0)
             elif command == "drop":
                 await self.drop_all()
             elif command == "load":
@@ -371,14 +386,37 @@ def write_accounts(directory: Path, devices: int, secret: str) -> None:
     accounts.save(directory / "dynamic-security.json")
 
 
-def listen_overflows() -> int:
-    """TcpExt ListenOverflows of this network namespace: SYNs dropped on full accept queues
-    (every listener's, so other jobs' count too)."""
+def tcp_ext(*counters: str) -> dict[str, int]:
+    """TcpExt counters of this network namespace (``nstat -az TcpExt…``), e.g.
+    ListenOverflows (SYNs dropped on a full accept queue) and ListenDrops (those and
+    every other drop at a listener); every listener's, so other jobs' count too."""
     lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
     for names_, values in zip(lines[::2], lines[1::2], strict=True):
         if names_[0] == "TcpExt:":
-            return int(values[names_.index("ListenOverflows")])
-    return 0
+            return {name: int(values[names_.index(name)]) for name in counters}
+    return dict.fromkeys(counters, 0)
+
+
+def listen_drops() -> dict[str, int]:
+    return tcp_ext("ListenOverflows", "ListenDrops")
+
+
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds ``pid``'s thread was runnable but waited for a core (/proc/PID/schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+async def start_perf(path: str, pid: int) -> asyncio.subprocess.Process:
+    """``perf record`` of ``pid`` (flat profile) into ``path``; stopped with SIGINT."""
+    recorder = await asyncio.create_subprocess_exec(
+        "perf", "record", "-F", "999", "-p", str(pid), "-o", path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)  # attached
+    return recorder
 
 
 def rss_mib(pid: int) -> float:
@@ -510,12 +548,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             return cpu1 - cpu0, clients1 - clients0, time.monotonic() - t0
 
         cpu0, t0 = process_cpu_s(pid, children=False), time.monotonic()
-        overflows0 = listen_overflows()
+        drops0 = listen_drops()
         replies = await workers.ask("connect")
-        out["connect_listen_overflows"] = listen_overflows() - overflows0
+        for name, value in listen_drops().items():
+            out[f"connect_{name}"] = value - drops0[name]
         out["connect_s"] = time.monotonic() - t0
         out["connect_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
         out["connect_failed_attempts"] = sum(r["failed"] for r in replies)
+        out["connect_handshakes"] = sum(r["handshakes"] for r in replies)
         await asyncio.sleep(2.0)
         out["rss_connected_mib"] = rss_mib(pid)
         out["kib_per_connection"] = (
@@ -523,49 +563,77 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"connected: {json.dumps(out)}", flush=True)
 
-        broker_cpu, client_cpu, wall = await window(args.idle_s)
-        out["idle_broker_cpu_pct"] = 100 * broker_cpu / wall
-        out["idle_clients_cpu_pct"] = 100 * client_cpu / wall
-        print(f"idle: broker {out['idle_broker_cpu_pct']:.1f} % CPU", flush=True)
+        async def load_phase(out: dict[str, Any]) -> None:
+            received0 = bridge.received
+            await workers.ask(f"load {args.interval}")
+            await asyncio.sleep(args.interval)  # every device's slot came round once
+            received1 = bridge.received
+            broker_cpu, client_cpu, wall = await window(args.load_s)
+            out["load_msgs_per_s"] = (bridge.received - received1) / wall
+            out["load_broker_cpu_pct"] = 100 * broker_cpu / wall
+            out["load_clients_cpu_pct"] = 100 * client_cpu / wall
+            out["load_broker_us_per_msg"] = 1e6 * broker_cpu / max(1, bridge.received - received1)
+            await workers.ask("load 0")
+            await asyncio.sleep(2.0)
+            stats = await workers.ask("stats")
+            out["load_published_acked"] = sum(s["acked"] for s in stats)
+            out["load_received_by_bridge"] = bridge.received - received0
+            out["rss_after_load_mib"] = rss_mib(pid)
+            print(f"load: {json.dumps(out)}", flush=True)
 
-        received0 = bridge.received
-        await workers.ask(f"load {args.interval}")
-        await asyncio.sleep(args.interval)  # every device's slot came round once
-        received1 = bridge.received
-        broker_cpu, client_cpu, wall = await window(args.load_s)
-        out["load_msgs_per_s"] = (bridge.received - received1) / wall
-        out["load_broker_cpu_pct"] = 100 * broker_cpu / wall
-        out["load_clients_cpu_pct"] = 100 * client_cpu / wall
-        out["load_broker_us_per_msg"] = 1e6 * broker_cpu / max(1, bridge.received - received1)
-        await workers.ask("load 0")
-        await asyncio.sleep(2.0)
-        stats = await workers.ask("stats")
-        out["load_published_acked"] = sum(s["acked"] for s in stats)
-        out["load_received_by_bridge"] = bridge.received - received0
-        out["rss_after_load_mib"] = rss_mib(pid)
-        print(f"load: {json.dumps(out)}", flush=True)
+        def wills() -> int:
+            return sum(service.received for service in services[1:])
 
-        wills0 = sum(service.received for service in services[1:])
-        cpu0, clients0, t0 = (
-            process_cpu_s(pid, children=False),
-            await workers.cpu_s(),
-            time.monotonic(),
-        )
-        overflows0 = listen_overflows()
-        await workers.ask("drop")
-        replies = await workers.ask("connect")
-        out["storm_listen_overflows"] = listen_overflows() - overflows0
-        out["storm_s"] = time.monotonic() - t0
-        out["storm_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
-        out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
-        out["storm_failed_attempts"] = sum(r["failed"] for r in replies)
-        out["storm_errors"] = [r["errors"] for r in replies]
-        await asyncio.sleep(2.0)
-        out["storm_wills_heard"] = sum(service.received for service in services[1:]) - wills0
-        stats = await workers.ask("stats")
-        out["connected_at_end"] = sum(s["connected"] for s in stats)
-        out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
-        out["services_lost"] = sum(service.lost_unexpectedly for service in services)
+        async def storm(out: dict[str, Any]) -> None:
+            wills0 = wills()
+            cpu0, clients0, t0 = (
+                process_cpu_s(pid, children=False),
+                await workers.cpu_s(),
+                time.monotonic(),
+            )
+            wait0, drops0 = run_queue_wait_s(pid), listen_drops()
+            recorder = await start_perf(args.perf, pid) if args.perf else None
+            await workers.ask("drop")
+            replies = await workers.ask(f"connect {args.storm_spread_s}")
+            out["storm_s"] = time.monotonic() - t0
+            out["storm_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
+            out["storm_broker_ms_per_device"] = 1e3 * out["storm_broker_cpu_s"] / args.devices
+            out["storm_broker_run_queue_wait_s"] = run_queue_wait_s(pid) - wait0
+            for name, value in listen_drops().items():
+                out[f"storm_{name}"] = value - drops0[name]
+            if recorder is not None:
+                recorder.send_signal(signal.SIGINT)
+                await recorder.wait()
+            out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
+            out["storm_attempts"] = sum(r["attempts"] for r in replies)
+            out["storm_handshakes"] = sum(r["handshakes"] for r in replies)
+            out["storm_failed_attempts"] = sum(r["failed"] for r in replies)
+            out["storm_errors"] = [r["errors"] for r in replies]
+            if len(services) > 1:
+                # Wills still arrive after the last SUBACK: wait until none came for
+                # WILLS_QUIET_S (at most WILLS_MAX_WAIT_S).
+                last_count, last_at = wills(), time.monotonic()
+                deadline = last_at + WILLS_MAX_WAIT_S
+                while time.monotonic() < deadline and time.monotonic() - last_at < WILLS_QUIET_S:
+                    await asyncio.sleep(0.1)
+                    if (count := wills()) != last_count:
+                        last_count, last_at = count, time.monotonic()
+                out["storm_wills_heard"] = last_count - wills0
+                out["storm_last_will_after_s"] = services[1].last_receive_at - t0
+                out["storm_wills_heard_after_s"] = time.monotonic() - t0
+            stats = await workers.ask("stats")
+            out["connected_at_end"] = sum(s["connected"] for s in stats)
+            out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
+            out["services_lost"] = sum(service.lost_unexpectedly for service in services)
+
+        if args.idle_s > 0:
+            broker_cpu, client_cpu, wall = await window(args.idle_s)
+            out["idle_broker_cpu_pct"] = 100 * broker_cpu / wall
+            out["idle_clients_cpu_pct"] = 100 * client_cpu / wall
+            print(f"idle: broker {out['idle_broker_cpu_pct']:.1f} % CPU", flush=True)
+        if args.load_s > 0:
+            await load_phase(out)
+        await storm(out)
         out["rss_end_mib"] = rss_mib(pid)
         out["loadavg"] = os.getloadavg()
         with contextlib.suppress(ProcessLookupError):
@@ -603,6 +671,11 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between a device's messages under load")  # fmt: skip
     parser.add_argument("--payload", type=int, default=300, help="bytes per message")
+    parser.add_argument("--storm-spread-s", type=float, default=0.0,
+                        help="in the storm, each device waits a uniform draw from [0, S] "
+                        "before reconnecting (0: all at once)")  # fmt: skip
+    parser.add_argument("--perf", metavar="FILE",
+                        help="perf record the broker during the storm into FILE")  # fmt: skip
     parser.add_argument("--no-wills", action="store_true",
                         help="no pipeline client on the health topics (the Wills)")  # fmt: skip
     args = parser.parse_args()
