@@ -464,7 +464,7 @@ class Workers:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    raise_file_limit(args.devices)
+    raise_file_limit(args.devices + args.offline)
     directory = Path(tempfile.mkdtemp(prefix="broker-sizing-"))
     secret = secrets.token_hex(8)
     ca = create_ca(directory)
@@ -472,7 +472,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     server.cert.rename(directory / "server.crt")
     server.key.rename(directory / "server.key")
     started = time.monotonic()
-    write_accounts(directory, args.devices, secret)
+    write_accounts(directory, args.devices + args.offline, secret)
     print(f"{args.devices} accounts written in {time.monotonic() - started:.1f} s", flush=True)
     port = free_port()
     broker = MosquittoProcess(directory / "run", port, config=secure_config(directory, port))
@@ -505,35 +505,30 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         service.write(PINGREQ)
 
         pinger = asyncio.create_task(ping_services())
+
+        async def spawn(first: int, count: int, source_ip: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.broker_sizing", "client", "--port", str(port),
+                "--cafile", str(ca.cert), "--secret", secret, "--first", str(first),
+                "--count", str(count), "--source-ip", source_ip,
+                "--connects", str(args.connects), "--payload", str(args.payload),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
         share = -(-args.devices // args.procs)
         for index in range(args.procs):
             count = min(share, args.devices - index * share)
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "bench.broker_sizing",
-                    "client",
-                    "--port",
-                    str(port),
-                    "--cafile",
-                    str(ca.cert),
-                    "--secret",
-                    secret,
-                    "--first",
-                    str(index * share),
-                    "--count",
-                    str(count),
-                    "--source-ip",
-                    f"127.0.0.{index + 2}",
-                    "--connects",
-                    str(args.connects),
-                    "--payload",
-                    str(args.payload),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
-            )
+            procs.append(await spawn(index * share, count, f"127.0.0.{index + 2}"))
+        if args.offline:
+            # Devices that connected once and went away: their sessions wait in the
+            # broker's session expiry list, as an offline device's do for 7 days.
+            procs.append(await spawn(args.devices, args.offline, "127.0.0.99"))
+            offline = Workers(procs[-1:])
+            await offline.ask("connect")
+            await offline.ask("drop")
+            await offline.ask("quit")
+            await procs.pop().wait()
+            out["offline_sessions"] = args.offline
         workers = Workers(procs)
 
         async def window(seconds: float) -> tuple[float, float, float]:
@@ -674,6 +669,9 @@ def main() -> None:
     parser.add_argument("--storm-spread-s", type=float, default=0.0,
                         help="in the storm, each device waits a uniform draw from [0, S] "
                         "before reconnecting (0: all at once)")  # fmt: skip
+    parser.add_argument("--offline", type=int, default=0,
+                        help="devices that connect once and leave before the phases: "
+                        "persistent sessions of offline devices")  # fmt: skip
     parser.add_argument("--perf", metavar="FILE",
                         help="perf record the broker during the storm into FILE")  # fmt: skip
     parser.add_argument("--no-wills", action="store_true",
