@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -61,9 +62,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
+
+from edge_agent.config import AgentConfig
+from edge_agent.transport import TransportSettings
 from enrolment.dynsec import Accounts, device_client_id, health_topic
 from enrolment.pki import create_ca, issue_cert
 from schemas import Health, encode, names
+from servicekit.backoff import full_jitter
 from testrig.procstat import process_cpu_s
 from testrig.servers import MosquittoProcess, find_dynsec_plugin, free_port
 
@@ -214,11 +220,25 @@ class Client(asyncio.Protocol):
         return self.packet_id
 
 
+def agent_retry() -> tuple[float, float, float]:
+    """The edge agent's defaults: (connect timeout, first backoff window, backoff cap) in s."""
+    config = {f.name: f.default for f in msgspec.structs.fields(AgentConfig)}
+    timeout = {f.name: f.default for f in dataclasses.fields(TransportSettings)}
+    return (
+        cast(float, timeout["connect_timeout_s"]),
+        cast(float, config["reconnect_min_s"]),
+        cast(float, config["reconnect_max_s"]),
+    )
+
+
 @dataclass
 class Target:
     port: int
     tls: ssl.SSLContext
     source_ip: str | None = None
+    # (connect timeout, first backoff window, cap) as the agent retries; None: the
+    # bench's own (60 s, then a uniform 0.2–1 s wait)
+    agent: tuple[float, float, float] | None = None
     attempts: int = 0
     handshakes: int = 0  # attempts that got past accept and TLS (connection_made)
     attempts_failed: int = 0
@@ -228,12 +248,14 @@ class Target:
 async def open_client(client: Client, target: Target) -> None:
     """Connect ``client`` until its SUBACK, retrying after a short random wait."""
     loop = asyncio.get_running_loop()
+    timeout_s = target.agent[0] if target.agent else CONNECT_TIMEOUT_S
+    failures = 0
     while True:
         client.ready = loop.create_future()
         client.dropping = False
         target.attempts += 1
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await loop.create_connection(
                     lambda: client, "127.0.0.1", target.port, ssl=target.tls,
                     server_hostname="localhost",
@@ -247,7 +269,11 @@ async def open_client(client: Client, target: Target) -> None:
             target.errors[name] = target.errors.get(name, 0) + 1
             if client.transport is not None:
                 client.transport.abort()
-            await asyncio.sleep(random.uniform(0.2, 1.0))
+            if target.agent:
+                await asyncio.sleep(full_jitter(failures, target.agent[1], target.agent[2]))
+                failures += 1
+            else:
+                await asyncio.sleep(random.uniform(0.2, 1.0))
         else:
             return
 
@@ -273,7 +299,12 @@ class Slice:
     """``count`` devices from ``first`` on, driven by commands on stdin."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.target = Target(args.port, tls_context(Path(args.cafile)), args.source_ip)
+        self.target = Target(
+            args.port,
+            tls_context(Path(args.cafile)),
+            args.source_ip,
+            agent_retry() if args.agent_retry else None,
+        )
         self.connects = args.connects
         self.payload = os.urandom(args.payload)
         self.interval_s = 0.0
@@ -512,6 +543,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "--cafile", str(ca.cert), "--secret", secret, "--first", str(first),
                 "--count", str(count), "--source-ip", source_ip,
                 "--connects", str(args.connects), "--payload", str(args.payload),
+                *(["--agent-retry"] if args.agent_retry else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
 
@@ -657,6 +689,7 @@ def main() -> None:
     for flag in ("--cafile", "--secret"):
         client.add_argument(flag, required=True)
     client.add_argument("--source-ip")
+    client.add_argument("--agent-retry", action="store_true")
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
     parser.add_argument("--connects", type=int, default=100,
@@ -669,6 +702,10 @@ def main() -> None:
     parser.add_argument("--storm-spread-s", type=float, default=0.0,
                         help="in the storm, each device waits a uniform draw from [0, S] "
                         "before reconnecting (0: all at once)")  # fmt: skip
+    parser.add_argument("--agent-retry", action="store_true",
+                        help="devices retry as the edge agent does: its connect timeout "
+                        "(10 s) and full-jitter backoff (0.5 s doubling to 60 s), instead of "
+                        "60 s and a uniform 0.2-1 s")  # fmt: skip
     parser.add_argument("--offline", type=int, default=0,
                         help="devices that connect once and leave before the phases: "
                         "persistent sessions of offline devices")  # fmt: skip
