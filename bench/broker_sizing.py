@@ -450,6 +450,22 @@ async def start_perf(path: str, pid: int) -> asyncio.subprocess.Process:
     return recorder
 
 
+async def perf_shares(path: str, sort: str, top: int) -> dict[str, float]:
+    """The ``top`` rows of ``perf report --sort SORT`` of ``path``: name -> % of samples."""
+    report = await asyncio.create_subprocess_exec(
+        "perf", "report", "-i", path, "--no-children", "--sort", sort, "--stdio", "-q",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    text, _ = await report.communicate()
+    shares: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        fields = line.split()
+        if len(shares) < top and fields and fields[0].endswith("%"):
+            name = " ".join(f for f in fields[1:] if f not in ("-", "[.]", "[k]"))
+            shares[name] = float(fields[0].rstrip("%"))
+    return shares
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -631,6 +647,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             if recorder is not None:
                 recorder.send_signal(signal.SIGINT)
                 await recorder.wait()
+                out["storm_perf_dso_pct"] = await perf_shares(args.perf, "dso", 6)
+                out["storm_perf_symbol_pct"] = await perf_shares(args.perf, "dso,symbol", 6)
             out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
             out["storm_attempts"] = sum(r["attempts"] for r in replies)
             out["storm_handshakes"] = sum(r["handshakes"] for r in replies)
