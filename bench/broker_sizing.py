@@ -220,13 +220,14 @@ class Client(asyncio.Protocol):
         return self.packet_id
 
 
-def agent_retry() -> tuple[float, float, float]:
-    """The edge agent's defaults: (connect timeout, first backoff window, backoff cap) in s."""
+def agent_retry(reconnect_min_s: float | None) -> tuple[float, float, float]:
+    """(connect timeout, first backoff window, backoff cap) in s: the edge agent's
+    defaults, with ``reconnect_min_s`` instead of its own if given."""
     config = {f.name: f.default for f in msgspec.structs.fields(AgentConfig)}
     timeout = {f.name: f.default for f in dataclasses.fields(TransportSettings)}
     return (
         cast(float, timeout["connect_timeout_s"]),
-        cast(float, config["reconnect_min_s"]),
+        cast(float, config["reconnect_min_s"]) if reconnect_min_s is None else reconnect_min_s,
         cast(float, config["reconnect_max_s"]),
     )
 
@@ -303,7 +304,7 @@ class Slice:
             args.port,
             tls_context(Path(args.cafile)),
             args.source_ip,
-            agent_retry() if args.agent_retry else None,
+            agent_retry(args.reconnect_min_s) if args.agent_retry else None,
         )
         self.connects = args.connects
         self.payload = os.urandom(args.payload)
@@ -319,7 +320,8 @@ class Slice:
             self.devices.append((client, names.orders_topic(dev).encode()))
 
     async def connect_all(self, spread_s: float) -> dict[str, Any]:
-        """Connect every device; each first waits a uniform draw from ``[0, spread_s]``."""
+        """Connect every device; each first waits a uniform draw from ``[0, spread_s]``
+        (as the agent does: from ``[0, reconnect_min_s]``)."""
         started = time.monotonic()
         gate = asyncio.Semaphore(self.connects)
         target = self.target
@@ -327,7 +329,8 @@ class Slice:
         target.errors = {}
 
         async def one(client: Client) -> None:
-            await asyncio.sleep(random.uniform(0.0, spread_s))
+            first_s = target.agent[1] if target.agent else spread_s
+            await asyncio.sleep(random.uniform(0.0, first_s))
             async with gate:
                 await open_client(client, target)
 
@@ -560,6 +563,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "--count", str(count), "--source-ip", source_ip,
                 "--connects", str(args.connects), "--payload", str(args.payload),
                 *(["--agent-retry"] if args.agent_retry else []),
+                *(["--reconnect-min-s", str(args.reconnect_min_s)] if args.reconnect_min_s else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
 
@@ -708,6 +712,7 @@ def main() -> None:
         client.add_argument(flag, required=True)
     client.add_argument("--source-ip")
     client.add_argument("--agent-retry", action="store_true")
+    client.add_argument("--reconnect-min-s", type=float)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
     parser.add_argument("--connects", type=int, default=100,
@@ -719,11 +724,16 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=300, help="bytes per message")
     parser.add_argument("--storm-spread-s", type=float, default=0.0,
                         help="in the storm, each device waits a uniform draw from [0, S] "
-                        "before reconnecting (0: all at once)")  # fmt: skip
+                        "before reconnecting (0: all at once; not with --agent-retry)")  # fmt: skip
     parser.add_argument("--agent-retry", action="store_true",
                         help="devices retry as the edge agent does: its connect timeout "
                         "(10 s) and full-jitter backoff (0.5 s doubling to 60 s), instead of "
-                        "60 s and a uniform 0.2-1 s")  # fmt: skip
+                        "60 s and a uniform 0.2-1 s); a device's first wait is a uniform "
+                        "draw from [0, reconnect_min_s], as the agent's after a lost "
+                        "connection")  # fmt: skip
+    parser.add_argument("--reconnect-min-s", type=float,
+                        help="with --agent-retry: the agent's reconnect_min_s (default its "
+                        "own, 0.5 s)")  # fmt: skip
     parser.add_argument("--offline", type=int, default=0,
                         help="devices that connect once and leave before the phases: "
                         "persistent sessions of offline devices")  # fmt: skip
