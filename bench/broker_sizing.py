@@ -269,6 +269,8 @@ async def open_client(client: Client, target: Target) -> None:
             name = type(exc).__name__
             target.errors[name] = target.errors.get(name, 0) + 1
             if client.transport is not None:
+                # Given up: its connection_lost is neither news nor a loss to count.
+                client.ready, client.dropping = None, True
                 client.transport.abort()
             if target.agent:
                 await asyncio.sleep(full_jitter(failures, target.agent[1], target.agent[2]))
