@@ -27,8 +27,19 @@ Phases, each measured on the broker process alone (/proc: CPU time, RSS):
    and the messages the bridge client received;
 4. a reconnection storm: every client process aborts all its connections at
    once (TCP RST, as a network cut or a load balancer's restart looks to the
-   broker) and reconnects them all at once; the time until every device has its
-   SUBACK again, and the CPU the broker and the clients spent meanwhile.
+   broker) and reconnects them all at once (``--storm-spread-s``: each after a
+   uniform draw from [0, S]); the time until every device has its SUBACK again,
+   the CPU the broker and the clients spent meanwhile, the broker's run-queue
+   wait, the SYNs the kernel dropped on its full accept queue, the connect
+   attempts and TLS handshakes, and the Wills heard (counted until none came
+   for 5 s) with the time to the last one. ``--perf FILE`` profiles the broker
+   through the storm (``perf record``) and reports its top functions.
+
+``--idle-s 0`` / ``--load-s 0`` skip phases 2 / 3. ``--agent-retry`` makes the
+devices time out and back off as the edge agent does (its defaults, or
+``--reconnect-min-s``); ``--offline N`` has N more devices connect once and
+leave before the phases, so their sessions wait on the broker as an offline
+device's do. docs/explanation/brokers.md has the figures and what they say.
 
 The devices run in ``--procs`` processes, each from its own loopback address
 (127.0.0.2, …) so no process runs short of ephemeral ports; the bench raises
