@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,9 +39,8 @@ async def connect(client: Client, port: int) -> None:
 
 async def measure(wait_s: float) -> dict[str, int]:
     port = free_port()
-    broker = MosquittoProcess(
-        Path(tempfile.mkdtemp(prefix="will-takeover-")), port, extra_conf="allow_anonymous true\n"
-    )
+    directory = Path(tempfile.mkdtemp(prefix="will-takeover-"))
+    broker = MosquittoProcess(directory, port, extra_conf="allow_anonymous true\n")
     broker.start()
     heard: dict[str, int] = {}
     try:
@@ -62,6 +62,7 @@ async def measure(wait_s: float) -> dict[str, int]:
             heard[case] = watcher.received - before
     finally:
         broker.stop()
+        shutil.rmtree(directory, ignore_errors=True)
     return heard
 
 
