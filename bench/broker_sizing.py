@@ -27,8 +27,19 @@ Phases, each measured on the broker process alone (/proc: CPU time, RSS):
    and the messages the bridge client received;
 4. a reconnection storm: every client process aborts all its connections at
    once (TCP RST, as a network cut or a load balancer's restart looks to the
-   broker) and reconnects them all at once; the time until every device has its
-   SUBACK again, and the CPU the broker and the clients spent meanwhile.
+   broker) and reconnects them all at once (``--storm-spread-s``: each after a
+   uniform draw from [0, S]); the time until every device has its SUBACK again,
+   the CPU the broker and the clients spent meanwhile, the broker's run-queue
+   wait, the SYNs the kernel dropped on its full accept queue, the connect
+   attempts and TLS handshakes, and the Wills heard (counted until none came
+   for 5 s) with the time to the last one. ``--perf FILE`` profiles the broker
+   through the storm (``perf record``) and reports its top functions.
+
+``--idle-s 0`` / ``--load-s 0`` skip phases 2 / 3. ``--agent-retry`` makes the
+devices time out and back off as the edge agent does (its defaults, or
+``--reconnect-min-s``); ``--offline N`` has N more devices connect once and
+leave before the phases, so their sessions wait on the broker as an offline
+device's do. docs/explanation/brokers.md has the figures and what they say.
 
 The devices run in ``--procs`` processes, each from its own loopback address
 (127.0.0.2, …) so no process runs short of ephemeral ports; the bench raises
@@ -44,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +63,7 @@ import random
 import resource
 import secrets
 import shutil
+import signal
 import ssl
 import struct
 import sys
@@ -60,10 +73,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
+
+from edge_agent.config import AgentConfig
+from edge_agent.transport import TransportSettings
 from enrolment.dynsec import Accounts, device_client_id, health_topic
 from enrolment.pki import create_ca, issue_cert
 from fleet.mqtt_wire import decode_varint, encode_varint
 from schemas import Health, encode, names
+from servicekit.backoff import full_jitter
 from testrig.procstat import process_cpu_s
 from testrig.servers import MosquittoProcess, find_dynsec_plugin, free_port
 
@@ -72,6 +90,8 @@ KEEPALIVE_S = 30  # edge_agent.transport's default
 SESSION_EXPIRY_S = 7 * 24 * 3600
 CONNECT_TIMEOUT_S = 60.0
 FD_MARGIN = 50  # the broker's listener, epoll, log, files; the services
+WILLS_QUIET_S = 5.0  # the Wills have stopped coming when none came for this long
+WILLS_MAX_WAIT_S = 300.0
 
 # --- MQTT 5, the few packets a device sends ---
 
@@ -144,6 +164,7 @@ class Client(asyncio.Protocol):
         self.last_write = 0.0
         self.packet_id = 0
         self.received = 0
+        self.last_receive_at = 0.0
         self.acked = 0
         self.lost_unexpectedly = 0
         self.dropping = False
@@ -172,6 +193,7 @@ class Client(asyncio.Protocol):
             kind = first & 0xF0
             if kind == 0x30:  # PUBLISH (QoS 1: topic, packet id)
                 self.received += 1
+                self.last_receive_at = time.monotonic()
                 (topic_len,) = struct.unpack_from("!H", body, 0)
                 out.append(b"\x40\x02" + body[2 + topic_len : 4 + topic_len])
             elif kind == 0x40:
@@ -194,11 +216,28 @@ class Client(asyncio.Protocol):
         return self.packet_id
 
 
+def agent_retry(reconnect_min_s: float | None) -> tuple[float, float, float]:
+    """(connect timeout, first backoff window, backoff cap) in s: the edge agent's
+    defaults, with ``reconnect_min_s`` instead of its own if given."""
+    config = {f.name: f.default for f in msgspec.structs.fields(AgentConfig)}
+    timeout = {f.name: f.default for f in dataclasses.fields(TransportSettings)}
+    return (
+        cast(float, timeout["connect_timeout_s"]),
+        cast(float, config["reconnect_min_s"]) if reconnect_min_s is None else reconnect_min_s,
+        cast(float, config["reconnect_max_s"]),
+    )
+
+
 @dataclass
 class Target:
     port: int
     tls: ssl.SSLContext
     source_ip: str | None = None
+    # (connect timeout, first backoff window, cap) as the agent retries; None: the
+    # bench's own (60 s, then a uniform 0.2–1 s wait)
+    agent: tuple[float, float, float] | None = None
+    attempts: int = 0
+    handshakes: int = 0  # attempts that got past accept and TLS (connection_made)
     attempts_failed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
@@ -206,24 +245,34 @@ class Target:
 async def open_client(client: Client, target: Target) -> None:
     """Connect ``client`` until its SUBACK, retrying after a short random wait."""
     loop = asyncio.get_running_loop()
+    timeout_s = target.agent[0] if target.agent else CONNECT_TIMEOUT_S
+    failures = 0
     while True:
         client.ready = loop.create_future()
         client.dropping = False
+        target.attempts += 1
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await loop.create_connection(
                     lambda: client, "127.0.0.1", target.port, ssl=target.tls,
                     server_hostname="localhost",
                     local_addr=(target.source_ip, 0) if target.source_ip else None,
                 )  # fmt: skip
+                target.handshakes += 1
                 await client.ready
         except (OSError, ConnectionError, TimeoutError, ssl.SSLError) as exc:
             target.attempts_failed += 1
             name = type(exc).__name__
             target.errors[name] = target.errors.get(name, 0) + 1
             if client.transport is not None:
+                # Given up: its connection_lost is neither news nor a loss to count.
+                client.ready, client.dropping = None, True
                 client.transport.abort()
-            await asyncio.sleep(random.uniform(0.2, 1.0))
+            if target.agent:
+                await asyncio.sleep(full_jitter(failures, target.agent[1], target.agent[2]))
+                failures += 1
+            else:
+                await asyncio.sleep(random.uniform(0.2, 1.0))
         else:
             return
 
@@ -249,7 +298,12 @@ class Slice:
     """``count`` devices from ``first`` on, driven by commands on stdin."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.target = Target(args.port, tls_context(Path(args.cafile)), args.source_ip)
+        self.target = Target(
+            args.port,
+            tls_context(Path(args.cafile)),
+            args.source_ip,
+            agent_retry(args.reconnect_min_s) if args.agent_retry else None,
+        )
         self.connects = args.connects
         self.payload = os.urandom(args.payload)
         self.interval_s = 0.0
@@ -263,17 +317,25 @@ class Slice:
             )  # fmt: skip
             self.devices.append((client, names.orders_topic(dev).encode()))
 
-    async def connect_all(self) -> dict[str, Any]:
+    async def connect_all(self, spread_s: float) -> dict[str, Any]:
+        """Connect every device; each first waits a uniform draw from ``[0, spread_s]``
+        (as the agent does: from ``[0, reconnect_min_s]``)."""
         started = time.monotonic()
         gate = asyncio.Semaphore(self.connects)
+        target = self.target
+        target.attempts = target.handshakes = target.attempts_failed = 0
+        target.errors = {}
 
         async def one(client: Client) -> None:
+            first_s = target.agent[1] if target.agent else spread_s
+            await asyncio.sleep(random.uniform(0.0, first_s))
             async with gate:
-                await open_client(client, self.target)
+                await open_client(client, target)
 
         await asyncio.gather(*(one(client) for client, _ in self.devices))
-        return {"seconds": time.monotonic() - started, "failed": self.target.attempts_failed,
-                "errors": self.target.errors}  # fmt: skip
+        return {"seconds": time.monotonic() - started, "failed": target.attempts_failed,
+                "attempts": target.attempts, "handshakes": target.handshakes,
+                "errors": target.errors}  # fmt: skip
 
     async def drop_all(self) -> None:
         """Abort every connection and wait until each is gone (a protocol is reused)."""
@@ -319,7 +381,7 @@ class Slice:
             command, rest = line[0], line[1:]
             reply: dict[str, Any] = {}
             if command == "connect":
-                reply = await self.connect_all()
+                reply = await self.connect_all(float(rest[0]) if rest else 0.0)
             elif command == "drop":
                 await self.drop_all()
             elif command == "load":
@@ -356,14 +418,53 @@ def write_accounts(directory: Path, devices: int, secret: str) -> None:
     accounts.save(directory / "dynamic-security.json")
 
 
-def listen_overflows() -> int:
-    """TcpExt ListenOverflows of this network namespace: SYNs dropped on full accept queues
-    (every listener's, so other jobs' count too)."""
+def tcp_ext(*counters: str) -> dict[str, int]:
+    """TcpExt counters of this network namespace (``nstat -az TcpExt…``), e.g.
+    ListenOverflows (SYNs dropped on a full accept queue) and ListenDrops (those and
+    every other drop at a listener); every listener's, so other jobs' count too."""
     lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
     for names_, values in zip(lines[::2], lines[1::2], strict=True):
         if names_[0] == "TcpExt:":
-            return int(values[names_.index("ListenOverflows")])
-    return 0
+            return {name: int(values[names_.index(name)]) for name in counters}
+    return dict.fromkeys(counters, 0)
+
+
+def listen_drops() -> dict[str, int]:
+    return tcp_ext("ListenOverflows", "ListenDrops")
+
+
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds ``pid``'s thread was runnable but waited for a core (/proc/PID/schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+async def start_perf(path: str, pid: int) -> asyncio.subprocess.Process:
+    """``perf record`` of ``pid`` (flat profile) into ``path``; stopped with SIGINT."""
+    recorder = await asyncio.create_subprocess_exec(
+        "perf", "record", "-F", "999", "-p", str(pid), "-o", path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.5)  # attached
+    return recorder
+
+
+async def perf_shares(path: str, sort: str, top: int) -> dict[str, float]:
+    """The ``top`` rows of ``perf report --sort SORT`` of ``path``: name -> % of samples."""
+    report = await asyncio.create_subprocess_exec(
+        "perf", "report", "-i", path, "--no-children", "--sort", sort, "--stdio", "-q",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    text, _ = await report.communicate()
+    shares: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        fields = line.split()
+        if len(shares) < top and fields and fields[0].endswith("%"):
+            name = " ".join(f for f in fields[1:] if f not in ("-", "[.]", "[k]"))
+            shares[name] = float(fields[0].rstrip("%"))
+    return shares
 
 
 def rss_mib(pid: int) -> float:
@@ -411,7 +512,7 @@ class Workers:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    raise_file_limit(args.devices)
+    raise_file_limit(args.devices + args.offline)
     directory = Path(tempfile.mkdtemp(prefix="broker-sizing-"))
     secret = secrets.token_hex(8)
     ca = create_ca(directory)
@@ -419,7 +520,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     server.cert.rename(directory / "server.crt")
     server.key.rename(directory / "server.key")
     started = time.monotonic()
-    write_accounts(directory, args.devices, secret)
+    write_accounts(directory, args.devices + args.offline, secret)
     print(f"{args.devices} accounts written in {time.monotonic() - started:.1f} s", flush=True)
     port = free_port()
     broker = MosquittoProcess(directory / "run", port, config=secure_config(directory, port))
@@ -452,35 +553,32 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         service.write(PINGREQ)
 
         pinger = asyncio.create_task(ping_services())
+
+        async def spawn(first: int, count: int, source_ip: str) -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.broker_sizing", "client", "--port", str(port),
+                "--cafile", str(ca.cert), "--secret", secret, "--first", str(first),
+                "--count", str(count), "--source-ip", source_ip,
+                "--connects", str(args.connects), "--payload", str(args.payload),
+                *(["--agent-retry"] if args.agent_retry else []),
+                *(["--reconnect-min-s", str(args.reconnect_min_s)] if args.reconnect_min_s else []),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
         share = -(-args.devices // args.procs)
         for index in range(args.procs):
             count = min(share, args.devices - index * share)
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "bench.broker_sizing",
-                    "client",
-                    "--port",
-                    str(port),
-                    "--cafile",
-                    str(ca.cert),
-                    "--secret",
-                    secret,
-                    "--first",
-                    str(index * share),
-                    "--count",
-                    str(count),
-                    "--source-ip",
-                    f"127.0.0.{index + 2}",
-                    "--connects",
-                    str(args.connects),
-                    "--payload",
-                    str(args.payload),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
-            )
+            procs.append(await spawn(index * share, count, f"127.0.0.{index + 2}"))
+        if args.offline:
+            # Devices that connected once and went away: their sessions wait in the
+            # broker's session expiry list, as an offline device's do for 7 days.
+            procs.append(await spawn(args.devices, args.offline, "127.0.0.99"))
+            offline = Workers(procs[-1:])
+            await offline.ask("connect")
+            await offline.ask("drop")
+            await offline.ask("quit")
+            await procs.pop().wait()
+            out["offline_sessions"] = args.offline
         workers = Workers(procs)
 
         async def window(seconds: float) -> tuple[float, float, float]:
@@ -495,12 +593,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             return cpu1 - cpu0, clients1 - clients0, time.monotonic() - t0
 
         cpu0, t0 = process_cpu_s(pid, children=False), time.monotonic()
-        overflows0 = listen_overflows()
+        drops0 = listen_drops()
         replies = await workers.ask("connect")
-        out["connect_listen_overflows"] = listen_overflows() - overflows0
+        for name, value in listen_drops().items():
+            out[f"connect_{name}"] = value - drops0[name]
         out["connect_s"] = time.monotonic() - t0
         out["connect_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
         out["connect_failed_attempts"] = sum(r["failed"] for r in replies)
+        out["connect_handshakes"] = sum(r["handshakes"] for r in replies)
         await asyncio.sleep(2.0)
         out["rss_connected_mib"] = rss_mib(pid)
         out["kib_per_connection"] = (
@@ -508,49 +608,79 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"connected: {json.dumps(out)}", flush=True)
 
-        broker_cpu, client_cpu, wall = await window(args.idle_s)
-        out["idle_broker_cpu_pct"] = 100 * broker_cpu / wall
-        out["idle_clients_cpu_pct"] = 100 * client_cpu / wall
-        print(f"idle: broker {out['idle_broker_cpu_pct']:.1f} % CPU", flush=True)
+        async def load_phase(out: dict[str, Any]) -> None:
+            received0 = bridge.received
+            await workers.ask(f"load {args.interval}")
+            await asyncio.sleep(args.interval)  # every device's slot came round once
+            received1 = bridge.received
+            broker_cpu, client_cpu, wall = await window(args.load_s)
+            out["load_msgs_per_s"] = (bridge.received - received1) / wall
+            out["load_broker_cpu_pct"] = 100 * broker_cpu / wall
+            out["load_clients_cpu_pct"] = 100 * client_cpu / wall
+            out["load_broker_us_per_msg"] = 1e6 * broker_cpu / max(1, bridge.received - received1)
+            await workers.ask("load 0")
+            await asyncio.sleep(2.0)
+            stats = await workers.ask("stats")
+            out["load_published_acked"] = sum(s["acked"] for s in stats)
+            out["load_received_by_bridge"] = bridge.received - received0
+            out["rss_after_load_mib"] = rss_mib(pid)
+            print(f"load: {json.dumps(out)}", flush=True)
 
-        received0 = bridge.received
-        await workers.ask(f"load {args.interval}")
-        await asyncio.sleep(args.interval)  # every device's slot came round once
-        received1 = bridge.received
-        broker_cpu, client_cpu, wall = await window(args.load_s)
-        out["load_msgs_per_s"] = (bridge.received - received1) / wall
-        out["load_broker_cpu_pct"] = 100 * broker_cpu / wall
-        out["load_clients_cpu_pct"] = 100 * client_cpu / wall
-        out["load_broker_us_per_msg"] = 1e6 * broker_cpu / max(1, bridge.received - received1)
-        await workers.ask("load 0")
-        await asyncio.sleep(2.0)
-        stats = await workers.ask("stats")
-        out["load_published_acked"] = sum(s["acked"] for s in stats)
-        out["load_received_by_bridge"] = bridge.received - received0
-        out["rss_after_load_mib"] = rss_mib(pid)
-        print(f"load: {json.dumps(out)}", flush=True)
+        def wills() -> int:
+            return sum(service.received for service in services[1:])
 
-        wills0 = sum(service.received for service in services[1:])
-        cpu0, clients0, t0 = (
-            process_cpu_s(pid, children=False),
-            await workers.cpu_s(),
-            time.monotonic(),
-        )
-        overflows0 = listen_overflows()
-        await workers.ask("drop")
-        replies = await workers.ask("connect")
-        out["storm_listen_overflows"] = listen_overflows() - overflows0
-        out["storm_s"] = time.monotonic() - t0
-        out["storm_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
-        out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
-        out["storm_failed_attempts"] = sum(r["failed"] for r in replies)
-        out["storm_errors"] = [r["errors"] for r in replies]
-        await asyncio.sleep(2.0)
-        out["storm_wills_heard"] = sum(service.received for service in services[1:]) - wills0
-        stats = await workers.ask("stats")
-        out["connected_at_end"] = sum(s["connected"] for s in stats)
-        out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
-        out["services_lost"] = sum(service.lost_unexpectedly for service in services)
+        async def storm(out: dict[str, Any]) -> None:
+            wills0 = wills()
+            cpu0, clients0, t0 = (
+                process_cpu_s(pid, children=False),
+                await workers.cpu_s(),
+                time.monotonic(),
+            )
+            wait0, drops0 = run_queue_wait_s(pid), listen_drops()
+            recorder = await start_perf(args.perf, pid) if args.perf else None
+            await workers.ask("drop")
+            replies = await workers.ask(f"connect {args.storm_spread_s}")
+            out["storm_s"] = time.monotonic() - t0
+            out["storm_broker_cpu_s"] = process_cpu_s(pid, children=False) - cpu0
+            out["storm_broker_ms_per_device"] = 1e3 * out["storm_broker_cpu_s"] / args.devices
+            out["storm_broker_run_queue_wait_s"] = run_queue_wait_s(pid) - wait0
+            for name, value in listen_drops().items():
+                out[f"storm_{name}"] = value - drops0[name]
+            if recorder is not None:
+                recorder.send_signal(signal.SIGINT)
+                await recorder.wait()
+                out["storm_perf_dso_pct"] = await perf_shares(args.perf, "dso", 6)
+                out["storm_perf_symbol_pct"] = await perf_shares(args.perf, "dso,symbol", 6)
+            out["storm_clients_cpu_s"] = await workers.cpu_s() - clients0
+            out["storm_attempts"] = sum(r["attempts"] for r in replies)
+            out["storm_handshakes"] = sum(r["handshakes"] for r in replies)
+            out["storm_failed_attempts"] = sum(r["failed"] for r in replies)
+            out["storm_errors"] = [r["errors"] for r in replies]
+            if len(services) > 1:
+                # Wills still arrive after the last SUBACK: wait until none came for
+                # WILLS_QUIET_S (at most WILLS_MAX_WAIT_S).
+                last_count, last_at = wills(), time.monotonic()
+                deadline = last_at + WILLS_MAX_WAIT_S
+                while time.monotonic() < deadline and time.monotonic() - last_at < WILLS_QUIET_S:
+                    await asyncio.sleep(0.1)
+                    if (count := wills()) != last_count:
+                        last_count, last_at = count, time.monotonic()
+                out["storm_wills_heard"] = last_count - wills0
+                out["storm_last_will_after_s"] = services[1].last_receive_at - t0
+                out["storm_wills_heard_after_s"] = time.monotonic() - t0
+            stats = await workers.ask("stats")
+            out["connected_at_end"] = sum(s["connected"] for s in stats)
+            out["lost_unexpectedly"] = sum(s["lost"] for s in stats)
+            out["services_lost"] = sum(service.lost_unexpectedly for service in services)
+
+        if args.idle_s > 0:
+            broker_cpu, client_cpu, wall = await window(args.idle_s)
+            out["idle_broker_cpu_pct"] = 100 * broker_cpu / wall
+            out["idle_clients_cpu_pct"] = 100 * client_cpu / wall
+            print(f"idle: broker {out['idle_broker_cpu_pct']:.1f} % CPU", flush=True)
+        if args.load_s > 0:
+            await load_phase(out)
+        await storm(out)
         out["rss_end_mib"] = rss_mib(pid)
         out["loadavg"] = os.getloadavg()
         with contextlib.suppress(ProcessLookupError):
@@ -579,6 +709,8 @@ def main() -> None:
     for flag in ("--cafile", "--secret"):
         client.add_argument(flag, required=True)
     client.add_argument("--source-ip")
+    client.add_argument("--agent-retry", action="store_true")
+    client.add_argument("--reconnect-min-s", type=float)
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
     parser.add_argument("--connects", type=int, default=100,
@@ -588,6 +720,23 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between a device's messages under load")  # fmt: skip
     parser.add_argument("--payload", type=int, default=300, help="bytes per message")
+    parser.add_argument("--storm-spread-s", type=float, default=0.0,
+                        help="in the storm, each device waits a uniform draw from [0, S] "
+                        "before reconnecting (0: all at once; not with --agent-retry)")  # fmt: skip
+    parser.add_argument("--agent-retry", action="store_true",
+                        help="devices retry as the edge agent does: its connect timeout "
+                        "(10 s) and full-jitter backoff (0.5 s doubling to 60 s), instead of "
+                        "60 s and a uniform 0.2-1 s); a device's first wait is a uniform "
+                        "draw from [0, reconnect_min_s], as the agent's after a lost "
+                        "connection")  # fmt: skip
+    parser.add_argument("--reconnect-min-s", type=float,
+                        help="with --agent-retry: the agent's reconnect_min_s (default its "
+                        "own, 0.5 s)")  # fmt: skip
+    parser.add_argument("--offline", type=int, default=0,
+                        help="devices that connect once and leave before the phases: "
+                        "persistent sessions of offline devices")  # fmt: skip
+    parser.add_argument("--perf", metavar="FILE",
+                        help="perf record the broker during the storm into FILE")  # fmt: skip
     parser.add_argument("--no-wills", action="store_true",
                         help="no pipeline client on the health topics (the Wills)")  # fmt: skip
     args = parser.parse_args()

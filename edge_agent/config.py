@@ -232,8 +232,10 @@ class AgentConfig(ServiceConfig, frozen=True, kw_only=True):
     reconnect_min_s: Annotated[
         float,
         doc(
-            "First wait in seconds before reconnecting to the broker, growing with jitter up "
-            "to --reconnect-max-s; raise to spare a broker many devices reconnect to"
+            "Window in seconds of the first wait before reconnecting to the broker (a uniform "
+            "draw from 0 to it, after a lost connection too), doubling after each failure up "
+            "to --reconnect-max-s; a fleet that loses its broker at once reconnects over it, so "
+            "give it about the broker's device count x 2 ms (docs/explanation/brokers.md)"
         ),
     ] = 0.5
     reconnect_max_s: Annotated[
