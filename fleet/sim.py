@@ -22,12 +22,13 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from schemas.names import DEFAULT_SHARDS
-from servicekit.redis_clients import redis_credentials, sentinel_address
+from servicekit.redis_clients import AnyRedis, redis_credentials, sentinel_address
 from servicekit.urls import MqttUrl
 from testrig.powercut import PowerCutMount
 from testrig.proxy import TcpProxy
@@ -122,7 +123,7 @@ class _Driver(Protocol):
 class _LocalDriver:
     """All devices in this process: the load, quiescence and heard statuses run here."""
 
-    def __init__(self, options: SimOptions, fleet: Fleet, redis: aioredis.Redis) -> None:
+    def __init__(self, options: SimOptions, fleet: Fleet, redis: AnyRedis) -> None:
         self.options = options
         self.fleet = fleet
         self.redis = redis
@@ -158,8 +159,9 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     if options.processes < 1:
         raise FleetError("--processes must be at least 1")
     sentinels = stack.redis_sentinels if stack else ()
-    if sentinels and options.processes > 1:
-        raise FleetError("a stack with Redis replicas needs --processes 1")
+    cluster = stack is not None and stack.cluster is not None
+    if (sentinels or cluster) and options.processes > 1:
+        raise FleetError("a stack with Redis replicas or a Cluster needs --processes 1")
     events = parse_schedule(options.chaos)
     wants_proxy = needs_proxy(events)
     wants_disk = any(e.kind == "agent-powercut" for e in events)
@@ -169,12 +171,12 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     tracker = Tracker()
     record = RunRecord(options.devices, options.rate, options.duration_s)
-    async with _redis(redis_url, sentinels) as redis:
+    async with _redis(redis_url, sentinels, cluster=cluster) as redis:
         dlq_before = await redis.xlen("orders:dlq")
     # One client for the run (the settle loop survives its errors); Redis may be
     # restarted by the chaos, so the verification below gets a fresh one.
     async with (
-        _redis(redis_url, sentinels) as redis,
+        _redis(redis_url, sentinels, cluster=cluster) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
         _maybe_agent_disk(wants_disk) as disk,
         _devices(options, _fleet_settings(options, device_url, prefix, disk), tracker, redis,
@@ -203,7 +205,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         record.cpu = cpu.CpuUse.between(
             cpu_before, cpu.read(stack, worker_pids), time.monotonic() - cpu_t0
         )
-    async with _redis(redis_url, sentinels) as redis:
+    async with _redis(redis_url, sentinels, cluster=cluster) as redis:
         verdict = await verify(
             redis,
             tracker.accepted,
@@ -236,7 +238,7 @@ async def _devices(
     options: SimOptions,
     settings: FleetSettings,
     tracker: Tracker,
-    redis: aioredis.Redis,
+    redis: AnyRedis,
     redis_url: str,
 ) -> AsyncIterator[tuple[_Driver, FleetControl]]:
     """The fleet in this process, or spread over ``options.processes`` worker processes."""
@@ -284,9 +286,20 @@ async def _maybe_agent_disk(wanted: bool) -> AsyncIterator[PowerCutMount | None]
 
 
 @contextlib.asynccontextmanager
-async def _redis(url: str, sentinels: tuple[str, ...] = ()) -> AsyncIterator[aioredis.Redis]:
+async def _redis(
+    url: str, sentinels: tuple[str, ...] = (), *, cluster: bool = False
+) -> AsyncIterator[AnyRedis]:
     """A client of the stack's Redis; with Sentinels, of whichever node is master now
-    (it retries through a failover: the verification must not end on one)."""
+    (it retries through a failover: the verification must not end on one); of a Cluster
+    (which follows a promotion itself) with ``cluster``."""
+    if cluster:
+        retry = Retry(ExponentialBackoff(cap=1.0), FAILOVER_RETRIES)
+        nodes = RedisCluster.from_url(url, retry=retry)
+        try:
+            yield nodes
+        finally:
+            await nodes.aclose()
+        return
     if not sentinels:
         client = aioredis.from_url(url)
         try:
