@@ -8,11 +8,11 @@ master), and so is what a replica still attached to it received. A real
 steady rate, and a writer without WAIT (a Sentinel-managed redis-py client, as the
 pipeline's health reports are written) INCRs a counter and counts the replies. Then:
 
-- ``paused`` (the default test): :meth:`SentinelGroup.planned_failover` (writes
+- ``paused`` (the default form, about 13 s): :meth:`SentinelGroup.planned_failover` (writes
   paused on the old master, promotion, old master demoted at once, unpause), two
   replicas, ``min-replicas-to-write 1``: every receipted order is on the new master
   once, and every acknowledged INCR is in the counter there.
-- ``plain-1-replica``: bare ``SENTINEL FAILOVER``, one replica,
+- ``plain-1-replica`` (``HA_SLOW=1``): bare ``SENTINEL FAILOVER``, one replica,
   ``min-replicas-to-write 1``: the replica's departure leaves the old master no
   replica, so WAIT gives no receipt there and other writes are refused
   (NOREPLICAS): every receipted order survives; the INCRs lost are counted.
@@ -44,6 +44,10 @@ from tests.tools import require_tool
 BridgeFactory = Callable[..., BridgeProcess]
 SLOW = os.environ.get("HA_SLOW") == "1"
 COUNTER = "orders:planned-failover-probe"
+SLOW_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not SLOW, reason="set HA_SLOW=1 (the bare SENTINEL FAILOVER forms, ~25 s)"),
+]
 
 
 class Counter:
@@ -86,15 +90,9 @@ class Counter:
     ("procedure", "replicas"),
     [
         ("paused", 2),
-        ("plain", 1),
-        pytest.param(
-            "plain",
-            2,
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.skipif(not SLOW, reason="HA_SLOW=1 measures the plain 2-replica loss"),
-            ],
-        ),
+        # The plain forms wait out the Sentinels' ~10 s demotion: about 20-25 s each.
+        pytest.param("plain", 1, marks=SLOW_MARKS),
+        pytest.param("plain", 2, marks=SLOW_MARKS),
     ],
     ids=["paused", "plain-1-replica", "plain-2-replicas"],
 )
