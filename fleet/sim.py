@@ -205,6 +205,7 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         record.cpu = cpu.CpuUse.between(
             cpu_before, cpu.read(stack, worker_pids), time.monotonic() - cpu_t0
         )
+    settled = await _durable(stack, tracker, options) and settled
     async with _redis(redis_url, sentinels, cluster=cluster) as redis:
         verdict = await verify(
             redis,
@@ -231,6 +232,37 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         duplicate_receipts=tracker.duplicate_receipts, worker_pids=worker_pids,
         load_started=chaos.started,
     )  # fmt: skip
+
+
+async def _durable(stack: Stack | None, tracker: Tracker, options: SimOptions) -> bool:
+    """On a stack with Redis replicas: wait until no stale master is left and the master
+    holds a terminal status for every accepted order; False if not within
+    ``settle_timeout_s``.
+
+    A master that was frozen past a failover is a master again for seconds after it
+    resumes (until Sentinel demotes it): the pipeline may finish orders there, and its
+    devices hear those statuses, but the demotion discards the writes and the pipeline
+    does them again on the new master. Settling on what the devices heard, or reading
+    the old master, would verify too early.
+    """
+    if stack is None or not stack.replicated:
+        return True
+    deadline = time.monotonic() + options.settle_timeout_s
+    if not await asyncio.to_thread(stack.wait_single_master, options.settle_timeout_s):
+        log.warning("stale master left", timeout_s=options.settle_timeout_s)
+        return False
+    cluster = stack.cluster is not None
+    async with _redis(stack.redis_url, stack.redis_sentinels, cluster=cluster) as redis:
+        waiting = sorted(tracker.accepted)
+        while waiting:
+            done = await terminal_in([redis], waiting, options.shards)
+            waiting = [ref for ref in waiting if ref not in done]
+            if waiting and time.monotonic() > deadline:
+                log.warning("not durable", without_status=len(waiting))
+                return False
+            if waiting:
+                await asyncio.sleep(0.5)
+    return True
 
 
 @contextlib.asynccontextmanager

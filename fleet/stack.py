@@ -20,6 +20,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import msgspec
 
 from enrolment.dynsec import Accounts
 from schemas.names import stream_key
+from testrig.cluster import MASTERS as CLUSTER_MASTERS
 from testrig.cluster import ClusterGroup
 from testrig.errors import ServerError
 from testrig.powercut import PowerCutMount
@@ -221,6 +223,27 @@ class Stack:
         if self.cluster is not None:
             return self.cluster.node(port)
         return self.ha.node(port) if self.ha is not None else self.redis
+
+    def stale_masters(self) -> list[int]:
+        """Ports of running nodes that say master (ROLE) but hold no master's place: a
+        master frozen past a failover, resumed and not yet demoted."""
+        if self.cluster is not None:
+            roles = {port: role(port) for port in self.cluster.ports}
+            masters = [port for port, said in roles.items() if said == "master"]
+            return masters if len(masters) > CLUSTER_MASTERS else []
+        if self.ha is None:
+            return []
+        agreed = self.ha.master_port()
+        return [n.port for n in self.ha.nodes if n.port != agreed and role(n.port) == "master"]
+
+    def wait_single_master(self, timeout_s: float) -> bool:
+        """Wait until :meth:`stale_masters` is empty; False if not within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self.stale_masters():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def promoted(self, old_port: int) -> int | None:
         """The port of a master that replaced the one on ``old_port`` (ROLE agrees), or None."""
