@@ -366,6 +366,10 @@ def show_cost(cost: Cost) -> None:
     print(f"        redis: {calls / orders:.1f} commands and {reads / orders:.1f} round trips "
           f"(read events) per order; top by time (µs per order, calls per order): {listed}",
           flush=True)  # fmt: skip
+    # Only the workers XREADGROUP: one read per batch (and one per idle block_ms).
+    worker_reads = commands.get("xreadgroup", (0.0, 0.0))[0]
+    print(f"        worker batches: {cost.orders / max(worker_reads, 1.0):.1f} orders per read "
+          f"({worker_reads:.0f} reads)", flush=True)  # fmt: skip
 
 
 # --- Profiles of the cloud's Python processes (issue 25), py-spy from outside ---

@@ -12,6 +12,7 @@ subscriber drops it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, Self
@@ -41,6 +42,7 @@ class BrokerSet:
         self._sink = sink
         self._via: dict[str, int] = {}
         self._max_remembered = max_remembered
+        self._stack = contextlib.AsyncExitStack()
         self.intakes: Sequence[MqttIntake] = [make(i, self._sink_of(i)) for i in range(count)]
 
     def _sink_of(self, index: int) -> MessageSink:
@@ -58,15 +60,10 @@ class BrokerSet:
         return take
 
     async def __aenter__(self) -> Self:
-        entered: list[MqttIntake] = []
-        try:
+        async with contextlib.AsyncExitStack() as stack:
             for intake in self.intakes:
-                await intake.__aenter__()
-                entered.append(intake)
-        except BaseException as exc:
-            for intake in reversed(entered):
-                await intake.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+                await stack.enter_async_context(intake)
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -75,8 +72,7 @@ class BrokerSet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for intake in reversed(self.intakes):
-            await intake.__aexit__(exc_type, exc, tb)
+        await self._stack.__aexit__(exc_type, exc, tb)
 
     @property
     def connected(self) -> bool:

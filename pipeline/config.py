@@ -130,6 +130,15 @@ class PipelineConfig(ServiceConfig, frozen=True, kw_only=True):
             "one batch; raise for throughput under a backlog, lower for shorter batches"
         ),
     ] = 100
+    batch_linger_ms: Annotated[
+        float,
+        msgspec.Meta(ge=0),
+        doc(
+            "Milliseconds a busy worker waits before its next read after a batch smaller than "
+            "--batch-size, so the next batch carries more orders (less CPU per order); a worker "
+            "woken from idle never waits; 0 reads at once"
+        ),
+    ] = 5.0
     block_ms: Annotated[
         int,
         doc(

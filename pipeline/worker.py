@@ -19,6 +19,10 @@ read per shard), then:
    before the read blocks). A status that never reaches its device is
    answered again from the order's record when the device queries it.
 
+After a batch smaller than ``batch_size``, a busy worker waits
+``batch_linger_ms`` before its next read, so the next batch carries more
+orders for the same round trips; a worker woken from idle never waits.
+
 An order a step raised on stays pending; it comes back through the reclaim
 path, and once delivered more than ``max_deliveries`` times it goes to the DLQ
 with its last error. A SIGKILLed worker's entries come back the same way, and
@@ -111,6 +115,7 @@ class Worker:
         self.shards = config.shards
         self.streams = [stream_key(shard) for shard in range(config.shards)]
         self.batches = 0  # finished batches, for tests and logs
+        self.lingers = 0  # waits before a read (batch_linger_ms), for tests
         self.retention_ms = round(config.retention_days * 86_400_000)
         self.failures = 0  # consecutive failed turns (Redis unreachable, refusing, full)
         self.backoff = Backoff(min(BACKOFF_BASE_S, config.backoff_max_s), config.backoff_max_s)
@@ -185,7 +190,9 @@ class Worker:
         log.info("worker_started", consumer=self.consumer, shards=len(self.streams),
                  steps=[step.name for step in self.chain])  # fmt: skip
         claim_every_s = self.config.claim_every_ms / 1000
+        linger_s = self.config.batch_linger_ms / 1000
         next_claim = next_cleanup = 0.0
+        idle = True  # the last loop turn found nothing: the next order is answered at once
         # Batches finish one after the other, so statuses go out in order; a
         # batch's XACKs go out with the next read or reclaim (see _take_acks).
         try:
@@ -196,22 +203,42 @@ class Worker:
                     await self.forget_expired_orders()
                     await settle_transfers(self.redis, self.scripts, shards=self.shards)
                 entries: list[StreamEntry] = []
+                busy = False
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_every_s
                     entries = await self.reclaim()
                 if not entries:
+                    read_at = time.monotonic()
                     entries = await self._read_unless(stop)
+                    busy = not idle and time.monotonic() - read_at < linger_s
+                idle = not entries
                 if not entries:
                     self._worked()
                     continue
                 settled = await self.settle(entries)
                 self._worked()
                 await self.finish(settled)
+                if busy and len(entries) < self.config.batch_size:
+                    await self._linger(linger_s, stop)
         finally:
             # Stopping (or failing): the last batch's acks must not wait for a read
             # that never comes. If Redis is away they stay queued for the next run.
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await self.flush_acks()
+
+    async def _linger(self, linger_s: float, stop: asyncio.Event) -> None:
+        """Let orders gather before the next read, after a small batch of a busy worker.
+
+        Busy: the read that followed a batch found orders waiting, or got one
+        within the linger. A worker woken from idle (its last read came back
+        empty, or this one blocked for longer) reads again at once, so a quiet
+        fleet's orders wait for nothing. The statuses of the batch just finished
+        are out already; its acks wait for the next read.
+        """
+        self.lingers += 1
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(linger_s):
+                await stop.wait()
 
     async def _read_unless(self, stop: asyncio.Event) -> list[StreamEntry]:
         """:meth:`read`, cut short by ``stop`` (see :meth:`_end_read_on_stop`).
