@@ -128,7 +128,7 @@ class Stack:
             self.redis = self.cluster.servers[0]  # the services' entry node
         elif settings.redis_replicas:
             # No min-replicas-to-write: with it, 2 of 7 reduced make demo-ha runs ended with
-            # stuck orders, 0 of 4 without (docs/explanation/consistency.md, known gap).
+            # stuck orders, 0 of 6 without (docs/explanation/consistency.md, known gap).
             self.ha = SentinelGroup(
                 workdir / "redis", replicas=settings.redis_replicas, extra_args=maxmemory
             )
