@@ -26,6 +26,13 @@
 | ``redis-freeze=S`` | replicas | SIGSTOP the Redis master for S s (a replica promoted), SIGCONT |
 | ``enrol-revoke=N`` | own stack | enrol N devices live, drain and revoke half of them |
 
+``redis-failover`` and ``redis-freeze`` need Redis replicas: Sentinel's master
+(``--redis-replicas N``), or on a Cluster (``--redis-cluster --redis-replicas 1``)
+the master of shard 0's slot, whose replica the Cluster promotes once the master
+is silent past ``cluster-node-timeout``. The SIGKILLed master is started again at
+once and rejoins as a replica; the frozen one, resumed, is demoted (by the
+Sentinels, or by the Cluster's newer configuration epoch).
+
 A broker host loss reports how many devices were connected before, how many
 lost their connection, and the seconds until as many were connected again
 (to the brokers left: the agents move to their region's next broker after
@@ -385,7 +392,7 @@ class ChaosRunner:
         kinds = {e.kind for e in events}
         if "redis-powercut" in kinds and (stack is None or stack.redis_disk is None):
             raise ChaosError("redis-powercut needs a stack with StackSettings(redis_powercut=True)")
-        if kinds & {"redis-failover", "redis-freeze"} and (stack is None or stack.ha is None):
+        if kinds & {"redis-failover", "redis-freeze"} and (stack is None or not stack.replicated):
             raise ChaosError("redis-failover and redis-freeze need a stack with Redis replicas")
         if "enrol-revoke" in kinds and (stack is None or not stack.settings.dynsec):
             raise ChaosError("enrol-revoke needs a stack with StackSettings(dynsec=True)")
@@ -482,14 +489,15 @@ class ChaosRunner:
 
     async def _redis_failover(self, event: ChaosEvent, n: int) -> str:
         stack = self._own_stack()
-        old = stack.master()
+        old = await asyncio.to_thread(stack.master)
         pid = old.pid
         await asyncio.to_thread(old.kill)
         gone = pid is not None and not pid_alive(pid)
         killed = time.monotonic()
         new = await asyncio.to_thread(_promotion, stack, old.port)
         took = time.monotonic() - killed
-        await asyncio.to_thread(old.start)  # stale: Sentinel makes it a replica
+        # Stale: Sentinel makes it a replica; a Cluster node rejoins as its heir's replica.
+        await asyncio.to_thread(old.start)
         head = f" (master :{old.port} pid {pid} {'gone' if gone else 'ALIVE'}"
         if new is None:
             return f"{head}, NO PROMOTION within {PROMOTION_TIMEOUT_S:g} s)"
@@ -497,7 +505,7 @@ class ChaosRunner:
 
     async def _redis_freeze(self, event: ChaosEvent, n: int) -> str:
         stack = self._own_stack()
-        old = stack.master()
+        old = await asyncio.to_thread(stack.master)
         pid = old.pid
         if pid is None:
             return " (no master running!)"
@@ -506,13 +514,14 @@ class ChaosRunner:
         try:
             stopped = await _shows_stopped(pid)
             await asyncio.sleep(max(0.0, event.arg - (time.monotonic() - frozen_at)))
-            now = stack.ha.master_port() if stack.ha is not None else None
+            now = await asyncio.to_thread(stack.master_port)
         finally:
             os.kill(pid, signal.SIGCONT)
         promoted = f":{now} promoted" if now not in {None, old.port} else "NO promotion"
+        demoter = "the Cluster" if stack.cluster is not None else "Sentinel"
         return (
             f" (master :{old.port} pid {pid} {'stopped' if stopped else 'NOT stopped'} "
-            f"{event.arg:g} s, {promoted}; resumed, Sentinel demotes it)"
+            f"{event.arg:g} s, {promoted}; resumed, {demoter} demotes it)"
         )
 
     async def _redis_oom(self, event: ChaosEvent, n: int) -> str:
@@ -702,12 +711,11 @@ def _buckets(times: list[float], t0: float, width_s: float) -> list[int]:
 
 
 def _promotion(stack: Stack, old_port: int) -> int | None:
-    """The port of the master the Sentinels promoted in place of ``old_port`` (ROLE agrees),
-    or None if none within :data:`PROMOTION_TIMEOUT_S`."""
+    """The port of the master promoted in place of ``old_port`` (ROLE agrees), or None if
+    none within :data:`PROMOTION_TIMEOUT_S`."""
     deadline = time.monotonic() + PROMOTION_TIMEOUT_S
-    while time.monotonic() < deadline and stack.ha is not None:
-        port = stack.ha.master_port()
-        if port is not None and port != old_port and role(port) == "master":
+    while time.monotonic() < deadline:
+        if (port := stack.promoted(old_port)) is not None:
             return port
         time.sleep(0.05)
     return None

@@ -12,9 +12,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+
+from servicekit.redis_clients import AnyRedis
 
 from .devices import Catalog, Fleet, SimDevice
 from .light import LightDevice
@@ -107,7 +108,7 @@ TerminalLookup = Callable[[list[OrderRef]], Awaitable[set[OrderRef]]]
 
 
 async def terminal_in(
-    clients: Iterable[aioredis.Redis], refs: list[OrderRef], shards: int
+    clients: Iterable[AnyRedis], refs: list[OrderRef], shards: int
 ) -> set[OrderRef]:
     """The refs with a terminal status in any of ``clients`` that answers."""
     done: set[OrderRef] = set()

@@ -198,8 +198,15 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="replicas of the stack's Redis master, with three Sentinels the services find it "
-        "through (and --redis-min-replicas 1); for the redis-failover and redis-freeze chaos "
-        "kinds (default %(default)s)",
+        "through (and --redis-min-replicas 1); with --redis-cluster, replicas of each Cluster "
+        "master; for the redis-failover and redis-freeze chaos kinds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="run Redis as a Cluster of three masters (each with --redis-replicas replicas) "
+        "instead of one server or Sentinel; the services get --redis-cluster, the chaos kinds "
+        "hit the master of shard 0's slot",
     )
 
 
@@ -344,7 +351,7 @@ def _stack_settings(args: argparse.Namespace) -> StackSettings:
     return StackSettings(
         shards=args.shards, brokers=args.brokers, bridges=args.bridges, workers=args.workers,
         redis_powercut="redis-powercut" in (getattr(args, "chaos", None) or ""),
-        redis_replicas=args.redis_replicas,
+        redis_replicas=args.redis_replicas, redis_cluster=args.redis_cluster,
         dynsec="enrol-revoke" in (getattr(args, "chaos", None) or ""),
     )  # fmt: skip
 

@@ -22,12 +22,13 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
 from schemas.names import DEFAULT_SHARDS
-from servicekit.redis_clients import redis_credentials, sentinel_address
+from servicekit.redis_clients import AnyRedis, redis_credentials, sentinel_address
 from servicekit.urls import MqttUrl
 from testrig.powercut import PowerCutMount
 from testrig.proxy import TcpProxy
@@ -127,7 +128,7 @@ class _Driver(Protocol):
 class _LocalDriver:
     """All devices in this process: the load, quiescence and heard statuses run here."""
 
-    def __init__(self, options: SimOptions, fleet: Fleet, redis: aioredis.Redis) -> None:
+    def __init__(self, options: SimOptions, fleet: Fleet, redis: AnyRedis) -> None:
         self.options = options
         self.fleet = fleet
         self.redis = redis
@@ -163,8 +164,9 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     if options.processes < 1:
         raise FleetError("--processes must be at least 1")
     sentinels = stack.redis_sentinels if stack else ()
-    if sentinels and options.processes > 1:
-        raise FleetError("a stack with Redis replicas needs --processes 1")
+    cluster = stack is not None and stack.cluster is not None
+    if (sentinels or cluster) and options.processes > 1:
+        raise FleetError("a stack with Redis replicas or a Cluster needs --processes 1")
     events = parse_schedule(options.chaos)
     wants_proxy = needs_proxy(events)
     wants_disk = any(e.kind == "agent-powercut" for e in events)
@@ -174,12 +176,12 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     prefix = options.prefix or f"sim{uuid.uuid4().hex[:6]}"
     tracker = Tracker()
     record = RunRecord(options.devices, options.rate, options.duration_s)
-    async with _redis(redis_url, sentinels) as redis:
+    async with _redis(redis_url, sentinels, cluster=cluster) as redis:
         dlq_before = await redis.xlen("orders:dlq")
     # One client for the run (the settle loop survives its errors); Redis may be
     # restarted by the chaos, so the verification below gets a fresh one.
     async with (
-        _redis(redis_url, sentinels) as redis,
+        _redis(redis_url, sentinels, cluster=cluster) as redis,
         _maybe_proxy(mqtt_url, wants_proxy) as (device_url, proxy),
         _maybe_agent_disk(wants_disk) as disk,
         _devices(options, _fleet_settings(options, device_url, prefix, disk), tracker, redis,
@@ -208,7 +210,8 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
         record.cpu = cpu.CpuUse.between(
             cpu_before, cpu.read(stack, worker_pids), time.monotonic() - cpu_t0
         )
-    async with _redis(redis_url, sentinels) as redis:
+    settled = await _durable(stack, tracker, options) and settled
+    async with _redis(redis_url, sentinels, cluster=cluster) as redis:
         verdict = await verify(
             redis,
             tracker.accepted,
@@ -236,12 +239,43 @@ async def run(options: SimOptions, stack: Stack | None = None) -> SimResult:
     )  # fmt: skip
 
 
+async def _durable(stack: Stack | None, tracker: Tracker, options: SimOptions) -> bool:
+    """On a stack with Redis replicas: wait until no stale master is left and the master
+    holds a terminal status for every accepted order; False if not within
+    ``settle_timeout_s``.
+
+    A master that was frozen past a failover is a master again for seconds after it
+    resumes (until Sentinel demotes it): the pipeline may finish orders there, and its
+    devices hear those statuses, but the demotion discards the writes and the pipeline
+    does them again on the new master. Settling on what the devices heard, or reading
+    the old master, would verify too early.
+    """
+    if stack is None or not stack.replicated:
+        return True
+    deadline = time.monotonic() + options.settle_timeout_s
+    if not await asyncio.to_thread(stack.wait_single_master, options.settle_timeout_s):
+        log.warning("stale master left", timeout_s=options.settle_timeout_s)
+        return False
+    cluster = stack.cluster is not None
+    async with _redis(stack.redis_url, stack.redis_sentinels, cluster=cluster) as redis:
+        waiting = sorted(tracker.accepted)
+        while waiting:
+            done = await terminal_in([redis], waiting, options.shards)
+            waiting = [ref for ref in waiting if ref not in done]
+            if waiting and time.monotonic() > deadline:
+                log.warning("not durable", without_status=len(waiting))
+                return False
+            if waiting:
+                await asyncio.sleep(0.5)
+    return True
+
+
 @contextlib.asynccontextmanager
 async def _devices(
     options: SimOptions,
     settings: FleetSettings,
     tracker: Tracker,
-    redis: aioredis.Redis,
+    redis: AnyRedis,
     redis_url: str,
 ) -> AsyncIterator[tuple[_Driver, FleetControl]]:
     """The fleet in this process, or spread over ``options.processes`` worker processes."""
@@ -289,9 +323,20 @@ async def _maybe_agent_disk(wanted: bool) -> AsyncIterator[PowerCutMount | None]
 
 
 @contextlib.asynccontextmanager
-async def _redis(url: str, sentinels: tuple[str, ...] = ()) -> AsyncIterator[aioredis.Redis]:
+async def _redis(
+    url: str, sentinels: tuple[str, ...] = (), *, cluster: bool = False
+) -> AsyncIterator[AnyRedis]:
     """A client of the stack's Redis; with Sentinels, of whichever node is master now
-    (it retries through a failover: the verification must not end on one)."""
+    (it retries through a failover: the verification must not end on one); of a Cluster
+    (which follows a promotion itself) with ``cluster``."""
+    if cluster:
+        retry = Retry(ExponentialBackoff(cap=1.0), FAILOVER_RETRIES)
+        nodes = RedisCluster.from_url(url, retry=retry)
+        try:
+            yield nodes
+        finally:
+            await nodes.aclose()
+        return
     if not sentinels:
         client = aioredis.from_url(url)
         try:

@@ -6,6 +6,14 @@ test (``down_after_ms``, ``failover_timeout_ms``), and answers what a fault test
 must prove: who is master now (:meth:`SentinelGroup.master_port`), and each
 node's role from the node itself (:func:`role`).
 
+:meth:`SentinelGroup.planned_failover` is the planned failover that loses no
+acknowledged write: ``SENTINEL FAILOVER`` alone leaves the old master a writable
+master until the Sentinels demote it (about 10 s on Redis 7.0), and what it takes
+meanwhile is discarded at the demotion. Redis's own ``FAILOVER`` command pauses
+writes for this, but the Sentinels fight it (redis/redis#13118), so the same
+steps are done around ``SENTINEL FAILOVER``: pause writes on the old master,
+let the Sentinels promote a replica, demote the old master at once, unpause.
+
 Errors: :class:`testrig.errors.ServerError` when the group does not come up.
 """
 
@@ -24,6 +32,8 @@ from .errors import ServerError
 from .servers import REDIS_CONF, RedisProcess, ServerProcess, find_binary
 
 MASTER_NAME = "orders"
+# min-replicas-max-lag: a replica silent longer does not count for min-replicas-to-write.
+MIN_REPLICAS_MAX_LAG_S = 10
 
 
 def _client(port: int) -> redis.Redis:
@@ -123,6 +133,10 @@ class SentinelGroup:
 
     Args:
         workdir: each server gets a directory below it.
+        min_replicas_to_write: each data node's ``min-replicas-to-write`` (with
+            ``min-replicas-max-lag`` :data:`MIN_REPLICAS_MAX_LAG_S`): a master with
+            fewer replicas connected refuses writes (NOREPLICAS), so an old master
+            whose replicas all left for the promoted one takes nothing it would lose.
         extra_args: more redis-server arguments for every data node (master and replicas).
     """
 
@@ -134,8 +148,15 @@ class SentinelGroup:
         sentinels: int = 3,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 5000,
+        min_replicas_to_write: int = 0,
         extra_args: tuple[str, ...] = (),
     ) -> None:
+        if min_replicas_to_write:
+            extra_args = (
+                "--min-replicas-to-write", str(min_replicas_to_write),
+                "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S),
+                *extra_args,
+            )  # fmt: skip
         self.master = _data_node(workdir / "redis-0", extra_args)
         self.replicas = [
             _data_node(
@@ -199,6 +220,56 @@ class SentinelGroup:
             if port is not None and ports.count(port) > len(ports) // 2:
                 return port
         return None
+
+    def planned_failover(self, pause_ms: int = 30_000, timeout_s: float = 30.0) -> int:
+        """Move the master to a replica with no acknowledged write lost; return its port.
+
+        1. ``CLIENT PAUSE pause_ms WRITE`` on the master: writes wait (clients see no
+           error, only a slower reply), the replicas receive all it acknowledged.
+        2. ``SENTINEL FAILOVER``: the Sentinels promote a replica and tell the clients.
+        3. Once a majority names it and its ROLE says master, ``REPLICAOF`` it on the
+           old master: demoted now, not ~10 s later. Writes paused there answer
+           READONLY when unpaused, and the clients look the master up again.
+        4. ``CLIENT UNPAUSE`` (also when a step failed: the pause is never left on).
+
+        Raises:
+            ServerError: no promotion within ``timeout_s``.
+        """
+        old = self.master_port()
+        if old is None:
+            raise ServerError("the Sentinels do not agree on a master")
+        with _client(old) as master:
+            master.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+            try:
+                self._sentinel_failover(timeout_s)
+                new = self._promoted(old, timeout_s)
+                master.execute_command("REPLICAOF", "127.0.0.1", new)
+            finally:
+                master.execute_command("CLIENT", "UNPAUSE")
+        return new
+
+    def _sentinel_failover(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with _client(self.sentinels[0].port) as sentinel:
+                    sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+            except redis.ResponseError:
+                # NOGOODSLAVE: a Sentinel that has not read the replicas' INFO yet.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            else:
+                return
+
+    def _promoted(self, old: int, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            port = self.master_port()
+            if port is not None and port != old and role(port) == "master":
+                return port
+            time.sleep(0.05)
+        raise ServerError(f"no replica promoted in place of :{old} within {timeout_s:g} s")
 
     def node(self, port: int) -> RedisProcess:
         """The data node on ``port``."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,10 +22,9 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from schemas import Receipt, decode_receipt
-from servicekit.redis_clients import text
 from servicekit.urls import MqttUrl
-from testrig.errors import ServerError
-from testrig.servers import RedisProcess, find_binary, free_port, port_is_open
+from testrig.cluster import ClusterGroup
+from testrig.servers import RedisProcess, free_port, port_is_open
 from tests.helpers import wait_until_blocking
 from tests.tools import require_tool
 
@@ -244,57 +241,6 @@ def stream_entries(client: redis.Redis, shards: int = 4) -> list[dict[bytes, byt
     return entries
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too.
-
-    Both lie below the kernel's ephemeral range (32768 and up on Linux), so an
-    outgoing connection of another process cannot take the bus port between
-    this check and Redis binding it (a kernel-chosen port + 10000 often did).
-    """
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(12000, 22000)
-        if _bindable(port) and _bindable(port + 10000):
-            return port
-    return free_port()  # pragma: no cover - a crowded low range; the old way
-
-
-def _start_cluster_node(
-    workdir: Path, attempts: int = 5, extra: tuple[str, ...] = ()
-) -> RedisProcess:
-    """A cluster-enabled redis-server; another free port when its bus port was taken meanwhile."""
-    for attempt in range(attempts):
-        port = _cluster_port()
-        server = RedisProcess(
-            workdir / f"port-{port}",
-            port,
-            extra_args=(
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{port}.conf",
-                "--cluster-node-timeout", "2000",
-                *extra,
-            ),
-        )  # fmt: skip
-        try:
-            server.start()
-        except ServerError:
-            server.kill()
-            if attempt == attempts - 1:
-                raise
-        else:
-            return server
-    raise AssertionError("unreachable")
-
-
 @contextlib.contextmanager
 def running_cluster(workdir: Path) -> Iterator[list[int]]:
     """A real 3-master Redis Cluster on loopback, killed on exit; yields the ports."""
@@ -309,42 +255,8 @@ def cluster_servers(workdir: Path, replicas: int = 0) -> Iterator[list[RedisProc
     Yields the servers, so a fault test can kill or stop one; which are masters is
     the cluster's choice (ROLE or INFO replication of each).
     """
-    servers = []
-    try:
-        # A replica that (re)joins syncs at once, not after Redis's default 5 s wait for
-        # more replicas to share the transfer: with --redis-min-replicas, receipts for
-        # that master's shards wait for it.
-        extra = ("--repl-diskless-sync-delay", "0") if replicas else ()
-        for index in range(3 * (1 + replicas)):
-            servers.append(_start_cluster_node(workdir / f"cluster-{index}", extra=extra))
-        ports = [server.port for server in servers]
-        create = [find_binary("redis-cli"), "--cluster", "create", "--cluster-yes"]
-        if replicas:
-            create += ["--cluster-replicas", str(replicas)]
-        subprocess.run(
-            [*create, *[f"127.0.0.1:{port}" for port in ports]],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-        def cluster_ok() -> bool:
-            # Every node, not just the first: a client may start from any of them.
-            for port in ports:
-                with redis.Redis(port=port) as client:
-                    info = client.execute_command("CLUSTER", "INFO")
-                    if "cluster_state:ok" not in text(info):
-                        return False
-                    link: Any = client.info("replication")
-                    if link["role"] == "slave" and link.get("master_link_status") != "up":
-                        return False
-            return True
-
-        wait_until_blocking(cluster_ok, 30, "cluster_state:ok")
-        yield servers
-    finally:
-        for server in servers:
-            server.kill()
+    with ClusterGroup(workdir, replicas=replicas) as group:
+        yield group.servers
 
 
 @pytest.fixture
