@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 import structlog
@@ -56,11 +57,11 @@ SUPERVISOR_PID_ENV = "PIPELINE_SUPERVISOR_PID"
 ORPHAN_CHECK_S = 1.0
 
 
-def redis_client(config: PipelineConfig) -> AnyRedis:
+def redis_client(config: PipelineConfig, **options: Any) -> AnyRedis:
     """A client without redis-py's own retries (the worker backs off itself).
 
     A Redis Cluster client with ``redis_cluster``. The socket timeout outlasts
-    the XREADGROUP block.
+    the XREADGROUP block. ``options`` go to the client (``max_connections``).
     """
     return connect(
         config.redis_url,
@@ -68,7 +69,27 @@ def redis_client(config: PipelineConfig) -> AnyRedis:
         cluster=config.redis_cluster,
         sentinels=config.redis_sentinel,
         sentinel_master=config.redis_sentinel_master,
+        **options,
     )
+
+
+def worker_redis_client(config: PipelineConfig) -> AnyRedis:
+    """The worker's own client: on one master (plain or Sentinel), a single connection.
+
+    A batch's read, state writes and XACK must reach the same node. Pooled
+    connections need not: across a Sentinel failover, a connection that waited
+    on a frozen master gets its answer once that master resumes (still a master
+    for a few seconds) and goes back to the pool beside connections to the new
+    one. A commit there and its XACK on the new master left the entry acked
+    where its outcome never was: processed for the device, gone for the new
+    master (make demo-ha, 11 orders in 2 of 7 runs). On one connection a stale
+    master gets the whole batch, whose writes die with its demotion, and the
+    entry stays pending on the new master until it is reclaimed. A Cluster
+    routes each key to its slot's node, so it keeps its pool.
+    """
+    if config.redis_cluster:
+        return redis_client(config)
+    return redis_client(config, max_connections=1)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -134,8 +155,10 @@ async def run_worker(
         async with contextlib.AsyncExitStack() as connected:
             for mqtt in clients:
                 await connected.enter_async_context(mqtt)
-            chain = build_chain(config.steps, StepDeps(client, scripts, config))
-            worker = Worker(client, publisher, chain, config, metrics, scripts=scripts)
+            own = worker_redis_client(config)
+            connected.push_async_callback(own.aclose)
+            chain = build_chain(config.steps, StepDeps(own, scripts, config))
+            worker = Worker(own, publisher, chain, config, metrics, scripts=scripts)
             # One TaskGroup owns the loops; a loop that cannot go on raises LoopFailed
             # (logged with its name), the group cancels the rest, the process exits 1.
             async with asyncio.TaskGroup() as tasks:
