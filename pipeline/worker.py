@@ -37,7 +37,7 @@ import os
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,7 +307,7 @@ class Worker:
             await self.flush_acks()
             return await self._read_cluster(self.redis)
         acks = self._take_acks()
-        try:
+        with self._acks_riding(acks):
             async with self.redis.pipeline(transaction=False) as pipe:
                 self._queue_acks(pipe, acks)
                 pipe.xreadgroup(
@@ -318,9 +318,6 @@ class Worker:
                     block=self.config.block_ms,
                 )
                 replies: list[Any] = await pipe.execute()
-        except BaseException:
-            self._requeue_acks(acks)
-            raise
         return _entries(replies[-1])
 
     async def _read_cluster(self, client: RedisCluster) -> list[StreamEntry]:
@@ -342,7 +339,7 @@ class Worker:
     async def reclaim(self) -> list[StreamEntry]:
         """XAUTOCLAIM entries idle past ``claim_idle_ms``; dead-letter the over-delivered."""
         acks = {} if isinstance(self.redis, RedisCluster) else self._take_acks()
-        try:
+        with self._acks_riding(acks):
             async with self.redis.pipeline(transaction=False) as pipe:
                 self._queue_acks(pipe, acks)
                 for stream in self.streams:
@@ -351,9 +348,6 @@ class Worker:
                         start_id="0-0", count=self.config.batch_size,
                     )  # fmt: skip
                 replies = (await pipe.execute())[len(acks) :]
-        except BaseException:
-            self._requeue_acks(acks)
-            raise
         claimed: dict[str, list[tuple[str, dict[str, bytes]]]] = {}
         for stream, reply in zip(self.streams, replies, strict=True):
             rows = [(text(i), {text(k): v for k, v in f.items()}) for i, f in reply[1] if f]
@@ -518,14 +512,33 @@ class Worker:
             self.metrics.processed.labels(outcome=outcome).inc(count)
 
     def _take_acks(self) -> dict[str, list[str]]:
-        """The queued acks, handed to one round trip (put back with _requeue_acks if it fails)."""
+        """The queued acks, handed to one round trip (see :meth:`_acks_riding`)."""
         acks, self._unacked = self._unacked, defaultdict(list)
         return acks
 
-    def _requeue_acks(self, acks: dict[str, list[str]]) -> None:
-        # XACK of an id acked before is a no-op, so sending one twice is harmless.
-        for stream, ids in acks.items():
-            self._unacked[stream].extend(ids)
+    @contextlib.contextmanager
+    def _acks_riding(self, acks: dict[str, list[str]]) -> Iterator[None]:
+        """Around the round trip that carries ``acks``: what happens to them if it fails.
+
+        Cancelled (a stop cut the idle read short): they go back in the queue for
+        the flush on the way out; XACK of an id acked before is a no-op. Failed:
+        they are dropped. The error may be the node's (a demoted master answers
+        READONLY, a frozen one times out), and the next round trip may reach another
+        node: there an XACK would remove an entry whose outcome was stored only on
+        the old one, and the order would never be done. Dropped, the entries stay
+        pending where they are, are reclaimed, and an order already stored is
+        recognised by its record and acked without doing anything again.
+        """
+        try:
+            yield
+        except asyncio.CancelledError:
+            for stream, ids in acks.items():
+                self._unacked[stream].extend(ids)
+            raise
+        except BaseException:
+            if acks:
+                log.warning("acks_dropped", entries=sum(len(ids) for ids in acks.values()))
+            raise
 
     @staticmethod
     def _queue_acks(pipe: Any, acks: dict[str, list[str]]) -> None:
@@ -538,12 +551,9 @@ class Worker:
         acks = self._take_acks()
         if not acks:
             return
-        try:
+        with self._acks_riding(acks):
             # Shielded: once the effects are stored, the ack must not be lost to a cancel.
             await asyncio.shield(self._xack(acks))
-        except BaseException:
-            self._requeue_acks(acks)
-            raise
 
     async def _xack(self, by_stream: dict[str, list[str]]) -> Any:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -5,7 +5,8 @@ that froze and resumed, and the new one): a commit on the old master with its
 XACK on the new one left an order acked where its outcome never was (make
 demo-ha). ``run_worker`` gives the worker a single connection of its own on one
 master, while the other loops of the process (health, status queries, layout
-watch) share their pool. MONITOR shows which connection sent each command.
+watch) share their pool. MONITOR shows which connection sent each command. And
+an XACK never outlives a failed round trip: the next one may reach another node.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from typing import Any
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pipeline._lua import Scripts
 from pipeline.config import PipelineConfig
-from pipeline.service import run_worker
+from pipeline.metrics import WorkerMetrics
+from pipeline.service import redis_client, run_worker
+from pipeline.steps import StepDeps, build_chain
+from pipeline.worker import Worker
 from schemas import Health, encode
 from schemas.names import PIPELINE_GROUP, health_topic, stream_key
 from servicekit.clock import now_ms
@@ -107,3 +113,43 @@ async def test_a_workers_reads_commits_and_acks_share_one_connection(
     assert len(reads | acks | commits) == 1, f"reads {reads}, commits {commits}, acks {acks}"
     # The health consumer and the layout watch wrote and read on connections of their own.
     assert others - reads, f"no other connection in use: {others}"
+
+
+class NoStatuses:
+    """The worker's StatusSender seam: statuses are not what this test is about."""
+
+    def send(self, messages: Any) -> int:
+        return len(messages)
+
+
+@pytest.mark.usefixtures("catalog")
+async def test_acks_of_a_failed_round_trip_are_dropped_not_sent_on_the_next(
+    config: PipelineConfig, aredis: Any
+) -> None:
+    """A batch is stored and its acks queued; the round trip that carries them (the next
+    read) fails (its connection killed: a demoted or frozen master's); a later round trip
+    does not send them, so the entry stays pending, to be reclaimed. Before: they were put
+    back and sent on the next connection, which across a failover reaches the new master."""
+    cfg = msgspec.structs.replace(config, consumer="drops-acks", block_ms=10)
+    client: Any = redis_client(cfg, max_connections=1)  # the worker's, as in run_worker
+    try:
+        scripts = Scripts()
+        chain = build_chain(cfg.steps, StepDeps(client, scripts, cfg))
+        worker = Worker(client, NoStatuses(), chain, cfg, WorkerMetrics(CollectorRegistry()),
+                        scripts=scripts)  # fmt: skip
+        await worker.setup()
+        order = make_order("acks-dev", 1)
+        await produce(aredis, order, TEST_SHARDS)
+        entries = await worker.read()
+        assert [e.fields["order_id"] for e in entries] == [order.order_id.encode()]
+        await worker.finish(await worker.settle(entries))  # stored; its ack is queued
+        killed = await aredis.client_kill_filter(_id=await client.client_id())
+        assert killed == 1, "the worker's connection was not killed"
+        with pytest.raises(RedisConnectionError):
+            await worker.read()  # carries the ack: fails on the killed connection
+        await worker.flush_acks()  # a new connection: nothing left to send
+        assert await worker.read() == []
+        pending = await aredis.xpending(entries[0].stream, PIPELINE_GROUP)
+        assert pending["pending"] == 1, "the ack crossed to a new connection"
+    finally:
+        await client.aclose()
