@@ -127,8 +127,9 @@ class Stack:
             )  # fmt: skip
             self.redis = self.cluster.servers[0]  # the services' entry node
         elif settings.redis_replicas:
-            # No min-replicas-to-write: with it, 2 of 7 reduced make demo-ha runs ended with
-            # stuck orders, 0 of 6 without (docs/explanation/consistency.md, known gap).
+            # No min-replicas-to-write yet: with it, reduced make demo-ha runs uncovered the
+            # pipeline's frozen-master gap (3 of 13 stuck), closed since (0 of 10; see
+            # docs/explanation/consistency.md#make-demo-ha). On once that has run in CI.
             self.ha = SentinelGroup(
                 workdir / "redis", replicas=settings.redis_replicas, extra_args=maxmemory
             )
