@@ -222,7 +222,7 @@ class Worker:
                     await self._linger(linger_s, stop)
         finally:
             # Stopping (or failing): the last batch's acks must not wait for a read
-            # that never comes. If Redis is away they stay queued for the next run.
+            # that never comes. If this flush fails they are dropped (see _acks_riding).
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await self.flush_acks()
 

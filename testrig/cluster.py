@@ -3,10 +3,10 @@
 :class:`ClusterGroup` starts the nodes, joins them (``redis-cli --cluster
 create``) and waits until every node maps every slot and every replica's link
 is up. A fault test asks it who holds a key's slot now
-(:meth:`ClusterGroup.master_port_of`, from a live node's ``CLUSTER SLOTS``) and
-which node replicates a master (:meth:`ClusterGroup.replica_of`). A node that
-was SIGKILLed and is started again keeps its port and its ``nodes.conf``: it
-rejoins the cluster (as a replica if its master role was taken over meanwhile).
+(:meth:`ClusterGroup.master_port_of`, from a live node's ``CLUSTER SLOTS``). A
+node that was SIGKILLed and is started again keeps its port and its
+``nodes.conf``: it rejoins the cluster (as a replica if its master role was
+taken over meanwhile).
 
 Errors: :class:`testrig.errors.ServerError` when the cluster does not come up.
 """
@@ -192,20 +192,6 @@ class ClusterGroup:
             for first, last, master, *_replicas in ranges:
                 if int(first) <= slot <= int(last):
                     return int(master[1])
-        return None
-
-    def replica_of(self, port: int) -> RedisProcess | None:
-        """A running node that replicates the master on ``port`` (INFO replication says so)."""
-        for server in self.servers:
-            if server.port == port or not server.running:
-                continue
-            try:
-                with _client(server.port) as client:
-                    info: Any = client.info("replication")
-            except (redis.RedisError, OSError):
-                continue
-            if info.get("role") == "slave" and int(info.get("master_port", 0)) == port:
-                return server
         return None
 
     def kill(self) -> None:
