@@ -26,6 +26,7 @@ from typing import Any, Self
 import redis
 
 from .errors import ServerError
+from .sentinel import node_client
 from .servers import RedisProcess, find_binary, free_port
 
 MASTERS = 3  # the fewest a Cluster accepts
@@ -54,10 +55,6 @@ def cluster_port() -> int:
         if _bindable(port) and _bindable(port + 10000):
             return port
     return free_port()  # pragma: no cover - a crowded low range; the old way
-
-
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
 
 
 def _text(value: Any) -> str:
@@ -163,7 +160,7 @@ class ClusterGroup:
         """Every node says ``cluster_state:ok`` and every replica's master link is up."""
         for port in self.ports:
             try:
-                with _client(port) as client:
+                with node_client(port) as client:
                     info = _text(client.execute_command("CLUSTER", "INFO"))
                     link: Any = client.info("replication")
             except (redis.RedisError, OSError):
@@ -184,7 +181,7 @@ class ClusterGroup:
             if not server.running:
                 continue
             try:
-                with _client(server.port) as client:
+                with node_client(server.port) as client:
                     slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
                     ranges: Any = client.execute_command("CLUSTER", "SLOTS")
             except (redis.RedisError, OSError):

@@ -36,14 +36,15 @@ MASTER_NAME = "orders"
 MIN_REPLICAS_MAX_LAG_S = 10
 
 
-def _client(port: int) -> redis.Redis:
+def node_client(port: int) -> redis.Redis:
+    """A client of the Redis node on ``port`` with 1 s timeouts, for probes of a fault test."""
     return redis.Redis(port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
 
 
 def role(port: int) -> str | None:
     """``master`` or ``slave`` as the node at ``port`` reports it (ROLE); None if unreachable."""
     try:
-        with _client(port) as client:
+        with node_client(port) as client:
             reply: Any = client.execute_command("ROLE")
     except (redis.RedisError, OSError):
         return None
@@ -54,7 +55,7 @@ def role(port: int) -> str | None:
 def replication(port: int) -> dict[str, Any]:
     """INFO replication of the node at ``port``; empty if unreachable."""
     try:
-        with _client(port) as client:
+        with node_client(port) as client:
             info: dict[str, Any] = client.info("replication")
     except (redis.RedisError, OSError):
         return {}
@@ -110,7 +111,7 @@ class SentinelProcess(ServerProcess):
     def master_port(self) -> int | None:
         """The port this Sentinel names as the master now; None if it does not answer."""
         try:
-            with _client(self.port) as client:
+            with node_client(self.port) as client:
                 reply: Any = client.execute_command(
                     "SENTINEL", "get-master-addr-by-name", MASTER_NAME
                 )
@@ -121,7 +122,7 @@ class SentinelProcess(ServerProcess):
     def others(self) -> int | None:
         """How many other Sentinels this one knows of; None if it does not answer."""
         try:
-            with _client(self.port) as client:
+            with node_client(self.port) as client:
                 state: Any = client.execute_command("SENTINEL", "master", MASTER_NAME)
         except (redis.RedisError, OSError):
             return None
@@ -238,7 +239,7 @@ class SentinelGroup:
         old = self.master_port()
         if old is None:
             raise ServerError("the Sentinels do not agree on a master")
-        with _client(old) as master:
+        with node_client(old) as master:
             master.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
             try:
                 self._sentinel_failover(timeout_s)
@@ -252,7 +253,7 @@ class SentinelGroup:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with _client(self.sentinels[0].port) as sentinel:
+                with node_client(self.sentinels[0].port) as sentinel:
                     sentinel.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
             except redis.ResponseError:
                 # NOGOODSLAVE: a Sentinel that has not read the replicas' INFO yet.
