@@ -278,6 +278,18 @@ async def idle(procs: Sequence[subprocess.Popen[bytes]], log: Path) -> None:
         before = now
 
 
+def worker_env(backend: Backend, mqtt_url: str, shards: int, batch: int) -> dict[str, str]:
+    """The workers' environment: this one without ``ORDERS_*``, then the bench's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    env.update({
+        "ORDERS_REDIS_URL": backend.url, "ORDERS_REDIS_CLUSTER": str(backend.cluster).lower(),
+        "ORDERS_MQTT_URL": mqtt_url, "ORDERS_SHARDS": str(shards),
+        "ORDERS_BATCH_SIZE": str(batch), "ORDERS_GATEWAY_LATENCY_MS": "0",
+        "ORDERS_LOG_LEVEL": "warning",
+    })  # fmt: skip
+    return env
+
+
 @contextlib.contextmanager
 def workers(count: int, env: dict[str, str], log: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``count`` worker processes, terminated on exit."""
@@ -369,13 +381,7 @@ async def scenarios(
             run=lambda c: naive(c, mqtt, len(naive_orders), shards),
         )  # fmt: skip
         rows.append(naive_row)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-    env.update({
-        "ORDERS_REDIS_URL": backend.url, "ORDERS_REDIS_CLUSTER": str(backend.cluster).lower(),
-        "ORDERS_MQTT_URL": broker.url, "ORDERS_SHARDS": str(shards),
-        "ORDERS_BATCH_SIZE": str(args.batch), "ORDERS_GATEWAY_LATENCY_MS": "0",
-        "ORDERS_LOG_LEVEL": "warning",
-    })  # fmt: skip
+    env = worker_env(backend, broker.url, shards, args.batch)
     per_order_append = append_cpu_s / len(orders)
     for count in args.workers:
         rows.append(await pipeline_row(
@@ -533,12 +539,7 @@ async def trickle(args: argparse.Namespace) -> None:
     ):
         log = Path(tmp) / "workers.log"
         backend = Backend("1 node", single.url, False, [single.port])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
-        env.update({
-            "ORDERS_REDIS_URL": backend.url, "ORDERS_MQTT_URL": broker.url,
-            "ORDERS_SHARDS": str(args.shards), "ORDERS_GATEWAY_LATENCY_MS": "0",
-            "ORDERS_LOG_LEVEL": "warning",
-        })  # fmt: skip
+        env = worker_env(backend, broker.url, args.shards, args.batch)
         client = backend.client()
         count = args.workers[0]
         orders = make_orders(round(args.trickle * args.seconds), args.devices)
