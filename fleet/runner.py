@@ -321,6 +321,12 @@ def _summary(result: SimResult) -> Table:
     for storm in result.chaos.storms:
         # The storm's event row above says the rest.
         table.add_row(f"storm @{storm.at_s:,.0f}s attempts/s", _per_second(storm))
+    for restart in result.chaos.broker_restarts:
+        back = "NOT all back" if restart.all_back_s is None else f"in {restart.all_back_s:.1f} s"
+        table.add_row(
+            f"broker restart @{restart.at_s:,.0f}s",
+            f"{restart.back:,} devices back ({restart.connected_before:,} before), {back}",
+        )
     for down in result.chaos.broker_downs:
         back = "NOT back" if down.all_back_s is None else f"back in {down.all_back_s:.1f} s"
         table.add_row(
