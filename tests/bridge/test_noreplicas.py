@@ -156,6 +156,10 @@ def test_a_master_without_its_replica_refuses_and_the_services_retry(
             assert group.master_port() == group.master.port, "a failover the test did not make"
             assert pipeline.alive()
             assert bridge.status("/healthz") == 200
+            # Held and retried, not crashed and restarted.
+            logs = pipeline_log.read_text(errors="replace") + bridge.log_path.read_text()
+            for death in ("background_loop_failed", "worker_process_died"):
+                assert death not in logs
         finally:
             load.close()
             receipts.close()
