@@ -85,7 +85,13 @@ def test_a_master_without_its_replica_refuses_and_the_services_retry(
     broker = mosquitto_factory()
     receipts = ReceiptCollector(broker.url)
     load = Load(broker.url, devices=10, rate=50.0)
-    with SentinelGroup(tmp_path / "sentinel", replicas=1, min_replicas_to_write=1) as group:
+    group = SentinelGroup(
+        tmp_path / "sentinel", replicas=1, min_replicas_to_write=1,
+        # No failover is wanted here: a master busy with the resync must not look down.
+        down_after_ms=5000,
+        extra_args=("--repl-diskless-sync-delay", "0"),  # the replica syncs at once (twice)
+    )  # fmt: skip
+    with group:
         master = redis.Redis(port=group.master.port, socket_timeout=5)
         replica = group.replicas[0]
         bridge, pipeline = start_services(tmp_path, group, broker, bridge_factory, 1)
