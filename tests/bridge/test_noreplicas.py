@@ -134,6 +134,12 @@ def test_a_master_without_its_replica_refuses_and_the_services_retry(
                 30,
                 "the replica back in sync",
             )
+            # The master counts it once its first acknowledgement arrives, after the link.
+            wait_until_blocking(
+                lambda: replication(group.master.port).get("min_slaves_good_slaves") == 1,
+                30,
+                "the master counts the replica again",
+            )
             assert refusal(master) == ""
             wait_until_blocking(
                 lambda: bool(set(load.after(refused_at)) & accepted(receipts)),
