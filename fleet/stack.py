@@ -121,18 +121,25 @@ class Stack:
         if settings.redis_cluster:
             if settings.redis_powercut:
                 raise ServerError("redis_powercut and redis_cluster do not go together")
+            # No min-replicas-to-write on the Cluster: it runs one replica per master (what
+            # fits here), so after a failover the new master would refuse every write, the
+            # pipeline's too (receipts wait anyway, on WAIT), until the old node has rejoined
+            # and synced, and a replica lost for good would stop its master's shards.
             self.cluster = ClusterGroup(
                 workdir / "redis", replicas=settings.redis_replicas, conf=REDIS_CONF,
                 node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS, extra_args=maxmemory,
             )  # fmt: skip
             self.redis = self.cluster.servers[0]  # the services' entry node
         elif settings.redis_replicas:
-            # No min-replicas-to-write yet: with it, reduced make demo-ha runs uncovered the
-            # pipeline's frozen-master gap (3 of 13 stuck), closed since (0 of 10; see
-            # docs/explanation/consistency.md#make-demo-ha). On once that has run in CI.
+            # min-replicas-to-write 1: a master all of whose replicas left (for a promoted
+            # one) refuses writes (NOREPLICAS, retried by the services) instead of taking
+            # what its demotion discards. min-replicas-max-lag stays 10 s: the stack's
+            # faults (SIGKILL, SIGSTOP) close the replicas' links, which counts them out at
+            # once; a shorter lag only adds refusals when a busy machine delays their ACKs.
             self.ha = SentinelGroup(
-                workdir / "redis", replicas=settings.redis_replicas, extra_args=maxmemory
-            )
+                workdir / "redis", replicas=settings.redis_replicas, min_replicas_to_write=1,
+                extra_args=maxmemory,
+            )  # fmt: skip
             self.redis = self.ha.master  # the first master; a failover moves it (master())
         else:
             self.redis = RedisProcess.production(

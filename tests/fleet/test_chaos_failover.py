@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+import redis
 
 from fleet.chaos import ChaosEvent, ChaosRunner, parse_schedule
 from fleet.errors import ChaosError
@@ -44,6 +45,27 @@ def test_parse_the_failover_kinds_and_refuse_them_without_replicas(tmp_path: Pat
             )  # fmt: skip
 
 
+def min_replicas_to_write(command: list[str]) -> str | None:
+    """The ``--min-replicas-to-write`` a redis-server command line sets, if any."""
+    flag = "--min-replicas-to-write"
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def test_sentinel_nodes_refuse_writes_without_a_replica_cluster_nodes_do_not(
+    tmp_path: Path,
+) -> None:
+    """Every node of the Sentinel stack runs min-replicas-to-write 1 (a master its replicas
+    left refuses what its demotion would discard); the Cluster's (one replica per master,
+    where it would stop a failed-over shard's every write until the old node is back) not."""
+    require_tool("redis-server")
+    sentinel = Stack(tmp_path / "sentinel", StackSettings(redis_replicas=2))  # not started
+    cluster = Stack(tmp_path / "cluster", StackSettings(redis_cluster=True, redis_replicas=1))
+    assert sentinel.ha is not None
+    assert cluster.cluster is not None
+    assert [min_replicas_to_write(node.command()) for node in sentinel.ha.nodes] == ["1"] * 3
+    assert {min_replicas_to_write(node.command()) for node in cluster.cluster.servers} == {None}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("HA_SLOW"), reason="set HA_SLOW=1 (about 70 s)")
 async def test_failover_and_freeze_cost_no_order(tmp_path: Path) -> None:
@@ -51,6 +73,8 @@ async def test_failover_and_freeze_cost_no_order(tmp_path: Path) -> None:
     settings = StackSettings(shards=4, redis_replicas=2)
     with Stack(tmp_path / "stack", settings) as stack:
         first = stack.master().port
+        with redis.Redis(port=first) as master:
+            assert master.config_get("min-replicas-to-write") == {"min-replicas-to-write": "1"}
         options = SimOptions(
             devices=DEVICES, rate=RATE, duration_s=DURATION_S, shards=4,
             chaos="3:redis-failover,9:redis-freeze=4",
