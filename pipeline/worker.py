@@ -45,7 +45,7 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from schemas import DecodeError, Status, decode_order
+from schemas import DecodeError, Status, decode_stored_order
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit import tracing
 from servicekit.backoff import Backoff
@@ -426,7 +426,7 @@ class Worker:
         decoded = []
         for entry in entries:
             try:
-                order = decode_order(
+                order = decode_stored_order(
                     entry.payload, topic_device_id=text(entry.fields.get("device_id", b""))
                 )
             except DecodeError as exc:
