@@ -40,23 +40,18 @@ return out
 """
 
 # KEYS: events stream, stock and retention index of each shard the call covers.
-# ARGV: now_ms, events maxlen, MessagePack list of one group per shard
-#   [events stream, stock, retention index, hash tag "{N}", rows], each row
-#   [expected status ('' = no record yet), device_id, order_id, index member,
-#    a new record's fixed values (FIXED's fields, in order; {} for a stored one),
-#    {field, value, ...} to HSET (status, reason, updated_at, steps, last_error),
-#    history lines to append, final status ('' = unchanged), step, reason, path
-#    (the batch's statuses, '>'-separated)],
+# ARGV: now_ms, events maxlen, JSON list of one group per shard
+#   [events stream, stock, retention index, rows], each row
+#   [record, expected status ('' = no record yet), {field, value, ...} to HSET
+#    (status, reason, steps, updated_at, last_error; for a new record also its
+#    fixed fields and its history h:1..h:n and hn), history lines to append
+#    ({} for a new record), final status ('' = unchanged), step, reason, path
+#    (the batch's statuses, '>'-separated), order_id, device_id, device index,
+#    index member, order-id index],
 #   retention_ms.
-# Every value is a string (msgpack carries them as they are; a number would
-# come back as a Lua float: "1.7e+12"). The order's keys are built here from the
-# tag and its ids, as pipeline.names builds them (FORGET does the same), and the
-# fixed fields' names live here: the per-order argument carries values only,
-# which is most of what Redis decodes per order.
 # Everything one batch did to an order, stored at once: a compare-and-set on
 # the status (statuses only move forward, so an equal status means nobody
-# stored anything in between) guards against a consumer that raced us. A new
-# record's history starts at h:1 (a record without a status has none).
+# stored anything in between) guards against a consumer that raced us.
 # Entering rejected/failed gives held stock back in the same atomic step. An
 # order that ends with retention_ms > 0 gets its record expiring then. Per
 # shard and call (not per order): one events entry listing every order stored
@@ -69,33 +64,17 @@ COMMIT: Final = """
 local now, maxlen, out = ARGV[1], ARGV[2], {}
 local at = tonumber(now)
 local keep = tonumber(ARGV[4] or '0')
-local fixed = {'seq', 'received_at', 'total', 'currency', 'items', 'stream', 'entry_id'}
-for _, g in ipairs(cmsgpack.unpack(ARGV[3])) do
-local events, stock, retention, tag = g[1], g[2], g[3], g[4]
+for _, g in ipairs(cjson.decode(ARGV[3])) do
+local events, stock, retention = g[1], g[2], g[3]
 local changed, ended = {}, {}
-for _, o in ipairs(g[5]) do
-  local expected, device, order_id, member = o[1], o[2], o[3], o[4]
-  local values, fields, lines, final = o[5], o[6], o[7], o[8]
-  local rec = 'order:' .. tag .. ':' .. device .. ':' .. order_id
+for _, o in ipairs(g[4]) do
+  local rec, expected, fields, lines, final = o[1], o[2], o[3], o[4], o[5]
   local status = redis.call('HGET', rec, 'status')
   if (expected == '' and status) or (expected ~= '' and status ~= expected) then
     out[#out + 1] = -1
   else
-    if expected == '' then
-      fields[#fields + 1] = 'order_id'
-      fields[#fields + 1] = order_id
-      fields[#fields + 1] = 'device_id'
-      fields[#fields + 1] = device
-      for j, name in ipairs(fixed) do
-        fields[#fields + 1] = name
-        fields[#fields + 1] = values[j]
-      end
-      fields[#fields + 1] = 'created'
-      fields[#fields + 1] = now
-    end
     if #lines > 0 then
-      local n = 0
-      if expected ~= '' then n = tonumber(redis.call('HGET', rec, 'hn') or '0') end
+      local n = tonumber(redis.call('HGET', rec, 'hn') or '0')
       for _, line in ipairs(lines) do
         n = n + 1
         fields[#fields + 1] = 'h:' .. n
@@ -106,11 +85,11 @@ for _, o in ipairs(g[5]) do
     end
     if #fields > 0 then redis.call('HSET', rec, unpack(fields)) end
     if expected == '' then
-      redis.call('ZADD', 'device:' .. tag .. ':' .. device .. ':orders', 0, member)
-      redis.call('SADD', 'order-id:' .. tag .. ':' .. order_id .. ':devices', device)
+      redis.call('ZADD', o[11], 0, o[12])
+      redis.call('SADD', o[13], o[10])
     end
     if final ~= '' then
-      changed[#changed + 1] = {order_id, device, final, o[9], o[10], o[11]}
+      changed[#changed + 1] = {o[9], o[10], final, o[6], o[7], o[8]}
       if (final == 'rejected' or final == 'failed')
           and redis.call('HGET', rec, 'res') == 'held' then
         local all = redis.call('HGETALL', rec)
@@ -123,7 +102,7 @@ for _, o in ipairs(g[5]) do
       end
       if keep > 0 and (final == 'rejected' or final == 'failed' or final == 'fulfilled') then
         redis.call('PEXPIRE', rec, keep)
-        ended[#ended + 1] = {device, member}
+        ended[#ended + 1] = {o[10], o[12]}
       end
     end
     out[#out + 1] = 1

@@ -29,6 +29,7 @@ from ._calls import AnyRedis, Rider, call_plan, run_calls, run_calls_with
 from ._lua import Scripts
 from .names import (
     TERMINAL_STATUSES,
+    device_index_key_in,
     events_key,
     events_maxlen,
     order_devices_key,
@@ -123,7 +124,6 @@ def index_member(seq: int, order_id: str) -> str:
 
 
 _json = msgspec.json.encode
-_msgpack = msgspec.msgpack.encode
 
 
 def _items_json(order: Order) -> str:
@@ -215,15 +215,22 @@ def parse_history(record: dict[str, str]) -> list[dict[str, Any]]:
     return out
 
 
-def _row(ctx: OrderContext, now: int, stamp: str) -> tuple[Any, ...]:
-    """One order's part of the commit script's argument (its layout: :data:`._lua.COMMIT`)."""
+def _row(ctx: OrderContext, now: int) -> tuple[Any, ...]:
     order = ctx.order
-    fixed: tuple[str, ...] = ()
-    if ctx.stored is None:
-        fixed = (str(order.seq), text(ctx.entry.fields.get("received_at", b"0")),
-                 str(order.total), order.currency, _items_json(order), ctx.entry.stream,
-                 ctx.entry.entry_id)  # fmt: skip
+    dev, oid = order.device_id, order.order_id
+    stamp = str(now)
     fields: list[str] = []
+    lines = history_lines(ctx.changes, now)
+    if ctx.stored is None:
+        fields += ["order_id", oid, "device_id", dev, "seq", str(order.seq),
+                   "received_at", text(ctx.entry.fields.get("received_at", b"0")),
+                   "total", str(order.total), "currency", order.currency,
+                   "items", _items_json(order), "stream", ctx.entry.stream,
+                   "entry_id", ctx.entry.entry_id, "created", stamp]  # fmt: skip
+        for n, line in enumerate(lines, 1):
+            fields += [f"h:{n}", line]
+        fields += ["hn", str(len(lines))]
+        lines = []
     if ctx.changes or ctx.stored is None:
         fields += ["status", ctx.status, "reason", ctx.reason, "updated_at", stamp]
     if ctx.done_now:
@@ -235,8 +242,9 @@ def _row(ctx: OrderContext, now: int, stamp: str) -> tuple[Any, ...]:
         final, step, reason = ctx.changes[-1]
         path = ">".join(status for status, _step, _reason in ctx.changes)
     return (
-        ctx.stored or "", order.device_id, order.order_id, index_member(order.seq, order.order_id),
-        fixed, fields, history_lines(ctx.changes, now), final, step, reason, path,
+        order_key_in(ctx.shard, dev, oid), ctx.stored or "", fields, lines, final, step, reason,
+        path, oid, dev, device_index_key_in(ctx.shard, dev), index_member(order.seq, oid),
+        order_devices_key(oid, ctx.shard),
     )  # fmt: skip
 
 
@@ -260,7 +268,6 @@ async def commit(
     if not todo:
         return []
     now = now_ms()
-    stamp = str(now)
     groups = by_shard(range(len(todo)), [ctx.shard for ctx in todo])
     plan = call_plan(client, list(groups))
     maxlen = events_maxlen(shards)
@@ -268,9 +275,9 @@ async def commit(
         (
             [key for shard in part
              for key in (events_key(shard), stock_key(shard), retention_key(shard))],
-            [stamp, maxlen, _msgpack([
-                (events_key(shard), stock_key(shard), retention_key(shard), shard_tag(shard),
-                 [_row(todo[i], now, stamp) for i in groups[shard]])
+            [now, maxlen, _json([
+                (events_key(shard), stock_key(shard), retention_key(shard),
+                 [_row(todo[i], now) for i in groups[shard]])
                 for shard in part
             ]), retention_ms],
         )
