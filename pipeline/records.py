@@ -286,7 +286,7 @@ async def commit(
         (
             [key for shard in part
              for key in (events_key(shard), stock_key(shard), retention_key(shard))],
-            [now, maxlen, _json([
+            [now, maxlen, msgspec.msgpack.encode([
                 (events_key(shard), stock_key(shard), retention_key(shard),
                  [_row(todo[i], now) for i in groups[shard]])
                 for shard in part
