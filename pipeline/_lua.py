@@ -122,8 +122,8 @@ end
 return out
 """
 
-# KEYS: the stock of each shard the call covers. ARGV: MessagePack list of
-# [record, {sku, qty, sku, qty, ...}, the order's shard's stock], all strings.
+# KEYS: the stock of each shard the call covers. ARGV: JSON list of
+# [record, {sku, qty, sku, qty, ...}, the order's shard's stock].
 # Idempotent per order: a held or released reservation is never made again, and
 # a terminal order never reserves. All lines or none; the reservation lives in
 # the order's record (`res`, `res:{sku}`).
@@ -131,7 +131,7 @@ return out
 # 'short:<sku>=<missing>[,<sku>=<missing>...]'.
 RESERVE: Final = """
 local out = {}
-for _, o in ipairs(cmsgpack.unpack(ARGV[1])) do
+for _, o in ipairs(cjson.decode(ARGV[1])) do
   local rec, lines, stock = o[1], o[2], o[3]
   local f = redis.call('HMGET', rec, 'res', 'status')
   local state, status = f[1], f[2]
