@@ -135,6 +135,7 @@ def test_each_contract_rule_is_enforced(overrides: dict[str, Any], reason: str, 
     assert (caught.value.reason, caught.value.field) == (reason, field)
 
 
+@settings(deadline=None)  # a crowded CI machine can stall one example past 200 ms
 @given(orders())
 def test_a_stored_order_decodes_as_the_bridge_decoded_it(order: Order) -> None:
     """decode_stored_order (the worker's) gives the same Order as decode_order."""
