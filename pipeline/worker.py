@@ -7,7 +7,10 @@ read per shard), then:
 
 1. decodes them (undecodable → DLQ at once) and loads each order's stored state
    (one read-only script for the batch; on a cluster one per shard, every
-   script call staying in one slot);
+   script call staying in one slot). An entry delivered for the first time is
+   not read: its order is presumed new, and the rare one that has a record
+   (a replayed dead letter, an entry appended twice) is caught by the commit's
+   compare-and-set, then read and run again in the same batch;
 2. sorts the batch by device and ``seq`` and runs each step on the orders that
    still need it, in memory (stock reservation is its own atomic, idempotent
    script per batch);
@@ -45,7 +48,7 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from schemas import DecodeError, Status, decode_order
+from schemas import DecodeError, Status, decode_stored_order
 from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit import tracing
 from servicekit.backoff import Backoff
@@ -426,18 +429,30 @@ class Worker:
         decoded = []
         for entry in entries:
             try:
-                order = decode_order(
+                order = decode_stored_order(
                     entry.payload, topic_device_id=text(entry.fields.get("device_id", b""))
                 )
             except DecodeError as exc:
                 letters.append(DeadLetter(entry, exc.reason, exc.detail))
             else:
                 decoded.append((entry, order))
-        ctxs = (
-            await load(self.redis, self.scripts, decoded, shards=self.shards, riders=self._riders)
-            if decoded
-            else []
-        )
+        ctxs: list[OrderContext] = []
+        if decoded:
+            ctxs = await load(self.redis, self.scripts, decoded, shards=self.shards,
+                              riders=self._riders, presume_new=True)  # fmt: skip
+        statuses = await self._drive(ctxs)
+        moved = [c for c in ctxs if c.presumed and c.stale]
+        if moved:
+            # Presumed new, but their records were there (a dead letter replayed, an
+            # entry appended twice): nothing of theirs was stored. Read them, run again.
+            again = await load(self.redis, self.scripts, [(c.entry, c.order) for c in moved],
+                               shards=self.shards, riders=self._riders)  # fmt: skip
+            statuses += await self._drive(again)
+            ctxs = [c for c in ctxs if not (c.presumed and c.stale)] + again
+        return Settled(ctxs, letters, statuses)
+
+    async def _drive(self, ctxs: list[OrderContext]) -> list[tuple[str, Status]]:
+        """Run the steps on loaded contexts and store the outcomes; the statuses to send."""
         ctxs.sort(key=lambda c: (c.order.device_id, c.order.seq))
         # A redelivered entry's earlier statuses may have died with the consumer
         # that stored them (before they reached the broker): send them again.
@@ -458,13 +473,12 @@ class Worker:
         )
         self.metrics.step_seconds.labels(step="commit").observe(time.perf_counter() - started)
         at = now_ms()
-        statuses += [
+        return statuses + [
             self._message(ctx, status, reason, at)
             for ctx in stored
             for status, _step, reason in ctx.changes
             if status in PUBLISHED_STATUSES
         ]
-        return Settled(ctxs, letters, statuses)
 
     async def finish(self, settled: Settled) -> None:
         """Send the batch's statuses (never waiting on the broker), dead-letter, queue the acks.

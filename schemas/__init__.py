@@ -8,6 +8,7 @@ from .codec import (
     decode_receipt,
     decode_status,
     decode_status_query,
+    decode_stored_order,
     encode,
 )
 from .errors import DecodeError, Reason, SchemaError
@@ -43,5 +44,6 @@ __all__ = [
     "decode_receipt",
     "decode_status",
     "decode_status_query",
+    "decode_stored_order",
     "encode",
 ]

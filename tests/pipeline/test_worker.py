@@ -223,6 +223,40 @@ async def test_redelivered_entries_change_nothing(
     assert [h["status"] for h in record["history"]].count("fulfilled") == 1
 
 
+@pytest.mark.usefixtures("catalog")
+async def test_a_first_delivery_of_a_stored_order_is_read_and_run_again_at_once(
+    aredis: aioredis.Redis,
+    config: PipelineConfig,
+    start_worker: WorkerFactory,
+    device_id: str,
+) -> None:
+    """An entry delivered once whose order has a record (appended twice, a replayed dead
+    letter) is presumed new, found out by the commit, read and settled in the same batch."""
+    order = make_order(device_id, 0, [("COLA-33", 4, 150)])
+    await produce(aredis, order, config.shards)
+    worker = await start_worker()
+    await wait_status(aredis, order, "fulfilled")
+    events_before = len(await all_events(aredis))
+    batches = worker.batches
+    await produce(aredis, order, config.shards)  # the same order, a new entry
+
+    async def acked() -> bool:
+        stream = stream_key(shard_of(device_id, config.shards))
+        pending = await aredis.xpending(stream, PIPELINE_GROUP)
+        groups: Any = await aredis.xinfo_groups(stream)
+        return worker.batches > batches and pending["pending"] == 0 and groups[0]["lag"] == 0
+
+    await wait_until(acked, what="the second entry acked")
+    registry = worker.metrics.registry
+    assert registry is not None
+    # Settled in its own batch, not left pending for the reclaim path.
+    assert (registry.get_sample_value("pipeline_reclaimed_total") or 0) == 0
+    assert await stock(aredis, "COLA-33") == INITIAL_STOCK["COLA-33"] - 4
+    assert len(await all_events(aredis)) == events_before
+    record = await wait_status(aredis, order, "fulfilled")
+    assert [h["status"] for h in record["history"]].count("fulfilled") == 1
+
+
 async def test_undecodable_entry_goes_to_dlq_at_once(
     aredis: aioredis.Redis, config: PipelineConfig, start_worker: WorkerFactory, device_id: str
 ) -> None:

@@ -25,6 +25,7 @@ from schemas import (
     decode_order,
     decode_receipt,
     decode_status,
+    decode_stored_order,
     encode,
 )
 
@@ -132,6 +133,37 @@ def test_each_contract_rule_is_enforced(overrides: dict[str, Any], reason: str, 
     with pytest.raises(DecodeError) as caught:
         decode_order(packed(**overrides))
     assert (caught.value.reason, caught.value.field) == (reason, field)
+
+
+@settings(deadline=None)  # a crowded CI machine can stall one example past 200 ms
+@given(orders())
+def test_a_stored_order_decodes_as_the_bridge_decoded_it(order: Order) -> None:
+    """decode_stored_order (the worker's) gives the same Order as decode_order."""
+    data = encode(order)
+    stored = decode_stored_order(data, topic_device_id=order.device_id)
+    assert stored == decode_order(data)
+    assert type(stored) is Order
+    assert type(stored.items[0]) is Item
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xc1", Reason.MALFORMED),
+        (packed(v=2), Reason.UNSUPPORTED_VERSION),
+        (packed(seq="3"), Reason.INVALID_SCHEMA),
+        (packed(items=[{"sku": "A", "qty": 0, "unit_price": 1}], total=0), Reason.INVALID_SCHEMA),
+        (packed(total=301), Reason.TOTAL_MISMATCH),
+        (packed(device_id="other-1"), Reason.DEVICE_MISMATCH),
+    ],
+)  # fmt: skip
+def test_a_stored_order_still_fails_on_shape_lines_total_and_device(
+    payload: bytes, reason: str
+) -> None:
+    """What decode_stored_order skips is the top-level strings' patterns only."""
+    with pytest.raises(DecodeError) as caught:
+        decode_stored_order(payload, topic_device_id="kiosk-7.eu")
+    assert caught.value.reason == reason
 
 
 def test_missing_required_key_is_invalid_schema() -> None:
