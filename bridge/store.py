@@ -26,7 +26,6 @@ durability (INFO persistence, CONFIG GET where the ACL allows) and memory.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from redis.exceptions import (
 
 from schemas import MAX_ORDER_BYTES
 from schemas.names import DLQ_STREAM, seen_key, stream_key
-from servicekit.redis_clients import connect, text
+from servicekit.redis_clients import connect, error_code, text
 from servicekit.redis_scripts import ScriptSet, is_noscript
 
 from ._script import APPEND_SCRIPT
@@ -61,18 +60,6 @@ FENCE_KEY: Final = "orders:wait-fence"  # in the bridge ACL user's ~orders:* key
 _MAX_FENCE_TAGS: Final = 1_000_000  # a slot per tag, spread evenly: a few dozen suffice
 
 
-# Redis's error code (NOREPLICAS, READONLY, …): the message's first word, or the first
-# word of the server's message inside redis-py's "Command # N (…) of pipeline caused
-# error: ('…',)" (the last such phrase: the command text before it may hold anything).
-_ERROR_CODE: Final = re.compile(r"(?:.*of pipeline caused error: \(['\"])?([A-Z]{3,})\b.*", re.S)
-
-
-def error_code(exc: BaseException) -> str | None:
-    """The error code Redis answered with; None for an error of another kind."""
-    match = _ERROR_CODE.fullmatch(str(exc))
-    return match[1] if match else None
-
-
 def store_error(exc: BaseException, what: str) -> StoreError:
     """The StoreError for a failed Redis call, typed by what Redis said."""
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
@@ -81,7 +68,7 @@ def store_error(exc: BaseException, what: str) -> StoreError:
         return RedisFullError(f"redis is at maxmemory during {what}: {exc}")
     # redis-py's repr names the class only ("server:ResponseError"); the code says why
     # (NOREPLICAS: a master with fewer replicas than its min-replicas-to-write).
-    code = error_code(exc) if isinstance(exc, RedisError) else None
+    code = error_code(exc)
     return StoreError(f"{what} failed: {exc!r}" + (f" {code}" if code else ""))
 
 

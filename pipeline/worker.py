@@ -53,7 +53,7 @@ from schemas.names import PIPELINE_GROUP, stream_key
 from servicekit import tracing
 from servicekit.backoff import Backoff
 from servicekit.clock import now_ms
-from servicekit.redis_clients import text
+from servicekit.redis_clients import error_code, text
 
 from ._calls import AnyRedis, Rider
 from ._lua import Scripts
@@ -180,8 +180,8 @@ class Worker:
                 self.failures += 1
                 delay_s = self.backoff.next_delay()
                 if self.failures == 1 or self.failures % LOG_EVERY_FAILURES == 0:
-                    log.warning("redis_error", error=repr(exc), failures=self.failures,
-                                retry_in_s=round(delay_s, 3))  # fmt: skip
+                    log.warning("redis_error", error=repr(exc), code=error_code(exc),
+                                failures=self.failures, retry_in_s=round(delay_s, 3))  # fmt: skip
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay_s):
                         await stop.wait()

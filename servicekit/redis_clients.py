@@ -33,6 +33,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from . import redis_send
 
@@ -151,3 +152,17 @@ def _sentinel_master(
     client: SentinelMaster = sentinel.master_for(master, redis_class=SentinelMaster, **kwargs)
     client.owned_sentinel = sentinel
     return client
+
+
+# Redis's error code (NOREPLICAS, READONLY, …): the message's first word, or the first
+# word of the server's message inside redis-py's "Command # N (…) of pipeline caused
+# error: ('…',)" (the last such phrase: the command text before it may hold anything).
+_ERROR_CODE: Final = re.compile(r"(?:.*of pipeline caused error: \(['\"])?([A-Z]{3,})\b.*", re.S)
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The error code Redis answered with; None for an error of another kind."""
+    if not isinstance(exc, RedisError):
+        return None
+    match = _ERROR_CODE.fullmatch(str(exc))
+    return match[1] if match else None

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import redis
 
-from bridge.store import error_code, store_error
+from bridge.store import store_error
 from schemas.names import PIPELINE_GROUP, stream_key
+from servicekit.redis_clients import error_code
 from testrig.sentinel import SentinelGroup, replication
 from testrig.servers import MosquittoProcess, port_is_open
 from tests.bridge.conftest import BridgeProcess, ReceiptCollector
