@@ -187,8 +187,21 @@ _AS_ON_A_DEVICE = (
 )
 
 
+UNIT = Path(__file__).resolve().parents[1] / "edge_agent" / "edge-agent.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The variables the agent's systemd unit sets (its ``Environment=NAME=value`` lines)."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            env[name] = value
+    return env
+
+
 def device_env(tmp: Path) -> dict[str, str]:
-    """The environment of an agent started as on a device, with its bytecode already compiled.
+    """The environment of an agent started by its systemd unit, with its bytecode compiled.
 
     pip compiles every module to .pyc when it installs the device's venv; this
     machine's environment may set PYTHONDONTWRITEBYTECODE, and then every start
@@ -197,6 +210,7 @@ def device_env(tmp: Path) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    env.update(unit_environment())
     return env
 
 
