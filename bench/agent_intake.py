@@ -246,7 +246,7 @@ def print_rss(tmp: Path) -> None:
     rss_dev = idle_rss_mb(tmp)
     rss = idle_rss_mb(tmp, as_on_a_device=True)
     print(
-        f"idle edge-agent RSS: {rss:.1f} MB with the device's packages "
+        f"idle edge-agent RSS: {rss:.1f} MB as the device's unit starts it "
         f"(goal <= 40 MB: {'met' if rss <= 40 else 'NOT met'}); "
         f"{rss_dev:.1f} MB in the development venv (structlog also imports "
         f"{', '.join(DEV_ONLY_OPTIONAL)} there; every module compiled at start "
