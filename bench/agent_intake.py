@@ -6,9 +6,11 @@ submitters, beside raw stdlib ``sqlite3`` with one commit per order and with
 synchronous=FULL, exclusive locking) with ~300-byte rows, in the same run.
 Also: the same baselines through aiosqlite when it is installed, the outbox
 run inline on the event loop instead of in its writer thread, and the RSS of
-an idle ``edge-agent`` process.
+an idle ``edge-agent`` process started as its systemd unit starts it, with
+what its imports cost.
 
     .venv/bin/python bench/agent_intake.py [--scale 1.0]
+    .venv/bin/python bench/agent_intake.py --rss-only [--env NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -175,19 +177,102 @@ async def http_rate(tmp: Path, name: str, n: int, workers: int) -> float:
         proc.wait(10)
 
 
-# The development venv has `rich`, which structlog imports when it can; a device
-# installs requirements/edge.txt, which has no `rich`. This start-up hides it.
+# A device installs requirements/edge.txt, which has none of the development
+# venv's packages that structlog imports when it can (rich: +5.4 MB, greenlet,
+# colorama: +1.2 MB); this start-up hides them.
+DEV_ONLY_OPTIONAL = ("rich", "greenlet", "colorama")
 _AS_ON_A_DEVICE = (
-    "import sys; sys.modules['rich'] = None\n"
+    "import sys\n"
+    f"for name in {DEV_ONLY_OPTIONAL!r}: sys.modules[name] = None\n"
     "from edge_agent.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
 
+UNIT = Path(__file__).resolve().parents[1] / "edge_agent" / "edge-agent.service"
+
+
+def unit_environment(unit: Path = UNIT) -> dict[str, str]:
+    """The variables the agent's systemd unit sets (its ``Environment=NAME=value`` lines)."""
+    env: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            env[name] = value
+    return env
+
+
+EXTRA_ENV: dict[str, str] = {}  # --env NAME=VALUE: a lever tried on the device's start
+
+
+def device_env(tmp: Path) -> dict[str, str]:
+    """The environment of an agent started by its systemd unit, with its bytecode compiled.
+
+    pip compiles every module to .pyc when it installs the device's venv; this
+    machine's environment may set PYTHONDONTWRITEBYTECODE, and then every start
+    compiles each module from source, which leaves ~1 MB more heap mapped.
+    The cache goes to ``tmp``; :func:`idle_rss_mb` fills it with a first start.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    env.update(unit_environment())
+    env.update(EXTRA_ENV)
+    return env
+
+
+# What the agent imports besides its own code (ctypes: its malloc_trim).
+DEPENDENCIES = (
+    "ctypes", "asyncio", "sqlite3", "argparse", "msgspec", "structlog", "aiohttp.web",
+    "paho.mqtt.client", "schemas",
+)  # fmt: skip
+
+
+def import_rss_mb(tmp: Path, *modules: str) -> float:
+    """VmRSS of a fresh interpreter, started as on a device, after importing ``modules``."""
+    code = (
+        _AS_ON_A_DEVICE.partition("from edge_agent.cli")[0]
+        + f"import {', '.join((*DEPENDENCIES, *modules))}\n"
+        + "ctypes.CDLL(None).malloc_trim(0)\n"
+        + "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=device_env(tmp), check=True, capture_output=True
+    )
+    return int(out.stdout) / 1024
+
+
+def print_rss(tmp: Path) -> None:
+    """Idle RSS in both venvs, and what the dependencies and the agent's imports cost."""
+    rss_dev = idle_rss_mb(tmp)
+    rss = idle_rss_mb(tmp, as_on_a_device=True)
+    print(
+        f"idle edge-agent RSS: {rss:.1f} MB as the device's unit starts it "
+        f"(goal <= 40 MB: {'met' if rss <= 40 else 'NOT met'}); "
+        f"{rss_dev:.1f} MB in the development venv (structlog also imports "
+        f"{', '.join(DEV_ONLY_OPTIONAL)} there; every module compiled at start "
+        "when PYTHONDONTWRITEBYTECODE is set)"
+    )
+    deps = import_rss_mb(tmp)
+    print(f"imports, as on a device: the dependencies ({' '.join(DEPENDENCIES)}) {deps:.1f} MB")
+    for extra in ("edge_agent.cli", "prometheus_client", "importlib.metadata"):
+        print(f"  + {extra}: {import_rss_mb(tmp, extra) - deps:+.1f} MB")
+
+
 def idle_rss_mb(tmp: Path, *, as_on_a_device: bool = False) -> float:
-    """VmRSS of an idle ``edge-agent`` 2 s after its /healthz first answers."""
+    """VmRSS of an idle ``edge-agent`` 2 s after its /healthz first answers.
+
+    As on a device, the agent starts twice and the second start is measured:
+    the first one compiles (and caches) the bytecode of every module it loads.
+    """
+    if not as_on_a_device:
+        return _idle_rss_mb(tmp, ["-m", "edge_agent.cli"], None)
+    env = device_env(tmp)
+    _idle_rss_mb(tmp, ["-c", _AS_ON_A_DEVICE], env)
+    return _idle_rss_mb(tmp, ["-c", _AS_ON_A_DEVICE], env)
+
+
+def _idle_rss_mb(tmp: Path, start: list[str], env: dict[str, str] | None) -> float:
     port = free_port()
-    start = ["-c", _AS_ON_A_DEVICE] if as_on_a_device else ["-m", "edge_agent.cli"]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -205,6 +290,7 @@ def idle_rss_mb(tmp: Path, *, as_on_a_device: bool = False) -> float:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 20
@@ -226,7 +312,22 @@ def idle_rss_mb(tmp: Path, *, as_on_a_device: bool = False) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply order counts")
+    parser.add_argument(
+        "--rss-only", action="store_true", help="only the idle agent's RSS and its imports' cost"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set this in the device-like agent's environment (a lever to try); repeatable",
+    )
     args = parser.parse_args()
+    EXTRA_ENV.update(item.split("=", 1) for item in args.env)
+    if args.rss_only:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp_name:
+            print_rss(Path(tmp_name))
+        return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
 
     def n(count: int) -> int:
@@ -251,8 +352,6 @@ async def main() -> None:
         results["HTTP x64 (agent in its own process)"] = await http_rate(
             tmp, "http64", n(10000), 64
         )
-        rss_dev = idle_rss_mb(tmp)
-        rss = idle_rss_mb(tmp, as_on_a_device=True)
 
     ceiling = results["sqlite3 100/txn (ceiling)"] or 1.0
     per_order = results["sqlite3 commit/order"] or 1.0
@@ -268,11 +367,8 @@ async def main() -> None:
         f"({'met' if api64 >= 0.5 * ceiling else 'NOT met'}); "
         f">= 4x commit/order: {api64 / per_order:.1f}x"
     )
-    print(
-        f"idle edge-agent RSS: {rss:.1f} MB with the device's packages "
-        f"(goal <= 40 MB: {'met' if rss <= 40 else 'NOT met'}); "
-        f"{rss_dev:.1f} MB in the development venv (structlog also imports rich there)"
-    )
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp_name:
+        print_rss(Path(tmp_name))
 
 
 if __name__ == "__main__":
