@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from fleet.light import (
-    ACK_DELAY_S,
     LightDevice,
     LightPool,
     LightSettings,
@@ -92,11 +91,14 @@ class _HeardPool(LightPool):
                 await self.changed.wait()
 
 
+ACK_DELAY_S = 0.1  # shorter than the default (1 s), for a quick test
+
+
 async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) -> None:
     """A PUBACK is held for a moment, then sent: after a reconnect the broker delivers
     again only the message whose PUBACK had not left yet (clean start off)."""
     device = f"lt-ack-{time.monotonic_ns()}"
-    pool = _HeardPool(LightSettings(mosquitto.url), Tracker(), [device])
+    pool = _HeardPool(LightSettings(mosquitto.url, ack_delay_s=ACK_DELAY_S), Tracker(), [device])
     pool.heard, pool.changed = {}, asyncio.Event()
     light = pool.devices[0]
 
