@@ -44,6 +44,43 @@ def test_split_packets_returns_whole_packets_and_keeps_the_rest() -> None:
     assert data == one[:5]  # the partial packet waits for the rest
 
 
+class _Answers(LightPool):
+    """Records the receipts and statuses its devices parse."""
+
+    answers: list[tuple[str, str]]
+
+    def on_receipt(self, device: LightDevice, order_id: str, result: str) -> None:
+        self.answers.append((order_id, result))
+
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
+        self.answers.append((order_id, status))
+
+
+def _prefixed(topic: bytes) -> bytes:
+    return len(topic).to_bytes(2, "big") + topic
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+async def test_a_device_parses_packets_however_the_reads_cut_them(chunk: int) -> None:
+    """Receipts, statuses (one with a two-byte remaining length) and a PUBACK, fed in
+    reads of ``chunk`` bytes: every answer heard once, a PUBACK owed per delivery."""
+    pool = _Answers(LightSettings("mqtt://127.0.0.1:1"), Tracker(), ["lt-parse"])
+    pool.answers = []
+    light = pool.devices[0]
+    receipt = msgspec.msgpack.encode({"v": 1, "order_id": "o1", "result": "accepted"})
+    status = msgspec.msgpack.encode({"v": 1, "order_id": "o2", "status": "fulfilled",
+                                     "reason": "x" * 200})  # fmt: skip
+    second = publish_packet(_prefixed(light.status_topic), 258, status)
+    assert second[1] & 0x80  # its remaining length takes two bytes
+    stream = publish_packet(_prefixed(light.receipts_topic), 7, receipt) + puback(3) + second
+    for i in range(0, len(stream), chunk):
+        light.data_received(stream[i : i + chunk])
+    assert pool.answers == [("o1", "accepted"), ("o2", "fulfilled")]
+    assert light._acks == [puback(7), puback(258)]
+    assert not light._buffer
+    pool._flush_acks()  # no transport: nothing is written, the timer is gone
+
+
 def test_light_devices_are_split_over_workers_in_proportion() -> None:
     assert split_total(10, [5, 5]) == [5, 5]
     assert sum(split_total(3, [4, 4])) == 3
