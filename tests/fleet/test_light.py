@@ -23,6 +23,7 @@ from fleet.light import (
     publish_packet,
     split_packets,
 )
+from fleet.loops import runner
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
@@ -79,6 +80,16 @@ async def test_a_device_parses_packets_however_the_reads_cut_them(chunk: int) ->
     assert light._acks == [puback(7), puback(258)]
     assert not light._buffer
     pool._flush_acks()  # no transport: nothing is written, the timer is gone
+
+
+def test_a_process_of_light_devices_only_runs_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def loop_type() -> type[asyncio.AbstractEventLoop]:
+        return type(asyncio.get_running_loop())
+
+    assert issubclass(runner(light_only=True)(loop_type()), uvloop.Loop)
+    assert not issubclass(runner(light_only=False)(loop_type()), uvloop.Loop)
 
 
 def test_light_devices_are_split_over_workers_in_proportion() -> None:
