@@ -526,25 +526,13 @@ class LightPool:
         entry = device.pending[order_id] = _Pending(device, order_id, payload)
         device.unreceipted += 1
         self.unreceipted += 1
-        tracker = self.tracker
         now = time.monotonic()
-        tracker.queued(ref, now)
-        tracker.payloads[ref] = (device.orders_topic, payload)
-        if device.connected:
-            self._send(entry, now, ref)
-
-    def _send(
-        self, entry: _Pending, now: float | None = None, ref: tuple[str, str] | None = None
-    ) -> None:
-        if now is None:
-            now = time.monotonic()
-        entry.device.publish(entry.payload, now)
-        entry.sent_at = now
-        published = self.tracker.published_at
-        ref = ref or (entry.device.device_id, entry.order_id)
-        if ref not in published:
-            published[ref] = now
-        self._resend.append((now + self.settings.receipt_timeout_s, entry, now))
+        self.tracker.placed(ref, now, device.orders_topic, payload)
+        if device.connected:  # its first send (a later one is _send_many's)
+            device.publish(payload, now)
+            entry.sent_at = now
+            self.tracker.published_at[ref] = now
+            self._resend.append((now + self.settings.receipt_timeout_s, entry, now))
 
     def _send_many(self, device: LightDevice, entries: list[_Pending], now: float) -> None:
         """Publish ``entries`` (orders sent before) of ``device`` again, in one write."""
