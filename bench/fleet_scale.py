@@ -90,6 +90,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from fleet.devices import raise_open_file_limit
 from fleet.looplag import Tick, own_share
+from fleet.loops import runner
 from fleet.report import STAGES as REPORT_STAGES
 from fleet.report import percentiles
 from fleet.sim import SimOptions, SimResult, run
@@ -939,4 +940,5 @@ if __name__ == "__main__":
         action="store_true",
         help="lightweight devices (fleet-sim --light-devices) instead of real agents",
     )
-    asyncio.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    runner(light_only=args.light)(main(args))

@@ -20,6 +20,7 @@ from servicekit.layout import LayoutError
 
 from .chaos import SpikeReport, StormReport
 from .devices import raise_open_file_limit
+from .loops import runner
 from .report import summary_table, write_html
 from .sim import SimOptions, SimResult, run
 from .stack import Stack, StackSettings
@@ -259,7 +260,8 @@ def run_load(args: argparse.Namespace, console: Console | None = None) -> int:
             console.print("starting the local stack …")
             stack = resources.enter_context(Stack(tmp, _stack_settings(args)))
         started = time.monotonic()
-        result = asyncio.run(run(options, stack))
+        light_only = options.light_devices >= options.devices
+        result = runner(light_only=light_only)(run(options, stack))
         console.print(f"run took {time.monotonic() - started:,.0f} s")
     return print_result(result, report, console)
 

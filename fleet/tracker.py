@@ -91,6 +91,13 @@ class Tracker:
         if (at := self.early_status.pop(ref, None)) is not None:
             self._terminal(ref, at)
 
+    def placed(self, ref: OrderRef, at: float, topic: str, payload: bytes) -> None:
+        """A light device placed ``ref`` (``payload`` on ``topic``) in its outbox: like
+        :meth:`queued`, but before its first send, so nothing can have answered it yet."""
+        self.submit_at[ref] = at
+        self.accepted.append(ref)
+        self.payloads[ref] = (topic, payload)
+
     def receipt(self, ref: OrderRef, result: str) -> None:
         """A receipt arrived for ``ref``."""
         if result == "duplicate":

@@ -45,6 +45,7 @@ from servicekit.logs import configure_logging
 from .devices import Catalog, Fleet, FleetSettings
 from .errors import ChaosError, FleetError
 from .load import await_heard, offer_orders, settle, terminal_in
+from .loops import runner
 from .tracker import Tracker
 from .verify import OrderRef
 
@@ -161,7 +162,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(spec.log_level, service=f"fleet-sim-worker-{spec.index}")
     try:
-        asyncio.run(_serve(spec, conn))
+        light_only = spec.fleet.light_devices >= spec.fleet.devices
+        runner(light_only=light_only)(_serve(spec, conn))
     except BaseException as exc:
         with contextlib.suppress(OSError):
             conn.send(("error", "".join(traceback.format_exception(exc)).strip()))

@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from fleet.light import (
-    ACK_DELAY_S,
     LightDevice,
     LightPool,
     LightSettings,
@@ -24,6 +23,7 @@ from fleet.light import (
     publish_packet,
     split_packets,
 )
+from fleet.loops import runner
 from fleet.sim import SimOptions, run
 from fleet.stack import Stack, StackSettings
 from fleet.tracker import Tracker
@@ -43,6 +43,53 @@ def test_split_packets_returns_whole_packets_and_keeps_the_rest() -> None:
     assert packets[1][1] == b"\x00\x09"
     assert len(packets[0][1]) == len(one) - 3
     assert data == one[:5]  # the partial packet waits for the rest
+
+
+class _Answers(LightPool):
+    """Records the receipts and statuses its devices parse."""
+
+    answers: list[tuple[str, str]]
+
+    def on_receipt(self, device: LightDevice, order_id: str, result: str) -> None:
+        self.answers.append((order_id, result))
+
+    def on_status(self, device: LightDevice, order_id: str, status: str, at: int = 0) -> None:
+        self.answers.append((order_id, status))
+
+
+def _prefixed(topic: bytes) -> bytes:
+    return len(topic).to_bytes(2, "big") + topic
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+async def test_a_device_parses_packets_however_the_reads_cut_them(chunk: int) -> None:
+    """Receipts, statuses (one with a two-byte remaining length) and a PUBACK, fed in
+    reads of ``chunk`` bytes: every answer heard once, a PUBACK owed per delivery."""
+    pool = _Answers(LightSettings("mqtt://127.0.0.1:1"), Tracker(), ["lt-parse"])
+    pool.answers = []
+    light = pool.devices[0]
+    receipt = msgspec.msgpack.encode({"v": 1, "order_id": "o1", "result": "accepted"})
+    status = msgspec.msgpack.encode({"v": 1, "order_id": "o2", "status": "fulfilled",
+                                     "reason": "x" * 200})  # fmt: skip
+    second = publish_packet(_prefixed(light.status_topic), 258, status)
+    assert second[1] & 0x80  # its remaining length takes two bytes
+    stream = publish_packet(_prefixed(light.receipts_topic), 7, receipt) + puback(3) + second
+    for i in range(0, len(stream), chunk):
+        light.data_received(stream[i : i + chunk])
+    assert pool.answers == [("o1", "accepted"), ("o2", "fulfilled")]
+    assert light._acks == [puback(7), puback(258)]
+    assert not light._buffer
+    pool._flush_acks()  # no transport: nothing is written, the timer is gone
+
+
+def test_a_process_of_light_devices_only_runs_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def loop_type() -> type[asyncio.AbstractEventLoop]:
+        return type(asyncio.get_running_loop())
+
+    assert issubclass(runner(light_only=True)(loop_type()), uvloop.Loop)
+    assert not issubclass(runner(light_only=False)(loop_type()), uvloop.Loop)
 
 
 def test_light_devices_are_split_over_workers_in_proportion() -> None:
@@ -92,11 +139,14 @@ class _HeardPool(LightPool):
                 await self.changed.wait()
 
 
+ACK_DELAY_S = 0.1  # shorter than the default (1 s), for a quick test
+
+
 async def test_owed_pubacks_leave_within_the_delay(mosquitto: MosquittoProcess) -> None:
     """A PUBACK is held for a moment, then sent: after a reconnect the broker delivers
     again only the message whose PUBACK had not left yet (clean start off)."""
     device = f"lt-ack-{time.monotonic_ns()}"
-    pool = _HeardPool(LightSettings(mosquitto.url), Tracker(), [device])
+    pool = _HeardPool(LightSettings(mosquitto.url, ack_delay_s=ACK_DELAY_S), Tracker(), [device])
     pool.heard, pool.changed = {}, asyncio.Event()
     light = pool.devices[0]
 
