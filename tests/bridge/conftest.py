@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from schemas import Receipt, decode_receipt
 from servicekit.urls import MqttUrl
 from testrig.cluster import ClusterGroup
-from testrig.servers import RedisProcess, free_port, port_is_open
+from testrig.servers import START_TIMEOUT_S, RedisProcess, free_port, port_is_open
 from tests.helpers import wait_until_blocking
 from tests.tools import require_tool
 
@@ -160,8 +160,12 @@ class BridgeProcess:
                 self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
             )
         if wait_ready:
+            # testrig's bound for a service start: its imports alone took over 10 s under load.
             wait_until_blocking(
-                lambda: self.status("/readyz") == 200, 30, f"bridge ready\n{self.log_tail()}"
+                lambda: self.status("/readyz") == 200,
+                START_TIMEOUT_S,
+                "bridge ready",
+                explain=self.log_tail,
             )
 
     def status(self, path: str) -> int | None:

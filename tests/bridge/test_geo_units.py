@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import time
 from pathlib import Path
 from typing import cast
 
@@ -219,11 +218,13 @@ class _SlowSink:
         self.hang = False
         self.in_flight = 0
         self.peak = 0
+        self.writes = 0
         self.conflict_ids: set[str] = set()
 
     async def write(
         self, orders: list[ValidOrder], dead: object, *, trim_shards: set[int]
     ) -> list[AppendResult]:
+        self.writes += 1
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
@@ -295,10 +296,11 @@ async def test_a_hung_remote_answers_pending_after_the_timeout_then_the_breaker_
         await asyncio.wait_for(batcher.drain(), 5)
     assert [(o.result, o.reason) for o in outcomes] == [PENDING_PAIR] * 2
     assert batcher.breaker.state.label == "open"
-    started = time.monotonic()
+    writes = sink.writes
     batcher.add(_valid(2), outcomes.append)
     await asyncio.wait_for(batcher.drain(), 5)
-    assert time.monotonic() - started < 0.05  # no write tried: the breaker answered
+    # Counted, not timed: a busy machine can stall the event loop past the 50 ms timeout.
+    assert sink.writes == writes  # no write tried: the breaker answered
     assert outcomes[-1].result == "pending"
     batcher.breaker.record_success()
     sink.hang = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -48,7 +49,10 @@ async def test_each_lane_waits_on_its_own_node(
     async with RedisSink(
         master.url, dedup_ttl_s=60, dlq_maxlen=100, min_replicas=1, replica_timeout_ms=200, lanes=2
     ) as sink:
-        await sink.write([warm_up], [], trim_shards=set())  # loads the script on the master
+        # Loads the script on the master. Its WAIT may miss the 200 ms on a busy machine (seen
+        # beside two CPU hogs: 0 of 1); the script ran all the same, which is all this needs.
+        with contextlib.suppress(ReplicasShortfall):
+            await sink.write([warm_up], [], trim_shards=set())
         async with aioredis.Redis(port=stale_port) as stale_client:
             await sink.scripts.load(stale_client)
         # The connection a pool kept from before a failover: the first one handed out.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from fleet.sim import SimOptions, SimResult, run
 from fleet.stack import Stack, StackSettings
-from fleet.tracker import ObservingHandlers
+from fleet.tracker import ObservingHandlers, Tracker
 from testrig.services import pid_alive
 
 DEVICES = 200
@@ -104,12 +106,25 @@ async def test_rolling_upgrade(stack: Stack) -> None:
     assert not workers & set(stack.worker_pids())
 
 
-async def test_drop_and_refuse(stack: Stack) -> None:
+async def test_drop_and_refuse(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     """Half the device connections dropped, then new connections refused: nothing lost."""
+    connacks: list[float] = []
+    succeeded = Tracker.connect_succeeded
+
+    def counted(self: Tracker, device_id: str) -> None:
+        connacks.append(time.monotonic())
+        succeeded(self, device_id)
+
+    monkeypatch.setattr(Tracker, "connect_succeeded", counted)
     result = await _run(stack, "3:drop=0.5,3.1:refuse=2")
-    dropped = result.record.events[0][1]
-    assert "(0 connections)" not in dropped
-    assert min(s.connected for s in result.record.samples) < DEVICES
+    drop_at, dropped = result.record.events[0]
+    cut = re.fullmatch(r"drop=0\.5 \((\d+) connections\)", dropped)
+    assert cut is not None, dropped
+    assert int(cut[1]) > 0, dropped
+    # Cut devices connected again: CONNACKs after the drop, counted. (A 1 s sampler's connected
+    # count misses a dip shorter than a second, as broker-restart's did. Not all of them: the
+    # run may settle while some still back off, up to reconnect_max_s.)
+    assert any(t > result.load_started + drop_at for t in connacks), dropped
 
 
 async def test_duplicate_flood(stack: Stack) -> None:

@@ -23,8 +23,9 @@ from testrig.services import http_ok, pid_alive
 def test_stack_parts_answer_and_a_killed_worker_is_replaced(tmp_path: Path) -> None:
     """Broker, Redis, bridge and pipeline come up; a SIGKILLed worker gets a successor."""
     with Stack(tmp_path, StackSettings(shards=2)) as stack:
-        assert http_ok(stack.bridges[0].url + "/healthz")
-        assert http_ok(stack.pipeline.url + "/healthz")
+        # One request each, with time to answer on a busy machine (http_ok's default is 0.5 s).
+        assert http_ok(stack.bridges[0].url + "/healthz", timeout_s=10)
+        assert http_ok(stack.pipeline.url + "/healthz", timeout_s=10)
         killed = stack.kill_worker()
         assert killed is not None
         deadline = time.monotonic() + 20

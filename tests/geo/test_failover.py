@@ -75,7 +75,10 @@ async def test_region_down_new_orders_flow_in_doubt_wait_then_count_once(
             assert redis_pid is not None
             assert not pid_alive(redis_pid)
         doubtful = [await at_eu.submit() for _ in range(window + 5)]
-        await asyncio.sleep(0.5)  # published (the window's worth), unanswered
+        # Sent (the window's worth), unanswered: waited for, not slept on (0.5 s was the guess).
+        await wait_until(
+            lambda: at_eu.device.agent.publisher.inflight == window, 30, "the window sent to eu"
+        )
         if outage == "region":
             killed = eu.down()
             assert killed
