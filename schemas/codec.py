@@ -92,11 +92,19 @@ def decode_order(payload: Payload, *, topic_device_id: str | None = None) -> Ord
             ``unsupported_version``, ``invalid_schema``, ``total_mismatch`` or
             ``device_mismatch``.
     """
+    _check_size(payload)
+    order = _decode(_order_decoder, payload)
+    return _check_device(order, topic_device_id)
+
+
+def _check_size(payload: Payload) -> None:
     if len(payload) > MAX_ORDER_BYTES:
         raise DecodeError(
             Reason.TOO_LARGE, f"payload is {len(payload)} bytes, cap is {MAX_ORDER_BYTES}"
         )
-    order = _decode(_order_decoder, payload)
+
+
+def _check_device(order: Order, topic_device_id: str | None) -> Order:
     if topic_device_id is not None and order.device_id != topic_device_id:
         raise DecodeError(
             Reason.DEVICE_MISMATCH,
@@ -115,22 +123,13 @@ def decode_stored_order(payload: Payload, *, topic_device_id: str | None = None)
     lengths, which the bridge checked, are not (most of :func:`decode_order`'s time
     is those regular expressions). Same errors as :func:`decode_order`.
     """
-    if len(payload) > MAX_ORDER_BYTES:
-        raise DecodeError(
-            Reason.TOO_LARGE, f"payload is {len(payload)} bytes, cap is {MAX_ORDER_BYTES}"
-        )
+    _check_size(payload)
     stored = _decode(_stored_order_decoder, payload)  # type: ignore[type-var]
     try:
         order = Order(*msgspec.structs.astuple(stored))
     except ValueError as exc:  # __post_init__: the total
         raise DecodeError(Reason.TOTAL_MISMATCH, str(exc), field="$.total") from exc
-    if topic_device_id is not None and order.device_id != topic_device_id:
-        raise DecodeError(
-            Reason.DEVICE_MISMATCH,
-            f"payload device_id {order.device_id!r} does not match topic {topic_device_id!r}",
-            field="$.device_id",
-        )
-    return order
+    return _check_device(order, topic_device_id)
 
 
 def build_order(data: Mapping[str, Any]) -> Order:
