@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from schemas import Receipt, decode_order, encode, names
 from testrig.servers import MosquittoProcess
 from tests.helpers import wait_until
 
+from ..fleet.mqtt_probe import Probe
 from .agent_process import AgentProcess
 from .bridge_double import BridgeDouble
 from .conftest import order_body
@@ -149,6 +151,20 @@ async def test_held_orders_are_kept_not_sent_and_retried_only_inside_the_horizon
         assert again.not_held == ["held-000001", "nope-00000001"]
 
 
+def _publish_allowed(broker: MosquittoProcess) -> bool:
+    """Whether the broker's ACL lets an anonymous client publish under v1/devices/ now."""
+    with Probe(broker.port) as probe:
+        return probe.publish(names.health_topic("acl-probe"), b"x") < 0x80  # 16: no reader
+
+
+def _metric(text: str, name: str) -> int:
+    """The value of an unlabelled sample in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if match := re.fullmatch(rf"{name} (\S+)", line):
+            return int(float(match[1]))
+    raise AssertionError(f"no {name} in /metrics")
+
+
 def _new(outbox: Outbox, order_id: str) -> NewOrder:
     return NewOrder(order_id, outbox.reserve_seq(), b"payload")
 
@@ -188,9 +204,14 @@ async def test_acl_mistake_holds_the_order_until_fixed_and_retried(
                     assert (await resp.json())["requeued"] == ["acl-held-0001"]
                 await wait_until(held, 20, "held again while the ACL is still wrong")
 
+                assert not await asyncio.to_thread(_publish_allowed, broker)  # the probe sees it
                 acl.write_text("topic readwrite v1/devices/#\n")
                 await asyncio.to_thread(broker.reload)  # SIGHUP: Mosquitto re-reads the ACL
-                await asyncio.sleep(0.5)
+                # A busy broker may take longer than any fixed wait to re-read it, and
+                # a retry before that is held again: probe until the fix is in force.
+                await wait_until(
+                    lambda: asyncio.to_thread(_publish_allowed, broker), 10, "the fixed ACL applied"
+                )
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "edge_agent.cli", "retry", "--held",
                     "--http-port", str(agent.port),
@@ -206,7 +227,11 @@ async def test_acl_mistake_holds_the_order_until_fixed_and_retried(
 
                 await wait_until(accepted, 20, "accepted after the fix")
                 await asyncio.sleep(0.5)
-                assert double.seen["acl-held-0001"] == 1  # landed once
+                # Landed once: the refused sends never reached the bridge. Only a receipt
+                # slower than the 2 s timeout (a starved machine) may add a resend.
+                async with http.get("/metrics") as resp:
+                    timeouts = _metric(await resp.text(), "edge_receipt_timeouts_total")
+                assert 1 <= double.seen["acl-held-0001"] <= 1 + timeouts
                 async with http.get("/healthz") as resp:
                     assert (await resp.json())["held"] == 0
                 async with http.post("/v1/orders/acl-held-0001/retry", json={}) as resp:
