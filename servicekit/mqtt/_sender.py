@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import mqtt5
 import structlog
@@ -65,16 +66,40 @@ class Sender:
             QueueFull: ``max_queued`` messages already wait; ``item`` is not queued.
         """
         if len(self.queue) >= self.max_queued:
-            self.refused += 1
-            if self.metrics is not None:
-                self.metrics.publish_queue_full.inc()
-            if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
-                log.warning("mqtt publish queue full, refused a new message",
-                            client=self.name, topic=item.topic, max_queued=self.max_queued,
-                            refused=self.refused)  # fmt: skip
-            raise QueueFull(item.topic, self.max_queued)
+            self._refuse(item)
         self.queue.append(item)
         self.idle.clear()
+
+    def enqueue_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Queue ``(topic, payload)`` messages nobody waits for; return how many were queued.
+
+        Past ``max_queued`` the first message left out is refused as :meth:`enqueue`
+        refuses one (counted, logged) and the rest are not tried: the caller sheds them.
+        """
+        queue = self.queue
+        room = self.max_queued - len(queue)
+        queued = 0
+        try:
+            for topic, payload in messages:
+                if queued >= room:
+                    self._refuse(Outgoing(topic, payload, None))
+                queue.append(Outgoing(topic, payload, None))
+                queued += 1
+        except QueueFull:
+            pass
+        if queued:
+            self.idle.clear()
+        return queued
+
+    def _refuse(self, item: Outgoing) -> NoReturn:
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.publish_queue_full.inc()
+        if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
+            log.warning("mqtt publish queue full, refused a new message",
+                        client=self.name, topic=item.topic, max_queued=self.max_queued,
+                        refused=self.refused)  # fmt: skip
+        raise QueueFull(item.topic, self.max_queued)
 
     def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         """End the acknowledged message's future with the reason code."""
