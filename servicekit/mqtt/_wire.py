@@ -153,6 +153,15 @@ class Wire(asyncio.Protocol):
         self._out.append(data)
         self.out_bytes += len(data)
 
+    def send_many(self, packets: list[bytes], size: int) -> None:
+        """Queue packets of ``size`` bytes in all, as :meth:`send` queues one."""
+        if self.transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(packets)
+        self.out_bytes += size
+
     @property
     def writable(self) -> bool:
         """Room for more publishes: the transport is below its high-water mark, and so
