@@ -460,6 +460,12 @@ class MqttClient:
         if self._sender.queue:
             self._pump()
 
+    def _on_puback_ok(self, packet_id: int, code: int) -> None:
+        """A PUBACK without properties and with a success code, read by the wire itself."""
+        self._sender.acked(packet_id, code)
+        if self._sender.queue:
+            self._pump()
+
     def _pump(self) -> None:
         """Send queued messages while connected, inside the window, and writable."""
         wire = self._wire

@@ -104,20 +104,26 @@ class Sender:
 
     def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         """End the acknowledged message's future with the reason code."""
-        item = self.inflight.pop(packet.packet_id, None)
-        if item is None:
-            log.warning("PUBACK for a packet id not in flight", packet_id=packet.packet_id)
-            return
-        self._check_idle()
         code = packet.reason_code
-        if int(code) >= _ERROR_CODES:
+        item = self.acked(packet.packet_id, int(code))
+        if item is not None and int(code) >= _ERROR_CODES:
             # Definitive: resending would be refused again. The caller decides.
             if self.metrics is not None:
                 self.metrics.publish_refused.labels(code.name.lower()).inc()
             log.warning("broker refused a publish", client=self.name, topic=item.topic,
                         reason=code.name.lower(), reason_str=packet.reason_str)  # fmt: skip
+
+    def acked(self, packet_id: int, code: int) -> Outgoing | None:
+        """End message ``packet_id``'s future with ``code``; the message, if it was in flight."""
+        item = self.inflight.pop(packet_id, None)
+        if item is None:
+            log.warning("PUBACK for a packet id not in flight", packet_id=packet_id)
+            return None
+        if not self.queue and not self.inflight:
+            self.idle.set()
         if item.done is not None and not item.done.done():
-            item.done.set_result(int(code))
+            item.done.set_result(code)
+        return item
 
     def pump(self, wire: Wire) -> None:
         """Send queued messages while inside the window and ``wire`` is writable."""

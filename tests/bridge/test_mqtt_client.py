@@ -603,6 +603,30 @@ async def test_publish_many_queues_a_leading_run_and_refuses_the_first_left_out(
                 await client._sender.idle.wait()
 
 
+async def test_pubacks_of_every_form_end_their_futures_even_split_across_reads() -> None:
+    """PUBACKs with code 0x00 (short and long form) and 0x10 end their futures with their
+    codes, one with a property too, and so does one whose bytes come in two reads."""
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, None)
+        async with connected(broker, client, suback=False) as session:
+            futures = [client.publish_acked("v1/devices/d1/status", bytes([i])) for i in range(4)]
+            ids = [qos1_id(await session.expect(mqtt5.PublishPacket)) for _ in range(4)]
+            no_subscribers = mqtt5.PubAckReasonCode(0x10)
+            session.send_raw(
+                mqtt5.PubAckPacket(ids[0]).write()
+                + bytes([0x40, 3, ids[1] >> 8, ids[1] & 0xFF, 0x00])
+                + mqtt5.PubAckPacket(ids[2], reason_code=no_subscribers, reason_str="none").write()
+            )
+            split = mqtt5.PubAckPacket(ids[3], reason_code=no_subscribers).write()
+            session.send_raw(split[:3])
+            await asyncio.sleep(0.05)
+            assert not futures[3].done()
+            session.send_raw(split[3:])
+            async with asyncio.timeout(5):
+                assert await asyncio.gather(*futures) == [0, 0, 0x10, 0x10]
+            assert client.in_flight == 0
+
+
 async def test_closing_gives_up_on_unacked_publishes_after_the_grace_period() -> None:
     """A broker that never acks: the exit waits out close_grace_s, not for ever, and warns
     how many publishes were left unacked."""
