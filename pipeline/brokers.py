@@ -14,7 +14,7 @@ responder per broker, in pipeline/service.py): the device is there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import structlog
@@ -64,6 +64,12 @@ class StatusFanout:
                 refused = exc
         if not taken and refused is not None:
             raise refused
+
+    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Publish each to every broker whose client has room; return how many leading
+        messages some client took (each client takes a leading run of them)."""
+        batch = messages if isinstance(messages, Sequence) else list(messages)
+        return max(client.publish_many(batch) for client in self.clients)
 
     def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
         """Publish to every broker with room; the future ends with the first delivered PUBACK.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -67,6 +67,7 @@ class StatusClient(Protocol):
     @property
     def connected(self) -> bool: ...
     def publish(self, topic: str, payload: bytes) -> None: ...
+    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int: ...
     def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]: ...
 
 
@@ -120,13 +121,13 @@ class MqttStatusPublisher:
     def send(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Queue what fits in the backlog and return at once (the worker's path)."""
         queued = self._room(messages)
-        for index, (device_id, status) in enumerate(queued):
-            try:
-                self._client.publish(status_topic(device_id), encode(status))
-            except QueueFull:  # the client's own limit, reached before ours: shed the same way
-                self._shed(len(queued) - index)
-                return index
-        return len(queued)
+        # One call for the batch: the client queues it all and writes it in one pump.
+        taken = self._client.publish_many(
+            [(status_topic(device_id), encode(status)) for device_id, status in queued]
+        )
+        if taken < len(queued):  # the client's own limit, reached before ours: shed the same way
+            self._shed(len(queued) - taken)
+        return taken
 
     async def publish(self, messages: Sequence[tuple[str, Status]]) -> int:
         """Publish all, then wait until the broker acked every one or the timeout passed.

@@ -35,6 +35,9 @@ What it does:
   written while the transport's buffer is above its high-water mark. Unacked
   messages are resent after a reconnect: with the same packet id and DUP when
   the session was present (MQTT 5 §4.4), as new messages when it was not.
+  ``publish_many`` queues a batch nobody awaits (the pipeline's statuses) with
+  one pump; the common PUBACKs (no properties, 0x00 or 0x10) are read by the
+  wire itself rather than the codec: one per status is most of what it reads.
 - PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives is
   dropped. DISCONNECT from the broker is logged with its reason and counted; a
   session taken over by another client with our id (0x8E) is an error: two

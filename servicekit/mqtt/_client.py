@@ -7,7 +7,7 @@ connection itself is :mod:`._wire`, publishing :mod:`._sender`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -130,6 +130,18 @@ class MqttClient:
             QueueFull: ``max_queued`` messages already wait; this one is not sent.
         """
         self._enqueue(Outgoing(topic, payload, None))
+
+    def publish_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Publish ``(topic, payload)`` pairs as :meth:`publish` does, in one pump.
+
+        Returns how many were queued: when ``max_queued`` is reached the first
+        message left out is refused (counted and logged, not raised) and the rest
+        are not tried.
+        """
+        queued = self._sender.enqueue_many(messages)
+        if queued and self._wire is not None:
+            self._pump()
+        return queued
 
     def publish_acked(self, topic: str, payload: bytes) -> asyncio.Future[int]:
         """Publish at QoS 1; the future ends with the PUBACK reason code (or TOO_LARGE).
@@ -445,6 +457,12 @@ class MqttClient:
 
     def _on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         self._sender.on_puback(packet)
+        if self._sender.queue:
+            self._pump()
+
+    def _on_puback_ok(self, packet_id: int, code: int) -> None:
+        """A PUBACK without properties and with a success code, read by the wire itself."""
+        self._sender.acked(packet_id, code)
         if self._sender.queue:
             self._pump()
 

@@ -13,21 +13,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import mqtt5
 import structlog
 
 from ._metrics import MqttMetrics
 from ._types import TOO_LARGE, QueueFull
-from ._wire import Wire
+from ._wire import WRITE_HIGH_WATER, Wire
 
 log = structlog.get_logger(__name__)
 
 FIRST_PUBLISH_ID: Final = 2  # 1 is the SUBSCRIBE's
 MAX_PACKET_ID: Final = 65535
 _ERROR_CODES: Final = 0x80
+_QOS1: Final = mqtt5.QoS.AT_LEAST_ONCE
 
 
 @dataclass(slots=True)
@@ -65,48 +67,93 @@ class Sender:
             QueueFull: ``max_queued`` messages already wait; ``item`` is not queued.
         """
         if len(self.queue) >= self.max_queued:
-            self.refused += 1
-            if self.metrics is not None:
-                self.metrics.publish_queue_full.inc()
-            if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
-                log.warning("mqtt publish queue full, refused a new message",
-                            client=self.name, topic=item.topic, max_queued=self.max_queued,
-                            refused=self.refused)  # fmt: skip
-            raise QueueFull(item.topic, self.max_queued)
+            self._refuse(item)
         self.queue.append(item)
         self.idle.clear()
 
+    def enqueue_many(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Queue ``(topic, payload)`` messages nobody waits for; return how many were queued.
+
+        Past ``max_queued`` the first message left out is refused as :meth:`enqueue`
+        refuses one (counted, logged) and the rest are not tried: the caller sheds them.
+        """
+        queue = self.queue
+        room = self.max_queued - len(queue)
+        queued = 0
+        try:
+            for topic, payload in messages:
+                if queued >= room:
+                    self._refuse(Outgoing(topic, payload, None))
+                queue.append(Outgoing(topic, payload, None))
+                queued += 1
+        except QueueFull:
+            pass
+        if queued:
+            self.idle.clear()
+        return queued
+
+    def _refuse(self, item: Outgoing) -> NoReturn:
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.publish_queue_full.inc()
+        if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
+            log.warning("mqtt publish queue full, refused a new message",
+                        client=self.name, topic=item.topic, max_queued=self.max_queued,
+                        refused=self.refused)  # fmt: skip
+        raise QueueFull(item.topic, self.max_queued)
+
     def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         """End the acknowledged message's future with the reason code."""
-        item = self.inflight.pop(packet.packet_id, None)
-        if item is None:
-            log.warning("PUBACK for a packet id not in flight", packet_id=packet.packet_id)
-            return
-        self._check_idle()
         code = packet.reason_code
-        if int(code) >= _ERROR_CODES:
+        item = self.acked(packet.packet_id, int(code))
+        if item is not None and int(code) >= _ERROR_CODES:
             # Definitive: resending would be refused again. The caller decides.
             if self.metrics is not None:
                 self.metrics.publish_refused.labels(code.name.lower()).inc()
             log.warning("broker refused a publish", client=self.name, topic=item.topic,
                         reason=code.name.lower(), reason_str=packet.reason_str)  # fmt: skip
+
+    def acked(self, packet_id: int, code: int) -> Outgoing | None:
+        """End message ``packet_id``'s future with ``code``; the message, if it was in flight."""
+        item = self.inflight.pop(packet_id, None)
+        if item is None:
+            log.warning("PUBACK for a packet id not in flight", packet_id=packet_id)
+            return None
+        if not self.queue and not self.inflight:
+            self.idle.set()
         if item.done is not None and not item.done.done():
-            item.done.set_result(int(code))
+            item.done.set_result(code)
+        return item
 
     def pump(self, wire: Wire) -> None:
         """Send queued messages while inside the window and ``wire`` is writable."""
-        while self.queue and len(self.inflight) < self.window and wire.writable:
-            item = self.queue.popleft()
-            if self.broker_max_packet is not None and (
-                len(item.payload) + len(item.topic) + 16 > self.broker_max_packet
-            ):
+        if not self.queue or not wire.writable:
+            return
+        # The per-message loop of a busy client: locals, and the packets handed to
+        # the wire in one call (it writes them in one go at the end of the turn anyway).
+        queue, inflight, ids = self.queue, self.inflight, self.ids
+        window, max_packet = self.window, self.broker_max_packet
+        room = WRITE_HIGH_WATER - wire.out_bytes
+        packets: list[bytes] = []
+        size = 0
+        while queue and len(inflight) < window and size < room:
+            item = queue.popleft()
+            if max_packet is not None and len(item.payload) + len(item.topic) + 16 > max_packet:
                 log.error("publish larger than the broker allows, dropped",
                           client=self.name, topic=item.topic, size=len(item.payload))  # fmt: skip
                 self.drop(item, TOO_LARGE)
                 continue
-            item.packet_id = self._next_id()
-            self.inflight[item.packet_id] = item
-            self._write_publish(wire, item, duplicate=False)
+            packet_id = next(ids)
+            while packet_id in inflight:
+                packet_id = next(ids)
+            item.packet_id = packet_id
+            inflight[packet_id] = item
+            packet = mqtt5.PublishPacket(item.topic, item.payload, qos=_QOS1,
+                                         packet_id=packet_id).write()  # fmt: skip
+            packets.append(packet)
+            size += len(packet)
+        if packets:
+            wire.send_many(packets, size)
 
     def resend(self, wire: Wire, *, session_present: bool) -> None:
         """After CONNACK: resend what was in flight on the last connection (§4.4), then pump."""
@@ -136,12 +183,6 @@ class Sender:
     def _check_idle(self) -> None:
         if not self.queue and not self.inflight:
             self.idle.set()
-
-    def _next_id(self) -> int:
-        while True:
-            packet_id = next(self.ids)
-            if packet_id not in self.inflight:
-                return packet_id
 
     def _write_publish(self, wire: Wire, item: Outgoing, *, duplicate: bool) -> None:
         packet = mqtt5.PublishPacket(

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+_PUBACK: Final = 0x40  # the fixed header's first byte (type 4, no flags)
+_PUBACK_OK: Final = frozenset({0x00, 0x10})  # success, no matching subscribers
 WRITE_HIGH_WATER: Final = 256 * 1024
 PARKED_MAX_BYTES: Final = 1024 * 1024
 """Parked bytes past which our PUBACKs are held back (until half of it is left)."""
@@ -89,7 +91,11 @@ class Wire(asyncio.Protocol):
         offset = 0
         exceeded = False
         with memoryview(self._buffer) as view:
-            while offset < len(view):
+            end = len(view)
+            while offset < end:
+                if view[offset] == _PUBACK and (taken := self._puback(view, offset, end)):
+                    offset += taken
+                    continue
                 try:
                     packet, size = mqtt5.read(view[offset:])
                 except IndexError:  # an incomplete packet: wait for more bytes
@@ -112,6 +118,25 @@ class Wire(asyncio.Protocol):
             owner._receive_maximum_exceeded(self)
         else:
             del self._buffer[:offset]
+
+    def _puback(self, view: memoryview, offset: int, end: int) -> int:
+        """Handle the PUBACK at ``offset`` if it is a common one; its size, or 0.
+
+        A status-sending client reads a PUBACK per message: those without properties
+        and with code 0x00 or 0x10 (MQTT 5 §3.4.2) are read here, without building a
+        packet object. Anything else, or an incomplete one, goes to the codec.
+        """
+        if offset + 4 > end:
+            return 0
+        length = view[offset + 1]
+        if length == 2:
+            code = 0
+        elif length == 3 and offset + 5 <= end and view[offset + 4] in _PUBACK_OK:
+            code = view[offset + 4]
+        else:
+            return 0
+        self._owner._on_puback_ok((view[offset + 2] << 8) | view[offset + 3], code)
+        return 2 + length
 
     def _park(self, packet: mqtt5.PublishPacket, size: int) -> bool:
         """Park ``packet``; True if the broker is past our Receive Maximum and too far."""
@@ -152,6 +177,15 @@ class Wire(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._flush)
         self._out.append(data)
         self.out_bytes += len(data)
+
+    def send_many(self, packets: list[bytes], size: int) -> None:
+        """Queue packets of ``size`` bytes in all, as :meth:`send` queues one."""
+        if self.transport is None:
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(packets)
+        self.out_bytes += size
 
     @property
     def writable(self) -> bool:

@@ -582,6 +582,51 @@ async def test_a_full_queue_refuses_the_new_message_and_keeps_the_old() -> None:
             assert await asyncio.gather(*futures) == [0] * 4
 
 
+async def test_publish_many_queues_a_leading_run_and_refuses_the_first_left_out() -> None:
+    """publish_many queues what fits in max_queued, counts one refusal for the rest (they are
+    not tried), and the queued ones go out in order through the window."""
+    metrics = MqttMetrics("t", CollectorRegistry())
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, None, max_queued=3, metrics=metrics)
+        async with connected(broker, client, receive_max=2, suback=False) as session:
+            batch = [(f"v1/devices/d{i}/status", bytes([i])) for i in range(6)]
+            assert client.publish_many(batch) == 3
+            assert metrics.publish_queue_full._value.get() == 1
+            assert client.in_flight == 3
+            received = []
+            for _ in range(3):
+                packet = await session.expect(mqtt5.PublishPacket)
+                received.append((packet.topic, packet.payload))
+                session.send(mqtt5.PubAckPacket(qos1_id(packet)))
+            assert received == batch[:3]
+            async with asyncio.timeout(5):
+                await client._sender.idle.wait()
+
+
+async def test_pubacks_of_every_form_end_their_futures_even_split_across_reads() -> None:
+    """PUBACKs with code 0x00 (short and long form) and 0x10 end their futures with their
+    codes, one with a property too, and so does one whose bytes come in two reads."""
+    async with ScriptedBroker() as broker:
+        client = make_client(broker.url, None)
+        async with connected(broker, client, suback=False) as session:
+            futures = [client.publish_acked("v1/devices/d1/status", bytes([i])) for i in range(4)]
+            ids = [qos1_id(await session.expect(mqtt5.PublishPacket)) for _ in range(4)]
+            no_subscribers = mqtt5.PubAckReasonCode(0x10)
+            session.send_raw(
+                mqtt5.PubAckPacket(ids[0]).write()
+                + bytes([0x40, 3, ids[1] >> 8, ids[1] & 0xFF, 0x00])
+                + mqtt5.PubAckPacket(ids[2], reason_code=no_subscribers, reason_str="none").write()
+            )
+            split = mqtt5.PubAckPacket(ids[3], reason_code=no_subscribers).write()
+            session.send_raw(split[:3])
+            await asyncio.sleep(0.05)
+            assert not futures[3].done()
+            session.send_raw(split[3:])
+            async with asyncio.timeout(5):
+                assert await asyncio.gather(*futures) == [0, 0, 0x10, 0x10]
+            assert client.in_flight == 0
+
+
 async def test_closing_gives_up_on_unacked_publishes_after_the_grace_period() -> None:
     """A broker that never acks: the exit waits out close_grace_s, not for ever, and warns
     how many publishes were left unacked."""
