@@ -20,9 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleet.mqtt_wire import decode_varint, encode_varint
 from schemas import Item, Order, encode
 from schemas.names import TRACEPARENT_PROPERTY, orders_topic
+from servicekit.mqtt_varint import decode_varint, encode_varint
 
 CHUNK = 100
 

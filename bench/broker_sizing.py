@@ -79,9 +79,9 @@ from edge_agent.config import AgentConfig
 from edge_agent.transport import TransportSettings
 from enrolment.dynsec import Accounts, device_client_id, health_topic
 from enrolment.pki import create_ca, issue_cert
-from fleet.mqtt_wire import decode_varint, encode_varint
 from schemas import Health, encode, names
 from servicekit.backoff import full_jitter
+from servicekit.mqtt_varint import decode_varint, encode_varint
 from testrig.procstat import process_cpu_s
 from testrig.servers import MosquittoProcess, find_dynsec_plugin, free_port
 

@@ -33,9 +33,9 @@ import msgspec
 from fleet.devices import Catalog
 from fleet.light import LightPool, LightSettings, connect_packet, publish_packet, subscribe_packet
 from fleet.loops import runner
-from fleet.mqtt_wire import decode_varint
 from fleet.tracker import Tracker
 from schemas import Receipt, Status, encode, names
+from servicekit.mqtt_varint import decode_varint
 from servicekit.urls import MqttUrl
 from testrig.servers import MosquittoProcess
 

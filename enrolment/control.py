@@ -31,6 +31,7 @@ from typing import Final, Self
 
 import msgspec
 
+from servicekit.mqtt_varint import decode_varint, encode_varint
 from servicekit.urls import MqttUrl
 
 from .dynsec import (
@@ -176,9 +177,13 @@ class Control:
     def _take_answers(self, data: bytes) -> None:
         topic_len = int.from_bytes(data[:2], "big")
         topic = data[2 : 2 + topic_len].decode()
-        props_len, used = _read_varint(data, 2 + topic_len)
-        if topic != CONTROL_RESPONSE_TOPIC:
+        try:
+            decoded = decode_varint(data, 2 + topic_len)
+        except ValueError:  # more than four bytes
+            decoded = None
+        if topic != CONTROL_RESPONSE_TOPIC or decoded is None:
             return
+        props_len, used = decoded
         try:
             answers = _decode(data[used + props_len :]).responses
         except msgspec.DecodeError:
@@ -237,27 +242,6 @@ DISCONNECT: Final = 0xE0
 KEEPALIVE_S: Final = 60
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, start: int) -> tuple[int, int]:
-    """The varint at ``start``: its value and the offset after it."""
-    value, shift, i = 0, 0, start
-    while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        i += 1
-        if not byte & 0x80:
-            return value, i
-
-
 def _string(value: str | bytes) -> bytes:
     data = value.encode() if isinstance(value, str) else value
     return struct.pack("!H", len(data)) + data
@@ -269,17 +253,17 @@ def connect_packet(
     """An MQTT 5 CONNECT with clean start, user name and password, no properties."""
     body = _string("MQTT") + bytes([5, 0xC2]) + struct.pack("!H", keepalive_s) + b"\x00"
     body += _string(client_id) + _string(username) + _string(password)
-    return bytes([0x10]) + _varint(len(body)) + body
+    return bytes([0x10]) + encode_varint(len(body)) + body
 
 
 def _subscribe(packet_id: int, topic: str) -> bytes:
     body = struct.pack("!H", packet_id) + b"\x00" + _string(topic) + b"\x00"  # QoS 0
-    return bytes([0x82]) + _varint(len(body)) + body
+    return bytes([0x82]) + encode_varint(len(body)) + body
 
 
 def _publish(topic: str, payload: bytes) -> bytes:
     body = _string(topic) + b"\x00" + payload  # QoS 0, no properties
-    return bytes([PUBLISH]) + _varint(len(body)) + body
+    return bytes([PUBLISH]) + encode_varint(len(body)) + body
 
 
 def _role_command(role: Role) -> Command:

@@ -12,7 +12,7 @@ Modules by job:
   ``load`` (the offered orders and the waits that end a run), ``workers``
   (devices over several processes), ``tracker`` (what the devices saw),
   ``cpu`` (what the generator and the stack spent), ``looplag`` (the simulator's own
-  event-loop lag), ``mqtt_wire`` (the MQTT variable byte integer of the raw clients);
+  event-loop lag);
 * the stack: ``stack`` (a local single-region stack), ``runner`` and ``cli``
   (the command line);
 * chaos: ``chaos`` (the schedule), ``clockskew``, ``rogue``;

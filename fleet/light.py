@@ -50,9 +50,9 @@ import structlog
 
 from schemas import Health, Item, Order, StatusQuery, encode, names
 from schemas.messages import MAX_QUERIED_ORDERS
+from servicekit.mqtt_varint import decode_varint, encode_varint
 from servicekit.urls import MqttUrl
 
-from .mqtt_wire import decode_varint, encode_varint
 from .tracker import TERMINAL, Tracker
 
 log = structlog.get_logger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.mqtt_wire import MAX_VARINT, decode_varint, encode_varint
+from servicekit.mqtt_varint import MAX_VARINT, decode_varint, encode_varint
 
 # MQTT 5 §1.5.5's table: the smallest and largest value of each length.
 EDGES = [

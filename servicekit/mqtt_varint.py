@@ -1,11 +1,12 @@
-"""The MQTT variable byte integer (MQTT 5 §1.5.5), for the simulator's and benches' raw clients.
+"""The MQTT variable byte integer (MQTT 5 §1.5.5), for the raw MQTT clients.
 
 A packet's remaining length and a PUBLISH's property length are written in it:
 seven bits a byte, least significant first, the high bit set on every byte but
-the last, four bytes at most (268,435,455). The light devices
-(:mod:`fleet.light`), the broker sizing bench and the benches' raw publishers
-parse packets by hand and share these two functions. (``enrolment.control``
-keeps its own: a production package does not import ``fleet``.)
+the last, four bytes at most (268,435,455). The clients that build and parse
+packets by hand share these two functions: the light devices
+(:mod:`fleet.light`), the broker sizing bench, the benches' raw publishers and
+the enrolment's dynamic-security control client (:mod:`enrolment.control`).
+It needs no MQTT library, so the edge and enrolment installs can import it.
 """
 
 from __future__ import annotations
