@@ -193,12 +193,11 @@ async def load(
         for i, one in zip([i for shard in part for i in groups[shard]], reply, strict=True):
             replies[i] = one
     out = []
-    presumed = set(range(len(batch))).difference(read) if presume_new else set()
     for i, ((entry, order), shard, reply) in enumerate(
         zip(batch, shard_list, replies, strict=True)
     ):
         if not reply:
-            ctx = OrderContext(entry, order, shard, presumed=i in presumed)
+            ctx = OrderContext(entry, order, shard, presumed=i not in keys)
             ctx.changes.append(("received", "", ""))
         else:
             status = text(reply[0])

@@ -67,7 +67,7 @@ class Sender:
             QueueFull: ``max_queued`` messages already wait; ``item`` is not queued.
         """
         if len(self.queue) >= self.max_queued:
-            self._refuse(item)
+            self._refuse(item.topic)
         self.queue.append(item)
         self.idle.clear()
 
@@ -83,7 +83,7 @@ class Sender:
         try:
             for topic, payload in messages:
                 if queued >= room:
-                    self._refuse(Outgoing(topic, payload, None))
+                    self._refuse(topic)
                 queue.append(Outgoing(topic, payload, None))
                 queued += 1
         except QueueFull:
@@ -92,15 +92,15 @@ class Sender:
             self.idle.clear()
         return queued
 
-    def _refuse(self, item: Outgoing) -> NoReturn:
+    def _refuse(self, topic: str) -> NoReturn:
         self.refused += 1
         if self.metrics is not None:
             self.metrics.publish_queue_full.inc()
         if self.refused == 1 or self.refused % 1000 == 0:  # a full queue refuses in bursts
             log.warning("mqtt publish queue full, refused a new message",
-                        client=self.name, topic=item.topic, max_queued=self.max_queued,
+                        client=self.name, topic=topic, max_queued=self.max_queued,
                         refused=self.refused)  # fmt: skip
-        raise QueueFull(item.topic, self.max_queued)
+        raise QueueFull(topic, self.max_queued)
 
     def on_puback(self, packet: mqtt5.PubAckPacket) -> None:
         """End the acknowledged message's future with the reason code."""
